@@ -1,0 +1,106 @@
+"""Map the dataset names a job asks for to this site's local loaders.
+
+A site's data dir holds, for each dataset, either `<name>.npz` (arrays `x`
+and `y`), or an entry in `datasets.toml` naming a file or a loader function::
+
+    [datasets.digits]
+    path = "exports/digits-2024.npz"        # an .npz with arrays x and y
+
+    [datasets.digits]
+    loader = "my_site.loaders:load_digits"  # a callable (data_dir: Path) -> (x, y)
+
+So a user's own data works the same way as the built-in demo partitions.
+"""
+
+from __future__ import annotations
+
+import importlib
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import numpy.typing as npt
+
+from consortium.errors import DataDirError
+
+CONFIG_FILE = "datasets.toml"
+
+Loader = Callable[[Path], tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]]
+
+
+@dataclass(frozen=True)
+class LocalDataset:
+    name: str
+    x: npt.NDArray[np.float32]
+    y: npt.NDArray[np.int64]
+
+
+def check_data_dir(data_dir: Path) -> list[str]:
+    """The dataset names this site offers; raises DataDirError when there are none."""
+    if not data_dir.exists():
+        raise DataDirError(f"data dir {data_dir} does not exist")
+    if not data_dir.is_dir():
+        raise DataDirError(f"data dir {data_dir} is not a directory")
+    names = available_datasets(data_dir)
+    if not names:
+        raise DataDirError(
+            f"data dir {data_dir} holds no dataset: add <name>.npz (arrays x, y) or a "
+            f"{CONFIG_FILE} mapping dataset names to files or loaders"
+        )
+    return names
+
+
+def available_datasets(data_dir: Path) -> list[str]:
+    names = {p.stem for p in data_dir.glob("*.npz")}
+    names |= set(_config(data_dir))
+    return sorted(names)
+
+
+def _config(data_dir: Path) -> dict[str, dict[str, str]]:
+    path = data_dir / CONFIG_FILE
+    if not path.exists():
+        return {}
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise DataDirError(f"{path} is not valid TOML: {err}") from None
+    datasets = raw.get("datasets", {})
+    if not isinstance(datasets, dict):
+        raise DataDirError(f"{path}: [datasets] must be a table")
+    return cast(dict[str, dict[str, str]], datasets)
+
+
+def load_dataset(data_dir: Path, name: str) -> LocalDataset:
+    entry = _config(data_dir).get(name)
+    if entry is not None and "loader" in entry:
+        x, y = _import_loader(entry["loader"])(data_dir)
+    else:
+        path = data_dir / (entry["path"] if entry and "path" in entry else f"{name}.npz")
+        x, y = _load_npz(path)
+    if len(x) != len(y) or len(y) == 0:
+        raise DataDirError(f"dataset {name!r} at {data_dir}: x and y must be non-empty and equal")
+    return LocalDataset(name, np.asarray(x, np.float32), np.asarray(y, np.int64))
+
+
+def _load_npz(path: Path) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    if not path.exists():
+        raise DataDirError(f"dataset file {path} does not exist")
+    try:
+        with np.load(path) as archive:
+            return archive["x"], archive["y"]
+    except (OSError, ValueError, KeyError) as err:
+        raise DataDirError(
+            f"dataset file {path} is not an .npz with arrays x and y: {err}"
+        ) from None
+
+
+def _import_loader(reference: str) -> Loader:
+    module_name, _, attribute = reference.partition(":")
+    try:
+        loader = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as err:
+        raise DataDirError(f"dataset loader {reference!r} cannot be imported: {err}") from None
+    return cast(Loader, loader)

@@ -1,0 +1,1 @@
+"""The site's Flower ClientApp: trains on local data, returns weights only."""

@@ -1,0 +1,134 @@
+"""`client join`: register the node, start the SuperNode, heartbeat, leave cleanly."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from client.data.loaders import check_data_dir
+from client.devices import describe_device, resolve_device
+from client.settings import ClientSettings
+from client.supernode import SuperNode
+from consortium.errors import ChildProcessFailedError, InsecureTransportError, UnreachableError
+from consortium.net import is_loopback_host, split_host_port
+from consortium.proto.v1 import nodes_pb2, nodes_pb2_grpc
+from consortium.rpc import RetryPolicy, call_with_retry, open_channel
+
+log = logging.getLogger(__name__)
+
+LEAVE_TIMEOUT_S = 3.0
+
+
+@dataclass(frozen=True)
+class Joined:
+    node_id: str
+    superlink_address: str
+    heartbeat_interval_s: float
+
+
+def check_transport(settings: ClientSettings) -> None:
+    host, _ = split_host_port(settings.coordinator)
+    if not settings.insecure:
+        raise InsecureTransportError(
+            "TLS is not available yet (it arrives with institution onboarding); to join a "
+            "loopback coordinator for experiments, pass --insecure"
+        )
+    if not is_loopback_host(host):
+        raise InsecureTransportError(
+            f"--insecure is allowed only on loopback, but the coordinator is {host!r}"
+        )
+
+
+class SiteNode:
+    """One institution node: validated data, a registration, a SuperNode child."""
+
+    def __init__(
+        self, settings: ClientSettings, on_event: Callable[[str], None] = log.info
+    ) -> None:
+        self.settings = settings
+        self._say = on_event
+        # Everything that can be checked locally is checked before joining.
+        self.datasets = check_data_dir(settings.data)
+        self.device = resolve_device(settings.gpu)
+        check_transport(settings)
+        self._channel = open_channel(settings.coordinator)
+        self._stub = nodes_pb2_grpc.NodeRegistryStub(self._channel)
+        self._policy = RetryPolicy(
+            attempts=settings.connect_attempts, initial_backoff_s=settings.connect_backoff_s
+        )
+
+    def register(self) -> Joined:
+        request = nodes_pb2.RegisterNodeRequest(
+            institution=self.settings.institution,
+            hostname=socket.gethostname(),
+            device=describe_device(self.device),
+        )
+        response: nodes_pb2.RegisterNodeResponse = call_with_retry(
+            lambda t: self._stub.RegisterNode(request, timeout=t),
+            self.settings.coordinator,
+            self._policy,
+            on_retry=lambda n, wait, why: self._say(
+                f"coordinator not reachable ({why}); retry {n} in {wait:.1f} s"
+            ),
+        )
+        return Joined(
+            node_id=response.node.node_id,
+            superlink_address=response.superlink_fleet_address,
+            heartbeat_interval_s=response.heartbeat_interval_ms / 1000,
+        )
+
+    def run(self, stop: threading.Event) -> None:
+        """Join, then heartbeat until `stop` is set or the SuperNode dies."""
+        joined = self.register()
+        self._say(
+            f"registered node {joined.node_id[:12]} for {self.settings.institution} "
+            f"on {self.device}; datasets: {', '.join(self.datasets)}"
+        )
+        supernode = SuperNode(
+            joined.superlink_address,
+            self.settings.data,
+            self.settings.institution,
+            self.device,
+            self.settings.resolved_state_dir,
+            self.settings.insecure,
+            port=self.settings.supernode_port,
+        )
+        self._say(
+            f"SuperNode connected to {joined.superlink_address} (log: {supernode.process.log_path})"
+        )
+        try:
+            while not stop.wait(joined.heartbeat_interval_s):
+                if supernode.process.poll() is not None:
+                    raise ChildProcessFailedError(
+                        f"the Flower SuperNode exited with code {supernode.process.poll()}; "
+                        f"see {supernode.process.log_path}:\n{supernode.process.log_tail()}"
+                    )
+                self._heartbeat(joined.node_id)
+        finally:
+            supernode.stop()
+            self._leave(joined.node_id)
+            self._channel.close()
+
+    def _heartbeat(self, node_id: str) -> None:
+        try:
+            self._stub.Heartbeat(nodes_pb2.HeartbeatRequest(node_id=node_id), timeout=5)
+        except grpc.RpcError as error:
+            # The coordinator may be restarting; keep the SuperNode and try again.
+            log.warning("heartbeat failed: %s", error)
+
+    def _leave(self, node_id: str) -> None:
+        try:
+            self._stub.LeaveNode(
+                nodes_pb2.LeaveNodeRequest(node_id=node_id), timeout=LEAVE_TIMEOUT_S
+            )
+            self._say(f"node {node_id[:12]} left the consortium")
+        except grpc.RpcError as error:
+            log.warning("could not tell the coordinator that the node left: %s", error)
+
+
+__all__ = ["Joined", "SiteNode", "UnreachableError"]

@@ -1,0 +1,29 @@
+"""Client settings (TOML < CONSORTIUM_CLIENT_* environment < flags)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from consortium.settings import RoleSettings
+
+
+class ClientSettings(RoleSettings):
+    model_config = SettingsConfigDict(env_prefix="CONSORTIUM_CLIENT_", extra="forbid")
+
+    coordinator: str  # host:port of the control-plane API
+    institution: str = Field(min_length=1, max_length=128)
+    data: Path  # the site's data dir; never leaves the site
+    gpu: int | None = Field(default=None, ge=0)
+    insecure: bool = False
+    # Where the SuperNode's logs go; default: .consortium-client/<institution>
+    state_dir: Path | None = None
+    supernode_port: int = Field(default=0, ge=0, le=65535)  # 0: a free port
+    connect_attempts: int = Field(default=6, ge=1)
+    connect_backoff_s: float = Field(default=0.5, gt=0)
+
+    @property
+    def resolved_state_dir(self) -> Path:
+        return self.state_dir or Path(".consortium-client") / self.institution

@@ -1,0 +1,54 @@
+"""The site's Flower SuperNode, started as a child process of `client join`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from consortium.net import reserve_free_port
+from consortium.processes import ChildProcess, venv_executable
+
+
+def node_config(values: dict[str, str | int]) -> str:
+    """Flower's --node-config syntax: space-separated key=value with TOML values."""
+    parts = []
+    for key, value in values.items():
+        rendered = str(value) if isinstance(value, int) else '"' + value.replace('"', '\\"') + '"'
+        parts.append(f"{key}={rendered}")
+    return " ".join(parts)
+
+
+class SuperNode:
+    def __init__(
+        self,
+        superlink_address: str,
+        data_dir: Path,
+        institution: str,
+        device: str,
+        state_dir: Path,
+        insecure: bool,
+        port: int = 0,
+        torch_threads: int = 1,
+    ) -> None:
+        self.port = port or reserve_free_port()
+        argv = [
+            venv_executable("flower-supernode"),
+            "--superlink",
+            superlink_address,
+            "--port",
+            str(self.port),
+            "--node-config",
+            node_config(
+                {
+                    "data-dir": str(data_dir.resolve()),
+                    "institution": institution,
+                    "device": device,
+                    "torch-threads": torch_threads,
+                }
+            ),
+        ]
+        if insecure:
+            argv.append("--insecure")
+        self.process = ChildProcess("flower-supernode", argv, state_dir / "supernode.log")
+
+    def stop(self) -> None:
+        self.process.stop()

@@ -1,0 +1,1 @@
+"""Data sets that ship with installed packages, and how to split them across sites."""

@@ -1,0 +1,68 @@
+"""Typed errors shared by both roles.
+
+Domain code raises these; the API layer alone turns them into gRPC status codes
+(`coordinator/api/status.py`) and the CLIs alone turn them into exit codes and
+one readable line (`consortium/cli_errors.py`). Catch at the level you need::
+
+    ConsortiumError
+    ├── InvalidArgumentError        -> INVALID_ARGUMENT
+    │   └── JobSpecError            (names the offending field)
+    ├── NotFoundError               -> NOT_FOUND
+    ├── ConflictError               -> FAILED_PRECONDITION
+    ├── UnreachableError            -> (client side) coordinator did not answer
+    ├── SettingsError               (bad TOML / env / flag)
+    ├── InsecureTransportError      (plain text asked for off loopback or without --insecure)
+    ├── DataDirError                (site data dir missing, empty or unloadable)
+    ├── GpuUnavailableError         (--gpu N that does not exist)
+    └── ChildProcessFailedError     (a Flower child process failed)
+"""
+
+from __future__ import annotations
+
+from consortium.exit_codes import ExitCode
+
+
+class ConsortiumError(Exception):
+    """Base of every error this project raises on purpose."""
+
+    exit_code: ExitCode = ExitCode.UNEXPECTED
+
+
+class InvalidArgumentError(ConsortiumError):
+    exit_code = ExitCode.INVALID_JOB_SPEC
+
+
+class JobSpecError(InvalidArgumentError):
+    """The job spec is not valid; the message names the field."""
+
+
+class NotFoundError(ConsortiumError):
+    exit_code = ExitCode.NOT_FOUND
+
+
+class ConflictError(ConsortiumError):
+    exit_code = ExitCode.CONFLICT
+
+
+class UnreachableError(ConsortiumError):
+    exit_code = ExitCode.COORDINATOR_UNREACHABLE
+
+
+class SettingsError(ConsortiumError):
+    exit_code = ExitCode.SETTINGS_INVALID
+
+
+class InsecureTransportError(ConsortiumError):
+    exit_code = ExitCode.INSECURE_TRANSPORT_REFUSED
+
+
+class DataDirError(ConsortiumError):
+    exit_code = ExitCode.DATA_DIR_INVALID
+
+
+class GpuUnavailableError(ConsortiumError):
+    exit_code = ExitCode.GPU_UNAVAILABLE
+
+
+class ChildProcessFailedError(ConsortiumError):
+    exit_code = ExitCode.CHILD_PROCESS_FAILED

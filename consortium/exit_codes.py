@@ -1,0 +1,51 @@
+"""Numbered registry of CLI exit codes, with the help text shown to the user.
+
+Both `coordinator` and `client` exit with these codes; `docs/operations.md`
+lists them. Codes never change meaning once released.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    SUCCESS = 0
+    UNEXPECTED = 1
+    USAGE = 2  # typer/click's own code for a bad command line
+    INVALID_JOB_SPEC = 3
+    NOT_FOUND = 4
+    COORDINATOR_UNREACHABLE = 5
+    DATA_DIR_INVALID = 6
+    GPU_UNAVAILABLE = 7
+    JOB_FAILED = 8
+    SETTINGS_INVALID = 9
+    CONFLICT = 10
+    INSECURE_TRANSPORT_REFUSED = 11
+    CHILD_PROCESS_FAILED = 12
+    JOB_CANCELLED = 13
+    INTERRUPTED = 130
+
+
+EXIT_CODE_HELP: dict[ExitCode, str] = {
+    ExitCode.SUCCESS: "Success.",
+    ExitCode.UNEXPECTED: "An unexpected error; the message and the log say more.",
+    ExitCode.USAGE: "The command line was malformed (unknown option, missing argument).",
+    ExitCode.INVALID_JOB_SPEC: "The job spec is not valid TOML or a field is missing, "
+    "unknown or out of range; the message names the field. No job was created.",
+    ExitCode.NOT_FOUND: "The job or node named does not exist.",
+    ExitCode.COORDINATOR_UNREACHABLE: "The coordinator did not answer after retries; "
+    "check the address and that `coordinator serve` is running.",
+    ExitCode.DATA_DIR_INVALID: "The data directory is missing, empty or holds no loadable dataset.",
+    ExitCode.GPU_UNAVAILABLE: "The GPU asked for with --gpu does not exist on this machine.",
+    ExitCode.JOB_FAILED: "The job ended in the FAILED state.",
+    ExitCode.SETTINGS_INVALID: "A settings file, environment variable or flag is invalid.",
+    ExitCode.CONFLICT: "The request conflicts with the current state (for example "
+    "cancelling a finished job).",
+    ExitCode.INSECURE_TRANSPORT_REFUSED: "Plain-text transport was refused: it needs "
+    "--insecure and loopback addresses.",
+    ExitCode.CHILD_PROCESS_FAILED: "A child process (Flower SuperLink or SuperNode) failed "
+    "to start or died; its log file is named in the message.",
+    ExitCode.JOB_CANCELLED: "The job ended in the CANCELLED state.",
+    ExitCode.INTERRUPTED: "Interrupted by Ctrl-C; children were stopped.",
+}

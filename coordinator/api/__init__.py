@@ -1,0 +1,1 @@
+"""Control-plane gRPC API: thin servicers over the registry and job service."""

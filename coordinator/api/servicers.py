@@ -1,0 +1,132 @@
+"""Thin servicers: protobuf in, domain call, protobuf out."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import grpc
+
+from consortium.errors import InvalidArgumentError
+from consortium.proto.v1 import jobs_pb2, jobs_pb2_grpc, nodes_pb2, nodes_pb2_grpc
+from coordinator.api.convert import job_to_proto, node_to_proto, round_to_proto
+from coordinator.api.status import streaming, unary
+from coordinator.jobs.service import JobService
+from coordinator.registry import NodeRegistry
+from coordinator.state import FINAL_JOB_STATES, StateStore
+
+WATCH_POLL_INTERVAL_S = 0.2
+
+
+def _require(value: str, field: str) -> str:
+    if not value:
+        raise InvalidArgumentError(f"field '{field}': required")
+    return value
+
+
+class NodeRegistryServicer(nodes_pb2_grpc.NodeRegistryServicer):
+    def __init__(
+        self, registry: NodeRegistry, superlink_address: str, heartbeat_interval_ms: int
+    ) -> None:
+        self._registry = registry
+        self._superlink_address = superlink_address
+        self._heartbeat_interval_ms = heartbeat_interval_ms
+
+    @unary
+    def RegisterNode(
+        self, request: nodes_pb2.RegisterNodeRequest, context: grpc.ServicerContext
+    ) -> nodes_pb2.RegisterNodeResponse:
+        node = self._registry.register(request.institution, request.hostname, request.device)
+        return nodes_pb2.RegisterNodeResponse(
+            node=node_to_proto(node),
+            superlink_fleet_address=self._superlink_address,
+            heartbeat_interval_ms=self._heartbeat_interval_ms,
+        )
+
+    @unary
+    def Heartbeat(
+        self, request: nodes_pb2.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> nodes_pb2.HeartbeatResponse:
+        node = self._registry.heartbeat(_require(request.node_id, "node_id"))
+        return nodes_pb2.HeartbeatResponse(node=node_to_proto(node))
+
+    @unary
+    def LeaveNode(
+        self, request: nodes_pb2.LeaveNodeRequest, context: grpc.ServicerContext
+    ) -> nodes_pb2.LeaveNodeResponse:
+        node = self._registry.leave(_require(request.node_id, "node_id"))
+        return nodes_pb2.LeaveNodeResponse(node=node_to_proto(node))
+
+    @unary
+    def ListNodes(
+        self, request: nodes_pb2.ListNodesRequest, context: grpc.ServicerContext
+    ) -> nodes_pb2.ListNodesResponse:
+        return nodes_pb2.ListNodesResponse(
+            nodes=[node_to_proto(n) for n in self._registry.list_nodes()]
+        )
+
+
+class JobsServicer(jobs_pb2_grpc.JobsServicer):
+    def __init__(self, jobs: JobService, store: StateStore, stopping: threading.Event) -> None:
+        self._jobs = jobs
+        self._store = store
+        self._stopping = stopping
+
+    @unary
+    def SubmitJob(
+        self, request: jobs_pb2.SubmitJobRequest, context: grpc.ServicerContext
+    ) -> jobs_pb2.SubmitJobResponse:
+        return jobs_pb2.SubmitJobResponse(job=job_to_proto(self._jobs.submit(request.spec_toml)))
+
+    @unary
+    def GetJob(
+        self, request: jobs_pb2.GetJobRequest, context: grpc.ServicerContext
+    ) -> jobs_pb2.GetJobResponse:
+        job, rounds = self._jobs.get(_require(request.job_id, "job_id"))
+        return jobs_pb2.GetJobResponse(
+            job=job_to_proto(job), rounds=[round_to_proto(r) for r in rounds]
+        )
+
+    @unary
+    def ListJobs(
+        self, request: jobs_pb2.ListJobsRequest, context: grpc.ServicerContext
+    ) -> jobs_pb2.ListJobsResponse:
+        return jobs_pb2.ListJobsResponse(jobs=[job_to_proto(j) for j in self._jobs.list()])
+
+    @unary
+    def CancelJob(
+        self, request: jobs_pb2.CancelJobRequest, context: grpc.ServicerContext
+    ) -> jobs_pb2.CancelJobResponse:
+        return jobs_pb2.CancelJobResponse(
+            job=job_to_proto(self._jobs.cancel(_require(request.job_id, "job_id")))
+        )
+
+    @streaming
+    def WatchJob(
+        self, request: jobs_pb2.WatchJobRequest, context: grpc.ServicerContext
+    ) -> Iterator[jobs_pb2.JobEvent]:
+        job_id = _require(request.job_id, "job_id")
+        job = self._store.get_job(job_id)
+        # Events up to now are summarised by one snapshot plus the rounds so far.
+        backlog = self._store.events_after(job_id, 0)
+        sequence = backlog[-1].sequence if backlog else 0
+        for record in self._store.list_rounds(job_id):
+            yield jobs_pb2.JobEvent(sequence=sequence, round=round_to_proto(record))
+        yield jobs_pb2.JobEvent(sequence=sequence, job=job_to_proto(job))
+        while job.state not in FINAL_JOB_STATES and context.is_active():
+            if self._stopping.wait(WATCH_POLL_INTERVAL_S):
+                return
+            for event in self._store.events_after(job_id, sequence):
+                sequence = event.sequence
+                if event.kind == "round":
+                    record = next(
+                        r for r in self._store.list_rounds(job_id) if r.round == event.round
+                    )
+                    yield jobs_pb2.JobEvent(
+                        sequence=sequence, time_ms=event.time_ms, round=round_to_proto(record)
+                    )
+                else:
+                    job = self._store.get_job(job_id)
+                    yield jobs_pb2.JobEvent(
+                        sequence=sequence, time_ms=event.time_ms, job=job_to_proto(job)
+                    )

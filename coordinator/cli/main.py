@@ -1,0 +1,218 @@
+"""`coordinator`: serve the consortium, manage jobs, run the demo."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from consortium.cli_errors import cli_errors, configure_logging
+from consortium.errors import ConsortiumError
+from consortium.exit_codes import EXIT_CODE_HELP, ExitCode
+from consortium.settings import load_settings
+from coordinator.cli.remote import Remote, resolve_address
+from coordinator.cli.watch import describe_round, state_name, watch_job
+from coordinator.settings import CoordinatorSettings
+
+app = typer.Typer(
+    help="Consortium coordinator: serve, jobs, demo.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    epilog="Exit codes: " + "; ".join(f"{int(c)} {c.name.lower()}" for c in ExitCode),
+)
+jobs_app = typer.Typer(help="Submit, list, watch and cancel jobs.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+console = Console()
+
+DataDir = Annotated[
+    Path, typer.Option("--data-dir", help="Coordinator data dir (state, models, logs).")
+]
+CoordinatorAddress = Annotated[
+    str | None,
+    typer.Option(
+        "--coordinator",
+        envvar="CONSORTIUM_COORDINATOR_ADDRESS",
+        help="host:port of the control-plane API (default: read from the data dir).",
+    ),
+]
+
+
+@app.command()
+def serve(
+    config: Annotated[Path | None, typer.Option(help="Settings TOML file.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Data dir (default .consortium).")] = None,
+    listen_address: Annotated[
+        str | None, typer.Option(help="Control-plane API host:port (port 0: any free).")
+    ] = None,
+    superlink_port: Annotated[
+        int | None, typer.Option(help="Flower SuperLink port (0: any free).")
+    ] = None,
+    insecure: Annotated[
+        bool | None,
+        typer.Option("--insecure", help="Plain text on loopback, for experiments only."),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the coordinator until Ctrl-C or SIGTERM."""
+    from coordinator.serve import Coordinator
+
+    configure_logging(verbose)
+    with cli_errors():
+        settings = load_settings(
+            CoordinatorSettings,
+            config,
+            data_dir=data_dir,
+            listen_address=listen_address,
+            superlink_port=superlink_port,
+            insecure=insecure,
+        )
+        stop = threading.Event()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        coordinator = Coordinator(settings)
+        console.print(
+            f"coordinator ready: API {coordinator.address}, "
+            f"SuperLink {coordinator.superlink.address}, data {settings.data_dir}"
+        )
+        try:
+            while not stop.wait(1.0):
+                if coordinator.superlink.process.poll() is not None:
+                    raise ConsortiumError(
+                        f"the Flower SuperLink died; see {coordinator.superlink.process.log_path}"
+                    )
+        finally:
+            coordinator.stop()
+
+
+@app.command()
+def nodes(
+    coordinator: CoordinatorAddress = None,
+    data_dir: DataDir = Path(".consortium"),
+) -> None:
+    """List registered nodes."""
+    with cli_errors(), Remote(resolve_address(coordinator, data_dir)) as remote:
+        table = Table("node", "institution", "host", "device", "state")
+        from consortium.proto.v1 import nodes_pb2
+
+        for node in remote.list_nodes():
+            state = nodes_pb2.NodeState.Name(node.state).removeprefix("NODE_STATE_").lower()
+            table.add_row(node.node_id[:12], node.institution, node.hostname, node.device, state)
+        console.print(table)
+
+
+@jobs_app.command("submit")
+def jobs_submit(
+    spec: Annotated[Path, typer.Argument(help="Job spec TOML file.")],
+    coordinator: CoordinatorAddress = None,
+    data_dir: DataDir = Path(".consortium"),
+    watch: Annotated[bool, typer.Option(help="Follow the job until it ends.")] = False,
+) -> None:
+    """Submit a job spec; prints the new job's id."""
+    with cli_errors():
+        try:
+            text = spec.read_text()
+        except OSError as error:
+            from consortium.errors import JobSpecError
+
+            raise JobSpecError(f"cannot read job spec {spec}: {error.strerror}") from None
+        with Remote(resolve_address(coordinator, data_dir)) as remote:
+            job = remote.submit(text)
+            console.print(f"submitted job {job.job_id} ({job.name}), {job.rounds_total} rounds")
+            if watch:
+                _exit_for(watch_job(remote, job.job_id, console).state)
+
+
+@jobs_app.command("list")
+def jobs_list(
+    coordinator: CoordinatorAddress = None, data_dir: DataDir = Path(".consortium")
+) -> None:
+    """List jobs, oldest first."""
+    with cli_errors(), Remote(resolve_address(coordinator, data_dir)) as remote:
+        table = Table("job", "name", "state", "rounds", "message")
+        for job in remote.list_jobs():
+            table.add_row(
+                job.job_id,
+                job.name,
+                state_name(job.state),
+                f"{job.rounds_completed}/{job.rounds_total}",
+                job.message,
+            )
+        console.print(table)
+
+
+@jobs_app.command("watch")
+def jobs_watch(
+    job_id: str, coordinator: CoordinatorAddress = None, data_dir: DataDir = Path(".consortium")
+) -> None:
+    """Follow a job live until it ends (exit code tells how it ended)."""
+    with cli_errors(), Remote(resolve_address(coordinator, data_dir)) as remote:
+        _exit_for(watch_job(remote, job_id, console).state)
+
+
+@jobs_app.command("show")
+def jobs_show(
+    job_id: str, coordinator: CoordinatorAddress = None, data_dir: DataDir = Path(".consortium")
+) -> None:
+    """Show a job and its rounds."""
+    with cli_errors(), Remote(resolve_address(coordinator, data_dir)) as remote:
+        reply = remote.get(job_id)
+        job = reply.job
+        console.print(f"job {job.job_id} ({job.name}): {state_name(job.state)} - {job.message}")
+        for record in reply.rounds:
+            console.print("  " + describe_round(record))
+        if job.model_path:
+            console.print(f"model: {job.model_path}")
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(
+    job_id: str, coordinator: CoordinatorAddress = None, data_dir: DataDir = Path(".consortium")
+) -> None:
+    """Cancel a queued or running job."""
+    with cli_errors(), Remote(resolve_address(coordinator, data_dir)) as remote:
+        job = remote.cancel(job_id)
+        console.print(f"job {job.job_id} is {state_name(job.state)}")
+
+
+@app.command("exit-codes")
+def exit_codes() -> None:
+    """Explain every exit code."""
+    for code, text in EXIT_CODE_HELP.items():
+        console.print(f"{int(code):>3}  {code.name.lower():<28} {text}")
+
+
+@app.command()
+def demo(
+    work_dir: Annotated[Path, typer.Option(help="Where the demo keeps everything.")] = Path(
+        ".consortium-demo"
+    ),
+    rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 20,
+    institutions: Annotated[int, typer.Option(min=2, max=8)] = 3,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """The whole thing on one machine: serve, 3 institutions join, federated training."""
+    from coordinator.demo import run_demo
+
+    configure_logging(verbose)
+    with cli_errors():
+        state = run_demo(work_dir, rounds=rounds, num_institutions=institutions, console=console)
+        _exit_for(state)
+
+
+def _exit_for(state: int) -> None:
+    from consortium.proto.v1 import jobs_pb2
+
+    if state == jobs_pb2.JOB_STATE_FAILED:
+        raise typer.Exit(int(ExitCode.JOB_FAILED))
+    if state == jobs_pb2.JOB_STATE_CANCELLED:
+        raise typer.Exit(int(ExitCode.JOB_CANCELLED))

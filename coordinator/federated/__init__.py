@@ -1,0 +1,1 @@
+"""Federated jobs on a real Flower SuperLink: the SuperLink child, the app, the ServerApp."""

@@ -1,0 +1,107 @@
+"""The Flower app that carries a federated job, and the `flwr` CLI that runs it.
+
+The app directory holds only a pyproject.toml naming components installed with
+this package (`coordinator.federated.server_app:app`, `client.federated.client_app:app`),
+so the FAB that `flwr run` builds is tiny and sites run the code they installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from consortium.errors import ChildProcessFailedError
+from consortium.processes import venv_executable
+
+SUPERLINK_NAME = "consortium"
+FLWR_TIMEOUT_S = 120.0
+
+APP_PYPROJECT = """\
+[build-system]
+requires = ["setuptools"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "consortium-federated"
+version = "1.0.0"
+description = "A Consortium federated job"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "consortium"
+
+[tool.flwr.app.components]
+serverapp = "coordinator.federated.server_app:app"
+clientapp = "client.federated.client_app:app"
+
+[tool.flwr.app.config]
+job-id = ""
+"""
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    run_id: str
+    status: str  # e.g. "running", "finished:completed", "finished:failed"
+    details: str
+
+    @property
+    def finished(self) -> bool:
+        return self.status.startswith("finished")
+
+
+class FlowerCli:
+    """`flwr run / ls / stop` against our SuperLink, with FLWR_HOME in the data dir."""
+
+    def __init__(self, data_dir: Path, superlink_address: str, insecure: bool) -> None:
+        self.app_dir = data_dir / "flower" / "app"
+        self.home = data_dir / "flower" / "home"
+        self.app_dir.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.app_dir / "pyproject.toml").write_text(APP_PYPROJECT)
+        (self.home / "config.toml").write_text(
+            f'[superlink.{SUPERLINK_NAME}]\naddress = "{superlink_address}"\n'
+            f"insecure = {'true' if insecure else 'false'}\n"
+        )
+
+    def _flwr(self, *args: str) -> dict[str, object]:
+        argv = [venv_executable("flwr"), *args, "--format", "json"]
+        env = dict(os.environ, FLWR_HOME=str(self.home))
+        try:
+            done = subprocess.run(
+                argv, capture_output=True, text=True, env=env, timeout=FLWR_TIMEOUT_S, check=False
+            )
+        except subprocess.TimeoutExpired:
+            raise ChildProcessFailedError(f"`flwr {args[0]}` did not answer in time") from None
+        try:
+            result: dict[str, object] = json.loads(done.stdout)
+        except json.JSONDecodeError:
+            raise ChildProcessFailedError(
+                f"`flwr {args[0]}` failed (exit {done.returncode}): "
+                f"{(done.stderr or done.stdout).strip()[-2000:]}"
+            ) from None
+        if not result.get("success", False):
+            raise ChildProcessFailedError(
+                f"`flwr {args[0]}` failed: {result.get('error-message', result)}"
+            )
+        return result
+
+    def run(self, run_config: dict[str, str]) -> str:
+        overrides = " ".join(f"{key}={json.dumps(value)}" for key, value in run_config.items())
+        result = self._flwr("run", str(self.app_dir), SUPERLINK_NAME, "--run-config", overrides)
+        return str(result["run-id"])
+
+    def status(self, run_id: str) -> RunStatus:
+        result = self._flwr("ls", SUPERLINK_NAME, "--run-id", run_id)
+        runs = result.get("runs")
+        if not isinstance(runs, list) or not runs:
+            raise ChildProcessFailedError(f"Flower knows no run {run_id}")
+        run = runs[0]
+        return RunStatus(run_id, str(run.get("status", "")), str(run.get("status-details", "")))
+
+    def stop(self, run_id: str) -> None:
+        self._flwr("stop", run_id, SUPERLINK_NAME)

@@ -1,0 +1,67 @@
+"""The Flower SuperLink, started as a child process of `coordinator serve`."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+from consortium.errors import ChildProcessFailedError
+from consortium.net import reserve_free_port
+from consortium.processes import ChildProcess, venv_executable
+
+DATA_DIR_ENV = "CONSORTIUM_DATA_DIR"
+
+
+class SuperLink:
+    """A running `flower-superlink`: state in the data dir, runtime installs off."""
+
+    def __init__(self, data_dir: Path, host: str, port: int, insecure: bool) -> None:
+        self.host = host
+        self.port = port or reserve_free_port(host)
+        flower_dir = data_dir / "flower"
+        flower_dir.mkdir(parents=True, exist_ok=True)
+        argv = [
+            venv_executable("flower-superlink"),
+            "--disable-runtime-dependency-installation",
+            "--database",
+            str(flower_dir / "superlink.db"),
+            "--host",
+            host,
+            "--port",
+            str(self.port),
+        ]
+        if insecure:
+            argv.append("--insecure")
+        # The ServerApp runs in a grandchild process; it finds the coordinator's
+        # state through this variable, inherited down the process tree.
+        env = {DATA_DIR_ENV: str(data_dir.resolve())}
+        self.process = ChildProcess(
+            "flower-superlink", argv, data_dir / "logs" / "superlink.log", env=env
+        )
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Block until the SuperLink accepts connections, or raise with its log tail."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ChildProcessFailedError(
+                    f"flower-superlink exited with code {self.process.poll()}; "
+                    f"see {self.process.log_path}:\n{self.process.log_tail()}"
+                )
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise ChildProcessFailedError(
+            f"flower-superlink did not listen on {self.address} within {timeout_s:.0f} s; "
+            f"see {self.process.log_path}"
+        )
+
+    def stop(self) -> None:
+        self.process.stop()

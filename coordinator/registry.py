@@ -1,0 +1,50 @@
+"""Node registry: institutions' nodes register, heartbeat and leave."""
+
+from __future__ import annotations
+
+import uuid
+
+from consortium.errors import InvalidArgumentError
+from coordinator.state import NodeRecord, NodeState, StateStore
+from coordinator.state.sqlite_store import now_ms
+
+MAX_NAME_LENGTH = 128
+
+
+class NodeRegistry:
+    def __init__(self, store: StateStore, node_timeout_s: float) -> None:
+        self._store = store
+        self._node_timeout_ms = int(node_timeout_s * 1000)
+
+    def register(self, institution: str, hostname: str, device: str) -> NodeRecord:
+        if not institution.strip():
+            raise InvalidArgumentError("field 'institution': must not be empty")
+        if len(institution) > MAX_NAME_LENGTH:
+            raise InvalidArgumentError(f"field 'institution': at most {MAX_NAME_LENGTH} characters")
+        now = now_ms()
+        node = NodeRecord(
+            node_id=uuid.uuid4().hex,
+            institution=institution,
+            hostname=hostname,
+            device=device or "cpu",
+            state=NodeState.ONLINE,
+            registered_at_ms=now,
+            last_heartbeat_ms=now,
+        )
+        self._store.add_node(node)
+        return node
+
+    def heartbeat(self, node_id: str) -> NodeRecord:
+        return self._store.touch_node(node_id, now_ms())
+
+    def leave(self, node_id: str) -> NodeRecord:
+        self._store.get_node(node_id)
+        return self._store.set_node_state(node_id, NodeState.GONE)
+
+    def list_nodes(self) -> list[NodeRecord]:
+        self.expire()
+        return self._store.list_nodes()
+
+    def expire(self) -> list[NodeRecord]:
+        """Mark nodes whose heartbeat stopped as stale."""
+        return self._store.mark_stale_nodes(now_ms() - self._node_timeout_ms)

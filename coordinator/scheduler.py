@@ -1,0 +1,122 @@
+"""Runs queued federated jobs on the SuperLink, one at a time, oldest first.
+
+`step()` is one iteration of the loop, so tests can drive it and assert the
+state after each decision. The ServerApp records rounds and success itself;
+the scheduler starts runs, stops cancelled ones, and fails jobs whose Flower
+run ended without completing them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from consortium.errors import ConflictError, ConsortiumError
+from coordinator.federated.flower_app import FlowerCli
+from coordinator.state import FINAL_JOB_STATES, JobState, StateStore
+from coordinator.state.sqlite_store import now_ms
+
+log = logging.getLogger(__name__)
+
+FLOWER_STATUS_INTERVAL_S = 5.0
+
+
+class Scheduler:
+    def __init__(self, store: StateStore, flower: FlowerCli, poll_interval_s: float) -> None:
+        self._store = store
+        self._flower = flower
+        self._poll_interval_s = poll_interval_s
+        self._active: str | None = None  # job id of the job we started
+        self._last_status_check = 0.0
+
+    def recover(self) -> None:
+        """Jobs left RUNNING by a stopped coordinator go back to the queue; they
+        resume from their last checkpoint when scheduled again."""
+        for job in self._store.list_jobs(JobState.RUNNING):
+            self._store.update_job(
+                job.job_id,
+                state=JobState.QUEUED,
+                message=f"coordinator restarted; resumes after round {job.rounds_completed}",
+            )
+            log.info("job %s re-queued after restart", job.job_id)
+
+    def step(self) -> None:
+        if self._active is not None:
+            self._check_active(self._active)
+        if self._active is None:
+            self._start_next()
+
+    def _check_active(self, job_id: str) -> None:
+        job = self._store.get_job(job_id)
+        if job.state is JobState.CANCELLED:
+            log.info("stopping Flower run %s of cancelled job %s", job.flower_run_id, job_id)
+            try:
+                self._flower.stop(job.flower_run_id)
+            except ConsortiumError as error:
+                log.warning("could not stop Flower run %s: %s", job.flower_run_id, error)
+            self._active = None
+            return
+        if job.state in FINAL_JOB_STATES:
+            self._active = None
+            return
+        if time.monotonic() - self._last_status_check < FLOWER_STATUS_INTERVAL_S:
+            return
+        self._last_status_check = time.monotonic()
+        try:
+            status = self._flower.status(job.flower_run_id)
+        except ConsortiumError as error:
+            log.warning("could not read the status of Flower run %s: %s", job.flower_run_id, error)
+            return
+        if status.finished:
+            # Re-read: the ServerApp may have completed the job just now.
+            if self._store.get_job(job_id).state is JobState.RUNNING:
+                self._store.update_job(
+                    job_id,
+                    state=JobState.FAILED,
+                    message=f"Flower run {status.run_id} ended ({status.status}: "
+                    f"{status.details}) before the job completed; see logs/superlink.log",
+                    finished_at_ms=now_ms(),
+                    expect_states=frozenset({JobState.RUNNING}),
+                )
+            self._active = None
+
+    def _start_next(self) -> None:
+        queued = self._store.list_jobs(JobState.QUEUED)
+        if not queued:
+            return
+        job = queued[0]
+        try:
+            run_id = self._flower.run({"job-id": job.job_id})
+        except ConsortiumError as error:
+            self._store.update_job(
+                job.job_id,
+                state=JobState.FAILED,
+                message=f"could not start the Flower run: {error}",
+                finished_at_ms=now_ms(),
+            )
+            return
+        try:
+            self._store.update_job(
+                job.job_id,
+                state=JobState.RUNNING,
+                message="running on the Flower SuperLink",
+                started_at_ms=job.started_at_ms or now_ms(),
+                flower_run_id=run_id,
+                expect_states=frozenset({JobState.QUEUED}),
+            )
+        except ConflictError:  # cancelled while the run was being started
+            self._flower.stop(run_id)
+            return
+        self._active = job.job_id
+        self._last_status_check = time.monotonic()
+        log.info("job %s started as Flower run %s", job.job_id, run_id)
+
+    def run_forever(self, stopping: threading.Event) -> None:
+        self.recover()
+        while not stopping.is_set():
+            try:
+                self.step()
+            except Exception:
+                log.exception("scheduler step failed; retrying")
+            stopping.wait(self._poll_interval_s)

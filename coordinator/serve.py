@@ -1,0 +1,142 @@
+"""`coordinator serve`: state, SuperLink child, control-plane API, scheduler."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from consortium.errors import InsecureTransportError
+from consortium.net import is_loopback_host, reserve_free_port, split_host_port
+from consortium.proto.v1 import jobs_pb2_grpc, nodes_pb2_grpc
+from coordinator.api.servicers import JobsServicer, NodeRegistryServicer
+from coordinator.federated.flower_app import FlowerCli
+from coordinator.federated.superlink import SuperLink
+from coordinator.jobs.service import JobService
+from coordinator.registry import NodeRegistry
+from coordinator.scheduler import Scheduler
+from coordinator.settings import CoordinatorSettings
+from coordinator.state import SqliteStateStore
+
+log = logging.getLogger(__name__)
+
+GRPC_WORKERS = 32
+SHUTDOWN_GRACE_S = 2.0
+
+
+def check_transport(settings: CoordinatorSettings) -> None:
+    """Plain text only with --insecure and only on loopback (TLS comes with onboarding)."""
+    listen_host, _ = split_host_port(settings.listen_address)
+    if not settings.insecure:
+        raise InsecureTransportError(
+            "TLS is not available yet (it arrives with institution onboarding); to run "
+            "plain-text on loopback for experiments, pass --insecure"
+        )
+    for name, host in (
+        ("listen_address", listen_host),
+        ("superlink_host", settings.superlink_host),
+    ):
+        if not is_loopback_host(host):
+            raise InsecureTransportError(
+                f"--insecure is allowed only on loopback, but {name} is {host!r}; use 127.0.0.1"
+            )
+    log.warning("running WITHOUT TLS (--insecure): only for loopback experiments")
+
+
+def sticky_port(record: Path, host: str, requested: int) -> int:
+    """The requested port, else the one used last time (so nodes can reconnect
+    after a restart), else a fresh free one."""
+    if requested:
+        return requested
+    if record.exists():
+        previous = int(record.read_text().strip() or 0)
+        try:
+            with socket.socket() as probe:
+                probe.bind((host, previous))
+            return previous
+        except OSError:
+            log.info("port %d used last time is taken; choosing another", previous)
+    return reserve_free_port(host)
+
+
+class Coordinator:
+    """A started coordinator; `stop()` ends everything it started."""
+
+    def __init__(self, settings: CoordinatorSettings) -> None:
+        check_transport(settings)
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.stopping = threading.Event()
+        self.store = SqliteStateStore(settings.state_path)
+        flower_dir = settings.data_dir / "flower"
+        flower_dir.mkdir(parents=True, exist_ok=True)
+        port = sticky_port(
+            flower_dir / "superlink.port", settings.superlink_host, settings.superlink_port
+        )
+        (flower_dir / "superlink.port").write_text(str(port))
+        self.superlink = SuperLink(
+            settings.data_dir, settings.superlink_host, port, settings.insecure
+        )
+        try:
+            self.superlink.wait_ready(settings.superlink_start_timeout_s)
+            self.server = self._start_api()
+        except BaseException:
+            self.superlink.stop()
+            self.store.close()
+            raise
+        self.scheduler = Scheduler(
+            self.store,
+            FlowerCli(settings.data_dir, self.superlink.address, settings.insecure),
+            settings.scheduler_poll_interval_s,
+        )
+        self._scheduler_thread = threading.Thread(
+            target=self.scheduler.run_forever, args=(self.stopping,), name="scheduler"
+        )
+        self._scheduler_thread.start()
+
+    def _start_api(self) -> grpc.Server:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS))
+        registry = NodeRegistry(self.store, self.settings.node_timeout_s)
+        nodes_pb2_grpc.add_NodeRegistryServicer_to_server(
+            NodeRegistryServicer(
+                registry,
+                self.superlink.address,
+                int(self.settings.heartbeat_interval_s * 1000),
+            ),
+            server,
+        )
+        jobs_pb2_grpc.add_JobsServicer_to_server(
+            JobsServicer(JobService(self.store), self.store, self.stopping), server
+        )
+        host, port = split_host_port(self.settings.listen_address)
+        previous = self.settings.data_dir / "coordinator.port"
+        port = sticky_port(previous, host, port)
+        bound = server.add_insecure_port(f"{host}:{port}")
+        server.start()
+        previous.write_text(str(bound))
+        self.address = f"{host}:{bound}"
+        # Written last: its presence means the API is ready.
+        partial = self.settings.address_file.with_suffix(".partial")
+        partial.write_text(self.address)
+        os.replace(partial, self.settings.address_file)
+        log.info(
+            "control-plane API on %s, Flower SuperLink on %s, data in %s",
+            self.address,
+            self.superlink.address,
+            self.settings.data_dir,
+        )
+        return server
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.settings.address_file.unlink(missing_ok=True)
+        self._scheduler_thread.join()
+        self.server.stop(SHUTDOWN_GRACE_S).wait()
+        self.superlink.stop()
+        self.store.close()
+        log.info("coordinator stopped")

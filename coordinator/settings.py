@@ -1,0 +1,42 @@
+"""Coordinator settings (TOML < CONSORTIUM_COORDINATOR_* environment < flags)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from consortium.settings import RoleSettings
+
+
+class CoordinatorSettings(RoleSettings):
+    model_config = SettingsConfigDict(env_prefix="CONSORTIUM_COORDINATOR_", extra="forbid")
+
+    data_dir: Path = Path(".consortium")
+    # Control-plane gRPC API; port 0 lets the OS choose (the chosen address is
+    # written to <data_dir>/coordinator.address).
+    listen_address: str = "127.0.0.1:0"
+    superlink_host: str = "127.0.0.1"
+    superlink_port: int = Field(default=0, ge=0, le=65535)  # 0: a free port
+    insecure: bool = False
+    heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    node_timeout_s: float = Field(default=10.0, gt=0)
+    scheduler_poll_interval_s: float = Field(default=1.0, gt=0)
+    superlink_start_timeout_s: float = Field(default=60.0, gt=0)
+
+    @property
+    def state_path(self) -> Path:
+        return self.data_dir / "state.db"
+
+    @property
+    def address_file(self) -> Path:
+        return self.data_dir / "coordinator.address"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"

@@ -1,0 +1,25 @@
+"""Coordinator state: nodes, jobs, rounds and job events behind one interface."""
+
+from coordinator.state.records import (
+    FINAL_JOB_STATES,
+    JobEventRecord,
+    JobRecord,
+    JobState,
+    NodeRecord,
+    NodeState,
+    RoundRecord,
+)
+from coordinator.state.sqlite_store import SqliteStateStore
+from coordinator.state.store import StateStore
+
+__all__ = [
+    "FINAL_JOB_STATES",
+    "JobEventRecord",
+    "JobRecord",
+    "JobState",
+    "NodeRecord",
+    "NodeState",
+    "RoundRecord",
+    "SqliteStateStore",
+    "StateStore",
+]

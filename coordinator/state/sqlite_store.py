@@ -1,0 +1,374 @@
+"""SQLite state store (the default; one file in the data dir, WAL mode).
+
+The ServerApp process of a running job writes rounds into the same file as
+`coordinator serve`, so connections are per thread and writes are short
+transactions with a busy timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from consortium.errors import ConflictError, NotFoundError
+from coordinator.state.records import (
+    JobEventRecord,
+    JobRecord,
+    JobState,
+    NodeRecord,
+    NodeState,
+    RoundRecord,
+)
+from coordinator.state.store import StateStore
+
+BUSY_TIMEOUT_MS = 10_000
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY,
+    institution TEXT NOT NULL,
+    hostname TEXT NOT NULL,
+    device TEXT NOT NULL,
+    state TEXT NOT NULL,
+    registered_at_ms INTEGER NOT NULL,
+    last_heartbeat_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    spec_toml TEXT NOT NULL,
+    state TEXT NOT NULL,
+    rounds_total INTEGER NOT NULL,
+    rounds_completed INTEGER NOT NULL DEFAULT 0,
+    message TEXT NOT NULL DEFAULT '',
+    created_at_ms INTEGER NOT NULL,
+    started_at_ms INTEGER NOT NULL DEFAULT 0,
+    finished_at_ms INTEGER NOT NULL DEFAULT 0,
+    model_path TEXT NOT NULL DEFAULT '',
+    flower_run_id TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    job_id TEXT NOT NULL REFERENCES jobs(job_id),
+    round INTEGER NOT NULL,
+    participants INTEGER NOT NULL,
+    metrics_json TEXT NOT NULL,
+    finished_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (job_id, round)
+);
+CREATE TABLE IF NOT EXISTS job_events (
+    sequence INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL REFERENCES jobs(job_id),
+    time_ms INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    round INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events(job_id, sequence);
+"""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class SqliteStateStore(StateStore):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        with self._transaction() as db:
+            db.executescript(SCHEMA)
+
+    # --- plumbing ----------------------------------------------------------
+    def _connection(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        db = self._connection()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    # --- nodes -------------------------------------------------------------
+    def add_node(self, node: NodeRecord) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    node.node_id,
+                    node.institution,
+                    node.hostname,
+                    node.device,
+                    node.state,
+                    node.registered_at_ms,
+                    node.last_heartbeat_ms,
+                ),
+            )
+
+    def get_node(self, node_id: str) -> NodeRecord:
+        row = (
+            self._connection()
+            .execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,))
+            .fetchone()
+        )
+        if row is None:
+            raise NotFoundError(f"node {node_id!r} is not registered")
+        return _node(row)
+
+    def touch_node(self, node_id: str, now_ms: int) -> NodeRecord:
+        with self._transaction() as db:
+            row = db.execute("SELECT state FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"node {node_id!r} is not registered; register again")
+            if row["state"] == NodeState.GONE:
+                raise ConflictError(f"node {node_id!r} has left; register again")
+            db.execute(
+                "UPDATE nodes SET last_heartbeat_ms = ?, state = ? WHERE node_id = ?",
+                (now_ms, NodeState.ONLINE, node_id),
+            )
+        return self.get_node(node_id)
+
+    def set_node_state(self, node_id: str, state: NodeState) -> NodeRecord:
+        with self._transaction() as db:
+            updated = db.execute(
+                "UPDATE nodes SET state = ? WHERE node_id = ?", (state, node_id)
+            ).rowcount
+        if not updated:
+            raise NotFoundError(f"node {node_id!r} is not registered")
+        return self.get_node(node_id)
+
+    def list_nodes(self) -> list[NodeRecord]:
+        rows = (
+            self._connection()
+            .execute("SELECT * FROM nodes ORDER BY registered_at_ms, node_id")
+            .fetchall()
+        )
+        return [_node(r) for r in rows]
+
+    def mark_stale_nodes(self, older_than_ms: int) -> list[NodeRecord]:
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT node_id FROM nodes WHERE state = ? AND last_heartbeat_ms < ?",
+                (NodeState.ONLINE, older_than_ms),
+            ).fetchall()
+            ids = [r["node_id"] for r in rows]
+            db.executemany(
+                "UPDATE nodes SET state = ? WHERE node_id = ?",
+                [(NodeState.STALE, i) for i in ids],
+            )
+        return [self.get_node(i) for i in ids]
+
+    # --- jobs --------------------------------------------------------------
+    def add_job(self, job: JobRecord) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job.job_id,
+                    job.name,
+                    job.kind,
+                    job.spec_toml,
+                    job.state,
+                    job.rounds_total,
+                    job.rounds_completed,
+                    job.message,
+                    job.created_at_ms,
+                    job.started_at_ms,
+                    job.finished_at_ms,
+                    job.model_path,
+                    job.flower_run_id,
+                ),
+            )
+            _append_event(db, job.job_id, "job")
+
+    def get_job(self, job_id: str) -> JobRecord:
+        row = (
+            self._connection().execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        )
+        if row is None:
+            raise NotFoundError(f"job {job_id!r} does not exist")
+        return _job(row)
+
+    def list_jobs(self, state: JobState | None = None) -> list[JobRecord]:
+        if state is None:
+            rows = (
+                self._connection()
+                .execute("SELECT * FROM jobs ORDER BY created_at_ms, rowid")
+                .fetchall()
+            )
+        else:
+            rows = (
+                self._connection()
+                .execute(
+                    "SELECT * FROM jobs WHERE state = ? ORDER BY created_at_ms, rowid", (state,)
+                )
+                .fetchall()
+            )
+        return [_job(r) for r in rows]
+
+    def update_job(
+        self,
+        job_id: str,
+        *,
+        state: JobState | None = None,
+        message: str | None = None,
+        started_at_ms: int | None = None,
+        finished_at_ms: int | None = None,
+        model_path: str | None = None,
+        flower_run_id: str | None = None,
+        expect_states: frozenset[JobState] | None = None,
+    ) -> JobRecord:
+        changes: dict[str, Any] = {
+            "state": state,
+            "message": message,
+            "started_at_ms": started_at_ms,
+            "finished_at_ms": finished_at_ms,
+            "model_path": model_path,
+            "flower_run_id": flower_run_id,
+        }
+        changes = {k: v for k, v in changes.items() if v is not None}
+        with self._transaction() as db:
+            row = db.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"job {job_id!r} does not exist")
+            current = JobState(row["state"])
+            if expect_states is not None and current not in expect_states:
+                raise ConflictError(f"job {job_id} is {current.value}")
+            if changes:
+                assignments = ", ".join(f"{column} = ?" for column in changes)
+                db.execute(
+                    f"UPDATE jobs SET {assignments} WHERE job_id = ?",  # fixed column names
+                    (*changes.values(), job_id),
+                )
+            if state is not None and state != current:
+                _append_event(db, job_id, "job")
+        return self.get_job(job_id)
+
+    # --- rounds ------------------------------------------------------------
+    def record_round(self, record: RoundRecord) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?)",
+                (
+                    record.job_id,
+                    record.round,
+                    record.participants,
+                    json.dumps(record.metrics, sort_keys=True),
+                    record.finished_at_ms,
+                ),
+            )
+            db.execute(
+                "UPDATE jobs SET rounds_completed = MAX(rounds_completed, ?) WHERE job_id = ?",
+                (record.round, record.job_id),
+            )
+            _append_event(db, record.job_id, "round", record.round)
+
+    def list_rounds(self, job_id: str) -> list[RoundRecord]:
+        rows = (
+            self._connection()
+            .execute("SELECT * FROM rounds WHERE job_id = ? ORDER BY round", (job_id,))
+            .fetchall()
+        )
+        return [
+            RoundRecord(
+                job_id=r["job_id"],
+                round=r["round"],
+                participants=r["participants"],
+                metrics=json.loads(r["metrics_json"]),
+                finished_at_ms=r["finished_at_ms"],
+            )
+            for r in rows
+        ]
+
+    # --- events ------------------------------------------------------------
+    def events_after(self, job_id: str, sequence: int) -> list[JobEventRecord]:
+        rows = (
+            self._connection()
+            .execute(
+                "SELECT * FROM job_events WHERE job_id = ? AND sequence > ? ORDER BY sequence",
+                (job_id, sequence),
+            )
+            .fetchall()
+        )
+        return [
+            JobEventRecord(
+                sequence=r["sequence"],
+                job_id=r["job_id"],
+                time_ms=r["time_ms"],
+                kind=r["kind"],
+                round=r["round"],
+            )
+            for r in rows
+        ]
+
+
+def _append_event(db: sqlite3.Connection, job_id: str, kind: str, round_: int = 0) -> None:
+    db.execute(
+        "INSERT INTO job_events (job_id, time_ms, kind, round) VALUES (?, ?, ?, ?)",
+        (job_id, now_ms(), kind, round_),
+    )
+
+
+def _node(row: sqlite3.Row) -> NodeRecord:
+    return NodeRecord(
+        node_id=row["node_id"],
+        institution=row["institution"],
+        hostname=row["hostname"],
+        device=row["device"],
+        state=NodeState(row["state"]),
+        registered_at_ms=row["registered_at_ms"],
+        last_heartbeat_ms=row["last_heartbeat_ms"],
+    )
+
+
+def _job(row: sqlite3.Row) -> JobRecord:
+    return JobRecord(
+        job_id=row["job_id"],
+        name=row["name"],
+        kind=row["kind"],
+        spec_toml=row["spec_toml"],
+        state=JobState(row["state"]),
+        rounds_total=row["rounds_total"],
+        rounds_completed=row["rounds_completed"],
+        message=row["message"],
+        created_at_ms=row["created_at_ms"],
+        started_at_ms=row["started_at_ms"],
+        finished_at_ms=row["finished_at_ms"],
+        model_path=row["model_path"],
+        flower_run_id=row["flower_run_id"],
+    )

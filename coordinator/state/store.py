@@ -1,0 +1,87 @@
+"""The state store interface. SQLite implements it; a Postgres backend could.
+
+Every method is atomic. Job state changes and completed rounds also append a
+job event, which `WatchJob` streams in order of `sequence`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from coordinator.state.records import (
+    JobEventRecord,
+    JobRecord,
+    JobState,
+    NodeRecord,
+    NodeState,
+    RoundRecord,
+)
+
+
+class StateStore(ABC):
+    # --- nodes -------------------------------------------------------------
+    @abstractmethod
+    def add_node(self, node: NodeRecord) -> None: ...
+
+    @abstractmethod
+    def get_node(self, node_id: str) -> NodeRecord:
+        """Raises NotFoundError."""
+
+    @abstractmethod
+    def touch_node(self, node_id: str, now_ms: int) -> NodeRecord:
+        """Record a heartbeat; a stale node comes back online. Raises NotFoundError,
+        ConflictError for a node that has left."""
+
+    @abstractmethod
+    def set_node_state(self, node_id: str, state: NodeState) -> NodeRecord: ...
+
+    @abstractmethod
+    def list_nodes(self) -> list[NodeRecord]: ...
+
+    @abstractmethod
+    def mark_stale_nodes(self, older_than_ms: int) -> list[NodeRecord]:
+        """Online nodes whose last heartbeat is older than the bound become stale."""
+
+    # --- jobs --------------------------------------------------------------
+    @abstractmethod
+    def add_job(self, job: JobRecord) -> None: ...
+
+    @abstractmethod
+    def get_job(self, job_id: str) -> JobRecord:
+        """Raises NotFoundError."""
+
+    @abstractmethod
+    def list_jobs(self, state: JobState | None = None) -> list[JobRecord]:
+        """Oldest first."""
+
+    @abstractmethod
+    def update_job(
+        self,
+        job_id: str,
+        *,
+        state: JobState | None = None,
+        message: str | None = None,
+        started_at_ms: int | None = None,
+        finished_at_ms: int | None = None,
+        model_path: str | None = None,
+        flower_run_id: str | None = None,
+        expect_states: frozenset[JobState] | None = None,
+    ) -> JobRecord:
+        """Change fields; with `expect_states`, only if the job is in one of them
+        (else ConflictError). A state change appends a job event."""
+
+    # --- rounds ------------------------------------------------------------
+    @abstractmethod
+    def record_round(self, record: RoundRecord) -> None:
+        """Store a completed round (idempotent per (job, round)), bump the job's
+        `rounds_completed` and append a round event."""
+
+    @abstractmethod
+    def list_rounds(self, job_id: str) -> list[RoundRecord]: ...
+
+    # --- events ------------------------------------------------------------
+    @abstractmethod
+    def events_after(self, job_id: str, sequence: int) -> list[JobEventRecord]: ...
+
+    @abstractmethod
+    def close(self) -> None: ...

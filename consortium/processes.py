@@ -44,8 +44,11 @@ class ChildProcess:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = log_path.open("ab")
         full_env = dict(os.environ)
+        # Flower starts its helpers (flower-superexec, flwr-serverapp) by name.
+        venv_bin = str(Path(sys.executable).parent)
+        full_env["PATH"] = venv_bin + os.pathsep + full_env.get("PATH", "")
         full_env.update(env or {})
-        log.info("starting %s: %s (log: %s)", name, " ".join(argv), log_path)
+        log.debug("starting %s: %s (log: %s)", name, " ".join(argv), log_path)
         self.popen = subprocess.Popen(
             list(argv),
             stdout=self._log_file,
@@ -71,7 +74,12 @@ class ChildProcess:
         return "\n".join(text[-lines:])
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """SIGTERM the child's group, then SIGKILL what is left after the timeout."""
+        """SIGTERM the child's group, then SIGKILL what is left after the timeout.
+
+        Flower detaches some helpers into sessions of their own, so the
+        descendants are collected first and ended as well: all were started by us.
+        """
+        descendants = descendant_pids(self.popen.pid)
         if self.popen.poll() is None:
             _signal_group(self.popen.pid, signal.SIGTERM)
             try:
@@ -82,7 +90,27 @@ class ChildProcess:
         _signal_group(self.popen.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=timeout_s)
+        for pid in descendants:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         self._log_file.close()
+
+
+def descendant_pids(pid: int) -> list[int]:
+    """All live descendants of `pid`, from /proc (Linux); empty elsewhere."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.parent.name))
+    found, frontier = [], [pid]
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            found.append(child)
+            frontier.append(child)
+    return found
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

@@ -19,7 +19,9 @@ from coordinator.state.sqlite_store import now_ms
 
 log = logging.getLogger(__name__)
 
-FLOWER_STATUS_INTERVAL_S = 5.0
+# The ServerApp marks its job done or failed itself; asking Flower (a `flwr ls`
+# process) only catches runs that died without a word, so it can be rare.
+FLOWER_STATUS_INTERVAL_S = 30.0
 
 
 class Scheduler:

@@ -196,13 +196,17 @@ def demo(
     work_dir: Annotated[Path, typer.Option(help="Where the demo keeps everything.")] = Path(
         ".consortium-demo"
     ),
-    rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 20,
+    rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 10,
     institutions: Annotated[int, typer.Option(min=2, max=8)] = 3,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """The whole thing on one machine: serve, 3 institutions join, federated training."""
     from coordinator.demo import run_demo
 
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt  # unwinds through the demo's cleanup
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     configure_logging(verbose)
     with cli_errors():
         state = run_demo(work_dir, rounds=rounds, num_institutions=institutions, console=console)

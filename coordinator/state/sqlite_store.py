@@ -84,8 +84,8 @@ class SqliteStateStore(StateStore):
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        with self._transaction() as db:
-            db.executescript(SCHEMA)
+        # executescript manages its own transaction; the schema is idempotent.
+        self._connection().executescript(SCHEMA)
 
     # --- plumbing ----------------------------------------------------------
     def _connection(self) -> sqlite3.Connection:

@@ -1,0 +1,29 @@
+# Two entry points for a fresh machine (see README.md):
+#   make demo   - create .venv if needed, then run the whole consortium on this machine
+#   make test   - create .venv if needed, then lint, type-check, check protos, run pytest
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test lint protos
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/coordinator demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/python scripts/gen_protos.py --check
+
+protos: $(STAMP)
+	$(BIN)/python scripts/gen_protos.py
+
+test: lint
+	$(BIN)/pytest

@@ -1,0 +1,79 @@
+"""Shared fixtures: real processes on loopback, always stopped, also on failure."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from consortium.processes import ChildProcess, descendant_pids, venv_executable
+
+START_TIMEOUT_S = 120.0
+
+
+class Processes:
+    """Starts CLI processes; remembers them and their descendants to stop later."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.children: list[ChildProcess] = []
+        self.seen_pids: set[int] = set()
+
+    def start(self, name: str, *argv: str) -> ChildProcess:
+        executable = venv_executable(argv[0])
+        child = ChildProcess(name, [executable, *argv[1:]], self.log_dir / f"{name}.log")
+        self.children.append(child)
+        self.seen_pids.add(child.pid)
+        return child
+
+    def remember_descendants(self) -> None:
+        for child in self.children:
+            self.seen_pids.update(descendant_pids(child.pid))
+
+    def stop_all(self) -> None:
+        self.remember_descendants()
+        for child in reversed(self.children):
+            child.stop()
+
+    def alive(self) -> list[int]:
+        return [pid for pid in self.seen_pids if Path(f"/proc/{pid}").exists() and not _zombie(pid)]
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
+def wait_for(what: str, ready: Callable[[], bool], timeout_s: float = START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    procs = Processes(tmp_path / "logs")
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+def start_coordinator(processes: Processes, data_dir: Path, name: str = "coordinator") -> str:
+    """`coordinator serve --insecure` on loopback; returns its API address once ready."""
+    address_file = data_dir / "coordinator.address"
+    child = processes.start(name, "coordinator", "serve", "--insecure", "--data-dir", str(data_dir))
+
+    def ready() -> bool:
+        if child.poll() is not None:
+            raise AssertionError(f"coordinator exited:\n{child.log_tail(40)}")
+        return address_file.exists()
+
+    wait_for("the coordinator", ready)
+    return address_file.read_text().strip()

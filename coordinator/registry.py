@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 from consortium.errors import InvalidArgumentError
+from consortium.provenance.signing import SignatureError, VerifyingKey
 from coordinator.state import NodeRecord, NodeState, StateStore
 from coordinator.state.sqlite_store import now_ms
 
@@ -16,11 +17,19 @@ class NodeRegistry:
         self._store = store
         self._node_timeout_ms = int(node_timeout_s * 1000)
 
-    def register(self, institution: str, hostname: str, device: str) -> NodeRecord:
+    def register(
+        self, institution: str, hostname: str, device: str, signing_public_key: bytes = b""
+    ) -> NodeRecord:
         if not institution.strip():
             raise InvalidArgumentError("field 'institution': must not be empty")
         if len(institution) > MAX_NAME_LENGTH:
             raise InvalidArgumentError(f"field 'institution': at most {MAX_NAME_LENGTH} characters")
+        if signing_public_key:
+            try:
+                key = VerifyingKey.from_raw(signing_public_key)
+            except SignatureError as err:
+                raise InvalidArgumentError(f"field 'signing_public_key': {err}") from None
+            self._store.add_institution_key(institution, key.key_id, key.raw)
         now = now_ms()
         node = NodeRecord(
             node_id=uuid.uuid4().hex,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import tomllib
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,19 +89,26 @@ def load_dataset(data_dir: Path, name: str) -> LocalDataset:
 def _load_npz(path: Path) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     if not path.exists():
         raise DataDirError(f"dataset file {path} does not exist")
-    try:
-        with np.load(path) as archive:
-            return archive["x"], archive["y"]
-    except (OSError, ValueError, KeyError) as err:
-        raise DataDirError(
-            f"dataset file {path} is not an .npz with arrays x and y: {err}"
-        ) from None
+    problem = f"dataset file {path} is not an .npz with arrays x and y"
+    # Open the file ourselves so it is closed even when numpy cannot parse it.
+    with path.open("rb") as handle:
+        try:
+            archive = np.load(handle)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise DataDirError(f"{problem}: {err}") from None
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise DataDirError(f"{problem}: it holds a single array")
+        with archive:
+            try:
+                return archive["x"], archive["y"]
+            except (KeyError, ValueError, zipfile.BadZipFile) as err:
+                raise DataDirError(f"{problem}: {err}") from None
 
 
 def _import_loader(reference: str) -> Loader:
     module_name, _, attribute = reference.partition(":")
     try:
         loader = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as err:
+    except (ImportError, AttributeError, SyntaxError) as err:
         raise DataDirError(f"dataset loader {reference!r} cannot be imported: {err}") from None
     return cast(Loader, loader)

@@ -36,7 +36,9 @@ class NodeRegistryServicer(nodes_pb2_grpc.NodeRegistryServicer):
     def RegisterNode(
         self, request: nodes_pb2.RegisterNodeRequest, context: grpc.ServicerContext
     ) -> nodes_pb2.RegisterNodeResponse:
-        node = self._registry.register(request.institution, request.hostname, request.device)
+        node = self._registry.register(
+            request.institution, request.hostname, request.device, request.signing_public_key
+        )
         return nodes_pb2.RegisterNodeResponse(
             node=node_to_proto(node),
             superlink_fleet_address=self._superlink_address,

@@ -69,6 +69,17 @@ CREATE TABLE IF NOT EXISTS job_events (
     kind TEXT NOT NULL,
     round INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS institution_keys (
+    key_id TEXT PRIMARY KEY,
+    institution TEXT NOT NULL,
+    public_key BLOB NOT NULL,
+    registered_at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS update_nonces (
+    job_id TEXT NOT NULL,
+    nonce TEXT NOT NULL,
+    PRIMARY KEY (job_id, nonce)
+);
 CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events(job_id, sequence);
 """
 
@@ -314,6 +325,36 @@ class SqliteStateStore(StateStore):
             )
             for r in rows
         ]
+
+    # --- institution keys and update nonces ---------------------------------
+    def add_institution_key(self, institution: str, key_id: str, public_key: bytes) -> None:
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT institution FROM institution_keys WHERE key_id = ?", (key_id,)
+            ).fetchone()
+            if row is not None and row["institution"] != institution:
+                raise ConflictError(
+                    f"signing key {key_id[:16]} is registered to another institution"
+                )
+            db.execute(
+                "INSERT OR IGNORE INTO institution_keys VALUES (?, ?, ?, ?)",
+                (key_id, institution, public_key, now_ms()),
+            )
+
+    def institution_keys(self, institution: str) -> dict[str, bytes]:
+        rows = self._connection().execute(
+            "SELECT key_id, public_key FROM institution_keys WHERE institution = ?",
+            (institution,),
+        ).fetchall()
+        return {r["key_id"]: bytes(r["public_key"]) for r in rows}
+
+    def claim_nonce(self, job_id: str, nonce: str) -> bool:
+        """True the first time a nonce is seen for a job, False on a replay."""
+        with self._transaction() as db:
+            inserted = db.execute(
+                "INSERT OR IGNORE INTO update_nonces VALUES (?, ?)", (job_id, nonce)
+            ).rowcount
+        return bool(inserted)
 
     # --- events ------------------------------------------------------------
     def events_after(self, job_id: str, sequence: int) -> list[JobEventRecord]:

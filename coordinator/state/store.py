@@ -79,6 +79,19 @@ class StateStore(ABC):
     @abstractmethod
     def list_rounds(self, job_id: str) -> list[RoundRecord]: ...
 
+    # --- institution keys and update nonces ---------------------------------
+    @abstractmethod
+    def add_institution_key(self, institution: str, key_id: str, public_key: bytes) -> None:
+        """Register a signing key; ConflictError if it belongs to another institution."""
+
+    @abstractmethod
+    def institution_keys(self, institution: str) -> dict[str, bytes]:
+        """key id -> raw public key, for every key the institution registered."""
+
+    @abstractmethod
+    def claim_nonce(self, job_id: str, nonce: str) -> bool:
+        """True the first time a nonce is seen for a job, False on a replay."""
+
     # --- events ------------------------------------------------------------
     @abstractmethod
     def events_after(self, job_id: str, sequence: int) -> list[JobEventRecord]: ...

@@ -92,19 +92,25 @@ class RegisterNodeRequest(_message.Message):
     INSTITUTION_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
+    SIGNING_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     institution: _builtins.str
     hostname: _builtins.str
     device: _builtins.str
+    signing_public_key: _builtins.bytes
+    """Raw 32-byte Ed25519 public key with which the institution signs its model
+    updates; the coordinator accepts only updates signed by registered keys.
+    """
     def __init__(
         self,
         *,
         institution: _builtins.str = ...,
         hostname: _builtins.str = ...,
         device: _builtins.str = ...,
+        signing_public_key: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "hostname", b"hostname", "institution", b"institution"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "hostname", b"hostname", "institution", b"institution", "signing_public_key", b"signing_public_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,248 @@
+"""Job specs: parse_job_spec names the bad field; JobService creates nothing on error."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from consortium.errors import ConflictError, JobSpecError, NotFoundError
+from coordinator.jobs.service import JobService
+from coordinator.jobs.spec import FederatedJobSpec, parse_job_spec
+from coordinator.state import JobState, SqliteStateStore
+
+VALID = """
+name = "digits-fedavg"
+model = "digits-cnn"
+dataset = "digits"
+rounds = 5
+"""
+
+
+def spec_with(**overrides: object) -> str:
+    """VALID with fields replaced (value None drops the field)."""
+    fields: dict[str, object] = {
+        "name": "digits-fedavg",
+        "model": "digits-cnn",
+        "dataset": "digits",
+        "rounds": 5,
+    }
+    fields.update(overrides)
+    lines = []
+    for key, value in fields.items():
+        if value is None:
+            continue
+        rendered = f'"{value}"' if isinstance(value, str) else str(value).lower()
+        lines.append(f"{key} = {rendered}")
+    return "\n".join(lines) + "\n"
+
+
+def test_parse_job_spec_minimal_valid_spec_fills_defaults() -> None:
+    spec = parse_job_spec(VALID)
+    assert isinstance(spec, FederatedJobSpec)
+    assert spec.name == "digits-fedavg"
+    assert spec.kind == "federated"
+    assert spec.model == "digits-cnn"
+    assert spec.dataset == "digits"
+    assert spec.rounds == 5
+    assert spec.strategy == "fedavg"
+    assert spec.min_clients == 2
+    assert spec.local_epochs == 1
+    assert spec.learning_rate == 0.05
+    assert spec.batch_size == 32
+    assert spec.proximal_mu == 0.0
+    assert spec.seed == 0
+    assert spec.round_timeout_s == 600.0
+
+
+def test_parse_job_spec_all_fields_given_are_kept() -> None:
+    text = spec_with(
+        strategy="fedprox",
+        proximal_mu=0.1,
+        min_clients=3,
+        local_epochs=2,
+        learning_rate=0.01,
+        batch_size=16,
+        seed=42,
+        round_timeout_s=30.0,
+        kind="federated",
+    )
+    spec = parse_job_spec(text)
+    assert spec.strategy == "fedprox"
+    assert spec.proximal_mu == 0.1
+    assert (spec.min_clients, spec.local_epochs, spec.batch_size, spec.seed) == (3, 2, 16, 42)
+    assert spec.learning_rate == 0.01
+    assert spec.round_timeout_s == 30.0
+
+
+def test_parse_job_spec_examples_shipped_in_repo_are_valid() -> None:
+    examples = sorted(Path(__file__).resolve().parents[2].glob("examples/**/*.toml"))
+    job_specs = [p for p in examples if "rounds" in p.read_text() and "model" in p.read_text()]
+    assert job_specs
+    for path in job_specs:
+        assert parse_job_spec(path.read_text()).rounds > 0, path
+
+
+def test_parse_job_spec_invalid_toml_raises_job_spec_error() -> None:
+    with pytest.raises(JobSpecError, match="not valid TOML"):
+        parse_job_spec('name = "unterminated\nrounds = 3\n')
+
+
+@pytest.mark.parametrize("field", ["name", "model", "dataset", "rounds"])
+def test_parse_job_spec_missing_required_field_names_field(field: str) -> None:
+    with pytest.raises(JobSpecError) as excinfo:
+        parse_job_spec(spec_with(**{field: None}))
+    message = str(excinfo.value)
+    assert f"'{field}'" in message
+    assert "missing" in message
+
+
+def test_parse_job_spec_unknown_field_names_field() -> None:
+    with pytest.raises(JobSpecError) as excinfo:
+        parse_job_spec(spec_with(learnin_rate=0.1))
+    assert "'learnin_rate'" in str(excinfo.value)
+    assert "unknown" in str(excinfo.value)
+
+
+def test_parse_job_spec_unknown_strategy_names_field() -> None:
+    with pytest.raises(JobSpecError) as excinfo:
+        parse_job_spec(spec_with(strategy="fedmedian"))
+    assert "'strategy'" in str(excinfo.value)
+
+
+def test_parse_job_spec_unknown_dataset_names_field_and_value() -> None:
+    with pytest.raises(JobSpecError) as excinfo:
+        parse_job_spec(spec_with(dataset="imagenet"))
+    message = str(excinfo.value)
+    assert "'dataset'" in message
+    assert "imagenet" in message
+    assert "digits" in message  # the known ones are listed
+
+
+def test_parse_job_spec_unknown_model_names_field_and_value() -> None:
+    with pytest.raises(JobSpecError) as excinfo:
+        parse_job_spec(spec_with(model="resnet-9000"))
+    message = str(excinfo.value)
+    assert "'model'" in message
+    assert "resnet-9000" in message
+    assert "digits-cnn" in message
+
+
+@pytest.mark.parametrize("rounds", [0, -1])
+def test_parse_job_spec_rounds_not_positive_names_field(rounds: int) -> None:
+    with pytest.raises(JobSpecError) as excinfo:
+        parse_job_spec(spec_with(rounds=rounds))
+    assert "'rounds'" in str(excinfo.value)
+
+
+def test_parse_job_spec_rounds_wrong_type_names_field() -> None:
+    with pytest.raises(JobSpecError) as excinfo:
+        parse_job_spec(spec_with(rounds="many"))
+    assert "'rounds'" in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("learning_rate", 0),
+        ("batch_size", 0),
+        ("local_epochs", 0),
+        ("min_clients", 0),
+        ("proximal_mu", -0.5),
+        ("seed", -1),
+        ("kind", "centralised"),
+        ("name", ""),
+    ],
+)
+def test_parse_job_spec_out_of_range_value_names_field(field: str, value: object) -> None:
+    with pytest.raises(JobSpecError) as excinfo:
+        parse_job_spec(spec_with(**{field: value}))
+    assert f"'{field}'" in str(excinfo.value)
+
+
+def test_parse_job_spec_several_problems_all_named() -> None:
+    with pytest.raises(JobSpecError) as excinfo:
+        parse_job_spec(spec_with(rounds=0, dataset="imagenet", extra_thing=1))
+    message = str(excinfo.value)
+    for field in ("'rounds'", "'dataset'", "'extra_thing'"):
+        assert field in message
+
+
+# --- JobService ----------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteStateStore]:
+    s = SqliteStateStore(tmp_path / "state.db")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_submit_valid_spec_queues_job(store: SqliteStateStore) -> None:
+    service = JobService(store)
+    job = service.submit(VALID)
+    assert job.state is JobState.QUEUED
+    assert job.rounds_total == 5
+    assert job.name == "digits-fedavg"
+    assert job.spec_toml == VALID
+    assert store.list_jobs() == [job]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "not = [valid",
+        spec_with(rounds=0),
+        spec_with(model="nope"),
+        spec_with(name=None),
+    ],
+)
+def test_submit_invalid_spec_creates_no_job(store: SqliteStateStore, text: str) -> None:
+    service = JobService(store)
+    with pytest.raises(JobSpecError):
+        service.submit(text)
+    assert store.list_jobs() == []
+
+
+def test_cancel_queued_job_becomes_cancelled(store: SqliteStateStore) -> None:
+    service = JobService(store)
+    job = service.submit(VALID)
+    cancelled = service.cancel(job.job_id)
+    assert cancelled.state is JobState.CANCELLED
+    assert cancelled.finished_at_ms > 0
+    assert store.get_job(job.job_id).state is JobState.CANCELLED
+
+
+def test_cancel_running_job_becomes_cancelled(store: SqliteStateStore) -> None:
+    service = JobService(store)
+    job = service.submit(VALID)
+    store.update_job(job.job_id, state=JobState.RUNNING)
+    assert service.cancel(job.job_id).state is JobState.CANCELLED
+
+
+@pytest.mark.parametrize("final", [JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED])
+def test_cancel_finished_job_raises_conflict(store: SqliteStateStore, final: JobState) -> None:
+    service = JobService(store)
+    job = service.submit(VALID)
+    store.update_job(job.job_id, state=final, message="done")
+    with pytest.raises(ConflictError):
+        service.cancel(job.job_id)
+    after = store.get_job(job.job_id)
+    assert after.state is final
+    assert after.message == "done"
+
+
+def test_cancel_unknown_job_raises_not_found(store: SqliteStateStore) -> None:
+    with pytest.raises(NotFoundError):
+        JobService(store).cancel("does-not-exist")
+
+
+def test_get_returns_job_and_its_rounds(store: SqliteStateStore) -> None:
+    service = JobService(store)
+    job = service.submit(VALID)
+    record, rounds = service.get(job.job_id)
+    assert record == job
+    assert rounds == []

@@ -13,10 +13,11 @@ import grpc
 from client.data.loaders import check_data_dir
 from client.devices import describe_device, resolve_device
 from client.settings import ClientSettings
-from client.supernode import SuperNode
+from client.supernode import SIGNING_KEY_FILE, SuperNode
 from consortium.errors import ChildProcessFailedError, InsecureTransportError, UnreachableError
 from consortium.net import is_loopback_host, split_host_port
 from consortium.proto.v1 import nodes_pb2, nodes_pb2_grpc
+from consortium.provenance.signing import SigningKey
 from consortium.rpc import RetryPolicy, call_with_retry, open_channel
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class SiteNode:
         self.datasets = check_data_dir(settings.data)
         self.device = resolve_device(settings.gpu)
         check_transport(settings)
+        # The key that signs this site's model updates; it never leaves the site.
+        self.signing_key = SigningKey.load_or_create(settings.resolved_state_dir / SIGNING_KEY_FILE)
         self._channel = open_channel(settings.coordinator)
         self._stub = nodes_pb2_grpc.NodeRegistryStub(self._channel)
         self._policy = RetryPolicy(
@@ -67,6 +70,7 @@ class SiteNode:
             institution=self.settings.institution,
             hostname=socket.gethostname(),
             device=describe_device(self.device),
+            signing_public_key=self.signing_key.public.raw,
         )
         response: nodes_pb2.RegisterNodeResponse = call_with_retry(
             lambda t: self._stub.RegisterNode(request, timeout=t),

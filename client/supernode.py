@@ -7,6 +7,9 @@ from pathlib import Path
 from consortium.net import reserve_free_port
 from consortium.processes import ChildProcess, venv_executable
 
+SIGNING_KEY_FILE = "institution-signing.key"
+COMMITMENT_KEY_FILE = "data-commitment.key"
+
 
 def node_config(values: dict[str, str | int]) -> str:
     """Flower's --node-config syntax: space-separated key=value with TOML values."""
@@ -43,6 +46,9 @@ class SuperNode:
                     "institution": institution,
                     "device": device,
                     "torch-threads": torch_threads,
+                    # Keys stay at the site; the ClientApp reads them from here.
+                    "signing-key": str((state_dir / SIGNING_KEY_FILE).resolve()),
+                    "commitment-key": str((state_dir / COMMITMENT_KEY_FILE).resolve()),
                 }
             ),
         ]

@@ -6,6 +6,7 @@ import uuid
 
 from consortium.errors import InvalidArgumentError
 from consortium.provenance.signing import SignatureError, VerifyingKey
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.state import NodeRecord, NodeState, StateStore
 from coordinator.state.sqlite_store import now_ms
 
@@ -13,9 +14,12 @@ MAX_NAME_LENGTH = 128
 
 
 class NodeRegistry:
-    def __init__(self, store: StateStore, node_timeout_s: float) -> None:
+    def __init__(
+        self, store: StateStore, node_timeout_s: float, metrics: CoordinatorMetrics | None = None
+    ) -> None:
         self._store = store
         self._node_timeout_ms = int(node_timeout_s * 1000)
+        self._metrics = metrics or CoordinatorMetrics()
 
     def register(
         self, institution: str, hostname: str, device: str, signing_public_key: bytes = b""
@@ -41,10 +45,13 @@ class NodeRegistry:
             last_heartbeat_ms=now,
         )
         self._store.add_node(node)
+        self._metrics.institution_seen(institution)
         return node
 
     def heartbeat(self, node_id: str) -> NodeRecord:
-        return self._store.touch_node(node_id, now_ms())
+        node = self._store.touch_node(node_id, now_ms())
+        self._metrics.heartbeat(node.institution)
+        return node
 
     def leave(self, node_id: str) -> NodeRecord:
         self._store.get_node(node_id)

@@ -14,6 +14,7 @@ import time
 
 from consortium.errors import ConflictError, ConsortiumError
 from coordinator.federated.flower_app import FlowerCli
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.state import FINAL_JOB_STATES, JobState, StateStore
 from coordinator.state.sqlite_store import now_ms
 
@@ -25,10 +26,17 @@ FLOWER_STATUS_INTERVAL_S = 30.0
 
 
 class Scheduler:
-    def __init__(self, store: StateStore, flower: FlowerCli, poll_interval_s: float) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        flower: FlowerCli,
+        poll_interval_s: float,
+        metrics: CoordinatorMetrics | None = None,
+    ) -> None:
         self._store = store
         self._flower = flower
         self._poll_interval_s = poll_interval_s
+        self._metrics = metrics or CoordinatorMetrics()
         self._active: str | None = None  # job id of the job we started
         self._last_status_check = 0.0
 
@@ -73,6 +81,7 @@ class Scheduler:
         if status.finished:
             # Re-read: the ServerApp may have completed the job just now.
             if self._store.get_job(job_id).state is JobState.RUNNING:
+                self._metrics.run_failed("ended_early")
                 self._store.update_job(
                     job_id,
                     state=JobState.FAILED,
@@ -90,7 +99,9 @@ class Scheduler:
         job = queued[0]
         try:
             run_id = self._flower.run({"job-id": job.job_id})
+            self._metrics.run_started()
         except ConsortiumError as error:
+            self._metrics.run_failed("start_error")
             self._store.update_job(
                 job.job_id,
                 state=JobState.FAILED,

@@ -14,10 +14,13 @@ import grpc
 from consortium.errors import InsecureTransportError
 from consortium.net import is_loopback_host, reserve_free_port, split_host_port
 from consortium.proto.v1 import jobs_pb2_grpc, nodes_pb2_grpc
+from consortium.provenance.signing import SigningKey
 from coordinator.api.servicers import JobsServicer, NodeRegistryServicer
 from coordinator.federated.flower_app import FlowerCli
 from coordinator.federated.superlink import SuperLink
 from coordinator.jobs.service import JobService
+from coordinator.metrics import CoordinatorMetrics, MetricsEndpoint, RpcMetricsInterceptor
+from coordinator.provenance_paths import coordinator_key_path
 from coordinator.registry import NodeRegistry
 from coordinator.scheduler import Scheduler
 from coordinator.settings import CoordinatorSettings
@@ -73,6 +76,9 @@ class Coordinator:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.stopping = threading.Event()
         self.store = SqliteStateStore(settings.state_path)
+        # Signs the provenance log (created on first start; `coordinator init`
+        # will own this once onboarding lands).
+        SigningKey.load_or_create(coordinator_key_path(settings.data_dir))
         flower_dir = settings.data_dir / "flower"
         flower_dir.mkdir(parents=True, exist_ok=True)
         port = sticky_port(
@@ -82,10 +88,16 @@ class Coordinator:
         self.superlink = SuperLink(
             settings.data_dir, settings.superlink_host, port, settings.insecure
         )
+        self.metrics = CoordinatorMetrics()
+        self._metrics_endpoint: MetricsEndpoint | None = None
         try:
             self.superlink.wait_ready(settings.superlink_start_timeout_s)
+            # Before the API: coordinator.address appearing means metrics.address exists.
+            self._metrics_endpoint = MetricsEndpoint(self.metrics, self.store, settings)
             self.server = self._start_api()
         except BaseException:
+            if self._metrics_endpoint is not None:
+                self._metrics_endpoint.stop()
             self.superlink.stop()
             self.store.close()
             raise
@@ -93,6 +105,7 @@ class Coordinator:
             self.store,
             FlowerCli(settings.data_dir, self.superlink.address, settings.insecure),
             settings.scheduler_poll_interval_s,
+            self.metrics,
         )
         self._scheduler_thread = threading.Thread(
             target=self.scheduler.run_forever, args=(self.stopping,), name="scheduler"
@@ -100,8 +113,11 @@ class Coordinator:
         self._scheduler_thread.start()
 
     def _start_api(self) -> grpc.Server:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS))
-        registry = NodeRegistry(self.store, self.settings.node_timeout_s)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS),
+            interceptors=[RpcMetricsInterceptor(self.metrics)],
+        )
+        registry = NodeRegistry(self.store, self.settings.node_timeout_s, self.metrics)
         nodes_pb2_grpc.add_NodeRegistryServicer_to_server(
             NodeRegistryServicer(
                 registry,
@@ -137,6 +153,8 @@ class Coordinator:
         self.settings.address_file.unlink(missing_ok=True)
         self._scheduler_thread.join()
         self.server.stop(SHUTDOWN_GRACE_S).wait()
+        if self._metrics_endpoint is not None:
+            self._metrics_endpoint.stop()
         self.superlink.stop()
         self.store.close()
         log.info("coordinator stopped")

@@ -24,6 +24,8 @@ class CoordinatorSettings(RoleSettings):
     node_timeout_s: float = Field(default=10.0, gt=0)
     scheduler_poll_interval_s: float = Field(default=1.0, gt=0)
     superlink_start_timeout_s: float = Field(default=60.0, gt=0)
+    # Prometheus endpoint (/metrics); port 0: any free (written to metrics.address).
+    metrics_address: str = "127.0.0.1:0"
 
     @property
     def state_path(self) -> Path:
@@ -32,6 +34,10 @@ class CoordinatorSettings(RoleSettings):
     @property
     def address_file(self) -> Path:
         return self.data_dir / "coordinator.address"
+
+    @property
+    def metrics_address_file(self) -> Path:
+        return self.data_dir / "metrics.address"
 
     @property
     def models_dir(self) -> Path:

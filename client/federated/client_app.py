@@ -16,10 +16,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.data.loaders import load_dataset
+from client.federated.signing_mod import COMMITMENT_RECORD, signing_mod
 from consortium.models import build_model
+from consortium.provenance.commitment import commit, load_or_create_key
 from consortium.training import LocalTrainingConfig, evaluate, train_local
 
-app = ClientApp()
+app = ClientApp(mods=[signing_mod])
 
 
 def _number(config: Mapping[str, object], key: str, default: float | None = None) -> float:
@@ -62,11 +64,22 @@ def train(msg: Message, context: Context) -> Message:
         ),
         device,
     )
+    key = load_or_create_key(Path(str(context.node_config["commitment-key"])))
+    commitment = commit(dataset.name, dataset.x, dataset.y, key)
     content = RecordDict(
         {
             "arrays": ArrayRecord(model.state_dict()),
             "metrics": MetricRecord(
                 {"num-examples": outcome.num_examples, "train_loss": outcome.mean_loss}
+            ),
+            COMMITMENT_RECORD: ConfigRecord(
+                {
+                    "dataset": commitment.dataset,
+                    "count": commitment.count,
+                    "schema-digest": commitment.schema_digest,
+                    "commitment": commitment.commitment,
+                    "digest": commitment.digest(),
+                }
             ),
         }
     )

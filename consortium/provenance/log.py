@@ -55,6 +55,8 @@ def read_lines(path: Path) -> list[bytes]:
     if not path.exists():
         return []
     data = path.read_bytes()
+    if not data:
+        return []
     return data.split(b"\n")[:-1] if data.endswith(b"\n") else data.split(b"\n")
 
 
@@ -103,6 +105,15 @@ class ProvenanceLog:
                 }
             )
             return index
+
+    def logged_key_ids(self) -> set[str]:
+        """Key ids of the institution keys already recorded in this log."""
+        found = set()
+        for line in read_lines(self.path):
+            entry = json.loads(line)
+            if entry.get("type") == "institution_key":
+                found.add(str(entry["body"]["key_id"]))
+        return found
 
     def publish_tree_head(self) -> TreeHead:
         with self._locked() as leaves:

@@ -23,7 +23,8 @@ sections 2.1.3.2 and 2.1.4.2, followed step by step. Verification failures raise
 All functions take *leaf hashes* (32 bytes each), not raw entries: hash entries
 with :func:`leaf_hash` first. Consistency from the empty tree (``old_size == 0``)
 is rejected: RFC 9162 defines consistency proofs for ``0 < first``, and every tree
-trivially extends the empty one, so such a "proof" would prove nothing.
+trivially extends the empty one, so such a "proof" would prove nothing. Proofs
+bind roots, not sizes (a path can fit several sizes): take sizes from signed heads.
 
 Reference: https://www.rfc-editor.org/rfc/rfc9162#section-2.1
 """
@@ -155,13 +156,16 @@ def verify_inclusion(
     leaf_hash: bytes, index: int, tree_size: int, proof: Sequence[bytes], root: bytes
 ) -> None:
     """Verify an inclusion proof (RFC 9162 section 2.1.3.2); raise :class:`ProofError`."""
+    # 1. leaf_index >= tree_size fails.
     if index < 0 or index >= tree_size:
         raise ProofError(f"leaf index {index} is out of range for tree size {tree_size}")
     _check_hash("leaf hash", leaf_hash)
     _check_proof_nodes(proof)
-    expected = _path_length(index, tree_size - 1)
+    # 2. fn = leaf_index, sn = tree_size - 1.  3. r = hash.
     fn, sn = index, tree_size - 1
+    expected = _path_length(fn, sn)
     r = leaf_hash
+    # 4. Fold in each value p of inclusion_path.
     for p in proof:
         if sn == 0:
             raise ProofError(f"proof too long: expected {expected} nodes, got {len(proof)}")
@@ -174,6 +178,7 @@ def verify_inclusion(
             r = node_hash(r, p)
         fn >>= 1
         sn >>= 1
+    # 5. sn must be 0 and r must equal root_hash.
     if sn != 0:
         raise ProofError(f"proof too short: expected {expected} nodes, got {len(proof)}")
     if r != root:

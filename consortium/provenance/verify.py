@@ -196,7 +196,7 @@ def _check_tree_head(
         raise ValueError(f"tree head covers {head.tree_size} records, log has {len(leaves)}")
     if root_from_leaves(leaves).hex() != head.root_hash:
         raise ValueError("tree head root does not match the records")
-    if previous is not None:
+    if previous is not None and previous.tree_size > 0:
         # Prove the earlier head is a prefix of this one, as a monitor would.
         proof = consistency_proof(leaves, previous.tree_size, head.tree_size)
         verify_consistency(

@@ -53,6 +53,9 @@ def serve(
     superlink_port: Annotated[
         int | None, typer.Option(help="Flower SuperLink port (0: any free).")
     ] = None,
+    metrics_address: Annotated[
+        str | None, typer.Option(help="Prometheus /metrics host:port (port 0: any free).")
+    ] = None,
     insecure: Annotated[
         bool | None,
         typer.Option("--insecure", help="Plain text on loopback, for experiments only."),
@@ -70,6 +73,7 @@ def serve(
             data_dir=data_dir,
             listen_address=listen_address,
             superlink_port=superlink_port,
+            metrics_address=metrics_address,
             insecure=insecure,
         )
         stop = threading.Event()

@@ -1,9 +1,12 @@
 """The ServerApp that runs one federated job on the SuperLink.
 
 `coordinator serve` submits it with `flwr run` (run config: job-id); it reads
-the job spec from the coordinator's state, runs the Flower strategy named in
-the spec, evaluates the global model on the held-out split after every round,
-records each round and a checkpoint, and saves the final model.
+the job spec from the coordinator's state, samples nodes with the Flower
+strategy named in the spec, admits and aggregates signed updates with
+`ConsortiumStrategy`, evaluates the global model on the held-out split after
+every round, and records each round three ways: in the state store (for
+`jobs watch`), as a checkpoint (for resuming) and as a signed record followed by
+a signed tree head in the provenance log.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -19,11 +23,16 @@ from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
 from consortium.data.digits import train_test_split
 from consortium.models import build_model
+from consortium.provenance.environment import describe_environment
+from consortium.provenance.log import ProvenanceLog
+from consortium.provenance.signing import SigningKey, b64
+from consortium.tensor_digest import arrays_digest, file_digest
 from consortium.training import evaluate
 from coordinator.federated.checkpoints import CheckpointStore, save_model
-from coordinator.federated.recording import RecordingStrategy
+from coordinator.federated.strategy import AggregationRule, ConsortiumStrategy
 from coordinator.federated.superlink import DATA_DIR_ENV
 from coordinator.jobs.spec import FederatedJobSpec, parse_job_spec
+from coordinator.provenance_paths import coordinator_key_path, provenance_log_path
 from coordinator.state import JobState, RoundRecord, SqliteStateStore, StateStore
 from coordinator.state.sqlite_store import now_ms
 
@@ -36,7 +45,8 @@ class JobCancelledError(Exception):
     """The job was cancelled while running; stop the strategy loop."""
 
 
-def make_strategy(spec: FederatedJobSpec) -> Strategy:
+def make_sampler(spec: FederatedJobSpec) -> Strategy:
+    """Flower's strategy decides which nodes train and what they are sent."""
     if spec.strategy == "fedprox":
         return FedProx(
             fraction_train=1.0,
@@ -53,6 +63,19 @@ def make_strategy(spec: FederatedJobSpec) -> Strategy:
     )
 
 
+def rule_of(spec: FederatedJobSpec) -> AggregationRule:
+    return AggregationRule(
+        name=spec.aggregation,
+        trim_fraction=spec.trim_fraction,
+        krum_byzantine=spec.krum_byzantine,
+        max_update_norm=spec.max_update_norm,
+    )
+
+
+def numpy_state(model: torch.nn.Module) -> dict[str, Any]:
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
 class JobRun:
     """Everything one ServerApp run needs, wired to the coordinator's state."""
 
@@ -62,6 +85,10 @@ class JobRun:
         self.job_id = job_id
         self.spec = parse_job_spec(store.get_job(job_id).spec_toml)
         self.checkpoints = CheckpointStore(data_dir, job_id)
+        self.provenance = ProvenanceLog(
+            provenance_log_path(data_dir), SigningKey.load(coordinator_key_path(data_dir))
+        )
+        self._logged_keys = self.provenance.logged_key_ids()
         _, self.test = train_test_split()
 
     def initial_model(self) -> tuple[torch.nn.Module, int]:
@@ -74,29 +101,89 @@ class JobRun:
         log.info("job %s resumes after round %d", self.job_id, checkpoint.round)
         return model, checkpoint.round
 
+    def log_start(self, model: torch.nn.Module, done_rounds: int) -> None:
+        digest = arrays_digest(numpy_state(model))
+        if done_rounds:
+            self.provenance.append(
+                "job_resumed",
+                {"job_id": self.job_id, "after_round": done_rounds, "model_digest": digest},
+            )
+            return
+        self.provenance.append(
+            "job_started",
+            {
+                "job_id": self.job_id,
+                "kind": "federated",
+                "spec": self.spec.model_dump(mode="json"),
+                "seed": self.spec.seed,
+                "strategy": {"sampler": self.spec.strategy, **rule_of(self.spec).describe()},
+                "environment": describe_environment("cpu", deterministic=True),
+                "initial_model_digest": digest,
+            },
+        )
+        self.provenance.publish_tree_head()
+
+    def log_round(
+        self, strategy: ConsortiumStrategy, round_: int, metrics: dict[str, float]
+    ) -> None:
+        record = strategy.rounds.get(round_)
+        if record is None:
+            return
+        for update in record.accepted:
+            if update.key_id not in self._logged_keys:
+                self.provenance.append(
+                    "institution_key",
+                    {
+                        "institution": update.institution,
+                        "key_id": update.key_id,
+                        "public_key": b64(update.public_key),
+                    },
+                )
+                self._logged_keys.add(update.key_id)
+        self.provenance.append(
+            "round",
+            {
+                "job_id": self.job_id,
+                "round": round_,
+                "global_digest": record.global_digest,
+                "participants": record.participants,
+                "updates": record.updates,
+                "aggregation": rule_of(self.spec).describe(),
+                "aggregate_digest": record.aggregate_digest,
+                "metrics": metrics,
+            },
+        )
+        self.provenance.publish_tree_head()
+
     def run(self, grid: Grid) -> None:
         model, done_rounds = self.initial_model()
-        strategy = RecordingStrategy(make_strategy(self.spec))
-        remaining = self.spec.rounds - done_rounds
+        self.log_start(model, done_rounds)
+        strategy = ConsortiumStrategy(
+            make_sampler(self.spec),
+            self.job_id,
+            self.store,
+            rule_of(self.spec),
+            round_offset=done_rounds,
+            retention_dir=self.data_dir if self.spec.retain_updates else None,
+        )
 
         def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             model.load_state_dict(arrays.to_torch_state_dict())
             result = evaluate(model, self.test.x, self.test.y)
-            metrics: dict[str, float] = {
-                "eval_loss": result.loss,
-                "eval_accuracy": result.accuracy,
-            }
-            if server_round in strategy.train_loss:
-                metrics["train_loss"] = strategy.train_loss[server_round]
+            metrics: dict[str, float] = {"eval_loss": result.loss, "eval_accuracy": result.accuracy}
+            round_ = done_rounds + server_round
+            provenance = strategy.rounds.get(round_)
+            if provenance is not None and provenance.train_loss is not None:
+                metrics["train_loss"] = provenance.train_loss
             if server_round > 0 or done_rounds == 0:
-                round_ = done_rounds + server_round
                 if server_round > 0:
                     self.checkpoints.save(round_, model.state_dict())
+                    self.log_round(strategy, round_, metrics)
                 self.store.record_round(
                     RoundRecord(
                         job_id=self.job_id,
                         round=round_,
-                        participants=strategy.participants.get(server_round, 0),
+                        participants=len(provenance.participants) if provenance else 0,
                         metrics=metrics,
                         finished_at_ms=now_ms(),
                     )
@@ -105,6 +192,7 @@ class JobRun:
                 raise JobCancelledError(self.job_id)
             return MetricRecord(dict[str, int | float | list[int] | list[float]](metrics))
 
+        remaining = self.spec.rounds - done_rounds
         if remaining > 0:
             config = ConfigRecord(
                 {
@@ -125,13 +213,28 @@ class JobRun:
                 train_config=config,
                 evaluate_fn=evaluate_round,
             )
-            model.load_state_dict(result.arrays.to_torch_state_dict())
+            if len(result.arrays) > 0:
+                model.load_state_dict(result.arrays.to_torch_state_dict())
+        self.finish(model)
+
+    def finish(self, model: torch.nn.Module) -> None:
         model_path = self.data_dir / "models" / f"{self.job_id}.safetensors"
         save_model(
             model_path,
             model.state_dict(),
             {"job_id": self.job_id, "model": self.spec.model, "rounds": str(self.spec.rounds)},
         )
+        self.provenance.append(
+            "job_completed",
+            {
+                "job_id": self.job_id,
+                "rounds": self.spec.rounds,
+                "final_model_digest": arrays_digest(numpy_state(model)),
+                "model_file": model_path.name,
+                "model_file_sha256": file_digest(str(model_path)),
+            },
+        )
+        self.provenance.publish_tree_head()
         self.store.update_job(
             self.job_id,
             state=JobState.SUCCEEDED,

@@ -7,6 +7,7 @@ Example::
     model = "digits-cnn"
     dataset = "digits"
     strategy = "fedavg"      # or "fedprox" (then set proximal_mu > 0)
+    aggregation = "mean"     # or "trimmed-mean", "median", "krum"
     rounds = 20
     min_clients = 3
     local_epochs = 1
@@ -48,6 +49,13 @@ class FederatedJobSpec(BaseModel):
     proximal_mu: float = Field(default=0.0, ge=0)
     seed: int = Field(default=0, ge=0, lt=2**31)
     round_timeout_s: float = Field(default=600.0, gt=0)
+    # How accepted updates are combined; all rules share the same validation.
+    aggregation: Literal["mean", "trimmed-mean", "median", "krum"] = "mean"
+    trim_fraction: float = Field(default=0.1, ge=0, lt=0.5)
+    krum_byzantine: int = Field(default=0, ge=0)
+    max_update_norm: float | None = Field(default=None, gt=0)
+    # Keep every accepted update so the aggregation can be replayed bit for bit.
+    retain_updates: bool = True
 
     @field_validator("model")
     @classmethod

@@ -342,10 +342,14 @@ class SqliteStateStore(StateStore):
             )
 
     def institution_keys(self, institution: str) -> dict[str, bytes]:
-        rows = self._connection().execute(
-            "SELECT key_id, public_key FROM institution_keys WHERE institution = ?",
-            (institution,),
-        ).fetchall()
+        rows = (
+            self._connection()
+            .execute(
+                "SELECT key_id, public_key FROM institution_keys WHERE institution = ?",
+                (institution,),
+            )
+            .fetchall()
+        )
         return {r["key_id"]: bytes(r["public_key"]) for r in rows}
 
     def claim_nonce(self, job_id: str, nonce: str) -> bool:

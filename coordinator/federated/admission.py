@@ -1,0 +1,125 @@
+"""Admission of a signed model update: who sent it, for what, and only once.
+
+Every refusal has a reason that goes into the provenance log; none of them
+touches the aggregate. The checks, in order: the reply is not an error, it is
+signed, the key is registered to the institution it names, the signature covers
+this job, round and global model, the weights are the ones signed, the example
+count is the one signed, and the nonce was never used before in this job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from flwr.app import Message
+
+from consortium.provenance.signing import SignatureError, VerifyingKey, unb64
+from consortium.provenance.updates import UpdateStatement
+from consortium.tensor_digest import arrays_digest
+from coordinator.state import StateStore
+
+SIGNATURE_RECORD = "consortium.signature"
+COMMITMENT_RECORD = "consortium.data"
+
+
+class UpdateRefused(Exception):  # noqa: N818 - reads as what happened to the update
+    def __init__(self, reason: str, detail: str, institution: str = "") -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.institution = institution
+
+
+@dataclass(frozen=True)
+class AdmittedUpdate:
+    institution: str
+    node_id: int
+    key_id: str
+    public_key: bytes
+    arrays: dict[str, npt.NDArray[Any]]
+    statement: UpdateStatement
+    signature: str
+    train_loss: float | None
+    commitment: dict[str, Any]
+
+    def log_entry(self) -> dict[str, Any]:
+        return {
+            "institution": self.institution,
+            "node_id": str(self.node_id),
+            "key_id": self.key_id,
+            "update_digest": self.statement.update_digest,
+            "num_examples": self.statement.num_examples,
+            "commitment": self.statement.commitment,
+            "data": self.commitment,
+            "nonce": self.statement.nonce,
+            "signature": self.signature,
+        }
+
+
+def admit(
+    reply: Message, job_id: str, round_: int, global_digest: str, store: StateStore
+) -> AdmittedUpdate:
+    """Check one reply; raises UpdateRefused with a machine-readable reason."""
+    if reply.has_error():
+        raise UpdateRefused("client_error", str(reply.error.reason))
+    content = reply.content
+    proof = content.config_records.get(SIGNATURE_RECORD)
+    if proof is None:
+        raise UpdateRefused("unsigned", "the reply carries no consortium.signature record")
+    institution = str(proof.get("institution", ""))
+    try:
+        arrays = {k: v.numpy() for k, v in content.array_records["arrays"].items()}
+        metrics = content.metric_records["metrics"]
+        num_examples = metrics["num-examples"]
+    except KeyError as err:
+        raise UpdateRefused("malformed", f"missing {err}", institution) from None
+    key_id = str(proof.get("key-id", ""))
+    public_key = store.institution_keys(institution).get(key_id)
+    if public_key is None:
+        raise UpdateRefused(
+            "unknown_key", f"key {key_id[:16]} is not registered to {institution!r}", institution
+        )
+    statement = UpdateStatement(
+        job_id=job_id,
+        round=round_,
+        global_digest=global_digest,
+        update_digest=str(proof.get("update-digest", "")),
+        num_examples=int(str(proof.get("num-examples", -1))),
+        commitment=str(proof.get("commitment", "")),
+        nonce=str(proof.get("nonce", "")),
+        institution=institution,
+    )
+    try:
+        VerifyingKey.from_raw(public_key).verify(
+            unb64(str(proof.get("signature", ""))), statement.to_bytes()
+        )
+    except SignatureError as err:
+        stale = proof.get("round") != round_
+        reason = "stale" if stale else "bad_signature"
+        raise UpdateRefused(
+            reason, f"signature does not cover job {job_id} round {round_}: {err}", institution
+        ) from None
+    if arrays_digest(arrays) != statement.update_digest:
+        raise UpdateRefused("digest_mismatch", "weights differ from the signed digest", institution)
+    if num_examples != statement.num_examples or not isinstance(num_examples, int):
+        raise UpdateRefused(
+            "weight_mismatch", "example count differs from the signed one", institution
+        )
+    if not store.claim_nonce(job_id, statement.nonce):
+        raise UpdateRefused("replayed", f"nonce {statement.nonce} was already used", institution)
+    train_loss = metrics.get("train_loss")
+    data = content.config_records.get(COMMITMENT_RECORD)
+    return AdmittedUpdate(
+        institution=institution,
+        node_id=reply.metadata.src_node_id,
+        key_id=key_id,
+        public_key=public_key,
+        arrays={k: np.asarray(v) for k, v in arrays.items()},
+        statement=statement,
+        signature=str(proof.get("signature")),
+        train_loss=float(train_loss) if isinstance(train_loss, int | float) else None,
+        commitment=dict(data) if data is not None else {},
+    )

@@ -14,7 +14,8 @@ one readable line (`consortium/cli_errors.py`). Catch at the level you need::
     ├── InsecureTransportError      (plain text asked for off loopback or without --insecure)
     ├── DataDirError                (site data dir missing, empty or unloadable)
     ├── GpuUnavailableError         (--gpu N that does not exist)
-    └── ChildProcessFailedError     (a Flower child process failed)
+    ├── ChildProcessFailedError     (a Flower child process failed)
+    └── ProvenanceInvalidError      (a provenance log failed verification)
 """
 
 from __future__ import annotations
@@ -66,3 +67,7 @@ class GpuUnavailableError(ConsortiumError):
 
 class ChildProcessFailedError(ConsortiumError):
     exit_code = ExitCode.CHILD_PROCESS_FAILED
+
+
+class ProvenanceInvalidError(ConsortiumError):
+    exit_code = ExitCode.PROVENANCE_INVALID

@@ -24,6 +24,8 @@ class ExitCode(IntEnum):
     INSECURE_TRANSPORT_REFUSED = 11
     CHILD_PROCESS_FAILED = 12
     JOB_CANCELLED = 13
+    PROVENANCE_INVALID = 14
+    REPLAY_MISMATCH = 15
     INTERRUPTED = 130
 
 
@@ -47,5 +49,9 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.CHILD_PROCESS_FAILED: "A child process (Flower SuperLink or SuperNode) failed "
     "to start or died; its log file is named in the message.",
     ExitCode.JOB_CANCELLED: "The job ended in the CANCELLED state.",
+    ExitCode.PROVENANCE_INVALID: "The provenance log failed verification; the message names "
+    "the first bad line.",
+    ExitCode.REPLAY_MISMATCH: "Replaying a job's aggregation did not reproduce the logged "
+    "digests; the message names the round.",
     ExitCode.INTERRUPTED: "Interrupted by Ctrl-C; children were stopped.",
 }

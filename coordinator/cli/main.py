@@ -16,6 +16,7 @@ from consortium.cli_errors import cli_errors, configure_logging
 from consortium.errors import ConsortiumError
 from consortium.exit_codes import EXIT_CODE_HELP, ExitCode
 from consortium.settings import load_settings
+from coordinator.cli.provenance import provenance_app, replay
 from coordinator.cli.remote import Remote, resolve_address
 from coordinator.cli.watch import describe_round, state_name, watch_job
 from coordinator.settings import CoordinatorSettings
@@ -28,6 +29,8 @@ app = typer.Typer(
 )
 jobs_app = typer.Typer(help="Submit, list, watch and cancel jobs.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(provenance_app, name="provenance")
+app.command("replay")(replay)
 console = Console()
 
 DataDir = Annotated[

@@ -2,98 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 from consortium.proto.v1 import jobs_pb2, nodes_pb2
 from coordinator.cli.remote import Remote
-from coordinator.demo import write_partitions
-from tests.conftest import Processes, start_coordinator, wait_for
-
-JOB = """\
-name = "integration"
-model = "digits-cnn"
-dataset = "digits"
-strategy = "fedprox"
-proximal_mu = 0.01
-rounds = 2
-min_clients = 2
-local_epochs = 1
-learning_rate = 0.05
-seed = 3
-"""
-
-
-@dataclass
-class CompletedRun:
-    data_dir: Path
-    job: jobs_pb2.Job
-    rounds: list[jobs_pb2.RoundMetrics]
-    nodes_after_leave: list[nodes_pb2.Node]
-    leftover_pids: list[int]
-
-
-@pytest.fixture(scope="module")
-def completed_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CompletedRun]:
-    root = tmp_path_factory.mktemp("federated")
-    processes = Processes(root / "logs")
-    try:
-        data_dir = root / "coordinator"
-        address = start_coordinator(processes, data_dir)
-        names = ["alpha-hospital", "beta-university"]
-        for name, site in zip(names, write_partitions(root, names), strict=True):
-            processes.start(
-                f"client-{name}",
-                "client",
-                "join",
-                "--insecure",
-                "--coordinator",
-                address,
-                "--institution",
-                name,
-                "--data",
-                str(site),
-                "--state-dir",
-                str(root / name),
-            )
-        with Remote(address) as remote:
-            wait_for(
-                "two online nodes",
-                lambda: (
-                    sum(n.state == nodes_pb2.NODE_STATE_ONLINE for n in remote.list_nodes()) == 2
-                ),
-            )
-            job = remote.submit(JOB)
-            final = None
-            for event in remote.watch(job.job_id):
-                processes.remember_descendants()  # Flower's helpers, to check they end
-                if event.HasField("job") and event.job.state in (
-                    jobs_pb2.JOB_STATE_SUCCEEDED,
-                    jobs_pb2.JOB_STATE_FAILED,
-                    jobs_pb2.JOB_STATE_CANCELLED,
-                ):
-                    final = event.job
-            assert final is not None, "the watch stream ended before the job did"
-            reply = remote.get(job.job_id)
-            # Clients leave first (Ctrl-C equivalent), so the registry shows them gone.
-            for child in processes.children[1:]:
-                child.stop()
-            nodes = remote.list_nodes()
-        processes.stop_all()
-        yield CompletedRun(data_dir, reply.job, list(reply.rounds), nodes, processes.alive())
-    finally:
-        processes.stop_all()
+from tests.conftest import Processes, start_coordinator
+from tests.integration.conftest import CompletedRun
 
 
 def test_federated_job_succeeds_with_two_institutions(completed_run: CompletedRun) -> None:
     job = completed_run.job
     assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.message
-    assert job.rounds_completed == 2
+    assert job.rounds_completed == 3
     assert Path(job.model_path).is_file()
-    assert [r.round for r in completed_run.rounds] == [0, 1, 2]
+    assert [r.round for r in completed_run.rounds] == [0, 1, 2, 3]
     assert all(r.participants == 2 for r in completed_run.rounds[1:])
 
 

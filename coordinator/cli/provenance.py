@@ -1,0 +1,176 @@
+"""`coordinator provenance verify/show/export` and `coordinator replay`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from consortium.cli_errors import cli_errors
+from consortium.errors import NotFoundError, ProvenanceInvalidError
+from consortium.provenance import intoto
+from consortium.provenance.log import TreeHead
+from consortium.provenance.signing import SigningKey, VerifyingKey
+from consortium.provenance.verify import LogVerificationError, VerifyReport, verify_log
+from consortium.tensor_digest import file_digest
+from coordinator.provenance_paths import (
+    coordinator_key_path,
+    coordinator_public_key_path,
+    provenance_log_path,
+)
+from coordinator.replay import replay_rounds
+
+provenance_app = typer.Typer(
+    help="Verify, show and export the provenance log.", no_args_is_help=True
+)
+console = Console()
+
+DataDir = Annotated[Path, typer.Option("--data-dir", help="Coordinator data dir.")]
+KeyOption = Annotated[
+    Path | None,
+    typer.Option("--key", help="Coordinator public key (default: <data-dir>/keys/...pub)."),
+]
+
+
+def load_verified(
+    log: Path | None, key: Path | None, data_dir: Path, expected: TreeHead | None = None
+) -> tuple[Path, VerifyReport]:
+    log = log or provenance_log_path(data_dir)
+    key = key or coordinator_public_key_path(data_dir)
+    if not log.exists():
+        raise NotFoundError(f"provenance log {log} does not exist")
+    if not key.exists():
+        raise NotFoundError(f"coordinator public key {key} does not exist; pass --key")
+    try:
+        return log, verify_log(log, VerifyingKey.load(key), expected_head=expected)
+    except LogVerificationError as error:
+        raise ProvenanceInvalidError(f"{log}: {error}") from None
+
+
+def job_records(report: VerifyReport, job_id: str) -> list[dict[str, Any]]:
+    records = report.jobs.get(job_id)
+    if not records:
+        raise NotFoundError(f"the provenance log holds no record of job {job_id!r}")
+    return records
+
+
+@provenance_app.command("verify")
+def verify(
+    log: Annotated[Path | None, typer.Argument(help="Log file (default: the data dir's).")] = None,
+    key: KeyOption = None,
+    data_dir: DataDir = Path(".consortium"),
+    tree_size: Annotated[int | None, typer.Option(help="A published tree head's size.")] = None,
+    root_hash: Annotated[str | None, typer.Option(help="...and its root hash (hex).")] = None,
+) -> None:
+    """Check every signature, the Merkle tree heads and the institution signatures."""
+    with cli_errors():
+        expected = None
+        if tree_size is not None and root_hash is not None:
+            expected = TreeHead(tree_size, root_hash, 0)
+        path, report = load_verified(log, key, data_dir, expected)
+        head = report.last_head
+        assert head is not None  # verify_log guarantees a final tree head
+        console.print(
+            f"OK {path}: {report.records} records, {report.tree_heads} signed tree heads, "
+            f"{report.signed_updates} institution-signed updates, {len(report.jobs)} job(s); "
+            f"tree size {head.tree_size}, root {head.root_hash}"
+        )
+
+
+@provenance_app.command("show")
+def show(
+    job_id: str,
+    log: Annotated[Path | None, typer.Option(help="Log file.")] = None,
+    key: KeyOption = None,
+    data_dir: DataDir = Path(".consortium"),
+) -> None:
+    """The verified history of one job: rounds, participants, refusals, digests."""
+    with cli_errors():
+        _, report = load_verified(log, key, data_dir)
+        table = Table("record", "round", "participants", "refused", "aggregate / model digest")
+        for record in job_records(report, job_id):
+            refused = [
+                f"{u['institution'] or u['node_id']}: {u['reason']}"
+                for u in record.get("updates", [])
+                if not u["accepted"]
+            ]
+            digest = record.get("aggregate_digest") or record.get("final_model_digest", "")
+            table.add_row(
+                record["type"],
+                str(record.get("round", "")),
+                ", ".join(record.get("participants", [])),
+                "; ".join(refused),
+                digest[:16],
+            )
+        console.print(table)
+
+
+@provenance_app.command("export")
+def export(
+    job_id: str,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here.")] = None,
+    data_dir: DataDir = Path(".consortium"),
+) -> None:
+    """An in-toto Statement v1 about the job's final model, in a signed DSSE envelope."""
+    with cli_errors():
+        log, report = load_verified(None, None, data_dir)
+        records = job_records(report, job_id)
+        completed = [r for r in records if r["type"] == "job_completed"]
+        if not completed:
+            raise NotFoundError(f"job {job_id} has not completed; nothing to attest")
+        started = next(r for r in records if r["type"] == "job_started")
+        head = report.last_head
+        assert head is not None
+        predicate = {
+            "job_id": job_id,
+            "spec": started["spec"],
+            "environment": started["environment"],
+            "initial_model_digest": started["initial_model_digest"],
+            "final_model_digest": completed[-1]["final_model_digest"],
+            "rounds": [
+                {
+                    "round": r["round"],
+                    "participants": r["participants"],
+                    "aggregate_digest": r["aggregate_digest"],
+                    "metrics": r["metrics"],
+                }
+                for r in records
+                if r["type"] == "round"
+            ],
+            "log": {
+                "sha256": file_digest(str(log)),
+                "tree_size": head.tree_size,
+                "root_hash": head.root_hash,
+            },
+        }
+        body = intoto.statement(
+            completed[-1]["model_file"], completed[-1]["model_file_sha256"], predicate
+        )
+        signed = intoto.envelope(body, SigningKey.load(coordinator_key_path(data_dir)))
+        text = json.dumps(signed, indent=2)
+        if output is None:
+            console.print_json(text)
+        else:
+            output.write_text(text + "\n")
+            console.print(f"wrote {output}")
+
+
+def replay(
+    job_id: str,
+    data_dir: DataDir = Path(".consortium"),
+    key: KeyOption = None,
+) -> None:
+    """Verify the log, then recompute every round's aggregate from retained updates."""
+    with cli_errors():
+        _, report = load_verified(None, key, data_dir)
+        results = replay_rounds(data_dir, job_id, job_records(report, job_id))
+        for result in results:
+            console.print(
+                f"round {result.round}: {result.updates} updates, aggregate "
+                f"{result.replayed_digest[:16]} matches the log"
+            )
+        console.print(f"replay OK: {len(results)} rounds reproduced bit for bit")

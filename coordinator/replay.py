@@ -1,0 +1,80 @@
+"""Replay a federated job's aggregation from the log and the retained updates.
+
+For every round record: load each accepted update from retention, check its
+digest against the one the institution signed, aggregate again with the rule
+the log names, and compare the aggregate's digest bit for bit. Training
+itself is not re-run for federated jobs: it happened on private data at the
+sites, which is exactly what never leaves them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from consortium.errors import ConsortiumError, NotFoundError
+from consortium.exit_codes import ExitCode
+from consortium.tensor_digest import arrays_digest
+from coordinator.federated.retention import load_retained, updates_dir
+from coordinator.federated.strategy import AggregationRule, aggregate
+
+
+class ReplayMismatchError(ConsortiumError):
+    exit_code = ExitCode.REPLAY_MISMATCH
+
+
+@dataclass(frozen=True)
+class RoundReplay:
+    round: int
+    updates: int
+    logged_digest: str
+    replayed_digest: str
+
+    @property
+    def matches(self) -> bool:
+        return self.logged_digest == self.replayed_digest
+
+
+def replay_rounds(data_dir: Path, job_id: str, records: list[dict[str, Any]]) -> list[RoundReplay]:
+    """`records` are the job's verified log records; raises ReplayMismatchError
+    naming the first round that does not reproduce."""
+    rounds = [r for r in records if r["type"] == "round" and r["aggregate_digest"]]
+    if not rounds:
+        raise NotFoundError(f"the log holds no aggregated round of job {job_id}")
+    results = []
+    for record in rounds:
+        accepted = [u for u in record["updates"] if u["accepted"]]
+        updates = []
+        for update in accepted:
+            path = updates_dir(data_dir, job_id, record["round"]) / (
+                f"{update['update_digest']}.safetensors"
+            )
+            if not path.exists():
+                raise ReplayMismatchError(
+                    f"round {record['round']}: retained update {path} is missing"
+                )
+            arrays = load_retained(path)
+            if arrays_digest(arrays) != update["update_digest"]:
+                raise ReplayMismatchError(
+                    f"round {record['round']}: retained update of {update['institution']} "
+                    "does not match the digest it signed (tampered or corrupt)"
+                )
+            updates.append((arrays, int(update["num_examples"])))
+        spec = record["aggregation"]
+        rule = AggregationRule(
+            name=spec["rule"],
+            trim_fraction=spec["trim_fraction"],
+            krum_byzantine=spec["krum_byzantine"],
+            max_update_norm=spec["max_update_norm"],
+        )
+        reference = updates[0][0]
+        replayed = arrays_digest(aggregate(rule, reference, updates))
+        result = RoundReplay(record["round"], len(updates), record["aggregate_digest"], replayed)
+        if not result.matches:
+            raise ReplayMismatchError(
+                f"round {record['round']}: aggregate digest {replayed[:16]} differs from the "
+                f"logged {record['aggregate_digest'][:16]}"
+            )
+        results.append(result)
+    return results

@@ -29,9 +29,14 @@ def b64(data: bytes) -> str:
 
 def unb64(text: str) -> bytes:
     try:
-        return base64.b64decode(text, validate=True)
+        data = base64.b64decode(text, validate=True)
     except ValueError as err:
         raise SignatureError(f"not base64: {err}") from None
+    # Several spellings decode to the same bytes; only the canonical one is accepted,
+    # so a log line cannot be altered without detection.
+    if b64(data) != text:
+        raise SignatureError("base64 is not in canonical form")
+    return data
 
 
 class VerifyingKey:

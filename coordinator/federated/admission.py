@@ -82,12 +82,15 @@ def admit(
         raise UpdateRefused(
             "unknown_key", f"key {key_id[:16]} is not registered to {institution!r}", institution
         )
+    signed_count = proof.get("num-examples")
+    if not isinstance(signed_count, int) or isinstance(signed_count, bool):
+        raise UpdateRefused("malformed", "the signed example count is not an integer", institution)
     statement = UpdateStatement(
         job_id=job_id,
         round=round_,
         global_digest=global_digest,
         update_digest=str(proof.get("update-digest", "")),
-        num_examples=int(str(proof.get("num-examples", -1))),
+        num_examples=signed_count,
         commitment=str(proof.get("commitment", "")),
         nonce=str(proof.get("nonce", "")),
         institution=institution,

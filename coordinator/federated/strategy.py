@@ -23,6 +23,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from consortium.aggregation import (
+    MAX_WEIGHT,
+    RejectReason,
     StreamingMean,
     UpdateRejected,
     coordinate_median,
@@ -76,7 +78,14 @@ def aggregate(
     return mean.result()
 
 
-def check_update(rule: AggregationRule, reference: Arrays, update: Arrays) -> None:
+def check_update(
+    rule: AggregationRule, reference: Arrays, update: Arrays, num_examples: int
+) -> None:
+    """Everything the aggregation would refuse, checked before it can stop a round."""
+    if not 1 <= num_examples <= MAX_WEIGHT:
+        raise UpdateRejected(
+            RejectReason.WEIGHT, f"example count {num_examples} is outside 1..{MAX_WEIGHT}"
+        )
     validate_update(update, reference, max_norm=rule.max_update_norm)
 
 
@@ -141,7 +150,9 @@ class ConsortiumStrategy(Strategy):
         for reply in sorted(replies, key=lambda m: m.metadata.src_node_id):
             try:
                 update = admit(reply, self.job_id, record.round, record.global_digest, self.store)
-                check_update(self.rule, self._reference, update.arrays)
+                check_update(
+                    self.rule, self._reference, update.arrays, update.statement.num_examples
+                )
             except UpdateRefused as refused:
                 record.updates.append(
                     _refusal(reply, refused.institution, refused.reason, refused.detail)
@@ -179,7 +190,9 @@ class ConsortiumStrategy(Strategy):
         ]
         if losses:
             record.train_loss = sum(x * n for x, n in losses) / sum(n for _, n in losses)
-        metrics = MetricRecord({"train_loss": record.train_loss}) if record.train_loss else None
+        metrics = None
+        if record.train_loss is not None:
+            metrics = MetricRecord({"train_loss": record.train_loss})
         return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in result.items()}), metrics
 
     def configure_evaluate(

@@ -1,0 +1,622 @@
+"""Signed model updates on the coordinator, end to end through the real ClientApp mod.
+
+Sites sign their training replies with `client.federated.signing_mod`;
+`ConsortiumStrategy` admits them (signature, registered key, nonce), validates
+and aggregates them, retains what it accepted, and `coordinator.replay`
+reproduces the aggregate from the retained files.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors import safe_open
+
+from client.federated.signing_mod import (
+    COMMITMENT_RECORD,
+    SIGNATURE_RECORD,
+    record_digest,
+    signing_mod,
+)
+from consortium.aggregation import MAX_WEIGHT
+from consortium.provenance.commitment import commit
+from consortium.provenance.signing import SignatureError, SigningKey, unb64
+from consortium.provenance.updates import UpdateStatement
+from consortium.tensor_digest import arrays_digest
+from coordinator.federated.retention import updates_dir
+from coordinator.federated.strategy import AggregationRule, ConsortiumStrategy, RoundProvenance
+from coordinator.replay import ReplayMismatchError, replay_rounds
+from coordinator.state import SqliteStateStore
+
+Arrays = dict[str, npt.NDArray[Any]]
+
+JOB = "job-admission"
+ROUND = 1  # round_offset 0, server round 1
+NODE_A, NODE_B, NODE_B2 = 11, 22, 23  # NODE_B2: a second SuperNode of uni-b
+WEIGHT_A, WEIGHT_B = 30, 10
+LOSS_A, LOSS_B = 0.25, 0.75
+
+
+def model_arrays(seed: int) -> Arrays:
+    rng = np.random.default_rng(seed)
+    return {
+        "fc.weight": rng.standard_normal((4, 3)).astype(np.float32),
+        "fc.bias": rng.standard_normal(4).astype(np.float32),
+    }
+
+
+def to_record(arrays: Arrays) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def from_record(record: ArrayRecord) -> Arrays:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+class FakeGrid:
+    """The one Grid method FedAvg.configure_train calls (a test seam, not a Grid)."""
+
+    def __init__(self, node_ids: list[int]) -> None:
+        self._node_ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
+
+
+@dataclass(frozen=True)
+class Site:
+    institution: str
+    node_id: int
+    key_path: Path
+
+    def context(self) -> Context:
+        return Context(
+            run_id=1,
+            node_id=self.node_id,
+            node_config={"institution": self.institution, "signing-key": str(self.key_path)},
+            state=RecordDict(),
+            run_config={},
+        )
+
+
+def client_reply(
+    msg: Message, arrays: Arrays, num_examples: int, loss: float, data_digest: str | None
+) -> Message:
+    """What a site's ClientApp train function returns (before the mod signs it)."""
+    content = RecordDict(
+        {
+            "arrays": to_record(arrays),
+            "metrics": MetricRecord({"num-examples": num_examples, "train_loss": loss}),
+        }
+    )
+    if data_digest is not None:
+        content[COMMITMENT_RECORD] = ConfigRecord({"digest": data_digest})
+    return Message(content, reply_to=msg)
+
+
+def train_message(node_id: int, config: ConfigRecord, arrays: Arrays) -> Message:
+    content = RecordDict({"arrays": to_record(arrays), "config": config})
+    return Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN)
+
+
+@dataclass
+class World:
+    root: Path
+    model: Arrays
+    sites: dict[str, Site]  # "a", "b", "b2" (uni-b's second node), "rogue", "impostor"
+    data_digest: str
+    messages: dict[int, Message] = field(default_factory=dict)
+    stores: list[SqliteStateStore] = field(default_factory=list)
+    registered: list[tuple[str, SigningKey]] = field(default_factory=list)
+
+    def store(self) -> SqliteStateStore:
+        """A fresh state store (nonces are per store) with uni-a's and uni-b's keys."""
+        store = SqliteStateStore(self.root / "stores" / f"{len(self.stores)}" / "state.db")
+        self.stores.append(store)
+        for institution, key in self.registered:
+            store.add_institution_key(institution, key.key_id, key.public.raw)
+        return store
+
+    def strategy(self, retention_dir: Path | None = None) -> ConsortiumStrategy:
+        strategy = ConsortiumStrategy(
+            FedAvg(fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=2),
+            JOB,
+            self.store(),
+            AggregationRule(),
+            round_offset=0,
+            retention_dir=retention_dir,
+        )
+        messages = strategy.configure_train(
+            ROUND, to_record(self.model), ConfigRecord({"seed": 7}), FakeGrid([NODE_A, NODE_B])
+        )
+        if not self.messages:
+            self.messages = {m.metadata.dst_node_id: m for m in messages}
+        return strategy
+
+    def config(self, **changes: Any) -> ConfigRecord:
+        base = self.messages[NODE_A].content.config_records["config"]
+        return ConfigRecord({**dict(base), **changes})
+
+    def sign(
+        self,
+        site: str,
+        arrays: Arrays,
+        num_examples: int,
+        loss: float = 0.5,
+        msg: Message | None = None,
+    ) -> Message:
+        """Run the real signing mod around a fake ClientApp that returns `arrays`."""
+        who = self.sites[site]
+        if msg is None:
+            msg = self.messages.get(who.node_id) or train_message(
+                who.node_id, self.config(), self.model
+            )
+
+        def call_next(received: Message, context: Context) -> Message:
+            return client_reply(received, arrays, num_examples, loss, self.data_digest)
+
+        return signing_mod(msg, who.context(), call_next)
+
+
+@pytest.fixture(autouse=True)
+def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the ServerApp runtime sets before messages can be built (restored after)."""
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    keys = {name: SigningKey.generate() for name in ("a", "b", "rogue")}
+    for name, key in keys.items():
+        key.save(tmp_path / "keys" / f"{name}.pem")
+    sites = {
+        "a": Site("uni-a", NODE_A, tmp_path / "keys" / "a.pem"),
+        "b": Site("uni-b", NODE_B, tmp_path / "keys" / "b.pem"),
+        "b2": Site("uni-b", NODE_B2, tmp_path / "keys" / "b.pem"),
+        # a key nobody registered, claiming to be uni-b
+        "rogue": Site("uni-b", NODE_B2, tmp_path / "keys" / "rogue.pem"),
+        # uni-a's registered key, claiming to be uni-b
+        "impostor": Site("uni-b", NODE_B2, tmp_path / "keys" / "a.pem"),
+    }
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((8, 3)).astype(np.float32), np.arange(8, dtype=np.int64)
+    data = commit("digits", x, y, b"k" * 32)
+    w = World(tmp_path, model_arrays(0), sites, data.digest())
+    w.registered = [("uni-a", keys["a"]), ("uni-b", keys["b"])]
+    w.strategy()  # fixes the train messages the sites receive
+    try:
+        yield w
+    finally:
+        for store in w.stores:
+            store.close()
+
+
+@dataclass
+class Good:
+    arrays_a: Arrays
+    arrays_b: Arrays
+    reply_a: Message
+    reply_b: Message
+
+    @property
+    def replies(self) -> list[Message]:
+        return [self.reply_a, self.reply_b]
+
+
+@pytest.fixture
+def good(world: World) -> Good:
+    arrays_a, arrays_b = model_arrays(1), model_arrays(2)
+    return Good(
+        arrays_a,
+        arrays_b,
+        world.sign("a", arrays_a, WEIGHT_A, LOSS_A),
+        world.sign("b", arrays_b, WEIGHT_B, LOSS_B),
+    )
+
+
+def run_round(
+    world: World, replies: list[Message], retention_dir: Path | None = None
+) -> tuple[RoundProvenance, ArrayRecord | None, MetricRecord | None]:
+    strategy = world.strategy(retention_dir)
+    arrays, metrics = strategy.aggregate_train(ROUND, replies)
+    return strategy.rounds[ROUND], arrays, metrics
+
+
+def refusals(record: RoundProvenance) -> list[tuple[str, str]]:
+    return [(u["node_id"], u["reason"]) for u in record.updates if not u["accepted"]]
+
+
+def accepted_nodes(record: RoundProvenance) -> list[str]:
+    return sorted(u["node_id"] for u in record.updates if u["accepted"])
+
+
+# --- the site side: the signing mod --------------------------------------------------
+
+
+def test_signing_mod_signature_covers_job_round_global_and_update(world: World) -> None:
+    arrays = model_arrays(5)
+    reply = world.sign("a", arrays, 17, 0.4)
+    proof = reply.content.config_records[SIGNATURE_RECORD]
+    statement = UpdateStatement(
+        job_id=JOB,
+        round=ROUND,
+        global_digest=arrays_digest(world.model),
+        update_digest=arrays_digest(arrays),
+        num_examples=17,
+        commitment=world.data_digest,
+        nonce=str(proof["nonce"]),
+        institution="uni-a",
+    )
+    key = SigningKey.load(world.sites["a"].key_path)
+    key.public.verify(unb64(str(proof["signature"])), statement.to_bytes())
+    assert proof["key-id"] == key.key_id
+    assert proof["update-digest"] == record_digest(reply.content.array_records["arrays"])
+    assert (proof["round"], proof["num-examples"], proof["institution"]) == (ROUND, 17, "uni-a")
+    assert reply.metadata.src_node_id == NODE_A
+    other = world.sign("a", arrays, 17, 0.4)
+    assert other.content.config_records[SIGNATURE_RECORD]["nonce"] != proof["nonce"]
+
+
+def test_signing_mod_signature_fails_for_other_round(world: World) -> None:
+    reply = world.sign("a", model_arrays(5), 17)
+    proof = reply.content.config_records[SIGNATURE_RECORD]
+    statement = UpdateStatement(
+        job_id=JOB,
+        round=ROUND + 1,
+        global_digest=arrays_digest(world.model),
+        update_digest=str(proof["update-digest"]),
+        num_examples=17,
+        commitment=world.data_digest,
+        nonce=str(proof["nonce"]),
+        institution="uni-a",
+    )
+    key = SigningKey.load(world.sites["a"].key_path)
+    with pytest.raises(SignatureError):
+        key.public.verify(unb64(str(proof["signature"])), statement.to_bytes())
+
+
+def test_signing_mod_refuses_model_whose_digest_differs_from_announced(world: World) -> None:
+    calls: list[Message] = []
+
+    def call_next(received: Message, context: Context) -> Message:
+        calls.append(received)
+        return client_reply(received, model_arrays(5), 10, 0.1, None)
+
+    tampered = model_arrays(0)
+    tampered["fc.bias"][0] = np.nextafter(tampered["fc.bias"][0], np.float32(np.inf))
+    msg = train_message(NODE_A, world.config(), tampered)  # announces the real global digest
+    reply = signing_mod(msg, world.sites["a"].context(), call_next)
+
+    assert reply.has_error()
+    assert reply.error.code == ErrorCode.MOD_FAILED_PRECONDITION
+    assert "global model digest" in str(reply.error.reason)
+    assert calls == []  # the site never trained on the unannounced model
+    record, _, _ = run_round(world, [reply])
+    assert refusals(record) == [(str(NODE_A), "client_error")]
+
+
+def test_signing_mod_passes_non_train_messages_through_unsigned(world: World) -> None:
+    msg = Message(
+        RecordDict({"config": world.config()}),
+        dst_node_id=NODE_A,
+        message_type=MessageType.EVALUATE,
+    )
+
+    def call_next(received: Message, context: Context) -> Message:
+        metrics = MetricRecord({"num-examples": 3, "eval_loss": 0.5})
+        return Message(RecordDict({"metrics": metrics}), reply_to=received)
+
+    reply = signing_mod(msg, world.sites["a"].context(), call_next)
+    assert not reply.has_error()
+    assert SIGNATURE_RECORD not in reply.content.config_records
+    assert reply.content.metric_records["metrics"]["eval_loss"] == 0.5
+
+
+# --- the coordinator side: admission and aggregation ---------------------------------
+
+
+def test_aggregate_train_two_signed_updates_gives_exact_weighted_mean(
+    world: World, good: Good
+) -> None:
+    record, arrays, metrics = run_round(world, good.replies)
+
+    assert accepted_nodes(record) == [str(NODE_A), str(NODE_B)]
+    assert record.participants == ["uni-a", "uni-b"]
+    assert arrays is not None
+    result = from_record(arrays)
+    total = WEIGHT_A + WEIGHT_B
+    for name in world.model:
+        reference = (
+            WEIGHT_A * good.arrays_a[name].astype(np.float64)
+            + WEIGHT_B * good.arrays_b[name].astype(np.float64)
+        ) / total
+        assert result[name].dtype == np.float32
+        np.testing.assert_array_max_ulp(result[name], reference.astype(np.float32), maxulp=1)
+    assert record.aggregate_digest == arrays_digest(result)
+    expected_loss = (WEIGHT_A * LOSS_A + WEIGHT_B * LOSS_B) / total
+    assert metrics is not None
+    assert metrics["train_loss"] == pytest.approx(expected_loss, rel=1e-12)
+    entries = {u["node_id"]: u for u in record.updates}
+    assert entries[str(NODE_A)]["commitment"] == world.data_digest
+    assert entries[str(NODE_A)]["num_examples"] == WEIGHT_A
+    assert entries[str(NODE_B)]["update_digest"] == arrays_digest(good.arrays_b)
+
+
+def test_aggregate_digest_is_independent_of_reply_order(world: World, good: Good) -> None:
+    nan_update = model_arrays(4)
+    nan_update["fc.weight"][1, 2] = np.nan
+    bad = world.sign("b2", nan_update, 5)
+    replies = [*good.replies, bad]
+    digests = set()
+    for order in itertools.permutations(replies):
+        record, _, _ = run_round(world, list(order))
+        assert refusals(record) == [(str(NODE_B2), "non_finite")]
+        digests.add(record.aggregate_digest)
+    shuffled = list(good.replies)
+    random.Random(0).shuffle(shuffled)
+    record, _, _ = run_round(world, shuffled)
+    digests.add(record.aggregate_digest)
+    assert len(digests) == 1
+    assert digests != {""}
+
+
+def _with_value(value: float) -> Callable[[World], Message]:
+    def build(world: World) -> Message:
+        arrays = model_arrays(4)
+        arrays["fc.weight"][2, 1] = value
+        return world.sign("b2", arrays, 5)
+
+    return build
+
+
+def _wrong_shape(world: World) -> Message:
+    arrays = model_arrays(4)
+    arrays["fc.weight"] = np.ascontiguousarray(arrays["fc.weight"].T)
+    return world.sign("b2", arrays, 5)
+
+
+def _wrong_dtype(world: World) -> Message:
+    arrays = {k: v.astype(np.float64) for k, v in model_arrays(4).items()}
+    return world.sign("b2", arrays, 5)
+
+
+def _missing_tensor(world: World) -> Message:
+    arrays = model_arrays(4)
+    del arrays["fc.bias"]
+    return world.sign("b2", arrays, 5)
+
+
+def _unsigned(world: World) -> Message:
+    msg = train_message(NODE_B2, world.config(), world.model)
+    return client_reply(msg, model_arrays(4), 5, 0.5, None)
+
+
+def _unregistered_key(world: World) -> Message:
+    return world.sign("rogue", model_arrays(4), 5)
+
+
+def _other_institutions_key(world: World) -> Message:
+    return world.sign("impostor", model_arrays(4), 5)
+
+
+def _other_round(world: World) -> Message:
+    msg = train_message(NODE_B2, world.config(**{"round-number": ROUND + 1}), world.model)
+    return world.sign("b2", model_arrays(4), 5, msg=msg)
+
+
+def _other_global_model(world: World) -> Message:
+    other = model_arrays(9)
+    msg = train_message(NODE_B2, world.config(**{"global-digest": arrays_digest(other)}), other)
+    return world.sign("b2", model_arrays(4), 5, msg=msg)
+
+
+def _other_job(world: World) -> Message:
+    msg = train_message(NODE_B2, world.config(**{"job-id": "another-job"}), world.model)
+    return world.sign("b2", model_arrays(4), 5, msg=msg)
+
+
+def _weights_changed_after_signing(world: World) -> Message:
+    reply = world.sign("b2", model_arrays(4), 5)
+    swapped = model_arrays(4)
+    swapped["fc.bias"] *= 100
+    reply.content["arrays"] = to_record(swapped)
+    return reply
+
+
+def _count_changed_after_signing(world: World) -> Message:
+    reply = world.sign("b2", model_arrays(4), 5)
+    reply.content["metrics"] = MetricRecord({"num-examples": 5000, "train_loss": 0.5})
+    return reply
+
+
+def _signed_count_changed_with_metrics(world: World) -> Message:
+    reply = world.sign("b2", model_arrays(4), 5)
+    reply.content["metrics"] = MetricRecord({"num-examples": 5000, "train_loss": 0.5})
+    proof = reply.content.config_records[SIGNATURE_RECORD]
+    proof["num-examples"] = 5000
+    return reply
+
+
+BAD_UPDATES: dict[str, tuple[Callable[[World], Message], str, int]] = {
+    # case: (builder, expected reason, node the refusal is attributed to)
+    "nan": (_with_value(float("nan")), "non_finite", NODE_B2),
+    "inf": (_with_value(float("-inf")), "non_finite", NODE_B2),
+    "shape": (_wrong_shape, "shape", NODE_B2),
+    "float64": (_wrong_dtype, "dtype", NODE_B2),
+    "missing_tensor": (_missing_tensor, "names", NODE_B2),
+    "unsigned": (_unsigned, "unsigned", NODE_B2),
+    "unregistered_key": (_unregistered_key, "unknown_key", NODE_B2),
+    "other_institutions_key": (_other_institutions_key, "unknown_key", NODE_B2),
+    "other_round": (_other_round, "stale", NODE_B2),
+    "other_global_model": (_other_global_model, "bad_signature", NODE_B2),
+    "other_job": (_other_job, "bad_signature", NODE_B2),
+    "weights_changed_after_signing": (
+        _weights_changed_after_signing,
+        "digest_mismatch",
+        NODE_B2,
+    ),
+    "count_changed_after_signing": (_count_changed_after_signing, "weight_mismatch", NODE_B2),
+    "signed_count_edited": (_signed_count_changed_with_metrics, "bad_signature", NODE_B2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_UPDATES))
+def test_aggregate_train_refuses_bad_update_without_changing_aggregate(
+    world: World, good: Good, case: str
+) -> None:
+    build, reason, node = BAD_UPDATES[case]
+    baseline, _, _ = run_round(world, good.replies)
+    bad = build(world)
+
+    record, arrays, _ = run_round(world, [bad, *good.replies])
+
+    assert refusals(record) == [(str(node), reason)]
+    assert accepted_nodes(record) == [str(NODE_A), str(NODE_B)]
+    assert record.aggregate_digest == baseline.aggregate_digest
+    assert arrays is not None
+    assert arrays_digest(from_record(arrays)) == baseline.aggregate_digest
+
+
+def test_aggregate_train_refuses_second_delivery_as_replayed(world: World, good: Good) -> None:
+    baseline, _, _ = run_round(world, good.replies)
+
+    record, _, _ = run_round(world, [good.reply_a, good.reply_b, good.reply_a])
+
+    assert refusals(record) == [(str(NODE_A), "replayed")]
+    assert accepted_nodes(record) == [str(NODE_A), str(NODE_B)]
+    assert record.aggregate_digest == baseline.aggregate_digest
+
+
+def test_aggregate_train_refuses_replay_of_update_accepted_in_earlier_round(
+    world: World, good: Good
+) -> None:
+    strategy = world.strategy()
+    strategy.aggregate_train(ROUND, good.replies)
+    strategy.configure_train(
+        ROUND + 1, to_record(model_arrays(6)), ConfigRecord({}), FakeGrid([NODE_A, NODE_B])
+    )
+
+    _, metrics = strategy.aggregate_train(ROUND + 1, [good.reply_a])
+
+    assert metrics is None
+    assert refusals(strategy.rounds[ROUND + 1]) == [(str(NODE_A), "stale")]
+
+
+def test_aggregate_train_with_only_bad_updates_keeps_global_model(world: World) -> None:
+    record, arrays, metrics = run_round(world, [_unsigned(world), _with_value(np.inf)(world)])
+
+    assert (arrays, metrics) == (None, None)
+    assert record.aggregate_digest == ""
+    assert sorted(r for _, r in refusals(record)) == ["non_finite", "unsigned"]
+
+
+@pytest.mark.parametrize("count", [0, -3, MAX_WEIGHT + 1])
+def test_aggregate_train_refuses_out_of_range_example_count_without_failing_round(
+    world: World, good: Good, count: int
+) -> None:
+    """A site signing an example count the aggregator cannot use must lose only its own
+    update, never abort the round for the honest sites."""
+    baseline, _, _ = run_round(world, good.replies)
+    bad = world.sign("b2", model_arrays(4), count)  # consistently signed
+
+    record, _, _ = run_round(world, [bad, *good.replies])
+
+    [(node, reason)] = refusals(record)  # the reason name is the fix's choice
+    assert (node, bool(reason)) == (str(NODE_B2), True)
+    assert accepted_nodes(record) == [str(NODE_A), str(NODE_B)]
+    assert record.aggregate_digest == baseline.aggregate_digest
+
+
+def test_aggregate_train_refuses_non_numeric_signed_count_without_failing_round(
+    world: World, good: Good
+) -> None:
+    """A malformed signature record is a refusal, not an exception out of the round."""
+    reply = world.sign("b2", model_arrays(4), 5)
+    reply.content.config_records[SIGNATURE_RECORD]["num-examples"] = "five"
+
+    record, _, _ = run_round(world, [reply, *good.replies])
+
+    assert [node for node, _ in refusals(record)] == [str(NODE_B2)]
+    assert accepted_nodes(record) == [str(NODE_A), str(NODE_B)]
+
+
+# --- retention and replay --------------------------------------------------------------
+
+
+def test_retained_updates_exist_for_accepted_updates_only(world: World, good: Good) -> None:
+    bad = [build(world) for build, _, _ in BAD_UPDATES.values()]
+    retention = world.root / "data"
+
+    record, _, _ = run_round(world, [*bad, *good.replies, good.reply_a], retention)
+
+    assert accepted_nodes(record) == [str(NODE_A), str(NODE_B)]
+    assert len(refusals(record)) == len(bad) + 1
+    folder = updates_dir(retention, JOB, ROUND)
+    expected = {arrays_digest(good.arrays_a): WEIGHT_A, arrays_digest(good.arrays_b): WEIGHT_B}
+    assert {p.name for p in folder.iterdir()} == {f"{d}.safetensors" for d in expected}
+    for digest, weight in expected.items():
+        with safe_open(str(folder / f"{digest}.safetensors"), framework="numpy") as handle:
+            assert handle.metadata() == {"num_examples": str(weight)}
+            assert arrays_digest({k: handle.get_tensor(k) for k in handle.keys()}) == digest  # noqa: SIM118
+
+
+def _round_record(record: RoundProvenance) -> dict[str, Any]:
+    """The round record as the ServerApp logs it (the fields replay reads)."""
+    return {
+        "type": "round",
+        "job_id": JOB,
+        "round": record.round,
+        "global_digest": record.global_digest,
+        "updates": record.updates,
+        "aggregation": AggregationRule().describe(),
+        "aggregate_digest": record.aggregate_digest,
+    }
+
+
+def test_replay_rounds_reproduces_aggregate_digest(world: World, good: Good) -> None:
+    retention = world.root / "data"
+    nan_update = model_arrays(4)
+    nan_update["fc.bias"][0] = np.nan
+    replies = [world.sign("b2", nan_update, 5), *good.replies]
+    record, _, _ = run_round(world, replies, retention)
+
+    [replayed] = replay_rounds(retention, JOB, [_round_record(record)])
+
+    assert replayed.matches
+    assert replayed.replayed_digest == record.aggregate_digest
+    assert (replayed.round, replayed.updates) == (ROUND, 2)
+
+
+def test_replay_rounds_detects_tampered_retained_update(world: World, good: Good) -> None:
+    retention = world.root / "data"
+    record, _, _ = run_round(world, good.replies, retention)
+    path = updates_dir(retention, JOB, ROUND) / f"{arrays_digest(good.arrays_b)}.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # the last byte of the last tensor's data
+    path.write_bytes(bytes(data))
+
+    with pytest.raises(ReplayMismatchError, match="does not match the digest"):
+        replay_rounds(retention, JOB, [_round_record(record)])

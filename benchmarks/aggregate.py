@@ -3,12 +3,16 @@
     python benchmarks/aggregate.py [--clients 10] [--params 10000000] [--sweep]
 
 All methods see the same float32 inputs, generated before any timing. Each time is the
-best of ``--repeats`` runs (wall clock, no tracing); peak extra memory is measured in a
+best of ``--repeats`` rounds that run every method once, side by side (wall clock, no
+tracing), so a change in machine load affects all methods alike; peak extra memory is measured in a
 separate traced run with `tracemalloc` (numpy reports its array allocations to it), so
-it counts everything a method allocates, including the result it returns. "Model
+it counts everything a method allocates, including the result it returns. Ratios are
+time / reference time (above 1 means slower than the reference). "Model
 sizes" divide that by the bytes of one float32 model. The memcopy row copies every
 update into one buffer with `np.copyto`: the memory-bandwidth floor for touching the
-inputs once.
+inputs once. The "state round trips" row reads and writes a 16-byte-per-parameter state
+once per update with trivial arithmetic: the floor for any streaming accumulator of that
+size, exact or not.
 """
 
 from __future__ import annotations
@@ -40,9 +44,9 @@ BATCHED = "exact StreamingMean.add_many"
 
 def make_updates(clients: int, params: int, seed: int) -> tuple[list[Model], list[int]]:
     """``clients`` updates shaped like a small network: a few big and a few tiny tensors."""
+    biases = [64, 64, 64] if params >= 4096 else []
     sizes = [params // 2, params // 4, params // 8]
-    sizes.append(params - sum(sizes) - 3 * 64)
-    sizes += [64, 64, 64]
+    sizes += [params - sum(sizes) - sum(biases), *biases]
     rng = np.random.default_rng(seed)
     updates = []
     for _ in range(clients):
@@ -83,6 +87,16 @@ def methods(updates: list[Model], weights: list[int]) -> dict[str, Method]:
             validate_update(update, spec, max_norm=1e6, value_limit=VALUE_LIMIT)
         return None
 
+    def state_round_trip() -> object:
+        # What any streaming 128-bit accumulator must at least do: read and write its
+        # 16 bytes per parameter once per update (here with trivial arithmetic).
+        hi = np.zeros(sum(t.size for t in spec.values()), np.int64)
+        lo = np.zeros(hi.size, np.float64)
+        for _ in updates:
+            np.add(hi, 1, out=hi)
+            np.add(lo, 1.0, out=lo)
+        return hi, lo
+
     def flower() -> object:
         results = [([u[n] for n in names], w) for u, w in zip(updates, weights, strict=True)]
         return flower_aggregate(results)
@@ -99,18 +113,21 @@ def methods(updates: list[Model], weights: list[int]) -> dict[str, Method]:
         BATCHED: exact_add_many,
         "exact add_many, no validation": exact_unvalidated,
         "validate_update alone": validate_only,
+        "16 B/param state round trips": state_round_trip,
         "flower aggregate": flower,
         "memcopy (bandwidth floor)": memcopy,
     }
 
 
-def best_time(method: Method, repeats: int) -> float:
-    best = float("inf")
+def best_times(methods: dict[str, Method], repeats: int) -> dict[str, float]:
+    """Best wall time of each method; rounds are interleaved so load changes hit all alike."""
+    best = dict.fromkeys(methods, float("inf"))
     for _ in range(repeats):
-        gc.collect()
-        start = time.perf_counter()
-        method()
-        best = min(best, time.perf_counter() - start)
+        for label, method in methods.items():
+            gc.collect()
+            start = time.perf_counter()
+            method()
+            best[label] = min(best[label], time.perf_counter() - start)
     return best
 
 
@@ -170,13 +187,13 @@ def _digest(arrays: list[npt.NDArray[Any]]) -> str:
 def run(clients: int, params: int, repeats: int, seed: int) -> None:
     updates, weights = make_updates(clients, params, seed)
     model_bytes = params * 4
-    timings = {}
-    for label, method in methods(updates, weights).items():
-        timings[label] = (best_time(method, repeats), peak_extra_bytes(method))
+    candidates = methods(updates, weights)
+    best = best_times(candidates, repeats)
+    timings = {label: (best[label], peak_extra_bytes(m)) for label, m in candidates.items()}
     flower_s = timings["flower aggregate"][0]
     copy_s = timings["memcopy (bandwidth floor)"][0]
     print(f"\n{clients} clients x {params:,} float32 parameters (best of {repeats})")
-    header = f"{'method':33s} {'seconds':>8s} {'vs flower':>10s} {'vs memcopy':>11s}"
+    header = f"{'method':33s} {'seconds':>8s} {'t/t_flower':>10s} {'t/t_memcopy':>11s}"
     print(header + f" {'peak extra MiB':>15s} {'model sizes':>12s}")
     for label, (seconds, peak) in timings.items():
         print(
@@ -207,7 +224,8 @@ def main() -> None:
     args = parser.parse_args()
     print(
         f"numpy {np.__version__}, python {platform.python_version()}, "
-        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
+        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
+        f"load average {os.getloadavg()[0]:.2f} (timings are wall clock: other load skews them)"
     )
     sizes = [args.params]
     if args.sweep:

@@ -9,6 +9,7 @@ it to INVALID_ARGUMENT without a special case).
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 from consortium.errors import ConflictError, InvalidArgumentError
 
@@ -32,6 +33,11 @@ class UpdateRejected(InvalidArgumentError, ValueError):  # noqa: N818 - name fix
         super().__init__(message)
         self.reason = reason
         self.tensor = tensor
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The default pickling calls cls(message) and would fail; errors may cross
+        # process boundaries (Ray workers, Flower child processes).
+        return (type(self), (self.reason, str(self)), {"tensor": self.tensor})
 
 
 class EmptyAggregateError(ConflictError):

@@ -106,6 +106,7 @@ class ExactSum:
         scratch = min(CHUNK, max(total, 1))
         self._y: F64Array = np.empty(scratch, np.float64)
         self._t: F64Array = np.empty(scratch, np.float64)
+        self._t_bits: IntArray = self._t.view(np.int64)  # made once: views cost a call each
         self._part: F64Array = np.empty(scratch, np.float64)
 
     @property
@@ -159,12 +160,13 @@ class ExactSum:
             self._pending[name] += parts * len(pairs)
 
     def _add_chunk(self, x: FloatArray, w: np.float64, hi: IntArray, lo: F64Array) -> None:
-        y, t = self._y[: x.size], self._t[: x.size]
+        n = x.size
+        y, t = self._y[:n], self._t[:n]
         np.add(x, _QUANTIZE, out=y)  # float32 -> float64 and step 1 in one pass
         np.subtract(y, _QUANTIZE, out=y)  # xq: x rounded to a multiple of 2**-59
         np.multiply(y, w, out=y)  # exact
         np.add(y, _MAGIC, out=t)  # bits of t = bits of M + round(y * 2**11)
-        np.add(hi, t.view(np.int64), out=hi)
+        np.add(hi, self._t_bits[:n], out=hi)
         np.subtract(t, _MAGIC, out=t)  # round(y * 2**11) * 2**-11, exactly
         np.subtract(y, t, out=y)  # the remainder r, exactly
         np.add(lo, y, out=lo)  # exact: see LO_CAPACITY

@@ -6,10 +6,11 @@ themselves plus, for one tensor at a time, an ``N x tensor`` float array that is
 in place. They are unweighted, as robust rules usually are: a client that reports a
 large example count must not gain more influence over the outcome.
 
-Order independence: every rule first sorts each coordinate's N values, so any input
-permutation produces bitwise identical sorted arrays, and all later arithmetic runs on
-those. Two values that sort as equal are bitwise equal, except +0.0 and -0.0, which are
-turned into +0.0 first. Krum ranks whole updates, breaking ties by content, not position.
+Order independence: the coordinate-wise rules first sort each coordinate's N values, so
+any input permutation produces bitwise identical sorted arrays, and all later arithmetic
+runs on those. Two values that sort as equal are bitwise equal, except +0.0 and -0.0,
+which are turned into +0.0 first. Krum scores whole updates with symmetric distances and
+breaks ties by content, never by position.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from consortium.aggregation.errors import UpdateRejected
 from consortium.aggregation.validate import (
     CHUNK,
     TensorSpec,
@@ -116,8 +118,13 @@ def _validated(
     if not updates:
         raise ValueError("no updates to aggregate")
     spec = spec_of(reference if reference is not None else updates[0])
-    for update in updates:
-        validate_update(update, spec, max_norm=max_norm)
+    for position, update in enumerate(updates):
+        try:
+            validate_update(update, spec, max_norm=max_norm)
+        except UpdateRejected as error:  # say which update, keep the machine-readable parts
+            raise UpdateRejected(
+                error.reason, f"update #{position}: {error}", tensor=error.tensor
+            ) from None
     return spec
 
 

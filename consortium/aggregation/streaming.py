@@ -4,7 +4,8 @@ FedAvg and FedProx aggregate the same way on the coordinator (FedProx's proximal
 lives in the clients' loss): ``sum(n_i * update_i) / sum(n_i)`` with ``n_i`` the number
 of training examples of client ``i``. `StreamingMean` folds updates in one at a time as
 they arrive, validates each before it touches the state, and keeps a constant number of
-model-sized buffers (two int64 limbs, see `exact_sum`) however many clients report.
+model-sized buffers (an int64 and a float64 limb, see `exact_sum`) however many
+clients report.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import pickle
 import random
 from collections.abc import Callable
 from typing import Any
@@ -314,6 +315,12 @@ def test_validate_update_accepts_valid_update() -> None:
     assert spec_of(update) == spec_of(REFERENCE)
 
 
+def test_update_rejected_survives_pickling() -> None:
+    error = UpdateRejected(RejectReason.SHAPE, "update rejected (shape): ...", tensor="fc.weight")
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.reason, copy.tensor, str(copy)) == (error.reason, error.tensor, str(error))
+
+
 def test_validate_update_rejects_norm_just_over_bound() -> None:
     update = {"w": np.array([3.0, 4.0], np.float32)}
     validate_update(update, update, max_norm=5.0)
@@ -352,9 +359,10 @@ def test_trimmed_mean_rejects_bad_fraction_and_invalid_update() -> None:
     with pytest.raises(ValueError, match="trim_fraction"):
         trimmed_mean(updates, 0.5)
     updates[2]["conv.bias"][0] = math.nan
-    with pytest.raises(UpdateRejected) as raised:
+    with pytest.raises(UpdateRejected, match="update #2") as raised:
         trimmed_mean(updates, 0.25)
     assert raised.value.reason == RejectReason.NON_FINITE
+    assert raised.value.tensor == "conv.bias"
 
 
 @pytest.mark.parametrize("count", [7, 8])

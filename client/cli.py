@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import tomllib
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -29,6 +30,34 @@ def main() -> None:
     """Consortium client."""
 
 
+def bundle_value(bundle: Path, key: str) -> str | None:
+    path = bundle / "bundle.toml"
+    try:
+        value = tomllib.loads(path.read_text()).get(key)
+    except (OSError, tomllib.TOMLDecodeError):
+        return None  # load_bundle reports exactly what is wrong with the file
+    return str(value) if value is not None else None
+
+
+@app.command()
+def keygen(
+    institution: Annotated[str, typer.Option(help="Your institution's name.")],
+    state_dir: Annotated[
+        Path | None, typer.Option(help="Where the keys go (default .consortium-client/NAME).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace existing keys.")] = False,
+) -> None:
+    """Create this site's keys and the request to send to the operator."""
+    from consortium.site_keys import create_site_keys
+
+    with cli_errors():
+        keys = create_site_keys(
+            state_dir or Path(".consortium-client") / institution, institution, force
+        )
+        console.print(f"private keys (mode 0600, never send them): {keys.state_dir}")
+        console.print(f"send this directory to your operator: {keys.request_dir}")
+
+
 @app.command()
 def join(
     coordinator: Annotated[
@@ -42,7 +71,15 @@ def join(
     insecure: Annotated[
         bool | None, typer.Option("--insecure", help="Plain text to a loopback coordinator.")
     ] = None,
-    state_dir: Annotated[Path | None, typer.Option(help="Where logs go.")] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="Keys and logs (default .consortium-client/NAME).")
+    ] = None,
+    bundle: Annotated[
+        Path | None, typer.Option(help="Startup bundle dir from the operator.")
+    ] = None,
+    metrics_address: Annotated[
+        str | None, typer.Option(help="Prometheus /metrics host:port (port 0: any free).")
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="Settings TOML file.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -52,6 +89,9 @@ def join(
 
     configure_logging(verbose)
     with cli_errors():
+        if bundle is not None:  # the bundle names the institution and the coordinator
+            coordinator = coordinator or bundle_value(bundle, "coordinator_address")
+            institution = institution or bundle_value(bundle, "institution")
         settings = load_settings(
             ClientSettings,
             config,
@@ -61,6 +101,8 @@ def join(
             gpu=gpu,
             insecure=insecure,
             state_dir=state_dir,
+            bundle=bundle,
+            metrics_address=metrics_address,
         )
         stop = threading.Event()
 

@@ -10,11 +10,14 @@ from dataclasses import dataclass
 
 import grpc
 
+from client.bundle import Bundle, load_bundle
 from client.data.loaders import check_data_dir
 from client.devices import describe_device, resolve_device
+from client.metrics import ClientMetrics
 from client.settings import ClientSettings
 from client.supernode import SIGNING_KEY_FILE, SuperNode
 from consortium.errors import ChildProcessFailedError, InsecureTransportError, UnreachableError
+from consortium.metrics_http import MetricsServer
 from consortium.net import is_loopback_host, split_host_port
 from consortium.proto.v1 import nodes_pb2, nodes_pb2_grpc
 from consortium.provenance.signing import SigningKey
@@ -32,17 +35,21 @@ class Joined:
     heartbeat_interval_s: float
 
 
-def check_transport(settings: ClientSettings) -> None:
+def check_transport(settings: ClientSettings) -> Bundle | None:
+    """The verified bundle (mutual TLS), or None for plain text on loopback (--insecure)."""
     host, _ = split_host_port(settings.coordinator)
     if not settings.insecure:
-        raise InsecureTransportError(
-            "TLS is not available yet (it arrives with institution onboarding); to join a "
-            "loopback coordinator for experiments, pass --insecure"
-        )
+        if settings.bundle is None:
+            raise InsecureTransportError(
+                "no startup bundle: pass --bundle DIR from your operator (see "
+                "docs/onboarding.md), or --insecure to join a loopback coordinator"
+            )
+        return load_bundle(settings.bundle, settings.resolved_state_dir)
     if not is_loopback_host(host):
         raise InsecureTransportError(
             f"--insecure is allowed only on loopback, but the coordinator is {host!r}"
         )
+    return None
 
 
 class SiteNode:
@@ -56,10 +63,15 @@ class SiteNode:
         # Everything that can be checked locally is checked before joining.
         self.datasets = check_data_dir(settings.data)
         self.device = resolve_device(settings.gpu)
-        check_transport(settings)
+        self.metrics = ClientMetrics(
+            settings.institution, settings.resolved_state_dir, settings.gpu
+        )
+        self.bundle = check_transport(settings)
         # The key that signs this site's model updates; it never leaves the site.
         self.signing_key = SigningKey.load_or_create(settings.resolved_state_dir / SIGNING_KEY_FILE)
-        self._channel = open_channel(settings.coordinator)
+        self._channel = open_channel(
+            settings.coordinator, self.bundle.tls() if self.bundle else None
+        )
         self._stub = nodes_pb2_grpc.NodeRegistryStub(self._channel)
         self._policy = RetryPolicy(
             attempts=settings.connect_attempts, initial_backoff_s=settings.connect_backoff_s
@@ -88,7 +100,17 @@ class SiteNode:
 
     def run(self, stop: threading.Event) -> None:
         """Join, then heartbeat until `stop` is set or the SuperNode dies."""
+        metrics = MetricsServer(
+            self.settings.metrics_address, self.metrics.registry, self.settings.metrics_address_file
+        )
+        try:
+            self._join_and_heartbeat(stop)
+        finally:
+            metrics.stop()
+
+    def _join_and_heartbeat(self, stop: threading.Event) -> None:
         joined = self.register()
+        self.metrics.contacted()
         self._say(
             f"registered node {joined.node_id[:12]} for {self.settings.institution} "
             f"on {self.device}; datasets: {', '.join(self.datasets)}"
@@ -99,9 +121,10 @@ class SiteNode:
             self.settings.institution,
             self.device,
             self.settings.resolved_state_dir,
-            self.settings.insecure,
+            (self.bundle.ca_cert, self.bundle.keys.supernode_key) if self.bundle else None,
             port=self.settings.supernode_port,
         )
+        self.metrics.watch_supernode(lambda: supernode.process.poll() is None)
         self._say(
             f"SuperNode connected to {joined.superlink_address} (log: {supernode.process.log_path})"
         )
@@ -121,9 +144,11 @@ class SiteNode:
     def _heartbeat(self, node_id: str) -> None:
         try:
             self._stub.Heartbeat(nodes_pb2.HeartbeatRequest(node_id=node_id), timeout=5)
+            self.metrics.heartbeat_sent(ok=True)
         except grpc.RpcError as error:
             # The coordinator may be restarting; keep the SuperNode and try again.
             log.warning("heartbeat failed: %s", error)
+            self.metrics.heartbeat_sent(ok=False)
 
     def _leave(self, node_id: str) -> None:
         try:

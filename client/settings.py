@@ -18,12 +18,21 @@ class ClientSettings(RoleSettings):
     data: Path  # the site's data dir; never leaves the site
     gpu: int | None = Field(default=None, ge=0)
     insecure: bool = False
+    # Startup bundle from the operator (mutual TLS, SuperNode auth, Ray token).
+    bundle: Path | None = None
     # Where the SuperNode's logs go; default: .consortium-client/<institution>
     state_dir: Path | None = None
     supernode_port: int = Field(default=0, ge=0, le=65535)  # 0: a free port
     connect_attempts: int = Field(default=6, ge=1)
     connect_backoff_s: float = Field(default=0.5, gt=0)
+    # Prometheus endpoint (/metrics); port 0: any free (written to
+    # <state_dir>/metrics.address).
+    metrics_address: str = "127.0.0.1:0"
 
     @property
     def resolved_state_dir(self) -> Path:
         return self.state_dir or Path(".consortium-client") / self.institution
+
+    @property
+    def metrics_address_file(self) -> Path:
+        return self.resolved_state_dir / "metrics.address"

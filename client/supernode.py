@@ -28,7 +28,7 @@ class SuperNode:
         institution: str,
         device: str,
         state_dir: Path,
-        insecure: bool,
+        tls: tuple[Path, Path] | None,
         port: int = 0,
         torch_threads: int = 1,
     ) -> None:
@@ -52,8 +52,16 @@ class SuperNode:
                 }
             ),
         ]
-        if insecure:
+        if tls is None:
             argv.append("--insecure")
+        else:
+            ca_cert, auth_key = tls  # verify the SuperLink; prove our onboarded key
+            argv += [
+                "--root-certificates",
+                str(ca_cert.resolve()),
+                "--auth-supernode-private-key",
+                str(auth_key.resolve()),
+            ]
         self.process = ChildProcess("flower-supernode", argv, state_dir / "supernode.log")
 
     def stop(self) -> None:

@@ -15,6 +15,8 @@ one readable line (`consortium/cli_errors.py`). Catch at the level you need::
     ├── DataDirError                (site data dir missing, empty or unloadable)
     ├── GpuUnavailableError         (--gpu N that does not exist)
     ├── ChildProcessFailedError     (a Flower child process failed)
+    ├── UnauthenticatedError        -> UNAUTHENTICATED (no or revoked certificate)
+    ├── PermissionDeniedError       -> PERMISSION_DENIED (acting as another institution)
     └── ProvenanceInvalidError      (a provenance log failed verification)
 """
 
@@ -67,6 +69,18 @@ class GpuUnavailableError(ConsortiumError):
 
 class ChildProcessFailedError(ConsortiumError):
     exit_code = ExitCode.CHILD_PROCESS_FAILED
+
+
+class UnauthenticatedError(ConsortiumError):
+    """No acceptable credential (no certificate, or a revoked one)."""
+
+    exit_code = ExitCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(ConsortiumError):
+    """Authenticated, but not allowed to do this (e.g. act as another institution)."""
+
+    exit_code = ExitCode.PERMISSION_DENIED
 
 
 class ProvenanceInvalidError(ConsortiumError):

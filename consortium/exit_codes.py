@@ -26,6 +26,8 @@ class ExitCode(IntEnum):
     JOB_CANCELLED = 13
     PROVENANCE_INVALID = 14
     REPLAY_MISMATCH = 15
+    UNAUTHENTICATED = 16
+    PERMISSION_DENIED = 17
     INTERRUPTED = 130
 
 
@@ -53,5 +55,9 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     "the first bad line.",
     ExitCode.REPLAY_MISMATCH: "Replaying a job's aggregation did not reproduce the logged "
     "digests; the message names the round.",
+    ExitCode.UNAUTHENTICATED: "The coordinator refused the credential (no certificate, or a "
+    "revoked one); ask the operator for a new bundle.",
+    ExitCode.PERMISSION_DENIED: "The certificate does not allow this (e.g. acting as another "
+    "institution).",
     ExitCode.INTERRUPTED: "Interrupted by Ctrl-C; children were stopped.",
 }

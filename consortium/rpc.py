@@ -21,8 +21,11 @@ from consortium.errors import (
     ConsortiumError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
+    UnauthenticatedError,
     UnreachableError,
 )
+from consortium.tls import ClientTls
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,8 @@ ERROR_BY_STATUS: dict[grpc.StatusCode, type[ConsortiumError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.FAILED_PRECONDITION: ConflictError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
 }
 
 
@@ -47,9 +52,11 @@ class RetryPolicy:
 DEFAULT_RETRY = RetryPolicy()
 
 
-def open_channel(address: str) -> grpc.Channel:
-    """Plain-text channel to the coordinator (TLS arrives with onboarding)."""
-    return grpc.insecure_channel(address)
+def open_channel(address: str, tls: ClientTls | None = None) -> grpc.Channel:
+    """Mutual-TLS channel to the coordinator, or plain text (loopback, --insecure)."""
+    if tls is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, tls.credentials())
 
 
 def translate(error: grpc.RpcError, address: str) -> ConsortiumError:

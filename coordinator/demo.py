@@ -22,8 +22,11 @@ from consortium.data.partition import dirichlet_partition
 from consortium.errors import ChildProcessFailedError
 from consortium.processes import ChildProcess, venv_executable
 from consortium.proto.v1 import jobs_pb2, nodes_pb2
-from coordinator.cli.remote import Remote
+from consortium.site_keys import create_site_keys
+from coordinator.cli.remote import Remote, connect
 from coordinator.cli.watch import watch_job
+from coordinator.onboarding import Request, init_consortium, onboard
+from coordinator.state import SqliteStateStore
 
 INSTITUTION_NAMES = (
     "aurora-hospital",
@@ -66,6 +69,32 @@ def write_partitions(work_dir: Path, names: list[str]) -> list[Path]:
     return dirs
 
 
+def onboard_local_site(coordinator_dir: Path, site_dir: Path, name: str, address: str) -> Path:
+    """`client keygen` at the site, then `coordinator onboard --request` at the operator."""
+    keys = create_site_keys(site_dir / "state", name)
+    store = SqliteStateStore(coordinator_dir / "state.db")
+    try:
+        return onboard(
+            coordinator_dir,
+            store,
+            name,
+            Request.from_dir(keys.request_dir),
+            site_dir / "bundle",
+            address,
+            cert_days=30,
+        )
+    finally:
+        store.close()
+
+
+def supernode_keys_registered(coordinator_dir: Path) -> bool:
+    store = SqliteStateStore(coordinator_dir / "state.db")
+    try:
+        return all(node_id for _, _, node_id in store.supernode_keys())
+    finally:
+        store.close()
+
+
 def wait_until(
     what: str, ready: Callable[[], bool], children: list[ChildProcess], timeout_s: float
 ) -> None:
@@ -96,44 +125,48 @@ def run_demo(work_dir: Path, rounds: int, num_institutions: int, console: Consol
     coordinator_dir = work_dir / "coordinator"
     children: list[ChildProcess] = []
     try:
-        console.print("starting the coordinator (control-plane API + Flower SuperLink)...")
+        console.print("coordinator init: root CA, certificates, signing key, Ray token")
+        init_consortium(coordinator_dir, ["localhost", "127.0.0.1"], cert_days=30)
+        console.print("starting the coordinator (mTLS control-plane API + Flower SuperLink)...")
         children.append(
             ChildProcess(
                 "coordinator serve",
-                [
-                    venv_executable("coordinator"),
-                    "serve",
-                    "--insecure",
-                    "--data-dir",
-                    str(coordinator_dir),
-                ],
+                [venv_executable("coordinator"), "serve", "--data-dir", str(coordinator_dir)],
                 work_dir / "logs" / "coordinator.log",
             )
         )
         address_file = coordinator_dir / "coordinator.address"
         wait_until("the coordinator", address_file.exists, children, START_TIMEOUT_S)
         address = address_file.read_text().strip()
+        for name in names:
+            site = work_dir / "institutions" / name
+            bundle = onboard_local_site(coordinator_dir, site, name, address)
+            console.print(f"onboarded {name}: keys at the site, bundle {bundle}")
+        wait_until(
+            "the SuperLink to accept the onboarded SuperNode keys",
+            lambda: supernode_keys_registered(coordinator_dir),
+            children,
+            START_TIMEOUT_S,
+        )
         for name, data_dir in zip(names, data_dirs, strict=True):
+            site = work_dir / "institutions" / name
             children.append(
                 ChildProcess(
                     f"client join ({name})",
                     [
                         venv_executable("client"),
                         "join",
-                        "--insecure",
-                        "--coordinator",
-                        address,
-                        "--institution",
-                        name,
+                        "--bundle",
+                        str(site / "bundle"),
                         "--data",
                         str(data_dir),
                         "--state-dir",
-                        str(work_dir / "institutions" / name / "state"),
+                        str(site / "state"),
                     ],
                     work_dir / "logs" / f"client-{name}.log",
                 )
             )
-        with Remote(address) as remote:
+        with connect(address, coordinator_dir) as remote:
 
             def all_online() -> bool:
                 online = [n for n in remote.list_nodes() if n.state == nodes_pb2.NODE_STATE_ONLINE]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import uuid
 
-from consortium.errors import InvalidArgumentError
+from consortium.errors import InvalidArgumentError, PermissionDeniedError
 from consortium.provenance.signing import SignatureError, VerifyingKey
+from coordinator.api.auth import require_acting_as
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.state import NodeRecord, NodeState, StateStore
 from coordinator.state.sqlite_store import now_ms
@@ -28,6 +29,7 @@ class NodeRegistry:
             raise InvalidArgumentError("field 'institution': must not be empty")
         if len(institution) > MAX_NAME_LENGTH:
             raise InvalidArgumentError(f"field 'institution': at most {MAX_NAME_LENGTH} characters")
+        self._authorize(institution)
         if signing_public_key:
             try:
                 key = VerifyingKey.from_raw(signing_public_key)
@@ -48,13 +50,22 @@ class NodeRegistry:
         self._metrics.institution_seen(institution)
         return node
 
+    def _authorize(self, institution: str) -> None:
+        """A certificate may only act for its own institution."""
+        try:
+            require_acting_as(institution)
+        except PermissionDeniedError:
+            self._metrics.auth_refused("control_plane", "institution_mismatch")
+            raise
+
     def heartbeat(self, node_id: str) -> NodeRecord:
+        self._authorize(self._store.get_node(node_id).institution)
         node = self._store.touch_node(node_id, now_ms())
         self._metrics.heartbeat(node.institution)
         return node
 
     def leave(self, node_id: str) -> NodeRecord:
-        self._store.get_node(node_id)
+        self._authorize(self._store.get_node(node_id).institution)
         return self._store.set_node_state(node_id, NodeState.GONE)
 
     def list_nodes(self) -> list[NodeRecord]:

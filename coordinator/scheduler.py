@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from consortium.errors import ConflictError, ConsortiumError
 from coordinator.federated.flower_app import FlowerCli
@@ -125,10 +126,14 @@ class Scheduler:
         self._last_status_check = time.monotonic()
         log.info("job %s started as Flower run %s", job.job_id, run_id)
 
-    def run_forever(self, stopping: threading.Event) -> None:
+    def run_forever(
+        self, stopping: threading.Event, before_step: Callable[[], None] | None = None
+    ) -> None:
         self.recover()
         while not stopping.is_set():
             try:
+                if before_step is not None:
+                    before_step()
                 self.step()
             except Exception:
                 log.exception("scheduler step failed; retrying")

@@ -15,11 +15,14 @@ from consortium.errors import InsecureTransportError
 from consortium.net import is_loopback_host, reserve_free_port, split_host_port
 from consortium.proto.v1 import jobs_pb2_grpc, nodes_pb2_grpc
 from consortium.provenance.signing import SigningKey
+from coordinator.api.auth import CertificateAuthInterceptor
 from coordinator.api.servicers import JobsServicer, NodeRegistryServicer
 from coordinator.federated.flower_app import FlowerCli
 from coordinator.federated.superlink import SuperLink
+from coordinator.federated.supernode_keys import SuperNodeKeySync
 from coordinator.jobs.service import JobService
 from coordinator.metrics import CoordinatorMetrics, MetricsEndpoint, RpcMetricsInterceptor
+from coordinator.pki_files import CoordinatorPki
 from coordinator.provenance_paths import coordinator_key_path
 from coordinator.registry import NodeRegistry
 from coordinator.scheduler import Scheduler
@@ -32,14 +35,13 @@ GRPC_WORKERS = 32
 SHUTDOWN_GRACE_S = 2.0
 
 
-def check_transport(settings: CoordinatorSettings) -> None:
-    """Plain text only with --insecure and only on loopback (TLS comes with onboarding)."""
+def check_transport(settings: CoordinatorSettings) -> CoordinatorPki | None:
+    """Mutual TLS from the consortium PKI, or plain text with --insecure on loopback only."""
     listen_host, _ = split_host_port(settings.listen_address)
     if not settings.insecure:
-        raise InsecureTransportError(
-            "TLS is not available yet (it arrives with institution onboarding); to run "
-            "plain-text on loopback for experiments, pass --insecure"
-        )
+        files = CoordinatorPki(settings.data_dir)
+        files.require()
+        return files
     for name, host in (
         ("listen_address", listen_host),
         ("superlink_host", settings.superlink_host),
@@ -49,6 +51,7 @@ def check_transport(settings: CoordinatorSettings) -> None:
                 f"--insecure is allowed only on loopback, but {name} is {host!r}; use 127.0.0.1"
             )
     log.warning("running WITHOUT TLS (--insecure): only for loopback experiments")
+    return None
 
 
 def sticky_port(record: Path, host: str, requested: int) -> int:
@@ -71,7 +74,7 @@ class Coordinator:
     """A started coordinator; `stop()` ends everything it started."""
 
     def __init__(self, settings: CoordinatorSettings) -> None:
-        check_transport(settings)
+        self.pki = check_transport(settings)
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.stopping = threading.Event()
@@ -85,9 +88,7 @@ class Coordinator:
             flower_dir / "superlink.port", settings.superlink_host, settings.superlink_port
         )
         (flower_dir / "superlink.port").write_text(str(port))
-        self.superlink = SuperLink(
-            settings.data_dir, settings.superlink_host, port, settings.insecure
-        )
+        self.superlink = SuperLink(settings.data_dir, settings.superlink_host, port, self.pki)
         self.metrics = CoordinatorMetrics()
         self._metrics_endpoint: MetricsEndpoint | None = None
         try:
@@ -101,21 +102,21 @@ class Coordinator:
             self.superlink.stop()
             self.store.close()
             raise
+        flower = FlowerCli(settings.data_dir, self.superlink.address, self.pki)
         self.scheduler = Scheduler(
-            self.store,
-            FlowerCli(settings.data_dir, self.superlink.address, settings.insecure),
-            settings.scheduler_poll_interval_s,
-            self.metrics,
+            self.store, flower, settings.scheduler_poll_interval_s, self.metrics
         )
+        # With TLS, only onboarded SuperNode keys may connect; keep Flower's list current.
+        key_sync = SuperNodeKeySync(self.store, flower).sync if self.pki is not None else None
         self._scheduler_thread = threading.Thread(
-            target=self.scheduler.run_forever, args=(self.stopping,), name="scheduler"
+            target=self.scheduler.run_forever, args=(self.stopping, key_sync), name="scheduler"
         )
         self._scheduler_thread.start()
 
     def _start_api(self) -> grpc.Server:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS),
-            interceptors=[RpcMetricsInterceptor(self.metrics)],
+            interceptors=self._interceptors(),
         )
         registry = NodeRegistry(self.store, self.settings.node_timeout_s, self.metrics)
         nodes_pb2_grpc.add_NodeRegistryServicer_to_server(
@@ -132,7 +133,10 @@ class Coordinator:
         host, port = split_host_port(self.settings.listen_address)
         previous = self.settings.data_dir / "coordinator.port"
         port = sticky_port(previous, host, port)
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if self.pki is None:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        else:
+            bound = server.add_secure_port(f"{host}:{port}", self.pki.server_tls().credentials())
         server.start()
         previous.write_text(str(bound))
         self.address = f"{host}:{bound}"
@@ -147,6 +151,17 @@ class Coordinator:
             self.settings.data_dir,
         )
         return server
+
+    def _interceptors(self) -> list[grpc.ServerInterceptor]:
+        interceptors: list[grpc.ServerInterceptor] = [RpcMetricsInterceptor(self.metrics)]
+        if self.pki is not None:
+            interceptors.append(
+                CertificateAuthInterceptor(
+                    self.store,
+                    on_refusal=lambda reason, _: self.metrics.auth_refused("control_plane", reason),
+                )
+            )
+        return interceptors
 
     def stop(self) -> None:
         self.stopping.set()

@@ -16,8 +16,9 @@ from consortium.cli_errors import cli_errors, configure_logging
 from consortium.errors import ConsortiumError
 from consortium.exit_codes import EXIT_CODE_HELP, ExitCode
 from consortium.settings import load_settings
+from coordinator.cli import onboarding as onboarding_cli
 from coordinator.cli.provenance import provenance_app, replay
-from coordinator.cli.remote import Remote, resolve_address
+from coordinator.cli.remote import connect
 from coordinator.cli.watch import describe_round, state_name, watch_job
 from coordinator.settings import CoordinatorSettings
 
@@ -31,6 +32,10 @@ jobs_app = typer.Typer(help="Submit, list, watch and cancel jobs.", no_args_is_h
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(provenance_app, name="provenance")
 app.command("replay")(replay)
+app.command("init")(onboarding_cli.init)
+app.command("onboard")(onboarding_cli.onboard)
+app.command("revoke")(onboarding_cli.revoke)
+app.command("renew")(onboarding_cli.renew)
 console = Console()
 
 DataDir = Annotated[
@@ -107,7 +112,7 @@ def nodes(
     data_dir: DataDir = Path(".consortium"),
 ) -> None:
     """List registered nodes."""
-    with cli_errors(), Remote(resolve_address(coordinator, data_dir)) as remote:
+    with cli_errors(), connect(coordinator, data_dir) as remote:
         table = Table("node", "institution", "host", "device", "state")
         from consortium.proto.v1 import nodes_pb2
 
@@ -132,7 +137,7 @@ def jobs_submit(
             from consortium.errors import JobSpecError
 
             raise JobSpecError(f"cannot read job spec {spec}: {error.strerror}") from None
-        with Remote(resolve_address(coordinator, data_dir)) as remote:
+        with connect(coordinator, data_dir) as remote:
             job = remote.submit(text)
             console.print(f"submitted job {job.job_id} ({job.name}), {job.rounds_total} rounds")
             if watch:
@@ -144,7 +149,7 @@ def jobs_list(
     coordinator: CoordinatorAddress = None, data_dir: DataDir = Path(".consortium")
 ) -> None:
     """List jobs, oldest first."""
-    with cli_errors(), Remote(resolve_address(coordinator, data_dir)) as remote:
+    with cli_errors(), connect(coordinator, data_dir) as remote:
         table = Table("job", "name", "state", "rounds", "message")
         for job in remote.list_jobs():
             table.add_row(
@@ -162,7 +167,7 @@ def jobs_watch(
     job_id: str, coordinator: CoordinatorAddress = None, data_dir: DataDir = Path(".consortium")
 ) -> None:
     """Follow a job live until it ends (exit code tells how it ended)."""
-    with cli_errors(), Remote(resolve_address(coordinator, data_dir)) as remote:
+    with cli_errors(), connect(coordinator, data_dir) as remote:
         _exit_for(watch_job(remote, job_id, console).state)
 
 
@@ -171,7 +176,7 @@ def jobs_show(
     job_id: str, coordinator: CoordinatorAddress = None, data_dir: DataDir = Path(".consortium")
 ) -> None:
     """Show a job and its rounds."""
-    with cli_errors(), Remote(resolve_address(coordinator, data_dir)) as remote:
+    with cli_errors(), connect(coordinator, data_dir) as remote:
         reply = remote.get(job_id)
         job = reply.job
         console.print(f"job {job.job_id} ({job.name}): {state_name(job.state)} - {job.message}")
@@ -186,7 +191,7 @@ def jobs_cancel(
     job_id: str, coordinator: CoordinatorAddress = None, data_dir: DataDir = Path(".consortium")
 ) -> None:
     """Cancel a queued or running job."""
-    with cli_errors(), Remote(resolve_address(coordinator, data_dir)) as remote:
+    with cli_errors(), connect(coordinator, data_dir) as remote:
         job = remote.cancel(job_id)
         console.print(f"job {job.job_id} is {state_name(job.state)}")
 

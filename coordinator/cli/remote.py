@@ -10,6 +10,8 @@ import grpc
 from consortium.errors import UnreachableError
 from consortium.proto.v1 import jobs_pb2, jobs_pb2_grpc, nodes_pb2, nodes_pb2_grpc
 from consortium.rpc import DEFAULT_RETRY, RetryPolicy, call_with_retry, open_channel, translate
+from consortium.tls import ClientTls
+from coordinator.pki_files import CoordinatorPki
 
 
 def resolve_address(address: str | None, data_dir: Path) -> str:
@@ -25,11 +27,21 @@ def resolve_address(address: str | None, data_dir: Path) -> str:
     )
 
 
+def connect(address: str | None, data_dir: Path) -> Remote:
+    """The coordinator at `address` (or the data dir's), over mutual TLS with the
+    operator's certificate when the data dir holds the consortium PKI."""
+    files = CoordinatorPki(data_dir)
+    tls = files.operator_tls() if files.exists() else None
+    return Remote(resolve_address(address, data_dir), tls=tls)
+
+
 class Remote:
-    def __init__(self, address: str, policy: RetryPolicy = DEFAULT_RETRY) -> None:
+    def __init__(
+        self, address: str, policy: RetryPolicy = DEFAULT_RETRY, tls: ClientTls | None = None
+    ) -> None:
         self.address = address
         self._policy = policy
-        self._channel = open_channel(address)
+        self._channel = open_channel(address, tls)
         self._jobs = jobs_pb2_grpc.JobsStub(self._channel)
         self._nodes = nodes_pb2_grpc.NodeRegistryStub(self._channel)
 

@@ -76,6 +76,8 @@ def admit(
         num_examples = metrics["num-examples"]
     except KeyError as err:
         raise UpdateRefused("malformed", f"missing {err}", institution) from None
+    if store.is_revoked(institution):
+        raise UpdateRefused("revoked", f"{institution!r} has been revoked", institution)
     key_id = str(proof.get("key-id", ""))
     public_key = store.institution_keys(institution).get(key_id)
     if public_key is None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from consortium.errors import ChildProcessFailedError
 from consortium.processes import venv_executable
+from coordinator.pki_files import CoordinatorPki
 
 SUPERLINK_NAME = "consortium"
 FLWR_TIMEOUT_S = 120.0
@@ -57,15 +58,19 @@ class RunStatus:
 class FlowerCli:
     """`flwr run / ls / stop` against our SuperLink, with FLWR_HOME in the data dir."""
 
-    def __init__(self, data_dir: Path, superlink_address: str, insecure: bool) -> None:
+    def __init__(self, data_dir: Path, superlink_address: str, pki: CoordinatorPki | None) -> None:
         self.app_dir = data_dir / "flower" / "app"
         self.home = data_dir / "flower" / "home"
         self.app_dir.mkdir(parents=True, exist_ok=True)
         self.home.mkdir(parents=True, exist_ok=True)
         (self.app_dir / "pyproject.toml").write_text(APP_PYPROJECT)
+        transport = (
+            "insecure = true\n"
+            if pki is None
+            else f'root-certificates = "{pki.ca_cert.resolve()}"\n'
+        )
         (self.home / "config.toml").write_text(
-            f'[superlink.{SUPERLINK_NAME}]\naddress = "{superlink_address}"\n'
-            f"insecure = {'true' if insecure else 'false'}\n"
+            f'[superlink.{SUPERLINK_NAME}]\naddress = "{superlink_address}"\n{transport}'
         )
 
     def _flwr(self, *args: str) -> dict[str, object]:
@@ -105,3 +110,13 @@ class FlowerCli:
 
     def stop(self, run_id: str) -> None:
         self._flwr("stop", run_id, SUPERLINK_NAME)
+
+    def register_supernode(self, public_key: str, name: str) -> str:
+        """Allow a SuperNode key to connect; returns Flower's node id for it."""
+        key_file = self.home / f"supernode-{name}.pub"
+        key_file.write_text(public_key + "\n")
+        result = self._flwr("supernode", "register", str(key_file), SUPERLINK_NAME)
+        return str(result["node-id"])
+
+    def unregister_supernode(self, node_id: str) -> None:
+        self._flwr("supernode", "unregister", node_id, SUPERLINK_NAME)

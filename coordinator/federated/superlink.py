@@ -9,6 +9,7 @@ from pathlib import Path
 from consortium.errors import ChildProcessFailedError
 from consortium.net import reserve_free_port
 from consortium.processes import ChildProcess, venv_executable
+from coordinator.pki_files import CoordinatorPki
 
 DATA_DIR_ENV = "CONSORTIUM_DATA_DIR"
 
@@ -16,7 +17,7 @@ DATA_DIR_ENV = "CONSORTIUM_DATA_DIR"
 class SuperLink:
     """A running `flower-superlink`: state in the data dir, runtime installs off."""
 
-    def __init__(self, data_dir: Path, host: str, port: int, insecure: bool) -> None:
+    def __init__(self, data_dir: Path, host: str, port: int, pki: CoordinatorPki | None) -> None:
         self.host = host
         self.port = port or reserve_free_port(host)
         flower_dir = data_dir / "flower"
@@ -31,8 +32,20 @@ class SuperLink:
             "--port",
             str(self.port),
         ]
-        if insecure:
+        if pki is None:
             argv.append("--insecure")
+        else:
+            # TLS from the consortium CA, and only SuperNodes whose keys were
+            # registered at onboarding may connect.
+            argv += [
+                "--ssl-certfile",
+                str(pki.server_cert),
+                "--ssl-keyfile",
+                str(pki.server_key),
+                "--ssl-ca-certfile",
+                str(pki.ca_cert),
+                "--enable-supernode-auth",
+            ]
         # The ServerApp runs in a grandchild process; it finds the coordinator's
         # state through this variable, inherited down the process tree.
         env = {DATA_DIR_ENV: str(data_dir.resolve())}

@@ -80,6 +80,23 @@ CREATE TABLE IF NOT EXISTS update_nonces (
     nonce TEXT NOT NULL,
     PRIMARY KEY (job_id, nonce)
 );
+CREATE TABLE IF NOT EXISTS certificates (
+    serial TEXT PRIMARY KEY,
+    institution TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    not_after_ms INTEGER NOT NULL,
+    issued_at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS revocations (
+    institution TEXT PRIMARY KEY,
+    revoked_at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS supernode_keys (
+    institution TEXT NOT NULL,
+    public_key TEXT NOT NULL,
+    flower_node_id TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (institution, public_key)
+);
 CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events(job_id, sequence);
 """
 
@@ -359,6 +376,63 @@ class SqliteStateStore(StateStore):
                 "INSERT OR IGNORE INTO update_nonces VALUES (?, ?)", (job_id, nonce)
             ).rowcount
         return bool(inserted)
+
+    # --- onboarding: certificates, revocations, SuperNode keys -------------
+    def add_certificate(
+        self, serial: str, institution: str, fingerprint: str, not_after_ms: int
+    ) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO certificates VALUES (?, ?, ?, ?, ?)",
+                (serial, institution, fingerprint, not_after_ms, now_ms()),
+            )
+
+    def institutions(self) -> list[str]:
+        rows = (
+            self._connection()
+            .execute("SELECT DISTINCT institution FROM certificates ORDER BY institution")
+            .fetchall()
+        )
+        return [r["institution"] for r in rows]
+
+    def revoke_institution(self, institution: str) -> None:
+        with self._transaction() as db:
+            db.execute("INSERT OR IGNORE INTO revocations VALUES (?, ?)", (institution, now_ms()))
+            db.execute(
+                "UPDATE nodes SET state = ? WHERE institution = ?", (NodeState.GONE, institution)
+            )
+
+    def is_revoked(self, institution: str) -> bool:
+        row = (
+            self._connection()
+            .execute("SELECT 1 FROM revocations WHERE institution = ?", (institution,))
+            .fetchone()
+        )
+        return row is not None
+
+    def add_supernode_key(self, institution: str, public_key: str) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO supernode_keys (institution, public_key) VALUES (?, ?)",
+                (institution, public_key),
+            )
+
+    def supernode_keys(self) -> list[tuple[str, str, str]]:
+        """(institution, OpenSSH public key, Flower node id or '') for every key."""
+        rows = (
+            self._connection()
+            .execute("SELECT institution, public_key, flower_node_id FROM supernode_keys")
+            .fetchall()
+        )
+        return [(r["institution"], r["public_key"], r["flower_node_id"]) for r in rows]
+
+    def set_supernode_node_id(self, institution: str, public_key: str, node_id: str) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE supernode_keys SET flower_node_id = ? "
+                "WHERE institution = ? AND public_key = ?",
+                (node_id, institution, public_key),
+            )
 
     # --- events ------------------------------------------------------------
     def events_after(self, job_id: str, sequence: int) -> list[JobEventRecord]:

@@ -92,6 +92,33 @@ class StateStore(ABC):
     def claim_nonce(self, job_id: str, nonce: str) -> bool:
         """True the first time a nonce is seen for a job, False on a replay."""
 
+    # --- onboarding: certificates, revocations, SuperNode keys -------------
+    @abstractmethod
+    def add_certificate(
+        self, serial: str, institution: str, fingerprint: str, not_after_ms: int
+    ) -> None: ...
+
+    @abstractmethod
+    def institutions(self) -> list[str]:
+        """Every institution a certificate was issued to."""
+
+    @abstractmethod
+    def revoke_institution(self, institution: str) -> None:
+        """Deny-list the institution and mark its nodes gone."""
+
+    @abstractmethod
+    def is_revoked(self, institution: str) -> bool: ...
+
+    @abstractmethod
+    def add_supernode_key(self, institution: str, public_key: str) -> None: ...
+
+    @abstractmethod
+    def supernode_keys(self) -> list[tuple[str, str, str]]:
+        """(institution, OpenSSH public key, Flower node id or '') for every key."""
+
+    @abstractmethod
+    def set_supernode_node_id(self, institution: str, public_key: str, node_id: str) -> None: ...
+
     # --- events ------------------------------------------------------------
     @abstractmethod
     def events_after(self, job_id: str, sequence: int) -> list[JobEventRecord]: ...

@@ -1,0 +1,116 @@
+"""The startup bundle an operator sends a site, checked before anything connects.
+
+bundle dir: ca.crt, ca.sha256, institution.crt, bundle.toml, ray-token. The
+site's private keys live in its state dir (`client keygen`), never in a bundle.
+Every problem names the file that is wrong.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+
+from consortium import pki
+from consortium.errors import SettingsError
+from consortium.site_keys import SiteKeys
+from consortium.tls import ClientTls
+
+
+class BundleError(SettingsError):
+    """The bundle or the site's keys are missing, corrupt or do not belong together."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    directory: Path
+    institution: str
+    coordinator_address: str
+    keys: SiteKeys
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.directory / "ca.crt"
+
+    @property
+    def cert(self) -> Path:
+        return self.directory / "institution.crt"
+
+    @property
+    def ray_token(self) -> Path:
+        return self.directory / "ray-token"
+
+    def tls(self) -> ClientTls:
+        return ClientTls(self.ca_cert, self.cert, self.keys.tls_key)
+
+
+def _require(path: Path) -> Path:
+    if not path.is_file():
+        raise BundleError(f"{path} is missing")
+    return path
+
+
+def _certificate(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(_require(path).read_bytes())
+    except ValueError as err:
+        raise BundleError(f"{path} is not a PEM certificate: {err}") from None
+
+
+def load_bundle(directory: Path, state_dir: Path) -> Bundle:
+    if not directory.is_dir():
+        raise BundleError(f"bundle dir {directory} does not exist")
+    try:
+        meta = tomllib.loads(_require(directory / "bundle.toml").read_text())
+        institution = str(meta["institution"])
+        address = str(meta["coordinator_address"])
+    except (tomllib.TOMLDecodeError, KeyError) as err:
+        raise BundleError(f"{directory / 'bundle.toml'} is incomplete or invalid: {err}") from None
+    ca = _certificate(directory / "ca.crt")
+    expected = _require(directory / "ca.sha256").read_text().strip()
+    if pki.fingerprint(ca) != expected or meta.get("ca_fingerprint") != expected:
+        raise BundleError(
+            f"{directory / 'ca.crt'} does not match the fingerprint in ca.sha256 and "
+            "bundle.toml; compare it with the operator's out of band"
+        )
+    cert = _certificate(directory / "institution.crt")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise BundleError(f"{directory / 'institution.crt'} was not issued by ca.crt") from None
+    if pki.institution_of(cert.subject) != institution:
+        raise BundleError(
+            f"{directory / 'institution.crt'} is for {pki.institution_of(cert.subject)!r}, "
+            f"bundle.toml says {institution!r}"
+        )
+    now = dt.datetime.now(dt.UTC)
+    if now < cert.not_valid_before_utc:
+        raise BundleError(
+            f"{directory / 'institution.crt'} is not valid before "
+            f"{cert.not_valid_before_utc.isoformat()}"
+        )
+    if now > cert.not_valid_after_utc:
+        raise BundleError(
+            f"{directory / 'institution.crt'} expired on "
+            f"{cert.not_valid_after_utc.isoformat()}; ask the operator to renew"
+        )
+    _require(directory / "ray-token")
+    keys = SiteKeys(state_dir)
+    try:
+        key = pki.load_private_key(_require(keys.tls_key))
+    except (ValueError, SettingsError) as err:
+        raise BundleError(f"{keys.tls_key} is not a usable private key: {err}") from None
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    encoding = serialization.Encoding.DER
+    if key.public_key().public_bytes(encoding, public) != cert.public_key().public_bytes(
+        encoding, public
+    ):
+        raise BundleError(f"{directory / 'institution.crt'} does not match the key {keys.tls_key}")
+    _require(keys.supernode_key)
+    _require(keys.signing_key)
+    return Bundle(directory, institution, address, keys)

@@ -1,0 +1,225 @@
+"""The consortium's X.509 PKI: a root CA, the coordinator's server certificate,
+and institution client certificates issued from CSRs (keys stay at the sites).
+
+ECDSA P-256 everywhere (TLS and Flower SuperNode authentication both accept it).
+Private keys are written with mode 0600 and never overwritten silently.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from consortium.errors import InvalidArgumentError
+
+ORGANIZATION = "Consortium"
+CA_VALIDITY_DAYS = 3650
+
+
+def generate_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def write_private_key(
+    path: Path, key: ec.EllipticCurvePrivateKey, *, openssh: bool = False, force: bool = False
+) -> None:
+    """PEM (PKCS#8) or OpenSSH encoding, mode 0600; refuses to overwrite unless forced."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    encoding = serialization.Encoding.PEM
+    fmt = serialization.PrivateFormat.OpenSSH if openssh else serialization.PrivateFormat.PKCS8
+    data = key.private_bytes(encoding, fmt, serialization.NoEncryption())
+    if force:
+        path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    data = path.read_bytes()
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except ValueError:
+        key = serialization.load_ssh_private_key(data, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise InvalidArgumentError(f"{path} does not hold an EC private key")
+    return key
+
+
+def openssh_public_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def create_ca(
+    key: ec.EllipticCurvePrivateKey,
+    common_name: str = "Consortium Root CA",
+    days: int = CA_VALIDITY_DAYS,
+) -> x509.Certificate:
+    now = _now()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(_name(common_name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def _leaf(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    subject: x509.Name,
+    public_key: ec.EllipticCurvePublicKey,
+    usage: x509.ObjectIdentifier,
+    days: int,
+    sans: list[x509.GeneralName] | None = None,
+    not_before: dt.datetime | None = None,
+) -> x509.Certificate:
+    start = not_before or _now() - dt.timedelta(minutes=5)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+def issue_server_certificate(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    key: ec.EllipticCurvePrivateKey,
+    hosts: list[str],
+    days: int,
+) -> x509.Certificate:
+    sans: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    return _leaf(
+        ca_key,
+        ca_cert,
+        _name("consortium-coordinator"),
+        key.public_key(),
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        days,
+        sans,
+    )
+
+
+def make_csr(key: ec.EllipticCurvePrivateKey, institution: str) -> x509.CertificateSigningRequest:
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(_name(institution))
+        .sign(key, hashes.SHA256())
+    )
+
+
+def sign_csr(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    csr: x509.CertificateSigningRequest,
+    institution: str,
+    days: int,
+    not_before: dt.datetime | None = None,
+) -> x509.Certificate:
+    """An institution's client certificate; the CSR must be self-consistent and name it."""
+    if not csr.is_signature_valid:
+        raise InvalidArgumentError("the CSR's signature does not verify")
+    if institution_of(csr.subject) != institution:
+        raise InvalidArgumentError(
+            f"the CSR names {institution_of(csr.subject)!r}, not {institution!r}"
+        )
+    public_key = csr.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise InvalidArgumentError("the CSR's key must be an EC (P-256) key")
+    return _leaf(
+        ca_key,
+        ca_cert,
+        _name(institution),
+        public_key,
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+        days,
+        not_before=not_before,
+    )
+
+
+def institution_of(name: x509.Name) -> str:
+    values = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(values[0].value) if values else ""
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 fingerprint, colon separated, as people compare them out of band."""
+    return ":".join(f"{b:02X}" for b in cert.fingerprint(hashes.SHA256()))
+
+
+def pem(cert: x509.Certificate | x509.CertificateSigningRequest) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def load_certificate(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except ValueError as err:
+        raise InvalidArgumentError(f"{path} is not a PEM certificate: {err}") from None
+
+
+def load_csr(path: Path) -> x509.CertificateSigningRequest:
+    try:
+        return x509.load_pem_x509_csr(path.read_bytes())
+    except ValueError as err:
+        raise InvalidArgumentError(f"{path} is not a PEM certificate request: {err}") from None

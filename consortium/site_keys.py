@@ -1,0 +1,78 @@
+"""An institution's keys, created at the site (`client keygen`); private keys stay there.
+
+<state dir>/
+    tls.key                      mTLS key (ECDSA P-256), 0600
+    supernode.key                Flower SuperNode authentication key (OpenSSH EC), 0600
+    institution-signing.key      Ed25519 key that signs model updates, 0600
+    request/                     what the operator needs, nothing secret:
+        tls.csr                  certificate signing request (CN = institution)
+        supernode.pub            SuperNode public key (OpenSSH)
+        institution-signing.pub  update-signing public key (PEM)
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from consortium import pki
+from consortium.errors import ConflictError
+from consortium.provenance.signing import SigningKey
+
+
+@dataclass(frozen=True)
+class SiteKeys:
+    state_dir: Path
+
+    @property
+    def tls_key(self) -> Path:
+        return self.state_dir / "tls.key"
+
+    @property
+    def supernode_key(self) -> Path:
+        return self.state_dir / "supernode.key"
+
+    @property
+    def signing_key(self) -> Path:
+        return self.state_dir / "institution-signing.key"
+
+    @property
+    def request_dir(self) -> Path:
+        return self.state_dir / "request"
+
+    @property
+    def csr(self) -> Path:
+        return self.request_dir / "tls.csr"
+
+    @property
+    def supernode_public(self) -> Path:
+        return self.request_dir / "supernode.pub"
+
+    @property
+    def signing_public(self) -> Path:
+        return self.request_dir / "institution-signing.pub"
+
+
+def create_site_keys(state_dir: Path, institution: str, force: bool = False) -> SiteKeys:
+    """Generate the three key pairs and the request the operator signs."""
+    keys = SiteKeys(state_dir)
+    existing = [p for p in (keys.tls_key, keys.supernode_key, keys.signing_key) if p.exists()]
+    if existing and not force:
+        raise ConflictError(
+            f"{existing[0]} already exists; pass --force to replace this site's keys"
+        )
+    keys.request_dir.mkdir(parents=True, exist_ok=True)
+    tls_key = pki.generate_key()
+    pki.write_private_key(keys.tls_key, tls_key, force=force)
+    keys.csr.write_bytes(pki.pem(pki.make_csr(tls_key, institution)))
+    supernode_key = pki.generate_key()
+    pki.write_private_key(keys.supernode_key, supernode_key, openssh=True, force=force)
+    keys.supernode_public.write_bytes(pki.openssh_public_key(supernode_key))
+    if force:
+        keys.signing_key.unlink(missing_ok=True)
+        keys.signing_key.with_suffix(".pub").unlink(missing_ok=True)
+    signing = SigningKey.generate()
+    signing.save(keys.signing_key)
+    shutil.copyfile(keys.signing_key.with_suffix(".pub"), keys.signing_public)
+    return keys

@@ -1,0 +1,107 @@
+"""Who is calling: the institution named by the caller's verified client certificate.
+
+gRPC's TLS layer has already checked that the certificate chains to our CA and
+is within its validity period (an unknown CA, an expired or not-yet-valid
+certificate never reaches Python: the handshake fails). This interceptor adds
+what gRPC in Python cannot: a deny-list of revoked institutions, checked on
+every call, and the caller's identity for the servicers' authorization checks.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from consortium.errors import InvalidArgumentError, PermissionDeniedError
+from coordinator.pki_files import OPERATOR
+from coordinator.state import StateStore
+
+log = logging.getLogger(__name__)
+
+# The institution (certificate common name) of the current call; None without TLS.
+CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("CALLER", default=None)
+
+
+def require_acting_as(institution: str) -> None:
+    """Refuse a caller acting for an institution other than its own."""
+    caller = CALLER.get()
+    if caller is None or caller == OPERATOR:
+        return
+    if not institution:
+        raise InvalidArgumentError("field 'institution': must not be empty")
+    if institution != caller:
+        raise PermissionDeniedError(
+            f"the certificate is for {caller!r}; it cannot act as {institution!r}"
+        )
+
+
+RefusalHook = Callable[[str, str], None]  # (reason, institution)
+
+
+class CertificateAuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, store: StateStore, on_refusal: RefusalHook | None = None) -> None:
+        self._store = store
+        self._on_refusal = on_refusal
+
+    def _refuse(
+        self, context: grpc.ServicerContext, reason: str, institution: str, message: str
+    ) -> None:
+        log.warning("control plane refused %s: %s", institution or "a caller", message)
+        if self._on_refusal is not None:
+            self._on_refusal(reason, institution)
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    def _authenticate(self, context: grpc.ServicerContext) -> str:
+        auth = context.auth_context()
+        names = auth.get("x509_common_name") or []
+        institution = names[0].decode() if names else ""
+        if not institution:
+            self._refuse(context, "no_client_certificate", "", "a client certificate is required")
+        if self._store.is_revoked(institution):
+            self._refuse(
+                context,
+                "revoked_certificate",
+                institution,
+                f"the certificate of {institution!r} has been revoked",
+            )
+        return institution
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.unary_unary is not None:
+            inner_unary = handler.unary_unary
+
+            def unary(request: Any, context: grpc.ServicerContext) -> Any:
+                token = CALLER.set(self._authenticate(context))
+                try:
+                    return inner_unary(request, context)
+                finally:
+                    CALLER.reset(token)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            def stream(request: Any, context: grpc.ServicerContext) -> Any:
+                token = CALLER.set(self._authenticate(context))
+                try:
+                    yield from inner_stream(request, context)
+                finally:
+                    CALLER.reset(token)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream, handler.request_deserializer, handler.response_serializer
+            )
+        return handler

@@ -1,0 +1,187 @@
+"""Operator-side onboarding: create the consortium, onboard, revoke and renew institutions.
+
+Everything here works on the coordinator's data dir and state store; the
+running coordinator picks changes up (new SuperNode keys are registered with
+the SuperLink, revoked ones unregistered, revoked certificates refused).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+
+from consortium import pki
+from consortium.errors import ConflictError, InvalidArgumentError, NotFoundError
+from consortium.provenance.signing import SignatureError, SigningKey, VerifyingKey
+from coordinator.pki_files import OPERATOR, CoordinatorPki
+from coordinator.provenance_paths import coordinator_key_path
+from coordinator.state import StateStore
+
+BUNDLE_FILE = "bundle.toml"
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a site sends: its CSR and two public keys (no secrets)."""
+
+    csr: Path
+    supernode_public: Path
+    signing_public: Path
+
+    @classmethod
+    def from_dir(cls, directory: Path) -> Request:
+        request = cls(
+            directory / "tls.csr",
+            directory / "supernode.pub",
+            directory / "institution-signing.pub",
+        )
+        for path in (request.csr, request.supernode_public, request.signing_public):
+            if not path.exists():
+                raise InvalidArgumentError(f"the site request is missing {path}")
+        return request
+
+
+def _write_secret(path: Path, data: bytes, force: bool) -> None:
+    if force:
+        path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def init_consortium(
+    data_dir: Path, hosts: list[str], cert_days: int, force: bool = False
+) -> CoordinatorPki:
+    """Root CA, server certificate, operator certificate, signing key, Ray token."""
+    files = CoordinatorPki(data_dir)
+    existing = [p for p in (files.ca_key, coordinator_key_path(data_dir)) if p.exists()]
+    if existing and not force:
+        raise ConflictError(f"{existing[0]} already exists; pass --force to start over")
+    files.root.mkdir(parents=True, exist_ok=True)
+    ca_key = pki.generate_key()
+    ca_cert = pki.create_ca(ca_key)
+    pki.write_private_key(files.ca_key, ca_key, force=force)
+    files.ca_cert.write_bytes(pki.pem(ca_cert))
+    server_key = pki.generate_key()
+    pki.write_private_key(files.server_key, server_key, force=force)
+    files.server_cert.write_bytes(
+        pki.pem(pki.issue_server_certificate(ca_key, ca_cert, server_key, hosts, cert_days))
+    )
+    operator_key = pki.generate_key()
+    pki.write_private_key(files.operator_key, operator_key, force=force)
+    operator_csr = pki.make_csr(operator_key, OPERATOR)
+    files.operator_cert.write_bytes(
+        pki.pem(pki.sign_csr(ca_key, ca_cert, operator_csr, OPERATOR, cert_days))
+    )
+    _write_secret(files.ray_token, secrets.token_hex(32).encode(), force)
+    signing = coordinator_key_path(data_dir)
+    if force:
+        signing.unlink(missing_ok=True)
+        signing.with_suffix(".pub").unlink(missing_ok=True)
+    SigningKey.generate().save(signing)
+    return files
+
+
+def _issue(
+    files: CoordinatorPki, store: StateStore, institution: str, csr_path: Path, days: int
+) -> x509.Certificate:
+    files.require()
+    ca_key = pki.load_private_key(files.ca_key)
+    ca_cert = pki.load_certificate(files.ca_cert)
+    cert = pki.sign_csr(ca_key, ca_cert, pki.load_csr(csr_path), institution, days)
+    store.add_certificate(
+        format(cert.serial_number, "x"),
+        institution,
+        pki.fingerprint(cert),
+        int(cert.not_valid_after_utc.timestamp() * 1000),
+    )
+    return cert
+
+
+def onboard(
+    data_dir: Path,
+    store: StateStore,
+    institution: str,
+    request: Request,
+    bundle_dir: Path,
+    coordinator_address: str,
+    cert_days: int,
+) -> Path:
+    """Sign the site's CSR, register its keys, write its startup bundle."""
+    if institution == OPERATOR or not institution.replace("-", "").replace("_", "").isalnum():
+        raise InvalidArgumentError(
+            f"institution name {institution!r}: use letters, digits, '-' and '_' "
+            f"(and not {OPERATOR!r})"
+        )
+    if store.is_revoked(institution):
+        raise ConflictError(f"{institution} was revoked; choose a new name to onboard again")
+    files = CoordinatorPki(data_dir)
+    try:
+        signing = VerifyingKey.load(request.signing_public)
+    except (SignatureError, ValueError) as err:
+        raise InvalidArgumentError(f"{request.signing_public}: {err}") from None
+    supernode_key = request.supernode_public.read_text().strip()
+    if not supernode_key.startswith("ecdsa-sha2-nistp"):
+        raise InvalidArgumentError(f"{request.supernode_public} is not an OpenSSH EC public key")
+    cert = _issue(files, store, institution, request.csr, cert_days)
+    store.add_institution_key(institution, signing.key_id, signing.raw)
+    store.add_supernode_key(institution, supernode_key)
+    return write_bundle(files, institution, cert, bundle_dir, coordinator_address)
+
+
+def write_bundle(
+    files: CoordinatorPki,
+    institution: str,
+    cert: x509.Certificate,
+    bundle_dir: Path,
+    coordinator_address: str,
+) -> Path:
+    """The startup bundle: public material and the Ray token, never a CA or coordinator key."""
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    ca_cert = pki.load_certificate(files.ca_cert)
+    shutil.copyfile(files.ca_cert, bundle_dir / "ca.crt")
+    fingerprint = pki.fingerprint(ca_cert)
+    (bundle_dir / "ca.sha256").write_text(fingerprint + "\n")
+    (bundle_dir / "institution.crt").write_bytes(pki.pem(cert))
+    _write_secret(bundle_dir / "ray-token", files.ray_token.read_bytes(), force=True)
+    (bundle_dir / BUNDLE_FILE).write_text(
+        f'institution = "{institution}"\n'
+        f'coordinator_address = "{coordinator_address}"\n'
+        f'ca_fingerprint = "{fingerprint}"\n'
+        f'certificate_not_after = "{cert.not_valid_after_utc.isoformat()}"\n'
+    )
+    return bundle_dir
+
+
+def renew(
+    data_dir: Path,
+    store: StateStore,
+    institution: str,
+    csr: Path,
+    bundle_dir: Path,
+    coordinator_address: str,
+    cert_days: int,
+) -> Path:
+    if institution not in store.institutions():
+        raise NotFoundError(f"{institution} was never onboarded")
+    if store.is_revoked(institution):
+        raise ConflictError(f"{institution} is revoked; it cannot renew")
+    files = CoordinatorPki(data_dir)
+    cert = _issue(files, store, institution, csr, cert_days)
+    return write_bundle(files, institution, cert, bundle_dir, coordinator_address)
+
+
+def revoke(store: StateStore, institution: str) -> None:
+    if institution not in store.institutions():
+        raise NotFoundError(f"{institution} was never onboarded")
+    store.revoke_institution(institution)
+
+
+def key_digest(public_key: str) -> str:
+    return hashlib.sha256(public_key.encode()).hexdigest()[:16]

@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint protos
+.PHONY: demo test lint protos dashboard
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,10 +20,15 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/mypy deploy
 	$(BIN)/python scripts/gen_protos.py --check
+	$(BIN)/python -m deploy.grafana.build --check
 
 protos: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
+
+dashboard: $(STAMP)
+	$(BIN)/python -m deploy.grafana.build
 
 test: lint
 	$(BIN)/pytest

@@ -49,6 +49,7 @@ class SuperNode:
                     # Keys stay at the site; the ClientApp reads them from here.
                     "signing-key": str((state_dir / SIGNING_KEY_FILE).resolve()),
                     "commitment-key": str((state_dir / COMMITMENT_KEY_FILE).resolve()),
+                    "state-dir": str(state_dir.resolve()),  # for `client join`'s metrics
                 }
             ),
         ]

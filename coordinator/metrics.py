@@ -17,6 +17,7 @@ series to show before the first event.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -30,6 +31,10 @@ from coordinator.metrics_state import StateCollector
 from coordinator.settings import CoordinatorSettings
 from coordinator.state import StateStore
 
+log = logging.getLogger(__name__)
+
+# Counts a label value outside the fixed set (see `_known`).
+OTHER = "other"
 AUTH_CHANNELS = ("control_plane", "fleet")
 AUTH_REASONS = (
     "no_client_certificate",
@@ -37,6 +42,7 @@ AUTH_REASONS = (
     "revoked_certificate",
     "unknown_node",
     "institution_mismatch",
+    OTHER,
 )
 SCHEDULER_FAILURES = ("start_error", "ended_early")
 
@@ -129,10 +135,12 @@ class CoordinatorMetrics:
 
 
 def _known(value: str, allowed: tuple[str, ...]) -> str:
-    # Label values are a fixed set: an unbounded one would explode series counts.
-    if value not in allowed:
-        raise ValueError(f"metric label {value!r} is not one of {', '.join(allowed)}")
-    return value
+    """Label values are a fixed set (an open one would multiply series); an
+    unexpected value is counted as `other` rather than failing the caller's request."""
+    if value in allowed:
+        return value
+    log.warning("metric label %r is not one of %s; counted as 'other'", value, allowed)
+    return OTHER
 
 
 # --- RPCs ------------------------------------------------------------------

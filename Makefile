@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine (see README.md):
 #   make demo   - create .venv if needed, then run the whole consortium on this machine
-#   make test   - create .venv if needed, then lint, type-check, check protos, run pytest
+#   make test   - create .venv if needed, then lint, type-check, check protos and the
+#                 dashboard, install Prometheus if missing (for its test), run pytest
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -31,4 +32,5 @@ dashboard: $(STAMP)
 	$(BIN)/python -m deploy.grafana.build
 
 test: lint
+	bash scripts/ensure-prometheus.sh
 	$(BIN)/pytest

@@ -1,0 +1,165 @@
+"""The PKI helpers and the site's bundle checks, without servers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+
+from client.bundle import BundleError, load_bundle
+from consortium import pki
+from consortium.errors import ConflictError, InvalidArgumentError
+from consortium.site_keys import create_site_keys
+from coordinator.onboarding import Request, init_consortium, onboard, renew, revoke
+from coordinator.pki_files import CoordinatorPki
+from coordinator.state import SqliteStateStore
+
+
+@pytest.fixture
+def onboarded(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(coordinator data dir, site state dir, bundle dir) for institution 'alpha'."""
+    data_dir = tmp_path / "coordinator"
+    init_consortium(data_dir, ["127.0.0.1"], cert_days=30)
+    keys = create_site_keys(tmp_path / "site", "alpha")
+    store = SqliteStateStore(data_dir / "state.db")
+    try:
+        onboard(
+            data_dir,
+            store,
+            "alpha",
+            Request.from_dir(keys.request_dir),
+            tmp_path / "bundle",
+            "127.0.0.1:1",
+            cert_days=30,
+        )
+    finally:
+        store.close()
+    return data_dir, tmp_path / "site", tmp_path / "bundle"
+
+
+def test_bundle_of_an_onboarded_site_loads(onboarded: tuple[Path, Path, Path]) -> None:
+    _, site, bundle_dir = onboarded
+    bundle = load_bundle(bundle_dir, site)
+    assert bundle.institution == "alpha"
+    assert bundle.coordinator_address == "127.0.0.1:1"
+
+
+def test_init_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
+    init_consortium(tmp_path, ["127.0.0.1"], cert_days=1)
+    first = (tmp_path / "pki" / "ca.crt").read_bytes()
+    with pytest.raises(ConflictError, match="--force"):
+        init_consortium(tmp_path, ["127.0.0.1"], cert_days=1)
+    init_consortium(tmp_path, ["127.0.0.1"], cert_days=1, force=True)
+    assert (tmp_path / "pki" / "ca.crt").read_bytes() != first
+    assert stat.S_IMODE((tmp_path / "pki" / "ca.key").stat().st_mode) == 0o600
+
+
+def test_csr_for_another_institution_is_refused(tmp_path: Path) -> None:
+    data_dir = tmp_path / "coordinator"
+    init_consortium(data_dir, ["127.0.0.1"], cert_days=30)
+    keys = create_site_keys(tmp_path / "site", "mallory")
+    store = SqliteStateStore(data_dir / "state.db")
+    try:
+        with pytest.raises(InvalidArgumentError, match="names 'mallory', not 'alpha'"):
+            onboard(
+                data_dir,
+                store,
+                "alpha",
+                Request.from_dir(keys.request_dir),
+                tmp_path / "bundle",
+                "127.0.0.1:1",
+                cert_days=30,
+            )
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    "name", ["ca.crt", "institution.crt", "ca.sha256", "bundle.toml", "ray-token"]
+)
+def test_missing_bundle_file_is_named(onboarded: tuple[Path, Path, Path], name: str) -> None:
+    _, site, bundle_dir = onboarded
+    (bundle_dir / name).unlink()
+    with pytest.raises(BundleError, match=name):
+        load_bundle(bundle_dir, site)
+
+
+def test_ca_not_matching_its_fingerprint_is_refused(
+    onboarded: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    _, site, bundle_dir = onboarded
+    other = tmp_path / "other"
+    init_consortium(other, ["127.0.0.1"], cert_days=1)
+    shutil.copyfile(other / "pki" / "ca.crt", bundle_dir / "ca.crt")
+    with pytest.raises(BundleError, match="fingerprint"):
+        load_bundle(bundle_dir, site)
+
+
+def test_certificate_not_matching_the_site_key_is_refused(
+    onboarded: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    _, _, bundle_dir = onboarded
+    stranger = create_site_keys(tmp_path / "stranger", "alpha")
+    with pytest.raises(BundleError, match="does not match the key"):
+        load_bundle(bundle_dir, stranger.state_dir)
+
+
+@pytest.mark.parametrize(
+    ("not_before", "days", "words"),
+    [
+        (dt.datetime.now(dt.UTC) - dt.timedelta(days=10), 1, "expired"),
+        (dt.datetime.now(dt.UTC) + dt.timedelta(days=2), 30, "not valid before"),
+    ],
+)
+def test_expired_or_future_certificate_is_refused(
+    onboarded: tuple[Path, Path, Path], not_before: dt.datetime, days: int, words: str
+) -> None:
+    data_dir, site, bundle_dir = onboarded
+    files = CoordinatorPki(data_dir)
+    csr = pki.make_csr(pki.load_private_key(site / "tls.key"), "alpha")
+    cert = pki.sign_csr(
+        pki.load_private_key(files.ca_key),
+        pki.load_certificate(files.ca_cert),
+        csr,
+        "alpha",
+        days,
+        not_before,
+    )
+    (bundle_dir / "institution.crt").write_bytes(pki.pem(cert))
+    with pytest.raises(BundleError, match=words):
+        load_bundle(bundle_dir, site)
+
+
+def test_revoked_institution_cannot_renew(
+    onboarded: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    data_dir, site, _ = onboarded
+    store = SqliteStateStore(data_dir / "state.db")
+    try:
+        renewed = renew(
+            data_dir,
+            store,
+            "alpha",
+            site / "request" / "tls.csr",
+            tmp_path / "renewed",
+            "127.0.0.1:1",
+            cert_days=5,
+        )
+        assert load_bundle(renewed, site).institution == "alpha"
+        revoke(store, "alpha")
+        assert store.is_revoked("alpha")
+        with pytest.raises(ConflictError, match="revoked"):
+            renew(
+                data_dir,
+                store,
+                "alpha",
+                site / "request" / "tls.csr",
+                tmp_path / "again",
+                "127.0.0.1:1",
+                cert_days=5,
+            )
+    finally:
+        store.close()

@@ -208,7 +208,7 @@ def demo(
     work_dir: Annotated[Path, typer.Option(help="Where the demo keeps everything.")] = Path(
         ".consortium-demo"
     ),
-    rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 10,
+    rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 6,
     institutions: Annotated[int, typer.Option(min=2, max=8)] = 3,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:

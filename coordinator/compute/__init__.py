@@ -1,0 +1,68 @@
+"""Shared compute: DiLoCo pretraining on the contributed nodes of a Ray cluster.
+
+The public surface; everything else in this package is an implementation detail::
+
+    import ray
+    from coordinator.compute import parse_pretrain_spec, run_pretraining
+
+    ray.init(address="auto")
+    spec = parse_pretrain_spec(open("job.toml").read())
+    result = run_pretraining(spec, data_dir / "checkpoints" / spec.name, on_step=print)
+
+See docs/pretraining.md for the method, the state machine and how nodes join.
+"""
+
+from __future__ import annotations
+
+from coordinator.compute.accounting import InstitutionContribution, JobAccounting, account
+from coordinator.compute.api import PretrainResult, result_of, run_pretraining
+from coordinator.compute.cluster import (
+    ClusterView,
+    RayClusterView,
+    ScalingDecision,
+    ScalingPolicy,
+    WorkerSlot,
+    slots_from_nodes,
+)
+from coordinator.compute.diloco import ControllerState, DiLoCoController
+from coordinator.compute.errors import (
+    CheckpointMismatchError,
+    ClusterNotConnectedError,
+    ControllerFinishedError,
+    PretrainFailedError,
+)
+from coordinator.compute.records import OuterStepRecord, WorkerStepResult
+from coordinator.compute.spec import (
+    PretrainJobSpec,
+    parse_pretrain_spec,
+    validate_pretrain_spec,
+)
+from coordinator.compute.worker import DiLoCoWorker, InnerTrainer
+
+__all__ = [
+    "CheckpointMismatchError",
+    "ClusterNotConnectedError",
+    "ClusterView",
+    "ControllerFinishedError",
+    "ControllerState",
+    "DiLoCoController",
+    "DiLoCoWorker",
+    "InnerTrainer",
+    "InstitutionContribution",
+    "JobAccounting",
+    "OuterStepRecord",
+    "PretrainFailedError",
+    "PretrainJobSpec",
+    "PretrainResult",
+    "RayClusterView",
+    "ScalingDecision",
+    "ScalingPolicy",
+    "WorkerSlot",
+    "WorkerStepResult",
+    "account",
+    "parse_pretrain_spec",
+    "result_of",
+    "run_pretraining",
+    "slots_from_nodes",
+    "validate_pretrain_spec",
+]

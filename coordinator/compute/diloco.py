@@ -1,0 +1,397 @@
+"""The DiLoCo outer loop as an explicit, steppable state machine.
+
+DiLoCo (Douillard et al., 2023): every worker starts from the global weights, takes H
+local AdamW steps on its own shards, and sends back its *pseudo-gradient* ``global -
+local``. The controller averages them and applies one outer SGD step with Nesterov
+momentum, treating the average as a gradient. Workers talk to the controller once per H
+inner steps, so communication is H times lower than synchronous data parallelism.
+
+States (`ControllerState`)::
+
+    RUNNING --step()--> RUNNING ... --last outer step--> FINISHED
+       |  ^                                              (step() then raises)
+       v  |  enough workers again
+    WAITING   too few usable workers, or too few results in an attempt; `waiting_reason`
+       |      says which and what would help; the step index does not move
+       v  max_failed_steps attempts in a row without enough results
+    FAILED
+
+One `step()` = one attempt at one outer step: plan workers (`ScalingPolicy`, honouring
+``per_institution_caps``, ``max_workers`` and ``min_workers``, waiting up to
+``wait_for_workers_s``), reconcile the actor pool (new nodes join here), assign shards,
+``ray.put`` the global weights once, call ``run_inner`` on every worker, ``ray.wait`` with
+``step_timeout_s``, drop workers that die, time out or send a rejected update, average
+the rest with the exact streaming mean, take the outer step, evaluate, checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import ray
+import torch
+
+from consortium.aggregation import StreamingMean, UpdateRejected
+from consortium.data.stdlib_corpus import StdlibCorpus
+from consortium.models.bytelm import ByteLM
+from consortium.tensor_digest import arrays_digest
+from coordinator.compute.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from coordinator.compute.cluster import ClusterView, ScalingDecision, ScalingPolicy, WorkerSlot
+from coordinator.compute.errors import (
+    CheckpointMismatchError,
+    ClusterNotConnectedError,
+    ControllerFinishedError,
+    PretrainFailedError,
+)
+from coordinator.compute.pool import WorkerPool, describe_failure
+from coordinator.compute.records import OuterStepRecord, WorkerStepResult
+from coordinator.compute.schedule import assign_shards, derive_seed
+from coordinator.compute.spec import PretrainJobSpec
+from coordinator.compute.worker import (
+    InnerMetrics,
+    Weights,
+    WorkerConfig,
+    corpus_for,
+    load_weights,
+    model_weights,
+    validation_loss,
+)
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 0.5  # how often a waiting controller re-reads the cluster
+UPDATE_WEIGHT = 1  # every worker did the same H steps, so pseudo-gradients weigh alike
+
+
+class ControllerState(StrEnum):
+    RUNNING = "running"
+    WAITING = "waiting"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One worker's part of one outer step (decided by `schedule`)."""
+
+    slot: WorkerSlot
+    position: int
+    shard_ids: tuple[int, ...]
+    seed: int
+
+
+DispatchHook = Callable[[int, list[str]], None]  # (outer step, worker ids) after dispatch
+
+
+class DiLoCoController:
+    def __init__(
+        self,
+        spec: PretrainJobSpec,
+        cluster_view: ClusterView,
+        checkpoint_dir: Path,
+        *,
+        scaling_policy: ScalingPolicy | None = None,
+        on_dispatch: DispatchHook | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        if not ray.is_initialized():
+            raise ClusterNotConnectedError(
+                "pretraining needs a Ray connection: call ray.init(address=...) first"
+            )
+        self.spec = spec
+        self.cluster_view = cluster_view
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.scaling_policy = scaling_policy or ScalingPolicy(
+            spec.min_workers,
+            min(spec.max_workers or spec.num_shards, spec.num_shards),
+            spec.per_institution_caps,
+        )
+        self.on_dispatch = on_dispatch
+        self.stop = stop or threading.Event()
+        self.corpus: StdlibCorpus = corpus_for(spec)
+        self.model = ByteLM(spec.bytelm_config, seed=spec.seed)
+        self.outer_optimizer = torch.optim.SGD(
+            self.model.parameters(),
+            lr=spec.outer_lr,
+            momentum=spec.outer_momentum,
+            nesterov=spec.outer_momentum > 0,
+        )
+        self.step_index = 0  # outer steps completed
+        self.records: list[OuterStepRecord] = []
+        self.waiting_reason: str | None = None
+        self._rng_state: dict[str, Any] = dict(np.random.PCG64(spec.seed).state)
+        self._failed_attempts = 0
+        self._quarantined: set[str] = set()  # nodes that lost a worker in the last attempt
+        checkpoint = load_checkpoint(self.checkpoint_dir)
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self.state = (
+            ControllerState.FINISHED
+            if self.step_index >= spec.outer_steps
+            else ControllerState.RUNNING
+        )
+        self._pool = WorkerPool(
+            lambda slot: WorkerConfig.from_spec(spec, self.corpus.digest, slot.device),
+            spec.worker_start_timeout_s,
+        )
+
+    # -- public surface ---------------------------------------------------------------
+
+    def global_weights(self) -> Weights:
+        return model_weights(self.model)
+
+    def model_digest(self) -> str:
+        return arrays_digest(self.global_weights())
+
+    def evaluate(self) -> float:
+        """Validation loss (nats per byte) of the current global model."""
+        spec = self.spec
+        return validation_loss(
+            self.model, self.corpus.validation, spec.seq_len, spec.batch_size, spec.eval_batches
+        )
+
+    def step(self) -> OuterStepRecord | None:
+        """One attempt at the next outer step; None when it could not be taken."""
+        if self.state in (ControllerState.FINISHED, ControllerState.FAILED):
+            raise ControllerFinishedError(f"controller is {self.state}; no step to take")
+        decision = self._plan()
+        if decision.waiting_reason is not None:
+            self._wait(decision.waiting_reason)
+            return None
+        started = time.monotonic()
+        lost = self._pool.reconcile(decision.workers)
+        workers = [slot for slot in decision.workers if slot.worker_id not in lost]
+        accepted: dict[str, tuple[Weights, InnerMetrics]] = {}
+        if len(workers) >= self.spec.min_workers:
+            step_seed, rng_after = self._peek_step_seed()
+            plan = self._assign(workers, step_seed)
+            returned, died = self._run_inner(plan)
+            lost.update(died)
+            mean = StreamingMean(self.global_weights())
+            for worker_id in sorted(returned):  # any order gives the same mean; sorted logs
+                try:
+                    mean.add(returned[worker_id][0], UPDATE_WEIGHT)
+                    accepted[worker_id] = returned[worker_id]
+                except UpdateRejected as err:
+                    lost[worker_id] = f"update rejected: {err}"
+                    self._pool.drop(worker_id)
+        self._quarantined = {s.node_id for s in decision.workers if s.worker_id in lost}
+        if len(accepted) < self.spec.min_workers:
+            self._attempt_failed(len(accepted), lost)
+            return None
+        received = sum(a.nbytes for a in self.global_weights().values())
+        results = tuple(
+            _result(plan[w], pseudo_gradient, metrics, received)
+            for w, (pseudo_gradient, metrics) in sorted(accepted.items())
+        )
+        self._apply_outer_step(mean.result())
+        self._rng_state = rng_after
+        return self._commit(results, lost, step_seed, mean.digest(), started)
+
+    def run(self, on_step: Callable[[OuterStepRecord], None] | None = None) -> None:
+        """Step until FINISHED (or until `stop` is set); raises `PretrainFailedError`."""
+        while self.state is not ControllerState.FINISHED and not self.stop.is_set():
+            record = self.step()
+            if self.state is ControllerState.FAILED:
+                raise PretrainFailedError(self.waiting_reason or "pretraining failed")
+            if record is not None and on_step is not None:
+                on_step(record)
+
+    def close(self) -> None:
+        """Kill this job's worker actors (the checkpoint stays)."""
+        self._pool.close()
+
+    def __enter__(self) -> DiLoCoController:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- one attempt ------------------------------------------------------------------
+
+    def _plan(self) -> ScalingDecision:
+        deadline = time.monotonic() + self.spec.wait_for_workers_s
+        while True:
+            decision = self.scaling_policy.decide(self.cluster_view.slots(), self._quarantined)
+            if decision.go or time.monotonic() >= deadline:
+                return decision
+            if self.stop.wait(min(POLL_INTERVAL_S, max(deadline - time.monotonic(), 0.0))):
+                return decision
+
+    def _wait(self, reason: str) -> None:
+        self.state = ControllerState.WAITING
+        self.waiting_reason = reason
+        log.info("outer step %d: %s", self.step_index, reason)
+
+    def _assign(self, workers: list[WorkerSlot], step_seed: int) -> dict[str, Assignment]:
+        shards = assign_shards(self.spec.num_shards, len(workers), self.step_index)
+        return {
+            slot.worker_id: Assignment(slot, i, shards[i], derive_seed(step_seed, i))
+            for i, slot in enumerate(workers)
+        }
+
+    def _attempt_failed(self, got: int, lost: dict[str, str]) -> None:
+        self._failed_attempts += 1
+        reason = (
+            f"outer step {self.step_index} attempt {self._failed_attempts} got {got} result(s), "
+            f"below min_workers={self.spec.min_workers}; lost {lost}"
+        )
+        self._wait(reason)
+        if self._failed_attempts >= self.spec.max_failed_steps:
+            self.state = ControllerState.FAILED
+            self.waiting_reason = f"{reason}; giving up after max_failed_steps attempts"
+
+    def _run_inner(
+        self, plan: dict[str, Assignment]
+    ) -> tuple[dict[str, tuple[Weights, InnerMetrics]], dict[str, str]]:
+        global_ref = ray.put(self.global_weights())  # once; every worker reads this copy
+        steps = self.spec.inner_steps
+        first = self.step_index * steps  # positions the inner learning-rate schedule
+        pending = {
+            self._pool.actor(w).run_inner.remote(global_ref, a.shard_ids, steps, a.seed, first): w
+            for w, a in plan.items()
+        }
+        if self.on_dispatch is not None:
+            self.on_dispatch(self.step_index, sorted(plan))
+        returned: dict[str, tuple[Weights, InnerMetrics]] = {}
+        lost: dict[str, str] = {}
+        deadline = time.monotonic() + self.spec.step_timeout_s
+        while pending and (remaining := deadline - time.monotonic()) > 0:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=remaining)
+            for ref in ready:
+                worker_id = pending.pop(ref)
+                try:
+                    returned[worker_id] = ray.get(ref)
+                except ray.exceptions.RayError as err:
+                    lost[worker_id] = "died: " + describe_failure(err)
+        for worker_id in pending.values():
+            lost[worker_id] = f"timed out after step_timeout_s={self.spec.step_timeout_s}"
+        for worker_id in lost:
+            self._pool.drop(worker_id)
+        return returned, lost
+
+    def _apply_outer_step(self, average: Weights) -> None:
+        """SGD with Nesterov momentum on the global model, pseudo-gradient as gradient."""
+        for name, param in self.model.named_parameters():
+            param.grad = torch.from_numpy(average[name])
+        self.outer_optimizer.step()
+        self.outer_optimizer.zero_grad(set_to_none=True)
+
+    def _commit(
+        self,
+        results: tuple[WorkerStepResult, ...],
+        lost: dict[str, str],
+        step_seed: int,
+        aggregate_digest: str,
+        started: float,
+    ) -> OuterStepRecord:
+        spec = self.spec
+        val_loss = self.evaluate()
+        record = OuterStepRecord(
+            step=self.step_index,
+            results=results,
+            workers_lost=dict(sorted(lost.items())),
+            step_seed=step_seed,
+            aggregate_digest=aggregate_digest,
+            model_digest=self.model_digest(),
+            val_loss=val_loss,
+            wall_s=time.monotonic() - started,
+            attempts=self._failed_attempts + 1,
+        )
+        self.step_index += 1
+        self.records.append(record)
+        self._failed_attempts = 0
+        self.waiting_reason = None
+        self.state = (
+            ControllerState.FINISHED
+            if self.step_index >= spec.outer_steps
+            else ControllerState.RUNNING
+        )
+        self._save()
+        log.info(
+            "outer step %d: %d workers, %d lost, val loss %.4f",
+            record.step,
+            len(results),
+            len(lost),
+            val_loss,
+        )
+        return record
+
+    # -- seeds and checkpoints ----------------------------------------------------------
+
+    def _peek_step_seed(self) -> tuple[int, dict[str, Any]]:
+        """The next step seed and the RNG state after drawing it (committed on success)."""
+        generator = np.random.PCG64()
+        generator.state = cast(Any, self._rng_state)
+        seed = int(np.random.Generator(generator).integers(0, 2**63 - 1))
+        return seed, dict(generator.state)
+
+    def _save(self) -> None:
+        save_checkpoint(
+            self.checkpoint_dir,
+            Checkpoint(
+                step=self.step_index,
+                model={n: p.detach() for n, p in self.model.named_parameters()},
+                outer_optimizer=self.outer_optimizer.state_dict(),
+                rng_state=self._rng_state,
+                training_identity=self.spec.training_identity(),
+                model_digest=self.model_digest(),
+                corpus_digest=self.corpus.digest,
+                records=tuple(self.records),
+            ),
+        )
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        identity = self.spec.training_identity()
+        differing = sorted(
+            k
+            for k in identity.keys() | checkpoint.training_identity.keys()
+            if identity.get(k) != checkpoint.training_identity.get(k)
+        )
+        if differing:
+            raise CheckpointMismatchError(
+                f"{self.checkpoint_dir} holds a checkpoint of another run (fields differ: "
+                f"{', '.join(differing)}); use a fresh checkpoint_dir or the original spec"
+            )
+        if checkpoint.corpus_digest != self.corpus.digest:
+            raise CheckpointMismatchError(
+                f"the checkpoint was trained on corpus {checkpoint.corpus_digest[:16]} but "
+                f"this machine builds {self.corpus.digest[:16]} (another Python version?)"
+            )
+        load_weights(self.model, {n: t.numpy() for n, t in checkpoint.model.items()})
+        self.outer_optimizer.load_state_dict(checkpoint.outer_optimizer)
+        self._rng_state = checkpoint.rng_state
+        self.step_index = checkpoint.step
+        self.records = list(checkpoint.records)
+        if self.model_digest() != checkpoint.model_digest:
+            raise CheckpointMismatchError(f"{self.checkpoint_dir}: weights do not match digest")
+
+
+def _result(
+    assignment: Assignment, pseudo_gradient: Weights, metrics: InnerMetrics, bytes_received: int
+) -> WorkerStepResult:
+    slot = assignment.slot
+    return WorkerStepResult(
+        worker=slot.worker_id,
+        institution=slot.institution,
+        node_id=slot.node_id,
+        device=slot.device,
+        position=assignment.position,
+        shard_ids=assignment.shard_ids,
+        seed=assignment.seed,
+        pseudo_gradient_digest=arrays_digest(pseudo_gradient),
+        bytes_received=bytes_received,
+        bytes_sent=sum(a.nbytes for a in pseudo_gradient.values()),
+        compute_s=metrics.compute_s,
+        inner_steps=metrics.steps,
+        tokens=metrics.tokens,
+        train_loss=metrics.mean_loss,
+    )

@@ -1,0 +1,109 @@
+"""The live `DiLoCoWorker` actors of one job, one per planned slot.
+
+`reconcile(slots)` makes the pool match a plan: actors whose slot left the plan are
+killed; missing ones are placed (pinned to their node, holding one GPU or one CPU and
+a sliver of the node's ``institution:<name>`` resource) and awaited until ready, with a
+timeout. Actors survive across outer steps, so a worker keeps its inner optimizer state
+and its corpus in memory; the controller drops (kills) the ones that fail.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from coordinator.compute.cluster import WorkerSlot
+from coordinator.compute.worker import DiLoCoWorker, WorkerConfig
+
+log = logging.getLogger(__name__)
+
+# Each worker takes this much of its node's `institution:<name>` resource: enough to tie
+# the actor to the institution's nodes, small enough never to be what limits placement.
+INSTITUTION_RESOURCE_PER_WORKER = 0.001
+
+
+def describe_failure(error: BaseException) -> str:
+    """One line for records and logs: the error type and the first line of its message."""
+    first = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {first[0] if first else ''}".strip()
+
+
+class WorkerPool:
+    def __init__(
+        self, config_for: Callable[[WorkerSlot], WorkerConfig], start_timeout_s: float
+    ) -> None:
+        self._config_for = config_for
+        self._start_timeout_s = start_timeout_s
+        self._actors: dict[str, Any] = {}  # worker id -> actor handle
+        self._slots: dict[str, WorkerSlot] = {}
+
+    @property
+    def workers(self) -> list[str]:
+        return sorted(self._actors)
+
+    def actor(self, worker_id: str) -> Any:
+        return self._actors[worker_id]
+
+    def reconcile(self, slots: tuple[WorkerSlot, ...]) -> dict[str, str]:
+        """Match the plan; returns ``{worker id: reason}`` for workers that did not start."""
+        wanted = {slot.worker_id: slot for slot in slots}
+        for worker_id in [w for w in self._actors if w not in wanted]:
+            self.drop(worker_id)
+        starting = {
+            slot.worker_id: self._start(slot)
+            for slot in slots
+            if slot.worker_id not in self._actors
+        }
+        if not starting:
+            return {}
+        pending = {actor.ready.remote(): worker_id for worker_id, actor in starting.items()}
+        failed: dict[str, str] = {}
+        deadline = time.monotonic() + self._start_timeout_s
+        while pending and (remaining := deadline - time.monotonic()) > 0:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=remaining)
+            for ref in ready:
+                worker_id = pending.pop(ref)
+                try:
+                    info = ray.get(ref)
+                    log.info("worker %s ready: %s", worker_id, info)
+                except ray.exceptions.RayError as err:
+                    failed[worker_id] = "failed to start: " + describe_failure(err)
+        for worker_id in pending.values():
+            failed[worker_id] = (
+                f"did not start within worker_start_timeout_s={self._start_timeout_s}"
+            )
+        for worker_id, actor in starting.items():
+            if worker_id in failed:
+                ray.kill(actor, no_restart=True)
+            else:
+                self._actors[worker_id] = actor
+                self._slots[worker_id] = wanted[worker_id]
+        return failed
+
+    def drop(self, worker_id: str) -> None:
+        actor = self._actors.pop(worker_id, None)
+        self._slots.pop(worker_id, None)
+        if actor is not None:
+            try:
+                ray.kill(actor, no_restart=True)
+            except ray.exceptions.RayError:
+                log.debug("worker %s was already gone", worker_id)
+
+    def close(self) -> None:
+        for worker_id in list(self._actors):
+            self.drop(worker_id)
+
+    def _start(self, slot: WorkerSlot) -> Any:
+        options: dict[str, Any] = {
+            "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=slot.node_id, soft=False),
+            "num_cpus": 1 if slot.device == "cpu" else 0,
+            "num_gpus": 1 if slot.device == "gpu" else 0,
+        }
+        if slot.resource is not None:
+            options["resources"] = {slot.resource: INSTITUTION_RESOURCE_PER_WORKER}
+        return DiLoCoWorker.options(**options).remote(self._config_for(slot))

@@ -1,0 +1,220 @@
+"""Pretraining job specs: TOML (or a mapping) in, a validated `PretrainJobSpec` out.
+
+Example::
+
+    name = "stdlib-bytelm"
+    kind = "pretrain"
+    n_layer = 2
+    n_head = 2
+    n_embd = 64
+    block_size = 64
+    seq_len = 64
+    inner_steps = 100          # H: local AdamW steps between two synchronisations
+    outer_steps = 10
+    inner_lr = 3e-3
+    outer_lr = 0.7
+    outer_momentum = 0.9       # Nesterov
+    batch_size = 8
+    seed = 0
+    min_workers = 2
+    per_institution_caps = { aurora = 4 }
+    corpus_bytes = 4_194_304
+    max_worker_memory_bytes = 17_179_869_184
+
+Every error names the field (``field 'inner_steps': ...``), so the user can fix the file.
+Fields marked *operational* may change when a job is resumed from its checkpoint; all
+others define the training run and must match the checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from consortium.errors import JobSpecError
+from consortium.models.bytelm import FLOAT32_BYTES, ByteLMConfig
+
+# Float32 copies of the model a worker holds: weights, gradients, AdamW's two moments and
+# the global weights the pseudo-gradient is taken against. Activations are not counted.
+WORKER_MODEL_COPIES = 5
+
+# May differ between a checkpoint and the spec that resumes it (see `training_identity`).
+OPERATIONAL_FIELDS = frozenset(
+    {
+        "min_workers",
+        "max_workers",
+        "per_institution_caps",
+        "device",
+        "step_timeout_s",
+        "worker_start_timeout_s",
+        "wait_for_workers_s",
+        "max_failed_steps",
+        "max_worker_memory_bytes",
+    }
+)
+
+
+class PretrainJobSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=128)
+    kind: Literal["pretrain"] = "pretrain"
+    model: Literal["bytelm"] = "bytelm"
+    corpus: Literal["python-stdlib"] = "python-stdlib"
+
+    # Model size (consortium.models.bytelm).
+    n_layer: int = Field(default=2, ge=1, le=128)
+    n_head: int = Field(default=2, ge=1, le=128)
+    n_embd: int = Field(default=64, ge=1, le=65_536)
+    block_size: int = Field(default=64, ge=2, le=65_536)
+
+    # DiLoCo: H inner AdamW steps per worker, then one outer Nesterov step.
+    inner_steps: int = Field(gt=0, le=1_000_000)
+    outer_steps: int = Field(gt=0, le=1_000_000)
+    inner_lr: float = Field(default=3e-3, gt=0, le=1.0)
+    inner_lr_schedule: Literal["constant", "cosine"] = "cosine"
+    inner_warmup_steps: int = Field(default=0, ge=0)
+    inner_min_lr_ratio: float = Field(default=0.1, ge=0, le=1.0)
+    inner_weight_decay: float = Field(default=0.0, ge=0, le=1.0)
+    inner_grad_clip: float = Field(default=1.0, gt=0)
+    inner_optimizer_state: Literal["keep", "reset"] = "keep"
+    outer_lr: float = Field(default=0.7, gt=0, le=10.0)
+    outer_momentum: float = Field(default=0.9, ge=0, lt=1.0)
+    batch_size: int = Field(default=8, gt=0, le=65_536)
+    seq_len: int = Field(default=64, gt=0)
+    seed: int = Field(default=0, ge=0, lt=2**31)
+    deterministic: bool = True
+
+    # Data (consortium.data.stdlib_corpus).
+    num_shards: int = Field(default=64, ge=1, le=65_536)
+    corpus_bytes: int = Field(default=4 * 2**20, gt=0, le=2**40)
+    validation_bytes: int = Field(default=2**16, gt=0, le=2**34)
+    eval_batches: int = Field(default=8, gt=0, le=100_000)
+
+    # Scheduling (operational).
+    min_workers: int = Field(default=1, ge=1, le=100_000)
+    max_workers: int | None = Field(default=None, ge=1, le=100_000)
+    per_institution_caps: dict[str, int] = Field(default_factory=dict)
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    step_timeout_s: float = Field(default=3600.0, gt=0)
+    worker_start_timeout_s: float = Field(default=300.0, gt=0)
+    wait_for_workers_s: float = Field(default=60.0, ge=0)
+    max_failed_steps: int = Field(default=3, ge=1)
+    max_worker_memory_bytes: int = Field(default=16 * 2**30, gt=0)
+
+    @field_validator("n_embd")
+    @classmethod
+    def _heads_divide_width(cls, value: int, info: ValidationInfo) -> int:
+        heads = info.data.get("n_head")
+        if heads is not None and value % heads:
+            raise ValueError(f"must be a multiple of n_head ({heads}), got {value}")
+        return value
+
+    @field_validator("seq_len")
+    @classmethod
+    def _fits_block(cls, value: int, info: ValidationInfo) -> int:
+        block = info.data.get("block_size")
+        if block is not None and value > block:
+            raise ValueError(f"must be <= block_size ({block}), got {value}")
+        return value
+
+    @field_validator("corpus_bytes")
+    @classmethod
+    def _shards_hold_a_window(cls, value: int, info: ValidationInfo) -> int:
+        shards, seq = info.data.get("num_shards"), info.data.get("seq_len")
+        if shards is not None and seq is not None and value // shards < 2 * (seq + 1):
+            raise ValueError(
+                f"{value} bytes over {shards} shards leaves under 2 windows of seq_len+1 "
+                f"bytes per shard; raise corpus_bytes or lower num_shards"
+            )
+        return value
+
+    @field_validator("per_institution_caps")
+    @classmethod
+    def _caps_are_counts(cls, value: dict[str, int]) -> dict[str, int]:
+        for institution, cap in value.items():
+            if not institution or cap < 0:
+                raise ValueError(
+                    f"caps map an institution name to a worker count >= 0; got "
+                    f"{institution!r} = {cap}"
+                )
+        return value
+
+    @field_validator("max_worker_memory_bytes")
+    @classmethod
+    def _model_fits_worker(cls, value: int, info: ValidationInfo) -> int:
+        fields = ("n_layer", "n_head", "n_embd", "block_size")
+        if any(f not in info.data for f in fields):
+            return value  # a size field is already invalid and reported on its own
+        config = ByteLMConfig(**{f: info.data[f] for f in fields})
+        needed = WORKER_MODEL_COPIES * FLOAT32_BYTES * config.num_parameters()
+        if needed > value:
+            raise ValueError(
+                f"the model needs {needed} bytes per worker ({config.num_parameters()} "
+                f"parameters x {WORKER_MODEL_COPIES} float32 copies: weights, gradients, "
+                f"AdamW moments x2, global snapshot) but workers declare {value}; shrink "
+                "n_layer/n_embd or raise max_worker_memory_bytes"
+            )
+        return value
+
+    @property
+    def bytelm_config(self) -> ByteLMConfig:
+        """The `ByteLMConfig` these size fields describe."""
+        return ByteLMConfig(
+            n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd, block_size=self.block_size
+        )
+
+    def worker_memory_bytes(self) -> int:
+        return WORKER_MODEL_COPIES * self.bytelm_config.parameter_bytes()
+
+    def training_identity(self) -> dict[str, Any]:
+        """The fields that define the run (everything but `OPERATIONAL_FIELDS`)."""
+        return self.model_dump(mode="json", exclude=set(OPERATIONAL_FIELDS))
+
+    def digest(self) -> str:
+        """SHA-256 of the canonical JSON of the whole spec."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def validate_pretrain_spec(data: Mapping[str, Any]) -> PretrainJobSpec:
+    """Validate a mapping; raises `JobSpecError` naming every bad field."""
+    try:
+        return PretrainJobSpec.model_validate(dict(data))
+    except ValidationError as err:
+        raise JobSpecError(describe_validation_error(err)) from None
+
+
+def parse_pretrain_spec(text: str) -> PretrainJobSpec:
+    """Parse TOML and validate; raises `JobSpecError` naming every bad field."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise JobSpecError(f"job spec is not valid TOML: {err}") from None
+    return validate_pretrain_spec(raw)
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    problems = []
+    for issue in err.errors():
+        field = ".".join(str(part) for part in issue["loc"]) or "(top level)"
+        if issue["type"] == "missing":
+            problems.append(f"field '{field}': required but missing")
+        elif issue["type"] == "extra_forbidden":
+            problems.append(f"field '{field}': unknown field")
+        else:
+            message = issue["msg"].removeprefix("Value error, ")
+            problems.append(f"field '{field}': {message}")
+    return "invalid pretrain job spec: " + "; ".join(problems)

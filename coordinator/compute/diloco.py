@@ -162,14 +162,15 @@ class DiLoCoController:
         """One attempt at the next outer step; None when it could not be taken."""
         if self.state in (ControllerState.FINISHED, ControllerState.FAILED):
             raise ControllerFinishedError(f"controller is {self.state}; no step to take")
-        decision = self._plan()
+        quarantined, self._quarantined = self._quarantined, set()  # lasts one attempt
+        decision = self._plan(quarantined)
         if decision.waiting_reason is not None:
             self._wait(decision.waiting_reason)
             return None
         started = time.monotonic()
         lost = self._pool.reconcile(decision.workers)
         workers = [slot for slot in decision.workers if slot.worker_id not in lost]
-        accepted: dict[str, tuple[Weights, InnerMetrics]] = {}
+        accepted: dict[str, tuple[Weights, InnerMetrics]] = {}  # stays empty if too few start
         if len(workers) >= self.spec.min_workers:
             step_seed, rng_after = self._peek_step_seed()
             plan = self._assign(workers, step_seed)
@@ -217,10 +218,10 @@ class DiLoCoController:
 
     # -- one attempt ------------------------------------------------------------------
 
-    def _plan(self) -> ScalingDecision:
+    def _plan(self, quarantined: set[str]) -> ScalingDecision:
         deadline = time.monotonic() + self.spec.wait_for_workers_s
         while True:
-            decision = self.scaling_policy.decide(self.cluster_view.slots(), self._quarantined)
+            decision = self.scaling_policy.decide(self.cluster_view.slots(), quarantined)
             if decision.go or time.monotonic() >= deadline:
                 return decision
             if self.stop.wait(min(POLL_INTERVAL_S, max(deadline - time.monotonic(), 0.0))):

@@ -54,15 +54,16 @@ class WorkerPool:
         wanted = {slot.worker_id: slot for slot in slots}
         for worker_id in [w for w in self._actors if w not in wanted]:
             self.drop(worker_id)
-        starting = {
-            slot.worker_id: self._start(slot)
-            for slot in slots
-            if slot.worker_id not in self._actors
-        }
-        if not starting:
-            return {}
-        pending = {actor.ready.remote(): worker_id for worker_id, actor in starting.items()}
+        starting: dict[str, Any] = {}
         failed: dict[str, str] = {}
+        for slot in slots:
+            if slot.worker_id in self._actors:
+                continue
+            try:
+                starting[slot.worker_id] = self._start(slot)
+            except Exception as err:  # any placement error (bad node id, ...) fails one slot
+                failed[slot.worker_id] = "failed to start: " + describe_failure(err)
+        pending = {actor.ready.remote(): worker_id for worker_id, actor in starting.items()}
         deadline = time.monotonic() + self._start_timeout_s
         while pending and (remaining := deadline - time.monotonic()) > 0:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=remaining)
@@ -78,11 +79,10 @@ class WorkerPool:
                 f"did not start within worker_start_timeout_s={self._start_timeout_s}"
             )
         for worker_id, actor in starting.items():
+            self._actors[worker_id] = actor
+            self._slots[worker_id] = wanted[worker_id]
             if worker_id in failed:
-                ray.kill(actor, no_restart=True)
-            else:
-                self._actors[worker_id] = actor
-                self._slots[worker_id] = wanted[worker_id]
+                self.drop(worker_id)
         return failed
 
     def drop(self, worker_id: str) -> None:

@@ -28,6 +28,7 @@ from coordinator.compute import (
     CheckpointMismatchError,
     ControllerState,
     DiLoCoController,
+    PretrainFailedError,
     PretrainJobSpec,
     RayClusterView,
     ScalingPolicy,
@@ -172,13 +173,16 @@ def test_replay_with_same_seed_is_bit_identical_after_every_step(
 def test_fresh_controller_resumes_from_the_checkpoint(
     two_institutions: LocalCluster, tmp_path: Path
 ) -> None:
-    spec = tiny_spec("resume", outer_steps=2)
-    with controller(spec, tmp_path) as ctl:
+    # "reset": every outer step depends on the checkpoint alone (no worker AdamW state),
+    # so the resumed run must also equal an uninterrupted one bit for bit.
+    spec = tiny_spec("resume", outer_steps=2, inner_optimizer_state="reset")
+    interrupted = tmp_path / "interrupted"
+    with controller(spec, interrupted) as ctl:
         first = ctl.step()
         assert first is not None and ctl.state is ControllerState.RUNNING
-    saved = load_checkpoint(tmp_path)
+    saved = load_checkpoint(interrupted)
     assert saved is not None and saved.step == 1
-    with controller(spec, tmp_path) as resumed:
+    with controller(spec, interrupted) as resumed:
         assert resumed.step_index == 1
         assert resumed.model_digest() == first.model_digest == saved.model_digest
         weights = resumed.global_weights()
@@ -188,8 +192,11 @@ def test_fresh_controller_resumes_from_the_checkpoint(
         assert second is not None and second.step == 1
         assert resumed.state is ControllerState.FINISHED
         assert [r.step for r in resumed.records] == [0, 1]
+    with controller(spec, tmp_path / "uninterrupted") as ctl:
+        ctl.run()
+        assert [r.model_digest for r in ctl.records] == [first.model_digest, second.model_digest]
     with pytest.raises(CheckpointMismatchError, match="inner_lr"):
-        controller(tiny_spec("resume", outer_steps=2, inner_lr=1e-3), tmp_path)
+        controller(spec.model_copy(update={"inner_lr": 1e-3}), interrupted)
 
 
 def test_per_institution_caps_exclude_capped_workers(
@@ -217,6 +224,42 @@ def test_step_waits_with_a_reason_when_fewer_than_min_workers(
         assert ctl.step_index == 0 and not ctl.records
         assert ctl.model_digest() == before
     assert not checkpoint_path(tmp_path).exists()
+
+
+def test_workers_past_the_step_timeout_are_dropped_and_the_job_fails(
+    two_institutions: LocalCluster, tmp_path: Path
+) -> None:
+    # 20,000 inner steps take far longer than the 1 s step timeout.
+    spec = tiny_spec("slow", inner_steps=20_000, step_timeout_s=1.0, max_failed_steps=1)
+    with controller(spec, tmp_path) as ctl, pytest.raises(PretrainFailedError) as failed:
+        ctl.run()
+    assert ctl.state is ControllerState.FAILED
+    assert "timed out after step_timeout_s=1.0" in str(failed.value)
+    assert "giving up after max_failed_steps" in str(failed.value)
+    assert ctl.step_index == 0 and not ctl.records
+    assert not checkpoint_path(tmp_path).exists()
+
+
+class ViewWithGhost:
+    """The real cluster plus one slot on a node that does not exist."""
+
+    ghost = WorkerSlot("ghost/abababababab/cpu0", "ghost", "ab" * 28, "cpu", "institution:ghost")
+
+    def slots(self) -> list[WorkerSlot]:
+        return [*RayClusterView().slots(), self.ghost]
+
+
+def test_worker_that_cannot_start_is_dropped_and_the_step_proceeds(
+    two_institutions: LocalCluster, tmp_path: Path
+) -> None:
+    spec = tiny_spec("ghost", outer_steps=1, worker_start_timeout_s=20.0)
+    with DiLoCoController(spec, ViewWithGhost(), tmp_path) as ctl:
+        record = ctl.step()
+        assert record is not None, ctl.waiting_reason
+    assert sorted(r.institution for r in record.results) == ["aurora", "borealis"]
+    assert list(record.workers_lost) == [ViewWithGhost.ghost.worker_id]
+    reason = record.workers_lost[ViewWithGhost.ghost.worker_id]
+    assert reason.startswith("failed to start: ActorUnschedulableError")
 
 
 # -- elasticity ----------------------------------------------------------------------------

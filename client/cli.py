@@ -80,10 +80,15 @@ def join(
     metrics_address: Annotated[
         str | None, typer.Option(help="Prometheus /metrics host:port (port 0: any free).")
     ] = None,
+    ray: Annotated[
+        bool | None,
+        typer.Option("--ray/--no-ray", help="Contribute this node to the Ray cluster."),
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="Settings TOML file.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Register this node, run a Flower SuperNode on the local data, until Ctrl-C."""
+    """Register this node, run a Flower SuperNode on the local data and a Ray worker
+    for pretraining, until Ctrl-C."""
     from client.join import SiteNode
     from client.settings import ClientSettings
 
@@ -103,6 +108,7 @@ def join(
             state_dir=state_dir,
             bundle=bundle,
             metrics_address=metrics_address,
+            ray_enabled=ray,
         )
         stop = threading.Event()
 

@@ -1,4 +1,5 @@
-"""`client join`: register the node, start the SuperNode, heartbeat, leave cleanly."""
+"""`client join`: register the node, start the SuperNode and the Ray worker, heartbeat,
+leave cleanly."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from client.bundle import Bundle, load_bundle
 from client.data.loaders import check_data_dir
 from client.devices import describe_device, resolve_device
 from client.metrics import ClientMetrics
+from client.ray_worker import RayWorker
 from client.settings import ClientSettings
 from client.supernode import SIGNING_KEY_FILE, SuperNode
 from consortium.errors import ChildProcessFailedError, InsecureTransportError, UnreachableError
@@ -33,6 +35,7 @@ class Joined:
     node_id: str
     superlink_address: str
     heartbeat_interval_s: float
+    ray_address: str = ""  # "": the coordinator runs without Ray
 
 
 def check_transport(settings: ClientSettings) -> Bundle | None:
@@ -96,6 +99,7 @@ class SiteNode:
             node_id=response.node.node_id,
             superlink_address=response.superlink_fleet_address,
             heartbeat_interval_s=response.heartbeat_interval_ms / 1000,
+            ray_address=response.ray_address,
         )
 
     def run(self, stop: threading.Event) -> None:
@@ -128,18 +132,44 @@ class SiteNode:
         self._say(
             f"SuperNode connected to {joined.superlink_address} (log: {supernode.process.log_path})"
         )
+        ray_worker: RayWorker | None = None
         try:
+            ray_worker = self._start_ray_worker(joined)
             while not stop.wait(joined.heartbeat_interval_s):
                 if supernode.process.poll() is not None:
                     raise ChildProcessFailedError(
                         f"the Flower SuperNode exited with code {supernode.process.poll()}; "
                         f"see {supernode.process.log_path}:\n{supernode.process.log_tail()}"
                     )
+                if ray_worker is not None:
+                    ray_worker.ensure_running()
                 self._heartbeat(joined.node_id)
         finally:
+            if ray_worker is not None:
+                ray_worker.stop()
             supernode.stop()
             self._leave(joined.node_id)
             self._channel.close()
+
+    def _start_ray_worker(self, joined: Joined) -> RayWorker | None:
+        if not self.settings.ray_enabled:
+            return None
+        if not joined.ray_address:
+            self._say("the coordinator runs without Ray: contributing no compute to pretraining")
+            return None
+        worker = RayWorker(
+            joined.ray_address,
+            self.settings.institution,
+            joined.node_id,
+            self.settings.gpu,
+            self.settings.resolved_state_dir,
+            self.bundle.ray_token if self.bundle else None,
+        )
+        self._say(
+            f"Ray worker joining {joined.ray_address} as institution:{self.settings.institution} "
+            f"(log: {worker.process.log_path})"
+        )
+        return worker
 
     def _heartbeat(self, node_id: str) -> None:
         try:

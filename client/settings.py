@@ -28,6 +28,9 @@ class ClientSettings(RoleSettings):
     # Prometheus endpoint (/metrics); port 0: any free (written to
     # <state_dir>/metrics.address).
     metrics_address: str = "127.0.0.1:0"
+    # Contribute this node (its GPU, else one CPU) to the coordinator's Ray cluster
+    # for pretraining; false: federated fine-tuning only.
+    ray_enabled: bool = True
 
     @property
     def resolved_state_dir(self) -> Path:

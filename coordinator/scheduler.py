@@ -1,9 +1,10 @@
-"""Runs queued federated jobs on the SuperLink, one at a time, oldest first.
+"""Runs queued jobs one at a time, oldest first: federated jobs on the SuperLink,
+pretraining jobs on the Ray cluster (`coordinator/pretrain_runner.py`).
 
 `step()` is one iteration of the loop, so tests can drive it and assert the
-state after each decision. The ServerApp records rounds and success itself;
-the scheduler starts runs, stops cancelled ones, and fails jobs whose Flower
-run ended without completing them.
+state after each decision. The ServerApp (or the pretraining runner) records
+rounds and success itself; the scheduler starts runs, stops cancelled ones, and
+fails jobs whose Flower run ended without completing them.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ import time
 from collections.abc import Callable
 
 from consortium.errors import ConflictError, ConsortiumError
+from coordinator.compute.spec import PretrainJobSpec
 from coordinator.federated.flower_app import FlowerCli
+from coordinator.jobs.spec import PRETRAIN, parse_submitted_spec
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.state import FINAL_JOB_STATES, JobState, StateStore
+from coordinator.pretrain_runner import PretrainRunner
+from coordinator.state import FINAL_JOB_STATES, JobRecord, JobState, StateStore
 from coordinator.state.sqlite_store import now_ms
 
 log = logging.getLogger(__name__)
@@ -33,8 +37,10 @@ class Scheduler:
         flower: FlowerCli,
         poll_interval_s: float,
         metrics: CoordinatorMetrics | None = None,
+        pretrain: PretrainRunner | None = None,
     ) -> None:
         self._store = store
+        self._pretrain = pretrain  # None: Ray is off, pretraining jobs fail
         self._flower = flower
         self._poll_interval_s = poll_interval_s
         self._metrics = metrics or CoordinatorMetrics()
@@ -60,6 +66,9 @@ class Scheduler:
 
     def _check_active(self, job_id: str) -> None:
         job = self._store.get_job(job_id)
+        if job.kind == PRETRAIN:
+            self._check_pretrain(job)
+            return
         if job.state is JobState.CANCELLED:
             log.info("stopping Flower run %s of cancelled job %s", job.flower_run_id, job_id)
             try:
@@ -93,11 +102,48 @@ class Scheduler:
                 )
             self._active = None
 
+    def _check_pretrain(self, job: JobRecord) -> None:
+        assert self._pretrain is not None  # only started with a runner
+        if job.state is JobState.CANCELLED:
+            self._pretrain.cancel()
+        # The next job waits until the run (and its Ray actors) has ended.
+        if not self._pretrain.busy():
+            self._active = None
+
+    def _start_pretrain(self, job: JobRecord) -> None:
+        if self._pretrain is None:
+            self._store.update_job(
+                job.job_id,
+                state=JobState.FAILED,
+                message="pretraining needs Ray, but this coordinator runs with ray_enabled "
+                "= false; start `coordinator serve` with Ray",
+                finished_at_ms=now_ms(),
+            )
+            return
+        spec = parse_submitted_spec(job.spec_toml)
+        assert isinstance(spec, PretrainJobSpec)
+        try:
+            self._store.update_job(
+                job.job_id,
+                state=JobState.RUNNING,
+                message="pretraining on the Ray cluster",
+                started_at_ms=job.started_at_ms or now_ms(),
+                expect_states=frozenset({JobState.QUEUED}),
+            )
+        except ConflictError:  # cancelled meanwhile
+            return
+        self._pretrain.start(job, spec)
+        self._active = job.job_id
+        log.info("job %s started on the Ray cluster", job.job_id)
+
     def _start_next(self) -> None:
         queued = self._store.list_jobs(JobState.QUEUED)
         if not queued:
             return
         job = queued[0]
+        if job.kind == PRETRAIN:
+            self._start_pretrain(job)
+            return
         try:
             run_id = self._flower.run({"job-id": job.job_id})
             self._metrics.run_started()

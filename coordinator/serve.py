@@ -1,4 +1,4 @@
-"""`coordinator serve`: state, SuperLink child, control-plane API, scheduler."""
+"""`coordinator serve`: state, SuperLink and Ray head children, control-plane API, scheduler."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ from coordinator.federated.supernode_keys import SuperNodeKeySync
 from coordinator.jobs.service import JobService
 from coordinator.metrics import CoordinatorMetrics, MetricsEndpoint, RpcMetricsInterceptor
 from coordinator.pki_files import CoordinatorPki
+from coordinator.pretrain_runner import PretrainRunner
 from coordinator.provenance_paths import coordinator_key_path
+from coordinator.ray_head import RayCluster, RayHead
 from coordinator.registry import NodeRegistry
 from coordinator.scheduler import Scheduler
 from coordinator.settings import CoordinatorSettings
@@ -42,10 +44,10 @@ def check_transport(settings: CoordinatorSettings) -> CoordinatorPki | None:
         files = CoordinatorPki(settings.data_dir)
         files.require()
         return files
-    for name, host in (
-        ("listen_address", listen_host),
-        ("superlink_host", settings.superlink_host),
-    ):
+    hosts = [("listen_address", listen_host), ("superlink_host", settings.superlink_host)]
+    if settings.ray_enabled and settings.ray_address is None:
+        hosts.append(("ray_host", settings.ray_host))
+    for name, host in hosts:
         if not is_loopback_host(host):
             raise InsecureTransportError(
                 f"--insecure is allowed only on loopback, but {name} is {host!r}; use 127.0.0.1"
@@ -91,20 +93,31 @@ class Coordinator:
         self.superlink = SuperLink(settings.data_dir, settings.superlink_host, port, self.pki)
         self.metrics = CoordinatorMetrics()
         self._metrics_endpoint: MetricsEndpoint | None = None
+        self.ray_head: RayHead | None = None
         try:
+            self.ray_cluster = self._start_ray()
             self.superlink.wait_ready(settings.superlink_start_timeout_s)
+            if self.ray_head is not None:
+                self.ray_head.wait_ready(settings.ray_start_timeout_s)
             # Before the API: coordinator.address appearing means metrics.address exists.
             self._metrics_endpoint = MetricsEndpoint(self.metrics, self.store, settings)
             self.server = self._start_api()
         except BaseException:
             if self._metrics_endpoint is not None:
                 self._metrics_endpoint.stop()
+            if self.ray_head is not None:
+                self.ray_head.stop()
             self.superlink.stop()
             self.store.close()
             raise
         flower = FlowerCli(settings.data_dir, self.superlink.address, self.pki)
+        self.pretrain = (
+            PretrainRunner(self.store, settings.data_dir, self.ray_cluster)
+            if self.ray_cluster is not None
+            else None
+        )
         self.scheduler = Scheduler(
-            self.store, flower, settings.scheduler_poll_interval_s, self.metrics
+            self.store, flower, settings.scheduler_poll_interval_s, self.metrics, self.pretrain
         )
         # With TLS, only onboarded SuperNode keys may connect; keep Flower's list current.
         key_sync = SuperNodeKeySync(self.store, flower).sync if self.pki is not None else None
@@ -112,6 +125,23 @@ class Coordinator:
             target=self.scheduler.run_forever, args=(self.stopping, key_sync), name="scheduler"
         )
         self._scheduler_thread.start()
+
+    def _start_ray(self) -> RayCluster | None:
+        """Our own Ray head (child process), an existing cluster, or none."""
+        settings = self.settings
+        token = self.pki.ray_token if self.pki is not None else None
+        if not settings.ray_enabled:
+            log.info("Ray is off (ray_enabled = false): pretraining jobs will fail")
+            return None
+        if settings.ray_address is not None:
+            log.info("attaching to the Ray cluster at %s", settings.ray_address)
+            return RayCluster(settings.ray_address, token)
+        ray_dir = settings.data_dir / "ray"
+        ray_dir.mkdir(parents=True, exist_ok=True)
+        port = sticky_port(ray_dir / "head.port", settings.ray_host, settings.ray_port)
+        (ray_dir / "head.port").write_text(str(port))
+        self.ray_head = RayHead(settings.data_dir, settings.ray_host, port, token)
+        return self.ray_head.cluster
 
     def _start_api(self) -> grpc.Server:
         server = grpc.server(
@@ -124,6 +154,7 @@ class Coordinator:
                 registry,
                 self.superlink.address,
                 int(self.settings.heartbeat_interval_s * 1000),
+                self.ray_cluster.address if self.ray_cluster is not None else "",
             ),
             server,
         )
@@ -145,9 +176,10 @@ class Coordinator:
         partial.write_text(self.address)
         os.replace(partial, self.settings.address_file)
         log.info(
-            "control-plane API on %s, Flower SuperLink on %s, data in %s",
+            "control-plane API on %s, Flower SuperLink on %s, Ray on %s, data in %s",
             self.address,
             self.superlink.address,
+            self.ray_cluster.address if self.ray_cluster is not None else "(off)",
             self.settings.data_dir,
         )
         return server
@@ -167,9 +199,13 @@ class Coordinator:
         self.stopping.set()
         self.settings.address_file.unlink(missing_ok=True)
         self._scheduler_thread.join()
+        if self.pretrain is not None:
+            self.pretrain.shutdown()
         self.server.stop(SHUTDOWN_GRACE_S).wait()
         if self._metrics_endpoint is not None:
             self._metrics_endpoint.stop()
+        if self.ray_head is not None:
+            self.ray_head.stop()
         self.superlink.stop()
         self.store.close()
         log.info("coordinator stopped")

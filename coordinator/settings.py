@@ -26,6 +26,15 @@ class CoordinatorSettings(RoleSettings):
     superlink_start_timeout_s: float = Field(default=60.0, gt=0)
     # Prometheus endpoint (/metrics); port 0: any free (written to metrics.address).
     metrics_address: str = "127.0.0.1:0"
+    # Shared compute: a Ray head started by `serve` (its GCS on ray_host:ray_port;
+    # port 0: the one used last time, else any free), or, with ray_address set, an
+    # existing cluster to attach to. ray_enabled = false runs without Ray (pretrain
+    # jobs then fail with a message saying so).
+    ray_enabled: bool = True
+    ray_address: str | None = None
+    ray_host: str = "127.0.0.1"
+    ray_port: int = Field(default=0, ge=0, le=65535)
+    ray_start_timeout_s: float = Field(default=60.0, gt=0)
 
     @property
     def state_path(self) -> Path:

@@ -26,11 +26,16 @@ def _require(value: str, field: str) -> str:
 
 class NodeRegistryServicer(nodes_pb2_grpc.NodeRegistryServicer):
     def __init__(
-        self, registry: NodeRegistry, superlink_address: str, heartbeat_interval_ms: int
+        self,
+        registry: NodeRegistry,
+        superlink_address: str,
+        heartbeat_interval_ms: int,
+        ray_address: str = "",
     ) -> None:
         self._registry = registry
         self._superlink_address = superlink_address
         self._heartbeat_interval_ms = heartbeat_interval_ms
+        self._ray_address = ray_address  # "": no Ray cluster to join
 
     @unary
     def RegisterNode(
@@ -43,6 +48,7 @@ class NodeRegistryServicer(nodes_pb2_grpc.NodeRegistryServicer):
             node=node_to_proto(node),
             superlink_fleet_address=self._superlink_address,
             heartbeat_interval_ms=self._heartbeat_interval_ms,
+            ray_address=self._ray_address,
         )
 
     @unary

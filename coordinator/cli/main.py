@@ -17,6 +17,7 @@ from consortium.errors import ConsortiumError
 from consortium.exit_codes import EXIT_CODE_HELP, ExitCode
 from consortium.settings import load_settings
 from coordinator.cli import onboarding as onboarding_cli
+from coordinator.cli.accounting import accounting
 from coordinator.cli.provenance import provenance_app, replay
 from coordinator.cli.remote import connect
 from coordinator.cli.watch import describe_round, state_name, watch_job
@@ -36,6 +37,7 @@ app.command("init")(onboarding_cli.init)
 app.command("onboard")(onboarding_cli.onboard)
 app.command("revoke")(onboarding_cli.revoke)
 app.command("renew")(onboarding_cli.renew)
+app.command("accounting")(accounting)
 console = Console()
 
 DataDir = Annotated[
@@ -68,6 +70,17 @@ def serve(
         bool | None,
         typer.Option("--insecure", help="Plain text on loopback, for experiments only."),
     ] = None,
+    ray: Annotated[
+        bool | None,
+        typer.Option("--ray/--no-ray", help="Start (or attach to) Ray for pretraining jobs."),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="host:port of an existing Ray cluster to attach to (no own head)."),
+    ] = None,
+    ray_port: Annotated[
+        int | None, typer.Option(help="Port of the Ray head's GCS (0: any free).")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the coordinator until Ctrl-C or SIGTERM."""
@@ -83,6 +96,9 @@ def serve(
             superlink_port=superlink_port,
             metrics_address=metrics_address,
             insecure=insecure,
+            ray_enabled=ray,
+            ray_address=ray_address,
+            ray_port=ray_port,
         )
         stop = threading.Event()
 
@@ -92,9 +108,11 @@ def serve(
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         coordinator = Coordinator(settings)
+        ray_address = coordinator.ray_cluster.address if coordinator.ray_cluster else "off"
         console.print(
             f"coordinator ready: API {coordinator.address}, "
-            f"SuperLink {coordinator.superlink.address}, data {settings.data_dir}"
+            f"SuperLink {coordinator.superlink.address}, Ray {ray_address}, "
+            f"data {settings.data_dir}"
         )
         try:
             while not stop.wait(1.0):
@@ -102,6 +120,9 @@ def serve(
                     raise ConsortiumError(
                         f"the Flower SuperLink died; see {coordinator.superlink.process.log_path}"
                     )
+                head = coordinator.ray_head
+                if head is not None and head.process.poll() is not None:
+                    raise ConsortiumError(f"the Ray head died; see {head.process.log_path}")
         finally:
             coordinator.stop()
 

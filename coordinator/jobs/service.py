@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from coordinator.jobs.spec import parse_job_spec
+from coordinator.jobs.spec import FederatedJobSpec, parse_submitted_spec
 from coordinator.state import JobRecord, JobState, RoundRecord, StateStore
 from coordinator.state.sqlite_store import now_ms
 
@@ -17,14 +17,16 @@ class JobService:
 
     def submit(self, spec_toml: str) -> JobRecord:
         """Validate and queue; an invalid spec raises JobSpecError and creates nothing."""
-        spec = parse_job_spec(spec_toml)
+        spec = parse_submitted_spec(spec_toml)
+        # A pretraining job's rounds are its outer steps.
+        rounds = spec.rounds if isinstance(spec, FederatedJobSpec) else spec.outer_steps
         job = JobRecord(
             job_id=uuid.uuid4().hex[:12],
             name=spec.name,
             kind=spec.kind,
             spec_toml=spec_toml,
             state=JobState.QUEUED,
-            rounds_total=spec.rounds,
+            rounds_total=rounds,
             message="waiting for the scheduler",
             created_at_ms=now_ms(),
         )

@@ -1,4 +1,10 @@
-"""Federated job specs: TOML in, a validated `FederatedJobSpec` out.
+"""Job specs: TOML in, a validated `FederatedJobSpec` or `PretrainJobSpec` out.
+
+`parse_submitted_spec` dispatches on the ``kind`` key: "federated" (the default)
+is described below; "pretrain" is `coordinator.compute.spec.PretrainJobSpec`
+(see docs/pretraining.md).
+
+A federated job spec:
 
 Example::
 
@@ -27,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from consortium.errors import JobSpecError
 from consortium.models import MODELS
+from coordinator.compute.spec import PretrainJobSpec, validate_pretrain_spec
 
 # Datasets the coordinator knows the schema of and holds a public held-out
 # split for; each site maps these names to its own local loader.
@@ -73,12 +80,38 @@ class FederatedJobSpec(BaseModel):
         return value
 
 
+JobSpec = FederatedJobSpec | PretrainJobSpec
+FEDERATED = "federated"
+PRETRAIN = "pretrain"
+
+
+def parse_submitted_spec(text: str) -> JobSpec:
+    """Parse and validate a spec of any kind; raises JobSpecError naming the bad field."""
+    raw = _load_toml(text)
+    kind = raw.get("kind", FEDERATED)
+    if kind == PRETRAIN:
+        return validate_pretrain_spec(raw)
+    if kind != FEDERATED:
+        raise JobSpecError(
+            f"invalid job spec: field 'kind': unknown job kind {kind!r}; "
+            f"known: {FEDERATED}, {PRETRAIN}"
+        )
+    return _validate_federated(raw)
+
+
 def parse_job_spec(text: str) -> FederatedJobSpec:
-    """Parse and validate; raises JobSpecError naming the first bad field."""
+    """Parse and validate a federated spec; raises JobSpecError naming the first bad field."""
+    return _validate_federated(_load_toml(text))
+
+
+def _load_toml(text: str) -> dict[str, object]:
     try:
-        raw = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise JobSpecError(f"job spec is not valid TOML: {err}") from None
+
+
+def _validate_federated(raw: dict[str, object]) -> FederatedJobSpec:
     try:
         return FederatedJobSpec.model_validate(raw)
     except ValidationError as err:

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from consortium.errors import ConflictError, JobSpecError, NotFoundError
+from coordinator.compute.spec import PretrainJobSpec
 from coordinator.jobs.service import JobService
-from coordinator.jobs.spec import FederatedJobSpec, parse_job_spec
+from coordinator.jobs.spec import FederatedJobSpec, parse_job_spec, parse_submitted_spec
 from coordinator.state import JobState, SqliteStateStore
 
 VALID = """
@@ -246,3 +247,40 @@ def test_get_returns_job_and_its_rounds(store: SqliteStateStore) -> None:
     record, rounds = service.get(job.job_id)
     assert record == job
     assert rounds == []
+
+
+PRETRAIN = """
+name = "tiny"
+kind = "pretrain"
+inner_steps = 5
+outer_steps = 3
+"""
+
+
+def test_pretrain_kind_is_validated_as_pretrain_spec() -> None:
+    spec = parse_submitted_spec(PRETRAIN)
+    assert isinstance(spec, PretrainJobSpec)
+    assert (spec.inner_steps, spec.outer_steps) == (5, 3)
+
+
+def test_spec_without_kind_is_federated() -> None:
+    assert isinstance(parse_submitted_spec(VALID), FederatedJobSpec)
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        (PRETRAIN.replace("inner_steps = 5", "inner_steps = 0"), "field 'inner_steps'"),
+        (PRETRAIN.replace("outer_steps = 3\n", ""), "field 'outer_steps'"),
+        (PRETRAIN + "rounds = 2\n", "field 'rounds'"),
+        (PRETRAIN.replace('"pretrain"', '"distill"'), "field 'kind'"),
+    ],
+)
+def test_invalid_submitted_spec_names_the_field(text: str, field: str) -> None:
+    with pytest.raises(JobSpecError, match=field):
+        parse_submitted_spec(text)
+
+
+def test_pretrain_job_has_outer_steps_as_rounds(store: SqliteStateStore) -> None:
+    job = JobService(store).submit(PRETRAIN)
+    assert (job.kind, job.rounds_total, job.state) == ("pretrain", 3, JobState.QUEUED)

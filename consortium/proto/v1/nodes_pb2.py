@@ -24,33 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63onsortium/proto/v1/nodes.proto\x12\x13\x63onsortium.proto.v1\"\xb2\x01\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0binstitution\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12-\n\x05state\x18\x05 \x01(\x0e\x32\x1e.consortium.proto.v1.NodeState\x12\x18\n\x10registered_at_ms\x18\x06 \x01(\x03\x12\x19\n\x11last_heartbeat_ms\x18\x07 \x01(\x03\"h\n\x13RegisterNodeRequest\x12\x13\n\x0binstitution\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x1a\n\x12signing_public_key\x18\x04 \x01(\x0c\"\x7f\n\x14RegisterNodeResponse\x12\'\n\x04node\x18\x01 \x01(\x0b\x32\x19.consortium.proto.v1.Node\x12\x1f\n\x17superlink_fleet_address\x18\x02 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\x03\"#\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"<\n\x11HeartbeatResponse\x12\'\n\x04node\x18\x01 \x01(\x0b\x32\x19.consortium.proto.v1.Node\"#\n\x10LeaveNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"<\n\x11LeaveNodeResponse\x12\'\n\x04node\x18\x01 \x01(\x0b\x32\x19.consortium.proto.v1.Node\"\x12\n\x10ListNodesRequest\"=\n\x11ListNodesResponse\x12(\n\x05nodes\x18\x01 \x03(\x0b\x32\x19.consortium.proto.v1.Node*i\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11NODE_STATE_ONLINE\x10\x01\x12\x14\n\x10NODE_STATE_STALE\x10\x02\x12\x13\n\x0fNODE_STATE_GONE\x10\x03\x32\x87\x03\n\x0cNodeRegistry\x12\x63\n\x0cRegisterNode\x12(.consortium.proto.v1.RegisterNodeRequest\x1a).consortium.proto.v1.RegisterNodeResponse\x12Z\n\tHeartbeat\x12%.consortium.proto.v1.HeartbeatRequest\x1a&.consortium.proto.v1.HeartbeatResponse\x12Z\n\tLeaveNode\x12%.consortium.proto.v1.LeaveNodeRequest\x1a&.consortium.proto.v1.LeaveNodeResponse\x12Z\n\tListNodes\x12%.consortium.proto.v1.ListNodesRequest\x1a&.consortium.proto.v1.ListNodesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63onsortium/proto/v1/nodes.proto\x12\x13\x63onsortium.proto.v1\"\xb2\x01\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0binstitution\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12-\n\x05state\x18\x05 \x01(\x0e\x32\x1e.consortium.proto.v1.NodeState\x12\x18\n\x10registered_at_ms\x18\x06 \x01(\x03\x12\x19\n\x11last_heartbeat_ms\x18\x07 \x01(\x03\"h\n\x13RegisterNodeRequest\x12\x13\n\x0binstitution\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x1a\n\x12signing_public_key\x18\x04 \x01(\x0c\"\x94\x01\n\x14RegisterNodeResponse\x12\'\n\x04node\x18\x01 \x01(\x0b\x32\x19.consortium.proto.v1.Node\x12\x1f\n\x17superlink_fleet_address\x18\x02 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\x03\x12\x13\n\x0bray_address\x18\x04 \x01(\t\"#\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"<\n\x11HeartbeatResponse\x12\'\n\x04node\x18\x01 \x01(\x0b\x32\x19.consortium.proto.v1.Node\"#\n\x10LeaveNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"<\n\x11LeaveNodeResponse\x12\'\n\x04node\x18\x01 \x01(\x0b\x32\x19.consortium.proto.v1.Node\"\x12\n\x10ListNodesRequest\"=\n\x11ListNodesResponse\x12(\n\x05nodes\x18\x01 \x03(\x0b\x32\x19.consortium.proto.v1.Node*i\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11NODE_STATE_ONLINE\x10\x01\x12\x14\n\x10NODE_STATE_STALE\x10\x02\x12\x13\n\x0fNODE_STATE_GONE\x10\x03\x32\x87\x03\n\x0cNodeRegistry\x12\x63\n\x0cRegisterNode\x12(.consortium.proto.v1.RegisterNodeRequest\x1a).consortium.proto.v1.RegisterNodeResponse\x12Z\n\tHeartbeat\x12%.consortium.proto.v1.HeartbeatRequest\x1a&.consortium.proto.v1.HeartbeatResponse\x12Z\n\tLeaveNode\x12%.consortium.proto.v1.LeaveNodeRequest\x1a&.consortium.proto.v1.LeaveNodeResponse\x12Z\n\tListNodes\x12%.consortium.proto.v1.ListNodesRequest\x1a&.consortium.proto.v1.ListNodesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'consortium.proto.v1.nodes_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NODESTATE']._serialized_start=753
-  _globals['_NODESTATE']._serialized_end=858
+  _globals['_NODESTATE']._serialized_start=775
+  _globals['_NODESTATE']._serialized_end=880
   _globals['_NODE']._serialized_start=57
   _globals['_NODE']._serialized_end=235
   _globals['_REGISTERNODEREQUEST']._serialized_start=237
   _globals['_REGISTERNODEREQUEST']._serialized_end=341
-  _globals['_REGISTERNODERESPONSE']._serialized_start=343
-  _globals['_REGISTERNODERESPONSE']._serialized_end=470
-  _globals['_HEARTBEATREQUEST']._serialized_start=472
-  _globals['_HEARTBEATREQUEST']._serialized_end=507
-  _globals['_HEARTBEATRESPONSE']._serialized_start=509
-  _globals['_HEARTBEATRESPONSE']._serialized_end=569
-  _globals['_LEAVENODEREQUEST']._serialized_start=571
-  _globals['_LEAVENODEREQUEST']._serialized_end=606
-  _globals['_LEAVENODERESPONSE']._serialized_start=608
-  _globals['_LEAVENODERESPONSE']._serialized_end=668
-  _globals['_LISTNODESREQUEST']._serialized_start=670
-  _globals['_LISTNODESREQUEST']._serialized_end=688
-  _globals['_LISTNODESRESPONSE']._serialized_start=690
-  _globals['_LISTNODESRESPONSE']._serialized_end=751
-  _globals['_NODEREGISTRY']._serialized_start=861
-  _globals['_NODEREGISTRY']._serialized_end=1252
+  _globals['_REGISTERNODERESPONSE']._serialized_start=344
+  _globals['_REGISTERNODERESPONSE']._serialized_end=492
+  _globals['_HEARTBEATREQUEST']._serialized_start=494
+  _globals['_HEARTBEATREQUEST']._serialized_end=529
+  _globals['_HEARTBEATRESPONSE']._serialized_start=531
+  _globals['_HEARTBEATRESPONSE']._serialized_end=591
+  _globals['_LEAVENODEREQUEST']._serialized_start=593
+  _globals['_LEAVENODEREQUEST']._serialized_end=628
+  _globals['_LEAVENODERESPONSE']._serialized_start=630
+  _globals['_LEAVENODERESPONSE']._serialized_end=690
+  _globals['_LISTNODESREQUEST']._serialized_start=692
+  _globals['_LISTNODESREQUEST']._serialized_end=710
+  _globals['_LISTNODESRESPONSE']._serialized_start=712
+  _globals['_LISTNODESRESPONSE']._serialized_end=773
+  _globals['_NODEREGISTRY']._serialized_start=883
+  _globals['_NODEREGISTRY']._serialized_end=1274
 # @@protoc_insertion_point(module_scope)

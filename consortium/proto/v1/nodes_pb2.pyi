@@ -35,7 +35,8 @@ class _NodeStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeState.V
 
 class NodeState(_NodeState, metaclass=_NodeStateEnumTypeWrapper):
     """Node registry: institutions' nodes announce themselves, keep a heartbeat
-    and leave. The coordinator answers with where the Flower SuperLink listens.
+    and leave. The coordinator answers with where the Flower SuperLink and the
+    Ray head listen.
     """
 
 NODE_STATE_UNSPECIFIED: NodeState.ValueType  # 0
@@ -123,9 +124,14 @@ class RegisterNodeResponse(_message.Message):
     NODE_FIELD_NUMBER: _builtins.int
     SUPERLINK_FLEET_ADDRESS_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    RAY_ADDRESS_FIELD_NUMBER: _builtins.int
     superlink_fleet_address: _builtins.str
     """host:port of the Flower Fleet API"""
     heartbeat_interval_ms: _builtins.int
+    ray_address: _builtins.str
+    """host:port of the coordinator's Ray head (GCS) for contributing compute to
+    pretraining; empty when the coordinator runs without Ray.
+    """
     @_builtins.property
     def node(self) -> Global___Node: ...
     def __init__(
@@ -134,10 +140,11 @@ class RegisterNodeResponse(_message.Message):
         node: Global___Node | None = ...,
         superlink_fleet_address: _builtins.str = ...,
         heartbeat_interval_ms: _builtins.int = ...,
+        ray_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_ms", b"heartbeat_interval_ms", "node", b"node", "superlink_fleet_address", b"superlink_fleet_address"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_ms", b"heartbeat_interval_ms", "node", b"node", "ray_address", b"ray_address", "superlink_fleet_address", b"superlink_fleet_address"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,109 @@
+"""This node's contribution to the coordinator's Ray cluster (pretraining).
+
+`client join` starts `ray start --address <coordinator's Ray head> --block` as a child
+in its own process group and stops that group when it exits (never `ray stop`, which
+would stop every Ray process on the machine). The node announces the custom resource
+``institution:<name>`` (the pretraining scheduler places one worker per GPU, or per CPU
+without one, on nodes that announce it) and labels naming the institution and node.
+With a startup bundle, Ray authenticates with the bundle's token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from consortium.net import is_loopback_host, split_host_port
+from consortium.processes import STOP_TIMEOUT_S, ChildProcess, venv_executable
+from consortium.ray_env import DRAIN_TIMEOUT_ENV, ray_auth_env, short_temp_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DRAIN_TIMEOUT_S = 5.0
+
+# Ray label values: at most 63 characters, alphanumerics with -_. inside.
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+
+
+def worker_argv(
+    ray_address: str, institution: str, node_id: str, gpu: int | None, temp_dir: Path
+) -> list[str]:
+    """The `ray start` command line of a contributed node."""
+    argv = [
+        venv_executable("ray"),
+        "start",
+        "--address",
+        ray_address,
+        "--num-cpus",
+        "1",
+        "--num-gpus",
+        "1" if gpu is not None else "0",
+        "--resources",
+        json.dumps({f"institution:{institution}": 1}),
+        "--temp-dir",
+        str(temp_dir),
+        "--disable-usage-stats",
+        "--block",
+    ]
+    host, _ = split_host_port(ray_address)
+    if is_loopback_host(host):
+        argv += ["--node-ip-address", "127.0.0.1"]  # reachable from a loopback head
+    labels = {"institution": institution, "node": node_id[:12]}
+    valid = {k: v for k, v in labels.items() if _LABEL_VALUE.match(v)}
+    if valid != labels:
+        log.warning(
+            "institution name %r is not a valid Ray label value; not labelling it", institution
+        )
+    if valid:
+        argv += ["--labels", ",".join(f"{k}={v}" for k, v in valid.items())]
+    return argv
+
+
+class RayWorker:
+    """A running `ray start --block` that contributes this node to the cluster."""
+
+    def __init__(
+        self,
+        ray_address: str,
+        institution: str,
+        node_id: str,
+        gpu: int | None,
+        state_dir: Path,
+        token_path: Path | None,
+        drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
+    ) -> None:
+        self._argv = worker_argv(ray_address, institution, node_id, gpu, short_temp_dir(state_dir))
+        self._env = ray_auth_env(token_path)
+        # Leaving drains the node: on SIGTERM Ray marks it DRAINING (nothing new is
+        # placed here; the pretraining controller drops its worker) and waits this long
+        # for running work before ending its processes.
+        self._drain_timeout_s = drain_timeout_s
+        self._env[DRAIN_TIMEOUT_ENV] = str(drain_timeout_s)
+        if gpu is not None:
+            self._env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        self._log_path = state_dir / "logs" / "ray-worker.log"
+        self.address = ray_address
+        self.process = self._start()
+
+    def _start(self) -> ChildProcess:
+        return ChildProcess("ray-worker", self._argv, self._log_path, env=self._env)
+
+    def ensure_running(self) -> bool:
+        """Restart the worker if it exited (say, the coordinator restarted); False then."""
+        code = self.process.poll()
+        if code is None:
+            return True
+        log.warning(
+            "the Ray worker exited with code %s; restarting it (log: %s):\n%s",
+            code,
+            self._log_path,
+            self.process.log_tail(),
+        )
+        self.process.stop()
+        self.process = self._start()
+        return False
+
+    def stop(self) -> None:
+        self.process.stop(timeout_s=self._drain_timeout_s + STOP_TIMEOUT_S)

@@ -1,0 +1,28 @@
+"""How every Ray process of a consortium (head, coordinator driver, contributed node)
+authenticates and where it keeps its files."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+AUTH_TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
+# How long `ray start --block` drains its node on SIGTERM (marks it DRAINING in the GCS,
+# so no new work lands there, and waits for running work) before ending its processes.
+DRAIN_TIMEOUT_ENV = "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"
+
+
+def ray_auth_env(token_path: Path | None) -> dict[str, str]:
+    """Environment that makes a Ray process (or driver) use token authentication, or
+    (without a token, --insecure) explicitly not: Ray would otherwise turn it on by
+    itself when it finds a token in the user's home."""
+    if token_path is None:
+        return {AUTH_MODE_ENV: "disabled"}
+    return {AUTH_MODE_ENV: "token", AUTH_TOKEN_PATH_ENV: str(token_path.resolve())}
+
+
+def short_temp_dir(anchor: Path) -> Path:
+    """A per-directory Ray temp dir whose Unix socket paths stay under 107 bytes."""
+    digest = hashlib.sha256(str(anchor.resolve()).encode()).hexdigest()[:10]
+    return Path("/tmp") / f"consortium-ray-{digest}"

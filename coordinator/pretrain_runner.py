@@ -1,0 +1,238 @@
+"""Runs one pretraining job at a time in a background thread of the coordinator.
+
+The scheduler hands a queued job of kind "pretrain" to `PretrainRunner.start`; the
+thread connects to the coordinator's Ray cluster (once per process), calls
+`coordinator.compute.run_pretraining` and records every outer step as the job's round
+(so `jobs watch` shows progress), as a signed `outer_step` record in the provenance log
+followed by a tree head, and in the job's accounting file. At the end it saves the
+global model as safetensors and marks the job SUCCEEDED, or FAILED with the error.
+Cancelling sets the run's stop event; a coordinator shutdown stops the run too but
+leaves the job RUNNING, so the next start re-queues it and it resumes from its
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from consortium.errors import ConflictError
+from consortium.provenance.environment import describe_environment
+from consortium.provenance.log import ProvenanceLog
+from consortium.provenance.signing import SigningKey
+from consortium.ray_env import ray_auth_env
+from coordinator.accounting_files import write_accounting
+from coordinator.compute import (
+    ControllerState,
+    OuterStepRecord,
+    PretrainJobSpec,
+    account,
+    run_pretraining,
+)
+from coordinator.federated.checkpoints import save_model
+from coordinator.provenance_paths import coordinator_key_path, provenance_log_path
+from coordinator.ray_head import RayCluster
+from coordinator.state import JobRecord, JobState, RoundRecord, StateStore
+from coordinator.state.sqlite_store import now_ms
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_TIMEOUT_S = 30.0
+RUNNING = frozenset({JobState.RUNNING})
+
+
+class PretrainRunner:
+    def __init__(self, store: StateStore, data_dir: Path, cluster: RayCluster) -> None:
+        self._store = store
+        self._data_dir = data_dir
+        self._cluster = cluster
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._shutting_down = threading.Event()
+
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, job: JobRecord, spec: PretrainJobSpec) -> None:
+        """Run `job` (already RUNNING in the store) in a new thread."""
+        if self.busy():
+            raise ConflictError("a pretraining job is already running")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(job.job_id, spec, self._stop), name=f"pretrain-{job.job_id}"
+        )
+        self._thread.start()
+
+    def cancel(self) -> None:
+        """Stop the current run after its current attempt."""
+        self._stop.set()
+
+    def shutdown(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+        self._shutting_down.set()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.warning("pretraining thread still busy after %.0f s; leaving it", timeout_s)
+        if ray.is_initialized():
+            ray.shutdown()
+
+    def _connect(self) -> None:
+        if ray.is_initialized():
+            return
+        # The driver authenticates like every other Ray process of the cluster.
+        os.environ.update(ray_auth_env(self._cluster.token_path))
+        ray.init(address=self._cluster.address, logging_level=logging.WARNING)
+
+    def _run(self, job_id: str, spec: PretrainJobSpec, stop: threading.Event) -> None:
+        recorder = StepRecorder(self._store, self._data_dir, job_id)
+        try:
+            self._connect()
+            recorder.log_start(spec)
+            result = run_pretraining(
+                spec, self._data_dir / "checkpoints" / job_id, recorder.on_step, stop=stop
+            )
+        except Exception as error:  # any failure ends the job, with its message
+            if self._shutting_down.is_set():
+                log.warning("pretraining job %s interrupted by shutdown: %s", job_id, error)
+                return
+            log.exception("pretraining job %s failed", job_id)
+            self._finish(job_id, JobState.FAILED, f"pretraining failed: {error}")
+            return
+        if result.state is not ControllerState.FINISHED:
+            log.info("pretraining job %s stopped after %d steps", job_id, result.steps_completed)
+            return  # cancelled (already final) or shutting down (resumes on restart)
+        write_accounting(self._data_dir, job_id, result.accounting)
+        model_path = self._data_dir / "models" / f"{job_id}.safetensors"
+        save_model(
+            model_path,
+            {name: torch.from_numpy(array) for name, array in result.weights.items()},
+            {"job_id": job_id, "model_digest": result.model_digest},
+        )
+        recorder.log_finish(result.model_digest, result.corpus_digest, result.val_loss)
+        self._finish(
+            job_id,
+            JobState.SUCCEEDED,
+            f"{result.steps_completed} outer steps, val loss {result.val_loss:.4f}"
+            if result.val_loss is not None
+            else f"{result.steps_completed} outer steps",
+            model_path=str(model_path),
+        )
+
+    def _finish(
+        self, job_id: str, state: JobState, message: str, model_path: str | None = None
+    ) -> None:
+        try:
+            self._store.update_job(
+                job_id,
+                state=state,
+                message=message,
+                finished_at_ms=now_ms(),
+                model_path=model_path,
+                expect_states=RUNNING,
+            )
+        except ConflictError:
+            log.info("job %s was no longer running (cancelled?); not marking it %s", job_id, state)
+
+
+class StepRecorder:
+    """What one outer step leaves behind: a round, provenance records, accounting."""
+
+    def __init__(self, store: StateStore, data_dir: Path, job_id: str) -> None:
+        self._store = store
+        self._data_dir = data_dir
+        self._job_id = job_id
+        self._records: list[OuterStepRecord] = []
+        self._provenance = ProvenanceLog(
+            provenance_log_path(data_dir), SigningKey.load(coordinator_key_path(data_dir))
+        )
+
+    def log_start(self, spec: PretrainJobSpec) -> None:
+        done = self._store.get_job(self._job_id).rounds_completed
+        if done:
+            self._provenance.append(
+                "job_resumed", {"job_id": self._job_id, "after_round": done, "kind": "pretrain"}
+            )
+        else:
+            self._provenance.append(
+                "job_started",
+                {
+                    "job_id": self._job_id,
+                    "kind": "pretrain",
+                    "spec": spec.model_dump(mode="json"),
+                    "spec_digest": spec.digest(),
+                    "seed": spec.seed,
+                    "environment": describe_environment(spec.device, spec.deterministic),
+                },
+            )
+        self._provenance.publish_tree_head()
+
+    def on_step(self, record: OuterStepRecord) -> None:
+        round_ = record.step + 1  # rounds are 1-based, outer steps 0-based
+        train_losses = [r.train_loss for r in record.results]
+        metrics = {
+            "val_loss": record.val_loss,
+            "workers_lost": float(len(record.workers_lost)),
+            "wall_s": record.wall_s,
+        }
+        if train_losses:
+            metrics["train_loss"] = sum(train_losses) / len(train_losses)
+        self._store.record_round(
+            RoundRecord(
+                self._job_id, round=round_, participants=len(record.results), metrics=metrics
+            )
+        )
+        self._provenance.append("outer_step", outer_step_body(self._job_id, record))
+        self._provenance.publish_tree_head()
+        self._records.append(record)
+        write_accounting(self._data_dir, self._job_id, account(self._job_id, self._records))
+
+    def log_finish(self, model_digest: str, corpus_digest: str, val_loss: float | None) -> None:
+        self._provenance.append(
+            "job_finished",
+            {
+                "job_id": self._job_id,
+                "kind": "pretrain",
+                "model_digest": model_digest,
+                "corpus_digest": corpus_digest,
+                "val_loss": val_loss,
+            },
+        )
+        self._provenance.publish_tree_head()
+
+
+def outer_step_body(job_id: str, record: OuterStepRecord) -> dict[str, Any]:
+    """The provenance record of one outer step: who computed what on which shards."""
+    return {
+        "job_id": job_id,
+        "round": record.step + 1,
+        "step": record.step,
+        "workers": [
+            {
+                "worker": r.worker,
+                "institution": r.institution,
+                "node_id": r.node_id,
+                "device": r.device,
+                "position": r.position,
+                "shard_ids": list(r.shard_ids),
+                "seed": r.seed,
+                "pseudo_gradient_digest": r.pseudo_gradient_digest,
+                "inner_steps": r.inner_steps,
+                "tokens": r.tokens,
+                "compute_s": r.compute_s,
+            }
+            for r in record.results
+        ],
+        "workers_lost": dict(record.workers_lost),
+        "step_seed": record.step_seed,
+        "aggregate_digest": record.aggregate_digest,
+        "model_digest": record.model_digest,
+        "val_loss": record.val_loss,
+        "attempts": record.attempts,
+    }

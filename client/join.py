@@ -145,9 +145,14 @@ class SiteNode:
                     ray_worker.ensure_running()
                 self._heartbeat(joined.node_id)
         finally:
+            # In parallel: the Ray worker drains for a few seconds, the SuperNode need not wait.
+            stoppers = [threading.Thread(target=supernode.stop, name="stop-supernode")]
             if ray_worker is not None:
-                ray_worker.stop()
-            supernode.stop()
+                stoppers.append(threading.Thread(target=ray_worker.stop, name="stop-ray-worker"))
+            for stopper in stoppers:
+                stopper.start()
+            for stopper in stoppers:
+                stopper.join()
             self._leave(joined.node_id)
             self._channel.close()
 

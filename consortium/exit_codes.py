@@ -45,16 +45,17 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.JOB_FAILED: "The job ended in the FAILED state.",
     ExitCode.SETTINGS_INVALID: "A settings file, environment variable or flag is invalid.",
     ExitCode.CONFLICT: "The request conflicts with the current state (for example "
-    "cancelling a finished job).",
+    "cancelling a finished job, or replaying a job that is not replayable).",
     ExitCode.INSECURE_TRANSPORT_REFUSED: "Plain-text transport was refused: it needs "
     "--insecure and loopback addresses.",
-    ExitCode.CHILD_PROCESS_FAILED: "A child process (Flower SuperLink or SuperNode) failed "
+    ExitCode.CHILD_PROCESS_FAILED: "A child process (Flower SuperLink or SuperNode, Ray) failed "
     "to start or died; its log file is named in the message.",
     ExitCode.JOB_CANCELLED: "The job ended in the CANCELLED state.",
     ExitCode.PROVENANCE_INVALID: "The provenance log failed verification; the message names "
     "the first bad line.",
-    ExitCode.REPLAY_MISMATCH: "Replaying a job's aggregation did not reproduce the logged "
-    "digests; the message names the round.",
+    ExitCode.REPLAY_MISMATCH: "Replaying a job (a federated job's aggregation, or a "
+    "pretraining job's training) did not reproduce the logged digests; the message names "
+    "the round or step.",
     ExitCode.UNAUTHENTICATED: "The coordinator refused the credential (no certificate, or a "
     "revoked one); ask the operator for a new bundle.",
     ExitCode.PERMISSION_DENIED: "The certificate does not allow this (e.g. acting as another "

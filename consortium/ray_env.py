@@ -4,6 +4,7 @@ authenticates and where it keeps its files."""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
@@ -26,3 +27,21 @@ def short_temp_dir(anchor: Path) -> Path:
     """A per-directory Ray temp dir whose Unix socket paths stay under 107 bytes."""
     digest = hashlib.sha256(str(anchor.resolve()).encode()).hexdigest()[:10]
     return Path("/tmp") / f"consortium-ray-{digest}"
+
+
+def use_ray_auth_in_this_process(token_path: Path | None) -> None:
+    """Make this process's Ray calls (driver, GCS clients) authenticate like the cluster.
+
+    Ray reads its auth mode into a cached config when it is imported, so changing the
+    environment afterwards is not enough: refresh that config and the token cache, as
+    Ray itself does when it turns token auth on for a process.
+    """
+    os.environ.update(ray_auth_env(token_path))
+    # Ray's compiled module ships no type information for these two.
+    from ray._raylet import (  # type: ignore[attr-defined]
+        AuthenticationTokenLoader,
+        Config,
+    )
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()

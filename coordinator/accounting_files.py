@@ -34,6 +34,8 @@ def accounting_to_json(job_id: str, accounting: JobAccounting) -> dict[str, Any]
             name: {
                 "cpu_s": c.cpu_s,
                 "gpu_s": c.gpu_s,
+                "consumed_cpu_s": c.consumed_cpu_s,
+                "consumed_gpu_s": c.consumed_gpu_s,
                 "share": shares[name],
                 "outer_steps": c.outer_steps,
                 "inner_steps": c.inner_steps,

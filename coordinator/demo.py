@@ -1,9 +1,17 @@
 """`coordinator demo`: the whole consortium on one machine.
 
-Starts `coordinator serve` and one `client join` per institution as separate
-processes on loopback, gives each institution a non-IID Dirichlet(0.5) share of
-the digits training pool, submits a federated job, shows its progress, and
-stops every process it started, also on Ctrl-C or failure.
+Creates the consortium (`init`), starts `coordinator serve` (mTLS API, Flower
+SuperLink, Ray head), onboards one institution per site with site-held keys and
+starts one `client join` per institution as separate processes on loopback. Each
+site holds private data: a non-IID Dirichlet(0.5) share of the digits images and the
+docstrings of different installed packages.
+
+The default job is the pipeline: pretrain a byte-level transformer on the Python
+standard library across the nodes' Ray workers (DiLoCo), then fine-tune it
+federatedly on each site's docstrings, reporting held-out perplexity before and after.
+``--job digits`` runs the quick classification example instead. Either way the demo
+ends by verifying the provenance log and replaying the aggregation, and stops every
+process it started, also on Ctrl-C or failure.
 """
 
 from __future__ import annotations
@@ -16,7 +24,10 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
+from client.data.loaders import TEXT_DIR
 from consortium.data.digits import train_test_split
+from consortium.data.docstrings import DATASET as DOCSTRINGS
+from consortium.data.docstrings import DEFAULT_BYTES_PER_PACKAGE, packages_for, site_text
 from consortium.data.npz import save_npz
 from consortium.data.partition import dirichlet_partition
 from consortium.errors import ChildProcessFailedError
@@ -41,6 +52,9 @@ INSTITUTION_NAMES = (
 DIRICHLET_ALPHA = 0.5
 PARTITION_SEED = 7
 START_TIMEOUT_S = 120.0
+DEMO_JOBS = ("pipeline", "digits")
+PRETRAIN_OUTER_STEPS = 4
+PRETRAIN_INNER_STEPS = 30
 
 DEMO_JOB = """\
 name = "digits-fedavg-demo"
@@ -57,6 +71,45 @@ seed = 0
 """
 
 
+PRETRAIN_JOB = """\
+name = "stdlib-pretrain-demo"
+kind = "pretrain"
+n_layer = 2
+n_head = 2
+n_embd = 64
+block_size = 64
+seq_len = 64
+batch_size = 8
+inner_steps = {inner_steps}
+outer_steps = {outer_steps}
+num_shards = 12
+corpus_bytes = 393216
+validation_bytes = 16384
+eval_batches = 4
+min_workers = {workers}
+wait_for_workers_s = 120.0
+worker_start_timeout_s = 180.0
+step_timeout_s = 600.0
+seed = 0
+"""
+
+FINE_TUNE_JOB = """\
+name = "docstrings-finetune-demo"
+kind = "federated"
+model = "bytelm"
+dataset = "docstrings"
+init_from = "{source}"
+rounds = {rounds}
+min_clients = {clients}
+local_steps = 30
+seq_len = 64
+batch_size = 8
+learning_rate = 0.002
+eval_batches = 8
+seed = 0
+"""
+
+
 def write_partitions(work_dir: Path, names: list[str]) -> list[Path]:
     """Each institution's own data dir with its Dirichlet share as digits.npz."""
     train, _ = train_test_split()
@@ -65,6 +118,19 @@ def write_partitions(work_dir: Path, names: list[str]) -> list[Path]:
     for name, indices in zip(names, parts, strict=True):
         site = work_dir / "institutions" / name / "data"
         save_npz(site / "digits.npz", train.x[indices], train.y[indices])
+        dirs.append(site)
+    return dirs
+
+
+def write_text_partitions(work_dir: Path, names: list[str]) -> list[Path]:
+    """Each institution's own text: the docstrings of different packages (non-IID), as
+    text/docstrings.txt beside its digits."""
+    dirs = []
+    for name, packages in zip(names, packages_for(len(names)), strict=True):
+        site = work_dir / "institutions" / name / "data"
+        (site / TEXT_DIR).mkdir(parents=True, exist_ok=True)
+        text = site_text(packages, DEFAULT_BYTES_PER_PACKAGE)
+        (site / TEXT_DIR / f"{DOCSTRINGS}.txt").write_bytes(text)
         dirs.append(site)
     return dirs
 
@@ -112,22 +178,37 @@ def wait_until(
         time.sleep(0.2)
 
 
-def run_demo(work_dir: Path, rounds: int, num_institutions: int, console: Console) -> int:
-    """Run the demo; returns the job's final state (a jobs_pb2.JobState value)."""
+def run_demo(
+    work_dir: Path,
+    rounds: int,
+    num_institutions: int,
+    console: Console,
+    job_kind: str = "pipeline",
+) -> int:
+    """Run the demo; returns the last job's final state (a jobs_pb2.JobState value)."""
+    if job_kind not in DEMO_JOBS:
+        raise ValueError(f"unknown demo job {job_kind!r}; known: {', '.join(DEMO_JOBS)}")
     if work_dir.exists():
         shutil.rmtree(work_dir)
     names = list(INSTITUTION_NAMES[:num_institutions])
     data_dirs = write_partitions(work_dir, names)
+    write_text_partitions(work_dir, names)
     for name, data_dir in zip(names, data_dirs, strict=True):
         with np.load(data_dir / "digits.npz") as archive:
             count = len(archive["y"])
-        console.print(f"[dim]{name}: {count} private digit images in {data_dir}[/]")
+        text_bytes = (data_dir / TEXT_DIR / f"{DOCSTRINGS}.txt").stat().st_size
+        console.print(
+            f"[dim]{name}: {count} private digit images and {text_bytes // 1024} KiB of "
+            f"private text in {data_dir}[/]"
+        )
     coordinator_dir = work_dir / "coordinator"
     children: list[ChildProcess] = []
     try:
         console.print("coordinator init: root CA, certificates, signing key, Ray token")
         init_consortium(coordinator_dir, ["localhost", "127.0.0.1"], cert_days=30)
-        console.print("starting the coordinator (mTLS control-plane API + Flower SuperLink)...")
+        console.print(
+            "starting the coordinator (mTLS control-plane API, Flower SuperLink, Ray head)..."
+        )
         children.append(
             ChildProcess(
                 "coordinator serve",
@@ -174,12 +255,16 @@ def run_demo(work_dir: Path, rounds: int, num_institutions: int, console: Consol
 
             console.print(f"waiting for {num_institutions} institutions to join...")
             wait_until("the institutions to join", all_online, children, START_TIMEOUT_S)
-            job = remote.submit(DEMO_JOB.format(rounds=rounds, clients=num_institutions))
-            console.print(f"submitted federated job {job.job_id}: {rounds} rounds of FedAvg")
-            final = watch_job(remote, job.job_id, console)
-            report(remote, final, console, work_dir)
+            pretrained: str | None = None
+            if job_kind == "digits":
+                job = remote.submit(DEMO_JOB.format(rounds=rounds, clients=num_institutions))
+                console.print(f"submitted federated job {job.job_id}: {rounds} rounds of FedAvg")
+                final = watch_job(remote, job.job_id, console)
+                report(remote, final, console)
+            else:
+                pretrained, final = run_pipeline(remote, rounds, num_institutions, console)
         if final.state == jobs_pb2.JOB_STATE_SUCCEEDED:
-            check_provenance(coordinator_dir, final.job_id, console)
+            check_provenance(coordinator_dir, final.job_id, console, pretrained)
         return int(final.state)
     finally:
         console.print("stopping every process the demo started...")
@@ -188,9 +273,12 @@ def run_demo(work_dir: Path, rounds: int, num_institutions: int, console: Consol
         console.print(f"logs: {work_dir / 'logs'}")
 
 
-def check_provenance(data_dir: Path, job_id: str, console: Console) -> None:
-    """What anyone holding the log and the public key can do: verify, then replay."""
-    from coordinator.cli.provenance import job_records, load_verified
+def check_provenance(
+    data_dir: Path, job_id: str, console: Console, pretrain_job_id: str | None = None
+) -> None:
+    """What anyone holding the log and the public key can do: verify, then replay
+    (the pretraining job's training, and the federated job's aggregation)."""
+    from coordinator.cli.provenance import job_records, load_verified, replay_pretraining_job
     from coordinator.replay import replay_rounds
 
     log, verified = load_verified(None, None, data_dir)
@@ -200,6 +288,8 @@ def check_provenance(data_dir: Path, job_id: str, console: Console) -> None:
         f"{verified.signed_updates} institution-signed updates, tree size "
         f"{head.tree_size if head else 0}"
     )
+    if pretrain_job_id is not None:
+        replay_pretraining_job(pretrain_job_id, job_records(verified, pretrain_job_id))
     rounds = replay_rounds(data_dir, job_id, job_records(verified, job_id))
     console.print(
         f"replay: all {len(rounds)} rounds' aggregates reproduced bit for bit from the "
@@ -207,17 +297,61 @@ def check_provenance(data_dir: Path, job_id: str, console: Console) -> None:
     )
 
 
-def report(remote: Remote, job: jobs_pb2.Job, console: Console, work_dir: Path) -> None:
+def run_pipeline(
+    remote: Remote, rounds: int, num_institutions: int, console: Console
+) -> tuple[str, jobs_pb2.Job]:
+    """Pretrain on the contributed Ray workers, then fine-tune federatedly from it;
+    returns the pretraining job's id and the fine-tune's final snapshot."""
+    pretrain = remote.submit(
+        PRETRAIN_JOB.format(
+            inner_steps=PRETRAIN_INNER_STEPS,
+            outer_steps=PRETRAIN_OUTER_STEPS,
+            workers=num_institutions,
+        )
+    )
+    console.print(
+        f"submitted pretraining job {pretrain.job_id}: byte-level transformer on the "
+        f"standard library, {PRETRAIN_OUTER_STEPS} DiLoCo outer steps of "
+        f"{PRETRAIN_INNER_STEPS} inner steps on {num_institutions} contributed workers"
+    )
+    # Submitted at once: the scheduler starts the fine-tune when its source succeeded.
+    fine_tune = remote.submit(
+        FINE_TUNE_JOB.format(source=pretrain.job_id, rounds=rounds, clients=num_institutions)
+    )
+    console.print(
+        f"submitted fine-tuning job {fine_tune.job_id}: starts from {pretrain.job_id}'s "
+        f"model, {rounds} federated rounds on each site's private text"
+    )
+    pretrained = watch_job(remote, pretrain.job_id, console)
+    if pretrained.state != jobs_pb2.JOB_STATE_SUCCEEDED:
+        console.print(f"[red]pretraining ended {pretrained.message}[/]")
+        remote.cancel(fine_tune.job_id)
+        return pretrain.job_id, pretrained
+    steps = remote.get(pretrain.job_id).rounds
+    if steps:
+        console.print(
+            f"pretrained: validation loss {steps[0].metrics.get('val_loss', float('nan')):.3f} "
+            f"-> {steps[-1].metrics.get('val_loss', float('nan')):.3f} nats/byte; "
+            f"model {pretrained.model_path}"
+        )
+    final = watch_job(remote, fine_tune.job_id, console)
+    report(remote, final, console)
+    return pretrain.job_id, final
+
+
+def report(remote: Remote, job: jobs_pb2.Job, console: Console) -> None:
     rounds = remote.get(job.job_id).rounds
     if not rounds:
         console.print(f"[red]job {job.job_id} ended with no rounds: {job.message}[/]")
         return
     first, last = rounds[0], rounds[-1]
-    accuracy = last.metrics.get("eval_accuracy", float("nan"))
+    metric = "eval_accuracy" if "eval_accuracy" in last.metrics else "eval_perplexity"
+    label = metric.removeprefix("eval_")
     console.print(
         f"\njob {job.job_id}: {job.message}\n"
-        f"held-out accuracy: {first.metrics.get('eval_accuracy', float('nan')):.3f} "
-        f"(initial) -> [bold]{accuracy:.3f}[/] after round {last.round}"
+        f"held-out {label}: {first.metrics.get(metric, float('nan')):.3f} "
+        f"(before) -> [bold]{last.metrics.get(metric, float('nan')):.3f}[/] after round "
+        f"{last.round}"
     )
     if job.model_path:
         console.print(f"final model: {job.model_path}")

@@ -35,16 +35,19 @@ log = logging.getLogger(__name__)
 
 # Counts a label value outside the fixed set (see `_known`).
 OTHER = "other"
-AUTH_CHANNELS = ("control_plane", "fleet")
+AUTH_CHANNELS = ("control_plane", "fleet", "ray")
 AUTH_REASONS = (
     "no_client_certificate",
     "untrusted_certificate",
     "revoked_certificate",
     "unknown_node",
     "institution_mismatch",
+    "missing_token",  # Ray: a request without the cluster token
+    "invalid_token",  # Ray: a wrong token (only on the raylet sync stream)
     OTHER,
 )
 SCHEDULER_FAILURES = ("start_error", "ended_early")
+COMPUTE_DEVICES = ("gpu", "cpu")
 
 RPC_DURATION_BUCKETS_S = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
 
@@ -92,15 +95,17 @@ class CoordinatorMetrics:
             registry=r,
         )
         self.compute_contributed = Counter(
-            "consortium_compute_contributed_gpu_seconds_total",
-            "GPU-seconds of shared (Ray) compute an institution's nodes provided.",
-            ["institution"],
+            "consortium_compute_contributed_seconds_total",
+            "Device-seconds of shared (Ray) pretraining compute an institution's nodes "
+            "provided (device: gpu or cpu slot).",
+            ["institution", "device"],
             registry=r,
         )
         self.compute_consumed = Counter(
-            "consortium_compute_consumed_gpu_seconds_total",
-            "GPU-seconds of shared (Ray) compute used on an institution's behalf.",
-            ["institution"],
+            "consortium_compute_consumed_seconds_total",
+            "Device-seconds of shared (Ray) pretraining compute used on an institution's "
+            "behalf: each job's total split evenly over the institutions taking part.",
+            ["institution", "device"],
             registry=r,
         )
         ProcessCollector(registry=r)
@@ -113,8 +118,20 @@ class CoordinatorMetrics:
     def institution_seen(self, institution: str) -> None:
         """Give the per-institution counters a zero series for a new institution."""
         self.heartbeats.labels(institution)
-        self.compute_contributed.labels(institution)
-        self.compute_consumed.labels(institution)
+        for device in COMPUTE_DEVICES:
+            self.compute_contributed.labels(institution, device)
+            self.compute_consumed.labels(institution, device)
+
+    def compute_used(
+        self, contributed: dict[tuple[str, str], float], consumed: dict[tuple[str, str], float]
+    ) -> None:
+        """Add one outer step's compute, keyed by (institution, device)."""
+        for (institution, device), seconds in contributed.items():
+            self.compute_contributed.labels(institution, _known(device, COMPUTE_DEVICES)).inc(
+                seconds
+            )
+        for (institution, device), seconds in consumed.items():
+            self.compute_consumed.labels(institution, _known(device, COMPUTE_DEVICES)).inc(seconds)
 
     def heartbeat(self, institution: str) -> None:
         self.heartbeats.labels(institution).inc()

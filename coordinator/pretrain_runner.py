@@ -2,7 +2,9 @@
 
 The scheduler hands a queued job of kind "pretrain" to `PretrainRunner.start`; the
 thread connects to the coordinator's Ray cluster (once per process), calls
-`coordinator.compute.run_pretraining` and records every outer step as the job's round
+`coordinator.compute.run_pretraining`, shows why it
+waits whenever too few workers are usable as the job's message ("waiting: needs 2 GPU
+workers, the cluster offers 0; ..."), and records every outer step as the job's round
 (so `jobs watch` shows progress), as a signed `outer_step` record in the provenance log
 followed by a tree head, and in the job's accounting file. At the end it saves the
 global model as safetensors and marks the job SUCCEEDED, or FAILED with the error.
@@ -14,19 +16,19 @@ checkpoint.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 from typing import Any
 
 import ray
 import torch
+from ray._private import ray_constants
 
 from consortium.errors import ConflictError
 from consortium.provenance.environment import describe_environment
 from consortium.provenance.log import ProvenanceLog
 from consortium.provenance.signing import SigningKey
-from consortium.ray_env import ray_auth_env
+from consortium.ray_env import use_ray_auth_in_this_process
 from coordinator.accounting_files import write_accounting
 from coordinator.compute import (
     ControllerState,
@@ -34,8 +36,10 @@ from coordinator.compute import (
     PretrainJobSpec,
     account,
     run_pretraining,
+    step_compute,
 )
 from coordinator.federated.checkpoints import save_model
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.provenance_paths import coordinator_key_path, provenance_log_path
 from coordinator.ray_head import RayCluster
 from coordinator.state import JobRecord, JobState, RoundRecord, StateStore
@@ -45,11 +49,19 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT_S = 30.0
 RUNNING = frozenset({JobState.RUNNING})
+RUNNING_MESSAGE = "pretraining on the Ray cluster"  # while workers are at it
 
 
 class PretrainRunner:
-    def __init__(self, store: StateStore, data_dir: Path, cluster: RayCluster) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        data_dir: Path,
+        cluster: RayCluster,
+        metrics: CoordinatorMetrics | None = None,
+    ) -> None:
         self._store = store
+        self._metrics = metrics or CoordinatorMetrics()
         self._data_dir = data_dir
         self._cluster = cluster
         self._thread: threading.Thread | None = None
@@ -87,16 +99,26 @@ class PretrainRunner:
         if ray.is_initialized():
             return
         # The driver authenticates like every other Ray process of the cluster.
-        os.environ.update(ray_auth_env(self._cluster.token_path))
+        use_ray_auth_in_this_process(self._cluster.token_path)
+        # Ray's C++ failure-signal handler would turn the SIGTERM that stops `coordinator
+        # serve` into an abort 3 s later (absl's alarm), before the coordinator has
+        # stopped its Ray head and SuperLink: they would be orphaned, and a coordinator
+        # restarted on the same data dir could not start its Ray head. `serve` handles
+        # SIGTERM itself. (Read when the driver starts; its env var only before import.)
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
         ray.init(address=self._cluster.address, logging_level=logging.WARNING)
 
     def _run(self, job_id: str, spec: PretrainJobSpec, stop: threading.Event) -> None:
-        recorder = StepRecorder(self._store, self._data_dir, job_id)
+        recorder = StepRecorder(self._store, self._data_dir, job_id, self._metrics)
         try:
             self._connect()
             recorder.log_start(spec)
             result = run_pretraining(
-                spec, self._data_dir / "checkpoints" / job_id, recorder.on_step, stop=stop
+                spec,
+                self._data_dir / "checkpoints" / job_id,
+                recorder.on_step,
+                stop=stop,
+                on_wait=recorder.on_wait,
             )
         except Exception as error:  # any failure ends the job, with its message
             if self._shutting_down.is_set():
@@ -142,10 +164,18 @@ class PretrainRunner:
 
 
 class StepRecorder:
-    """What one outer step leaves behind: a round, provenance records, accounting."""
+    """What one outer step leaves behind: a round, provenance records, accounting and
+    compute metrics."""
 
-    def __init__(self, store: StateStore, data_dir: Path, job_id: str) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        data_dir: Path,
+        job_id: str,
+        metrics: CoordinatorMetrics | None = None,
+    ) -> None:
         self._store = store
+        self._metrics = metrics or CoordinatorMetrics()
         self._data_dir = data_dir
         self._job_id = job_id
         self._records: list[OuterStepRecord] = []
@@ -173,6 +203,14 @@ class StepRecorder:
             )
         self._provenance.publish_tree_head()
 
+    def on_wait(self, reason: str | None) -> None:
+        """Why the run waits for workers (None: it goes on), as the job's message."""
+        message = f"waiting: {reason}" if reason is not None else RUNNING_MESSAGE
+        try:
+            self._store.update_job(self._job_id, message=message, expect_states=RUNNING)
+        except ConflictError:
+            log.info("job %s is no longer running; not showing %r", self._job_id, message)
+
     def on_step(self, record: OuterStepRecord) -> None:
         round_ = record.step + 1  # rounds are 1-based, outer steps 0-based
         train_losses = [r.train_loss for r in record.results]
@@ -191,6 +229,7 @@ class StepRecorder:
         self._provenance.append("outer_step", outer_step_body(self._job_id, record))
         self._provenance.publish_tree_head()
         self._records.append(record)
+        self._metrics.compute_used(*step_compute(record))
         write_accounting(self._data_dir, self._job_id, account(self._job_id, self._records))
 
     def log_finish(self, model_digest: str, corpus_digest: str, val_loss: float | None) -> None:

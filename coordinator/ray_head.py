@@ -6,23 +6,28 @@ no CPUs, GPUs or `institution:` resource, so it never hosts training workers.
 
 With TLS, Ray runs with token authentication (`RAY_AUTH_MODE=token`) and the token
 `coordinator init` wrote to `<data dir>/pki/ray-token`; every onboarded site gets the
-same token in its startup bundle.
+same token in its startup bundle. Ray's GCS refuses a process without the token
+itself; a `RayAuthWatch` (coordinator/ray_auth_watch.py) follows the head's GCS log
+and reports each refusal Ray records there.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from consortium.errors import ChildProcessFailedError
-from consortium.net import split_host_port
 from consortium.processes import ChildProcess, venv_executable
 from consortium.ray_env import DRAIN_TIMEOUT_ENV, ray_auth_env, short_temp_dir
+from coordinator.ray_auth_watch import RayAuthWatch, RayRefusal
 
 log = logging.getLogger(__name__)
+
+# What `ray start --head --block` prints once every head process is up.
+STARTED_LINE = "Ray runtime started."
 
 
 @dataclass(frozen=True)
@@ -36,9 +41,23 @@ class RayCluster:
 class RayHead:
     """A Ray head started as our child (own process group; `stop()` ends all of it)."""
 
-    def __init__(self, data_dir: Path, host: str, port: int, token_path: Path | None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        host: str,
+        port: int,
+        token_path: Path | None,
+        on_refusal: Callable[[RayRefusal], None] | None = None,
+    ) -> None:
         self.cluster = RayCluster(f"{host}:{port}", token_path)
         self.temp_dir = short_temp_dir(data_dir)
+        # Our previous head's address, left by `ray start`: while it is there, a new
+        # head on the same port refuses to start if any raylet on this machine still
+        # points at it (a node joined from this machine, waiting out a restart).
+        (self.temp_dir / "ray_current_cluster").unlink(missing_ok=True)
+        # With a token, report what the GCS refuses; started first, so the new session's
+        # log is read from its first line and an earlier session's is skipped.
+        self.auth_watch = RayAuthWatch(self.temp_dir, on_refusal) if token_path else None
         argv = [
             venv_executable("ray"),
             "start",
@@ -61,15 +80,25 @@ class RayHead:
         # The head hosts no work, so it has nothing to drain: Ray's default would hold
         # its shutdown for 30 s whenever a node has ever joined.
         env = {**ray_auth_env(token_path), DRAIN_TIMEOUT_ENV: "0"}
-        self.process = ChildProcess("ray-head", argv, data_dir / "logs" / "ray-head.log", env=env)
+        if self.auth_watch is not None:
+            self.auth_watch.start()
+        log_path = data_dir / "logs" / "ray-head.log"
+        # The log is appended to across restarts; readiness is read from here on.
+        self._log_offset = log_path.stat().st_size if log_path.exists() else 0
+        try:
+            self.process = ChildProcess("ray-head", argv, log_path, env=env)
+        except BaseException:
+            if self.auth_watch is not None:
+                self.auth_watch.stop()
+            raise
 
     @property
     def address(self) -> str:
         return self.cluster.address
 
     def wait_ready(self, timeout_s: float) -> None:
-        """Block until the GCS accepts connections, or raise with the log's tail."""
-        host, port = split_host_port(self.address)
+        """Block until `ray start` reports the runtime started (its GCS then listens and
+        its SIGTERM handler is in place, so a stop is prompt), or raise with the log."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -77,16 +106,24 @@ class RayHead:
                     f"the Ray head exited with code {self.process.poll()}; see "
                     f"{self.process.log_path}:\n{self.process.log_tail()}"
                 )
-            try:
-                with socket.create_connection((host, port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.1)
+            if STARTED_LINE in self._log_since_start():
+                return
+            time.sleep(0.1)
         raise ChildProcessFailedError(
-            f"the Ray head did not listen on {self.address} within {timeout_s:.0f} s; "
-            f"see {self.process.log_path}"
+            f"the Ray head on {self.address} did not start within {timeout_s:.0f} s; "
+            f"see {self.process.log_path}:\n{self.process.log_tail()}"
         )
+
+    def _log_since_start(self) -> str:
+        try:
+            with self.process.log_path.open("rb") as handle:
+                handle.seek(self._log_offset)
+                return handle.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def stop(self) -> None:
         self.process.stop()
+        if self.auth_watch is not None:
+            self.auth_watch.stop()
         log.info("Ray head stopped")

@@ -1,5 +1,8 @@
 """Replay a federated job's aggregation from the log and the retained updates.
 
+(Pretraining jobs are replayed by re-running their training: `pretrain_replay.py`;
+`job_kind` tells which a job is.)
+
 For every round record: load each accepted update from retention, check its
 digest against the one the institution signed, aggregate again with the rule
 the log names, and compare the aggregate's digest bit for bit. Training
@@ -22,6 +25,12 @@ from coordinator.federated.strategy import AggregationRule, aggregate
 
 class ReplayMismatchError(ConsortiumError):
     exit_code = ExitCode.REPLAY_MISMATCH
+
+
+def job_kind(records: list[dict[str, Any]]) -> str:
+    """The kind the job's `job_started` record names ("federated" when none does)."""
+    started = next((r for r in records if r["type"] == "job_started"), {})
+    return str(started.get("kind", "federated"))
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from consortium.errors import ConflictError, ConsortiumError
 from coordinator.compute.spec import PretrainJobSpec
 from coordinator.federated.flower_app import FlowerCli
-from coordinator.jobs.spec import PRETRAIN, parse_submitted_spec
+from coordinator.jobs.pipeline import StartingModelError, waiting_reason
+from coordinator.jobs.spec import PRETRAIN, parse_job_spec, parse_submitted_spec
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.pretrain_runner import PretrainRunner
 from coordinator.state import FINAL_JOB_STATES, JobRecord, JobState, StateStore
@@ -136,6 +137,23 @@ class Scheduler:
         self._active = job.job_id
         log.info("job %s started on the Ray cluster", job.job_id)
 
+    def _starting_model_ready(self, job: JobRecord) -> bool:
+        """Whether the job's `init_from` model exists; fails the job when it never will."""
+        try:
+            reason = waiting_reason(self._store, parse_job_spec(job.spec_toml))
+        except StartingModelError as error:
+            self._store.update_job(
+                job.job_id,
+                state=JobState.FAILED,
+                message=str(error),
+                finished_at_ms=now_ms(),
+                expect_states=frozenset({JobState.QUEUED}),
+            )
+            return False
+        if reason is not None and job.message != reason:
+            self._store.update_job(job.job_id, message=reason)
+        return reason is None
+
     def _start_next(self) -> None:
         queued = self._store.list_jobs(JobState.QUEUED)
         if not queued:
@@ -143,6 +161,8 @@ class Scheduler:
         job = queued[0]
         if job.kind == PRETRAIN:
             self._start_pretrain(job)
+            return
+        if not self._starting_model_ready(job):
             return
         try:
             run_id = self._flower.run({"job-id": job.job_id})

@@ -15,6 +15,7 @@ from consortium.errors import InsecureTransportError
 from consortium.net import is_loopback_host, reserve_free_port, split_host_port
 from consortium.proto.v1 import jobs_pb2_grpc, nodes_pb2_grpc
 from consortium.provenance.signing import SigningKey
+from consortium.ray_env import use_ray_auth_in_this_process
 from coordinator.api.auth import CertificateAuthInterceptor
 from coordinator.api.servicers import JobsServicer, NodeRegistryServicer
 from coordinator.federated.flower_app import FlowerCli
@@ -26,6 +27,7 @@ from coordinator.pki_files import CoordinatorPki
 from coordinator.pretrain_runner import PretrainRunner
 from coordinator.provenance_paths import coordinator_key_path
 from coordinator.ray_head import RayCluster, RayHead
+from coordinator.ray_revocation import RayRevocationSync
 from coordinator.registry import NodeRegistry
 from coordinator.scheduler import Scheduler
 from coordinator.settings import CoordinatorSettings
@@ -112,7 +114,7 @@ class Coordinator:
             raise
         flower = FlowerCli(settings.data_dir, self.superlink.address, self.pki)
         self.pretrain = (
-            PretrainRunner(self.store, settings.data_dir, self.ray_cluster)
+            PretrainRunner(self.store, settings.data_dir, self.ray_cluster, self.metrics)
             if self.ray_cluster is not None
             else None
         )
@@ -121,8 +123,17 @@ class Coordinator:
         )
         # With TLS, only onboarded SuperNode keys may connect; keep Flower's list current.
         key_sync = SuperNodeKeySync(self.store, flower).sync if self.pki is not None else None
+        # Ray has one shared token: a revoked institution's nodes are drained instead.
+        ray_sync = (
+            RayRevocationSync.for_cluster(self.store, self.ray_cluster).sync
+            if self.pki is not None and self.ray_cluster is not None
+            else None
+        )
+        syncs = [sync for sync in (key_sync, ray_sync) if sync is not None]
         self._scheduler_thread = threading.Thread(
-            target=self.scheduler.run_forever, args=(self.stopping, key_sync), name="scheduler"
+            target=self.scheduler.run_forever,
+            args=(self.stopping, (lambda: [sync() for sync in syncs]) if syncs else None),
+            name="scheduler",
         )
         self._scheduler_thread.start()
 
@@ -133,6 +144,9 @@ class Coordinator:
         if not settings.ray_enabled:
             log.info("Ray is off (ray_enabled = false): pretraining jobs will fail")
             return None
+        # Process-wide and before any Ray call: Ray reads its auth mode once, and both
+        # the pretraining driver and the nodes view talk to the GCS from this process.
+        use_ray_auth_in_this_process(token)
         if settings.ray_address is not None:
             log.info("attaching to the Ray cluster at %s", settings.ray_address)
             return RayCluster(settings.ray_address, token)
@@ -140,7 +154,13 @@ class Coordinator:
         ray_dir.mkdir(parents=True, exist_ok=True)
         port = sticky_port(ray_dir / "head.port", settings.ray_host, settings.ray_port)
         (ray_dir / "head.port").write_text(str(port))
-        self.ray_head = RayHead(settings.data_dir, settings.ray_host, port, token)
+        self.ray_head = RayHead(
+            settings.data_dir,
+            settings.ray_host,
+            port,
+            token,
+            on_refusal=lambda refusal: self.metrics.auth_refused("ray", refusal.reason),
+        )
         return self.ray_head.cluster
 
     def _start_api(self) -> grpc.Server:
@@ -149,12 +169,22 @@ class Coordinator:
             interceptors=self._interceptors(),
         )
         registry = NodeRegistry(self.store, self.settings.node_timeout_s, self.metrics)
+        # `coordinator nodes` shows each node's Ray side too, read from the GCS (this
+        # process authenticates to it since `_start_ray`).
+        from coordinator.ray_nodes import GcsNodesView, NoRay, RayNodesSource
+
+        ray_nodes: RayNodesSource = (
+            GcsNodesView(self.ray_cluster.address)
+            if self.ray_cluster is not None
+            else NoRay("Ray is off on this coordinator (ray_enabled = false)")
+        )
         nodes_pb2_grpc.add_NodeRegistryServicer_to_server(
             NodeRegistryServicer(
                 registry,
                 self.superlink.address,
                 int(self.settings.heartbeat_interval_s * 1000),
                 self.ray_cluster.address if self.ray_cluster is not None else "",
+                ray_nodes,
             ),
             server,
         )
@@ -204,8 +234,14 @@ class Coordinator:
         self.server.stop(SHUTDOWN_GRACE_S).wait()
         if self._metrics_endpoint is not None:
             self._metrics_endpoint.stop()
+        # The two children stop independently; in parallel, a stop stays within the
+        # few seconds a supervisor (or Ctrl-C) waits.
+        children = [threading.Thread(target=self.superlink.stop, name="stop-superlink")]
         if self.ray_head is not None:
-            self.ray_head.stop()
-        self.superlink.stop()
+            children.append(threading.Thread(target=self.ray_head.stop, name="stop-ray-head"))
+        for child in children:
+            child.start()
+        for child in children:
+            child.join()
         self.store.close()
         log.info("coordinator stopped")

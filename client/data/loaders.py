@@ -1,7 +1,8 @@
 """Map the dataset names a job asks for to this site's local loaders.
 
 A site's data dir holds, for each dataset, either `<name>.npz` (arrays `x`
-and `y`), or an entry in `datasets.toml` naming a file or a loader function::
+and `y`; for text datasets such as `docstrings`, `text/<name>.txt`), or an entry in
+`datasets.toml` naming a file or a loader function::
 
     [datasets.digits]
     path = "exports/digits-2024.npz"        # an .npz with arrays x and y
@@ -28,6 +29,7 @@ import numpy.typing as npt
 from consortium.errors import DataDirError
 
 CONFIG_FILE = "datasets.toml"
+TEXT_DIR = "text"  # text datasets: text/<name>.txt (so a README.txt is no dataset)
 
 Loader = Callable[[Path], tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]]
 
@@ -48,7 +50,8 @@ def check_data_dir(data_dir: Path) -> list[str]:
     names = available_datasets(data_dir)
     if not names:
         raise DataDirError(
-            f"data dir {data_dir} holds no dataset: add <name>.npz (arrays x, y) or a "
+            f"data dir {data_dir} holds no dataset: add <name>.npz (arrays x, y), "
+            f"{TEXT_DIR}/<name>.txt (text) or a "
             f"{CONFIG_FILE} mapping dataset names to files or loaders"
         )
     return names
@@ -56,6 +59,7 @@ def check_data_dir(data_dir: Path) -> list[str]:
 
 def available_datasets(data_dir: Path) -> list[str]:
     names = {p.stem for p in data_dir.glob("*.npz")}
+    names |= {p.stem for p in (data_dir / TEXT_DIR).glob("*.txt")}
     names |= set(_config(data_dir))
     return sorted(names)
 
@@ -112,3 +116,26 @@ def _import_loader(reference: str) -> Loader:
     except (ImportError, AttributeError, SyntaxError) as err:
         raise DataDirError(f"dataset loader {reference!r} cannot be imported: {err}") from None
     return cast(Loader, loader)
+
+
+@dataclass(frozen=True)
+class LocalText:
+    name: str
+    text: bytes
+
+    @property
+    def data(self) -> npt.NDArray[np.uint8]:
+        return np.frombuffer(self.text, dtype=np.uint8)
+
+
+def load_text(data_dir: Path, name: str) -> LocalText:
+    """A text dataset: `text/<name>.txt`, or the file `datasets.toml` names for it."""
+    entry = _config(data_dir).get(name)
+    default = f"{TEXT_DIR}/{name}.txt"
+    path = data_dir / (entry["path"] if entry and "path" in entry else default)
+    if not path.is_file():
+        raise DataDirError(f"text dataset {name!r}: {path} does not exist")
+    text = path.read_bytes()
+    if not text.strip():
+        raise DataDirError(f"text dataset {name!r}: {path} is empty")
+    return LocalText(name, text)

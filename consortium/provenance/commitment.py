@@ -1,10 +1,10 @@
 """Data commitments: what a site proves about its data without revealing it.
 
 commitment = HMAC-SHA256(site key, sha256(record_0) || ... || sha256(record_n-1))
-where record_i is example i's bytes and label. With the count and a digest of
-the schema (dtypes and per-example shapes) it pins down exactly which data a
-site trained on; the key, which stays at the site, stops anyone from testing
-guesses of individual records against it.
+where record_i is example i's bytes and label (for text: its i-th line). With
+the count and a digest of the schema (dtypes and per-example shapes) it pins
+down exactly which data a site trained on; the key, which stays at the site,
+stops anyone from testing guesses of individual records against it.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,16 +57,30 @@ def load_or_create_key(path: Path) -> bytes:
 
 
 def commit(dataset: str, x: npt.NDArray[Any], y: npt.NDArray[Any], key: bytes) -> DataCommitment:
-    schema = canonical_json(
-        {"x": [x.dtype.str, list(x.shape[1:])], "y": [y.dtype.str, list(y.shape[1:])]}
-    )
-    mac = hmac.new(key, digestmod=hashlib.sha256)
+    """Commit to labelled examples: record i is example i's bytes and its label's."""
+    schema = {"x": [x.dtype.str, list(x.shape[1:])], "y": [y.dtype.str, list(y.shape[1:])]}
     xs, ys = np.ascontiguousarray(x), np.ascontiguousarray(y)
-    for i in range(len(ys)):
-        mac.update(hashlib.sha256(xs[i].tobytes() + ys[i].tobytes()).digest())
+    return commit_records(
+        dataset, (xs[i].tobytes() + ys[i].tobytes() for i in range(len(ys))), schema, key
+    )
+
+
+def commit_text(dataset: str, text: bytes, key: bytes) -> DataCommitment:
+    """Commit to a text corpus: record i is its i-th line (without the newline)."""
+    return commit_records(dataset, text.split(b"\n"), {"text": "lines"}, key)
+
+
+def commit_records(
+    dataset: str, records: Iterable[bytes], schema: dict[str, Any], key: bytes
+) -> DataCommitment:
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    count = 0
+    for record in records:
+        mac.update(hashlib.sha256(record).digest())
+        count += 1
     return DataCommitment(
         dataset=dataset,
-        count=len(ys),
-        schema_digest=hashlib.sha256(schema).hexdigest(),
+        count=count,
+        schema_digest=hashlib.sha256(canonical_json(schema)).hexdigest(),
         commitment=mac.hexdigest(),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from consortium.proto.v1 import jobs_pb2, nodes_pb2
+from coordinator.ray_nodes import RayNodeInfo
 from coordinator.state import JobRecord, JobState, NodeRecord, NodeState, RoundRecord
 
 NODE_STATES = {
@@ -20,8 +21,8 @@ JOB_STATES = {
 }
 
 
-def node_to_proto(node: NodeRecord) -> nodes_pb2.Node:
-    return nodes_pb2.Node(
+def node_to_proto(node: NodeRecord, ray: RayNodeInfo | None = None) -> nodes_pb2.Node:
+    message = nodes_pb2.Node(
         node_id=node.node_id,
         institution=node.institution,
         hostname=node.hostname,
@@ -29,6 +30,20 @@ def node_to_proto(node: NodeRecord) -> nodes_pb2.Node:
         state=NODE_STATES[node.state],
         registered_at_ms=node.registered_at_ms,
         last_heartbeat_ms=node.last_heartbeat_ms,
+    )
+    if ray is not None:
+        message.ray.CopyFrom(ray_node_to_proto(ray))
+    return message
+
+
+def ray_node_to_proto(node: RayNodeInfo) -> nodes_pb2.RayNode:
+    return nodes_pb2.RayNode(
+        ray_node_id=node.ray_node_id,
+        state=node.state,
+        resources=dict(node.resources),
+        labels=dict(node.labels),
+        is_head=node.is_head,
+        address=node.address,
     )
 
 

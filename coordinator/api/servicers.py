@@ -9,9 +9,15 @@ import grpc
 
 from consortium.errors import InvalidArgumentError
 from consortium.proto.v1 import jobs_pb2, jobs_pb2_grpc, nodes_pb2, nodes_pb2_grpc
-from coordinator.api.convert import job_to_proto, node_to_proto, round_to_proto
+from coordinator.api.convert import (
+    job_to_proto,
+    node_to_proto,
+    ray_node_to_proto,
+    round_to_proto,
+)
 from coordinator.api.status import streaming, unary
 from coordinator.jobs.service import JobService
+from coordinator.ray_nodes import NoRay, RayNodesSource, match_nodes
 from coordinator.registry import NodeRegistry
 from coordinator.state import FINAL_JOB_STATES, StateStore
 
@@ -31,11 +37,14 @@ class NodeRegistryServicer(nodes_pb2_grpc.NodeRegistryServicer):
         superlink_address: str,
         heartbeat_interval_ms: int,
         ray_address: str = "",
+        ray_nodes: RayNodesSource | None = None,
     ) -> None:
         self._registry = registry
         self._superlink_address = superlink_address
         self._heartbeat_interval_ms = heartbeat_interval_ms
         self._ray_address = ray_address  # "": no Ray cluster to join
+        # What ListNodes reports of the Ray cluster beside the registry.
+        self._ray_nodes = ray_nodes or NoRay("Ray is off on this coordinator")
 
     @unary
     def RegisterNode(
@@ -69,8 +78,14 @@ class NodeRegistryServicer(nodes_pb2_grpc.NodeRegistryServicer):
     def ListNodes(
         self, request: nodes_pb2.ListNodesRequest, context: grpc.ServicerContext
     ) -> nodes_pb2.ListNodesResponse:
+        registered = self._registry.list_nodes()
+        ray = self._ray_nodes.snapshot()
+        match = match_nodes(registered, ray.nodes)
         return nodes_pb2.ListNodesResponse(
-            nodes=[node_to_proto(n) for n in self._registry.list_nodes()]
+            nodes=[node_to_proto(n, match.by_registry_id.get(n.node_id)) for n in registered],
+            unmatched_ray_nodes=[ray_node_to_proto(n) for n in match.unmatched],
+            ray_unavailable_reason=ray.unavailable_reason,
+            ray_read_at_ms=ray.read_at_ms,
         )
 
 

@@ -22,7 +22,7 @@ def accounting(
         Path, typer.Option("--data-dir", help="Coordinator data dir (state, models, logs).")
     ] = Path(".consortium"),
 ) -> None:
-    """CPU- and GPU-seconds per institution for each pretraining job."""
+    """CPU- and GPU-seconds each institution gave to and used of each pretraining job."""
     with cli_errors():
         jobs = read_accounting(data_dir, job)
         if job is not None and not jobs:
@@ -30,7 +30,17 @@ def accounting(
                 f"no accounting for job {job}: {accounting_path(data_dir, job)} does not exist "
                 "(only pretraining jobs that completed an outer step have one)"
             )
-        table = Table("job", "institution", "cpu s", "gpu s", "share", "outer steps", "tokens")
+        table = Table(
+            "job",
+            "institution",
+            "cpu s given",
+            "gpu s given",
+            "share",
+            "cpu s used",
+            "gpu s used",
+            "outer steps",
+            "tokens",
+        )
         for entry in jobs:
             for name, contribution in entry["institutions"].items():
                 table.add_row(
@@ -39,6 +49,8 @@ def accounting(
                     f"{contribution['cpu_s']:.1f}",
                     f"{contribution['gpu_s']:.1f}",
                     f"{contribution['share']:.0%}",
+                    f"{contribution.get('consumed_cpu_s', 0.0):.1f}",
+                    f"{contribution.get('consumed_gpu_s', 0.0):.1f}",
                     str(contribution["outer_steps"]),
                     str(contribution["tokens"]),
                 )

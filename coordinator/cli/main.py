@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -13,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from consortium.cli_errors import cli_errors, configure_logging
-from consortium.errors import ConsortiumError
+from consortium.errors import ConsortiumError, InvalidArgumentError
 from consortium.exit_codes import EXIT_CODE_HELP, ExitCode
 from consortium.settings import load_settings
 from coordinator.cli import onboarding as onboarding_cli
@@ -132,15 +134,66 @@ def nodes(
     coordinator: CoordinatorAddress = None,
     data_dir: DataDir = Path(".consortium"),
 ) -> None:
-    """List registered nodes."""
-    with cli_errors(), connect(coordinator, data_dir) as remote:
-        table = Table("node", "institution", "host", "device", "state")
-        from consortium.proto.v1 import nodes_pb2
+    """List nodes: the registry's (state, last heartbeat) with their Ray side (state,
+    resources), then Ray nodes that match no registered node (such as the head)."""
+    from consortium.proto.v1 import nodes_pb2
+    from coordinator.ray_nodes import RayNodeInfo
 
-        for node in remote.list_nodes():
+    with cli_errors(), connect(coordinator, data_dir) as remote:
+        overview = remote.nodes_overview()
+        now = time.time()
+        not_in_ray = "not in Ray" if not overview.ray_unavailable_reason else "unknown"
+        table = Table(
+            "node", "institution", "host", "device", "state", "heartbeat", "ray", "resources"
+        )
+        for node in overview.nodes:
             state = nodes_pb2.NodeState.Name(node.state).removeprefix("NODE_STATE_").lower()
-            table.add_row(node.node_id[:12], node.institution, node.hostname, node.device, state)
+            heartbeat = (
+                f"{max(now - node.last_heartbeat_ms / 1000, 0):.0f}s ago"
+                if node.last_heartbeat_ms
+                else "-"
+            )
+            has_ray = node.HasField("ray")
+            table.add_row(
+                node.node_id[:12],
+                node.institution,
+                node.hostname,
+                node.device,
+                state,
+                heartbeat,
+                node.ray.state if has_ray else not_in_ray,
+                _describe_resources(node.ray.resources) if has_ray else "",
+            )
+        for ray_node in overview.unmatched_ray_nodes:
+            info = RayNodeInfo(ray_node.ray_node_id, ray_node.state, labels=dict(ray_node.labels))
+            table.add_row(
+                "ray:" + ray_node.ray_node_id[:8],
+                info.institution or "-",
+                ray_node.address,
+                "-",
+                "Ray head" if ray_node.is_head else "not registered",
+                "-",
+                ray_node.state,
+                _describe_resources(ray_node.resources),
+            )
         console.print(table)
+        if overview.ray_unavailable_reason:
+            console.print(f"Ray unavailable: {overview.ray_unavailable_reason}")
+
+
+def _describe_resources(resources: Mapping[str, float]) -> str:
+    """Ray's resource totals as `CPU 1, GPU 0, memory 15.8 GiB, institution:aurora 1`."""
+
+    def number(value: float) -> str:
+        return f"{value:g}"
+
+    parts = [f"CPU {number(resources.get('CPU', 0))}", f"GPU {number(resources.get('GPU', 0))}"]
+    if "memory" in resources:
+        parts.append(f"memory {resources['memory'] / 2**30:.1f} GiB")
+    parts += [
+        f"{k} {number(v)}" for k, v in sorted(resources.items()) if k.startswith("institution:")
+    ]
+    return ", ".join(parts)
 
 
 @jobs_app.command("submit")
@@ -231,9 +284,17 @@ def demo(
     ),
     rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 6,
     institutions: Annotated[int, typer.Option(min=2, max=8)] = 3,
+    job: Annotated[
+        str,
+        typer.Option(
+            help="pipeline: pretrain on Ray, then federated fine-tune; digits: the quick "
+            "classification example."
+        ),
+    ] = "pipeline",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """The whole thing on one machine: serve, 3 institutions join, federated training."""
+    """The whole thing on one machine: serve, 3 institutions onboard and join, then
+    pretraining across their nodes and federated fine-tuning on their private text."""
     from coordinator.demo import run_demo
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -242,7 +303,11 @@ def demo(
     signal.signal(signal.SIGTERM, on_sigterm)
     configure_logging(verbose)
     with cli_errors():
-        state = run_demo(work_dir, rounds=rounds, num_institutions=institutions, console=console)
+        if job not in ("pipeline", "digits"):
+            raise InvalidArgumentError(f"--job must be pipeline or digits, got {job!r}")
+        state = run_demo(
+            work_dir, rounds=rounds, num_institutions=institutions, console=console, job_kind=job
+        )
         _exit_for(state)
 
 

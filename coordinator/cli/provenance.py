@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -22,7 +23,10 @@ from coordinator.provenance_paths import (
     coordinator_public_key_path,
     provenance_log_path,
 )
-from coordinator.replay import replay_rounds
+from coordinator.replay import job_kind, replay_rounds
+
+if TYPE_CHECKING:
+    from coordinator.pretrain_replay import StepReplay
 
 provenance_app = typer.Typer(
     help="Verify, show and export the provenance log.", no_args_is_help=True
@@ -164,13 +168,51 @@ def replay(
     data_dir: DataDir = Path(".consortium"),
     key: KeyOption = None,
 ) -> None:
-    """Verify the log, then recompute every round's aggregate from retained updates."""
+    """Verify the log, then reproduce the job bit for bit: a federated job's aggregates
+    from retained updates; a pretraining job's training, step by step, on this CPU."""
     with cli_errors():
         _, report = load_verified(None, key, data_dir)
-        results = replay_rounds(data_dir, job_id, job_records(report, job_id))
+        records = job_records(report, job_id)
+        if job_kind(records) == "pretrain":
+            replay_pretraining_job(job_id, records)
+            return
+        results = replay_rounds(data_dir, job_id, records)
         for result in results:
             console.print(
                 f"round {result.round}: {result.updates} updates, aggregate "
                 f"{result.replayed_digest[:16]} matches the log"
             )
         console.print(f"replay OK: {len(results)} rounds reproduced bit for bit")
+
+
+def replay_pretraining_job(job_id: str, records: list[dict[str, Any]]) -> None:
+    """Re-run a pretraining job's outer steps here, printing each step as it matches."""
+    # Imported here: torch and the compute engine take seconds to import.
+    from coordinator.pretrain_replay import plan_replay, replay_pretraining
+
+    plan = plan_replay(job_id, records)
+    for note in plan.notes:
+        console.print(f"note: {note}")
+    corpus = f"corpus {plan.corpus_digest[:16]} (Python {plan.python_version})"
+    console.print(
+        f"{corpus} {'matches the log' if plan.final_model_digest else 'built'}; "
+        f"replaying {plan.steps} outer step(s) of job {job_id} on this CPU"
+    )
+    started = time.monotonic()
+    with console.status(f"replaying step 0 of {plan.steps}") as status:
+
+        def show(step: StepReplay) -> None:
+            fresh = f", {len(step.fresh_workers)} fresh" if step.fresh_workers else ""
+            console.print(
+                f"step {step.step} (round {step.step + 1}): {len(step.workers)} worker(s)"
+                f"{fresh}; pseudo-gradients, aggregate {step.aggregate_digest[:16]} and model "
+                f"{step.model_digest[:16]} match the log ({step.seconds:.1f} s)"
+            )
+            status.update(f"replaying step {step.step + 1} of {plan.steps}")
+
+        steps = replay_pretraining(plan, on_step=show)
+    final = "the logged final model" if plan.final_model_digest else "model"
+    console.print(
+        f"replay OK: {len(steps)} outer step(s) reproduced bit for bit in "
+        f"{time.monotonic() - started:.1f} s; {final} {steps[-1].model_digest[:16]}"
+    )

@@ -84,12 +84,17 @@ class Remote:
         return response.job
 
     def list_nodes(self) -> list[nodes_pb2.Node]:
+        return list(self.nodes_overview().nodes)
+
+    def nodes_overview(self) -> nodes_pb2.ListNodesResponse:
+        """Registry nodes with their Ray side, the Ray nodes no registry node claims,
+        and why the Ray side is missing when it is."""
         response: nodes_pb2.ListNodesResponse = call_with_retry(
             lambda t: self._nodes.ListNodes(nodes_pb2.ListNodesRequest(), timeout=t),
             self.address,
             self._policy,
         )
-        return list(response.nodes)
+        return response
 
     def watch(self, job_id: str) -> Iterator[jobs_pb2.JobEvent]:
         # Check the job exists (with retries) before opening the stream.

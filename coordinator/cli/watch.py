@@ -1,4 +1,5 @@
-"""Live progress of a job: rounds, participants, loss, accuracy."""
+"""Live progress of a job: rounds (or outer steps), participants, loss, accuracy or
+perplexity."""
 
 from __future__ import annotations
 
@@ -20,13 +21,21 @@ FINAL = frozenset(
 )
 
 
+# The one figure the progress line shows, by the first of these a round reports.
+HEADLINE_METRICS = (
+    ("eval_accuracy", "accuracy"),
+    ("eval_perplexity", "perplexity"),
+    ("val_loss", "val loss"),
+)
+
+
 def state_name(state: int) -> str:
     return {int(k): v for k, v in STATE_NAMES.items()}.get(state, "unknown")
 
 
 def describe_round(record: jobs_pb2.RoundMetrics) -> str:
     parts = [f"round {record.round}", f"{record.participants} participants"]
-    for key in ("train_loss", "eval_loss", "eval_accuracy"):
+    for key in ("train_loss", "eval_loss", "eval_accuracy", "eval_perplexity", "val_loss"):
         if key in record.metrics:
             parts.append(f"{key} {record.metrics[key]:.4f}")
     return ", ".join(parts)
@@ -51,13 +60,16 @@ def watch_job(remote: Remote, job_id: str, console: Console) -> jobs_pb2.Job:
                 record = event.round
                 if record.round > 0:
                     progress.update(task, completed=record.round)
-                accuracy = record.metrics.get("eval_accuracy")
                 status = f"{record.participants} participants"
-                if accuracy is not None:
-                    status += f", accuracy {accuracy:.3f}"
+                for key, label in HEADLINE_METRICS:
+                    if key in record.metrics:
+                        status += f", {label} {record.metrics[key]:.3f}"
+                        break
                 progress.update(task, status=status)
                 progress.console.print(describe_round(record))
             elif event.HasField("job"):
+                if event.job.message != job.message and event.job.state not in FINAL:
+                    progress.console.print(f"{state_name(event.job.state)}: {event.job.message}")
                 job = event.job
                 progress.update(task, status=state_name(job.state))
                 if job.state in FINAL:

@@ -14,7 +14,12 @@ See docs/pretraining.md for the method, the state machine and how nodes join.
 
 from __future__ import annotations
 
-from coordinator.compute.accounting import InstitutionContribution, JobAccounting, account
+from coordinator.compute.accounting import (
+    InstitutionContribution,
+    JobAccounting,
+    account,
+    step_compute,
+)
 from coordinator.compute.api import PretrainResult, result_of, run_pretraining
 from coordinator.compute.cluster import (
     ClusterView,
@@ -64,5 +69,6 @@ __all__ = [
     "result_of",
     "run_pretraining",
     "slots_from_nodes",
+    "step_compute",
     "validate_pretrain_spec",
 ]

@@ -4,6 +4,11 @@ Computed from the `OuterStepRecord`s alone (so also from a checkpoint or a prove
 log): the wall-clock seconds of the inner loops that ran on each institution's nodes,
 as CPU-seconds or GPU-seconds by the slot's device. Only work whose result entered the
 average is counted; a worker lost mid-step leaves no record of what it computed.
+
+*Consumed* compute: a pretraining job serves every institution that takes part in it,
+so each outer step's device-seconds are split evenly over the institutions with a
+result in that step. Contributed minus consumed is what an institution gave the
+consortium beyond its fair share.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ class InstitutionContribution:
     bytes_received: int = 0  # global weights downloaded
     outer_steps: int = 0  # outer steps with at least one accepted result from here
     workers: set[str] = field(default_factory=set)
+    consumed_cpu_s: float = 0.0  # this institution's even share of each step's total
+    consumed_gpu_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -49,9 +56,34 @@ class JobAccounting:
         }
 
 
+def step_compute(
+    record: OuterStepRecord,
+) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float]]:
+    """One outer step's (contributed, consumed) device-seconds by (institution, device)."""
+    contributed: dict[tuple[str, str], float] = {}
+    for result in record.results:
+        key = (result.institution, result.device)
+        contributed[key] = contributed.get(key, 0.0) + result.compute_s
+    taking_part = sorted({result.institution for result in record.results})
+    consumed: dict[tuple[str, str], float] = {}
+    for device in ("cpu", "gpu"):
+        total = sum(s for (_, d), s in contributed.items() if d == device)
+        if total:
+            for institution in taking_part:
+                consumed[(institution, device)] = total / len(taking_part)
+    return contributed, consumed
+
+
 def account(job: str, records: Iterable[OuterStepRecord]) -> JobAccounting:
     institutions: dict[str, InstitutionContribution] = {}
     for record in records:
+        _, consumed = step_compute(record)
+        for (institution, device), seconds in consumed.items():
+            entry = institutions.setdefault(institution, InstitutionContribution(institution))
+            if device == "gpu":
+                entry.consumed_gpu_s += seconds
+            else:
+                entry.consumed_cpu_s += seconds
         seen: set[str] = set()
         for result in record.results:
             entry = institutions.setdefault(

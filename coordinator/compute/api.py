@@ -7,12 +7,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from consortium.lm import Weights
 from coordinator.compute.accounting import JobAccounting, account
 from coordinator.compute.cluster import ClusterView, RayClusterView
 from coordinator.compute.diloco import ControllerState, DiLoCoController, DispatchHook
 from coordinator.compute.records import OuterStepRecord
 from coordinator.compute.spec import PretrainJobSpec
-from coordinator.compute.worker import Weights
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ def run_pretraining(
     cluster_view: ClusterView | None = None,
     stop: threading.Event | None = None,
     on_dispatch: DispatchHook | None = None,
+    on_wait: Callable[[str | None], None] | None = None,
 ) -> PretrainResult:
     """Run ``spec`` on the connected Ray cluster until its last outer step.
 
@@ -44,10 +45,14 @@ def run_pretraining(
     Setting ``stop`` ends the run after the current step; the worker actors are always
     killed on return. Raises `PretrainFailedError` after ``max_failed_steps`` attempts
     in a row without ``min_workers`` results; while too few workers are *available* it
-    keeps waiting (each attempt waits ``wait_for_workers_s``) until ``stop`` is set.
+    keeps waiting (each attempt waits ``wait_for_workers_s``) until ``stop`` is set;
+    ``on_wait(reason)`` hears why when it starts waiting or the reason changes, and
+    ``on_wait(None)`` when workers are found.
     """
     view = cluster_view if cluster_view is not None else RayClusterView(device=spec.device)
-    with DiLoCoController(spec, view, checkpoint_dir, stop=stop, on_dispatch=on_dispatch) as ctl:
+    with DiLoCoController(
+        spec, view, checkpoint_dir, stop=stop, on_dispatch=on_dispatch, on_wait=on_wait
+    ) as ctl:
         ctl.run(on_step)
         return result_of(ctl)
 

@@ -2,8 +2,16 @@
 
 A *slot* is one contributed GPU, or one CPU on a node without GPUs. Contributed nodes
 announce their institution with a custom Ray resource ``institution:<name>`` (``client
-join`` starts Ray with ``--resources '{"institution:<name>": 1}'``). Nodes without one
-(the coordinator's own head node, typically) contribute no slots unless asked.
+join`` starts Ray with ``--resources '{"institution:<name>": 1}'`` and the label
+``institution=<name>``). Nodes without one (the coordinator's own head node,
+typically) contribute no slots unless asked.
+
+A node offers no slot while Ray drains it (it is leaving, or the coordinator drains it
+because its institution was revoked), nor when any institution it claims, by resource
+or label, is revoked. Ray has one cluster-wide token, so it cannot tell institutions
+apart; the coordinator publishes the revoked ones in the cluster's internal KV
+(`REVOKED_KEY` in `DENY_LIST_NAMESPACE`, a JSON list) and `RayClusterView` reads them
+there unless it is given the set.
 
 `RayClusterView` reads ``ray.nodes()``; tests and other schedulers can pass any object
 with a ``slots()`` method. `ScalingPolicy` turns the slots into a decision: the workers
@@ -12,6 +20,8 @@ to use, or why the job must wait.
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
 from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
@@ -22,7 +32,11 @@ import ray
 log = logging.getLogger(__name__)
 
 INSTITUTION_PREFIX = "institution:"
+INSTITUTION_LABEL = "institution"
 NODE_ID_PREFIX_CHARS = 12
+# Where the coordinator publishes the revoked institutions in Ray's internal KV.
+DENY_LIST_NAMESPACE = b"consortium"
+REVOKED_KEY = b"revoked_institutions"
 
 
 @dataclass(frozen=True, order=True)
@@ -44,21 +58,28 @@ def slots_from_nodes(
     nodes: Iterable[Mapping[str, Any]],
     device: Literal["auto", "cpu", "gpu"] = "auto",
     unaffiliated_institution: str | None = None,
+    revoked_institutions: Set[str] = frozenset(),
+    draining_nodes: Set[str] = frozenset(),
 ) -> list[WorkerSlot]:
     """Slots of live nodes as listed by ``ray.nodes()``.
 
     ``device="auto"``: a node with GPUs offers one slot per GPU, else one per CPU.
     ``unaffiliated_institution``: the institution name for nodes without an
     ``institution:`` resource; ``None`` leaves them out.
+    ``revoked_institutions``: a node claiming any of them (resource or label) offers
+    nothing. ``draining_nodes``: ids (hex) of nodes Ray is draining; they offer nothing.
     """
     slots: list[WorkerSlot] = []
     for node in nodes:
-        if not node.get("Alive", False):
+        if not node.get("Alive", False) or str(node.get("NodeID")) in draining_nodes:
             continue
         resources: Mapping[str, float] = node.get("Resources", {})
+        labels: Mapping[str, str] = node.get("Labels", {})
+        if claimed_institutions(resources, labels) & revoked_institutions:
+            continue
         announced = _institution(resources)
         institution = announced if announced is not None else unaffiliated_institution
-        if institution is None:
+        if institution is None or institution in revoked_institutions:
             continue
         resource = INSTITUTION_PREFIX + announced if announced is not None else None
         node_id = str(node["NodeID"])
@@ -76,6 +97,40 @@ def slots_from_nodes(
     return sorted(slots)
 
 
+def claimed_institutions(
+    resources: Mapping[str, float], labels: Mapping[str, str]
+) -> frozenset[str]:
+    """Every institution a node names: its ``institution:<name>`` resources and its
+    ``institution`` label (a node may announce anything; all of it counts against it)."""
+    names = {k[len(INSTITUTION_PREFIX) :] for k in resources if k.startswith(INSTITUTION_PREFIX)}
+    label = labels.get(INSTITUTION_LABEL)
+    if label:
+        names.add(label)
+    return frozenset(names)
+
+
+def encode_deny_list(revoked: Iterable[str]) -> bytes:
+    """The KV value the coordinator publishes: a sorted JSON list of names."""
+    return json.dumps(sorted(set(revoked))).encode()
+
+
+def decode_deny_list(raw: bytes | None) -> frozenset[str]:
+    """The revoked institutions from the KV value (None: nothing published yet)."""
+    if raw is None:
+        return frozenset()
+    try:
+        names = json.loads(raw)
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(
+            f"the Ray KV key {REVOKED_KEY.decode()!r} (namespace "
+            f"{DENY_LIST_NAMESPACE.decode()!r}) must hold a JSON list of institution "
+            f"names, not {raw[:80]!r}; only the coordinator writes it"
+        )
+    return frozenset(names)
+
+
 def _institution(resources: Mapping[str, float]) -> str | None:
     prefix = len(INSTITUTION_PREFIX)
     names = sorted(k[prefix:] for k in resources if k.startswith(INSTITUTION_PREFIX))
@@ -85,19 +140,35 @@ def _institution(resources: Mapping[str, float]) -> str | None:
 
 
 class RayClusterView:
-    """Slots of the Ray cluster this process is connected to (``ray.init`` first)."""
+    """Slots of the Ray cluster this process is connected to (``ray.init`` first).
+
+    ``revoked_institutions``: None reads the set the coordinator published in the
+    cluster's KV, on every call (a revocation takes effect at the next plan).
+    """
 
     def __init__(
         self,
         device: Literal["auto", "cpu", "gpu"] = "auto",
         unaffiliated_institution: str | None = None,
+        revoked_institutions: Set[str] | None = None,
     ) -> None:
         self.device = device
         self.unaffiliated_institution = unaffiliated_institution
+        self.revoked_institutions = revoked_institutions
 
     def slots(self) -> list[WorkerSlot]:
         nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
-        return slots_from_nodes(nodes, self.device, self.unaffiliated_institution)
+        # Ray's private driver-side modules have no stubs.
+        state = importlib.import_module("ray._private.state").state
+        draining = set(state.get_draining_nodes())
+        revoked = self.revoked_institutions
+        if revoked is None:
+            internal_kv = importlib.import_module("ray.experimental.internal_kv")
+            raw = internal_kv._internal_kv_get(REVOKED_KEY, namespace=DENY_LIST_NAMESPACE)
+            revoked = decode_deny_list(raw)
+        return slots_from_nodes(
+            nodes, self.device, self.unaffiliated_institution, revoked, draining
+        )
 
 
 @dataclass(frozen=True)

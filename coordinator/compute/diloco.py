@@ -12,7 +12,8 @@ States (`ControllerState`)::
        |  ^                                              (step() then raises)
        v  |  enough workers again
     WAITING   too few usable workers, or too few results in an attempt; `waiting_reason`
-       |      says which and what would help; the step index does not move
+       |      says which and what would help (also passed to ``on_wait`` as soon as the
+       |      controller starts waiting); the step index does not move
        v  max_failed_steps attempts in a row without enough results
     FAILED
 
@@ -41,6 +42,7 @@ import torch
 
 from consortium.aggregation import StreamingMean, UpdateRejected
 from consortium.data.stdlib_corpus import StdlibCorpus
+from consortium.lm import Weights, load_weights, model_weights, validation_loss
 from consortium.models.bytelm import ByteLM
 from consortium.tensor_digest import arrays_digest
 from coordinator.compute.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -55,15 +57,7 @@ from coordinator.compute.pool import WorkerPool, describe_failure
 from coordinator.compute.records import OuterStepRecord, WorkerStepResult
 from coordinator.compute.schedule import assign_shards, derive_seed
 from coordinator.compute.spec import PretrainJobSpec
-from coordinator.compute.worker import (
-    InnerMetrics,
-    Weights,
-    WorkerConfig,
-    corpus_for,
-    load_weights,
-    model_weights,
-    validation_loss,
-)
+from coordinator.compute.worker import InnerMetrics, WorkerConfig, corpus_for
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +83,8 @@ class Assignment:
 
 
 DispatchHook = Callable[[int, list[str]], None]  # (outer step, worker ids) after dispatch
+# Why the controller waits for workers, as soon as it starts to; None once it goes ahead.
+WaitHook = Callable[[str | None], None]
 
 
 class DiLoCoController:
@@ -101,6 +97,7 @@ class DiLoCoController:
         scaling_policy: ScalingPolicy | None = None,
         on_dispatch: DispatchHook | None = None,
         stop: threading.Event | None = None,
+        on_wait: WaitHook | None = None,
     ) -> None:
         if not ray.is_initialized():
             raise ClusterNotConnectedError(
@@ -115,6 +112,8 @@ class DiLoCoController:
             spec.per_institution_caps,
         )
         self.on_dispatch = on_dispatch
+        self.on_wait = on_wait
+        self._reported_wait: str | None = None  # what on_wait was last told
         self.stop = stop or threading.Event()
         self.corpus: StdlibCorpus = corpus_for(spec)
         self.model = ByteLM(spec.bytelm_config, seed=spec.seed)
@@ -219,17 +218,43 @@ class DiLoCoController:
     # -- one attempt ------------------------------------------------------------------
 
     def _plan(self, quarantined: set[str]) -> ScalingDecision:
+        """Decide, re-reading the cluster for up to ``wait_for_workers_s`` while too few
+        workers are usable; the reason to wait goes to `on_wait` at once."""
         deadline = time.monotonic() + self.spec.wait_for_workers_s
         while True:
-            decision = self.scaling_policy.decide(self.cluster_view.slots(), quarantined)
-            if decision.go or time.monotonic() >= deadline:
+            slots = self.cluster_view.slots()
+            decision = self.scaling_policy.decide(slots, quarantined)
+            if decision.go:
+                self._report_wait(None)
+                return decision
+            decision = ScalingDecision((), self._explain_wait(decision.waiting_reason, slots))
+            self._report_wait(decision.waiting_reason)
+            if time.monotonic() >= deadline:
                 return decision
             if self.stop.wait(min(POLL_INTERVAL_S, max(deadline - time.monotonic(), 0.0))):
                 return decision
 
+    def _explain_wait(self, policy_reason: str | None, slots: list[WorkerSlot]) -> str:
+        """What the job needs and what the cluster offers, then the policy's detail."""
+        need = self.spec.min_workers
+        kind = {"gpu": "GPU ", "cpu": "CPU "}.get(self.spec.device, "")
+        workers = f"{need} {kind}worker{'' if need == 1 else 's'}"
+        summary = f"needs {workers}, the cluster offers {len(slots)}"
+        if self.spec.device == "gpu" and len(slots) < need:
+            summary += ' (GPU nodes join with `client join --gpu N`; or set device = "auto")'
+        detail = (policy_reason or "").removeprefix("waiting for workers: ")
+        return f"{summary}; {detail}"
+
+    def _report_wait(self, reason: str | None) -> None:
+        if reason != self._reported_wait:
+            self._reported_wait = reason
+            if self.on_wait is not None:
+                self.on_wait(reason)
+
     def _wait(self, reason: str) -> None:
         self.state = ControllerState.WAITING
         self.waiting_reason = reason
+        self._report_wait(reason)
         log.info("outer step %d: %s", self.step_index, reason)
 
     def _assign(self, workers: list[WorkerSlot], step_seed: int) -> dict[str, Assignment]:

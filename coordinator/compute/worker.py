@@ -23,16 +23,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-import numpy.typing as npt
 import ray
 import torch
 
 from consortium.data.stdlib_corpus import StdlibCorpus, load_stdlib_corpus
 from consortium.errors import DataDirError
+from consortium.lm import Weights, load_weights, model_weights, sample_batch
 from consortium.models.bytelm import ByteLM, ByteLMConfig
 from coordinator.compute.spec import PretrainJobSpec
-
-Weights = dict[str, npt.NDArray[np.float32]]
 
 
 @dataclass(frozen=True)
@@ -121,59 +119,6 @@ def enable_determinism(device: Literal["cpu", "gpu"]) -> None:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
-
-
-def sample_batch(
-    data: npt.NDArray[np.uint8],
-    batch_size: int,
-    seq_len: int,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``batch_size`` random windows of ``seq_len + 1`` bytes: inputs and next bytes."""
-    starts = torch.randint(0, data.size - seq_len, (batch_size,), generator=generator)
-    index = starts.numpy()[:, None] + np.arange(seq_len + 1)  # (B, T + 1)
-    windows = torch.from_numpy(data[index].astype(np.int64))  # (B, T + 1), a fresh copy
-    return windows[:, :-1], windows[:, 1:]  # (B, T) inputs, (B, T) targets
-
-
-@torch.no_grad()
-def validation_loss(
-    model: torch.nn.Module,
-    data: npt.NDArray[np.uint8],
-    seq_len: int,
-    batch_size: int,
-    max_batches: int,
-) -> float:
-    """Mean next-byte cross-entropy (nats) over fixed, non-overlapping windows of ``data``."""
-    count = min((data.size - 1) // seq_len, batch_size * max_batches)
-    if count < 1:
-        raise ValueError(f"validation split of {data.size} bytes is shorter than seq_len + 1")
-    index = np.arange(count)[:, None] * seq_len + np.arange(seq_len + 1)  # (N, T + 1)
-    windows = torch.from_numpy(data[index].astype(np.int64))
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for start in range(0, count, batch_size):
-        batch = windows[start : start + batch_size]
-        _, loss = model(batch[:, :-1], batch[:, 1:])
-        assert loss is not None
-        total += float(loss) * len(batch)
-    model.train(was_training)
-    return total / count
-
-
-def load_weights(model: torch.nn.Module, weights: Weights) -> None:
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(torch.from_numpy(np.array(weights[name], copy=True)))
-
-
-def model_weights(model: torch.nn.Module) -> Weights:
-    """Float32 numpy copies of the parameters, by name (tied weights listed once)."""
-    return {
-        name: param.detach().to("cpu", torch.float32).numpy().copy()
-        for name, param in model.named_parameters()
-    }
 
 
 class InnerTrainer:

@@ -11,6 +11,7 @@ a signed tree head in the provenance log.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -21,16 +22,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
-from consortium.data.digits import train_test_split
-from consortium.models import build_model
+from consortium.models import build_model, load_parameter_tensors, parameter_tensors
 from consortium.provenance.environment import describe_environment
 from consortium.provenance.log import ProvenanceLog
 from consortium.provenance.signing import SigningKey, b64
 from consortium.tensor_digest import arrays_digest, file_digest
-from consortium.training import evaluate
 from coordinator.federated.checkpoints import CheckpointStore, save_model
+from coordinator.federated.evaluation import held_out_for
 from coordinator.federated.strategy import AggregationRule, ConsortiumStrategy
 from coordinator.federated.superlink import DATA_DIR_ENV
+from coordinator.jobs.pipeline import StartingModel, family_of, load_starting_model
 from coordinator.jobs.spec import FederatedJobSpec, parse_job_spec
 from coordinator.provenance_paths import coordinator_key_path, provenance_log_path
 from coordinator.state import JobState, RoundRecord, SqliteStateStore, StateStore
@@ -73,7 +74,8 @@ def rule_of(spec: FederatedJobSpec) -> AggregationRule:
 
 
 def numpy_state(model: torch.nn.Module) -> dict[str, Any]:
-    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    """The parameters as numpy, by name (tied weights once): what digests cover."""
+    return {k: v.cpu().numpy() for k, v in parameter_tensors(model).items()}
 
 
 class JobRun:
@@ -89,17 +91,33 @@ class JobRun:
             provenance_log_path(data_dir), SigningKey.load(coordinator_key_path(data_dir))
         )
         self._logged_keys = self.provenance.logged_key_ids()
-        _, self.test = train_test_split()
+        self.held_out = held_out_for(self.spec)
+        self.family = family_of(store, self.spec)
+        self.starting: StartingModel | None = None  # set when init_from is used
 
     def initial_model(self) -> tuple[torch.nn.Module, int]:
-        torch.manual_seed(self.spec.seed)
-        model = build_model(self.spec.model)
         checkpoint = self.checkpoints.latest()
-        if checkpoint is None:
+        if checkpoint is not None:
+            model = build_model(self.family.model, self.family.options)
+            load_parameter_tensors(model, checkpoint.state_dict)
+            log.info("job %s resumes after round %d", self.job_id, checkpoint.round)
+            return model, checkpoint.round
+        if self.spec.init_from is not None:
+            model, self.starting = load_starting_model(
+                self.store,
+                self.spec,
+                provenance_log_path(self.data_dir),
+                SigningKey.load(coordinator_key_path(self.data_dir)).public,
+            )
+            log.info(
+                "job %s starts from job %s's model %s",
+                self.job_id,
+                self.starting.job_id,
+                self.starting.digest[:16],
+            )
             return model, 0
-        model.load_state_dict(checkpoint.state_dict)
-        log.info("job %s resumes after round %d", self.job_id, checkpoint.round)
-        return model, checkpoint.round
+        torch.manual_seed(self.spec.seed)
+        return build_model(self.family.model, self.family.options), 0
 
     def log_start(self, model: torch.nn.Module, done_rounds: int) -> None:
         digest = arrays_digest(numpy_state(model))
@@ -118,6 +136,12 @@ class JobRun:
                 "seed": self.spec.seed,
                 "strategy": {"sampler": self.spec.strategy, **rule_of(self.spec).describe()},
                 "environment": describe_environment("cpu", deterministic=True),
+                "model": {"name": self.family.model, "options": self.family.options},
+                "init_from": (
+                    {"job_id": self.starting.job_id, "model_digest": self.starting.digest}
+                    if self.starting is not None
+                    else None
+                ),
                 "initial_model_digest": digest,
             },
         )
@@ -168,16 +192,15 @@ class JobRun:
         )
 
         def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            model.load_state_dict(arrays.to_torch_state_dict())
-            result = evaluate(model, self.test.x, self.test.y)
-            metrics: dict[str, float] = {"eval_loss": result.loss, "eval_accuracy": result.accuracy}
+            load_parameter_tensors(model, arrays.to_torch_state_dict())
+            metrics = self.held_out.evaluate(model)
             round_ = done_rounds + server_round
             provenance = strategy.rounds.get(round_)
             if provenance is not None and provenance.train_loss is not None:
                 metrics["train_loss"] = provenance.train_loss
             if server_round > 0 or done_rounds == 0:
                 if server_round > 0:
-                    self.checkpoints.save(round_, model.state_dict())
+                    self.checkpoints.save(round_, parameter_tensors(model))
                     self.log_round(strategy, round_, metrics)
                 self.store.record_round(
                     RoundRecord(
@@ -201,28 +224,32 @@ class JobRun:
                     "batch-size": self.spec.batch_size,
                     "seed": self.spec.seed,
                     "round-offset": done_rounds,
-                    "model": self.spec.model,
+                    "model": self.family.model,
+                    "model-options": json.dumps(self.family.options, sort_keys=True),
                     "dataset": self.spec.dataset,
+                    "task": "text" if self.spec.is_text else "classification",
+                    "local-steps": self.spec.local_steps,
+                    "seq-len": self.spec.seq_len,
                 }
             )
             result = strategy.start(
                 grid=grid,
-                initial_arrays=ArrayRecord(model.state_dict()),
+                initial_arrays=ArrayRecord(parameter_tensors(model)),
                 num_rounds=remaining,
                 timeout=self.spec.round_timeout_s,
                 train_config=config,
                 evaluate_fn=evaluate_round,
             )
             if len(result.arrays) > 0:
-                model.load_state_dict(result.arrays.to_torch_state_dict())
+                load_parameter_tensors(model, result.arrays.to_torch_state_dict())
         self.finish(model)
 
     def finish(self, model: torch.nn.Module) -> None:
         model_path = self.data_dir / "models" / f"{self.job_id}.safetensors"
         save_model(
             model_path,
-            model.state_dict(),
-            {"job_id": self.job_id, "model": self.spec.model, "rounds": str(self.spec.rounds)},
+            dict(parameter_tensors(model)),
+            {"job_id": self.job_id, "model": self.family.model, "rounds": str(self.spec.rounds)},
         )
         self.provenance.append(
             "job_completed",

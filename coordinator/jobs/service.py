@@ -4,11 +4,33 @@ from __future__ import annotations
 
 import uuid
 
+from consortium.errors import JobSpecError
+from coordinator.compute.spec import PretrainJobSpec
+from coordinator.jobs.pipeline import check_init_from
 from coordinator.jobs.spec import FederatedJobSpec, parse_submitted_spec
 from coordinator.state import JobRecord, JobState, RoundRecord, StateStore
 from coordinator.state.sqlite_store import now_ms
 
 CANCELLABLE = frozenset({JobState.QUEUED, JobState.RUNNING})
+
+
+def known_institutions(store: StateStore) -> set[str]:
+    """Institutions onboarded (a certificate was issued) or that ever registered a node
+    (an insecure coordinator has no onboarding)."""
+    return set(store.institutions()) | {node.institution for node in store.list_nodes()}
+
+
+def check_caps_name_known_institutions(store: StateStore, spec: PretrainJobSpec) -> None:
+    """A cap for an institution the consortium does not know is almost certainly a typo
+    that would silently cap nothing; refuse it."""
+    unknown = sorted(set(spec.per_institution_caps) - known_institutions(store))
+    if unknown:
+        known = ", ".join(sorted(known_institutions(store))) or "none yet"
+        names = ", ".join(repr(name) for name in unknown)
+        raise JobSpecError(
+            f"invalid pretrain job spec: field 'per_institution_caps': unknown "
+            f"institution(s) {names}; known (onboarded or with a registered node): {known}"
+        )
 
 
 class JobService:
@@ -18,6 +40,10 @@ class JobService:
     def submit(self, spec_toml: str) -> JobRecord:
         """Validate and queue; an invalid spec raises JobSpecError and creates nothing."""
         spec = parse_submitted_spec(spec_toml)
+        if isinstance(spec, FederatedJobSpec):
+            check_init_from(self._store, spec)
+        else:
+            check_caps_name_known_institutions(self._store, spec)
         # A pretraining job's rounds are its outer steps.
         rounds = spec.rounds if isinstance(spec, FederatedJobSpec) else spec.outer_steps
         job = JobRecord(

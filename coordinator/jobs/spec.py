@@ -21,6 +21,18 @@ Example::
     batch_size = 32
     seed = 0
 
+A fine-tuning stage of a pipeline starts from another job's output model and trains
+the byte-level language model on each site's own text (`dataset = "docstrings"`)::
+
+    name = "docstrings-finetune"
+    model = "bytelm"
+    dataset = "docstrings"
+    init_from = "<job id>"   # a pretraining (or federated) job; its model and size
+    rounds = 3
+    local_steps = 20         # AdamW steps per round at each site
+    seq_len = 64
+    learning_rate = 0.001
+
 Every error names the field, so the user can fix the file.
 """
 
@@ -29,15 +41,26 @@ from __future__ import annotations
 import tomllib
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from consortium.errors import JobSpecError
-from consortium.models import MODELS
+from consortium.models import MODELS, build_model
 from coordinator.compute.spec import PretrainJobSpec, validate_pretrain_spec
 
-# Datasets the coordinator knows the schema of and holds a public held-out
-# split for; each site maps these names to its own local loader.
-KNOWN_DATASETS = frozenset({"digits"})
+# Datasets the coordinator knows the schema of and holds a public held-out split
+# for, with the model family that trains on them; each site maps these names to its
+# own local data (digits: arrays x, y; docstrings: a text file).
+DATASET_MODELS = {"digits": "digits-cnn", "docstrings": "bytelm"}
+KNOWN_DATASETS = frozenset(DATASET_MODELS)
+TEXT_DATASETS = frozenset({"docstrings"})
 
 
 class FederatedJobSpec(BaseModel):
@@ -63,6 +86,14 @@ class FederatedJobSpec(BaseModel):
     max_update_norm: float | None = Field(default=None, gt=0)
     # Keep every accepted update so the aggregation can be replayed bit for bit.
     retain_updates: bool = True
+    # Pipelines: start from this job's output model (its model family and size).
+    init_from: str | None = Field(default=None, min_length=1, max_length=64)
+    # Size of a model built from scratch (bytelm: n_layer, n_head, n_embd, block_size).
+    model_options: dict[str, int] = Field(default_factory=dict)
+    # Language-model datasets: AdamW steps per round at each site, window length.
+    local_steps: int = Field(default=20, gt=0, le=1_000_000)
+    seq_len: int = Field(default=64, gt=0, le=65_536)
+    eval_batches: int = Field(default=16, gt=0, le=100_000)
 
     @field_validator("model")
     @classmethod
@@ -73,11 +104,38 @@ class FederatedJobSpec(BaseModel):
 
     @field_validator("dataset")
     @classmethod
-    def _known_dataset(cls, value: str) -> str:
+    def _known_dataset(cls, value: str, info: ValidationInfo) -> str:
         if value not in KNOWN_DATASETS:
             known = ", ".join(sorted(KNOWN_DATASETS))
             raise ValueError(f"unknown dataset {value!r}; known: {known}")
+        model = info.data.get("model")
+        if model is not None and DATASET_MODELS[value] != model:
+            raise ValueError(f"dataset {value!r} is trained with model {DATASET_MODELS[value]!r}")
         return value
+
+    @field_validator("model_options")
+    @classmethod
+    def _options_build(cls, value: dict[str, int], info: ValidationInfo) -> dict[str, int]:
+        model = info.data.get("model")
+        if model is not None and value:
+            try:
+                build_model(model, value)
+            except ValueError as err:
+                raise ValueError(str(err)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _options_or_source(self) -> FederatedJobSpec:
+        if self.init_from is not None and self.model_options:
+            raise ValueError(
+                "model_options and init_from exclude each other: a fine-tuning job "
+                "takes its model size from the job it starts from"
+            )
+        return self
+
+    @property
+    def is_text(self) -> bool:
+        return self.dataset in TEXT_DATASETS
 
 
 JobSpec = FederatedJobSpec | PretrainJobSpec

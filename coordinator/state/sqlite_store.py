@@ -291,7 +291,9 @@ class SqliteStateStore(StateStore):
         }
         changes = {k: v for k, v in changes.items() if v is not None}
         with self._transaction() as db:
-            row = db.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            row = db.execute(
+                "SELECT state, message FROM jobs WHERE job_id = ?", (job_id,)
+            ).fetchone()
             if row is None:
                 raise NotFoundError(f"job {job_id!r} does not exist")
             current = JobState(row["state"])
@@ -303,7 +305,10 @@ class SqliteStateStore(StateStore):
                     f"UPDATE jobs SET {assignments} WHERE job_id = ?",  # fixed column names
                     (*changes.values(), job_id),
                 )
-            if state is not None and state != current:
+            # Watchers hear of a new state, and of a new message (say, why a job waits).
+            if (state is not None and state != current) or (
+                message is not None and message != row["message"]
+            ):
                 _append_event(db, job_id, "job")
         return self.get_job(job_id)
 

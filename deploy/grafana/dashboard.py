@@ -167,18 +167,19 @@ ROWS: tuple[Row, ...] = (
         "Compute sharing",
         (
             Panel(
-                "GPU time contributed and consumed",
-                "Shared-compute GPU-seconds per second, by institution.",
+                "Compute contributed and consumed",
+                "Shared pretraining compute in device-seconds per second (GPUs, or CPU "
+                "slots), by institution and device.",
                 (
                     Query(
-                        "sum by (institution) "
-                        f"(rate(consortium_compute_contributed_gpu_seconds_total[{RATE}]))",
-                        "{{institution}} contributed",
+                        "sum by (institution, device) "
+                        f"(rate(consortium_compute_contributed_seconds_total[{RATE}]))",
+                        "{{institution}} {{device}} contributed",
                     ),
                     Query(
-                        "sum by (institution) "
-                        f"(rate(consortium_compute_consumed_gpu_seconds_total[{RATE}]))",
-                        "{{institution}} consumed",
+                        "sum by (institution, device) "
+                        f"(rate(consortium_compute_consumed_seconds_total[{RATE}]))",
+                        "{{institution}} {{device}} consumed",
                     ),
                 ),
             ),

@@ -2,7 +2,7 @@
 
 A coordinator created with `coordinator init` serves mutual TLS; two
 institutions are onboarded from site-held keys. Every refusal is checked on
-the control plane and on the Flower SuperLink (the Ray channel is not built yet).
+the control plane and on the Flower SuperLink (the Ray channel: test_ray_channel.py).
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ from consortium.errors import ConflictError, JobSpecError, NotFoundError
 from coordinator.compute.spec import PretrainJobSpec
 from coordinator.jobs.service import JobService
 from coordinator.jobs.spec import FederatedJobSpec, parse_job_spec, parse_submitted_spec
-from coordinator.state import JobState, SqliteStateStore
+from coordinator.state import JobState, NodeRecord, NodeState, SqliteStateStore
+from coordinator.state.sqlite_store import now_ms
 
 VALID = """
 name = "digits-fedavg"
@@ -284,3 +285,51 @@ def test_invalid_submitted_spec_names_the_field(text: str, field: str) -> None:
 def test_pretrain_job_has_outer_steps_as_rounds(store: SqliteStateStore) -> None:
     job = JobService(store).submit(PRETRAIN)
     assert (job.kind, job.rounds_total, job.state) == ("pretrain", 3, JobState.QUEUED)
+
+
+# --- per_institution_caps must name institutions the consortium knows ------------
+
+
+def register_node(store: SqliteStateStore, institution: str, node_id: str) -> None:
+    store.add_node(
+        NodeRecord(node_id, institution, "host", "cpu", NodeState.ONLINE, now_ms(), now_ms())
+    )
+
+
+def test_pretrain_cap_for_unknown_institution_is_refused_naming_field(
+    store: SqliteStateStore,
+) -> None:
+    register_node(store, "aurora", "a" * 32)
+    with pytest.raises(JobSpecError) as refused:
+        JobService(store).submit(PRETRAIN + "per_institution_caps = { aurora = 1, aurorra = 2 }\n")
+    refused_part, known_part = str(refused.value).split("; known", maxsplit=1)
+    assert "field 'per_institution_caps'" in refused_part
+    assert "'aurorra'" in refused_part and "'aurora'" not in refused_part
+    assert "aurora" in known_part  # says what it does know
+    assert store.list_jobs() == []
+
+
+def test_pretrain_cap_is_refused_when_no_institution_is_known(store: SqliteStateStore) -> None:
+    with pytest.raises(JobSpecError, match=r"field 'per_institution_caps'.*'aurora'.*none yet"):
+        JobService(store).submit(PRETRAIN + "per_institution_caps = { aurora = 1 }\n")
+    assert store.list_jobs() == []
+
+
+def test_pretrain_cap_for_institution_with_registered_node_is_accepted(
+    store: SqliteStateStore,
+) -> None:
+    # An insecure coordinator has no onboarding: a node that registered makes it known,
+    # also after it left.
+    register_node(store, "aurora", "a" * 32)
+    store.set_node_state("a" * 32, NodeState.GONE)
+    job = JobService(store).submit(PRETRAIN + "per_institution_caps = { aurora = 0 }\n")
+    assert job.state is JobState.QUEUED
+
+
+def test_pretrain_cap_for_onboarded_institution_without_nodes_is_accepted(
+    store: SqliteStateStore,
+) -> None:
+    store.add_certificate("01", "borealis", "ff" * 32, now_ms() + 86_400_000)
+    job = JobService(store).submit(PRETRAIN + "per_institution_caps = { borealis = 2 }\n")
+    assert job.state is JobState.QUEUED
+    assert store.list_jobs() == [job]

@@ -236,16 +236,19 @@ def test_update_job_unknown_raises_not_found(store: SqliteStateStore) -> None:
         store.update_job("ghost", state=JobState.RUNNING)
 
 
-def test_update_job_state_change_appends_event_but_same_state_does_not(
+def test_update_job_new_state_or_message_appends_event_but_same_ones_do_not(
     store: SqliteStateStore,
 ) -> None:
     store.add_job(make_job())
     assert len(store.events_after("j1", 0)) == 1  # creation
-    store.update_job("j1", message="still waiting")
+    store.update_job("j1", message=store.get_job("j1").message)
     store.update_job("j1", state=JobState.QUEUED)
     assert len(store.events_after("j1", 0)) == 1
     store.update_job("j1", state=JobState.RUNNING)
     assert [e.kind for e in store.events_after("j1", 0)] == ["job", "job"]
+    store.update_job("j1", message="waiting: needs 1 GPU worker")  # watchers show why
+    store.update_job("j1", message="waiting: needs 1 GPU worker")
+    assert len(store.events_after("j1", 0)) == 3
 
 
 # --- rounds ------------------------------------------------------------------

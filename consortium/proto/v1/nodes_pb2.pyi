@@ -59,6 +59,7 @@ class Node(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     REGISTERED_AT_MS_FIELD_NUMBER: _builtins.int
     LAST_HEARTBEAT_MS_FIELD_NUMBER: _builtins.int
+    RAY_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     institution: _builtins.str
     hostname: _builtins.str
@@ -67,6 +68,14 @@ class Node(_message.Message):
     state: Global___NodeState.ValueType
     registered_at_ms: _builtins.int
     last_heartbeat_ms: _builtins.int
+    @_builtins.property
+    def ray(self) -> Global___RayNode:
+        """The node's process in the coordinator's Ray cluster, matched by its `node`
+        label (the first 12 characters of node_id). Set only in ListNodes replies;
+        unset there when the node is not in Ray (it joined with --no-ray, or Ray is
+        unavailable: see ListNodesResponse.ray_unavailable_reason).
+        """
+
     def __init__(
         self,
         *,
@@ -77,14 +86,102 @@ class Node(_message.Message):
         state: Global___NodeState.ValueType = ...,
         registered_at_ms: _builtins.int = ...,
         last_heartbeat_ms: _builtins.int = ...,
+        ray: Global___RayNode | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ray", b"ray"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "hostname", b"hostname", "institution", b"institution", "last_heartbeat_ms", b"last_heartbeat_ms", "node_id", b"node_id", "registered_at_ms", b"registered_at_ms", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "hostname", b"hostname", "institution", b"institution", "last_heartbeat_ms", b"last_heartbeat_ms", "node_id", b"node_id", "ray", b"ray", "registered_at_ms", b"registered_at_ms", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Node: _TypeAlias = Node  # noqa: Y015
+
+@_typing.final
+class RayNode(_message.Message):
+    """A node as the Ray cluster's GCS lists it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ResourcesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    RAY_NODE_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    IS_HEAD_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    ray_node_id: _builtins.str
+    """hex"""
+    state: _builtins.str
+    """"ALIVE", "DRAINING" (leaving) or "DEAD" """
+    is_head: _builtins.bool
+    address: _builtins.str
+    """the node manager's IP address"""
+    @_builtins.property
+    def resources(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Total resources it announced: CPU, GPU, memory (bytes), object_store_memory
+        (bytes), institution:<name>, ... (Ray's internal node:<ip> entries left out).
+        """
+
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """institution=<name>, node=<node id prefix>, ray.io/..."""
+
+    def __init__(
+        self,
+        *,
+        ray_node_id: _builtins.str = ...,
+        state: _builtins.str = ...,
+        resources: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        is_head: _builtins.bool = ...,
+        address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "is_head", b"is_head", "labels", b"labels", "ray_node_id", b"ray_node_id", "resources", b"resources", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RayNode: _TypeAlias = RayNode  # noqa: Y015
 
 @_typing.final
 class RegisterNodeRequest(_message.Message):
@@ -248,16 +345,34 @@ class ListNodesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NODES_FIELD_NUMBER: _builtins.int
+    UNMATCHED_RAY_NODES_FIELD_NUMBER: _builtins.int
+    RAY_UNAVAILABLE_REASON_FIELD_NUMBER: _builtins.int
+    RAY_READ_AT_MS_FIELD_NUMBER: _builtins.int
+    ray_unavailable_reason: _builtins.str
+    """Empty when the Ray view below was read; else why not (Ray is off, or its GCS
+    did not answer), and no node carries `ray`.
+    """
+    ray_read_at_ms: _builtins.int
+    """When the Ray view was read (it is cached for a couple of seconds); 0 if never."""
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Node]: ...
+    @_builtins.property
+    def unmatched_ray_nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___RayNode]:
+        """Live Ray nodes that match no registry node: the coordinator's own head, nodes
+        started by hand. Dead ones are left out.
+        """
+
     def __init__(
         self,
         *,
         nodes: _abc.Iterable[Global___Node] | None = ...,
+        unmatched_ray_nodes: _abc.Iterable[Global___RayNode] | None = ...,
+        ray_unavailable_reason: _builtins.str = ...,
+        ray_read_at_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes", "ray_read_at_ms", b"ray_read_at_ms", "ray_unavailable_reason", b"ray_unavailable_reason", "unmatched_ray_nodes", b"unmatched_ray_nodes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

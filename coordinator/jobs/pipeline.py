@@ -1,0 +1,163 @@
+"""Pipelines: a federated job that starts from another job's output model.
+
+`init_from = "<job id>"` in a federated spec names the source job: a pretraining job
+(its byte-level model) or another federated job. At submit the source must exist, not
+have failed, and produce the spec's model family. At run time the ServerApp loads the
+source's saved model and checks its digest against the source's signed final record in
+the provenance log before a single round starts, and logs the digest it started from.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file
+from torch import nn
+
+from consortium.errors import ConflictError, JobSpecError, NotFoundError
+from consortium.models import build_model, load_parameter_tensors
+from consortium.provenance.log import read_lines, record_signing_bytes
+from consortium.provenance.signing import SignatureError, VerifyingKey, unb64
+from consortium.tensor_digest import arrays_digest
+from coordinator.compute.spec import PretrainJobSpec
+from coordinator.jobs.spec import FederatedJobSpec, parse_submitted_spec
+from coordinator.state import JobRecord, JobState, StateStore
+
+ENDED_BADLY = frozenset({JobState.FAILED, JobState.CANCELLED})
+# The signed record that closes a job, and the body field holding its model digest.
+FINAL_RECORDS = {"job_finished": "model_digest", "job_completed": "final_model_digest"}
+
+
+class StartingModelError(ConflictError):
+    """The source model is missing, or differs from what the provenance log signed."""
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    model: str
+    options: dict[str, int]
+
+
+@dataclass(frozen=True)
+class StartingModel:
+    job_id: str
+    family: ModelFamily
+    digest: str  # arrays_digest of the parameters, as the source's final record signs
+
+
+def model_family(store: StateStore, job: JobRecord) -> ModelFamily:
+    """The model (name and size) that `job` produces."""
+    spec = parse_submitted_spec(job.spec_toml)
+    if isinstance(spec, PretrainJobSpec):
+        config = spec.bytelm_config
+        return ModelFamily(
+            "bytelm",
+            {
+                "n_layer": config.n_layer,
+                "n_head": config.n_head,
+                "n_embd": config.n_embd,
+                "block_size": config.block_size,
+            },
+        )
+    return family_of(store, spec)
+
+
+def family_of(store: StateStore, spec: FederatedJobSpec) -> ModelFamily:
+    """The model a federated spec trains: its own, or its source's."""
+    if spec.init_from is None:
+        return ModelFamily(spec.model, dict(spec.model_options))
+    return model_family(store, store.get_job(spec.init_from))
+
+
+def check_init_from(store: StateStore, spec: FederatedJobSpec) -> None:
+    """At submit: the source exists, has not failed, and fits the spec."""
+    if spec.init_from is None:
+        return
+    try:
+        source = store.get_job(spec.init_from)
+    except NotFoundError:
+        raise JobSpecError(
+            f"invalid job spec: field 'init_from': there is no job {spec.init_from!r}"
+        ) from None
+    if source.state in ENDED_BADLY:
+        raise JobSpecError(
+            f"invalid job spec: field 'init_from': job {source.job_id} ended "
+            f"{source.state.value.lower()}; it has no model to start from"
+        )
+    family = model_family(store, source)
+    if family.model != spec.model:
+        raise JobSpecError(
+            f"invalid job spec: field 'model': job {source.job_id} produces a "
+            f"{family.model!r} model, not {spec.model!r}"
+        )
+    block = family.options.get("block_size")
+    if spec.is_text and block is not None and spec.seq_len > block:
+        raise JobSpecError(
+            f"invalid job spec: field 'seq_len': must be <= the source model's block_size "
+            f"({block}), got {spec.seq_len}"
+        )
+
+
+def waiting_reason(store: StateStore, spec: FederatedJobSpec) -> str | None:
+    """None when the job may start; why not otherwise. Raises when it never can."""
+    if spec.init_from is None:
+        return None
+    source = store.get_job(spec.init_from)
+    if source.state is JobState.SUCCEEDED:
+        return None
+    if source.state in ENDED_BADLY:
+        raise StartingModelError(
+            f"job {source.job_id}, whose model this job starts from, ended "
+            f"{source.state.value.lower()}"
+        )
+    return f"waiting for job {source.job_id} (its model is this job's starting point)"
+
+
+def signed_final_digest(log_path: Path, key: VerifyingKey, job_id: str) -> str:
+    """The model digest in `job_id`'s final log record, after checking its signature."""
+    for line in read_lines(log_path):
+        entry = json.loads(line)
+        field = FINAL_RECORDS.get(str(entry.get("type")))
+        if field is None or entry["body"].get("job_id") != job_id:
+            continue
+        try:
+            key.verify(
+                unb64(entry["signature"]),
+                record_signing_bytes(entry["index"], entry["type"], entry["body"]),
+            )
+        except SignatureError as err:
+            raise StartingModelError(
+                f"the final record of job {job_id} (log index {entry['index']}) has a bad "
+                f"signature: {err}"
+            ) from None
+        return str(entry["body"][field])
+    raise StartingModelError(f"the provenance log has no final record of job {job_id}")
+
+
+def load_starting_model(
+    store: StateStore, spec: FederatedJobSpec, log_path: Path, key: VerifyingKey
+) -> tuple[nn.Module, StartingModel]:
+    """Build the source's model and load its weights, checked against the signed log."""
+    assert spec.init_from is not None
+    source = store.get_job(spec.init_from)
+    if source.state is not JobState.SUCCEEDED or not source.model_path:
+        raise StartingModelError(f"job {source.job_id} has not produced a model")
+    family = model_family(store, source)
+    path = Path(source.model_path)
+    if not path.is_file():
+        raise StartingModelError(f"the model of job {source.job_id} is missing: {path}")
+    weights = {name: np.asarray(value, np.float32) for name, value in load_file(path).items()}
+    digest = arrays_digest(weights)
+    expected = signed_final_digest(log_path, key, source.job_id)
+    if digest != expected:
+        raise StartingModelError(
+            f"{path} does not hold the model job {source.job_id} finished with: digest "
+            f"{digest[:16]}..., the signed log says {expected[:16]}..."
+        )
+    model = build_model(family.model, family.options)
+    load_parameter_tensors(model, {k: torch.from_numpy(v) for k, v in weights.items()})
+    return model, StartingModel(source.job_id, family, digest)

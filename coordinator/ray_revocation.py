@@ -1,0 +1,177 @@
+"""Revocation on the Ray channel: drain a revoked institution's nodes, tell the planner.
+
+Ray authenticates with one cluster-wide token, so it cannot refuse one institution:
+a revoked site still holds a valid token until the operator rotates it (see
+docs/onboarding.md). What the coordinator can do, and does from its scheduler
+thread before every step (like `SuperNodeKeySync`), once any institution is revoked:
+
+* publish the revoked names in the cluster's internal KV (`REVOKED_KEY`), where
+  `RayClusterView` reads them, so the pretraining planner never places a worker on a
+  node that claims a revoked institution (by ``institution:<name>`` resource or
+  ``institution`` label), from its next plan on;
+* ask the GCS to drain every alive node claiming a revoked institution
+  (``DRAIN_NODE_REASON_PREEMPTION``): Ray places nothing new there, an idle node's raylet
+  shuts down at once, a busy one when its work ends (the planner drops our worker at the
+  next outer step). A node that joins again is drained again at the next sync.
+
+Each drain is logged. Without any revocation this costs nothing: no GCS call is made.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import socket
+import time
+from collections.abc import Iterable, Sequence, Set
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from consortium.net import split_host_port
+from coordinator.compute.cluster import (
+    DENY_LIST_NAMESPACE,
+    REVOKED_KEY,
+    claimed_institutions,
+    encode_deny_list,
+)
+from coordinator.ray_head import RayCluster
+from coordinator.ray_nodes import ALIVE, RayNodeInfo, node_from_gcs
+from coordinator.state import StateStore
+
+log = logging.getLogger(__name__)
+
+GCS_TIMEOUT_S = 5.0
+CONNECT_PROBE_TIMEOUT_S = 0.5  # TCP probe before building a client (it waits 40 s otherwise)
+# Told to Ray with the drain (Ray-aware libraries read it); Ray does not kill at it.
+DRAIN_DEADLINE_S = 60
+DRAIN_REASON = "DRAIN_NODE_REASON_PREEMPTION"
+
+
+def nodes_to_drain(nodes: Iterable[RayNodeInfo], revoked: Set[str]) -> list[RayNodeInfo]:
+    """Alive, not yet draining, non-head nodes that claim a revoked institution."""
+    return sorted(
+        (
+            node
+            for node in nodes
+            if node.state == ALIVE
+            and not node.is_head
+            and claimed_institutions(node.resources, node.labels) & revoked
+        ),
+        key=lambda node: node.ray_node_id,
+    )
+
+
+def drain_message(node: RayNodeInfo, revoked: Set[str]) -> str:
+    names = ", ".join(sorted(claimed_institutions(node.resources, node.labels) & revoked))
+    return f"institution {names} revoked by the consortium operator"
+
+
+class GcsControl(Protocol):
+    """What the sync needs from the GCS (a fake in unit tests)."""
+
+    def nodes(self) -> Sequence[RayNodeInfo]: ...
+
+    def publish_deny_list(self, value: bytes) -> None: ...
+
+    def drain(self, node_id: str, message: str, deadline_ms: int) -> tuple[bool, str]: ...
+
+
+class RayGcsControl:
+    """`GcsControl` over Ray's ``ray._raylet.GcsClient`` (no ``ray.init``), built lazily
+    and rebuilt after a failure (the head may have restarted)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._client: Any = None
+
+    def _gcs(self) -> Any:
+        if self._client is None:
+            host, port = split_host_port(self.address)
+            with socket.create_connection((host, port), timeout=CONNECT_PROBE_TIMEOUT_S):
+                pass
+            raylet = importlib.import_module("ray._raylet")  # its GcsClient has no stubs
+            self._client = raylet.GcsClient(address=self.address)
+        return self._client
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return getattr(self._gcs(), method)(*args, **kwargs)
+        except Exception:
+            self._client = None
+            raise
+
+    def nodes(self) -> list[RayNodeInfo]:
+        infos = self._call("get_all_node_info", timeout=GCS_TIMEOUT_S)
+        return [node_from_gcs(info) for info in infos.values()]
+
+    def publish_deny_list(self, value: bytes) -> None:
+        self._call(
+            "internal_kv_put",
+            REVOKED_KEY,
+            value,
+            True,
+            DENY_LIST_NAMESPACE,
+            timeout=GCS_TIMEOUT_S,
+        )
+
+    def drain(self, node_id: str, message: str, deadline_ms: int) -> tuple[bool, str]:
+        autoscaler_pb2 = importlib.import_module("ray.core.generated.autoscaler_pb2")
+        reason = autoscaler_pb2.DrainNodeReason.Value(DRAIN_REASON)
+        accepted, rejection = self._call("drain_node", node_id, reason, message, deadline_ms)
+        return bool(accepted), str(rejection)
+
+
+@dataclass
+class RayRevocationSync:
+    """Call `sync()` before every scheduler step; it never raises."""
+
+    store: StateStore
+    gcs: GcsControl
+    _failing: str = field(default="", init=False)  # logged once until it changes or clears
+
+    @classmethod
+    def for_cluster(cls, store: StateStore, cluster: RayCluster) -> RayRevocationSync:
+        """Over the GCS of `cluster`; this process must already authenticate to it
+        (`consortium.ray_env.use_ray_auth_in_this_process`, done by `serve`)."""
+        return cls(store, RayGcsControl(cluster.address))
+
+    def sync(self) -> None:
+        revoked = {i for i in self.store.institutions() if self.store.is_revoked(i)}
+        if not revoked:
+            return
+        try:
+            self.gcs.publish_deny_list(encode_deny_list(revoked))
+            for node in nodes_to_drain(self.gcs.nodes(), revoked):
+                self._drain(node, revoked)
+        except Exception as error:  # the GCS may be restarting; the next step retries
+            failing = f"{type(error).__name__}: {error}"
+            if failing != self._failing:
+                log.warning(
+                    "Ray: could not enforce revocation of %s yet (retrying every step): %s",
+                    sorted(revoked),
+                    error,
+                )
+            self._failing = failing
+            return
+        if self._failing:
+            log.info("Ray: enforcing revocation of %s again", sorted(revoked))
+            self._failing = ""
+
+    def _drain(self, node: RayNodeInfo, revoked: Set[str]) -> None:
+        message = drain_message(node, revoked)
+        deadline_ms = int(time.time() * 1000) + DRAIN_DEADLINE_S * 1000
+        accepted, rejection = self.gcs.drain(node.ray_node_id, message, deadline_ms)
+        if accepted:
+            log.info(
+                "Ray: draining node %s (%s): %s; nothing new is placed there",
+                node.ray_node_id,
+                node.address or "no address",
+                message,
+            )
+        else:
+            log.warning(
+                "Ray: the GCS refused to drain node %s (%s): %s",
+                node.ray_node_id,
+                message,
+                rejection or "no reason given",
+            )

@@ -1,0 +1,167 @@
+"""`coordinator nodes` shows the registry and the Ray cluster side by side, and a
+pretraining job the cluster cannot serve waits with a reason: one `coordinator serve
+--insecure` with its Ray head and one real `client join` (CPU only)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from consortium.exit_codes import ExitCode
+from consortium.proto.v1 import jobs_pb2, nodes_pb2
+from coordinator.cli.remote import Remote
+from coordinator.demo import write_partitions
+from tests.conftest import Processes, start_coordinator, wait_for
+from tests.integration.test_bad_input import run_cli
+
+INSTITUTION = "aurora"
+RAY_JOIN_TIMEOUT_S = 120.0
+WAIT_MESSAGE_TIMEOUT_S = 120.0
+
+# Asks for GPUs on a CPU-only cluster; caps name the institution whose node registered
+# (an insecure coordinator has no onboarding, so that is how it knows the name).
+GPU_JOB = f"""\
+name = "wants-gpus"
+kind = "pretrain"
+n_layer = 1
+n_head = 2
+n_embd = 32
+block_size = 32
+seq_len = 32
+batch_size = 4
+inner_steps = 5
+outer_steps = 2
+num_shards = 2
+corpus_bytes = 32768
+validation_bytes = 4096
+eval_batches = 2
+device = "gpu"
+min_workers = 1
+per_institution_caps = {{ {INSTITUTION} = 1 }}
+wait_for_workers_s = 1.0
+"""
+
+
+@dataclass
+class Site:
+    address: str
+    node_id: str
+
+
+def ray_alive(remote: Remote) -> str | None:
+    """The registry id of the online node once its Ray worker is ALIVE."""
+    for node in remote.nodes_overview().nodes:
+        if node.state == nodes_pb2.NODE_STATE_ONLINE and node.ray.state == "ALIVE":
+            return node.node_id
+    return None
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    root = tmp_path_factory.mktemp("nodes-view")
+    processes = Processes(root / "logs")
+    try:
+        address = start_coordinator(processes, root / "coordinator")
+        (data,) = write_partitions(root, [INSTITUTION])
+        processes.start(
+            "client",
+            "client",
+            "join",
+            "--insecure",
+            "--coordinator",
+            address,
+            "--institution",
+            INSTITUTION,
+            "--data",
+            str(data),
+            "--state-dir",
+            str(root / "state"),
+        )
+        with Remote(address) as remote:
+            wait_for(
+                "the node's Ray worker ALIVE",
+                lambda: ray_alive(remote) is not None,
+                timeout_s=RAY_JOIN_TIMEOUT_S,
+            )
+            node_id = ray_alive(remote)
+        assert node_id is not None
+        yield Site(address, node_id)
+    finally:
+        processes.stop_all()
+
+
+def test_nodes_command_shows_registry_node_with_its_ray_state_and_resources(
+    site: Site,
+) -> None:
+    shown = run_cli("coordinator", "nodes", "--coordinator", site.address)
+    assert shown.returncode == 0, shown.stderr
+    rows = shown.stdout.splitlines()
+    (row,) = [r for r in rows if site.node_id[:12] in r]
+    for expected in (
+        INSTITUTION,
+        "online",
+        "ALIVE",
+        "CPU 1",
+        "GPU 0",
+        f"institution:{INSTITUTION} 1",
+    ):
+        assert expected in row, shown.stdout
+    # The head matches no registry node and is listed as such, without CPUs to offer.
+    (head,) = [r for r in rows if "Ray head" in r]
+    assert "ALIVE" in head and "CPU 0" in head, shown.stdout
+    assert "Ray unavailable" not in shown.stdout
+
+
+def test_nodes_reply_matches_the_ray_node_by_its_node_label(site: Site) -> None:
+    with Remote(site.address) as remote:
+        overview = remote.nodes_overview()
+    (node,) = [n for n in overview.nodes if n.node_id == site.node_id]
+    assert node.ray.labels["node"] == site.node_id[:12]
+    assert node.ray.resources["CPU"] == 1.0
+    assert node.ray.resources[f"institution:{INSTITUTION}"] == 1.0
+    assert node.ray.resources["memory"] > 0
+    assert [n.is_head for n in overview.unmatched_ray_nodes] == [True]
+    assert overview.ray_unavailable_reason == ""
+    assert overview.ray_read_at_ms > 0
+
+
+def test_gpu_job_on_cpu_cluster_waits_naming_gpus_until_cancelled(site: Site) -> None:
+    with Remote(site.address) as remote:
+        job = remote.submit(GPU_JOB)
+
+        def waiting_message() -> str | None:
+            current = remote.get(job.job_id).job
+            assert current.state in (jobs_pb2.JOB_STATE_QUEUED, jobs_pb2.JOB_STATE_RUNNING), (
+                current.message
+            )
+            return current.message if current.message.startswith("waiting:") else None
+
+        wait_for(
+            "the waiting reason", lambda: waiting_message() is not None, WAIT_MESSAGE_TIMEOUT_S
+        )
+        message = remote.get(job.job_id).job.message
+        assert "needs 1 GPU worker, the cluster offers 0" in message
+
+        listed = run_cli("coordinator", "jobs", "list", "--coordinator", site.address)
+        assert listed.returncode == 0, listed.stderr
+        assert "needs 1 GPU worker" in listed.stdout
+
+        assert remote.cancel(job.job_id).state == jobs_pb2.JOB_STATE_CANCELLED
+        final = remote.get(job.job_id).job
+        assert final.state == jobs_pb2.JOB_STATE_CANCELLED
+        assert final.message == "cancelled by request"
+
+
+def test_cap_for_unknown_institution_is_refused_at_submit(site: Site, tmp_path: Path) -> None:
+    spec = tmp_path / "job.toml"
+    spec.write_text(GPU_JOB.replace(f"{{ {INSTITUTION} = 1 }}", "{ aurorra = 1 }"))
+    with Remote(site.address) as remote:
+        before = len(remote.list_jobs())
+        done = run_cli("coordinator", "jobs", "submit", str(spec), "--coordinator", site.address)
+        assert done.returncode == ExitCode.INVALID_JOB_SPEC, done.stderr
+        assert "field 'per_institution_caps'" in done.stderr
+        assert "'aurorra'" in done.stderr and INSTITUTION in done.stderr  # names the known one
+        assert len(remote.list_jobs()) == before

@@ -1,0 +1,278 @@
+"""The Ray channel against a real secure coordinator and its Ray head on loopback.
+
+`coordinator serve` (after `coordinator init`) runs its head with token authentication.
+Nodes here are started exactly as `client join` starts its Ray worker
+(`client.ray_worker.worker_argv`), with or without a token. What Ray 2.60 does:
+
+* no token: the GCS refuses every request (`ray start` fails with ``InvalidAuthToken``)
+  and logs ``Missing authorization header in request!`` for each; the coordinator turns
+  those lines into a log line and ``consortium_auth_refusals_total{channel="ray"}``;
+* a wrong token: refused the same way, but the GCS logs nothing at all, so the
+  coordinator cannot see it (tested on the caller's side only);
+* the bundle's token: the node joins;
+* revocation: Ray has one shared token, so the coordinator drains the revoked
+  institution's nodes (again when one rejoins) and the planner offers none of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from client.ray_worker import worker_argv
+from consortium.processes import ChildProcess
+from consortium.ray_env import DRAIN_TIMEOUT_ENV, ray_auth_env, short_temp_dir
+from coordinator.demo import onboard_local_site
+from coordinator.onboarding import init_consortium
+from coordinator.pki_files import CoordinatorPki
+from tests.conftest import Processes, start_coordinator, wait_for
+from tests.integration.test_bad_input import run_cli
+
+REPO = Path(__file__).resolve().parents[2]
+NAMES = ("alpha", "beta")
+# `ray start` retries the GCS once a second; three tries are enough to be refused.
+GCS_TRIES_ENV = {"RAY_gcs_server_port_wait_time_s": "3"}
+QUERY_TIMEOUT_S = 180
+
+# Run in a child with the consortium's token: this test process stays out of Ray.
+NODES_QUERY = """
+import json, sys
+from ray._raylet import GcsClient
+from ray.core.generated import gcs_pb2
+nodes = GcsClient(address=sys.argv[1]).get_all_node_info(timeout=20)
+print(json.dumps([
+    {
+        "id": node_id.hex(),
+        "alive": info.state == gcs_pb2.GcsNodeInfo.ALIVE,
+        "draining": info.state_snapshot.state == gcs_pb2.NodeSnapshot.DRAINING,
+        "institution": dict(info.labels).get("institution"),
+        "resources": dict(info.resources_total),
+    }
+    for node_id, info in nodes.items()
+]))
+"""
+PLANNER_QUERY = """
+import json, sys
+import ray
+from coordinator.compute.cluster import RayClusterView
+ray.init(address=sys.argv[1], logging_level="ERROR")
+@ray.remote(num_cpus=1, resources={"institution:alpha": 1})
+def node_id():
+    return ray.get_runtime_context().get_node_id()
+slots = RayClusterView().slots()
+print(json.dumps({
+    "slot_institutions": sorted({s.institution for s in slots}),
+    "alpha_task_ran_on": ray.get(node_id.remote(), timeout=120),
+}))
+"""
+
+
+@dataclass
+class Channel:
+    root: Path
+    data_dir: Path
+    processes: Processes
+    coordinator: ChildProcess
+
+    @property
+    def ray_address(self) -> str:
+        return f"127.0.0.1:{(self.data_dir / 'ray' / 'head.port').read_text().strip()}"
+
+    def token(self, name: str) -> Path:
+        return self.root / name / "bundle" / "ray-token"
+
+    def start_node(
+        self, name: str, institution: str, auth: Mapping[str, str], refused: bool = False
+    ) -> ChildProcess:
+        """`ray start --address <head> --block` as `client join` runs it."""
+        argv = worker_argv(
+            self.ray_address, institution, f"{name}-node", None, short_temp_dir(self.root / name)
+        )
+        env = {**auth, DRAIN_TIMEOUT_ENV: "0", **(GCS_TRIES_ENV if refused else {})}
+        child = ChildProcess(name, argv, self.processes.log_dir / f"{name}.log", env=env)
+        self.processes.children.append(child)  # stopped with the rest, also on failure
+        self.processes.seen_pids.add(child.pid)
+        return child
+
+    def query(self, script: str) -> Any:
+        done = subprocess.run(
+            [sys.executable, "-c", script, self.ray_address],
+            capture_output=True,
+            text=True,
+            timeout=QUERY_TIMEOUT_S,
+            check=False,
+            cwd=REPO,
+            env={**os.environ, **ray_auth_env(CoordinatorPki(self.data_dir).ray_token)},
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def nodes(self) -> list[dict[str, Any]]:
+        nodes: list[dict[str, Any]] = self.query(NODES_QUERY)
+        return nodes
+
+    def gcs_missing_token_lines(self) -> int:
+        """What the head's own GCS log recorded (the ground truth the coordinator reads)."""
+        gcs_log = short_temp_dir(self.data_dir) / "session_latest" / "logs" / "gcs_server.out"
+        return gcs_log.read_text(errors="replace").count("Missing authorization header in request!")
+
+    def coordinator_log(self) -> str:
+        return self.coordinator.log_path.read_text(errors="replace")
+
+    def refusals(self, reason: str) -> float:
+        address = (self.data_dir / "metrics.address").read_text().strip()
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "consortium_auth_refusals_total" and sample.labels == {
+                    "channel": "ray",
+                    "reason": reason,
+                }:
+                    return float(sample.value)
+        raise AssertionError(f"no auth-refusal series for channel 'ray', reason {reason!r}")
+
+
+@pytest.fixture(scope="module")
+def channel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Channel]:
+    root = tmp_path_factory.mktemp("ray-channel")
+    processes = Processes(root / "logs")
+    try:
+        data_dir = root / "coordinator"
+        init_consortium(data_dir, ["localhost", "127.0.0.1"], cert_days=30)
+        address = start_coordinator(processes, data_dir, secure=True)
+        for name in NAMES:
+            onboard_local_site(data_dir, root / name, name, address)
+        yield Channel(root, data_dir, processes, processes.children[0])
+    finally:
+        processes.stop_all()
+
+
+def alive(nodes: list[dict[str, Any]], institution: str) -> list[dict[str, Any]]:
+    return [n for n in nodes if n["alive"] and n["institution"] == institution]
+
+
+def refused_by_the_gcs(node: ChildProcess) -> bool:
+    if node.poll() is None:
+        return False
+    assert node.poll() != 0
+    assert "Authentication token is missing or incorrect" in node.log_tail(80)
+    return True
+
+
+def test_ray_join_without_the_token_is_refused_logged_and_counted(channel: Channel) -> None:
+    before, ray_before = channel.refusals("missing_token"), channel.gcs_missing_token_lines()
+    assert channel.refusals("invalid_token") == 0  # the series exists before any event
+    node = channel.start_node("tokenless", "mallory", ray_auth_env(None), refused=True)
+    wait_for("the GCS to refuse the tokenless node", lambda: refused_by_the_gcs(node))
+    refused_by_ray = channel.gcs_missing_token_lines() - ray_before
+    assert refused_by_ray >= 1  # one per try of `ray start`
+    wait_for(
+        "every request Ray refused counted",
+        lambda: channel.refusals("missing_token") - before == refused_by_ray,
+    )
+    wait_for(
+        "the refusal in the coordinator log",
+        lambda: "Ray: refused a connection from" in channel.coordinator_log(),
+    )
+    line = next(
+        line for line in channel.coordinator_log().splitlines() if "Ray: refused a conn" in line
+    )
+    assert "no token" in line and "RAY_AUTH_MODE=token" in line
+    assert alive(channel.nodes(), "mallory") == []
+    assert channel.coordinator.poll() is None  # refused, counted, and still serving
+
+
+def test_ray_join_with_a_wrong_token_is_refused(channel: Channel, tmp_path: Path) -> None:
+    wrong = tmp_path / "ray-token"
+    wrong.write_text(secrets.token_hex(32))
+    wrong.chmod(0o600)
+    node = channel.start_node("wrong-token", "mallory", ray_auth_env(wrong), refused=True)
+    wait_for("the GCS to refuse the wrong token", lambda: refused_by_the_gcs(node))
+    assert alive(channel.nodes(), "mallory") == []
+
+
+@pytest.fixture(scope="module")
+def joined(channel: Channel) -> dict[str, ChildProcess]:
+    """alpha's and beta's nodes, each with its bundle's token."""
+    started = {
+        name: channel.start_node(f"{name}-ray", name, ray_auth_env(channel.token(name)))
+        for name in NAMES
+    }
+
+    def both_alive() -> bool:
+        for name, child in started.items():
+            if child.poll() is not None:
+                raise AssertionError(f"{name}'s node exited:\n{child.log_tail(40)}")
+        nodes = channel.nodes()
+        return all(len(alive(nodes, name)) == 1 for name in NAMES)
+
+    wait_for("alpha's and beta's nodes alive", both_alive)
+    return started
+
+
+def test_institutions_join_ray_with_the_bundle_token(
+    channel: Channel, joined: dict[str, ChildProcess]
+) -> None:
+    nodes = channel.nodes()
+    for name in NAMES:
+        (node,) = alive(nodes, name)
+        assert node["resources"][f"institution:{name}"] == 1
+        assert not node["draining"]
+        assert joined[name].poll() is None
+
+
+def test_revoked_institutions_ray_nodes_are_drained_while_others_continue(
+    channel: Channel, joined: dict[str, ChildProcess]
+) -> None:
+    before = channel.nodes()
+    (beta,) = alive(before, "beta")
+    (alpha,) = alive(before, "alpha")
+
+    revoked = run_cli("coordinator", "revoke", "beta", "--data-dir", str(channel.data_dir))
+    assert revoked.returncode == 0, revoked.stderr
+
+    def beta_out() -> bool:
+        node = next(n for n in channel.nodes() if n["id"] == beta["id"])
+        return not node["alive"] or node["draining"]
+
+    wait_for("beta's node drained", beta_out)
+    log = channel.coordinator_log()
+    assert f"Ray: draining node {beta['id']}" in log
+    assert "institution beta revoked by the consortium operator" in log
+    after = {n["id"]: n for n in channel.nodes()}
+    assert after[alpha["id"]]["alive"] and not after[alpha["id"]]["draining"]
+
+    # The planner offers alpha's slots only, and alpha's node still runs work.
+    planner = channel.query(PLANNER_QUERY)
+    assert planner["slot_institutions"] == ["alpha"]
+    assert planner["alpha_task_ran_on"] == alpha["id"]
+
+    # The shared token still works for beta (Ray cannot tell institutions apart), so a
+    # rejoining node gets in, and is drained again at the coordinator's next sync.
+    again = channel.start_node("beta-again", "beta", ray_auth_env(channel.token("beta")))
+
+    def drained_again() -> bool:
+        if again.poll() is not None:
+            raise AssertionError(f"beta's second node exited:\n{again.log_tail(40)}")
+        drained = set(re.findall(r"Ray: draining node (\w+)", channel.coordinator_log()))
+        return len(drained - {beta["id"]}) == 1
+
+    wait_for("beta's rejoined node drained", drained_again)
+    wait_for(
+        "no beta node left to schedule on",
+        lambda: all(n["draining"] for n in alive(channel.nodes(), "beta")),
+    )
+    assert [n["id"] for n in alive(channel.nodes(), "alpha")] == [alpha["id"]]

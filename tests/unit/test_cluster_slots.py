@@ -1,0 +1,77 @@
+"""The pretraining planner's view of the cluster: revoked institutions and draining
+nodes offer no slot; the deny-list the coordinator publishes in Ray's KV."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from coordinator.compute.cluster import (
+    claimed_institutions,
+    decode_deny_list,
+    encode_deny_list,
+    slots_from_nodes,
+)
+
+
+def ray_node(node_id: str, institution: str | None, label: str | None = None) -> dict[str, Any]:
+    """One entry as ``ray.nodes()`` lists it."""
+    resources = {"CPU": 2.0, **({f"institution:{institution}": 1.0} if institution else {})}
+    labels = {"ray.io/node-id": node_id, **({"institution": label} if label else {})}
+    return {"NodeID": node_id, "Alive": True, "Resources": resources, "Labels": labels}
+
+
+NODES = [
+    ray_node("a" * 56, "alpha", "alpha"),
+    ray_node("b" * 56, "beta", "beta"),
+    ray_node("c" * 56, "gamma", "beta"),  # announces gamma, labelled beta
+    ray_node("d" * 56, None),  # unaffiliated (the head, say)
+]
+
+
+def institutions(slots: list[Any]) -> list[str]:
+    return sorted({s.institution for s in slots})
+
+
+def test_every_live_affiliated_node_offers_slots_by_default() -> None:
+    assert institutions(slots_from_nodes(NODES)) == ["alpha", "beta", "gamma"]
+    assert len(slots_from_nodes(NODES)) == 6  # two CPUs each
+
+
+def test_a_node_claiming_a_revoked_institution_by_resource_or_label_offers_nothing() -> None:
+    slots = slots_from_nodes(NODES, revoked_institutions={"beta"})
+    assert institutions(slots) == ["alpha"]
+
+
+def test_a_revoked_name_given_to_unaffiliated_nodes_offers_nothing() -> None:
+    offered = slots_from_nodes(NODES, unaffiliated_institution="home")
+    assert "home" in institutions(offered)
+    kept = slots_from_nodes(NODES, unaffiliated_institution="home", revoked_institutions={"home"})
+    assert "home" not in institutions(kept)
+
+
+def test_a_draining_node_offers_nothing() -> None:
+    slots = slots_from_nodes(NODES, draining_nodes={"a" * 56})
+    assert institutions(slots) == ["beta", "gamma"]
+
+
+def test_claimed_institutions_counts_resources_and_the_label() -> None:
+    assert claimed_institutions({"institution:a": 1, "institution:b": 1, "CPU": 1}, {}) == {
+        "a",
+        "b",
+    }
+    assert claimed_institutions({"CPU": 1}, {"institution": "c", "node": "x"}) == {"c"}
+    assert claimed_institutions({}, {}) == frozenset()
+
+
+def test_deny_list_round_trips_and_absent_means_none() -> None:
+    assert decode_deny_list(encode_deny_list(["beta", "alpha", "beta"])) == {"alpha", "beta"}
+    assert encode_deny_list(["beta", "alpha"]) == b'["alpha", "beta"]'
+    assert decode_deny_list(None) == frozenset()
+
+
+@pytest.mark.parametrize("raw", [b"not json", b'{"beta": 1}', b'["beta", 3]'])
+def test_a_malformed_deny_list_is_an_error_naming_the_key(raw: bytes) -> None:
+    with pytest.raises(ValueError, match="revoked_institutions"):
+        decode_deny_list(raw)

@@ -1,0 +1,78 @@
+"""Compute accounting: what each institution gave to and used of a pretraining job."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pytest
+
+from coordinator.compute.accounting import account, step_compute
+from coordinator.compute.records import OuterStepRecord, WorkerStepResult
+from coordinator.metrics import CoordinatorMetrics
+
+
+def result(institution: str, device: Literal["cpu", "gpu"], seconds: float) -> WorkerStepResult:
+    return WorkerStepResult(
+        worker=f"{institution}/n/{device}0",
+        institution=institution,
+        node_id="n",
+        device=device,
+        position=0,
+        shard_ids=(0,),
+        seed=1,
+        pseudo_gradient_digest="d",
+        bytes_received=100,
+        bytes_sent=50,
+        compute_s=seconds,
+        inner_steps=5,
+        tokens=320,
+        train_loss=2.0,
+    )
+
+
+def step(index: int, *results: WorkerStepResult) -> OuterStepRecord:
+    return OuterStepRecord(
+        step=index,
+        results=results,
+        workers_lost={},
+        step_seed=index,
+        aggregate_digest="a",
+        model_digest="m",
+        val_loss=3.0,
+        wall_s=1.0,
+    )
+
+
+def test_step_splits_each_devices_total_over_the_institutions_taking_part() -> None:
+    record = step(0, result("a", "gpu", 6.0), result("b", "cpu", 2.0), result("b", "gpu", 2.0))
+    contributed, consumed = step_compute(record)
+    assert contributed == {("a", "gpu"): 6.0, ("b", "cpu"): 2.0, ("b", "gpu"): 2.0}
+    assert consumed == {("a", "gpu"): 4.0, ("b", "gpu"): 4.0, ("a", "cpu"): 1.0, ("b", "cpu"): 1.0}
+
+
+def test_job_accounting_sums_given_and_used_per_institution() -> None:
+    records = [
+        step(0, result("a", "cpu", 3.0), result("b", "cpu", 1.0)),
+        step(1, result("a", "cpu", 2.0)),  # b's worker was lost in this step
+    ]
+    job = account("j", records)
+    a, b = job.institutions["a"], job.institutions["b"]
+    assert (a.cpu_s, b.cpu_s) == (5.0, 1.0)
+    assert (a.consumed_cpu_s, b.consumed_cpu_s) == (4.0, 2.0)
+    assert (a.outer_steps, b.outer_steps) == (2, 1)
+    assert a.consumed_cpu_s + b.consumed_cpu_s == pytest.approx(job.cpu_s)
+    assert job.shares() == {"a": pytest.approx(5 / 6), "b": pytest.approx(1 / 6)}
+
+
+def test_metrics_count_compute_by_institution_and_device() -> None:
+    metrics = CoordinatorMetrics()
+    metrics.institution_seen("a")
+    contributed, consumed = step_compute(step(0, result("a", "gpu", 2.5), result("b", "gpu", 0.5)))
+    metrics.compute_used(contributed, consumed)
+    metrics.compute_used(contributed, consumed)
+    sample = metrics.registry.get_sample_value
+    labels = {"institution": "a", "device": "gpu"}
+    assert sample("consortium_compute_contributed_seconds_total", labels) == 5.0
+    assert sample("consortium_compute_consumed_seconds_total", labels) == 3.0
+    cpu = {"institution": "a", "device": "cpu"}
+    assert sample("consortium_compute_contributed_seconds_total", cpu) == 0.0

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from client.data.loaders import TEXT_DIR
+from consortium.data import TEXT_DIR
 from consortium.data.digits import train_test_split
 from consortium.data.docstrings import DATASET as DOCSTRINGS
 from consortium.data.docstrings import DEFAULT_BYTES_PER_PACKAGE, packages_for, site_text

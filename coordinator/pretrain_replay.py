@@ -44,9 +44,9 @@ import torch
 from consortium.aggregation import StreamingMean
 from consortium.errors import ConflictError, JobSpecError, NotFoundError
 from consortium.lm import Weights, model_weights
-from consortium.models.bytelm import ByteLM
 from consortium.provenance.environment import describe_environment
 from consortium.tensor_digest import arrays_digest
+from coordinator.compute.diloco import global_model
 from coordinator.compute.schedule import derive_seed
 from coordinator.compute.spec import PretrainJobSpec, validate_pretrain_spec
 from coordinator.compute.worker import InnerTrainer, WorkerConfig, corpus_for
@@ -195,14 +195,7 @@ class _Replayer:
         spec = self.spec = plan.spec
         self.config = WorkerConfig.from_spec(spec, plan.corpus_digest, "cpu")
         self.keep = spec.inner_optimizer_state == "keep"
-        # Built exactly as `DiLoCoController` builds them.
-        self.model = ByteLM(spec.bytelm_config, seed=spec.seed)
-        self.outer = torch.optim.SGD(
-            self.model.parameters(),
-            lr=spec.outer_lr,
-            momentum=spec.outer_momentum,
-            nesterov=spec.outer_momentum > 0,
-        )
+        self.model, self.outer = global_model(spec)  # as `DiLoCoController` builds them
         self.seeds = np.random.Generator(np.random.PCG64(spec.seed))
         self.trainers: dict[str, InnerTrainer] = {}  # last step's workers, with their state
         self.shared: InnerTrainer | None = None  # "reset": any trainer will do

@@ -178,6 +178,17 @@ def node_from_gcs(info: Any) -> RayNodeInfo:
     )
 
 
+def gcs_client(address: str) -> Any:
+    """Ray's ``GcsClient`` for `address` (no ``ray.init`` needed), after a quick TCP
+    probe: GcsClient waits up to 40 s for an absent GCS, a refused connection answers
+    at once."""
+    host, port = split_host_port(address)
+    with socket.create_connection((host, port), timeout=CONNECT_PROBE_TIMEOUT_S):
+        pass
+    raylet = importlib.import_module("ray._raylet")  # its GcsClient has no stubs
+    return raylet.GcsClient(address=address)
+
+
 class GcsReader:
     """Reads every node from the GCS at `address`; raises when it cannot."""
 
@@ -188,13 +199,7 @@ class GcsReader:
 
     def __call__(self) -> list[RayNodeInfo]:
         if self._client is None:
-            # GcsClient waits up to 40 s for an absent GCS; a refused TCP connection
-            # answers at once.
-            host, port = split_host_port(self.address)
-            with socket.create_connection((host, port), timeout=CONNECT_PROBE_TIMEOUT_S):
-                pass
-            raylet = importlib.import_module("ray._raylet")  # its GcsClient has no stubs
-            self._client = raylet.GcsClient(address=self.address)
+            self._client = gcs_client(self.address)
         try:
             infos = self._client.get_all_node_info(timeout=self._timeout_s)
         except Exception:

@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import importlib
 import logging
-import socket
 import time
 from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from consortium.net import split_host_port
 from coordinator.compute.cluster import (
     DENY_LIST_NAMESPACE,
     REVOKED_KEY,
@@ -35,13 +33,12 @@ from coordinator.compute.cluster import (
     encode_deny_list,
 )
 from coordinator.ray_head import RayCluster
-from coordinator.ray_nodes import ALIVE, RayNodeInfo, node_from_gcs
+from coordinator.ray_nodes import ALIVE, RayNodeInfo, gcs_client, node_from_gcs
 from coordinator.state import StateStore
 
 log = logging.getLogger(__name__)
 
 GCS_TIMEOUT_S = 5.0
-CONNECT_PROBE_TIMEOUT_S = 0.5  # TCP probe before building a client (it waits 40 s otherwise)
 # Told to Ray with the drain (Ray-aware libraries read it); Ray does not kill at it.
 DRAIN_DEADLINE_S = 60
 DRAIN_REASON = "DRAIN_NODE_REASON_PREEMPTION"
@@ -86,11 +83,7 @@ class RayGcsControl:
 
     def _gcs(self) -> Any:
         if self._client is None:
-            host, port = split_host_port(self.address)
-            with socket.create_connection((host, port), timeout=CONNECT_PROBE_TIMEOUT_S):
-                pass
-            raylet = importlib.import_module("ray._raylet")  # its GcsClient has no stubs
-            self._client = raylet.GcsClient(address=self.address)
+            self._client = gcs_client(self.address)
         return self._client
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:

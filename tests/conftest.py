@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
 
 from consortium.processes import ChildProcess, descendant_pids, venv_executable
+from consortium.proto.v1 import nodes_pb2
 
 START_TIMEOUT_S = 120.0
 
@@ -81,3 +82,45 @@ def start_coordinator(
 
     wait_for("the coordinator", ready)
     return address_file.read_text().strip()
+
+
+def join_site(
+    processes: Processes,
+    name: str,
+    data: Path,
+    state_dir: Path,
+    *,
+    bundle: Path | None = None,
+    coordinator: str | None = None,
+    institution: str | None = None,
+) -> ChildProcess:
+    """`client join` with an onboarding bundle (mutual TLS), or, given `coordinator`
+    and `institution` instead, with --insecure."""
+    if bundle is not None:
+        credentials = ["--bundle", str(bundle)]
+    else:
+        assert coordinator is not None and institution is not None
+        credentials = ["--insecure", "--coordinator", coordinator, "--institution", institution]
+    return processes.start(
+        name, "client", "join", *credentials, "--data", str(data), "--state-dir", str(state_dir)
+    )
+
+
+def online_nodes(nodes: Iterable[nodes_pb2.Node]) -> int:
+    return sum(node.state == nodes_pb2.NODE_STATE_ONLINE for node in nodes)
+
+
+# The smallest pretraining job worth running: one 32-wide layer on 32 KiB of the corpus.
+TINY_PRETRAIN = """\
+kind = "pretrain"
+n_layer = 1
+n_head = 2
+n_embd = 32
+block_size = 32
+seq_len = 32
+batch_size = 4
+num_shards = 2
+corpus_bytes = 32768
+validation_bytes = 4096
+eval_batches = 2
+"""

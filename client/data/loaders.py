@@ -26,10 +26,10 @@ from typing import cast
 import numpy as np
 import numpy.typing as npt
 
+from consortium.data import TEXT_DIR
 from consortium.errors import DataDirError
 
 CONFIG_FILE = "datasets.toml"
-TEXT_DIR = "text"  # text datasets: text/<name>.txt (so a README.txt is no dataset)
 
 Loader = Callable[[Path], tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]]
 

@@ -65,6 +65,19 @@ POLL_INTERVAL_S = 0.5  # how often a waiting controller re-reads the cluster
 UPDATE_WEIGHT = 1  # every worker did the same H steps, so pseudo-gradients weigh alike
 
 
+def global_model(spec: PretrainJobSpec) -> tuple[ByteLM, torch.optim.SGD]:
+    """The initial global model and its outer optimizer (Nesterov momentum SGD), built
+    from the spec alone, so a replay starts from the same bits."""
+    model = ByteLM(spec.bytelm_config, seed=spec.seed)
+    outer = torch.optim.SGD(
+        model.parameters(),
+        lr=spec.outer_lr,
+        momentum=spec.outer_momentum,
+        nesterov=spec.outer_momentum > 0,
+    )
+    return model, outer
+
+
 class ControllerState(StrEnum):
     RUNNING = "running"
     WAITING = "waiting"
@@ -116,13 +129,7 @@ class DiLoCoController:
         self._reported_wait: str | None = None  # what on_wait was last told
         self.stop = stop or threading.Event()
         self.corpus: StdlibCorpus = corpus_for(spec)
-        self.model = ByteLM(spec.bytelm_config, seed=spec.seed)
-        self.outer_optimizer = torch.optim.SGD(
-            self.model.parameters(),
-            lr=spec.outer_lr,
-            momentum=spec.outer_momentum,
-            nesterov=spec.outer_momentum > 0,
-        )
+        self.model, self.outer_optimizer = global_model(spec)
         self.step_index = 0  # outer steps completed
         self.records: list[OuterStepRecord] = []
         self.waiting_reason: str | None = None

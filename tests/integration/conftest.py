@@ -12,7 +12,7 @@ from consortium.proto.v1 import jobs_pb2, nodes_pb2
 from coordinator.cli.remote import connect
 from coordinator.demo import onboard_local_site, supernode_keys_registered, write_partitions
 from coordinator.onboarding import init_consortium
-from tests.conftest import Processes, start_coordinator, wait_for
+from tests.conftest import Processes, join_site, online_nodes, start_coordinator, wait_for
 
 JOB = """\
 name = "integration"
@@ -57,23 +57,17 @@ def completed_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Complete
             onboard_local_site(data_dir, root / name, name, address)
         wait_for("SuperNode keys registered", lambda: supernode_keys_registered(data_dir))
         for name, site in zip(names, write_partitions(root, names), strict=True):
-            processes.start(
+            join_site(
+                processes,
                 f"client-{name}",
-                "client",
-                "join",
-                "--bundle",
-                str(root / name / "bundle"),
-                "--data",
-                str(site),
-                "--state-dir",
-                str(root / name / "state"),
+                site,
+                root / name / "state",
+                bundle=root / name / "bundle",
             )
         with connect(address, data_dir) as remote:
             wait_for(
                 "two online nodes",
-                lambda: (
-                    sum(n.state == nodes_pb2.NODE_STATE_ONLINE for n in remote.list_nodes()) == 2
-                ),
+                lambda: online_nodes(remote.list_nodes()) == 2,
             )
             job = remote.submit(JOB)
             final = None

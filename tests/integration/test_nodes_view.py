@@ -14,7 +14,7 @@ from consortium.exit_codes import ExitCode
 from consortium.proto.v1 import jobs_pb2, nodes_pb2
 from coordinator.cli.remote import Remote
 from coordinator.demo import write_partitions
-from tests.conftest import Processes, start_coordinator, wait_for
+from tests.conftest import TINY_PRETRAIN, Processes, join_site, start_coordinator, wait_for
 from tests.integration.test_bad_input import run_cli
 
 INSTITUTION = "aurora"
@@ -25,19 +25,8 @@ WAIT_MESSAGE_TIMEOUT_S = 120.0
 # (an insecure coordinator has no onboarding, so that is how it knows the name).
 GPU_JOB = f"""\
 name = "wants-gpus"
-kind = "pretrain"
-n_layer = 1
-n_head = 2
-n_embd = 32
-block_size = 32
-seq_len = 32
-batch_size = 4
-inner_steps = 5
+{TINY_PRETRAIN}inner_steps = 5
 outer_steps = 2
-num_shards = 2
-corpus_bytes = 32768
-validation_bytes = 4096
-eval_batches = 2
 device = "gpu"
 min_workers = 1
 per_institution_caps = {{ {INSTITUTION} = 1 }}
@@ -66,19 +55,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     try:
         address = start_coordinator(processes, root / "coordinator")
         (data,) = write_partitions(root, [INSTITUTION])
-        processes.start(
-            "client",
-            "client",
-            "join",
-            "--insecure",
-            "--coordinator",
-            address,
-            "--institution",
-            INSTITUTION,
-            "--data",
-            str(data),
-            "--state-dir",
-            str(root / "state"),
+        join_site(
+            processes, "client", data, root / "state", coordinator=address, institution=INSTITUTION
         )
         with Remote(address) as remote:
             wait_for(

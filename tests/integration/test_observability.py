@@ -24,11 +24,11 @@ import pytest
 import yaml
 
 from consortium.net import reserve_free_port
-from consortium.proto.v1 import jobs_pb2, nodes_pb2
+from consortium.proto.v1 import jobs_pb2
 from coordinator.cli.remote import Remote
 from coordinator.demo import write_partitions
 from deploy.grafana.dashboard import RATE, expressions
-from tests.conftest import Processes, start_coordinator, wait_for
+from tests.conftest import Processes, join_site, online_nodes, start_coordinator, wait_for
 
 JOB = """\
 name = "observed"
@@ -108,19 +108,13 @@ def start_clients(processes: Processes, root: Path, coordinator: str) -> list[Pa
     """Two `client join` processes; returns their metrics.address files."""
     files = []
     for name, site in zip(INSTITUTIONS, write_partitions(root, INSTITUTIONS), strict=True):
-        processes.start(
+        join_site(
+            processes,
             f"client-{name}",
-            "client",
-            "join",
-            "--insecure",
-            "--coordinator",
-            coordinator,
-            "--institution",
-            name,
-            "--data",
-            str(site),
-            "--state-dir",
-            str(root / name),
+            site,
+            root / name,
+            coordinator=coordinator,
+            institution=name,
         )
         files.append(root / name / "metrics.address")
     return files
@@ -152,7 +146,7 @@ def run_job(coordinator: str, processes: Processes) -> None:
     with Remote(coordinator) as remote:
         wait_for(
             "two online nodes",
-            lambda: sum(n.state == nodes_pb2.NODE_STATE_ONLINE for n in remote.list_nodes()) == 2,
+            lambda: online_nodes(remote.list_nodes()) == 2,
         )
         job = remote.submit(JOB)
         final = None

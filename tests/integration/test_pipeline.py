@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 
 from consortium.errors import InvalidArgumentError
-from consortium.proto.v1 import jobs_pb2, nodes_pb2
+from consortium.proto.v1 import jobs_pb2
 from coordinator.cli.remote import Remote, connect
 from coordinator.demo import onboard_local_site, supernode_keys_registered, write_text_partitions
 from coordinator.onboarding import init_consortium
 from coordinator.provenance_paths import provenance_log_path
-from tests.conftest import Processes, start_coordinator, wait_for
+from tests.conftest import Processes, join_site, online_nodes, start_coordinator, wait_for
 from tests.integration.conftest import FINAL_STATES
 
 INSTITUTIONS = ("aurora", "borealis")
@@ -91,24 +91,17 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
         wait_for("SuperNode keys registered", lambda: supernode_keys_registered(data_dir))
         sites = write_text_partitions(root, list(INSTITUTIONS))
         for name, site in zip(INSTITUTIONS, sites, strict=True):
-            processes.start(
+            join_site(
+                processes,
                 f"client-{name}",
-                "client",
-                "join",
-                "--bundle",
-                str(root / name / "bundle"),
-                "--data",
-                str(site),
-                "--state-dir",
-                str(root / name / "state"),
+                site,
+                root / name / "state",
+                bundle=root / name / "bundle",
             )
         with connect(address, data_dir) as remote:
             wait_for(
                 "two nodes online",
-                lambda: (
-                    sum(n.state == nodes_pb2.NODE_STATE_ONLINE for n in remote.list_nodes())
-                    == len(INSTITUTIONS)
-                ),
+                lambda: online_nodes(remote.list_nodes()) == len(INSTITUTIONS),
             )
             # Both are submitted at once: the fine-tune waits for its source.
             pretrain = remote.submit(PRETRAIN)

@@ -11,11 +11,18 @@ from pathlib import Path
 import grpc
 import pytest
 
-from consortium.proto.v1 import jobs_pb2, jobs_pb2_grpc, nodes_pb2
+from consortium.proto.v1 import jobs_pb2, jobs_pb2_grpc
 from coordinator.cli.remote import Remote
 from coordinator.demo import write_partitions
 from coordinator.provenance_paths import provenance_log_path
-from tests.conftest import Processes, start_coordinator, wait_for
+from tests.conftest import (
+    TINY_PRETRAIN,
+    Processes,
+    join_site,
+    online_nodes,
+    start_coordinator,
+    wait_for,
+)
 from tests.integration.conftest import FINAL_STATES
 from tests.integration.test_bad_input import run_cli
 
@@ -25,19 +32,8 @@ JOB_TIMEOUT_S = 150.0
 
 PRETRAIN_JOB = f"""\
 name = "tiny-pretrain"
-kind = "pretrain"
-n_layer = 1
-n_head = 2
-n_embd = 32
-block_size = 32
-seq_len = 32
-batch_size = 4
-inner_steps = 5
+{TINY_PRETRAIN}inner_steps = 5
 outer_steps = {OUTER_STEPS}
-num_shards = 2
-corpus_bytes = 32768
-validation_bytes = 4096
-eval_batches = 2
 min_workers = 1
 wait_for_workers_s = 30.0
 worker_start_timeout_s = 120.0
@@ -60,24 +56,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         data_dir = root / "coordinator"
         address = start_coordinator(processes, data_dir)
         (data,) = write_partitions(root, [INSTITUTION])
-        processes.start(
-            "client",
-            "client",
-            "join",
-            "--insecure",
-            "--coordinator",
-            address,
-            "--institution",
-            INSTITUTION,
-            "--data",
-            str(data),
-            "--state-dir",
-            str(root / "state"),
+        join_site(
+            processes, "client", data, root / "state", coordinator=address, institution=INSTITUTION
         )
         with Remote(address) as remote:
             wait_for(
                 "the node online",
-                lambda: any(n.state == nodes_pb2.NODE_STATE_ONLINE for n in remote.list_nodes()),
+                lambda: online_nodes(remote.list_nodes()) > 0,
             )
         yield Site(address, data_dir)
     finally:

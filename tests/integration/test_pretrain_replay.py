@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from consortium.exit_codes import ExitCode
-from consortium.proto.v1 import jobs_pb2, nodes_pb2
+from consortium.proto.v1 import jobs_pb2
 from consortium.provenance.log import ProvenanceLog, read_lines
 from consortium.provenance.signing import SigningKey
 from coordinator.cli.remote import Remote
@@ -34,7 +34,14 @@ from coordinator.provenance_paths import (
     coordinator_public_key_path,
     provenance_log_path,
 )
-from tests.conftest import Processes, start_coordinator, wait_for
+from tests.conftest import (
+    TINY_PRETRAIN,
+    Processes,
+    join_site,
+    online_nodes,
+    start_coordinator,
+    wait_for,
+)
 from tests.integration.conftest import FINAL_STATES
 from tests.integration.test_bad_input import run_cli
 
@@ -48,19 +55,8 @@ COORDINATOR_STOP_TIMEOUT_S = 60.0  # the current outer step ends first, then Ray
 # second per outer step here) that the coordinator is surely stopped before the last one.
 PRETRAIN_JOB = f"""\
 name = "restart-pretrain"
-kind = "pretrain"
-n_layer = 1
-n_head = 2
-n_embd = 32
-block_size = 32
-seq_len = 32
-batch_size = 4
-inner_steps = 100
+{TINY_PRETRAIN}inner_steps = 100
 outer_steps = {OUTER_STEPS}
-num_shards = 2
-corpus_bytes = 32768
-validation_bytes = 4096
-eval_batches = 2
 min_workers = 1
 wait_for_workers_s = 120.0
 worker_start_timeout_s = 120.0
@@ -84,24 +80,13 @@ def restarted_job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Restarte
         data_dir = root / "coordinator"
         address = start_coordinator(processes, data_dir, name="coordinator-1")
         (data,) = write_partitions(root, [INSTITUTION])
-        processes.start(
-            "client",
-            "client",
-            "join",
-            "--insecure",
-            "--coordinator",
-            address,
-            "--institution",
-            INSTITUTION,
-            "--data",
-            str(data),
-            "--state-dir",
-            str(root / "state"),
+        join_site(
+            processes, "client", data, root / "state", coordinator=address, institution=INSTITUTION
         )
         with Remote(address) as remote:
             wait_for(
                 "the node online",
-                lambda: any(n.state == nodes_pb2.NODE_STATE_ONLINE for n in remote.list_nodes()),
+                lambda: online_nodes(remote.list_nodes()) > 0,
             )
             job_id = remote.submit(PRETRAIN_JOB).job_id
             wait_for(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import torch
 
 from consortium.errors import GpuUnavailableError
@@ -28,3 +31,24 @@ def describe_device(device: str) -> str:
     if device.startswith("cuda"):
         return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
     return device
+
+
+def label_value(text: str) -> str:
+    """`text` as a Ray label value: alphanumerics with -_. inside, at most 63 characters."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-_.")
+    return cleaned[:63].rstrip("-_.") or "unknown"
+
+
+def _gib(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.0f}GiB"
+
+
+def hardware_labels(device: str) -> dict[str, str]:
+    """Ray node labels describing this node: host memory and, on a GPU, its model and
+    memory (so operators and schedulers can tell contributed nodes apart)."""
+    labels = {"memory": _gib(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))}
+    if device.startswith("cuda"):
+        properties = torch.cuda.get_device_properties(torch.device(device))
+        labels["gpu-model"] = label_value(properties.name)
+        labels["gpu-memory"] = _gib(properties.total_memory)
+    return labels

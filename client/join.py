@@ -13,7 +13,7 @@ import grpc
 
 from client.bundle import Bundle, load_bundle
 from client.data.loaders import check_data_dir
-from client.devices import describe_device, resolve_device
+from client.devices import describe_device, hardware_labels, resolve_device
 from client.metrics import ClientMetrics
 from client.ray_worker import RayWorker
 from client.settings import ClientSettings
@@ -169,6 +169,7 @@ class SiteNode:
             self.settings.gpu,
             self.settings.resolved_state_dir,
             self.bundle.ray_token if self.bundle else None,
+            hardware=hardware_labels(self.device),
         )
         self._say(
             f"Ray worker joining {joined.ray_address} as institution:{self.settings.institution} "

@@ -28,9 +28,15 @@ _LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 
 
 def worker_argv(
-    ray_address: str, institution: str, node_id: str, gpu: int | None, temp_dir: Path
+    ray_address: str,
+    institution: str,
+    node_id: str,
+    gpu: int | None,
+    temp_dir: Path,
+    hardware: dict[str, str] | None = None,
 ) -> list[str]:
-    """The `ray start` command line of a contributed node."""
+    """The `ray start` command line of a contributed node; `hardware` adds labels such
+    as ``memory``, ``gpu-model`` and ``gpu-memory`` (`client.devices.hardware_labels`)."""
     argv = [
         venv_executable("ray"),
         "start",
@@ -56,6 +62,7 @@ def worker_argv(
         log.warning(
             "institution name %r is not a valid Ray label value; not labelling it", institution
         )
+    valid.update({k: v for k, v in (hardware or {}).items() if _LABEL_VALUE.match(v)})
     if valid:
         argv += ["--labels", ",".join(f"{k}={v}" for k, v in valid.items())]
     return argv
@@ -73,8 +80,11 @@ class RayWorker:
         state_dir: Path,
         token_path: Path | None,
         drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
+        hardware: dict[str, str] | None = None,
     ) -> None:
-        self._argv = worker_argv(ray_address, institution, node_id, gpu, short_temp_dir(state_dir))
+        self._argv = worker_argv(
+            ray_address, institution, node_id, gpu, short_temp_dir(state_dir), hardware
+        )
         self._env = ray_auth_env(token_path)
         # Leaving drains the node: on SIGTERM Ray marks it DRAINING (nothing new is
         # placed here; the pretraining controller drops its worker) and waits this long

@@ -98,6 +98,9 @@ def test_nodes_reply_matches_the_ray_node_by_its_node_label(site: Site) -> None:
         overview = remote.nodes_overview()
     (node,) = [n for n in overview.nodes if n.node_id == site.node_id]
     assert node.ray.labels["node"] == site.node_id[:12]
+    assert node.ray.labels["institution"] == INSTITUTION
+    assert node.ray.labels["memory"].endswith("GiB")  # hardware labels reach Ray
+    assert "gpu-model" not in node.ray.labels  # a CPU node
     assert node.ray.resources["CPU"] == 1.0
     assert node.ray.resources[f"institution:{INSTITUTION}"] == 1.0
     assert node.ray.resources["memory"] > 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +42,23 @@ class CompletedRun:
     leftover_pids: list[int]
 
 
+def start_secure_consortium(
+    processes: Processes, root: Path, names: Iterable[str], *, wait_for_keys: bool = True
+) -> tuple[Path, str]:
+    """`coordinator init`, a mutual-TLS `coordinator serve`, and each institution
+    onboarded from site-held keys (bundle in root/<name>/bundle); returns the data dir
+    and the API address, once the SuperLink knows the sites' keys (unless told not to
+    wait)."""
+    data_dir = root / "coordinator"
+    init_consortium(data_dir, ["localhost", "127.0.0.1"], cert_days=30)
+    address = start_coordinator(processes, data_dir, secure=True)
+    for name in names:
+        onboard_local_site(data_dir, root / name, name, address)
+    if wait_for_keys:
+        wait_for("SuperNode keys registered", lambda: supernode_keys_registered(data_dir))
+    return data_dir, address
+
+
 @pytest.fixture(scope="session")
 def completed_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CompletedRun]:
     """Coordinator + two onboarded institutions (mutual TLS, SuperNode authentication)
@@ -49,13 +66,8 @@ def completed_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Complete
     root = tmp_path_factory.mktemp("federated")
     processes = Processes(root / "logs")
     try:
-        data_dir = root / "coordinator"
-        init_consortium(data_dir, ["localhost", "127.0.0.1"], cert_days=30)
-        address = start_coordinator(processes, data_dir, secure=True)
         names = ["alpha-hospital", "beta-university"]
-        for name in names:
-            onboard_local_site(data_dir, root / name, name, address)
-        wait_for("SuperNode keys registered", lambda: supernode_keys_registered(data_dir))
+        data_dir, address = start_secure_consortium(processes, root, names)
         for name, site in zip(names, write_partitions(root, names), strict=True):
             join_site(
                 processes,

@@ -24,12 +24,13 @@ from consortium.processes import venv_executable
 from consortium.proto.v1 import nodes_pb2, nodes_pb2_grpc
 from consortium.site_keys import SiteKeys
 from consortium.tls import ClientTls
-from coordinator.demo import onboard_local_site, supernode_keys_registered, write_partitions
-from coordinator.onboarding import init_consortium, revoke
+from coordinator.demo import supernode_keys_registered, write_partitions
+from coordinator.onboarding import revoke
 from coordinator.pki_files import CoordinatorPki
 from coordinator.provenance_paths import coordinator_key_path
 from coordinator.state import SqliteStateStore
-from tests.conftest import Processes, start_coordinator, wait_for
+from tests.conftest import Processes, wait_for
+from tests.integration.conftest import start_secure_consortium
 
 NAMES = ("alpha", "beta")
 
@@ -62,12 +63,7 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]
     root = tmp_path_factory.mktemp("onboarding")
     processes = Processes(root / "logs")
     try:
-        data_dir = root / "coordinator"
-        init_consortium(data_dir, ["localhost", "127.0.0.1"], cert_days=30)
-        address = start_coordinator(processes, data_dir, secure=True)
-        for name in NAMES:
-            onboard_local_site(data_dir, root / name, name, address)
-        wait_for("SuperNode keys registered", lambda: supernode_keys_registered(data_dir))
+        data_dir, address = start_secure_consortium(processes, root, NAMES)
         yield Consortium(root, data_dir, address, processes)
     finally:
         processes.stop_all()

@@ -16,11 +16,10 @@ import pytest
 from consortium.errors import InvalidArgumentError
 from consortium.proto.v1 import jobs_pb2
 from coordinator.cli.remote import Remote, connect
-from coordinator.demo import onboard_local_site, supernode_keys_registered, write_text_partitions
-from coordinator.onboarding import init_consortium
+from coordinator.demo import write_text_partitions
 from coordinator.provenance_paths import provenance_log_path
-from tests.conftest import Processes, join_site, online_nodes, start_coordinator, wait_for
-from tests.integration.conftest import FINAL_STATES
+from tests.conftest import Processes, join_site, online_nodes, wait_for
+from tests.integration.conftest import FINAL_STATES, start_secure_consortium
 
 INSTITUTIONS = ("aurora", "borealis")
 JOB_TIMEOUT_S = 240.0
@@ -83,12 +82,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
     root = tmp_path_factory.mktemp("pipeline")
     processes = Processes(root / "logs")
     try:
-        data_dir = root / "coordinator"
-        init_consortium(data_dir, ["localhost", "127.0.0.1"], cert_days=30)
-        address = start_coordinator(processes, data_dir, secure=True)
-        for name in INSTITUTIONS:
-            onboard_local_site(data_dir, root / name, name, address)
-        wait_for("SuperNode keys registered", lambda: supernode_keys_registered(data_dir))
+        data_dir, address = start_secure_consortium(processes, root, INSTITUTIONS)
         sites = write_text_partitions(root, list(INSTITUTIONS))
         for name, site in zip(INSTITUTIONS, sites, strict=True):
             join_site(

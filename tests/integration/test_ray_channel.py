@@ -34,10 +34,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from client.ray_worker import worker_argv
 from consortium.processes import ChildProcess
 from consortium.ray_env import DRAIN_TIMEOUT_ENV, ray_auth_env, short_temp_dir
-from coordinator.demo import onboard_local_site
-from coordinator.onboarding import init_consortium
 from coordinator.pki_files import CoordinatorPki
-from tests.conftest import Processes, start_coordinator, wait_for
+from tests.conftest import Processes, wait_for
+from tests.integration.conftest import start_secure_consortium
 from tests.integration.test_bad_input import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -150,11 +149,7 @@ def channel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Channel]:
     root = tmp_path_factory.mktemp("ray-channel")
     processes = Processes(root / "logs")
     try:
-        data_dir = root / "coordinator"
-        init_consortium(data_dir, ["localhost", "127.0.0.1"], cert_days=30)
-        address = start_coordinator(processes, data_dir, secure=True)
-        for name in NAMES:
-            onboard_local_site(data_dir, root / name, name, address)
+        data_dir, _ = start_secure_consortium(processes, root, NAMES, wait_for_keys=False)
         yield Channel(root, data_dir, processes, processes.children[0])
     finally:
         processes.stop_all()

@@ -3,9 +3,9 @@
 FedAvg and FedProx aggregate the same way on the coordinator (FedProx's proximal term
 lives in the clients' loss): ``sum(n_i * update_i) / sum(n_i)`` with ``n_i`` the number
 of training examples of client ``i``. `StreamingMean` folds updates in one at a time as
-they arrive, validates each before it touches the state, and keeps a constant number of
-model-sized buffers (an int64 and a float64 limb, see `exact_sum`) however many
-clients report.
+they arrive, checks each update's values in the same pass that adds it (taking a rejected
+update out again exactly), and keeps a constant number of model-sized buffers (an int64
+and an int32 limb, see `exact_sum`) however many clients report.
 """
 
 from __future__ import annotations
@@ -20,7 +20,13 @@ import numpy.typing as npt
 
 from consortium.aggregation.errors import EmptyAggregateError, RejectReason, UpdateRejected
 from consortium.aggregation.exact_sum import MAX_TOTAL_WEIGHT, MAX_WEIGHT, VALUE_LIMIT, ExactSum
-from consortium.aggregation.validate import TensorSpec, Update, spec_of, validate_update
+from consortium.aggregation.validate import (
+    TensorSpec,
+    Update,
+    check_layout,
+    check_values,
+    spec_of,
+)
 
 
 class StreamingMean:
@@ -28,7 +34,8 @@ class StreamingMean:
 
     ``add(update, weight)`` either accepts the update or raises `UpdateRejected` and
     leaves the state exactly as it was. ``result()`` may be called any number of times
-    and does not end the stream. The result depends only on the multiset of accepted
+    and does not end the stream; ``finish()`` ends it and returns the mean without
+    allocating a new model. The result depends only on the multiset of accepted
     (update, weight) pairs, never on their order; see `exact_sum` for the error bound.
     """
 
@@ -62,10 +69,9 @@ class StreamingMean:
 
     def add(self, update: Update, weight: int) -> None:
         """Validate ``update`` and fold ``weight * update`` into the sum."""
-        checked = self._accept(update, weight, self._total_weight)
-        self._sum.add_prevalidated(update, checked)
-        self._count += 1
-        self._total_weight += checked
+        rejected = self.add_many([(update, weight)])
+        if rejected:
+            raise rejected[0][1]
 
     def add_many(self, pairs: Iterable[tuple[Update, int]]) -> list[tuple[int, UpdateRejected]]:
         """Validate every ``(update, weight)`` pair and fold in the accepted ones.
@@ -73,34 +79,60 @@ class StreamingMean:
         Returns ``(position, error)`` for each rejected pair; the state is then exactly
         what `add` on each accepted pair would give. Faster than `add` in a loop when the
         caller already holds several updates (as a Flower strategy does): the sum is
-        updated chunk by chunk for all of them, so its memory is read and written once.
+        updated block by block for all of them, so its memory is read and written once.
         """
-        accepted: list[tuple[Update, int]] = []
+        pairs = list(pairs)
         rejected: list[tuple[int, UpdateRejected]] = []
+        candidates: list[tuple[int, Update, int]] = []
         total = self._total_weight
         for position, (update, weight) in enumerate(pairs):
             try:
-                checked = self._accept(update, weight, total)
+                checked = _check_weight(weight, total)
+                check_layout(update, self.spec)
             except UpdateRejected as error:
+                if error.reason == RejectReason.WEIGHT and _fits_alone(weight, self._total_weight):
+                    # Over capacity only because of earlier updates in this batch, which
+                    # may yet be rejected: decide one by one, as `add` would.
+                    return self._add_one_by_one(pairs)
                 rejected.append((position, error))
                 continue
-            accepted.append((update, checked))
+            candidates.append((position, update, checked))
             total += checked
-        self._sum.add_many_prevalidated(accepted)
-        self._count += len(accepted)
-        self._total_weight = total
-        return rejected
+        added = [(update, weight) for _, update, weight in candidates]
+        stats = self._sum.add_many(added)
+        taken_out: list[tuple[Update, int]] = []
+        for (position, update, weight), update_stats in zip(candidates, stats, strict=True):
+            try:
+                check_values(update, update_stats, max_norm=self.max_norm, value_limit=VALUE_LIMIT)
+            except UpdateRejected as error:
+                rejected.append((position, error))
+                taken_out.append((update, weight))
+                continue
+            self._count += 1
+            self._total_weight += weight
+        self._sum.subtract(taken_out)
+        return sorted(rejected, key=operator.itemgetter(0))
 
-    def _accept(self, update: Update, weight: int, total_weight: int) -> int:
-        checked = _check_weight(weight, total_weight)
-        validate_update(update, self.spec, max_norm=self.max_norm, value_limit=VALUE_LIMIT)
-        return checked
+    def _add_one_by_one(self, pairs: list[tuple[Update, int]]) -> list[tuple[int, UpdateRejected]]:
+        rejected = []
+        for position, pair in enumerate(pairs):
+            rejected += [(position, error) for _, error in self.add_many([pair])]
+        return rejected
 
     def result(self) -> dict[str, npt.NDArray[Any]]:
         """The weighted mean, with each tensor in its reference dtype."""
         if self._count == 0:
             raise EmptyAggregateError("no update has been accepted yet; nothing to average")
         return self._sum.mean(self._total_weight)
+
+    def finish(self) -> dict[str, npt.NDArray[Any]]:
+        """The weighted mean, written over the accumulator's own memory; ends the stream.
+
+        Read `digest` first if it is needed: afterwards only the returned arrays remain.
+        """
+        if self._count == 0:
+            raise EmptyAggregateError("no update has been accepted yet; nothing to average")
+        return self._sum.finish(self._total_weight)
 
     def digest(self) -> str:
         """SHA-256 of the aggregate's value (exact sum and total weight).
@@ -136,6 +168,14 @@ def _check_weight(weight: int, total_weight: int) -> int:
             ),
         )
     return value
+
+
+def _fits_alone(weight: int, total_weight: int) -> bool:
+    try:
+        _check_weight(weight, total_weight)
+    except UpdateRejected:
+        return False
+    return True
 
 
 def _weight_message(weight: object, problem: str) -> str:

@@ -4,14 +4,14 @@ An update is a mapping ``tensor name -> numpy array`` with exactly the reference
 names, shapes and dtypes (float32 or float64), only finite values and, when a bound is
 configured, a global L2 norm at most ``max_norm``.
 
-The norm is computed deterministically: each tensor is read in C order in fixed-size
-chunks, every chunk is squared in float64 and summed with numpy's pairwise ``add.reduce``
-(a fixed reduction tree that depends only on the chunk length), and the chunk sums are
-added in sorted tensor-name order. So the accept/reject decision for a given update
-never depends on memory layout, arrival order or thread scheduling. The same pass also
-detects non-finite values (a float64 sum of squares of finite float32 values cannot
-overflow) and, when ``value_limit`` is given, proves ``|x| < value_limit`` for all
-values of a tensor whose norm is small, so that common case costs no extra pass.
+The norm is computed deterministically: each tensor is read in C order in blocks of
+`kernels.BLOCK` values; a block's squares (in float64) are summed in a fixed pairwise
+tree, the block sums of each superblock (`kernels.SUPER` blocks) in another, and all
+superblock sums of all tensors are added with `math.fsum`, which is exactly rounded and
+so independent of their order. The accept/reject decision for a given update
+therefore never depends on memory layout, arrival order or thread scheduling, and the
+exact accumulator, which computes the same block sums while it adds an update, reaches
+the same decision as `validate_update`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from consortium.aggregation import kernels
 from consortium.aggregation.errors import RejectReason, UpdateRejected
 
 # Elements per chunk: big enough to amortise the per-call overhead of numpy ufuncs,
@@ -71,15 +72,20 @@ def flat_chunks(array: npt.NDArray[Any]) -> Iterator[npt.NDArray[Any]]:
         yield flat[start : start + CHUNK]
 
 
-def tensor_sumsq(array: npt.NDArray[Any], scratch: npt.NDArray[np.float64]) -> float:
-    """Sum of squares in float64 with a fixed reduction order (see the module docstring)."""
-    total = 0.0
-    for chunk in flat_chunks(array):
-        square = scratch[: chunk.size]
-        np.copyto(square, chunk)  # exact widening for float32
-        np.multiply(square, square, out=square)
-        total += float(np.add.reduce(square))
-    return total
+@dataclass(frozen=True)
+class TensorStats:
+    """What validation needs to know about one tensor of an update, from one pass."""
+
+    superblock_sumsq: npt.NDArray[np.float64]  # see the module docstring
+    outside: int  # values not below kernels.VALUE_LIMIT in magnitude, non-finite ones too
+
+
+def tensor_stats(array: npt.NDArray[Any]) -> TensorStats:
+    flat = np.ravel(array, order="C")
+    sumsq = np.zeros(-(-flat.size // kernels.SUPERBLOCK), np.float64)
+    is_f64 = flat.dtype == np.float64
+    outside = kernels.tensor_stats(flat, sumsq, is_f64) if flat.size else 0
+    return TensorStats(sumsq, int(outside))
 
 
 def validate_update(
@@ -91,26 +97,38 @@ def validate_update(
 ) -> None:
     """Raise `UpdateRejected` unless ``update`` is a well-formed update for ``reference``.
 
-    ``value_limit`` (exclusive) is the largest magnitude the caller can represent; the
-    exact accumulator passes its own limit. Checks run cheapest first, so a malformed
-    update is refused before any value is read.
+    ``value_limit`` (exclusive) is the largest magnitude the caller can represent; only
+    `kernels.VALUE_LIMIT` (the exact accumulator's) or None is supported. Checks run
+    cheapest first, so a malformed update is refused before any value is read.
     """
     spec = spec_of(reference)
-    _check_layout(update, spec)
-    scratch = np.empty(min(CHUNK, max((s.size for s in spec.values()), default=1)), np.float64)
-    total = 0.0
-    for name in sorted(spec):
-        tensor = update[name]
-        sumsq = tensor_sumsq(tensor, scratch)
-        if not math.isfinite(sumsq):
-            _check_finite(name, tensor)
-            sumsq = math.inf  # finite float64 values whose squares overflow
-        # |x| <= sqrt(sumsq); the factor 1/2 is a wide margin for the rounding of sumsq.
-        if value_limit is not None and not sumsq <= (0.5 * value_limit) ** 2:
-            _check_range(name, tensor, value_limit)
-        total += sumsq
+    check_layout(update, spec)
+    stats = {name: tensor_stats(update[name]) for name in spec}
+    check_values(update, stats, max_norm=max_norm, value_limit=value_limit)
+
+
+def check_values(
+    update: Update,
+    stats: Mapping[str, TensorStats],
+    *,
+    max_norm: float | None,
+    value_limit: float | None,
+) -> None:
+    """Reject on non-finite values, values beyond ``value_limit`` or a norm over the bound.
+
+    Tensors are judged in sorted name order and the norm last, so the reason reported for
+    an update with several faults does not depend on how its statistics were gathered.
+    """
+    if value_limit not in (None, kernels.VALUE_LIMIT):
+        raise ValueError(f"value_limit must be None or {kernels.VALUE_LIMIT}, not {value_limit}")
+    for name in sorted(stats):
+        if stats[name].outside:  # rare: find out which kind, with a message to act on
+            _check_finite(name, update[name])
+            if value_limit is not None:
+                _check_range(name, update[name], value_limit)
     if max_norm is not None:
-        norm = math.sqrt(total)
+        sums = (s for name in sorted(stats) for s in stats[name].superblock_sumsq)
+        norm = math.sqrt(math.fsum(sums))
         if not norm <= max_norm:
             raise UpdateRejected(
                 RejectReason.NORM,
@@ -119,7 +137,7 @@ def validate_update(
             )
 
 
-def _check_layout(update: Update, spec: ModelSpec) -> None:
+def check_layout(update: Update, spec: ModelSpec) -> None:
     names, expected = set(update), set(spec)
     if names != expected:
         missing, extra = sorted(expected - names), sorted(names - expected)

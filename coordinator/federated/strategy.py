@@ -62,7 +62,7 @@ def aggregate(
     rule: AggregationRule, reference: Arrays, updates: list[tuple[Arrays, int]]
 ) -> Arrays:
     """The aggregate of already admitted updates; raises UpdateRejected for a bad one
-    only from the robust rules (the mean validates one by one in `fold`)."""
+    (each was validated on admission, so this means a bug or a tampered retained file)."""
     arrays = [u for u, _ in updates]
     if rule.name == "trimmed-mean":
         return trimmed_mean(
@@ -73,9 +73,10 @@ def aggregate(
     if rule.name == "krum":
         return krum(arrays, rule.krum_byzantine, reference=reference, max_norm=rule.max_update_norm)
     mean = StreamingMean(reference, max_norm=rule.max_update_norm)
-    for update, weight in updates:
-        mean.add(update, weight)
-    return mean.result()
+    rejected = mean.add_many(updates)
+    if rejected:
+        raise rejected[0][1]
+    return mean.finish()
 
 
 def check_update(

@@ -39,6 +39,10 @@ AUTH_CHANNELS = ("control_plane", "fleet", "ray")
 AUTH_REASONS = (
     "no_client_certificate",
     "untrusted_certificate",
+    "expired_certificate",  # the rest of this group: refused TLS handshakes (tls_refusals)
+    "not_yet_valid_certificate",
+    "wrong_certificate_purpose",
+    "not_tls",
     "revoked_certificate",
     "unknown_node",
     "institution_mismatch",

@@ -17,32 +17,33 @@ against a real head, see tests/integration/test_ray_channel.py):
   it): ``Missing authorization header in syncer connection from node <id>`` and
   ``Invalid bearer token in syncer connection from node <id>``.
 
-`RayAuthWatch` follows that file from a thread, turns each such line into a
-`RayRefusal`, hands it to ``on_refusal`` (the metric) and logs it: the first of a burst
-at once, repeats of the same kind from the same peer as one summary per
-`SUMMARY_WINDOW_S`.
+`RayAuthWatch` follows that file from a thread (`refusal_log.LogRefusalWatch`), turns
+each such line into a `RayRefusal`, hands it to ``on_refusal`` (the metric) and logs it:
+the first of a burst at once, repeats of the same kind from the same peer as one summary
+per `refusal_log.SUMMARY_WINDOW_S`.
 """
 
 from __future__ import annotations
 
-import logging
 import re
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
-log = logging.getLogger(__name__)
+from coordinator.refusal_log import (
+    POLL_INTERVAL_S,
+    LogFollower,
+    LogRefusalWatch,
+    Refusal,
+    RefusalLog,
+)
 
 CHANNEL = "ray"
 MISSING_TOKEN = "missing_token"
 INVALID_TOKEN = "invalid_token"
 REASONS = (MISSING_TOKEN, INVALID_TOKEN)
 
-POLL_INTERVAL_S = 0.5
-SUMMARY_WINDOW_S = 30.0
-MAX_READ_BYTES = 1 << 20  # per poll; the rest is read on the next one
 UNKNOWN_PEER = "an unknown peer (Ray does not log its address)"
 
 _EXPLAIN = {
@@ -74,6 +75,15 @@ class RayRefusal:
     def describe(self) -> str:
         return f"Ray: refused a connection from {self.peer}: {_EXPLAIN[self.reason]}"
 
+    def logged(self) -> str:
+        return f"{self.describe()} (GCS log: {self.line})"
+
+    def summary(self, repeats: int, seconds: float) -> str:
+        return (
+            f"Ray: refused {repeats} more request(s) from {self.peer} in {seconds:.0f} s: "
+            f"{_EXPLAIN[self.reason].split(';')[0]}"
+        )
+
 
 def parse_refusal(line: str) -> RayRefusal | None:
     """The refusal a GCS log line records, or None."""
@@ -95,104 +105,11 @@ def gcs_log_path(temp_dir: Path) -> Path | None:
     return session / "logs" / "gcs_server.out"
 
 
-class LogFollower:
-    """Lines appended to the file `locate()` names; starts over when it names another
-    file (a new Ray session) or the file was replaced or truncated."""
-
-    def __init__(self, locate: Callable[[], Path | None]) -> None:
-        self._locate = locate
-        self._path: Path | None = None
-        self._inode = -1
-        self._offset = 0
-        self._partial = b""
-
-    def skip_existing(self) -> None:
-        """Ignore what the current file holds now (an earlier session's lines)."""
-        self._path = self._locate()
-        if self._path is None:
-            return
-        try:
-            info = self._path.stat()
-        except OSError:
-            self._path = None
-            return
-        self._inode, self._offset = info.st_ino, info.st_size
-
-    def read_lines(self) -> list[str]:
-        path = self._locate()
-        if path is None:
-            return []
-        try:
-            info = path.stat()
-        except OSError:
-            return []  # the session exists, its log not yet
-        if path != self._path or info.st_ino != self._inode or info.st_size < self._offset:
-            self._path, self._inode, self._offset, self._partial = path, info.st_ino, 0, b""
-        if info.st_size == self._offset:
-            return []
-        try:
-            with path.open("rb") as handle:
-                handle.seek(self._offset)
-                data = handle.read(MAX_READ_BYTES)
-        except OSError:
-            return []
-        self._offset += len(data)
-        *complete, self._partial = (self._partial + data).split(b"\n")
-        return [line.decode(errors="replace") for line in complete]
-
-
-@dataclass
-class _Burst:
-    started: float
-    repeats: int = 0
-
-
-class RefusalLog:
-    """Logs the first refusal of each (reason, peer) at once and the repeats within
-    `window_s` as one summary line, so a node retrying every second is one or two
-    lines in the coordinator log, not one per retry."""
-
-    def __init__(
-        self, window_s: float = SUMMARY_WINDOW_S, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self._window_s = window_s
-        self._clock = clock
-        self._bursts: dict[tuple[str, str], _Burst] = {}
-
-    def add(self, refusal: RayRefusal) -> None:
-        key = (refusal.reason, refusal.peer)
-        self.flush()
-        burst = self._bursts.get(key)
-        if burst is None:
-            self._bursts[key] = _Burst(self._clock())
-            log.warning("%s (GCS log: %s)", refusal.describe(), refusal.line)
-        else:
-            burst.repeats += 1
-
-    def flush(self, everything: bool = False) -> None:
-        """Summarise the bursts whose window has closed (all of them with `everything`)."""
-        now = self._clock()
-        for key, burst in list(self._bursts.items()):
-            if not everything and now - burst.started < self._window_s:
-                continue
-            del self._bursts[key]
-            if burst.repeats:
-                reason, peer = key
-                log.warning(
-                    "Ray: refused %d more request(s) from %s in %.0f s: %s",
-                    burst.repeats,
-                    peer,
-                    min(now - burst.started, self._window_s),
-                    _EXPLAIN[reason].split(";")[0],
-                )
-
-
-class RayAuthWatch:
+class RayAuthWatch(LogRefusalWatch):
     """Follows the GCS log of the Ray head whose temp dir is `temp_dir`.
 
     Start it before the head: what an earlier session wrote is skipped, the new
-    session is read from its first line. Never raises into its caller; `stop()` ends
-    the thread and writes the pending summaries.
+    session is read from its first line.
     """
 
     def __init__(
@@ -201,41 +118,13 @@ class RayAuthWatch:
         on_refusal: Callable[[RayRefusal], None] | None = None,
         poll_interval_s: float = POLL_INTERVAL_S,
     ) -> None:
-        self._follower = LogFollower(lambda: gcs_log_path(temp_dir))
-        self._on_refusal = on_refusal
-        self._poll_interval_s = poll_interval_s
-        self._log = RefusalLog()
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ray-auth-watch", daemon=True)
-
-    def start(self) -> None:
-        self._follower.skip_existing()
-        self._thread.start()
-
-    def stop(self) -> None:
-        if self._stopping.is_set() or not self._thread.is_alive():
-            return
-        self._stopping.set()
-        self._thread.join()
-        self._poll()  # the head has stopped: its last lines are all there
-        self._log.flush(everything=True)
-
-    def _run(self) -> None:
-        while not self._stopping.wait(self._poll_interval_s):
-            self._poll()
-
-    def _poll(self) -> None:
-        try:
-            for line in self._follower.read_lines():
-                refusal = parse_refusal(line)
-                if refusal is None:
-                    continue
-                if self._on_refusal is not None:
-                    self._on_refusal(refusal)
-                self._log.add(refusal)
-            self._log.flush()
-        except Exception:  # a watcher must never take the coordinator down
-            log.exception("reading the Ray GCS log for refusals failed; trying again")
+        super().__init__(
+            "ray-auth-watch",
+            lambda: gcs_log_path(temp_dir),
+            parse_refusal,
+            cast(Callable[[Refusal], None] | None, on_refusal),
+            poll_interval_s,
+        )
 
 
 __all__ = [

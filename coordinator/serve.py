@@ -18,6 +18,7 @@ from consortium.provenance.signing import SigningKey
 from consortium.ray_env import use_ray_auth_in_this_process
 from coordinator.api.auth import CertificateAuthInterceptor
 from coordinator.api.servicers import JobsServicer, NodeRegistryServicer
+from coordinator.federated.fleet_refusals import SuperLinkAuthWatch
 from coordinator.federated.flower_app import FlowerCli
 from coordinator.federated.superlink import SuperLink
 from coordinator.federated.supernode_keys import SuperNodeKeySync
@@ -32,6 +33,7 @@ from coordinator.registry import NodeRegistry
 from coordinator.scheduler import Scheduler
 from coordinator.settings import CoordinatorSettings
 from coordinator.state import SqliteStateStore
+from coordinator.tls_refusals import TlsRefusalWatch
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +94,23 @@ class Coordinator:
             flower_dir / "superlink.port", settings.superlink_host, settings.superlink_port
         )
         (flower_dir / "superlink.port").write_text(str(port))
-        self.superlink = SuperLink(settings.data_dir, settings.superlink_host, port, self.pki)
         self.metrics = CoordinatorMetrics()
+        # Refusals that only the SuperLink's log and gRPC's TLS layer record (secure
+        # mode); the watches start before the servers so they miss nothing.
+        self._watches: list[SuperLinkAuthWatch | TlsRefusalWatch] = []
+        if self.pki is not None:
+            self._watches = [
+                SuperLinkAuthWatch(
+                    settings.data_dir / "logs" / "superlink.log",
+                    on_refusal=lambda r: self.metrics.auth_refused(r.channel, r.reason),
+                ),
+                TlsRefusalWatch(
+                    on_refusal=lambda r: self.metrics.auth_refused(r.channel, r.reason)
+                ),
+            ]
+        for watch in self._watches:
+            watch.start()
+        self.superlink = SuperLink(settings.data_dir, settings.superlink_host, port, self.pki)
         self._metrics_endpoint: MetricsEndpoint | None = None
         self.ray_head: RayHead | None = None
         try:
@@ -110,6 +127,8 @@ class Coordinator:
             if self.ray_head is not None:
                 self.ray_head.stop()
             self.superlink.stop()
+            for watch in self._watches:
+                watch.stop()
             self.store.close()
             raise
         flower = FlowerCli(settings.data_dir, self.superlink.address, self.pki)
@@ -243,5 +262,7 @@ class Coordinator:
             child.start()
         for child in children:
             child.join()
+        for watch in self._watches:
+            watch.stop()
         self.store.close()
         log.info("coordinator stopped")

@@ -11,12 +11,14 @@ import datetime as dt
 import os
 import stat
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from consortium import pki
 from consortium.net import reserve_free_port
@@ -77,6 +79,23 @@ def register(stub: nodes_pb2_grpc.NodeRegistryStub, institution: str) -> nodes_p
     return reply.node
 
 
+def auth_refusals(consortium: Consortium, channel: str, reason: str) -> float:
+    """consortium_auth_refusals_total{channel, reason}, scraped from the coordinator."""
+    metrics = (consortium.data_dir / "metrics.address").read_text().strip()
+    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            wanted = {"channel": channel, "reason": reason}
+            if sample.name == "consortium_auth_refusals_total" and sample.labels == wanted:
+                return sample.value
+    raise AssertionError(f"no auth_refusals series for {channel}/{reason}")
+
+
+def coordinator_log(consortium: Consortium) -> str:
+    return (consortium.root / "logs" / "coordinator.log").read_text(errors="replace")
+
+
 def forged_tls(
     consortium: Consortium,
     tmp_path: Path,
@@ -126,34 +145,63 @@ def test_heartbeat_for_another_institutions_node_is_denied(consortium: Consortiu
 
 
 @pytest.mark.parametrize(
-    ("case", "not_before", "days", "own_ca"),
+    ("case", "not_before", "days", "own_ca", "reason", "logged"),
     [
-        ("unknown CA", None, 30, True),
-        ("expired", dt.datetime.now(dt.UTC) - dt.timedelta(days=10), 1, False),
-        ("not yet valid", dt.datetime.now(dt.UTC) + dt.timedelta(days=1), 30, False),
+        ("unknown CA", None, 30, True, "untrusted_certificate", "not signed by this"),
+        (
+            "expired",
+            dt.datetime.now(dt.UTC) - dt.timedelta(days=10),
+            1,
+            False,
+            "expired_certificate",
+            "certificate has expired",
+        ),
+        (
+            "not yet valid",
+            dt.datetime.now(dt.UTC) + dt.timedelta(days=1),
+            30,
+            False,
+            "not_yet_valid_certificate",
+            "certificate is not valid yet",
+        ),
     ],
 )
-def test_bad_certificates_fail_the_tls_handshake(
+def test_bad_certificates_fail_the_tls_handshake_logged_and_counted(
     consortium: Consortium,
     tmp_path: Path,
     case: str,
     not_before: dt.datetime | None,
     days: int,
     own_ca: bool,
+    reason: str,
+    logged: str,
 ) -> None:
+    before = auth_refusals(consortium, "control_plane", reason)
     tls = forged_tls(consortium, tmp_path, "alpha", not_before, days, own_ca)
     channel, stub = consortium.registry(tls)
     with channel, pytest.raises(grpc.RpcError) as raised:
         register(stub, "alpha")
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE, case
+    wait_for(
+        f"{reason} to be counted",
+        lambda: auth_refusals(consortium, "control_plane", reason) > before,
+    )
+    wait_for(f"{case} in the coordinator log", lambda: logged in coordinator_log(consortium))
+    assert "control plane: refused a TLS handshake" in coordinator_log(consortium)
 
 
-def test_plain_text_caller_is_refused(consortium: Consortium) -> None:
+def test_plain_text_caller_is_refused_logged_and_counted(consortium: Consortium) -> None:
+    before = auth_refusals(consortium, "control_plane", "not_tls")
     with grpc.insecure_channel(consortium.address) as channel:
         stub = nodes_pb2_grpc.NodeRegistryStub(channel)
         with pytest.raises(grpc.RpcError) as raised:
             register(stub, "alpha")
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    wait_for(
+        "not_tls to be counted",
+        lambda: auth_refusals(consortium, "control_plane", "not_tls") > before,
+    )
+    assert "did not speak TLS" in coordinator_log(consortium)
 
 
 def test_unregistered_supernode_key_cannot_join_the_superlink(
@@ -177,6 +225,10 @@ def test_unregistered_supernode_key_cannot_join_the_superlink(
     wait_for("the SuperLink to refuse the stranger", lambda: stranger.poll() is not None)
     assert stranger.poll() != 0
     assert "Failed to activate SuperNode" in stranger.log_tail(40)
+    wait_for(
+        "the refusal to be counted", lambda: auth_refusals(consortium, "fleet", "unknown_node") >= 1
+    )
+    assert "Flower SuperLink: refused a SuperNode" in coordinator_log(consortium)
 
 
 def test_key_files_are_private_and_bundles_hold_no_secret(consortium: Consortium) -> None:
@@ -255,18 +307,7 @@ def test_revocation_refuses_the_institution_on_every_channel(consortium: Consort
         assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "revoked" in raised.value.details()
         assert register(alpha, "alpha").institution == "alpha"  # others continue
-    metrics = (consortium.data_dir / "metrics.address").read_text().strip()
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    revoked = [
-        line
-        for line in text.splitlines()
-        if line.startswith("consortium_auth_refusals_total")
-        and 'reason="revoked_certificate"' in line
-    ]
-    assert revoked and float(revoked[0].split()[-1]) >= 1
+    assert auth_refusals(consortium, "control_plane", "revoked_certificate") >= 1
 
 
 def test_onboarding_scripts_bring_a_node_into_the_consortium(

@@ -18,11 +18,13 @@ from client.metrics import ClientMetrics
 from client.ray_worker import RayWorker
 from client.settings import ClientSettings
 from client.supernode import SIGNING_KEY_FILE, SuperNode
+from consortium import pki
 from consortium.errors import ChildProcessFailedError, InsecureTransportError, UnreachableError
 from consortium.metrics_http import MetricsServer
 from consortium.net import is_loopback_host, split_host_port
 from consortium.proto.v1 import nodes_pb2, nodes_pb2_grpc
 from consortium.provenance.signing import SigningKey
+from consortium.ray_env import RayTls, ray_node_ip
 from consortium.rpc import RetryPolicy, call_with_retry, open_channel
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ class Joined:
     superlink_address: str
     heartbeat_interval_s: float
     ray_address: str = ""  # "": the coordinator runs without Ray
+    ray_tls: bool = False  # the Ray channel uses TLS: get a node certificate first
 
 
 def check_transport(settings: ClientSettings) -> Bundle | None:
@@ -100,6 +103,7 @@ class SiteNode:
             superlink_address=response.superlink_fleet_address,
             heartbeat_interval_s=response.heartbeat_interval_ms / 1000,
             ray_address=response.ray_address,
+            ray_tls=response.ray_tls,
         )
 
     def run(self, stop: threading.Event) -> None:
@@ -170,12 +174,38 @@ class SiteNode:
             self.settings.resolved_state_dir,
             self.bundle.ray_token if self.bundle else None,
             hardware=hardware_labels(self.device),
+            tls=self._ray_certificate() if joined.ray_tls else None,
         )
         self._say(
             f"Ray worker joining {joined.ray_address} as institution:{self.settings.institution} "
             f"(log: {worker.process.log_path})"
         )
         return worker
+
+    def _ray_certificate(self) -> RayTls:
+        """A fresh Ray node certificate for this host's address, signed by the coordinator
+        over mutual TLS; the key is made here and never leaves the state dir."""
+        if self.bundle is None:
+            raise InsecureTransportError(
+                "the coordinator's Ray channel uses TLS: join with --bundle"
+            )
+        directory = self.settings.resolved_state_dir / "ray-tls"
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tls = RayTls(directory / "node.crt", directory / "node.key", directory / "ca.crt")
+        key = pki.generate_key()
+        csr = pki.make_node_csr(key, self.settings.institution, [ray_node_ip()])
+        request = nodes_pb2.IssueRayCertificateRequest(
+            institution=self.settings.institution, csr_pem=pki.pem(csr)
+        )
+        response: nodes_pb2.IssueRayCertificateResponse = call_with_retry(
+            lambda t: self._stub.IssueRayCertificate(request, timeout=t),
+            self.settings.coordinator,
+            self._policy,
+        )
+        pki.write_private_key(tls.key, key)
+        tls.certificate.write_bytes(response.certificate_pem)
+        tls.ca_certificate.write_bytes(response.ca_certificate_pem)
+        return tls
 
     def _heartbeat(self, node_id: str) -> None:
         try:

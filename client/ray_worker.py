@@ -17,7 +17,7 @@ from pathlib import Path
 
 from consortium.net import is_loopback_host, split_host_port
 from consortium.processes import STOP_TIMEOUT_S, ChildProcess, venv_executable
-from consortium.ray_env import DRAIN_TIMEOUT_ENV, ray_auth_env, short_temp_dir
+from consortium.ray_env import DRAIN_TIMEOUT_ENV, RayTls, ray_auth_env, short_temp_dir
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +81,12 @@ class RayWorker:
         token_path: Path | None,
         drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
         hardware: dict[str, str] | None = None,
+        tls: RayTls | None = None,
     ) -> None:
         self._argv = worker_argv(
             ray_address, institution, node_id, gpu, short_temp_dir(state_dir), hardware
         )
-        self._env = ray_auth_env(token_path)
+        self._env = ray_auth_env(token_path, tls)
         # Leaving drains the node: on SIGTERM Ray marks it DRAINING (nothing new is
         # placed here; the pretraining controller drops its worker) and waits this long
         # for running work before ending its processes.

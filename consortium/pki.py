@@ -111,7 +111,7 @@ def _leaf(
     ca_cert: x509.Certificate,
     subject: x509.Name,
     public_key: ec.EllipticCurvePublicKey,
-    usage: x509.ObjectIdentifier,
+    usage: x509.ObjectIdentifier | list[x509.ObjectIdentifier],
     days: int,
     sans: list[x509.GeneralName] | None = None,
     not_before: dt.datetime | None = None,
@@ -126,7 +126,9 @@ def _leaf(
         .not_valid_before(start)
         .not_valid_after(start + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage(usage if isinstance(usage, list) else [usage]), critical=False
+        )
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
         )
@@ -195,6 +197,48 @@ def sign_csr(
         days,
         not_before=not_before,
     )
+
+
+def csr_ip_addresses(csr: x509.CertificateSigningRequest) -> list[str]:
+    """The IP addresses a CSR asks for (its subjectAltName extension), as strings."""
+    try:
+        names = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(ip) for ip in names.get_values_for_type(x509.IPAddress)]
+
+
+def make_node_csr(
+    key: ec.EllipticCurvePrivateKey, institution: str, ips: list[str]
+) -> x509.CertificateSigningRequest:
+    """A CSR for one Ray node of `institution` reachable at `ips`."""
+    sans = [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(_name(institution))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def issue_node_certificate(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    public_key: ec.EllipticCurvePublicKey,
+    name: str,
+    ips: list[str],
+    days: int,
+) -> x509.Certificate:
+    """A Ray node's certificate: server and client use, for `ips`, 127.0.0.1 and localhost.
+
+    Ray uses one certificate for both ends of every connection and checks it against
+    the IP address it connects to (Ray replaces 127.0.0.1 with the host's address).
+    """
+    addresses = list(dict.fromkeys([*ips, "127.0.0.1"]))
+    sans: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in addresses]
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    return _leaf(ca_key, ca_cert, _name(name), public_key, usages, days, sans)
 
 
 def institution_of(name: x509.Name) -> str:

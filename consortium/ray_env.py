@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
@@ -14,13 +15,39 @@ AUTH_TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
 DRAIN_TIMEOUT_ENV = "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"
 
 
-def ray_auth_env(token_path: Path | None) -> dict[str, str]:
+@dataclass(frozen=True)
+class RayTls:
+    """One Ray process's TLS files: Ray uses the certificate as both server and client."""
+
+    certificate: Path
+    key: Path
+    ca_certificate: Path
+
+
+def ray_auth_env(token_path: Path | None, tls: RayTls | None = None) -> dict[str, str]:
     """Environment that makes a Ray process (or driver) use token authentication, or
     (without a token, --insecure) explicitly not: Ray would otherwise turn it on by
-    itself when it finds a token in the user's home."""
+    itself when it finds a token in the user's home. With `tls`, every connection also
+    uses mutual TLS from the consortium CA (Ray's RAY_USE_TLS)."""
+    env = {"RAY_USE_TLS": "0"}
+    if tls is not None:
+        env = {
+            "RAY_USE_TLS": "1",
+            "RAY_TLS_SERVER_CERT": str(tls.certificate.resolve()),
+            "RAY_TLS_SERVER_KEY": str(tls.key.resolve()),
+            "RAY_TLS_CA_CERT": str(tls.ca_certificate.resolve()),
+        }
     if token_path is None:
-        return {AUTH_MODE_ENV: "disabled"}
-    return {AUTH_MODE_ENV: "token", AUTH_TOKEN_PATH_ENV: str(token_path.resolve())}
+        return {**env, AUTH_MODE_ENV: "disabled"}
+    return {**env, AUTH_MODE_ENV: "token", AUTH_TOKEN_PATH_ENV: str(token_path.resolve())}
+
+
+def ray_node_ip() -> str:
+    """The address Ray announces for this host, which peers connect to and which a
+    Ray TLS certificate must name (Ray's own choice: it replaces 127.0.0.1 with it)."""
+    from ray._private.services import get_node_ip_address
+
+    return str(get_node_ip_address())  # type: ignore[no-untyped-call]
 
 
 def short_temp_dir(anchor: Path) -> Path:
@@ -29,14 +56,14 @@ def short_temp_dir(anchor: Path) -> Path:
     return Path("/tmp") / f"consortium-ray-{digest}"
 
 
-def use_ray_auth_in_this_process(token_path: Path | None) -> None:
+def use_ray_auth_in_this_process(token_path: Path | None, tls: RayTls | None = None) -> None:
     """Make this process's Ray calls (driver, GCS clients) authenticate like the cluster.
 
-    Ray reads its auth mode into a cached config when it is imported, so changing the
-    environment afterwards is not enough: refresh that config and the token cache, as
-    Ray itself does when it turns token auth on for a process.
+    Ray reads its auth mode (and TLS settings) into a cached config when it is imported,
+    so changing the environment afterwards is not enough: refresh that config and the
+    token cache, as Ray itself does when it turns token auth on for a process.
     """
-    os.environ.update(ray_auth_env(token_path))
+    os.environ.update(ray_auth_env(token_path, tls))
     # Ray's compiled module ships no type information for these two.
     from ray._raylet import (  # type: ignore[attr-defined]
         AuthenticationTokenLoader,

@@ -43,6 +43,7 @@ AUTH_REASONS = (
     "not_yet_valid_certificate",
     "wrong_certificate_purpose",
     "not_tls",
+    "rejected_certificate",  # Ray's TLS: verification failed, reason not logged
     "revoked_certificate",
     "unknown_node",
     "institution_mismatch",

@@ -99,7 +99,7 @@ class PretrainRunner:
         if ray.is_initialized():
             return
         # The driver authenticates like every other Ray process of the cluster.
-        use_ray_auth_in_this_process(self._cluster.token_path)
+        use_ray_auth_in_this_process(self._cluster.token_path, self._cluster.tls)
         # Ray's C++ failure-signal handler would turn the SIGTERM that stops `coordinator
         # serve` into an abort 3 s later (absl's alarm), before the coordinator has
         # stopped its Ray head and SuperLink: they would be orphaned, and a coordinator

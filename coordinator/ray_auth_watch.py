@@ -95,14 +95,14 @@ def parse_refusal(line: str) -> RayRefusal | None:
     return None
 
 
-def gcs_log_path(temp_dir: Path) -> Path | None:
+def gcs_log_path(temp_dir: Path, name: str = "gcs_server.out") -> Path | None:
     """The GCS log of the newest session under a Ray temp dir, None before one starts."""
     latest = temp_dir / "session_latest"
     try:
         session = latest.resolve(strict=True)
     except OSError:
         return None
-    return session / "logs" / "gcs_server.out"
+    return session / "logs" / name
 
 
 class RayAuthWatch(LogRefusalWatch):

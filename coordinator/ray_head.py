@@ -18,11 +18,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from consortium.errors import ChildProcessFailedError
 from consortium.processes import ChildProcess, venv_executable
-from consortium.ray_env import DRAIN_TIMEOUT_ENV, ray_auth_env, short_temp_dir
-from coordinator.ray_auth_watch import RayAuthWatch, RayRefusal
+from consortium.ray_env import DRAIN_TIMEOUT_ENV, RayTls, ray_auth_env, short_temp_dir
+from coordinator.ray_auth_watch import RayAuthWatch, RayRefusal, gcs_log_path
+from coordinator.refusal_log import LogRefusalWatch, Refusal
+from coordinator.tls_refusals import TlsRefusal, parse_ray_handshake_failure
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ class RayCluster:
 
     address: str  # host:port of the GCS
     token_path: Path | None  # None: no token authentication
+    tls: RayTls | None = None  # None: no TLS
 
 
 class RayHead:
@@ -47,9 +51,10 @@ class RayHead:
         host: str,
         port: int,
         token_path: Path | None,
-        on_refusal: Callable[[RayRefusal], None] | None = None,
+        on_refusal: Callable[[RayRefusal | TlsRefusal], None] | None = None,
+        tls: RayTls | None = None,
     ) -> None:
-        self.cluster = RayCluster(f"{host}:{port}", token_path)
+        self.cluster = RayCluster(f"{host}:{port}", token_path, tls)
         self.temp_dir = short_temp_dir(data_dir)
         # Our previous head's address, left by `ray start`: while it is there, a new
         # head on the same port refuses to start if any raylet on this machine still
@@ -58,6 +63,17 @@ class RayHead:
         # With a token, report what the GCS refuses; started first, so the new session's
         # log is read from its first line and an earlier session's is skipped.
         self.auth_watch = RayAuthWatch(self.temp_dir, on_refusal) if token_path else None
+        # With TLS, the GCS writes refused handshakes to its error log.
+        self.tls_watch = (
+            LogRefusalWatch(
+                "ray-tls-watch",
+                lambda: gcs_log_path(self.temp_dir, "gcs_server.err"),
+                parse_ray_handshake_failure,
+                cast(Callable[[Refusal], None] | None, on_refusal),
+            )
+            if tls is not None
+            else None
+        )
         argv = [
             venv_executable("ray"),
             "start",
@@ -79,17 +95,19 @@ class RayHead:
         ]
         # The head hosts no work, so it has nothing to drain: Ray's default would hold
         # its shutdown for 30 s whenever a node has ever joined.
-        env = {**ray_auth_env(token_path), DRAIN_TIMEOUT_ENV: "0"}
-        if self.auth_watch is not None:
-            self.auth_watch.start()
+        # GRPC_VERBOSITY: Ray's gRPC logs every connection at INFO; a refused handshake
+        # is an ERROR line there, so it stays visible to the TLS watch.
+        env = {**ray_auth_env(token_path, tls), DRAIN_TIMEOUT_ENV: "0", "GRPC_VERBOSITY": "ERROR"}
+        for watch in self._watches():
+            watch.start()
         log_path = data_dir / "logs" / "ray-head.log"
         # The log is appended to across restarts; readiness is read from here on.
         self._log_offset = log_path.stat().st_size if log_path.exists() else 0
         try:
             self.process = ChildProcess("ray-head", argv, log_path, env=env)
         except BaseException:
-            if self.auth_watch is not None:
-                self.auth_watch.stop()
+            for watch in self._watches():
+                watch.stop()
             raise
 
     @property
@@ -124,6 +142,9 @@ class RayHead:
 
     def stop(self) -> None:
         self.process.stop()
-        if self.auth_watch is not None:
-            self.auth_watch.stop()
+        for watch in self._watches():
+            watch.stop()
         log.info("Ray head stopped")
+
+    def _watches(self) -> list[LogRefusalWatch]:
+        return [w for w in (self.auth_watch, self.tls_watch) if w is not None]

@@ -29,6 +29,7 @@ from coordinator.pretrain_runner import PretrainRunner
 from coordinator.provenance_paths import coordinator_key_path
 from coordinator.ray_head import RayCluster, RayHead
 from coordinator.ray_revocation import RayRevocationSync
+from coordinator.ray_tls import coordinator_ray_tls
 from coordinator.registry import NodeRegistry
 from coordinator.scheduler import Scheduler
 from coordinator.settings import CoordinatorSettings
@@ -163,12 +164,20 @@ class Coordinator:
         if not settings.ray_enabled:
             log.info("Ray is off (ray_enabled = false): pretraining jobs will fail")
             return None
+        tls = None
+        if settings.ray_tls:
+            if self.pki is None:
+                raise InsecureTransportError(
+                    "--ray-tls needs the consortium CA: run `coordinator init` and serve "
+                    "without --insecure"
+                )
+            tls = coordinator_ray_tls(self.pki)
         # Process-wide and before any Ray call: Ray reads its auth mode once, and both
         # the pretraining driver and the nodes view talk to the GCS from this process.
-        use_ray_auth_in_this_process(token)
+        use_ray_auth_in_this_process(token, tls)
         if settings.ray_address is not None:
             log.info("attaching to the Ray cluster at %s", settings.ray_address)
-            return RayCluster(settings.ray_address, token)
+            return RayCluster(settings.ray_address, token, tls)
         ray_dir = settings.data_dir / "ray"
         ray_dir.mkdir(parents=True, exist_ok=True)
         port = sticky_port(ray_dir / "head.port", settings.ray_host, settings.ray_port)
@@ -179,6 +188,7 @@ class Coordinator:
             port,
             token,
             on_refusal=lambda refusal: self.metrics.auth_refused("ray", refusal.reason),
+            tls=tls,
         )
         return self.ray_head.cluster
 
@@ -204,6 +214,8 @@ class Coordinator:
                 int(self.settings.heartbeat_interval_s * 1000),
                 self.ray_cluster.address if self.ray_cluster is not None else "",
                 ray_nodes,
+                # Signs contributed nodes' Ray certificates when the channel uses TLS.
+                self.pki if self.ray_cluster is not None and self.ray_cluster.tls else None,
             ),
             server,
         )

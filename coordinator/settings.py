@@ -35,6 +35,9 @@ class CoordinatorSettings(RoleSettings):
     ray_host: str = "127.0.0.1"
     ray_port: int = Field(default=0, ge=0, le=65535)
     ray_start_timeout_s: float = Field(default=60.0, gt=0)
+    # Mutual TLS on the Ray channel from the consortium CA (needs `coordinator init`;
+    # docs/onboarding.md, "The Ray channel").
+    ray_tls: bool = False
 
     @property
     def state_path(self) -> Path:

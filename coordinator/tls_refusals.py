@@ -14,9 +14,10 @@ stderr (fd 2), as grpcio 1.85 does by default::
 each line to `TlsRefusalWatch`, which logs the refusal with its reason and counts it.
 
 Limits: the line has no peer address; ``GRPC_VERBOSITY=ERROR`` or ``NONE`` in the
-coordinator's environment hides it (the `coordinator` command sets ``INFO`` when the
-variable is unset, see `coordinator.cli`); and a failed *outbound* TLS handshake of this
-process would print the same line (the coordinator makes none over gRPC).
+coordinator's environment hides it (the `coordinator` command imports gRPC before
+Flower, which would set ``error``, see `coordinator.cli`); and a failed *outbound* TLS
+handshake of this process would print the same line (the coordinator makes none over
+gRPC).
 """
 
 from __future__ import annotations
@@ -43,13 +44,15 @@ NOT_YET_VALID = "not_yet_valid_certificate"
 WRONG_PURPOSE = "wrong_certificate_purpose"
 NO_CERTIFICATE = "no_client_certificate"
 NOT_TLS = "not_tls"
+REJECTED = "rejected_certificate"  # verification failed; the log does not say why
 OTHER = "other"
-REASONS = (UNTRUSTED, EXPIRED, NOT_YET_VALID, WRONG_PURPOSE, NO_CERTIFICATE, NOT_TLS)
+REASONS = (UNTRUSTED, EXPIRED, NOT_YET_VALID, WRONG_PURPOSE, NO_CERTIFICATE, NOT_TLS, REJECTED)
 PEER = "an unknown peer (gRPC does not log its address)"
+_WHERE = {CHANNEL: "control plane", "ray": "Ray"}
 
 _LINE = re.compile(
     r"Handshake failed with (?:fatal )?error (?P<ssl>\S+): "
-    r"(?:error:[0-9a-fA-F]+:[^:]*:[^:]*:)?(?P<code>[A-Z0-9_]+)(?:: (?P<detail>.*))?$"
+    r"(?:error:[0-9a-fA-F]+:[^:]*:[^:]*:)?(?P<code>[A-Z0-9_]+)\.?(?:: (?P<detail>.*))?$"
 )
 # BoringSSL's verify messages (X509_verify_cert_error_string) for a rejected certificate.
 _VERIFY = (
@@ -78,8 +81,10 @@ _EXPLAIN = {
     "the institution certificate from the bundle",
     NO_CERTIFICATE: "it presented no client certificate; pass the bundle's "
     "institution certificate and key",
-    NOT_TLS: "it did not speak TLS (plain text gRPC or HTTP); the control plane "
-    "requires mutual TLS",
+    NOT_TLS: "it did not speak TLS (plain text gRPC or HTTP); mutual TLS is required",
+    REJECTED: "its certificate failed verification (not from this consortium's CA, "
+    "expired, or not for client use; the log does not say which); a node must use the "
+    "certificate `client join` obtains",
     OTHER: "the TLS handshake failed",
 }
 
@@ -92,15 +97,16 @@ class TlsRefusal:
     peer: str = PEER
 
     def describe(self) -> str:
-        return f"control plane: refused a TLS handshake from {self.peer}: {_EXPLAIN[self.reason]}"
+        where = _WHERE[self.channel]
+        return f"{where}: refused a TLS handshake from {self.peer}: {_EXPLAIN[self.reason]}"
 
     def logged(self) -> str:
         return f"{self.describe()} (gRPC: {self.line})"
 
     def summary(self, repeats: int, seconds: float) -> str:
         return (
-            f"control plane: refused {repeats} more TLS handshake(s) in {seconds:.0f} s: "
-            f"{_EXPLAIN[self.reason].split(';')[0]}"
+            f"{_WHERE[self.channel]}: refused {repeats} more TLS handshake(s) in "
+            f"{seconds:.0f} s: {_EXPLAIN[self.reason].split(';')[0]}"
         )
 
 
@@ -112,8 +118,17 @@ def parse_handshake_failure(line: str) -> TlsRefusal | None:
     detail = found.group("detail") or ""
     reason = _CODES.get(found.group("code"), OTHER)
     if found.group("code") == "CERTIFICATE_VERIFY_FAILED":
-        reason = next((r for text, r in _VERIFY if text in detail), OTHER)
+        reason = next((r for text, r in _VERIFY if text in detail), OTHER if detail else REJECTED)
     return TlsRefusal(reason, line[found.start() :].strip())
+
+
+def parse_ray_handshake_failure(line: str) -> TlsRefusal | None:
+    """A refused handshake in the Ray GCS's error log (Ray's gRPC prints no reason text
+    for a failed verification: `rejected_certificate`)."""
+    refusal = parse_handshake_failure(line)
+    if refusal is None:
+        return None
+    return TlsRefusal(refusal.reason, refusal.line, "ray", "an unknown peer")
 
 
 class StderrTee:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -67,12 +67,17 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
 
 
 def start_coordinator(
-    processes: Processes, data_dir: Path, name: str = "coordinator", secure: bool = False
+    processes: Processes,
+    data_dir: Path,
+    name: str = "coordinator",
+    secure: bool = False,
+    flags: Sequence[str] = (),
 ) -> str:
     """`coordinator serve` on loopback (mutual TLS when `secure`, which needs
-    `coordinator init` first; else --insecure); returns its API address once ready."""
+    `coordinator init` first; else --insecure), with extra `flags`; returns its API
+    address once ready."""
     address_file = data_dir / "coordinator.address"
-    flags = [] if secure else ["--insecure"]
+    flags = [*flags] if secure else ["--insecure", *flags]
     child = processes.start(name, "coordinator", "serve", *flags, "--data-dir", str(data_dir))
 
     def ready() -> bool:

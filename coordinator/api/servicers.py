@@ -7,8 +7,10 @@ from collections.abc import Iterator
 
 import grpc
 
-from consortium.errors import InvalidArgumentError
+from consortium.errors import ConflictError, InvalidArgumentError
+from consortium.pki import pem
 from consortium.proto.v1 import jobs_pb2, jobs_pb2_grpc, nodes_pb2, nodes_pb2_grpc
+from coordinator.api.auth import require_acting_as
 from coordinator.api.convert import (
     job_to_proto,
     node_to_proto,
@@ -17,7 +19,9 @@ from coordinator.api.convert import (
 )
 from coordinator.api.status import streaming, unary
 from coordinator.jobs.service import JobService
+from coordinator.pki_files import CoordinatorPki
 from coordinator.ray_nodes import NoRay, RayNodesSource, match_nodes
+from coordinator.ray_tls import peer_ip, sign_node_csr
 from coordinator.registry import NodeRegistry
 from coordinator.state import FINAL_JOB_STATES, StateStore
 
@@ -38,6 +42,7 @@ class NodeRegistryServicer(nodes_pb2_grpc.NodeRegistryServicer):
         heartbeat_interval_ms: int,
         ray_address: str = "",
         ray_nodes: RayNodesSource | None = None,
+        ray_tls_signer: CoordinatorPki | None = None,
     ) -> None:
         self._registry = registry
         self._superlink_address = superlink_address
@@ -45,6 +50,7 @@ class NodeRegistryServicer(nodes_pb2_grpc.NodeRegistryServicer):
         self._ray_address = ray_address  # "": no Ray cluster to join
         # What ListNodes reports of the Ray cluster beside the registry.
         self._ray_nodes = ray_nodes or NoRay("Ray is off on this coordinator")
+        self._ray_tls_signer = ray_tls_signer  # None: the Ray channel has no TLS
 
     @unary
     def RegisterNode(
@@ -58,6 +64,22 @@ class NodeRegistryServicer(nodes_pb2_grpc.NodeRegistryServicer):
             superlink_fleet_address=self._superlink_address,
             heartbeat_interval_ms=self._heartbeat_interval_ms,
             ray_address=self._ray_address,
+            ray_tls=self._ray_tls_signer is not None,
+        )
+
+    @unary
+    def IssueRayCertificate(
+        self, request: nodes_pb2.IssueRayCertificateRequest, context: grpc.ServicerContext
+    ) -> nodes_pb2.IssueRayCertificateResponse:
+        if self._ray_tls_signer is None:
+            raise ConflictError("this coordinator's Ray channel does not use TLS (serve --ray-tls)")
+        require_acting_as(request.institution)
+        cert = sign_node_csr(
+            self._ray_tls_signer, request.institution, request.csr_pem, peer_ip(context.peer())
+        )
+        return nodes_pb2.IssueRayCertificateResponse(
+            certificate_pem=pem(cert),
+            ca_certificate_pem=self._ray_tls_signer.ca_cert.read_bytes(),
         )
 
     @unary

@@ -1,11 +1,9 @@
 """The `coordinator` command line.
 
-Set before anything imports gRPC: its core reads GRPC_VERBOSITY once, at start-up, and
-prints a refused TLS handshake at INFO, which is how the coordinator learns of one
-(`coordinator.tls_refusals`). Flower sets the variable to "error" on import when it is
-unset, which would hide those lines.
+gRPC is imported first, on purpose: its core fixes its log verbosity when it starts, and
+by default it prints a refused TLS handshake, which is how the coordinator learns of one
+(`coordinator.tls_refusals`). Flower sets GRPC_VERBOSITY=error on import when the
+variable is unset; imported after gRPC, that reaches only child processes.
 """
 
-import os
-
-os.environ.setdefault("GRPC_VERBOSITY", "INFO")
+import grpc  # noqa: F401

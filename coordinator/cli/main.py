@@ -83,6 +83,13 @@ def serve(
     ray_port: Annotated[
         int | None, typer.Option(help="Port of the Ray head's GCS (0: any free).")
     ] = None,
+    ray_tls: Annotated[
+        bool | None,
+        typer.Option(
+            "--ray-tls/--no-ray-tls",
+            help="Mutual TLS from the consortium CA on the Ray channel too (beside the token).",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the coordinator until Ctrl-C or SIGTERM."""
@@ -101,6 +108,7 @@ def serve(
             ray_enabled=ray,
             ray_address=ray_address,
             ray_port=ray_port,
+            ray_tls=ray_tls,
         )
         stop = threading.Event()
 

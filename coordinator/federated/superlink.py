@@ -48,7 +48,9 @@ class SuperLink:
             ]
         # The ServerApp runs in a grandchild process; it finds the coordinator's
         # state through this variable, inherited down the process tree.
-        env = {DATA_DIR_ENV: str(data_dir.resolve())}
+        # GRPC_VERBOSITY: quiet gRPC logs in the SuperLink and its apps, whatever the
+        # coordinator's own setting (see coordinator.cli).
+        env = {DATA_DIR_ENV: str(data_dir.resolve()), "GRPC_VERBOSITY": "ERROR"}
         self.process = ChildProcess(
             "flower-superlink", argv, data_dir / "logs" / "superlink.log", env=env
         )

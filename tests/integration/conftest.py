@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +43,12 @@ class CompletedRun:
 
 
 def start_secure_consortium(
-    processes: Processes, root: Path, names: Iterable[str], *, wait_for_keys: bool = True
+    processes: Processes,
+    root: Path,
+    names: Iterable[str],
+    *,
+    wait_for_keys: bool = True,
+    flags: Sequence[str] = (),
 ) -> tuple[Path, str]:
     """`coordinator init`, a mutual-TLS `coordinator serve`, and each institution
     onboarded from site-held keys (bundle in root/<name>/bundle); returns the data dir
@@ -51,7 +56,7 @@ def start_secure_consortium(
     wait)."""
     data_dir = root / "coordinator"
     init_consortium(data_dir, ["localhost", "127.0.0.1"], cert_days=30)
-    address = start_coordinator(processes, data_dir, secure=True)
+    address = start_coordinator(processes, data_dir, secure=True, flags=flags)
     for name in names:
         onboard_local_site(data_dir, root / name, name, address)
     if wait_for_keys:

@@ -113,10 +113,14 @@ class Channel:
             timeout=QUERY_TIMEOUT_S,
             check=False,
             cwd=REPO,
-            env={**os.environ, **ray_auth_env(CoordinatorPki(self.data_dir).ray_token)},
+            env={**os.environ, **self.query_env()},
         )
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def query_env(self) -> dict[str, str]:
+        """How the query child authenticates to the cluster (the coordinator's token)."""
+        return ray_auth_env(CoordinatorPki(self.data_dir).ray_token)
 
     def nodes(self) -> list[dict[str, Any]]:
         nodes: list[dict[str, Any]] = self.query(NODES_QUERY)

@@ -222,12 +222,17 @@ class RegisterNodeResponse(_message.Message):
     SUPERLINK_FLEET_ADDRESS_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     RAY_ADDRESS_FIELD_NUMBER: _builtins.int
+    RAY_TLS_FIELD_NUMBER: _builtins.int
     superlink_fleet_address: _builtins.str
     """host:port of the Flower Fleet API"""
     heartbeat_interval_ms: _builtins.int
     ray_address: _builtins.str
     """host:port of the coordinator's Ray head (GCS) for contributing compute to
     pretraining; empty when the coordinator runs without Ray.
+    """
+    ray_tls: _builtins.bool
+    """The Ray cluster uses TLS from the consortium CA (`coordinator serve --ray-tls`):
+    a node needs a certificate from IssueRayCertificate before `ray start`.
     """
     @_builtins.property
     def node(self) -> Global___Node: ...
@@ -238,14 +243,64 @@ class RegisterNodeResponse(_message.Message):
         superlink_fleet_address: _builtins.str = ...,
         heartbeat_interval_ms: _builtins.int = ...,
         ray_address: _builtins.str = ...,
+        ray_tls: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_ms", b"heartbeat_interval_ms", "node", b"node", "ray_address", b"ray_address", "superlink_fleet_address", b"superlink_fleet_address"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_ms", b"heartbeat_interval_ms", "node", b"node", "ray_address", b"ray_address", "ray_tls", b"ray_tls", "superlink_fleet_address", b"superlink_fleet_address"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RegisterNodeResponse: _TypeAlias = RegisterNodeResponse  # noqa: Y015
+
+@_typing.final
+class IssueRayCertificateRequest(_message.Message):
+    """A certificate for one Ray node of the caller's institution: both server and client
+    use (Ray uses one certificate for both), for the IP addresses in the CSR.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTITUTION_FIELD_NUMBER: _builtins.int
+    CSR_PEM_FIELD_NUMBER: _builtins.int
+    institution: _builtins.str
+    csr_pem: _builtins.bytes
+    """P-256 key; common name = institution; IP SANs = the node's"""
+    def __init__(
+        self,
+        *,
+        institution: _builtins.str = ...,
+        csr_pem: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr_pem", b"csr_pem", "institution", b"institution"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueRayCertificateRequest: _TypeAlias = IssueRayCertificateRequest  # noqa: Y015
+
+@_typing.final
+class IssueRayCertificateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    CA_CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    certificate_pem: _builtins.bytes
+    ca_certificate_pem: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        certificate_pem: _builtins.bytes = ...,
+        ca_certificate_pem: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificate_pem", b"ca_certificate_pem", "certificate_pem", b"certificate_pem"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueRayCertificateResponse: _TypeAlias = IssueRayCertificateResponse  # noqa: Y015
 
 @_typing.final
 class HeartbeatRequest(_message.Message):

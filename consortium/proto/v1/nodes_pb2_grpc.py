@@ -54,6 +54,11 @@ class NodeRegistryStub:
                 request_serializer=consortium_dot_proto_dot_v1_dot_nodes__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=consortium_dot_proto_dot_v1_dot_nodes__pb2.ListNodesResponse.FromString,
                 _registered_method=True)
+        self.IssueRayCertificate = channel.unary_unary(
+                '/consortium.proto.v1.NodeRegistry/IssueRayCertificate',
+                request_serializer=consortium_dot_proto_dot_v1_dot_nodes__pb2.IssueRayCertificateRequest.SerializeToString,
+                response_deserializer=consortium_dot_proto_dot_v1_dot_nodes__pb2.IssueRayCertificateResponse.FromString,
+                _registered_method=True)
 
 
 class NodeRegistryServicer:
@@ -83,6 +88,12 @@ class NodeRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IssueRayCertificate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeRegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +116,11 @@ def add_NodeRegistryServicer_to_server(servicer, server):
                     servicer.ListNodes,
                     request_deserializer=consortium_dot_proto_dot_v1_dot_nodes__pb2.ListNodesRequest.FromString,
                     response_serializer=consortium_dot_proto_dot_v1_dot_nodes__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'IssueRayCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueRayCertificate,
+                    request_deserializer=consortium_dot_proto_dot_v1_dot_nodes__pb2.IssueRayCertificateRequest.FromString,
+                    response_serializer=consortium_dot_proto_dot_v1_dot_nodes__pb2.IssueRayCertificateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +231,33 @@ class NodeRegistry:
             '/consortium.proto.v1.NodeRegistry/ListNodes',
             consortium_dot_proto_dot_v1_dot_nodes__pb2.ListNodesRequest.SerializeToString,
             consortium_dot_proto_dot_v1_dot_nodes__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueRayCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/consortium.proto.v1.NodeRegistry/IssueRayCertificate',
+            consortium_dot_proto_dot_v1_dot_nodes__pb2.IssueRayCertificateRequest.SerializeToString,
+            consortium_dot_proto_dot_v1_dot_nodes__pb2.IssueRayCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,7 @@ class NodeRegistryStub:
     Heartbeat: _grpc.UnaryUnaryMultiCallable[_nodes_pb2.HeartbeatRequest, _nodes_pb2.HeartbeatResponse]
     LeaveNode: _grpc.UnaryUnaryMultiCallable[_nodes_pb2.LeaveNodeRequest, _nodes_pb2.LeaveNodeResponse]
     ListNodes: _grpc.UnaryUnaryMultiCallable[_nodes_pb2.ListNodesRequest, _nodes_pb2.ListNodesResponse]
+    IssueRayCertificate: _grpc.UnaryUnaryMultiCallable[_nodes_pb2.IssueRayCertificateRequest, _nodes_pb2.IssueRayCertificateResponse]
 
 @_typing.type_check_only
 class NodeRegistryAsyncStub(NodeRegistryStub):
@@ -43,6 +44,7 @@ class NodeRegistryAsyncStub(NodeRegistryStub):
     Heartbeat: _aio.UnaryUnaryMultiCallable[_nodes_pb2.HeartbeatRequest, _nodes_pb2.HeartbeatResponse]  # type: ignore[assignment]
     LeaveNode: _aio.UnaryUnaryMultiCallable[_nodes_pb2.LeaveNodeRequest, _nodes_pb2.LeaveNodeResponse]  # type: ignore[assignment]
     ListNodes: _aio.UnaryUnaryMultiCallable[_nodes_pb2.ListNodesRequest, _nodes_pb2.ListNodesResponse]  # type: ignore[assignment]
+    IssueRayCertificate: _aio.UnaryUnaryMultiCallable[_nodes_pb2.IssueRayCertificateRequest, _nodes_pb2.IssueRayCertificateResponse]  # type: ignore[assignment]
 
 class NodeRegistryServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -72,5 +74,12 @@ class NodeRegistryServicer(metaclass=_abc_1.ABCMeta):
         request: _nodes_pb2.ListNodesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_nodes_pb2.ListNodesResponse, _abc.Awaitable[_nodes_pb2.ListNodesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def IssueRayCertificate(
+        self,
+        request: _nodes_pb2.IssueRayCertificateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_nodes_pb2.IssueRayCertificateResponse, _abc.Awaitable[_nodes_pb2.IssueRayCertificateResponse]]: ...
 
 def add_NodeRegistryServicer_to_server(servicer: NodeRegistryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

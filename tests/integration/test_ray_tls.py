@@ -1,0 +1,92 @@
+"""Ray TLS from the consortium CA (`coordinator serve --ray-tls`) on a real head.
+
+A site that joins with its bundle gets a Ray node certificate over the control plane
+and its worker joins the head over mutual TLS (and the token). A node with a
+certificate from another CA, or without TLS, is refused in the handshake; the head's
+GCS writes that to its error log, and the coordinator logs and counts it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from consortium import pki
+from consortium.ray_env import RayTls, ray_auth_env, ray_node_ip
+from coordinator.demo import write_partitions
+from coordinator.pki_files import CoordinatorPki
+from tests.conftest import Processes, join_site, wait_for
+from tests.integration.conftest import start_secure_consortium
+from tests.integration.test_ray_channel import Channel, alive
+
+NAMES = ("alpha",)
+
+
+class TlsChannel(Channel):
+    def coordinator_tls(self) -> RayTls:
+        files = CoordinatorPki(self.data_dir)
+        return RayTls(
+            files.root / "ray" / "node.crt", files.root / "ray" / "node.key", files.ca_cert
+        )
+
+    def query_env(self) -> dict[str, str]:
+        return ray_auth_env(CoordinatorPki(self.data_dir).ray_token, self.coordinator_tls())
+
+
+@pytest.fixture(scope="module")
+def channel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsChannel]:
+    root = tmp_path_factory.mktemp("ray-tls")
+    processes = Processes(root / "logs")
+    try:
+        data_dir, _ = start_secure_consortium(processes, root, NAMES, flags=["--ray-tls"])
+        yield TlsChannel(root, data_dir, processes, processes.children[0])
+    finally:
+        processes.stop_all()
+
+
+def test_a_site_joins_the_ray_cluster_over_mutual_tls(channel: TlsChannel) -> None:
+    (site,) = write_partitions(channel.root, list(NAMES))
+    join_site(
+        channel.processes,
+        "client-alpha",
+        site,
+        channel.root / "alpha" / "state",
+        bundle=channel.root / "alpha" / "bundle",
+    )
+    wait_for("alpha's Ray node over TLS", lambda: len(alive(channel.nodes(), "alpha")) == 1)
+    node_cert = pki.load_certificate(channel.root / "alpha" / "state" / "ray-tls" / "node.crt")
+    assert pki.institution_of(node_cert.subject) == "alpha"
+    key = channel.root / "alpha" / "state" / "ray-tls" / "node.key"
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+
+
+def _stranger_tls(tmp_path: Path, consortium_ca: Path) -> RayTls:
+    """A node certificate that would be perfect, were it not from another CA; it trusts
+    the consortium's CA certificate, which is public, so only the head can refuse it."""
+    ca_key = pki.generate_key()
+    ca_cert = pki.create_ca(ca_key, "Stranger CA")
+    key = pki.generate_key()
+    cert = pki.issue_node_certificate(
+        ca_key, ca_cert, key.public_key(), "mallory", [ray_node_ip()], 30
+    )
+    pki.write_private_key(tmp_path / "node.key", key)
+    (tmp_path / "node.crt").write_bytes(pki.pem(cert))
+    return RayTls(tmp_path / "node.crt", tmp_path / "node.key", consortium_ca)
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"), [("foreign CA", "rejected_certificate"), ("no TLS", "not_tls")]
+)
+def test_a_node_without_a_consortium_certificate_is_refused_logged_and_counted(
+    channel: TlsChannel, tmp_path: Path, case: str, reason: str
+) -> None:
+    before = channel.refusals(reason)
+    token = channel.token("alpha")  # the right token: only TLS stands in the way
+    ca = CoordinatorPki(channel.data_dir).ca_cert
+    tls = _stranger_tls(tmp_path, ca) if case == "foreign CA" else None
+    channel.start_node(f"mallory-{reason}", "mallory", ray_auth_env(token, tls), refused=True)
+    wait_for(f"{reason} counted", lambda: channel.refusals(reason) > before)
+    assert "Ray: refused a TLS handshake" in channel.coordinator_log()
+    assert alive(channel.nodes(), "mallory") == []

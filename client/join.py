@@ -4,10 +4,12 @@ leave cleanly."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -172,15 +174,47 @@ class SiteNode:
             joined.node_id,
             self.settings.gpu,
             self.settings.resolved_state_dir,
-            self.bundle.ray_token if self.bundle else None,
+            self._ray_token_path(),
             hardware=hardware_labels(self.device),
             tls=self._ray_certificate() if joined.ray_tls else None,
+            before_start=self._fetch_ray_token if self.bundle else None,
         )
         self._say(
             f"Ray worker joining {joined.ray_address} as institution:{self.settings.institution} "
             f"(log: {worker.process.log_path})"
         )
         return worker
+
+    def _ray_token_path(self) -> Path | None:
+        """Where the Ray worker reads the cluster token: the state dir's copy of the
+        coordinator's current one (None without TLS: no token)."""
+        return self.settings.resolved_state_dir / "ray-token" if self.bundle else None
+
+    def _fetch_ray_token(self) -> None:
+        """The cluster's current token, over mutual TLS, into the state dir (0600). A
+        coordinator that cannot hand it out leaves the bundle's copy in use."""
+        assert self.bundle is not None
+        path = self.settings.resolved_state_dir / "ray-token"
+        request = nodes_pb2.GetRayTokenRequest(institution=self.settings.institution)
+        try:
+            token = call_with_retry(
+                lambda t: self._stub.GetRayToken(request, timeout=t),
+                self.settings.coordinator,
+                self._policy,
+            ).token
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise UnreachableError(
+                    f"the coordinator refused the Ray token ({error.code().name}: "
+                    f"{error.details()})"
+                ) from None
+            token = self.bundle.ray_token.read_bytes()
+        partial = path.with_suffix(".new")
+        partial.unlink(missing_ok=True)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(token)
+        os.replace(partial, path)
 
     def _ray_certificate(self) -> RayTls:
         """A fresh Ray node certificate for this host's address, signed by the coordinator

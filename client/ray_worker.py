@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from consortium.net import is_loopback_host, split_host_port
@@ -82,6 +83,7 @@ class RayWorker:
         drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
         hardware: dict[str, str] | None = None,
         tls: RayTls | None = None,
+        before_start: Callable[[], None] | None = None,
     ) -> None:
         self._argv = worker_argv(
             ray_address, institution, node_id, gpu, short_temp_dir(state_dir), hardware
@@ -96,16 +98,31 @@ class RayWorker:
             self._env["CUDA_VISIBLE_DEVICES"] = str(gpu)
         self._log_path = state_dir / "logs" / "ray-worker.log"
         self.address = ray_address
+        # Run before every start: `client join` fetches the cluster's current token
+        # (it changes when an institution is revoked).
+        self._before_start = before_start or (lambda: None)
+        self._refused = ""  # why the last restart could not happen; logged once
+        self._before_start()
         self.process = self._start()
 
     def _start(self) -> ChildProcess:
         return ChildProcess("ray-worker", self._argv, self._log_path, env=self._env)
 
     def ensure_running(self) -> bool:
-        """Restart the worker if it exited (say, the coordinator restarted); False then."""
+        """Restart the worker if it exited (say, the coordinator restarted its head with a
+        new token); False then. If the coordinator refuses the new token (this
+        institution was revoked), say so once and try again at the next call."""
         code = self.process.poll()
         if code is None:
             return True
+        try:
+            self._before_start()
+        except Exception as error:
+            if str(error) != self._refused:
+                log.warning("the Ray worker exited and cannot rejoin: %s", error)
+                self._refused = str(error)
+            return False
+        self._refused = ""
         log.warning(
             "the Ray worker exited with code %s; restarting it (log: %s):\n%s",
             code,

@@ -95,6 +95,12 @@ class PretrainRunner:
         if ray.is_initialized():
             ray.shutdown()
 
+    def disconnect(self) -> None:
+        """Leave the cluster while idle (its head is about to restart); the next job
+        connects again."""
+        if not self.busy() and ray.is_initialized():
+            ray.shutdown()
+
     def _connect(self) -> None:
         if ray.is_initialized():
             return

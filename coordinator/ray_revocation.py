@@ -1,9 +1,10 @@
 """Revocation on the Ray channel: drain a revoked institution's nodes, tell the planner.
 
 Ray authenticates with one cluster-wide token, so it cannot refuse one institution:
-a revoked site still holds a valid token until the operator rotates it (see
-docs/onboarding.md). What the coordinator can do, and does from its scheduler
-thread before every step (like `SuperNodeKeySync`), once any institution is revoked:
+a revoked site still holds a valid token until `RayTokenRotation` replaces it, which
+waits while a pretraining job runs (and cannot happen on a cluster the coordinator only
+attaches to). Meanwhile the coordinator does, from its scheduler thread before every
+step (like `SuperNodeKeySync`), once any institution is revoked:
 
 * publish the revoked names in the cluster's internal KV (`REVOKED_KEY`), where
   `RayClusterView` reads them, so the pretraining planner never places a worker on a

@@ -15,7 +15,7 @@ from consortium.errors import InsecureTransportError
 from consortium.net import is_loopback_host, reserve_free_port, split_host_port
 from consortium.proto.v1 import jobs_pb2_grpc, nodes_pb2_grpc
 from consortium.provenance.signing import SigningKey
-from consortium.ray_env import use_ray_auth_in_this_process
+from consortium.ray_env import RayTls, use_ray_auth_in_this_process
 from coordinator.api.auth import CertificateAuthInterceptor
 from coordinator.api.servicers import JobsServicer, NodeRegistryServicer
 from coordinator.federated.fleet_refusals import SuperLinkAuthWatch
@@ -30,6 +30,7 @@ from coordinator.provenance_paths import coordinator_key_path
 from coordinator.ray_head import RayCluster, RayHead
 from coordinator.ray_revocation import RayRevocationSync
 from coordinator.ray_tls import coordinator_ray_tls
+from coordinator.ray_token_rotation import RayTokenRotation
 from coordinator.registry import NodeRegistry
 from coordinator.scheduler import Scheduler
 from coordinator.settings import CoordinatorSettings
@@ -143,13 +144,26 @@ class Coordinator:
         )
         # With TLS, only onboarded SuperNode keys may connect; keep Flower's list current.
         key_sync = SuperNodeKeySync(self.store, flower).sync if self.pki is not None else None
-        # Ray has one shared token: a revoked institution's nodes are drained instead.
-        ray_sync = (
+        # Ray has one shared token: after a revocation it is replaced and the head
+        # restarted (when no pretraining job runs); until then the institution's nodes
+        # are drained. (A cluster we only attach to keeps its token: drain only.)
+        rotation = (
+            RayTokenRotation(
+                self.store,
+                self.pki.ray_token,
+                settings.data_dir / "ray" / "token-excludes.json",
+                self._restart_ray_head,
+                self.pretrain.busy,
+            ).sync
+            if self.pki is not None and self.ray_head is not None and self.pretrain is not None
+            else None
+        )
+        drain = (
             RayRevocationSync.for_cluster(self.store, self.ray_cluster).sync
             if self.pki is not None and self.ray_cluster is not None
             else None
         )
-        syncs = [sync for sync in (key_sync, ray_sync) if sync is not None]
+        syncs = [sync for sync in (key_sync, rotation, drain) if sync is not None]
         self._scheduler_thread = threading.Thread(
             target=self.scheduler.run_forever,
             args=(self.stopping, (lambda: [sync() for sync in syncs]) if syncs else None),
@@ -182,15 +196,33 @@ class Coordinator:
         ray_dir.mkdir(parents=True, exist_ok=True)
         port = sticky_port(ray_dir / "head.port", settings.ray_host, settings.ray_port)
         (ray_dir / "head.port").write_text(str(port))
-        self.ray_head = RayHead(
-            settings.data_dir,
-            settings.ray_host,
+        self.ray_head = self._new_ray_head(port, token, tls)
+        return self.ray_head.cluster
+
+    def _new_ray_head(self, port: int, token: Path | None, tls: RayTls | None) -> RayHead:
+        return RayHead(
+            self.settings.data_dir,
+            self.settings.ray_host,
             port,
             token,
             on_refusal=lambda refusal: self.metrics.auth_refused("ray", refusal.reason),
             tls=tls,
         )
-        return self.ray_head.cluster
+
+    def _restart_ray_head(self) -> None:
+        """Stop the Ray head and start it again on the same port, reading the token file
+        anew (after a rotation); this process's driver and GCS clients follow."""
+        head = self.ray_head
+        assert head is not None and self.ray_cluster is not None
+        if self.pretrain is not None:
+            self.pretrain.disconnect()
+        head.stop()
+        port = int(head.address.rsplit(":", 1)[1])
+        cluster = self.ray_cluster
+        self.ray_head = self._new_ray_head(port, cluster.token_path, cluster.tls)
+        self.ray_head.wait_ready(self.settings.ray_start_timeout_s)
+        # Ray caches the token it read: read the new one.
+        use_ray_auth_in_this_process(cluster.token_path, cluster.tls)
 
     def _start_api(self) -> grpc.Server:
         server = grpc.server(
@@ -216,6 +248,7 @@ class Coordinator:
                 ray_nodes,
                 # Signs contributed nodes' Ray certificates when the channel uses TLS.
                 self.pki if self.ray_cluster is not None and self.ray_cluster.tls else None,
+                self.ray_cluster.token_path if self.ray_cluster is not None else None,
             ),
             server,
         )

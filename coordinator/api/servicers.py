@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 
@@ -43,6 +44,7 @@ class NodeRegistryServicer(nodes_pb2_grpc.NodeRegistryServicer):
         ray_address: str = "",
         ray_nodes: RayNodesSource | None = None,
         ray_tls_signer: CoordinatorPki | None = None,
+        ray_token: Path | None = None,
     ) -> None:
         self._registry = registry
         self._superlink_address = superlink_address
@@ -51,6 +53,7 @@ class NodeRegistryServicer(nodes_pb2_grpc.NodeRegistryServicer):
         # What ListNodes reports of the Ray cluster beside the registry.
         self._ray_nodes = ray_nodes or NoRay("Ray is off on this coordinator")
         self._ray_tls_signer = ray_tls_signer  # None: the Ray channel has no TLS
+        self._ray_token = ray_token  # None: the Ray cluster takes no token
 
     @unary
     def RegisterNode(
@@ -66,6 +69,16 @@ class NodeRegistryServicer(nodes_pb2_grpc.NodeRegistryServicer):
             ray_address=self._ray_address,
             ray_tls=self._ray_tls_signer is not None,
         )
+
+    @unary
+    def GetRayToken(
+        self, request: nodes_pb2.GetRayTokenRequest, context: grpc.ServicerContext
+    ) -> nodes_pb2.GetRayTokenResponse:
+        if self._ray_token is None:
+            raise ConflictError("this coordinator's Ray cluster takes no token")
+        # The interceptor has refused a revoked institution's certificate already.
+        require_acting_as(request.institution)
+        return nodes_pb2.GetRayTokenResponse(token=self._ray_token.read_bytes().strip())
 
     @unary
     def IssueRayCertificate(

@@ -10,15 +10,15 @@ Nodes here are started exactly as `client join` starts its Ray worker
 * a wrong token: refused the same way, but the GCS logs nothing at all, so the
   coordinator cannot see it (tested on the caller's side only);
 * the bundle's token: the node joins;
-* revocation: Ray has one shared token, so the coordinator drains the revoked
-  institution's nodes (again when one rejoins) and the planner offers none of them.
+* revocation: Ray has one shared token, so the coordinator replaces it and restarts its
+  head; the revoked institution's old token is refused and the control plane does not
+  give it the new one, while the others fetch it and rejoin.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import subprocess
 import sys
@@ -28,12 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from client.ray_worker import worker_argv
 from consortium.processes import ChildProcess
+from consortium.proto.v1 import nodes_pb2, nodes_pb2_grpc
 from consortium.ray_env import DRAIN_TIMEOUT_ENV, ray_auth_env, short_temp_dir
+from consortium.site_keys import SiteKeys
+from consortium.tls import ClientTls
 from coordinator.pki_files import CoordinatorPki
 from tests.conftest import Processes, wait_for
 from tests.integration.conftest import start_secure_consortium
@@ -233,45 +237,59 @@ def test_institutions_join_ray_with_the_bundle_token(
         assert joined[name].poll() is None
 
 
-def test_revoked_institutions_ray_nodes_are_drained_while_others_continue(
-    channel: Channel, joined: dict[str, ChildProcess]
+def fetch_ray_token(channel: Channel, name: str, tmp_path: Path) -> Path:
+    """`GetRayToken` over mutual TLS with `name`'s bundle, as `client join` does."""
+    site = channel.root / name
+    tls = ClientTls(
+        site / "bundle" / "ca.crt",
+        site / "bundle" / "institution.crt",
+        SiteKeys(site / "state").tls_key,
+    )
+    address = (channel.data_dir / "coordinator.address").read_text().strip()
+    with grpc.secure_channel(address, tls.credentials()) as rpc:
+        stub = nodes_pb2_grpc.NodeRegistryStub(rpc)
+        reply = stub.GetRayToken(nodes_pb2.GetRayTokenRequest(institution=name), timeout=10)
+    path = tmp_path / f"{name}-ray-token"
+    path.write_bytes(reply.token)
+    path.chmod(0o600)
+    return path
+
+
+def test_revocation_replaces_the_ray_token_so_the_institution_is_refused_while_others_rejoin(
+    channel: Channel, joined: dict[str, ChildProcess], tmp_path: Path
 ) -> None:
-    before = channel.nodes()
-    (beta,) = alive(before, "beta")
-    (alpha,) = alive(before, "alpha")
+    (alpha,) = alive(channel.nodes(), "alpha")
+    old_token = CoordinatorPki(channel.data_dir).ray_token.read_bytes()
 
     revoked = run_cli("coordinator", "revoke", "beta", "--data-dir", str(channel.data_dir))
     assert revoked.returncode == 0, revoked.stderr
+    wait_for(
+        "the coordinator to replace the Ray token",
+        lambda: "Ray: replaced the cluster token" in channel.coordinator_log(),
+    )
+    assert CoordinatorPki(channel.data_dir).ray_token.read_bytes() != old_token
+    assert "beta can no longer join" in channel.coordinator_log()
 
-    def beta_out() -> bool:
-        node = next(n for n in channel.nodes() if n["id"] == beta["id"])
-        return not node["alive"] or node["draining"]
+    # beta's next Ray join, with the token its bundle carries, is refused by the GCS...
+    again = channel.start_node("beta-again", "beta", ray_auth_env(channel.token("beta")), True)
+    wait_for("the GCS to refuse beta's old token", lambda: refused_by_the_gcs(again))
+    # ... and the control plane will not hand beta the new one.
+    with pytest.raises(grpc.RpcError) as raised:
+        fetch_ray_token(channel, "beta", tmp_path)
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
-    wait_for("beta's node drained", beta_out)
-    log = channel.coordinator_log()
-    assert f"Ray: draining node {beta['id']}" in log
-    assert "institution beta revoked by the consortium operator" in log
-    after = {n["id"]: n for n in channel.nodes()}
-    assert after[alpha["id"]]["alive"] and not after[alpha["id"]]["draining"]
+    # alpha fetches the new token, as its `client join` does before restarting its
+    # worker, and its node joins the restarted head and runs work.
+    token = fetch_ray_token(channel, "alpha", tmp_path)
+    assert token.read_bytes() == CoordinatorPki(channel.data_dir).ray_token.read_bytes()
+    rejoined = channel.start_node("alpha-again", "alpha", ray_auth_env(token))
 
-    # The planner offers alpha's slots only, and alpha's node still runs work.
+    def alpha_back() -> bool:
+        if rejoined.poll() is not None:
+            raise AssertionError(f"alpha's node exited:\n{rejoined.log_tail(40)}")
+        return any(n["id"] != alpha["id"] for n in alive(channel.nodes(), "alpha"))
+
+    wait_for("alpha's node on the restarted head", alpha_back)
+    assert alive(channel.nodes(), "beta") == []
     planner = channel.query(PLANNER_QUERY)
     assert planner["slot_institutions"] == ["alpha"]
-    assert planner["alpha_task_ran_on"] == alpha["id"]
-
-    # The shared token still works for beta (Ray cannot tell institutions apart), so a
-    # rejoining node gets in, and is drained again at the coordinator's next sync.
-    again = channel.start_node("beta-again", "beta", ray_auth_env(channel.token("beta")))
-
-    def drained_again() -> bool:
-        if again.poll() is not None:
-            raise AssertionError(f"beta's second node exited:\n{again.log_tail(40)}")
-        drained = set(re.findall(r"Ray: draining node (\w+)", channel.coordinator_log()))
-        return len(drained - {beta["id"]}) == 1
-
-    wait_for("beta's rejoined node drained", drained_again)
-    wait_for(
-        "no beta node left to schedule on",
-        lambda: all(n["draining"] for n in alive(channel.nodes(), "beta")),
-    )
-    assert [n["id"] for n in alive(channel.nodes(), "alpha")] == [alpha["id"]]

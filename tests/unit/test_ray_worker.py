@@ -1,12 +1,16 @@
-"""The `ray start` command line a contributed node runs."""
+"""The `ray start` command line a contributed node runs, and its restarts."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
+import pytest
+
 from client.devices import hardware_labels, label_value
-from client.ray_worker import worker_argv
+from client.ray_worker import RayWorker, worker_argv
+from consortium.errors import UnreachableError
 
 
 def flag(argv: list[str], name: str) -> str:
@@ -52,3 +56,55 @@ def test_gpu_names_become_validlabel_values() -> None:
     assert label_value("NVIDIA H100 80GB HBM3") == "NVIDIA-H100-80GB-HBM3"
     assert label_value("Tesla T4 (rev. a1) ") == "Tesla-T4-rev.-a1"
     assert label_value("***") == "unknown"
+
+
+class _FakeProcess:
+    def __init__(self) -> None:
+        self.code: int | None = None
+        self.stopped = False
+
+    def poll(self) -> int | None:
+        return self.code
+
+    def stop(self, timeout_s: float = 0) -> None:
+        self.stopped = True
+
+    def log_tail(self, lines: int = 20) -> str:
+        return ""
+
+
+def test_worker_fetches_the_token_before_every_start_and_stays_out_when_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    started: list[_FakeProcess] = []
+
+    def fake_start(self: RayWorker) -> _FakeProcess:
+        started.append(_FakeProcess())
+        return started[-1]
+
+    monkeypatch.setattr(RayWorker, "_start", fake_start)
+    fetches: list[str] = []
+    refuse = [False]
+
+    def fetch() -> None:
+        if refuse[0]:
+            raise UnreachableError(
+                "the coordinator refused the Ray token (UNAUTHENTICATED: revoked)"
+            )
+        fetches.append("token")
+
+    worker = RayWorker(
+        "127.0.0.1:6379", "alpha", "n1", None, tmp_path, tmp_path / "t", before_start=fetch
+    )
+    assert fetches == ["token"] and len(started) == 1
+    assert worker.ensure_running()  # still running: nothing to do
+    started[0].code = 1  # the head restarted with a new token: the worker exits
+    assert not worker.ensure_running()
+    assert fetches == ["token", "token"] and len(started) == 2
+    started[1].code = 1
+    refuse[0] = True  # revoked: no token, no restart, one warning
+    with caplog.at_level(logging.WARNING):
+        assert not worker.ensure_running()
+        assert not worker.ensure_running()
+    assert len(started) == 2
+    assert sum("cannot rejoin" in r.getMessage() for r in caplog.records) == 1

@@ -281,6 +281,48 @@ class IssueRayCertificateRequest(_message.Message):
 Global___IssueRayCertificateRequest: _TypeAlias = IssueRayCertificateRequest  # noqa: Y015
 
 @_typing.final
+class GetRayTokenRequest(_message.Message):
+    """The Ray cluster's current token. It changes when an institution is revoked; a
+    node's Ray worker asks again before every (re)start.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTITUTION_FIELD_NUMBER: _builtins.int
+    institution: _builtins.str
+    def __init__(
+        self,
+        *,
+        institution: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["institution", b"institution"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRayTokenRequest: _TypeAlias = GetRayTokenRequest  # noqa: Y015
+
+@_typing.final
+class GetRayTokenResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    token: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        token: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRayTokenResponse: _TypeAlias = GetRayTokenResponse  # noqa: Y015
+
+@_typing.final
 class IssueRayCertificateResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -59,6 +59,11 @@ class NodeRegistryStub:
                 request_serializer=consortium_dot_proto_dot_v1_dot_nodes__pb2.IssueRayCertificateRequest.SerializeToString,
                 response_deserializer=consortium_dot_proto_dot_v1_dot_nodes__pb2.IssueRayCertificateResponse.FromString,
                 _registered_method=True)
+        self.GetRayToken = channel.unary_unary(
+                '/consortium.proto.v1.NodeRegistry/GetRayToken',
+                request_serializer=consortium_dot_proto_dot_v1_dot_nodes__pb2.GetRayTokenRequest.SerializeToString,
+                response_deserializer=consortium_dot_proto_dot_v1_dot_nodes__pb2.GetRayTokenResponse.FromString,
+                _registered_method=True)
 
 
 class NodeRegistryServicer:
@@ -94,6 +99,12 @@ class NodeRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRayToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeRegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +132,11 @@ def add_NodeRegistryServicer_to_server(servicer, server):
                     servicer.IssueRayCertificate,
                     request_deserializer=consortium_dot_proto_dot_v1_dot_nodes__pb2.IssueRayCertificateRequest.FromString,
                     response_serializer=consortium_dot_proto_dot_v1_dot_nodes__pb2.IssueRayCertificateResponse.SerializeToString,
+            ),
+            'GetRayToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRayToken,
+                    request_deserializer=consortium_dot_proto_dot_v1_dot_nodes__pb2.GetRayTokenRequest.FromString,
+                    response_serializer=consortium_dot_proto_dot_v1_dot_nodes__pb2.GetRayTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +274,33 @@ class NodeRegistry:
             '/consortium.proto.v1.NodeRegistry/IssueRayCertificate',
             consortium_dot_proto_dot_v1_dot_nodes__pb2.IssueRayCertificateRequest.SerializeToString,
             consortium_dot_proto_dot_v1_dot_nodes__pb2.IssueRayCertificateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRayToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/consortium.proto.v1.NodeRegistry/GetRayToken',
+            consortium_dot_proto_dot_v1_dot_nodes__pb2.GetRayTokenRequest.SerializeToString,
+            consortium_dot_proto_dot_v1_dot_nodes__pb2.GetRayTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

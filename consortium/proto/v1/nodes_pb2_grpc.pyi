@@ -36,6 +36,7 @@ class NodeRegistryStub:
     LeaveNode: _grpc.UnaryUnaryMultiCallable[_nodes_pb2.LeaveNodeRequest, _nodes_pb2.LeaveNodeResponse]
     ListNodes: _grpc.UnaryUnaryMultiCallable[_nodes_pb2.ListNodesRequest, _nodes_pb2.ListNodesResponse]
     IssueRayCertificate: _grpc.UnaryUnaryMultiCallable[_nodes_pb2.IssueRayCertificateRequest, _nodes_pb2.IssueRayCertificateResponse]
+    GetRayToken: _grpc.UnaryUnaryMultiCallable[_nodes_pb2.GetRayTokenRequest, _nodes_pb2.GetRayTokenResponse]
 
 @_typing.type_check_only
 class NodeRegistryAsyncStub(NodeRegistryStub):
@@ -45,6 +46,7 @@ class NodeRegistryAsyncStub(NodeRegistryStub):
     LeaveNode: _aio.UnaryUnaryMultiCallable[_nodes_pb2.LeaveNodeRequest, _nodes_pb2.LeaveNodeResponse]  # type: ignore[assignment]
     ListNodes: _aio.UnaryUnaryMultiCallable[_nodes_pb2.ListNodesRequest, _nodes_pb2.ListNodesResponse]  # type: ignore[assignment]
     IssueRayCertificate: _aio.UnaryUnaryMultiCallable[_nodes_pb2.IssueRayCertificateRequest, _nodes_pb2.IssueRayCertificateResponse]  # type: ignore[assignment]
+    GetRayToken: _aio.UnaryUnaryMultiCallable[_nodes_pb2.GetRayTokenRequest, _nodes_pb2.GetRayTokenResponse]  # type: ignore[assignment]
 
 class NodeRegistryServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -81,5 +83,12 @@ class NodeRegistryServicer(metaclass=_abc_1.ABCMeta):
         request: _nodes_pb2.IssueRayCertificateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_nodes_pb2.IssueRayCertificateResponse, _abc.Awaitable[_nodes_pb2.IssueRayCertificateResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetRayToken(
+        self,
+        request: _nodes_pb2.GetRayTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_nodes_pb2.GetRayTokenResponse, _abc.Awaitable[_nodes_pb2.GetRayTokenResponse]]: ...
 
 def add_NodeRegistryServicer_to_server(servicer: NodeRegistryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -307,6 +307,18 @@ def test_revocation_refuses_the_institution_on_every_channel(consortium: Consort
         assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "revoked" in raised.value.details()
         assert register(alpha, "alpha").institution == "alpha"  # others continue
+        # Ray: beta cannot fetch the cluster token (replaced after the revocation).
+        with pytest.raises(grpc.RpcError) as raised:
+            beta.GetRayToken(nodes_pb2.GetRayTokenRequest(institution="beta"), timeout=10)
+        assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        wait_for(
+            "the Ray token to be replaced",
+            lambda: "Ray: replaced the cluster token" in coordinator_log(consortium),
+        )
+        token = alpha.GetRayToken(nodes_pb2.GetRayTokenRequest(institution="alpha"), timeout=10)
+        current = CoordinatorPki(consortium.data_dir).ray_token.read_bytes().strip()
+        assert token.token == current  # alpha gets the new token
+        assert token.token != (consortium.site("beta") / "bundle" / "ray-token").read_bytes()
     assert auth_refusals(consortium, "control_plane", "revoked_certificate") >= 1
 
 

@@ -13,11 +13,10 @@ stderr (fd 2), as grpcio 1.85 does by default::
 (one line in the log). `StderrTee` passes fd 2 through a pipe, unchanged, and hands
 each line to `TlsRefusalWatch`, which logs the refusal with its reason and counts it.
 
-Limits: the line has no peer address; ``GRPC_VERBOSITY=ERROR`` or ``NONE`` in the
-coordinator's environment hides it (the `coordinator` command imports gRPC before
-Flower, which would set ``error``, see `coordinator.cli`); and a failed *outbound* TLS
-handshake of this process would print the same line (the coordinator makes none over
-gRPC).
+Limits: the line has no peer address; ``GRPC_VERBOSITY=ERROR`` or ``NONE`` would hide
+it, so the `coordinator` command drops that variable before gRPC starts (see
+`coordinator.cli`); and a failed *outbound* TLS handshake of this process would print
+the same line (the coordinator makes none over gRPC).
 """
 
 from __future__ import annotations

@@ -14,11 +14,13 @@ from pathlib import Path
 import pytest
 
 from consortium import pki
+from consortium.proto.v1 import jobs_pb2
 from consortium.ray_env import RayTls, ray_auth_env, ray_node_ip
+from coordinator.cli.remote import connect
 from coordinator.demo import write_partitions
 from coordinator.pki_files import CoordinatorPki
-from tests.conftest import Processes, join_site, wait_for
-from tests.integration.conftest import start_secure_consortium
+from tests.conftest import TINY_PRETRAIN, Processes, join_site, wait_for
+from tests.integration.conftest import FINAL_STATES, start_secure_consortium
 from tests.integration.test_ray_channel import Channel, alive
 
 NAMES = ("alpha",)
@@ -56,10 +58,40 @@ def test_a_site_joins_the_ray_cluster_over_mutual_tls(channel: TlsChannel) -> No
         bundle=channel.root / "alpha" / "bundle",
     )
     wait_for("alpha's Ray node over TLS", lambda: len(alive(channel.nodes(), "alpha")) == 1)
+    # The coordinator's own GCS client (ListNodes' Ray side) reads over TLS too.
+    with connect(None, channel.data_dir) as remote:
+        overview = remote.nodes_overview()
+    assert overview.ray_unavailable_reason == ""
+    (node,) = [n for n in overview.nodes if n.institution == "alpha"]
+    assert node.ray.labels["institution"] == "alpha"
     node_cert = pki.load_certificate(channel.root / "alpha" / "state" / "ray-tls" / "node.crt")
     assert pki.institution_of(node_cert.subject) == "alpha"
     key = channel.root / "alpha" / "state" / "ray-tls" / "node.key"
     assert oct(key.stat().st_mode & 0o777) == "0o600"
+
+
+def test_pretraining_runs_on_the_tls_cluster(channel: TlsChannel) -> None:
+    """The coordinator's driver (ray.init in-process) and the site's worker, over TLS."""
+    job_toml = f"""\
+name = "tiny-pretrain-tls"
+{TINY_PRETRAIN}inner_steps = 3
+outer_steps = 1
+min_workers = 1
+wait_for_workers_s = 60.0
+worker_start_timeout_s = 120.0
+step_timeout_s = 120.0
+"""
+    with connect(None, channel.data_dir) as remote:
+        wait_for("alpha's Ray node", lambda: len(alive(channel.nodes(), "alpha")) == 1)
+        job = remote.submit(job_toml)
+        wait_for(
+            "the pretraining job to end",
+            lambda: remote.get(job.job_id).job.state in FINAL_STATES,
+            timeout_s=240.0,
+        )
+        reply = remote.get(job.job_id)
+    assert reply.job.state == jobs_pb2.JOB_STATE_SUCCEEDED, reply.job.message
+    assert [r.participants for r in reply.rounds] == [1]
 
 
 def _stranger_tls(tmp_path: Path, consortium_ca: Path) -> RayTls:

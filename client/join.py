@@ -4,7 +4,6 @@ leave cleanly."""
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from consortium.metrics_http import MetricsServer
 from consortium.net import is_loopback_host, split_host_port
 from consortium.proto.v1 import nodes_pb2, nodes_pb2_grpc
 from consortium.provenance.signing import SigningKey
-from consortium.ray_env import RayTls, ray_node_ip
+from consortium.ray_env import RayTls, ray_node_ip, write_ray_token
 from consortium.rpc import RetryPolicy, call_with_retry, open_channel
 
 log = logging.getLogger(__name__)
@@ -209,12 +208,7 @@ class SiteNode:
                     f"{error.details()})"
                 ) from None
             token = self.bundle.ray_token.read_bytes()
-        partial = path.with_suffix(".new")
-        partial.unlink(missing_ok=True)
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(token)
-        os.replace(partial, path)
+        write_ray_token(path, token)
 
     def _ray_certificate(self) -> RayTls:
         """A fresh Ray node certificate for this host's address, signed by the coordinator

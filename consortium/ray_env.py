@@ -42,6 +42,17 @@ def ray_auth_env(token_path: Path | None, tls: RayTls | None = None) -> dict[str
     return {**env, AUTH_MODE_ENV: "token", AUTH_TOKEN_PATH_ENV: str(token_path.resolve())}
 
 
+def write_ray_token(path: Path, token: bytes) -> None:
+    """Replace a token file atomically, mode 0600: a Ray process starting meanwhile reads
+    the old token or the new one, never a partial file."""
+    partial = path.with_suffix(".new")
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(token)
+    os.replace(partial, path)
+
+
 def ray_node_ip() -> str:
     """The address Ray announces for this host, which peers connect to and which a
     Ray TLS certificate must name (Ray's own choice: it replaces 127.0.0.1 with it)."""

@@ -18,24 +18,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
 
+from consortium.ray_env import write_ray_token
 from coordinator.state import StateStore
 
 log = logging.getLogger(__name__)
-
-
-def write_token(path: Path, token: str) -> None:
-    """Replace the token file atomically (mode 0600): readers see the old or the new."""
-    partial = path.with_suffix(".new")
-    partial.unlink(missing_ok=True)
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(token)
-    os.replace(partial, path)
 
 
 class RayTokenRotation:
@@ -78,7 +68,7 @@ class RayTokenRotation:
                 self._waiting_logged = pending
             return
         try:
-            write_token(self._token_path, secrets.token_hex(32))
+            write_ray_token(self._token_path, secrets.token_hex(32).encode())
             self._restart_head()
         except Exception:
             log.exception("Ray: replacing the cluster token failed; retrying at the next step")

@@ -58,10 +58,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from numba.typed import List as TypedList
 
-from consortium.aggregation import kernels
-from consortium.aggregation.kernels import HI_BITS, LO_BITS, SUPERBLOCK, VALUE_EXP, VALUE_LIMIT
+from consortium.aggregation.layout import HI_BITS, LO_BITS, SUPERBLOCK, VALUE_EXP, VALUE_LIMIT
 from consortium.aggregation.validate import ModelSpec, TensorSpec, TensorStats
 
 WEIGHT_EXP = 24  # accepted weights satisfy 1 <= w <= 2**WEIGHT_EXP
@@ -162,7 +160,7 @@ class ExactSum:
                 continue
             begin, end = self._ranges[name]
             # C-order views; a non-contiguous tensor is copied, one tensor at a time.
-            updates = TypedList([np.ravel(update[name], order="C") for update, _ in pairs])
+            updates = _typed_list([np.ravel(update[name], order="C") for update, _ in pairs])
             out = (np.zeros((len(pairs), supers)), np.zeros(len(pairs), np.int64))
             outputs[name] = out
             hi, lo = self._hi[begin:end], self._lo[begin:end]
@@ -234,6 +232,14 @@ class ExactSum:
             raise RuntimeError("this sum was finished; its memory now holds the mean")
 
 
+def _typed_list(arrays: list[npt.NDArray[Any]]) -> Any:
+    """The compiled loops take a batch's arrays as a numba typed list. (numba, and the
+    loops, load on first use: see `layout`.)"""
+    from numba.typed import List
+
+    return List(arrays)
+
+
 def _adder(
     updates: Any,
     weights: npt.NDArray[np.float64],
@@ -244,10 +250,14 @@ def _adder(
     out: tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]],
     is_f64: bool,
 ) -> Callable[[], None]:
+    from consortium.aggregation import kernels
+
     return lambda: kernels.add_blocks(updates, weights, hi, lo, first, stop, *out, is_f64)
 
 
 def _divider(
     hi: npt.NDArray[np.int64], lo: npt.NDArray[np.int32], divisor: float, out: FloatArray
 ) -> Callable[[], None]:
+    from consortium.aggregation import kernels
+
     return lambda: kernels.mean_blocks(hi, lo, divisor, out)

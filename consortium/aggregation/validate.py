@@ -5,8 +5,8 @@ names, shapes and dtypes (float32 or float64), only finite values and, when a bo
 configured, a global L2 norm at most ``max_norm``.
 
 The norm is computed deterministically: each tensor is read in C order in blocks of
-`kernels.BLOCK` values; a block's squares (in float64) are summed in a fixed pairwise
-tree, the block sums of each superblock (`kernels.SUPER` blocks) in another, and all
+`layout.BLOCK` values; a block's squares (in float64) are summed in a fixed pairwise
+tree, the block sums of each superblock (`layout.SUPER` blocks) in another, and all
 superblock sums of all tensors are added with `math.fsum`, which is exactly rounded and
 so independent of their order. The accept/reject decision for a given update
 therefore never depends on memory layout, arrival order or thread scheduling, and the
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from consortium.aggregation import kernels
+from consortium.aggregation import layout
 from consortium.aggregation.errors import RejectReason, UpdateRejected
 
 # Elements per chunk: big enough to amortise the per-call overhead of numpy ufuncs,
@@ -77,13 +77,15 @@ class TensorStats:
     """What validation needs to know about one tensor of an update, from one pass."""
 
     superblock_sumsq: npt.NDArray[np.float64]  # see the module docstring
-    outside: int  # values not below kernels.VALUE_LIMIT in magnitude, non-finite ones too
+    outside: int  # values not below layout.VALUE_LIMIT in magnitude, non-finite ones too
 
 
 def tensor_stats(array: npt.NDArray[Any]) -> TensorStats:
     flat = np.ravel(array, order="C")
-    sumsq = np.zeros(-(-flat.size // kernels.SUPERBLOCK), np.float64)
+    sumsq = np.zeros(-(-flat.size // layout.SUPERBLOCK), np.float64)
     is_f64 = flat.dtype == np.float64
+    from consortium.aggregation import kernels  # numba: loaded on first use
+
     outside = kernels.tensor_stats(flat, sumsq, is_f64) if flat.size else 0
     return TensorStats(sumsq, int(outside))
 
@@ -98,7 +100,7 @@ def validate_update(
     """Raise `UpdateRejected` unless ``update`` is a well-formed update for ``reference``.
 
     ``value_limit`` (exclusive) is the largest magnitude the caller can represent; only
-    `kernels.VALUE_LIMIT` (the exact accumulator's) or None is supported. Checks run
+    `layout.VALUE_LIMIT` (the exact accumulator's) or None is supported. Checks run
     cheapest first, so a malformed update is refused before any value is read.
     """
     spec = spec_of(reference)
@@ -119,8 +121,8 @@ def check_values(
     Tensors are judged in sorted name order and the norm last, so the reason reported for
     an update with several faults does not depend on how its statistics were gathered.
     """
-    if value_limit not in (None, kernels.VALUE_LIMIT):
-        raise ValueError(f"value_limit must be None or {kernels.VALUE_LIMIT}, not {value_limit}")
+    if value_limit not in (None, layout.VALUE_LIMIT):
+        raise ValueError(f"value_limit must be None or {layout.VALUE_LIMIT}, not {value_limit}")
     for name in sorted(stats):
         if stats[name].outside:  # rare: find out which kind, with a message to act on
             _check_finite(name, update[name])

@@ -15,8 +15,8 @@ inputs once. The "state round trips" row reads and writes a 12-byte-per-paramete
 once per update with trivial arithmetic: the floor for `add` called once per update,
 exact or not. `add_many` adds all updates block by block (the state stays in cache) on a
 thread per core; the "one thread" row shows how much of its speed is the second core.
-Flower's `aggregate` is single-threaded numpy. Scratch that numba allocates (128 KiB per
-thread) is not seen by `tracemalloc`.
+Flower's `aggregate` is single-threaded numpy. Scratch that numba allocates (about 110 KiB
+per thread) is not seen by `tracemalloc`.
 """
 
 from __future__ import annotations

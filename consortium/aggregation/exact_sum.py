@@ -7,39 +7,42 @@ value becomes an exact count of a fixed quantum ``2**-43`` and counts are added.
 state after any sequence of additions is a function of the multiset of (update, weight)
 pairs only, and the one rounding to float happens at the end.
 
-Method, per value ``x`` (``|x| < 2**16``) and integer weight ``w`` (``1 <= w <= 2**24``),
-in compiled loops (`kernels`):
+Method, per value ``x`` (``|x| < 2**16``, float32 or float64) and integer weight ``w``
+(``1 <= w <= 2**24``), in compiled loops (`kernels`), each step one fused multiply-add
+(FMA: ``a * b + c`` computed exactly, then rounded once):
 
-1. ``xq = (x + C) - C`` in float64 with ``C = 1.5 * 2**9`` rounds ``x`` to a multiple of
-   ``2**-43`` (round half to even). It changes only values below ``2**-20`` in
-   magnitude; larger float32 values are already multiples of ``2**-43`` and pass through
-   exactly. Rounding ``x`` rather than ``w * x`` makes weight 3 identical, bit for bit,
-   to three additions with weight 1. (A float64 value is first split exactly into two
-   parts of at most 27 significant bits, each handled like a float32 value.)
-2. ``y = w * xq`` is exact in float64 (at most 27 + 24 significant bits).
-3. ``t = y + M`` with ``M = 1.5 * 2**41`` rounds ``y`` to a multiple of ``2**-11`` (the
-   float64 "magic number" trick: ``t`` lies in ``[2**41, 2**42)``, where doubles are
-   spaced ``2**-11`` apart). The bit pattern of ``t`` minus that of ``M`` is
-   ``round(y * 2**11)``, an integer added to the **int64 high limb**.
-4. ``r = y - (t - M)`` is exact, a multiple of ``2**-43`` and at most ``2**-12``. It
-   goes to the **int32 low limb**, which counts units of ``2**-43``: while a batch of
-   updates is added to a block of values, the block's low limb is held in float64
-   (sums of multiples of ``2**-43`` are exact below ``2**10``), then carried so that the
-   stored low limb lies in ``[-2**31, 2**31)``.
+1. ``t = fma(x, w, M)`` with ``M = 1.5 * 2**41`` lies in ``[2**41, 2**42)``, where doubles
+   are spaced ``2**-11`` apart, so ``t = M + round(w*x)`` on the grid of ``2**-11`` (round
+   half to even): the float64 "magic number" trick. The bit pattern of ``t`` minus that
+   of ``M`` is ``round(w*x * 2**11)``, an integer added to the **int64 high limb**.
+2. The remainder ``r = w*x - (t - M)`` is exact as a real number and ``|r| <= 2**-12``;
+   ``u = fma(x, w, (M + M2) - t)`` with ``M2 = 1.5 * 2**9`` (the bracket is exact) equals
+   ``M2 + r`` rounded once to the grid of ``2**-43``. The bit pattern of ``u`` minus that of
+   ``M2`` is ``round(r * 2**43)``, added to the **int32 low limb**, which counts units of
+   ``2**-43``. While a batch of updates is added to a block of values, the block's low
+   limb is held in 64 bits, then carried so that the stored low limb lies in
+   ``[-2**31, 2**31)``.
 
-That stored form (high, low) is unique for each represented value, so digests and results
-read it directly and are identical for every arrival order. Subtracting an update (weight
-``-w``) is also exact, because round-half-to-even is symmetric; a rejected update is
-taken out again bit for bit.
+So each weighted term ``w*x`` is rounded once, to a multiple of ``2**-43``, and nothing
+else is ever rounded before the final division. Whenever ``w*x`` already is such a
+multiple (a float32 ``x`` that is zero or has ``|x| >= 2**-20``, with any integer
+weight), no step rounds at all; then adding an update once with weight 3 and three times
+with weight 1 give the same bits. The stored form (high, low) is unique for each
+represented value, so digests and results read it directly and are identical for every
+arrival order. Subtracting an update (weight ``-w``) is also exact, because round half
+to even is symmetric and both magic constants lie on their grids' even points; a
+rejected update is taken out again bit for bit. The loops add the magic constants' bit
+patterns along with the counts, in wrapping 64-bit arithmetic, and take them off once
+per batch.
 
-Error bound: the only rounding before the final division is step 1, at most ``2**-44``
-per value (``2**-43`` for a float64 value, whose two parts round separately), so the
-mean of the represented values is within ``2**-44`` of the exact weighted mean (zero
-error for float32 inputs with all ``|x| >= 2**-20`` or zero). The mean is formed from
-the limbs in float64 with relative error below ``2**-50`` and rounded once to the output
-dtype: for float32 outputs ``|result - sum(w*x)/sum(w)| <= (1/2 + 2**-26) * ulp(mean)
-+ 2**-44``; for float64 outputs ``<= 2**-50 * |mean| + 2**-43``. No step creates a
-subnormal, so the result does not depend on the CPU's flush-to-zero modes.
+Error bound: at most ``2**-44`` per weighted term, so the represented sum is within
+``N * 2**-44`` of the exact weighted sum and, since every weight is at least 1, the mean
+of the represented values within ``2**-44`` of the exact weighted mean (zero error in
+the float32 case above). The mean is formed from the limbs in float64 with relative
+error below ``2**-50`` and rounded once to the output dtype: for float32 outputs
+``|result - sum(w*x)/sum(w)| <= (1/2 + 2**-26) * ulp(mean) + 2**-44``; for float64
+outputs ``<= 2**-50 * |mean| + 2**-44``. No step creates a subnormal, so the result does
+not depend on the CPU's flush-to-zero modes.
 
 Memory: an int64 and an int32 limb per parameter (12 bytes: three float32 model sizes)
 plus block-sized scratch per thread, independent of the number of updates. `finish`
@@ -60,7 +63,7 @@ import numpy as np
 import numpy.typing as npt
 
 from consortium.aggregation.layout import HI_BITS, LO_BITS, SUPERBLOCK, VALUE_EXP, VALUE_LIMIT
-from consortium.aggregation.validate import ModelSpec, TensorSpec, TensorStats
+from consortium.aggregation.validate import ModelSpec, TensorSpec, TensorStats, bit_patterns
 
 WEIGHT_EXP = 24  # accepted weights satisfy 1 <= w <= 2**WEIGHT_EXP
 MAX_WEIGHT = 2**WEIGHT_EXP
@@ -101,14 +104,53 @@ def _run(tasks: list[Callable[[], None]]) -> None:
         future.result()
 
 
-def _split(count: int) -> list[tuple[int, int]]:
-    """``[0, count)`` in at most one contiguous range per thread."""
-    parts = min(count, _threads())
-    return [(count * k // parts, count * (k + 1) // parts) for k in range(parts)]
+# Values per thread below which handing work to another thread costs more than it saves.
+_MIN_SHARE = SUPERBLOCK // 4
+# A thread's share of a model: runs (tensor name, first superblock, end superblock).
+Share = list[tuple[str, int, int]]
+
+
+def _shares(spec: Mapping[str, TensorSpec]) -> list[Share]:
+    """The model's superblocks cut into one contiguous run per thread, of about equal size.
+
+    Cuts fall between superblocks only (a superblock is one unit of work whose result
+    does not depend on who computes it), so the thread count changes no bit.
+    """
+    units = [
+        (name, s, min(SUPERBLOCK, tensor.size - s * SUPERBLOCK))
+        for name, tensor in spec.items()
+        for s in range(math.ceil(tensor.size / SUPERBLOCK))
+    ]
+    total = sum(size for *_, size in units)
+    parts = min(len(units), _threads(), max(1, total // _MIN_SHARE))
+    shares: list[Share] = [[] for _ in range(parts)]
+    done = 0
+    for name, s, size in units:
+        # The share in which this superblock's midpoint falls.
+        share = shares[min(parts - 1, (2 * done + size) * parts // (2 * total))]
+        if share and share[-1][0] == name:
+            share[-1] = (name, share[-1][1], s + 1)
+        else:
+            share.append((name, s, s + 1))
+        done += size
+    return [share for share in shares if share]
+
+
+Call = tuple[Callable[..., None], tuple[Any, ...]]
+
+
+def _calls(calls: list[Call]) -> Callable[[], None]:
+    """One task that makes the given calls in order."""
+
+    def run() -> None:
+        for function, args in calls:
+            function(*args)
+
+    return run
 
 
 class ExactSum:
-    """Sum of ``weight * update`` over many updates, exact up to the 2**-43 quantum.
+    """Sum of ``weight * update`` over many updates, each term rounded once to 2**-43.
 
     Layout and weights are the caller's to check (`StreamingMean` does). Values are
     checked here, in the same pass that adds them: non-finite and out-of-range values are
@@ -130,7 +172,7 @@ class ExactSum:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of state (constant); each running thread adds 128 KiB of block scratch."""
+        """Bytes of state (constant); each running thread adds about 110 KiB of block scratch."""
         return self._hi.nbytes + self._lo.nbytes
 
     def add_many(self, pairs: Sequence[Pair]) -> list[dict[str, TensorStats]]:
@@ -151,30 +193,43 @@ class ExactSum:
             raise RuntimeError("this sum was finished; its memory now holds the mean")
         if not pairs:
             return []
+        from consortium.aggregation import kernels  # numba: loaded on first use, see `layout`
+
         weights = np.array([sign * weight for _, weight in pairs], np.float64)
-        tasks: list[Callable[[], None]] = []
         outputs: dict[str, tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]] = {}
+        arguments: dict[str, tuple[Any, ...]] = {}
+        alive = []  # the kernels read the updates by address
         for name, tensor in self.spec.items():
-            supers = math.ceil(tensor.size / SUPERBLOCK)
-            if supers == 0:
-                continue
             begin, end = self._ranges[name]
-            # C-order views; a non-contiguous tensor is copied, one tensor at a time.
-            updates = _typed_list([np.ravel(update[name], order="C") for update, _ in pairs])
-            out = (np.zeros((len(pairs), supers)), np.zeros(len(pairs), np.int64))
-            outputs[name] = out
-            hi, lo = self._hi[begin:end], self._lo[begin:end]
-            f64 = tensor.dtype == np.float64
-            for first, stop in _split(supers):
-                tasks.append(_adder(updates, weights, hi, lo, first, stop, out, f64))
-        _run(tasks)
-        empty = TensorStats(np.zeros(0), 0)
+            # C-order bit patterns; a non-contiguous tensor is copied, one at a time.
+            bits = [bit_patterns(update[name]) for update, _ in pairs]
+            if any(
+                array.size != tensor.size or array.itemsize != tensor.dtype.itemsize
+                for array in bits
+            ):
+                # The kernels trust sizes; `StreamingMean` has checked the layout already.
+                raise ValueError(f"tensor {name!r} does not match the layout {tensor}")
+            alive.append(bits)
+            addresses = np.array([array.ctypes.data for array in bits], np.int64)
+            supers = math.ceil(tensor.size / SUPERBLOCK)
+            outputs[name] = (np.zeros((len(pairs), supers)), np.zeros(len(pairs), np.int64))
+            hi, lo = self._hi[begin:end].view(np.uint64), self._lo[begin:end]
+            arguments[name] = (addresses, bits[0], weights, hi, lo)
+        _run(
+            [
+                _calls(
+                    [
+                        (kernels.add_blocks, (*arguments[name], first, stop, *outputs[name]))
+                        for name, first, stop in share
+                    ]
+                )
+                for share in _shares(self.spec)
+            ]
+        )
         return [
             {
-                name: TensorStats(outputs[name][0][j], int(outputs[name][1][j]))
-                if name in outputs
-                else empty
-                for name in self.spec
+                name: TensorStats(sumsq[j], int(outside[j]))
+                for name, (sumsq, outside) in outputs.items()
             }
             for j in range(len(pairs))
         ]
@@ -217,47 +272,21 @@ class ExactSum:
         # float64(hi) rounds by at most 2**-53 relative; |lo * 2**-32| <= 1/2 <= |hi|/2
         # unless hi == 0 (then the sum is exact), so the sum and the division add at most
         # 2**-52 and 2**-53: a relative error below 2**-50 before the one cast.
+        from consortium.aggregation import kernels
+
         divisor = float(total_weight) * 2.0**HI_BITS
-        tasks: list[Callable[[], None]] = []
-        for name, (begin, end) in self._ranges.items():
-            for first, stop in _split(math.ceil((end - begin) / SUPERBLOCK)):
+        tasks = []
+        for share in _shares(self.spec):
+            calls: list[Call] = []
+            for name, first, stop in share:
+                begin, end = self._ranges[name]
                 a, b = begin + first * SUPERBLOCK, min(begin + stop * SUPERBLOCK, end)
                 out = outs[name][a - begin : b - begin]
-                tasks.append(_divider(self._hi[a:b], self._lo[a:b], divisor, out))
+                calls.append((kernels.mean_blocks, (self._hi[a:b], self._lo[a:b], divisor, out)))
+            tasks.append(_calls(calls))
         if tasks:
             _run(tasks)
 
     def _check_not_finished(self) -> None:
         if self._finished:
             raise RuntimeError("this sum was finished; its memory now holds the mean")
-
-
-def _typed_list(arrays: list[npt.NDArray[Any]]) -> Any:
-    """The compiled loops take a batch's arrays as a numba typed list. (numba, and the
-    loops, load on first use: see `layout`.)"""
-    from numba.typed import List
-
-    return List(arrays)
-
-
-def _adder(
-    updates: Any,
-    weights: npt.NDArray[np.float64],
-    hi: npt.NDArray[np.int64],
-    lo: npt.NDArray[np.int32],
-    first: int,
-    stop: int,
-    out: tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]],
-    is_f64: bool,
-) -> Callable[[], None]:
-    from consortium.aggregation import kernels
-
-    return lambda: kernels.add_blocks(updates, weights, hi, lo, first, stop, *out, is_f64)
-
-
-def _divider(
-    hi: npt.NDArray[np.int64], lo: npt.NDArray[np.int32], divisor: float, out: FloatArray
-) -> Callable[[], None]:
-    from consortium.aggregation import kernels
-
-    return lambda: kernels.mean_blocks(hi, lo, divisor, out)

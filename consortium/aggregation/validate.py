@@ -77,16 +77,24 @@ class TensorStats:
     """What validation needs to know about one tensor of an update, from one pass."""
 
     superblock_sumsq: npt.NDArray[np.float64]  # see the module docstring
-    outside: int  # values not below layout.VALUE_LIMIT in magnitude, non-finite ones too
+    # Nonzero when a value is not below layout.VALUE_LIMIT in magnitude (NaN and
+    # infinities included): the number of blocks holding one.
+    outside: int
+
+
+def bit_patterns(array: npt.NDArray[Any]) -> npt.NDArray[np.int32 | np.int64]:
+    """A float32 or float64 tensor's values in C order, as int32 or int64 bit patterns
+    (what the compiled loops read); a view unless the tensor is not C-contiguous."""
+    flat = np.ravel(array, order="C")
+    return flat.view(np.int64 if flat.dtype == np.float64 else np.int32)
 
 
 def tensor_stats(array: npt.NDArray[Any]) -> TensorStats:
-    flat = np.ravel(array, order="C")
-    sumsq = np.zeros(-(-flat.size // layout.SUPERBLOCK), np.float64)
-    is_f64 = flat.dtype == np.float64
+    bits = bit_patterns(array)
+    sumsq = np.zeros(-(-bits.size // layout.SUPERBLOCK), np.float64)
     from consortium.aggregation import kernels  # numba: loaded on first use
 
-    outside = kernels.tensor_stats(flat, sumsq, is_f64) if flat.size else 0
+    outside = kernels.tensor_stats(bits, sumsq) if bits.size else 0
     return TensorStats(sumsq, int(outside))
 
 

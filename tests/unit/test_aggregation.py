@@ -7,6 +7,7 @@ import math
 import pickle
 import random
 from collections.abc import Callable
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -24,8 +25,8 @@ from consortium.aggregation import (
     UpdateRejected,
     coordinate_median,
     exact_sum,
-    kernels,
     krum,
+    layout,
     spec_of,
     trimmed_mean,
     validate_update,
@@ -133,12 +134,52 @@ def test_streaming_mean_handles_scalar_and_empty_tensors() -> None:
     assert result["empty"].shape == (0, 3) and result["empty"].dtype == np.float64
 
 
+def quantum_multiples(update: Model) -> Model:
+    """The update with every value a multiple of the quantum: float32-representable and
+    zero or at least 2**-20 in magnitude (so no weighted term is ever rounded)."""
+    out = {}
+    for name, values in update.items():
+        single = values.astype(np.float32)
+        single[np.abs(single) < 2.0**-20] = 0.0
+        out[name] = single.astype(values.dtype)
+    return out
+
+
 def test_streaming_mean_weight_three_equals_three_unit_adds_bit_for_bit() -> None:
     (update, _), (other, _) = random_updates(seed=3, count=2)
+    update, other = quantum_multiples(update), quantum_multiples(other)
     once = aggregate([(update, 3), (other, 2)])
     thrice = aggregate([(update, 1), (other, 2), (update, 1), (update, 1)])
     assert once.digest() == thrice.digest()
     assert result_digest(once.result()) == result_digest(thrice.result())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_each_weighted_term_is_rounded_once_to_the_quantum_half_to_even(dtype: Any) -> None:
+    quantum = Fraction(QUANTUM)
+    # Terms of 0.5, 1.5 and -1.5 quanta (ties), and values that are no tie.
+    values = np.array([QUANTUM / 2, QUANTUM / 2, -QUANTUM / 2, 0.3 * QUANTUM, 1e-20], dtype)
+    weights = [1, 3, 3, 7, 5]
+    reference = {"w": np.zeros(values.size, dtype)}
+    for column, weight in enumerate(weights):
+        mean = StreamingMean(reference)
+        mean.add({"w": values}, weight)
+        # Python rounds a Fraction half to even.
+        counts = round(Fraction(float(values[column])) * weight / quantum)
+        expected = float(counts * quantum / weight)
+        assert mean.result()["w"][column] == dtype(expected), column
+    assert [round(Fraction(float(v)) * w / quantum) for v, w in zip(values, weights, strict=True)][
+        :3
+    ] == [
+        0,
+        2,
+        -2,
+    ]
+    # Three unit adds round three times: 3 * round(0.5 quanta) = 0, unlike weight 3.
+    thrice = StreamingMean(reference)
+    for _ in range(3):
+        thrice.add({"w": values}, 1)
+    assert thrice.result()["w"][1] == 0.0
 
 
 def test_streaming_mean_accepts_numpy_integer_weight() -> None:
@@ -161,8 +202,8 @@ def test_streaming_mean_same_bits_for_any_batching_and_thread_count(
 ) -> None:
     # Tensors spanning several superblocks, with ragged tails, so they split across threads.
     reference: Model = {
-        "big": np.zeros(2 * kernels.SUPERBLOCK + 3 * kernels.BLOCK + 5, np.float32),
-        "big64": np.zeros(kernels.SUPERBLOCK + 1, np.float64),
+        "big": np.zeros(2 * layout.SUPERBLOCK + 3 * layout.BLOCK + 5, np.float32),
+        "big64": np.zeros(layout.SUPERBLOCK + 1, np.float64),
         "small": np.zeros(3, np.float32),
     }
     rng = np.random.default_rng(6)
@@ -189,12 +230,12 @@ def test_streaming_mean_same_bits_for_any_batching_and_thread_count(
 
 
 def test_rejected_updates_in_a_batch_are_taken_out_bit_for_bit() -> None:
-    reference: Model = {"big": np.zeros(2 * kernels.BLOCK + 7, np.float32)}
+    reference: Model = {"big": np.zeros(2 * layout.BLOCK + 7, np.float32)}
     rng = np.random.default_rng(16)
     good = [(random_update(rng, reference), int(rng.integers(1, 1000))) for _ in range(3)]
     nan, huge, large = (random_update(rng, reference) for _ in range(3))
     nan["big"][-1] = math.nan  # in the last block, after earlier blocks were added
-    huge["big"][kernels.BLOCK] = VALUE_LIMIT
+    huge["big"][layout.BLOCK] = VALUE_LIMIT
     large["big"][:] = 2e5 / math.sqrt(large["big"].size)  # only its norm is wrong: 2e5 > 1e5
     batched = StreamingMean(reference, max_norm=1e5)
     rejected = batched.add_many([good[0], (nan, 5), good[1], (huge, 5), (large, 9), good[2]])
@@ -212,8 +253,8 @@ def test_rejected_updates_in_a_batch_are_taken_out_bit_for_bit() -> None:
 
 def test_validate_update_and_accumulator_compute_the_same_norm_bit_for_bit() -> None:
     reference: Model = {
-        "f32": np.zeros(kernels.SUPERBLOCK + 2 * kernels.BLOCK + 3, np.float32),
-        "f64": np.zeros(3 * kernels.BLOCK + 1, np.float64),
+        "f32": np.zeros(layout.SUPERBLOCK + 2 * layout.BLOCK + 3, np.float32),
+        "f64": np.zeros(3 * layout.BLOCK + 1, np.float64),
     }
     update = random_update(np.random.default_rng(19), reference)
     accumulated = exact_sum.ExactSum(spec_of(reference)).add_many([(update, 7)])[0]
@@ -225,6 +266,35 @@ def test_validate_update_and_accumulator_compute_the_same_norm_bit_for_bit() -> 
     validate_update(update, reference, max_norm=norm * (1 + 1e-12))
     with pytest.raises(UpdateRejected, match="norm"):
         validate_update(update, reference, max_norm=norm * (1 - 1e-12))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_thread_shares_cover_every_superblock_once_in_balanced_runs(
+    monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    sizes = {"a": 5 * layout.SUPERBLOCK + 17, "b": 3, "c": 2 * layout.SUPERBLOCK, "d": 0}
+    spec = spec_of({name: np.zeros(size, np.float32) for name, size in sizes.items()})
+    monkeypatch.setattr(exact_sum, "_threads", lambda: threads)
+    shares = exact_sum._shares(spec)
+    covered = [
+        (name, s) for share in shares for name, first, stop in share for s in range(first, stop)
+    ]
+    expected = [
+        (name, s) for name, size in sizes.items() for s in range(-(-size // layout.SUPERBLOCK))
+    ]
+    assert covered == expected  # contiguous, in model order, each superblock once
+    assert 1 <= len(shares) <= threads
+    work = [
+        sum(
+            min(layout.SUPERBLOCK, sizes[n] - s * layout.SUPERBLOCK)
+            for n, first, stop in share
+            for s in range(first, stop)
+        )
+        for share in shares
+    ]
+    assert max(work) - min(work) <= layout.SUPERBLOCK  # balanced to one superblock
+    small = spec_of({"a": np.zeros(1000, np.float32), "b": np.zeros(10, np.float32)})
+    assert exact_sum._shares(small) == [[("a", 0, 1), ("b", 0, 1)]]  # not worth a thread
 
 
 def test_finish_returns_the_mean_in_the_accumulators_memory_and_ends_the_stream() -> None:
@@ -485,3 +555,12 @@ def test_krum_rejects_too_few_updates() -> None:
     updates = [u for u, _ in random_updates(seed=17, count=4)]
     with pytest.raises(ValueError, match="2f \\+ 3"):
         krum(updates, num_byzantine=1)
+
+
+def test_exact_sum_refuses_arrays_that_do_not_match_its_layout() -> None:
+    # The compiled loops read updates by address, so sizes are checked before they run.
+    total = exact_sum.ExactSum(spec_of({"w": np.zeros(4, np.float32)}))
+    for wrong in (np.zeros(3, np.float32), np.zeros(4, np.float64)):
+        with pytest.raises(ValueError, match="does not match the layout"):
+            total.add_many([({"w": wrong}, 1)])
+    assert total.digest() == exact_sum.ExactSum(spec_of({"w": np.zeros(4, np.float32)})).digest()

@@ -18,6 +18,7 @@ from typing import Any
 
 from consortium.errors import ConsortiumError, NotFoundError
 from consortium.exit_codes import ExitCode
+from consortium.provenance.environment import source_digest
 from consortium.tensor_digest import arrays_digest
 from coordinator.federated.retention import load_retained, updates_dir
 from coordinator.federated.strategy import AggregationRule, aggregate
@@ -83,7 +84,22 @@ def replay_rounds(data_dir: Path, job_id: str, records: list[dict[str, Any]]) ->
         if not result.matches:
             raise ReplayMismatchError(
                 f"round {record['round']}: aggregate digest {replayed[:16]} differs from the "
-                f"logged {record['aggregate_digest'][:16]}"
+                f"logged {record['aggregate_digest'][:16]}{_source_note(records)}"
             )
         results.append(result)
     return results
+
+
+def _source_note(records: list[dict[str, Any]]) -> str:
+    """Why a mismatch may not mean tampering: the job ran other Consortium code, whose
+    aggregation may round differently (docs/aggregation.md says what changed when)."""
+    started = next((r for r in records if r["type"] == "job_started"), {})
+    logged = started.get("environment", {}).get("code", {}).get("source_digest")
+    if logged is None or logged == source_digest():
+        return ""
+    version = started["environment"]["code"].get("version", "another version")
+    return (
+        f"; note that the job ran other Consortium code ({version}, source digest "
+        f"{logged[:16]}), so replay it with that code to tell tampering from a change in "
+        "the aggregation method"
+    )

@@ -41,6 +41,7 @@ from client.federated.signing_mod import (
 )
 from consortium.aggregation import MAX_WEIGHT
 from consortium.provenance.commitment import commit
+from consortium.provenance.environment import describe_environment
 from consortium.provenance.signing import SignatureError, SigningKey, unb64
 from consortium.provenance.updates import UpdateStatement
 from consortium.tensor_digest import arrays_digest
@@ -620,3 +621,22 @@ def test_replay_rounds_detects_tampered_retained_update(world: World, good: Good
 
     with pytest.raises(ReplayMismatchError, match="does not match the digest"):
         replay_rounds(retention, JOB, [_round_record(record)])
+
+
+def test_replay_mismatch_names_other_code_when_the_job_ran_other_source(
+    world: World, good: Good
+) -> None:
+    retention = world.root / "data"
+    record, _, _ = run_round(world, good.replies, retention)
+    wrong = {**_round_record(record), "aggregate_digest": "0" * 64}
+    ours = describe_environment("cpu", deterministic=True)
+    same = {"type": "job_started", "environment": ours}
+    other = {
+        "type": "job_started",
+        "environment": {**ours, "code": {**ours["code"], "source_digest": "ab" * 32}},
+    }
+    with pytest.raises(ReplayMismatchError, match="aggregate digest") as plain:
+        replay_rounds(retention, JOB, [same, wrong])
+    assert "other Consortium code" not in str(plain.value)
+    with pytest.raises(ReplayMismatchError, match=r"other Consortium code .* abababab"):
+        replay_rounds(retention, JOB, [other, wrong])

@@ -3,9 +3,10 @@
 Why: a float sum depends on the order of its terms, so two coordinators (or one
 coordinator on two days) receiving the same updates in a different order would publish
 different models. Integer addition is associative and commutative, so every weighted
-value becomes an exact count of a fixed quantum ``2**-43`` and counts are added. The
-state after any sequence of additions is a function of the multiset of (update, weight)
-pairs only, and the one rounding to float happens at the end.
+value becomes a count of a fixed quantum ``2**-43`` (rounded once, and exact for most
+float32 values) and counts are added. The state after any sequence of additions is a
+function of the multiset of (update, weight) pairs only, and the one rounding to float
+happens at the end.
 
 Method, per value ``x`` (``|x| < 2**16``, float32 or float64) and integer weight ``w``
 (``1 <= w <= 2**24``), in compiled loops (`kernels`), each step one fused multiply-add

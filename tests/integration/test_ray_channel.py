@@ -282,11 +282,18 @@ def test_revocation_replaces_the_ray_token_so_the_institution_is_refused_while_o
     # worker, and its node joins the restarted head and runs work.
     token = fetch_ray_token(channel, "alpha", tmp_path)
     assert token.read_bytes() == CoordinatorPki(channel.data_dir).ray_token.read_bytes()
-    rejoined = channel.start_node("alpha-again", "alpha", ray_auth_env(token))
+    starts = [channel.start_node("alpha-again", "alpha", ray_auth_env(token))]
 
     def alpha_back() -> bool:
-        if rejoined.poll() is not None:
-            raise AssertionError(f"alpha's node exited:\n{rejoined.log_tail(40)}")
+        # `client join` restarts an exited worker (RayWorker.ensure_running); on a loaded
+        # 2-core machine the just-restarted GCS can miss a new raylet's first deadline.
+        if starts[-1].poll() is not None:
+            if len(starts) == 3:
+                raise AssertionError(f"alpha's node exited 3 times:\n{starts[-1].log_tail(40)}")
+            starts.append(
+                channel.start_node(f"alpha-again-{len(starts)}", "alpha", ray_auth_env(token))
+            )
+            return False
         return any(n["id"] != alpha["id"] for n in alive(channel.nodes(), "alpha"))
 
     wait_for("alpha's node on the restarted head", alpha_back)

@@ -59,10 +59,8 @@ def worker_argv(
         argv += ["--node-ip-address", "127.0.0.1"]  # reachable from a loopback head
     labels = {"institution": institution, "node": node_id[:12]}
     valid = {k: v for k, v in labels.items() if _LABEL_VALUE.match(v)}
-    if valid != labels:
-        log.warning(
-            "institution name %r is not a valid Ray label value; not labelling it", institution
-        )
+    for key in labels.keys() - valid.keys():
+        log.warning("%s %r is not a valid Ray label value; not labelling it", key, labels[key])
     valid.update({k: v for k, v in (hardware or {}).items() if _LABEL_VALUE.match(v)})
     if valid:
         argv += ["--labels", ",".join(f"{k}={v}" for k, v in valid.items())]

@@ -32,10 +32,20 @@ def test_worker_contributes_one_gpu_when_given_one() -> None:
     assert "--node-ip-address" not in argv
 
 
-def test_worker_skips_label_for_institution_name_ray_refuses() -> None:
+def test_worker_skips_label_for_institution_name_ray_refuses(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     argv = worker_argv("127.0.0.1:6379", "st olaf/hospital", "n1", None, Path("/tmp/r"))
     assert flag(argv, "--labels") == "node=n1"
     assert json.loads(flag(argv, "--resources")) == {"institution:st olaf/hospital": 1}
+    assert "institution 'st olaf/hospital' is not a valid Ray label value" in caplog.text
+
+
+def test_worker_warning_names_the_label_ray_refuses(caplog: pytest.LogCaptureFixture) -> None:
+    argv = worker_argv("127.0.0.1:6379", "alpha", "alpha-again-node", None, Path("/tmp/r"))
+    assert flag(argv, "--labels") == "institution=alpha"  # "alpha-again-" ends in "-"
+    assert "node 'alpha-again-' is not a valid Ray label value" in caplog.text
+    assert "institution" not in caplog.text
 
 
 def test_worker_labels_its_hardware() -> None:

@@ -28,10 +28,14 @@ class ReplayMismatchError(ConsortiumError):
     exit_code = ExitCode.REPLAY_MISMATCH
 
 
+def _job_started(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The job's `job_started` record, or an empty one when the log holds none."""
+    return next((r for r in records if r["type"] == "job_started"), {})
+
+
 def job_kind(records: list[dict[str, Any]]) -> str:
     """The kind the job's `job_started` record names ("federated" when none does)."""
-    started = next((r for r in records if r["type"] == "job_started"), {})
-    return str(started.get("kind", "federated"))
+    return str(_job_started(records).get("kind", "federated"))
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ def replay_rounds(data_dir: Path, job_id: str, records: list[dict[str, Any]]) ->
 def _source_note(records: list[dict[str, Any]]) -> str:
     """Why a mismatch may not mean tampering: the job ran other Consortium code, whose
     aggregation may round differently (docs/aggregation.md says what changed when)."""
-    started = next((r for r in records if r["type"] == "job_started"), {})
+    started = _job_started(records)
     logged = started.get("environment", {}).get("code", {}).get("source_digest")
     if logged is None or logged == source_digest():
         return ""

@@ -39,9 +39,9 @@ import torch
 
 from consortium.lm import Weights, load_weights, model_weights, sample_batch, validation_loss
 from consortium.models.bytelm import ByteLM
-from coordinator.compute import PretrainJobSpec, run_pretraining, validate_pretrain_spec
-from coordinator.compute.schedule import assign_shards, derive_seed
-from coordinator.compute.worker import WorkerConfig, corpus_for, enable_determinism, inner_lr_at
+from coordinator.pretraining import PretrainJobSpec, run_pretraining, validate_pretrain_spec
+from coordinator.pretraining.schedule import assign_shards, derive_seed
+from coordinator.pretraining.worker import WorkerConfig, corpus_for, enable_determinism, inner_lr_at
 
 WORKERS = 2
 BYTES_TARGET = 100.0  # DDP bytes / DiLoCo bytes, at least

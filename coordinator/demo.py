@@ -34,9 +34,9 @@ from consortium.errors import ChildProcessFailedError
 from consortium.processes import ChildProcess, venv_executable
 from consortium.proto.v1 import jobs_pb2, nodes_pb2
 from consortium.site_keys import create_site_keys
+from coordinator.access.onboarding import Request, init_consortium, onboard
 from coordinator.cli.remote import Remote, connect
 from coordinator.cli.watch import watch_job
-from coordinator.onboarding import Request, init_consortium, onboard
 from coordinator.state import SqliteStateStore
 
 INSTITUTION_NAMES = (
@@ -279,7 +279,7 @@ def check_provenance(
     """What anyone holding the log and the public key can do: verify, then replay
     (the pretraining job's training, and the federated job's aggregation)."""
     from coordinator.cli.provenance import job_records, load_verified, replay_pretraining_job
-    from coordinator.replay import replay_rounds
+    from coordinator.federated.replay import replay_rounds
 
     log, verified = load_verified(None, None, data_dir)
     head = verified.last_head

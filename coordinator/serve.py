@@ -16,26 +16,30 @@ from consortium.net import is_loopback_host, reserve_free_port, split_host_port
 from consortium.proto.v1 import jobs_pb2_grpc, nodes_pb2_grpc
 from consortium.provenance.signing import SigningKey
 from consortium.ray_env import RayTls, use_ray_auth_in_this_process
+from coordinator.access.pki_files import CoordinatorPki
+from coordinator.access.refusals.control_plane import ControlPlaneRefusalWatch
+from coordinator.access.refusals.fleet import FleetRefusalWatch
+from coordinator.access.registry import NodeRegistry
+from coordinator.access.supernode_keys import SuperNodeKeySync
 from coordinator.api.auth import CertificateAuthInterceptor
 from coordinator.api.servicers import JobsServicer, NodeRegistryServicer
-from coordinator.federated.fleet_refusals import SuperLinkAuthWatch
 from coordinator.federated.flower_app import FlowerCli
 from coordinator.federated.superlink import SuperLink
-from coordinator.federated.supernode_keys import SuperNodeKeySync
+from coordinator.jobs.scheduler import Scheduler
 from coordinator.jobs.service import JobService
-from coordinator.metrics import CoordinatorMetrics, MetricsEndpoint, RpcMetricsInterceptor
-from coordinator.pki_files import CoordinatorPki
-from coordinator.pretrain_runner import PretrainRunner
+from coordinator.observability.metrics import (
+    CoordinatorMetrics,
+    MetricsEndpoint,
+    RpcMetricsInterceptor,
+)
+from coordinator.pretraining.runner import PretrainRunner
 from coordinator.provenance_paths import coordinator_key_path
-from coordinator.ray_head import RayCluster, RayHead
-from coordinator.ray_revocation import RayRevocationSync
-from coordinator.ray_tls import coordinator_ray_tls
-from coordinator.ray_token_rotation import RayTokenRotation
-from coordinator.registry import NodeRegistry
-from coordinator.scheduler import Scheduler
+from coordinator.ray.head import RayCluster, RayHead
+from coordinator.ray.revocation import RayRevocationSync
+from coordinator.ray.tls import coordinator_ray_tls
+from coordinator.ray.token_rotation import RayTokenRotation
 from coordinator.settings import CoordinatorSettings
 from coordinator.state import SqliteStateStore
-from coordinator.tls_refusals import TlsRefusalWatch
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +103,14 @@ class Coordinator:
         self.metrics = CoordinatorMetrics()
         # Refusals that only the SuperLink's log and gRPC's TLS layer record (secure
         # mode); the watches start before the servers so they miss nothing.
-        self._watches: list[SuperLinkAuthWatch | TlsRefusalWatch] = []
+        self._watches: list[FleetRefusalWatch | ControlPlaneRefusalWatch] = []
         if self.pki is not None:
             self._watches = [
-                SuperLinkAuthWatch(
+                FleetRefusalWatch(
                     settings.data_dir / "logs" / "superlink.log",
                     on_refusal=lambda r: self.metrics.auth_refused(r.channel, r.reason),
                 ),
-                TlsRefusalWatch(
+                ControlPlaneRefusalWatch(
                     on_refusal=lambda r: self.metrics.auth_refused(r.channel, r.reason)
                 ),
             ]
@@ -232,7 +236,7 @@ class Coordinator:
         registry = NodeRegistry(self.store, self.settings.node_timeout_s, self.metrics)
         # `coordinator nodes` shows each node's Ray side too, read from the GCS (this
         # process authenticates to it since `_start_ray`).
-        from coordinator.ray_nodes import GcsNodesView, NoRay, RayNodesSource
+        from coordinator.ray.nodes import GcsNodesView, NoRay, RayNodesSource
 
         ray_nodes: RayNodesSource = (
             GcsNodesView(self.ray_cluster.address)

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from consortium.errors import InvalidArgumentError, PermissionDeniedError
-from coordinator.pki_files import OPERATOR
+from coordinator.access.pki_files import OPERATOR
 from coordinator.state import StateStore
 
 log = logging.getLogger(__name__)

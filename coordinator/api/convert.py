@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from consortium.proto.v1 import jobs_pb2, nodes_pb2
-from coordinator.ray_nodes import RayNodeInfo
+from coordinator.ray.nodes import RayNodeInfo
 from coordinator.state import JobRecord, JobState, NodeRecord, NodeState, RoundRecord
 
 NODE_STATES = {

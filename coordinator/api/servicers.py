@@ -11,6 +11,8 @@ import grpc
 from consortium.errors import ConflictError, InvalidArgumentError
 from consortium.pki import pem
 from consortium.proto.v1 import jobs_pb2, jobs_pb2_grpc, nodes_pb2, nodes_pb2_grpc
+from coordinator.access.pki_files import CoordinatorPki
+from coordinator.access.registry import NodeRegistry
 from coordinator.api.auth import require_acting_as
 from coordinator.api.convert import (
     job_to_proto,
@@ -20,10 +22,8 @@ from coordinator.api.convert import (
 )
 from coordinator.api.status import streaming, unary
 from coordinator.jobs.service import JobService
-from coordinator.pki_files import CoordinatorPki
-from coordinator.ray_nodes import NoRay, RayNodesSource, match_nodes
-from coordinator.ray_tls import peer_ip, sign_node_csr
-from coordinator.registry import NodeRegistry
+from coordinator.ray.nodes import NoRay, RayNodesSource, match_nodes
+from coordinator.ray.tls import peer_ip, sign_node_csr
 from coordinator.state import FINAL_JOB_STATES, StateStore
 
 WATCH_POLL_INTERVAL_S = 0.2

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from consortium.cli_errors import cli_errors
 from consortium.errors import NotFoundError
-from coordinator.accounting_files import accounting_path, read_accounting
+from coordinator.pretraining.accounting_files import accounting_path, read_accounting
 
 console = Console()
 

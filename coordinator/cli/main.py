@@ -145,7 +145,7 @@ def nodes(
     """List nodes: the registry's (state, last heartbeat) with their Ray side (state,
     resources), then Ray nodes that match no registered node (such as the head)."""
     from consortium.proto.v1 import nodes_pb2
-    from coordinator.ray_nodes import RayNodeInfo
+    from coordinator.ray.nodes import RayNodeInfo
 
     with cli_errors(), connect(coordinator, data_dir) as remote:
         overview = remote.nodes_overview()

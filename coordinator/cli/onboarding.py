@@ -11,8 +11,8 @@ from rich.console import Console
 from consortium import pki
 from consortium.cli_errors import cli_errors
 from consortium.site_keys import create_site_keys
-from coordinator import onboarding
-from coordinator.pki_files import CoordinatorPki
+from coordinator.access import onboarding
+from coordinator.access.pki_files import CoordinatorPki
 from coordinator.provenance_paths import coordinator_key_path
 from coordinator.settings import CoordinatorSettings
 from coordinator.state import SqliteStateStore

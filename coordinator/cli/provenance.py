@@ -18,15 +18,15 @@ from consortium.provenance.log import TreeHead
 from consortium.provenance.signing import SigningKey, VerifyingKey
 from consortium.provenance.verify import LogVerificationError, VerifyReport, verify_log
 from consortium.tensor_digest import file_digest
+from coordinator.federated.replay import job_kind, replay_rounds
 from coordinator.provenance_paths import (
     coordinator_key_path,
     coordinator_public_key_path,
     provenance_log_path,
 )
-from coordinator.replay import job_kind, replay_rounds
 
 if TYPE_CHECKING:
-    from coordinator.pretrain_replay import StepReplay
+    from coordinator.pretraining.replay import StepReplay
 
 provenance_app = typer.Typer(
     help="Verify, show and export the provenance log.", no_args_is_help=True
@@ -188,7 +188,7 @@ def replay(
 def replay_pretraining_job(job_id: str, records: list[dict[str, Any]]) -> None:
     """Re-run a pretraining job's outer steps here, printing each step as it matches."""
     # Imported here: torch and the compute engine take seconds to import.
-    from coordinator.pretrain_replay import plan_replay, replay_pretraining
+    from coordinator.pretraining.replay import plan_replay, replay_pretraining
 
     plan = plan_replay(job_id, records)
     for note in plan.notes:

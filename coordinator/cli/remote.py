@@ -11,7 +11,7 @@ from consortium.errors import UnreachableError
 from consortium.proto.v1 import jobs_pb2, jobs_pb2_grpc, nodes_pb2, nodes_pb2_grpc
 from consortium.rpc import DEFAULT_RETRY, RetryPolicy, call_with_retry, open_channel, translate
 from consortium.tls import ClientTls
-from coordinator.pki_files import CoordinatorPki
+from coordinator.access.pki_files import CoordinatorPki
 
 
 def resolve_address(address: str | None, data_dir: Path) -> str:

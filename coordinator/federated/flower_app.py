@@ -15,7 +15,7 @@ from pathlib import Path
 
 from consortium.errors import ChildProcessFailedError
 from consortium.processes import venv_executable
-from coordinator.pki_files import CoordinatorPki
+from coordinator.access.pki_files import CoordinatorPki
 
 SUPERLINK_NAME = "consortium"
 FLWR_TIMEOUT_S = 120.0

@@ -9,7 +9,7 @@ from pathlib import Path
 from consortium.errors import ChildProcessFailedError
 from consortium.net import reserve_free_port
 from consortium.processes import ChildProcess, venv_executable
-from coordinator.pki_files import CoordinatorPki
+from coordinator.access.pki_files import CoordinatorPki
 
 DATA_DIR_ENV = "CONSORTIUM_DATA_DIR"
 

@@ -23,8 +23,8 @@ from consortium.models import build_model, load_parameter_tensors
 from consortium.provenance.log import read_lines, record_signing_bytes
 from consortium.provenance.signing import SignatureError, VerifyingKey, unb64
 from consortium.tensor_digest import arrays_digest
-from coordinator.compute.spec import PretrainJobSpec
 from coordinator.jobs.spec import FederatedJobSpec, parse_submitted_spec
+from coordinator.pretraining.spec import PretrainJobSpec
 from coordinator.state import JobRecord, JobState, StateStore
 
 ENDED_BADLY = frozenset({JobState.FAILED, JobState.CANCELLED})

@@ -5,9 +5,9 @@ from __future__ import annotations
 import uuid
 
 from consortium.errors import JobSpecError
-from coordinator.compute.spec import PretrainJobSpec
 from coordinator.jobs.pipeline import check_init_from
 from coordinator.jobs.spec import FederatedJobSpec, parse_submitted_spec
+from coordinator.pretraining.spec import PretrainJobSpec
 from coordinator.state import JobRecord, JobState, RoundRecord, StateStore
 from coordinator.state.sqlite_store import now_ms
 

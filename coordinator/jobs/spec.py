@@ -1,7 +1,7 @@
 """Job specs: TOML in, a validated `FederatedJobSpec` or `PretrainJobSpec` out.
 
 `parse_submitted_spec` dispatches on the ``kind`` key: "federated" (the default)
-is described below; "pretrain" is `coordinator.compute.spec.PretrainJobSpec`
+is described below; "pretrain" is `coordinator.pretraining.spec.PretrainJobSpec`
 (see docs/pretraining.md).
 
 A federated job spec:
@@ -53,7 +53,7 @@ from pydantic import (
 
 from consortium.errors import JobSpecError
 from consortium.models import MODELS, build_model
-from coordinator.compute.spec import PretrainJobSpec, validate_pretrain_spec
+from coordinator.pretraining.spec import PretrainJobSpec, validate_pretrain_spec
 
 # Datasets the coordinator knows the schema of and holds a public held-out split
 # for, with the model family that trains on them; each site maps these names to its

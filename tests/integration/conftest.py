@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from consortium.proto.v1 import jobs_pb2, nodes_pb2
+from coordinator.access.onboarding import init_consortium
 from coordinator.cli.remote import connect
 from coordinator.demo import onboard_local_site, supernode_keys_registered, write_partitions
-from coordinator.onboarding import init_consortium
 from tests.conftest import Processes, join_site, online_nodes, start_coordinator, wait_for
 
 JOB = """\

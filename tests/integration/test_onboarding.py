@@ -26,9 +26,9 @@ from consortium.processes import venv_executable
 from consortium.proto.v1 import nodes_pb2, nodes_pb2_grpc
 from consortium.site_keys import SiteKeys
 from consortium.tls import ClientTls
+from coordinator.access.onboarding import revoke
+from coordinator.access.pki_files import CoordinatorPki
 from coordinator.demo import supernode_keys_registered, write_partitions
-from coordinator.onboarding import revoke
-from coordinator.pki_files import CoordinatorPki
 from coordinator.provenance_paths import coordinator_key_path
 from coordinator.state import SqliteStateStore
 from tests.conftest import Processes, wait_for

@@ -24,7 +24,7 @@ from ray.cluster_utils import Cluster
 from consortium.errors import JobSpecError
 from consortium.models.bytelm import ByteLM
 from consortium.tensor_digest import arrays_digest
-from coordinator.compute import (
+from coordinator.pretraining import (
     CheckpointMismatchError,
     ControllerState,
     DiLoCoController,
@@ -38,8 +38,8 @@ from coordinator.compute import (
     run_pretraining,
     validate_pretrain_spec,
 )
-from coordinator.compute.checkpoint import checkpoint_path, load_checkpoint
-from coordinator.compute.worker import InnerTrainer, WorkerConfig, corpus_for
+from coordinator.pretraining.checkpoint import checkpoint_path, load_checkpoint
+from coordinator.pretraining.worker import InnerTrainer, WorkerConfig, corpus_for
 from tests.conftest import wait_for
 
 OBJECT_STORE_BYTES = 80 * 2**20
@@ -348,7 +348,7 @@ def test_inner_optimizer_state_resets_or_carries_over_between_outer_steps() -> N
 
 
 def test_public_surface_lists_only_what_it_exports() -> None:
-    from coordinator import compute
+    from coordinator import pretraining as compute
 
     assert compute.__all__ == sorted(compute.__all__)
     assert all(hasattr(compute, name) for name in compute.__all__)

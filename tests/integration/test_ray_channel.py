@@ -38,7 +38,7 @@ from consortium.proto.v1 import nodes_pb2, nodes_pb2_grpc
 from consortium.ray_env import DRAIN_TIMEOUT_ENV, ray_auth_env, short_temp_dir
 from consortium.site_keys import SiteKeys
 from consortium.tls import ClientTls
-from coordinator.pki_files import CoordinatorPki
+from coordinator.access.pki_files import CoordinatorPki
 from tests.conftest import Processes, wait_for
 from tests.integration.conftest import start_secure_consortium
 from tests.integration.test_bad_input import run_cli
@@ -69,7 +69,7 @@ print(json.dumps([
 PLANNER_QUERY = """
 import json, sys
 import ray
-from coordinator.compute.cluster import RayClusterView
+from coordinator.pretraining.cluster import RayClusterView
 ray.init(address=sys.argv[1], logging_level="ERROR")
 @ray.remote(num_cpus=1, resources={"institution:alpha": 1})
 def node_id():

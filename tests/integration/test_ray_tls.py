@@ -16,9 +16,9 @@ import pytest
 from consortium import pki
 from consortium.proto.v1 import jobs_pb2
 from consortium.ray_env import RayTls, ray_auth_env, ray_node_ip
+from coordinator.access.pki_files import CoordinatorPki
 from coordinator.cli.remote import connect
 from coordinator.demo import write_partitions
-from coordinator.pki_files import CoordinatorPki
 from tests.conftest import TINY_PRETRAIN, Processes, join_site, wait_for
 from tests.integration.conftest import FINAL_STATES, start_secure_consortium
 from tests.integration.test_ray_channel import Channel, alive

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from coordinator.compute.cluster import (
+from coordinator.pretraining.cluster import (
     claimed_institutions,
     decode_deny_list,
     encode_deny_list,

@@ -6,9 +6,9 @@ from typing import Literal
 
 import pytest
 
-from coordinator.compute.accounting import account, step_compute
-from coordinator.compute.records import OuterStepRecord, WorkerStepResult
-from coordinator.metrics import CoordinatorMetrics
+from coordinator.observability.metrics import CoordinatorMetrics
+from coordinator.pretraining.accounting import account, step_compute
+from coordinator.pretraining.records import OuterStepRecord, WorkerStepResult
 
 
 def result(institution: str, device: Literal["cpu", "gpu"], seconds: float) -> WorkerStepResult:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.federated.fleet_refusals import UNKNOWN_PEER, parse_fleet_refusal
+from coordinator.access.refusals.fleet import UNKNOWN_PEER, parse_fleet_refusal
 
 # As flwr 1.41's SuperLink wrote them (key shortened): an unregistered key activating,
 # and uvicorn's access line for a Fleet call whose signature no registered key verifies.

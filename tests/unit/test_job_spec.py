@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from consortium.errors import ConflictError, JobSpecError, NotFoundError
-from coordinator.compute.spec import PretrainJobSpec
 from coordinator.jobs.service import JobService
 from coordinator.jobs.spec import FederatedJobSpec, parse_job_spec, parse_submitted_spec
+from coordinator.pretraining.spec import PretrainJobSpec
 from coordinator.state import JobState, NodeRecord, NodeState, SqliteStateStore
 from coordinator.state.sqlite_store import now_ms
 

@@ -20,8 +20,8 @@ from prometheus_client import CollectorRegistry
 from client.metrics import GpuCollector, TrainingCollector, record_training
 from consortium.errors import NotFoundError
 from consortium.metrics_http import JsonLinesTail, MetricsServer
-from coordinator.metrics import CoordinatorMetrics, RpcMetricsInterceptor
-from coordinator.metrics_state import StateCollector, summarise_rounds
+from coordinator.observability.metrics import CoordinatorMetrics, RpcMetricsInterceptor
+from coordinator.observability.state_metrics import StateCollector, summarise_rounds
 from coordinator.provenance_paths import provenance_log_path
 from coordinator.state import (
     JobRecord,

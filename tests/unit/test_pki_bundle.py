@@ -13,8 +13,8 @@ from client.bundle import BundleError, load_bundle
 from consortium import pki
 from consortium.errors import ConflictError, InvalidArgumentError
 from consortium.site_keys import create_site_keys
-from coordinator.onboarding import Request, init_consortium, onboard, renew, revoke
-from coordinator.pki_files import CoordinatorPki
+from coordinator.access.onboarding import Request, init_consortium, onboard, renew, revoke
+from coordinator.access.pki_files import CoordinatorPki
 from coordinator.state import SqliteStateStore
 
 

@@ -14,15 +14,15 @@ import torch
 
 from consortium.errors import NotFoundError
 from consortium.provenance.environment import describe_environment
-from coordinator.compute import PretrainJobSpec, validate_pretrain_spec
-from coordinator.compute.schedule import derive_seed
-from coordinator.compute.worker import corpus_for
-from coordinator.pretrain_replay import (
+from coordinator.federated.replay import ReplayMismatchError, job_kind
+from coordinator.pretraining import PretrainJobSpec, validate_pretrain_spec
+from coordinator.pretraining.replay import (
     NotReplayableError,
     plan_replay,
     replay_pretraining,
 )
-from coordinator.replay import ReplayMismatchError, job_kind
+from coordinator.pretraining.schedule import derive_seed
+from coordinator.pretraining.worker import corpus_for
 
 JOB = "job-1"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from consortium.provenance.signing import SigningKey
-from coordinator.pretrain_runner import RUNNING_MESSAGE, StepRecorder
+from coordinator.pretraining.runner import RUNNING_MESSAGE, StepRecorder
 from coordinator.provenance_paths import coordinator_key_path
 from coordinator.state import JobRecord, JobState, SqliteStateStore
 

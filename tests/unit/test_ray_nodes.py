@@ -12,8 +12,9 @@ from ray.core.generated import gcs_pb2
 
 from consortium.net import reserve_free_port
 from consortium.proto.v1 import nodes_pb2
+from coordinator.access.registry import NodeRegistry
 from coordinator.api.servicers import NodeRegistryServicer
-from coordinator.ray_nodes import (
+from coordinator.ray.nodes import (
     ALIVE,
     DEAD,
     DRAINING,
@@ -24,7 +25,6 @@ from coordinator.ray_nodes import (
     match_nodes,
     node_from_gcs,
 )
-from coordinator.registry import NodeRegistry
 from coordinator.state import NodeRecord, NodeState, SqliteStateStore
 from coordinator.state.sqlite_store import now_ms
 

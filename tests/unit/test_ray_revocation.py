@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.compute.cluster import decode_deny_list
-from coordinator.ray_nodes import ALIVE, DEAD, DRAINING, RayNodeInfo
-from coordinator.ray_revocation import RayRevocationSync, drain_message, nodes_to_drain
+from coordinator.pretraining.cluster import decode_deny_list
+from coordinator.ray.nodes import ALIVE, DEAD, DRAINING, RayNodeInfo
+from coordinator.ray.revocation import RayRevocationSync, drain_message, nodes_to_drain
 from coordinator.state import SqliteStateStore
 
 
@@ -93,7 +93,7 @@ def test_revocation_publishes_the_deny_list_and_drains_the_nodes(
 ) -> None:
     store.revoke_institution("beta")
     gcs = FakeGcs([node("b1", "beta"), node("a1", "alpha"), node("b0", "beta", state=DEAD)])
-    with caplog.at_level(logging.INFO, logger="coordinator.ray_revocation"):
+    with caplog.at_level(logging.INFO, logger="coordinator.ray.revocation"):
         RayRevocationSync(store, gcs).sync()
     assert [decode_deny_list(v) for v in gcs.published] == [frozenset({"beta"})]
     assert gcs.drained == [("b1", "institution beta revoked by the consortium operator")]
@@ -105,7 +105,7 @@ def test_a_refused_drain_is_logged_with_rays_reason(
 ) -> None:
     store.revoke_institution("beta")
     gcs = FakeGcs([node("b1", "beta")], accept=False)
-    with caplog.at_level(logging.WARNING, logger="coordinator.ray_revocation"):
+    with caplog.at_level(logging.WARNING, logger="coordinator.ray.revocation"):
         RayRevocationSync(store, gcs).sync()
     assert "refused to drain node b1" in caplog.text and "node is the head" in caplog.text
 
@@ -116,7 +116,7 @@ def test_an_unreachable_gcs_is_one_warning_not_an_error(
     store.revoke_institution("beta")
     gcs = FakeGcs([node("b1", "beta")], fail=ConnectionRefusedError("GCS down"))
     sync = RayRevocationSync(store, gcs)
-    with caplog.at_level(logging.INFO, logger="coordinator.ray_revocation"):
+    with caplog.at_level(logging.INFO, logger="coordinator.ray.revocation"):
         for _ in range(3):
             sync.sync()  # must not raise into the scheduler
         assert caplog.text.count("could not enforce revocation of ['beta'] yet") == 1

@@ -11,8 +11,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from consortium import pki
 from consortium.errors import InvalidArgumentError, PermissionDeniedError
 from consortium.ray_env import RayTls, ray_auth_env
-from coordinator.pki_files import CoordinatorPki
-from coordinator.ray_tls import coordinator_ray_tls, peer_ip, sign_node_csr
+from coordinator.access.pki_files import CoordinatorPki
+from coordinator.ray.tls import coordinator_ray_tls, peer_ip, sign_node_csr
 
 
 @pytest.fixture

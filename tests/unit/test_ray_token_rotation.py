@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.ray_token_rotation import RayTokenRotation
+from coordinator.ray.token_rotation import RayTokenRotation
 from coordinator.state import SqliteStateStore
 
 

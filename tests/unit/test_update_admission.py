@@ -2,7 +2,7 @@
 
 Sites sign their training replies with `client.federated.signing_mod`;
 `ConsortiumStrategy` admits them (signature, registered key, nonce), validates
-and aggregates them, retains what it accepted, and `coordinator.replay`
+and aggregates them, retains what it accepted, and `coordinator.federated.replay`
 reproduces the aggregate from the retained files.
 """
 
@@ -45,9 +45,9 @@ from consortium.provenance.environment import describe_environment
 from consortium.provenance.signing import SignatureError, SigningKey, unb64
 from consortium.provenance.updates import UpdateStatement
 from consortium.tensor_digest import arrays_digest
+from coordinator.federated.replay import ReplayMismatchError, replay_rounds
 from coordinator.federated.retention import updates_dir
 from coordinator.federated.strategy import AggregationRule, ConsortiumStrategy, RoundProvenance
-from coordinator.replay import ReplayMismatchError, replay_rounds
 from coordinator.state import SqliteStateStore
 
 Arrays = dict[str, npt.NDArray[Any]]

@@ -11,7 +11,7 @@ stderr (fd 2), as grpcio 1.85 does by default::
     CERTIFICATE_VERIFY_FAILED: certificate has expired
 
 (one line in the log). `StderrTee` passes fd 2 through a pipe, unchanged, and hands
-each line to `TlsRefusalWatch`, which logs the refusal with its reason and counts it.
+each line to `ControlPlaneRefusalWatch`, which logs the refusal with its reason and counts it.
 
 Limits: the line has no peer address; ``GRPC_VERBOSITY=ERROR`` or ``NONE`` would hide
 it, so the `coordinator` command drops that variable before gRPC starts (see
@@ -32,7 +32,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from coordinator.refusal_log import POLL_INTERVAL_S, RefusalLog
+from coordinator.access.refusals.log import POLL_INTERVAL_S, RefusalLog
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-class TlsRefusalWatch:
+class ControlPlaneRefusalWatch:
     """Logs and counts the control plane's refused TLS handshakes (see the module doc)."""
 
     def __init__(self, on_refusal: Callable[[TlsRefusal], None] | None = None) -> None:

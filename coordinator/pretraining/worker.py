@@ -30,7 +30,7 @@ from consortium.data.stdlib_corpus import StdlibCorpus, load_stdlib_corpus
 from consortium.errors import DataDirError
 from consortium.lm import Weights, load_weights, model_weights, sample_batch
 from consortium.models.bytelm import ByteLM, ByteLMConfig
-from coordinator.compute.spec import PretrainJobSpec
+from coordinator.pretraining.spec import PretrainJobSpec
 
 
 @dataclass(frozen=True)

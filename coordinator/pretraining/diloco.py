@@ -45,19 +45,19 @@ from consortium.data.stdlib_corpus import StdlibCorpus
 from consortium.lm import Weights, load_weights, model_weights, validation_loss
 from consortium.models.bytelm import ByteLM
 from consortium.tensor_digest import arrays_digest
-from coordinator.compute.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from coordinator.compute.cluster import ClusterView, ScalingDecision, ScalingPolicy, WorkerSlot
-from coordinator.compute.errors import (
+from coordinator.pretraining.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from coordinator.pretraining.cluster import ClusterView, ScalingDecision, ScalingPolicy, WorkerSlot
+from coordinator.pretraining.errors import (
     CheckpointMismatchError,
     ClusterNotConnectedError,
     ControllerFinishedError,
     PretrainFailedError,
 )
-from coordinator.compute.pool import WorkerPool, describe_failure
-from coordinator.compute.records import OuterStepRecord, WorkerStepResult
-from coordinator.compute.schedule import assign_shards, derive_seed
-from coordinator.compute.spec import PretrainJobSpec
-from coordinator.compute.worker import InnerMetrics, WorkerConfig, corpus_for
+from coordinator.pretraining.pool import WorkerPool, describe_failure
+from coordinator.pretraining.records import OuterStepRecord, WorkerStepResult
+from coordinator.pretraining.schedule import assign_shards, derive_seed
+from coordinator.pretraining.spec import PretrainJobSpec
+from coordinator.pretraining.worker import InnerMetrics, WorkerConfig, corpus_for
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ record one (checked against a real SuperLink, see tests/integration/test_onboard
 
       ... INFO [uvicorn.access] 127.0.0.1:36158 - "POST /v1/fleet/pull-messages HTTP/1.1" 401
 
-`SuperLinkAuthWatch` turns each into a log line and ``consortium_auth_refusals_total
+`FleetRefusalWatch` turns each into a log line and ``consortium_auth_refusals_total
 {channel="fleet", reason="unknown_node"}``.
 """
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-from coordinator.refusal_log import LogRefusalWatch, Refusal
+from coordinator.access.refusals.log import LogRefusalWatch, Refusal
 
 CHANNEL = "fleet"
 UNKNOWN_NODE = "unknown_node"
@@ -76,7 +76,7 @@ def parse_fleet_refusal(line: str) -> FleetRefusal | None:
     return None
 
 
-class SuperLinkAuthWatch(LogRefusalWatch):
+class FleetRefusalWatch(LogRefusalWatch):
     """Follows the SuperLink's log; start it before the SuperLink."""
 
     def __init__(

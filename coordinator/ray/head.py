@@ -7,7 +7,7 @@ no CPUs, GPUs or `institution:` resource, so it never hosts training workers.
 With TLS, Ray runs with token authentication (`RAY_AUTH_MODE=token`) and the token
 `coordinator init` wrote to `<data dir>/pki/ray-token`; every onboarded site gets the
 same token in its startup bundle. Ray's GCS refuses a process without the token
-itself; a `RayAuthWatch` (coordinator/ray_auth_watch.py) follows the head's GCS log
+itself; a `RayRefusalWatch` (coordinator/access/refusals/ray_gcs.py) follows the head's GCS log
 and reports each refusal Ray records there.
 """
 
@@ -23,9 +23,9 @@ from typing import cast
 from consortium.errors import ChildProcessFailedError
 from consortium.processes import ChildProcess, venv_executable
 from consortium.ray_env import DRAIN_TIMEOUT_ENV, RayTls, ray_auth_env, short_temp_dir
-from coordinator.ray_auth_watch import RayAuthWatch, RayRefusal, gcs_log_path
-from coordinator.refusal_log import LogRefusalWatch, Refusal
-from coordinator.tls_refusals import TlsRefusal, parse_ray_handshake_failure
+from coordinator.access.refusals.control_plane import TlsRefusal, parse_ray_handshake_failure
+from coordinator.access.refusals.log import LogRefusalWatch, Refusal
+from coordinator.access.refusals.ray_gcs import RayRefusal, RayRefusalWatch, gcs_log_path
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class RayHead:
         (self.temp_dir / "ray_current_cluster").unlink(missing_ok=True)
         # With a token, report what the GCS refuses; started first, so the new session's
         # log is read from its first line and an earlier session's is skipped.
-        self.auth_watch = RayAuthWatch(self.temp_dir, on_refusal) if token_path else None
+        self.auth_watch = RayRefusalWatch(self.temp_dir, on_refusal) if token_path else None
         # With TLS, the GCS writes refused handshakes to its error log.
         self.tls_watch = (
             LogRefusalWatch(

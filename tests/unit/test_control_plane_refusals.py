@@ -9,8 +9,7 @@ import threading
 import pytest
 from prometheus_client import CollectorRegistry
 
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.tls_refusals import (
+from coordinator.access.refusals.control_plane import (
     EXPIRED,
     NO_CERTIFICATE,
     NOT_TLS,
@@ -18,10 +17,11 @@ from coordinator.tls_refusals import (
     OTHER,
     UNTRUSTED,
     WRONG_PURPOSE,
+    ControlPlaneRefusalWatch,
     StderrTee,
-    TlsRefusalWatch,
     parse_handshake_failure,
 )
+from coordinator.observability.metrics import CoordinatorMetrics
 
 # As grpcio 1.85.1 writes them on the server side (tests/integration/test_onboarding.py
 # provokes the first three and the plain-text one against a real coordinator).
@@ -101,7 +101,7 @@ def test_watch_logs_and_counts_a_refusal_written_to_fd_2(
         metrics.auth_refused("control_plane", refusal.reason)  # type: ignore[attr-defined]
         counted.set()
 
-    watch = TlsRefusalWatch(on_refusal=count)
+    watch = ControlPlaneRefusalWatch(on_refusal=count)
     with caplog.at_level(logging.WARNING):
         watch.start()
         try:

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from consortium.lm import Weights
-from coordinator.compute.accounting import JobAccounting, account
-from coordinator.compute.cluster import ClusterView, RayClusterView
-from coordinator.compute.diloco import ControllerState, DiLoCoController, DispatchHook
-from coordinator.compute.records import OuterStepRecord
-from coordinator.compute.spec import PretrainJobSpec
+from coordinator.pretraining.accounting import JobAccounting, account
+from coordinator.pretraining.cluster import ClusterView, RayClusterView
+from coordinator.pretraining.diloco import ControllerState, DiLoCoController, DispatchHook
+from coordinator.pretraining.records import OuterStepRecord
+from coordinator.pretraining.spec import PretrainJobSpec
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ against a real head, see tests/integration/test_ray_channel.py):
   it): ``Missing authorization header in syncer connection from node <id>`` and
   ``Invalid bearer token in syncer connection from node <id>``.
 
-`RayAuthWatch` follows that file from a thread (`refusal_log.LogRefusalWatch`), turns
+`RayRefusalWatch` follows that file from a thread (`refusal_log.LogRefusalWatch`), turns
 each such line into a `RayRefusal`, hands it to ``on_refusal`` (the metric) and logs it:
 the first of a burst at once, repeats of the same kind from the same peer as one summary
 per `refusal_log.SUMMARY_WINDOW_S`.
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-from coordinator.refusal_log import (
+from coordinator.access.refusals.log import (
     POLL_INTERVAL_S,
     LogFollower,
     LogRefusalWatch,
@@ -85,7 +85,7 @@ class RayRefusal:
         )
 
 
-def parse_refusal(line: str) -> RayRefusal | None:
+def parse_ray_refusal(line: str) -> RayRefusal | None:
     """The refusal a GCS log line records, or None."""
     for pattern, reason in _PATTERNS:
         found = pattern.search(line)
@@ -105,7 +105,7 @@ def gcs_log_path(temp_dir: Path, name: str = "gcs_server.out") -> Path | None:
     return session / "logs" / name
 
 
-class RayAuthWatch(LogRefusalWatch):
+class RayRefusalWatch(LogRefusalWatch):
     """Follows the GCS log of the Ray head whose temp dir is `temp_dir`.
 
     Start it before the head: what an earlier session wrote is skipped, the new
@@ -121,7 +121,7 @@ class RayAuthWatch(LogRefusalWatch):
         super().__init__(
             "ray-auth-watch",
             lambda: gcs_log_path(temp_dir),
-            parse_refusal,
+            parse_ray_refusal,
             cast(Callable[[Refusal], None] | None, on_refusal),
             poll_interval_s,
         )
@@ -131,9 +131,9 @@ __all__ = [
     "CHANNEL",
     "REASONS",
     "LogFollower",
-    "RayAuthWatch",
     "RayRefusal",
+    "RayRefusalWatch",
     "RefusalLog",
     "gcs_log_path",
-    "parse_refusal",
+    "parse_ray_refusal",
 ]

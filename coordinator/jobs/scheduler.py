@@ -1,5 +1,5 @@
 """Runs queued jobs one at a time, oldest first: federated jobs on the SuperLink,
-pretraining jobs on the Ray cluster (`coordinator/pretrain_runner.py`).
+pretraining jobs on the Ray cluster (`coordinator/pretraining/runner.py`).
 
 `step()` is one iteration of the loop, so tests can drive it and assert the
 state after each decision. The ServerApp (or the pretraining runner) records
@@ -15,12 +15,12 @@ import time
 from collections.abc import Callable
 
 from consortium.errors import ConflictError, ConsortiumError
-from coordinator.compute.spec import PretrainJobSpec
 from coordinator.federated.flower_app import FlowerCli
 from coordinator.jobs.pipeline import StartingModelError, waiting_reason
 from coordinator.jobs.spec import PRETRAIN, parse_job_spec, parse_submitted_spec
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.pretrain_runner import PretrainRunner
+from coordinator.observability.metrics import CoordinatorMetrics
+from coordinator.pretraining.runner import PretrainRunner
+from coordinator.pretraining.spec import PretrainJobSpec
 from coordinator.state import FINAL_JOB_STATES, JobRecord, JobState, StateStore
 from coordinator.state.sqlite_store import now_ms
 

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from consortium import pki
 from consortium.errors import InvalidArgumentError, PermissionDeniedError
 from consortium.ray_env import RayTls, ray_node_ip
-from coordinator.pki_files import CoordinatorPki
+from coordinator.access.pki_files import CoordinatorPki
 
 log = logging.getLogger(__name__)
 

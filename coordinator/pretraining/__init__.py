@@ -3,7 +3,7 @@
 The public surface; everything else in this package is an implementation detail::
 
     import ray
-    from coordinator.compute import parse_pretrain_spec, run_pretraining
+    from coordinator.pretraining import parse_pretrain_spec, run_pretraining
 
     ray.init(address="auto")
     spec = parse_pretrain_spec(open("job.toml").read())
@@ -14,14 +14,14 @@ See docs/pretraining.md for the method, the state machine and how nodes join.
 
 from __future__ import annotations
 
-from coordinator.compute.accounting import (
+from coordinator.pretraining.accounting import (
     InstitutionContribution,
     JobAccounting,
     account,
     step_compute,
 )
-from coordinator.compute.api import PretrainResult, result_of, run_pretraining
-from coordinator.compute.cluster import (
+from coordinator.pretraining.api import PretrainResult, result_of, run_pretraining
+from coordinator.pretraining.cluster import (
     ClusterView,
     RayClusterView,
     ScalingDecision,
@@ -29,20 +29,20 @@ from coordinator.compute.cluster import (
     WorkerSlot,
     slots_from_nodes,
 )
-from coordinator.compute.diloco import ControllerState, DiLoCoController
-from coordinator.compute.errors import (
+from coordinator.pretraining.diloco import ControllerState, DiLoCoController
+from coordinator.pretraining.errors import (
     CheckpointMismatchError,
     ClusterNotConnectedError,
     ControllerFinishedError,
     PretrainFailedError,
 )
-from coordinator.compute.records import OuterStepRecord, WorkerStepResult
-from coordinator.compute.spec import (
+from coordinator.pretraining.records import OuterStepRecord, WorkerStepResult
+from coordinator.pretraining.spec import (
     PretrainJobSpec,
     parse_pretrain_spec,
     validate_pretrain_spec,
 )
-from coordinator.compute.worker import DiLoCoWorker, InnerTrainer
+from coordinator.pretraining.worker import DiLoCoWorker, InnerTrainer
 
 __all__ = [
     "CheckpointMismatchError",

@@ -19,7 +19,7 @@ from cryptography import x509
 from consortium import pki
 from consortium.errors import ConflictError, InvalidArgumentError, NotFoundError
 from consortium.provenance.signing import SignatureError, SigningKey, VerifyingKey
-from coordinator.pki_files import OPERATOR, CoordinatorPki
+from coordinator.access.pki_files import OPERATOR, CoordinatorPki
 from coordinator.provenance_paths import coordinator_key_path
 from coordinator.state import StateStore
 

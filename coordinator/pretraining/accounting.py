@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from coordinator.compute.records import OuterStepRecord
+from coordinator.pretraining.records import OuterStepRecord
 
 
 @dataclass

@@ -27,14 +27,14 @@ from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from coordinator.compute.cluster import (
+from coordinator.pretraining.cluster import (
     DENY_LIST_NAMESPACE,
     REVOKED_KEY,
     claimed_institutions,
     encode_deny_list,
 )
-from coordinator.ray_head import RayCluster
-from coordinator.ray_nodes import ALIVE, RayNodeInfo, gcs_client, node_from_gcs
+from coordinator.ray.head import RayCluster
+from coordinator.ray.nodes import ALIVE, RayNodeInfo, gcs_client, node_from_gcs
 from coordinator.state import StateStore
 
 log = logging.getLogger(__name__)

@@ -46,11 +46,11 @@ from consortium.errors import ConflictError, JobSpecError, NotFoundError
 from consortium.lm import Weights, model_weights
 from consortium.provenance.environment import describe_environment
 from consortium.tensor_digest import arrays_digest
-from coordinator.compute.diloco import global_model
-from coordinator.compute.schedule import derive_seed
-from coordinator.compute.spec import PretrainJobSpec, validate_pretrain_spec
-from coordinator.compute.worker import InnerTrainer, WorkerConfig, corpus_for
-from coordinator.replay import ReplayMismatchError
+from coordinator.federated.replay import ReplayMismatchError
+from coordinator.pretraining.diloco import global_model
+from coordinator.pretraining.schedule import derive_seed
+from coordinator.pretraining.spec import PretrainJobSpec, validate_pretrain_spec
+from coordinator.pretraining.worker import InnerTrainer, WorkerConfig, corpus_for
 
 PRETRAIN = "pretrain"
 UPDATE_WEIGHT = 1  # as in the controller: every worker did the same H steps

@@ -2,7 +2,7 @@
 
 The scheduler hands a queued job of kind "pretrain" to `PretrainRunner.start`; the
 thread connects to the coordinator's Ray cluster (once per process), calls
-`coordinator.compute.run_pretraining`, shows why it
+`coordinator.pretraining.run_pretraining`, shows why it
 waits whenever too few workers are usable as the job's message ("waiting: needs 2 GPU
 workers, the cluster offers 0; ..."), and records every outer step as the job's round
 (so `jobs watch` shows progress), as a signed `outer_step` record in the provenance log
@@ -29,8 +29,9 @@ from consortium.provenance.environment import describe_environment
 from consortium.provenance.log import ProvenanceLog
 from consortium.provenance.signing import SigningKey
 from consortium.ray_env import use_ray_auth_in_this_process
-from coordinator.accounting_files import write_accounting
-from coordinator.compute import (
+from coordinator.federated.checkpoints import save_model
+from coordinator.observability.metrics import CoordinatorMetrics
+from coordinator.pretraining import (
     ControllerState,
     OuterStepRecord,
     PretrainJobSpec,
@@ -38,10 +39,9 @@ from coordinator.compute import (
     run_pretraining,
     step_compute,
 )
-from coordinator.federated.checkpoints import save_model
-from coordinator.metrics import CoordinatorMetrics
+from coordinator.pretraining.accounting_files import write_accounting
 from coordinator.provenance_paths import coordinator_key_path, provenance_log_path
-from coordinator.ray_head import RayCluster
+from coordinator.ray.head import RayCluster
 from coordinator.state import JobRecord, JobState, RoundRecord, StateStore
 from coordinator.state.sqlite_store import now_ms
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from coordinator.compute.records import OuterStepRecord
+from coordinator.pretraining.records import OuterStepRecord
 
 FORMAT = "consortium-diloco-checkpoint-v1"
 LATEST = "latest.pt"

@@ -9,18 +9,18 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.ray_auth_watch import (
+from coordinator.access.refusals.ray_gcs import (
     INVALID_TOKEN,
     MISSING_TOKEN,
     UNKNOWN_PEER,
     LogFollower,
-    RayAuthWatch,
     RayRefusal,
+    RayRefusalWatch,
     RefusalLog,
     gcs_log_path,
-    parse_refusal,
+    parse_ray_refusal,
 )
+from coordinator.observability.metrics import CoordinatorMetrics
 
 # MISSING as a real Ray 2.60 head wrote it; the syncer lines carry the messages of Ray's
 # ray_syncer source (file and line numbers made up; the parser does not read them).
@@ -43,13 +43,13 @@ UNRELATED = (
 
 
 def test_missing_token_line_is_a_refusal_from_an_unknown_peer() -> None:
-    refusal = parse_refusal(MISSING)
+    refusal = parse_ray_refusal(MISSING)
     assert refusal == RayRefusal(MISSING_TOKEN, UNKNOWN_PEER, MISSING)
     assert "no token" in refusal.describe() and "RAY_AUTH_MODE=token" in refusal.describe()
 
 
 def test_syncer_lines_name_the_node_and_the_reason() -> None:
-    missing, invalid = parse_refusal(SYNCER_MISSING), parse_refusal(SYNCER_INVALID)
+    missing, invalid = parse_ray_refusal(SYNCER_MISSING), parse_ray_refusal(SYNCER_INVALID)
     assert missing is not None and invalid is not None
     assert (missing.reason, missing.peer) == (MISSING_TOKEN, "node 2744e5acee")
     assert (invalid.reason, invalid.peer) == (INVALID_TOKEN, "node c15f3033ee")
@@ -66,7 +66,7 @@ def test_syncer_lines_name_the_node_and_the_reason() -> None:
     ],
 )
 def test_other_lines_are_not_refusals(line: str) -> None:
-    assert parse_refusal(line) is None
+    assert parse_ray_refusal(line) is None
 
 
 def _session(temp_dir: Path, name: str, text: str = "") -> Path:
@@ -122,9 +122,9 @@ def test_follower_starts_over_when_the_file_is_truncated(tmp_path: Path) -> None
 def test_refusal_log_logs_a_burst_once_then_one_summary(caplog: pytest.LogCaptureFixture) -> None:
     now = [100.0]
     refusals = RefusalLog(window_s=30.0, clock=lambda: now[0])
-    refusal = parse_refusal(MISSING)
+    refusal = parse_ray_refusal(MISSING)
     assert refusal is not None
-    with caplog.at_level(logging.WARNING, logger="coordinator.ray_auth_watch"):
+    with caplog.at_level(logging.WARNING, logger="coordinator.access.refusals.ray_gcs"):
         for _ in range(20):  # `ray start` retrying once a second
             refusals.add(refusal)
             now[0] += 1.0
@@ -140,9 +140,9 @@ def test_refusal_log_logs_a_burst_once_then_one_summary(caplog: pytest.LogCaptur
 
 def test_refusal_log_flushes_everything_on_request(caplog: pytest.LogCaptureFixture) -> None:
     refusals = RefusalLog(window_s=30.0, clock=lambda: 0.0)
-    invalid = parse_refusal(SYNCER_INVALID)
+    invalid = parse_ray_refusal(SYNCER_INVALID)
     assert invalid is not None
-    with caplog.at_level(logging.WARNING, logger="coordinator.ray_auth_watch"):
+    with caplog.at_level(logging.WARNING, logger="coordinator.access.refusals.ray_gcs"):
         refusals.add(invalid)
         refusals.add(invalid)
         refusals.flush()
@@ -160,7 +160,7 @@ def test_ray_refusals_have_zero_series_then_count_by_reason() -> None:
     metrics = CoordinatorMetrics(CollectorRegistry())
     assert _value(metrics, MISSING_TOKEN) == 0 and _value(metrics, INVALID_TOKEN) == 0
     for line in (MISSING, MISSING, SYNCER_INVALID):
-        refusal = parse_refusal(line)
+        refusal = parse_ray_refusal(line)
         assert refusal is not None
         metrics.auth_refused("ray", refusal.reason)
     assert _value(metrics, MISSING_TOKEN) == 2 and _value(metrics, INVALID_TOKEN) == 1
@@ -176,7 +176,7 @@ def test_watch_reports_each_refusal_of_the_new_session(tmp_path: Path) -> None:
         if len(seen) == 3:
             three.set()
 
-    watch = RayAuthWatch(tmp_path, on_refusal, poll_interval_s=0.01)
+    watch = RayRefusalWatch(tmp_path, on_refusal, poll_interval_s=0.01)
     watch.start()
     try:
         new = _session(tmp_path, "session_new", UNRELATED + "\n")
@@ -195,7 +195,7 @@ def test_watch_survives_a_failing_hook(tmp_path: Path, caplog: pytest.LogCapture
         called.set()
         raise RuntimeError("metrics are down")
 
-    watch = RayAuthWatch(tmp_path, broken, poll_interval_s=0.01)
+    watch = RayRefusalWatch(tmp_path, broken, poll_interval_s=0.01)
     watch.start()
     try:
         _session(tmp_path, "session_1", MISSING + "\n")

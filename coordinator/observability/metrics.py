@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.registry import Collector
 
 from consortium.metrics_http import MetricsServer
-from coordinator.metrics_state import StateCollector
+from coordinator.observability.state_metrics import StateCollector
 from coordinator.settings import CoordinatorSettings
 from coordinator.state import StateStore
 

@@ -17,8 +17,8 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from coordinator.compute.cluster import WorkerSlot
-from coordinator.compute.worker import DiLoCoWorker, WorkerConfig
+from coordinator.pretraining.cluster import WorkerSlot
+from coordinator.pretraining.worker import DiLoCoWorker, WorkerConfig
 
 log = logging.getLogger(__name__)
 

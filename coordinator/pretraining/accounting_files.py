@@ -1,7 +1,7 @@
 """Per-job compute accounting on disk: `<data dir>/accounting/<job id>.json`.
 
 Written by the pretraining runner after every outer step and at the end of a job
-(from `coordinator.compute.accounting`), read by `coordinator accounting`.
+(from `coordinator.pretraining.accounting`), read by `coordinator accounting`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # importing coordinator.compute imports Ray; the CLI only reads JSON
-    from coordinator.compute import JobAccounting
+if TYPE_CHECKING:  # importing coordinator.pretraining imports Ray; the CLI only reads JSON
+    from coordinator.pretraining import JobAccounting
 
 
 def accounting_dir(data_dir: Path) -> Path:

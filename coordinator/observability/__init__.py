@@ -1,0 +1,1 @@
+"""Metrics: Prometheus families of the coordinator, live and read from state at scrape time."""

@@ -1,0 +1,2 @@
+"""The coordinator's Ray cluster: its head, nodes view, TLS, token rotation, and drain
+on revocation."""

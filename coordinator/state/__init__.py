@@ -1,5 +1,7 @@
 """Coordinator state: nodes, jobs, rounds and job events behind one interface."""
 
+from coordinator.state.clock import now_ms
+from coordinator.state.memory_store import InMemoryStateStore
 from coordinator.state.records import (
     FINAL_JOB_STATES,
     JobEventRecord,
@@ -14,6 +16,7 @@ from coordinator.state.store import StateStore
 
 __all__ = [
     "FINAL_JOB_STATES",
+    "InMemoryStateStore",
     "JobEventRecord",
     "JobRecord",
     "JobState",
@@ -22,4 +25,5 @@ __all__ = [
     "RoundRecord",
     "SqliteStateStore",
     "StateStore",
+    "now_ms",
 ]

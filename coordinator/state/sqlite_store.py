@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from consortium.errors import ConflictError, NotFoundError
+from coordinator.state.clock import now_ms
 from coordinator.state.records import (
     JobEventRecord,
     JobRecord,
@@ -26,6 +26,8 @@ from coordinator.state.records import (
     RoundRecord,
 )
 from coordinator.state.store import StateStore
+
+__all__ = ["BUSY_TIMEOUT_MS", "SqliteStateStore", "now_ms"]  # now_ms: callers import it here
 
 BUSY_TIMEOUT_MS = 10_000
 
@@ -101,10 +103,6 @@ CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events(job_id, sequence);
 """
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 class SqliteStateStore(StateStore):
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -155,6 +153,8 @@ class SqliteStateStore(StateStore):
     # --- nodes -------------------------------------------------------------
     def add_node(self, node: NodeRecord) -> None:
         with self._transaction() as db:
+            if db.execute("SELECT 1 FROM nodes WHERE node_id = ?", (node.node_id,)).fetchone():
+                raise ConflictError(f"node {node.node_id!r} is already registered")
             db.execute(
                 "INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -224,6 +224,8 @@ class SqliteStateStore(StateStore):
     # --- jobs --------------------------------------------------------------
     def add_job(self, job: JobRecord) -> None:
         with self._transaction() as db:
+            if db.execute("SELECT 1 FROM jobs WHERE job_id = ?", (job.job_id,)).fetchone():
+                raise ConflictError(f"job {job.job_id!r} already exists")
             db.execute(
                 "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -315,6 +317,8 @@ class SqliteStateStore(StateStore):
     # --- rounds ------------------------------------------------------------
     def record_round(self, record: RoundRecord) -> None:
         with self._transaction() as db:
+            if not db.execute("SELECT 1 FROM jobs WHERE job_id = ?", (record.job_id,)).fetchone():
+                raise NotFoundError(f"job {record.job_id!r} does not exist")
             db.execute(
                 "INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?)",
                 (
@@ -387,6 +391,8 @@ class SqliteStateStore(StateStore):
         self, serial: str, institution: str, fingerprint: str, not_after_ms: int
     ) -> None:
         with self._transaction() as db:
+            if db.execute("SELECT 1 FROM certificates WHERE serial = ?", (serial,)).fetchone():
+                raise ConflictError(f"certificate serial {serial} was already issued")
             db.execute(
                 "INSERT INTO certificates VALUES (?, ?, ?, ?, ?)",
                 (serial, institution, fingerprint, not_after_ms, now_ms()),

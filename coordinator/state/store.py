@@ -1,4 +1,5 @@
-"""The state store interface. SQLite implements it; a Postgres backend could.
+"""The state store interface. SQLite implements it, so does an in-memory store for tests;
+a Postgres backend could. tests/unit/state/contract.py is the contract every backend passes.
 
 Every method is atomic. Job state changes and completed rounds also append a
 job event, which `WatchJob` streams in order of `sequence`.
@@ -21,7 +22,8 @@ from coordinator.state.records import (
 class StateStore(ABC):
     # --- nodes -------------------------------------------------------------
     @abstractmethod
-    def add_node(self, node: NodeRecord) -> None: ...
+    def add_node(self, node: NodeRecord) -> None:
+        """ConflictError if the node id is already registered."""
 
     @abstractmethod
     def get_node(self, node_id: str) -> NodeRecord:
@@ -33,7 +35,8 @@ class StateStore(ABC):
         ConflictError for a node that has left."""
 
     @abstractmethod
-    def set_node_state(self, node_id: str, state: NodeState) -> NodeRecord: ...
+    def set_node_state(self, node_id: str, state: NodeState) -> NodeRecord:
+        """Raises NotFoundError."""
 
     @abstractmethod
     def list_nodes(self) -> list[NodeRecord]: ...
@@ -44,7 +47,8 @@ class StateStore(ABC):
 
     # --- jobs --------------------------------------------------------------
     @abstractmethod
-    def add_job(self, job: JobRecord) -> None: ...
+    def add_job(self, job: JobRecord) -> None:
+        """ConflictError if the job id exists; appends the job's first event."""
 
     @abstractmethod
     def get_job(self, job_id: str) -> JobRecord:
@@ -74,7 +78,7 @@ class StateStore(ABC):
     @abstractmethod
     def record_round(self, record: RoundRecord) -> None:
         """Store a completed round (idempotent per (job, round)), bump the job's
-        `rounds_completed` and append a round event."""
+        `rounds_completed` and append a round event. NotFoundError for an unknown job."""
 
     @abstractmethod
     def list_rounds(self, job_id: str) -> list[RoundRecord]: ...
@@ -96,7 +100,8 @@ class StateStore(ABC):
     @abstractmethod
     def add_certificate(
         self, serial: str, institution: str, fingerprint: str, not_after_ms: int
-    ) -> None: ...
+    ) -> None:
+        """ConflictError if the serial was already issued."""
 
     @abstractmethod
     def institutions(self) -> list[str]:
@@ -117,11 +122,15 @@ class StateStore(ABC):
         """(institution, OpenSSH public key, Flower node id or '') for every key."""
 
     @abstractmethod
-    def set_supernode_node_id(self, institution: str, public_key: str, node_id: str) -> None: ...
+    def set_supernode_node_id(self, institution: str, public_key: str, node_id: str) -> None:
+        """A key that was never added is left alone."""
 
     # --- events ------------------------------------------------------------
     @abstractmethod
-    def events_after(self, job_id: str, sequence: int) -> list[JobEventRecord]: ...
+    def events_after(self, job_id: str, sequence: int) -> list[JobEventRecord]:
+        """Events of one job with a sequence above the given one, in order; sequences
+        start at 1 and grow across all jobs."""
 
     @abstractmethod
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release connections; a store used again afterwards reopens them."""

@@ -24,9 +24,13 @@ from coordinator.access.supernode_keys import SuperNodeKeySync
 from coordinator.api.auth import CertificateAuthInterceptor
 from coordinator.api.servicers import JobsServicer, NodeRegistryServicer
 from coordinator.federated.flower_app import FlowerCli
+from coordinator.federated.runner import FlowerJobRunner
 from coordinator.federated.superlink import SuperLink
+from coordinator.jobs.lifecycle import JobLifecycle
+from coordinator.jobs.runner import JobRunner, UnavailableRunner
 from coordinator.jobs.scheduler import Scheduler
 from coordinator.jobs.service import JobService
+from coordinator.jobs.spec import FEDERATED, PRETRAIN
 from coordinator.observability.metrics import (
     CoordinatorMetrics,
     MetricsEndpoint,
@@ -138,13 +142,23 @@ class Coordinator:
             self.store.close()
             raise
         flower = FlowerCli(settings.data_dir, self.superlink.address, self.pki)
+        lifecycle = JobLifecycle(self.store)
         self.pretrain = (
-            PretrainRunner(self.store, settings.data_dir, self.ray_cluster, self.metrics)
+            PretrainRunner(lifecycle, settings.data_dir, self.ray_cluster, self.metrics)
             if self.ray_cluster is not None
             else None
         )
+        runners: dict[str, JobRunner] = {
+            FEDERATED: FlowerJobRunner(lifecycle, self.store, flower, self.metrics),
+            PRETRAIN: self.pretrain
+            if self.pretrain is not None
+            else UnavailableRunner(
+                "pretraining needs Ray, but this coordinator runs with ray_enabled = false; "
+                "start `coordinator serve` with Ray"
+            ),
+        }
         self.scheduler = Scheduler(
-            self.store, flower, settings.scheduler_poll_interval_s, self.metrics, self.pretrain
+            lifecycle, runners, settings.scheduler_poll_interval_s, self.metrics
         )
         # With TLS, only onboarded SuperNode keys may connect; keep Flower's list current.
         key_sync = SuperNodeKeySync(self.store, flower).sync if self.pki is not None else None
@@ -297,8 +311,7 @@ class Coordinator:
         self.stopping.set()
         self.settings.address_file.unlink(missing_ok=True)
         self._scheduler_thread.join()
-        if self.pretrain is not None:
-            self.pretrain.shutdown()
+        self.scheduler.shutdown()
         self.server.stop(SHUTDOWN_GRACE_S).wait()
         if self._metrics_endpoint is not None:
             self._metrics_endpoint.stop()

@@ -10,7 +10,7 @@ count is the one signed, and the nonce was never used before in this job.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -19,7 +19,6 @@ from flwr.app import Message
 from consortium.provenance.signing import SignatureError, VerifyingKey, unb64
 from consortium.provenance.updates import UpdateStatement
 from consortium.tensor_digest import arrays_digest
-from coordinator.state import StateStore
 
 SIGNATURE_RECORD = "consortium.signature"
 COMMITMENT_RECORD = "consortium.data"
@@ -59,8 +58,18 @@ class AdmittedUpdate:
         }
 
 
+class AdmissionState(Protocol):
+    """What admission reads and claims: the state store, or a ServerApp's `RunningJob`."""
+
+    def is_revoked(self, institution: str) -> bool: ...
+
+    def institution_keys(self, institution: str) -> dict[str, bytes]: ...
+
+    def claim_nonce(self, job_id: str, nonce: str) -> bool: ...
+
+
 def admit(
-    reply: Message, job_id: str, round_: int, global_digest: str, store: StateStore
+    reply: Message, job_id: str, round_: int, global_digest: str, store: AdmissionState
 ) -> AdmittedUpdate:
     """Check one reply; raises UpdateRefused with a machine-readable reason."""
     if reply.has_error():

@@ -1,10 +1,11 @@
 """The ServerApp that runs one federated job on the SuperLink.
 
-`coordinator serve` submits it with `flwr run` (run config: job-id); it reads
-the job spec from the coordinator's state, samples nodes with the Flower
+`coordinator serve` submits it with `flwr run` (run config: job-id); it reaches
+the coordinator's state only through `RunningJob` (its typed spec, admission's
+reads, rounds and the job's end, via the job lifecycle), samples nodes with the Flower
 strategy named in the spec, admits and aggregates signed updates with
 `ConsortiumStrategy`, evaluates the global model on the held-out split after
-every round, and records each round three ways: in the state store (for
+every round, and records each round three ways: in the job's state (for
 `jobs watch`), as a checkpoint (for resuming) and as a signed record followed by
 a signed tree head in the provenance log.
 """
@@ -22,28 +23,26 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
+from consortium.errors import ConflictError
 from consortium.models import build_model, load_parameter_tensors, parameter_tensors
 from consortium.provenance.environment import describe_environment
 from consortium.provenance.log import ProvenanceLog
 from consortium.provenance.signing import SigningKey, b64
 from consortium.tensor_digest import arrays_digest, file_digest
+from coordinator.data_dir import DataDir
 from coordinator.federated.checkpoints import CheckpointStore, save_model
 from coordinator.federated.evaluation import held_out_for
 from coordinator.federated.strategy import AggregationRule, ConsortiumStrategy
 from coordinator.federated.superlink import DATA_DIR_ENV
+from coordinator.jobs.lifecycle import wall_clock_ms
 from coordinator.jobs.pipeline import StartingModel, family_of, load_starting_model
-from coordinator.jobs.spec import FederatedJobSpec, parse_job_spec
+from coordinator.jobs.running import JobCancelledError, RoundRecord, RunningJob
+from coordinator.jobs.spec import FederatedJobSpec
 from coordinator.provenance_paths import coordinator_key_path, provenance_log_path
-from coordinator.state import JobState, RoundRecord, SqliteStateStore, StateStore
-from coordinator.state.sqlite_store import now_ms
 
 log = logging.getLogger(__name__)
 
 app = ServerApp()
-
-
-class JobCancelledError(Exception):
-    """The job was cancelled while running; stop the strategy loop."""
 
 
 def make_sampler(spec: FederatedJobSpec) -> Strategy:
@@ -81,18 +80,18 @@ def numpy_state(model: torch.nn.Module) -> dict[str, Any]:
 class JobRun:
     """Everything one ServerApp run needs, wired to the coordinator's state."""
 
-    def __init__(self, data_dir: Path, store: StateStore, job_id: str) -> None:
+    def __init__(self, data_dir: Path, job: RunningJob) -> None:
         self.data_dir = data_dir
-        self.store = store
-        self.job_id = job_id
-        self.spec = parse_job_spec(store.get_job(job_id).spec_toml)
-        self.checkpoints = CheckpointStore(data_dir, job_id)
+        self.job = job
+        self.job_id = job.job_id
+        self.spec = job.spec
+        self.checkpoints = CheckpointStore(data_dir, job.job_id)
         self.provenance = ProvenanceLog(
             provenance_log_path(data_dir), SigningKey.load(coordinator_key_path(data_dir))
         )
         self._logged_keys = self.provenance.logged_key_ids()
         self.held_out = held_out_for(self.spec)
-        self.family = family_of(store, self.spec)
+        self.family = family_of(job, self.spec)
         self.starting: StartingModel | None = None  # set when init_from is used
 
     def initial_model(self) -> tuple[torch.nn.Module, int]:
@@ -104,7 +103,7 @@ class JobRun:
             return model, checkpoint.round
         if self.spec.init_from is not None:
             model, self.starting = load_starting_model(
-                self.store,
+                self.job,
                 self.spec,
                 provenance_log_path(self.data_dir),
                 SigningKey.load(coordinator_key_path(self.data_dir)).public,
@@ -185,7 +184,7 @@ class JobRun:
         strategy = ConsortiumStrategy(
             make_sampler(self.spec),
             self.job_id,
-            self.store,
+            self.job,
             rule_of(self.spec),
             round_offset=done_rounds,
             retention_dir=self.data_dir if self.spec.retain_updates else None,
@@ -202,16 +201,16 @@ class JobRun:
                 if server_round > 0:
                     self.checkpoints.save(round_, parameter_tensors(model))
                     self.log_round(strategy, round_, metrics)
-                self.store.record_round(
+                self.job.record_round(
                     RoundRecord(
                         job_id=self.job_id,
                         round=round_,
                         participants=len(provenance.participants) if provenance else 0,
                         metrics=metrics,
-                        finished_at_ms=now_ms(),
+                        finished_at_ms=wall_clock_ms(),
                     )
                 )
-            if self.store.get_job(self.job_id).state is JobState.CANCELLED:
+            if self.job.is_cancelled():
                 raise JobCancelledError(self.job_id)
             return MetricRecord(dict[str, int | float | list[int] | list[float]](metrics))
 
@@ -262,33 +261,21 @@ class JobRun:
             },
         )
         self.provenance.publish_tree_head()
-        self.store.update_job(
-            self.job_id,
-            state=JobState.SUCCEEDED,
-            message=f"completed {self.spec.rounds} rounds",
-            model_path=str(model_path),
-            finished_at_ms=now_ms(),
-            expect_states=frozenset({JobState.RUNNING}),
-        )
+        self.job.succeed(f"completed {self.spec.rounds} rounds", str(model_path))
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     data_dir = Path(os.environ[DATA_DIR_ENV])
     job_id = str(context.run_config["job-id"])
-    store = SqliteStateStore(data_dir / "state.db")
-    try:
-        JobRun(data_dir, store, job_id).run(grid)
-    except JobCancelledError:
-        log.info("job %s was cancelled; stopping", job_id)
-    except Exception as error:
-        store.update_job(
-            job_id,
-            state=JobState.FAILED,
-            message=f"ServerApp failed: {type(error).__name__}: {error}",
-            finished_at_ms=now_ms(),
-            expect_states=frozenset({JobState.RUNNING}),
-        )
-        raise
-    finally:
-        store.close()
+    with RunningJob.open(DataDir(data_dir), job_id) as job:
+        try:
+            JobRun(data_dir, job).run(grid)
+        except JobCancelledError:
+            log.info("job %s was cancelled; stopping", job_id)
+        except Exception as error:
+            try:
+                job.fail(f"ServerApp failed: {type(error).__name__}: {error}")
+            except ConflictError:
+                log.info("job %s had already ended; its failure is not recorded", job_id)
+            raise

@@ -33,9 +33,8 @@ from consortium.aggregation import (
     validate_update,
 )
 from consortium.tensor_digest import arrays_digest
-from coordinator.federated.admission import AdmittedUpdate, UpdateRefused, admit
+from coordinator.federated.admission import AdmissionState, AdmittedUpdate, UpdateRefused, admit
 from coordinator.federated.retention import retain
-from coordinator.state import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +108,7 @@ class ConsortiumStrategy(Strategy):
         self,
         sampler: Strategy,
         job_id: str,
-        store: StateStore,
+        store: AdmissionState,
         rule: AggregationRule,
         round_offset: int,
         retention_dir: Path | None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -23,13 +24,20 @@ from consortium.models import build_model, load_parameter_tensors
 from consortium.provenance.log import read_lines, record_signing_bytes
 from consortium.provenance.signing import SignatureError, VerifyingKey, unb64
 from consortium.tensor_digest import arrays_digest
-from coordinator.jobs.spec import FederatedJobSpec, parse_submitted_spec
+from coordinator.jobs.spec import FederatedJobSpec, spec_of
 from coordinator.pretraining.spec import PretrainJobSpec
-from coordinator.state import JobRecord, JobState, StateStore
+from coordinator.state import JobRecord, JobState
 
 ENDED_BADLY = frozenset({JobState.FAILED, JobState.CANCELLED})
 # The signed record that closes a job, and the body field holding its model digest.
 FINAL_RECORDS = {"job_finished": "model_digest", "job_completed": "final_model_digest"}
+
+
+class JobLookup(Protocol):
+    """What a pipeline reads of other jobs: the state store, or a ServerApp's
+    `RunningJob` (which never opens the store itself)."""
+
+    def get_job(self, job_id: str) -> JobRecord: ...
 
 
 class StartingModelError(ConflictError):
@@ -49,9 +57,9 @@ class StartingModel:
     digest: str  # arrays_digest of the parameters, as the source's final record signs
 
 
-def model_family(store: StateStore, job: JobRecord) -> ModelFamily:
+def model_family(store: JobLookup, job: JobRecord) -> ModelFamily:
     """The model (name and size) that `job` produces."""
-    spec = parse_submitted_spec(job.spec_toml)
+    spec = spec_of(job)
     if isinstance(spec, PretrainJobSpec):
         config = spec.bytelm_config
         return ModelFamily(
@@ -66,14 +74,14 @@ def model_family(store: StateStore, job: JobRecord) -> ModelFamily:
     return family_of(store, spec)
 
 
-def family_of(store: StateStore, spec: FederatedJobSpec) -> ModelFamily:
+def family_of(store: JobLookup, spec: FederatedJobSpec) -> ModelFamily:
     """The model a federated spec trains: its own, or its source's."""
     if spec.init_from is None:
         return ModelFamily(spec.model, dict(spec.model_options))
     return model_family(store, store.get_job(spec.init_from))
 
 
-def check_init_from(store: StateStore, spec: FederatedJobSpec) -> None:
+def check_init_from(store: JobLookup, spec: FederatedJobSpec) -> None:
     """At submit: the source exists, has not failed, and fits the spec."""
     if spec.init_from is None:
         return
@@ -102,7 +110,7 @@ def check_init_from(store: StateStore, spec: FederatedJobSpec) -> None:
         )
 
 
-def waiting_reason(store: StateStore, spec: FederatedJobSpec) -> str | None:
+def waiting_reason(store: JobLookup, spec: FederatedJobSpec) -> str | None:
     """None when the job may start; why not otherwise. Raises when it never can."""
     if spec.init_from is None:
         return None
@@ -139,7 +147,7 @@ def signed_final_digest(log_path: Path, key: VerifyingKey, job_id: str) -> str:
 
 
 def load_starting_model(
-    store: StateStore, spec: FederatedJobSpec, log_path: Path, key: VerifyingKey
+    store: JobLookup, spec: FederatedJobSpec, log_path: Path, key: VerifyingKey
 ) -> tuple[nn.Module, StartingModel]:
     """Build the source's model and load its weights, checked against the signed log."""
     assert spec.init_from is not None

@@ -1,61 +1,61 @@
-"""Runs queued jobs one at a time, oldest first: federated jobs on the SuperLink,
-pretraining jobs on the Ray cluster (`coordinator/pretraining/runner.py`).
+"""Runs queued jobs one at a time, oldest first, each on the runner of its kind.
 
-`step()` is one iteration of the loop, so tests can drive it and assert the
-state after each decision. The ServerApp (or the pretraining runner) records
-rounds and success itself; the scheduler starts runs, stops cancelled ones, and
-fails jobs whose Flower run ended without completing them.
+The scheduler knows no job kind: `coordinator serve` hands it one `JobRunner` per kind
+(`coordinator/jobs/runner.py`). Each `step()` is one decision, so tests drive it with
+fake runners over an in-memory store and assert the state after each::
+
+    idle ──queued job ready──> start: lifecycle QUEUED->RUNNING, runner.start
+      ^                                   │
+      │                                   v
+      └──── runner no longer active <── active: cancelled? runner.stop; is_active?
+
+A queued job whose runner says it waits keeps its place and shows why (its message);
+one that can never start fails. Runs end by themselves (the runner records success or
+failure through the lifecycle); the scheduler only notices that the runtime is free.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from consortium.errors import ConflictError, ConsortiumError
-from coordinator.federated.flower_app import FlowerCli
-from coordinator.jobs.pipeline import StartingModelError, waiting_reason
-from coordinator.jobs.spec import PRETRAIN, parse_job_spec, parse_submitted_spec
+from coordinator.jobs.lifecycle import JobLifecycle
+from coordinator.jobs.runner import JobCannotStartError, JobRunner
 from coordinator.observability.metrics import CoordinatorMetrics
-from coordinator.pretraining.runner import PretrainRunner
-from coordinator.pretraining.spec import PretrainJobSpec
-from coordinator.state import FINAL_JOB_STATES, JobRecord, JobState, StateStore
-from coordinator.state.sqlite_store import now_ms
+from coordinator.state import JobRecord, JobState
 
 log = logging.getLogger(__name__)
 
-# The ServerApp marks its job done or failed itself; asking Flower (a `flwr ls`
-# process) only catches runs that died without a word, so it can be rare.
-FLOWER_STATUS_INTERVAL_S = 30.0
+QUEUED_ONLY = frozenset({JobState.QUEUED})
 
 
 class Scheduler:
     def __init__(
         self,
-        store: StateStore,
-        flower: FlowerCli,
+        lifecycle: JobLifecycle,
+        runners: Mapping[str, JobRunner],
         poll_interval_s: float,
         metrics: CoordinatorMetrics | None = None,
-        pretrain: PretrainRunner | None = None,
     ) -> None:
-        self._store = store
-        self._pretrain = pretrain  # None: Ray is off, pretraining jobs fail
-        self._flower = flower
+        self._lifecycle = lifecycle
+        self._runners = dict(runners)
         self._poll_interval_s = poll_interval_s
         self._metrics = metrics or CoordinatorMetrics()
         self._active: str | None = None  # job id of the job we started
-        self._last_status_check = 0.0
+        self._stop_sent = False
+
+    @property
+    def active_job(self) -> str | None:
+        return self._active
 
     def recover(self) -> None:
         """Jobs left RUNNING by a stopped coordinator go back to the queue; they
         resume from their last checkpoint when scheduled again."""
-        for job in self._store.list_jobs(JobState.RUNNING):
-            self._store.update_job(
-                job.job_id,
-                state=JobState.QUEUED,
-                message=f"coordinator restarted; resumes after round {job.rounds_completed}",
+        for job in self._lifecycle.running():
+            self._lifecycle.requeue(
+                job.job_id, f"coordinator restarted; resumes after round {job.rounds_completed}"
             )
             log.info("job %s re-queued after restart", job.job_id)
 
@@ -65,132 +65,10 @@ class Scheduler:
         if self._active is None:
             self._start_next()
 
-    def _check_active(self, job_id: str) -> None:
-        job = self._store.get_job(job_id)
-        if job.kind == PRETRAIN:
-            self._check_pretrain(job)
-            return
-        if job.state is JobState.CANCELLED:
-            log.info("stopping Flower run %s of cancelled job %s", job.flower_run_id, job_id)
-            try:
-                self._flower.stop(job.flower_run_id)
-            except ConsortiumError as error:
-                log.warning("could not stop Flower run %s: %s", job.flower_run_id, error)
-            self._active = None
-            return
-        if job.state in FINAL_JOB_STATES:
-            self._active = None
-            return
-        if time.monotonic() - self._last_status_check < FLOWER_STATUS_INTERVAL_S:
-            return
-        self._last_status_check = time.monotonic()
-        try:
-            status = self._flower.status(job.flower_run_id)
-        except ConsortiumError as error:
-            log.warning("could not read the status of Flower run %s: %s", job.flower_run_id, error)
-            return
-        if status.finished:
-            # Re-read: the ServerApp may have completed the job just now.
-            if self._store.get_job(job_id).state is JobState.RUNNING:
-                self._metrics.run_failed("ended_early")
-                self._store.update_job(
-                    job_id,
-                    state=JobState.FAILED,
-                    message=f"Flower run {status.run_id} ended ({status.status}: "
-                    f"{status.details}) before the job completed; see logs/superlink.log",
-                    finished_at_ms=now_ms(),
-                    expect_states=frozenset({JobState.RUNNING}),
-                )
-            self._active = None
-
-    def _check_pretrain(self, job: JobRecord) -> None:
-        assert self._pretrain is not None  # only started with a runner
-        if job.state is JobState.CANCELLED:
-            self._pretrain.cancel()
-        # The next job waits until the run (and its Ray actors) has ended.
-        if not self._pretrain.busy():
-            self._active = None
-
-    def _start_pretrain(self, job: JobRecord) -> None:
-        if self._pretrain is None:
-            self._store.update_job(
-                job.job_id,
-                state=JobState.FAILED,
-                message="pretraining needs Ray, but this coordinator runs with ray_enabled "
-                "= false; start `coordinator serve` with Ray",
-                finished_at_ms=now_ms(),
-            )
-            return
-        spec = parse_submitted_spec(job.spec_toml)
-        assert isinstance(spec, PretrainJobSpec)
-        try:
-            self._store.update_job(
-                job.job_id,
-                state=JobState.RUNNING,
-                message="pretraining on the Ray cluster",
-                started_at_ms=job.started_at_ms or now_ms(),
-                expect_states=frozenset({JobState.QUEUED}),
-            )
-        except ConflictError:  # cancelled meanwhile
-            return
-        self._pretrain.start(job, spec)
-        self._active = job.job_id
-        log.info("job %s started on the Ray cluster", job.job_id)
-
-    def _starting_model_ready(self, job: JobRecord) -> bool:
-        """Whether the job's `init_from` model exists; fails the job when it never will."""
-        try:
-            reason = waiting_reason(self._store, parse_job_spec(job.spec_toml))
-        except StartingModelError as error:
-            self._store.update_job(
-                job.job_id,
-                state=JobState.FAILED,
-                message=str(error),
-                finished_at_ms=now_ms(),
-                expect_states=frozenset({JobState.QUEUED}),
-            )
-            return False
-        if reason is not None and job.message != reason:
-            self._store.update_job(job.job_id, message=reason)
-        return reason is None
-
-    def _start_next(self) -> None:
-        queued = self._store.list_jobs(JobState.QUEUED)
-        if not queued:
-            return
-        job = queued[0]
-        if job.kind == PRETRAIN:
-            self._start_pretrain(job)
-            return
-        if not self._starting_model_ready(job):
-            return
-        try:
-            run_id = self._flower.run({"job-id": job.job_id})
-            self._metrics.run_started()
-        except ConsortiumError as error:
-            self._metrics.run_failed("start_error")
-            self._store.update_job(
-                job.job_id,
-                state=JobState.FAILED,
-                message=f"could not start the Flower run: {error}",
-                finished_at_ms=now_ms(),
-            )
-            return
-        try:
-            self._store.update_job(
-                job.job_id,
-                state=JobState.RUNNING,
-                message="running on the Flower SuperLink",
-                started_at_ms=job.started_at_ms or now_ms(),
-                flower_run_id=run_id,
-                expect_states=frozenset({JobState.QUEUED}),
-            )
-        except ConflictError:  # cancelled while the run was being started
-            self._flower.stop(run_id)
-            return
-        self._active = job.job_id
-        self._last_status_check = time.monotonic()
-        log.info("job %s started as Flower run %s", job.job_id, run_id)
+    def shutdown(self) -> None:
+        """Stop every runner's runs, leaving their jobs RUNNING (re-queued at next start)."""
+        for runner in self._runners.values():
+            runner.shutdown()
 
     def run_forever(
         self, stopping: threading.Event, before_step: Callable[[], None] | None = None
@@ -204,3 +82,67 @@ class Scheduler:
             except Exception:
                 log.exception("scheduler step failed; retrying")
             stopping.wait(self._poll_interval_s)
+
+    def _runner(self, job: JobRecord) -> JobRunner:
+        runner = self._runners.get(job.kind)
+        if runner is None:
+            known = ", ".join(sorted(self._runners)) or "none"
+            raise JobCannotStartError(
+                f"this coordinator runs no {job.kind!r} jobs (runners: {known})"
+            )
+        return runner
+
+    def _check_active(self, job_id: str) -> None:
+        job = self._lifecycle.get(job_id)
+        runner = self._runner(job)
+        if job.state is JobState.CANCELLED and not self._stop_sent:
+            log.info("stopping the run of cancelled job %s", job_id)
+            self._stop_sent = True
+            try:
+                runner.stop(job)
+            except ConsortiumError as error:
+                log.warning("could not stop the run of job %s: %s", job_id, error)
+        if not runner.is_active(job):
+            self._active = None
+
+    def _start_next(self) -> None:
+        queued = self._lifecycle.queued()
+        if not queued:
+            return
+        job = queued[0]
+        try:
+            runner = self._runner(job)
+            reason = runner.waiting_reason(job)
+        except JobCannotStartError as error:
+            self._fail_queued(job, str(error))
+            return
+        if reason is not None:
+            if job.message != reason:
+                self._note_queued(job, reason)
+            return
+        try:
+            job = self._lifecycle.start(job.job_id, f"starting its {job.kind} run")
+        except ConflictError:  # cancelled meanwhile
+            return
+        try:
+            runner.start(job)
+        except ConsortiumError as error:
+            self._metrics.run_failed("start_error")
+            self._lifecycle.fail(job.job_id, f"could not start the run: {error}")
+            return
+        self._metrics.run_started()
+        self._active = job.job_id
+        self._stop_sent = False
+        log.info("job %s (%s) started", job.job_id, job.kind)
+
+    def _fail_queued(self, job: JobRecord, message: str) -> None:
+        try:
+            self._lifecycle.fail(job.job_id, message)
+        except ConflictError:
+            log.info("job %s left the queue meanwhile; not failing it", job.job_id)
+
+    def _note_queued(self, job: JobRecord, message: str) -> None:
+        try:
+            self._lifecycle.note(job.job_id, message, while_in=QUEUED_ONLY)
+        except ConflictError:
+            log.info("job %s left the queue meanwhile", job.job_id)

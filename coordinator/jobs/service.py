@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import uuid
-
 from consortium.errors import JobSpecError
+from coordinator.jobs.lifecycle import JobLifecycle
 from coordinator.jobs.pipeline import check_init_from
 from coordinator.jobs.spec import FederatedJobSpec, parse_submitted_spec
 from coordinator.pretraining.spec import PretrainJobSpec
-from coordinator.state import JobRecord, JobState, RoundRecord, StateStore
-from coordinator.state.sqlite_store import now_ms
-
-CANCELLABLE = frozenset({JobState.QUEUED, JobState.RUNNING})
+from coordinator.state import JobRecord, RoundRecord, StateStore
 
 
 def known_institutions(store: StateStore) -> set[str]:
@@ -34,11 +30,16 @@ def check_caps_name_known_institutions(store: StateStore, spec: PretrainJobSpec)
 
 
 class JobService:
-    def __init__(self, store: StateStore) -> None:
+    """What the control-plane API does with jobs: validate and queue, read, cancel.
+    State changes go through the lifecycle; scheduling lives in the scheduler."""
+
+    def __init__(self, store: StateStore, lifecycle: JobLifecycle | None = None) -> None:
         self._store = store
+        self._lifecycle = lifecycle or JobLifecycle(store)
 
     def submit(self, spec_toml: str) -> JobRecord:
-        """Validate and queue; an invalid spec raises JobSpecError and creates nothing."""
+        """Validate and queue; an invalid spec raises JobSpecError and creates nothing.
+        The one place a submitted spec is parsed and checked."""
         spec = parse_submitted_spec(spec_toml)
         if isinstance(spec, FederatedJobSpec):
             check_init_from(self._store, spec)
@@ -46,18 +47,7 @@ class JobService:
             check_caps_name_known_institutions(self._store, spec)
         # A pretraining job's rounds are its outer steps.
         rounds = spec.rounds if isinstance(spec, FederatedJobSpec) else spec.outer_steps
-        job = JobRecord(
-            job_id=uuid.uuid4().hex[:12],
-            name=spec.name,
-            kind=spec.kind,
-            spec_toml=spec_toml,
-            state=JobState.QUEUED,
-            rounds_total=rounds,
-            message="waiting for the scheduler",
-            created_at_ms=now_ms(),
-        )
-        self._store.add_job(job)
-        return job
+        return self._lifecycle.submit(spec.name, spec.kind, spec_toml, rounds)
 
     def get(self, job_id: str) -> tuple[JobRecord, list[RoundRecord]]:
         return self._store.get_job(job_id), self._store.list_rounds(job_id)
@@ -67,10 +57,4 @@ class JobService:
 
     def cancel(self, job_id: str) -> JobRecord:
         """Queued jobs never start; running ones are stopped by the scheduler."""
-        return self._store.update_job(
-            job_id,
-            state=JobState.CANCELLED,
-            message="cancelled by request",
-            finished_at_ms=now_ms(),
-            expect_states=CANCELLABLE,
-        )
+        return self._lifecycle.cancel(job_id)

@@ -38,6 +38,7 @@ Every error names the field, so the user can fix the file.
 
 from __future__ import annotations
 
+import functools
 import tomllib
 from typing import Literal
 
@@ -54,6 +55,7 @@ from pydantic import (
 from consortium.errors import JobSpecError
 from consortium.models import MODELS, build_model
 from coordinator.pretraining.spec import PretrainJobSpec, validate_pretrain_spec
+from coordinator.state import JobRecord
 
 # Datasets the coordinator knows the schema of and holds a public held-out split
 # for, with the model family that trains on them; each site maps these names to its
@@ -159,7 +161,28 @@ def parse_submitted_spec(text: str) -> JobSpec:
 
 def parse_job_spec(text: str) -> FederatedJobSpec:
     """Parse and validate a federated spec; raises JobSpecError naming the first bad field."""
-    return _validate_federated(_load_toml(text))
+    return _federated(parse_submitted_spec(text), "the spec")
+
+
+def spec_of(job: JobRecord) -> JobSpec:
+    """The typed spec of a stored job. Its text was validated when it was submitted, the
+    one place a spec is checked; parsed once per process and kept (records are frozen)."""
+    return _stored_spec(job.spec_toml)
+
+
+def federated_spec_of(job: JobRecord) -> FederatedJobSpec:
+    return _federated(spec_of(job), f"job {job.job_id}")
+
+
+@functools.lru_cache(maxsize=256)
+def _stored_spec(spec_toml: str) -> JobSpec:
+    return parse_submitted_spec(spec_toml)
+
+
+def _federated(spec: JobSpec, what: str) -> FederatedJobSpec:
+    if not isinstance(spec, FederatedJobSpec):
+        raise JobSpecError(f"invalid job spec: field 'kind': {what} is a {spec.kind} job")
+    return spec
 
 
 def _load_toml(text: str) -> dict[str, object]:

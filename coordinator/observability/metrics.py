@@ -84,12 +84,12 @@ class CoordinatorMetrics:
         )
         self.runs_started = Counter(
             "consortium_scheduler_runs_started_total",
-            "Flower runs the scheduler started for jobs.",
+            "Runs (Flower or Ray) the scheduler started for jobs.",
             registry=r,
         )
         self.runs_failed = Counter(
             "consortium_scheduler_runs_failed_total",
-            "Jobs the scheduler failed: the run could not start, or ended before the job.",
+            "Jobs failed for their run: it could not start, or ended before the job.",
             ["reason"],
             registry=r,
         )

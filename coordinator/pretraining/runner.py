@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ from consortium.provenance.log import ProvenanceLog
 from consortium.provenance.signing import SigningKey
 from consortium.ray_env import use_ray_auth_in_this_process
 from coordinator.federated.checkpoints import save_model
+from coordinator.jobs.lifecycle import JobLifecycle
+from coordinator.jobs.spec import spec_of
 from coordinator.observability.metrics import CoordinatorMetrics
 from coordinator.pretraining import (
     ControllerState,
@@ -42,8 +45,7 @@ from coordinator.pretraining import (
 from coordinator.pretraining.accounting_files import write_accounting
 from coordinator.provenance_paths import coordinator_key_path, provenance_log_path
 from coordinator.ray.head import RayCluster
-from coordinator.state import JobRecord, JobState, RoundRecord, StateStore
-from coordinator.state.sqlite_store import now_ms
+from coordinator.state import JobRecord, JobState, RoundRecord
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +55,16 @@ RUNNING_MESSAGE = "pretraining on the Ray cluster"  # while workers are at it
 
 
 class PretrainRunner:
+    """The `JobRunner` of kind "pretrain": one run at a time, in a thread."""
+
     def __init__(
         self,
-        store: StateStore,
+        lifecycle: JobLifecycle,
         data_dir: Path,
         cluster: RayCluster,
         metrics: CoordinatorMetrics | None = None,
     ) -> None:
-        self._store = store
+        self._lifecycle = lifecycle
         self._metrics = metrics or CoordinatorMetrics()
         self._data_dir = data_dir
         self._cluster = cluster
@@ -71,21 +75,34 @@ class PretrainRunner:
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self, job: JobRecord, spec: PretrainJobSpec) -> None:
+    def waiting_reason(self, job: JobRecord) -> str | None:
+        """Ready at once: the run itself waits for workers, and says why."""
+        return None
+
+    def start(self, job: JobRecord) -> None:
         """Run `job` (already RUNNING in the store) in a new thread."""
         if self.busy():
             raise ConflictError("a pretraining job is already running")
+        spec = spec_of(job)
+        if not isinstance(spec, PretrainJobSpec):
+            raise ConflictError(f"job {job.job_id} is a {spec.kind} job, not pretraining")
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run, args=(job.job_id, spec, self._stop), name=f"pretrain-{job.job_id}"
         )
         self._thread.start()
 
-    def cancel(self) -> None:
-        """Stop the current run after its current attempt."""
+    def is_active(self, job: JobRecord) -> bool:
+        """The next job waits until this run (and its Ray actors) has ended."""
+        return self.busy()
+
+    def stop(self, job: JobRecord) -> None:
+        """Stop the current run after its current attempt (the job was cancelled)."""
         self._stop.set()
 
     def shutdown(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """Stop the run, leaving its job RUNNING: the next start re-queues it and it
+        resumes from its checkpoint."""
         self._shutting_down.set()
         self._stop.set()
         if self._thread is not None:
@@ -115,7 +132,7 @@ class PretrainRunner:
         ray.init(address=self._cluster.address, logging_level=logging.WARNING)
 
     def _run(self, job_id: str, spec: PretrainJobSpec, stop: threading.Event) -> None:
-        recorder = StepRecorder(self._store, self._data_dir, job_id, self._metrics)
+        recorder = StepRecorder(self._lifecycle, self._data_dir, job_id, self._metrics)
         try:
             self._connect()
             recorder.log_start(spec)
@@ -131,7 +148,8 @@ class PretrainRunner:
                 log.warning("pretraining job %s interrupted by shutdown: %s", job_id, error)
                 return
             log.exception("pretraining job %s failed", job_id)
-            self._finish(job_id, JobState.FAILED, f"pretraining failed: {error}")
+            reason = f"pretraining failed: {error}"
+            self._end(job_id, lambda: self._lifecycle.fail(job_id, reason))
             return
         if result.state is not ControllerState.FINISHED:
             log.info("pretraining job %s stopped after %d steps", job_id, result.steps_completed)
@@ -144,29 +162,19 @@ class PretrainRunner:
             {"job_id": job_id, "model_digest": result.model_digest},
         )
         recorder.log_finish(result.model_digest, result.corpus_digest, result.val_loss)
-        self._finish(
-            job_id,
-            JobState.SUCCEEDED,
+        message = (
             f"{result.steps_completed} outer steps, val loss {result.val_loss:.4f}"
             if result.val_loss is not None
-            else f"{result.steps_completed} outer steps",
-            model_path=str(model_path),
+            else f"{result.steps_completed} outer steps"
         )
+        self._end(job_id, lambda: self._lifecycle.succeed(job_id, message, str(model_path)))
 
-    def _finish(
-        self, job_id: str, state: JobState, message: str, model_path: str | None = None
-    ) -> None:
+    @staticmethod
+    def _end(job_id: str, transition: Callable[[], JobRecord]) -> None:
         try:
-            self._store.update_job(
-                job_id,
-                state=state,
-                message=message,
-                finished_at_ms=now_ms(),
-                model_path=model_path,
-                expect_states=RUNNING,
-            )
+            transition()
         except ConflictError:
-            log.info("job %s was no longer running (cancelled?); not marking it %s", job_id, state)
+            log.info("job %s was no longer running (cancelled?); its end is not recorded", job_id)
 
 
 class StepRecorder:
@@ -175,12 +183,12 @@ class StepRecorder:
 
     def __init__(
         self,
-        store: StateStore,
+        lifecycle: JobLifecycle,
         data_dir: Path,
         job_id: str,
         metrics: CoordinatorMetrics | None = None,
     ) -> None:
-        self._store = store
+        self._lifecycle = lifecycle
         self._metrics = metrics or CoordinatorMetrics()
         self._data_dir = data_dir
         self._job_id = job_id
@@ -190,7 +198,7 @@ class StepRecorder:
         )
 
     def log_start(self, spec: PretrainJobSpec) -> None:
-        done = self._store.get_job(self._job_id).rounds_completed
+        done = self._lifecycle.get(self._job_id).rounds_completed
         if done:
             self._provenance.append(
                 "job_resumed", {"job_id": self._job_id, "after_round": done, "kind": "pretrain"}
@@ -213,7 +221,7 @@ class StepRecorder:
         """Why the run waits for workers (None: it goes on), as the job's message."""
         message = f"waiting: {reason}" if reason is not None else RUNNING_MESSAGE
         try:
-            self._store.update_job(self._job_id, message=message, expect_states=RUNNING)
+            self._lifecycle.note(self._job_id, message, while_in=RUNNING)
         except ConflictError:
             log.info("job %s is no longer running; not showing %r", self._job_id, message)
 
@@ -227,7 +235,7 @@ class StepRecorder:
         }
         if train_losses:
             metrics["train_loss"] = sum(train_losses) / len(train_losses)
-        self._store.record_round(
+        self._lifecycle.record_round(
             RoundRecord(
                 self._job_id, round=round_, participants=len(record.results), metrics=metrics
             )

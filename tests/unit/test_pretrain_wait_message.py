@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from consortium.provenance.signing import SigningKey
+from coordinator.jobs.lifecycle import JobLifecycle
 from coordinator.pretraining.runner import RUNNING_MESSAGE, StepRecorder
 from coordinator.provenance_paths import coordinator_key_path
 from coordinator.state import JobRecord, JobState, SqliteStateStore
@@ -28,7 +29,7 @@ def store(tmp_path: Path) -> Iterator[SqliteStateStore]:
 @pytest.fixture
 def recorder(tmp_path: Path, store: SqliteStateStore) -> StepRecorder:
     SigningKey.load_or_create(coordinator_key_path(tmp_path))
-    return StepRecorder(store, tmp_path, "job1")
+    return StepRecorder(JobLifecycle(store), tmp_path, "job1")
 
 
 def test_waiting_reason_becomes_the_running_jobs_message(

@@ -1,0 +1,105 @@
+"""Federated jobs as Flower runs: the `JobRunner` for kind "federated".
+
+`start` submits the Flower app with `flwr run` (run config: job-id); the ServerApp it
+runs on the SuperLink records rounds and the job's end itself, through `RunningJob`
+(`coordinator/jobs/running.py`). This runner stops the Flower run of a cancelled job,
+and fails a job whose Flower run ended without a word from its ServerApp (asking
+Flower costs a `flwr ls` process, so it asks every `status_interval_s`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from consortium.errors import ConflictError, ConsortiumError
+from coordinator.federated.flower_app import FlowerCli
+from coordinator.jobs.lifecycle import JobLifecycle
+from coordinator.jobs.pipeline import JobLookup, StartingModelError, waiting_reason
+from coordinator.jobs.runner import JobCannotStartError
+from coordinator.jobs.spec import federated_spec_of
+from coordinator.observability.metrics import CoordinatorMetrics
+from coordinator.state import FINAL_JOB_STATES, JobRecord, JobState
+
+log = logging.getLogger(__name__)
+
+# The ServerApp marks its job done or failed itself; asking Flower only catches runs
+# that died without a word, so it can be rare.
+FLOWER_STATUS_INTERVAL_S = 30.0
+
+
+class FlowerJobRunner:
+    def __init__(
+        self,
+        lifecycle: JobLifecycle,
+        jobs: JobLookup,
+        flower: FlowerCli,
+        metrics: CoordinatorMetrics | None = None,
+        status_interval_s: float = FLOWER_STATUS_INTERVAL_S,
+    ) -> None:
+        self._lifecycle = lifecycle
+        self._jobs = jobs
+        self._flower = flower
+        self._metrics = metrics or CoordinatorMetrics()
+        self._status_interval_s = status_interval_s
+        self._run_id: str | None = None  # the Flower run of the job we started
+        self._last_status_check = 0.0
+
+    def waiting_reason(self, job: JobRecord) -> str | None:
+        try:
+            return waiting_reason(self._jobs, federated_spec_of(job))
+        except StartingModelError as error:
+            raise JobCannotStartError(str(error)) from None
+
+    def start(self, job: JobRecord) -> None:
+        run_id = self._flower.run({"job-id": job.job_id})
+        self._run_id = run_id
+        self._last_status_check = time.monotonic()
+        try:
+            self._lifecycle.attach_run(job.job_id, run_id)
+            self._lifecycle.note(
+                job.job_id,
+                f"running on the Flower SuperLink (run {run_id})",
+                while_in=frozenset({JobState.RUNNING}),
+            )
+        except ConflictError:  # cancelled while the run was being started
+            self.stop(job)
+
+    def is_active(self, job: JobRecord) -> bool:
+        if self._run_id is None or job.state in FINAL_JOB_STATES:
+            self._run_id = None
+            return False
+        if time.monotonic() - self._last_status_check < self._status_interval_s:
+            return True
+        self._last_status_check = time.monotonic()
+        try:
+            status = self._flower.status(self._run_id)
+        except ConsortiumError as error:
+            log.warning("could not read the status of Flower run %s: %s", self._run_id, error)
+            return True
+        if not status.finished:
+            return True
+        try:
+            self._lifecycle.fail(
+                job.job_id,
+                f"Flower run {status.run_id} ended ({status.status}: {status.details}) "
+                "before the job completed; see logs/superlink.log",
+            )
+            self._metrics.run_failed("ended_early")
+        except ConflictError:
+            pass  # the ServerApp completed (or someone cancelled) the job just now
+        self._run_id = None
+        return False
+
+    def stop(self, job: JobRecord) -> None:
+        if self._run_id is None:
+            return
+        log.info("stopping Flower run %s of job %s", self._run_id, job.job_id)
+        try:
+            self._flower.stop(self._run_id)
+        finally:
+            self._run_id = None
+
+    def shutdown(self) -> None:
+        """The SuperLink stops with the coordinator and takes its runs along."""
+        self._run_id = None

@@ -1,0 +1,68 @@
+"""What the scheduler needs of a job kind: the `JobRunner` protocol.
+
+One implementation per kind: `coordinator.federated.runner.FlowerJobRunner` (a Flower
+run on the SuperLink) and `coordinator.pretraining.runner.PretrainRunner` (DiLoCo on
+the Ray cluster). The scheduler knows no kind; it asks the runner registered for
+`job.kind`. To add a job kind: a spec model in `coordinator/jobs/spec.py`, a runner
+here, and one entry in the runners that `coordinator serve` hands its scheduler.
+
+A runner never changes a job's state behind the scheduler's back except through
+`JobLifecycle` (its run ends: succeed or fail; it waits: note).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from consortium.errors import ConflictError
+from coordinator.state import JobRecord
+
+
+class JobCannotStartError(ConflictError):
+    """The queued job can never start as specified (its source model failed, its kind
+    needs a runtime this coordinator does not run); the scheduler fails it."""
+
+
+class JobRunner(Protocol):
+    def waiting_reason(self, job: JobRecord) -> str | None:
+        """Why the queued `job` cannot start yet (None: it can start now). Raises
+        JobCannotStartError when it never will."""
+
+    def start(self, job: JobRecord) -> None:
+        """Run `job`, which the scheduler has just moved to RUNNING. Raises a
+        ConsortiumError when the run could not be started (the job then fails)."""
+
+    def is_active(self, job: JobRecord) -> bool:
+        """Whether `job`'s run still holds the runtime (the next job waits until it
+        does not). Fails the job, through the lifecycle, when its run died without
+        a word."""
+
+    def stop(self, job: JobRecord) -> None:
+        """Stop `job`'s run (it was cancelled); `is_active` turns false once stopped."""
+
+    def shutdown(self) -> None:
+        """The coordinator stops: end runs without changing their jobs' state (they
+        are re-queued and resume on the next start)."""
+
+
+class UnavailableRunner:
+    """Stands for a kind whose runtime this coordinator does not run (pretraining with
+    Ray off): every such job fails at once, saying what to change."""
+
+    def __init__(self, reason: str) -> None:
+        self._reason = reason
+
+    def waiting_reason(self, job: JobRecord) -> str | None:
+        raise JobCannotStartError(self._reason)
+
+    def start(self, job: JobRecord) -> None:
+        raise JobCannotStartError(self._reason)
+
+    def is_active(self, job: JobRecord) -> bool:
+        return False
+
+    def stop(self, job: JobRecord) -> None:
+        return None
+
+    def shutdown(self) -> None:
+        return None

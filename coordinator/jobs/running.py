@@ -1,0 +1,82 @@
+"""What a ServerApp may see and do of the coordinator's state: its own running job.
+
+The ServerApp runs in a grandchild process that Flower starts (SuperLink -> SuperExec
+-> flwr-serverapp), so it cannot share the coordinator's objects. It reaches the
+coordinator's state only through `RunningJob`, opened with `RunningJob.open(data_dir,
+job_id)`: its job's typed spec, other jobs for pipelines (read only), admission's
+reads and nonce claims (for this job only), completed rounds, and the job's end, each
+through the same `JobLifecycle` that the coordinator uses. It never opens the
+database itself (an import-linter contract keeps `coordinator.state` out of it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from consortium.errors import ConflictError, PermissionDeniedError
+from coordinator.data_dir import DataDir
+from coordinator.jobs.lifecycle import JobLifecycle
+from coordinator.jobs.spec import FederatedJobSpec, federated_spec_of
+from coordinator.state import JobRecord, JobState, RoundRecord, SqliteStateStore, StateStore
+
+__all__ = ["JobCancelledError", "RoundRecord", "RunningJob"]
+
+
+class JobCancelledError(ConflictError):
+    """The job was cancelled while it ran: its run stops and records nothing more."""
+
+
+class RunningJob:
+    def __init__(self, store: StateStore, job_id: str) -> None:
+        self._store = store
+        self._lifecycle = JobLifecycle(store)
+        self.job_id = job_id
+        self.spec: FederatedJobSpec = federated_spec_of(store.get_job(job_id))
+
+    @classmethod
+    @contextmanager
+    def open(cls, data_dir: DataDir, job_id: str) -> Iterator[RunningJob]:
+        store = SqliteStateStore(data_dir.state_db)
+        try:
+            yield cls(store, job_id)
+        finally:
+            store.close()
+
+    # --- reads -----------------------------------------------------------------
+    def get_job(self, job_id: str) -> JobRecord:
+        """Any job, read only (a pipeline's source)."""
+        return self._store.get_job(job_id)
+
+    def is_cancelled(self) -> bool:
+        return self._store.get_job(self.job_id).state is JobState.CANCELLED
+
+    # --- admission (`coordinator.federated.admission.AdmissionState`) -----------
+    def is_revoked(self, institution: str) -> bool:
+        return self._store.is_revoked(institution)
+
+    def institution_keys(self, institution: str) -> dict[str, bytes]:
+        return self._store.institution_keys(institution)
+
+    def claim_nonce(self, job_id: str, nonce: str) -> bool:
+        if job_id != self.job_id:
+            raise PermissionDeniedError(
+                f"the run of job {self.job_id} may not claim nonces of job {job_id}"
+            )
+        return self._store.claim_nonce(job_id, nonce)
+
+    # --- writes, through the lifecycle -------------------------------------------
+    def record_round(self, record: RoundRecord) -> None:
+        """A completed round; JobCancelledError when the job no longer runs."""
+        if record.job_id != self.job_id:
+            raise PermissionDeniedError(f"round of job {record.job_id} from job {self.job_id}")
+        try:
+            self._lifecycle.record_round(record)
+        except ConflictError:
+            raise JobCancelledError(self.job_id) from None
+
+    def succeed(self, message: str, model_path: str) -> JobRecord:
+        return self._lifecycle.succeed(self.job_id, message, model_path)
+
+    def fail(self, message: str) -> JobRecord:
+        return self._lifecycle.fail(self.job_id, message)

@@ -22,6 +22,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/mypy deploy
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python scripts/gen_protos.py --check
 	$(BIN)/python -m deploy.grafana.build --check
 

@@ -1,4 +1,4 @@
-"""Exit codes: documented, unique, reachable from every error; and the import boundary."""
+"""Exit codes: documented, unique, reachable from every error."""
 
 from __future__ import annotations
 
@@ -139,63 +139,3 @@ def test_error_base_class_exit_code_is_unexpected() -> None:
 )
 def test_error_exit_code_matches_documented_meaning(error_name: str, code: ExitCode) -> None:
     assert getattr(errors_module, error_name).exit_code is code
-
-
-# --- import boundary ---------------------------------------------------------------------
-
-
-def imported_top_level_packages(path: Path) -> set[str]:
-    """Top-level package of every absolute import in a file (also inside functions)."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
-        elif (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute)
-            and node.func.attr == "import_module"
-            and node.args
-            and isinstance(node.args[0], ast.Constant)
-            and isinstance(node.args[0].value, str)
-        ):
-            names.add(node.args[0].value.split(".")[0])
-    return names
-
-
-def offenders(package: str, forbidden: str) -> list[str]:
-    files = sorted((REPO / package).rglob("*.py"))
-    assert files, f"no Python files under {package}/"
-    return [
-        str(path.relative_to(REPO))
-        for path in files
-        if forbidden in imported_top_level_packages(path)
-    ]
-
-
-def test_client_package_never_imports_coordinator() -> None:
-    assert offenders("client", "coordinator") == []
-
-
-def test_coordinator_package_never_imports_client() -> None:
-    assert offenders("coordinator", "client") == []
-
-
-def test_consortium_package_imports_neither_role() -> None:
-    shared = offenders("consortium", "coordinator") + offenders("consortium", "client")
-    assert shared == []
-
-
-def test_import_scanner_sees_nested_and_from_imports(tmp_path: Path) -> None:
-    sample = tmp_path / "sample.py"
-    sample.write_text(
-        "import os.path\n"
-        "from coordinator.state import JobState\n"
-        "from . import sibling\n"
-        "def later():\n"
-        "    import client.devices\n"
-        "    importlib.import_module('ray.util')\n"
-    )
-    assert imported_top_level_packages(sample) == {"os", "coordinator", "client", "ray"}

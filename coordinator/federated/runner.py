@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Protocol
 
 from consortium.errors import ConflictError, ConsortiumError
-from coordinator.federated.flower_app import FlowerCli
+from coordinator.federated.flower_app import RunStatus
 from coordinator.jobs.lifecycle import JobLifecycle
 from coordinator.jobs.pipeline import JobLookup, StartingModelError, waiting_reason
 from coordinator.jobs.runner import JobCannotStartError
@@ -28,12 +29,23 @@ log = logging.getLogger(__name__)
 FLOWER_STATUS_INTERVAL_S = 30.0
 
 
+class FlowerRuns(Protocol):
+    """Flower's side of a run: `FlowerCli` (the `flwr` CLI against our SuperLink);
+    tests pass a fake to run the real runner without Flower."""
+
+    def run(self, run_config: dict[str, str]) -> str: ...
+
+    def status(self, run_id: str) -> RunStatus: ...
+
+    def stop(self, run_id: str) -> None: ...
+
+
 class FlowerJobRunner:
     def __init__(
         self,
         lifecycle: JobLifecycle,
         jobs: JobLookup,
-        flower: FlowerCli,
+        flower: FlowerRuns,
         metrics: CoordinatorMetrics | None = None,
         status_interval_s: float = FLOWER_STATUS_INTERVAL_S,
     ) -> None:

@@ -1,0 +1,86 @@
+"""RunningJob: all a ServerApp may do to the coordinator's state, on the real SQLite file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from consortium.errors import ConflictError, PermissionDeniedError
+from coordinator.data_dir import DataDir
+from coordinator.jobs.lifecycle import JobLifecycle
+from coordinator.jobs.running import JobCancelledError, RunningJob
+from coordinator.jobs.spec import FederatedJobSpec
+from coordinator.state import JobState, RoundRecord, SqliteStateStore
+
+SPEC = 'name = "r"\nmodel = "digits-cnn"\ndataset = "digits"\nrounds = 3\nmin_clients = 2\n'
+
+
+def running_job(tmp_path: Path) -> tuple[DataDir, str, str]:
+    """A data dir whose store holds a running job and a second, queued one."""
+    data_dir = DataDir(tmp_path / "data")
+    data_dir.root.mkdir()
+    store = SqliteStateStore(data_dir.state_db)
+    try:
+        lifecycle = JobLifecycle(store)
+        job = lifecycle.submit("r", "federated", SPEC, 3)
+        other = lifecycle.submit("o", "federated", SPEC, 3)
+        lifecycle.start(job.job_id, "go")
+    finally:
+        store.close()
+    return data_dir, job.job_id, other.job_id
+
+
+def test_running_job_reads_its_typed_spec_and_records_rounds_and_success(tmp_path: Path) -> None:
+    data_dir, job_id, _ = running_job(tmp_path)
+    with RunningJob.open(data_dir, job_id) as job:
+        assert isinstance(job.spec, FederatedJobSpec)
+        assert job.spec.min_clients == 2
+        job.record_round(RoundRecord(job_id, round=1, participants=2, metrics={"loss": 0.5}))
+        job.succeed("completed 3 rounds", "/models/r.safetensors")
+    store = SqliteStateStore(data_dir.state_db)
+    try:
+        assert store.get_job(job_id).state is JobState.SUCCEEDED
+        assert store.list_rounds(job_id)[0].metrics == {"loss": 0.5}
+    finally:
+        store.close()
+
+
+def test_running_job_may_claim_nonces_only_for_itself(tmp_path: Path) -> None:
+    data_dir, job_id, other = running_job(tmp_path)
+    with RunningJob.open(data_dir, job_id) as job:
+        assert job.claim_nonce(job_id, "n1")
+        assert not job.claim_nonce(job_id, "n1")  # a replay
+        with pytest.raises(PermissionDeniedError):
+            job.claim_nonce(other, "n2")
+
+
+def test_running_job_may_not_record_rounds_of_another_job(tmp_path: Path) -> None:
+    data_dir, job_id, other = running_job(tmp_path)
+    with RunningJob.open(data_dir, job_id) as job, pytest.raises(PermissionDeniedError):
+        job.record_round(RoundRecord(other, round=1, participants=1))
+
+
+def test_cancelled_job_refuses_rounds_and_success(tmp_path: Path) -> None:
+    data_dir, job_id, _ = running_job(tmp_path)
+    with RunningJob.open(data_dir, job_id) as job:
+        operator = SqliteStateStore(data_dir.state_db)  # the coordinator's side
+        try:
+            JobLifecycle(operator).cancel(job_id)
+        finally:
+            operator.close()
+        assert job.is_cancelled()
+        with pytest.raises(JobCancelledError):
+            job.record_round(RoundRecord(job_id, round=1, participants=2))
+        with pytest.raises(ConflictError):
+            job.succeed("completed", "/m")
+        with pytest.raises(ConflictError):
+            job.fail("late failure")
+
+
+def test_running_job_reads_other_jobs_for_pipelines(tmp_path: Path) -> None:
+    data_dir, job_id, other = running_job(tmp_path)
+    with RunningJob.open(data_dir, job_id) as job:
+        assert job.get_job(other).state is JobState.QUEUED
+        assert not job.is_revoked("alpha")
+        assert job.institution_keys("alpha") == {}

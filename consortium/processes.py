@@ -3,7 +3,8 @@
 Flower's SuperLink and SuperNode each spawn helpers (SuperExec, ServerApp and
 ClientApp processes). Starting a child with `start_new_session=True` makes it
 the leader of a fresh process group, so stopping the group stops exactly the
-processes we started and their descendants, and nothing else.
+processes we started and their descendants, and nothing else. Process trees
+come from psutil, which also refuses to signal a pid reused since it was listed.
 """
 
 from __future__ import annotations
@@ -14,12 +15,17 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+
+import psutil
 
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 10.0
+WAIT_POLL_S = 0.02  # SIGKILLed descendants (not our children: nothing to wait on)
 
 
 def venv_executable(name: str) -> str:
@@ -41,6 +47,7 @@ class ChildProcess:
     ) -> None:
         self.name = name
         self.log_path = log_path
+        self._stopped = False
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = log_path.open("ab")
         full_env = dict(os.environ)
@@ -49,15 +56,19 @@ class ChildProcess:
         full_env["PATH"] = venv_bin + os.pathsep + full_env.get("PATH", "")
         full_env.update(env or {})
         log.debug("starting %s: %s (log: %s)", name, " ".join(argv), log_path)
-        self.popen = subprocess.Popen(
-            list(argv),
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=full_env,
-            cwd=cwd,
-            start_new_session=True,
-        )
+        try:
+            self.popen = subprocess.Popen(
+                list(argv),
+                stdout=self._log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=full_env,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        except BaseException:
+            self._log_file.close()
+            raise
 
     @property
     def pid(self) -> int:
@@ -78,8 +89,12 @@ class ChildProcess:
 
         Flower detaches some helpers into sessions of their own, so the
         descendants are collected first and ended as well: all were started by us.
+        A second call does nothing (an exit stack and a supervisor may both stop it).
         """
-        descendants = descendant_pids(self.popen.pid)
+        if self._stopped:
+            return
+        self._stopped = True
+        descendants = descendants_of(self.popen.pid)
         if self.popen.poll() is None:
             _signal_group(self.popen.pid, signal.SIGTERM)
             try:
@@ -90,27 +105,89 @@ class ChildProcess:
         _signal_group(self.popen.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=timeout_s)
-        for pid in descendants:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        # psutil checks each process's start time before signalling, so a pid reused
+        # since we listed it is never hit.
+        for process in descendants:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                process.kill()
+        for process in _wait_gone(descendants, timeout_s):
+            log.warning("%s: descendant %d outlived SIGKILL", self.name, process.pid)
         self._log_file.close()
 
 
-def descendant_pids(pid: int) -> list[int]:
-    """All live descendants of `pid`, from /proc (Linux); empty elsewhere."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*/stat"):
+def stop_in_parallel(stops: Iterable[Callable[[], None]]) -> None:
+    """Run each stop in a thread of its own and wait for all of them.
+
+    Independent children (a SuperLink and a Ray head, a SuperNode and a Ray worker
+    that drains for seconds) then stop within the slowest one's timeout, not the sum,
+    which keeps a stop within what a supervisor or Ctrl-C waits. Every stop runs even
+    when one fails; the first failure is raised once all have ended.
+    """
+    failures: list[BaseException] = []
+
+    def run(stop: Callable[[], None]) -> None:
         try:
-            fields = entry.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry.parent.name))
-    found, frontier = [], [pid]
-    while frontier:
-        for child in children.get(frontier.pop(), []):
-            found.append(child)
-            frontier.append(child)
-    return found
+            stop()
+        except BaseException as error:
+            failures.append(error)
+
+    threads = [
+        threading.Thread(target=run, args=(stop,), name=f"stop-{index}")
+        for index, stop in enumerate(stops)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+
+
+def stop_processes(children: Iterable[ChildProcess]) -> None:
+    """Stop several children in parallel (see `stop_in_parallel`)."""
+    stop_in_parallel([child.stop for child in children])
+
+
+def descendants_of(pid: int) -> list[psutil.Process]:
+    """All live descendants of `pid` (empty when it is gone)."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def descendant_pids(pid: int) -> list[int]:
+    """The pids of all live descendants of `pid` (empty when it is gone)."""
+    return [process.pid for process in descendants_of(pid)]
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _wait_gone(processes: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Wait until none of `processes` runs; returns those still running at the timeout.
+
+    Not `psutil.wait_procs`: these are not our children, so a killed one stays a
+    zombie until whoever adopted it reaps it, and a zombie runs nothing.
+    """
+    deadline = time.monotonic() + timeout_s
+    running = [process for process in processes if _running(process)]
+    while running and time.monotonic() < deadline:
+        time.sleep(WAIT_POLL_S)
+        running = [process for process in running if _running(process)]
+    return running
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

@@ -6,12 +6,15 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from concurrent import futures
+from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
 
 from consortium.errors import InsecureTransportError
+from consortium.lifecycle import ParallelStops, StartStep, start_in_order
 from consortium.net import is_loopback_host, reserve_free_port, split_host_port
 from consortium.proto.v1 import jobs_pb2_grpc, nodes_pb2_grpc
 from consortium.provenance.signing import SigningKey
@@ -36,8 +39,8 @@ from coordinator.observability.metrics import (
     MetricsEndpoint,
     RpcMetricsInterceptor,
 )
+from coordinator.pretraining.engine import RayEngine
 from coordinator.pretraining.runner import PretrainRunner
-from coordinator.provenance_paths import coordinator_key_path
 from coordinator.ray.head import RayCluster, RayHead
 from coordinator.ray.revocation import RayRevocationSync
 from coordinator.ray.tls import coordinator_ray_tls
@@ -86,65 +89,154 @@ def sticky_port(record: Path, host: str, requested: int) -> int:
     return reserve_free_port(host)
 
 
-class Coordinator:
-    """A started coordinator; `stop()` ends everything it started."""
+# The start steps of `Coordinator`, in order (`on_start_step` receives these names).
+START_STEPS = (
+    "transport",
+    "data_dir",
+    "state_store",
+    "signing_key",
+    "refusal_watches",
+    "superlink",
+    "ray",
+    "superlink_ready",
+    "ray_head_ready",
+    "metrics_endpoint",
+    "api",
+    "scheduler",
+    "address_file",
+)
 
-    def __init__(self, settings: CoordinatorSettings) -> None:
-        self.pki = check_transport(settings)
+
+class Coordinator:
+    """A started coordinator; `stop()` ends everything it started.
+
+    The composition root of `coordinator serve`: `__init__` runs the named steps of
+    `START_STEPS`, and each step registers the stop of what it started on one
+    `ExitStack` the moment it has started it. A failure at any step (or `stop()`)
+    closes the stack: what was started stops, newest first, the SuperLink and the Ray
+    head side by side. `on_start_step(name)` is called before each step: a test seam
+    that fails start-up at a chosen step.
+    """
+
+    pki: CoordinatorPki | None
+    store: SqliteStateStore
+    superlink: SuperLink
+    server: grpc.Server
+    address: str
+    scheduler: Scheduler | None
+
+    def __init__(
+        self,
+        settings: CoordinatorSettings,
+        on_start_step: Callable[[str], None] | None = None,
+    ) -> None:
         self.settings = settings
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.paths = settings.paths
         self.stopping = threading.Event()
-        self.store = SqliteStateStore(settings.state_path)
+        self.metrics = CoordinatorMetrics()
+        self.pki = None
+        self.ray_cluster: RayCluster | None = None
+        self.ray_head: RayHead | None = None
+        self.pretrain: PretrainRunner | None = None
+        self.scheduler = None
+        self._scheduler_thread: threading.Thread | None = None
+        self._stack = ExitStack()
+        # The SuperLink and the Ray head stop independently: one entry, in parallel.
+        self._children = ParallelStops()
+        steps: list[StartStep] = [
+            ("transport", self._check_transport),
+            ("data_dir", self._make_data_dir),
+            ("state_store", self._open_store),
+            ("signing_key", self._load_signing_key),
+            ("refusal_watches", self._start_watches),
+            ("superlink", self._start_superlink),
+            ("ray", self._start_ray_step),
+            ("superlink_ready", self._wait_superlink),
+            ("ray_head_ready", self._wait_ray_head),
+            ("metrics_endpoint", self._start_metrics_endpoint),
+            ("api", self._start_api_step),
+            ("scheduler", self._start_scheduler),
+            ("address_file", self._write_address_file),
+        ]
+        assert tuple(name for name, _ in steps) == START_STEPS
+        start_in_order(self._stack, steps, on_start_step)
+
+    # --- start steps, in order ------------------------------------------------
+    def _check_transport(self) -> None:
+        self.pki = check_transport(self.settings)
+
+    def _make_data_dir(self) -> None:
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+
+    def _open_store(self) -> None:
+        self.store = SqliteStateStore(self.paths.state_db)
+        self._stack.callback(self.store.close)
+
+    def _load_signing_key(self) -> None:
         # Signs the provenance log (created on first start; `coordinator init`
         # will own this once onboarding lands).
-        SigningKey.load_or_create(coordinator_key_path(settings.data_dir))
-        flower_dir = settings.data_dir / "flower"
-        flower_dir.mkdir(parents=True, exist_ok=True)
-        port = sticky_port(
-            flower_dir / "superlink.port", settings.superlink_host, settings.superlink_port
-        )
-        (flower_dir / "superlink.port").write_text(str(port))
-        self.metrics = CoordinatorMetrics()
-        # Refusals that only the SuperLink's log and gRPC's TLS layer record (secure
-        # mode); the watches start before the servers so they miss nothing.
-        self._watches: list[FleetRefusalWatch | ControlPlaneRefusalWatch] = []
-        if self.pki is not None:
-            self._watches = [
-                FleetRefusalWatch(
-                    settings.data_dir / "logs" / "superlink.log",
-                    on_refusal=lambda r: self.metrics.auth_refused(r.channel, r.reason),
-                ),
-                ControlPlaneRefusalWatch(
-                    on_refusal=lambda r: self.metrics.auth_refused(r.channel, r.reason)
-                ),
-            ]
-        for watch in self._watches:
+        SigningKey.load_or_create(self.paths.signing_key)
+
+    def _start_watches(self) -> None:
+        """Refusals that only the SuperLink's log and gRPC's TLS layer record (secure
+        mode); the watches start before the servers so they miss nothing."""
+        if self.pki is None:
+            return
+        watches: list[FleetRefusalWatch | ControlPlaneRefusalWatch] = [
+            FleetRefusalWatch(
+                self.paths.log_file("superlink"),
+                on_refusal=lambda r: self.metrics.auth_refused(r.channel, r.reason),
+            ),
+            ControlPlaneRefusalWatch(
+                on_refusal=lambda r: self.metrics.auth_refused(r.channel, r.reason)
+            ),
+        ]
+        for watch in watches:
             watch.start()
-        self.superlink = SuperLink(settings.data_dir, settings.superlink_host, port, self.pki)
-        self._metrics_endpoint: MetricsEndpoint | None = None
-        self.ray_head: RayHead | None = None
-        try:
-            self.ray_cluster = self._start_ray()
-            self.superlink.wait_ready(settings.superlink_start_timeout_s)
-            if self.ray_head is not None:
-                self.ray_head.wait_ready(settings.ray_start_timeout_s)
-            # Before the API: coordinator.address appearing means metrics.address exists.
-            self._metrics_endpoint = MetricsEndpoint(self.metrics, self.store, settings)
-            self.server = self._start_api()
-        except BaseException:
-            if self._metrics_endpoint is not None:
-                self._metrics_endpoint.stop()
-            if self.ray_head is not None:
-                self.ray_head.stop()
-            self.superlink.stop()
-            for watch in self._watches:
-                watch.stop()
-            self.store.close()
-            raise
+            self._stack.callback(watch.stop)
+
+    def _start_superlink(self) -> None:
+        settings = self.settings
+        self.paths.flower_dir.mkdir(parents=True, exist_ok=True)
+        record = self.paths.superlink_port_file
+        port = sticky_port(record, settings.superlink_host, settings.superlink_port)
+        record.write_text(str(port))
+        self._stack.callback(self._children)
+        self.superlink = SuperLink(self.paths, settings.superlink_host, port, self.pki)
+        self._children.add(self.superlink.stop)
+
+    def _start_ray_step(self) -> None:
+        self.ray_cluster = self._start_ray()
+
+    def _wait_superlink(self) -> None:
+        self.superlink.wait_ready(self.settings.superlink_start_timeout_s)
+
+    def _wait_ray_head(self) -> None:
+        if self.ray_head is not None:
+            self.ray_head.wait_ready(self.settings.ray_start_timeout_s)
+
+    def _start_metrics_endpoint(self) -> None:
+        # Before the API: coordinator.address appearing means metrics.address exists.
+        endpoint = MetricsEndpoint(self.metrics, self.store, self.settings)
+        self._stack.callback(endpoint.stop)
+
+    def _start_api_step(self) -> None:
+        self.server = self._start_api()
+
+    def _start_scheduler(self) -> None:
+        """The scheduler, its job runners and the periodic syncs, on a thread.
+
+        The wiring between the two `---` lines is one block (job runners are being
+        reworked); its stop is registered before it, so a failure inside it stops
+        whatever part of it had started.
+        """
+        settings = self.settings
+        self._stack.callback(self._stop_scheduler)
+        # --- scheduler and job runners ----------------------------------------
         flower = FlowerCli(settings.data_dir, self.superlink.address, self.pki)
         lifecycle = JobLifecycle(self.store)
         self.pretrain = (
-            PretrainRunner(lifecycle, settings.data_dir, self.ray_cluster, self.metrics)
+            PretrainRunner(lifecycle, settings.data_dir, RayEngine(self.ray_cluster), self.metrics)
             if self.ray_cluster is not None
             else None
         )
@@ -169,7 +261,7 @@ class Coordinator:
             RayTokenRotation(
                 self.store,
                 self.pki.ray_token,
-                settings.data_dir / "ray" / "token-excludes.json",
+                settings.paths.ray_token_excludes,
                 self._restart_ray_head,
                 self.pretrain.busy,
             ).sync
@@ -188,6 +280,31 @@ class Coordinator:
             name="scheduler",
         )
         self._scheduler_thread.start()
+        # --- end of scheduler and job runners ---------------------------------
+
+    def _write_address_file(self) -> None:
+        """Written last, whole, then renamed: its presence means the coordinator is ready
+        (and it is the first thing a stop removes)."""
+        address_file = self.paths.address_file
+        partial = address_file.with_suffix(".partial")
+        partial.write_text(self.address)
+        self._stack.callback(address_file.unlink, missing_ok=True)
+        os.replace(partial, address_file)
+        log.info(
+            "control-plane API on %s, Flower SuperLink on %s, Ray on %s, data in %s",
+            self.address,
+            self.superlink.address,
+            self.ray_cluster.address if self.ray_cluster is not None else "(off)",
+            self.paths.root,
+        )
+
+    # --- helpers ----------------------------------------------------------------
+    def _stop_scheduler(self) -> None:
+        self.stopping.set()
+        if self._scheduler_thread is not None and self._scheduler_thread.ident is not None:
+            self._scheduler_thread.join()
+        if self.scheduler is not None:
+            self.scheduler.shutdown()
 
     def _start_ray(self) -> RayCluster | None:
         """Our own Ray head (child process), an existing cluster, or none."""
@@ -210,22 +327,28 @@ class Coordinator:
         if settings.ray_address is not None:
             log.info("attaching to the Ray cluster at %s", settings.ray_address)
             return RayCluster(settings.ray_address, token, tls)
-        ray_dir = settings.data_dir / "ray"
-        ray_dir.mkdir(parents=True, exist_ok=True)
-        port = sticky_port(ray_dir / "head.port", settings.ray_host, settings.ray_port)
-        (ray_dir / "head.port").write_text(str(port))
+        self.paths.ray_dir.mkdir(parents=True, exist_ok=True)
+        record = self.paths.ray_head_port_file
+        port = sticky_port(record, settings.ray_host, settings.ray_port)
+        record.write_text(str(port))
         self.ray_head = self._new_ray_head(port, token, tls)
+        # Stops whichever head runs then (a token rotation restarts it).
+        self._children.add(self._stop_ray_head)
         return self.ray_head.cluster
 
     def _new_ray_head(self, port: int, token: Path | None, tls: RayTls | None) -> RayHead:
         return RayHead(
-            self.settings.data_dir,
+            self.paths,
             self.settings.ray_host,
             port,
             token,
             on_refusal=lambda refusal: self.metrics.auth_refused("ray", refusal.reason),
             tls=tls,
         )
+
+    def _stop_ray_head(self) -> None:
+        if self.ray_head is not None:
+            self.ray_head.stop()
 
     def _restart_ray_head(self) -> None:
         """Stop the Ray head and start it again on the same port, reading the token file
@@ -243,10 +366,13 @@ class Coordinator:
         use_ray_auth_in_this_process(cluster.token_path, cluster.tls)
 
     def _start_api(self) -> grpc.Server:
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS),
-            interceptors=self._interceptors(),
+        # grpc does not shut down an executor it was given: ours, so ours to stop.
+        executor = futures.ThreadPoolExecutor(
+            max_workers=GRPC_WORKERS, thread_name_prefix="control-plane"
         )
+        self._stack.callback(executor.shutdown, wait=True)
+        server = grpc.server(executor, interceptors=self._interceptors())
+        self._stack.callback(self._stop_server, server)
         registry = NodeRegistry(self.store, self.settings.node_timeout_s, self.metrics)
         # `coordinator nodes` shows each node's Ray side too, read from the GCS (this
         # process authenticates to it since `_start_ray`).
@@ -274,27 +400,20 @@ class Coordinator:
             JobsServicer(JobService(self.store), self.store, self.stopping), server
         )
         host, port = split_host_port(self.settings.listen_address)
-        previous = self.settings.data_dir / "coordinator.port"
-        port = sticky_port(previous, host, port)
+        record = self.paths.port_file
+        port = sticky_port(record, host, port)
         if self.pki is None:
             bound = server.add_insecure_port(f"{host}:{port}")
         else:
             bound = server.add_secure_port(f"{host}:{port}", self.pki.server_tls().credentials())
         server.start()
-        previous.write_text(str(bound))
+        record.write_text(str(bound))
         self.address = f"{host}:{bound}"
-        # Written last: its presence means the API is ready.
-        partial = self.settings.address_file.with_suffix(".partial")
-        partial.write_text(self.address)
-        os.replace(partial, self.settings.address_file)
-        log.info(
-            "control-plane API on %s, Flower SuperLink on %s, Ray on %s, data in %s",
-            self.address,
-            self.superlink.address,
-            self.ray_cluster.address if self.ray_cluster is not None else "(off)",
-            self.settings.data_dir,
-        )
         return server
+
+    def _stop_server(self, server: grpc.Server) -> None:
+        self.stopping.set()  # ends the open watch streams
+        server.stop(SHUTDOWN_GRACE_S).wait()
 
     def _interceptors(self) -> list[grpc.ServerInterceptor]:
         interceptors: list[grpc.ServerInterceptor] = [RpcMetricsInterceptor(self.metrics)]
@@ -308,23 +427,12 @@ class Coordinator:
         return interceptors
 
     def stop(self) -> None:
-        self.stopping.set()
-        self.settings.address_file.unlink(missing_ok=True)
-        self._scheduler_thread.join()
-        self.scheduler.shutdown()
-        self.server.stop(SHUTDOWN_GRACE_S).wait()
-        if self._metrics_endpoint is not None:
-            self._metrics_endpoint.stop()
-        # The two children stop independently; in parallel, a stop stays within the
-        # few seconds a supervisor (or Ctrl-C) waits.
-        children = [threading.Thread(target=self.superlink.stop, name="stop-superlink")]
-        if self.ray_head is not None:
-            children.append(threading.Thread(target=self.ray_head.stop, name="stop-ray-head"))
-        for child in children:
-            child.start()
-        for child in children:
-            child.join()
-        for watch in self._watches:
-            watch.stop()
-        self.store.close()
+        """Stop everything that was started, newest first (closes the exit stack)."""
+        self._stack.close()
         log.info("coordinator stopped")
+
+    def __enter__(self) -> Coordinator:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -8,6 +8,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from consortium.settings import RoleSettings
+from coordinator.data_dir import DataDir
 
 
 class CoordinatorSettings(RoleSettings):
@@ -23,6 +24,9 @@ class CoordinatorSettings(RoleSettings):
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
     node_timeout_s: float = Field(default=10.0, gt=0)
     scheduler_poll_interval_s: float = Field(default=1.0, gt=0)
+    # How often a running federated job asks Flower for its run's status; the ServerApp
+    # reports its own end, so this only catches runs that died without a word.
+    flower_status_interval_s: float = Field(default=30.0, gt=0)
     superlink_start_timeout_s: float = Field(default=60.0, gt=0)
     # Prometheus endpoint (/metrics); port 0: any free (written to metrics.address).
     metrics_address: str = "127.0.0.1:0"
@@ -40,21 +44,26 @@ class CoordinatorSettings(RoleSettings):
     ray_tls: bool = False
 
     @property
+    def paths(self) -> DataDir:
+        """Every path under `data_dir`, named once (coordinator/data_dir.py)."""
+        return DataDir(self.data_dir)
+
+    @property
     def state_path(self) -> Path:
-        return self.data_dir / "state.db"
+        return self.paths.state_db
 
     @property
     def address_file(self) -> Path:
-        return self.data_dir / "coordinator.address"
+        return self.paths.address_file
 
     @property
     def metrics_address_file(self) -> Path:
-        return self.data_dir / "metrics.address"
+        return self.paths.metrics_address_file
 
     @property
     def models_dir(self) -> Path:
-        return self.data_dir / "models"
+        return self.paths.models_dir
 
     @property
     def logs_dir(self) -> Path:
-        return self.data_dir / "logs"
+        return self.paths.logs_dir

@@ -16,6 +16,7 @@ from pathlib import Path
 from consortium.errors import ChildProcessFailedError
 from consortium.processes import venv_executable
 from coordinator.access.pki_files import CoordinatorPki
+from coordinator.data_dir import DataDir
 
 SUPERLINK_NAME = "consortium"
 FLWR_TIMEOUT_S = 120.0
@@ -58,9 +59,12 @@ class RunStatus:
 class FlowerCli:
     """`flwr run / ls / stop` against our SuperLink, with FLWR_HOME in the data dir."""
 
-    def __init__(self, data_dir: Path, superlink_address: str, pki: CoordinatorPki | None) -> None:
-        self.app_dir = data_dir / "flower" / "app"
-        self.home = data_dir / "flower" / "home"
+    def __init__(
+        self, data_dir: DataDir | Path, superlink_address: str, pki: CoordinatorPki | None
+    ) -> None:
+        paths = DataDir(data_dir) if isinstance(data_dir, Path) else data_dir
+        self.app_dir = paths.flower_app_dir
+        self.home = paths.flower_home
         self.app_dir.mkdir(parents=True, exist_ok=True)
         self.home.mkdir(parents=True, exist_ok=True)
         (self.app_dir / "pyproject.toml").write_text(APP_PYPROJECT)

@@ -10,6 +10,7 @@ from consortium.errors import ChildProcessFailedError
 from consortium.net import reserve_free_port
 from consortium.processes import ChildProcess, venv_executable
 from coordinator.access.pki_files import CoordinatorPki
+from coordinator.data_dir import DataDir
 
 DATA_DIR_ENV = "CONSORTIUM_DATA_DIR"
 
@@ -17,16 +18,18 @@ DATA_DIR_ENV = "CONSORTIUM_DATA_DIR"
 class SuperLink:
     """A running `flower-superlink`: state in the data dir, runtime installs off."""
 
-    def __init__(self, data_dir: Path, host: str, port: int, pki: CoordinatorPki | None) -> None:
+    def __init__(
+        self, data_dir: DataDir | Path, host: str, port: int, pki: CoordinatorPki | None
+    ) -> None:
+        paths = DataDir(data_dir) if isinstance(data_dir, Path) else data_dir
         self.host = host
         self.port = port or reserve_free_port(host)
-        flower_dir = data_dir / "flower"
-        flower_dir.mkdir(parents=True, exist_ok=True)
+        paths.flower_dir.mkdir(parents=True, exist_ok=True)
         argv = [
             venv_executable("flower-superlink"),
             "--disable-runtime-dependency-installation",
             "--database",
-            str(flower_dir / "superlink.db"),
+            str(paths.superlink_db),
             "--host",
             host,
             "--port",
@@ -50,10 +53,8 @@ class SuperLink:
         # state through this variable, inherited down the process tree.
         # GRPC_VERBOSITY: quiet gRPC logs in the SuperLink and its apps, whatever the
         # coordinator's own setting (see coordinator.cli).
-        env = {DATA_DIR_ENV: str(data_dir.resolve()), "GRPC_VERBOSITY": "ERROR"}
-        self.process = ChildProcess(
-            "flower-superlink", argv, data_dir / "logs" / "superlink.log", env=env
-        )
+        env = {DATA_DIR_ENV: str(paths.root.resolve()), "GRPC_VERBOSITY": "ERROR"}
+        self.process = ChildProcess("flower-superlink", argv, paths.log_file("superlink"), env=env)
 
     @property
     def address(self) -> str:

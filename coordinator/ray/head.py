@@ -26,6 +26,7 @@ from consortium.ray_env import DRAIN_TIMEOUT_ENV, RayTls, ray_auth_env, short_te
 from coordinator.access.refusals.control_plane import TlsRefusal, parse_ray_handshake_failure
 from coordinator.access.refusals.log import LogRefusalWatch, Refusal
 from coordinator.access.refusals.ray_gcs import RayRefusal, RayRefusalWatch, gcs_log_path
+from coordinator.data_dir import DataDir
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +48,16 @@ class RayHead:
 
     def __init__(
         self,
-        data_dir: Path,
+        data_dir: DataDir | Path,
         host: str,
         port: int,
         token_path: Path | None,
         on_refusal: Callable[[RayRefusal | TlsRefusal], None] | None = None,
         tls: RayTls | None = None,
     ) -> None:
+        paths = DataDir(data_dir) if isinstance(data_dir, Path) else data_dir
         self.cluster = RayCluster(f"{host}:{port}", token_path, tls)
-        self.temp_dir = short_temp_dir(data_dir)
+        self.temp_dir = short_temp_dir(paths.root)
         # Our previous head's address, left by `ray start`: while it is there, a new
         # head on the same port refuses to start if any raylet on this machine still
         # points at it (a node joined from this machine, waiting out a restart).
@@ -100,7 +102,7 @@ class RayHead:
         env = {**ray_auth_env(token_path, tls), DRAIN_TIMEOUT_ENV: "0", "GRPC_VERBOSITY": "ERROR"}
         for watch in self._watches():
             watch.start()
-        log_path = data_dir / "logs" / "ray-head.log"
+        log_path = paths.log_file("ray-head")
         # The log is appended to across restarts; readiness is read from here on.
         self._log_offset = log_path.stat().st_size if log_path.exists() else 0
         try:

@@ -27,6 +27,7 @@ from typing import Any
 
 from consortium.provenance.canonical import canonical_json
 from consortium.provenance.merkle import leaf_hash, root_from_leaves
+from consortium.provenance.records import InstitutionKey, KnownRecord, RecordType, parse_record
 from consortium.provenance.signing import SigningKey, b64
 
 RECORD = "record"
@@ -106,13 +107,19 @@ class ProvenanceLog:
             )
             return index
 
+    def append_record(self, record: KnownRecord) -> int:
+        """Append a typed record (`records.py`); its body is the fields its writer set."""
+        return self.append(record.TYPE, record.body())
+
     def logged_key_ids(self) -> set[str]:
         """Key ids of the institution keys already recorded in this log."""
         found = set()
         for line in read_lines(self.path):
             entry = json.loads(line)
-            if entry.get("type") == "institution_key":
-                found.add(str(entry["body"]["key_id"]))
+            if entry.get("kind") == RECORD and entry.get("type") == RecordType.INSTITUTION_KEY:
+                record = parse_record(entry)
+                if isinstance(record, InstitutionKey):
+                    found.add(record.key_id)
         return found
 
     def publish_tree_head(self) -> TreeHead:

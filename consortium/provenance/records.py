@@ -249,6 +249,11 @@ def parse_record(entry: Mapping[str, Any]) -> Record:
     return parse_body(str(entry["type"]), entry["body"])
 
 
+def type_name(record: Record) -> str:
+    """The record's type as logged today (an unknown record keeps its own name)."""
+    return record.type if isinstance(record, UnknownRecord) else str(record.TYPE)
+
+
 def record_job_id(record: Record) -> str | None:
     """The job a record belongs to (institution keys belong to none)."""
     if isinstance(record, InstitutionKey):

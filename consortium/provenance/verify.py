@@ -6,6 +6,11 @@ and tree head, every tree head's root against the records before it, a
 consistency proof between consecutive tree heads, the institution signature on
 every accepted update (institution keys are themselves signed records), and
 that the log ends with a tree head covering every record.
+
+Each record's body is also parsed into its typed record (`records.py`): a malformed
+body of a known type fails verification; a record of a type this code does not know
+is checked like any other (signature, index, Merkle leaf) and kept as `UnknownRecord`,
+so logs written by newer code still verify.
 """
 
 from __future__ import annotations
@@ -31,6 +36,14 @@ from consortium.provenance.merkle import (
     root_from_leaves,
     verify_consistency,
 )
+from consortium.provenance.records import (
+    InstitutionKey,
+    Record,
+    Round,
+    UpdateEntry,
+    parse_body,
+    record_job_id,
+)
 from consortium.provenance.signing import SignatureError, VerifyingKey, unb64
 from consortium.provenance.updates import UpdateStatement
 
@@ -48,34 +61,38 @@ class VerifyReport:
     tree_heads: int = 0
     last_head: TreeHead | None = None
     signed_updates: int = 0
-    jobs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # job -> records
+    jobs: dict[str, list[Record]] = field(default_factory=dict)  # job -> its typed records
 
 
 def _signed_update_ok(
-    update: dict[str, Any],
-    job_id: str,
-    round_: int,
-    global_digest: str,
-    keys: dict[str, VerifyingKey],
+    update: UpdateEntry, record: Round, keys: dict[str, VerifyingKey]
 ) -> str | None:
     """None when the institution's signature on an accepted update verifies."""
-    key = keys.get(update.get("key_id", ""))
+    key = keys.get(update.key_id or "")
     if key is None:
-        return f"update of {update.get('institution')!r} names unknown key"
+        return f"update of {update.institution!r} names unknown key"
+    if (
+        update.update_digest is None
+        or update.num_examples is None
+        or update.commitment is None
+        or update.nonce is None
+        or update.signature is None
+    ):
+        return f"accepted update of {update.institution!r} lacks its signed statement"
     statement = UpdateStatement(
-        job_id=job_id,
-        round=round_,
-        global_digest=global_digest,
-        update_digest=update["update_digest"],
-        num_examples=update["num_examples"],
-        commitment=update["commitment"],
-        nonce=update["nonce"],
-        institution=update["institution"],
+        job_id=record.job_id,
+        round=record.round,
+        global_digest=record.global_digest,
+        update_digest=update.update_digest,
+        num_examples=update.num_examples,
+        commitment=update.commitment,
+        nonce=update.nonce,
+        institution=update.institution,
     )
     try:
-        key.verify(unb64(update["signature"]), statement.to_bytes())
+        key.verify(unb64(update.signature), statement.to_bytes())
     except SignatureError as err:
-        return f"institution signature of {update['institution']!r}: {err}"
+        return f"institution signature of {update.institution!r}: {err}"
     return None
 
 
@@ -162,23 +179,24 @@ def _check_record(
     if entry["index"] != index:
         raise ValueError(f"record index {entry['index']} where {index} was expected")
     type_, body = entry["type"], entry["body"]
+    # The signature covers the raw logged body, never a re-serialised typed one.
     coordinator_key.verify(unb64(entry["signature"]), record_signing_bytes(index, type_, body))
-    if type_ == "institution_key":
-        key = VerifyingKey.from_b64(body["public_key"])
-        if key.key_id != body["key_id"]:
+    record = parse_body(str(type_), body)
+    if isinstance(record, InstitutionKey):
+        key = VerifyingKey.from_b64(record.public_key)
+        if key.key_id != record.key_id:
             raise ValueError("institution key id does not match its public key")
         institution_keys[key.key_id] = key
-    if type_ == "round":
-        for update in body["updates"]:
-            if update["accepted"]:
-                problem = _signed_update_ok(
-                    update, body["job_id"], body["round"], body["global_digest"], institution_keys
-                )
+    if isinstance(record, Round):
+        for update in record.updates:
+            if update.accepted:
+                problem = _signed_update_ok(update, record, institution_keys)
                 if problem:
                     raise ValueError(problem)
                 report.signed_updates += 1
-    if "job_id" in body:
-        report.jobs.setdefault(body["job_id"], []).append({"type": type_, **body})
+    job_id = record_job_id(record)
+    if job_id is not None:
+        report.jobs.setdefault(job_id, []).append(record)
 
 
 def _check_tree_head(

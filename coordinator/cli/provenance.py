@@ -15,15 +15,19 @@ from consortium.cli_errors import cli_errors
 from consortium.errors import NotFoundError, ProvenanceInvalidError
 from consortium.provenance import intoto
 from consortium.provenance.log import TreeHead
+from consortium.provenance.records import (
+    JobCompleted,
+    JobStarted,
+    OuterStep,
+    Record,
+    Round,
+    type_name,
+)
 from consortium.provenance.signing import SigningKey, VerifyingKey
 from consortium.provenance.verify import LogVerificationError, VerifyReport, verify_log
 from consortium.tensor_digest import file_digest
+from coordinator.data_dir import DataDir
 from coordinator.federated.replay import job_kind, replay_rounds
-from coordinator.provenance_paths import (
-    coordinator_key_path,
-    coordinator_public_key_path,
-    provenance_log_path,
-)
 
 if TYPE_CHECKING:
     from coordinator.pretraining.replay import StepReplay
@@ -33,7 +37,7 @@ provenance_app = typer.Typer(
 )
 console = Console()
 
-DataDir = Annotated[Path, typer.Option("--data-dir", help="Coordinator data dir.")]
+DataDirOption = Annotated[Path, typer.Option("--data-dir", help="Coordinator data dir.")]
 KeyOption = Annotated[
     Path | None,
     typer.Option("--key", help="Coordinator public key (default: <data-dir>/keys/...pub)."),
@@ -43,8 +47,8 @@ KeyOption = Annotated[
 def load_verified(
     log: Path | None, key: Path | None, data_dir: Path, expected: TreeHead | None = None
 ) -> tuple[Path, VerifyReport]:
-    log = log or provenance_log_path(data_dir)
-    key = key or coordinator_public_key_path(data_dir)
+    log = log or DataDir(data_dir).provenance_log
+    key = key or DataDir(data_dir).signing_public_key
     if not log.exists():
         raise NotFoundError(f"provenance log {log} does not exist")
     if not key.exists():
@@ -55,7 +59,7 @@ def load_verified(
         raise ProvenanceInvalidError(f"{log}: {error}") from None
 
 
-def job_records(report: VerifyReport, job_id: str) -> list[dict[str, Any]]:
+def job_records(report: VerifyReport, job_id: str) -> list[Record]:
     records = report.jobs.get(job_id)
     if not records:
         raise NotFoundError(f"the provenance log holds no record of job {job_id!r}")
@@ -66,7 +70,7 @@ def job_records(report: VerifyReport, job_id: str) -> list[dict[str, Any]]:
 def verify(
     log: Annotated[Path | None, typer.Argument(help="Log file (default: the data dir's).")] = None,
     key: KeyOption = None,
-    data_dir: DataDir = Path(".consortium"),
+    data_dir: DataDirOption = Path(".consortium"),
     tree_size: Annotated[int | None, typer.Option(help="A published tree head's size.")] = None,
     root_hash: Annotated[str | None, typer.Option(help="...and its root hash (hex).")] = None,
 ) -> None:
@@ -90,26 +94,14 @@ def show(
     job_id: str,
     log: Annotated[Path | None, typer.Option(help="Log file.")] = None,
     key: KeyOption = None,
-    data_dir: DataDir = Path(".consortium"),
+    data_dir: DataDirOption = Path(".consortium"),
 ) -> None:
     """The verified history of one job: rounds, participants, refusals, digests."""
     with cli_errors():
         _, report = load_verified(log, key, data_dir)
         table = Table("record", "round", "participants", "refused", "aggregate / model digest")
         for record in job_records(report, job_id):
-            refused = [
-                f"{u['institution'] or u['node_id']}: {u['reason']}"
-                for u in record.get("updates", [])
-                if not u["accepted"]
-            ]
-            digest = record.get("aggregate_digest") or record.get("final_model_digest", "")
-            table.add_row(
-                record["type"],
-                str(record.get("round", "")),
-                ", ".join(record.get("participants", [])),
-                "; ".join(refused),
-                digest[:16],
-            )
+            table.add_row(*_show_row(record))
         console.print(table)
 
 
@@ -117,44 +109,41 @@ def show(
 def export(
     job_id: str,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here.")] = None,
-    data_dir: DataDir = Path(".consortium"),
+    data_dir: DataDirOption = Path(".consortium"),
 ) -> None:
     """An in-toto Statement v1 about the job's final model, in a signed DSSE envelope."""
     with cli_errors():
         log, report = load_verified(None, None, data_dir)
         records = job_records(report, job_id)
-        completed = [r for r in records if r["type"] == "job_completed"]
+        completed = [r for r in records if isinstance(r, JobCompleted)]
         if not completed:
             raise NotFoundError(f"job {job_id} has not completed; nothing to attest")
-        started = next(r for r in records if r["type"] == "job_started")
+        final = completed[-1]
+        if final.model_file is None or final.model_file_sha256 is None:
+            raise NotFoundError(
+                f"job {job_id}'s final record (written by an older version) names no model "
+                "file; nothing to attest"
+            )
+        started = next((r for r in records if isinstance(r, JobStarted)), None)
+        if started is None:
+            raise NotFoundError(f"the provenance log holds no job_started record of {job_id}")
         head = report.last_head
         assert head is not None
         predicate = {
             "job_id": job_id,
-            "spec": started["spec"],
-            "environment": started["environment"],
-            "initial_model_digest": started["initial_model_digest"],
-            "final_model_digest": completed[-1]["final_model_digest"],
-            "rounds": [
-                {
-                    "round": r["round"],
-                    "participants": r["participants"],
-                    "aggregate_digest": r["aggregate_digest"],
-                    "metrics": r["metrics"],
-                }
-                for r in records
-                if r["type"] == "round"
-            ],
+            "spec": started.spec,
+            "environment": started.environment,
+            "initial_model_digest": started.initial_model_digest,
+            "final_model_digest": final.final_model_digest,
+            "rounds": [_attested_round(r) for r in records if isinstance(r, Round | OuterStep)],
             "log": {
                 "sha256": file_digest(str(log)),
                 "tree_size": head.tree_size,
                 "root_hash": head.root_hash,
             },
         }
-        body = intoto.statement(
-            completed[-1]["model_file"], completed[-1]["model_file_sha256"], predicate
-        )
-        signed = intoto.envelope(body, SigningKey.load(coordinator_key_path(data_dir)))
+        body = intoto.statement(final.model_file, final.model_file_sha256, predicate)
+        signed = intoto.envelope(body, SigningKey.load(DataDir(data_dir).signing_key))
         text = json.dumps(signed, indent=2)
         if output is None:
             console.print_json(text)
@@ -163,9 +152,54 @@ def export(
             console.print(f"wrote {output}")
 
 
+def _show_row(record: Record) -> tuple[str, str, str, str, str]:
+    """One row of `show`: record, round, participants, refused, aggregate/model digest."""
+    if isinstance(record, Round):
+        refused = [
+            f"{u.institution or u.node_id}: {u.reason}" for u in record.updates if not u.accepted
+        ]
+        return (
+            type_name(record),
+            str(record.round),
+            ", ".join(record.participants),
+            "; ".join(refused),
+            record.aggregate_digest[:16],
+        )
+    if isinstance(record, OuterStep):
+        institutions = sorted({w.institution for w in record.workers})
+        lost = [f"{worker}: {why}" for worker, why in sorted(record.workers_lost.items())]
+        return (
+            type_name(record),
+            str(record.round),
+            ", ".join(institutions),
+            "; ".join(lost),
+            record.aggregate_digest[:16],
+        )
+    if isinstance(record, JobCompleted):
+        return (type_name(record), "", "", "", record.final_model_digest[:16])
+    return (type_name(record), "", "", "", "")
+
+
+def _attested_round(record: Round | OuterStep) -> dict[str, Any]:
+    """A federated round, or a pretraining outer step, as the in-toto predicate lists it."""
+    if isinstance(record, Round):
+        return {
+            "round": record.round,
+            "participants": record.participants,
+            "aggregate_digest": record.aggregate_digest,
+            "metrics": record.metrics,
+        }
+    return {
+        "round": record.round,
+        "participants": sorted({w.institution for w in record.workers}),
+        "aggregate_digest": record.aggregate_digest,
+        "metrics": {"val_loss": record.val_loss},
+    }
+
+
 def replay(
     job_id: str,
-    data_dir: DataDir = Path(".consortium"),
+    data_dir: DataDirOption = Path(".consortium"),
     key: KeyOption = None,
 ) -> None:
     """Verify the log, then reproduce the job bit for bit: a federated job's aggregates
@@ -185,7 +219,7 @@ def replay(
         console.print(f"replay OK: {len(results)} rounds reproduced bit for bit")
 
 
-def replay_pretraining_job(job_id: str, records: list[dict[str, Any]]) -> None:
+def replay_pretraining_job(job_id: str, records: list[Record]) -> None:
     """Re-run a pretraining job's outer steps here, printing each step as it matches."""
     # Imported here: torch and the compute engine take seconds to import.
     from coordinator.pretraining.replay import plan_replay, replay_pretraining

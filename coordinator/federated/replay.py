@@ -12,13 +12,14 @@ sites, which is exactly what never leaves them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from consortium.errors import ConsortiumError, NotFoundError
 from consortium.exit_codes import ExitCode
 from consortium.provenance.environment import source_digest
+from consortium.provenance.records import JobStarted, Record, Round
 from consortium.tensor_digest import arrays_digest
 from coordinator.federated.retention import load_retained, updates_dir
 from coordinator.federated.strategy import AggregationRule, aggregate
@@ -28,14 +29,15 @@ class ReplayMismatchError(ConsortiumError):
     exit_code = ExitCode.REPLAY_MISMATCH
 
 
-def _job_started(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The job's `job_started` record, or an empty one when the log holds none."""
-    return next((r for r in records if r["type"] == "job_started"), {})
+def job_started(records: Sequence[Record]) -> JobStarted | None:
+    """The job's `job_started` record, or None when the log holds none."""
+    return next((r for r in records if isinstance(r, JobStarted)), None)
 
 
-def job_kind(records: list[dict[str, Any]]) -> str:
+def job_kind(records: Sequence[Record]) -> str:
     """The kind the job's `job_started` record names ("federated" when none does)."""
-    return str(_job_started(records).get("kind", "federated"))
+    started = job_started(records)
+    return started.kind if started is not None else "federated"
 
 
 @dataclass(frozen=True)
@@ -50,58 +52,59 @@ class RoundReplay:
         return self.logged_digest == self.replayed_digest
 
 
-def replay_rounds(data_dir: Path, job_id: str, records: list[dict[str, Any]]) -> list[RoundReplay]:
+def replay_rounds(data_dir: Path, job_id: str, records: Sequence[Record]) -> list[RoundReplay]:
     """`records` are the job's verified log records; raises ReplayMismatchError
     naming the first round that does not reproduce."""
-    rounds = [r for r in records if r["type"] == "round" and r["aggregate_digest"]]
+    rounds = [r for r in records if isinstance(r, Round) and r.aggregate_digest]
     if not rounds:
         raise NotFoundError(f"the log holds no aggregated round of job {job_id}")
     results = []
     for record in rounds:
-        accepted = [u for u in record["updates"] if u["accepted"]]
+        accepted = [u for u in record.updates if u.accepted]
         updates = []
         for update in accepted:
-            path = updates_dir(data_dir, job_id, record["round"]) / (
-                f"{update['update_digest']}.safetensors"
+            path = updates_dir(data_dir, job_id, record.round) / (
+                f"{update.update_digest}.safetensors"
             )
             if not path.exists():
                 raise ReplayMismatchError(
-                    f"round {record['round']}: retained update {path} is missing"
+                    f"round {record.round}: retained update {path} is missing"
                 )
             arrays = load_retained(path)
-            if arrays_digest(arrays) != update["update_digest"]:
+            if arrays_digest(arrays) != update.update_digest:
                 raise ReplayMismatchError(
-                    f"round {record['round']}: retained update of {update['institution']} "
+                    f"round {record.round}: retained update of {update.institution} "
                     "does not match the digest it signed (tampered or corrupt)"
                 )
-            updates.append((arrays, int(update["num_examples"])))
-        spec = record["aggregation"]
+            updates.append((arrays, int(update.num_examples or 0)))
+        spec = record.aggregation
         rule = AggregationRule(
-            name=spec["rule"],
-            trim_fraction=spec["trim_fraction"],
-            krum_byzantine=spec["krum_byzantine"],
-            max_update_norm=spec["max_update_norm"],
+            name=spec.rule,
+            trim_fraction=spec.trim_fraction,
+            krum_byzantine=spec.krum_byzantine,
+            max_update_norm=spec.max_update_norm,
         )
         reference = updates[0][0]
         replayed = arrays_digest(aggregate(rule, reference, updates))
-        result = RoundReplay(record["round"], len(updates), record["aggregate_digest"], replayed)
+        result = RoundReplay(record.round, len(updates), record.aggregate_digest, replayed)
         if not result.matches:
             raise ReplayMismatchError(
-                f"round {record['round']}: aggregate digest {replayed[:16]} differs from the "
-                f"logged {record['aggregate_digest'][:16]}{_source_note(records)}"
+                f"round {record.round}: aggregate digest {replayed[:16]} differs from the "
+                f"logged {record.aggregate_digest[:16]}{_source_note(records)}"
             )
         results.append(result)
     return results
 
 
-def _source_note(records: list[dict[str, Any]]) -> str:
+def _source_note(records: Sequence[Record]) -> str:
     """Why a mismatch may not mean tampering: the job ran other Consortium code, whose
     aggregation may round differently (docs/aggregation.md says what changed when)."""
-    started = _job_started(records)
-    logged = started.get("environment", {}).get("code", {}).get("source_digest")
+    started = job_started(records)
+    environment = started.environment if started is not None else {}
+    logged = environment.get("code", {}).get("source_digest")
     if logged is None or logged == source_digest():
         return ""
-    version = started["environment"]["code"].get("version", "another version")
+    version = environment["code"].get("version", "another version")
     return (
         f"; note that the job ran other Consortium code ({version}, source digest "
         f"{logged[:16]}), so replay it with that code to tell tampering from a change in "

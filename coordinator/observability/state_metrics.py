@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 from consortium.aggregation.errors import RejectReason
 from consortium.errors import JobSpecError
 from consortium.metrics_http import JsonLinesTail
+from consortium.provenance.records import RecordType
 from coordinator.jobs.spec import parse_job_spec
 from coordinator.provenance_paths import provenance_log_path
 from coordinator.state import FINAL_JOB_STATES, JobRecord, JobState, NodeState, StateStore
@@ -112,7 +113,9 @@ class ProvenanceStats:
         for line in read.lines:
             if line.get("kind") == "record":
                 self.entries += 1
-                if line.get("type") == "round":
+                # Raw bodies, not `parse_record`: this reads the live, unverified tail and
+                # must count what it can rather than raise on a partial record.
+                if line.get("type") == RecordType.ROUND:
                     self._count_refusals(line.get("body"))
             elif line.get("kind") == "tree_head":
                 self._tree_head(line)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +45,14 @@ from consortium.aggregation import StreamingMean
 from consortium.errors import ConflictError, JobSpecError, NotFoundError
 from consortium.lm import Weights, model_weights
 from consortium.provenance.environment import describe_environment
+from consortium.provenance.records import (
+    JobCompleted,
+    JobResumed,
+    JobStarted,
+    OuterStep,
+    Record,
+    WorkerEntry,
+)
 from consortium.tensor_digest import arrays_digest
 from coordinator.federated.replay import ReplayMismatchError
 from coordinator.pretraining.diloco import global_model
@@ -76,55 +84,55 @@ class StepReplay:
 class PretrainReplayPlan:
     job_id: str
     spec: PretrainJobSpec
-    events: tuple[dict[str, Any], ...]  # outer_step and job_resumed records, in log order
+    events: tuple[OuterStep | JobResumed, ...]  # in log order
     corpus_digest: str
     python_version: str
-    final_model_digest: str | None  # from job_finished, when the job finished
+    final_model_digest: str | None  # from job_completed, when the job finished
     notes: tuple[str, ...]  # environment differences that do not prevent replay
 
     @property
     def steps(self) -> int:
-        return sum(1 for e in self.events if e["type"] == "outer_step")
+        return sum(1 for e in self.events if isinstance(e, OuterStep))
 
 
-def plan_replay(job_id: str, records: list[dict[str, Any]]) -> PretrainReplayPlan:
+def plan_replay(job_id: str, records: Sequence[Record]) -> PretrainReplayPlan:
     """Check that the job's verified `records` can be replayed here, cheapest check first.
 
     Builds this machine's corpus to compare its digest with the logged one. Raises
     `NotReplayableError` or `NotFoundError` (no outer step logged).
     """
-    started = next((r for r in records if r["type"] == "job_started"), None)
-    if started is None or started.get("kind") != PRETRAIN:
+    started = next((r for r in records if isinstance(r, JobStarted)), None)
+    if started is None or started.kind != PRETRAIN:
         raise NotFoundError(f"the log holds no job_started record of pretraining job {job_id}")
     refuse = _refuser(job_id)
     try:
-        spec = validate_pretrain_spec(started["spec"])
+        spec = validate_pretrain_spec(started.spec)
     except JobSpecError as error:
         raise NotReplayableError(
             f"job {job_id} cannot be replayed by this version of the code: its logged spec "
             f"no longer validates ({error})"
         ) from None
-    environment: dict[str, Any] = started["environment"]
+    environment: dict[str, Any] = started.environment
     if not spec.deterministic:
         refuse("it ran with deterministic = false")
-    events = tuple(r for r in records if r["type"] in ("outer_step", "job_resumed"))
-    steps = [e for e in events if e["type"] == "outer_step"]
+    events = tuple(r for r in records if isinstance(r, OuterStep | JobResumed))
+    steps = [e for e in events if isinstance(e, OuterStep)]
     if not steps:
         raise NotFoundError(f"the log holds no outer step of job {job_id}; nothing to replay")
-    gpu_steps = [s["step"] for s in steps if any(w["device"] != "cpu" for w in s["workers"])]
+    gpu_steps = [s.step for s in steps if any(w.device != "cpu" for w in s.workers)]
     if spec.device == "gpu" or gpu_steps:
         refuse(
             "it ran on GPUs"
             + (f" (from step {gpu_steps[0]})" if gpu_steps else "")
             + ", whose kernels are not bit-reproducible across machines; only CPU jobs replay"
         )
-    finished = next((r for r in records if r["type"] == "job_finished"), None)
+    finished = next((r for r in records if isinstance(r, JobCompleted)), None)
     corpus = corpus_for(spec)
     here = platform.python_version()
     logged_python = str(environment.get("python", "?"))
-    if finished is not None and finished["corpus_digest"] != corpus.digest:
+    if finished is not None and finished.corpus_digest != corpus.digest:
         refuse(
-            f"it trained on stdlib corpus {finished['corpus_digest'][:16]} (Python "
+            f"it trained on stdlib corpus {str(finished.corpus_digest)[:16]} (Python "
             f"{logged_python}) but this machine builds {corpus.digest[:16]} (Python {here}); "
             f"replay with Python {logged_python}"
         )
@@ -155,7 +163,7 @@ def plan_replay(job_id: str, records: list[dict[str, Any]]) -> PretrainReplayPla
         events=events,
         corpus_digest=corpus.digest,
         python_version=here,
-        final_model_digest=finished["model_digest"] if finished is not None else None,
+        final_model_digest=finished.final_model_digest if finished is not None else None,
         notes=tuple(notes),
     )
 
@@ -171,7 +179,7 @@ def replay_pretraining(
     replayer = _Replayer(plan)
     replayed: list[StepReplay] = []
     for event in plan.events:
-        if event["type"] == "job_resumed":
+        if isinstance(event, JobResumed):
             replayer.restart_workers()
             continue
         result = replayer.step(event)
@@ -182,7 +190,7 @@ def replay_pretraining(
     if plan.final_model_digest is not None and final != plan.final_model_digest:
         raise ReplayMismatchError(
             f"final model digest {final[:16]} differs from the logged "
-            f"{plan.final_model_digest[:16]} in job_finished"
+            f"{plan.final_model_digest[:16]} in job_completed"
         )
     return replayed
 
@@ -203,46 +211,46 @@ class _Replayer:
     def restart_workers(self) -> None:
         self.trainers = {}
 
-    def step(self, event: dict[str, Any]) -> StepReplay:
+    def step(self, event: OuterStep) -> StepReplay:
         started = time.monotonic()
-        step = int(event["step"])
+        step = event.step
         where = _where(step)
         step_seed = int(self.seeds.integers(0, 2**63 - 1))
-        if step_seed != event["step_seed"]:
+        if step_seed != event.step_seed:
             raise ReplayMismatchError(
                 f"{where}: step seed {step_seed} drawn from the spec's seed {self.spec.seed} "
-                f"differs from the logged {event['step_seed']}"
+                f"differs from the logged {event.step_seed}"
             )
         # Sorted by worker id, the order the controller averages (and logs) them in.
-        workers = sorted(event["workers"], key=lambda w: str(w["worker"]))
+        workers = sorted(event.workers, key=lambda w: w.worker)
         for worker in workers:  # all seeds first: a wrong one is named before any training
-            seed = derive_seed(step_seed, int(worker["position"]))
-            if seed != worker["seed"]:
+            seed = derive_seed(step_seed, worker.position)
+            if seed != worker.seed:
                 raise ReplayMismatchError(
-                    f"{where}, worker {worker['worker']} ({worker['institution']}): batch seed "
-                    f"{seed} derived from the step seed differs from the logged {worker['seed']}"
+                    f"{where}, worker {worker.worker} ({worker.institution}): batch seed "
+                    f"{seed} derived from the step seed differs from the logged {worker.seed}"
                 )
         global_weights = model_weights(self.model)
         mean = StreamingMean(global_weights)
         current: dict[str, InnerTrainer] = {}
         fresh: list[str] = []
         for worker in workers:
-            name = str(worker["worker"])
+            name = worker.worker
             trainer = self._trainer(name)
             if trainer is not self.trainers.get(name):
                 fresh.append(name)
             current[name] = trainer
             mean.add(self._inner(trainer, step, worker, global_weights), UPDATE_WEIGHT)
-        if mean.digest() != event["aggregate_digest"]:
+        if mean.digest() != event.aggregate_digest:
             raise ReplayMismatchError(
                 f"{where}: aggregate digest {mean.digest()[:16]} differs from the logged "
-                f"{str(event['aggregate_digest'])[:16]}"
+                f"{event.aggregate_digest[:16]}"
             )
         model_digest = self._outer_step(mean.result())
-        if model_digest != event["model_digest"]:
+        if model_digest != event.model_digest:
             raise ReplayMismatchError(
                 f"{where}: model digest {model_digest[:16]} after the outer step differs from "
-                f"the logged {str(event['model_digest'])[:16]}"
+                f"the logged {event.model_digest[:16]}"
             )
         self.trainers = current if self.keep else {}
         return StepReplay(
@@ -261,22 +269,22 @@ class _Replayer:
         return self.shared
 
     def _inner(
-        self, trainer: InnerTrainer, step: int, worker: dict[str, Any], global_weights: Weights
+        self, trainer: InnerTrainer, step: int, worker: WorkerEntry, global_weights: Weights
     ) -> Weights:
         """The worker's H inner steps; its pseudo-gradient, checked against the log."""
         pseudo_gradient, _ = trainer.run_inner(
             global_weights,
-            tuple(int(s) for s in worker["shard_ids"]),
+            tuple(worker.shard_ids),
             self.spec.inner_steps,
-            int(worker["seed"]),
+            worker.seed,
             step * self.spec.inner_steps,  # positions the inner learning-rate schedule
         )
         digest = arrays_digest(pseudo_gradient)
-        if digest != worker["pseudo_gradient_digest"]:
+        if digest != worker.pseudo_gradient_digest:
             raise ReplayMismatchError(
-                f"{_where(step)}, worker {worker['worker']} ({worker['institution']}): "
+                f"{_where(step)}, worker {worker.worker} ({worker.institution}): "
                 f"pseudo-gradient digest {digest[:16]} differs from the logged "
-                f"{str(worker['pseudo_gradient_digest'])[:16]}"
+                f"{worker.pseudo_gradient_digest[:16]}"
             )
         return pseudo_gradient
 
@@ -300,25 +308,25 @@ def _refuser(job_id: str) -> Callable[[str], None]:
     return refuse
 
 
-def _check_sequence(job_id: str, spec: PretrainJobSpec, steps: list[dict[str, Any]]) -> None:
+def _check_sequence(job_id: str, spec: PretrainJobSpec, steps: list[OuterStep]) -> None:
     """Outer steps 0, 1, ... each logged once, with H inner steps per worker."""
     for expected, record in enumerate(steps):
-        if record["step"] != expected:
+        if record.step != expected:
             raise NotReplayableError(
-                f"job {job_id} cannot be replayed: the log has step {record['step']} where "
+                f"job {job_id} cannot be replayed: the log has step {record.step} where "
                 f"step {expected} was expected (a step checkpointed but never logged?)"
             )
-        if spec.inner_optimizer_state == "keep" and record["attempts"] > 1:
+        if spec.inner_optimizer_state == "keep" and record.attempts > 1:
             raise NotReplayableError(
                 f"job {job_id} cannot be replayed bit for bit: step {expected} took "
-                f'{record["attempts"]} attempts, and with inner_optimizer_state = "keep" the '
+                f'{record.attempts} attempts, and with inner_optimizer_state = "keep" the '
                 "failed attempts advanced some workers' AdamW state in a way the log does not "
                 "record"
             )
-        for worker in record["workers"]:
-            if worker["inner_steps"] != spec.inner_steps:
+        for worker in record.workers:
+            if worker.inner_steps != spec.inner_steps:
                 raise NotReplayableError(
                     f"job {job_id} cannot be replayed: step {expected} worker "
-                    f"{worker['worker']} logged {worker['inner_steps']} inner steps, the spec "
+                    f"{worker.worker} logged {worker.inner_steps} inner steps, the spec "
                     f"says {spec.inner_steps}"
                 )

@@ -14,6 +14,7 @@ import torch
 
 from consortium.errors import NotFoundError
 from consortium.provenance.environment import describe_environment
+from consortium.provenance.records import Record, parse_body, type_name
 from coordinator.federated.replay import ReplayMismatchError, job_kind
 from coordinator.pretraining import PretrainJobSpec, validate_pretrain_spec
 from coordinator.pretraining.replay import (
@@ -82,9 +83,14 @@ def outer_step(step: int, attempts: int = 1, device: str = "cpu", **extra: Any) 
     }
 
 
+def parse(entry: dict[str, Any]) -> Record:
+    """A record written here as {"type": ..., **body}, typed as a log reader gets it."""
+    return parse_body(entry["type"], {k: v for k, v in entry.items() if k != "type"})
+
+
 def job(
     spec: PretrainJobSpec, *steps: dict[str, Any], environment: dict[str, Any] | None = None
-) -> list[dict[str, Any]]:
+) -> list[Record]:
     started = {
         "type": "job_started",
         "job_id": JOB,
@@ -94,15 +100,17 @@ def job(
         "seed": spec.seed,
         "environment": environment or describe_environment(spec.device, spec.deterministic),
     }
-    return [started, *steps]
+    return [parse(started), *(parse(step) for step in steps)]
 
 
 def test_job_kind_names_pretraining_and_defaults_to_federated() -> None:
     assert job_kind(job(tiny_spec(), outer_step(0))) == "pretrain"
     with pytest.raises(NotFoundError, match="no outer step"):
         plan_replay(JOB, job(tiny_spec()))
-    assert job_kind([{"type": "job_started", "job_id": JOB}]) == "federated"
-    assert job_kind([{"type": "round", "job_id": JOB}]) == "federated"
+    assert job_kind([parse({"type": "job_started", "job_id": JOB})]) == "federated"
+    assert job_kind([parse({"type": "round", "job_id": JOB, "round": 1, "global_digest": ""})]) == (
+        "federated"
+    )
 
 
 def test_plan_follows_the_log_and_notes_an_unfinished_job() -> None:
@@ -110,7 +118,7 @@ def test_plan_follows_the_log_and_notes_an_unfinished_job() -> None:
     resumed = {"type": "job_resumed", "job_id": JOB, "after_round": 1, "kind": "pretrain"}
     plan = plan_replay(JOB, job(spec, outer_step(0), resumed, outer_step(1)))
     assert plan.spec == spec and plan.steps == 2
-    assert [e["type"] for e in plan.events] == ["outer_step", "job_resumed", "outer_step"]
+    assert [type_name(e) for e in plan.events] == ["outer_step", "job_resumed", "outer_step"]
     assert plan.corpus_digest == corpus_for(spec).digest
     assert plan.final_model_digest is None
     assert any("has not finished" in note for note in plan.notes)
@@ -144,7 +152,7 @@ def test_several_attempts_replay_when_workers_reset_their_optimizer() -> None:
 def test_plan_compares_the_corpus_digest_and_the_torch_version() -> None:
     spec = tiny_spec()
     finished = {
-        "type": "job_finished",
+        "type": "job_finished",  # the old name of a pretraining job's job_completed
         "job_id": JOB,
         "kind": "pretrain",
         "model_digest": "2" * 64,
@@ -152,7 +160,7 @@ def test_plan_compares_the_corpus_digest_and_the_torch_version() -> None:
         "val_loss": 3.0,
     }
     with pytest.raises(NotReplayableError, match="stdlib corpus ffffffffffffffff"):
-        plan_replay(JOB, [*job(spec, outer_step(0)), finished])
+        plan_replay(JOB, [*job(spec, outer_step(0)), parse(finished)])
     environment = describe_environment(spec.device, spec.deterministic)
     other_python = {**environment, "python": "2.7.18"}
     with pytest.raises(NotReplayableError, match=r"replay with Python 2\.7\.18"):

@@ -28,6 +28,13 @@ from consortium.provenance.log import (
     tree_head_signing_bytes,
 )
 from consortium.provenance.merkle import leaf_hash, root_from_leaves
+from consortium.provenance.records import (
+    InstitutionKey,
+    JobCompleted,
+    JobStarted,
+    Round,
+    type_name,
+)
 from consortium.provenance.signing import SignatureError, SigningKey, b64
 from consortium.provenance.updates import UpdateStatement
 from consortium.provenance.verify import LogVerificationError, verify_log
@@ -103,19 +110,16 @@ def write_log(
 ) -> list[TreeHead]:
     log = ProvenanceLog(path, coordinator)
     heads: list[TreeHead] = []
-    log.append("job_started", {"job_id": JOB, "kind": "federated", "seed": 7})
+    log.append_record(JobStarted(job_id=JOB, kind="federated", seed=7))
     heads.append(log.publish_tree_head())
-    log.append(
-        "institution_key",
-        {
-            "institution": "uni-a",
-            "key_id": institution.key_id,
-            "public_key": b64(institution.public.raw),
-        },
+    log.append_record(
+        InstitutionKey(
+            institution="uni-a", key_id=institution.key_id, public_key=b64(institution.public.raw)
+        )
     )
-    log.append("round", round_body(update))
+    log.append_record(Round.model_validate(round_body(update)))
     heads.append(log.publish_tree_head())
-    log.append("job_completed", {"job_id": JOB, "rounds": 1, "final_model_digest": AGGREGATE})
+    log.append_record(JobCompleted(job_id=JOB, rounds=1, final_model_digest=AGGREGATE))
     heads.append(log.publish_tree_head())
     return heads
 
@@ -171,7 +175,7 @@ def test_verify_log_intact_log_reports_counts(log: Log) -> None:
     assert (report.records, report.tree_heads, report.signed_updates) == (4, 3, 1)
     assert report.last_head == log.heads[-1]
     assert [h.tree_size for h in log.heads] == [1, 3, 4]
-    assert [r["type"] for r in report.jobs[JOB]] == ["job_started", "round", "job_completed"]
+    assert [type_name(r) for r in report.jobs[JOB]] == ["job_started", "round", "job_completed"]
     assert 1500 < log.path.stat().st_size < 4500  # small enough to flip every byte below
 
 

@@ -42,6 +42,7 @@ from client.federated.signing_mod import (
 from consortium.aggregation import MAX_WEIGHT
 from consortium.provenance.commitment import commit
 from consortium.provenance.environment import describe_environment
+from consortium.provenance.records import JobStarted, Round
 from consortium.provenance.signing import SignatureError, SigningKey, unb64
 from consortium.provenance.updates import UpdateStatement
 from consortium.tensor_digest import arrays_digest
@@ -584,17 +585,18 @@ def test_retained_updates_exist_for_accepted_updates_only(world: World, good: Go
             assert arrays_digest({k: handle.get_tensor(k) for k in handle.keys()}) == digest  # noqa: SIM118
 
 
-def _round_record(record: RoundProvenance) -> dict[str, Any]:
+def _round_record(record: RoundProvenance) -> Round:
     """The round record as the ServerApp logs it (the fields replay reads)."""
-    return {
-        "type": "round",
-        "job_id": JOB,
-        "round": record.round,
-        "global_digest": record.global_digest,
-        "updates": record.updates,
-        "aggregation": AggregationRule().describe(),
-        "aggregate_digest": record.aggregate_digest,
-    }
+    return Round.model_validate(
+        {
+            "job_id": JOB,
+            "round": record.round,
+            "global_digest": record.global_digest,
+            "updates": record.updates,
+            "aggregation": AggregationRule().describe(),
+            "aggregate_digest": record.aggregate_digest,
+        }
+    )
 
 
 def test_replay_rounds_reproduces_aggregate_digest(world: World, good: Good) -> None:
@@ -628,13 +630,13 @@ def test_replay_mismatch_names_other_code_when_the_job_ran_other_source(
 ) -> None:
     retention = world.root / "data"
     record, _, _ = run_round(world, good.replies, retention)
-    wrong = {**_round_record(record), "aggregate_digest": "0" * 64}
+    wrong = _round_record(record).model_copy(update={"aggregate_digest": "0" * 64})
     ours = describe_environment("cpu", deterministic=True)
-    same = {"type": "job_started", "environment": ours}
-    other = {
-        "type": "job_started",
-        "environment": {**ours, "code": {**ours["code"], "source_digest": "ab" * 32}},
-    }
+    same = JobStarted(job_id=JOB, environment=ours)
+    other = JobStarted(
+        job_id=JOB,
+        environment={**ours, "code": {**ours["code"], "source_digest": "ab" * 32}},
+    )
     with pytest.raises(ReplayMismatchError, match="aggregate digest") as plain:
         replay_rounds(retention, JOB, [same, wrong])
     assert "other Consortium code" not in str(plain.value)

@@ -23,7 +23,10 @@ from consortium.provenance.updates import UpdateStatement
 from coordinator.federated.strategy import AggregationRule
 from coordinator.jobs.spec import parse_job_spec, parse_submitted_spec
 
-FEDERATED = 'name = "digits"\nmodel = "digits-cnn"\ndataset = "digits"\nrounds = 2\nmin_clients = 1\nseed = 7\n'
+FEDERATED = (
+    'name = "digits"\nmodel = "digits-cnn"\ndataset = "digits"\n'
+    "rounds = 2\nmin_clients = 1\nseed = 7\n"
+)
 PRETRAIN = (
     'name = "tiny"\nkind = "pretrain"\nn_layer = 1\nn_head = 2\nn_embd = 16\n'
     "block_size = 32\nseq_len = 32\ninner_steps = 5\nouter_steps = 2\n"

@@ -1,0 +1,1 @@
+"""The coordinator's side of the provenance log: `JobRecorder`, its one writer."""

@@ -6,6 +6,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# pytest-xdist workers: integration tests mostly wait on real processes, so three
+# share two cores well; each integration module is one group (tests/integration/conftest.py).
+PYTEST_WORKERS ?= 3
 
 .PHONY: demo test lint protos dashboard
 
@@ -21,7 +24,6 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/mypy deploy
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python scripts/gen_protos.py --check
 	$(BIN)/python -m deploy.grafana.build --check
@@ -34,4 +36,4 @@ dashboard: $(STAMP)
 
 test: lint
 	bash scripts/ensure-prometheus.sh
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup

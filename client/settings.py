@@ -31,6 +31,9 @@ class ClientSettings(RoleSettings):
     # Contribute this node (its GPU, else one CPU) to the coordinator's Ray cluster
     # for pretraining; false: federated fine-tuning only.
     ray_enabled: bool = True
+    # On leave, Ray drains this node: it waits this long for running work before ending
+    # its processes (Ray's RAY_DRAIN_TIMEOUT, set on the worker it starts).
+    ray_drain_timeout_s: float = Field(default=5.0, ge=0)
 
     @property
     def resolved_state_dir(self) -> Path:

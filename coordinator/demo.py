@@ -2,7 +2,8 @@
 
 Creates the consortium (`init`), starts `coordinator serve` (mTLS API, Flower
 SuperLink, Ray head), onboards one institution per site with site-held keys and
-starts one `client join` per institution as separate processes on loopback. Each
+starts one `client join` per institution as separate processes on loopback, all
+through `LocalConsortium`, the harness the integration tests use too. Each
 site holds private data: a non-IID Dirichlet(0.5) share of the digits images and the
 docstrings of different installed packages.
 
@@ -17,8 +18,6 @@ process it started, also on Ctrl-C or failure.
 from __future__ import annotations
 
 import shutil
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +29,10 @@ from consortium.data.docstrings import DATASET as DOCSTRINGS
 from consortium.data.docstrings import DEFAULT_BYTES_PER_PACKAGE, packages_for, site_text
 from consortium.data.npz import save_npz
 from consortium.data.partition import dirichlet_partition
-from consortium.errors import ChildProcessFailedError
-from consortium.processes import ChildProcess, venv_executable
-from consortium.proto.v1 import jobs_pb2, nodes_pb2
-from consortium.site_keys import create_site_keys
-from coordinator.access.onboarding import Request, init_consortium, onboard
-from coordinator.cli.remote import Remote, connect
+from consortium.proto.v1 import jobs_pb2
+from coordinator.cli.remote import Remote
 from coordinator.cli.watch import watch_job
-from coordinator.state import SqliteStateStore
+from coordinator.local_consortium import LocalConsortium
 
 INSTITUTION_NAMES = (
     "aurora-hospital",
@@ -51,7 +46,6 @@ INSTITUTION_NAMES = (
 )
 DIRICHLET_ALPHA = 0.5
 PARTITION_SEED = 7
-START_TIMEOUT_S = 120.0
 DEMO_JOBS = ("pipeline", "digits")
 PRETRAIN_OUTER_STEPS = 4
 PRETRAIN_INNER_STEPS = 30
@@ -135,49 +129,6 @@ def write_text_partitions(work_dir: Path, names: list[str]) -> list[Path]:
     return dirs
 
 
-def onboard_local_site(coordinator_dir: Path, site_dir: Path, name: str, address: str) -> Path:
-    """`client keygen` at the site, then `coordinator onboard --request` at the operator."""
-    keys = create_site_keys(site_dir / "state", name)
-    store = SqliteStateStore(coordinator_dir / "state.db")
-    try:
-        return onboard(
-            coordinator_dir,
-            store,
-            name,
-            Request.from_dir(keys.request_dir),
-            site_dir / "bundle",
-            address,
-            cert_days=30,
-        )
-    finally:
-        store.close()
-
-
-def supernode_keys_registered(coordinator_dir: Path) -> bool:
-    store = SqliteStateStore(coordinator_dir / "state.db")
-    try:
-        return all(node_id for _, _, node_id in store.supernode_keys())
-    finally:
-        store.close()
-
-
-def wait_until(
-    what: str, ready: Callable[[], bool], children: list[ChildProcess], timeout_s: float
-) -> None:
-    """Poll `ready` until true; fail early, with the log tail, if a child died."""
-    deadline = time.monotonic() + timeout_s
-    while not ready():
-        for child in children:
-            if child.poll() is not None:
-                raise ChildProcessFailedError(
-                    f"{child.name} exited with code {child.poll()} while waiting for {what}; "
-                    f"see {child.log_path}:\n{child.log_tail()}"
-                )
-        if time.monotonic() > deadline:
-            raise ChildProcessFailedError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.2)
-
-
 def run_demo(
     work_dir: Path,
     rounds: int,
@@ -201,60 +152,23 @@ def run_demo(
             f"[dim]{name}: {count} private digit images and {text_bytes // 1024} KiB of "
             f"private text in {data_dir}[/]"
         )
-    coordinator_dir = work_dir / "coordinator"
-    children: list[ChildProcess] = []
+    consortium = LocalConsortium(work_dir)
     try:
         console.print("coordinator init: root CA, certificates, signing key, Ray token")
-        init_consortium(coordinator_dir, ["localhost", "127.0.0.1"], cert_days=30)
+        consortium.init()
         console.print(
             "starting the coordinator (mTLS control-plane API, Flower SuperLink, Ray head)..."
         )
-        children.append(
-            ChildProcess(
-                "coordinator serve",
-                [venv_executable("coordinator"), "serve", "--data-dir", str(coordinator_dir)],
-                work_dir / "logs" / "coordinator.log",
-            )
-        )
-        address_file = coordinator_dir / "coordinator.address"
-        wait_until("the coordinator", address_file.exists, children, START_TIMEOUT_S)
-        address = address_file.read_text().strip()
+        consortium.serve()
         for name in names:
-            site = work_dir / "institutions" / name
-            bundle = onboard_local_site(coordinator_dir, site, name, address)
+            bundle = consortium.onboard(name)
             console.print(f"onboarded {name}: keys at the site, bundle {bundle}")
-        wait_until(
-            "the SuperLink to accept the onboarded SuperNode keys",
-            lambda: supernode_keys_registered(coordinator_dir),
-            children,
-            START_TIMEOUT_S,
-        )
+        consortium.wait_for_supernode_keys()
         for name, data_dir in zip(names, data_dirs, strict=True):
-            site = work_dir / "institutions" / name
-            children.append(
-                ChildProcess(
-                    f"client join ({name})",
-                    [
-                        venv_executable("client"),
-                        "join",
-                        "--bundle",
-                        str(site / "bundle"),
-                        "--data",
-                        str(data_dir),
-                        "--state-dir",
-                        str(site / "state"),
-                    ],
-                    work_dir / "logs" / f"client-{name}.log",
-                )
-            )
-        with connect(address, coordinator_dir) as remote:
-
-            def all_online() -> bool:
-                online = [n for n in remote.list_nodes() if n.state == nodes_pb2.NODE_STATE_ONLINE]
-                return len(online) >= num_institutions
-
-            console.print(f"waiting for {num_institutions} institutions to join...")
-            wait_until("the institutions to join", all_online, children, START_TIMEOUT_S)
+            consortium.join(name, data_dir)
+        console.print(f"waiting for {num_institutions} institutions to join...")
+        consortium.wait_for_online(num_institutions)
+        with consortium.connect() as remote:
             pretrained: str | None = None
             if job_kind == "digits":
                 job = remote.submit(DEMO_JOB.format(rounds=rounds, clients=num_institutions))
@@ -264,12 +178,11 @@ def run_demo(
             else:
                 pretrained, final = run_pipeline(remote, rounds, num_institutions, console)
         if final.state == jobs_pb2.JOB_STATE_SUCCEEDED:
-            check_provenance(coordinator_dir, final.job_id, console, pretrained)
+            check_provenance(consortium.data_dir, final.job_id, console, pretrained)
         return int(final.state)
     finally:
         console.print("stopping every process the demo started...")
-        for child in reversed(children):
-            child.stop()
+        consortium.stop()
         console.print(f"logs: {work_dir / 'logs'}")
 
 

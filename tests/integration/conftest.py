@@ -1,18 +1,27 @@
-"""A real federated job, run once per session and shared by the tests that read it."""
+"""Integration fixtures: a real federated job, run once per session and shared by the
+tests that read it; and one pytest-xdist group per module.
+
+Under `pytest -n N --dist loadgroup` (make test) each module's tests run in one worker,
+so a module-scoped stack starts once, and the modules that read `completed_run` share a
+group so the session's job runs once. Tests outside tests/integration are spread freely.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from consortium.proto.v1 import jobs_pb2, nodes_pb2
-from coordinator.access.onboarding import init_consortium
-from coordinator.cli.remote import connect
-from coordinator.demo import onboard_local_site, supernode_keys_registered, write_partitions
-from tests.conftest import Processes, join_site, online_nodes, start_coordinator, wait_for
+from tests.conftest import Processes
+from tests.helpers import (
+    FINAL_STATES,
+    CompletedRun,
+    local_consortium,
+    online_nodes,
+    wait_for,
+    write_partitions,
+)
 
 JOB = """\
 name = "integration"
@@ -26,66 +35,42 @@ local_epochs = 1
 learning_rate = 0.05
 seed = 3
 """
-FINAL_STATES = (
-    jobs_pb2.JOB_STATE_SUCCEEDED,
-    jobs_pb2.JOB_STATE_FAILED,
-    jobs_pb2.JOB_STATE_CANCELLED,
-)
 
 
-@dataclass
-class CompletedRun:
-    data_dir: Path
-    job: jobs_pb2.Job
-    rounds: list[jobs_pb2.RoundMetrics]
-    nodes_after_leave: list[nodes_pb2.Node]
-    leftover_pids: list[int]
+# Modules that read the session's `completed_run` run in one worker with it.
+COMPLETED_RUN_GROUP = "completed-run"
+COMPLETED_RUN_READERS = ("test_federated_job", "test_provenance")
 
 
-def start_secure_consortium(
-    processes: Processes,
-    root: Path,
-    names: Iterable[str],
-    *,
-    wait_for_keys: bool = True,
-    flags: Sequence[str] = (),
-) -> tuple[Path, str]:
-    """`coordinator init`, a mutual-TLS `coordinator serve`, and each institution
-    onboarded from site-held keys (bundle in root/<name>/bundle); returns the data dir
-    and the API address, once the SuperLink knows the sites' keys (unless told not to
-    wait)."""
-    data_dir = root / "coordinator"
-    init_consortium(data_dir, ["localhost", "127.0.0.1"], cert_days=30)
-    address = start_coordinator(processes, data_dir, secure=True, flags=flags)
-    for name in names:
-        onboard_local_site(data_dir, root / name, name, address)
-    if wait_for_keys:
-        wait_for("SuperNode keys registered", lambda: supernode_keys_registered(data_dir))
-    return data_dir, address
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if item.path.parent != here:
+            continue
+        module = item.path.stem
+        group = COMPLETED_RUN_GROUP if module in COMPLETED_RUN_READERS else module
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
 def completed_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CompletedRun]:
-    """Coordinator + two onboarded institutions (mutual TLS, SuperNode authentication)
-    complete a 3-round job on loopback, then stop."""
+    """Coordinator + two onboarded institutions (mutual TLS, SuperNode authentication,
+    no Ray: a federated job does not use it) complete a 3-round job on loopback, then
+    stop. test_federated_job.py and test_provenance.py read it (one xdist group)."""
     root = tmp_path_factory.mktemp("federated")
     processes = Processes(root / "logs")
     try:
         names = ["alpha-hospital", "beta-university"]
-        data_dir, address = start_secure_consortium(processes, root, names)
+        consortium = local_consortium(processes, root)
+        consortium.init()
+        consortium.serve()
+        for name in names:
+            consortium.onboard(name)
+        wait_for("SuperNode keys registered", consortium.supernode_keys_registered)
         for name, site in zip(names, write_partitions(root, names), strict=True):
-            join_site(
-                processes,
-                f"client-{name}",
-                site,
-                root / name / "state",
-                bundle=root / name / "bundle",
-            )
-        with connect(address, data_dir) as remote:
-            wait_for(
-                "two online nodes",
-                lambda: online_nodes(remote.list_nodes()) == 2,
-            )
+            consortium.join(name, site)
+        with consortium.connect() as remote:
+            wait_for("two online nodes", lambda: online_nodes(remote.list_nodes()) == 2)
             job = remote.submit(JOB)
             final = None
             for event in remote.watch(job.job_id):
@@ -99,6 +84,8 @@ def completed_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Complete
                 child.stop()
             nodes = remote.list_nodes()
         processes.stop_all()
-        yield CompletedRun(data_dir, reply.job, list(reply.rounds), nodes, processes.alive())
+        yield CompletedRun(
+            consortium.data_dir, reply.job, list(reply.rounds), nodes, processes.alive()
+        )
     finally:
         processes.stop_all()

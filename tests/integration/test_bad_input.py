@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,10 +10,10 @@ import pytest
 
 from consortium.exit_codes import ExitCode
 from consortium.net import reserve_free_port
-from consortium.processes import venv_executable
 from consortium.proto.v1 import jobs_pb2, jobs_pb2_grpc
 from coordinator.cli.remote import Remote
-from tests.conftest import Processes, start_coordinator
+from tests.conftest import Processes
+from tests.helpers import run_cli, start_coordinator
 
 VALID_JOB = """\
 name = "queued"
@@ -24,17 +22,6 @@ dataset = "digits"
 rounds = 1
 min_clients = 5
 """
-
-
-def run_cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [venv_executable(argv[0]), *argv[1:]],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "COLUMNS": "200", **(env or {})},
-        check=False,
-    )
 
 
 @pytest.fixture(scope="module")

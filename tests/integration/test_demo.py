@@ -8,7 +8,8 @@ import re
 import time
 from pathlib import Path
 
-from tests.conftest import Processes, wait_for
+from tests.conftest import Processes
+from tests.helpers import wait_for
 
 DEMO_TIMEOUT_S = 600.0
 

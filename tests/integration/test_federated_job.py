@@ -6,8 +6,8 @@ from pathlib import Path
 
 from consortium.proto.v1 import jobs_pb2, nodes_pb2
 from coordinator.cli.remote import connect
-from tests.conftest import Processes, start_coordinator
-from tests.integration.conftest import CompletedRun
+from tests.conftest import Processes
+from tests.helpers import CompletedRun, start_coordinator
 
 
 def test_federated_job_succeeds_with_two_institutions(completed_run: CompletedRun) -> None:

@@ -13,9 +13,15 @@ import pytest
 from consortium.exit_codes import ExitCode
 from consortium.proto.v1 import jobs_pb2, nodes_pb2
 from coordinator.cli.remote import Remote
-from coordinator.demo import write_partitions
-from tests.conftest import TINY_PRETRAIN, Processes, join_site, start_coordinator, wait_for
-from tests.integration.test_bad_input import run_cli
+from tests.conftest import Processes
+from tests.helpers import (
+    TINY_PRETRAIN,
+    join_site,
+    run_cli,
+    start_coordinator,
+    wait_for,
+    write_partitions,
+)
 
 INSTITUTION = "aurora"
 RAY_JOIN_TIMEOUT_S = 120.0
@@ -53,10 +59,16 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     root = tmp_path_factory.mktemp("nodes-view")
     processes = Processes(root / "logs")
     try:
-        address = start_coordinator(processes, root / "coordinator")
+        address = start_coordinator(processes, root / "coordinator", ray=True)
         (data,) = write_partitions(root, [INSTITUTION])
         join_site(
-            processes, "client", data, root / "state", coordinator=address, institution=INSTITUTION
+            processes,
+            "client",
+            data,
+            root / "state",
+            coordinator=address,
+            institution=INSTITUTION,
+            ray=True,
         )
         with Remote(address) as remote:
             wait_for(

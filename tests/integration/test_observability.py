@@ -26,9 +26,9 @@ import yaml
 from consortium.net import reserve_free_port
 from consortium.proto.v1 import jobs_pb2
 from coordinator.cli.remote import Remote
-from coordinator.demo import write_partitions
 from deploy.grafana.dashboard import RATE, expressions
-from tests.conftest import Processes, join_site, online_nodes, start_coordinator, wait_for
+from tests.conftest import Processes
+from tests.helpers import join_site, online_nodes, start_coordinator, wait_for, write_partitions
 
 JOB = """\
 name = "observed"
@@ -115,6 +115,7 @@ def start_clients(processes: Processes, root: Path, coordinator: str) -> list[Pa
             root / name,
             coordinator=coordinator,
             institution=name,
+            ray=True,
         )
         files.append(root / name / "metrics.address")
     return files
@@ -163,7 +164,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     processes = Processes(root / "logs")
     try:
         data_dir = root / "coordinator"
-        coordinator = start_coordinator(processes, data_dir)
+        coordinator = start_coordinator(processes, data_dir, ray=True)
         client_files = start_clients(processes, root, coordinator)
         wait_for("client metrics endpoints", lambda: all(f.exists() for f in client_files))
         config = prometheus_config(

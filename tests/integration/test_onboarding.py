@@ -28,11 +28,15 @@ from consortium.site_keys import SiteKeys
 from consortium.tls import ClientTls
 from coordinator.access.onboarding import revoke
 from coordinator.access.pki_files import CoordinatorPki
-from coordinator.demo import supernode_keys_registered, write_partitions
 from coordinator.provenance_paths import coordinator_key_path
 from coordinator.state import SqliteStateStore
-from tests.conftest import Processes, wait_for
-from tests.integration.conftest import start_secure_consortium
+from tests.conftest import Processes
+from tests.helpers import (
+    start_secure_consortium,
+    supernode_keys_registered,
+    wait_for,
+    write_partitions,
+)
 
 NAMES = ("alpha", "beta")
 
@@ -65,7 +69,7 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]
     root = tmp_path_factory.mktemp("onboarding")
     processes = Processes(root / "logs")
     try:
-        data_dir, address = start_secure_consortium(processes, root, NAMES)
+        data_dir, address = start_secure_consortium(processes, root, NAMES, ray=True)
         yield Consortium(root, data_dir, address, processes)
     finally:
         processes.stop_all()

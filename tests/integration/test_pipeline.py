@@ -16,10 +16,16 @@ import pytest
 from consortium.errors import InvalidArgumentError
 from consortium.proto.v1 import jobs_pb2
 from coordinator.cli.remote import Remote, connect
-from coordinator.demo import write_text_partitions
 from coordinator.provenance_paths import provenance_log_path
-from tests.conftest import Processes, join_site, online_nodes, wait_for
-from tests.integration.conftest import FINAL_STATES, start_secure_consortium
+from tests.conftest import Processes
+from tests.helpers import (
+    FINAL_STATES,
+    join_site,
+    online_nodes,
+    start_secure_consortium,
+    wait_for,
+    write_text_partitions,
+)
 
 INSTITUTIONS = ("aurora", "borealis")
 JOB_TIMEOUT_S = 240.0
@@ -82,7 +88,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
     root = tmp_path_factory.mktemp("pipeline")
     processes = Processes(root / "logs")
     try:
-        data_dir, address = start_secure_consortium(processes, root, INSTITUTIONS)
+        data_dir, address = start_secure_consortium(processes, root, INSTITUTIONS, ray=True)
         sites = write_text_partitions(root, list(INSTITUTIONS))
         for name, site in zip(INSTITUTIONS, sites, strict=True):
             join_site(
@@ -91,6 +97,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
                 site,
                 root / name / "state",
                 bundle=root / name / "bundle",
+                ray=True,
             )
         with connect(address, data_dir) as remote:
             wait_for(

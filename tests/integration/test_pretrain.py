@@ -40,7 +40,7 @@ from coordinator.pretraining import (
 )
 from coordinator.pretraining.checkpoint import checkpoint_path, load_checkpoint
 from coordinator.pretraining.worker import InnerTrainer, WorkerConfig, corpus_for
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 
 OBJECT_STORE_BYTES = 80 * 2**20
 

@@ -13,18 +13,18 @@ import pytest
 
 from consortium.proto.v1 import jobs_pb2, jobs_pb2_grpc
 from coordinator.cli.remote import Remote
-from coordinator.demo import write_partitions
 from coordinator.provenance_paths import provenance_log_path
-from tests.conftest import (
+from tests.conftest import Processes
+from tests.helpers import (
+    FINAL_STATES,
     TINY_PRETRAIN,
-    Processes,
     join_site,
     online_nodes,
+    run_cli,
     start_coordinator,
     wait_for,
+    write_partitions,
 )
-from tests.integration.conftest import FINAL_STATES
-from tests.integration.test_bad_input import run_cli
 
 INSTITUTION = "aurora"
 OUTER_STEPS = 2
@@ -54,10 +54,16 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     processes = Processes(root / "logs")
     try:
         data_dir = root / "coordinator"
-        address = start_coordinator(processes, data_dir)
+        address = start_coordinator(processes, data_dir, ray=True)
         (data,) = write_partitions(root, [INSTITUTION])
         join_site(
-            processes, "client", data, root / "state", coordinator=address, institution=INSTITUTION
+            processes,
+            "client",
+            data,
+            root / "state",
+            coordinator=address,
+            institution=INSTITUTION,
+            ray=True,
         )
         with Remote(address) as remote:
             wait_for(

@@ -28,22 +28,22 @@ from consortium.proto.v1 import jobs_pb2
 from consortium.provenance.log import ProvenanceLog, read_lines
 from consortium.provenance.signing import SigningKey
 from coordinator.cli.remote import Remote
-from coordinator.demo import write_partitions
 from coordinator.provenance_paths import (
     coordinator_key_path,
     coordinator_public_key_path,
     provenance_log_path,
 )
-from tests.conftest import (
+from tests.conftest import Processes
+from tests.helpers import (
+    FINAL_STATES,
     TINY_PRETRAIN,
-    Processes,
     join_site,
     online_nodes,
+    run_cli,
     start_coordinator,
     wait_for,
+    write_partitions,
 )
-from tests.integration.conftest import FINAL_STATES
-from tests.integration.test_bad_input import run_cli
 
 INSTITUTION = "aurora"
 OUTER_STEPS = 5
@@ -78,10 +78,16 @@ def restarted_job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Restarte
     processes = Processes(root / "logs")
     try:
         data_dir = root / "coordinator"
-        address = start_coordinator(processes, data_dir, name="coordinator-1")
+        address = start_coordinator(processes, data_dir, name="coordinator-1", ray=True)
         (data,) = write_partitions(root, [INSTITUTION])
         join_site(
-            processes, "client", data, root / "state", coordinator=address, institution=INSTITUTION
+            processes,
+            "client",
+            data,
+            root / "state",
+            coordinator=address,
+            institution=INSTITUTION,
+            ray=True,
         )
         with Remote(address) as remote:
             wait_for(
@@ -95,7 +101,9 @@ def restarted_job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Restarte
                 timeout_s=JOB_TIMEOUT_S,
             )
         processes.children[0].stop(timeout_s=COORDINATOR_STOP_TIMEOUT_S)
-        with Remote(start_coordinator(processes, data_dir, name="coordinator-2")) as remote:
+        with Remote(
+            start_coordinator(processes, data_dir, name="coordinator-2", ray=True)
+        ) as remote:
             before = remote.get(job_id).job.rounds_completed
             wait_for(
                 "the resumed job to end",

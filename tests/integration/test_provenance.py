@@ -19,7 +19,7 @@ from consortium.provenance.signing import VerifyingKey
 from consortium.provenance.verify import LogVerificationError, verify_log
 from consortium.tensor_digest import file_digest
 from coordinator.provenance_paths import coordinator_public_key_path, provenance_log_path
-from tests.integration.conftest import CompletedRun
+from tests.helpers import CompletedRun
 
 
 def coordinator_cli(*argv: str) -> subprocess.CompletedProcess[str]:

@@ -18,10 +18,16 @@ from consortium.proto.v1 import jobs_pb2
 from consortium.ray_env import RayTls, ray_auth_env, ray_node_ip
 from coordinator.access.pki_files import CoordinatorPki
 from coordinator.cli.remote import connect
-from coordinator.demo import write_partitions
-from tests.conftest import TINY_PRETRAIN, Processes, join_site, wait_for
-from tests.integration.conftest import FINAL_STATES, start_secure_consortium
-from tests.integration.test_ray_channel import Channel, alive
+from tests.conftest import Processes
+from tests.helpers import (
+    FINAL_STATES,
+    TINY_PRETRAIN,
+    join_site,
+    start_secure_consortium,
+    wait_for,
+    write_partitions,
+)
+from tests.helpers_ray import Channel, alive
 
 NAMES = ("alpha",)
 
@@ -42,7 +48,7 @@ def channel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsChannel]:
     root = tmp_path_factory.mktemp("ray-tls")
     processes = Processes(root / "logs")
     try:
-        data_dir, _ = start_secure_consortium(processes, root, NAMES, flags=["--ray-tls"])
+        data_dir, _ = start_secure_consortium(processes, root, NAMES, flags=["--ray-tls"], ray=True)
         yield TlsChannel(root, data_dir, processes, processes.children[0])
     finally:
         processes.stop_all()
@@ -56,6 +62,7 @@ def test_a_site_joins_the_ray_cluster_over_mutual_tls(channel: TlsChannel) -> No
         site,
         channel.root / "alpha" / "state",
         bundle=channel.root / "alpha" / "bundle",
+        ray=True,
     )
     wait_for("alpha's Ray node over TLS", lambda: len(alive(channel.nodes(), "alpha")) == 1)
     # The coordinator's own GCS client (ListNodes' Ray side) reads over TLS too.

@@ -1,0 +1,205 @@
+"""Helpers the tests share, all built on `coordinator.local_consortium.LocalConsortium`.
+
+Test modules import shared helpers from here (and fixtures from the conftest files),
+never from each other or from `coordinator.demo`.
+
+Every consortium a test starts gets `TEST_PROFILE`: short scheduler and heartbeat
+intervals and a short Ray drain, given as the environment variables the settings read
+(TOML < CONSORTIUM_* environment < flags), so no test monkeypatches a constant.
+Ray is off unless a test asks for it (`ray=True`): a Ray head and one worker per site
+cost seconds to start and to stop, and most tests are not about Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from consortium.processes import ChildProcess, venv_executable
+from consortium.proto.v1 import jobs_pb2, nodes_pb2
+from coordinator.demo import write_partitions, write_text_partitions
+from coordinator.local_consortium import LocalConsortium, online_nodes, supernode_keys_registered
+from tests.conftest import Processes
+
+__all__ = [
+    "FINAL_STATES",
+    "START_TIMEOUT_S",
+    "TEST_PROFILE",
+    "TINY_PRETRAIN",
+    "CompletedRun",
+    "join_site",
+    "local_consortium",
+    "online_nodes",
+    "run_cli",
+    "start_coordinator",
+    "start_secure_consortium",
+    "supernode_keys_registered",
+    "wait_for",
+    "write_partitions",
+    "write_text_partitions",
+]
+
+START_TIMEOUT_S = 120.0
+
+# The fast settings profile of every process a test starts (see the module docstring).
+TEST_PROFILE = {
+    "CONSORTIUM_COORDINATOR_SCHEDULER_POLL_INTERVAL_S": "0.2",
+    "CONSORTIUM_COORDINATOR_HEARTBEAT_INTERVAL_S": "0.5",
+    "CONSORTIUM_CLIENT_RAY_DRAIN_TIMEOUT_S": "1.0",
+}
+
+FINAL_STATES = (
+    jobs_pb2.JOB_STATE_SUCCEEDED,
+    jobs_pb2.JOB_STATE_FAILED,
+    jobs_pb2.JOB_STATE_CANCELLED,
+)
+
+
+@dataclass
+class CompletedRun:
+    """What the session's federated job left behind (tests/integration/conftest.py)."""
+
+    data_dir: Path
+    job: jobs_pb2.Job
+    rounds: list[jobs_pb2.RoundMetrics]
+    nodes_after_leave: list[nodes_pb2.Node]
+    leftover_pids: list[int]
+
+
+# The smallest pretraining job worth running: one 32-wide layer on 32 KiB of the corpus.
+TINY_PRETRAIN = """\
+kind = "pretrain"
+n_layer = 1
+n_head = 2
+n_embd = 32
+block_size = 32
+seq_len = 32
+batch_size = 4
+num_shards = 2
+corpus_bytes = 32768
+validation_bytes = 4096
+eval_batches = 2
+"""
+
+
+def wait_for(what: str, ready: Callable[[], bool], timeout_s: float = START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def run_cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """A `coordinator`/`client` command of this venv, run to its end."""
+    return subprocess.run(
+        [venv_executable(argv[0]), *argv[1:]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+        check=False,
+    )
+
+
+def local_consortium(
+    processes: Processes,
+    root: Path,
+    *,
+    secure: bool = True,
+    ray: bool = False,
+    data_dir: Path | None = None,
+) -> LocalConsortium:
+    """A `LocalConsortium` under `root` whose children `processes` starts and stops
+    (it remembers their descendants, so tests can check that none is left)."""
+    return LocalConsortium(
+        root,
+        secure=secure,
+        ray=ray,
+        env=TEST_PROFILE,
+        launcher=processes,
+        data_dir=data_dir,
+        sites_dir=root,  # root/<name>/{state,bundle}
+        start_timeout_s=START_TIMEOUT_S,
+    )
+
+
+def start_coordinator(
+    processes: Processes,
+    data_dir: Path,
+    name: str = "coordinator",
+    secure: bool = False,
+    flags: Sequence[str] = (),
+    *,
+    ray: bool = False,
+) -> str:
+    """`coordinator serve` on loopback (mutual TLS when `secure`, which needs
+    `coordinator init` first; else --insecure), with extra `flags`; returns its API
+    address once ready."""
+    consortium = local_consortium(
+        processes, data_dir.parent, secure=secure, ray=ray, data_dir=data_dir
+    )
+    try:
+        return consortium.serve(name, flags)
+    except Exception as error:
+        raise AssertionError(f"coordinator did not start: {error}") from error
+
+
+def join_site(
+    processes: Processes,
+    name: str,
+    data: Path,
+    state_dir: Path,
+    *,
+    bundle: Path | None = None,
+    coordinator: str | None = None,
+    institution: str | None = None,
+    ray: bool = False,
+) -> ChildProcess:
+    """`client join` with an onboarding bundle (mutual TLS), or, given `coordinator`
+    and `institution` instead, with --insecure; --no-ray unless `ray`."""
+    if bundle is not None:
+        credentials = ["--bundle", str(bundle)]
+    else:
+        assert coordinator is not None and institution is not None
+        credentials = ["--insecure", "--coordinator", coordinator, "--institution", institution]
+    flags = [] if ray else ["--no-ray"]
+    return processes.start(
+        name,
+        "client",
+        "join",
+        *credentials,
+        "--data",
+        str(data),
+        "--state-dir",
+        str(state_dir),
+        *flags,
+        env=TEST_PROFILE,
+    )
+
+
+def start_secure_consortium(
+    processes: Processes,
+    root: Path,
+    names: Iterable[str],
+    *,
+    wait_for_keys: bool = True,
+    flags: Sequence[str] = (),
+    ray: bool = False,
+) -> tuple[Path, str]:
+    """`coordinator init`, a mutual-TLS `coordinator serve`, and each institution
+    onboarded from site-held keys (bundle in root/<name>/bundle); returns
+    the data dir and the API address, once the SuperLink knows the sites' keys (unless
+    told not to wait)."""
+    consortium = local_consortium(processes, root, ray=ray)
+    consortium.init()
+    address = consortium.serve(flags=flags)
+    for name in names:
+        consortium.onboard(name)
+    if wait_for_keys:
+        wait_for("SuperNode keys registered", consortium.supernode_keys_registered)
+    return consortium.data_dir, address

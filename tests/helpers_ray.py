@@ -1,0 +1,120 @@
+"""Ray-channel helpers shared by test_ray_channel.py and test_ray_tls.py: Ray nodes
+started exactly as `client join` starts its worker, and queries of the cluster run in a
+child (with the consortium's token) so the test process stays out of Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from client.ray_worker import worker_argv
+from consortium.processes import ChildProcess
+from consortium.ray_env import DRAIN_TIMEOUT_ENV, ray_auth_env, short_temp_dir
+from coordinator.access.pki_files import CoordinatorPki
+from tests.conftest import Processes
+
+REPO = Path(__file__).resolve().parents[2]
+# `ray start` retries the GCS once a second; three tries are enough to be refused.
+GCS_TRIES_ENV = {"RAY_gcs_server_port_wait_time_s": "3"}
+QUERY_TIMEOUT_S = 180
+
+# Run in a child with the consortium's token: this test process stays out of Ray.
+NODES_QUERY = """
+import json, sys
+from ray._raylet import GcsClient
+from ray.core.generated import gcs_pb2
+nodes = GcsClient(address=sys.argv[1]).get_all_node_info(timeout=20)
+print(json.dumps([
+    {
+        "id": node_id.hex(),
+        "alive": info.state == gcs_pb2.GcsNodeInfo.ALIVE,
+        "draining": info.state_snapshot.state == gcs_pb2.NodeSnapshot.DRAINING,
+        "institution": dict(info.labels).get("institution"),
+        "resources": dict(info.resources_total),
+    }
+    for node_id, info in nodes.items()
+]))
+"""
+
+
+@dataclass
+class Channel:
+    root: Path
+    data_dir: Path
+    processes: Processes
+    coordinator: ChildProcess
+
+    @property
+    def ray_address(self) -> str:
+        return f"127.0.0.1:{(self.data_dir / 'ray' / 'head.port').read_text().strip()}"
+
+    def token(self, name: str) -> Path:
+        return self.root / name / "bundle" / "ray-token"
+
+    def start_node(
+        self, name: str, institution: str, auth: Mapping[str, str], refused: bool = False
+    ) -> ChildProcess:
+        """`ray start --address <head> --block` as `client join` runs it."""
+        argv = worker_argv(
+            self.ray_address, institution, f"{name}-node", None, short_temp_dir(self.root / name)
+        )
+        env = {**auth, DRAIN_TIMEOUT_ENV: "0", **(GCS_TRIES_ENV if refused else {})}
+        child = ChildProcess(name, argv, self.processes.log_dir / f"{name}.log", env=env)
+        self.processes.children.append(child)  # stopped with the rest, also on failure
+        self.processes.seen_pids.add(child.pid)
+        return child
+
+    def query(self, script: str) -> Any:
+        done = subprocess.run(
+            [sys.executable, "-c", script, self.ray_address],
+            capture_output=True,
+            text=True,
+            timeout=QUERY_TIMEOUT_S,
+            check=False,
+            cwd=REPO,
+            env={**os.environ, **self.query_env()},
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def query_env(self) -> dict[str, str]:
+        """How the query child authenticates to the cluster (the coordinator's token)."""
+        return ray_auth_env(CoordinatorPki(self.data_dir).ray_token)
+
+    def nodes(self) -> list[dict[str, Any]]:
+        nodes: list[dict[str, Any]] = self.query(NODES_QUERY)
+        return nodes
+
+    def gcs_missing_token_lines(self) -> int:
+        """What the head's own GCS log recorded (the ground truth the coordinator reads)."""
+        gcs_log = short_temp_dir(self.data_dir) / "session_latest" / "logs" / "gcs_server.out"
+        return gcs_log.read_text(errors="replace").count("Missing authorization header in request!")
+
+    def coordinator_log(self) -> str:
+        return self.coordinator.log_path.read_text(errors="replace")
+
+    def refusals(self, reason: str) -> float:
+        address = (self.data_dir / "metrics.address").read_text().strip()
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "consortium_auth_refusals_total" and sample.labels == {
+                    "channel": "ray",
+                    "reason": reason,
+                }:
+                    return float(sample.value)
+        raise AssertionError(f"no auth-refusal series for channel 'ray', reason {reason!r}")
+
+
+def alive(nodes: list[dict[str, Any]], institution: str) -> list[dict[str, Any]]:
+    return [n for n in nodes if n["alive"] and n["institution"] == institution]

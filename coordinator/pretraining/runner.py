@@ -19,17 +19,13 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import ray
 import torch
-from ray._private import ray_constants
 
 from consortium.errors import ConflictError
 from consortium.provenance.environment import describe_environment
-from consortium.provenance.log import ProvenanceLog
-from consortium.provenance.signing import SigningKey
-from consortium.ray_env import use_ray_auth_in_this_process
+from consortium.provenance.records import JobStarted, OuterStep, WorkerEntry
+from coordinator.data_dir import DataDir
 from coordinator.federated.checkpoints import save_model
 from coordinator.jobs.lifecycle import JobLifecycle
 from coordinator.jobs.spec import spec_of
@@ -39,12 +35,11 @@ from coordinator.pretraining import (
     OuterStepRecord,
     PretrainJobSpec,
     account,
-    run_pretraining,
     step_compute,
 )
 from coordinator.pretraining.accounting_files import write_accounting
-from coordinator.provenance_paths import coordinator_key_path, provenance_log_path
-from coordinator.ray.head import RayCluster
+from coordinator.pretraining.engine import PretrainEngine
+from coordinator.provenance.recorder import JobRecorder
 from coordinator.state import JobRecord, JobState, RoundRecord
 
 log = logging.getLogger(__name__)
@@ -61,13 +56,13 @@ class PretrainRunner:
         self,
         lifecycle: JobLifecycle,
         data_dir: Path,
-        cluster: RayCluster,
+        engine: PretrainEngine,
         metrics: CoordinatorMetrics | None = None,
     ) -> None:
         self._lifecycle = lifecycle
         self._metrics = metrics or CoordinatorMetrics()
         self._data_dir = data_dir
-        self._cluster = cluster
+        self._engine = engine
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._shutting_down = threading.Event()
@@ -96,6 +91,12 @@ class PretrainRunner:
         """The next job waits until this run (and its Ray actors) has ended."""
         return self.busy()
 
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait for the current run's thread to end; whether it has."""
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        return not self.busy()
+
     def stop(self, job: JobRecord) -> None:
         """Stop the current run after its current attempt (the job was cancelled)."""
         self._stop.set()
@@ -109,39 +110,25 @@ class PretrainRunner:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 log.warning("pretraining thread still busy after %.0f s; leaving it", timeout_s)
-        if ray.is_initialized():
-            ray.shutdown()
+        self._engine.disconnect()
 
     def disconnect(self) -> None:
         """Leave the cluster while idle (its head is about to restart); the next job
         connects again."""
-        if not self.busy() and ray.is_initialized():
-            ray.shutdown()
-
-    def _connect(self) -> None:
-        if ray.is_initialized():
-            return
-        # The driver authenticates like every other Ray process of the cluster.
-        use_ray_auth_in_this_process(self._cluster.token_path, self._cluster.tls)
-        # Ray's C++ failure-signal handler would turn the SIGTERM that stops `coordinator
-        # serve` into an abort 3 s later (absl's alarm), before the coordinator has
-        # stopped its Ray head and SuperLink: they would be orphaned, and a coordinator
-        # restarted on the same data dir could not start its Ray head. `serve` handles
-        # SIGTERM itself. (Read when the driver starts; its env var only before import.)
-        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
-        ray.init(address=self._cluster.address, logging_level=logging.WARNING)
+        if not self.busy():
+            self._engine.disconnect()
 
     def _run(self, job_id: str, spec: PretrainJobSpec, stop: threading.Event) -> None:
         recorder = StepRecorder(self._lifecycle, self._data_dir, job_id, self._metrics)
         try:
-            self._connect()
+            self._engine.connect()
             recorder.log_start(spec)
-            result = run_pretraining(
+            result = self._engine.run(
                 spec,
                 self._data_dir / "checkpoints" / job_id,
                 recorder.on_step,
-                stop=stop,
-                on_wait=recorder.on_wait,
+                stop,
+                recorder.on_wait,
             )
         except Exception as error:  # any failure ends the job, with its message
             if self._shutting_down.is_set():
@@ -193,29 +180,23 @@ class StepRecorder:
         self._data_dir = data_dir
         self._job_id = job_id
         self._records: list[OuterStepRecord] = []
-        self._provenance = ProvenanceLog(
-            provenance_log_path(data_dir), SigningKey.load(coordinator_key_path(data_dir))
-        )
+        self._provenance = JobRecorder(DataDir(data_dir), job_id)
 
     def log_start(self, spec: PretrainJobSpec) -> None:
         done = self._lifecycle.get(self._job_id).rounds_completed
         if done:
-            self._provenance.append(
-                "job_resumed", {"job_id": self._job_id, "after_round": done, "kind": "pretrain"}
+            self._provenance.job_resumed("pretrain", done)
+            return
+        self._provenance.job_started(
+            JobStarted(
+                job_id=self._job_id,
+                kind="pretrain",
+                spec=spec.model_dump(mode="json"),
+                spec_digest=spec.digest(),
+                seed=spec.seed,
+                environment=describe_environment(spec.device, spec.deterministic),
             )
-        else:
-            self._provenance.append(
-                "job_started",
-                {
-                    "job_id": self._job_id,
-                    "kind": "pretrain",
-                    "spec": spec.model_dump(mode="json"),
-                    "spec_digest": spec.digest(),
-                    "seed": spec.seed,
-                    "environment": describe_environment(spec.device, spec.deterministic),
-                },
-            )
-        self._provenance.publish_tree_head()
+        )
 
     def on_wait(self, reason: str | None) -> None:
         """Why the run waits for workers (None: it goes on), as the job's message."""
@@ -240,52 +221,50 @@ class StepRecorder:
                 self._job_id, round=round_, participants=len(record.results), metrics=metrics
             )
         )
-        self._provenance.append("outer_step", outer_step_body(self._job_id, record))
-        self._provenance.publish_tree_head()
+        self._provenance.outer_step(outer_step_body(self._job_id, record))
         self._records.append(record)
         self._metrics.compute_used(*step_compute(record))
         write_accounting(self._data_dir, self._job_id, account(self._job_id, self._records))
 
     def log_finish(self, model_digest: str, corpus_digest: str, val_loss: float | None) -> None:
-        self._provenance.append(
-            "job_finished",
-            {
-                "job_id": self._job_id,
-                "kind": "pretrain",
-                "model_digest": model_digest,
-                "corpus_digest": corpus_digest,
-                "val_loss": val_loss,
-            },
+        """The job's `job_completed` record; call it after the model is saved at
+        `DataDir.model_file(job_id)`, whose name and sha256 the record carries."""
+        self._provenance.job_completed(
+            "pretrain",
+            self._lifecycle.get(self._job_id).rounds_completed,
+            model_digest,
+            DataDir(self._data_dir).model_file(self._job_id),
+            corpus_digest=corpus_digest,
+            val_loss=val_loss,
         )
-        self._provenance.publish_tree_head()
 
 
-def outer_step_body(job_id: str, record: OuterStepRecord) -> dict[str, Any]:
+def outer_step_body(job_id: str, record: OuterStepRecord) -> OuterStep:
     """The provenance record of one outer step: who computed what on which shards."""
-    return {
-        "job_id": job_id,
-        "round": record.step + 1,
-        "step": record.step,
-        "workers": [
-            {
-                "worker": r.worker,
-                "institution": r.institution,
-                "node_id": r.node_id,
-                "device": r.device,
-                "position": r.position,
-                "shard_ids": list(r.shard_ids),
-                "seed": r.seed,
-                "pseudo_gradient_digest": r.pseudo_gradient_digest,
-                "inner_steps": r.inner_steps,
-                "tokens": r.tokens,
-                "compute_s": r.compute_s,
-            }
+    return OuterStep(
+        job_id=job_id,
+        round=record.step + 1,
+        step=record.step,
+        workers=[
+            WorkerEntry(
+                worker=r.worker,
+                institution=r.institution,
+                node_id=r.node_id,
+                device=r.device,
+                position=r.position,
+                shard_ids=list(r.shard_ids),
+                seed=r.seed,
+                pseudo_gradient_digest=r.pseudo_gradient_digest,
+                inner_steps=r.inner_steps,
+                tokens=r.tokens,
+                compute_s=r.compute_s,
+            )
             for r in record.results
         ],
-        "workers_lost": dict(record.workers_lost),
-        "step_seed": record.step_seed,
-        "aggregate_digest": record.aggregate_digest,
-        "model_digest": record.model_digest,
-        "val_loss": record.val_loss,
-        "attempts": record.attempts,
-    }
+        workers_lost=dict(record.workers_lost),
+        step_seed=record.step_seed,
+        aggregate_digest=record.aggregate_digest,
+        model_digest=record.model_digest,
+        val_loss=record.val_loss,
+        attempts=record.attempts,
+    )

@@ -6,7 +6,7 @@ import uuid
 
 from consortium.errors import InvalidArgumentError, PermissionDeniedError
 from consortium.provenance.signing import SignatureError, VerifyingKey
-from coordinator.api.auth import require_acting_as
+from coordinator.access.caller import require_acting_as
 from coordinator.observability.metrics import CoordinatorMetrics
 from coordinator.state import NodeRecord, NodeState, StateStore
 from coordinator.state.sqlite_store import now_ms

@@ -9,35 +9,16 @@ every call, and the caller's identity for the servicers' authorization checks.
 
 from __future__ import annotations
 
-import contextvars
 import logging
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 
-from consortium.errors import InvalidArgumentError, PermissionDeniedError
-from coordinator.access.pki_files import OPERATOR
+from coordinator.access.caller import CALLER
 from coordinator.state import StateStore
 
 log = logging.getLogger(__name__)
-
-# The institution (certificate common name) of the current call; None without TLS.
-CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("CALLER", default=None)
-
-
-def require_acting_as(institution: str) -> None:
-    """Refuse a caller acting for an institution other than its own."""
-    caller = CALLER.get()
-    if caller is None or caller == OPERATOR:
-        return
-    if not institution:
-        raise InvalidArgumentError("field 'institution': must not be empty")
-    if institution != caller:
-        raise PermissionDeniedError(
-            f"the certificate is for {caller!r}; it cannot act as {institution!r}"
-        )
-
 
 RefusalHook = Callable[[str, str], None]  # (reason, institution)
 

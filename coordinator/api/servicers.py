@@ -11,9 +11,9 @@ import grpc
 from consortium.errors import ConflictError, InvalidArgumentError
 from consortium.pki import pem
 from consortium.proto.v1 import jobs_pb2, jobs_pb2_grpc, nodes_pb2, nodes_pb2_grpc
+from coordinator.access.caller import require_acting_as
 from coordinator.access.pki_files import CoordinatorPki
 from coordinator.access.registry import NodeRegistry
-from coordinator.api.auth import require_acting_as
 from coordinator.api.convert import (
     job_to_proto,
     node_to_proto,

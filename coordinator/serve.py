@@ -224,15 +224,12 @@ class Coordinator:
         self.server = self._start_api()
 
     def _start_scheduler(self) -> None:
-        """The scheduler, its job runners and the periodic syncs, on a thread.
+        """The scheduler, one job runner per kind and the periodic syncs, on a thread.
 
-        The wiring between the two `---` lines is one block (job runners are being
-        reworked); its stop is registered before it, so a failure inside it stops
-        whatever part of it had started.
+        Its stop is registered first, so a failure part-way stops whatever had started.
         """
         settings = self.settings
         self._stack.callback(self._stop_scheduler)
-        # --- scheduler and job runners ----------------------------------------
         flower = FlowerCli(settings.data_dir, self.superlink.address, self.pki)
         lifecycle = JobLifecycle(self.store)
         self.pretrain = (
@@ -241,7 +238,9 @@ class Coordinator:
             else None
         )
         runners: dict[str, JobRunner] = {
-            FEDERATED: FlowerJobRunner(lifecycle, self.store, flower, self.metrics),
+            FEDERATED: FlowerJobRunner(
+                lifecycle, self.store, flower, self.metrics, settings.flower_status_interval_s
+            ),
             PRETRAIN: self.pretrain
             if self.pretrain is not None
             else UnavailableRunner(

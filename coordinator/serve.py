@@ -279,7 +279,6 @@ class Coordinator:
             name="scheduler",
         )
         self._scheduler_thread.start()
-        # --- end of scheduler and job runners ---------------------------------
 
     def _write_address_file(self) -> None:
         """Written last, whole, then renamed: its presence means the coordinator is ready

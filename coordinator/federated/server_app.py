@@ -26,9 +26,9 @@ from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 from consortium.errors import ConflictError
 from consortium.models import build_model, load_parameter_tensors, parameter_tensors
 from consortium.provenance.environment import describe_environment
-from consortium.provenance.log import ProvenanceLog
-from consortium.provenance.signing import SigningKey, b64
-from consortium.tensor_digest import arrays_digest, file_digest
+from consortium.provenance.records import JobStarted, Round
+from consortium.provenance.signing import SigningKey
+from consortium.tensor_digest import arrays_digest
 from coordinator.data_dir import DataDir
 from coordinator.federated.checkpoints import CheckpointStore, save_model
 from coordinator.federated.evaluation import held_out_for
@@ -38,6 +38,7 @@ from coordinator.jobs.lifecycle import wall_clock_ms
 from coordinator.jobs.pipeline import StartingModel, family_of, load_starting_model
 from coordinator.jobs.running import JobCancelledError, RoundRecord, RunningJob
 from coordinator.jobs.spec import FederatedJobSpec
+from coordinator.provenance.recorder import JobRecorder
 from coordinator.provenance_paths import coordinator_key_path, provenance_log_path
 
 log = logging.getLogger(__name__)
@@ -86,10 +87,7 @@ class JobRun:
         self.job_id = job.job_id
         self.spec = job.spec
         self.checkpoints = CheckpointStore(data_dir, job.job_id)
-        self.provenance = ProvenanceLog(
-            provenance_log_path(data_dir), SigningKey.load(coordinator_key_path(data_dir))
-        )
-        self._logged_keys = self.provenance.logged_key_ids()
+        self.provenance = JobRecorder(DataDir(data_dir), job.job_id)
         self.held_out = held_out_for(self.spec)
         self.family = family_of(job, self.spec)
         self.starting: StartingModel | None = None  # set when init_from is used
@@ -121,30 +119,25 @@ class JobRun:
     def log_start(self, model: torch.nn.Module, done_rounds: int) -> None:
         digest = arrays_digest(numpy_state(model))
         if done_rounds:
-            self.provenance.append(
-                "job_resumed",
-                {"job_id": self.job_id, "after_round": done_rounds, "model_digest": digest},
-            )
+            self.provenance.job_resumed("federated", done_rounds, model_digest=digest)
             return
-        self.provenance.append(
-            "job_started",
-            {
-                "job_id": self.job_id,
-                "kind": "federated",
-                "spec": self.spec.model_dump(mode="json"),
-                "seed": self.spec.seed,
-                "strategy": {"sampler": self.spec.strategy, **rule_of(self.spec).describe()},
-                "environment": describe_environment("cpu", deterministic=True),
-                "model": {"name": self.family.model, "options": self.family.options},
-                "init_from": (
+        self.provenance.job_started(
+            JobStarted(
+                job_id=self.job_id,
+                kind="federated",
+                spec=self.spec.model_dump(mode="json"),
+                seed=self.spec.seed,
+                strategy={"sampler": self.spec.strategy, **rule_of(self.spec).describe()},
+                environment=describe_environment("cpu", deterministic=True),
+                model={"name": self.family.model, "options": self.family.options},
+                init_from=(
                     {"job_id": self.starting.job_id, "model_digest": self.starting.digest}
                     if self.starting is not None
                     else None
                 ),
-                "initial_model_digest": digest,
-            },
+                initial_model_digest=digest,
+            )
         )
-        self.provenance.publish_tree_head()
 
     def log_round(
         self, strategy: ConsortiumStrategy, round_: int, metrics: dict[str, float]
@@ -153,30 +146,21 @@ class JobRun:
         if record is None:
             return
         for update in record.accepted:
-            if update.key_id not in self._logged_keys:
-                self.provenance.append(
-                    "institution_key",
-                    {
-                        "institution": update.institution,
-                        "key_id": update.key_id,
-                        "public_key": b64(update.public_key),
-                    },
-                )
-                self._logged_keys.add(update.key_id)
-        self.provenance.append(
-            "round",
-            {
-                "job_id": self.job_id,
-                "round": round_,
-                "global_digest": record.global_digest,
-                "participants": record.participants,
-                "updates": record.updates,
-                "aggregation": rule_of(self.spec).describe(),
-                "aggregate_digest": record.aggregate_digest,
-                "metrics": metrics,
-            },
+            self.provenance.institution_key(update.institution, update.key_id, update.public_key)
+        self.provenance.round(
+            Round.model_validate(
+                {
+                    "job_id": self.job_id,
+                    "round": round_,
+                    "global_digest": record.global_digest,
+                    "participants": record.participants,
+                    "updates": record.updates,
+                    "aggregation": rule_of(self.spec).describe(),
+                    "aggregate_digest": record.aggregate_digest,
+                    "metrics": metrics,
+                }
+            )
         )
-        self.provenance.publish_tree_head()
 
     def run(self, grid: Grid) -> None:
         model, done_rounds = self.initial_model()
@@ -250,17 +234,9 @@ class JobRun:
             dict(parameter_tensors(model)),
             {"job_id": self.job_id, "model": self.family.model, "rounds": str(self.spec.rounds)},
         )
-        self.provenance.append(
-            "job_completed",
-            {
-                "job_id": self.job_id,
-                "rounds": self.spec.rounds,
-                "final_model_digest": arrays_digest(numpy_state(model)),
-                "model_file": model_path.name,
-                "model_file_sha256": file_digest(str(model_path)),
-            },
+        self.provenance.job_completed(
+            "federated", self.spec.rounds, arrays_digest(numpy_state(model)), model_path
         )
-        self.provenance.publish_tree_head()
         self.job.succeed(f"completed {self.spec.rounds} rounds", str(model_path))
 
 

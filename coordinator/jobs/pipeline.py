@@ -21,7 +21,8 @@ from torch import nn
 
 from consortium.errors import ConflictError, JobSpecError, NotFoundError
 from consortium.models import build_model, load_parameter_tensors
-from consortium.provenance.log import read_lines, record_signing_bytes
+from consortium.provenance.log import RECORD, read_lines, record_signing_bytes
+from consortium.provenance.records import JobCompleted, RecordType, parse_record, record_type
 from consortium.provenance.signing import SignatureError, VerifyingKey, unb64
 from consortium.tensor_digest import arrays_digest
 from coordinator.jobs.spec import FederatedJobSpec, spec_of
@@ -29,8 +30,6 @@ from coordinator.pretraining.spec import PretrainJobSpec
 from coordinator.state import JobRecord, JobState
 
 ENDED_BADLY = frozenset({JobState.FAILED, JobState.CANCELLED})
-# The signed record that closes a job, and the body field holding its model digest.
-FINAL_RECORDS = {"job_finished": "model_digest", "job_completed": "final_model_digest"}
 
 
 class JobLookup(Protocol):
@@ -129,8 +128,13 @@ def signed_final_digest(log_path: Path, key: VerifyingKey, job_id: str) -> str:
     """The model digest in `job_id`'s final log record, after checking its signature."""
     for line in read_lines(log_path):
         entry = json.loads(line)
-        field = FINAL_RECORDS.get(str(entry.get("type")))
-        if field is None or entry["body"].get("job_id") != job_id:
+        # job_completed, or job_finished (its old name for pretraining jobs)
+        if entry.get("kind") != RECORD or record_type(str(entry.get("type"))) != (
+            RecordType.JOB_COMPLETED
+        ):
+            continue
+        record = parse_record(entry)
+        if not isinstance(record, JobCompleted) or record.job_id != job_id:
             continue
         try:
             key.verify(
@@ -142,7 +146,7 @@ def signed_final_digest(log_path: Path, key: VerifyingKey, job_id: str) -> str:
                 f"the final record of job {job_id} (log index {entry['index']}) has a bad "
                 f"signature: {err}"
             ) from None
-        return str(entry["body"][field])
+        return record.final_model_digest
     raise StartingModelError(f"the provenance log has no final record of job {job_id}")
 
 

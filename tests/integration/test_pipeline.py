@@ -132,15 +132,15 @@ def test_fine_tune_starts_from_the_pretrained_models_signed_digest(pipeline: Pip
         pipeline.fine_tune.job.message
     )
     (finished_pretrain,) = log_bodies(
-        pipeline.data_dir, "job_finished", pipeline.pretrain.job.job_id
+        pipeline.data_dir, "job_completed", pipeline.pretrain.job.job_id
     )
     (started,) = log_bodies(pipeline.data_dir, "job_started", pipeline.fine_tune.job.job_id)
     assert started["init_from"] == {
         "job_id": pipeline.pretrain.job.job_id,
-        "model_digest": finished_pretrain["model_digest"],
+        "model_digest": finished_pretrain["final_model_digest"],
     }
     # Nothing trained yet at round 0: the global model is exactly the pretrained one.
-    assert started["initial_model_digest"] == finished_pretrain["model_digest"]
+    assert started["initial_model_digest"] == finished_pretrain["final_model_digest"]
     assert started["model"] == {
         "name": "bytelm",
         "options": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
@@ -166,8 +166,8 @@ def test_fine_tune_lowers_held_out_perplexity_on_site_text(pipeline: Pipeline) -
 
 
 def finished_pretrain_digest(pipeline: Pipeline) -> str:
-    (body,) = log_bodies(pipeline.data_dir, "job_finished", pipeline.pretrain.job.job_id)
-    return str(body["model_digest"])
+    (body,) = log_bodies(pipeline.data_dir, "job_completed", pipeline.pretrain.job.job_id)
+    return str(body["final_model_digest"])
 
 
 @pytest.mark.parametrize(

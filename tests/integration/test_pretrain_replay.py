@@ -140,7 +140,7 @@ def test_restarted_coordinator_resumes_the_job_from_its_checkpoint(
     assert steps == list(range(OUTER_STEPS))  # each round once, none lost or repeated
     assert types[:resumed_at].count("outer_step") == restarted_job.rounds_before_restart
     assert entries[resumed_at]["body"]["after_round"] == restarted_job.rounds_before_restart
-    assert types[-1] == "job_finished"
+    assert types[-1] == "job_completed"
     # Before the restart and after it, the worker ran on another Ray node.
     workers = [
         tuple(w["worker"] for w in e["body"]["workers"])
@@ -234,7 +234,7 @@ def test_replay_refuses_a_job_it_cannot_reproduce_in_one_line(
     restarted_job: RestartedJob, tmp_path: Path, change: str, reason: str
 ) -> None:
     def alter(type_: str, body: dict[str, Any]) -> None:
-        if change == "corpus" and type_ == "job_finished":
+        if change == "corpus" and type_ == "job_completed":
             body["corpus_digest"] = "0" * 64
         if change == "deterministic" and type_ == "job_started":
             body["spec"]["deterministic"] = False

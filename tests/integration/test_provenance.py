@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 from consortium.exit_codes import ExitCode
 from consortium.processes import venv_executable
 from consortium.provenance import intoto
+from consortium.provenance.records import JobCompleted, JobStarted, Round, type_name
 from consortium.provenance.signing import VerifyingKey
 from consortium.provenance.verify import LogVerificationError, verify_log
 from consortium.tensor_digest import file_digest
@@ -52,14 +53,18 @@ def test_log_records_rounds_participants_and_final_digest(completed_run: Complet
     key = VerifyingKey.load(coordinator_public_key_path(completed_run.data_dir))
     report = verify_log(provenance_log_path(completed_run.data_dir), key)
     records = report.jobs[completed_run.job.job_id]
-    types = [r["type"] for r in records]
+    types = [type_name(r) for r in records]
     assert types == ["job_started", "round", "round", "round", "job_completed"]
-    assert records[0]["environment"]["versions"]["flwr"] == "1.41.0"
-    for record in records[1:4]:
-        assert record["participants"] == ["alpha-hospital", "beta-university"]
-        assert all(u["accepted"] and u["data"]["count"] > 0 for u in record["updates"])
+    started, *rounds, completed = records
+    assert isinstance(started, JobStarted)
+    assert started.environment["versions"]["flwr"] == "1.41.0"
+    for record in rounds:
+        assert isinstance(record, Round)
+        assert record.participants == ["alpha-hospital", "beta-university"]
+        assert all(u.accepted and (u.data or {})["count"] > 0 for u in record.updates)
     model = Path(completed_run.job.model_path)
-    assert records[-1]["model_file_sha256"] == file_digest(str(model))
+    assert isinstance(completed, JobCompleted)
+    assert completed.model_file_sha256 == file_digest(str(model))
 
 
 def test_replay_reproduces_every_round(completed_run: CompletedRun) -> None:

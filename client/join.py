@@ -7,7 +7,8 @@ import logging
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -20,7 +21,13 @@ from client.ray_worker import RayWorker
 from client.settings import ClientSettings
 from client.supernode import SIGNING_KEY_FILE, SuperNode
 from consortium import pki
-from consortium.errors import ChildProcessFailedError, InsecureTransportError, UnreachableError
+from consortium.errors import (
+    ChildProcessFailedError,
+    ConsortiumError,
+    InsecureTransportError,
+    UnreachableError,
+)
+from consortium.lifecycle import ParallelStops, StartStep, start_in_order
 from consortium.metrics_http import MetricsServer
 from consortium.net import is_loopback_host, split_host_port
 from consortium.proto.v1 import nodes_pb2, nodes_pb2_grpc
@@ -59,14 +66,39 @@ def check_transport(settings: ClientSettings) -> Bundle | None:
     return None
 
 
+# The start steps of `SiteNode.run`, in order (`on_start_step` receives these names).
+JOIN_STEPS = ("metrics_endpoint", "register", "supernode", "ray_worker", "heartbeat")
+
+
+@dataclass
+class _Run:
+    """What one `SiteNode.run` has started so far."""
+
+    stop: threading.Event
+    children: ParallelStops = field(default_factory=ParallelStops)
+    joined: Joined | None = None
+    supernode: SuperNode | None = None
+    ray_worker: RayWorker | None = None
+    failure: Exception | None = None
+
+    def require_joined(self) -> Joined:
+        assert self.joined is not None, "the node has not registered yet"
+        return self.joined
+
+
 class SiteNode:
     """One institution node: validated data, a registration, a SuperNode child."""
 
     def __init__(
-        self, settings: ClientSettings, on_event: Callable[[str], None] = log.info
+        self,
+        settings: ClientSettings,
+        on_event: Callable[[str], None] = log.info,
+        on_start_step: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self._say = on_event
+        # Called with each step's name before it starts (a test seam; see `run`).
+        self._on_start_step = on_start_step
         # Everything that can be checked locally is checked before joining.
         self.datasets = check_data_dir(settings.data)
         self.device = resolve_device(settings.gpu)
@@ -108,22 +140,51 @@ class SiteNode:
         )
 
     def run(self, stop: threading.Event) -> None:
-        """Join, then heartbeat until `stop` is set or the SuperNode dies."""
+        """Join, then heartbeat until `stop` is set or the SuperNode dies (which raises).
+
+        The composition root of `client join`: the steps of `JOIN_STEPS` each register
+        the stop of what they started on one `ExitStack` the moment it started, so a
+        failure at any step, and the end of the run, stop exactly what runs, newest
+        first: the heartbeat thread, then the SuperNode and the Ray worker side by side,
+        then the node leaves, then the metrics endpoint. `stop` is set when this returns.
+        """
+        with ExitStack() as stack:
+            stack.callback(self._channel.close)
+            run = _Run(stop)
+            steps: list[StartStep] = [
+                ("metrics_endpoint", lambda: self._start_metrics(stack)),
+                ("register", lambda: self._register(stack, run)),
+                ("supernode", lambda: self._start_supernode(stack, run)),
+                ("ray_worker", lambda: self._start_ray_worker_step(run)),
+                ("heartbeat", lambda: self._start_heartbeat(stack, run)),
+            ]
+            assert tuple(name for name, _ in steps) == JOIN_STEPS
+            start_in_order(stack, steps, self._on_start_step)
+            stop.wait()
+        if run.failure is not None:
+            raise run.failure
+
+    # --- start steps, in order ------------------------------------------------
+    def _start_metrics(self, stack: ExitStack) -> None:
         metrics = MetricsServer(
             self.settings.metrics_address, self.metrics.registry, self.settings.metrics_address_file
         )
-        try:
-            self._join_and_heartbeat(stop)
-        finally:
-            metrics.stop()
+        stack.callback(metrics.stop)
 
-    def _join_and_heartbeat(self, stop: threading.Event) -> None:
-        joined = self.register()
+    def _register(self, stack: ExitStack, run: _Run) -> None:
+        run.joined = joined = self.register()
+        stack.callback(self._leave, joined.node_id)
         self.metrics.contacted()
         self._say(
             f"registered node {joined.node_id[:12]} for {self.settings.institution} "
             f"on {self.device}; datasets: {', '.join(self.datasets)}"
         )
+        # The SuperNode and the Ray worker stop independently (the worker drains for a
+        # few seconds; the SuperNode need not wait): one entry, in parallel.
+        stack.callback(run.children)
+
+    def _start_supernode(self, stack: ExitStack, run: _Run) -> None:
+        joined = run.require_joined()
         supernode = SuperNode(
             joined.superlink_address,
             self.settings.data,
@@ -133,33 +194,49 @@ class SiteNode:
             (self.bundle.ca_cert, self.bundle.keys.supernode_key) if self.bundle else None,
             port=self.settings.supernode_port,
         )
+        run.children.add(supernode.stop)
+        run.supernode = supernode
         self.metrics.watch_supernode(lambda: supernode.process.poll() is None)
         self._say(
             f"SuperNode connected to {joined.superlink_address} (log: {supernode.process.log_path})"
         )
-        ray_worker: RayWorker | None = None
+
+    def _start_ray_worker_step(self, run: _Run) -> None:
+        worker = self._start_ray_worker(run.require_joined())
+        if worker is not None:
+            run.children.add(worker.stop)
+        run.ray_worker = worker
+
+    def _start_heartbeat(self, stack: ExitStack, run: _Run) -> None:
+        thread = threading.Thread(target=self._heartbeat_loop, args=(run,), name="heartbeat")
+        thread.start()
+
+        def stop_heartbeat() -> None:
+            run.stop.set()
+            thread.join()
+
+        stack.callback(stop_heartbeat)
+
+    # --- the running node -------------------------------------------------------
+    def _heartbeat_loop(self, run: _Run) -> None:
+        """Every heartbeat interval: check the SuperNode, keep the Ray worker running,
+        tell the coordinator the node lives. A failure ends the run (sets `stop`) and is
+        raised by `run`."""
+        joined, supernode = run.require_joined(), run.supernode
+        assert supernode is not None
         try:
-            ray_worker = self._start_ray_worker(joined)
-            while not stop.wait(joined.heartbeat_interval_s):
+            while not run.stop.wait(joined.heartbeat_interval_s):
                 if supernode.process.poll() is not None:
                     raise ChildProcessFailedError(
                         f"the Flower SuperNode exited with code {supernode.process.poll()}; "
                         f"see {supernode.process.log_path}:\n{supernode.process.log_tail()}"
                     )
-                if ray_worker is not None:
-                    ray_worker.ensure_running()
+                if run.ray_worker is not None:
+                    run.ray_worker.ensure_running()
                 self._heartbeat(joined.node_id)
-        finally:
-            # In parallel: the Ray worker drains for a few seconds, the SuperNode need not wait.
-            stoppers = [threading.Thread(target=supernode.stop, name="stop-supernode")]
-            if ray_worker is not None:
-                stoppers.append(threading.Thread(target=ray_worker.stop, name="stop-ray-worker"))
-            for stopper in stoppers:
-                stopper.start()
-            for stopper in stoppers:
-                stopper.join()
-            self._leave(joined.node_id)
-            self._channel.close()
+        except Exception as error:
+            run.failure = error
+            run.stop.set()
 
     def _start_ray_worker(self, joined: Joined) -> RayWorker | None:
         if not self.settings.ray_enabled:
@@ -176,7 +253,7 @@ class SiteNode:
             self._ray_token_path(),
             hardware=hardware_labels(self.device),
             tls=self._ray_certificate() if joined.ray_tls else None,
-            before_start=self._fetch_ray_token if self.bundle else None,
+            before_start=self.fetch_ray_token if self.bundle else None,
         )
         self._say(
             f"Ray worker joining {joined.ray_address} as institution:{self.settings.institution} "
@@ -187,28 +264,42 @@ class SiteNode:
     def _ray_token_path(self) -> Path | None:
         """Where the Ray worker reads the cluster token: the state dir's copy of the
         coordinator's current one (None without TLS: no token)."""
-        return self.settings.resolved_state_dir / "ray-token" if self.bundle else None
+        return self._ray_token_file() if self.bundle else None
 
-    def _fetch_ray_token(self) -> None:
+    def _ray_token_file(self) -> Path:
+        return self.settings.resolved_state_dir / "ray-token"
+
+    def fetch_ray_token(self) -> None:
         """The cluster's current token, over mutual TLS, into the state dir (0600). A
-        coordinator that cannot hand it out leaves the bundle's copy in use."""
-        assert self.bundle is not None
-        path = self.settings.resolved_state_dir / "ray-token"
+        coordinator that does not implement GetRayToken (an older version) leaves the
+        bundle's copy in use; any other refusal (say, a revoked institution) raises."""
+        if self.bundle is None:
+            raise InsecureTransportError("the Ray token comes with a bundle: join with --bundle")
         request = nodes_pb2.GetRayTokenRequest(institution=self.settings.institution)
+
+        def ask(timeout_s: float) -> bytes | None:
+            # The status is read here, inside the retried call: `call_with_retry` turns
+            # every RpcError it sees into a typed ConsortiumError without the status.
+            try:
+                reply: nodes_pb2.GetRayTokenResponse = self._stub.GetRayToken(
+                    request, timeout=timeout_s
+                )
+            except grpc.RpcError as error:
+                if isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    return None
+                raise
+            return reply.token
+
         try:
-            token = call_with_retry(
-                lambda t: self._stub.GetRayToken(request, timeout=t),
-                self.settings.coordinator,
-                self._policy,
-            ).token
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.UNIMPLEMENTED:
-                raise UnreachableError(
-                    f"the coordinator refused the Ray token ({error.code().name}: "
-                    f"{error.details()})"
-                ) from None
+            token = call_with_retry(ask, self.settings.coordinator, self._policy)
+        except UnreachableError:
+            raise
+        except ConsortiumError as error:
+            raise type(error)(f"the coordinator refused the Ray token: {error}") from None
+        if token is None:
+            log.info("the coordinator does not hand out Ray tokens: using the bundle's")
             token = self.bundle.ray_token.read_bytes()
-        write_ray_token(path, token)
+        write_ray_token(self._ray_token_file(), token)
 
     def _ray_certificate(self) -> RayTls:
         """A fresh Ray node certificate for this host's address, signed by the coordinator
@@ -254,4 +345,4 @@ class SiteNode:
             log.warning("could not tell the coordinator that the node left: %s", error)
 
 
-__all__ = ["Joined", "SiteNode", "UnreachableError"]
+__all__ = ["JOIN_STEPS", "Joined", "SiteNode", "UnreachableError"]

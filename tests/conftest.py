@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from consortium.processes import ChildProcess, descendant_pids, venv_executable
+from consortium.processes import (
+    ChildProcess,
+    descendant_pids,
+    pid_alive,
+    stop_processes,
+    venv_executable,
+)
 
 
 class Processes:
@@ -33,19 +39,13 @@ class Processes:
             self.seen_pids.update(descendant_pids(child.pid))
 
     def stop_all(self) -> None:
+        """Stop every child (and its descendants) in parallel; a stopped one is skipped."""
         self.remember_descendants()
-        for child in reversed(self.children):
-            child.stop()
+        stop_processes(self.children)
 
     def alive(self) -> list[int]:
-        return [pid for pid in self.seen_pids if Path(f"/proc/{pid}").exists() and not _zombie(pid)]
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return False
+        """The remembered pids that still run (zombies do not)."""
+        return [pid for pid in self.seen_pids if pid_alive(pid)]
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import Processes
-from tests.helpers import wait_for
+from tests.helpers import TEST_PROFILE, wait_for
 
 DEMO_TIMEOUT_S = 600.0
 
@@ -27,6 +27,7 @@ def test_demo_pretrains_fine_tunes_verifies_replays_and_cleans_up(tmp_path: Path
             "2",
             "--rounds",
             "1",
+            env=TEST_PROFILE,  # inherited by every process the demo starts
         )
         deadline = time.monotonic() + DEMO_TIMEOUT_S
         while demo.poll() is None and time.monotonic() < deadline:

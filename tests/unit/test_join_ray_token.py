@@ -8,7 +8,7 @@ real `SiteNode.fetch_ray_token` with its retrying call runs against it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +21,7 @@ from client.join import SiteNode
 from client.settings import ClientSettings
 from consortium.data import TEXT_DIR
 from consortium.errors import PermissionDeniedError
-from consortium.proto.v1 import nodes_pb2, nodes_pb2_grpc
+from consortium.proto.v1 import nodes_pb2
 from consortium.site_keys import create_site_keys
 from coordinator.access.onboarding import Request, init_consortium, onboard
 from coordinator.access.pki_files import CoordinatorPki
@@ -29,23 +29,30 @@ from coordinator.state import SqliteStateStore
 
 INSTITUTION = "alpha"
 CURRENT_TOKEN = b"the-current-cluster-token"
+SERVICE = "consortium.proto.v1.NodeRegistry"
 
 
-class RefusingRegistry(nodes_pb2_grpc.NodeRegistryServicer):
+GetRayToken = Callable[[nodes_pb2.GetRayTokenRequest, grpc.ServicerContext], bytes]
+
+
+def refuse(request: nodes_pb2.GetRayTokenRequest, context: grpc.ServicerContext) -> bytes:
     """A coordinator that knows GetRayToken and refuses it (a revoked institution)."""
-
-    def GetRayToken(  # noqa: N802 - the proto names the method
-        self, request: nodes_pb2.GetRayTokenRequest, context: grpc.ServicerContext
-    ) -> nodes_pb2.GetRayTokenResponse:
-        context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{request.institution} is revoked")
-        raise AssertionError("abort raises")
+    context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{request.institution} is revoked")
+    raise AssertionError("abort raises")
 
 
-class AnsweringRegistry(nodes_pb2_grpc.NodeRegistryServicer):
-    def GetRayToken(  # noqa: N802 - the proto names the method
-        self, request: nodes_pb2.GetRayTokenRequest, context: grpc.ServicerContext
-    ) -> nodes_pb2.GetRayTokenResponse:
-        return nodes_pb2.GetRayTokenResponse(token=CURRENT_TOKEN)
+def answer(request: nodes_pb2.GetRayTokenRequest, context: grpc.ServicerContext) -> bytes:
+    return CURRENT_TOKEN
+
+
+def get_ray_token_only(token: GetRayToken) -> grpc.GenericRpcHandler:
+    """A NodeRegistry that serves GetRayToken alone (other methods: UNIMPLEMENTED)."""
+    handler = grpc.unary_unary_rpc_method_handler(
+        lambda request, context: nodes_pb2.GetRayTokenResponse(token=token(request, context)),
+        request_deserializer=nodes_pb2.GetRayTokenRequest.FromString,
+        response_serializer=nodes_pb2.GetRayTokenResponse.SerializeToString,
+    )
+    return grpc.method_handlers_generic_handler(SERVICE, {"GetRayToken": handler})
 
 
 @pytest.fixture
@@ -71,11 +78,11 @@ def onboarded(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 
 @contextmanager
-def registry_server(data_dir: Path, servicer: nodes_pb2_grpc.NodeRegistryServicer) -> Iterator[str]:
-    """A mutual-TLS NodeRegistry server on 127.0.0.1:0; yields its address."""
+def registry_server(data_dir: Path, *handlers: grpc.GenericRpcHandler) -> Iterator[str]:
+    """A mutual-TLS server on 127.0.0.1:0 with the consortium's server certificate,
+    serving `handlers` (none: every method answers UNIMPLEMENTED); yields its address."""
     executor = futures.ThreadPoolExecutor(max_workers=2)
-    server = grpc.server(executor)
-    nodes_pb2_grpc.add_NodeRegistryServicer_to_server(servicer, server)
+    server = grpc.server(executor, handlers=handlers)
     port = server.add_secure_port(
         "127.0.0.1:0", CoordinatorPki(data_dir).server_tls().credentials()
     )
@@ -108,8 +115,8 @@ def test_fetch_ray_token_coordinator_without_get_ray_token_uses_bundle_token(
 ) -> None:
     data_dir, state_dir, bundle_dir = onboarded
     bundle_token = load_bundle(bundle_dir, state_dir).ray_token.read_bytes()
-    # The generated base servicer answers every method with UNIMPLEMENTED.
-    with registry_server(data_dir, nodes_pb2_grpc.NodeRegistryServicer()) as address:
+    # A coordinator from before GetRayToken: the method is UNIMPLEMENTED.
+    with registry_server(data_dir) as address:
         site_node(tmp_path, state_dir, bundle_dir, address).fetch_ray_token()
     assert bundle_token
     assert (state_dir / "ray-token").read_bytes() == bundle_token
@@ -119,7 +126,7 @@ def test_fetch_ray_token_coordinator_answers_writes_current_token(
     tmp_path: Path, onboarded: tuple[Path, Path, Path]
 ) -> None:
     data_dir, state_dir, bundle_dir = onboarded
-    with registry_server(data_dir, AnsweringRegistry()) as address:
+    with registry_server(data_dir, get_ray_token_only(answer)) as address:
         site_node(tmp_path, state_dir, bundle_dir, address).fetch_ray_token()
     assert (state_dir / "ray-token").read_bytes() == CURRENT_TOKEN
 
@@ -129,7 +136,7 @@ def test_fetch_ray_token_coordinator_refuses_raises_without_fallback(
 ) -> None:
     data_dir, state_dir, bundle_dir = onboarded
     with (
-        registry_server(data_dir, RefusingRegistry()) as address,
+        registry_server(data_dir, get_ray_token_only(refuse)) as address,
         pytest.raises(PermissionDeniedError, match="refused the Ray token: alpha is revoked"),
     ):
         site_node(tmp_path, state_dir, bundle_dir, address).fetch_ray_token()

@@ -395,7 +395,8 @@ class Coordinator:
             server,
         )
         jobs_pb2_grpc.add_JobsServicer_to_server(
-            JobsServicer(JobService(self.store), self.store, self.stopping), server
+            JobsServicer(JobService(self.store, metrics=self.metrics), self.store, self.stopping),
+            server,
         )
         host, port = split_host_port(self.settings.listen_address)
         record = self.paths.port_file

@@ -23,14 +23,28 @@ def _digits_cnn(options: ModelOptions) -> nn.Module:
 BYTELM_OPTIONS = ("n_layer", "n_head", "n_embd", "block_size")
 
 
-def _bytelm(options: ModelOptions) -> nn.Module:
+def _bytelm_config(options: ModelOptions) -> ByteLMConfig:
     unknown = sorted(set(options) - set(BYTELM_OPTIONS))
     if unknown:
         raise ValueError(f"unknown bytelm options {unknown}; known: {', '.join(BYTELM_OPTIONS)}")
     default = ByteLMConfig()
-    return ByteLM(
-        ByteLMConfig(**{name: options.get(name, getattr(default, name)) for name in BYTELM_OPTIONS})
+    return ByteLMConfig(
+        **{name: options.get(name, getattr(default, name)) for name in BYTELM_OPTIONS}
     )
+
+
+def _bytelm(options: ModelOptions) -> nn.Module:
+    return ByteLM(_bytelm_config(options))
+
+
+def _digits_cnn_parameters(options: ModelOptions) -> int:
+    if options:
+        raise ValueError(f"model 'digits-cnn' takes no options, got {sorted(options)}")
+    return DIGITS_CNN_PARAMETERS
+
+
+# Conv 1->16 and 16->32 (3x3, with biases), Linear 512->64 and 64->10.
+DIGITS_CNN_PARAMETERS = (16 * 9 + 16) + (32 * 16 * 9 + 32) + (512 * 64 + 64) + (64 * 10 + 10)
 
 
 MODELS: dict[str, Callable[[ModelOptions], nn.Module]] = {
@@ -38,7 +52,45 @@ MODELS: dict[str, Callable[[ModelOptions], nn.Module]] = {
     "bytelm": _bytelm,  # options: n_layer, n_head, n_embd, block_size
 }
 
-__all__ = ["MODELS", "DigitsCNN", "build_model", "load_parameter_tensors", "parameter_tensors"]
+# How many parameters each model would have, computed without allocating anything: a
+# job spec is checked against `MAX_PARAMETERS` before any model is built.
+PARAMETER_COUNTS: dict[str, Callable[[ModelOptions], int]] = {
+    "digits-cnn": _digits_cnn_parameters,
+    "bytelm": lambda options: _bytelm_config(options).num_parameters(),
+}
+
+# The largest model a job may ask for: 1e9 float32 parameters are 4 GB per copy, and a
+# site holds several copies (weights, gradients, optimizer moments, the update).
+MAX_PARAMETERS = 1_000_000_000
+
+__all__ = [
+    "MAX_PARAMETERS",
+    "MODELS",
+    "PARAMETER_COUNTS",
+    "DigitsCNN",
+    "build_model",
+    "check_model_size",
+    "load_parameter_tensors",
+    "parameter_tensors",
+]
+
+
+def check_model_size(name: str, options: ModelOptions, limit: int = MAX_PARAMETERS) -> int:
+    """The parameter count of ``name`` with ``options``, computed without building it;
+    raises ValueError for bad options or a model larger than ``limit``."""
+    try:
+        count = PARAMETER_COUNTS[name](options)
+    except KeyError:
+        known = ", ".join(sorted(MODELS))
+        raise ValueError(f"unknown model {name!r}; known models: {known}") from None
+    except TypeError as err:
+        raise ValueError(f"bad options for model {name!r}: {err}") from None
+    if count > limit:
+        raise ValueError(
+            f"the model would have {count:,} parameters; the limit is {limit:,} "
+            "(shrink n_layer, n_embd or block_size)"
+        )
+    return count
 
 
 def build_model(name: str, options: ModelOptions | None = None) -> nn.Module:

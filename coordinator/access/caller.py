@@ -27,3 +27,20 @@ def require_acting_as(institution: str) -> None:
         raise PermissionDeniedError(
             f"the certificate is for {caller!r}; it cannot act as {institution!r}"
         )
+
+
+def current_caller() -> str | None:
+    """The calling certificate's institution ("operator" for the operator's), or None
+    on a plain-text (loopback-only) coordinator, where every caller is trusted."""
+    return CALLER.get()
+
+
+def require_owner_or_operator(owner: str, what: str) -> None:
+    """The operator may act on anything; an institution only on what it owns."""
+    caller = CALLER.get()
+    if caller is None or caller in (OPERATOR, owner):
+        return
+    raise PermissionDeniedError(
+        f"{caller!r} may not {what}: only its owner ({owner or 'the operator'!r}) or the "
+        "operator may"
+    )

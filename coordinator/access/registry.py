@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 from consortium.errors import InvalidArgumentError, PermissionDeniedError
 from consortium.provenance.signing import SignatureError, VerifyingKey
-from coordinator.access.caller import require_acting_as
+from coordinator.access.caller import current_caller, require_acting_as
 from coordinator.observability.metrics import CoordinatorMetrics
 from coordinator.state import NodeRecord, NodeState, StateStore
 from coordinator.state.sqlite_store import now_ms
+
+log = logging.getLogger(__name__)
 
 MAX_NAME_LENGTH = 128
 
@@ -35,7 +38,7 @@ class NodeRegistry:
                 key = VerifyingKey.from_raw(signing_public_key)
             except SignatureError as err:
                 raise InvalidArgumentError(f"field 'signing_public_key': {err}") from None
-            self._store.add_institution_key(institution, key.key_id, key.raw)
+            self._admit_signing_key(institution, key)
         now = now_ms()
         node = NodeRecord(
             node_id=uuid.uuid4().hex,
@@ -49,6 +52,27 @@ class NodeRegistry:
         self._store.add_node(node)
         self._metrics.institution_seen(institution)
         return node
+
+    def _admit_signing_key(self, institution: str, key: VerifyingKey) -> None:
+        """With certificates, update-signing keys are pinned at onboarding: a node may
+        only name one of them (another key would let it sign for the institution).
+        A plain-text coordinator has no onboarding; its nodes register their keys."""
+        pinned = self._store.institution_keys(institution)
+        if key.key_id in pinned:
+            return
+        if current_caller() is not None:
+            log.warning(
+                "control plane refused: %s offered signing key %s, not pinned at onboarding",
+                institution,
+                key.key_id[:16],
+            )
+            self._metrics.auth_refused("control_plane", "unpinned_signing_key")
+            raise PermissionDeniedError(
+                f"signing key {key.key_id[:16]} is not the one {institution!r} was onboarded "
+                "with; the operator re-onboards the institution (`coordinator renew`) to "
+                "change it"
+            )
+        self._store.add_institution_key(institution, key.key_id, key.raw)
 
     def _authorize(self, institution: str) -> None:
         """A certificate may only act for its own institution."""

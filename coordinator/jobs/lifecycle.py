@@ -77,7 +77,9 @@ class JobLifecycle:
         return self._store.list_jobs(JobState.RUNNING)
 
     # --- transitions -----------------------------------------------------------
-    def submit(self, name: str, kind: str, spec_toml: str, rounds_total: int) -> JobRecord:
+    def submit(
+        self, name: str, kind: str, spec_toml: str, rounds_total: int, submitted_by: str = ""
+    ) -> JobRecord:
         """A new job, QUEUED (the spec was validated by the caller)."""
         job = JobRecord(
             job_id=uuid.uuid4().hex[:12],
@@ -88,6 +90,7 @@ class JobLifecycle:
             rounds_total=rounds_total,
             message="waiting for the scheduler",
             created_at_ms=self._clock_ms(),
+            submitted_by=submitted_by,
         )
         self._store.add_job(job)
         return job

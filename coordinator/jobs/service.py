@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from consortium.errors import JobSpecError
+import logging
+
+from consortium.errors import JobSpecError, PermissionDeniedError
+from coordinator.access.caller import current_caller, require_owner_or_operator
 from coordinator.jobs.lifecycle import JobLifecycle
 from coordinator.jobs.pipeline import check_init_from
 from coordinator.jobs.spec import FederatedJobSpec, parse_submitted_spec
+from coordinator.observability.metrics import CoordinatorMetrics
 from coordinator.pretraining.spec import PretrainJobSpec
 from coordinator.state import JobRecord, RoundRecord, StateStore
+
+log = logging.getLogger(__name__)
 
 
 def known_institutions(store: StateStore) -> set[str]:
@@ -29,13 +35,30 @@ def check_caps_name_known_institutions(store: StateStore, spec: PretrainJobSpec)
         )
 
 
+def check_min_clients_fit_the_consortium(store: StateStore, spec: FederatedJobSpec) -> None:
+    """A job needing more institutions than the consortium has would hold the queue
+    forever; refuse it (without onboarding or nodes yet, the spec's own bound holds)."""
+    known = known_institutions(store)
+    if known and spec.min_clients > len(known):
+        raise JobSpecError(
+            f"invalid job spec: field 'min_clients': {spec.min_clients} institutions "
+            f"needed, the consortium has {len(known)}"
+        )
+
+
 class JobService:
     """What the control-plane API does with jobs: validate and queue, read, cancel.
     State changes go through the lifecycle; scheduling lives in the scheduler."""
 
-    def __init__(self, store: StateStore, lifecycle: JobLifecycle | None = None) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        lifecycle: JobLifecycle | None = None,
+        metrics: CoordinatorMetrics | None = None,
+    ) -> None:
         self._store = store
         self._lifecycle = lifecycle or JobLifecycle(store)
+        self._metrics = metrics or CoordinatorMetrics()
 
     def submit(self, spec_toml: str) -> JobRecord:
         """Validate and queue; an invalid spec raises JobSpecError and creates nothing.
@@ -43,11 +66,14 @@ class JobService:
         spec = parse_submitted_spec(spec_toml)
         if isinstance(spec, FederatedJobSpec):
             check_init_from(self._store, spec)
+            check_min_clients_fit_the_consortium(self._store, spec)
         else:
             check_caps_name_known_institutions(self._store, spec)
         # A pretraining job's rounds are its outer steps.
         rounds = spec.rounds if isinstance(spec, FederatedJobSpec) else spec.outer_steps
-        return self._lifecycle.submit(spec.name, spec.kind, spec_toml, rounds)
+        return self._lifecycle.submit(
+            spec.name, spec.kind, spec_toml, rounds, submitted_by=current_caller() or ""
+        )
 
     def get(self, job_id: str) -> tuple[JobRecord, list[RoundRecord]]:
         return self._store.get_job(job_id), self._store.list_rounds(job_id)
@@ -56,5 +82,13 @@ class JobService:
         return self._store.list_jobs()
 
     def cancel(self, job_id: str) -> JobRecord:
-        """Queued jobs never start; running ones are stopped by the scheduler."""
+        """Queued jobs never start; running ones are stopped by the scheduler. An
+        institution may cancel only the jobs it submitted; the operator, any."""
+        job = self._store.get_job(job_id)
+        try:
+            require_owner_or_operator(job.submitted_by, f"cancel job {job_id}")
+        except PermissionDeniedError as refused:
+            log.warning("control plane refused: %s", refused)
+            self._metrics.auth_refused("control_plane", "not_job_owner")
+            raise
         return self._lifecycle.cancel(job_id)

@@ -53,7 +53,7 @@ from pydantic import (
 )
 
 from consortium.errors import JobSpecError
-from consortium.models import MODELS, build_model
+from consortium.models import MODELS, check_model_size
 from coordinator.pretraining.spec import PretrainJobSpec, validate_pretrain_spec
 from coordinator.state import JobRecord
 
@@ -65,8 +65,15 @@ KNOWN_DATASETS = frozenset(DATASET_MODELS)
 TEXT_DATASETS = frozenset({"docstrings"})
 
 
+# Bounds a member's spec cannot exceed: a spec is untrusted input (docs/security.md).
+MAX_SPEC_BYTES = 64 * 1024
+MAX_CLIENTS = 1_000
+MAX_ROUND_TIMEOUT_S = 7 * 24 * 3600.0
+
+
 class FederatedJobSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: `round_timeout_s = inf` or `learning_rate = nan` are refused.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(min_length=1, max_length=128)
     kind: Literal["federated"] = "federated"
@@ -74,24 +81,24 @@ class FederatedJobSpec(BaseModel):
     dataset: str
     strategy: Literal["fedavg", "fedprox"] = "fedavg"
     rounds: int = Field(gt=0, le=10_000)
-    min_clients: int = Field(default=2, ge=1)
+    min_clients: int = Field(default=2, ge=1, le=MAX_CLIENTS)
     local_epochs: int = Field(default=1, gt=0, le=1_000)
     learning_rate: float = Field(default=0.05, gt=0, le=10)
     batch_size: int = Field(default=32, gt=0, le=65_536)
-    proximal_mu: float = Field(default=0.0, ge=0)
+    proximal_mu: float = Field(default=0.0, ge=0, le=1e6)
     seed: int = Field(default=0, ge=0, lt=2**31)
-    round_timeout_s: float = Field(default=600.0, gt=0)
+    round_timeout_s: float = Field(default=600.0, gt=0, le=MAX_ROUND_TIMEOUT_S)
     # How accepted updates are combined; all rules share the same validation.
     aggregation: Literal["mean", "trimmed-mean", "median", "krum"] = "mean"
     trim_fraction: float = Field(default=0.1, ge=0, lt=0.5)
-    krum_byzantine: int = Field(default=0, ge=0)
+    krum_byzantine: int = Field(default=0, ge=0, le=MAX_CLIENTS)
     max_update_norm: float | None = Field(default=None, gt=0)
     # Keep every accepted update so the aggregation can be replayed bit for bit.
     retain_updates: bool = True
     # Pipelines: start from this job's output model (its model family and size).
     init_from: str | None = Field(default=None, min_length=1, max_length=64)
     # Size of a model built from scratch (bytelm: n_layer, n_head, n_embd, block_size).
-    model_options: dict[str, int] = Field(default_factory=dict)
+    model_options: dict[str, int] = Field(default_factory=dict, max_length=16)
     # Language-model datasets: AdamW steps per round at each site, window length.
     local_steps: int = Field(default=20, gt=0, le=1_000_000)
     seq_len: int = Field(default=64, gt=0, le=65_536)
@@ -118,12 +125,11 @@ class FederatedJobSpec(BaseModel):
     @field_validator("model_options")
     @classmethod
     def _options_build(cls, value: dict[str, int], info: ValidationInfo) -> dict[str, int]:
+        # Sized from the config alone: nothing is allocated for a spec (a member once
+        # asked for a 51 GB model inside the RPC handler).
         model = info.data.get("model")
         if model is not None and value:
-            try:
-                build_model(model, value)
-            except ValueError as err:
-                raise ValueError(str(err)) from None
+            check_model_size(model, value)
         return value
 
     @model_validator(mode="after")
@@ -186,10 +192,17 @@ def _federated(spec: JobSpec, what: str) -> FederatedJobSpec:
 
 
 def _load_toml(text: str) -> dict[str, object]:
+    size = len(text.encode())
+    if size > MAX_SPEC_BYTES:
+        raise JobSpecError(
+            f"invalid job spec: the spec is {size} bytes; the limit is {MAX_SPEC_BYTES}"
+        )
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise JobSpecError(f"job spec is not valid TOML: {err}") from None
+    except RecursionError:
+        raise JobSpecError("invalid job spec: the TOML is nested too deeply") from None
 
 
 def _validate_federated(raw: dict[str, object]) -> FederatedJobSpec:

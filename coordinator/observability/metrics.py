@@ -47,6 +47,8 @@ AUTH_REASONS = (
     "revoked_certificate",
     "unknown_node",
     "institution_mismatch",
+    "not_job_owner",  # an institution acting on another's job
+    "unpinned_signing_key",  # a node offering a signing key not pinned at onboarding
     "missing_token",  # Ray: a request without the cluster token
     "invalid_token",  # Ray: a wrong token (only on the raylet sync stream)
     OTHER,

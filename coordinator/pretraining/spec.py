@@ -44,6 +44,7 @@ from pydantic import (
 )
 
 from consortium.errors import JobSpecError
+from consortium.models import check_model_size
 from consortium.models.bytelm import FLOAT32_BYTES, ByteLMConfig
 
 # Float32 copies of the model a worker holds: weights, gradients, AdamW's two moments and
@@ -66,8 +67,12 @@ OPERATIONAL_FIELDS = frozenset(
 )
 
 
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+
+
 class PretrainJobSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: `step_timeout_s = inf` or `inner_lr = nan` are refused.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(min_length=1, max_length=128)
     kind: Literal["pretrain"] = "pretrain"
@@ -85,10 +90,10 @@ class PretrainJobSpec(BaseModel):
     outer_steps: int = Field(gt=0, le=1_000_000)
     inner_lr: float = Field(default=3e-3, gt=0, le=1.0)
     inner_lr_schedule: Literal["constant", "cosine"] = "cosine"
-    inner_warmup_steps: int = Field(default=0, ge=0)
+    inner_warmup_steps: int = Field(default=0, ge=0, le=1_000_000)
     inner_min_lr_ratio: float = Field(default=0.1, ge=0, le=1.0)
     inner_weight_decay: float = Field(default=0.0, ge=0, le=1.0)
-    inner_grad_clip: float = Field(default=1.0, gt=0)
+    inner_grad_clip: float = Field(default=1.0, gt=0, le=1e6)
     inner_optimizer_state: Literal["keep", "reset"] = "keep"
     outer_lr: float = Field(default=0.7, gt=0, le=10.0)
     outer_momentum: float = Field(default=0.9, ge=0, lt=1.0)
@@ -106,13 +111,13 @@ class PretrainJobSpec(BaseModel):
     # Scheduling (operational).
     min_workers: int = Field(default=1, ge=1, le=100_000)
     max_workers: int | None = Field(default=None, ge=1, le=100_000)
-    per_institution_caps: dict[str, int] = Field(default_factory=dict)
+    per_institution_caps: dict[str, int] = Field(default_factory=dict, max_length=1_000)
     device: Literal["auto", "cpu", "gpu"] = "auto"
-    step_timeout_s: float = Field(default=3600.0, gt=0)
-    worker_start_timeout_s: float = Field(default=300.0, gt=0)
-    wait_for_workers_s: float = Field(default=60.0, ge=0)
-    max_failed_steps: int = Field(default=3, ge=1)
-    max_worker_memory_bytes: int = Field(default=16 * 2**30, gt=0)
+    step_timeout_s: float = Field(default=3600.0, gt=0, le=MAX_TIMEOUT_S)
+    worker_start_timeout_s: float = Field(default=300.0, gt=0, le=MAX_TIMEOUT_S)
+    wait_for_workers_s: float = Field(default=60.0, ge=0, le=MAX_TIMEOUT_S)
+    max_failed_steps: int = Field(default=3, ge=1, le=1_000)
+    max_worker_memory_bytes: int = Field(default=16 * 2**30, gt=0, le=2**40)
 
     @field_validator("n_embd")
     @classmethod
@@ -158,7 +163,9 @@ class PretrainJobSpec(BaseModel):
         fields = ("n_layer", "n_head", "n_embd", "block_size")
         if any(f not in info.data for f in fields):
             return value  # a size field is already invalid and reported on its own
-        config = ByteLMConfig(**{f: info.data[f] for f in fields})
+        options = {f: info.data[f] for f in fields}
+        check_model_size("bytelm", options)
+        config = ByteLMConfig(**options)
         needed = WORKER_MODEL_COPIES * FLOAT32_BYTES * config.num_parameters()
         if needed > value:
             raise ValueError(

@@ -49,6 +49,8 @@ class JobRecord:
     finished_at_ms: int = 0
     model_path: str = ""
     flower_run_id: str = ""
+    # The institution whose certificate submitted the job ("operator", or "" without TLS).
+    submitted_by: str = ""
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,8 @@ from coordinator.state.store import StateStore
 __all__ = ["BUSY_TIMEOUT_MS", "SqliteStateStore", "now_ms"]  # now_ms: callers import it here
 
 BUSY_TIMEOUT_MS = 10_000
+# Job columns added after the first release: name -> declaration (ALTER TABLE on open).
+ADDED_JOB_COLUMNS = {"submitted_by": "TEXT NOT NULL DEFAULT ''"}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -54,7 +56,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at_ms INTEGER NOT NULL DEFAULT 0,
     finished_at_ms INTEGER NOT NULL DEFAULT 0,
     model_path TEXT NOT NULL DEFAULT '',
-    flower_run_id TEXT NOT NULL DEFAULT ''
+    flower_run_id TEXT NOT NULL DEFAULT '',
+    submitted_by TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS rounds (
     job_id TEXT NOT NULL REFERENCES jobs(job_id),
@@ -112,8 +115,17 @@ class SqliteStateStore(StateStore):
         self._lock = threading.Lock()
         # executescript manages its own transaction; the schema is idempotent.
         self._connection().executescript(SCHEMA)
+        self._migrate()
 
     # --- plumbing ----------------------------------------------------------
+    def _migrate(self) -> None:
+        """Columns added since a data dir was created (its tables already existed)."""
+        with self._transaction() as db:
+            columns = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+            for column, ddl in ADDED_JOB_COLUMNS.items():
+                if column not in columns:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {ddl}")  # fixed names
+
     def _connection(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
@@ -227,7 +239,10 @@ class SqliteStateStore(StateStore):
             if db.execute("SELECT 1 FROM jobs WHERE job_id = ?", (job.job_id,)).fetchone():
                 raise ConflictError(f"job {job.job_id!r} already exists")
             db.execute(
-                "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (job_id, name, kind, spec_toml, state, rounds_total, "
+                "rounds_completed, message, created_at_ms, started_at_ms, finished_at_ms, "
+                "model_path, flower_run_id, submitted_by) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.job_id,
                     job.name,
@@ -242,6 +257,7 @@ class SqliteStateStore(StateStore):
                     job.finished_at_ms,
                     job.model_path,
                     job.flower_run_id,
+                    job.submitted_by,
                 ),
             )
             _append_event(db, job.job_id, "job")
@@ -501,4 +517,5 @@ def _job(row: sqlite3.Row) -> JobRecord:
         finished_at_ms=row["finished_at_ms"],
         model_path=row["model_path"],
         flower_run_id=row["flower_run_id"],
+        submitted_by=row["submitted_by"],
     )

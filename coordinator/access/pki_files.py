@@ -7,6 +7,7 @@ from pathlib import Path
 
 from consortium.errors import SettingsError
 from consortium.tls import ClientTls, ServerTls
+from coordinator.data_dir import DataDir
 
 OPERATOR = "operator"  # common name of the operator's own client certificate
 
@@ -17,7 +18,7 @@ class CoordinatorPki:
 
     @property
     def root(self) -> Path:
-        return self.data_dir / "pki"
+        return DataDir(self.data_dir).pki_dir
 
     @property
     def ca_key(self) -> Path:

@@ -12,13 +12,14 @@ from consortium.proto.v1 import jobs_pb2, jobs_pb2_grpc, nodes_pb2, nodes_pb2_gr
 from consortium.rpc import DEFAULT_RETRY, RetryPolicy, call_with_retry, open_channel, translate
 from consortium.tls import ClientTls
 from coordinator.access.pki_files import CoordinatorPki
+from coordinator.data_dir import DataDir
 
 
 def resolve_address(address: str | None, data_dir: Path) -> str:
     """An explicit address, else the one a local `coordinator serve` wrote."""
     if address:
         return address
-    recorded = data_dir / "coordinator.address"
+    recorded = DataDir(data_dir).address_file
     if recorded.exists():
         return recorded.read_text().strip()
     raise UnreachableError(

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from coordinator.data_dir import DataDir
+
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -31,7 +33,7 @@ def save_model(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict[s
 
 class CheckpointStore:
     def __init__(self, data_dir: Path, job_id: str) -> None:
-        self._dir = data_dir / "checkpoints" / job_id
+        self._dir = DataDir(data_dir).checkpoints(job_id)
 
     @property
     def _model(self) -> Path:

@@ -14,9 +14,11 @@ import numpy as np
 import numpy.typing as npt
 from safetensors.numpy import load_file, save_file
 
+from coordinator.data_dir import DataDir
+
 
 def updates_dir(data_dir: Path, job_id: str, round_: int) -> Path:
-    return data_dir / "provenance" / "updates" / job_id / str(round_)
+    return DataDir(data_dir).retained_updates(job_id, round_)
 
 
 def retain(

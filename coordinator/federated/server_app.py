@@ -39,7 +39,6 @@ from coordinator.jobs.pipeline import StartingModel, family_of, load_starting_mo
 from coordinator.jobs.running import JobCancelledError, RoundRecord, RunningJob
 from coordinator.jobs.spec import FederatedJobSpec
 from coordinator.provenance.recorder import JobRecorder
-from coordinator.provenance_paths import coordinator_key_path, provenance_log_path
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +102,8 @@ class JobRun:
             model, self.starting = load_starting_model(
                 self.job,
                 self.spec,
-                provenance_log_path(self.data_dir),
-                SigningKey.load(coordinator_key_path(self.data_dir)).public,
+                DataDir(self.data_dir).provenance_log,
+                SigningKey.load(DataDir(self.data_dir).signing_key).public,
             )
             log.info(
                 "job %s starts from job %s's model %s",
@@ -228,7 +227,7 @@ class JobRun:
         self.finish(model)
 
     def finish(self, model: torch.nn.Module) -> None:
-        model_path = self.data_dir / "models" / f"{self.job_id}.safetensors"
+        model_path = DataDir(self.data_dir).model_file(self.job_id)
         save_model(
             model_path,
             dict(parameter_tensors(model)),

@@ -27,8 +27,8 @@ from consortium.aggregation.errors import RejectReason
 from consortium.errors import JobSpecError
 from consortium.metrics_http import JsonLinesTail
 from consortium.provenance.records import RecordType
+from coordinator.data_dir import DataDir
 from coordinator.jobs.spec import parse_job_spec
-from coordinator.provenance_paths import provenance_log_path
 from coordinator.state import FINAL_JOB_STATES, JobRecord, JobState, NodeState, StateStore
 from coordinator.state.records import RoundRecord
 
@@ -156,7 +156,7 @@ class StateCollector(Collector):
         self._node_timeout_ms = int(node_timeout_s * 1000)
         self._clock = clock
         self._settled: dict[str, RoundSummary] = {}  # finished jobs never change again
-        self._provenance = ProvenanceStats(provenance_log_path(data_dir))
+        self._provenance = ProvenanceStats(DataDir(data_dir).provenance_log)
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics-state")
 
     def collect(self) -> Iterator[Metric]:

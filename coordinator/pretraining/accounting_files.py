@@ -11,16 +11,18 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from coordinator.data_dir import DataDir
+
 if TYPE_CHECKING:  # importing coordinator.pretraining imports Ray; the CLI only reads JSON
     from coordinator.pretraining import JobAccounting
 
 
 def accounting_dir(data_dir: Path) -> Path:
-    return data_dir / "accounting"
+    return DataDir(data_dir).accounting_dir
 
 
 def accounting_path(data_dir: Path, job_id: str) -> Path:
-    return accounting_dir(data_dir) / f"{job_id}.json"
+    return DataDir(data_dir).accounting_file(job_id)
 
 
 def accounting_to_json(job_id: str, accounting: JobAccounting) -> dict[str, Any]:

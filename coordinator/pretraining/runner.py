@@ -125,7 +125,7 @@ class PretrainRunner:
             recorder.log_start(spec)
             result = self._engine.run(
                 spec,
-                self._data_dir / "checkpoints" / job_id,
+                DataDir(self._data_dir).checkpoints(job_id),
                 recorder.on_step,
                 stop,
                 recorder.on_wait,
@@ -142,7 +142,7 @@ class PretrainRunner:
             log.info("pretraining job %s stopped after %d steps", job_id, result.steps_completed)
             return  # cancelled (already final) or shutting down (resumes on restart)
         write_accounting(self._data_dir, job_id, result.accounting)
-        model_path = self._data_dir / "models" / f"{job_id}.safetensors"
+        model_path = DataDir(self._data_dir).model_file(job_id)
         save_model(
             model_path,
             {name: torch.from_numpy(array) for name, array in result.weights.items()},

@@ -28,7 +28,7 @@ from consortium.site_keys import SiteKeys
 from consortium.tls import ClientTls
 from coordinator.access.onboarding import revoke
 from coordinator.access.pki_files import CoordinatorPki
-from coordinator.provenance_paths import coordinator_key_path
+from coordinator.data_dir import DataDir
 from coordinator.state import SqliteStateStore
 from tests.conftest import Processes
 from tests.helpers import (
@@ -242,7 +242,7 @@ def test_key_files_are_private_and_bundles_hold_no_secret(consortium: Consortium
         files.server_key,
         files.operator_key,
         files.ray_token,
-        coordinator_key_path(consortium.data_dir),
+        DataDir(consortium.data_dir).signing_key,
     ]
     for name in NAMES:
         keys = SiteKeys(consortium.site(name) / "state")

@@ -16,7 +16,7 @@ import pytest
 from consortium.errors import InvalidArgumentError
 from consortium.proto.v1 import jobs_pb2
 from coordinator.cli.remote import Remote, connect
-from coordinator.provenance_paths import provenance_log_path
+from coordinator.data_dir import DataDir
 from tests.conftest import Processes
 from tests.helpers import (
     FINAL_STATES,
@@ -118,7 +118,9 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
 
 
 def log_bodies(data_dir: Path, type_: str, job_id: str) -> list[dict[str, Any]]:
-    entries = [json.loads(line) for line in provenance_log_path(data_dir).read_text().splitlines()]
+    entries = [
+        json.loads(line) for line in DataDir(data_dir).provenance_log.read_text().splitlines()
+    ]
     return [
         e["body"] for e in entries if e.get("type") == type_ and e["body"].get("job_id") == job_id
     ]

@@ -13,7 +13,7 @@ import pytest
 
 from consortium.proto.v1 import jobs_pb2, jobs_pb2_grpc
 from coordinator.cli.remote import Remote
-from coordinator.provenance_paths import provenance_log_path
+from coordinator.data_dir import DataDir
 from tests.conftest import Processes
 from tests.helpers import (
     FINAL_STATES,
@@ -102,7 +102,7 @@ def test_pretrain_job_succeeds_on_contributed_node_with_provenance_and_accountin
     verified = run_cli("coordinator", "provenance", "verify", "--data-dir", str(site.data_dir))
     assert verified.returncode == 0, verified.stderr
     entries = [
-        json.loads(line) for line in provenance_log_path(site.data_dir).read_text().splitlines()
+        json.loads(line) for line in DataDir(site.data_dir).provenance_log.read_text().splitlines()
     ]
     steps = [
         e["body"]

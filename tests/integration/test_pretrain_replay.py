@@ -28,11 +28,7 @@ from consortium.proto.v1 import jobs_pb2
 from consortium.provenance.log import ProvenanceLog, read_lines
 from consortium.provenance.signing import SigningKey
 from coordinator.cli.remote import Remote
-from coordinator.provenance_paths import (
-    coordinator_key_path,
-    coordinator_public_key_path,
-    provenance_log_path,
-)
+from coordinator.data_dir import DataDir
 from tests.conftest import Processes
 from tests.helpers import (
     FINAL_STATES,
@@ -118,7 +114,7 @@ def restarted_job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Restarte
 
 
 def job_entries(data_dir: Path, job_id: str) -> list[dict[str, Any]]:
-    lines = provenance_log_path(data_dir).read_text().splitlines()
+    lines = DataDir(data_dir).provenance_log.read_text().splitlines()
     entries = [json.loads(line) for line in lines]
     return [e for e in entries if e.get("body", {}).get("job_id") == job_id]
 
@@ -186,16 +182,16 @@ def resigned_copy(
     body)`` applied to the job's records, all signed again with the coordinator's key
     (so the log verifies and only replay can tell)."""
     shutil.copytree(source / "keys", target / "keys")
-    key = SigningKey.load(coordinator_key_path(source))
-    log = ProvenanceLog(provenance_log_path(target), key)
-    for line in read_lines(provenance_log_path(source)):
+    key = SigningKey.load(DataDir(source).signing_key)
+    log = ProvenanceLog(DataDir(target).provenance_log, key)
+    for line in read_lines(DataDir(source).provenance_log):
         entry = json.loads(line)
         if entry["kind"] == "record":
             if entry["body"].get("job_id") == job_id:
                 edit(entry["type"], entry["body"])
             log.append(entry["type"], entry["body"])
     log.publish_tree_head()
-    assert coordinator_public_key_path(target).exists()
+    assert DataDir(target).signing_public_key.exists()
     return target
 
 

@@ -19,7 +19,7 @@ from consortium.provenance.records import JobCompleted, JobStarted, Round, type_
 from consortium.provenance.signing import VerifyingKey
 from consortium.provenance.verify import LogVerificationError, verify_log
 from consortium.tensor_digest import file_digest
-from coordinator.provenance_paths import coordinator_public_key_path, provenance_log_path
+from coordinator.data_dir import DataDir
 from tests.helpers import CompletedRun
 
 
@@ -50,8 +50,8 @@ def test_log_of_real_job_verifies(completed_run: CompletedRun) -> None:
 
 
 def test_log_records_rounds_participants_and_final_digest(completed_run: CompletedRun) -> None:
-    key = VerifyingKey.load(coordinator_public_key_path(completed_run.data_dir))
-    report = verify_log(provenance_log_path(completed_run.data_dir), key)
+    key = VerifyingKey.load(DataDir(completed_run.data_dir).signing_public_key)
+    report = verify_log(DataDir(completed_run.data_dir).provenance_log, key)
     records = report.jobs[completed_run.job.job_id]
     types = [type_name(r) for r in records]
     assert types == ["job_started", "round", "round", "round", "job_completed"]
@@ -90,7 +90,7 @@ def test_replay_names_the_round_of_a_tampered_update(
 
 
 def test_verify_names_the_line_of_an_altered_record(copied_data_dir: Path) -> None:
-    log = provenance_log_path(copied_data_dir)
+    log = DataDir(copied_data_dir).provenance_log
     lines = log.read_bytes().split(b"\n")
     target = next(i for i, line in enumerate(lines) if b'"type":"round"' in line)
     altered = lines[target].replace(b'"eval_accuracy":0.', b'"eval_accuracy":1.', 1)
@@ -103,9 +103,9 @@ def test_verify_names_the_line_of_an_altered_record(copied_data_dir: Path) -> No
 
 
 def test_every_byte_flip_of_the_real_log_is_detected(completed_run: CompletedRun) -> None:
-    key = VerifyingKey.load(coordinator_public_key_path(completed_run.data_dir))
-    original = provenance_log_path(completed_run.data_dir).read_bytes()
-    scratch = provenance_log_path(completed_run.data_dir).with_name("flipped.jsonl")
+    key = VerifyingKey.load(DataDir(completed_run.data_dir).signing_public_key)
+    original = DataDir(completed_run.data_dir).provenance_log.read_bytes()
+    scratch = DataDir(completed_run.data_dir).provenance_log.with_name("flipped.jsonl")
     # Every 7th byte covers each field of every line while keeping the test short;
     # tests/unit/test_provenance_log.py flips every single byte of a smaller log.
     for offset in range(0, len(original), 7):
@@ -131,7 +131,7 @@ def test_export_is_a_signed_in_toto_statement_about_the_model(
         str(out),
     )
     assert done.returncode == 0, done.stderr
-    key = VerifyingKey.load(coordinator_public_key_path(completed_run.data_dir))
+    key = VerifyingKey.load(DataDir(completed_run.data_dir).signing_public_key)
     statement = intoto.open_envelope(json.loads(out.read_text()), key)
     assert statement["_type"] == intoto.STATEMENT_TYPE
     subject = statement["subject"][0]

@@ -20,9 +20,9 @@ from prometheus_client import CollectorRegistry
 from client.metrics import GpuCollector, TrainingCollector, record_training
 from consortium.errors import NotFoundError
 from consortium.metrics_http import JsonLinesTail, MetricsServer
+from coordinator.data_dir import DataDir
 from coordinator.observability.metrics import CoordinatorMetrics, RpcMetricsInterceptor
 from coordinator.observability.state_metrics import StateCollector, summarise_rounds
-from coordinator.provenance_paths import provenance_log_path
 from coordinator.state import (
     JobRecord,
     JobState,
@@ -127,7 +127,7 @@ def append_lines(path: Path, *lines: dict[str, Any]) -> None:
 def test_provenance_metrics_count_records_refusals_and_tree_heads(
     store: SqliteStateStore, tmp_path: Path
 ) -> None:
-    log = provenance_log_path(tmp_path)
+    log = DataDir(tmp_path).provenance_log
     updates = [
         {"accepted": True, "reason": ""},
         {"accepted": False, "reason": "bad_signature"},

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from consortium.provenance.signing import SigningKey
+from coordinator.data_dir import DataDir
 from coordinator.jobs.lifecycle import JobLifecycle
 from coordinator.pretraining.runner import RUNNING_MESSAGE, StepRecorder
-from coordinator.provenance_paths import coordinator_key_path
 from coordinator.state import JobRecord, JobState, SqliteStateStore
 
 REASON = "needs 2 GPU workers, the cluster offers 0; 0 usable of min_workers=2"
@@ -28,7 +28,7 @@ def store(tmp_path: Path) -> Iterator[SqliteStateStore]:
 
 @pytest.fixture
 def recorder(tmp_path: Path, store: SqliteStateStore) -> StepRecorder:
-    SigningKey.load_or_create(coordinator_key_path(tmp_path))
+    SigningKey.load_or_create(DataDir(tmp_path).signing_key)
     return StepRecorder(JobLifecycle(store), tmp_path, "job1")
 
 

@@ -26,6 +26,7 @@ from coordinator.access.registry import NodeRegistry
 from coordinator.access.supernode_keys import SuperNodeKeySync
 from coordinator.api.auth import CertificateAuthInterceptor
 from coordinator.api.servicers import JobsServicer, NodeRegistryServicer
+from coordinator.federated.edge import FleetEdge, edge_port_file
 from coordinator.federated.flower_app import FlowerCli
 from coordinator.federated.runner import FlowerJobRunner
 from coordinator.federated.superlink import SuperLink
@@ -55,8 +56,19 @@ SHUTDOWN_GRACE_S = 2.0
 
 
 def check_transport(settings: CoordinatorSettings) -> CoordinatorPki | None:
-    """Mutual TLS from the consortium PKI, or plain text with --insecure on loopback only."""
+    """Mutual TLS from the consortium PKI, or plain text with --insecure on loopback only.
+
+    The SuperLink is on loopback in both: it serves Fleet, Control and Runtime APIs on
+    one port with no client authentication; sites reach its Fleet API through the edge.
+    """
     listen_host, _ = split_host_port(settings.listen_address)
+    if not is_loopback_host(settings.superlink_host):
+        raise InsecureTransportError(
+            f"superlink_host is {settings.superlink_host!r}, but the Flower SuperLink must "
+            "listen on loopback (127.0.0.1): it serves its Control and Runtime APIs to "
+            "anyone who reaches it. Sites connect to the Fleet edge instead: set "
+            "fleet_edge_address (docs/onboarding.md)"
+        )
     if not settings.insecure:
         files = CoordinatorPki(settings.data_dir)
         files.require()
@@ -99,6 +111,7 @@ START_STEPS = (
     "superlink",
     "ray",
     "superlink_ready",
+    "edge",
     "ray_head_ready",
     "metrics_endpoint",
     "api",
@@ -121,6 +134,8 @@ class Coordinator:
     pki: CoordinatorPki | None
     store: SqliteStateStore
     superlink: SuperLink
+    edge: FleetEdge | None
+    fleet_address: str  # what RegisterNode hands sites: the edge, or (insecure) the SuperLink
     server: grpc.Server
     address: str
     scheduler: Scheduler | None
@@ -135,6 +150,7 @@ class Coordinator:
         self.stopping = threading.Event()
         self.metrics = CoordinatorMetrics()
         self.pki = None
+        self.edge = None
         self.ray_cluster: RayCluster | None = None
         self.ray_head: RayHead | None = None
         self.pretrain: PretrainRunner | None = None
@@ -152,6 +168,7 @@ class Coordinator:
             ("superlink", self._start_superlink),
             ("ray", self._start_ray_step),
             ("superlink_ready", self._wait_superlink),
+            ("edge", self._start_edge),
             ("ray_head_ready", self._wait_ray_head),
             ("metrics_endpoint", self._start_metrics_endpoint),
             ("api", self._start_api_step),
@@ -211,6 +228,28 @@ class Coordinator:
     def _wait_superlink(self) -> None:
         self.superlink.wait_ready(self.settings.superlink_start_timeout_s)
 
+    def _start_edge(self) -> None:
+        """The sites' door to the SuperLink's Fleet API (mutual TLS, revocation, Fleet
+        paths only); without TLS (loopback experiments) sites use the SuperLink directly."""
+        if self.pki is None:
+            self.fleet_address = self.superlink.address
+            return
+        host, port = split_host_port(self.settings.fleet_edge_address)
+        record = edge_port_file(self.paths)
+        port = sticky_port(record, host, port)
+        edge = FleetEdge(
+            host,
+            port,
+            self.superlink.address,
+            self.pki.server_tls(),
+            self.store.is_revoked,
+            on_refusal=lambda reason, _: self.metrics.auth_refused("fleet", reason),
+        )
+        self._stack.callback(edge.stop)
+        record.write_text(str(edge.port))
+        self.edge = edge
+        self.fleet_address = edge.address
+
     def _wait_ray_head(self) -> None:
         if self.ray_head is not None:
             self.ray_head.wait_ready(self.settings.ray_start_timeout_s)
@@ -252,7 +291,13 @@ class Coordinator:
             lifecycle, runners, settings.scheduler_poll_interval_s, self.metrics
         )
         # With TLS, only onboarded SuperNode keys may connect; keep Flower's list current.
-        key_sync = SuperNodeKeySync(self.store, flower).sync if self.pki is not None else None
+        key_sync = (
+            SuperNodeKeySync(
+                self.store, flower, self.metrics, settings.flower_status_interval_s
+            ).sync
+            if self.pki is not None
+            else None
+        )
         # Ray has one shared token: after a revocation it is replaced and the head
         # restarted (when no pretraining job runs); until then the institution's nodes
         # are drained. (A cluster we only attach to keeps its token: drain only.)
@@ -289,9 +334,10 @@ class Coordinator:
         self._stack.callback(address_file.unlink, missing_ok=True)
         os.replace(partial, address_file)
         log.info(
-            "control-plane API on %s, Flower SuperLink on %s, Ray on %s, data in %s",
+            "control-plane API on %s, Flower SuperLink on %s (sites: %s), Ray on %s, data in %s",
             self.address,
             self.superlink.address,
+            self.fleet_address,
             self.ray_cluster.address if self.ray_cluster is not None else "(off)",
             self.paths.root,
         )
@@ -384,7 +430,7 @@ class Coordinator:
         nodes_pb2_grpc.add_NodeRegistryServicer_to_server(
             NodeRegistryServicer(
                 registry,
-                self.superlink.address,
+                self.fleet_address,  # the edge (the SuperLink itself is on loopback)
                 int(self.settings.heartbeat_interval_s * 1000),
                 self.ray_cluster.address if self.ray_cluster is not None else "",
                 ray_nodes,

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
 
 from consortium.errors import ChildProcessFailedError
 from consortium.processes import venv_executable
@@ -56,6 +59,19 @@ class RunStatus:
         return self.status.startswith("finished")
 
 
+@dataclass(frozen=True)
+class SuperNodeEntry:
+    """One node the SuperLink knows (`flwr supernode list`); Flower does not show keys."""
+
+    node_id: str
+    status: str  # "registered", "online", "offline" or "unregistered"
+
+    @property
+    def active(self) -> bool:
+        """Whether its key may connect: every status but "unregistered"."""
+        return self.status != "unregistered"
+
+
 class FlowerCli:
     """`flwr run / ls / stop` against our SuperLink, with FLWR_HOME in the data dir."""
 
@@ -63,6 +79,7 @@ class FlowerCli:
         self, data_dir: DataDir | Path, superlink_address: str, pki: CoordinatorPki | None
     ) -> None:
         paths = DataDir(data_dir) if isinstance(data_dir, Path) else data_dir
+        self.superlink_db = paths.superlink_db
         self.app_dir = paths.flower_app_dir
         self.home = paths.flower_home
         self.app_dir.mkdir(parents=True, exist_ok=True)
@@ -124,3 +141,46 @@ class FlowerCli:
 
     def unregister_supernode(self, node_id: str) -> None:
         self._flwr("supernode", "unregister", node_id, SUPERLINK_NAME)
+
+    def list_supernodes(self) -> list[SuperNodeEntry]:
+        """Every node the SuperLink has, unregistered ones included."""
+        result = self._flwr("supernode", "list", SUPERLINK_NAME)
+        nodes = result.get("nodes")
+        if not isinstance(nodes, list):
+            raise ChildProcessFailedError(f"`flwr supernode list` gave no node list: {result}")
+        return [
+            SuperNodeEntry(str(node["node-id"]), str(node.get("status", "")))
+            for node in nodes
+            if isinstance(node, dict) and "node-id" in node
+        ]
+
+    def release_unregistered_key(self, public_key: str) -> bool:
+        """Let an unregistered SuperNode key be registered again; True if one was released.
+
+        Flower keeps an unregistered node's row, and its public key is UNIQUE there, so
+        `flwr supernode register` of a key that anyone unregistered fails with "Public
+        key already in use" for ever; the Control API has no way back. The only way to
+        restore an onboarded site whose node an outsider unregistered is to drop that
+        tombstone row (status "unregistered" only: an active node is never touched) from
+        the SuperLink's database; the key is then registered through the Control API as
+        usual. Flower stores the key as PEM SubjectPublicKeyInfo (`public_key_to_bytes`).
+        """
+        key = serialization.load_ssh_public_key(public_key.encode())
+        pem = key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        if not self.superlink_db.exists():
+            return False  # no SuperLink yet; connecting would create an empty database
+        connection = sqlite3.connect(self.superlink_db, timeout=FLWR_TIMEOUT_S)
+        try:
+            with connection:
+                cursor = connection.execute(
+                    "DELETE FROM node WHERE public_key = ? AND status = 'unregistered'", (pem,)
+                )
+            return cursor.rowcount > 0
+        except sqlite3.Error as error:
+            raise ChildProcessFailedError(
+                f"could not release the unregistered SuperNode key in {self.superlink_db}: {error}"
+            ) from None
+        finally:
+            connection.close()

@@ -49,11 +49,15 @@ AUTH_REASONS = (
     "institution_mismatch",
     "not_job_owner",  # an institution acting on another's job
     "unpinned_signing_key",  # a node offering a signing key not pinned at onboarding
+    "forbidden_api",  # Fleet edge: a Control/Runtime/other path, not the Fleet API
     "missing_token",  # Ray: a request without the cluster token
     "invalid_token",  # Ray: a wrong token (only on the raylet sync stream)
     OTHER,
 )
 SCHEDULER_FAILURES = ("start_error", "ended_early")
+# What the coordinator changed at the SuperLink to keep its SuperNode keys equal to
+# the onboarded, unrevoked ones (coordinator/access/supernode_keys.py).
+SUPERNODE_KEY_ACTIONS = ("removed_unknown", "removed_revoked", "restored")
 COMPUTE_DEVICES = ("gpu", "cpu")
 
 RPC_DURATION_BUCKETS_S = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
@@ -115,6 +119,15 @@ class CoordinatorMetrics:
             ["institution", "device"],
             registry=r,
         )
+        self.supernode_key_changes = Counter(
+            "consortium_supernode_key_changes_total",
+            "SuperNode keys changed at the SuperLink to match onboarding: removed_unknown "
+            "(never onboarded), removed_revoked, restored (onboarded but removed).",
+            ["action"],
+            registry=r,
+        )
+        for action in SUPERNODE_KEY_ACTIONS:
+            self.supernode_key_changes.labels(action)
         ProcessCollector(registry=r)
         for reason in SCHEDULER_FAILURES:
             self.runs_failed.labels(reason)
@@ -153,6 +166,9 @@ class CoordinatorMetrics:
         self.auth_refusals.labels(
             _known(channel, AUTH_CHANNELS), _known(reason, AUTH_REASONS)
         ).inc()
+
+    def supernode_key_changed(self, action: str) -> None:
+        self.supernode_key_changes.labels(_known(action, SUPERNODE_KEY_ACTIONS)).inc()
 
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)

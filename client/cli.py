@@ -14,6 +14,7 @@ from rich.console import Console
 
 from consortium.cli_errors import cli_errors, configure_logging
 from consortium.exit_codes import ExitCode
+from consortium.file_modes import private_dir, restrict_umask
 from consortium.settings import load_settings
 
 app = typer.Typer(
@@ -50,6 +51,7 @@ def keygen(
     """Create this site's keys and the request to send to the operator."""
     from consortium.site_keys import create_site_keys
 
+    restrict_umask()  # private keys and the request: owner-only
     with cli_errors():
         keys = create_site_keys(
             state_dir or Path(".consortium-client") / institution, institution, force
@@ -92,6 +94,7 @@ def join(
     from client.join import SiteNode
     from client.settings import ClientSettings
 
+    restrict_umask()  # keys, logs and the ClientApp's state: owner-only
     configure_logging(verbose)
     with cli_errors():
         if bundle is not None:  # the bundle names the institution and the coordinator
@@ -110,6 +113,7 @@ def join(
             metrics_address=metrics_address,
             ray_enabled=ray,
         )
+        private_dir(settings.resolved_state_dir)
         stop = threading.Event()
 
         def on_signal(signum: int, frame: FrameType | None) -> None:

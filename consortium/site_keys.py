@@ -18,6 +18,7 @@ from pathlib import Path
 
 from consortium import pki
 from consortium.errors import ConflictError
+from consortium.file_modes import private_dir
 from consortium.provenance.signing import SigningKey
 
 
@@ -62,7 +63,9 @@ def create_site_keys(state_dir: Path, institution: str, force: bool = False) -> 
         raise ConflictError(
             f"{existing[0]} already exists; pass --force to replace this site's keys"
         )
-    keys.request_dir.mkdir(parents=True, exist_ok=True)
+    # Owner-only even when called in-process, where no CLI set the umask.
+    private_dir(state_dir)
+    private_dir(keys.request_dir)
     tls_key = pki.generate_key()
     pki.write_private_key(keys.tls_key, tls_key, force=force)
     keys.csr.write_bytes(pki.pem(pki.make_csr(tls_key, institution)))

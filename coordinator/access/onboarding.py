@@ -18,6 +18,7 @@ from cryptography import x509
 
 from consortium import pki
 from consortium.errors import ConflictError, InvalidArgumentError, NotFoundError
+from consortium.file_modes import private_dir
 from consortium.provenance.signing import SignatureError, SigningKey, VerifyingKey
 from coordinator.access.pki_files import OPERATOR, CoordinatorPki
 from coordinator.provenance_paths import coordinator_key_path
@@ -63,7 +64,10 @@ def init_consortium(
     existing = [p for p in (files.ca_key, coordinator_key_path(data_dir)) if p.exists()]
     if existing and not force:
         raise ConflictError(f"{existing[0]} already exists; pass --force to start over")
-    files.root.mkdir(parents=True, exist_ok=True)
+    # Owner-only dirs even when called in-process (the demo, the test harness),
+    # where no CLI set the umask.
+    private_dir(data_dir)
+    private_dir(files.root)
     ca_key = pki.generate_key()
     ca_cert = pki.create_ca(ca_key)
     pki.write_private_key(files.ca_key, ca_key, force=force)
@@ -84,6 +88,7 @@ def init_consortium(
     if force:
         signing.unlink(missing_ok=True)
         signing.with_suffix(".pub").unlink(missing_ok=True)
+    private_dir(signing.parent)
     SigningKey.generate().save(signing)
     return files
 
@@ -143,7 +148,7 @@ def write_bundle(
     coordinator_address: str,
 ) -> Path:
     """The startup bundle: public material and the Ray token, never a CA or coordinator key."""
-    bundle_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(bundle_dir)  # it holds the Ray token
     ca_cert = pki.load_certificate(files.ca_cert)
     shutil.copyfile(files.ca_cert, bundle_dir / "ca.crt")
     fingerprint = pki.fingerprint(ca_cert)

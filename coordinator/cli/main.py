@@ -17,6 +17,7 @@ from rich.table import Table
 from consortium.cli_errors import cli_errors, configure_logging
 from consortium.errors import ConsortiumError, InvalidArgumentError
 from consortium.exit_codes import EXIT_CODE_HELP, ExitCode
+from consortium.file_modes import private_dir, restrict_umask
 from consortium.settings import load_settings
 from coordinator.cli import onboarding as onboarding_cli
 from coordinator.cli.accounting import accounting
@@ -95,6 +96,7 @@ def serve(
     """Run the coordinator until Ctrl-C or SIGTERM."""
     from coordinator.serve import Coordinator
 
+    restrict_umask()  # state, keys, logs and the SuperLink database: owner-only
     configure_logging(verbose)
     with cli_errors():
         settings = load_settings(
@@ -110,6 +112,7 @@ def serve(
             ray_port=ray_port,
             ray_tls=ray_tls,
         )
+        private_dir(settings.data_dir)
         stop = threading.Event()
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -309,6 +312,7 @@ def demo(
         raise KeyboardInterrupt  # unwinds through the demo's cleanup
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    restrict_umask()  # the demo's consortium, like a real one: owner-only at rest
     configure_logging(verbose)
     with cli_errors():
         if job not in ("pipeline", "digits"):

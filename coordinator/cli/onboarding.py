@@ -10,6 +10,7 @@ from rich.console import Console
 
 from consortium import pki
 from consortium.cli_errors import cli_errors
+from consortium.file_modes import restrict_umask
 from consortium.site_keys import create_site_keys
 from coordinator.access import onboarding
 from coordinator.access.pki_files import CoordinatorPki
@@ -53,6 +54,7 @@ def init(
     force: Annotated[bool, typer.Option(help="Replace an existing consortium.")] = False,
 ) -> None:
     """Create the root CA, the coordinator's certificates and signing key, the Ray token."""
+    restrict_umask()  # keys, certificates, bundles and state: owner-only
     with cli_errors():
         hosts = host or ["localhost", "127.0.0.1"]
         files = onboarding.init_consortium(data_dir, hosts, cert_days, force)
@@ -83,6 +85,7 @@ def onboard(
     cert_days: CertDays = 365,
 ) -> None:
     """Sign an institution's CSR, register its keys and write its startup bundle."""
+    restrict_umask()  # keys, certificates, bundles and state: owner-only
     with cli_errors():
         CoordinatorPki(data_dir).require()
         if (request is None) == (generate_keys is None):
@@ -113,6 +116,7 @@ def onboard(
 
 def revoke(institution: str, data_dir: DataDir = Path(".consortium")) -> None:
     """Deny the institution on every channel: control plane, SuperLink, updates."""
+    restrict_umask()  # keys, certificates, bundles and state: owner-only
     with cli_errors():
         store = SqliteStateStore(CoordinatorSettings(data_dir=data_dir).state_path)
         try:
@@ -134,6 +138,7 @@ def renew(
     cert_days: CertDays = 365,
 ) -> None:
     """Issue a new certificate for an onboarded institution."""
+    restrict_umask()  # keys, certificates, bundles and state: owner-only
     with cli_errors():
         store = SqliteStateStore(CoordinatorSettings(data_dir=data_dir).state_path)
         try:

@@ -235,6 +235,15 @@ ROWS: tuple[Row, ...] = (
                 ),
             ),
             Panel(
+                "SuperNode key changes",
+                "SuperNode keys the coordinator changed at the SuperLink per interval to "
+                "match onboarding: removed_unknown, removed_revoked, restored.",
+                q(
+                    f"sum by (action) (increase(consortium_supernode_key_changes_total[{RATE}]))",
+                    "{{action}}",
+                ),
+            ),
+            Panel(
                 "Heartbeats received",
                 "Heartbeats per second the coordinator accepted, by institution.",
                 q(

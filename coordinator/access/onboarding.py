@@ -21,7 +21,7 @@ from consortium.errors import ConflictError, InvalidArgumentError, NotFoundError
 from consortium.file_modes import private_dir
 from consortium.provenance.signing import SignatureError, SigningKey, VerifyingKey
 from coordinator.access.pki_files import OPERATOR, CoordinatorPki
-from coordinator.provenance_paths import coordinator_key_path
+from coordinator.data_dir import DataDir
 from coordinator.state import StateStore
 
 BUNDLE_FILE = "bundle.toml"
@@ -61,7 +61,7 @@ def init_consortium(
 ) -> CoordinatorPki:
     """Root CA, server certificate, operator certificate, signing key, Ray token."""
     files = CoordinatorPki(data_dir)
-    existing = [p for p in (files.ca_key, coordinator_key_path(data_dir)) if p.exists()]
+    existing = [p for p in (files.ca_key, DataDir(data_dir).signing_key) if p.exists()]
     if existing and not force:
         raise ConflictError(f"{existing[0]} already exists; pass --force to start over")
     # Owner-only dirs even when called in-process (the demo, the test harness),
@@ -84,7 +84,7 @@ def init_consortium(
         pki.pem(pki.sign_csr(ca_key, ca_cert, operator_csr, OPERATOR, cert_days))
     )
     _write_secret(files.ray_token, secrets.token_hex(32).encode(), force)
-    signing = coordinator_key_path(data_dir)
+    signing = DataDir(data_dir).signing_key
     if force:
         signing.unlink(missing_ok=True)
         signing.with_suffix(".pub").unlink(missing_ok=True)

@@ -14,13 +14,13 @@ from consortium.file_modes import restrict_umask
 from consortium.site_keys import create_site_keys
 from coordinator.access import onboarding
 from coordinator.access.pki_files import CoordinatorPki
-from coordinator.provenance_paths import coordinator_key_path
+from coordinator.data_dir import DataDir
 from coordinator.settings import CoordinatorSettings
 from coordinator.state import SqliteStateStore
 
 console = Console()
 
-DataDir = Annotated[Path, typer.Option("--data-dir", help="Coordinator data dir.")]
+DataDirOption = Annotated[Path, typer.Option("--data-dir", help="Coordinator data dir.")]
 CertDays = Annotated[int, typer.Option("--cert-days", min=1, help="Certificate lifetime.")]
 Address = Annotated[
     str | None,
@@ -34,10 +34,10 @@ Address = Annotated[
 def _address(data_dir: Path, given: str | None) -> str:
     if given:
         return given
-    recorded = data_dir / "coordinator.address"
+    recorded = DataDir(data_dir).address_file
     if recorded.exists():
         return recorded.read_text().strip()
-    port_file = data_dir / "coordinator.port"
+    port_file = DataDir(data_dir).port_file
     if port_file.exists():
         return f"127.0.0.1:{port_file.read_text().strip()}"
     raise typer.BadParameter(
@@ -46,7 +46,7 @@ def _address(data_dir: Path, given: str | None) -> str:
 
 
 def init(
-    data_dir: DataDir = Path(".consortium"),
+    data_dir: DataDirOption = Path(".consortium"),
     host: Annotated[
         list[str] | None, typer.Option("--host", help="Name or IP in the server certificate.")
     ] = None,
@@ -62,7 +62,7 @@ def init(
         console.print(f"consortium created in {files.root}")
         console.print(f"CA certificate: {files.ca_cert}")
         console.print(f"CA SHA-256 fingerprint (give it to sites out of band):\n  {fingerprint}")
-        console.print(f"provenance signing key: {coordinator_key_path(data_dir)}")
+        console.print(f"provenance signing key: {DataDir(data_dir).signing_key}")
         console.print("private keys are mode 0600; keep pki/ca.key offline if you can")
 
 
@@ -80,7 +80,7 @@ def onboard(
         ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Bundle dir to write.")] = None,
-    data_dir: DataDir = Path(".consortium"),
+    data_dir: DataDirOption = Path(".consortium"),
     coordinator_address: Address = None,
     cert_days: CertDays = 365,
 ) -> None:
@@ -105,7 +105,7 @@ def onboard(
                 store,
                 institution,
                 onboarding.Request.from_dir(request),
-                out or data_dir / "bundles" / institution,
+                out or DataDir(data_dir).bundle_dir(institution),
                 _address(data_dir, coordinator_address),
                 cert_days,
             )
@@ -114,7 +114,7 @@ def onboard(
         console.print(f"onboarded {institution}; startup bundle: {bundle}")
 
 
-def revoke(institution: str, data_dir: DataDir = Path(".consortium")) -> None:
+def revoke(institution: str, data_dir: DataDirOption = Path(".consortium")) -> None:
     """Deny the institution on every channel: control plane, SuperLink, updates."""
     restrict_umask()  # keys, certificates, bundles and state: owner-only
     with cli_errors():
@@ -133,7 +133,7 @@ def renew(
     institution: str,
     csr: Annotated[Path, typer.Option(help="A new CSR from the site.")],
     out: Annotated[Path | None, typer.Option(help="Bundle dir to write.")] = None,
-    data_dir: DataDir = Path(".consortium"),
+    data_dir: DataDirOption = Path(".consortium"),
     coordinator_address: Address = None,
     cert_days: CertDays = 365,
 ) -> None:
@@ -147,7 +147,7 @@ def renew(
                 store,
                 institution,
                 csr,
-                out or data_dir / "bundles" / institution,
+                out or DataDir(data_dir).bundle_dir(institution),
                 _address(data_dir, coordinator_address),
                 cert_days,
             )

@@ -1,0 +1,178 @@
+"""A member institution attacks the control plane with its own valid certificate.
+
+Each test performs the attack against a real mutual-TLS `coordinator serve` with two
+onboarded institutions, and asserts that it failed, that nothing was written, and
+that the refusal was logged and counted (docs/security.md names these tests).
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from consortium.proto.v1 import jobs_pb2, jobs_pb2_grpc, nodes_pb2, nodes_pb2_grpc
+from consortium.provenance.signing import SigningKey
+from consortium.site_keys import SiteKeys
+from consortium.tls import ClientTls
+from coordinator.access.pki_files import CoordinatorPki
+from coordinator.data_dir import DataDir
+from coordinator.state import SqliteStateStore
+from tests.conftest import Processes
+from tests.helpers import start_secure_consortium
+
+NAMES = ("alpha", "beta")
+JOB = 'name = "{name}"\nmodel = "digits-cnn"\ndataset = "digits"\nrounds = 2\nmin_clients = {n}\n'
+
+
+@dataclass
+class Consortium:
+    root: Path
+    data_dir: Path
+    address: str
+
+    def as_institution(self, name: str) -> ClientTls:
+        site = self.root / name
+        return ClientTls(
+            site / "bundle" / "ca.crt",
+            site / "bundle" / "institution.crt",
+            SiteKeys(site / "state").tls_key,
+        )
+
+    def as_operator(self) -> ClientTls:
+        return CoordinatorPki(self.data_dir).operator_tls()
+
+    def jobs(self, tls: ClientTls) -> jobs_pb2_grpc.JobsStub:
+        return jobs_pb2_grpc.JobsStub(grpc.secure_channel(self.address, tls.credentials()))
+
+    def registry(self, tls: ClientTls) -> nodes_pb2_grpc.NodeRegistryStub:
+        return nodes_pb2_grpc.NodeRegistryStub(grpc.secure_channel(self.address, tls.credentials()))
+
+    def refusals(self, reason: str) -> float:
+        metrics = DataDir(self.data_dir).metrics_address_file.read_text().strip()
+        with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "consortium_auth_refusals_total" and sample.labels == {
+                    "channel": "control_plane",
+                    "reason": reason,
+                }:
+                    return sample.value
+        raise AssertionError(f"no consortium_auth_refusals_total series for {reason}")
+
+    def log(self) -> str:
+        return (self.root / "logs" / "coordinator.log").read_text(errors="replace")
+
+    def job_count(self) -> int:
+        store = SqliteStateStore(DataDir(self.data_dir).state_db)
+        try:
+            return len(store.list_jobs())
+        finally:
+            store.close()
+
+
+@pytest.fixture(scope="module")
+def consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]:
+    root = tmp_path_factory.mktemp("member-attacks")
+    processes = Processes(root / "logs")
+    try:
+        data_dir, address = start_secure_consortium(processes, root, NAMES)
+        yield Consortium(root, data_dir, address)
+    finally:
+        processes.stop_all()
+
+
+def rpc_error(call: object) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()  # type: ignore[operator]
+    return caught.value
+
+
+def test_member_cannot_cancel_the_operators_job(consortium: Consortium) -> None:
+    operator = consortium.jobs(consortium.as_operator())
+    job = operator.SubmitJob(jobs_pb2.SubmitJobRequest(spec_toml=JOB.format(name="op", n=2))).job
+    alpha = consortium.jobs(consortium.as_institution("alpha"))
+    before = consortium.refusals("not_job_owner")
+    error = rpc_error(lambda: alpha.CancelJob(jobs_pb2.CancelJobRequest(job_id=job.job_id)))
+    assert error.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "'alpha' may not cancel job" in (error.details() or "")
+    still = operator.GetJob(jobs_pb2.GetJobRequest(job_id=job.job_id)).job
+    assert still.state == jobs_pb2.JOB_STATE_QUEUED
+    assert consortium.refusals("not_job_owner") == before + 1
+    assert f"'alpha' may not cancel job {job.job_id}" in consortium.log()
+    # Its owner (the operator) still can.
+    operator.CancelJob(jobs_pb2.CancelJobRequest(job_id=job.job_id))
+
+
+def test_member_cannot_cancel_another_members_job(consortium: Consortium) -> None:
+    beta = consortium.jobs(consortium.as_institution("beta"))
+    job = beta.SubmitJob(jobs_pb2.SubmitJobRequest(spec_toml=JOB.format(name="b", n=2))).job
+    alpha = consortium.jobs(consortium.as_institution("alpha"))
+    error = rpc_error(lambda: alpha.CancelJob(jobs_pb2.CancelJobRequest(job_id=job.job_id)))
+    assert error.code() is grpc.StatusCode.PERMISSION_DENIED
+    reply = beta.CancelJob(jobs_pb2.CancelJobRequest(job_id=job.job_id))
+    assert reply.job.state == jobs_pb2.JOB_STATE_CANCELLED
+
+
+def test_member_cannot_add_an_update_signing_key(consortium: Consortium) -> None:
+    alpha = consortium.registry(consortium.as_institution("alpha"))
+    extra = SigningKey.generate().public
+    before = consortium.refusals("unpinned_signing_key")
+    error = rpc_error(
+        lambda: alpha.RegisterNode(
+            nodes_pb2.RegisterNodeRequest(
+                institution="alpha", hostname="h", device="cpu", signing_public_key=extra.raw
+            ),
+            timeout=10,
+        )
+    )
+    assert error.code() is grpc.StatusCode.PERMISSION_DENIED
+    store = SqliteStateStore(DataDir(consortium.data_dir).state_db)
+    try:
+        assert extra.key_id not in store.institution_keys("alpha")
+    finally:
+        store.close()
+    assert consortium.refusals("unpinned_signing_key") == before + 1
+    assert "not pinned at onboarding" in consortium.log()
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        (JOB.format(name="huge", n=1_000_000), "min_clients"),
+        (JOB.format(name="three", n=3), "min_clients"),
+        (JOB.format(name="inf", n=2) + "round_timeout_s = inf\n", "round_timeout_s"),
+        (JOB.format(name="nan", n=2) + "learning_rate = nan\n", "learning_rate"),
+        (
+            'name = "big"\nmodel = "bytelm"\ndataset = "docstrings"\nrounds = 1\n'
+            "model_options = { n_layer = 128, n_head = 1, n_embd = 65536 }\n",
+            "model_options",
+        ),
+        (JOB.format(name="deep", n=2) + "x = " + "[" * 3000 + "]" * 3000 + "\n", "nested"),
+        (JOB.format(name="long", n=2) + "# padding\n" * 10_000, "limit is 65536"),
+    ],
+    ids=[
+        "min_clients-huge",
+        "min_clients-beyond-consortium",
+        "inf",
+        "nan",
+        "model-size",
+        "nesting",
+        "size",
+    ],
+)
+def test_member_spec_out_of_bounds_is_invalid_argument_and_creates_nothing(
+    consortium: Consortium, spec: str, field: str
+) -> None:
+    alpha = consortium.jobs(consortium.as_institution("alpha"))
+    before = consortium.job_count()
+    error = rpc_error(lambda: alpha.SubmitJob(jobs_pb2.SubmitJobRequest(spec_toml=spec)))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (error.details() or "")
+    assert consortium.job_count() == before

@@ -191,12 +191,18 @@ class RegisterNodeRequest(_message.Message):
     HOSTNAME_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     SIGNING_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    DECLARED_EXAMPLES_FIELD_NUMBER: _builtins.int
     institution: _builtins.str
     hostname: _builtins.str
     device: _builtins.str
     signing_public_key: _builtins.bytes
     """Raw 32-byte Ed25519 public key with which the institution signs its model
     updates; the coordinator accepts only updates signed by registered keys.
+    """
+    declared_examples: _builtins.int
+    """The most examples any one dataset of the site holds (rows; bytes for a text
+    dataset). The coordinator refuses a model update that claims more
+    ("inflated_count"); 0 declares nothing and leaves updates uncapped.
     """
     def __init__(
         self,
@@ -205,10 +211,11 @@ class RegisterNodeRequest(_message.Message):
         hostname: _builtins.str = ...,
         device: _builtins.str = ...,
         signing_public_key: _builtins.bytes = ...,
+        declared_examples: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "hostname", b"hostname", "institution", b"institution", "signing_public_key", b"signing_public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["declared_examples", b"declared_examples", "device", b"device", "hostname", b"hostname", "institution", b"institution", "signing_public_key", b"signing_public_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,431 @@
+"""The Fleet edge: the sites' only door to the Flower SuperLink.
+
+Why it exists: flwr 1.41's SuperLink serves its Fleet, Control and Runtime APIs on one
+HTTPS port and asks callers for no client certificate, so anyone who can reach that
+port and holds the public CA certificate can list runs, register SuperNodes, or
+`flwr run` an app of their own. The SuperLink therefore listens on loopback only, and
+the sites reach this edge instead::
+
+    site SuperNode -> site forwarder ==mTLS==> FleetEdge --HTTPS--> SuperLink (127.0.0.1)
+                                               |
+                                               +- refuses: no/untrusted certificate
+                                                  (handshake), revoked institution,
+                                                  any path but /v1/fleet/<name> (403)
+
+How: uvicorn serves a small ASGI app that forwards with httpx. uvicorn does not hand
+the ASGI app the peer's certificate, so the TLS handshake is done here, per connection,
+with `loop.start_tls` (Python's ssl module: CERT_REQUIRED against the consortium CA),
+and only then is the connection given to uvicorn's own h11 protocol; this also lets the
+edge see, log and count every refused handshake, which asyncio otherwise drops
+silently. The institution (the certificate's common name) rides in the ASGI scope, and
+revocation is checked on every request, so a revoked site's open connection stops
+working at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import socket
+import ssl
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount
+from starlette.types import Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from consortium.errors import ChildProcessFailedError
+from consortium.tls import ServerTls
+from coordinator.data_dir import DataDir
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "fleet"
+NO_CERTIFICATE = "no_client_certificate"
+UNTRUSTED = "untrusted_certificate"
+EXPIRED = "expired_certificate"
+NOT_YET_VALID = "not_yet_valid_certificate"
+WRONG_PURPOSE = "wrong_certificate_purpose"
+NOT_TLS = "not_tls"
+REVOKED = "revoked_certificate"
+FORBIDDEN_API = "forbidden_api"
+OTHER = "other"
+
+# Fleet calls are POSTs to /v1/fleet/<kebab-case name> (flwr/superlink/routers/fleet/
+# router.py). Nothing else passes: no dots, slashes, percent-escapes or query, so no
+# path normalization downstream (httpx resolves "..") can turn one into another API.
+FLEET_PATH = re.compile(r"/v1/fleet/[a-z][a-z0-9-]{0,63}")
+INSTITUTION_KEY = "consortium.institution"  # ASGI scope key set per connection
+HANDSHAKE_TIMEOUT_S = 10.0
+UPSTREAM_TIMEOUT_S = 300.0  # a push-object of a large model may take a while
+STOP_TIMEOUT_S = 5.0
+# Per-connection headers (RFC 9110 section 7.6.1) and those the SuperLink's uvicorn
+# would believe about the peer (it trusts X-Forwarded-* from 127.0.0.1: us).
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "content-encoding",
+        "accept-encoding",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-real-ip",
+    }
+)
+_VERIFY_MESSAGES = (
+    ("certificate has expired", EXPIRED),
+    ("certificate is not yet valid", NOT_YET_VALID),
+    ("unsupported certificate purpose", WRONG_PURPOSE),
+    ("unable to get local issuer certificate", UNTRUSTED),
+    ("self-signed certificate", UNTRUSTED),
+    ("self signed certificate", UNTRUSTED),
+    ("certificate signature failure", UNTRUSTED),
+)
+_SSL_REASONS = {
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": NO_CERTIFICATE,
+    "HTTP_REQUEST": NOT_TLS,
+    "WRONG_VERSION_NUMBER": NOT_TLS,
+    "UNSUPPORTED_PROTOCOL": NOT_TLS,
+}
+
+
+class EdgeStartError(ChildProcessFailedError):
+    """The edge could not listen (its port taken, its certificate unreadable)."""
+
+
+RefusalHook = Callable[[str, str], None]  # (reason, institution or "")
+
+
+def edge_port_file(paths: DataDir) -> Path:
+    """Where `coordinator serve` records the edge's port, so sites reconnect after a restart."""
+    return paths.flower_dir / "edge.port"
+
+
+def handshake_refusal_reason(error: BaseException) -> str:
+    """The `consortium_auth_refusals_total` reason for a failed TLS handshake."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        message = (error.verify_message or "").lower()
+        return next((reason for text, reason in _VERIFY_MESSAGES if text in message), UNTRUSTED)
+    if isinstance(error, ssl.SSLError):
+        return _SSL_REASONS.get(error.reason or "", OTHER)
+    return OTHER
+
+
+def institution_of_peercert(peercert: dict[str, Any] | None) -> str:
+    """The common name in `SSLObject.getpeercert()`'s subject, or ""."""
+    for rdn in (peercert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return ""
+
+
+def server_ssl_context(tls: ServerTls) -> ssl.SSLContext:
+    """Mutual TLS: a client certificate from the consortium CA is required."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tls.ca_cert))
+    context.load_cert_chain(str(tls.cert), str(tls.key))
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+class _Refusals:
+    """Logs and counts each refusal, with the institution or "no certificate"."""
+
+    def __init__(self, on_refusal: RefusalHook | None) -> None:
+        self._on_refusal = on_refusal
+
+    def refuse(self, reason: str, institution: str, peer: str, detail: str) -> None:
+        who = institution or "no certificate"
+        log.warning("Fleet edge refused %s (%s) from %s: %s", who, reason, peer, detail)
+        if self._on_refusal is not None:
+            self._on_refusal(reason, institution)
+
+
+class _FleetProxy:
+    """The ASGI app: checks each request, forwards Fleet calls, refuses the rest."""
+
+    def __init__(
+        self,
+        upstream: str,
+        ca_cert: Path,
+        is_revoked: Callable[[str], bool],
+        refusals: _Refusals,
+    ) -> None:
+        self._upstream = upstream
+        self._ca_cert = ca_cert
+        self._is_revoked = is_revoked
+        self._refusals = refusals
+        self._client: httpx.AsyncClient | None = None
+        self.app = Starlette(routes=[Mount("/", app=self._handle)], lifespan=self._lifespan)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        # The SuperLink's certificate is from the consortium CA, for 127.0.0.1.
+        verify = ssl.create_default_context(cafile=str(self._ca_cert))
+        async with httpx.AsyncClient(
+            base_url=f"https://{self._upstream}",
+            verify=verify,
+            timeout=UPSTREAM_TIMEOUT_S,
+        ) as client:
+            self._client = client
+            yield
+        self._client = None
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        institution = str(scope.get(INSTITUTION_KEY, ""))
+        peer = f"{request.client.host}:{request.client.port}" if request.client else "?"
+        response = await self._decide(request, institution, peer)
+        await response(scope, receive, send)
+
+    async def _decide(self, request: Request, institution: str, peer: str) -> Response:
+        if not institution:  # cannot happen behind the handshake; refuse all the same
+            self._refusals.refuse(NO_CERTIFICATE, "", peer, request.url.path)
+            return Response("a client certificate is required\n", status_code=403)
+        if await run_in_threadpool(self._is_revoked, institution):
+            self._refusals.refuse(REVOKED, institution, peer, "its certificate has been revoked")
+            return Response(f"the certificate of {institution!r} is revoked\n", status_code=403)
+        raw_path = request.scope.get("raw_path", b"").decode("latin-1")
+        if (
+            request.method != "POST"
+            or not FLEET_PATH.fullmatch(raw_path)
+            or request.url.query
+            or raw_path != request.url.path
+        ):
+            self._refusals.refuse(
+                FORBIDDEN_API,
+                institution,
+                peer,
+                f"{request.method} {raw_path or request.url.path}: only Fleet API calls "
+                "(POST /v1/fleet/...) pass the edge",
+            )
+            return Response("only the Flower Fleet API is served here\n", status_code=403)
+        return await self._forward(request, raw_path, peer)
+
+    async def _forward(self, request: Request, path: str, peer: str) -> Response:
+        assert self._client is not None, "the edge's upstream client is not open"
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        headers["x-forwarded-for"] = peer.rsplit(":", 1)[0]
+        headers["accept-encoding"] = "identity"
+        try:
+            upstream = await self._client.post(path, content=await request.body(), headers=headers)
+        except httpx.HTTPError as error:
+            log.warning("Fleet edge: the SuperLink did not answer %s: %s", path, error)
+            return Response("the SuperLink is unavailable\n", status_code=502)
+        return Response(
+            upstream.content,
+            status_code=upstream.status_code,
+            headers={k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP},
+        )
+
+
+class _GateConfig:
+    """What every `_TlsGate` of one edge shares (uvicorn builds the protocol itself)."""
+
+    def __init__(self, context: ssl.SSLContext, refusals: _Refusals) -> None:
+        self.context = context
+        self.refusals = refusals
+        self.tasks: set[asyncio.Task[None]] = set()
+
+
+class _Held(asyncio.Protocol):
+    """Holds what arrives on a fresh TLS connection until its real protocol takes over."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.eof = False
+        self.lost = False
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def eof_received(self) -> bool | None:
+        self.eof = True
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+    def hand_over(self, protocol: asyncio.Protocol) -> None:
+        for chunk in self.chunks:
+            protocol.data_received(chunk)
+        self.chunks.clear()
+        if self.eof:
+            protocol.eof_received()
+
+
+def _gate_class(gate: _GateConfig) -> type[asyncio.Protocol]:
+    class _TlsGate(asyncio.Protocol):
+        """A plain TCP connection until its TLS handshake succeeds; then uvicorn's h11
+        protocol takes over the TLS transport, with the peer's institution in scope."""
+
+        def __init__(
+            self,
+            config: uvicorn.Config,
+            server_state: Any,
+            app_state: Any,
+            _loop: asyncio.AbstractEventLoop | None = None,
+        ) -> None:
+            self._config = config
+            self._server_state = server_state
+            self._app_state = app_state
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            assert isinstance(transport, asyncio.Transport)
+            # Not one byte may reach this protocol: the ClientHello is for start_tls.
+            transport.pause_reading()
+            task = asyncio.get_running_loop().create_task(self._upgrade(transport))
+            gate.tasks.add(task)
+            task.add_done_callback(gate.tasks.discard)
+
+        async def _upgrade(self, transport: asyncio.Transport) -> None:
+            peername = transport.get_extra_info("peername") or ("?", 0)
+            peer = f"{peername[0]}:{peername[1]}"
+            # Bytes decrypted before uvicorn's protocol is attached (a TLS 1.3 client sends
+            # its request with its Finished) wait here, then go to it in order.
+            held = _Held()
+            try:
+                tls = await asyncio.get_running_loop().start_tls(
+                    transport,
+                    held,
+                    gate.context,
+                    server_side=True,
+                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S,
+                )
+            except (TimeoutError, OSError) as error:
+                transport.close()
+                if isinstance(error, (ssl.SSLError, asyncio.TimeoutError)):
+                    gate.refusals.refuse(
+                        handshake_refusal_reason(error), "", peer, f"TLS handshake: {error}"
+                    )
+                return
+            if tls is None or held.lost:  # the connection closed meanwhile
+                return
+            http = H11Protocol(
+                config=self._config, server_state=self._server_state, app_state=self._app_state
+            )
+            institution = institution_of_peercert(tls.get_extra_info("peercert"))
+            inner = http.app
+
+            async def identified(scope: Scope, receive: Receive, send: Send) -> None:
+                scope[INSTITUTION_KEY] = institution
+                await inner(scope, receive, send)
+
+            http.app = identified
+            tls.set_protocol(http)
+            http.connection_made(tls)  # type: ignore[arg-type]
+            held.hand_over(http)
+
+    return _TlsGate
+
+
+class _EdgeServer(uvicorn.Server):
+    """uvicorn's server, telling a waiting thread when it listens."""
+
+    def __init__(self, config: uvicorn.Config, ready: threading.Event) -> None:
+        super().__init__(config)
+        self._ready = ready
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self._ready.set()
+
+
+class FleetEdge:
+    """The mutual-TLS listener in front of the loopback SuperLink's Fleet API.
+
+    `host:port` is what sites connect to (port 0: any free); `upstream` the SuperLink's
+    loopback address; `is_revoked(institution)` is asked on every request;
+    `on_refusal(reason, institution)` counts each refusal.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        upstream: str,
+        tls: ServerTls,
+        is_revoked: Callable[[str], bool],
+        on_refusal: RefusalHook | None = None,
+        start_timeout_s: float = 30.0,
+    ) -> None:
+        refusals = _Refusals(on_refusal)
+        proxy = _FleetProxy(upstream, tls.ca_cert, is_revoked, refusals)
+        gate = _GateConfig(server_ssl_context(tls), refusals)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._socket = socket.socket(family, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._socket.bind((host, port))
+        except OSError:
+            self._socket.close()
+            raise
+        self.host = host
+        self.port = int(self._socket.getsockname()[1])
+        config = uvicorn.Config(
+            proxy.app,
+            http=_gate_class(gate),
+            lifespan="on",
+            # Python's own asyncio (not uvloop): `start_tls` and transports as documented.
+            loop="asyncio",
+            log_level="warning",
+            access_log=False,
+            proxy_headers=False,  # the peer is the TCP peer, whatever a header says
+            server_header=False,
+        )
+        self._ready = threading.Event()
+        self._server = _EdgeServer(config, self._ready)
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._serve, name="fleet-edge", daemon=True)
+        self._thread.start()
+        self._ready.wait(start_timeout_s)
+        if not self._server.started or self._failure is not None:
+            self.stop()
+            raise EdgeStartError(
+                f"the Fleet edge did not start on {self.address}: "
+                f"{self._failure or 'see the log above'}"
+            )
+        log.info("Fleet edge on %s (mutual TLS) forwarding to %s", self.address, upstream)
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def _serve(self) -> None:
+        try:
+            self._server.run(sockets=[self._socket])
+        except BaseException as error:  # raised by __init__
+            self._failure = error
+        finally:
+            self._ready.set()  # `startup` may never have run: wake `__init__` anyway
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(STOP_TIMEOUT_S)
+        if self._thread.is_alive():
+            self._server.force_exit = True
+            self._thread.join(STOP_TIMEOUT_S)
+        self._socket.close()

@@ -16,6 +16,7 @@ So a user's own data works the same way as the built-in demo partitions.
 from __future__ import annotations
 
 import importlib
+import logging
 import tomllib
 import zipfile
 from collections.abc import Callable
@@ -28,6 +29,8 @@ import numpy.typing as npt
 
 from consortium.data import TEXT_DIR
 from consortium.errors import DataDirError
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "datasets.toml"
 
@@ -139,3 +142,46 @@ def load_text(data_dir: Path, name: str) -> LocalText:
     if not text.strip():
         raise DataDirError(f"text dataset {name!r}: {path} is empty")
     return LocalText(name, text)
+
+
+def count_examples(data_dir: Path) -> int:
+    """The most examples any one dataset of this site holds: rows of an array dataset,
+    bytes of a text one (a training window starts at a byte).
+
+    A site declares it when it joins, and the coordinator refuses an update that claims
+    to have trained on more. An .npz is not loaded: only the header of its `y` array is
+    read. A dataset that cannot be read is left out (it cannot train either).
+    """
+    counts = [0]
+    for name in available_datasets(data_dir):
+        try:
+            counts.append(_dataset_size(data_dir, name))
+        except (DataDirError, OSError, ValueError) as err:
+            log.warning("dataset %r is left out of the declared example count: %s", name, err)
+    return max(counts)
+
+
+def _dataset_size(data_dir: Path, name: str) -> int:
+    entry = _config(data_dir).get(name) or {}
+    text = data_dir / (entry.get("path") or f"{TEXT_DIR}/{name}.txt")
+    if text.suffix == ".txt" and text.is_file():
+        return text.stat().st_size
+    if "loader" in entry:
+        return len(load_dataset(data_dir, name).y)
+    return _npz_rows(data_dir / (entry.get("path") or f"{name}.npz"))
+
+
+def _npz_rows(path: Path) -> int:
+    """Rows of the `y` array of an .npz, from its .npy header alone."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("y.npy") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, _, _ = np.lib.format.read_array_header_1_0(handle)
+            else:
+                shape, _, _ = np.lib.format.read_array_header_2_0(handle)
+    except (KeyError, zipfile.BadZipFile) as err:
+        raise DataDirError(
+            f"dataset file {path} is not an .npz with arrays x and y: {err}"
+        ) from None
+    return int(shape[0]) if shape else 0

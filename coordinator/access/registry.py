@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import uuid
 
+from consortium.aggregation import MAX_WEIGHT
 from consortium.errors import InvalidArgumentError, PermissionDeniedError
 from consortium.provenance.signing import SignatureError, VerifyingKey
 from coordinator.access.caller import current_caller, require_acting_as
@@ -26,8 +27,15 @@ class NodeRegistry:
         self._metrics = metrics or CoordinatorMetrics()
 
     def register(
-        self, institution: str, hostname: str, device: str, signing_public_key: bytes = b""
+        self,
+        institution: str,
+        hostname: str,
+        device: str,
+        signing_public_key: bytes = b"",
+        declared_examples: int = 0,
     ) -> NodeRecord:
+        """`declared_examples` > 0 caps the example count of the institution's updates
+        (the largest any of its nodes declared); 0 declares nothing."""
         if not institution.strip():
             raise InvalidArgumentError("field 'institution': must not be empty")
         if len(institution) > MAX_NAME_LENGTH:
@@ -50,6 +58,18 @@ class NodeRegistry:
             last_heartbeat_ms=now,
         )
         self._store.add_node(node)
+        if declared_examples > 0:
+            # No update may weigh more than MAX_WEIGHT anyway; a uint64 beyond it would
+            # not even fit SQLite's integers.
+            declared = min(declared_examples, MAX_WEIGHT)
+            cap = self._store.declare_examples(institution, declared)
+            log.info(
+                "%s node %s declared %d examples; the institution's updates may claim at most %d",
+                institution,
+                node.node_id[:12],
+                declared,
+                cap,
+            )
         self._metrics.institution_seen(institution)
         return node
 

@@ -60,7 +60,11 @@ class NodeRegistryServicer(nodes_pb2_grpc.NodeRegistryServicer):
         self, request: nodes_pb2.RegisterNodeRequest, context: grpc.ServicerContext
     ) -> nodes_pb2.RegisterNodeResponse:
         node = self._registry.register(
-            request.institution, request.hostname, request.device, request.signing_public_key
+            request.institution,
+            request.hostname,
+            request.device,
+            request.signing_public_key,
+            request.declared_examples,
         )
         return nodes_pb2.RegisterNodeResponse(
             node=node_to_proto(node),

@@ -65,6 +65,9 @@ class RunningJob:
             )
         return self._store.claim_nonce(job_id, nonce)
 
+    def declared_examples(self, institution: str) -> int | None:
+        return self._store.declared_examples(institution)
+
     # --- writes, through the lifecycle -------------------------------------------
     def record_round(self, record: RoundRecord) -> None:
         """A completed round; JobCancelledError when the job no longer runs."""

@@ -51,6 +51,7 @@ class InMemoryStateStore(StateStore):
         self._events: list[JobEventRecord] = []
         self._institution_keys: dict[str, tuple[str, bytes]] = {}  # key id -> (inst, key)
         self._nonces: set[tuple[str, str]] = set()
+        self._declared_examples: dict[str, int] = {}
         self._certificates: dict[str, _Certificate] = {}  # serial -> certificate
         self._revoked_at_ms: dict[str, int] = {}
         self._supernode_keys: dict[tuple[str, str], str] = {}  # (inst, key) -> node id
@@ -201,6 +202,16 @@ class InMemoryStateStore(StateStore):
                 return False
             self._nonces.add((job_id, nonce))
             return True
+
+    def declare_examples(self, institution: str, examples: int) -> int:
+        with self._lock:
+            cap = max(examples, self._declared_examples.get(institution, 0))
+            self._declared_examples[institution] = cap
+            return cap
+
+    def declared_examples(self, institution: str) -> int | None:
+        with self._lock:
+            return self._declared_examples.get(institution)
 
     # --- onboarding: certificates, revocations, SuperNode keys -------------
     def add_certificate(

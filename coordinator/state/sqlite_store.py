@@ -80,6 +80,11 @@ CREATE TABLE IF NOT EXISTS institution_keys (
     public_key BLOB NOT NULL,
     registered_at_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS declared_examples (
+    institution TEXT PRIMARY KEY,
+    examples INTEGER NOT NULL,
+    declared_at_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS update_nonces (
     job_id TEXT NOT NULL,
     nonce TEXT NOT NULL,
@@ -401,6 +406,27 @@ class SqliteStateStore(StateStore):
                 "INSERT OR IGNORE INTO update_nonces VALUES (?, ?)", (job_id, nonce)
             ).rowcount
         return bool(inserted)
+
+    def declare_examples(self, institution: str, examples: int) -> int:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO declared_examples VALUES (?, ?, ?) ON CONFLICT(institution) DO "
+                "UPDATE SET examples = max(examples, excluded.examples), "
+                "declared_at_ms = excluded.declared_at_ms",
+                (institution, examples, now_ms()),
+            )
+            row = db.execute(
+                "SELECT examples FROM declared_examples WHERE institution = ?", (institution,)
+            ).fetchone()
+        return int(row["examples"])
+
+    def declared_examples(self, institution: str) -> int | None:
+        row = (
+            self._connection()
+            .execute("SELECT examples FROM declared_examples WHERE institution = ?", (institution,))
+            .fetchone()
+        )
+        return None if row is None else int(row["examples"])
 
     # --- onboarding: certificates, revocations, SuperNode keys -------------
     def add_certificate(

@@ -96,6 +96,16 @@ class StateStore(ABC):
     def claim_nonce(self, job_id: str, nonce: str) -> bool:
         """True the first time a nonce is seen for a job, False on a replay."""
 
+    @abstractmethod
+    def declare_examples(self, institution: str, examples: int) -> int:
+        """Record the examples a joining node of the institution holds (`examples` > 0);
+        returns the institution's cap: the largest count any of its nodes declared, so a
+        second, smaller node never makes the first one's honest updates look inflated."""
+
+    @abstractmethod
+    def declared_examples(self, institution: str) -> int | None:
+        """The institution's cap on an update's example count; None if it declared none."""
+
     # --- onboarding: certificates, revocations, SuperNode keys -------------
     @abstractmethod
     def add_certificate(

@@ -465,6 +465,16 @@ class StateTest(ABC):
         assert store.claim_nonce("b", "n-1") is True
         assert store.claim_nonce("b", "n-1") is False
 
+    def test_declared_examples_none_until_declared(self, store: StateStore) -> None:
+        assert store.declared_examples("uni-a") is None
+
+    def test_declare_examples_keeps_largest_per_institution(self, store: StateStore) -> None:
+        assert store.declare_examples("uni-a", 899) == 899
+        assert store.declare_examples("uni-a", 300) == 899  # a smaller second node
+        assert store.declare_examples("uni-b", 40) == 40
+        assert store.declare_examples("uni-a", 1200) == 1200
+        assert (store.declared_examples("uni-a"), store.declared_examples("uni-b")) == (1200, 40)
+
     # --- onboarding: certificates, revocations, SuperNode keys -------------------
 
     def test_institutions_distinct_and_sorted_by_name(self, store: StateStore) -> None:

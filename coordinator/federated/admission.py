@@ -4,11 +4,20 @@ Every refusal has a reason that goes into the provenance log; none of them
 touches the aggregate. The checks, in order: the reply is not an error, it is
 signed, the key is registered to the institution it names, the signature covers
 this job, round and global model, the weights are the ones signed, the example
-count is the one signed, and the nonce was never used before in this job.
+count is the one signed, the metrics are finite numbers the ClientApp sends
+(`ALLOWED_METRICS`), the example count is at most what the institution declared
+when it joined, and the nonce was never used before in this job.
+
+A metric is the one unsigned thing a site sends that the coordinator writes to
+state and to the provenance log; a correctly signed update with `train_loss = NaN`
+once made the ServerApp fail while logging the round (canonical JSON has no NaN).
+One update per institution and round is the strategy's rule (`strategy.py`): it
+needs every reply of the round.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,6 +31,28 @@ from consortium.tensor_digest import arrays_digest
 
 SIGNATURE_RECORD = "consortium.signature"
 COMMITMENT_RECORD = "consortium.data"
+
+# The metrics a training reply may carry: those client/federated/client_app.py sends.
+# Each is one finite number; anything else (a list, a string, NaN, an unknown name) is
+# refused with reason "bad_metrics".
+ALLOWED_METRICS = frozenset({"num-examples", "train_loss"})
+MAX_METRIC_NAME_CHARS = 64  # how much of a refused metric's name the log repeats
+
+# Every reason admission gives (the aggregation core adds its own `RejectReason`s and
+# the strategy "duplicate").
+REFUSAL_REASONS = (
+    "client_error",
+    "unsigned",
+    "malformed",
+    "unknown_key",
+    "stale",
+    "bad_signature",
+    "digest_mismatch",
+    "weight_mismatch",
+    "bad_metrics",
+    "inflated_count",
+    "replayed",
+)
 
 
 class UpdateRefused(Exception):  # noqa: N818 - reads as what happened to the update
@@ -43,6 +74,7 @@ class AdmittedUpdate:
     signature: str
     train_loss: float | None
     commitment: dict[str, Any]
+    declared_examples: int | None = None  # the institution's cap, when it declared one
 
     def log_entry(self) -> dict[str, Any]:
         return {
@@ -55,6 +87,7 @@ class AdmittedUpdate:
             "data": self.commitment,
             "nonce": self.statement.nonce,
             "signature": self.signature,
+            **_declared(self.declared_examples),
         }
 
 
@@ -66,6 +99,8 @@ class AdmissionState(Protocol):
     def institution_keys(self, institution: str) -> dict[str, bytes]: ...
 
     def claim_nonce(self, job_id: str, nonce: str) -> bool: ...
+
+    def declared_examples(self, institution: str) -> int | None: ...
 
 
 def admit(
@@ -122,6 +157,15 @@ def admit(
         raise UpdateRefused(
             "weight_mismatch", "example count differs from the signed one", institution
         )
+    check_metrics(dict(metrics), institution)
+    cap = store.declared_examples(institution)
+    if cap is not None and statement.num_examples > cap:
+        raise UpdateRefused(
+            "inflated_count",
+            f"the update claims {statement.num_examples} examples; {institution!r} declared "
+            f"{cap} when it joined",
+            institution,
+        )
     if not store.claim_nonce(job_id, statement.nonce):
         raise UpdateRefused("replayed", f"nonce {statement.nonce} was already used", institution)
     train_loss = metrics.get("train_loss")
@@ -136,4 +180,31 @@ def admit(
         signature=str(proof.get("signature")),
         train_loss=float(train_loss) if isinstance(train_loss, int | float) else None,
         commitment=dict(data) if data is not None else {},
+        declared_examples=cap,
     )
+
+
+def check_metrics(metrics: dict[str, Any], institution: str) -> None:
+    """Only `ALLOWED_METRICS`, each one finite number; raises UpdateRefused("bad_metrics")
+    naming the first offending metric (in name order, so the reason never depends on
+    the order the site wrote them in)."""
+    for name in sorted(metrics, key=str):
+        value = metrics[name]
+        shown = repr(str(name)[:MAX_METRIC_NAME_CHARS])
+        if name not in ALLOWED_METRICS:
+            allowed = ", ".join(sorted(ALLOWED_METRICS))
+            raise UpdateRefused(
+                "bad_metrics", f"metric {shown} is not one of {allowed}", institution
+            )
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise UpdateRefused(
+                "bad_metrics",
+                f"metric {shown} is a {type(value).__name__}, not a number",
+                institution,
+            )
+        if not math.isfinite(value):
+            raise UpdateRefused("bad_metrics", f"metric {shown} is {value}", institution)
+
+
+def _declared(cap: int | None) -> dict[str, int]:
+    return {} if cap is None else {"declared_examples": cap}

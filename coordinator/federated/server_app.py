@@ -32,7 +32,7 @@ from consortium.tensor_digest import arrays_digest
 from coordinator.data_dir import DataDir
 from coordinator.federated.checkpoints import CheckpointStore, save_model
 from coordinator.federated.evaluation import held_out_for
-from coordinator.federated.strategy import AggregationRule, ConsortiumStrategy
+from coordinator.federated.strategy import AggregationRule, ConsortiumStrategy, finite_metrics
 from coordinator.federated.superlink import DATA_DIR_ENV
 from coordinator.jobs.lifecycle import wall_clock_ms
 from coordinator.jobs.pipeline import StartingModel, family_of, load_starting_model
@@ -154,9 +154,9 @@ class JobRun:
                     "global_digest": record.global_digest,
                     "participants": record.participants,
                     "updates": record.updates,
-                    "aggregation": rule_of(self.spec).describe(),
+                    "aggregation": record.aggregation or rule_of(self.spec).describe(),
                     "aggregate_digest": record.aggregate_digest,
-                    "metrics": metrics,
+                    "metrics": finite_metrics(metrics),
                 }
             )
         )
@@ -175,7 +175,8 @@ class JobRun:
 
         def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             load_parameter_tensors(model, arrays.to_torch_state_dict())
-            metrics = self.held_out.evaluate(model)
+            # A diverged model evaluates to NaN: state and the log never see it.
+            metrics = finite_metrics(self.held_out.evaluate(model))
             round_ = done_rounds + server_round
             provenance = strategy.rounds.get(round_)
             if provenance is not None and provenance.train_loss is not None:

@@ -6,13 +6,19 @@ nonce) and the shared aggregation core (`consortium.aggregation`), which
 validates shapes, dtypes, finiteness and the norm bound and aggregates
 deterministically: the same accepted updates give the same bits in any
 arrival order. What happened to each reply is kept for the provenance log.
+
+Two rules need the whole round and live here: an institution contributes at most
+one update per round (the others are refused as "duplicate", whichever of its nodes
+sent them), and, when the spec sets no `max_update_norm`, an update's norm is
+bounded by `DEFAULT_NORM_RATIO` times the global model's.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +38,7 @@ from consortium.aggregation import (
     trimmed_mean,
     validate_update,
 )
+from consortium.aggregation.validate import tensor_stats
 from consortium.tensor_digest import arrays_digest
 from coordinator.federated.admission import AdmissionState, AdmittedUpdate, UpdateRefused, admit
 from coordinator.federated.retention import retain
@@ -40,21 +47,70 @@ log = logging.getLogger(__name__)
 
 Arrays = dict[str, npt.NDArray[Any]]
 
+# Without a `max_update_norm` in the spec, an update (the site's whole model) may have
+# a global L2 norm of at most this many times the global model's. Relative, because a
+# model's norm grows with its size. Measured honest ratios (docs/aggregation.md;
+# tests/unit/test_update_admission.py): digits-cnn at lr 0.05 at most 1.5, bytelm at
+# lr 0.001 1.02 and at lr 0.05 from scratch 6.4 (its first round, the largest seen).
+DEFAULT_NORM_RATIO = 10.0
+# The default bound of a global model whose norm is (near) zero.
+MIN_DEFAULT_NORM = 1.0
+
+DUPLICATE = "duplicate"  # a second update of one institution in one round
+
 
 @dataclass(frozen=True)
 class AggregationRule:
     name: str = "mean"  # mean | trimmed-mean | median | krum
     trim_fraction: float = 0.1
     krum_byzantine: int = 0
+    # None: DEFAULT_NORM_RATIO x the round's global model norm (`bounded`)
     max_update_norm: float | None = None
 
     def describe(self) -> dict[str, Any]:
-        return {
+        described: dict[str, Any] = {
             "rule": self.name,
             "trim_fraction": self.trim_fraction,
             "krum_byzantine": self.krum_byzantine,
             "max_update_norm": self.max_update_norm,
         }
+        if self.max_update_norm is None:
+            described["default_norm_ratio"] = DEFAULT_NORM_RATIO
+        return described
+
+    def bounded(self, reference: Mapping[str, npt.NDArray[Any]]) -> AggregationRule:
+        """This rule with the norm bound in force for a round whose global model is
+        `reference`: the spec's, or the default derived from the model."""
+        if self.max_update_norm is not None:
+            return self
+        return replace(self, max_update_norm=default_norm_bound(reference))
+
+
+def model_norm(arrays: Mapping[str, npt.NDArray[Any]]) -> float:
+    """Global L2 norm, summed as the aggregation core's validation sums it (exactly
+    reproducible, so a replay derives the same bound)."""
+    sums = (s for name in sorted(arrays) for s in tensor_stats(arrays[name]).superblock_sumsq)
+    return math.sqrt(math.fsum(sums))
+
+
+def default_norm_bound(reference: Mapping[str, npt.NDArray[Any]]) -> float:
+    norm = model_norm(reference)
+    if not math.isfinite(norm):
+        raise ValueError("the global model has a non-finite value; no norm bound derives from it")
+    return max(DEFAULT_NORM_RATIO * norm, MIN_DEFAULT_NORM)
+
+
+def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The metrics that may go to state and the provenance log (canonical JSON has no
+    NaN or infinity): a non-finite number is left out, with a warning, so that logging
+    a round can never fail it."""
+    kept: dict[str, Any] = {}
+    for name, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            log.warning("metric %s is %s; it is not recorded", name, value)
+            continue
+        kept[name] = value
+    return kept
 
 
 def aggregate(
@@ -97,6 +153,8 @@ class RoundProvenance:
     accepted: list[AdmittedUpdate] = field(default_factory=list)
     aggregate_digest: str = ""
     train_loss: float | None = None
+    # The rule in force, its norm bound included (what the round record says).
+    aggregation: dict[str, Any] = field(default_factory=dict)
 
     @property
     def participants(self) -> list[str]:
@@ -121,6 +179,7 @@ class ConsortiumStrategy(Strategy):
         self.retention_dir = retention_dir
         self.rounds: dict[int, RoundProvenance] = {}
         self._reference: Arrays = {}
+        self._round_rule = rule  # `rule` with this round's norm bound
 
     def summary(self) -> None:
         log.info(
@@ -133,7 +192,12 @@ class ConsortiumStrategy(Strategy):
         round_ = self.round_offset + server_round
         self._reference = {name: array.numpy() for name, array in arrays.items()}
         digest = arrays_digest(self._reference)
-        self.rounds[round_] = RoundProvenance(round=round_, global_digest=digest)
+        self._round_rule = self.rule.bounded(self._reference)
+        self.rounds[round_] = RoundProvenance(
+            round=round_,
+            global_digest=digest,
+            aggregation={**self.rule.describe(), **self._round_rule.describe()},
+        )
         config["global-digest"] = digest
         config["job-id"] = self.job_id
         config["round-number"] = round_
@@ -146,29 +210,30 @@ class ConsortiumStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         record = self.rounds[self.round_offset + server_round]
+        rule = self._round_rule
         admitted: list[AdmittedUpdate] = []
         for reply in sorted(replies, key=lambda m: m.metadata.src_node_id):
+            node_id = reply.metadata.src_node_id
             try:
                 update = admit(reply, self.job_id, record.round, record.global_digest, self.store)
-                check_update(
-                    self.rule, self._reference, update.arrays, update.statement.num_examples
-                )
+                check_update(rule, self._reference, update.arrays, update.statement.num_examples)
             except UpdateRefused as refused:
                 record.updates.append(
-                    _refusal(reply, refused.institution, refused.reason, refused.detail)
+                    _refusal(node_id, refused.institution, refused.reason, refused.detail)
                 )
                 continue
             except UpdateRejected as rejected:
                 record.updates.append(
-                    _refusal(reply, update.institution, str(rejected.reason), str(rejected))
+                    _refusal(node_id, update.institution, str(rejected.reason), str(rejected))
                 )
                 continue
             admitted.append(update)
+        admitted = _one_per_institution(admitted, record)
         if not admitted:
             log.warning("round %d: no update accepted; the global model stays", record.round)
             return None, None
         result = aggregate(
-            self.rule,
+            rule,
             self._reference,
             [(u.arrays, u.statement.num_examples) for u in admitted],
         )
@@ -185,11 +250,7 @@ class ConsortiumStrategy(Strategy):
                     update.arrays,
                     update.statement.num_examples,
                 )
-        losses = [
-            (u.train_loss, u.statement.num_examples) for u in admitted if u.train_loss is not None
-        ]
-        if losses:
-            record.train_loss = sum(x * n for x, n in losses) / sum(n for _, n in losses)
+        record.train_loss = _train_loss(admitted)
         metrics = None
         if record.train_loss is not None:
             metrics = MetricRecord({"train_loss": record.train_loss})
@@ -206,17 +267,61 @@ class ConsortiumStrategy(Strategy):
         return None
 
 
-def _refusal(reply: Message, institution: str, reason: str, detail: str) -> dict[str, Any]:
+def _one_per_institution(
+    admitted: list[AdmittedUpdate], record: RoundProvenance
+) -> list[AdmittedUpdate]:
+    """Keep one update per institution, the same whatever the arrival order: the one from
+    its lowest node id (then lowest digest and nonce); refuse the rest as duplicates.
+    Their nonces stay claimed: a duplicate cannot be sent again."""
+    kept: dict[str, AdmittedUpdate] = {}
+    for update in sorted(
+        admitted,
+        key=lambda u: (u.node_id, u.statement.update_digest, u.statement.nonce),
+    ):
+        first = kept.get(update.institution)
+        if first is None:
+            kept[update.institution] = update
+            continue
+        record.updates.append(
+            _refusal(
+                update.node_id,
+                update.institution,
+                DUPLICATE,
+                f"{update.institution!r} already contributed this round's update "
+                f"(node {first.node_id})",
+            )
+        )
+    return [u for u in admitted if kept[u.institution] is u]
+
+
+def _train_loss(admitted: list[AdmittedUpdate]) -> float | None:
+    """The example-weighted mean of the finite training losses (admission refuses others;
+    a sum that overflows gives None rather than an infinity in the round's metrics)."""
+    losses = [
+        (u.train_loss, u.statement.num_examples)
+        for u in admitted
+        if u.train_loss is not None and math.isfinite(u.train_loss)
+    ]
+    if not losses:
+        return None
+    try:
+        mean = math.fsum(x * n for x, n in losses) / math.fsum(n for _, n in losses)
+    except OverflowError:
+        return None
+    return mean if math.isfinite(mean) else None
+
+
+def _refusal(node_id: int, institution: str, reason: str, detail: str) -> dict[str, Any]:
     log.warning(
         "refused update from node %s (%s): %s: %s",
-        reply.metadata.src_node_id,
+        node_id,
         institution or "unknown",
         reason,
         detail,
     )
     return {
         "institution": institution,
-        "node_id": str(reply.metadata.src_node_id),
+        "node_id": str(node_id),
         "accepted": False,
         "reason": reason,
         "detail": detail,

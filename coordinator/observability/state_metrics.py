@@ -43,7 +43,10 @@ UPDATE_REJECT_REASONS = (
     "bad_signature",
     "digest_mismatch",
     "weight_mismatch",
+    "bad_metrics",
+    "inflated_count",
     "replayed",
+    "duplicate",  # the strategy's: a second update of one institution in a round
     *(r.value for r in RejectReason),
 )
 

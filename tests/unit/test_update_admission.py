@@ -9,6 +9,9 @@ reproduces the aggregate from the retained files.
 from __future__ import annotations
 
 import itertools
+import json
+import logging
+import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,6 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+import torch
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -40,15 +44,32 @@ from client.federated.signing_mod import (
     signing_mod,
 )
 from consortium.aggregation import MAX_WEIGHT
+from consortium.data.digits import train_test_split
+from consortium.data.docstrings import packages_for, site_text
+from consortium.lm import FineTuneConfig, fine_tune
+from consortium.models import build_model, parameter_tensors
 from consortium.provenance.commitment import commit
 from consortium.provenance.environment import describe_environment
+from consortium.provenance.log import read_lines
 from consortium.provenance.records import JobStarted, Round
 from consortium.provenance.signing import SignatureError, SigningKey, unb64
 from consortium.provenance.updates import UpdateStatement
 from consortium.tensor_digest import arrays_digest
+from consortium.training import LocalTrainingConfig, train_local
+from coordinator.data_dir import DataDir
+from coordinator.federated.admission import MAX_METRIC_NAME_CHARS, UpdateRefused, check_metrics
 from coordinator.federated.replay import ReplayMismatchError, replay_rounds
 from coordinator.federated.retention import updates_dir
-from coordinator.federated.strategy import AggregationRule, ConsortiumStrategy, RoundProvenance
+from coordinator.federated.server_app import JobRun
+from coordinator.federated.strategy import (
+    DEFAULT_NORM_RATIO,
+    AggregationRule,
+    ConsortiumStrategy,
+    RoundProvenance,
+    model_norm,
+)
+from coordinator.jobs.spec import FederatedJobSpec
+from coordinator.provenance.recorder import JobRecorder
 from coordinator.state import SqliteStateStore
 
 Arrays = dict[str, npt.NDArray[Any]]
@@ -103,15 +124,16 @@ class Site:
 
 
 def client_reply(
-    msg: Message, arrays: Arrays, num_examples: int, loss: float, data_digest: str | None
+    msg: Message,
+    arrays: Arrays,
+    num_examples: int,
+    loss: float,
+    data_digest: str | None,
+    extra_metrics: dict[str, Any] | None = None,
 ) -> Message:
     """What a site's ClientApp train function returns (before the mod signs it)."""
-    content = RecordDict(
-        {
-            "arrays": to_record(arrays),
-            "metrics": MetricRecord({"num-examples": num_examples, "train_loss": loss}),
-        }
-    )
+    metrics = {"num-examples": num_examples, "train_loss": loss, **(extra_metrics or {})}
+    content = RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord(metrics)})
     if data_digest is not None:
         content[COMMITMENT_RECORD] = ConfigRecord({"digest": data_digest})
     return Message(content, reply_to=msg)
@@ -131,6 +153,7 @@ class World:
     messages: dict[int, Message] = field(default_factory=dict)
     stores: list[SqliteStateStore] = field(default_factory=list)
     registered: list[tuple[str, SigningKey]] = field(default_factory=list)
+    declared: dict[str, int] = field(default_factory=dict)  # institution -> examples
 
     def store(self) -> SqliteStateStore:
         """A fresh state store (nonces are per store) with uni-a's and uni-b's keys."""
@@ -138,14 +161,18 @@ class World:
         self.stores.append(store)
         for institution, key in self.registered:
             store.add_institution_key(institution, key.key_id, key.public.raw)
+        for institution, examples in self.declared.items():
+            store.declare_examples(institution, examples)
         return store
 
-    def strategy(self, retention_dir: Path | None = None) -> ConsortiumStrategy:
+    def strategy(
+        self, retention_dir: Path | None = None, rule: AggregationRule | None = None
+    ) -> ConsortiumStrategy:
         strategy = ConsortiumStrategy(
             FedAvg(fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=2),
             JOB,
             self.store(),
-            AggregationRule(),
+            rule or AggregationRule(),
             round_offset=0,
             retention_dir=retention_dir,
         )
@@ -167,6 +194,7 @@ class World:
         num_examples: int,
         loss: float = 0.5,
         msg: Message | None = None,
+        extra_metrics: dict[str, Any] | None = None,
     ) -> Message:
         """Run the real signing mod around a fake ClientApp that returns `arrays`."""
         who = self.sites[site]
@@ -176,7 +204,9 @@ class World:
             )
 
         def call_next(received: Message, context: Context) -> Message:
-            return client_reply(received, arrays, num_examples, loss, self.data_digest)
+            return client_reply(
+                received, arrays, num_examples, loss, self.data_digest, extra_metrics
+            )
 
         return signing_mod(msg, who.context(), call_next)
 
@@ -240,9 +270,12 @@ def good(world: World) -> Good:
 
 
 def run_round(
-    world: World, replies: list[Message], retention_dir: Path | None = None
+    world: World,
+    replies: list[Message],
+    retention_dir: Path | None = None,
+    rule: AggregationRule | None = None,
 ) -> tuple[RoundProvenance, ArrayRecord | None, MetricRecord | None]:
-    strategy = world.strategy(retention_dir)
+    strategy = world.strategy(retention_dir, rule)
     arrays, metrics = strategy.aggregate_train(ROUND, replies)
     return strategy.rounds[ROUND], arrays, metrics
 
@@ -462,6 +495,26 @@ def _signed_count_changed_with_metrics(world: World) -> Message:
     return reply
 
 
+def _with_loss(loss: float) -> Callable[[World], Message]:
+    def build(world: World) -> Message:
+        return world.sign("b2", model_arrays(4), 5, loss)
+
+    return build
+
+
+def _with_metric(name: str, value: Any) -> Callable[[World], Message]:
+    def build(world: World) -> Message:
+        return world.sign("b2", model_arrays(4), 5, extra_metrics={name: value})
+
+    return build
+
+
+def _scaled_beyond_default_norm(world: World) -> Message:
+    """A consistently signed update 100x the global model: a boosted (model-replacement)
+    update that the default bound refuses."""
+    return world.sign("b2", {k: v * 100 for k, v in world.model.items()}, 5)
+
+
 BAD_UPDATES: dict[str, tuple[Callable[[World], Message], str, int]] = {
     # case: (builder, expected reason, node the refusal is attributed to)
     "nan": (_with_value(float("nan")), "non_finite", NODE_B2),
@@ -482,6 +535,11 @@ BAD_UPDATES: dict[str, tuple[Callable[[World], Message], str, int]] = {
     ),
     "count_changed_after_signing": (_count_changed_after_signing, "weight_mismatch", NODE_B2),
     "signed_count_edited": (_signed_count_changed_with_metrics, "bad_signature", NODE_B2),
+    "nan_train_loss": (_with_loss(float("nan")), "bad_metrics", NODE_B2),
+    "inf_train_loss": (_with_loss(float("inf")), "bad_metrics", NODE_B2),
+    "list_metric": (_with_metric("train_loss", [0.1, 0.2]), "bad_metrics", NODE_B2),
+    "unknown_metric": (_with_metric("accuracy", 0.99), "bad_metrics", NODE_B2),
+    "beyond_default_norm": (_scaled_beyond_default_norm, "norm", NODE_B2),
 }
 
 
@@ -642,3 +700,166 @@ def test_replay_mismatch_names_other_code_when_the_job_ran_other_source(
     assert "other Consortium code" not in str(plain.value)
     with pytest.raises(ReplayMismatchError, match=r"other Consortium code .* abababab"):
         replay_rounds(retention, JOB, [other, wrong])
+
+
+# --- one update per institution, declared example counts, metrics ----------------------
+
+
+def test_aggregate_train_refuses_second_update_of_same_institution_from_other_node(
+    world: World, good: Good
+) -> None:
+    baseline, _, _ = run_round(world, good.replies)
+    second = world.sign("b2", model_arrays(4), 5)  # uni-b's other node, validly signed
+
+    for order in ([second, *good.replies], [*good.replies, second]):
+        record, _, _ = run_round(world, order)
+
+        assert refusals(record) == [(str(NODE_B2), "duplicate")]
+        assert accepted_nodes(record) == [str(NODE_A), str(NODE_B)]
+        assert record.participants == ["uni-a", "uni-b"]
+        assert record.aggregate_digest == baseline.aggregate_digest
+
+
+def test_aggregate_train_keeps_same_update_of_one_node_whatever_the_arrival_order(
+    world: World, good: Good
+) -> None:
+    """Two validly signed updates from one node (two nonces): the one kept does not
+    depend on which arrived first."""
+    other_b = world.sign("b", model_arrays(8), WEIGHT_B)
+    digests = set()
+    for order in ([good.reply_b, other_b], [other_b, good.reply_b]):
+        record, _, _ = run_round(world, [good.reply_a, *order])
+        assert refusals(record) == [(str(NODE_B), "duplicate")]
+        digests.add(record.aggregate_digest)
+    assert len(digests) == 1
+
+
+def test_aggregate_train_refuses_count_beyond_declared_examples(world: World, good: Good) -> None:
+    """A site claiming 100000 examples with 899 declared took 99% of a round's weight."""
+    world.declared = {"uni-a": WEIGHT_A, "uni-b": 899}
+    only_a, _, _ = run_round(world, [good.reply_a])
+    inflated = world.sign("b", model_arrays(2), 100_000)
+
+    record, _, _ = run_round(world, [good.reply_a, inflated])
+
+    assert refusals(record) == [(str(NODE_B), "inflated_count")]
+    [entry] = [u for u in record.updates if not u["accepted"]]
+    assert entry["institution"] == "uni-b"
+    assert "declared 899" in entry["detail"]
+    assert record.aggregate_digest == only_a.aggregate_digest
+    [accepted] = [u for u in record.updates if u["accepted"]]
+    assert accepted["declared_examples"] == WEIGHT_A  # exactly at the cap is accepted
+
+
+def test_aggregate_train_without_declared_examples_accepts_any_valid_count(
+    world: World,
+) -> None:
+    """A coordinator whose sites declared nothing (plain text, older clients) keeps
+    today's behaviour."""
+    reply = world.sign("a", model_arrays(1), 100_000)
+
+    record, _, _ = run_round(world, [reply])
+
+    assert accepted_nodes(record) == [str(NODE_A)]
+    assert "declared_examples" not in record.updates[0]
+
+
+@pytest.mark.parametrize(
+    ("metrics", "named"),
+    [
+        ({"train_loss": float("nan")}, "'train_loss' is nan"),
+        ({"train_loss": float("-inf")}, "'train_loss' is -inf"),
+        ({"train_loss": [1.0]}, "'train_loss' is a list"),
+        ({"x" * 5000: 1.0}, "'" + "x" * MAX_METRIC_NAME_CHARS + "' is not one of"),
+    ],
+)
+def test_check_metrics_refuses_naming_the_metric(metrics: dict[str, Any], named: str) -> None:
+    with pytest.raises(UpdateRefused, match="bad_metrics") as refused:
+        check_metrics({"num-examples": 3, **metrics}, "uni-a")
+    assert named in refused.value.detail
+    assert refused.value.institution == "uni-a"
+
+
+def test_refused_update_is_logged_with_institution_and_reason(
+    world: World, good: Good, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = _with_loss(float("nan"))(world)
+
+    with caplog.at_level(logging.WARNING, logger="coordinator.federated.strategy"):
+        run_round(world, [bad, *good.replies])
+
+    [line] = [r.getMessage() for r in caplog.records if "refused update" in r.getMessage()]
+    assert "(uni-b): bad_metrics: metric 'train_loss' is nan" in line
+
+
+def test_round_with_nan_metric_update_completes_and_logs(world: World, good: Good) -> None:
+    """A correctly signed update with train_loss = NaN once failed the job while its round
+    was logged; now it is refused, and the round is aggregated and signed into the log."""
+    data_dir = DataDir(world.root / "coordinator")
+    SigningKey.generate().save(data_dir.signing_key)
+    strategy = world.strategy()
+    _, metrics = strategy.aggregate_train(ROUND, [_with_loss(float("nan"))(world), *good.replies])
+    assert metrics is not None and math.isfinite(float(str(metrics["train_loss"])))
+    run = JobRun.__new__(JobRun)  # the three fields log_round reads, not a whole ServerApp
+    run.job_id = JOB
+    run.spec = FederatedJobSpec(name="n", model="digits-cnn", dataset="digits", rounds=1)
+    run.provenance = JobRecorder(data_dir, JOB)
+
+    run.log_round(strategy, ROUND, {"accuracy": 0.5, "loss": float("nan"), "train_loss": 0.4})
+
+    rounds = [json.loads(line) for line in read_lines(data_dir.provenance_log)]
+    [body] = [r["body"] for r in rounds if r.get("type") == "round"]
+    assert body["metrics"] == {"accuracy": 0.5, "train_loss": 0.4}
+    assert body["participants"] == ["uni-a", "uni-b"]
+    assert [u["reason"] for u in body["updates"] if not u["accepted"]] == ["bad_metrics"]
+    assert body["aggregation"]["max_update_norm"] == pytest.approx(
+        DEFAULT_NORM_RATIO * model_norm(world.model)
+    )
+
+
+# --- the default norm bound ------------------------------------------------------------
+
+
+def test_default_norm_bound_is_ratio_of_global_model_norm_and_spec_overrides(
+    world: World, good: Good
+) -> None:
+    boosted = _scaled_beyond_default_norm(world)
+    record, _, _ = run_round(world, [boosted, good.reply_a])
+    assert refusals(record) == [(str(NODE_B2), "norm")]
+    assert record.aggregation["default_norm_ratio"] == DEFAULT_NORM_RATIO
+
+    record, _, _ = run_round(
+        world, [boosted, good.reply_a], rule=AggregationRule(max_update_norm=1e6)
+    )
+    assert refusals(record) == []
+    assert record.aggregation["max_update_norm"] == 1e6
+
+
+def _norm_ratio(model: torch.nn.Module, train: Callable[[torch.nn.Module], object]) -> float:
+    reference = {k: v.detach().numpy().copy() for k, v in parameter_tensors(model).items()}
+    train(model)
+    update = {k: v.detach().numpy() for k, v in parameter_tensors(model).items()}
+    return model_norm(update) / model_norm(reference)
+
+
+def test_default_norm_ratio_is_far_above_honest_digits_and_bytelm_rounds() -> None:
+    """First rounds from scratch, where the measured ratios are the largest (digits-cnn at
+    its default learning rate; bytelm at 0.05, the spec's default learning rate)."""
+    split, _ = train_test_split()
+    torch.manual_seed(0)
+    digits = _norm_ratio(
+        build_model("digits-cnn", {}),
+        lambda m: train_local(
+            m, split.x, split.y, LocalTrainingConfig(1, 0.05, 32, seed=1), torch.device("cpu")
+        ),
+    )
+    text = np.frombuffer(site_text(packages_for(3)[0], 50_000), np.uint8)
+    torch.manual_seed(0)
+    bytelm = _norm_ratio(
+        build_model("bytelm", {}),
+        lambda m: fine_tune(m, text, FineTuneConfig(20, 8, 64, 0.05, seed=1), torch.device("cpu")),
+    )
+
+    print(f"honest norm ratios: digits-cnn {digits:.3f}, bytelm {bytelm:.3f}")
+    assert digits < DEFAULT_NORM_RATIO / 4
+    assert bytelm < DEFAULT_NORM_RATIO / 1.2

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 
 from client.bundle import Bundle, load_bundle
-from client.data.loaders import check_data_dir
+from client.data.loaders import check_data_dir, count_examples
 from client.devices import describe_device, hardware_labels, resolve_device
 from client.metrics import ClientMetrics
 from client.ray_worker import RayWorker
@@ -122,6 +122,8 @@ class SiteNode:
             hostname=socket.gethostname(),
             device=describe_device(self.device),
             signing_public_key=self.signing_key.public.raw,
+            # The cap on the example count of this site's updates (0: no dataset readable).
+            declared_examples=count_examples(self.settings.data),
         )
         response: nodes_pb2.RegisterNodeResponse = call_with_retry(
             lambda t: self._stub.RegisterNode(request, timeout=t),

@@ -37,6 +37,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors import safe_open
 
+from client.data.loaders import count_examples
 from client.federated.signing_mod import (
     COMMITMENT_RECORD,
     SIGNATURE_RECORD,
@@ -863,3 +864,13 @@ def test_default_norm_ratio_is_far_above_honest_digits_and_bytelm_rounds() -> No
     print(f"honest norm ratios: digits-cnn {digits:.3f}, bytelm {bytelm:.3f}")
     assert digits < DEFAULT_NORM_RATIO / 4
     assert bytelm < DEFAULT_NORM_RATIO / 1.2
+
+
+def test_count_examples_is_largest_dataset_and_skips_unreadable(tmp_path: Path) -> None:
+    """What `client join` declares: rows of the largest array dataset or bytes of text."""
+    np.savez(tmp_path / "digits.npz", x=np.zeros((899, 64), np.float32), y=np.zeros(899))
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    assert count_examples(tmp_path) == 899
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "docstrings.txt").write_bytes(b"x" * 1500)
+    assert count_examples(tmp_path) == 1500

@@ -42,6 +42,8 @@ COMPLETED_RUN_GROUP = "completed-run"
 COMPLETED_RUN_READERS = ("test_federated_job", "test_provenance")
 
 
+# First: xdist's own hook (no order of its own) reads the marker to group the tests.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
     for item in items:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from consortium.errors import ChildProcessFailedError
 from consortium.processes import venv_executable
 from coordinator.access.pki_files import CoordinatorPki
 from coordinator.data_dir import DataDir
+from coordinator.state.superlink_db import release_unregistered_node
 
 SUPERLINK_NAME = "consortium"
 FLWR_TIMEOUT_S = 120.0
@@ -155,32 +155,11 @@ class FlowerCli:
         ]
 
     def release_unregistered_key(self, public_key: str) -> bool:
-        """Let an unregistered SuperNode key be registered again; True if one was released.
-
-        Flower keeps an unregistered node's row, and its public key is UNIQUE there, so
-        `flwr supernode register` of a key that anyone unregistered fails with "Public
-        key already in use" for ever; the Control API has no way back. The only way to
-        restore an onboarded site whose node an outsider unregistered is to drop that
-        tombstone row (status "unregistered" only: an active node is never touched) from
-        the SuperLink's database; the key is then registered through the Control API as
-        usual. Flower stores the key as PEM SubjectPublicKeyInfo (`public_key_to_bytes`).
-        """
+        """Let an unregistered SuperNode key be registered again; True if one was released
+        (why and how: `coordinator/state/superlink_db.py`). Flower stores the key as PEM
+        SubjectPublicKeyInfo (`public_key_to_bytes`)."""
         key = serialization.load_ssh_public_key(public_key.encode())
         pem = key.public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-        if not self.superlink_db.exists():
-            return False  # no SuperLink yet; connecting would create an empty database
-        connection = sqlite3.connect(self.superlink_db, timeout=FLWR_TIMEOUT_S)
-        try:
-            with connection:
-                cursor = connection.execute(
-                    "DELETE FROM node WHERE public_key = ? AND status = 'unregistered'", (pem,)
-                )
-            return cursor.rowcount > 0
-        except sqlite3.Error as error:
-            raise ChildProcessFailedError(
-                f"could not release the unregistered SuperNode key in {self.superlink_db}: {error}"
-            ) from None
-        finally:
-            connection.close()
+        return release_unregistered_node(self.superlink_db, pem, FLWR_TIMEOUT_S)

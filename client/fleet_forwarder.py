@@ -8,12 +8,14 @@ institution's certificate and key (bundle and state dir) and verifies the edge a
 the consortium CA. It copies bytes both ways and parses nothing: the HTTP is the
 SuperNode's, the checks are the edge's.
 
-Why plain HTTP on loopback rather than TLS with a local certificate: the hop never
-leaves the host, the only peers that could reach it are local processes of the site,
-which already run with the site's keys (the SuperNode's own signing key included), and
-a local certificate would add a second trust root to manage for no attacker it stops.
-The listener binds 127.0.0.1 only; every Fleet call is still signed with the
-SuperNode's onboarded key, which the SuperLink checks.
+The SuperNode-to-forwarder hop is TLS with a local certificate, not plain HTTP: flwr
+1.41 refuses SuperNode authentication (`--auth-supernode-private-key`) over an
+`--insecure` channel (exit code 303), and every Fleet call must stay signed with the
+onboarded SuperNode key. So `LocalTls.create` makes, per join, a throwaway local root
+and a certificate for 127.0.0.1 in the state dir (key 0600); the SuperNode verifies the
+forwarder with that root (`--root-certificates`). It guards nothing beyond the host:
+the listener binds 127.0.0.1 only, and local processes of the site already run with the
+site's keys.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ import contextlib
 import logging
 import ssl
 import threading
+from dataclasses import dataclass
+from pathlib import Path
 
+from consortium import pki
 from consortium.errors import UnreachableError
 from consortium.net import split_host_port
 from consortium.tls import ClientTls
@@ -35,6 +40,7 @@ CONNECT_TIMEOUT_S = 10.0
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 CHUNK_BYTES = 64 * 1024
+LOCAL_CERT_DAYS = 365
 _WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})
 
 
@@ -45,6 +51,34 @@ def edge_target(fleet_address: str, coordinator_address: str) -> tuple[str, int]
     if host in _WILDCARDS:
         host, _ = split_host_port(coordinator_address)
     return host.strip("[]"), port
+
+
+@dataclass(frozen=True)
+class LocalTls:
+    """The forwarder's loopback certificate and the root the SuperNode verifies it with."""
+
+    ca_cert: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def create(cls, directory: Path) -> LocalTls:
+        """A fresh local root and a 127.0.0.1 server certificate (the root's key is
+        not kept: nothing else is ever signed with it)."""
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tls = cls(directory / "local-ca.crt", directory / "local.crt", directory / "local.key")
+        ca_key, key = pki.generate_key(), pki.generate_key()
+        ca = pki.create_ca(ca_key, "Consortium site-local Fleet forwarder", LOCAL_CERT_DAYS)
+        cert = pki.issue_server_certificate(ca_key, ca, key, [LOOPBACK], LOCAL_CERT_DAYS)
+        pki.write_private_key(tls.key, key)
+        tls.ca_cert.write_bytes(pki.pem(ca))
+        tls.cert.write_bytes(pki.pem(cert))
+        return tls
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(str(self.cert), str(self.key))
+        return context
 
 
 def client_ssl_context(tls: ClientTls) -> ssl.SSLContext:
@@ -60,7 +94,7 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         while chunk := await reader.read(CHUNK_BYTES):
             writer.write(chunk)
             await writer.drain()
-    except (ConnectionError, ssl.SSLError):
+    except (OSError, ssl.SSLError):
         pass
     finally:
         with contextlib.suppress(Exception):
@@ -74,9 +108,13 @@ class FleetForwarder:
     """Listens on 127.0.0.1 (port 0: any free); forwards each connection to the edge
     over mutual TLS. `address` is what the SuperNode's `--superlink` gets."""
 
-    def __init__(self, edge_host: str, edge_port: int, tls: ClientTls, port: int = 0) -> None:
+    def __init__(
+        self, edge_host: str, edge_port: int, tls: ClientTls, local: LocalTls, port: int = 0
+    ) -> None:
         self._edge = (edge_host, edge_port)
         self._context = client_ssl_context(tls)
+        self.local = local
+        self._local_context = local.server_context()
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         self._ready = threading.Event()
@@ -92,7 +130,7 @@ class FleetForwarder:
                 f"the Fleet forwarder could not listen on {LOOPBACK}:{port}: "
                 f"{self._failure or 'timeout'}"
             )
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        self.port: int = int(self._server.sockets[0].getsockname()[1])
         log.info("Fleet forwarder on %s to the edge at %s:%d", self.address, *self._edge)
 
     @property
@@ -103,7 +141,7 @@ class FleetForwarder:
         asyncio.set_event_loop(self._loop)
         try:
             self._server = self._loop.run_until_complete(
-                asyncio.start_server(self._handle, LOOPBACK, port)
+                asyncio.start_server(self._handle, LOOPBACK, port, ssl=self._local_context)
             )
         except OSError as error:
             self._failure = error

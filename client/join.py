@@ -16,6 +16,7 @@ import grpc
 from client.bundle import Bundle, load_bundle
 from client.data.loaders import check_data_dir, count_examples
 from client.devices import describe_device, hardware_labels, resolve_device
+from client.fleet_forwarder import FleetForwarder, LocalTls, edge_target
 from client.metrics import ClientMetrics
 from client.ray_worker import RayWorker
 from client.settings import ClientSettings
@@ -67,7 +68,14 @@ def check_transport(settings: ClientSettings) -> Bundle | None:
 
 
 # The start steps of `SiteNode.run`, in order (`on_start_step` receives these names).
-JOIN_STEPS = ("metrics_endpoint", "register", "supernode", "ray_worker", "heartbeat")
+JOIN_STEPS = (
+    "metrics_endpoint",
+    "register",
+    "fleet_forwarder",
+    "supernode",
+    "ray_worker",
+    "heartbeat",
+)
 
 
 @dataclass
@@ -77,6 +85,7 @@ class _Run:
     stop: threading.Event
     children: ParallelStops = field(default_factory=ParallelStops)
     joined: Joined | None = None
+    forwarder: FleetForwarder | None = None
     supernode: SuperNode | None = None
     ray_worker: RayWorker | None = None
     failure: Exception | None = None
@@ -156,6 +165,7 @@ class SiteNode:
             steps: list[StartStep] = [
                 ("metrics_endpoint", lambda: self._start_metrics(stack)),
                 ("register", lambda: self._register(stack, run)),
+                ("fleet_forwarder", lambda: self._start_forwarder(stack, run)),
                 ("supernode", lambda: self._start_supernode(stack, run)),
                 ("ray_worker", lambda: self._start_ray_worker_step(run)),
                 ("heartbeat", lambda: self._start_heartbeat(stack, run)),
@@ -185,15 +195,34 @@ class SiteNode:
         # few seconds; the SuperNode need not wait): one entry, in parallel.
         stack.callback(run.children)
 
+    def _start_forwarder(self, stack: ExitStack, run: _Run) -> None:
+        """With a bundle, the SuperNode reaches the coordinator's Fleet edge through a
+        loopback forwarder that holds the institution's mutual TLS (flwr's SuperNode
+        cannot present a client certificate); without one (loopback experiment) it
+        connects to the SuperLink directly."""
+        if self.bundle is None:
+            return
+        host, port = edge_target(run.require_joined().superlink_address, self.settings.coordinator)
+        local = LocalTls.create(self.settings.resolved_state_dir / "fleet-forwarder")
+        forwarder = FleetForwarder(
+            host, port, self.bundle.tls(), local, port=self.settings.fleet_forwarder_port
+        )
+        stack.callback(forwarder.stop)
+        run.forwarder = forwarder
+
     def _start_supernode(self, stack: ExitStack, run: _Run) -> None:
         joined = run.require_joined()
+        forwarder = run.forwarder
         supernode = SuperNode(
-            joined.superlink_address,
+            forwarder.address if forwarder is not None else joined.superlink_address,
             self.settings.data,
             self.settings.institution,
             self.device,
             self.settings.resolved_state_dir,
-            (self.bundle.ca_cert, self.bundle.keys.supernode_key) if self.bundle else None,
+            # TLS to the forwarder (its local root); our onboarded key signs every call.
+            (forwarder.local.ca_cert, self.bundle.keys.supernode_key)
+            if self.bundle is not None and forwarder is not None
+            else None,
             port=self.settings.supernode_port,
         )
         run.children.add(supernode.stop)

@@ -23,6 +23,8 @@ class ClientSettings(RoleSettings):
     # Where the SuperNode's logs go; default: .consortium-client/<institution>
     state_dir: Path | None = None
     supernode_port: int = Field(default=0, ge=0, le=65535)  # 0: a free port
+    # The loopback forwarder between the SuperNode and the coordinator's Fleet edge.
+    fleet_forwarder_port: int = Field(default=0, ge=0, le=65535)  # 0: a free port
     connect_attempts: int = Field(default=6, ge=1)
     connect_backoff_s: float = Field(default=0.5, gt=0)
     # Prometheus endpoint (/metrics); port 0: any free (written to

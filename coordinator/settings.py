@@ -20,6 +20,10 @@ class CoordinatorSettings(RoleSettings):
     listen_address: str = "127.0.0.1:0"
     superlink_host: str = "127.0.0.1"
     superlink_port: int = Field(default=0, ge=0, le=65535)  # 0: a free port
+    # The Fleet edge (mutual TLS, Fleet API only): the one Flower address sites reach;
+    # the SuperLink itself stays on loopback. Port 0: the one used last time, else any
+    # free. A wildcard host (0.0.0.0) makes sites use the coordinator's host.
+    fleet_edge_address: str = "127.0.0.1:0"
     insecure: bool = False
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
     node_timeout_s: float = Field(default=10.0, gt=0)

@@ -335,7 +335,7 @@ def _gate_class(gate: _GateConfig) -> type[asyncio.Protocol]:
 
             http.app = identified
             tls.set_protocol(http)
-            http.connection_made(tls)  # type: ignore[arg-type]
+            http.connection_made(tls)
             held.hand_over(http)
 
     return _TlsGate

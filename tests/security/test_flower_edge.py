@@ -1,0 +1,203 @@
+"""Outsiders and members attack the Flower channel through the Fleet edge.
+
+flwr 1.41's SuperLink serves Fleet, Control and Runtime APIs on one port with no client
+authentication. Each test performs the attack against a real mutual-TLS `coordinator
+serve` (Ray off) with two onboarded institutions and asserts that it failed at the
+edge, and that the refusal was logged and counted (docs/security.md names these tests).
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+import socket
+import ssl
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from consortium.errors import InsecureTransportError
+from consortium.site_keys import SiteKeys
+from consortium.tls import ClientTls
+from coordinator.access.onboarding import revoke
+from coordinator.access.pki_files import CoordinatorPki
+from coordinator.data_dir import DataDir
+from coordinator.federated.edge import edge_port_file
+from coordinator.serve import check_transport
+from coordinator.settings import CoordinatorSettings
+from coordinator.state import SqliteStateStore
+from tests.conftest import Processes
+from tests.helpers import start_secure_consortium, wait_for
+
+NAMES = ("alpha", "beta")
+REFUSAL_TIMEOUT_S = 10.0
+
+
+@dataclass
+class Consortium:
+    root: Path
+    data_dir: Path
+
+    @property
+    def paths(self) -> DataDir:
+        return DataDir(self.data_dir)
+
+    @property
+    def edge(self) -> tuple[str, int]:
+        return "127.0.0.1", int(edge_port_file(self.paths).read_text())
+
+    @property
+    def ca_cert(self) -> Path:
+        return CoordinatorPki(self.data_dir).ca_cert
+
+    def institution(self, name: str) -> ClientTls:
+        site = self.root / name
+        return ClientTls(
+            site / "bundle" / "ca.crt",
+            site / "bundle" / "institution.crt",
+            SiteKeys(site / "state").tls_key,
+        )
+
+    def context(self, name: str | None) -> ssl.SSLContext:
+        """What a caller holds: the public CA certificate, and an institution's key."""
+        context = ssl.create_default_context(cafile=str(self.ca_cert))
+        if name is not None:
+            tls = self.institution(name)
+            context.load_cert_chain(str(tls.cert), str(tls.key))
+        return context
+
+    def post(self, name: str | None, path: str) -> tuple[int, bytes]:
+        """POST `path` to the edge exactly as written (no client-side normalization);
+        the status and body."""
+        host, port = self.edge
+        connection = http.client.HTTPSConnection(host, port, context=self.context(name), timeout=10)
+        try:
+            connection.request("POST", path, body=b"", headers={"content-type": "application/x"})
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    def refusals(self, reason: str) -> float:
+        metrics = self.paths.metrics_address_file.read_text().strip()
+        with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "consortium_auth_refusals_total" and sample.labels == {
+                    "channel": "fleet",
+                    "reason": reason,
+                }:
+                    return sample.value
+        raise AssertionError(f"no fleet consortium_auth_refusals_total series for {reason}")
+
+    def log(self) -> str:
+        return (self.root / "logs" / "coordinator.log").read_text(errors="replace")
+
+    def superlink_port(self) -> int:
+        return int(self.paths.superlink_port_file.read_text())
+
+
+@pytest.fixture(scope="module")
+def consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]:
+    root = tmp_path_factory.mktemp("flower-edge")
+    processes = Processes(root / "logs")
+    try:
+        data_dir, _ = start_secure_consortium(processes, root, NAMES)
+        yield Consortium(root, data_dir)
+    finally:
+        processes.stop_all()
+
+
+def test_edge_refuses_outsider_holding_only_the_ca_certificate(consortium: Consortium) -> None:
+    before = consortium.refusals("no_client_certificate")
+    host, port = consortium.edge
+    with (
+        httpx.Client(verify=consortium.context(None), timeout=10) as outsider,
+        pytest.raises(httpx.TransportError),
+    ):
+        outsider.post(f"https://{host}:{port}/v1/control/list-runs", content=b"")
+    wait_for(
+        "the refused handshake counted",
+        lambda: consortium.refusals("no_client_certificate") == before + 1,
+        REFUSAL_TIMEOUT_S,
+    )
+    assert "Fleet edge refused no certificate (no_client_certificate)" in consortium.log()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/control/list-runs",  # `flwr ls`
+        "/v1/control/start-run",  # `flwr run` of an outsider's app
+        "/v1/runtime/get-run",
+        "/v1/fleet/../control/list-runs",  # a proxy that normalizes would forward this
+        "/v1/fleet/%2e%2e/control/list-runs",
+        "/health",
+    ],
+)
+def test_edge_forbids_non_fleet_api_with_valid_institution_certificate(
+    consortium: Consortium, path: str
+) -> None:
+    before = consortium.refusals("forbidden_api")
+    status, body = consortium.post("alpha", path)
+    assert status == 403
+    assert b"only the Flower Fleet API" in body
+    assert consortium.refusals("forbidden_api") == before + 1
+    assert re.search(
+        r"Fleet edge refused alpha \(forbidden_api\) from 127\.0\.0\.1", consortium.log()
+    )
+
+
+def test_edge_forwards_fleet_api_to_the_superlink(consortium: Consortium) -> None:
+    # An unsigned Fleet call: it passes the edge and the SuperLink itself refuses it.
+    status, body = consortium.post("alpha", "/v1/fleet/get-run")
+    assert status == 415, body  # the SuperLink's own answer: it wants protobuf
+    assert b"Unsupported Content-Type" in body
+
+
+def test_superlink_not_reachable_on_non_loopback_address(consortium: Consortium) -> None:
+    port = consortium.superlink_port()
+    listening = [
+        c.laddr
+        for c in psutil.net_connections("inet")
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+    ]
+    assert listening, "the SuperLink does not listen"
+    assert {address.ip for address in listening} <= {"127.0.0.1", "::1"}
+    others = [
+        address.address
+        for addresses in psutil.net_if_addrs().values()
+        for address in addresses
+        if address.family == socket.AF_INET and not address.address.startswith("127.")
+    ]
+    for ip in others:
+        with pytest.raises(OSError):
+            socket.create_connection((ip, port), timeout=2).close()
+
+
+def test_serve_refuses_non_loopback_superlink_host(tmp_path: Path) -> None:
+    settings = CoordinatorSettings(data_dir=tmp_path, superlink_host="0.0.0.0")
+    with pytest.raises(InsecureTransportError, match="must listen on loopback"):
+        check_transport(settings)
+
+
+def test_edge_refuses_revoked_institution(consortium: Consortium) -> None:
+    before = consortium.refusals("revoked_certificate")
+    assert consortium.post("beta", "/v1/fleet/get-run")[0] != 403
+    store = SqliteStateStore(consortium.paths.state_db)
+    try:
+        revoke(store, "beta")
+    finally:
+        store.close()
+    status, body = consortium.post("beta", "/v1/fleet/get-run")
+    assert status == 403
+    assert b"revoked" in body
+    assert consortium.refusals("revoked_certificate") == before + 1
+    assert "Fleet edge refused beta (revoked_certificate)" in consortium.log()

@@ -1,15 +1,9 @@
-"""Integration fixtures: a real federated job, run once per session and shared by the
-tests that read it; and one pytest-xdist group per module.
-
-Under `pytest -n N --dist loadgroup` (make test) each module's tests run in one worker,
-so a module-scoped stack starts once, and the modules that read `completed_run` share a
-group so the session's job runs once. Tests outside tests/integration are spread freely.
-"""
+"""A real federated job, run once per session (once per pytest-xdist worker that runs a
+module reading it: `make test` uses --dist loadfile) and shared by the tests that read it."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -37,28 +31,11 @@ seed = 3
 """
 
 
-# Modules that read the session's `completed_run` run in one worker with it.
-COMPLETED_RUN_GROUP = "completed-run"
-COMPLETED_RUN_READERS = ("test_federated_job", "test_provenance")
-
-
-# First: xdist's own hook (no order of its own) reads the marker to group the tests.
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
-    for item in items:
-        if item.path.parent != here:
-            continue
-        module = item.path.stem
-        group = COMPLETED_RUN_GROUP if module in COMPLETED_RUN_READERS else module
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 @pytest.fixture(scope="session")
 def completed_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CompletedRun]:
     """Coordinator + two onboarded institutions (mutual TLS, SuperNode authentication,
     no Ray: a federated job does not use it) complete a 3-round job on loopback, then
-    stop. test_federated_job.py and test_provenance.py read it (one xdist group)."""
+    stop. test_federated_job.py and test_provenance.py read it."""
     root = tmp_path_factory.mktemp("federated")
     processes = Processes(root / "logs")
     try:

@@ -228,9 +228,13 @@ class SiteNode:
         run.children.add(supernode.stop)
         run.supernode = supernode
         self.metrics.watch_supernode(lambda: supernode.process.poll() is None)
-        self._say(
-            f"SuperNode connected to {joined.superlink_address} (log: {supernode.process.log_path})"
+        route = (
+            f"through the local forwarder {forwarder.address} to the Fleet edge "
+            f"{joined.superlink_address}"
+            if forwarder is not None
+            else f"to {joined.superlink_address}"
         )
+        self._say(f"SuperNode started, {route} (log: {supernode.process.log_path})")
 
     def _start_ray_worker_step(self, run: _Run) -> None:
         worker = self._start_ray_worker(run.require_joined())

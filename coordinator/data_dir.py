@@ -12,7 +12,8 @@ Layout (all under `root`)::
     checkpoints/<job>/            per-job checkpoints (federated rounds, DiLoCo steps)
     models/<job>.safetensors      each job's final model
     accounting/<job>.json         compute per institution (pretraining)
-    flower/                       SuperLink database and port, the Flower app, FLWR_HOME
+    flower/                       SuperLink database and port, Fleet edge port, the Flower
+                                  app, FLWR_HOME
     ray/                          Ray head port, token rotation excludes
     logs/                         children's logs (superlink.log, ray-head.log, ...)
     bundles/<institution>/        startup bundles written by `coordinator onboard`
@@ -98,6 +99,11 @@ class DataDir:
     @property
     def superlink_port_file(self) -> Path:
         return self.flower_dir / "superlink.port"
+
+    @property
+    def fleet_edge_port_file(self) -> Path:
+        """The Fleet edge's port, kept so sites reconnect after a restart."""
+        return self.flower_dir / "edge.port"
 
     @property
     def flower_app_dir(self) -> Path:

@@ -26,7 +26,7 @@ from coordinator.access.registry import NodeRegistry
 from coordinator.access.supernode_keys import SuperNodeKeySync
 from coordinator.api.auth import CertificateAuthInterceptor
 from coordinator.api.servicers import JobsServicer, NodeRegistryServicer
-from coordinator.federated.edge import FleetEdge, edge_port_file
+from coordinator.federated.edge import FleetEdge
 from coordinator.federated.flower_app import FlowerCli
 from coordinator.federated.runner import FlowerJobRunner
 from coordinator.federated.superlink import SuperLink
@@ -235,7 +235,7 @@ class Coordinator:
             self.fleet_address = self.superlink.address
             return
         host, port = split_host_port(self.settings.fleet_edge_address)
-        record = edge_port_file(self.paths)
+        record = self.paths.fleet_edge_port_file
         port = sticky_port(record, host, port)
         edge = FleetEdge(
             host,

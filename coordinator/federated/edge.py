@@ -47,7 +47,6 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from consortium.errors import ChildProcessFailedError
 from consortium.tls import ServerTls
-from coordinator.data_dir import DataDir
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +114,6 @@ class EdgeStartError(ChildProcessFailedError):
 
 
 RefusalHook = Callable[[str, str], None]  # (reason, institution or "")
-
-
-def edge_port_file(paths: DataDir) -> Path:
-    """Where `coordinator serve` records the edge's port, so sites reconnect after a restart."""
-    return paths.flower_dir / "edge.port"
 
 
 def handshake_refusal_reason(error: BaseException) -> str:

@@ -28,7 +28,6 @@ from consortium.tls import ClientTls
 from coordinator.access.onboarding import revoke
 from coordinator.access.pki_files import CoordinatorPki
 from coordinator.data_dir import DataDir
-from coordinator.federated.edge import edge_port_file
 from coordinator.serve import check_transport
 from coordinator.settings import CoordinatorSettings
 from coordinator.state import SqliteStateStore
@@ -50,7 +49,7 @@ class Consortium:
 
     @property
     def edge(self) -> tuple[str, int]:
-        return "127.0.0.1", int(edge_port_file(self.paths).read_text())
+        return "127.0.0.1", int(self.paths.fleet_edge_port_file.read_text())
 
     @property
     def ca_cert(self) -> Path:

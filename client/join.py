@@ -289,6 +289,7 @@ class SiteNode:
             hardware=hardware_labels(self.device),
             tls=self._ray_certificate() if joined.ray_tls else None,
             before_start=self.fetch_ray_token if self.bundle else None,
+            drain_timeout_s=self.settings.ray_drain_timeout_s,
         )
         self._say(
             f"Ray worker joining {joined.ray_address} as institution:{self.settings.institution} "

@@ -1,4 +1,5 @@
-"""Admission of a signed model update: who sent it, for what, and only once.
+"""Admission of a signed model update: who sent it, for what, and only once (every
+reason it gives: `coordinator/federated/reasons.py`).
 
 Every refusal has a reason that goes into the provenance log; none of them
 touches the aggregate. The checks, in order: the reply is not an error, it is
@@ -37,22 +38,6 @@ COMMITMENT_RECORD = "consortium.data"
 # refused with reason "bad_metrics".
 ALLOWED_METRICS = frozenset({"num-examples", "train_loss"})
 MAX_METRIC_NAME_CHARS = 64  # how much of a refused metric's name the log repeats
-
-# Every reason admission gives (the aggregation core adds its own `RejectReason`s and
-# the strategy "duplicate").
-REFUSAL_REASONS = (
-    "client_error",
-    "unsigned",
-    "malformed",
-    "unknown_key",
-    "stale",
-    "bad_signature",
-    "digest_mismatch",
-    "weight_mismatch",
-    "bad_metrics",
-    "inflated_count",
-    "replayed",
-)
 
 
 class UpdateRefused(Exception):  # noqa: N818 - reads as what happened to the update

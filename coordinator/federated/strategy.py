@@ -41,6 +41,7 @@ from consortium.aggregation import (
 from consortium.aggregation.validate import tensor_stats
 from consortium.tensor_digest import arrays_digest
 from coordinator.federated.admission import AdmissionState, AdmittedUpdate, UpdateRefused, admit
+from coordinator.federated.reasons import DUPLICATE
 from coordinator.federated.retention import retain
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,6 @@ Arrays = dict[str, npt.NDArray[Any]]
 DEFAULT_NORM_RATIO = 10.0
 # The default bound of a global model whose norm is (near) zero.
 MIN_DEFAULT_NORM = 1.0
-
-DUPLICATE = "duplicate"  # a second update of one institution in one round
 
 
 @dataclass(frozen=True)

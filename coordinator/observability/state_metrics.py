@@ -23,32 +23,14 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from consortium.aggregation.errors import RejectReason
 from consortium.errors import JobSpecError
 from consortium.metrics_http import JsonLinesTail
 from consortium.provenance.records import RecordType
 from coordinator.data_dir import DataDir
+from coordinator.federated.reasons import UPDATE_REJECT_REASONS
 from coordinator.jobs.spec import parse_job_spec
 from coordinator.state import FINAL_JOB_STATES, JobRecord, JobState, NodeState, StateStore
 from coordinator.state.records import RoundRecord
-
-# Why the coordinator refuses an update: the admission checks of signed replies
-# (coordinator/federated/admission.py), then the aggregation core's validation.
-UPDATE_REJECT_REASONS = (
-    "client_error",
-    "unsigned",
-    "malformed",
-    "unknown_key",
-    "stale",
-    "bad_signature",
-    "digest_mismatch",
-    "weight_mismatch",
-    "bad_metrics",
-    "inflated_count",
-    "replayed",
-    "duplicate",  # the strategy's: a second update of one institution in a round
-    *(r.value for r in RejectReason),
-)
 
 ROUND_DURATION_BUCKETS_S = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 # Per-job series cover running jobs and this many of the newest, so their

@@ -15,12 +15,16 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from consortium.processes import ChildProcess, venv_executable
 from consortium.proto.v1 import jobs_pb2, nodes_pb2
+from coordinator.data_dir import DataDir
 from coordinator.demo import write_partitions, write_text_partitions
 from coordinator.local_consortium import LocalConsortium, online_nodes, supernode_keys_registered
 from tests.conftest import Processes
@@ -31,8 +35,10 @@ __all__ = [
     "TEST_PROFILE",
     "TINY_PRETRAIN",
     "CompletedRun",
+    "auth_refusals",
     "join_site",
     "local_consortium",
+    "metric_value",
     "online_nodes",
     "run_cli",
     "start_coordinator",
@@ -203,3 +209,22 @@ def start_secure_consortium(
     if wait_for_keys:
         wait_for("SuperNode keys registered", consortium.supernode_keys_registered)
     return consortium.data_dir, address
+
+
+def metric_value(data_dir: Path, name: str, labels: dict[str, str]) -> float:
+    """One sample of the coordinator's /metrics (its address is in the data dir)."""
+    address = DataDir(data_dir).metrics_address_file.read_text().strip()
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    raise AssertionError(f"the coordinator exports no {name}{labels}")
+
+
+def auth_refusals(data_dir: Path, channel: str, reason: str) -> float:
+    """consortium_auth_refusals_total{channel, reason}, scraped from the coordinator."""
+    return metric_value(
+        data_dir, "consortium_auth_refusals_total", {"channel": channel, "reason": reason}
+    )

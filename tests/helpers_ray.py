@@ -8,19 +8,17 @@ import json
 import os
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from client.ray_worker import worker_argv
 from consortium.processes import ChildProcess
 from consortium.ray_env import DRAIN_TIMEOUT_ENV, ray_auth_env, short_temp_dir
 from coordinator.access.pki_files import CoordinatorPki
 from tests.conftest import Processes
+from tests.helpers import auth_refusals
 
 REPO = Path(__file__).resolve().parents[2]
 # `ray start` retries the GCS once a second; three tries are enough to be refused.
@@ -103,17 +101,7 @@ class Channel:
         return self.coordinator.log_path.read_text(errors="replace")
 
     def refusals(self, reason: str) -> float:
-        address = (self.data_dir / "metrics.address").read_text().strip()
-        with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
-            text = response.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == "consortium_auth_refusals_total" and sample.labels == {
-                    "channel": "ray",
-                    "reason": reason,
-                }:
-                    return float(sample.value)
-        raise AssertionError(f"no auth-refusal series for channel 'ray', reason {reason!r}")
+        return auth_refusals(self.data_dir, "ray", reason)
 
 
 def alive(nodes: list[dict[str, Any]], institution: str) -> list[dict[str, Any]]:

@@ -11,14 +11,12 @@ import datetime as dt
 import os
 import stat
 import subprocess
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from consortium import pki
 from consortium.net import reserve_free_port
@@ -31,6 +29,9 @@ from coordinator.access.pki_files import CoordinatorPki
 from coordinator.data_dir import DataDir
 from coordinator.state import SqliteStateStore
 from tests.conftest import Processes
+from tests.helpers import (
+    auth_refusals as scraped_auth_refusals,
+)
 from tests.helpers import (
     start_secure_consortium,
     supernode_keys_registered,
@@ -84,16 +85,7 @@ def register(stub: nodes_pb2_grpc.NodeRegistryStub, institution: str) -> nodes_p
 
 
 def auth_refusals(consortium: Consortium, channel: str, reason: str) -> float:
-    """consortium_auth_refusals_total{channel, reason}, scraped from the coordinator."""
-    metrics = (consortium.data_dir / "metrics.address").read_text().strip()
-    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            wanted = {"channel": channel, "reason": reason}
-            if sample.name == "consortium_auth_refusals_total" and sample.labels == wanted:
-                return sample.value
-    raise AssertionError(f"no auth_refusals series for {channel}/{reason}")
+    return scraped_auth_refusals(consortium.data_dir, channel, reason)
 
 
 def coordinator_log(consortium: Consortium) -> str:

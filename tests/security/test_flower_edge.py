@@ -12,7 +12,6 @@ import http.client
 import re
 import socket
 import ssl
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,6 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from consortium.errors import InsecureTransportError
 from consortium.site_keys import SiteKeys
@@ -32,7 +30,7 @@ from coordinator.serve import check_transport
 from coordinator.settings import CoordinatorSettings
 from coordinator.state import SqliteStateStore
 from tests.conftest import Processes
-from tests.helpers import start_secure_consortium, wait_for
+from tests.helpers import auth_refusals, start_secure_consortium, wait_for
 
 NAMES = ("alpha", "beta")
 REFUSAL_TIMEOUT_S = 10.0
@@ -84,17 +82,7 @@ class Consortium:
             connection.close()
 
     def refusals(self, reason: str) -> float:
-        metrics = self.paths.metrics_address_file.read_text().strip()
-        with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as response:
-            text = response.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == "consortium_auth_refusals_total" and sample.labels == {
-                    "channel": "fleet",
-                    "reason": reason,
-                }:
-                    return sample.value
-        raise AssertionError(f"no fleet consortium_auth_refusals_total series for {reason}")
+        return auth_refusals(self.paths.root, "fleet", reason)
 
     def log(self) -> str:
         return (self.root / "logs" / "coordinator.log").read_text(errors="replace")

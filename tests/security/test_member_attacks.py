@@ -7,14 +7,12 @@ that the refusal was logged and counted (docs/security.md names these tests).
 
 from __future__ import annotations
 
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from consortium.proto.v1 import jobs_pb2, jobs_pb2_grpc, nodes_pb2, nodes_pb2_grpc
 from consortium.provenance.signing import SigningKey
@@ -24,7 +22,7 @@ from coordinator.access.pki_files import CoordinatorPki
 from coordinator.data_dir import DataDir
 from coordinator.state import SqliteStateStore
 from tests.conftest import Processes
-from tests.helpers import start_secure_consortium
+from tests.helpers import auth_refusals, start_secure_consortium
 
 NAMES = ("alpha", "beta")
 JOB = 'name = "{name}"\nmodel = "digits-cnn"\ndataset = "digits"\nrounds = 2\nmin_clients = {n}\n'
@@ -54,17 +52,7 @@ class Consortium:
         return nodes_pb2_grpc.NodeRegistryStub(grpc.secure_channel(self.address, tls.credentials()))
 
     def refusals(self, reason: str) -> float:
-        metrics = DataDir(self.data_dir).metrics_address_file.read_text().strip()
-        with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as response:
-            text = response.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == "consortium_auth_refusals_total" and sample.labels == {
-                    "channel": "control_plane",
-                    "reason": reason,
-                }:
-                    return sample.value
-        raise AssertionError(f"no consortium_auth_refusals_total series for {reason}")
+        return auth_refusals(self.data_dir, "control_plane", reason)
 
     def log(self) -> str:
         return (self.root / "logs" / "coordinator.log").read_text(errors="replace")

@@ -6,11 +6,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-# pytest-xdist workers: integration tests mostly wait on real processes, so three
-# share two cores well. --dist loadfile keeps each module in one worker, so a
-# module-scoped stack starts once (loadgroup's xdist_group marks are not honoured
-# under pytest 9.2 with xdist 3.8: the @group suffix never reaches the scheduler).
-PYTEST_WORKERS ?= 3
+# pytest-xdist workers: integration tests mostly wait on real processes, so two
+# share two cores (three overloaded them: Ray workers missed their start deadlines).
+# --dist loadfile keeps each module in one worker, so a module-scoped stack starts
+# once (loadgroup's xdist_group marks are not honoured under pytest 9.2 with xdist 3.8:
+# the @group suffix never reaches the scheduler).
+PYTEST_WORKERS ?= 2
 
 .PHONY: demo test lint protos dashboard
 

@@ -35,7 +35,7 @@ seed = 3
 def completed_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CompletedRun]:
     """Coordinator + two onboarded institutions (mutual TLS, SuperNode authentication,
     no Ray: a federated job does not use it) complete a 3-round job on loopback, then
-    stop. test_federated_job.py and test_provenance.py read it."""
+    stop. test_federated_job.py reads it (one module, so one xdist worker runs it once)."""
     root = tmp_path_factory.mktemp("federated")
     processes = Processes(root / "logs")
     try:

@@ -31,7 +31,7 @@ from consortium.site_keys import SiteKeys
 from consortium.tls import ClientTls
 from coordinator.access.pki_files import CoordinatorPki
 from tests.conftest import Processes
-from tests.helpers import run_cli, start_secure_consortium, wait_for
+from tests.helpers import START_TIMEOUT_S, run_cli, start_secure_consortium, wait_for
 from tests.helpers_ray import Channel, alive
 
 NAMES = ("alpha", "beta")
@@ -168,7 +168,13 @@ def test_revocation_replaces_the_ray_token_so_the_institution_is_refused_while_o
 
     # beta's next Ray join, with the token its bundle carries, is refused by the GCS...
     again = channel.start_node("beta-again", "beta", ray_auth_env(channel.token("beta")), True)
-    wait_for("the GCS to refuse beta's old token", lambda: refused_by_the_gcs(again))
+    # `ray start` retries its GCS connection several times before it gives up; on a
+    # loaded machine that takes longer than a process start.
+    wait_for(
+        "the GCS to refuse beta's old token",
+        lambda: refused_by_the_gcs(again),
+        timeout_s=3 * START_TIMEOUT_S,
+    )
     # ... and the control plane will not hand beta the new one.
     with pytest.raises(grpc.RpcError) as raised:
         fetch_ray_token(channel, "beta", tmp_path)

@@ -441,7 +441,12 @@ class Coordinator:
             server,
         )
         jobs_pb2_grpc.add_JobsServicer_to_server(
-            JobsServicer(JobService(self.store, metrics=self.metrics), self.store, self.stopping),
+            JobsServicer(
+                JobService(self.store, metrics=self.metrics),
+                self.store,
+                self.stopping,
+                self.metrics,
+            ),
             server,
         )
         host, port = split_host_port(self.settings.listen_address)

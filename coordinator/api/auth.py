@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+from cryptography import x509
 
 from coordinator.access.caller import CALLER
 from coordinator.state import StateStore
@@ -49,7 +50,27 @@ class CertificateAuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 institution,
                 f"the certificate of {institution!r} has been revoked",
             )
+        self._require_current_certificate(context, institution, auth.get("x509_pem_cert") or [])
         return institution
+
+    def _require_current_certificate(
+        self, context: grpc.ServicerContext, institution: str, pems: list[bytes]
+    ) -> None:
+        """A renewal supersedes the institution's earlier certificates: only the latest
+        one issued (by serial) is accepted. Names the consortium never issued a
+        certificate to (the operator's own) have nothing to supersede."""
+        current = self._store.current_certificate_serial(institution)
+        if current is None or not pems:
+            return
+        serial = format(x509.load_pem_x509_certificate(pems[0]).serial_number, "x")
+        if serial != current:
+            self._refuse(
+                context,
+                "superseded_certificate",
+                institution,
+                f"the certificate of {institution!r} (serial {serial}) was replaced by a "
+                "renewal; use the renewed bundle",
+            )
 
     def intercept_service(
         self,

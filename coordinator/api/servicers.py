@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 
-from consortium.errors import ConflictError, InvalidArgumentError
+from consortium.errors import ConflictError, InvalidArgumentError, UnauthenticatedError
 from consortium.pki import pem
 from consortium.proto.v1 import jobs_pb2, jobs_pb2_grpc, nodes_pb2, nodes_pb2_grpc
-from coordinator.access.caller import require_acting_as
-from coordinator.access.pki_files import CoordinatorPki
+from coordinator.access.caller import current_caller, require_acting_as
+from coordinator.access.pki_files import OPERATOR, CoordinatorPki
 from coordinator.access.registry import NodeRegistry
 from coordinator.api.convert import (
     job_to_proto,
@@ -22,9 +23,12 @@ from coordinator.api.convert import (
 )
 from coordinator.api.status import streaming, unary
 from coordinator.jobs.service import JobService
+from coordinator.observability.metrics import CoordinatorMetrics
 from coordinator.ray.nodes import NoRay, RayNodesSource, match_nodes
 from coordinator.ray.tls import peer_ip, sign_node_csr
 from coordinator.state import FINAL_JOB_STATES, StateStore
+
+log = logging.getLogger(__name__)
 
 WATCH_POLL_INTERVAL_S = 0.2
 
@@ -129,10 +133,25 @@ class NodeRegistryServicer(nodes_pb2_grpc.NodeRegistryServicer):
 
 
 class JobsServicer(jobs_pb2_grpc.JobsServicer):
-    def __init__(self, jobs: JobService, store: StateStore, stopping: threading.Event) -> None:
+    def __init__(
+        self,
+        jobs: JobService,
+        store: StateStore,
+        stopping: threading.Event,
+        metrics: CoordinatorMetrics | None = None,
+    ) -> None:
         self._jobs = jobs
         self._store = store
         self._stopping = stopping
+        self._metrics = metrics or CoordinatorMetrics()
+
+    def _require_caller_not_revoked(self) -> None:
+        """A watch outlives the call's authentication: a revocation ends it."""
+        caller = current_caller()
+        if caller is not None and caller != OPERATOR and self._store.is_revoked(caller):
+            log.warning("control plane: ending %s's job watch, its certificate was revoked", caller)
+            self._metrics.auth_refused("control_plane", "revoked_certificate")
+            raise UnauthenticatedError(f"the certificate of {caller!r} has been revoked")
 
     @unary
     def SubmitJob(
@@ -178,6 +197,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         while job.state not in FINAL_JOB_STATES and context.is_active():
             if self._stopping.wait(WATCH_POLL_INTERVAL_S):
                 return
+            self._require_caller_not_revoked()
             for event in self._store.events_after(job_id, sequence):
                 sequence = event.sequence
                 if event.kind == "round":

@@ -45,6 +45,7 @@ AUTH_REASONS = (
     "not_tls",
     "rejected_certificate",  # Ray's TLS: verification failed, reason not logged
     "revoked_certificate",
+    "superseded_certificate",  # an institution's certificate from before its renewal
     "unknown_node",
     "institution_mismatch",
     "not_job_owner",  # an institution acting on another's job

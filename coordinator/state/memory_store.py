@@ -228,6 +228,15 @@ class InMemoryStateStore(StateStore):
         with self._lock:
             return sorted({c.institution for c in self._certificates.values()})
 
+    def current_certificate_serial(self, institution: str) -> str | None:
+        with self._lock:
+            # dicts keep insertion order: the last one issued wins a tie on the clock
+            serial = None
+            for candidate, cert in self._certificates.items():
+                if cert.institution == institution:
+                    serial = candidate
+            return serial
+
     def revoke_institution(self, institution: str) -> None:
         with self._lock:
             self._revoked_at_ms.setdefault(institution, now_ms())

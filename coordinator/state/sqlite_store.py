@@ -448,6 +448,18 @@ class SqliteStateStore(StateStore):
         )
         return [r["institution"] for r in rows]
 
+    def current_certificate_serial(self, institution: str) -> str | None:
+        row = (
+            self._connection()
+            .execute(
+                "SELECT serial FROM certificates WHERE institution = ? "
+                "ORDER BY issued_at_ms DESC, rowid DESC LIMIT 1",
+                (institution,),
+            )
+            .fetchone()
+        )
+        return None if row is None else str(row["serial"])
+
     def revoke_institution(self, institution: str) -> None:
         with self._transaction() as db:
             db.execute("INSERT OR IGNORE INTO revocations VALUES (?, ?)", (institution, now_ms()))

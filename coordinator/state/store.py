@@ -118,6 +118,11 @@ class StateStore(ABC):
         """Every institution a certificate was issued to."""
 
     @abstractmethod
+    def current_certificate_serial(self, institution: str) -> str | None:
+        """The serial of the institution's latest certificate (a renewal supersedes the
+        ones before it); None if none was issued to that name."""
+
+    @abstractmethod
     def revoke_institution(self, institution: str) -> None:
         """Deny-list the institution and mark its nodes gone."""
 

@@ -16,8 +16,9 @@ import pytest
 
 from consortium.proto.v1 import jobs_pb2, jobs_pb2_grpc, nodes_pb2, nodes_pb2_grpc
 from consortium.provenance.signing import SigningKey
-from consortium.site_keys import SiteKeys
+from consortium.site_keys import SiteKeys, create_site_keys
 from consortium.tls import ClientTls
+from coordinator.access.onboarding import renew, revoke
 from coordinator.access.pki_files import CoordinatorPki
 from coordinator.data_dir import DataDir
 from coordinator.state import SqliteStateStore
@@ -164,3 +165,56 @@ def test_member_spec_out_of_bounds_is_invalid_argument_and_creates_nothing(
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert field in (error.details() or "")
     assert consortium.job_count() == before
+
+
+# --- certificates that outlived a renewal or a revocation (these run last: they change
+# the institutions' standing in the shared consortium) -----------------------------------
+
+
+def test_certificate_replaced_by_a_renewal_is_refused(consortium: Consortium) -> None:
+    """`coordinator renew` issues alpha a new certificate; the old one, still in the old
+    bundle, is refused from then on (by serial), logged and counted."""
+    old = consortium.as_institution("alpha")
+    site = consortium.root / "alpha-renewed"
+    keys = create_site_keys(site / "state", "alpha")
+    store = SqliteStateStore(DataDir(consortium.data_dir).state_db)
+    try:
+        renew(
+            consortium.data_dir,
+            store,
+            "alpha",
+            keys.csr,
+            site / "bundle",
+            consortium.address,
+            cert_days=30,
+        )
+    finally:
+        store.close()
+    before = consortium.refusals("superseded_certificate")
+    error = rpc_error(lambda: consortium.jobs(old).ListJobs(jobs_pb2.ListJobsRequest()))
+    assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert "replaced by a renewal" in (error.details() or "")
+    assert consortium.refusals("superseded_certificate") == before + 1
+    assert "'alpha' (serial" in consortium.log()
+    renewed = ClientTls(
+        site / "bundle" / "ca.crt", site / "bundle" / "institution.crt", keys.tls_key
+    )
+    consortium.jobs(renewed).ListJobs(jobs_pb2.ListJobsRequest())  # the new one works
+
+
+def test_revocation_ends_the_institutions_open_job_watch(consortium: Consortium) -> None:
+    operator = consortium.jobs(consortium.as_operator())
+    job = operator.SubmitJob(jobs_pb2.SubmitJobRequest(spec_toml=JOB.format(name="w", n=1))).job
+    beta = consortium.jobs(consortium.as_institution("beta"))
+    stream = beta.WatchJob(jobs_pb2.WatchJobRequest(job_id=job.job_id), timeout=60)
+    assert next(stream).job.state == jobs_pb2.JOB_STATE_QUEUED
+    before = consortium.refusals("revoked_certificate")
+    store = SqliteStateStore(DataDir(consortium.data_dir).state_db)
+    try:
+        revoke(store, "beta")
+    finally:
+        store.close()
+    error = rpc_error(lambda: list(stream))
+    assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert consortium.refusals("revoked_certificate") == before + 1
+    assert "ending beta's job watch, its certificate was revoked" in consortium.log()

@@ -484,6 +484,15 @@ class StateTest(ABC):
         store.add_certificate("02", "uni-c", "fp2", 9_000)  # renewed
         assert store.institutions() == ["uni-a", "uni-c"]
 
+    def test_current_certificate_serial_is_the_latest_issued(self, store: StateStore) -> None:
+        assert store.current_certificate_serial("uni-a") is None
+        store.add_certificate("0f", "uni-a", "fp1", 9_000)
+        store.add_certificate("03", "uni-b", "fp2", 9_000)
+        assert store.current_certificate_serial("uni-a") == "0f"
+        store.add_certificate("01", "uni-a", "fp3", 9_000)  # renewed (serials are random)
+        assert store.current_certificate_serial("uni-a") == "01"
+        assert store.current_certificate_serial("uni-b") == "03"
+
     def test_add_certificate_same_serial_twice_raises_conflict(self, store: StateStore) -> None:
         store.add_certificate("01", "uni-a", "fp1", 9_000)
         with pytest.raises(ConflictError, match="01"):

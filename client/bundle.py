@@ -1,6 +1,8 @@
 """The startup bundle an operator sends a site, checked before anything connects.
 
-bundle dir: ca.crt, ca.sha256, institution.crt, bundle.toml, ray-token. The
+bundle dir: ca.crt, ca.sha256, institution.crt, bundle.toml, ray-token,
+coordinator-signing.pub (the key that signs run approvals) and coordinator-signing.sig
+(the CA's endorsement of that key, so pinning the CA pins it too). The
 site's private keys live in its state dir (`client keygen`), never in a bundle.
 Every problem names the file that is wrong.
 """
@@ -18,6 +20,12 @@ from cryptography.hazmat.primitives import serialization
 
 from consortium import pki
 from consortium.errors import SettingsError
+from consortium.provenance.signing import SignatureError, VerifyingKey
+from consortium.run_approval import (
+    COORDINATOR_KEY_ENDORSEMENT_FILE,
+    COORDINATOR_KEY_FILE,
+    ca_endorsement_payload,
+)
 from consortium.site_keys import SiteKeys
 from consortium.tls import ClientTls
 
@@ -32,6 +40,7 @@ class Bundle:
     institution: str
     coordinator_address: str
     keys: SiteKeys
+    coordinator_key: VerifyingKey  # checks the coordinator's signed run approvals
 
     @property
     def ca_cert(self) -> Path:
@@ -100,6 +109,7 @@ def load_bundle(directory: Path, state_dir: Path) -> Bundle:
             f"{cert.not_valid_after_utc.isoformat()}; ask the operator to renew"
         )
     _require(directory / "ray-token")
+    coordinator_key = _coordinator_key(directory, ca)
     keys = SiteKeys(state_dir)
     try:
         key = pki.load_private_key(_require(keys.tls_key))
@@ -113,4 +123,19 @@ def load_bundle(directory: Path, state_dir: Path) -> Bundle:
         raise BundleError(f"{directory / 'institution.crt'} does not match the key {keys.tls_key}")
     _require(keys.supernode_key)
     _require(keys.signing_key)
-    return Bundle(directory, institution, address, keys)
+    return Bundle(directory, institution, address, keys, coordinator_key)
+
+
+def _coordinator_key(directory: Path, ca: x509.Certificate) -> VerifyingKey:
+    key_file = directory / COORDINATOR_KEY_FILE
+    try:
+        key = VerifyingKey.load(_require(key_file))
+    except (SignatureError, ValueError) as err:
+        raise BundleError(f"{key_file} is not an Ed25519 public key: {err}") from None
+    endorsement = _require(directory / COORDINATOR_KEY_ENDORSEMENT_FILE).read_bytes()
+    if not pki.endorsed_by(ca, ca_endorsement_payload(key), endorsement):
+        raise BundleError(
+            f"{key_file} is not endorsed by ca.crt ({COORDINATOR_KEY_ENDORSEMENT_FILE} does "
+            "not verify); ask the operator for a fresh bundle"
+        )
+    return key

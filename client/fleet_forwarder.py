@@ -171,6 +171,10 @@ class FleetForwarder:
             return
         try:
             await asyncio.gather(_pipe(local_r, edge_w), _pipe(edge_r, local_w))
+        except asyncio.CancelledError:
+            # The forwarder is stopping. Not re-raised: asyncio would log the
+            # cancelled connection handler as an error with a traceback.
+            pass
         finally:
             for writer in (local_w, edge_w):
                 writer.close()

@@ -16,6 +16,8 @@ import grpc
 from client.bundle import Bundle, load_bundle
 from client.data.loaders import check_data_dir, count_examples
 from client.devices import describe_device, hardware_labels, resolve_device
+from client.federated.run_check import CoordinatorRunCheck
+from client.federated.task_runner import SiteTaskRunner
 from client.fleet_forwarder import FleetForwarder, LocalTls, edge_target
 from client.metrics import ClientMetrics
 from client.ray_worker import RayWorker
@@ -39,6 +41,7 @@ from consortium.rpc import RetryPolicy, call_with_retry, open_channel
 log = logging.getLogger(__name__)
 
 LEAVE_TIMEOUT_S = 3.0
+TASK_RUNNER_STOP_WAIT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ JOIN_STEPS = (
     "register",
     "fleet_forwarder",
     "supernode",
+    "task_runner",
     "ray_worker",
     "heartbeat",
 )
@@ -121,6 +125,7 @@ class SiteNode:
             settings.coordinator, self.bundle.tls() if self.bundle else None
         )
         self._stub = nodes_pb2_grpc.NodeRegistryStub(self._channel)
+        self.task_runner: SiteTaskRunner | None = None  # once started
         self._policy = RetryPolicy(
             attempts=settings.connect_attempts, initial_backoff_s=settings.connect_backoff_s
         )
@@ -167,6 +172,7 @@ class SiteNode:
                 ("register", lambda: self._register(stack, run)),
                 ("fleet_forwarder", lambda: self._start_forwarder(stack, run)),
                 ("supernode", lambda: self._start_supernode(stack, run)),
+                ("task_runner", lambda: self._start_task_runner(stack, run)),
                 ("ray_worker", lambda: self._start_ray_worker_step(run)),
                 ("heartbeat", lambda: self._start_heartbeat(stack, run)),
             ]
@@ -235,6 +241,37 @@ class SiteNode:
             else f"to {joined.superlink_address}"
         )
         self._say(f"SuperNode started, {route} (log: {supernode.process.log_path})")
+
+    def _start_task_runner(self, stack: ExitStack, run: _Run) -> None:
+        """The thread that executes the SuperNode's tasks, each only if the coordinator
+        signed an approval of its run (client/federated/task_runner.py)."""
+        from client.federated.client_app import app  # torch: imported once, here
+
+        supernode = run.supernode
+        assert supernode is not None
+        runner = SiteTaskRunner(
+            supernode.runtime_api_address,
+            supernode.task_secret,
+            CoordinatorRunCheck(
+                self._stub, self.bundle.coordinator_key if self.bundle is not None else None
+            ),
+            app,
+            on_refused=self.metrics.run_refused,
+        )
+        stop = threading.Event()
+        # A daemon: a task in progress (torch cannot be interrupted) must not keep a
+        # stopping `client join` alive; the SuperNode's end fails that task anyway.
+        thread = threading.Thread(target=runner.run, args=(stop,), name="flower-tasks", daemon=True)
+        thread.start()
+
+        def stop_tasks() -> None:
+            stop.set()
+            thread.join(TASK_RUNNER_STOP_WAIT_S)
+            if thread.is_alive():
+                log.warning("leaving a Flower task unfinished")
+
+        stack.callback(stop_tasks)
+        self.task_runner = runner
 
     def _start_ray_worker_step(self, run: _Run) -> None:
         worker = self._start_ray_worker(run.require_joined())

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from consortium.metrics_http import JsonLinesTail
 from consortium.processes import descendant_pids
+from consortium.run_approval import RefusalReason
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,15 @@ class ClientMetrics:
             ["institution"],
             registry=self.registry,
         ).labels(institution).set_function(lambda: float(self._supernode_alive()))
+        self._refused_runs = Counter(
+            "consortium_site_refused_runs_total",
+            "Flower tasks this site refused to execute because the coordinator did not "
+            "approve their run, by reason (consortium.run_approval.RefusalReason).",
+            ["institution", "reason"],
+            registry=self.registry,
+        )
+        for reason in RefusalReason:
+            self._refused_runs.labels(institution, reason.value)
         self.registry.register(NodeProcessCollector(institution, os.getpid()))
         self.registry.register(TrainingCollector(institution, state_dir / TRAINING_LOG))
         if gpu is not None:
@@ -94,6 +104,9 @@ class ClientMetrics:
 
     def watch_supernode(self, alive: Callable[[], bool]) -> None:
         self._supernode_alive = alive
+
+    def run_refused(self, reason: RefusalReason) -> None:
+        self._refused_runs.labels(self._institution, reason.value).inc()
 
 
 class NodeProcessCollector(Collector):

@@ -1,7 +1,15 @@
-"""The site's Flower SuperNode, started as a child process of `client join`."""
+"""The site's Flower SuperNode, started as a child process of `client join`.
+
+It runs with `--isolation process`: it starts no ClientApp itself. `client join`'s
+`SiteTaskRunner` (client/federated/task_runner.py) takes its tasks from the loopback
+Runtime API, authenticated with a secret written here for this start (0600), and
+executes only runs the coordinator approved.
+"""
 
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
 
 from consortium.net import reserve_free_port
@@ -9,6 +17,18 @@ from consortium.processes import ChildProcess, venv_executable
 
 SIGNING_KEY_FILE = "institution-signing.key"
 COMMITMENT_KEY_FILE = "data-commitment.key"
+TASK_SECRET_FILE = "supernode-task.secret"
+
+
+def _new_secret(path: Path) -> bytes:
+    """A fresh secret, owner-only; it authenticates the site's task runner to the
+    SuperNode's Runtime API, so another local user cannot take the site's tasks."""
+    secret = secrets.token_bytes(32)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(secret)
+    return secret
 
 
 def node_config(values: dict[str, str | int]) -> str:
@@ -33,12 +53,19 @@ class SuperNode:
         torch_threads: int = 1,
     ) -> None:
         self.port = port or reserve_free_port()
+        secret_file = state_dir / TASK_SECRET_FILE
+        self.task_secret = _new_secret(secret_file)
         argv = [
             venv_executable("flower-supernode"),
             "--superlink",
             superlink_address,
             "--port",
             str(self.port),
+            # Our task runner, not Flower's launcher, executes tasks (see above).
+            "--isolation",
+            "process",
+            "--superexec-auth-secret-file",
+            str(secret_file.resolve()),
             "--node-config",
             node_config(
                 {
@@ -64,6 +91,10 @@ class SuperNode:
                 str(auth_key.resolve()),
             ]
         self.process = ChildProcess("flower-supernode", argv, state_dir / "supernode.log")
+
+    @property
+    def runtime_api_address(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         self.process.stop()

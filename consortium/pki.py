@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -267,3 +268,21 @@ def load_csr(path: Path) -> x509.CertificateSigningRequest:
         return x509.load_pem_x509_csr(path.read_bytes())
     except ValueError as err:
         raise InvalidArgumentError(f"{path} is not a PEM certificate request: {err}") from None
+
+
+def endorse(ca_key: ec.EllipticCurvePrivateKey, payload: bytes) -> bytes:
+    """The CA's signature over a tagged payload that is not a certificate (the
+    coordinator's Ed25519 key, for one: `consortium.run_approval.ca_endorsement_payload`),
+    so sites that pinned the CA can trust it too."""
+    return ca_key.sign(payload, ec.ECDSA(hashes.SHA256()))
+
+
+def endorsed_by(ca_cert: x509.Certificate, payload: bytes, signature: bytes) -> bool:
+    public = ca_cert.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        return False
+    try:
+        public.verify(signature, payload, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        return False
+    return True

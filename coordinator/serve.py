@@ -26,6 +26,7 @@ from coordinator.access.registry import NodeRegistry
 from coordinator.access.supernode_keys import SuperNodeKeySync
 from coordinator.api.auth import CertificateAuthInterceptor
 from coordinator.api.servicers import JobsServicer, NodeRegistryServicer
+from coordinator.federated.approvals import RunApprovals
 from coordinator.federated.edge import FleetEdge
 from coordinator.federated.flower_app import FlowerCli
 from coordinator.federated.runner import FlowerJobRunner
@@ -139,6 +140,7 @@ class Coordinator:
     server: grpc.Server
     address: str
     scheduler: Scheduler | None
+    approvals: RunApprovals
 
     def __init__(
         self,
@@ -191,8 +193,8 @@ class Coordinator:
 
     def _load_signing_key(self) -> None:
         # Signs the provenance log (created on first start; `coordinator init`
-        # will own this once onboarding lands).
-        SigningKey.load_or_create(self.paths.signing_key)
+        # will own this once onboarding lands) and the runs sites may execute.
+        self.approvals = RunApprovals(SigningKey.load_or_create(self.paths.signing_key))
 
     def _start_watches(self) -> None:
         """Refusals that only the SuperLink's log and gRPC's TLS layer record (secure
@@ -243,6 +245,7 @@ class Coordinator:
             self.superlink.address,
             self.pki.server_tls(),
             self.store.is_revoked,
+            self.store.current_certificate_serial,
             on_refusal=lambda reason, _: self.metrics.auth_refused("fleet", reason),
         )
         self._stack.callback(edge.stop)
@@ -278,7 +281,12 @@ class Coordinator:
         )
         runners: dict[str, JobRunner] = {
             FEDERATED: FlowerJobRunner(
-                lifecycle, self.store, flower, self.metrics, settings.flower_status_interval_s
+                lifecycle,
+                self.store,
+                flower,
+                self.approvals,
+                self.metrics,
+                settings.flower_status_interval_s,
             ),
             PRETRAIN: self.pretrain
             if self.pretrain is not None
@@ -437,6 +445,7 @@ class Coordinator:
                 # Signs contributed nodes' Ray certificates when the channel uses TLS.
                 self.pki if self.ray_cluster is not None and self.ray_cluster.tls else None,
                 self.ray_cluster.token_path if self.ray_cluster is not None else None,
+                self.approvals,
             ),
             server,
         )

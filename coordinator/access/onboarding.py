@@ -20,6 +20,11 @@ from consortium import pki
 from consortium.errors import ConflictError, InvalidArgumentError, NotFoundError
 from consortium.file_modes import private_dir
 from consortium.provenance.signing import SignatureError, SigningKey, VerifyingKey
+from consortium.run_approval import (
+    COORDINATOR_KEY_ENDORSEMENT_FILE,
+    COORDINATOR_KEY_FILE,
+    ca_endorsement_payload,
+)
 from coordinator.access.pki_files import OPERATOR, CoordinatorPki
 from coordinator.data_dir import DataDir
 from coordinator.state import StateStore
@@ -147,7 +152,9 @@ def write_bundle(
     bundle_dir: Path,
     coordinator_address: str,
 ) -> Path:
-    """The startup bundle: public material and the Ray token, never a CA or coordinator key."""
+    """The startup bundle: public material (the CA, the institution's certificate, the
+    coordinator's public signing key and the CA's endorsement of it) and the Ray token,
+    never a CA or coordinator private key."""
     private_dir(bundle_dir)  # it holds the Ray token
     ca_cert = pki.load_certificate(files.ca_cert)
     shutil.copyfile(files.ca_cert, bundle_dir / "ca.crt")
@@ -155,6 +162,12 @@ def write_bundle(
     (bundle_dir / "ca.sha256").write_text(fingerprint + "\n")
     (bundle_dir / "institution.crt").write_bytes(pki.pem(cert))
     _write_secret(bundle_dir / "ray-token", files.ray_token.read_bytes(), force=True)
+    # The key whose signed run approvals the site checks, endorsed by the pinned CA.
+    coordinator_key = VerifyingKey.load(DataDir(files.data_dir).signing_public_key)
+    (bundle_dir / COORDINATOR_KEY_FILE).write_bytes(coordinator_key.pem())
+    (bundle_dir / COORDINATOR_KEY_ENDORSEMENT_FILE).write_bytes(
+        pki.endorse(pki.load_private_key(files.ca_key), ca_endorsement_payload(coordinator_key))
+    )
     (bundle_dir / BUNDLE_FILE).write_text(
         f'institution = "{institution}"\n'
         f'coordinator_address = "{coordinator_address}"\n'

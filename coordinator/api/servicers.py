@@ -22,6 +22,7 @@ from coordinator.api.convert import (
     round_to_proto,
 )
 from coordinator.api.status import streaming, unary
+from coordinator.federated.approvals import RunApprovals
 from coordinator.jobs.service import JobService
 from coordinator.observability.metrics import CoordinatorMetrics
 from coordinator.ray.nodes import NoRay, RayNodesSource, match_nodes
@@ -49,6 +50,7 @@ class NodeRegistryServicer(nodes_pb2_grpc.NodeRegistryServicer):
         ray_nodes: RayNodesSource | None = None,
         ray_tls_signer: CoordinatorPki | None = None,
         ray_token: Path | None = None,
+        approvals: RunApprovals | None = None,
     ) -> None:
         self._registry = registry
         self._superlink_address = superlink_address
@@ -58,6 +60,7 @@ class NodeRegistryServicer(nodes_pb2_grpc.NodeRegistryServicer):
         self._ray_nodes = ray_nodes or NoRay("Ray is off on this coordinator")
         self._ray_tls_signer = ray_tls_signer  # None: the Ray channel has no TLS
         self._ray_token = ray_token  # None: the Ray cluster takes no token
+        self._approvals = approvals  # None: this coordinator starts no Flower runs
 
     @unary
     def RegisterNode(
@@ -87,6 +90,20 @@ class NodeRegistryServicer(nodes_pb2_grpc.NodeRegistryServicer):
         # The interceptor has refused a revoked institution's certificate already.
         require_acting_as(request.institution)
         return nodes_pb2.GetRayTokenResponse(token=self._ray_token.read_bytes().strip())
+
+    @unary
+    def GetRunApproval(
+        self, request: nodes_pb2.GetRunApprovalRequest, context: grpc.ServicerContext
+    ) -> nodes_pb2.GetRunApprovalResponse:
+        # Any authenticated caller may read an approval: it is a public, signed statement.
+        if self._approvals is None:
+            raise ConflictError("this coordinator starts no Flower runs")
+        signed = self._approvals.get(_require(request.run_id, "run_id"))
+        return nodes_pb2.GetRunApprovalResponse(
+            statement=signed.statement,
+            signature=signed.signature,
+            coordinator_public_key=self._approvals.public_key.raw,
+        )
 
     @unary
     def IssueRayCertificate(

@@ -58,6 +58,7 @@ NOT_YET_VALID = "not_yet_valid_certificate"
 WRONG_PURPOSE = "wrong_certificate_purpose"
 NOT_TLS = "not_tls"
 REVOKED = "revoked_certificate"
+SUPERSEDED = "superseded_certificate"
 FORBIDDEN_API = "forbidden_api"
 OTHER = "other"
 
@@ -65,7 +66,8 @@ OTHER = "other"
 # router.py). Nothing else passes: no dots, slashes, percent-escapes or query, so no
 # path normalization downstream (httpx resolves "..") can turn one into another API.
 FLEET_PATH = re.compile(r"/v1/fleet/[a-z][a-z0-9-]{0,63}")
-INSTITUTION_KEY = "consortium.institution"  # ASGI scope key set per connection
+INSTITUTION_KEY = "consortium.institution"  # ASGI scope keys set per connection
+SERIAL_KEY = "consortium.certificate_serial"
 HANDSHAKE_TIMEOUT_S = 10.0
 UPSTREAM_TIMEOUT_S = 300.0  # a push-object of a large model may take a while
 STOP_TIMEOUT_S = 5.0
@@ -135,6 +137,16 @@ def institution_of_peercert(peercert: dict[str, Any] | None) -> str:
     return ""
 
 
+def serial_of_peercert(peercert: dict[str, Any] | None) -> str:
+    """The certificate's serial as the state store writes it (lower-case hex, no
+    leading zeros), or ""."""
+    text = str((peercert or {}).get("serialNumber", ""))
+    try:
+        return format(int(text, 16), "x")
+    except ValueError:
+        return ""
+
+
 def server_ssl_context(tls: ServerTls) -> ssl.SSLContext:
     """Mutual TLS: a client certificate from the consortium CA is required."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tls.ca_cert))
@@ -165,11 +177,13 @@ class _FleetProxy:
         upstream: str,
         ca_cert: Path,
         is_revoked: Callable[[str], bool],
+        current_serial: Callable[[str], str | None],
         refusals: _Refusals,
     ) -> None:
         self._upstream = upstream
         self._ca_cert = ca_cert
         self._is_revoked = is_revoked
+        self._current_serial = current_serial
         self._refusals = refusals
         self._client: httpx.AsyncClient | None = None
         self.app = Starlette(routes=[Mount("/", app=self._handle)], lifespan=self._lifespan)
@@ -191,16 +205,28 @@ class _FleetProxy:
         request = Request(scope, receive)
         institution = str(scope.get(INSTITUTION_KEY, ""))
         peer = f"{request.client.host}:{request.client.port}" if request.client else "?"
-        response = await self._decide(request, institution, peer)
+        serial = str(scope.get(SERIAL_KEY, ""))
+        response = await self._decide(request, institution, serial, peer)
         await response(scope, receive, send)
 
-    async def _decide(self, request: Request, institution: str, peer: str) -> Response:
+    async def _decide(self, request: Request, institution: str, serial: str, peer: str) -> Response:
         if not institution:  # cannot happen behind the handshake; refuse all the same
             self._refusals.refuse(NO_CERTIFICATE, "", peer, request.url.path)
             return Response("a client certificate is required\n", status_code=403)
         if await run_in_threadpool(self._is_revoked, institution):
             self._refusals.refuse(REVOKED, institution, peer, "its certificate has been revoked")
             return Response(f"the certificate of {institution!r} is revoked\n", status_code=403)
+        # A renewal supersedes the institution's earlier certificates (as on the
+        # control plane: coordinator/api/auth.py).
+        current = await run_in_threadpool(self._current_serial, institution)
+        if current is not None and serial != current:
+            detail = f"its certificate (serial {serial}) was replaced by a renewal"
+            self._refusals.refuse(SUPERSEDED, institution, peer, detail)
+            return Response(
+                f"the certificate of {institution!r} was replaced by a renewal; "
+                "use the renewed bundle\n",
+                status_code=403,
+            )
         raw_path = request.scope.get("raw_path", b"").decode("latin-1")
         if (
             request.method != "POST"
@@ -320,11 +346,14 @@ def _gate_class(gate: _GateConfig) -> type[asyncio.Protocol]:
             http = H11Protocol(
                 config=self._config, server_state=self._server_state, app_state=self._app_state
             )
-            institution = institution_of_peercert(tls.get_extra_info("peercert"))
+            peercert = tls.get_extra_info("peercert")
+            institution = institution_of_peercert(peercert)
+            serial = serial_of_peercert(peercert)
             inner = http.app
 
             async def identified(scope: Scope, receive: Receive, send: Send) -> None:
                 scope[INSTITUTION_KEY] = institution
+                scope[SERIAL_KEY] = serial
                 await inner(scope, receive, send)
 
             http.app = identified
@@ -351,7 +380,9 @@ class FleetEdge:
     """The mutual-TLS listener in front of the loopback SuperLink's Fleet API.
 
     `host:port` is what sites connect to (port 0: any free); `upstream` the SuperLink's
-    loopback address; `is_revoked(institution)` is asked on every request;
+    loopback address; `is_revoked(institution)` and `current_serial(institution)` (the
+    serial of its latest certificate; None if the consortium issued it none) are asked
+    on every request;
     `on_refusal(reason, institution)` counts each refusal.
     """
 
@@ -362,11 +393,12 @@ class FleetEdge:
         upstream: str,
         tls: ServerTls,
         is_revoked: Callable[[str], bool],
+        current_serial: Callable[[str], str | None],
         on_refusal: RefusalHook | None = None,
         start_timeout_s: float = 30.0,
     ) -> None:
         refusals = _Refusals(on_refusal)
-        proxy = _FleetProxy(upstream, tls.ca_cert, is_revoked, refusals)
+        proxy = _FleetProxy(upstream, tls.ca_cert, is_revoked, current_serial, refusals)
         gate = _GateConfig(server_ssl_context(tls), refusals)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.socket(family, socket.SOCK_STREAM)

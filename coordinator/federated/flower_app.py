@@ -19,7 +19,7 @@ from consortium.errors import ChildProcessFailedError
 from consortium.processes import venv_executable
 from coordinator.access.pki_files import CoordinatorPki
 from coordinator.data_dir import DataDir
-from coordinator.state.superlink_db import release_unregistered_node
+from coordinator.state.superlink_db import release_unregistered_node, run_fab_hash
 
 SUPERLINK_NAME = "consortium"
 FLWR_TIMEOUT_S = 120.0
@@ -120,6 +120,10 @@ class FlowerCli:
         overrides = " ".join(f"{key}={json.dumps(value)}" for key, value in run_config.items())
         result = self._flwr("run", str(self.app_dir), SUPERLINK_NAME, "--run-config", overrides)
         return str(result["run-id"])
+
+    def fab_hash(self, run_id: str) -> str:
+        """The full sha256 of the app the SuperLink stored for the run."""
+        return run_fab_hash(self.superlink_db, run_id, FLWR_TIMEOUT_S)
 
     def status(self, run_id: str) -> RunStatus:
         result = self._flwr("ls", SUPERLINK_NAME, "--run-id", run_id)

@@ -14,6 +14,7 @@ import time
 from typing import Protocol
 
 from consortium.errors import ConflictError, ConsortiumError
+from coordinator.federated.approvals import RunApprovals
 from coordinator.federated.flower_app import RunStatus
 from coordinator.jobs.lifecycle import JobLifecycle
 from coordinator.jobs.pipeline import JobLookup, StartingModelError, waiting_reason
@@ -35,6 +36,8 @@ class FlowerRuns(Protocol):
 
     def run(self, run_config: dict[str, str]) -> str: ...
 
+    def fab_hash(self, run_id: str) -> str: ...
+
     def status(self, run_id: str) -> RunStatus: ...
 
     def stop(self, run_id: str) -> None: ...
@@ -46,12 +49,14 @@ class FlowerJobRunner:
         lifecycle: JobLifecycle,
         jobs: JobLookup,
         flower: FlowerRuns,
+        approvals: RunApprovals,
         metrics: CoordinatorMetrics | None = None,
         status_interval_s: float = FLOWER_STATUS_INTERVAL_S,
     ) -> None:
         self._lifecycle = lifecycle
         self._jobs = jobs
         self._flower = flower
+        self._approvals = approvals
         self._metrics = metrics or CoordinatorMetrics()
         self._status_interval_s = status_interval_s
         self._run_id: str | None = None  # the Flower run of the job we started
@@ -66,6 +71,13 @@ class FlowerJobRunner:
     def start(self, job: JobRecord) -> None:
         run_id = self._flower.run({"job-id": job.job_id})
         self._run_id = run_id
+        # Sites execute nothing of a run the coordinator has not signed for; the
+        # ServerApp takes seconds to start, so this lands before its first message.
+        try:
+            self._approvals.approve(run_id, self._flower.fab_hash(run_id), job.job_id)
+        except ConsortiumError:
+            self.stop(job)  # a run no site would serve
+            raise
         self._last_status_check = time.monotonic()
         try:
             self._lifecycle.attach_run(job.job_id, run_id)
@@ -79,7 +91,7 @@ class FlowerJobRunner:
 
     def is_active(self, job: JobRecord) -> bool:
         if self._run_id is None or job.state in FINAL_JOB_STATES:
-            self._run_id = None
+            self._end_run()
             return False
         if time.monotonic() - self._last_status_check < self._status_interval_s:
             return True
@@ -100,7 +112,7 @@ class FlowerJobRunner:
             self._metrics.run_failed("ended_early")
         except ConflictError:
             pass  # the ServerApp completed (or someone cancelled) the job just now
-        self._run_id = None
+        self._end_run()
         return False
 
     def stop(self, job: JobRecord) -> None:
@@ -110,8 +122,14 @@ class FlowerJobRunner:
         try:
             self._flower.stop(self._run_id)
         finally:
-            self._run_id = None
+            self._end_run()
 
     def shutdown(self) -> None:
         """The SuperLink stops with the coordinator and takes its runs along."""
+        self._end_run()
+
+    def _end_run(self) -> None:
+        """Sites refuse the run from now on (a late message of an ended run included)."""
+        if self._run_id is not None:
+            self._approvals.withdraw(self._run_id)
         self._run_id = None

@@ -1,12 +1,16 @@
-"""One repair in the Flower SuperLink's own SQLite database that its API cannot make.
+"""Two things in the Flower SuperLink's own SQLite database that its API cannot do.
 
 Flower keeps an unregistered SuperNode's row, and its public key is UNIQUE there, so
 `flwr supernode register` of a key that anyone unregistered fails with "Public key
 already in use" for ever; the Control API has no way back. Restoring an onboarded
 site whose node an outsider unregistered therefore drops that tombstone row (status
 "unregistered" only: an active node is never touched); the key is then registered
-through the Control API as usual. It lives here because this package is the only one
-that opens SQLite files (an import-linter contract).
+through the Control API as usual.
+
+And the full FAB hash of a run, which the coordinator signs into the run's approval
+(`coordinator/federated/approvals.py`): Flower's CLI prints only a prefix.
+Both live here because this package is the only one that opens SQLite files (an
+import-linter contract).
 """
 
 from __future__ import annotations
@@ -35,3 +39,26 @@ def release_unregistered_node(database: Path, public_key_pem: bytes, timeout_s: 
         ) from None
     finally:
         connection.close()
+
+
+def run_fab_hash(database: Path, run_id: str, timeout_s: float) -> str:
+    """The sha256 of the FAB the SuperLink stored for `run_id` (`flwr run --format json`
+    prints only its first 8 characters)."""
+    try:
+        run = int(run_id)
+    except ValueError:
+        raise ChildProcessFailedError(f"Flower run id {run_id!r} is not a number") from None
+    if run >= 2**63:  # Flower stores uint64 run ids as signed 64-bit integers
+        run -= 2**64
+    connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=timeout_s)
+    try:
+        row = connection.execute("SELECT fab_hash FROM run WHERE run_id = ?", (run,)).fetchone()
+    except sqlite3.Error as error:
+        raise ChildProcessFailedError(
+            f"could not read Flower run {run_id} from {database}: {error}"
+        ) from None
+    finally:
+        connection.close()
+    if row is None or not row[0]:
+        raise ChildProcessFailedError(f"the SuperLink has no app recorded for run {run_id}")
+    return str(row[0])

@@ -21,9 +21,9 @@ import psutil
 import pytest
 
 from consortium.errors import InsecureTransportError
-from consortium.site_keys import SiteKeys
+from consortium.site_keys import SiteKeys, create_site_keys
 from consortium.tls import ClientTls
-from coordinator.access.onboarding import revoke
+from coordinator.access.onboarding import renew, revoke
 from coordinator.access.pki_files import CoordinatorPki
 from coordinator.data_dir import DataDir
 from coordinator.serve import check_transport
@@ -32,7 +32,7 @@ from coordinator.state import SqliteStateStore
 from tests.conftest import Processes
 from tests.helpers import auth_refusals, start_secure_consortium, wait_for
 
-NAMES = ("alpha", "beta")
+NAMES = ("alpha", "beta", "gamma")  # gamma is renewed, beta revoked
 REFUSAL_TIMEOUT_S = 10.0
 
 
@@ -63,17 +63,24 @@ class Consortium:
 
     def context(self, name: str | None) -> ssl.SSLContext:
         """What a caller holds: the public CA certificate, and an institution's key."""
+        return self.tls_context(self.institution(name) if name is not None else None)
+
+    def tls_context(self, tls: ClientTls | None) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=str(self.ca_cert))
-        if name is not None:
-            tls = self.institution(name)
+        if tls is not None:
             context.load_cert_chain(str(tls.cert), str(tls.key))
         return context
 
     def post(self, name: str | None, path: str) -> tuple[int, bytes]:
         """POST `path` to the edge exactly as written (no client-side normalization);
         the status and body."""
+        return self.post_with(self.institution(name) if name is not None else None, path)
+
+    def post_with(self, tls: ClientTls | None, path: str) -> tuple[int, bytes]:
         host, port = self.edge
-        connection = http.client.HTTPSConnection(host, port, context=self.context(name), timeout=10)
+        connection = http.client.HTTPSConnection(
+            host, port, context=self.tls_context(tls), timeout=10
+        )
         try:
             connection.request("POST", path, body=b"", headers={"content-type": "application/x"})
             response = connection.getresponse()
@@ -173,6 +180,30 @@ def test_serve_refuses_non_loopback_superlink_host(tmp_path: Path) -> None:
     settings = CoordinatorSettings(data_dir=tmp_path, superlink_host="0.0.0.0")
     with pytest.raises(InsecureTransportError, match="must listen on loopback"):
         check_transport(settings)
+
+
+def test_edge_refuses_a_certificate_replaced_by_a_renewal(consortium: Consortium) -> None:
+    """`coordinator renew` issues gamma a new certificate: the old bundle's one no longer
+    passes the edge (by serial), logged and counted; the renewed one does."""
+    assert consortium.post("gamma", "/v1/fleet/get-run")[0] != 403
+    renewed = consortium.root / "gamma-renewed"
+    keys = create_site_keys(renewed / "state", "gamma")
+    store = SqliteStateStore(consortium.paths.state_db)
+    try:
+        renew(consortium.data_dir, store, "gamma", keys.csr, renewed / "bundle", "x:1", 30)
+    finally:
+        store.close()
+    before = consortium.refusals("superseded_certificate")
+    status, body = consortium.post("gamma", "/v1/fleet/get-run")
+    assert status == 403
+    assert b"replaced by a renewal" in body
+    assert consortium.refusals("superseded_certificate") == before + 1
+    assert "Fleet edge refused gamma (superseded_certificate)" in consortium.log()
+    tls = ClientTls(
+        renewed / "bundle" / "ca.crt", renewed / "bundle" / "institution.crt", keys.tls_key
+    )
+    status, _ = consortium.post_with(tls, "/v1/fleet/get-run")
+    assert status != 403
 
 
 def test_edge_refuses_revoked_institution(consortium: Consortium) -> None:

@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from consortium.errors import ChildProcessFailedError, NotFoundError
+from consortium.provenance.signing import SigningKey
+from consortium.run_approval import check_run
+from coordinator.federated.approvals import RunApprovals
 from coordinator.federated.flower_app import RunStatus
 from coordinator.federated.runner import FlowerJobRunner
 from coordinator.jobs.lifecycle import JobLifecycle
@@ -27,10 +31,16 @@ class FakeFlower:
     runs: list[dict[str, str]] = field(default_factory=list)
     stopped: list[str] = field(default_factory=list)
     status_calls: int = 0
+    fab_unreadable: bool = False
 
     def run(self, run_config: dict[str, str]) -> str:
         self.runs.append(run_config)
         return str(100 + len(self.runs))
+
+    def fab_hash(self, run_id: str) -> str:
+        if self.fab_unreadable:
+            raise ChildProcessFailedError("the SuperLink has no app recorded")
+        return "ab" * 32
 
     def status(self, run_id: str) -> RunStatus:
         self.status_calls += 1
@@ -40,15 +50,44 @@ class FakeFlower:
         self.stopped.append(run_id)
 
 
+KEY = SigningKey.generate()
+
+
 def setup(
-    status_interval_s: float = 0.0,
+    status_interval_s: float = 0.0, approvals: RunApprovals | None = None
 ) -> tuple[FlowerJobRunner, FakeFlower, JobLifecycle, InMemoryStateStore, CoordinatorMetrics]:
     store = InMemoryStateStore()
     lifecycle = JobLifecycle(store)
     flower = FakeFlower()
     metrics = CoordinatorMetrics()
-    runner = FlowerJobRunner(lifecycle, store, flower, metrics, status_interval_s)
+    approvals = approvals or RunApprovals(KEY)
+    runner = FlowerJobRunner(lifecycle, store, flower, approvals, metrics, status_interval_s)
     return runner, flower, lifecycle, store, metrics
+
+
+def test_the_started_run_is_approved_for_its_job_and_app_until_it_ends() -> None:
+    approvals = RunApprovals(KEY)
+    runner, _, lifecycle, store, _ = setup(approvals=approvals)
+    job = lifecycle.start(lifecycle.submit("f", "federated", SPEC, 2).job_id, "go")
+    runner.start(job)
+    approval = check_run(approvals.get("101"), KEY.public, "101", "ab" * 32, job.job_id)
+    assert approval.job_id == job.job_id
+    lifecycle.cancel(job.job_id)
+    runner.stop(store.get_job(job.job_id))
+    with pytest.raises(NotFoundError, match="101"):
+        approvals.get("101")
+
+
+def test_a_run_whose_app_cannot_be_read_is_stopped_not_approved() -> None:
+    approvals = RunApprovals(KEY)
+    runner, flower, lifecycle, _, _ = setup(approvals=approvals)
+    flower.fab_unreadable = True
+    job = lifecycle.start(lifecycle.submit("f", "federated", SPEC, 2).job_id, "go")
+    with pytest.raises(ChildProcessFailedError):
+        runner.start(job)
+    assert flower.stopped == ["101"]
+    with pytest.raises(NotFoundError):
+        approvals.get("101")
 
 
 def test_start_submits_the_app_with_the_job_id_and_remembers_the_run() -> None:

@@ -12,9 +12,11 @@ import pytest
 from client.bundle import BundleError, load_bundle
 from consortium import pki
 from consortium.errors import ConflictError, InvalidArgumentError
+from consortium.provenance.signing import SigningKey
 from consortium.site_keys import create_site_keys
 from coordinator.access.onboarding import Request, init_consortium, onboard, renew, revoke
 from coordinator.access.pki_files import CoordinatorPki
+from coordinator.data_dir import DataDir
 from coordinator.state import SqliteStateStore
 
 
@@ -45,6 +47,21 @@ def test_bundle_of_an_onboarded_site_loads(onboarded: tuple[Path, Path, Path]) -
     bundle = load_bundle(bundle_dir, site)
     assert bundle.institution == "alpha"
     assert bundle.coordinator_address == "127.0.0.1:1"
+    data_dir, _, _ = onboarded
+    coordinator = SigningKey.load(DataDir(data_dir).signing_key)
+    assert bundle.coordinator_key.raw == coordinator.public.raw
+
+
+def test_a_swapped_coordinator_key_is_refused(
+    onboarded: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """Whoever alters the bundle in transit cannot swap in a key of their own that
+    would then sign run approvals: the pinned CA endorses only the coordinator's."""
+    _, site, bundle_dir = onboarded
+    SigningKey.generate().save(tmp_path / "mallory.key")
+    shutil.copyfile(tmp_path / "mallory.pub", bundle_dir / "coordinator-signing.pub")
+    with pytest.raises(BundleError, match=r"not endorsed by ca\.crt"):
+        load_bundle(bundle_dir, site)
 
 
 def test_init_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
@@ -78,7 +95,16 @@ def test_csr_for_another_institution_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["ca.crt", "institution.crt", "ca.sha256", "bundle.toml", "ray-token"]
+    "name",
+    [
+        "ca.crt",
+        "institution.crt",
+        "ca.sha256",
+        "bundle.toml",
+        "ray-token",
+        "coordinator-signing.pub",
+        "coordinator-signing.sig",
+    ],
 )
 def test_missing_bundle_file_is_named(onboarded: tuple[Path, Path, Path], name: str) -> None:
     _, site, bundle_dir = onboarded

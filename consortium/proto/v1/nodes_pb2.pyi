@@ -481,3 +481,56 @@ class ListNodesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListNodesResponse: _TypeAlias = ListNodesResponse  # noqa: Y015
+
+@_typing.final
+class GetRunApprovalRequest(_message.Message):
+    """The coordinator's signed approval of one Flower run (consortium/run_approval.py);
+    a site executes nothing of a run without one.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRunApprovalRequest: _TypeAlias = GetRunApprovalRequest  # noqa: Y015
+
+@_typing.final
+class GetRunApprovalResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATEMENT_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    COORDINATOR_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    statement: _builtins.bytes
+    """canonical JSON of type consortium.run-approval/v1"""
+    signature: _builtins.bytes
+    """Ed25519, by the coordinator's signing key"""
+    coordinator_public_key: _builtins.bytes
+    """The raw public key that signed it. Sites with a bundle ignore it (they check
+    against the bundle's CA-endorsed key); only a loopback `--insecure` site uses it.
+    """
+    def __init__(
+        self,
+        *,
+        statement: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+        coordinator_public_key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coordinator_public_key", b"coordinator_public_key", "signature", b"signature", "statement", b"statement"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRunApprovalResponse: _TypeAlias = GetRunApprovalResponse  # noqa: Y015

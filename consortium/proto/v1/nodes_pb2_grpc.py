@@ -64,6 +64,11 @@ class NodeRegistryStub:
                 request_serializer=consortium_dot_proto_dot_v1_dot_nodes__pb2.GetRayTokenRequest.SerializeToString,
                 response_deserializer=consortium_dot_proto_dot_v1_dot_nodes__pb2.GetRayTokenResponse.FromString,
                 _registered_method=True)
+        self.GetRunApproval = channel.unary_unary(
+                '/consortium.proto.v1.NodeRegistry/GetRunApproval',
+                request_serializer=consortium_dot_proto_dot_v1_dot_nodes__pb2.GetRunApprovalRequest.SerializeToString,
+                response_deserializer=consortium_dot_proto_dot_v1_dot_nodes__pb2.GetRunApprovalResponse.FromString,
+                _registered_method=True)
 
 
 class NodeRegistryServicer:
@@ -105,6 +110,12 @@ class NodeRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRunApproval(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeRegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +148,11 @@ def add_NodeRegistryServicer_to_server(servicer, server):
                     servicer.GetRayToken,
                     request_deserializer=consortium_dot_proto_dot_v1_dot_nodes__pb2.GetRayTokenRequest.FromString,
                     response_serializer=consortium_dot_proto_dot_v1_dot_nodes__pb2.GetRayTokenResponse.SerializeToString,
+            ),
+            'GetRunApproval': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRunApproval,
+                    request_deserializer=consortium_dot_proto_dot_v1_dot_nodes__pb2.GetRunApprovalRequest.FromString,
+                    response_serializer=consortium_dot_proto_dot_v1_dot_nodes__pb2.GetRunApprovalResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +317,33 @@ class NodeRegistry:
             '/consortium.proto.v1.NodeRegistry/GetRayToken',
             consortium_dot_proto_dot_v1_dot_nodes__pb2.GetRayTokenRequest.SerializeToString,
             consortium_dot_proto_dot_v1_dot_nodes__pb2.GetRayTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRunApproval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/consortium.proto.v1.NodeRegistry/GetRunApproval',
+            consortium_dot_proto_dot_v1_dot_nodes__pb2.GetRunApprovalRequest.SerializeToString,
+            consortium_dot_proto_dot_v1_dot_nodes__pb2.GetRunApprovalResponse.FromString,
             options,
             channel_credentials,
             insecure,

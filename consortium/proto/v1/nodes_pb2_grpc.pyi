@@ -37,6 +37,7 @@ class NodeRegistryStub:
     ListNodes: _grpc.UnaryUnaryMultiCallable[_nodes_pb2.ListNodesRequest, _nodes_pb2.ListNodesResponse]
     IssueRayCertificate: _grpc.UnaryUnaryMultiCallable[_nodes_pb2.IssueRayCertificateRequest, _nodes_pb2.IssueRayCertificateResponse]
     GetRayToken: _grpc.UnaryUnaryMultiCallable[_nodes_pb2.GetRayTokenRequest, _nodes_pb2.GetRayTokenResponse]
+    GetRunApproval: _grpc.UnaryUnaryMultiCallable[_nodes_pb2.GetRunApprovalRequest, _nodes_pb2.GetRunApprovalResponse]
 
 @_typing.type_check_only
 class NodeRegistryAsyncStub(NodeRegistryStub):
@@ -47,6 +48,7 @@ class NodeRegistryAsyncStub(NodeRegistryStub):
     ListNodes: _aio.UnaryUnaryMultiCallable[_nodes_pb2.ListNodesRequest, _nodes_pb2.ListNodesResponse]  # type: ignore[assignment]
     IssueRayCertificate: _aio.UnaryUnaryMultiCallable[_nodes_pb2.IssueRayCertificateRequest, _nodes_pb2.IssueRayCertificateResponse]  # type: ignore[assignment]
     GetRayToken: _aio.UnaryUnaryMultiCallable[_nodes_pb2.GetRayTokenRequest, _nodes_pb2.GetRayTokenResponse]  # type: ignore[assignment]
+    GetRunApproval: _aio.UnaryUnaryMultiCallable[_nodes_pb2.GetRunApprovalRequest, _nodes_pb2.GetRunApprovalResponse]  # type: ignore[assignment]
 
 class NodeRegistryServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -90,5 +92,12 @@ class NodeRegistryServicer(metaclass=_abc_1.ABCMeta):
         request: _nodes_pb2.GetRayTokenRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_nodes_pb2.GetRayTokenResponse, _abc.Awaitable[_nodes_pb2.GetRayTokenResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetRunApproval(
+        self,
+        request: _nodes_pb2.GetRunApprovalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_nodes_pb2.GetRunApprovalResponse, _abc.Awaitable[_nodes_pb2.GetRunApprovalResponse]]: ...
 
 def add_NodeRegistryServicer_to_server(servicer: NodeRegistryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

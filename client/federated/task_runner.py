@@ -1,0 +1,178 @@
+"""The site's executor of Flower tasks: what the SuperNode asks of this site runs here,
+and only if the coordinator approved it.
+
+`client join` starts its SuperNode with `--isolation process`, so the SuperNode starts
+nothing itself: this loop (a thread of `client join`) acquires each ClientApp task from
+the SuperNode's loopback Runtime API, authenticated with a per-site secret
+(`--superexec-auth-secret-file`, so another local user cannot take the site's tasks).
+For each task it:
+
+1. pulls the task's message, context, run and FAB;
+2. checks, before anything of the run executes, that the coordinator signed an approval
+   of exactly this run id, this FAB (its sha256, computed here) and this job
+   (`consortium/run_approval.py`); a refused run gets an error reply, an ERROR log line
+   naming the run, and `consortium_site_refused_runs_total{reason}`;
+3. runs the ClientApp installed with this package (`client.federated.client_app:app`),
+   never code from the FAB, in this process, and pushes the reply.
+
+Flower's own launcher would start a `flwr-clientapp` process per message with the
+task's token in its argv (readable by every local user) and install the FAB's code;
+running in-process also saves the process start and the imports (torch) per message.
+Built on Flower's Runtime API client; `flwr.supernode.runtime.run_clientapp` is the
+reference for the protocol.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from flwr.app import Context, Message
+from flwr.app.error import Error
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
+)
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import (
+    pull_task_input,
+    push_message,
+    push_task_output,
+)
+
+from consortium.run_approval import RefusalReason, RunRefusedError
+
+log = logging.getLogger(__name__)
+
+ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
+POLL_INTERVAL_S = 0.2  # an idle poll is one loopback HTTP request
+JOB_ID_KEY = "job-id"  # the run config key naming the job (coordinator/federated/flower_app.py)
+
+# (run id, sha256 of the run's FAB, job id) -> None, or RunRefusedError
+RunCheck = Callable[[str, str, str], None]
+
+
+@dataclass
+class TaskCounts:
+    executed: int = 0
+    refused: int = 0
+    failed: int = 0
+
+
+class SiteTaskRunner:
+    def __init__(
+        self,
+        runtime_api_address: str,
+        auth_secret: bytes,
+        check_run: RunCheck,
+        app: ClientApp,
+        on_refused: Callable[[RefusalReason], None] = lambda _: None,
+        poll_interval_s: float = POLL_INTERVAL_S,
+    ) -> None:
+        self._address = runtime_api_address
+        self._auth_secret = auth_secret
+        self._check_run = check_run
+        self._app = app
+        self._on_refused = on_refused
+        self._poll_interval_s = poll_interval_s
+        self.counts = TaskCounts()
+
+    def run(self, stop: threading.Event) -> None:
+        """Acquire and execute tasks one at a time until `stop` is set."""
+        tasks = RuntimeHttpClient.from_server_address(
+            server_address=self._address,
+            insecure=True,  # loopback only: the SuperNode's Runtime API
+            root_certificates=None,
+            interceptors=[
+                RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+                SuperExecAuthHttpInterceptor(
+                    master_secret=self._auth_secret, protected_methods={ACQUIRE_METHOD}
+                ),
+            ],
+            # No retry invoker: this loop retries itself, and stays stoppable meanwhile
+            # (Flower's invoker backs off for minutes while the SuperNode starts).
+            retry_invoker=None,
+        )
+        try:
+            while not stop.is_set():
+                try:
+                    acquired = tasks.AcquireTask(
+                        AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
+                    )
+                except Exception as error:  # the SuperNode restarting, or stopping
+                    log.debug("could not ask the SuperNode for a task: %s", error)
+                    stop.wait(self._poll_interval_s * 5)
+                    continue
+                if acquired.HasField("task") and acquired.token:
+                    self._execute(acquired.token, acquired.task.task_id)
+                else:
+                    stop.wait(self._poll_interval_s)
+        finally:
+            tasks.close()
+
+    def _execute(self, token: str, task_id: int) -> None:
+        client = RuntimeHttpClient.from_server_address(
+            server_address=self._address,
+            insecure=True,
+            root_certificates=None,
+            interceptors=[
+                RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                RuntimeTokenHttpInterceptor(token),
+            ],
+            retry_invoker=make_simple_http_retry_invoker(),
+        )
+        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        heartbeat.start()
+        message: Message | None = None
+        context: Context | None = None
+        reply: Message | None = None
+        status, details = SubStatus.FAILED, "the site could not execute the task"
+        try:
+            message, context, run, fab = pull_task_input(client)
+            run_id = str(run.run_id)
+            fab_hash = hashlib.sha256(fab.content).hexdigest()
+            job_id = str(run.override_config.get(JOB_ID_KEY, ""))
+            try:
+                self._check_run(run_id, fab_hash, job_id)
+            except RunRefusedError as refusal:
+                log.error("refused Flower run %s (%s): %s", run_id, refusal.reason, refusal)
+                self.counts.refused += 1
+                self._on_refused(refusal.reason)
+                details = f"the site refused run {run_id}: {refusal}"
+                reply = Message(
+                    Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
+                    reply_to=message,
+                )
+                return
+            reply = self._app(message=message, context=context)
+            status, details = SubStatus.COMPLETED, ""
+            self.counts.executed += 1
+        except Exception as error:
+            self.counts.failed += 1
+            log.exception("task %d failed", task_id)
+            details = f"{type(error).__name__}: {error}"
+            if message is not None:
+                reply = Message(
+                    Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
+                    reply_to=message,
+                )
+        finally:
+            try:
+                if reply is not None and context is not None:
+                    push_message(client, reply, context)
+                push_task_output(client, context, status, details)
+            except Exception:
+                log.exception("could not return task %d to the SuperNode", task_id)
+            if heartbeat.is_running:
+                heartbeat.stop()
+            client.close()

@@ -8,27 +8,15 @@ executes only runs the coordinator approved.
 
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 
+from consortium.file_modes import new_secret_file
 from consortium.net import reserve_free_port
 from consortium.processes import ChildProcess, venv_executable
 
 SIGNING_KEY_FILE = "institution-signing.key"
 COMMITMENT_KEY_FILE = "data-commitment.key"
 TASK_SECRET_FILE = "supernode-task.secret"
-
-
-def _new_secret(path: Path) -> bytes:
-    """A fresh secret, owner-only; it authenticates the site's task runner to the
-    SuperNode's Runtime API, so another local user cannot take the site's tasks."""
-    secret = secrets.token_bytes(32)
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(secret)
-    return secret
 
 
 def node_config(values: dict[str, str | int]) -> str:
@@ -54,7 +42,9 @@ class SuperNode:
     ) -> None:
         self.port = port or reserve_free_port()
         secret_file = state_dir / TASK_SECRET_FILE
-        self.task_secret = _new_secret(secret_file)
+        # Authenticates the site's task runner to the Runtime API, so another local user
+        # cannot take the site's tasks.
+        self.task_secret = new_secret_file(secret_file)
         argv = [
             venv_executable("flower-supernode"),
             "--superlink",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import stat
 from pathlib import Path
 
@@ -63,3 +64,14 @@ def _tighten(path: str) -> int:
         return 0
     os.chmod(path, stat.S_IMODE(mode) & ~_GROUP_OR_OTHER)
     return 1
+
+
+def new_secret_file(path: Path, size: int = 32) -> bytes:
+    """Random bytes, written to a fresh owner-only (0600) file at `path` (replacing an
+    older one) for a child process to read; returned for this process's own use."""
+    secret = secrets.token_bytes(size)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(secret)
+    return secret

@@ -13,7 +13,8 @@ Layout (all under `root`)::
     models/<job>.safetensors      each job's final model
     accounting/<job>.json         compute per institution (pretraining)
     flower/                       SuperLink database and port, Fleet edge port, the Flower
-                                  app, FLWR_HOME
+                                  app, FLWR_HOME, the ServerApp launcher's secret and
+                                  task tokens
     ray/                          Ray head port, token rotation excludes
     logs/                         children's logs (superlink.log, ray-head.log, ...)
     bundles/<institution>/        startup bundles written by `coordinator onboard`
@@ -104,6 +105,16 @@ class DataDir:
     def fleet_edge_port_file(self) -> Path:
         """The Fleet edge's port, kept so sites reconnect after a restart."""
         return self.flower_dir / "edge.port"
+
+    @property
+    def superexec_secret(self) -> Path:
+        """Authenticates the coordinator's ServerApp launcher to the SuperLink (0600)."""
+        return self.flower_dir / "superexec.secret"
+
+    @property
+    def serverapp_tokens_dir(self) -> Path:
+        """Each running ServerApp's task token (0600), removed when it ends."""
+        return self.flower_dir / "tokens"
 
     @property
     def flower_app_dir(self) -> Path:

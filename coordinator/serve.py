@@ -30,6 +30,7 @@ from coordinator.federated.approvals import RunApprovals
 from coordinator.federated.edge import FleetEdge
 from coordinator.federated.flower_app import FlowerCli
 from coordinator.federated.runner import FlowerJobRunner
+from coordinator.federated.serverapp_launcher import ServerAppLauncher
 from coordinator.federated.superlink import SuperLink
 from coordinator.jobs.lifecycle import JobLifecycle
 from coordinator.jobs.runner import JobRunner, UnavailableRunner
@@ -112,6 +113,7 @@ START_STEPS = (
     "superlink",
     "ray",
     "superlink_ready",
+    "serverapp_launcher",
     "edge",
     "ray_head_ready",
     "metrics_endpoint",
@@ -141,6 +143,7 @@ class Coordinator:
     address: str
     scheduler: Scheduler | None
     approvals: RunApprovals
+    flower: FlowerCli
 
     def __init__(
         self,
@@ -170,6 +173,7 @@ class Coordinator:
             ("superlink", self._start_superlink),
             ("ray", self._start_ray_step),
             ("superlink_ready", self._wait_superlink),
+            ("serverapp_launcher", self._start_serverapp_launcher),
             ("edge", self._start_edge),
             ("ray_head_ready", self._wait_ray_head),
             ("metrics_endpoint", self._start_metrics_endpoint),
@@ -230,6 +234,21 @@ class Coordinator:
     def _wait_superlink(self) -> None:
         self.superlink.wait_ready(self.settings.superlink_start_timeout_s)
 
+    def _start_serverapp_launcher(self) -> None:
+        """Starts the ServerApp of runs this coordinator approved, and no other."""
+        self.flower = FlowerCli(self.settings.data_dir, self.superlink.address, self.pki)
+        launcher = ServerAppLauncher(
+            self.superlink.runtime,
+            self.superlink.task_secret,
+            self.approvals,
+            self.paths.serverapp_tokens_dir,
+            self.paths.log_file("superlink"),  # where Flower's own launcher wrote them
+            self.superlink.app_env,
+            self.flower.stop,
+            on_refusal=lambda reason: self.metrics.auth_refused("flower_run", reason),
+        )
+        self._stack.callback(launcher.stop)
+
     def _start_edge(self) -> None:
         """The sites' door to the SuperLink's Fleet API (mutual TLS, revocation, Fleet
         paths only); without TLS (loopback experiments) sites use the SuperLink directly."""
@@ -272,7 +291,7 @@ class Coordinator:
         """
         settings = self.settings
         self._stack.callback(self._stop_scheduler)
-        flower = FlowerCli(settings.data_dir, self.superlink.address, self.pki)
+        flower = self.flower
         lifecycle = JobLifecycle(self.store)
         self.pretrain = (
             PretrainRunner(lifecycle, settings.data_dir, RayEngine(self.ray_cluster), self.metrics)

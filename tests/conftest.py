@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import psutil
 import pytest
 
 from consortium.processes import (
@@ -26,6 +28,7 @@ class Processes:
         self.log_dir = log_dir
         self.children: list[ChildProcess] = []
         self.seen_pids: set[int] = set()
+        self.seen_commands: set[tuple[str, ...]] = set()  # argv of every descendant seen
 
     def start(self, name: str, *argv: str, env: Mapping[str, str] | None = None) -> ChildProcess:
         executable = venv_executable(argv[0])
@@ -36,7 +39,11 @@ class Processes:
 
     def remember_descendants(self) -> None:
         for child in self.children:
-            self.seen_pids.update(descendant_pids(child.pid))
+            pids = descendant_pids(child.pid)
+            self.seen_pids.update(pids)
+            for pid in pids:
+                with contextlib.suppress(psutil.Error):
+                    self.seen_commands.add(tuple(psutil.Process(pid).cmdline()))
 
     def stop_all(self) -> None:
         """Stop every child (and its descendants) in parallel; a stopped one is skipped."""

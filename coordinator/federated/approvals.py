@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 class RunApprovals:
     def __init__(self, key: SigningKey) -> None:
         self._key = key
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
         self._signed: dict[str, SignedApproval] = {}
 
     @property
@@ -32,18 +32,27 @@ class RunApprovals:
 
     def approve(self, run_id: str, fab_hash: str, job_id: str) -> SignedApproval:
         signed = RunApproval(run_id, fab_hash, job_id).sign(self._key)
-        with self._lock:
+        with self._changed:
             self._signed[run_id] = signed
+            self._changed.notify_all()
         log.info("approved Flower run %s (app %s) for job %s", run_id, fab_hash[:16], job_id)
         return signed
 
     def withdraw(self, run_id: str) -> None:
         """A run that ended (or was stopped) gets no more work from sites."""
-        with self._lock:
+        with self._changed:
             self._signed.pop(run_id, None)
 
+    def wait_for(self, run_id: str, timeout_s: float) -> SignedApproval | None:
+        """The run's approval once it exists (the job runner signs it right after
+        `flwr run` returns, which can be after the SuperLink offers the run's task), or
+        None after `timeout_s`."""
+        with self._changed:
+            self._changed.wait_for(lambda: run_id in self._signed, timeout_s)
+            return self._signed.get(run_id)
+
     def get(self, run_id: str) -> SignedApproval:
-        with self._lock:
+        with self._changed:
             signed = self._signed.get(run_id)
         if signed is None:
             raise NotFoundError(f"the coordinator approved no Flower run {run_id!r}")

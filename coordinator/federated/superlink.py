@@ -1,4 +1,10 @@
-"""The Flower SuperLink, started as a child process of `coordinator serve`."""
+"""The Flower SuperLink, started as a child process of `coordinator serve`.
+
+It runs with `--isolation process`: it starts no ServerApp itself; the coordinator's
+`ServerAppLauncher` (coordinator/federated/serverapp_launcher.py) takes each ServerApp
+task, authenticated with the secret written here for this start (0600), and starts
+the ServerApp of approved runs only.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,12 @@ import time
 from pathlib import Path
 
 from consortium.errors import ChildProcessFailedError
+from consortium.file_modes import new_secret_file
 from consortium.net import reserve_free_port
 from consortium.processes import ChildProcess, venv_executable
 from coordinator.access.pki_files import CoordinatorPki
 from coordinator.data_dir import DataDir
+from coordinator.federated.serverapp_launcher import RuntimeEndpoint
 
 DATA_DIR_ENV = "CONSORTIUM_DATA_DIR"
 
@@ -25,9 +33,17 @@ class SuperLink:
         self.host = host
         self.port = port or reserve_free_port(host)
         paths.flower_dir.mkdir(parents=True, exist_ok=True)
+        secret_file = paths.superexec_secret
+        self.task_secret = new_secret_file(secret_file)
+        self.paths = paths
+        self.pki = pki
         argv = [
             venv_executable("flower-superlink"),
             "--disable-runtime-dependency-installation",
+            "--isolation",
+            "process",
+            "--superexec-auth-secret-file",
+            str(secret_file),
             "--database",
             str(paths.superlink_db),
             "--host",
@@ -49,12 +65,21 @@ class SuperLink:
                 str(pki.ca_cert),
                 "--enable-supernode-auth",
             ]
-        # The ServerApp runs in a grandchild process; it finds the coordinator's
-        # state through this variable, inherited down the process tree.
-        # GRPC_VERBOSITY: quiet gRPC logs in the SuperLink and its apps, whatever the
-        # coordinator's own setting (see coordinator.cli).
-        env = {DATA_DIR_ENV: str(paths.root.resolve()), "GRPC_VERBOSITY": "ERROR"}
-        self.process = ChildProcess("flower-superlink", argv, paths.log_file("superlink"), env=env)
+        self.process = ChildProcess(
+            "flower-superlink", argv, paths.log_file("superlink"), env=self.app_env
+        )
+
+    @property
+    def app_env(self) -> dict[str, str]:
+        """For the SuperLink and the ServerApps: the ServerApp finds the coordinator's
+        state through DATA_DIR_ENV; GRPC_VERBOSITY quiets gRPC's logs whatever the
+        coordinator's own setting (see coordinator.cli)."""
+        return {DATA_DIR_ENV: str(self.paths.root.resolve()), "GRPC_VERBOSITY": "ERROR"}
+
+    @property
+    def runtime(self) -> RuntimeEndpoint:
+        """Where ServerApps reach the Runtime API (the SuperLink's one port)."""
+        return RuntimeEndpoint(self.address, self.pki.ca_cert.resolve() if self.pki else None)
 
     @property
     def address(self) -> str:

@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 
 # Counts a label value outside the fixed set (see `_known`).
 OTHER = "other"
-AUTH_CHANNELS = ("control_plane", "fleet", "ray")
+# flower_run: Flower runs the coordinator did not approve, whose ServerApp it refused
+# to start (coordinator/federated/serverapp_launcher.py).
+AUTH_CHANNELS = ("control_plane", "fleet", "ray", "flower_run")
 AUTH_REASONS = (
     "no_client_certificate",
     "untrusted_certificate",
@@ -53,6 +55,8 @@ AUTH_REASONS = (
     "forbidden_api",  # Fleet edge: a Control/Runtime/other path, not the Fleet API
     "missing_token",  # Ray: a request without the cluster token
     "invalid_token",  # Ray: a wrong token (only on the raylet sync stream)
+    "unapproved",  # flower_run: a run the coordinator did not start for a job
+    "fab_mismatch",  # flower_run: the run's app is not the one approved
     OTHER,
 )
 SCHEDULER_FAILURES = ("start_error", "ended_early")

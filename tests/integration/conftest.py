@@ -64,7 +64,12 @@ def completed_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Complete
             nodes = remote.list_nodes()
         processes.stop_all()
         yield CompletedRun(
-            consortium.data_dir, reply.job, list(reply.rounds), nodes, processes.alive()
+            consortium.data_dir,
+            reply.job,
+            list(reply.rounds),
+            nodes,
+            processes.alive(),
+            processes.seen_commands,
         )
     finally:
         processes.stop_all()

@@ -1,12 +1,17 @@
-"""Sites execute only runs the coordinator signed for (issue 13, item 2).
+"""Nothing of a Flower run executes unless the coordinator signed for it (issue 13, item 2).
 
-The attacker here is stronger than an outsider: someone on the coordinator host who can
-reach the SuperLink's loopback Control API (a local user, or a stolen shell) and starts
-a Flower run of an app of their own with `flwr run`. Its ClientApp would write a file
-into each site's state dir. Against a real mutual-TLS `coordinator serve` with two
-joined institutions, each site refuses the run: no code of it runs there, the rogue
-ServerApp receives an error reply naming the refusal, and each site logs the run's id
-and counts the refusal (`consortium_site_refused_runs_total{reason="unapproved"}`).
+The attacker is on the coordinator host and can reach the SuperLink's loopback Control
+API (a local user, or a stolen shell), and starts a Flower run of an app of their own
+with `flwr run`. Its ClientApp would write a file into each site's state dir. Against a
+real mutual-TLS `coordinator serve` with two joined institutions:
+
+* the coordinator starts no ServerApp for the run: it is refused, logged with its run
+  id, counted (`consortium_auth_refusals_total{channel="flower_run"}`) and stopped;
+* an attacker who can also take the run's ServerApp task from the SuperLink (it holds
+  the launcher's secret, not the coordinator's signing key) and starts the ServerApp
+  themselves still gets nothing executed at any site: each site refuses the run with
+  an error reply, logs the run id and counts
+  `consortium_site_refused_runs_total{reason="unapproved"}`.
 """
 
 from __future__ import annotations
@@ -14,18 +19,26 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from flwr.proto.runtime_pb2 import AcquireTaskRequest
+from flwr.supercore.constant import TaskType
+from flwr.supercore.interceptors import (
+    RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
+)
+from flwr.supercore.runtime import RuntimeHttpClient
 
 from consortium.processes import venv_executable
 from coordinator.access.pki_files import CoordinatorPki
 from coordinator.data_dir import DataDir
 from coordinator.demo import write_partitions
 from tests.conftest import Processes
-from tests.helpers import local_consortium, metric_value, wait_for
+from tests.helpers import auth_refusals, local_consortium, metric_value, wait_for
 
 NAMES = ("alpha", "beta")
 ROGUE_MODULE = "rogue_attack_app"
@@ -151,9 +164,99 @@ def start_rogue_run(sites: Sites, work: Path) -> tuple[str, Path]:
     return str(json.loads(done.stdout)["run-id"]), report
 
 
-def test_a_run_the_coordinator_did_not_approve_runs_nowhere(sites: Sites, tmp_path: Path) -> None:
+def flower_status(sites: Sites, home: Path, run_id: str) -> str:
+    done = subprocess.run(
+        [venv_executable("flwr"), "ls", "target", "--run-id", run_id, "--format", "json"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, FLWR_HOME=str(home)),
+        timeout=60,
+        check=False,
+    )
+    runs = json.loads(done.stdout).get("runs") or [{}]
+    return str(runs[0].get("status", ""))
+
+
+def take_serverapp_task(sites: Sites, run_id: str) -> str:
+    """AcquireTask with the launcher's secret, as the coordinator's account could;
+    the token of `run_id`'s ServerApp task."""
+    paths = DataDir(sites.data_dir)
+    client = RuntimeHttpClient.from_server_address(
+        server_address=f"127.0.0.1:{paths.superlink_port_file.read_text().strip()}",
+        insecure=False,
+        root_certificates=CoordinatorPki(sites.data_dir).ca_cert.read_bytes(),
+        interceptors=[
+            RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+            SuperExecAuthHttpInterceptor(
+                master_secret=paths.superexec_secret.read_bytes(),
+                protected_methods={"/flwr.proto.Runtime/AcquireTask"},
+            ),
+        ],
+    )
+    try:
+        for _ in range(100):
+            acquired = client.AcquireTask(
+                AcquireTaskRequest(supported_task_types=[TaskType.SERVER_APP.value])
+            )
+            if acquired.HasField("task") and str(acquired.task.run_id) == run_id:
+                return str(acquired.token)
+            time.sleep(0.1)
+    finally:
+        client.close()
+    raise AssertionError(f"the ServerApp task of run {run_id} was never offered")
+
+
+def test_the_coordinator_starts_no_serverapp_for_a_run_it_did_not_approve(
+    sites: Sites, tmp_path: Path
+) -> None:
+    before = auth_refusals(sites.data_dir, "flower_run", "unapproved")
     run_id, report = start_rogue_run(sites, tmp_path)
-    wait_for("the rogue ServerApp's report of the sites' replies", report.exists, 240)
+    log = sites.root / "logs" / "coordinator.log"
+    wait_for(
+        "the coordinator to refuse the rogue run",
+        lambda: f"ServerApp of Flower run {run_id} (unapproved)" in log.read_text(),
+        60,
+    )
+    assert auth_refusals(sites.data_dir, "flower_run", "unapproved") == before + 1
+    home = tmp_path / "flwr-home"
+    wait_for(
+        "the rogue run to be stopped",
+        lambda: flower_status(sites, home, run_id).startswith("finished"),
+        60,
+    )
+    assert not report.exists()  # its ServerApp never ran
+    assert not any((state / "ROGUE-CODE-RAN").exists() for state in sites.state_dirs.values())
+
+
+def test_sites_refuse_a_run_whose_serverapp_someone_else_started(
+    sites: Sites, tmp_path: Path
+) -> None:
+    # The launcher holds the first rogue run's task while it waits for an approval
+    # that never comes, so the attacker takes the second run's task.
+    start_rogue_run(sites, tmp_path / "decoy")
+    run_id, report = start_rogue_run(sites, tmp_path / "attack")
+    token_file = tmp_path / "token"
+    token_file.write_text(take_serverapp_task(sites, run_id))
+    paths = DataDir(sites.data_dir)
+    serverapp = subprocess.Popen(
+        [
+            venv_executable("flwr-serverapp"),
+            "--runtime-api-address",
+            f"127.0.0.1:{paths.superlink_port_file.read_text().strip()}",
+            "--token-file",
+            str(token_file),
+            "--root-certificates",
+            str(CoordinatorPki(sites.data_dir).ca_cert),
+        ],
+        env=dict(os.environ, FLWR_HOME=str(tmp_path / "attacker-home")),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for("the rogue ServerApp's report of the sites' replies", report.exists, 240)
+    finally:
+        serverapp.kill()
+        serverapp.wait()
     replies = json.loads(report.read_text())
     assert len(replies) == len(NAMES), replies
     for reply in replies:

@@ -8,6 +8,9 @@ here. The types, and the body each one carries:
 ``job_started``    `JobStarted`: the spec, seed and environment a job ran with
 ``job_resumed``    `JobResumed`: a restarted coordinator went on after a round
 ``institution_key``  `InstitutionKey`: a site key, before the first update it signs
+``institution_key_changed``  `InstitutionKeyChanged`: the operator replaced the
+                   update-signing key pinned for an institution (`coordinator
+                   replace-signing-key`)
 ``round``          `Round`: one federated round's updates and aggregate
 ``outer_step``     `OuterStep`: one pretraining outer step's workers and digests
 ``job_completed``  `JobCompleted`: the final model (digest, file name, file sha256)
@@ -50,6 +53,7 @@ class RecordType(StrEnum):
     JOB_STARTED = "job_started"
     JOB_RESUMED = "job_resumed"
     INSTITUTION_KEY = "institution_key"
+    INSTITUTION_KEY_CHANGED = "institution_key_changed"
     ROUND = "round"
     OUTER_STEP = "outer_step"
     JOB_COMPLETED = "job_completed"
@@ -108,6 +112,18 @@ class InstitutionKey(_Body):
     institution: str
     key_id: str
     public_key: str  # base64 of the raw Ed25519 public key
+
+
+class InstitutionKeyChanged(_Body):
+    """An operator action: the institution's pinned update-signing keys were replaced by
+    one new key; updates signed with a replaced key are refused from then on."""
+
+    TYPE: ClassVar[RecordType] = RecordType.INSTITUTION_KEY_CHANGED
+    institution: str
+    key_id: str
+    public_key: str  # base64 of the raw Ed25519 public key
+    replaced_key_ids: list[str] = Field(default_factory=list)
+    reason: str
 
 
 class UpdateEntry(_Nested):
@@ -204,12 +220,28 @@ class UnknownRecord:
         return job_id if isinstance(job_id, str) else None
 
 
-KnownRecord = JobStarted | JobResumed | InstitutionKey | Round | OuterStep | JobCompleted
+KnownRecord = (
+    JobStarted
+    | JobResumed
+    | InstitutionKey
+    | InstitutionKeyChanged
+    | Round
+    | OuterStep
+    | JobCompleted
+)
 Record = KnownRecord | UnknownRecord
 
 _MODELS: dict[RecordType, type[KnownRecord]] = {
     model.TYPE: model
-    for model in (JobStarted, JobResumed, InstitutionKey, Round, OuterStep, JobCompleted)
+    for model in (
+        JobStarted,
+        JobResumed,
+        InstitutionKey,
+        InstitutionKeyChanged,
+        Round,
+        OuterStep,
+        JobCompleted,
+    )
 }
 
 
@@ -256,6 +288,6 @@ def type_name(record: Record) -> str:
 
 def record_job_id(record: Record) -> str | None:
     """The job a record belongs to (institution keys belong to none)."""
-    if isinstance(record, InstitutionKey):
+    if isinstance(record, InstitutionKey | InstitutionKeyChanged):
         return None
     return record.job_id

@@ -19,7 +19,9 @@ from cryptography import x509
 from consortium import pki
 from consortium.errors import ConflictError, InvalidArgumentError, NotFoundError
 from consortium.file_modes import private_dir
-from consortium.provenance.signing import SignatureError, SigningKey, VerifyingKey
+from consortium.provenance.log import ProvenanceLog
+from consortium.provenance.records import InstitutionKeyChanged
+from consortium.provenance.signing import SignatureError, SigningKey, VerifyingKey, b64
 from consortium.run_approval import (
     COORDINATOR_KEY_ENDORSEMENT_FILE,
     COORDINATOR_KEY_FILE,
@@ -199,6 +201,41 @@ def revoke(store: StateStore, institution: str) -> None:
     if institution not in store.institutions():
         raise NotFoundError(f"{institution} was never onboarded")
     store.revoke_institution(institution)
+
+
+def replace_signing_key(
+    data_dir: Path, store: StateStore, institution: str, public_key: Path, reason: str
+) -> InstitutionKeyChanged:
+    """The operator's one way to change an institution's update-signing key: the new
+    key becomes its only pinned key, and the change is a signed record in the
+    provenance log (written first, so no change goes unrecorded)."""
+    if institution not in store.institutions():
+        raise NotFoundError(f"{institution} was never onboarded")
+    if store.is_revoked(institution):
+        raise ConflictError(f"{institution} is revoked; onboard it under a new name")
+    if not reason.strip():
+        raise InvalidArgumentError("--reason: say why the key changes (it is logged)")
+    try:
+        key = VerifyingKey.load(public_key)
+    except (SignatureError, ValueError, OSError) as err:
+        raise InvalidArgumentError(f"{public_key}: {err}") from None
+    for other in store.institutions():
+        if other != institution and key.key_id in store.institution_keys(other):
+            raise ConflictError(f"signing key {key.key_id[:16]} belongs to {other}")
+    paths = DataDir(data_dir)
+    replaced = sorted(k for k in store.institution_keys(institution) if k != key.key_id)
+    record = InstitutionKeyChanged(
+        institution=institution,
+        key_id=key.key_id,
+        public_key=b64(key.raw),
+        replaced_key_ids=replaced,
+        reason=reason.strip(),
+    )
+    log = ProvenanceLog(paths.provenance_log, SigningKey.load(paths.signing_key))
+    log.append_record(record)
+    log.publish_tree_head()
+    store.replace_institution_keys(institution, key.key_id, key.raw)
+    return record
 
 
 def key_digest(public_key: str) -> str:

@@ -88,9 +88,9 @@ class NodeRegistry:
             )
             self._metrics.auth_refused("control_plane", "unpinned_signing_key")
             raise PermissionDeniedError(
-                f"signing key {key.key_id[:16]} is not the one {institution!r} was onboarded "
-                "with; the operator re-onboards the institution (`coordinator renew`) to "
-                "change it"
+                f"signing key {key.key_id[:16]} is not the one pinned for {institution!r}; "
+                "only the operator changes it (`coordinator replace-signing-key`, recorded "
+                "in the provenance log)"
             )
         self._store.add_institution_key(institution, key.key_id, key.raw)
 

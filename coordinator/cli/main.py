@@ -40,6 +40,7 @@ app.command("init")(onboarding_cli.init)
 app.command("onboard")(onboarding_cli.onboard)
 app.command("revoke")(onboarding_cli.revoke)
 app.command("renew")(onboarding_cli.renew)
+app.command("replace-signing-key")(onboarding_cli.replace_signing_key)
 app.command("accounting")(accounting)
 console = Console()
 

@@ -1,4 +1,5 @@
-"""`coordinator init / onboard / revoke / renew`: the operator's side of onboarding."""
+"""`coordinator init / onboard / revoke / renew / replace-signing-key`: the operator's
+side of onboarding."""
 
 from __future__ import annotations
 
@@ -154,3 +155,28 @@ def renew(
         finally:
             store.close()
         console.print(f"renewed {institution}; new bundle: {bundle}")
+
+
+def replace_signing_key(
+    institution: str,
+    public_key: Annotated[
+        Path, typer.Option("--public-key", help="The site's new update-signing public key.")
+    ],
+    reason: Annotated[str, typer.Option("--reason", help="Why (written to the log).")],
+    data_dir: DataDirOption = Path(".consortium"),
+) -> None:
+    """Replace the institution's pinned update-signing key, recorded in the provenance log."""
+    restrict_umask()
+    with cli_errors():
+        store = SqliteStateStore(CoordinatorSettings(data_dir=data_dir).state_path)
+        try:
+            record = onboarding.replace_signing_key(
+                data_dir, store, institution, public_key, reason
+            )
+        finally:
+            store.close()
+        replaced = ", ".join(k[:16] for k in record.replaced_key_ids) or "none"
+        console.print(
+            f"{institution} now signs updates with key {record.key_id[:16]} only "
+            f"(replaced: {replaced}); recorded in the provenance log"
+        )

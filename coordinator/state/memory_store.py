@@ -187,6 +187,21 @@ class InMemoryStateStore(StateStore):
             # The first registration wins, as INSERT OR IGNORE keeps it.
             self._institution_keys.setdefault(key_id, (institution, bytes(public_key)))
 
+    def replace_institution_keys(
+        self, institution: str, key_id: str, public_key: bytes
+    ) -> list[str]:
+        with self._lock:
+            owner = self._institution_keys.get(key_id)
+            if owner is not None and owner[0] != institution:
+                raise ConflictError(
+                    f"signing key {key_id[:16]} is registered to another institution"
+                )
+            mine = [k for k, (inst, _) in self._institution_keys.items() if inst == institution]
+            for old in mine:
+                del self._institution_keys[old]
+            self._institution_keys[key_id] = (institution, bytes(public_key))
+            return sorted(k for k in mine if k != key_id)
+
     def institution_keys(self, institution: str) -> dict[str, bytes]:
         with self._lock:
             return {

@@ -388,6 +388,31 @@ class SqliteStateStore(StateStore):
                 (key_id, institution, public_key, now_ms()),
             )
 
+    def replace_institution_keys(
+        self, institution: str, key_id: str, public_key: bytes
+    ) -> list[str]:
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT institution FROM institution_keys WHERE key_id = ?", (key_id,)
+            ).fetchone()
+            if row is not None and row["institution"] != institution:
+                raise ConflictError(
+                    f"signing key {key_id[:16]} is registered to another institution"
+                )
+            replaced = [
+                r["key_id"]
+                for r in db.execute(
+                    "SELECT key_id FROM institution_keys WHERE institution = ? AND key_id != ?",
+                    (institution, key_id),
+                )
+            ]
+            db.execute("DELETE FROM institution_keys WHERE institution = ?", (institution,))
+            db.execute(
+                "INSERT INTO institution_keys VALUES (?, ?, ?, ?)",
+                (key_id, institution, public_key, now_ms()),
+            )
+        return sorted(replaced)
+
     def institution_keys(self, institution: str) -> dict[str, bytes]:
         rows = (
             self._connection()

@@ -93,6 +93,13 @@ class StateStore(ABC):
         """key id -> raw public key, for every key the institution registered."""
 
     @abstractmethod
+    def replace_institution_keys(
+        self, institution: str, key_id: str, public_key: bytes
+    ) -> list[str]:
+        """Make this the institution's only signing key, in one transaction; returns the
+        ids of the keys it replaced. ConflictError if the key is another institution's."""
+
+    @abstractmethod
     def claim_nonce(self, job_id: str, nonce: str) -> bool:
         """True the first time a nonce is seen for a job, False on a replay."""
 

@@ -455,6 +455,24 @@ class StateTest(ABC):
         assert store.institution_keys("uni-b") == {}
         assert store.institution_keys("uni-a") == {"k1": b"key"}
 
+    def test_replace_institution_keys_leaves_only_the_new_key(self, store: StateStore) -> None:
+        store.add_institution_key("uni-a", "k1", b"one")
+        store.add_institution_key("uni-a", "k2", b"two")
+        store.add_institution_key("uni-b", "k3", b"three")
+        assert store.replace_institution_keys("uni-a", "k4", b"four") == ["k1", "k2"]
+        assert store.institution_keys("uni-a") == {"k4": b"four"}
+        assert store.institution_keys("uni-b") == {"k3": b"three"}
+        assert store.replace_institution_keys("uni-a", "k4", b"four") == []
+
+    def test_replace_with_another_institutions_key_raises_conflict_and_keeps_all(
+        self, store: StateStore
+    ) -> None:
+        store.add_institution_key("uni-a", "k1", b"one")
+        store.add_institution_key("uni-b", "k2", b"two")
+        with pytest.raises(ConflictError, match="another institution"):
+            store.replace_institution_keys("uni-a", "k2", b"two")
+        assert store.institution_keys("uni-a") == {"k1": b"one"}
+
     def test_claim_nonce_first_time_true_replay_false(self, store: StateStore) -> None:
         assert store.claim_nonce("j1", "n-1") is True
         assert store.claim_nonce("j1", "n-1") is False

@@ -177,13 +177,14 @@ class InMemoryStateStore(StateStore):
         return [_copy_round(r) for r in sorted(rounds, key=lambda r: r.round)]
 
     # --- institution keys and update nonces ---------------------------------
+    def _require_key_not_elsewhere(self, institution: str, key_id: str) -> None:
+        owner = self._institution_keys.get(key_id)
+        if owner is not None and owner[0] != institution:
+            raise ConflictError(f"signing key {key_id[:16]} is registered to another institution")
+
     def add_institution_key(self, institution: str, key_id: str, public_key: bytes) -> None:
         with self._lock:
-            owner = self._institution_keys.get(key_id)
-            if owner is not None and owner[0] != institution:
-                raise ConflictError(
-                    f"signing key {key_id[:16]} is registered to another institution"
-                )
+            self._require_key_not_elsewhere(institution, key_id)
             # The first registration wins, as INSERT OR IGNORE keeps it.
             self._institution_keys.setdefault(key_id, (institution, bytes(public_key)))
 
@@ -191,11 +192,7 @@ class InMemoryStateStore(StateStore):
         self, institution: str, key_id: str, public_key: bytes
     ) -> list[str]:
         with self._lock:
-            owner = self._institution_keys.get(key_id)
-            if owner is not None and owner[0] != institution:
-                raise ConflictError(
-                    f"signing key {key_id[:16]} is registered to another institution"
-                )
+            self._require_key_not_elsewhere(institution, key_id)
             mine = [k for k, (inst, _) in self._institution_keys.items() if inst == institution]
             for old in mine:
                 del self._institution_keys[old]

@@ -374,15 +374,17 @@ class SqliteStateStore(StateStore):
         ]
 
     # --- institution keys and update nonces ---------------------------------
+    @staticmethod
+    def _require_key_not_elsewhere(db: sqlite3.Connection, institution: str, key_id: str) -> None:
+        row = db.execute(
+            "SELECT institution FROM institution_keys WHERE key_id = ?", (key_id,)
+        ).fetchone()
+        if row is not None and row["institution"] != institution:
+            raise ConflictError(f"signing key {key_id[:16]} is registered to another institution")
+
     def add_institution_key(self, institution: str, key_id: str, public_key: bytes) -> None:
         with self._transaction() as db:
-            row = db.execute(
-                "SELECT institution FROM institution_keys WHERE key_id = ?", (key_id,)
-            ).fetchone()
-            if row is not None and row["institution"] != institution:
-                raise ConflictError(
-                    f"signing key {key_id[:16]} is registered to another institution"
-                )
+            self._require_key_not_elsewhere(db, institution, key_id)
             db.execute(
                 "INSERT OR IGNORE INTO institution_keys VALUES (?, ?, ?, ?)",
                 (key_id, institution, public_key, now_ms()),
@@ -392,13 +394,7 @@ class SqliteStateStore(StateStore):
         self, institution: str, key_id: str, public_key: bytes
     ) -> list[str]:
         with self._transaction() as db:
-            row = db.execute(
-                "SELECT institution FROM institution_keys WHERE key_id = ?", (key_id,)
-            ).fetchone()
-            if row is not None and row["institution"] != institution:
-                raise ConflictError(
-                    f"signing key {key_id[:16]} is registered to another institution"
-                )
+            self._require_key_not_elsewhere(db, institution, key_id)
             replaced = [
                 r["key_id"]
                 for r in db.execute(

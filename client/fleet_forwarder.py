@@ -70,7 +70,7 @@ class LocalTls:
         ca_key, key = pki.generate_key(), pki.generate_key()
         ca = pki.create_ca(ca_key, "Consortium site-local Fleet forwarder", LOCAL_CERT_DAYS)
         cert = pki.issue_server_certificate(ca_key, ca, key, [LOOPBACK], LOCAL_CERT_DAYS)
-        pki.write_private_key(tls.key, key)
+        pki.write_private_key(tls.key, key, force=True)  # a new one every join
         tls.ca_cert.write_bytes(pki.pem(ca))
         tls.cert.write_bytes(pki.pem(cert))
         return tls

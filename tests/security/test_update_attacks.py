@@ -5,7 +5,8 @@ Against a real mutual-TLS `coordinator serve`: alpha runs the installed client; 
 and gamma run a modified one (`modified_client.py`) whose replies their own keys sign.
 Beta reports a NaN training loss (it used to make the ServerApp raise while logging
 the round, failing the job); gamma claims 100000 examples against the few hundred it
-declared when it joined (it used to take over 99% of the round's weight). Each such
+declared when it joined (it used to take over 99% of the round's weight); alpha also
+tries to run a second node with the same keys. Each such
 update is refused with its reason in the round's provenance record, logged with the
 institution's name and counted; the job completes on alpha's updates alone.
 """
@@ -13,6 +14,7 @@ institution's name and counted; the job completes on alpha's updates alone.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,7 @@ from consortium.provenance.records import Round, parse_record
 from coordinator.data_dir import DataDir
 from coordinator.demo import write_partitions
 from tests.conftest import Processes
-from tests.helpers import FINAL_STATES, local_consortium, metric_value
+from tests.helpers import FINAL_STATES, local_consortium, metric_value, wait_for
 from tests.security.modified_client import ATTACK_ENV, INFLATED_COUNT, NAN_LOSS
 
 ATTACKS = {"alpha": None, "beta": NAN_LOSS, "gamma": INFLATED_COUNT}
@@ -45,6 +47,8 @@ class AttackedJob:
     data_dir: Path
     job: jobs_pb2.Job
     rounds: list[Round]
+    twin_exit_code: int | None
+    twin_supernode_log: str
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +84,23 @@ def attacked_job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AttackedJ
                 env={ATTACK_ENV: attack},
             )
         consortium.wait_for_online(len(ATTACKS))
+        # alpha also starts a second node from a copy of its state dir (same keys), in
+        # the hope of two updates per round: Flower admits one node per SuperNode key.
+        twin_state = root / "alpha-twin-state"
+        shutil.copytree(consortium.state_dir("alpha"), twin_state)
+        twin = consortium.start(
+            "client-alpha-twin",
+            "client",
+            "join",
+            "--bundle",
+            str(consortium.bundle_dir("alpha")),
+            "--data",
+            str(root / "institutions" / "alpha" / "data"),
+            "--state-dir",
+            str(twin_state),
+            "--no-ray",
+        )
+        wait_for("alpha's second node to give up", lambda: twin.poll() is not None, 120)
         with consortium.connect() as remote:
             job = remote.submit(JOB)
             final = None
@@ -88,9 +109,14 @@ def attacked_job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AttackedJ
                     final = event.job
             assert final is not None, "the watch stream ended before the job did"
         entries = [json.loads(line) for line in read_lines(consortium.paths.provenance_log)]
-        rounds = [parse_record(e) for e in entries if e.get("type") == "round"]
+        records = [parse_record(e) for e in entries if e.get("type") == "round"]
         yield AttackedJob(
-            root, consortium.data_dir, final, [r for r in rounds if isinstance(r, Round)]
+            root,
+            consortium.data_dir,
+            final,
+            [r for r in records if isinstance(r, Round)],
+            twin.poll(),
+            (twin_state / "supernode.log").read_text(errors="replace"),
         )
     finally:
         processes.stop_all()
@@ -102,6 +128,17 @@ def test_the_job_completes_on_the_honest_institutions_updates(attacked_job: Atta
     for round_ in attacked_job.rounds:
         accepted = [u.institution for u in round_.updates if u.accepted]
         assert accepted == ["alpha"], round_.updates
+
+
+def test_a_second_node_of_one_institution_cannot_join_flower(attacked_job: AttackedJob) -> None:
+    """One update per institution per round: Flower activates one node per registered
+    SuperNode key (one per institution, kept so by the coordinator's key sync), and the
+    ServerApp refuses a second update of an institution in a round (`duplicate`, proven
+    in tests/unit/test_update_admission.py)."""
+    assert attacked_job.twin_exit_code not in (None, 0)
+    assert "Failed to activate SuperNode" in attacked_job.twin_supernode_log
+    for round_ in attacked_job.rounds:
+        assert [u.institution for u in round_.updates].count("alpha") == 1
 
 
 @pytest.mark.parametrize(

@@ -74,7 +74,6 @@ class CompletedRun:
     rounds: list[jobs_pb2.RoundMetrics]
     nodes_after_leave: list[nodes_pb2.Node]
     leftover_pids: list[int]
-    commands: set[tuple[str, ...]]  # the argv of every process seen during the job
 
 
 # The smallest pretraining job worth running: one 32-wide layer on 32 KiB of the corpus.

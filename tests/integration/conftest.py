@@ -69,7 +69,6 @@ def completed_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Complete
             list(reply.rounds),
             nodes,
             processes.alive(),
-            processes.seen_commands,
         )
     finally:
         processes.stop_all()

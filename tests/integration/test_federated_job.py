@@ -58,18 +58,6 @@ def test_every_child_process_is_gone_after_shutdown(completed_run: CompletedRun)
     assert completed_run.leftover_pids == []
 
 
-def test_no_flower_task_token_in_any_argv_and_no_clientapp_process(
-    completed_run: CompletedRun,
-) -> None:
-    """The coordinator's launcher passes the ServerApp its token in a file; sites run
-    their installed ClientApp in `client join` itself, so no `flwr-clientapp` starts."""
-    commands = completed_run.commands
-    assert not [argv for argv in commands if "--token" in argv]
-    serverapps = [argv for argv in commands if any("flwr-serverapp" in a for a in argv)]
-    assert serverapps and all("--token-file" in argv for argv in serverapps)
-    assert not [argv for argv in commands if any("flwr-clientapp" in a for a in argv)]
-
-
 def test_jobs_and_rounds_survive_a_restart(
     completed_run: CompletedRun, processes: Processes
 ) -> None:

@@ -34,11 +34,12 @@ from flwr.supercore.interceptors import (
 from flwr.supercore.runtime import RuntimeHttpClient
 
 from consortium.processes import venv_executable
+from consortium.proto.v1 import jobs_pb2
 from coordinator.access.pki_files import CoordinatorPki
 from coordinator.data_dir import DataDir
 from coordinator.demo import write_partitions
 from tests.conftest import Processes
-from tests.helpers import auth_refusals, local_consortium, metric_value, wait_for
+from tests.helpers import FINAL_STATES, auth_refusals, local_consortium, metric_value, wait_for
 
 NAMES = ("alpha", "beta")
 ROGUE_MODULE = "rogue_attack_app"
@@ -102,11 +103,22 @@ def main(grid: Grid, context: Context) -> None:
 """
 
 
+APPROVED_JOB = """\
+name = "approved"
+model = "digits-cnn"
+dataset = "digits"
+rounds = 1
+min_clients = 2
+"""
+
+
 @dataclass
 class Sites:
     root: Path
     data_dir: Path
     state_dirs: dict[str, Path]
+    approved_job: jobs_pb2.Job  # a job the coordinator ran before the attacks
+    commands: set[tuple[str, ...]]  # the argv of every process seen during it
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +135,21 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
         for name, data in zip(NAMES, write_partitions(root, list(NAMES)), strict=True):
             consortium.join(name, data)
         consortium.wait_for_online(len(NAMES))
-        yield Sites(root, consortium.data_dir, {n: consortium.state_dir(n) for n in NAMES})
+        with consortium.connect() as remote:
+            job = remote.submit(APPROVED_JOB)
+            final = None
+            for event in remote.watch(job.job_id):
+                processes.remember_descendants()
+                if event.HasField("job") and event.job.state in FINAL_STATES:
+                    final = event.job
+        assert final is not None, "the watch stream ended before the job did"
+        yield Sites(
+            root,
+            consortium.data_dir,
+            {n: consortium.state_dir(n) for n in NAMES},
+            final,
+            set(processes.seen_commands),
+        )
     finally:
         processes.stop_all()
 
@@ -162,6 +188,18 @@ def start_rogue_run(sites: Sites, work: Path) -> tuple[str, Path]:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return str(json.loads(done.stdout)["run-id"]), report
+
+
+def test_an_approved_run_executes_with_no_task_token_in_any_argv(sites: Sites) -> None:
+    """The positive control, and the local-exposure check: the coordinator's launcher
+    gives the ServerApp its token in a 0600 file, sites run their installed ClientApp
+    inside `client join` (no `flwr-clientapp` process), so `ps` shows no token."""
+    assert sites.approved_job.state == jobs_pb2.JOB_STATE_SUCCEEDED, sites.approved_job.message
+    commands = sites.commands
+    assert not [argv for argv in commands if "--token" in argv]
+    serverapps = [argv for argv in commands if any("flwr-serverapp" in a for a in argv)]
+    assert serverapps and all("--token-file" in argv for argv in serverapps)
+    assert not [argv for argv in commands if any("flwr-clientapp" in a for a in argv)]
 
 
 def flower_status(sites: Sites, home: Path, run_id: str) -> str:

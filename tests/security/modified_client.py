@@ -1,4 +1,4 @@
-"""A member institution's modified `client join`, for tests/security/test_update_attacks.py.
+"""A member institution's modified `client join`, for tests/security/test_flower_attacks.py.
 
 A member controls its own node, so it can change its ClientApp. This one trains as the
 installed ClientApp does, then alters its reply as `CONSORTIUM_TEST_ATTACK` says; the

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from consortium.provenance.log import ProvenanceLog, read_lines
 from consortium.provenance.records import (
     InstitutionKey,
+    InstitutionKeyChanged,
     JobCompleted,
     JobResumed,
     JobStarted,
@@ -82,6 +83,13 @@ BODIES: dict[str, dict[str, Any]] = {
     },
     "job_resumed": {"job_id": JOB, "after_round": 2, "kind": "pretrain"},
     "institution_key": {"institution": "alpha", "key_id": "k" * 64, "public_key": "cHVi"},
+    "institution_key_changed": {
+        "institution": "alpha",
+        "key_id": "m" * 64,
+        "public_key": "bmV3",
+        "replaced_key_ids": ["k" * 64],
+        "reason": "key leaked",
+    },
     "round": {
         "job_id": JOB,
         "round": 1,
@@ -124,6 +132,7 @@ CLASSES = {
     "job_started": JobStarted,
     "job_resumed": JobResumed,
     "institution_key": InstitutionKey,
+    "institution_key_changed": InstitutionKeyChanged,
     "round": Round,
     "outer_step": OuterStep,
     "job_completed": JobCompleted,

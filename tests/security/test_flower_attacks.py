@@ -1,23 +1,33 @@
-"""Nothing of a Flower run executes unless the coordinator signed for it (issue 13, item 2).
+"""Attacks through Flower against a real mutual-TLS `coordinator serve` with three
+joined institutions (issue 13, items 2 and 5), sharing one consortium and one job.
 
-The attacker is on the coordinator host and can reach the SuperLink's loopback Control
-API (a local user, or a stolen shell), and starts a Flower run of an app of their own
-with `flwr run`. Its ClientApp would write a file into each site's state dir. Against a
-real mutual-TLS `coordinator serve` with two joined institutions:
-
-* the coordinator starts no ServerApp for the run: it is refused, logged with its run
-  id, counted (`consortium_auth_refusals_total{channel="flower_run"}`) and stopped;
-* an attacker who can also take the run's ServerApp task from the SuperLink (it holds
+Runs nobody approved. The attacker is on the coordinator host and can reach the
+SuperLink's loopback Control API (a local user, or a stolen shell) and starts a Flower
+run of an app of their own with `flwr run`; its ClientApp would write a file into each
+site's state dir.
+* The coordinator starts no ServerApp for the run: it is refused, logged with its run
+  id, counted (`consortium_auth_refusals_total{channel="flower_run"}`) and stopped.
+* An attacker who can also take the run's ServerApp task from the SuperLink (it holds
   the launcher's secret, not the coordinator's signing key) and starts the ServerApp
   themselves still gets nothing executed at any site: each site refuses the run with
   an error reply, logs the run id and counts
   `consortium_site_refused_runs_total{reason="unapproved"}`.
+
+Dishonest members. Alpha runs the installed client; beta and gamma run a modified one
+(`modified_client.py`) whose replies their own keys sign. Beta reports a NaN training
+loss (it used to make the ServerApp raise while logging the round, failing the job);
+gamma claims 100000 examples against the few hundred it declared when it joined (it
+used to take over 99% of the round's weight); alpha also tries to run a second node
+with copies of its keys. Each dishonest update is refused with its reason in the
+round's provenance record, logged with the institution's name and counted; the job
+completes on alpha's updates alone.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -33,15 +43,20 @@ from flwr.supercore.interceptors import (
 )
 from flwr.supercore.runtime import RuntimeHttpClient
 
-from consortium.processes import venv_executable
+from consortium.processes import ChildProcess, venv_executable
 from consortium.proto.v1 import jobs_pb2
+from consortium.provenance.log import read_lines
+from consortium.provenance.records import Round, parse_record
 from coordinator.access.pki_files import CoordinatorPki
 from coordinator.data_dir import DataDir
 from coordinator.demo import write_partitions
+from coordinator.local_consortium import LocalConsortium
 from tests.conftest import Processes
 from tests.helpers import FINAL_STATES, auth_refusals, local_consortium, metric_value, wait_for
+from tests.security.modified_client import ATTACK_ENV, INFLATED_COUNT, NAN_LOSS
 
-NAMES = ("alpha", "beta")
+ATTACKS = {"alpha": None, "beta": NAN_LOSS, "gamma": INFLATED_COUNT}
+NAMES = tuple(ATTACKS)
 ROGUE_MODULE = "rogue_attack_app"
 ROGUE_PYPROJECT = f"""\
 [build-system]
@@ -107,8 +122,9 @@ APPROVED_JOB = """\
 name = "approved"
 model = "digits-cnn"
 dataset = "digits"
-rounds = 1
-min_clients = 2
+rounds = 2
+min_clients = 3
+local_epochs = 1
 """
 
 
@@ -117,13 +133,16 @@ class Sites:
     root: Path
     data_dir: Path
     state_dirs: dict[str, Path]
-    approved_job: jobs_pb2.Job  # a job the coordinator ran before the attacks
+    approved_job: jobs_pb2.Job  # a job the coordinator ran before the rogue runs
     commands: set[tuple[str, ...]]  # the argv of every process seen during it
+    rounds: list[Round]  # its round records
+    twin_exit_code: int | None  # alpha's second node
+    twin_supernode_log: str
 
 
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
-    root = tmp_path_factory.mktemp("site-approval")
+    root = tmp_path_factory.mktemp("flower-attacks")
     processes = Processes(root / "logs")
     try:
         consortium = local_consortium(processes, root)
@@ -132,9 +151,15 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
         for name in NAMES:
             consortium.onboard(name)
         consortium.wait_for_supernode_keys()
-        for name, data in zip(NAMES, write_partitions(root, list(NAMES)), strict=True):
-            consortium.join(name, data)
+        partitions = write_partitions(root, list(NAMES))
+        for (name, attack), data in zip(ATTACKS.items(), partitions, strict=True):
+            if attack is None:
+                consortium.join(name, data)
+            else:
+                join_modified(consortium, name, data, attack)
         consortium.wait_for_online(len(NAMES))
+        twin, twin_state = start_twin(consortium, root, partitions[0])
+        wait_for("alpha's second node to give up", lambda: twin.poll() is not None, 120)
         with consortium.connect() as remote:
             job = remote.submit(APPROVED_JOB)
             final = None
@@ -143,15 +168,59 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
                 if event.HasField("job") and event.job.state in FINAL_STATES:
                     final = event.job
         assert final is not None, "the watch stream ended before the job did"
+        entries = [json.loads(line) for line in read_lines(consortium.paths.provenance_log)]
+        records = [parse_record(e) for e in entries if e.get("type") == "round"]
         yield Sites(
             root,
             consortium.data_dir,
             {n: consortium.state_dir(n) for n in NAMES},
             final,
             set(processes.seen_commands),
+            [r for r in records if isinstance(r, Round)],
+            twin.poll(),
+            (twin_state / "supernode.log").read_text(errors="replace"),
         )
     finally:
         processes.stop_all()
+
+
+def join_modified(consortium: LocalConsortium, name: str, data: Path, attack: str) -> None:
+    """`client join` with the member's modified ClientApp."""
+    consortium.start(
+        f"client-{name}",
+        "python",
+        "-m",
+        "tests.security.modified_client",
+        "join",
+        "--bundle",
+        str(consortium.bundle_dir(name)),
+        "--data",
+        str(data),
+        "--state-dir",
+        str(consortium.state_dir(name)),
+        "--no-ray",
+        env={ATTACK_ENV: attack},
+    )
+
+
+def start_twin(consortium: LocalConsortium, root: Path, data: Path) -> tuple[ChildProcess, Path]:
+    """A second node of alpha's, from a copy of its state dir (same keys), in the hope
+    of two updates per round."""
+    twin_state = root / "alpha-twin-state"
+    shutil.copytree(consortium.state_dir("alpha"), twin_state)
+    twin = consortium.start(
+        "client-alpha-twin",
+        "client",
+        "join",
+        "--bundle",
+        str(consortium.bundle_dir("alpha")),
+        "--data",
+        str(data),
+        "--state-dir",
+        str(twin_state),
+        "--no-ray",
+    )
+    return twin, twin_state
 
 
 def start_rogue_run(sites: Sites, work: Path) -> tuple[str, Path]:
@@ -312,3 +381,41 @@ def test_sites_refuse_a_run_whose_serverapp_someone_else_started(
         assert refused >= 1
         log = (sites.root / "logs" / f"client-{name}.log").read_text()
         assert f"refused Flower run {run_id} (unapproved)" in log
+
+
+# --- dishonest members ----------------------------------------------------------
+
+
+def test_the_job_completes_on_the_honest_institutions_updates(sites: Sites) -> None:
+    assert sites.approved_job.state == jobs_pb2.JOB_STATE_SUCCEEDED, sites.approved_job.message
+    assert [r.round for r in sites.rounds] == [1, 2]
+    for round_ in sites.rounds:
+        accepted = [u.institution for u in round_.updates if u.accepted]
+        assert accepted == ["alpha"], round_.updates
+
+
+def test_a_second_node_of_one_institution_cannot_join_flower(sites: Sites) -> None:
+    """One update per institution per round: Flower activates one node per registered
+    SuperNode key (one per institution, kept so by the coordinator's key sync), and the
+    ServerApp refuses a second update of an institution in a round (`duplicate`, proven
+    in tests/unit/test_update_admission.py)."""
+    assert sites.twin_exit_code not in (None, 0)
+    assert "Failed to activate SuperNode" in sites.twin_supernode_log
+    for round_ in sites.rounds:
+        assert [u.institution for u in round_.updates].count("alpha") == 1
+
+
+@pytest.mark.parametrize(
+    ("institution", "reason"), [("beta", "bad_metrics"), ("gamma", "inflated_count")]
+)
+def test_each_dishonest_update_is_refused_recorded_logged_and_counted(
+    sites: Sites, institution: str, reason: str
+) -> None:
+    for round_ in sites.rounds:
+        (update,) = [u for u in round_.updates if u.institution == institution]
+        assert not update.accepted
+        assert update.reason == reason
+    log = DataDir(sites.data_dir).log_file("superlink").read_text(errors="replace")
+    assert f"({institution}): {reason}" in log
+    rejected = metric_value(sites.data_dir, "consortium_updates_rejected_total", {"reason": reason})
+    assert rejected == len(sites.rounds)

@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from consortium.processes import ChildProcess, venv_executable
 from consortium.proto.v1 import jobs_pb2, nodes_pb2
+from coordinator.cli.remote import Remote
 from coordinator.data_dir import DataDir
 from coordinator.demo import write_partitions, write_text_partitions
 from coordinator.local_consortium import LocalConsortium, online_nodes, supernode_keys_registered
@@ -98,6 +99,19 @@ def wait_for(what: str, ready: Callable[[], bool], timeout_s: float = START_TIME
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.1)
+
+
+def run_to_end(remote: Remote, spec: str, processes: Processes) -> jobs_pb2.Job:
+    """Submit `spec` and watch it to its final state; every watch event also records
+    the processes' descendants (Flower's helpers), so a test can check they end."""
+    job = remote.submit(spec)
+    final = None
+    for event in remote.watch(job.job_id):
+        processes.remember_descendants()
+        if event.HasField("job") and event.job.state in FINAL_STATES:
+            final = event.job
+    assert final is not None, "the watch stream ended before the job did"
+    return final
 
 
 def run_cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

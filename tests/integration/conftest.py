@@ -9,10 +9,10 @@ import pytest
 
 from tests.conftest import Processes
 from tests.helpers import (
-    FINAL_STATES,
     CompletedRun,
     local_consortium,
     online_nodes,
+    run_to_end,
     wait_for,
     write_partitions,
 )
@@ -50,13 +50,7 @@ def completed_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Complete
             consortium.join(name, site)
         with consortium.connect() as remote:
             wait_for("two online nodes", lambda: online_nodes(remote.list_nodes()) == 2)
-            job = remote.submit(JOB)
-            final = None
-            for event in remote.watch(job.job_id):
-                processes.remember_descendants()  # Flower's helpers, to check they end
-                if event.HasField("job") and event.job.state in FINAL_STATES:
-                    final = event.job
-            assert final is not None, "the watch stream ended before the job did"
+            job = run_to_end(remote, JOB, processes)
             reply = remote.get(job.job_id)
             # Clients leave first (Ctrl-C equivalent), so the registry shows them gone.
             for child in processes.children[1:]:

@@ -28,7 +28,14 @@ from consortium.proto.v1 import jobs_pb2
 from coordinator.cli.remote import Remote
 from deploy.grafana.dashboard import RATE, expressions
 from tests.conftest import Processes
-from tests.helpers import join_site, online_nodes, start_coordinator, wait_for, write_partitions
+from tests.helpers import (
+    join_site,
+    online_nodes,
+    run_to_end,
+    start_coordinator,
+    wait_for,
+    write_partitions,
+)
 
 JOB = """\
 name = "observed"
@@ -43,11 +50,6 @@ REPO = Path(__file__).resolve().parents[2]
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
 DEPLOY_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
 INSTITUTIONS = ["alpha-hospital", "beta-university"]
-FINAL_STATES = (
-    jobs_pb2.JOB_STATE_SUCCEEDED,
-    jobs_pb2.JOB_STATE_FAILED,
-    jobs_pb2.JOB_STATE_CANCELLED,
-)
 # Wide enough to hold many 1 s scrapes, so rate() and increase() have samples.
 QUERY_WINDOW = "1m"
 # `<query> <op> <threshold>`, the one form alert expressions take.
@@ -149,13 +151,8 @@ def run_job(coordinator: str, processes: Processes) -> None:
             "two online nodes",
             lambda: online_nodes(remote.list_nodes()) == 2,
         )
-        job = remote.submit(JOB)
-        final = None
-        for event in remote.watch(job.job_id):
-            processes.remember_descendants()
-            if event.HasField("job") and event.job.state in FINAL_STATES:
-                final = event.job
-        assert final is not None and final.state == jobs_pb2.JOB_STATE_SUCCEEDED, final
+        final = run_to_end(remote, JOB, processes)
+        assert final.state == jobs_pb2.JOB_STATE_SUCCEEDED, final
 
 
 @pytest.fixture(scope="module")

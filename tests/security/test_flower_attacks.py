@@ -52,7 +52,7 @@ from coordinator.data_dir import DataDir
 from coordinator.demo import write_partitions
 from coordinator.local_consortium import LocalConsortium
 from tests.conftest import Processes
-from tests.helpers import FINAL_STATES, auth_refusals, local_consortium, metric_value, wait_for
+from tests.helpers import auth_refusals, local_consortium, metric_value, run_to_end, wait_for
 from tests.security.modified_client import ATTACK_ENV, INFLATED_COUNT, NAN_LOSS
 
 ATTACKS = {"alpha": None, "beta": NAN_LOSS, "gamma": INFLATED_COUNT}
@@ -161,13 +161,7 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
         twin, twin_state = start_twin(consortium, root, partitions[0])
         wait_for("alpha's second node to give up", lambda: twin.poll() is not None, 120)
         with consortium.connect() as remote:
-            job = remote.submit(APPROVED_JOB)
-            final = None
-            for event in remote.watch(job.job_id):
-                processes.remember_descendants()
-                if event.HasField("job") and event.job.state in FINAL_STATES:
-                    final = event.job
-        assert final is not None, "the watch stream ended before the job did"
+            final = run_to_end(remote, APPROVED_JOB, processes)
         entries = [json.loads(line) for line in read_lines(consortium.paths.provenance_log)]
         records = [parse_record(e) for e in entries if e.get("type") == "round"]
         yield Sites(

@@ -1,22 +1,34 @@
-"""Built-in models, by the name a job spec uses, and their weights by parameter name."""
+"""Built-in models, by the name a job spec uses, and their weights by parameter name.
+
+Importing this package does not import torch: the size checks a job spec goes through
+at submit run in processes (the CLI, the coordinator's scheduler) that never build a
+model. Building one, or moving its weights, imports torch on first use.
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+from consortium.models.bytelm_config import ByteLMConfig
 
-from consortium.models.bytelm import ByteLM, ByteLMConfig
-from consortium.models.digits_cnn import DigitsCNN
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 ModelOptions = Mapping[str, int]
 
 
-def _digits_cnn(options: ModelOptions) -> nn.Module:
+def _no_options(name: str, options: ModelOptions) -> None:
     if options:
-        raise ValueError(f"model 'digits-cnn' takes no options, got {sorted(options)}")
+        raise ValueError(f"model {name!r} takes no options, got {sorted(options)}")
+
+
+def _digits_cnn(options: ModelOptions) -> nn.Module:
+    from consortium.models.digits_cnn import DigitsCNN
+
+    _no_options("digits-cnn", options)
     return DigitsCNN()
 
 
@@ -34,12 +46,13 @@ def _bytelm_config(options: ModelOptions) -> ByteLMConfig:
 
 
 def _bytelm(options: ModelOptions) -> nn.Module:
+    from consortium.models.bytelm import ByteLM
+
     return ByteLM(_bytelm_config(options))
 
 
 def _digits_cnn_parameters(options: ModelOptions) -> int:
-    if options:
-        raise ValueError(f"model 'digits-cnn' takes no options, got {sorted(options)}")
+    _no_options("digits-cnn", options)
     return DIGITS_CNN_PARAMETERS
 
 
@@ -67,7 +80,6 @@ __all__ = [
     "MAX_PARAMETERS",
     "MODELS",
     "PARAMETER_COUNTS",
-    "DigitsCNN",
     "build_model",
     "check_model_size",
     "load_parameter_tensors",
@@ -115,6 +127,8 @@ def parameter_tensors(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
 def load_parameter_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
     """Copy ``tensors`` into ``model``'s parameters; every parameter must be present
     with its shape, and no unknown name may appear."""
+    import torch
+
     own = dict(model.named_parameters())
     missing = sorted(set(own) - set(tensors))
     unknown = sorted(set(tensors) - set(own))

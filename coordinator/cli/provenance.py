@@ -27,7 +27,6 @@ from consortium.provenance.signing import SigningKey, VerifyingKey
 from consortium.provenance.verify import LogVerificationError, VerifyReport, verify_log
 from consortium.tensor_digest import file_digest
 from coordinator.data_dir import DataDir
-from coordinator.federated.replay import job_kind, replay_rounds
 
 if TYPE_CHECKING:
     from coordinator.pretraining.replay import StepReplay
@@ -204,6 +203,10 @@ def replay(
 ) -> None:
     """Verify the log, then reproduce the job bit for bit: a federated job's aggregates
     from retained updates; a pretraining job's training, step by step, on this CPU."""
+    # Imported here: aggregation pulls in Flower and numpy, which `verify` and `show`
+    # do not need, and every `coordinator` command would pay for at start-up.
+    from coordinator.federated.replay import job_kind, replay_rounds
+
     with cli_errors():
         _, report = load_verified(None, key, data_dir)
         records = job_records(report, job_id)

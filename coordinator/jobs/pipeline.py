@@ -12,12 +12,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
 from safetensors.numpy import load_file
-from torch import nn
 
 from consortium.errors import ConflictError, JobSpecError, NotFoundError
 from consortium.models import build_model, load_parameter_tensors
@@ -28,6 +26,9 @@ from consortium.tensor_digest import arrays_digest
 from coordinator.jobs.spec import FederatedJobSpec, spec_of
 from coordinator.pretraining.spec import PretrainJobSpec
 from coordinator.state import JobRecord, JobState
+
+if TYPE_CHECKING:
+    from torch import nn
 
 ENDED_BADLY = frozenset({JobState.FAILED, JobState.CANCELLED})
 
@@ -170,6 +171,10 @@ def load_starting_model(
             f"{path} does not hold the model job {source.job_id} finished with: digest "
             f"{digest[:16]}..., the signed log says {expected[:16]}..."
         )
+    # Imported here: only the ServerApp builds the model; the scheduler, which checks a
+    # pipeline's source at submit, never pays for importing torch.
+    import torch
+
     model = build_model(family.model, family.options)
     load_parameter_tensors(model, {k: torch.from_numpy(v) for k, v in weights.items()})
     return model, StartingModel(source.job_id, family, digest)

@@ -10,8 +10,8 @@ from pathlib import Path
 from consortium.lm import Weights
 from coordinator.pretraining.accounting import JobAccounting, account
 from coordinator.pretraining.cluster import ClusterView, RayClusterView
-from coordinator.pretraining.diloco import ControllerState, DiLoCoController, DispatchHook
-from coordinator.pretraining.records import OuterStepRecord
+from coordinator.pretraining.diloco import DiLoCoController, DispatchHook
+from coordinator.pretraining.records import ControllerState, OuterStepRecord
 from coordinator.pretraining.spec import PretrainJobSpec
 
 

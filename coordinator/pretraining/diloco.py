@@ -32,7 +32,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, cast
 
@@ -54,7 +53,7 @@ from coordinator.pretraining.errors import (
     PretrainFailedError,
 )
 from coordinator.pretraining.pool import WorkerPool, describe_failure
-from coordinator.pretraining.records import OuterStepRecord, WorkerStepResult
+from coordinator.pretraining.records import ControllerState, OuterStepRecord, WorkerStepResult
 from coordinator.pretraining.schedule import assign_shards, derive_seed
 from coordinator.pretraining.spec import PretrainJobSpec
 from coordinator.pretraining.worker import InnerMetrics, WorkerConfig, corpus_for
@@ -76,13 +75,6 @@ def global_model(spec: PretrainJobSpec) -> tuple[ByteLM, torch.optim.SGD]:
         nesterov=spec.outer_momentum > 0,
     )
     return model, outer
-
-
-class ControllerState(StrEnum):
-    RUNNING = "running"
-    WAITING = "waiting"
-    FINISHED = "finished"
-    FAILED = "failed"
 
 
 @dataclass(frozen=True)

@@ -12,16 +12,15 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
-
-import ray
-from ray._private import ray_constants
+from typing import TYPE_CHECKING, Protocol
 
 from consortium.ray_env import use_ray_auth_in_this_process
-from coordinator.pretraining.api import PretrainResult, run_pretraining
 from coordinator.pretraining.records import OuterStepRecord
 from coordinator.pretraining.spec import PretrainJobSpec
 from coordinator.ray.head import RayCluster
+
+if TYPE_CHECKING:
+    from coordinator.pretraining.api import PretrainResult
 
 
 class PretrainEngine(Protocol):
@@ -43,10 +42,16 @@ class PretrainEngine(Protocol):
 
 
 class RayEngine:
+    """Ray and the training code (torch) are imported when the first pretraining job
+    connects, not when `coordinator serve` starts: most runs never pretrain."""
+
     def __init__(self, cluster: RayCluster) -> None:
         self._cluster = cluster
 
     def connect(self) -> None:
+        import ray
+        from ray._private import ray_constants
+
         if ray.is_initialized():
             return
         # The driver authenticates like every other Ray process of the cluster.
@@ -67,8 +72,12 @@ class RayEngine:
         stop: threading.Event,
         on_wait: Callable[[str | None], None],
     ) -> PretrainResult:
+        from coordinator.pretraining.api import run_pretraining
+
         return run_pretraining(spec, checkpoint_dir, on_step, stop=stop, on_wait=on_wait)
 
     def disconnect(self) -> None:
+        import ray
+
         if ray.is_initialized():
             ray.shutdown()

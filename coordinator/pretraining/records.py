@@ -1,9 +1,20 @@
-"""What one outer step did, as plain data (JSON round-trips; the provenance log's input)."""
+"""What one outer step did, as plain data (JSON round-trips; the provenance log's input),
+and the controller's state: both light enough to import where no model is trained."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any, Literal
+
+
+class ControllerState(StrEnum):
+    """The DiLoCo controller's state (the diagram: coordinator/pretraining/diloco.py)."""
+
+    RUNNING = "running"
+    WAITING = "waiting"
+    FINISHED = "finished"
+    FAILED = "failed"
 
 
 @dataclass(frozen=True)

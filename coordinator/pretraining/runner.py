@@ -20,25 +20,18 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from consortium.errors import ConflictError
 from consortium.provenance.environment import describe_environment
 from consortium.provenance.records import JobStarted, OuterStep, WorkerEntry
 from coordinator.data_dir import DataDir
-from coordinator.federated.checkpoints import save_model
 from coordinator.jobs.lifecycle import JobLifecycle
 from coordinator.jobs.spec import spec_of
 from coordinator.observability.metrics import CoordinatorMetrics
-from coordinator.pretraining import (
-    ControllerState,
-    OuterStepRecord,
-    PretrainJobSpec,
-    account,
-    step_compute,
-)
+from coordinator.pretraining.accounting import account, step_compute
 from coordinator.pretraining.accounting_files import write_accounting
 from coordinator.pretraining.engine import PretrainEngine
+from coordinator.pretraining.records import ControllerState, OuterStepRecord
+from coordinator.pretraining.spec import PretrainJobSpec
 from coordinator.provenance.recorder import JobRecorder
 from coordinator.state import JobRecord, JobState, RoundRecord
 
@@ -143,6 +136,12 @@ class PretrainRunner:
             return  # cancelled (already final) or shutting down (resumes on restart)
         write_accounting(self._data_dir, job_id, result.accounting)
         model_path = DataDir(self._data_dir).model_file(job_id)
+        # Imported here: a coordinator that never runs a pretraining job (or runs without
+        # Ray) does not pay for importing torch at start-up.
+        import torch
+
+        from coordinator.federated.checkpoints import save_model
+
         save_model(
             model_path,
             {name: torch.from_numpy(array) for name, array in result.weights.items()},

@@ -45,7 +45,7 @@ from pydantic import (
 
 from consortium.errors import JobSpecError
 from consortium.models import check_model_size
-from consortium.models.bytelm import FLOAT32_BYTES, ByteLMConfig
+from consortium.models.bytelm_config import FLOAT32_BYTES, ByteLMConfig
 
 # Float32 copies of the model a worker holds: weights, gradients, AdamW's two moments and
 # the global weights the pseudo-gradient is taken against. Activations are not counted.

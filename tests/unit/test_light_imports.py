@@ -1,0 +1,57 @@
+"""Commands that never train do not import torch (or Ray).
+
+Importing torch costs about 3 s of CPU; every `coordinator` command (init, onboard,
+jobs submit, provenance verify) and every `coordinator serve` paid it at start-up
+until the model catalogue, the pretraining package and the CLI imported training code
+only where it runs. A fresh interpreter per case: this process has imported torch.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("torch", "ray")
+
+LIGHT_ENTRY_POINTS = [
+    "coordinator.cli.main",  # every `coordinator ...` command
+    "coordinator.serve",  # `coordinator serve` until a job needs a model
+    "coordinator.jobs.spec",  # the spec checks at submit, sizes included
+    "coordinator.pretraining",  # the package's public surface loads on use
+    "coordinator.pretraining.accounting_files",  # `coordinator accounting`
+    "consortium.models",  # the catalogue and size limits
+]
+
+
+def imported_after(module: str) -> set[str]:
+    code = (
+        f"import sys, {module}; print(' '.join(name for name in {HEAVY!r} if name in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    return set(done.stdout.split())
+
+
+@pytest.mark.parametrize("module", LIGHT_ENTRY_POINTS)
+def test_entry_point_does_not_import_torch(module: str) -> None:
+    assert "torch" not in imported_after(module)
+
+
+def test_the_cli_does_not_import_ray_either() -> None:
+    assert imported_after("coordinator.cli.main") == set()
+
+
+def test_building_a_model_still_works_through_the_light_catalogue() -> None:
+    code = (
+        "from consortium.models import build_model, parameter_tensors; "
+        "print(sum(t.numel() for t in parameter_tensors(build_model('digits-cnn')).values()))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    from consortium.models import DIGITS_CNN_PARAMETERS
+
+    assert int(done.stdout) == DIGITS_CNN_PARAMETERS

@@ -1,50 +1,187 @@
-"""`coordinator demo` as the README runs it (smaller): the whole consortium on
-loopback, pretraining on the contributed Ray workers, then federated fine-tuning,
-verify and replay, and every process it started gone at the end."""
+"""`coordinator demo` as the README runs it (smaller), and the pipeline it runs.
+
+The demo brings the whole consortium up on loopback as deployed (onboarded institutions
+over mutual TLS, a token-authenticated Ray cluster), pretrains on the contributed Ray
+workers, fine-tunes the result federatedly on each site's own text starting from the
+pretrained model's signed digest, verifies and replays, and stops every process it
+started. One run serves every test here: the pipeline's checks read what it left in
+its data dir, and those that need a live coordinator restart one on that data dir
+(without Ray or sites: they only submit and read).
+"""
 
 from __future__ import annotations
 
+import json
 import re
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from consortium.errors import InvalidArgumentError
+from consortium.proto.v1 import jobs_pb2
+from coordinator.cli.remote import Remote, connect
+from coordinator.data_dir import DataDir
 from tests.conftest import Processes
-from tests.helpers import TEST_PROFILE, wait_for
+from tests.helpers import TEST_PROFILE, local_consortium, wait_for
 
 DEMO_TIMEOUT_S = 600.0
+INSTITUTIONS = 2
+ROUNDS = 1
 
 
-def test_demo_pretrains_fine_tunes_verifies_replays_and_cleans_up(tmp_path: Path) -> None:
-    processes = Processes(tmp_path / "logs")
+@dataclass
+class DemoRun:
+    work_dir: Path
+    output: str  # the demo's console output, whitespace collapsed (rich wraps lines)
+    returncode: int | None
+    leftover_pids: list[int]
+
+    @property
+    def data_dir(self) -> Path:
+        return self.work_dir / "coordinator"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
+    root = tmp_path_factory.mktemp("demo")
+    processes = Processes(root / "logs")
     try:
-        demo = processes.start(
+        child = processes.start(
             "demo",
             "coordinator",
             "demo",
             "--work-dir",
-            str(tmp_path / "demo"),
+            str(root / "demo"),
             "--institutions",
-            "2",
+            str(INSTITUTIONS),
             "--rounds",
-            "1",
+            str(ROUNDS),
             env=TEST_PROFILE,  # inherited by every process the demo starts
         )
         deadline = time.monotonic() + DEMO_TIMEOUT_S
-        while demo.poll() is None and time.monotonic() < deadline:
+        while child.poll() is None and time.monotonic() < deadline:
             processes.remember_descendants()
             time.sleep(1.0)
-        output = demo.log_path.read_text()
-        assert demo.poll() == 0, output[-3000:]
+        returncode = child.poll()
+        output = child.log_path.read_text()
     finally:
         processes.stop_all()
-    text = " ".join(output.split())  # rich wraps long lines
-    assert "pretraining job" in text and "on 2 contributed workers" in text
+    assert returncode == 0, output[-3000:]
+    # Killed processes can take a moment to leave the process table.
+    wait_for("every process the demo started to end", lambda: processes.alive() == [], 15.0)
+    return DemoRun(root / "demo", " ".join(output.split()), returncode, processes.alive())
+
+
+@pytest.fixture(scope="module")
+def restarted(demo: DemoRun) -> Iterator[Remote]:
+    """A `coordinator serve` on the demo's data dir, for what needs a live API."""
+    processes = Processes(demo.work_dir / "restart-logs")
+    try:
+        consortium = local_consortium(processes, demo.work_dir, data_dir=demo.data_dir, secure=True)
+        address = consortium.serve("restarted")
+        with connect(address, demo.data_dir) as remote:
+            yield remote
+    finally:
+        processes.stop_all()
+
+
+def test_demo_pretrains_fine_tunes_verifies_replays_and_cleans_up(demo: DemoRun) -> None:
+    text = demo.output
+    assert "pretraining job" in text and f"on {INSTITUTIONS} contributed workers" in text
     before, after = (
         float(x)
         for x in re.findall(r"held-out perplexity: ([\d.]+) \(before\) -> ([\d.]+)", text)[0]
     )
     assert after < before
     assert "replay OK: 4 outer step(s) reproduced bit for bit" in text
-    assert "all 1 rounds' aggregates reproduced bit for bit" in text
-    # Killed processes can take a moment to leave the process table.
-    wait_for("every process the demo started to end", lambda: processes.alive() == [], 15.0)
+    assert f"all {ROUNDS} rounds' aggregates reproduced bit for bit" in text
+    assert demo.leftover_pids == []
+
+
+def log_bodies(data_dir: Path, type_: str, job_id: str | None = None) -> list[dict[str, Any]]:
+    entries = [
+        json.loads(line) for line in DataDir(data_dir).provenance_log.read_text().splitlines()
+    ]
+    return [
+        e["body"]
+        for e in entries
+        if e.get("type") == type_ and job_id in (None, e["body"].get("job_id"))
+    ]
+
+
+def job_ids(demo: DemoRun) -> tuple[str, str]:
+    """(the pretraining job, the fine-tune), from their signed start records."""
+    started = log_bodies(demo.data_dir, "job_started")
+    kinds = {body.get("kind", "federated"): body["job_id"] for body in started}
+    return kinds["pretrain"], kinds["federated"]
+
+
+def test_fine_tune_starts_from_the_pretrained_models_signed_digest(demo: DemoRun) -> None:
+    pretrain, fine_tune = job_ids(demo)
+    (finished_pretrain,) = log_bodies(demo.data_dir, "job_completed", pretrain)
+    (started,) = log_bodies(demo.data_dir, "job_started", fine_tune)
+    assert started["init_from"] == {
+        "job_id": pretrain,
+        "model_digest": finished_pretrain["final_model_digest"],
+    }
+    # Nothing trained yet at round 0: the global model is exactly the pretrained one.
+    assert started["initial_model_digest"] == finished_pretrain["final_model_digest"]
+    assert started["model"]["name"] == "bytelm"
+    (completed,) = log_bodies(demo.data_dir, "job_completed", fine_tune)
+    assert completed["final_model_digest"] != finished_pretrain["final_model_digest"]
+
+
+def test_each_site_fine_tunes_on_its_own_text(demo: DemoRun) -> None:
+    _, fine_tune = job_ids(demo)
+    rounds = log_bodies(demo.data_dir, "round", fine_tune)
+    assert [body["round"] for body in rounds] == list(range(1, ROUNDS + 1))
+    updates = [update for body in rounds for update in body["updates"]]
+    # Each site committed to its own text, once per round.
+    assert [u["data"]["dataset"] for u in updates] == ["docstrings"] * INSTITUTIONS * ROUNDS
+    assert len({u["institution"] for u in updates}) == INSTITUTIONS
+
+
+def test_the_coordinator_reports_the_pipelines_jobs_after_a_restart(
+    demo: DemoRun, restarted: Remote
+) -> None:
+    pretrain, fine_tune = job_ids(demo)
+    assert restarted.get(pretrain).job.state == jobs_pb2.JOB_STATE_SUCCEEDED
+    tuned = restarted.get(fine_tune)
+    assert tuned.job.state == jobs_pb2.JOB_STATE_SUCCEEDED
+    rounds = {r.round: r for r in tuned.rounds}
+    assert sorted(rounds) == list(range(ROUNDS + 1))
+    assert rounds[ROUNDS].metrics["eval_perplexity"] < rounds[0].metrics["eval_perplexity"]
+    assert rounds[ROUNDS].participants == INSTITUTIONS
+
+
+@pytest.mark.parametrize(
+    ("init_from", "field"),
+    [("000000000000", "field 'init_from'"), (None, "field 'model'")],
+)
+def test_bad_init_from_is_invalid_argument(
+    demo: DemoRun, restarted: Remote, init_from: str | None, field: str
+) -> None:
+    pretrain, _ = job_ids(demo)
+    spec = FINE_TUNE.format(source=init_from or pretrain)
+    if init_from is None:  # a pretraining job produces a bytelm, not a digits CNN
+        spec = spec.replace('model = "bytelm"', 'model = "digits-cnn"').replace(
+            'dataset = "docstrings"', 'dataset = "digits"'
+        )
+    before = len(restarted.list_jobs())
+    with pytest.raises(InvalidArgumentError, match=field):  # INVALID_ARGUMENT
+        restarted.submit(spec)
+    assert len(restarted.list_jobs()) == before
+
+
+FINE_TUNE = """\
+name = "bad-finetune"
+model = "bytelm"
+dataset = "docstrings"
+init_from = "{source}"
+rounds = 2
+min_clients = 2
+"""

@@ -21,10 +21,17 @@ PYTEST_WORKERS ?= 2
 # read from pyproject.toml, so it is written once.
 TORCH_PIN := $(shell grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')
 
+# Bytecode is compiled here, once, on every core: where PYTHONDONTWRITEBYTECODE is set
+# (as on CI) a module without its .pyc is compiled again by every process that imports
+# it, and the tests start hundreds of them. (torch/testing's py312_intrinsics is Python
+# 3.12 syntax; pip skips it too.)
+PURELIB = $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile 'uv==0.12.24' '$(TORCH_PIN)'
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]'
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -e '.[dev]'
+	$(BIN)/python -m compileall -q -j 0 -x py312_intrinsics "$(PURELIB)/torch" consortium coordinator client
 	touch $(STAMP)
 
 demo: $(STAMP)

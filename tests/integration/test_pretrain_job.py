@@ -1,5 +1,9 @@
-"""A pretraining job end to end: `coordinator serve` with its Ray head, one real
-`client join` whose Ray worker joins it, a tiny DiLoCo run submitted over the API."""
+"""Pretraining on a contributed node, end to end, and `coordinator nodes` beside it.
+
+One `coordinator serve --insecure` (so Ray runs without a token) with its Ray head, and
+one real `client join` (CPU only) whose Ray worker joins it: a tiny DiLoCo run submitted
+over the API; `coordinator nodes` showing the registry and the Ray cluster side by side;
+a pretraining job the cluster cannot serve waiting with a reason."""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from consortium.proto.v1 import jobs_pb2, jobs_pb2_grpc
+from consortium.exit_codes import ExitCode
+from consortium.proto.v1 import jobs_pb2, jobs_pb2_grpc, nodes_pb2
 from coordinator.cli.remote import Remote
 from coordinator.data_dir import DataDir
 from tests.conftest import Processes
@@ -19,7 +24,6 @@ from tests.helpers import (
     FINAL_STATES,
     TINY_PRETRAIN,
     join_site,
-    online_nodes,
     run_cli,
     start_coordinator,
     wait_for,
@@ -27,6 +31,8 @@ from tests.helpers import (
 )
 
 INSTITUTION = "aurora"
+RAY_JOIN_TIMEOUT_S = 120.0
+WAIT_MESSAGE_TIMEOUT_S = 120.0
 OUTER_STEPS = 2
 JOB_TIMEOUT_S = 150.0
 
@@ -40,16 +46,36 @@ worker_start_timeout_s = 120.0
 step_timeout_s = 120.0
 """
 
+# Asks for GPUs on a CPU-only cluster; caps name the institution whose node registered
+# (an insecure coordinator has no onboarding, so that is how it knows the name).
+GPU_JOB = f"""\
+name = "wants-gpus"
+{TINY_PRETRAIN}inner_steps = 5
+outer_steps = 2
+device = "gpu"
+min_workers = 1
+per_institution_caps = {{ {INSTITUTION} = 1 }}
+wait_for_workers_s = 1.0
+"""
+
 
 @dataclass
 class Site:
     address: str
     data_dir: Path
+    node_id: str
+
+
+def ray_alive(remote: Remote) -> str | None:
+    """The registry id of the online node once its Ray worker is ALIVE."""
+    for node in remote.nodes_overview().nodes:
+        if node.state == nodes_pb2.NODE_STATE_ONLINE and node.ray.state == "ALIVE":
+            return node.node_id
+    return None
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    """An insecure coordinator (so Ray runs without a token) and one joined node."""
     root = tmp_path_factory.mktemp("pretrain-job")
     processes = Processes(root / "logs")
     try:
@@ -67,10 +93,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         )
         with Remote(address) as remote:
             wait_for(
-                "the node online",
-                lambda: online_nodes(remote.list_nodes()) > 0,
+                "the node's Ray worker ALIVE",
+                lambda: ray_alive(remote) is not None,
+                timeout_s=RAY_JOIN_TIMEOUT_S,
             )
-        yield Site(address, data_dir)
+            node_id = ray_alive(remote)
+        assert node_id is not None
+        yield Site(address, data_dir, node_id)
     finally:
         processes.stop_all()
 
@@ -122,3 +151,80 @@ def test_pretrain_spec_with_zero_inner_steps_is_invalid_argument(site: Site) -> 
             stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec_toml=spec), timeout=10)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "field 'inner_steps'" in raised.value.details()
+
+
+def test_nodes_command_shows_registry_node_with_its_ray_state_and_resources(
+    site: Site,
+) -> None:
+    shown = run_cli("coordinator", "nodes", "--coordinator", site.address)
+    assert shown.returncode == 0, shown.stderr
+    rows = shown.stdout.splitlines()
+    (row,) = [r for r in rows if site.node_id[:12] in r]
+    for expected in (
+        INSTITUTION,
+        "online",
+        "ALIVE",
+        "CPU 1",
+        "GPU 0",
+        f"institution:{INSTITUTION} 1",
+    ):
+        assert expected in row, shown.stdout
+    # The head matches no registry node and is listed as such, without CPUs to offer.
+    (head,) = [r for r in rows if "Ray head" in r]
+    assert "ALIVE" in head and "CPU 0" in head, shown.stdout
+    assert "Ray unavailable" not in shown.stdout
+
+
+def test_nodes_reply_matches_the_ray_node_by_its_node_label(site: Site) -> None:
+    with Remote(site.address) as remote:
+        overview = remote.nodes_overview()
+    (node,) = [n for n in overview.nodes if n.node_id == site.node_id]
+    assert node.ray.labels["node"] == site.node_id[:12]
+    assert node.ray.labels["institution"] == INSTITUTION
+    assert node.ray.labels["memory"].endswith("GiB")  # hardware labels reach Ray
+    assert "gpu-model" not in node.ray.labels  # a CPU node
+    assert node.ray.resources["CPU"] == 1.0
+    assert node.ray.resources[f"institution:{INSTITUTION}"] == 1.0
+    assert node.ray.resources["memory"] > 0
+    assert [n.is_head for n in overview.unmatched_ray_nodes] == [True]
+    assert overview.ray_unavailable_reason == ""
+    assert overview.ray_read_at_ms > 0
+
+
+def test_gpu_job_on_cpu_cluster_waits_naming_gpus_until_cancelled(site: Site) -> None:
+    with Remote(site.address) as remote:
+        job = remote.submit(GPU_JOB)
+
+        def waiting_message() -> str | None:
+            current = remote.get(job.job_id).job
+            assert current.state in (jobs_pb2.JOB_STATE_QUEUED, jobs_pb2.JOB_STATE_RUNNING), (
+                current.message
+            )
+            return current.message if current.message.startswith("waiting:") else None
+
+        wait_for(
+            "the waiting reason", lambda: waiting_message() is not None, WAIT_MESSAGE_TIMEOUT_S
+        )
+        message = remote.get(job.job_id).job.message
+        assert "needs 1 GPU worker, the cluster offers 0" in message
+
+        listed = run_cli("coordinator", "jobs", "list", "--coordinator", site.address)
+        assert listed.returncode == 0, listed.stderr
+        assert "needs 1 GPU worker" in listed.stdout
+
+        assert remote.cancel(job.job_id).state == jobs_pb2.JOB_STATE_CANCELLED
+        final = remote.get(job.job_id).job
+        assert final.state == jobs_pb2.JOB_STATE_CANCELLED
+        assert final.message == "cancelled by request"
+
+
+def test_cap_for_unknown_institution_is_refused_at_submit(site: Site, tmp_path: Path) -> None:
+    spec = tmp_path / "job.toml"
+    spec.write_text(GPU_JOB.replace(f"{{ {INSTITUTION} = 1 }}", "{ aurorra = 1 }"))
+    with Remote(site.address) as remote:
+        before = len(remote.list_jobs())
+        done = run_cli("coordinator", "jobs", "submit", str(spec), "--coordinator", site.address)
+        assert done.returncode == ExitCode.INVALID_JOB_SPEC, done.stderr
+        assert "field 'per_institution_caps'" in done.stderr
+        assert "'aurorra'" in done.stderr and INSTITUTION in done.stderr  # names the known one
+        assert len(remote.list_jobs()) == before

@@ -135,6 +135,8 @@ def run_demo(
     num_institutions: int,
     console: Console,
     job_kind: str = "pipeline",
+    outer_steps: int = PRETRAIN_OUTER_STEPS,
+    inner_steps: int = PRETRAIN_INNER_STEPS,
 ) -> int:
     """Run the demo; returns the last job's final state (a jobs_pb2.JobState value)."""
     if job_kind not in DEMO_JOBS:
@@ -176,7 +178,9 @@ def run_demo(
                 final = watch_job(remote, job.job_id, console)
                 report(remote, final, console)
             else:
-                pretrained, final = run_pipeline(remote, rounds, num_institutions, console)
+                pretrained, final = run_pipeline(
+                    remote, rounds, num_institutions, console, outer_steps, inner_steps
+                )
         if final.state == jobs_pb2.JOB_STATE_SUCCEEDED:
             check_provenance(consortium.data_dir, final.job_id, console, pretrained)
         return int(final.state)
@@ -211,21 +215,26 @@ def check_provenance(
 
 
 def run_pipeline(
-    remote: Remote, rounds: int, num_institutions: int, console: Console
+    remote: Remote,
+    rounds: int,
+    num_institutions: int,
+    console: Console,
+    outer_steps: int = PRETRAIN_OUTER_STEPS,
+    inner_steps: int = PRETRAIN_INNER_STEPS,
 ) -> tuple[str, jobs_pb2.Job]:
     """Pretrain on the contributed Ray workers, then fine-tune federatedly from it;
     returns the pretraining job's id and the fine-tune's final snapshot."""
     pretrain = remote.submit(
         PRETRAIN_JOB.format(
-            inner_steps=PRETRAIN_INNER_STEPS,
-            outer_steps=PRETRAIN_OUTER_STEPS,
+            inner_steps=inner_steps,
+            outer_steps=outer_steps,
             workers=num_institutions,
         )
     )
     console.print(
         f"submitted pretraining job {pretrain.job_id}: byte-level transformer on the "
-        f"standard library, {PRETRAIN_OUTER_STEPS} DiLoCo outer steps of "
-        f"{PRETRAIN_INNER_STEPS} inner steps on {num_institutions} contributed workers"
+        f"standard library, {outer_steps} DiLoCo outer steps of "
+        f"{inner_steps} inner steps on {num_institutions} contributed workers"
     )
     # Submitted at once: the scheduler starts the fine-tune when its source succeeded.
     fine_tune = remote.submit(

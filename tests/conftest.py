@@ -62,3 +62,40 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
         yield procs
     finally:
         procs.stop_all()
+
+
+# Modules that bring up whole stacks, longest first (pytest --durations on 2 cores).
+# `make test` runs pytest-xdist with --dist loadfile --no-loadscope-reorder, which hands
+# out modules in collection order: the longest start first and the many short unit
+# modules fill in at the end, instead of (xdist's default order, by test count) the
+# longest starting last and running alone. The order changes nothing but the packing.
+SLOWEST_FIRST = (
+    "tests/integration/test_demo.py",
+    "tests/integration/test_pretrain_replay.py",
+    "tests/security/test_flower_attacks.py",
+    "tests/integration/test_pretrain.py",
+    "tests/integration/test_federated_job.py",
+    "tests/integration/test_ray_channel.py",
+    "tests/integration/test_observability.py",
+    "tests/integration/test_pretrain_job.py",
+    "tests/integration/test_ray_tls.py",
+    "tests/integration/test_bad_input.py",
+    "tests/integration/test_serve_startup.py",
+    "tests/security/test_secrets_at_rest.py",
+    "tests/security/test_supernode_keys.py",
+    "tests/integration/test_onboarding.py",
+    "tests/security/test_flower_edge.py",
+    "tests/security/test_member_attacks.py",
+)
+
+
+_RANK = {path: index for index, path in enumerate(SLOWEST_FIRST)}
+
+
+def module_rank(nodeid: str) -> int:
+    """Where a test's module goes: its place in SLOWEST_FIRST, else after all of them."""
+    return _RANK.get(nodeid.split("::", 1)[0], len(SLOWEST_FIRST))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: module_rank(item.nodeid))  # stable within a module

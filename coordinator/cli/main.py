@@ -303,11 +303,19 @@ def demo(
             "classification example."
         ),
     ] = "pipeline",
+    outer_steps: Annotated[
+        int | None,
+        typer.Option(min=1, help="DiLoCo outer steps of the pretraining job (default 4)."),
+    ] = None,
+    inner_steps: Annotated[
+        int | None,
+        typer.Option(min=1, help="Inner steps per outer step of pretraining (default 30)."),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """The whole thing on one machine: serve, 3 institutions onboard and join, then
     pretraining across their nodes and federated fine-tuning on their private text."""
-    from coordinator.demo import run_demo
+    from coordinator.demo import PRETRAIN_INNER_STEPS, PRETRAIN_OUTER_STEPS, run_demo
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt  # unwinds through the demo's cleanup
@@ -319,7 +327,13 @@ def demo(
         if job not in ("pipeline", "digits"):
             raise InvalidArgumentError(f"--job must be pipeline or digits, got {job!r}")
         state = run_demo(
-            work_dir, rounds=rounds, num_institutions=institutions, console=console, job_kind=job
+            work_dir,
+            rounds=rounds,
+            num_institutions=institutions,
+            console=console,
+            job_kind=job,
+            outer_steps=outer_steps or PRETRAIN_OUTER_STEPS,
+            inner_steps=inner_steps or PRETRAIN_INNER_STEPS,
         )
         _exit_for(state)
 

@@ -31,6 +31,8 @@ from tests.helpers import TEST_PROFILE, local_consortium, wait_for
 DEMO_TIMEOUT_S = 600.0
 INSTITUTIONS = 2
 ROUNDS = 1
+OUTER_STEPS = 2  # the README's demo runs 4 of 30 inner steps; the checks need fewer
+INNER_STEPS = 15
 
 
 @dataclass
@@ -60,6 +62,10 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
             str(INSTITUTIONS),
             "--rounds",
             str(ROUNDS),
+            "--outer-steps",
+            str(OUTER_STEPS),
+            "--inner-steps",
+            str(INNER_STEPS),
             env=TEST_PROFILE,  # inherited by every process the demo starts
         )
         deadline = time.monotonic() + DEMO_TIMEOUT_S
@@ -97,7 +103,8 @@ def test_demo_pretrains_fine_tunes_verifies_replays_and_cleans_up(demo: DemoRun)
         for x in re.findall(r"held-out perplexity: ([\d.]+) \(before\) -> ([\d.]+)", text)[0]
     )
     assert after < before
-    assert "replay OK: 4 outer step(s) reproduced bit for bit" in text
+    assert f"{OUTER_STEPS} DiLoCo outer steps of {INNER_STEPS} inner steps" in text
+    assert f"replay OK: {OUTER_STEPS} outer step(s) reproduced bit for bit" in text
     assert f"all {ROUNDS} rounds' aggregates reproduced bit for bit" in text
     assert demo.leftover_pids == []
 

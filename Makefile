@@ -63,4 +63,4 @@ test: checks
 	$(MAKE) --no-print-directory -j2 typecheck pytest
 
 pytest: $(STAMP)
-	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile

@@ -64,6 +64,14 @@ def _require(path: Path) -> Path:
     return path
 
 
+def _text(path: Path) -> str:
+    """A bundle file's text; a file that is not UTF-8 is a bad bundle, not a crash."""
+    try:
+        return _require(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise BundleError(f"{path} is not UTF-8 text: {err}") from None
+
+
 def _certificate(path: Path) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(_require(path).read_bytes())
@@ -75,13 +83,13 @@ def load_bundle(directory: Path, state_dir: Path) -> Bundle:
     if not directory.is_dir():
         raise BundleError(f"bundle dir {directory} does not exist")
     try:
-        meta = tomllib.loads(_require(directory / "bundle.toml").read_text())
+        meta = tomllib.loads(_text(directory / "bundle.toml"))
         institution = str(meta["institution"])
         address = str(meta["coordinator_address"])
     except (tomllib.TOMLDecodeError, KeyError) as err:
         raise BundleError(f"{directory / 'bundle.toml'} is incomplete or invalid: {err}") from None
     ca = _certificate(directory / "ca.crt")
-    expected = _require(directory / "ca.sha256").read_text().strip()
+    expected = _text(directory / "ca.sha256").strip()
     if pki.fingerprint(ca) != expected or meta.get("ca_fingerprint") != expected:
         raise BundleError(
             f"{directory / 'ca.crt'} does not match the fingerprint in ca.sha256 and "

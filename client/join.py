@@ -33,6 +33,7 @@ from consortium.errors import (
 from consortium.lifecycle import ParallelStops, StartStep, start_in_order
 from consortium.metrics_http import MetricsServer
 from consortium.net import is_loopback_host, split_host_port
+from consortium.ownership import claim
 from consortium.proto.v1 import nodes_pb2, nodes_pb2_grpc
 from consortium.provenance.signing import SigningKey
 from consortium.ray_env import RayTls, ray_node_ip, write_ray_token
@@ -72,6 +73,7 @@ def check_transport(settings: ClientSettings) -> Bundle | None:
 
 # The start steps of `SiteNode.run`, in order (`on_start_step` receives these names).
 JOIN_STEPS = (
+    "ownership",
     "metrics_endpoint",
     "register",
     "fleet_forwarder",
@@ -126,6 +128,7 @@ class SiteNode:
         )
         self._stub = nodes_pb2_grpc.NodeRegistryStub(self._channel)
         self.task_runner: SiteTaskRunner | None = None  # once started
+        self._heartbeat_failing = False  # logged once per outage
         self._policy = RetryPolicy(
             attempts=settings.connect_attempts, initial_backoff_s=settings.connect_backoff_s
         )
@@ -168,6 +171,7 @@ class SiteNode:
             stack.callback(self._channel.close)
             run = _Run(stop)
             steps: list[StartStep] = [
+                ("ownership", lambda: self._claim_state_dir(stack)),
                 ("metrics_endpoint", lambda: self._start_metrics(stack)),
                 ("register", lambda: self._register(stack, run)),
                 ("fleet_forwarder", lambda: self._start_forwarder(stack, run)),
@@ -183,6 +187,12 @@ class SiteNode:
             raise run.failure
 
     # --- start steps, in order ------------------------------------------------
+    def _claim_state_dir(self, stack: ExitStack) -> None:
+        """One `client join` per state dir: a second is refused, a dead one's SuperNode
+        and Ray worker are stopped, and a reaper stops this one's children if it dies
+        (consortium/ownership.py)."""
+        claim(self.settings.resolved_state_dir, "client join", stack)
+
     def _start_metrics(self, stack: ExitStack) -> None:
         metrics = MetricsServer(
             self.settings.metrics_address, self.metrics.registry, self.settings.metrics_address_file
@@ -403,9 +413,20 @@ class SiteNode:
         try:
             self._stub.Heartbeat(nodes_pb2.HeartbeatRequest(node_id=node_id), timeout=5)
             self.metrics.heartbeat_sent(ok=True)
+            if self._heartbeat_failing:
+                log.info("heartbeat restored: the coordinator answers again")
+            self._heartbeat_failing = False
         except grpc.RpcError as error:
-            # The coordinator may be restarting; keep the SuperNode and try again.
-            log.warning("heartbeat failed: %s", error)
+            # The coordinator may be restarting; keep the SuperNode and try again. One
+            # line when it starts failing (the metric counts every failure).
+            code = error.code() if isinstance(error, grpc.Call) else None
+            details = error.details() if isinstance(error, grpc.Call) else str(error)
+            (log.debug if self._heartbeat_failing else log.warning)(
+                "heartbeat failed (%s: %s); retrying at every heartbeat interval",
+                code.name if code is not None else "error",
+                details,
+            )
+            self._heartbeat_failing = True
             self.metrics.heartbeat_sent(ok=False)
 
     def _leave(self, node_id: str) -> None:

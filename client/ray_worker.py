@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from consortium.leftovers import owner_env
 from consortium.net import is_loopback_host, split_host_port
 from consortium.processes import STOP_TIMEOUT_S, ChildProcess, venv_executable
 from consortium.ray_env import DRAIN_TIMEOUT_ENV, RayTls, ray_auth_env, short_temp_dir
@@ -86,7 +87,7 @@ class RayWorker:
         self._argv = worker_argv(
             ray_address, institution, node_id, gpu, short_temp_dir(state_dir), hardware
         )
-        self._env = ray_auth_env(token_path, tls)
+        self._env = {**ray_auth_env(token_path, tls), **owner_env(state_dir)}
         # Leaving drains the node: on SIGTERM Ray marks it DRAINING (nothing new is
         # placed here; the pretraining controller drops its worker) and waits this long
         # for running work before ending its processes.

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from consortium.file_modes import new_secret_file
+from consortium.leftovers import owner_env
 from consortium.net import reserve_free_port
 from consortium.processes import ChildProcess, venv_executable
 
@@ -80,7 +81,9 @@ class SuperNode:
                 "--auth-supernode-private-key",
                 str(auth_key.resolve()),
             ]
-        self.process = ChildProcess("flower-supernode", argv, state_dir / "supernode.log")
+        self.process = ChildProcess(
+            "flower-supernode", argv, state_dir / "supernode.log", env=owner_env(state_dir)
+        )
 
     @property
     def runtime_api_address(self) -> str:

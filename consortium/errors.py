@@ -47,6 +47,16 @@ class ConflictError(ConsortiumError):
     exit_code = ExitCode.CONFLICT
 
 
+class CommitRefusedError(ConflictError):
+    """A job's run tried to commit what it does not own: `reason` is "stale_run" (a
+    newer run owns the job) or "duplicate_round" (the round is already committed, or
+    the one before it is not)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class UnreachableError(ConsortiumError):
     exit_code = ExitCode.COORDINATOR_UNREACHABLE
 

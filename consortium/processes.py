@@ -110,7 +110,7 @@ class ChildProcess:
         for process in descendants:
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                 process.kill()
-        for process in _wait_gone(descendants, timeout_s):
+        for process in wait_gone(descendants, timeout_s):
             log.warning("%s: descendant %d outlived SIGKILL", self.name, process.pid)
         self._log_file.close()
 
@@ -169,24 +169,53 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def _wait_gone(processes: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+def listens_on(pid: int, port: int) -> bool:
+    """Whether `pid` itself holds a listening TCP socket on `port`."""
+    try:
+        connections = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.Error:
+        return False
+    return any(_listening_port(c) == port for c in connections)
+
+
+def port_holder(port: int) -> int | None:
+    """The pid listening on TCP `port`, when this user may see it."""
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except psutil.Error:
+        return None
+    for connection in connections:
+        if _listening_port(connection) == port:
+            return connection.pid
+    return None
+
+
+def _listening_port(connection: object) -> int | None:
+    """The local port of a listening socket (psutil's sconn or pconn), else None."""
+    port = getattr(getattr(connection, "laddr", None), "port", None)
+    listening = getattr(connection, "status", None) == psutil.CONN_LISTEN
+    return port if listening and isinstance(port, int) else None
+
+
+def wait_gone(processes: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
     """Wait until none of `processes` runs; returns those still running at the timeout.
 
     Not `psutil.wait_procs`: these are not our children, so a killed one stays a
     zombie until whoever adopted it reaps it, and a zombie runs nothing.
     """
     deadline = time.monotonic() + timeout_s
-    running = [process for process in processes if _running(process)]
+    running = [process for process in processes if is_live(process)]
     while running and time.monotonic() < deadline:
         time.sleep(WAIT_POLL_S)
-        running = [process for process in running if _running(process)]
+        running = [process for process in running if is_live(process)]
     return running
 
 
-def _running(process: psutil.Process) -> bool:
+def is_live(process: psutil.Process) -> bool:
+    """Running and not a zombie (killed, not yet reaped: it runs nothing)."""
     try:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
+    except psutil.Error:
         return False
 
 

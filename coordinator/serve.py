@@ -16,6 +16,7 @@ import grpc
 from consortium.errors import InsecureTransportError
 from consortium.lifecycle import ParallelStops, StartStep, start_in_order
 from consortium.net import is_loopback_host, reserve_free_port, split_host_port
+from consortium.ownership import claim
 from consortium.proto.v1 import jobs_pb2_grpc, nodes_pb2_grpc
 from consortium.provenance.signing import SigningKey
 from consortium.ray_env import RayTls, use_ray_auth_in_this_process
@@ -96,6 +97,9 @@ def sticky_port(record: Path, host: str, requested: int) -> int:
         previous = int(record.read_text().strip() or 0)
         try:
             with socket.socket() as probe:
+                # As the servers bind: a crashed predecessor's connections in TIME_WAIT
+                # must not move the port (sites reconnect to it); a listener still does.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.bind((host, previous))
             return previous
         except OSError:
@@ -107,6 +111,7 @@ def sticky_port(record: Path, host: str, requested: int) -> int:
 START_STEPS = (
     "transport",
     "data_dir",
+    "ownership",
     "state_store",
     "signing_key",
     "refusal_watches",
@@ -167,6 +172,7 @@ class Coordinator:
         steps: list[StartStep] = [
             ("transport", self._check_transport),
             ("data_dir", self._make_data_dir),
+            ("ownership", self._claim_data_dir),
             ("state_store", self._open_store),
             ("signing_key", self._load_signing_key),
             ("refusal_watches", self._start_watches),
@@ -190,6 +196,12 @@ class Coordinator:
 
     def _make_data_dir(self) -> None:
         self.paths.root.mkdir(parents=True, exist_ok=True)
+
+    def _claim_data_dir(self) -> None:
+        """One coordinator per data dir: a second is refused, a dead one's leftovers (a
+        SuperLink still holding its port, a ServerApp still writing rounds) are stopped,
+        and a reaper stops this one's children if it dies (consortium/ownership.py)."""
+        claim(self.paths.root, "coordinator serve", self._stack)
 
     def _open_store(self) -> None:
         self.store = SqliteStateStore(self.paths.state_db)
@@ -306,6 +318,7 @@ class Coordinator:
                 self.approvals,
                 self.metrics,
                 settings.flower_status_interval_s,
+                provenance_log=self.paths.provenance_log,
             ),
             PRETRAIN: self.pretrain
             if self.pretrain is not None

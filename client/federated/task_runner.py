@@ -7,13 +7,15 @@ the SuperNode's loopback Runtime API, authenticated with a per-site secret
 (`--superexec-auth-secret-file`, so another local user cannot take the site's tasks).
 For each task it:
 
-1. pulls the task's message, context, run and FAB;
-2. checks, before anything of the run executes, that the coordinator signed an approval
-   of exactly this run id, this FAB (its sha256, computed here) and this job
-   (`consortium/run_approval.py`); a refused run gets an error reply, an ERROR log line
-   naming the run, and `consortium_site_refused_runs_total{reason}`;
-3. runs the ClientApp installed with this package (`client.federated.client_app:app`),
-   never code from the FAB, in this process, and pushes the reply.
+1. pulls the task's context, run and FAB (`client/federated/task_input.py`);
+2. checks, before anything of the run executes and before its message is pulled, that
+   the coordinator signed an approval of exactly this run id, this FAB (its sha256,
+   computed here) and this job (`consortium/run_approval.py`); a refused run gets an
+   error reply (when its message arrives within seconds), an ERROR log line naming the
+   run, and `consortium_site_refused_runs_total{reason}`;
+3. pulls the message, runs the ClientApp installed with this package
+   (`client.federated.client_app:app`), never code from the FAB, in this process, and
+   pushes the reply.
 
 Flower's own launcher would start a `flwr-clientapp` process per message with the
 task's token in its argv (readable by every local user) and install the FAB's code;
@@ -44,18 +46,18 @@ from flwr.supercore.interceptors import (
 )
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import (
-    pull_task_input,
-    push_message,
-    push_task_output,
-)
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
+from client.federated.task_input import TaskHeader, pull_task_header, pull_task_message
 from consortium.run_approval import RefusalReason, RunRefusedError
 
 log = logging.getLogger(__name__)
 
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
 POLL_INTERVAL_S = 0.2  # an idle poll is one loopback HTTP request
+# A refused run's message is pulled only to address the error reply to it; a run that
+# ended while the SuperNode received it never delivers, and must not hold up the next.
+REFUSED_MESSAGE_WAIT_S = 5.0
 JOB_ID_KEY = "job-id"  # the run config key naming the job (coordinator/federated/flower_app.py)
 
 # (run id, sha256 of the run's FAB, job id) -> None, or RunRefusedError
@@ -138,10 +140,11 @@ class SiteTaskRunner:
         reply: Message | None = None
         status, details = SubStatus.FAILED, "the site could not execute the task"
         try:
-            message, context, run, fab = pull_task_input(client)
-            run_id = str(run.run_id)
-            fab_hash = hashlib.sha256(fab.content).hexdigest()
-            job_id = str(run.override_config.get(JOB_ID_KEY, ""))
+            header = pull_task_header(client)
+            context = header.context
+            run_id = str(header.run.run_id)
+            fab_hash = hashlib.sha256(header.fab.content).hexdigest()
+            job_id = str(header.run.override_config.get(JOB_ID_KEY, ""))
             try:
                 self._check_run(run_id, fab_hash, job_id)
             except RunRefusedError as refusal:
@@ -149,11 +152,14 @@ class SiteTaskRunner:
                 self.counts.refused += 1
                 self._on_refused(refusal.reason)
                 details = f"the site refused run {run_id}: {refusal}"
-                reply = Message(
-                    Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
-                    reply_to=message,
-                )
+                message = self._refused_message(client, header)
+                if message is not None:
+                    reply = Message(
+                        Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
+                        reply_to=message,
+                    )
                 return
+            message = pull_task_message(client, header, max_time_s=None)
             reply = self._app(message=message, context=context)
             status, details = SubStatus.COMPLETED, ""
             self.counts.executed += 1
@@ -176,3 +182,13 @@ class SiteTaskRunner:
             if heartbeat.is_running:
                 heartbeat.stop()
             client.close()
+
+    @staticmethod
+    def _refused_message(client: RuntimeHttpClient, header: TaskHeader) -> Message | None:
+        """A refused run's message, to address the error reply to; None when it does
+        not arrive in time (the task then ends FAILED without a reply)."""
+        try:
+            return pull_task_message(client, header, max_time_s=REFUSED_MESSAGE_WAIT_S)
+        except Exception as error:
+            log.warning("the refused task's message did not arrive: %s", error)
+            return None

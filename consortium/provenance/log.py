@@ -11,7 +11,9 @@ One JSON object per line, each in canonical form (`canonical.py`):
   records, written after every round.
 
 Only the process running a job appends (one job at a time), under an
-exclusive file lock so a second writer can never interleave lines.
+exclusive file lock so a second writer can never interleave lines. An append may
+carry a check that runs under that lock, on the records so far (`Precondition`):
+a job's run refuses there to write what a newer run owns or what is already logged.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import fcntl
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,10 @@ from consortium.provenance.signing import SigningKey, b64
 
 RECORD = "record"
 TREE_HEAD = "tree_head"
+
+# Called under the log's lock with the records so far (parsed lines of kind "record");
+# raising refuses the append.
+Precondition = Callable[[list[dict[str, Any]]], None]
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,25 @@ def read_lines(path: Path) -> list[bytes]:
     return data.split(b"\n")[:-1] if data.endswith(b"\n") else data.split(b"\n")
 
 
+@contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold the log's write lock: no record is appended meanwhile (the coordinator
+    holds it while it hands a job to a new run, so a check under it sees either run)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("ab") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def records_of(path: Path) -> list[dict[str, Any]]:
+    """The log's records (lines of kind "record"), parsed, in order."""
+    entries = (json.loads(line) for line in read_lines(path))
+    return [entry for entry in entries if entry.get("kind") == RECORD]
+
+
 class ProvenanceLog:
     """Appends signed records and tree heads to one log file."""
 
@@ -73,17 +98,12 @@ class ProvenanceLog:
     @contextmanager
     def _locked(self) -> Iterator[list[bytes]]:
         """Exclusive access; yields the leaf hashes of the records so far."""
-        with self.path.open("ab") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                leaves = [
-                    leaf_hash(line)
-                    for line in read_lines(self.path)
-                    if json.loads(line).get("kind") == RECORD
-                ]
-                yield leaves
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with exclusive(self.path):
+            yield [
+                leaf_hash(line)
+                for line in read_lines(self.path)
+                if json.loads(line).get("kind") == RECORD
+            ]
 
     def _append_line(self, line: dict[str, Any]) -> bytes:
         encoded = canonical_json(line)
@@ -91,8 +111,12 @@ class ProvenanceLog:
             handle.write(encoded + b"\n")
         return encoded
 
-    def append(self, type_: str, body: dict[str, Any]) -> int:
+    def append(
+        self, type_: str, body: dict[str, Any], precondition: Precondition | None = None
+    ) -> int:
         with self._locked() as leaves:
+            if precondition is not None:
+                precondition(records_of(self.path))
             index = len(leaves)
             signature = self._key.sign(record_signing_bytes(index, type_, body))
             self._append_line(
@@ -107,9 +131,9 @@ class ProvenanceLog:
             )
             return index
 
-    def append_record(self, record: KnownRecord) -> int:
+    def append_record(self, record: KnownRecord, precondition: Precondition | None = None) -> int:
         """Append a typed record (`records.py`); its body is the fields its writer set."""
-        return self.append(record.TYPE, record.body())
+        return self.append(record.TYPE, record.body(), precondition)
 
     def logged_key_ids(self) -> set[str]:
         """Key ids of the institution keys already recorded in this log."""

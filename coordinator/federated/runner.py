@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Protocol
 
 from consortium.errors import ConflictError, ConsortiumError
+from consortium.provenance.log import exclusive
 from coordinator.federated.approvals import RunApprovals
 from coordinator.federated.flower_app import RunStatus
 from coordinator.jobs.lifecycle import JobLifecycle
@@ -52,6 +55,7 @@ class FlowerJobRunner:
         approvals: RunApprovals,
         metrics: CoordinatorMetrics | None = None,
         status_interval_s: float = FLOWER_STATUS_INTERVAL_S,
+        provenance_log: Path | None = None,
     ) -> None:
         self._lifecycle = lifecycle
         self._jobs = jobs
@@ -61,6 +65,12 @@ class FlowerJobRunner:
         self._status_interval_s = status_interval_s
         self._run_id: str | None = None  # the Flower run of the job we started
         self._last_status_check = 0.0
+        self._provenance_log = provenance_log
+
+    def _handover(self) -> AbstractContextManager[None]:
+        if self._provenance_log is None:
+            return nullcontext()
+        return exclusive(self._provenance_log)
 
     def waiting_reason(self, job: JobRecord) -> str | None:
         try:
@@ -71,6 +81,16 @@ class FlowerJobRunner:
     def start(self, job: JobRecord) -> None:
         run_id = self._flower.run({"job-id": job.job_id})
         self._run_id = run_id
+        self._last_status_check = time.monotonic()
+        try:
+            # The job is this run's from here on: under the log's lock, so a commit of
+            # an older run (checked under the same lock) lands before or is refused.
+            # Before the approval: the ServerApp starts only once approved.
+            with self._handover():
+                self._lifecycle.attach_run(job.job_id, run_id)
+        except ConflictError:  # cancelled while the run was being started
+            self.stop(job)
+            return
         # Sites execute nothing of a run the coordinator has not signed for; the
         # ServerApp takes seconds to start, so this lands before its first message.
         try:
@@ -78,15 +98,13 @@ class FlowerJobRunner:
         except ConsortiumError:
             self.stop(job)  # a run no site would serve
             raise
-        self._last_status_check = time.monotonic()
         try:
-            self._lifecycle.attach_run(job.job_id, run_id)
             self._lifecycle.note(
                 job.job_id,
                 f"running on the Flower SuperLink (run {run_id})",
                 while_in=frozenset({JobState.RUNNING}),
             )
-        except ConflictError:  # cancelled while the run was being started
+        except ConflictError:  # cancelled meanwhile
             self.stop(job)
 
     def is_active(self, job: JobRecord) -> bool:

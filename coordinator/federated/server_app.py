@@ -5,9 +5,17 @@ the coordinator's state only through `RunningJob` (its typed spec, admission's
 reads, rounds and the job's end, via the job lifecycle), samples nodes with the Flower
 strategy named in the spec, admits and aggregates signed updates with
 `ConsortiumStrategy`, evaluates the global model on the held-out split after
-every round, and records each round three ways: in the job's state (for
-`jobs watch`), as a checkpoint (for resuming) and as a signed record followed by
-a signed tree head in the provenance log.
+every round, and records each round three ways: as a checkpoint (for resuming), as a
+signed record followed by a signed tree head in the provenance log, and in the job's
+state (for `jobs watch`).
+
+The log append is the round's commit, exactly once: it is refused when a newer Flower
+run owns the job (the coordinator resumed it elsewhere) or when the round is not past
+the job's last logged one (`JobRecorder.round`); the refusal is logged and counted
+(`consortium_round_commits_refused_total`), nothing of it is recorded, and the run
+stops without ending the job. A resumed run starts after the last logged round, from
+that round's checkpoint, and first copies into the state any logged round the state
+missed (a crash between the two writes).
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
-from consortium.errors import ConflictError
+from consortium.errors import CommitRefusedError, ConflictError, ConsortiumError
 from consortium.models import build_model, load_parameter_tensors, parameter_tensors
 from consortium.provenance.environment import describe_environment
 from consortium.provenance.records import JobStarted, Round
@@ -86,18 +94,27 @@ class JobRun:
         self.job_id = job.job_id
         self.spec = job.spec
         self.checkpoints = CheckpointStore(data_dir, job.job_id)
-        self.provenance = JobRecorder(DataDir(data_dir), job.job_id)
+        # Every append checks, under the log's lock, that the job is still this run's.
+        self.provenance = JobRecorder(DataDir(data_dir), job.job_id, fence=job.ensure_current)
+        self.current_round = 0  # the round being committed (named in a refusal)
         self.held_out = held_out_for(self.spec)
         self.family = family_of(job, self.spec)
         self.starting: StartingModel | None = None  # set when init_from is used
 
     def initial_model(self) -> tuple[torch.nn.Module, int]:
-        checkpoint = self.checkpoints.latest()
-        if checkpoint is not None:
+        committed = self.provenance.last_round()
+        if committed > 0:
+            checkpoint = self.checkpoints.at(committed)
+            if checkpoint is None:
+                raise ConsortiumError(
+                    f"round {committed} of job {self.job_id} is committed in the provenance "
+                    "log but its checkpoint is missing; the job cannot resume"
+                )
             model = build_model(self.family.model, self.family.options)
             load_parameter_tensors(model, checkpoint.state_dict)
-            log.info("job %s resumes after round %d", self.job_id, checkpoint.round)
-            return model, checkpoint.round
+            self.copy_logged_rounds_to_state(committed)
+            log.info("job %s resumes after round %d", self.job_id, committed)
+            return model, committed
         if self.spec.init_from is not None:
             model, self.starting = load_starting_model(
                 self.job,
@@ -115,9 +132,26 @@ class JobRun:
         torch.manual_seed(self.spec.seed)
         return build_model(self.family.model, self.family.options), 0
 
+    def copy_logged_rounds_to_state(self, committed: int) -> None:
+        """Rounds committed in the log that the state missed (the process ended between
+        the two writes) are recorded in the state from their log records."""
+        recorded = self.job.get_job(self.job_id).rounds_completed
+        for body in self.provenance.logged_rounds():
+            round_ = int(body["round"])
+            if recorded < round_ <= committed:
+                self.job.record_round(
+                    RoundRecord(
+                        job_id=self.job_id,
+                        round=round_,
+                        participants=len(body.get("participants", [])),
+                        metrics=dict(body.get("metrics", {})),
+                        finished_at_ms=wall_clock_ms(),
+                    )
+                )
+
     def log_start(self, model: torch.nn.Module, done_rounds: int) -> None:
         digest = arrays_digest(numpy_state(model))
-        if done_rounds:
+        if done_rounds or self.provenance.has_started():
             self.provenance.job_resumed("federated", done_rounds, model_digest=digest)
             return
         self.provenance.job_started(
@@ -183,8 +217,10 @@ class JobRun:
                 metrics["train_loss"] = provenance.train_loss
             if server_round > 0 or done_rounds == 0:
                 if server_round > 0:
+                    self.current_round = round_
                     self.checkpoints.save(round_, parameter_tensors(model))
-                    self.log_round(strategy, round_, metrics)
+                    self.log_round(strategy, round_, metrics)  # the commit
+                    self.checkpoints.prune_before(round_)
                 self.job.record_round(
                     RoundRecord(
                         job_id=self.job_id,
@@ -244,14 +280,22 @@ class JobRun:
 def main(grid: Grid, context: Context) -> None:
     data_dir = Path(os.environ[DATA_DIR_ENV])
     job_id = str(context.run_config["job-id"])
-    with RunningJob.open(DataDir(data_dir), job_id) as job:
+    run_id = str(context.run_id)
+    with RunningJob.open(DataDir(data_dir), job_id, run_id) as job:
+        run: JobRun | None = None
         try:
-            JobRun(data_dir, job).run(grid)
+            run = JobRun(data_dir, job)
+            run.run(grid)
         except JobCancelledError:
-            log.info("job %s was cancelled; stopping", job_id)
+            log.info("job %s no longer runs; stopping", job_id)
+        except CommitRefusedError as refusal:
+            # Not this run's to write, nor to fail: the job goes on in its owner's run.
+            round_ = run.current_round if run is not None else 0
+            log.error("Flower run %s stops: %s (%s)", run_id, refusal, refusal.reason)
+            job.record_refused_commit(refusal.reason, round_)
         except Exception as error:
             try:
                 job.fail(f"ServerApp failed: {type(error).__name__}: {error}")
             except ConflictError:
-                log.info("job %s had already ended; its failure is not recorded", job_id)
+                log.info("job %s is not this run's, or ended; its failure is not recorded", job_id)
             raise

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from consortium.errors import ChildProcessFailedError
 from consortium.file_modes import new_secret_file
+from consortium.leftovers import owner_env
 from consortium.net import reserve_free_port
-from consortium.processes import ChildProcess, venv_executable
+from consortium.processes import ChildProcess, listens_on, port_holder, venv_executable
 from coordinator.access.pki_files import CoordinatorPki
 from coordinator.data_dir import DataDir
 from coordinator.federated.serverapp_launcher import RuntimeEndpoint
@@ -73,8 +74,13 @@ class SuperLink:
     def app_env(self) -> dict[str, str]:
         """For the SuperLink and the ServerApps: the ServerApp finds the coordinator's
         state through DATA_DIR_ENV; GRPC_VERBOSITY quiets gRPC's logs whatever the
-        coordinator's own setting (see coordinator.cli)."""
-        return {DATA_DIR_ENV: str(self.paths.root.resolve()), "GRPC_VERBOSITY": "ERROR"}
+        coordinator's own setting (see coordinator.cli); the owner mark lets the
+        coordinator's reaper and its successor find them (consortium/leftovers.py)."""
+        return {
+            DATA_DIR_ENV: str(self.paths.root.resolve()),
+            "GRPC_VERBOSITY": "ERROR",
+            **owner_env(self.paths.root),  # a dead coordinator's leftovers are found
+        }
 
     @property
     def runtime(self) -> RuntimeEndpoint:
@@ -86,23 +92,35 @@ class SuperLink:
         return f"{self.host}:{self.port}"
 
     def wait_ready(self, timeout_s: float) -> None:
-        """Block until the SuperLink accepts connections, or raise with its log tail."""
+        """Block until our SuperLink accepts connections, or raise with its log tail.
+
+        The port answering is not enough: an old SuperLink (of a coordinator killed
+        without a chance to stop it) may hold it, while ours fails to bind and exits.
+        Ready means the listening socket is our child's own.
+        """
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise ChildProcessFailedError(
-                    f"flower-superlink exited with code {self.process.poll()}; "
-                    f"see {self.process.log_path}:\n{self.process.log_tail()}"
+                    f"flower-superlink exited with code {self.process.poll()}"
+                    f"{self._port_holder()}; see {self.process.log_path}:\n"
+                    f"{self.process.log_tail()}"
                 )
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.1)
+            if listens_on(self.process.pid, self.port):
+                try:
+                    with socket.create_connection((self.host, self.port), timeout=0.5):
+                        return
+                except OSError:
+                    pass
+            time.sleep(0.1)
         raise ChildProcessFailedError(
-            f"flower-superlink did not listen on {self.address} within {timeout_s:.0f} s; "
-            f"see {self.process.log_path}"
+            f"flower-superlink did not listen on {self.address} within {timeout_s:.0f} s"
+            f"{self._port_holder()}; see {self.process.log_path}"
         )
+
+    def _port_holder(self) -> str:
+        holder = port_holder(self.port)
+        return f" (port {self.port} is held by pid {holder})" if holder is not None else ""
 
     def stop(self) -> None:
         self.process.stop()

@@ -3,10 +3,15 @@
 The ServerApp runs in a grandchild process that Flower starts (SuperLink -> SuperExec
 -> flwr-serverapp), so it cannot share the coordinator's objects. It reaches the
 coordinator's state only through `RunningJob`, opened with `RunningJob.open(data_dir,
-job_id)`: its job's typed spec, other jobs for pipelines (read only), admission's
+job_id, run_id)`: its job's typed spec, other jobs for pipelines (read only), admission's
 reads and nonce claims (for this job only), completed rounds, and the job's end, each
 through the same `JobLifecycle` that the coordinator uses. It never opens the
 database itself (an import-linter contract keeps `coordinator.state` out of it).
+
+A run writes only while the job is its own: the coordinator hands a job to a new Flower
+run (`attach_run`, under the provenance log's lock) when it resumes it, and from then
+on `ensure_current` refuses the old run's writes (`CommitRefusedError("stale_run")`),
+records the refusal and never lets it end the job.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from consortium.errors import ConflictError, PermissionDeniedError
+from consortium.errors import CommitRefusedError, ConflictError, PermissionDeniedError
 from coordinator.data_dir import DataDir
 from coordinator.jobs.lifecycle import JobLifecycle
 from coordinator.jobs.spec import FederatedJobSpec, federated_spec_of
@@ -27,21 +32,42 @@ class JobCancelledError(ConflictError):
     """The job was cancelled while it ran: its run stops and records nothing more."""
 
 
+STALE_RUN = "stale_run"
+
+
 class RunningJob:
-    def __init__(self, store: StateStore, job_id: str) -> None:
+    def __init__(self, store: StateStore, job_id: str, run_id: str) -> None:
         self._store = store
         self._lifecycle = JobLifecycle(store)
         self.job_id = job_id
+        self.run_id = run_id  # the Flower run this ServerApp serves
         self.spec: FederatedJobSpec = federated_spec_of(store.get_job(job_id))
 
     @classmethod
     @contextmanager
-    def open(cls, data_dir: DataDir, job_id: str) -> Iterator[RunningJob]:
+    def open(cls, data_dir: DataDir, job_id: str, run_id: str) -> Iterator[RunningJob]:
         store = SqliteStateStore(data_dir.state_db)
         try:
-            yield cls(store, job_id)
+            yield cls(store, job_id, run_id)
         finally:
             store.close()
+
+    # --- the fence ---------------------------------------------------------------
+    def ensure_current(self) -> None:
+        """Pass while the job runs on this run; JobCancelledError once it stopped
+        running; CommitRefusedError("stale_run") when a newer run owns it."""
+        job = self._store.get_job(self.job_id)
+        if job.state is not JobState.RUNNING:
+            raise JobCancelledError(self.job_id)
+        if job.flower_run_id != self.run_id:
+            raise CommitRefusedError(
+                STALE_RUN,
+                f"Flower run {self.run_id} no longer owns job {self.job_id} "
+                f"(run {job.flower_run_id or '(none)'} does)",
+            )
+
+    def record_refused_commit(self, reason: str, round_: int) -> None:
+        self._store.record_refused_commit(self.job_id, round_, self.run_id, reason)
 
     # --- reads -----------------------------------------------------------------
     def get_job(self, job_id: str) -> JobRecord:
@@ -79,7 +105,11 @@ class RunningJob:
             raise JobCancelledError(self.job_id) from None
 
     def succeed(self, message: str, model_path: str) -> JobRecord:
+        self.ensure_current()
         return self._lifecycle.succeed(self.job_id, message, model_path)
 
     def fail(self, message: str) -> JobRecord:
+        """Fails the job only while it is this run's (a stale run's failure is not the
+        job's: CommitRefusedError)."""
+        self.ensure_current()
         return self._lifecycle.fail(self.job_id, message)

@@ -29,6 +29,7 @@ from consortium.provenance.records import RecordType
 from coordinator.data_dir import DataDir
 from coordinator.federated.reasons import UPDATE_REJECT_REASONS
 from coordinator.jobs.spec import parse_job_spec
+from coordinator.provenance.recorder import COMMIT_REFUSAL_REASONS
 from coordinator.state import FINAL_JOB_STATES, JobRecord, JobState, NodeState, StateStore
 from coordinator.state.records import RoundRecord
 
@@ -239,6 +240,16 @@ class StateCollector(Collector):
         for reason, count in sorted(totals.items()):
             rejected.add_metric([reason], count)
         yield rejected
+        refused = CounterMetricFamily(
+            "consortium_round_commits_refused_total",
+            "Round commits refused by reason: stale_run (a newer Flower run owns the job), "
+            "duplicate_round (already committed). Never recorded in state or log.",
+            labels=["reason"],
+        )
+        commits = dict.fromkeys(COMMIT_REFUSAL_REASONS, 0) | self._store.refused_commits()
+        for reason, count in sorted(commits.items()):
+            refused.add_metric([reason], count)
+        yield refused
         yield _histogram(
             "consortium_round_duration_seconds",
             "Time from the end of one round of a job to the end of the next.",

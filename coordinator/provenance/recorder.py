@@ -10,16 +10,21 @@ step and job_completed, so a killed coordinator leaves at most the records of th
 in progress uncovered. An institution key is not followed by its own tree head: the
 round whose update it verifies comes next and publishes one over both.
 
-Only one process runs a job (and so writes its records) at a time; `ProvenanceLog`
-locks the file for each append.
+Exactly once: the log is where a job's round is committed. Every append runs the
+recorder's `fence` under the log's lock (a federated run checks there that the job is
+still its own: `RunningJob.ensure_current`), and a round is appended only when it is
+the next one of its job, so a stale run's late write and a round written twice are
+both refused (`CommitRefusedError`) and nothing of them is recorded.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from consortium.provenance.log import ProvenanceLog, TreeHead
+from consortium.errors import CommitRefusedError
+from consortium.provenance.log import Precondition, ProvenanceLog, TreeHead, records_of
 from consortium.provenance.records import (
     InstitutionKey,
     JobCompleted,
@@ -34,20 +39,64 @@ from consortium.provenance.signing import SigningKey, b64
 from consortium.tensor_digest import file_digest
 from coordinator.data_dir import DataDir
 
+STALE_RUN = "stale_run"
+DUPLICATE_ROUND = "duplicate_round"
+COMMIT_REFUSAL_REASONS = (STALE_RUN, DUPLICATE_ROUND)
+
+
+def rounds_of(records: list[dict[str, Any]], job_id: str) -> list[dict[str, Any]]:
+    """The bodies of `job_id`'s round records among parsed log records, in order."""
+    return [
+        entry["body"]
+        for entry in records
+        if entry.get("type") == Round.TYPE and entry["body"].get("job_id") == job_id
+    ]
+
+
+def last_round(records: list[dict[str, Any]], job_id: str) -> int:
+    """The highest round of `job_id` among parsed log records (0: none yet)."""
+    return max((int(body["round"]) for body in rounds_of(records, job_id)), default=0)
+
 
 class JobRecorder:
     """Appends one job's typed records to the data dir's log, signed with its key."""
 
-    def __init__(self, data_dir: DataDir, job_id: str) -> None:
+    def __init__(
+        self, data_dir: DataDir, job_id: str, fence: Callable[[], None] | None = None
+    ) -> None:
         self.job_id = job_id
         self.log = ProvenanceLog(data_dir.provenance_log, SigningKey.load(data_dir.signing_key))
         self._logged_keys = self.log.logged_key_ids()
+        self._fence = fence or (lambda: None)  # raises CommitRefusedError to refuse
 
-    def _append(self, record: KnownRecord, tree_head: bool = True) -> int:
+    def last_round(self) -> int:
+        """The job's last committed round (0: none)."""
+        return last_round(records_of(self.log.path), self.job_id)
+
+    def logged_rounds(self) -> list[dict[str, Any]]:
+        """The bodies of the job's round records, in log order."""
+        return rounds_of(records_of(self.log.path), self.job_id)
+
+    def has_started(self) -> bool:
+        """Whether the job's `job_started` is in the log (a run before this one began it)."""
+        return any(
+            entry.get("type") == JobStarted.TYPE and entry["body"].get("job_id") == self.job_id
+            for entry in records_of(self.log.path)
+        )
+
+    def _append(
+        self, record: KnownRecord, tree_head: bool = True, check: Precondition | None = None
+    ) -> int:
         job_id = getattr(record, "job_id", self.job_id)
         if job_id != self.job_id:
             raise ValueError(f"a record of job {job_id} given to job {self.job_id}'s recorder")
-        index = self.log.append_record(record)
+
+        def precondition(records: list[dict[str, Any]]) -> None:
+            self._fence()
+            if check is not None:
+                check(records)
+
+        index = self.log.append_record(record, precondition)
         if tree_head:
             self.log.publish_tree_head()
         return index
@@ -73,7 +122,19 @@ class JobRecorder:
         return True
 
     def round(self, record: Round) -> int:
-        return self._append(record)
+        """Commit a round: refused unless it is past the job's last logged round."""
+
+        def past_the_last(records: list[dict[str, Any]]) -> None:
+            # Past, not next: a round that aggregated nothing logs no record.
+            last = last_round(records, self.job_id)
+            if record.round <= last:
+                raise CommitRefusedError(
+                    DUPLICATE_ROUND,
+                    f"round {record.round} of job {self.job_id} is already committed "
+                    f"(the log's last is round {last})",
+                )
+
+        return self._append(record, check=past_the_last)
 
     def outer_step(self, record: OuterStep) -> int:
         return self._append(record)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import cast
 
 from consortium.errors import ChildProcessFailedError
+from consortium.leftovers import owner_env
 from consortium.processes import ChildProcess, venv_executable
 from consortium.ray_env import DRAIN_TIMEOUT_ENV, RayTls, ray_auth_env, short_temp_dir
 from coordinator.access.refusals.control_plane import TlsRefusal, parse_ray_handshake_failure
@@ -99,7 +100,14 @@ class RayHead:
         # its shutdown for 30 s whenever a node has ever joined.
         # GRPC_VERBOSITY: Ray's gRPC logs every connection at INFO; a refused handshake
         # is an ERROR line there, so it stays visible to the TLS watch.
-        env = {**ray_auth_env(token_path, tls), DRAIN_TIMEOUT_ENV: "0", "GRPC_VERBOSITY": "ERROR"}
+        # The owner mark: Ray's GCS, raylet and workers inherit it, so the coordinator's
+        # reaper and its successor find them (consortium/leftovers.py).
+        env = {
+            **ray_auth_env(token_path, tls),
+            DRAIN_TIMEOUT_ENV: "0",
+            "GRPC_VERBOSITY": "ERROR",
+            **owner_env(paths.root),
+        }
         for watch in self._watches():
             watch.start()
         log_path = paths.log_file("ray-head")

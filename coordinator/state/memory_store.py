@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections import Counter
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -51,6 +52,7 @@ class InMemoryStateStore(StateStore):
         self._events: list[JobEventRecord] = []
         self._institution_keys: dict[str, tuple[str, bytes]] = {}  # key id -> (inst, key)
         self._nonces: set[tuple[str, str]] = set()
+        self._refused_commits: list[tuple[str, int, str, str]] = []
         self._declared_examples: dict[str, int] = {}
         self._certificates: dict[str, _Certificate] = {}  # serial -> certificate
         self._revoked_at_ms: dict[str, int] = {}
@@ -206,6 +208,14 @@ class InMemoryStateStore(StateStore):
                 for key_id, (owner, key) in self._institution_keys.items()
                 if owner == institution
             }
+
+    def record_refused_commit(self, job_id: str, round_: int, run_id: str, reason: str) -> None:
+        with self._lock:
+            self._refused_commits.append((job_id, round_, run_id, reason))
+
+    def refused_commits(self) -> dict[str, int]:
+        with self._lock:
+            return dict(Counter(reason for *_, reason in self._refused_commits))
 
     def claim_nonce(self, job_id: str, nonce: str) -> bool:
         """True the first time a nonce is seen for a job, False on a replay."""

@@ -107,6 +107,13 @@ CREATE TABLE IF NOT EXISTS supernode_keys (
     flower_node_id TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (institution, public_key)
 );
+CREATE TABLE IF NOT EXISTS refused_commits (
+    job_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    run_id TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    refused_at_ms INTEGER NOT NULL
+);
 CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events(job_id, sequence);
 """
 
@@ -419,6 +426,21 @@ class SqliteStateStore(StateStore):
             .fetchall()
         )
         return {r["key_id"]: bytes(r["public_key"]) for r in rows}
+
+    def record_refused_commit(self, job_id: str, round_: int, run_id: str, reason: str) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO refused_commits VALUES (?, ?, ?, ?, ?)",
+                (job_id, round_, run_id, reason, now_ms()),
+            )
+
+    def refused_commits(self) -> dict[str, int]:
+        rows = (
+            self._connection()
+            .execute("SELECT reason, COUNT(*) AS n FROM refused_commits GROUP BY reason")
+            .fetchall()
+        )
+        return {r["reason"]: int(r["n"]) for r in rows}
 
     def claim_nonce(self, job_id: str, nonce: str) -> bool:
         """True the first time a nonce is seen for a job, False on a replay."""

@@ -83,6 +83,15 @@ class StateStore(ABC):
     @abstractmethod
     def list_rounds(self, job_id: str) -> list[RoundRecord]: ...
 
+    @abstractmethod
+    def record_refused_commit(self, job_id: str, round_: int, run_id: str, reason: str) -> None:
+        """A run's commit that was refused (a stale run, a round already committed):
+        kept for the operator and counted by reason."""
+
+    @abstractmethod
+    def refused_commits(self) -> dict[str, int]:
+        """How many commits were refused, by reason."""
+
     # --- institution keys and update nonces ---------------------------------
     @abstractmethod
     def add_institution_key(self, institution: str, key_id: str, public_key: bytes) -> None:

@@ -483,6 +483,13 @@ class StateTest(ABC):
         assert store.claim_nonce("b", "n-1") is True
         assert store.claim_nonce("b", "n-1") is False
 
+    def test_refused_commits_are_counted_by_reason(self, store: StateStore) -> None:
+        assert store.refused_commits() == {}
+        store.record_refused_commit("j1", 3, "run-1", "stale_run")
+        store.record_refused_commit("j1", 4, "run-1", "stale_run")
+        store.record_refused_commit("j2", 2, "run-9", "duplicate_round")
+        assert store.refused_commits() == {"stale_run": 2, "duplicate_round": 1}
+
     def test_declared_examples_none_until_declared(self, store: StateStore) -> None:
         assert store.declared_examples("uni-a") is None
 

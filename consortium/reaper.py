@@ -1,0 +1,84 @@
+"""A watcher that stops a data dir's processes once their owner is gone, however it went.
+
+`coordinator serve` and `client join` each start one (`Reaper.start`) before any other
+child. It runs in a session of its own (a signal to the owner's process group does not
+reach it) and blocks reading a pipe whose only writer is its owner: the kernel closes
+that pipe when the owner ends for any reason, `kill -9` included, and the reaper then
+stops every process marked as the dir's (`consortium/leftovers.py`) and exits. A normal
+stop closes the pipe too, after the children stopped; the reaper then finds nothing.
+
+`python -m consortium.reaper OWNER_DIR` imports only the standard library and psutil,
+so it starts in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import IO
+
+from consortium.leftovers import stop_leftovers
+
+log = logging.getLogger(__name__)
+
+EXIT_WAIT_S = 15.0  # the reaper's own stop: SIGTERM grace, then SIGKILL grace
+
+
+class Reaper:
+    """The owner's end of a running reaper: closing it (or dying) sets the reaper off."""
+
+    def __init__(self, process: subprocess.Popen[bytes], pipe: IO[bytes]) -> None:
+        self.process = process
+        self._pipe = pipe
+
+    @classmethod
+    def start(cls, owner_dir: Path, log_path: Path) -> Reaper:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "consortium.reaper", str(owner_dir.resolve())],
+                stdin=subprocess.PIPE,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        assert process.stdin is not None
+        return cls(process, process.stdin)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def close(self) -> None:
+        """Owner stopping normally: the reaper sweeps (finding what outlived the stop,
+        if anything) and exits."""
+        if not self._pipe.closed:
+            self._pipe.close()
+        try:
+            self.process.wait(timeout=EXIT_WAIT_S)
+        except subprocess.TimeoutExpired:
+            log.warning("the reaper (pid %d) did not exit; killing it", self.process.pid)
+            self.process.kill()
+            self.process.wait()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m consortium.reaper OWNER_DIR", file=sys.stderr)
+        return 2
+    owner_dir = Path(argv[0])
+    # EOF comes when the owner closes its end or dies; nothing is ever written.
+    while os.read(sys.stdin.fileno(), 4096):
+        pass
+    stopped = stop_leftovers(owner_dir)
+    for process in stopped:
+        name = process.info.get("name", "a process")
+        print(f"reaper: stopped {name} (pid {process.pid}) of {owner_dir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

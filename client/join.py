@@ -36,7 +36,7 @@ from consortium.net import is_loopback_host, split_host_port
 from consortium.ownership import claim
 from consortium.proto.v1 import nodes_pb2, nodes_pb2_grpc
 from consortium.provenance.signing import SigningKey
-from consortium.ray_env import RayTls, ray_node_ip, write_ray_token
+from consortium.ray_env import RayTls, ray_node_ip, short_temp_dir, write_ray_token
 from consortium.rpc import RetryPolicy, call_with_retry, open_channel
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,10 @@ class SiteNode:
         """One `client join` per state dir: a second is refused, a dead one's SuperNode
         and Ray worker are stopped, and a reaper stops this one's children if it dies
         (consortium/ownership.py)."""
-        claim(self.settings.resolved_state_dir, "client join", stack)
+        state_dir = self.settings.resolved_state_dir
+        # Ray's agents carry no owner mark; their command line names our Ray temp dir.
+        ray_temp = f"{short_temp_dir(state_dir)}/"
+        claim(state_dir, "client join", stack, cmdline_marks=(ray_temp,))
 
     def _start_metrics(self, stack: ExitStack) -> None:
         metrics = MetricsServer(

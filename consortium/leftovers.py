@@ -5,7 +5,10 @@ Every child of `coordinator serve` and `client join` carries `CONSORTIUM_OWNER_D
 Flower's helpers, the Ray head's GCS and raylet, Ray's workers. A process tree whose
 owner was killed (`kill -9` leaves no chance to stop anything) is then still
 recognisable as that dir's, however it was reparented or re-grouped, and only
-processes of our own user are ever looked at.
+processes of our own user are ever looked at. Ray's raylet starts its agents with an
+environment of its own making; they are found as descendants of a marked process, or
+by a mark in their command line (the owner's Ray temp dir, `cmdline_marks`) once their
+raylet is gone.
 
 Kept free of heavy imports: the reaper (`consortium/reaper.py`) runs this alone.
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import psutil
@@ -23,6 +26,7 @@ from consortium.processes import is_live, wait_gone
 
 OWNER_ENV = "CONSORTIUM_OWNER_DIR"
 STOP_GRACE_S = 5.0
+MAX_PASSES = 5
 
 
 def owner_marker(owner_dir: Path) -> str:
@@ -34,35 +38,57 @@ def owner_env(owner_dir: Path) -> dict[str, str]:
     return {OWNER_ENV: owner_marker(owner_dir)}
 
 
-def find_leftovers(owner_dir: Path, exclude: Iterable[int] = ()) -> list[psutil.Process]:
-    """Live processes of this user marked as `owner_dir`'s (never this process)."""
+def find_leftovers(
+    owner_dir: Path, exclude: Iterable[int] = (), cmdline_marks: Sequence[str] = ()
+) -> list[psutil.Process]:
+    """Live processes of this user that are `owner_dir`'s: marked in their environment
+    or command line, or descended from one that is (never this process)."""
     marker = owner_marker(owner_dir)
     skip = {os.getpid(), *exclude}
     uid = os.getuid()
-    found = []
-    for process in psutil.process_iter(["pid", "name", "uids"]):
+    found: dict[int, psutil.Process] = {}
+    for process in psutil.process_iter(["pid", "name", "uids", "cmdline"]):
         if process.pid in skip or process.info["uids"] is None:
             continue
         if process.info["uids"].real != uid:
             continue
         with contextlib.suppress(psutil.Error):
-            if process.environ().get(OWNER_ENV) == marker and is_live(process):
-                found.append(process)
-    return found
+            command = " ".join(process.info["cmdline"] or ())
+            marked = any(mark in command for mark in cmdline_marks)
+            if (marked or process.environ().get(OWNER_ENV) == marker) and is_live(process):
+                found[process.pid] = process
+    for process in list(found.values()):
+        with contextlib.suppress(psutil.Error):
+            for child in process.children(recursive=True):
+                if child.pid not in skip and is_live(child):
+                    child.info = {"name": child.name()}
+                    found.setdefault(child.pid, child)
+    return list(found.values())
 
 
 def stop_leftovers(
-    owner_dir: Path, exclude: Iterable[int] = (), grace_s: float = STOP_GRACE_S
+    owner_dir: Path,
+    exclude: Iterable[int] = (),
+    grace_s: float = STOP_GRACE_S,
+    cmdline_marks: Sequence[str] = (),
 ) -> list[psutil.Process]:
-    """SIGTERM every leftover, SIGKILL those still running after `grace_s`; returns
-    the processes that were found (psutil checks each one's start time before
+    """SIGTERM every leftover, SIGKILL those still running after `grace_s`, and look
+    again (a dying raylet may have started a worker meanwhile) until a pass finds
+    nothing; returns the processes stopped (psutil checks each one's start time before
     signalling, so a pid reused meanwhile is never hit)."""
-    leftovers = find_leftovers(owner_dir, exclude)
-    for process in leftovers:
-        with contextlib.suppress(psutil.Error):
-            process.terminate()
-    for process in wait_gone(leftovers, grace_s):
-        with contextlib.suppress(psutil.Error):
-            process.kill()
-    wait_gone(leftovers, grace_s)
-    return leftovers
+    stopped: list[psutil.Process] = []
+    skip = set(exclude)
+    for _ in range(MAX_PASSES):
+        leftovers = find_leftovers(owner_dir, skip, cmdline_marks)
+        if not leftovers:
+            break
+        for process in leftovers:
+            with contextlib.suppress(psutil.Error):
+                process.terminate()
+        for process in wait_gone(leftovers, grace_s):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        wait_gone(leftovers, grace_s)
+        stopped += leftovers
+        skip |= {p.pid for p in leftovers if not is_live(p)}
+    return stopped

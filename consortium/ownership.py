@@ -20,6 +20,7 @@ import fcntl
 import json
 import logging
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import IO
@@ -72,13 +73,17 @@ def _record_holder(handle: IO[str]) -> None:
     handle.flush()
 
 
-def claim(owner_dir: Path, what: str, stack: ExitStack) -> Reaper:
-    """Claim `owner_dir` for this process until `stack` closes; returns its reaper."""
+def claim(
+    owner_dir: Path, what: str, stack: ExitStack, cmdline_marks: Sequence[str] = ()
+) -> Reaper:
+    """Claim `owner_dir` for this process until `stack` closes; returns its reaper.
+    `cmdline_marks`: strings in the command line of the owner's processes that do not
+    carry its environment (Ray's agents name the owner's Ray temp dir)."""
     owner_dir.mkdir(parents=True, exist_ok=True)
     lock_path = owner_dir / LOCK_FILE
     handle = _lock(lock_path, what)
     stack.callback(_unlock, handle)
-    for process in stop_leftovers(owner_dir):
+    for process in stop_leftovers(owner_dir, cmdline_marks=cmdline_marks):
         log.warning(
             "stopped %s (pid %d), left running for %s by a previous %s",
             process.info.get("name", "a process"),
@@ -86,7 +91,7 @@ def claim(owner_dir: Path, what: str, stack: ExitStack) -> Reaper:
             owner_dir,
             what,
         )
-    reaper = Reaper.start(owner_dir, owner_dir / "logs" / "reaper.log")
+    reaper = Reaper.start(owner_dir, owner_dir / "logs" / "reaper.log", cmdline_marks)
     # Closed after every child stopped (an exit stack unwinds newest first).
     stack.callback(reaper.close)
     _record_holder(handle)

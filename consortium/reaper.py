@@ -17,6 +17,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -35,11 +36,17 @@ class Reaper:
         self._pipe = pipe
 
     @classmethod
-    def start(cls, owner_dir: Path, log_path: Path) -> Reaper:
+    def start(cls, owner_dir: Path, log_path: Path, cmdline_marks: Sequence[str] = ()) -> Reaper:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(
-                [sys.executable, "-m", "consortium.reaper", str(owner_dir.resolve())],
+                [
+                    sys.executable,
+                    "-m",
+                    "consortium.reaper",
+                    str(owner_dir.resolve()),
+                    *cmdline_marks,
+                ],
                 stdin=subprocess.PIPE,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
@@ -66,14 +73,14 @@ class Reaper:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m consortium.reaper OWNER_DIR", file=sys.stderr)
+    if not argv:
+        print("usage: python -m consortium.reaper OWNER_DIR [CMDLINE_MARK...]", file=sys.stderr)
         return 2
-    owner_dir = Path(argv[0])
+    owner_dir, marks = Path(argv[0]), argv[1:]
     # EOF comes when the owner closes its end or dies; nothing is ever written.
     while os.read(sys.stdin.fileno(), 4096):
         pass
-    stopped = stop_leftovers(owner_dir)
+    stopped = stop_leftovers(owner_dir, cmdline_marks=marks)
     for process in stopped:
         name = process.info.get("name", "a process")
         print(f"reaper: stopped {name} (pid {process.pid}) of {owner_dir}", flush=True)

@@ -19,7 +19,7 @@ from consortium.net import is_loopback_host, reserve_free_port, split_host_port
 from consortium.ownership import claim
 from consortium.proto.v1 import jobs_pb2_grpc, nodes_pb2_grpc
 from consortium.provenance.signing import SigningKey
-from consortium.ray_env import RayTls, use_ray_auth_in_this_process
+from consortium.ray_env import RayTls, short_temp_dir, use_ray_auth_in_this_process
 from coordinator.access.pki_files import CoordinatorPki
 from coordinator.access.refusals.control_plane import ControlPlaneRefusalWatch
 from coordinator.access.refusals.fleet import FleetRefusalWatch
@@ -149,6 +149,7 @@ class Coordinator:
     scheduler: Scheduler | None
     approvals: RunApprovals
     flower: FlowerCli
+    serverapps: ServerAppLauncher
 
     def __init__(
         self,
@@ -201,7 +202,9 @@ class Coordinator:
         """One coordinator per data dir: a second is refused, a dead one's leftovers (a
         SuperLink still holding its port, a ServerApp still writing rounds) are stopped,
         and a reaper stops this one's children if it dies (consortium/ownership.py)."""
-        claim(self.paths.root, "coordinator serve", self._stack)
+        # Ray's agents carry no owner mark; their command line names our Ray temp dir.
+        ray_temp = f"{short_temp_dir(self.paths.root)}/"
+        claim(self.paths.root, "coordinator serve", self._stack, cmdline_marks=(ray_temp,))
 
     def _open_store(self) -> None:
         self.store = SqliteStateStore(self.paths.state_db)
@@ -260,6 +263,7 @@ class Coordinator:
             on_refusal=lambda reason: self.metrics.auth_refused("flower_run", reason),
         )
         self._stack.callback(launcher.stop)
+        self.serverapps = launcher
 
     def _start_edge(self) -> None:
         """The sites' door to the SuperLink's Fleet API (mutual TLS, revocation, Fleet
@@ -319,6 +323,7 @@ class Coordinator:
                 self.metrics,
                 settings.flower_status_interval_s,
                 provenance_log=self.paths.provenance_log,
+                serverapp_exit=self.serverapps.exit_code,
             ),
             PRETRAIN: self.pretrain
             if self.pretrain is not None

@@ -2,15 +2,20 @@
 
 `start` submits the Flower app with `flwr run` (run config: job-id); the ServerApp it
 runs on the SuperLink records rounds and the job's end itself, through `RunningJob`
-(`coordinator/jobs/running.py`). This runner stops the Flower run of a cancelled job,
-and fails a job whose Flower run ended without a word from its ServerApp (asking
-Flower costs a `flwr ls` process, so it asks every `status_interval_s`).
+(`coordinator/jobs/running.py`). This runner stops the Flower run of a cancelled job.
+
+A run that ends without a word from its ServerApp (the ServerApp process died: the
+launcher reports its exit at once; or Flower says the run finished, which costs a
+`flwr ls` process, so it asks every `status_interval_s`) is re-queued to resume after
+the job's last committed round, up to `max_resumes` times per job; after that the job
+fails.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Protocol
@@ -31,6 +36,12 @@ log = logging.getLogger(__name__)
 # The ServerApp marks its job done or failed itself; asking Flower only catches runs
 # that died without a word, so it can be rare.
 FLOWER_STATUS_INTERVAL_S = 30.0
+# Resumes of one job after its run died, before the job fails instead.
+MAX_RESUMES = 5
+
+
+def never_exited(run_id: str) -> int | None:
+    return None
 
 
 class FlowerRuns(Protocol):
@@ -56,6 +67,8 @@ class FlowerJobRunner:
         metrics: CoordinatorMetrics | None = None,
         status_interval_s: float = FLOWER_STATUS_INTERVAL_S,
         provenance_log: Path | None = None,
+        serverapp_exit: Callable[[str], int | None] = never_exited,
+        max_resumes: int = MAX_RESUMES,
     ) -> None:
         self._lifecycle = lifecycle
         self._jobs = jobs
@@ -66,6 +79,9 @@ class FlowerJobRunner:
         self._run_id: str | None = None  # the Flower run of the job we started
         self._last_status_check = 0.0
         self._provenance_log = provenance_log
+        self._serverapp_exit = serverapp_exit  # the launcher's report of a dead ServerApp
+        self._max_resumes = max_resumes
+        self._resumes: dict[str, int] = {}  # job id -> resumes so far
 
     def _handover(self) -> AbstractContextManager[None]:
         if self._provenance_log is None:
@@ -111,6 +127,9 @@ class FlowerJobRunner:
         if self._run_id is None or job.state in FINAL_JOB_STATES:
             self._end_run()
             return False
+        exit_code = self._serverapp_exit(self._run_id)
+        if exit_code is not None:
+            return self._ended_early(job, f"its ServerApp exited with code {exit_code}")
         if time.monotonic() - self._last_status_check < self._status_interval_s:
             return True
         self._last_status_check = time.monotonic()
@@ -121,15 +140,37 @@ class FlowerJobRunner:
             return True
         if not status.finished:
             return True
+        return self._ended_early(job, f"{status.status}: {status.details}")
+
+    def _ended_early(self, job: JobRecord, why: str) -> bool:
+        """The job's run ended without the job: resume it, or fail it once it has been
+        resumed `max_resumes` times. Returns False (the run is over)."""
+        run_id = self._run_id
+        resumes = self._resumes.get(job.job_id, 0)
         try:
-            self._lifecycle.fail(
-                job.job_id,
-                f"Flower run {status.run_id} ended ({status.status}: {status.details}) "
-                "before the job completed; see logs/superlink.log",
-            )
-            self._metrics.run_failed("ended_early")
+            if resumes < self._max_resumes:
+                self._lifecycle.requeue(
+                    job.job_id,
+                    f"Flower run {run_id} ended ({why}) before the job completed; resuming "
+                    f"after round {self._lifecycle.get(job.job_id).rounds_completed} "
+                    f"(resume {resumes + 1} of at most {self._max_resumes})",
+                )
+                self._resumes[job.job_id] = resumes + 1
+                self._metrics.run_resumed()
+            else:
+                self._lifecycle.fail(
+                    job.job_id,
+                    f"Flower run {run_id} ended ({why}) before the job completed, after "
+                    f"{resumes} resumes; see logs/superlink.log",
+                )
+                self._metrics.run_failed("ended_early")
         except ConflictError:
             pass  # the ServerApp completed (or someone cancelled) the job just now
+        if run_id is not None:
+            try:
+                self._flower.stop(run_id)  # what is left of it at the SuperLink
+            except ConsortiumError as error:
+                log.info("Flower run %s could not be stopped (it ended): %s", run_id, error)
         self._end_run()
         return False
 

@@ -81,6 +81,8 @@ class ServerAppLauncher:
         self._approval_wait_s = approval_wait_s
         self._stop = threading.Event()
         self._started: list[_Started] = []
+        self._exited: dict[str, int] = {}  # run id -> its ServerApp's exit code
+        self._exited_lock = threading.Lock()
         root = runtime.ca_cert.read_bytes() if runtime.ca_cert is not None else None
         self._tasks = RuntimeHttpClient.from_server_address(
             server_address=runtime.address,
@@ -174,7 +176,18 @@ class ServerAppLauncher:
         self._started.append(_Started(run_id, process, token_file))
         log.info("started the ServerApp of approved Flower run %s", run_id)
 
+    def exit_code(self, run_id: str) -> int | None:
+        """The exit code of the ServerApp this launcher started for `run_id`, once it
+        has exited (None: running, or never started here)."""
+        with self._exited_lock:
+            return self._exited.get(run_id)
+
     def _reap(self) -> None:
         for started in [s for s in self._started if s.process.poll() is not None]:
             started.token_file.unlink(missing_ok=True)
             self._started.remove(started)
+            code = started.process.poll()
+            assert code is not None
+            with self._exited_lock:
+                self._exited[started.run_id] = code
+            log.info("the ServerApp of Flower run %s exited with code %d", started.run_id, code)

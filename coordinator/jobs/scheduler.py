@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 
 from consortium.errors import ConflictError, ConsortiumError
@@ -29,6 +30,10 @@ from coordinator.state import JobRecord, JobState
 log = logging.getLogger(__name__)
 
 QUEUED_ONLY = frozenset({JobState.QUEUED})
+# A run that fails to start (its runtime died at that moment: a SuperLink restarting)
+# is tried again after 2, 4, ... s; the job fails after this many attempts.
+START_ATTEMPTS = 3
+START_BACKOFF_S = 2.0
 
 
 class Scheduler:
@@ -38,6 +43,8 @@ class Scheduler:
         runners: Mapping[str, JobRunner],
         poll_interval_s: float,
         metrics: CoordinatorMetrics | None = None,
+        start_attempts: int = START_ATTEMPTS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._lifecycle = lifecycle
         self._runners = dict(runners)
@@ -45,6 +52,9 @@ class Scheduler:
         self._metrics = metrics or CoordinatorMetrics()
         self._active: str | None = None  # job id of the job we started
         self._stop_sent = False
+        self._start_attempts = start_attempts
+        self._clock = clock
+        self._failed_starts: dict[str, tuple[int, float]] = {}  # job -> (failures, retry at)
 
     @property
     def active_job(self) -> str | None:
@@ -120,6 +130,9 @@ class Scheduler:
             if job.message != reason:
                 self._note_queued(job, reason)
             return
+        failures, retry_at = self._failed_starts.get(job.job_id, (0, 0.0))
+        if self._clock() < retry_at:
+            return
         try:
             job = self._lifecycle.start(job.job_id, f"starting its {job.kind} run")
         except ConflictError:  # cancelled meanwhile
@@ -128,12 +141,30 @@ class Scheduler:
             runner.start(job)
         except ConsortiumError as error:
             self._metrics.run_failed("start_error")
-            self._lifecycle.fail(job.job_id, f"could not start the run: {error}")
+            self._start_failed(job, failures + 1, error)
             return
+        self._failed_starts.pop(job.job_id, None)
         self._metrics.run_started()
         self._active = job.job_id
         self._stop_sent = False
         log.info("job %s (%s) started", job.job_id, job.kind)
+
+    def _start_failed(self, job: JobRecord, failures: int, error: ConsortiumError) -> None:
+        """Back to the queue to try again later, or failed after `start_attempts`."""
+        if failures >= self._start_attempts:
+            self._failed_starts.pop(job.job_id, None)
+            self._lifecycle.fail(job.job_id, f"could not start the run: {error}")
+            return
+        wait_s = START_BACKOFF_S * 2 ** (failures - 1)
+        self._failed_starts[job.job_id] = (failures, self._clock() + wait_s)
+        try:
+            self._lifecycle.requeue(
+                job.job_id,
+                f"could not start the run (attempt {failures} of {self._start_attempts}): "
+                f"{error}; trying again in {wait_s:.0f} s",
+            )
+        except ConflictError:
+            log.info("job %s was cancelled while its run failed to start", job.job_id)
 
     def _fail_queued(self, job: JobRecord, message: str) -> None:
         try:

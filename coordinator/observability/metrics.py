@@ -104,6 +104,12 @@ class CoordinatorMetrics:
             ["reason"],
             registry=r,
         )
+        self.runs_resumed = Counter(
+            "consortium_scheduler_runs_resumed_total",
+            "Runs that ended before their job (a ServerApp that died) and were re-queued to "
+            "resume after the job's last committed round.",
+            registry=r,
+        )
         self.auth_refusals = Counter(
             "consortium_auth_refusals_total",
             "Connections or calls refused by authentication, by channel and reason.",
@@ -163,6 +169,9 @@ class CoordinatorMetrics:
 
     def run_started(self) -> None:
         self.runs_started.inc()
+
+    def run_resumed(self) -> None:
+        self.runs_resumed.inc()
 
     def run_failed(self, reason: str) -> None:
         self.runs_failed.labels(_known(reason, SCHEDULER_FAILURES)).inc()

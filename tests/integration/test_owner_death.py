@@ -3,7 +3,8 @@ one on the same dir is refused: the attacks of issue 15 part 1, on real processe
 
 `kill -9` leaves the owner no chance to stop anything; its reaper (consortium/reaper.py)
 must. What a dead owner left behind anyway is stopped by its successor before it starts,
-and the successor's readiness is its own SuperLink's, never an old one's port.
+and the successor's readiness is its own SuperLink's, never an old one's port. (A job
+whose coordinator is killed mid-run: tests/chaos/test_chaos.py, whose first fault it is.)
 """
 
 from __future__ import annotations
@@ -22,25 +23,18 @@ from consortium.errors import ChildProcessFailedError
 from consortium.exit_codes import ExitCode
 from consortium.leftovers import owner_env
 from consortium.processes import descendant_pids, pid_alive
-from consortium.proto.v1 import jobs_pb2
-from consortium.provenance.records import JobResumed, JobStarted, Round
-from consortium.provenance.signing import SigningKey
-from consortium.provenance.verify import verify_log
-from coordinator.cli.remote import connect
 from coordinator.data_dir import DataDir
 from coordinator.federated.superlink import SuperLink
 from tests.conftest import Processes
 from tests.helpers import (
-    FINAL_STATES,
     join_site,
-    online_nodes,
     run_cli,
     start_coordinator,
     wait_for,
     write_partitions,
 )
 
-GONE_TIMEOUT_S = 30.0
+GONE_TIMEOUT_S = 60.0  # the reaper: SIGTERM, 5 s, SIGKILL, on a loaded machine
 
 
 def names_of(pids: list[int]) -> set[str]:
@@ -134,50 +128,3 @@ def test_superlink_readiness_is_its_own_port_not_an_old_listener(tmp_path: Path)
         finally:
             superlink.stop()
     assert f"port {port} is held by pid {os.getpid()}" in str(failed.value)
-
-
-KILLED_JOB = """\
-name = "killed-mid-job"
-model = "digits-cnn"
-dataset = "digits"
-rounds = 4
-min_clients = 1
-local_epochs = 1
-learning_rate = 0.05
-seed = 5
-"""
-
-
-def test_a_job_whose_coordinator_is_killed_mid_run_resumes_with_every_round_once(
-    tmp_path: Path, processes: Processes
-) -> None:
-    """Issue 15's scenario: `kill -9` of `coordinator serve` right after round 2. Its
-    SuperLink and ServerApp used to carry on alone, and the restarted coordinator
-    then recorded rounds twice."""
-    data_dir = tmp_path / "coordinator"
-    address = start_coordinator(processes, data_dir)
-    serve = processes.children[-1]
-    (data,) = write_partitions(tmp_path, ["alpha"])
-    join_site(
-        processes, "alpha", data, tmp_path / "alpha", coordinator=address, institution="alpha"
-    )
-    with connect(address, data_dir) as remote:
-        wait_for("alpha online", lambda: online_nodes(remote.list_nodes()) == 1)
-        job_id = remote.submit(KILLED_JOB).job_id
-        wait_for("round 2", lambda: remote.get(job_id).job.rounds_completed >= 2)
-    kill_and_wait_for_its_tree(processes, serve.pid)
-
-    address = start_coordinator(processes, data_dir, name="coordinator-2")
-    with connect(address, data_dir) as remote:
-        wait_for("the job's end", lambda: remote.get(job_id).job.state in FINAL_STATES)
-        reply = remote.get(job_id)
-    assert reply.job.state == jobs_pb2.JOB_STATE_SUCCEEDED, reply.job.message
-    assert [r.round for r in reply.rounds] == [0, 1, 2, 3, 4]
-
-    key = SigningKey.load(DataDir(data_dir).signing_key).public
-    report = verify_log(DataDir(data_dir).provenance_log, key)
-    rounds = [r.round for r in report.jobs[job_id] if isinstance(r, Round)]
-    assert rounds == [1, 2, 3, 4]  # each exactly once
-    resumed = [r for r in report.jobs[job_id] if isinstance(r, JobResumed)]
-    assert len(resumed) == 1 and resumed[0].after_round >= 2
-    assert not any(isinstance(r, JobStarted) for r in report.jobs[job_id][1:])

@@ -54,14 +54,26 @@ KEY = SigningKey.generate()
 
 
 def setup(
-    status_interval_s: float = 0.0, approvals: RunApprovals | None = None
+    status_interval_s: float = 0.0,
+    approvals: RunApprovals | None = None,
+    max_resumes: int = 0,
+    exited: dict[str, int] | None = None,
 ) -> tuple[FlowerJobRunner, FakeFlower, JobLifecycle, InMemoryStateStore, CoordinatorMetrics]:
     store = InMemoryStateStore()
     lifecycle = JobLifecycle(store)
     flower = FakeFlower()
     metrics = CoordinatorMetrics()
     approvals = approvals or RunApprovals(KEY)
-    runner = FlowerJobRunner(lifecycle, store, flower, approvals, metrics, status_interval_s)
+    runner = FlowerJobRunner(
+        lifecycle,
+        store,
+        flower,
+        approvals,
+        metrics,
+        status_interval_s,
+        serverapp_exit=(exited if exited is not None else {}).get,
+        max_resumes=max_resumes,
+    )
     return runner, flower, lifecycle, store, metrics
 
 
@@ -99,6 +111,32 @@ def test_start_submits_the_app_with_the_job_id_and_remembers_the_run() -> None:
     stored = store.get_job(job.job_id)
     assert stored.flower_run_id == "101"
     assert "run 101" in stored.message
+
+
+def test_run_whose_serverapp_died_is_requeued_to_resume_then_fails_past_the_budget() -> None:
+    """A killed ServerApp (the launcher reports its exit at once) does not fail the job:
+    it resumes from its last committed round, up to `max_resumes` times."""
+    exited: dict[str, int] = {}
+    runner, flower, lifecycle, store, metrics = setup(
+        status_interval_s=3600, max_resumes=1, exited=exited
+    )
+    job = lifecycle.start(lifecycle.submit("f", "federated", SPEC, 2).job_id, "go")
+    runner.start(job)
+    assert runner.is_active(store.get_job(job.job_id))
+    exited["101"] = -9
+    assert not runner.is_active(store.get_job(job.job_id))
+    resumed = store.get_job(job.job_id)
+    assert resumed.state is JobState.QUEUED
+    assert "its ServerApp exited with code -9" in resumed.message
+    assert "resume 1 of at most 1" in resumed.message
+    assert flower.stopped == ["101"]
+    assert metrics.registry.get_sample_value("consortium_scheduler_runs_resumed_total") == 1
+
+    runner.start(lifecycle.start(job.job_id, "again"))  # the scheduler starts it anew
+    exited["102"] = -9
+    assert not runner.is_active(store.get_job(job.job_id))
+    assert store.get_job(job.job_id).state is JobState.FAILED
+    assert "after 1 resumes" in store.get_job(job.job_id).message
 
 
 def test_run_that_ends_without_its_serverapp_fails_the_job_and_is_counted() -> None:

@@ -75,6 +75,46 @@ def test_leftovers_of_a_previous_owner_are_stopped_and_logged_and_nothing_else(
     assert f"(pid {leftover.pid}), left running for {mine}" in caplog.text
 
 
+# A marked process whose child runs with an environment of its own (as Ray's raylet
+# starts its agents): prints the child's pid, then waits.
+PARENT_OF_UNMARKED = textwrap.dedent(
+    """
+    import subprocess, sys, time
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(600)"], env={"PATH": "/usr/bin"}
+    )
+    print(child.pid, flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_unmarked_descendants_and_command_line_marks_are_found_too(
+    tmp_path: Path, started: list[subprocess.Popen[bytes]]
+) -> None:
+    mine = tmp_path / "mine"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT_OF_UNMARKED],
+        env={**os.environ, **owner_env(mine)},
+        stdout=subprocess.PIPE,
+    )
+    started.append(parent)
+    assert parent.stdout is not None
+    unmarked_child = int(parent.stdout.readline())
+    mark = f"{tmp_path}/ray-temp/"
+    named = subprocess.Popen([*SLEEPER, mark])  # no owner env; its argv names our temp dir
+    started.append(named)
+    try:
+        with ExitStack() as stack:
+            claim(mine, "client join", stack, cmdline_marks=(mark,))
+            assert parent.wait(timeout=10) == -signal.SIGTERM
+            assert named.wait(timeout=10) == -signal.SIGTERM
+            wait_for("the unmarked child to end", lambda: not pid_alive(unmarked_child), 10)
+    finally:
+        if pid_alive(unmarked_child):
+            os.kill(unmarked_child, signal.SIGKILL)
+
+
 # A stand-in owner: claims a dir, starts a marked child, says so, then waits forever.
 OWNER = textwrap.dedent(
     """

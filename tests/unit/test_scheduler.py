@@ -141,15 +141,48 @@ def test_job_that_can_never_start_fails_with_the_runner_reason() -> None:
     assert h.federated.started == []
 
 
-def test_start_error_fails_the_job_and_is_counted() -> None:
+def test_start_error_is_retried_with_backoff_then_fails_the_job_and_each_is_counted() -> None:
+    """A runtime that died just as a run started (a SuperLink restarting) must not end
+    the job: it goes back to the queue, and fails only after the last attempt."""
+    now = [0.0]
     h = harness()
+    h.scheduler = Scheduler(
+        h.lifecycle,
+        {"federated": h.federated, "pretrain": h.pretrain},
+        0.01,
+        h.metrics,
+        start_attempts=2,
+        clock=lambda: now[0],
+    )
     h.federated.start_error = "`flwr run` failed"
     job = h.submit()
+    h.scheduler.step()
+    assert h.state(job) is JobState.QUEUED
+    assert "attempt 1 of 2" in h.store.get_job(job).message
+    h.scheduler.step()  # too early: the backoff holds it
+    assert h.state(job) is JobState.QUEUED
+    now[0] += 10
     h.scheduler.step()
     assert h.state(job) is JobState.FAILED
     assert "flwr run" in h.store.get_job(job).message
     assert h.scheduler.active_job is None
-    assert counter(h.metrics, "consortium_scheduler_runs_failed_total", reason="start_error") == 1
+    assert counter(h.metrics, "consortium_scheduler_runs_failed_total", reason="start_error") == 2
+
+
+def test_a_start_that_succeeds_on_retry_runs_the_job() -> None:
+    now = [0.0]
+    h = harness()
+    h.scheduler = Scheduler(
+        h.lifecycle, {"federated": h.federated}, 0.01, h.metrics, clock=lambda: now[0]
+    )
+    h.federated.start_error = "the SuperLink is restarting"
+    job = h.submit()
+    h.scheduler.step()
+    h.federated.start_error = None
+    now[0] += 10
+    h.scheduler.step()
+    assert h.state(job) is JobState.RUNNING
+    assert h.scheduler.active_job == job
 
 
 def test_kind_without_runner_fails_naming_the_known_kinds() -> None:

@@ -182,8 +182,9 @@ class StepRecorder:
         self._provenance = JobRecorder(DataDir(data_dir), job_id)
 
     def log_start(self, spec: PretrainJobSpec) -> None:
-        done = self._lifecycle.get(self._job_id).rounds_completed
-        if done:
+        if self._lifecycle.get(self._job_id).rounds_completed or self._provenance.has_started():
+            self._log_checkpointed_steps()
+            done = self._lifecycle.get(self._job_id).rounds_completed
             self._provenance.job_resumed("pretrain", done)
             return
         self._provenance.job_started(
@@ -196,6 +197,25 @@ class StepRecorder:
                 environment=describe_environment(spec.device, spec.deterministic),
             )
         )
+
+    def _log_checkpointed_steps(self) -> None:
+        """Steps the checkpoint holds that the log does not: the controller saves its
+        checkpoint before a step is logged, so a coordinator that died between the two
+        resumes after a step the log never heard of. Logged (and recorded) here, once."""
+        from coordinator.pretraining.checkpoint import load_checkpoint  # torch
+
+        checkpoint = load_checkpoint(DataDir(self._data_dir).checkpoints(self._job_id))
+        if checkpoint is None:
+            return
+        logged = self._provenance.logged_outer_steps()
+        for record in checkpoint.records:
+            if record.step not in logged:
+                log.warning(
+                    "job %s: outer step %d was checkpointed but not logged; logging it now",
+                    self._job_id,
+                    record.step,
+                )
+                self.on_step(record)
 
     def on_wait(self, reason: str | None) -> None:
         """Why the run waits for workers (None: it goes on), as the job's message."""

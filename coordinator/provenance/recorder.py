@@ -53,6 +53,15 @@ def rounds_of(records: list[dict[str, Any]], job_id: str) -> list[dict[str, Any]
     ]
 
 
+def logged_steps(records: list[dict[str, Any]], job_id: str) -> set[int]:
+    """The outer steps of `job_id` among parsed log records."""
+    return {
+        int(entry["body"]["step"])
+        for entry in records
+        if entry.get("type") == OuterStep.TYPE and entry["body"].get("job_id") == job_id
+    }
+
+
 def last_round(records: list[dict[str, Any]], job_id: str) -> int:
     """The highest round of `job_id` among parsed log records (0: none yet)."""
     return max((int(body["round"]) for body in rounds_of(records, job_id)), default=0)
@@ -137,7 +146,19 @@ class JobRecorder:
         return self._append(record, check=past_the_last)
 
     def outer_step(self, record: OuterStep) -> int:
-        return self._append(record)
+        """Commit an outer step: refused when the job's log already holds it."""
+
+        def not_logged_yet(records: list[dict[str, Any]]) -> None:
+            if record.step in logged_steps(records, self.job_id):
+                raise CommitRefusedError(
+                    DUPLICATE_ROUND,
+                    f"outer step {record.step} of job {self.job_id} is already logged",
+                )
+
+        return self._append(record, check=not_logged_yet)
+
+    def logged_outer_steps(self) -> set[int]:
+        return logged_steps(records_of(self.log.path), self.job_id)
 
     def job_completed(
         self,

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from consortium.errors import ConflictError
+from consortium.errors import CommitRefusedError, ConflictError
 from consortium.provenance.signing import SigningKey
 from consortium.provenance.verify import verify_log
 from consortium.tensor_digest import arrays_digest, file_digest
@@ -28,7 +29,9 @@ from coordinator.pretraining import (
     account,
 )
 from coordinator.pretraining.api import PretrainResult
-from coordinator.pretraining.runner import PretrainRunner
+from coordinator.pretraining.checkpoint import Checkpoint, save_checkpoint
+from coordinator.pretraining.runner import PretrainRunner, outer_step_body
+from coordinator.provenance.recorder import JobRecorder
 from coordinator.state import InMemoryStateStore, JobState
 from tests.helpers import TINY_PRETRAIN
 
@@ -71,6 +74,7 @@ class ReplayEngine:
     """Replays `steps` outer steps; fails, or blocks until stopped, when told to."""
 
     steps: int = 3
+    first_step: int = 0  # a resumed run continues after its checkpoint's steps
     failure: Exception | None = None
     block_until_stopped: bool = False
     messages_seen: list[str] = field(default_factory=list)
@@ -94,7 +98,7 @@ class ReplayEngine:
         on_wait(None)
         self.messages_seen.append(self.job_message())
         records = []
-        for step in range(self.steps):
+        for step in range(self.first_step, self.first_step + self.steps):
             on_step(step_record(step))
             records.append(step_record(step))
         if self.failure is not None:
@@ -218,11 +222,50 @@ def test_resumed_run_logs_job_resumed_instead_of_job_started(tmp_path: Path) -> 
     s.runner.start(s.lifecycle.start(s.job_id, "go"))
     s.runner.shutdown(timeout_s=30)
     s.lifecycle.requeue(s.job_id, "coordinator restarted")
-    resumed = PretrainRunner(s.lifecycle, s.data_dir.root, ReplayEngine(steps=1))
+    resumed = PretrainRunner(s.lifecycle, s.data_dir.root, ReplayEngine(steps=1, first_step=2))
     resumed.start(s.lifecycle.start(s.job_id, "again"))
     assert resumed.wait_idle(30)
     assert record_types(s.data_dir).count("job_resumed") == 1
     assert record_types(s.data_dir).count("job_started") == 1
+    assert s.store.get_job(s.job_id).state is JobState.SUCCEEDED
+
+
+def test_a_step_checkpointed_but_not_logged_is_logged_once_on_resume(tmp_path: Path) -> None:
+    """The controller saves its checkpoint before the step is logged; a coordinator that
+    died between the two resumes after a step the log lacks. It is logged then, once,
+    and a step logged twice is refused."""
+    s = setup(tmp_path, ReplayEngine(steps=2, block_until_stopped=True))
+    s.runner.start(s.lifecycle.start(s.job_id, "go"))
+    s.runner.shutdown(timeout_s=30)  # steps 0 and 1 logged
+    save_checkpoint(
+        s.data_dir.checkpoints(s.job_id),
+        Checkpoint(
+            step=3,
+            model={"w": torch.zeros(2)},
+            outer_optimizer={},
+            rng_state={},
+            training_identity={},
+            model_digest="m",
+            corpus_digest="corpus",
+            records=tuple(step_record(step) for step in range(3)),
+        ),
+    )
+    s.lifecycle.requeue(s.job_id, "coordinator restarted")
+    resumed = PretrainRunner(s.lifecycle, s.data_dir.root, ReplayEngine(steps=0, first_step=3))
+    resumed.start(s.lifecycle.start(s.job_id, "again"))
+    assert resumed.wait_idle(30)
+    steps = [
+        entry["body"]["step"]
+        for entry in map(json.loads, s.data_dir.provenance_log.read_text().splitlines())
+        if entry.get("type") == "outer_step"
+    ]
+    assert steps == [0, 1, 2]
+    assert s.store.get_job(s.job_id).rounds_completed == 3
+    verify_log(s.data_dir.provenance_log, SigningKey.load(s.data_dir.signing_key).public)
+
+    recorder = JobRecorder(s.data_dir, s.job_id)
+    with pytest.raises(CommitRefusedError, match="already logged"):
+        recorder.outer_step(outer_step_body(s.job_id, step_record(1)))
 
 
 def test_start_refuses_a_second_run_and_a_job_of_another_kind(tmp_path: Path) -> None:

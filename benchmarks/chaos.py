@@ -8,17 +8,22 @@ a site's `client join` are killed with SIGKILL at seeded moments and restarted a
 operator would), then the same job with no faults, and prints: faults injected by
 target, recoveries, rounds lost (target 0), rounds applied twice (target 0), whether the
 log verifies and the aggregates replay, processes left behind (target 0), and whether
-the final model equals the fault-free one. It need not: a round that a site missed
-while it restarted aggregates fewer updates (the difference is printed).
+the final model equals the fault-free one, with both held-out accuracies. It need not:
+a round that a site missed while it restarted aggregates fewer updates, and Flower samples
+the nodes available at each round, so even two fault-free runs can differ.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+
+# The chaos driver is the test suite's (tests/chaos/driver.py): one harness for both.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.chaos.driver import ChaosReport, ChaosRun
 from tests.conftest import Processes
@@ -34,6 +39,10 @@ def one_run(root: Path, seed: int, faults: int, rounds: int) -> tuple[ChaosRepor
     finally:
         chaos.stop_and_count_leftovers(report)
     return report, time.perf_counter() - started
+
+
+def accuracy(report: ChaosReport) -> str:
+    return f"{report.final_accuracy:.4f}" if report.final_accuracy is not None else "?"
 
 
 def main() -> None:
@@ -60,7 +69,8 @@ def main() -> None:
     same = chaotic.model_sha256 == calm.model_sha256 and bool(calm.model_sha256)
     print(
         f"final model            {'equal to' if same else 'differs from'} the fault-free run "
-        f"({chaotic.model_sha256[:16]} vs {calm.model_sha256[:16]})"
+        f"({chaotic.model_sha256[:16]} vs {calm.model_sha256[:16]}); held-out accuracy "
+        f"{accuracy(chaotic)} vs {accuracy(calm)}"
     )
     print(f"wall time              {chaotic_s:.0f} s with faults, {calm_s:.0f} s without")
 

@@ -73,6 +73,7 @@ class ChaosReport:
     verify_ok: bool = False
     replay: subprocess.CompletedProcess[str] | None = None
     model_sha256: str = ""
+    final_accuracy: float | None = None  # held-out, after the last round
     left_running: list[int] = field(default_factory=list)
 
     @property
@@ -259,3 +260,10 @@ class ChaosRun:
         )
         if report.job is not None and report.job.model_path:
             report.model_sha256 = file_digest(report.job.model_path)
+        store = SqliteStateStore(self.consortium.paths.state_db)
+        try:
+            rounds = store.list_rounds(self.job_id)
+        finally:
+            store.close()
+        if rounds:
+            report.final_accuracy = rounds[-1].metrics.get("eval_accuracy")

@@ -12,7 +12,7 @@ from tests.chaos.driver import TARGETS, ChaosRun
 from tests.conftest import Processes
 
 SEED = 15
-FAULTS = 8
+FAULTS = 6
 ROUNDS = 8
 
 

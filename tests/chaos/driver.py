@@ -1,16 +1,23 @@
-"""A seeded chaos run: a federated job on a local consortium while processes are killed.
+"""A seeded chaos run: a federated job, then a pretraining job, on a local consortium
+while processes are killed.
 
 `ChaosRun` brings up a coordinator and two sites (real processes, loopback, no TLS: the
-crash paths are the same with it), submits a federated job that retains its updates, and
-then, `faults` times, sleeps a seeded while, `kill -9`s one process of the tree and
-restarts what an operator would (`coordinator serve` or a site's `client join`, when
-they are gone). The first fault is always the coordinator, right after round 2 (issue
-15's scenario); the next ones hit every other target once, in a seeded order, and the
-rest pick among them: the coordinator, its SuperLink, the job's ServerApp, a site's
-SuperNode, a site's `client join` (which runs the ClientApp). A target with no process
-at that moment (no ServerApp between runs) passes to the next. Then
-it waits for the job and reports what the invariants need: the job's state, every
-logged round of the job, `provenance verify` and `replay`, and the processes left.
+crash paths are the same with it) and submits a federated job that retains its updates;
+asked for `pretrain_steps`, it then submits a DiLoCo pretraining job on the
+coordinator's Ray cluster, to which each site contributes a Ray worker node (the
+scheduler runs one job at a time, so each job has its own phase of faults). In each
+phase it sleeps a seeded while, `kill -9`s one process of the tree, and restarts what an
+operator would (`coordinator serve` or a site's `client join`, when they are gone; a
+site restarts its own Ray worker node), `faults` times. The first fault of a phase is
+the coordinator, once the job has progressed (after round 2 of the federated job: issue
+15's scenario); the next ones hit every other target of that job once, in a seeded
+order, and the rest pick among them. A federated job's targets: the coordinator, its
+SuperLink, the job's ServerApp, a site's SuperNode, a site's `client join` (which runs
+the ClientApp); a pretraining job's: the coordinator, a site's `client join`, its Ray
+worker node (the raylet) and its trainer (the Ray actor taking inner steps). A target
+with no process at that moment (no ServerApp between runs) passes to the next. Then it
+reports what the invariants need: each job's state and every round or outer step it
+logged, `provenance verify`, `replay` of each job, and the processes left.
 
 Used by tests/chaos/test_chaos.py (a short run in CI) and benchmarks/chaos.py (long).
 """
@@ -30,18 +37,31 @@ import psutil
 
 from consortium.leftovers import find_leftovers
 from consortium.processes import ChildProcess, descendant_pids, venv_executable
-from consortium.provenance.records import Round
+from consortium.provenance.records import OuterStep, Round
 from consortium.provenance.signing import SigningKey
 from consortium.provenance.verify import verify_log
+from consortium.ray_env import short_temp_dir
 from consortium.tensor_digest import file_digest
 from coordinator.data_dir import DataDir
 from coordinator.local_consortium import LocalConsortium
 from coordinator.state import JobRecord, JobState, SqliteStateStore
 from tests.conftest import Processes
-from tests.helpers import TEST_PROFILE, wait_for, write_partitions
+from tests.helpers import TEST_PROFILE, TINY_PRETRAIN, wait_for, write_partitions
 
 SITES = ("alpha", "beta")
-TARGETS = ("coordinator", "superlink", "serverapp", "supernode", "client-join")
+TARGETS = {
+    "federated": ("coordinator", "superlink", "serverapp", "supernode", "client-join"),
+    "pretraining": ("coordinator", "client-join", "ray-worker", "trainer"),
+}
+# What identifies each target's processes below the coordinator or a site's `client
+# join` (Ray's processes rewrite their command lines; the actor's names its class).
+MARKERS = {
+    "superlink": "flower-superlink",
+    "serverapp": "flwr-serverapp",
+    "supernode": "flower-supernode",
+    "ray-worker": "/raylet",
+    "trainer": "ray::InnerTrainer",
+}
 FINAL = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 JOB_TIMEOUT_S = 600.0
 TARGET_WAIT_S = 30.0
@@ -56,25 +76,42 @@ def job_spec(rounds: int, seed: int) -> str:
     )
 
 
+def pretrain_spec(outer_steps: int) -> str:
+    """The tiny model of the pretraining tests, on one worker per site (either can be
+    lost). Deterministic, with each worker's AdamW state reset at every outer step, so
+    `replay` can re-train every outer step: with "keep", an attempt that failed (too
+    few workers returned) advances the survivors' state unlogged, and replay refuses
+    such a job by name."""
+    return (
+        f'name = "chaos-pretrain"\n{TINY_PRETRAIN}inner_steps = 500\n'
+        'inner_optimizer_state = "reset"\n'
+        f"outer_steps = {outer_steps}\nmin_workers = 1\nwait_for_workers_s = 120.0\n"
+        "worker_start_timeout_s = 120.0\nstep_timeout_s = 120.0\nmax_failed_steps = 20\n"
+    )
+
+
 @dataclass(frozen=True)
 class Fault:
+    job: str  # the kind of the job running
     target: str
     pid: int
-    after_round: int
+    after_round: int  # of that job
 
 
 @dataclass
-class ChaosReport:
-    planned_rounds: int = 0
-    faults: list[Fault] = field(default_factory=list)
-    recoveries: int = 0  # coordinators and sites restarted
+class JobReport:
+    """What became of one job: its end, each round (federated) or outer step
+    (pretraining, numbered from 1 too) in the log, its replay and its final model."""
+
+    kind: str  # "federated" or "pretraining"
+    planned_rounds: int
+    job_id: str = ""
     job: JobRecord | None = None
     logged_rounds: list[int] = field(default_factory=list)
-    verify_ok: bool = False
     replay: subprocess.CompletedProcess[str] | None = None
     model_sha256: str = ""
-    final_accuracy: float | None = None  # held-out, after the last round
-    left_running: list[int] = field(default_factory=list)
+    final_metric: float | None = None  # held-out accuracy, or validation loss
+    metric_name: str = ""
 
     @property
     def rounds_lost(self) -> int:
@@ -83,6 +120,23 @@ class ChaosReport:
     @property
     def rounds_twice(self) -> int:
         return len(self.logged_rounds) - len(set(self.logged_rounds))
+
+
+@dataclass
+class ChaosReport:
+    jobs: dict[str, JobReport] = field(default_factory=dict)  # by kind
+    faults: list[Fault] = field(default_factory=list)
+    recoveries: int = 0  # coordinators and sites restarted
+    verify_ok: bool = False
+    left_running: list[int] = field(default_factory=list)
+
+    @property
+    def rounds_lost(self) -> int:
+        return sum(job.rounds_lost for job in self.jobs.values())
+
+    @property
+    def rounds_twice(self) -> int:
+        return sum(job.rounds_twice for job in self.jobs.values())
 
 
 class ChaosRun:
@@ -94,6 +148,8 @@ class ChaosRun:
         seed: int,
         faults: int,
         rounds: int,
+        pretrain_steps: int = 0,
+        pretrain_faults: int = 0,
         say: Callable[[str], None] = lambda _: None,
     ) -> None:
         self.root = root
@@ -102,64 +158,94 @@ class ChaosRun:
         self.seed = seed
         self.faults = faults
         self.rounds = rounds
+        self.pretrain_steps = pretrain_steps
+        self.pretrain_faults = pretrain_faults
         self.say = say
         # The launcher's report of a dead ServerApp is immediate; Flower's status is
         # asked often too, so a run that ended is noticed within seconds.
         env = {**TEST_PROFILE, "CONSORTIUM_COORDINATOR_FLOWER_STATUS_INTERVAL_S": "2"}
         self.consortium = LocalConsortium(
-            root, secure=False, ray=False, env=env, launcher=processes, sites_dir=root
+            root,
+            secure=False,
+            ray=bool(pretrain_steps),
+            env=env,
+            launcher=processes,
+            sites_dir=root,
         )
         self.serve: ChildProcess | None = None
         self.joins: dict[str, ChildProcess] = {}
         self.data: dict[str, Path] = {}
         self.restarts = 0
-        self.job_id = ""
+        self.jobs: dict[str, JobReport] = {}
 
     # --- the run -----------------------------------------------------------------
     def run(self) -> ChaosReport:
-        report = ChaosReport(planned_rounds=self.rounds)
+        """The federated job with its faults, then the pretraining job with its own
+        (the scheduler runs one job at a time), then the checks."""
+        report = ChaosReport(jobs=self.jobs)
         self._start_coordinator()
         for name, data in zip(SITES, write_partitions(self.root, list(SITES)), strict=True):
             self.data[name] = data
             self._start_site(name)
         self.consortium.wait_for_online(len(SITES))
+        federated = JobReport("federated", self.rounds)
+        self._phase(report, federated, job_spec(self.rounds, self.seed), self.faults, 2)
+        if self.pretrain_steps:
+            pretraining = JobReport("pretraining", self.pretrain_steps)
+            spec = pretrain_spec(self.pretrain_steps)
+            self._phase(report, pretraining, spec, self.pretrain_faults, 1)
+        report.recoveries = self.restarts
+        for job in self.jobs.values():
+            job.job = self._job(job)
+        self._check_log(report)
+        return report
+
+    def _phase(
+        self, report: ChaosReport, job: JobReport, spec: str, faults: int, first_at: int
+    ) -> None:
+        """Submit `job`; once it completed `first_at` rounds, kill the coordinator, then
+        every other target of its kind once in a seeded order, then seeded choices;
+        restart what died after each kill; wait for the job to end."""
         with self.consortium.connect() as remote:
-            self.job_id = remote.submit(job_spec(self.rounds, self.seed)).job_id
-        self.say(f"job {self.job_id}: {self.rounds} rounds, {self.faults} faults")
-        wait_for("round 2", lambda: self._job().rounds_completed >= 2, JOB_TIMEOUT_S)
-        # The coordinator first (issue 15's scenario), then every other target once in a
-        # seeded order, then seeded choices.
-        others = [t for t in TARGETS if t != "coordinator"]
+            job.job_id = remote.submit(spec).job_id
+        self.jobs[job.kind] = job
+        targets = TARGETS[job.kind]
+        self.say(f"{job.kind} job {job.job_id}: {job.planned_rounds} rounds, {faults} faults")
+        wait_for(
+            f"{job.kind} round {first_at}",
+            lambda: self._job(job).rounds_completed >= first_at or self._final(job),
+            JOB_TIMEOUT_S,
+        )
+        others = [t for t in targets if t != "coordinator"]
         first_pass = ["coordinator", *self.rng.sample(others, len(others))]
-        for number in range(self.faults):
-            if self._job().state in FINAL:
+        for number in range(faults):
+            if self._final(job):
                 break
             if number > 0:
                 time.sleep(self.rng.uniform(1.0, 4.0))
-            fault = self._inject(first_pass[number] if number < len(first_pass) else None)
+            target = first_pass[number] if number < len(first_pass) else None
+            fault = self._inject(job, targets, target)
             if fault is not None:
                 report.faults.append(fault)
-                self.say(f"fault {number + 1}: killed {fault.target} (pid {fault.pid})")
+                self.say(f"fault {len(report.faults)}: killed {fault.target} (pid {fault.pid})")
             self._recover()
         deadline = time.monotonic() + JOB_TIMEOUT_S
-        while self._job().state not in FINAL and time.monotonic() < deadline:
+        while not self._final(job) and time.monotonic() < deadline:
             self._recover()  # a late death (a SuperNode that lost its SuperLink)
             time.sleep(1.0)
-        report.recoveries = self.restarts
-        report.job = self._job()
-        self._check_log(report)
-        return report
 
     def stop_and_count_leftovers(self, report: ChaosReport) -> None:
         """Stop everything, then list every process of the run still alive."""
         self.processes.stop_all()
         dirs = [self.consortium.data_dir] + [self.consortium.state_dir(n) for n in SITES]
-        leftovers = {p.pid for d in dirs for p in find_leftovers(d)}
+        leftovers = {
+            p.pid for d in dirs for p in find_leftovers(d, cmdline_marks=(f"{short_temp_dir(d)}/",))
+        }
         report.left_running = sorted(set(self.processes.alive()) | leftovers)
 
     # --- faults ------------------------------------------------------------------
-    def _inject(self, target: str | None) -> Fault | None:
-        order = self.rng.sample(TARGETS, len(TARGETS))
+    def _inject(self, job: JobReport, targets: tuple[str, ...], target: str | None) -> Fault | None:
+        order = self.rng.sample(targets, len(targets))
         if target is not None:  # this one, once it runs (a ServerApp between runs)
             deadline = time.monotonic() + TARGET_WAIT_S
             while not self._pids_of(target) and time.monotonic() < deadline:
@@ -170,13 +256,13 @@ class ChaosRun:
             if not pids:
                 continue
             pid = self.rng.choice(sorted(pids))
-            after = self._job().rounds_completed
+            after = self._job(job).rounds_completed
             self.processes.remember_descendants()
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 continue
-            return Fault(candidate, pid, after)
+            return Fault(job.kind, candidate, pid, after)
         return None
 
     def _pids_of(self, target: str) -> list[int]:
@@ -186,15 +272,13 @@ class ChaosRun:
             return [j.pid for j in self.joins.values() if self._alive(j)]
         if target in ("superlink", "serverapp"):
             roots = [self.serve] if self.serve is not None else []
-            marker = "flower-superlink" if target == "superlink" else "flwr-serverapp"
-        else:
+        else:  # a site's: its SuperNode, Ray worker node or trainer
             roots = list(self.joins.values())
-            marker = "flower-supernode"
         found = []
         for root in roots:
             for pid in descendant_pids(root.pid):
                 try:
-                    if any(marker in part for part in psutil.Process(pid).cmdline()):
+                    if any(MARKERS[target] in part for part in psutil.Process(pid).cmdline()):
                         found.append(pid)
                 except psutil.Error:
                     continue
@@ -230,40 +314,42 @@ class ChaosRun:
         return child.poll() is None
 
     # --- checks ------------------------------------------------------------------
-    def _job(self) -> JobRecord:
+    def _job(self, job: JobReport) -> JobRecord:
         store = SqliteStateStore(self.consortium.paths.state_db)
         try:
-            return store.get_job(self.job_id)
+            return store.get_job(job.job_id)
         finally:
             store.close()
+
+    def _final(self, job: JobReport) -> bool:
+        return self._job(job).state in FINAL
 
     def _check_log(self, report: ChaosReport) -> None:
         paths = DataDir(self.consortium.data_dir)
         key = SigningKey.load(paths.signing_key).public
         verified = verify_log(paths.provenance_log, key)
         report.verify_ok = True
-        report.logged_rounds = [
-            r.round for r in verified.jobs.get(self.job_id, []) if isinstance(r, Round)
-        ]
-        report.replay = subprocess.run(
-            [
-                venv_executable("coordinator"),
-                "replay",
-                self.job_id,
-                "--data-dir",
-                str(self.consortium.data_dir),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        if report.job is not None and report.job.model_path:
-            report.model_sha256 = file_digest(report.job.model_path)
         store = SqliteStateStore(self.consortium.paths.state_db)
         try:
-            rounds = store.list_rounds(self.job_id)
+            for job in self.jobs.values():
+                records = verified.jobs.get(job.job_id, [])
+                job.logged_rounds = [r.round for r in records if isinstance(r, Round | OuterStep)]
+                job.replay = self._replay(job.job_id)
+                if job.job is not None and job.job.model_path:
+                    job.model_sha256 = file_digest(job.job.model_path)
+                rounds = store.list_rounds(job.job_id)
+                job.metric_name = "eval_accuracy" if job.kind == "federated" else "val_loss"
+                if rounds:
+                    job.final_metric = rounds[-1].metrics.get(job.metric_name)
         finally:
             store.close()
-        if rounds:
-            report.final_accuracy = rounds[-1].metrics.get("eval_accuracy")
+
+    def _replay(self, job_id: str) -> subprocess.CompletedProcess[str]:
+        command = ["replay", job_id, "--data-dir", str(self.consortium.data_dir)]
+        return subprocess.run(
+            [venv_executable("coordinator"), *command],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )

@@ -1,7 +1,10 @@
-"""A short seeded chaos run in CI (issue 15): a federated job completes with every round
-logged exactly once while its coordinator, SuperLink, ServerApp, a site's SuperNode and
-a site's `client join` are killed with SIGKILL at seeded moments; the log verifies, the
-aggregates replay, and no process outlives the run. benchmarks/chaos.py runs long ones.
+"""A short seeded chaos run in CI (issue 15): a federated job, then a pretraining job,
+complete with every round and outer step logged exactly once while processes are killed
+with SIGKILL at seeded moments (for the federated job: the coordinator, its SuperLink,
+the job's ServerApp, a site's SuperNode and a site's `client join`; for the pretraining
+job: the coordinator, a site's `client join`, its Ray worker node and its trainer); the
+log verifies, both jobs replay, and no process outlives the run. benchmarks/chaos.py runs
+long ones.
 """
 
 from __future__ import annotations
@@ -12,24 +15,42 @@ from tests.chaos.driver import TARGETS, ChaosRun
 from tests.conftest import Processes
 
 SEED = 15
-FAULTS = 6
 ROUNDS = 8
+FAULTS = 6  # every federated target once, then one seeded choice
+OUTER_STEPS = 6
+PRETRAIN_FAULTS = 4  # every pretraining target once
 
 
-def test_a_federated_job_survives_seeded_kills_with_every_round_exactly_once(
+def test_two_jobs_survive_seeded_kills_with_every_round_exactly_once(
     tmp_path: Path, processes: Processes
 ) -> None:
-    chaos = ChaosRun(tmp_path, processes, seed=SEED, faults=FAULTS, rounds=ROUNDS, say=print)
+    chaos = ChaosRun(
+        tmp_path,
+        processes,
+        seed=SEED,
+        faults=FAULTS,
+        rounds=ROUNDS,
+        pretrain_steps=OUTER_STEPS,
+        pretrain_faults=PRETRAIN_FAULTS,
+        say=print,
+    )
     report = chaos.run()
     chaos.stop_and_count_leftovers(report)
 
-    assert report.faults[0].target == "coordinator" and report.faults[0].after_round >= 2
-    assert {fault.target for fault in report.faults} == set(TARGETS), report.faults
-    assert report.recoveries >= 1
-    assert report.job is not None
-    assert report.job.state.value == "succeeded", report.job.message
-    assert report.logged_rounds == list(range(1, ROUNDS + 1))  # none lost, none twice
-    assert report.rounds_lost == 0 and report.rounds_twice == 0
+    first = report.faults[0]
+    assert (first.job, first.target) == ("federated", "coordinator") and first.after_round >= 2
+    for kind in ("federated", "pretraining"):
+        hit = {fault.target for fault in report.faults if fault.job == kind}
+        assert hit == set(TARGETS[kind]), report.faults
+    assert report.recoveries >= 2
+    assert set(report.jobs) == {"federated", "pretraining"}
+    for kind, planned in (("federated", ROUNDS), ("pretraining", OUTER_STEPS)):
+        job = report.jobs[kind]
+        assert job.job is not None
+        assert job.job.state.value == "succeeded", (kind, job.job.message)
+        assert job.logged_rounds == list(range(1, planned + 1)), kind  # none lost or twice
+        assert job.rounds_lost == 0 and job.rounds_twice == 0
+        assert job.replay is not None
+        assert job.replay.returncode == 0, (kind, job.replay.stderr)
     assert report.verify_ok
-    assert report.replay is not None and report.replay.returncode == 0, report.replay.stderr
     assert report.left_running == []

@@ -25,7 +25,6 @@ from client.settings import ClientSettings
 from client.supernode import SIGNING_KEY_FILE, SuperNode
 from consortium import pki
 from consortium.errors import (
-    ChildProcessFailedError,
     ConsortiumError,
     InsecureTransportError,
     UnreachableError,
@@ -38,11 +37,14 @@ from consortium.proto.v1 import nodes_pb2, nodes_pb2_grpc
 from consortium.provenance.signing import SigningKey
 from consortium.ray_env import RayTls, ray_node_ip, short_temp_dir, write_ray_token
 from consortium.rpc import RetryPolicy, call_with_retry, open_channel
+from consortium.supervision import ProcessChild, RestartPolicy, Supervised, Supervisor
 
 log = logging.getLogger(__name__)
 
 LEAVE_TIMEOUT_S = 3.0
 TASK_RUNNER_STOP_WAIT_S = 5.0
+# A site's SuperNode and Ray worker are restarted after 1, 2, 4 ... 30 s, never given up.
+SITE_RESTART_POLICY = RestartPolicy(max_restarts=None)
 
 
 @dataclass(frozen=True)
@@ -304,20 +306,24 @@ class SiteNode:
 
     # --- the running node -------------------------------------------------------
     def _heartbeat_loop(self, run: _Run) -> None:
-        """Every heartbeat interval: check the SuperNode, keep the Ray worker running,
-        tell the coordinator the node lives. A failure ends the run (sets `stop`) and is
-        raised by `run`."""
+        """Every heartbeat interval: restart the SuperNode or the Ray worker if it died
+        (after a backoff, without giving up: their deaths usually follow the
+        coordinator's, and they must come back with it), tell the coordinator the node
+        lives. A failure ends the run (sets `stop`) and is raised by `run`."""
         joined, supernode = run.require_joined(), run.supernode
         assert supernode is not None
+        children: list[Supervised] = [
+            ProcessChild("supernode", lambda: supernode.process, supernode.restart)
+        ]
+        worker = run.ray_worker
+        if worker is not None:
+            children.append(ProcessChild("ray-worker", lambda: worker.process, worker.restart))
+        supervisor = Supervisor(
+            children, SITE_RESTART_POLICY, on_restart=self.metrics.child_restarted
+        )
         try:
             while not run.stop.wait(joined.heartbeat_interval_s):
-                if supernode.process.poll() is not None:
-                    raise ChildProcessFailedError(
-                        f"the Flower SuperNode exited with code {supernode.process.poll()}; "
-                        f"see {supernode.process.log_path}:\n{supernode.process.log_tail()}"
-                    )
-                if run.ray_worker is not None:
-                    run.ray_worker.ensure_running()
+                supervisor.check()
                 self._heartbeat(joined.node_id)
         except Exception as error:
             run.failure = error

@@ -48,6 +48,9 @@ def record_training(state_dir: Path, seconds: float, examples: int) -> None:
         os.close(fd)
 
 
+SUPERVISED_CHILDREN = ("supernode", "ray-worker")  # client join's, by supervisor name
+
+
 class ClientMetrics:
     """The node's registry: heartbeats, the SuperNode, the process tree, training, GPU."""
 
@@ -86,6 +89,14 @@ class ClientMetrics:
         )
         for reason in RefusalReason:
             self._refused_runs.labels(institution, reason.value)
+        self._child_restarts = Counter(
+            "consortium_child_restarts_total",
+            "Restarts of a child process that died (supernode, ray-worker), by child.",
+            ["institution", "child"],
+            registry=self.registry,
+        )
+        for child in SUPERVISED_CHILDREN:
+            self._child_restarts.labels(institution, child)
         self.registry.register(NodeProcessCollector(institution, os.getpid()))
         self.registry.register(TrainingCollector(institution, state_dir / TRAINING_LOG))
         if gpu is not None:
@@ -107,6 +118,9 @@ class ClientMetrics:
 
     def run_refused(self, reason: RefusalReason) -> None:
         self._refused_runs.labels(self._institution, reason.value).inc()
+
+    def child_restarted(self, child: str) -> None:
+        self._child_restarts.labels(self._institution, child).inc()
 
 
 class NodeProcessCollector(Collector):

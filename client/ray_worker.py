@@ -100,37 +100,19 @@ class RayWorker:
         # Run before every start: `client join` fetches the cluster's current token
         # (it changes when an institution is revoked).
         self._before_start = before_start or (lambda: None)
-        self._refused = ""  # why the last restart could not happen; logged once
         self._before_start()
         self.process = self._start()
 
     def _start(self) -> ChildProcess:
         return ChildProcess("ray-worker", self._argv, self._log_path, env=self._env)
 
-    def ensure_running(self) -> bool:
-        """Restart the worker if it exited (say, the coordinator restarted its head with a
-        new token); False then. If the coordinator refuses the new token (this
-        institution was revoked), say so once and try again at the next call."""
-        code = self.process.poll()
-        if code is None:
-            return True
-        try:
-            self._before_start()
-        except Exception as error:
-            if str(error) != self._refused:
-                log.warning("the Ray worker exited and cannot rejoin: %s", error)
-                self._refused = str(error)
-            return False
-        self._refused = ""
-        log.warning(
-            "the Ray worker exited with code %s; restarting it (log: %s):\n%s",
-            code,
-            self._log_path,
-            self.process.log_tail(),
-        )
+    def restart(self) -> None:
+        """Join again (say, the coordinator restarted its head, maybe with a new token):
+        fetch the current token first; if the coordinator refuses it (this institution
+        was revoked), raise, and the supervisor tries again after its backoff."""
+        self._before_start()
         self.process.stop()
         self.process = self._start()
-        return False
 
     def stop(self) -> None:
         self.process.stop(timeout_s=self._drain_timeout_s + STOP_TIMEOUT_S)

@@ -81,9 +81,19 @@ class SuperNode:
                 "--auth-supernode-private-key",
                 str(auth_key.resolve()),
             ]
-        self.process = ChildProcess(
-            "flower-supernode", argv, state_dir / "supernode.log", env=owner_env(state_dir)
-        )
+        self._argv = argv
+        self._log_path = state_dir / "supernode.log"
+        self._env = owner_env(state_dir)
+        self.process = self._start()
+
+    def _start(self) -> ChildProcess:
+        return ChildProcess("flower-supernode", self._argv, self._log_path, env=self._env)
+
+    def restart(self) -> None:
+        """Start it again on the same Runtime API port and task secret, so the site's
+        task runner reaches it where it did; it reconnects to the SuperLink itself."""
+        self.process.stop()
+        self.process = self._start()
 
     @property
     def runtime_api_address(self) -> str:

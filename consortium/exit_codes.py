@@ -28,6 +28,7 @@ class ExitCode(IntEnum):
     REPLAY_MISMATCH = 15
     UNAUTHENTICATED = 16
     PERMISSION_DENIED = 17
+    DEGRADED = 18
     INTERRUPTED = 130
 
 
@@ -60,5 +61,7 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     "revoked one); ask the operator for a new bundle.",
     ExitCode.PERMISSION_DENIED: "The certificate does not allow this (e.g. acting as another "
     "institution).",
+    ExitCode.DEGRADED: "`coordinator status`: a runtime of the coordinator (its SuperLink or "
+    "Ray head) is not running: restarting, or failed after too many restarts.",
     ExitCode.INTERRUPTED: "Interrupted by Ctrl-C; children were stopped.",
 }

@@ -12,20 +12,24 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from consortium.errors import InsecureTransportError
 from consortium.lifecycle import ParallelStops, StartStep, start_in_order
 from consortium.net import is_loopback_host, reserve_free_port, split_host_port
 from consortium.ownership import claim
-from consortium.proto.v1 import jobs_pb2_grpc, nodes_pb2_grpc
+from consortium.processes import ChildProcess
+from consortium.proto.v1 import jobs_pb2_grpc, nodes_pb2_grpc, status_pb2_grpc
 from consortium.provenance.signing import SigningKey
 from consortium.ray_env import RayTls, short_temp_dir, use_ray_auth_in_this_process
+from consortium.supervision import ProcessChild, Supervised, Supervisor
 from coordinator.access.pki_files import CoordinatorPki
 from coordinator.access.refusals.control_plane import ControlPlaneRefusalWatch
 from coordinator.access.refusals.fleet import FleetRefusalWatch
 from coordinator.access.registry import NodeRegistry
 from coordinator.access.supernode_keys import SuperNodeKeySync
 from coordinator.api.auth import CertificateAuthInterceptor
+from coordinator.api.runtime_status import CoordinatorStatusServicer, RuntimeHealth
 from coordinator.api.servicers import JobsServicer, NodeRegistryServicer
 from coordinator.federated.approvals import RunApprovals
 from coordinator.federated.edge import FleetEdge
@@ -34,7 +38,7 @@ from coordinator.federated.runner import FlowerJobRunner
 from coordinator.federated.serverapp_launcher import ServerAppLauncher
 from coordinator.federated.superlink import SuperLink
 from coordinator.jobs.lifecycle import JobLifecycle
-from coordinator.jobs.runner import JobRunner, UnavailableRunner
+from coordinator.jobs.runner import JobRunner, NeedsRuntime, UnavailableRunner
 from coordinator.jobs.scheduler import Scheduler
 from coordinator.jobs.service import JobService
 from coordinator.jobs.spec import FEDERATED, PRETRAIN
@@ -42,6 +46,7 @@ from coordinator.observability.metrics import (
     CoordinatorMetrics,
     MetricsEndpoint,
     RpcMetricsInterceptor,
+    RuntimeCollector,
 )
 from coordinator.pretraining.engine import RayEngine
 from coordinator.pretraining.runner import PretrainRunner
@@ -55,6 +60,7 @@ from coordinator.state import SqliteStateStore
 log = logging.getLogger(__name__)
 
 GRPC_WORKERS = 32
+SUPERVISION_INTERVAL_S = 1.0
 SHUTDOWN_GRACE_S = 2.0
 
 
@@ -122,6 +128,7 @@ START_STEPS = (
     "edge",
     "ray_head_ready",
     "metrics_endpoint",
+    "supervisor",
     "api",
     "scheduler",
     "address_file",
@@ -150,6 +157,9 @@ class Coordinator:
     approvals: RunApprovals
     flower: FlowerCli
     serverapps: ServerAppLauncher
+    supervisor: Supervisor
+    runtime_health: RuntimeHealth
+    runtime_status: CoordinatorStatusServicer
 
     def __init__(
         self,
@@ -168,6 +178,9 @@ class Coordinator:
         self.scheduler = None
         self._scheduler_thread: threading.Thread | None = None
         self._stack = ExitStack()
+        # Held while a runtime is restarted (by the supervisor, or by a token rotation,
+        # which restarts the Ray head on purpose): neither sees the other's half-done work.
+        self._runtimes_lock = threading.RLock()
         # The SuperLink and the Ray head stop independently: one entry, in parallel.
         self._children = ParallelStops()
         steps: list[StartStep] = [
@@ -184,6 +197,7 @@ class Coordinator:
             ("edge", self._start_edge),
             ("ray_head_ready", self._wait_ray_head),
             ("metrics_endpoint", self._start_metrics_endpoint),
+            ("supervisor", self._start_supervisor),
             ("api", self._start_api_step),
             ("scheduler", self._start_scheduler),
             ("address_file", self._write_address_file),
@@ -297,6 +311,51 @@ class Coordinator:
         endpoint = MetricsEndpoint(self.metrics, self.store, self.settings)
         self._stack.callback(endpoint.stop)
 
+    def _start_supervisor(self) -> None:
+        """Restart the SuperLink or the Ray head when one dies (consortium/supervision.py):
+        the control plane never goes down with a runtime. Checked every second on a
+        thread that stops, with the rest, before the runtimes themselves do."""
+        children: list[Supervised] = [
+            ProcessChild("superlink", lambda: self.superlink.process, self._restart_superlink)
+        ]
+        addresses = {"superlink": self.superlink.address}
+        head = self.ray_head
+        if head is not None:
+            children.append(
+                ProcessChild("ray-head", self._ray_head_process, self._restart_dead_ray_head)
+            )
+            addresses["ray-head"] = head.address
+        self.supervisor = Supervisor(children, on_restart=self.metrics.child_restarted)
+        self.runtime_health = RuntimeHealth(self.supervisor)
+        self.runtime_status = CoordinatorStatusServicer(self.supervisor, addresses)
+        self.metrics.add_collector(RuntimeCollector(self.supervisor.status))
+        thread = threading.Thread(target=self._supervise, name="supervisor")
+        thread.start()
+        self._stack.callback(thread.join)
+        self._stack.callback(self.stopping.set)
+
+    def _supervise(self) -> None:
+        while not self.stopping.wait(SUPERVISION_INTERVAL_S):
+            with self._runtimes_lock:
+                if self.stopping.is_set():
+                    return
+                self.supervisor.check()
+            self.runtime_health.refresh()
+
+    def _ray_head_process(self) -> ChildProcess:
+        assert self.ray_head is not None
+        return self.ray_head.process
+
+    def _restart_superlink(self) -> None:
+        self.superlink.restart(self.settings.superlink_start_timeout_s)
+
+    def _restart_dead_ray_head(self) -> None:
+        """A pretraining run loses its cluster with the head: it is interrupted and its
+        job re-queued, to resume from its checkpoint on the new head."""
+        if self.pretrain is not None:
+            self.pretrain.interrupt("the Ray head died")
+        self._restart_ray_head()
+
     def _start_api_step(self) -> None:
         self.server = self._start_api()
 
@@ -314,18 +373,22 @@ class Coordinator:
             if self.ray_cluster is not None
             else None
         )
+        supervisor = self.supervisor
         runners: dict[str, JobRunner] = {
-            FEDERATED: FlowerJobRunner(
-                lifecycle,
-                self.store,
-                flower,
-                self.approvals,
-                self.metrics,
-                settings.flower_status_interval_s,
-                provenance_log=self.paths.provenance_log,
-                serverapp_exit=self.serverapps.exit_code,
+            FEDERATED: NeedsRuntime(
+                FlowerJobRunner(
+                    lifecycle,
+                    self.store,
+                    flower,
+                    self.approvals,
+                    self.metrics,
+                    settings.flower_status_interval_s,
+                    provenance_log=self.paths.provenance_log,
+                    serverapp_exit=self.serverapps.exit_code,
+                ),
+                lambda: supervisor.down_reason("superlink"),
             ),
-            PRETRAIN: self.pretrain
+            PRETRAIN: NeedsRuntime(self.pretrain, lambda: supervisor.down_reason("ray-head"))
             if self.pretrain is not None
             else UnavailableRunner(
                 "pretraining needs Ray, but this coordinator runs with ray_enabled = false; "
@@ -442,17 +505,18 @@ class Coordinator:
     def _restart_ray_head(self) -> None:
         """Stop the Ray head and start it again on the same port, reading the token file
         anew (after a rotation); this process's driver and GCS clients follow."""
-        head = self.ray_head
-        assert head is not None and self.ray_cluster is not None
-        if self.pretrain is not None:
-            self.pretrain.disconnect()
-        head.stop()
-        port = int(head.address.rsplit(":", 1)[1])
-        cluster = self.ray_cluster
-        self.ray_head = self._new_ray_head(port, cluster.token_path, cluster.tls)
-        self.ray_head.wait_ready(self.settings.ray_start_timeout_s)
-        # Ray caches the token it read: read the new one.
-        use_ray_auth_in_this_process(cluster.token_path, cluster.tls)
+        with self._runtimes_lock:
+            head = self.ray_head
+            assert head is not None and self.ray_cluster is not None
+            if self.pretrain is not None:
+                self.pretrain.disconnect()
+            head.stop()
+            port = int(head.address.rsplit(":", 1)[1])
+            cluster = self.ray_cluster
+            self.ray_head = self._new_ray_head(port, cluster.token_path, cluster.tls)
+            self.ray_head.wait_ready(self.settings.ray_start_timeout_s)
+            # Ray caches the token it read: read the new one.
+            use_ray_auth_in_this_process(cluster.token_path, cluster.tls)
 
     def _start_api(self) -> grpc.Server:
         # grpc does not shut down an executor it was given: ours, so ours to stop.
@@ -486,6 +550,8 @@ class Coordinator:
             ),
             server,
         )
+        status_pb2_grpc.add_CoordinatorStatusServicer_to_server(self.runtime_status, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.runtime_health.servicer, server)
         jobs_pb2_grpc.add_JobsServicer_to_server(
             JobsServicer(
                 JobService(self.store, metrics=self.metrics),
@@ -509,6 +575,7 @@ class Coordinator:
 
     def _stop_server(self, server: grpc.Server) -> None:
         self.stopping.set()  # ends the open watch streams
+        self.runtime_health.shutting_down()
         server.stop(SHUTDOWN_GRACE_S).wait()
 
     def _interceptors(self) -> list[grpc.ServerInterceptor]:

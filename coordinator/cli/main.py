@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from consortium.cli_errors import cli_errors, configure_logging
-from consortium.errors import ConsortiumError, InvalidArgumentError
+from consortium.errors import InvalidArgumentError
 from consortium.exit_codes import EXIT_CODE_HELP, ExitCode
 from consortium.file_modes import private_dir, restrict_umask
 from consortium.settings import load_settings
@@ -129,14 +129,8 @@ def serve(
             f"data {settings.data_dir}"
         )
         try:
-            while not stop.wait(1.0):
-                if coordinator.superlink.process.poll() is not None:
-                    raise ConsortiumError(
-                        f"the Flower SuperLink died; see {coordinator.superlink.process.log_path}"
-                    )
-                head = coordinator.ray_head
-                if head is not None and head.process.poll() is not None:
-                    raise ConsortiumError(f"the Ray head died; see {head.process.log_path}")
+            # The runtimes are supervised (restarted when they die) by the coordinator.
+            stop.wait()
         finally:
             coordinator.stop()
 
@@ -191,6 +185,37 @@ def nodes(
         console.print(table)
         if overview.ray_unavailable_reason:
             console.print(f"Ray unavailable: {overview.ray_unavailable_reason}")
+
+
+@app.command()
+def status(
+    coordinator: CoordinatorAddress = None,
+    data_dir: DataDir = Path(".consortium"),
+) -> None:
+    """Show the coordinator's runtimes (its Flower SuperLink and Ray head): state,
+    restarts, last exit code, and why one is not running. Exits 18 (degraded) when one
+    is restarting or failed."""
+    from consortium.proto.v1 import status_pb2
+
+    with cli_errors(), connect(coordinator, data_dir) as remote:
+        reply = remote.status()
+        table = Table("runtime", "state", "restarts", "last exit", "address", "detail")
+        for runtime in reply.runtimes:
+            state = status_pb2.RuntimeState.Name(runtime.state).removeprefix("RUNTIME_STATE_")
+            table.add_row(
+                runtime.name,
+                state.lower(),
+                str(runtime.restarts),
+                str(runtime.last_exit_code) if runtime.HasField("last_exit_code") else "-",
+                runtime.address,
+                runtime.detail,
+            )
+        console.print(table)
+        uptime = f"up {reply.uptime_s} s"
+        if reply.degraded:
+            console.print(f"degraded ({uptime}): {', '.join(reply.degraded)} not running")
+            raise typer.Exit(int(ExitCode.DEGRADED))
+        console.print(f"all runtimes running ({uptime})")
 
 
 def _describe_resources(resources: Mapping[str, float]) -> str:

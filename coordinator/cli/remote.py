@@ -8,7 +8,14 @@ from pathlib import Path
 import grpc
 
 from consortium.errors import UnreachableError
-from consortium.proto.v1 import jobs_pb2, jobs_pb2_grpc, nodes_pb2, nodes_pb2_grpc
+from consortium.proto.v1 import (
+    jobs_pb2,
+    jobs_pb2_grpc,
+    nodes_pb2,
+    nodes_pb2_grpc,
+    status_pb2,
+    status_pb2_grpc,
+)
 from consortium.rpc import DEFAULT_RETRY, RetryPolicy, call_with_retry, open_channel, translate
 from consortium.tls import ClientTls
 from coordinator.access.pki_files import CoordinatorPki
@@ -45,6 +52,7 @@ class Remote:
         self._channel = open_channel(address, tls)
         self._jobs = jobs_pb2_grpc.JobsStub(self._channel)
         self._nodes = nodes_pb2_grpc.NodeRegistryStub(self._channel)
+        self._status = status_pb2_grpc.CoordinatorStatusStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()
@@ -92,6 +100,15 @@ class Remote:
         and why the Ray side is missing when it is."""
         response: nodes_pb2.ListNodesResponse = call_with_retry(
             lambda t: self._nodes.ListNodes(nodes_pb2.ListNodesRequest(), timeout=t),
+            self.address,
+            self._policy,
+        )
+        return response
+
+    def status(self) -> status_pb2.GetStatusResponse:
+        """The coordinator's runtimes (SuperLink, Ray head): state, restarts, why not."""
+        response: status_pb2.GetStatusResponse = call_with_retry(
+            lambda t: self._status.GetStatus(status_pb2.GetStatusRequest(), timeout=t),
             self.address,
             self._policy,
         )

@@ -66,9 +66,21 @@ class SuperLink:
                 str(pki.ca_cert),
                 "--enable-supernode-auth",
             ]
-        self.process = ChildProcess(
-            "flower-superlink", argv, paths.log_file("superlink"), env=self.app_env
+        self._argv = argv
+        self.process = self._start()
+
+    def _start(self) -> ChildProcess:
+        return ChildProcess(
+            "flower-superlink", self._argv, self.paths.log_file("superlink"), env=self.app_env
         )
+
+    def restart(self, timeout_s: float) -> None:
+        """Start it again on the same port, database and task secret (what the
+        ServerApp launcher, the Fleet edge and sites hold stays valid); return once it
+        listens, or raise as `wait_ready` does."""
+        self.process.stop()
+        self.process = self._start()
+        self.wait_ready(timeout_s)
 
     @property
     def app_env(self) -> dict[str, str]:

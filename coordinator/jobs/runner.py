@@ -12,6 +12,7 @@ A runner never changes a job's state behind the scheduler's back except through
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from consortium.errors import ConflictError
@@ -66,3 +67,30 @@ class UnavailableRunner:
 
     def shutdown(self) -> None:
         return None
+
+
+class NeedsRuntime:
+    """A kind's runner behind the runtime its runs need (the SuperLink, the Ray head):
+    while that runtime is down (restarting after it died, or failed), a queued job of
+    the kind waits and says why, rather than spending its start attempts on a runtime
+    that is not there. `runtime_down` returns that reason, or None while it runs."""
+
+    def __init__(self, runner: JobRunner, runtime_down: Callable[[], str | None]) -> None:
+        self._runner = runner
+        self._runtime_down = runtime_down
+
+    def waiting_reason(self, job: JobRecord) -> str | None:
+        down = self._runtime_down()
+        return down if down is not None else self._runner.waiting_reason(job)
+
+    def start(self, job: JobRecord) -> None:
+        self._runner.start(job)
+
+    def is_active(self, job: JobRecord) -> bool:
+        return self._runner.is_active(job)
+
+    def stop(self, job: JobRecord) -> None:
+        self._runner.stop(job)
+
+    def shutdown(self) -> None:
+        self._runner.shutdown()

@@ -24,9 +24,11 @@ from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from consortium.metrics_http import MetricsServer
+from consortium.supervision import ChildState, ChildStatus
 from coordinator.observability.state_metrics import StateCollector
 from coordinator.settings import CoordinatorSettings
 from coordinator.state import StateStore
@@ -64,6 +66,7 @@ SCHEDULER_FAILURES = ("start_error", "ended_early")
 # the onboarded, unrevoked ones (coordinator/access/supernode_keys.py).
 SUPERNODE_KEY_ACTIONS = ("removed_unknown", "removed_revoked", "restored")
 COMPUTE_DEVICES = ("gpu", "cpu")
+SUPERVISED_RUNTIMES = ("superlink", "ray-head")  # coordinator serve's, by supervisor name
 
 RPC_DURATION_BUCKETS_S = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
 
@@ -139,6 +142,14 @@ class CoordinatorMetrics:
         )
         for action in SUPERNODE_KEY_ACTIONS:
             self.supernode_key_changes.labels(action)
+        self.child_restarts = Counter(
+            "consortium_child_restarts_total",
+            "Restarts of a runtime that died (superlink, ray-head), by child.",
+            ["child"],
+            registry=r,
+        )
+        for child in SUPERVISED_RUNTIMES:
+            self.child_restarts.labels(child)
         ProcessCollector(registry=r)
         for reason in SCHEDULER_FAILURES:
             self.runs_failed.labels(reason)
@@ -184,8 +195,30 @@ class CoordinatorMetrics:
     def supernode_key_changed(self, action: str) -> None:
         self.supernode_key_changes.labels(_known(action, SUPERNODE_KEY_ACTIONS)).inc()
 
+    def child_restarted(self, child: str) -> None:
+        self.child_restarts.labels(_known(child, SUPERVISED_RUNTIMES)).inc()
+
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)
+
+
+class RuntimeCollector(Collector):
+    """`consortium_runtime_up{runtime}`: 1 while a supervised runtime runs, 0 while it
+    is restarting or failed; read from the supervisor at scrape time."""
+
+    def __init__(self, status: Callable[[], Iterable[ChildStatus]]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "consortium_runtime_up",
+            "1 while the coordinator's runtime (superlink, ray-head) runs, else 0 "
+            "(restarting, or failed after too many restarts).",
+            labels=["runtime"],
+        )
+        for child in self._status():
+            family.add_metric([child.name], 1.0 if child.state is ChildState.RUNNING else 0.0)
+        yield family
 
 
 def _known(value: str, allowed: tuple[str, ...]) -> str:

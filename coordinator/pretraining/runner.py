@@ -59,6 +59,7 @@ class PretrainRunner:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._shutting_down = threading.Event()
+        self._interrupted = ""  # why the current run was interrupted (its cluster died)
 
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -75,6 +76,7 @@ class PretrainRunner:
         if not isinstance(spec, PretrainJobSpec):
             raise ConflictError(f"job {job.job_id} is a {spec.kind} job, not pretraining")
         self._stop = threading.Event()
+        self._interrupted = ""
         self._thread = threading.Thread(
             target=self._run, args=(job.job_id, spec, self._stop), name=f"pretrain-{job.job_id}"
         )
@@ -105,6 +107,19 @@ class PretrainRunner:
                 log.warning("pretraining thread still busy after %.0f s; leaving it", timeout_s)
         self._engine.disconnect()
 
+    def interrupt(self, reason: str, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """The cluster under the current run is gone (its Ray head died): stop the run
+        and put its job back in the queue, to resume from its checkpoint once the
+        cluster is back; then leave the cluster."""
+        if self.busy():
+            self._interrupted = reason
+            self._stop.set()
+            assert self._thread is not None
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.warning("pretraining thread still busy after %.0f s; leaving it", timeout_s)
+        self._engine.disconnect()
+
     def disconnect(self) -> None:
         """Leave the cluster while idle (its head is about to restart); the next job
         connects again."""
@@ -127,12 +142,17 @@ class PretrainRunner:
             if self._shutting_down.is_set():
                 log.warning("pretraining job %s interrupted by shutdown: %s", job_id, error)
                 return
+            if self._interrupted:
+                self._requeue(job_id, error)
+                return
             log.exception("pretraining job %s failed", job_id)
             reason = f"pretraining failed: {error}"
             self._end(job_id, lambda: self._lifecycle.fail(job_id, reason))
             return
         if result.state is not ControllerState.FINISHED:
             log.info("pretraining job %s stopped after %d steps", job_id, result.steps_completed)
+            if self._interrupted:
+                self._requeue(job_id, None)
             return  # cancelled (already final) or shutting down (resumes on restart)
         write_accounting(self._data_dir, job_id, result.accounting)
         model_path = DataDir(self._data_dir).model_file(job_id)
@@ -154,6 +174,14 @@ class PretrainRunner:
             else f"{result.steps_completed} outer steps"
         )
         self._end(job_id, lambda: self._lifecycle.succeed(job_id, message, str(model_path)))
+
+    def _requeue(self, job_id: str, error: Exception | None) -> None:
+        done = self._lifecycle.get(job_id).rounds_completed
+        detail = f" ({error})" if error is not None else ""
+        message = f"{self._interrupted}{detail}; resumes after {done} outer steps"
+        log.warning("pretraining job %s interrupted: %s", job_id, message)
+        self._metrics.run_resumed()
+        self._end(job_id, lambda: self._lifecycle.requeue(job_id, message))
 
     @staticmethod
     def _end(job_id: str, transition: Callable[[], JobRecord]) -> None:

@@ -7,17 +7,20 @@ asked for `pretrain_steps`, it then submits a DiLoCo pretraining job on the
 coordinator's Ray cluster, to which each site contributes a Ray worker node (the
 scheduler runs one job at a time, so each job has its own phase of faults). In each
 phase it sleeps a seeded while, `kill -9`s one process of the tree, and restarts what an
-operator would (`coordinator serve` or a site's `client join`, when they are gone; a
-site restarts its own Ray worker node), `faults` times. The first fault of a phase is
+operator would (`coordinator serve` or a site's `client join`, when they are gone),
+`faults` times. The first fault of a phase is
 the coordinator, once the job has progressed (after round 2 of the federated job: issue
 15's scenario); the next ones hit every other target of that job once, in a seeded
 order, and the rest pick among them. A federated job's targets: the coordinator, its
 SuperLink, the job's ServerApp, a site's SuperNode, a site's `client join` (which runs
-the ClientApp); a pretraining job's: the coordinator, a site's `client join`, its Ray
-worker node (the raylet) and its trainer (the Ray actor taking inner steps). A target
-with no process at that moment (no ServerApp between runs) passes to the next. Then it
-reports what the invariants need: each job's state and every round or outer step it
-logged, `provenance verify`, `replay` of each job, and the processes left.
+the ClientApp); a pretraining job's: the coordinator, its Ray head (the GCS), a site's
+`client join`, its Ray worker node (the raylet) and its trainer (the Ray actor taking
+inner steps). The coordinator restarts its own SuperLink and Ray head, and a site its
+SuperNode and Ray worker node (issue 19's supervision), so only `serve` and `join`
+themselves are ever restarted here. A target with no process at that moment (no
+ServerApp between runs) passes to the next. Then it reports what the invariants need:
+each job's state and every round or outer step it logged, `provenance verify`, `replay`
+of each job, and the processes left.
 
 Used by tests/chaos/test_chaos.py (a short run in CI) and benchmarks/chaos.py (long).
 """
@@ -51,7 +54,7 @@ from tests.helpers import TEST_PROFILE, TINY_PRETRAIN, wait_for, write_partition
 SITES = ("alpha", "beta")
 TARGETS = {
     "federated": ("coordinator", "superlink", "serverapp", "supernode", "client-join"),
-    "pretraining": ("coordinator", "client-join", "ray-worker", "trainer"),
+    "pretraining": ("coordinator", "ray-head", "client-join", "ray-worker", "trainer"),
 }
 # What identifies each target's processes below the coordinator or a site's `client
 # join` (Ray's processes rewrite their command lines; the actor's names its class).
@@ -59,6 +62,7 @@ MARKERS = {
     "superlink": "flower-superlink",
     "serverapp": "flwr-serverapp",
     "supernode": "flower-supernode",
+    "ray-head": "/gcs_server",
     "ray-worker": "/raylet",
     "trainer": "ray::InnerTrainer",
 }
@@ -270,7 +274,7 @@ class ChaosRun:
             return [self.serve.pid] if self.serve is not None and self._alive(self.serve) else []
         if target == "client-join":
             return [j.pid for j in self.joins.values() if self._alive(j)]
-        if target in ("superlink", "serverapp"):
+        if target in ("superlink", "serverapp", "ray-head"):
             roots = [self.serve] if self.serve is not None else []
         else:  # a site's: its SuperNode, Ray worker node or trainer
             roots = list(self.joins.values())

@@ -2,9 +2,11 @@
 complete with every round and outer step logged exactly once while processes are killed
 with SIGKILL at seeded moments (for the federated job: the coordinator, its SuperLink,
 the job's ServerApp, a site's SuperNode and a site's `client join`; for the pretraining
-job: the coordinator, a site's `client join`, its Ray worker node and its trainer); the
-log verifies, both jobs replay, and no process outlives the run. benchmarks/chaos.py runs
-long ones.
+job: the coordinator, its Ray head, a site's `client join`, its Ray worker node and its
+trainer); the log verifies, both jobs replay, and no process outlives the run. Only
+`coordinator serve` and `client join` are restarted by the driver: a dead SuperLink,
+Ray head, SuperNode or Ray worker node is restarted by its owner (issue 19).
+benchmarks/chaos.py runs long ones.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ SEED = 15
 ROUNDS = 8
 FAULTS = 6  # every federated target once, then one seeded choice
 OUTER_STEPS = 6
-PRETRAIN_FAULTS = 4  # every pretraining target once
+PRETRAIN_FAULTS = 5  # every pretraining target once
 
 
 def test_two_jobs_survive_seeded_kills_with_every_round_exactly_once(
@@ -42,7 +44,9 @@ def test_two_jobs_survive_seeded_kills_with_every_round_exactly_once(
     for kind in ("federated", "pretraining"):
         hit = {fault.target for fault in report.faults if fault.job == kind}
         assert hit == set(TARGETS[kind]), report.faults
-    assert report.recoveries >= 2
+    # Only their own deaths took `serve` or `join` down: not a runtime's (supervised).
+    owners_killed = sum(f.target in ("coordinator", "client-join") for f in report.faults)
+    assert report.recoveries == owners_killed, report.faults
     assert set(report.jobs) == {"federated", "pretraining"}
     for kind, planned in (("federated", ROUNDS), ("pretraining", OUTER_STEPS)):
         job = report.jobs[kind]

@@ -187,7 +187,7 @@ def test_revocation_replaces_the_ray_token_so_the_institution_is_refused_while_o
     starts = [channel.start_node("alpha-again", "alpha", ray_auth_env(token))]
 
     def alpha_back() -> bool:
-        # `client join` restarts an exited worker (RayWorker.ensure_running); on a loaded
+        # `client join` restarts an exited worker (its supervisor, RayWorker.restart); on a loaded
         # 2-core machine the just-restarted GCS can miss a new raylet's first deadline.
         if starts[-1].poll() is not None:
             if len(starts) == 3:

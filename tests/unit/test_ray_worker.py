@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -84,7 +83,7 @@ class _FakeProcess:
 
 
 def test_worker_fetches_the_token_before_every_start_and_stays_out_when_refused(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     started: list[_FakeProcess] = []
 
@@ -107,14 +106,11 @@ def test_worker_fetches_the_token_before_every_start_and_stays_out_when_refused(
         "127.0.0.1:6379", "alpha", "n1", None, tmp_path, tmp_path / "t", before_start=fetch
     )
     assert fetches == ["token"] and len(started) == 1
-    assert worker.ensure_running()  # still running: nothing to do
     started[0].code = 1  # the head restarted with a new token: the worker exits
-    assert not worker.ensure_running()
+    worker.restart()  # what `client join`'s supervisor calls
     assert fetches == ["token", "token"] and len(started) == 2
     started[1].code = 1
-    refuse[0] = True  # revoked: no token, no restart, one warning
-    with caplog.at_level(logging.WARNING):
-        assert not worker.ensure_running()
-        assert not worker.ensure_running()
-    assert len(started) == 2
-    assert sum("cannot rejoin" in r.getMessage() for r in caplog.records) == 1
+    refuse[0] = True  # revoked: no token, no restart (the supervisor tries again later)
+    with pytest.raises(UnreachableError, match="refused the Ray token"):
+        worker.restart()
+    assert len(started) == 2 and worker.process is started[1]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from consortium.errors import ChildProcessFailedError
 from coordinator.jobs.lifecycle import JobLifecycle
-from coordinator.jobs.runner import JobCannotStartError, UnavailableRunner
+from coordinator.jobs.runner import JobCannotStartError, NeedsRuntime, UnavailableRunner
 from coordinator.jobs.scheduler import Scheduler
 from coordinator.observability.metrics import CoordinatorMetrics
 from coordinator.state import InMemoryStateStore, JobRecord, JobState
@@ -264,3 +264,25 @@ def test_shutdown_reaches_every_runner_and_leaves_jobs_running() -> None:
     h.scheduler.shutdown()
     assert h.federated.shut_down and h.pretrain.shut_down
     assert h.state(job) is JobState.RUNNING
+
+
+def test_a_job_waits_while_the_runtime_it_needs_is_down_and_starts_once_it_is_back() -> None:
+    store = InMemoryStateStore()
+    lifecycle = JobLifecycle(store)
+    federated = FakeRunner()
+    down: list[str | None] = ["waiting: the superlink is restarting: exited with code -9"]
+    gated = NeedsRuntime(federated, lambda: down[0])
+    scheduler = Scheduler(lifecycle, {"federated": gated}, 0.01, start_attempts=1)
+    job_id = lifecycle.submit("j", "federated", 'name = "j"', rounds_total=2).job_id
+    for _ in range(5):  # no start attempt is spent while it is down
+        scheduler.step()
+    job = store.get_job(job_id)
+    assert job.state is JobState.QUEUED and "superlink is restarting" in job.message
+    assert federated.started == []
+    down[0] = None
+    scheduler.step()
+    assert store.get_job(job_id).state is JobState.RUNNING and federated.started == [job_id]
+    assert gated.is_active(store.get_job(job_id))
+    gated.stop(store.get_job(job_id))
+    gated.shutdown()
+    assert federated.stopped == [job_id] and federated.shut_down

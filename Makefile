@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-stamp
 # the @group suffix never reaches the scheduler).
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test lint checks typecheck pytest protos dashboard
+.PHONY: demo test test-under-load lint checks typecheck pytest protos dashboard
 
 # The pinned torch comes from pip, which finds this machine's CPU wheel on disk (uv does
 # not look there, and PyPI's torch is a CUDA build of several GB); everything else from
@@ -64,3 +64,8 @@ test: checks
 
 pytest: $(STAMP)
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
+
+# The suite beside two spinning processes and an fsync-heavy writer (tests/load.py):
+# it must hold on a busy machine too.
+test-under-load: $(STAMP)
+	CONSORTIUM_TEST_LOAD=2 $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile

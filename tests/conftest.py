@@ -19,6 +19,7 @@ from consortium.processes import (
     stop_processes,
     venv_executable,
 )
+from tests.load import Load, requested_load
 
 
 class Processes:
@@ -62,3 +63,22 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
         yield procs
     finally:
         procs.stop_all()
+
+
+# --- an optional load beside the suite (tests/load.py) ------------------------------
+_LOAD = pytest.StashKey[Load]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With CONSORTIUM_TEST_LOAD=N, start the load once, in the controller (xdist
+    workers are its children and share it); it stops when the session ends."""
+    spinners = requested_load()
+    if spinners and not hasattr(config, "workerinput"):
+        load = Load(spinners)
+        config.stash[_LOAD] = load
+        config.add_cleanup(load.stop)
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    load = config.stash.get(_LOAD, None)
+    return load.describe() if load is not None else None

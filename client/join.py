@@ -25,6 +25,7 @@ from client.settings import ClientSettings
 from client.supernode import SIGNING_KEY_FILE, SuperNode
 from consortium import pki
 from consortium.errors import (
+    ChildProcessFailedError,
     ConsortiumError,
     InsecureTransportError,
     UnreachableError,
@@ -37,7 +38,13 @@ from consortium.proto.v1 import nodes_pb2, nodes_pb2_grpc
 from consortium.provenance.signing import SigningKey
 from consortium.ray_env import RayTls, ray_node_ip, short_temp_dir, write_ray_token
 from consortium.rpc import RetryPolicy, call_with_retry, open_channel
-from consortium.supervision import ProcessChild, RestartPolicy, Supervised, Supervisor
+from consortium.supervision import (
+    ChildState,
+    ProcessChild,
+    RestartPolicy,
+    Supervised,
+    Supervisor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -309,11 +316,14 @@ class SiteNode:
         """Every heartbeat interval: restart the SuperNode or the Ray worker if it died
         (after a backoff, without giving up: their deaths usually follow the
         coordinator's, and they must come back with it), tell the coordinator the node
-        lives. A failure ends the run (sets `stop`) and is raised by `run`."""
+        lives. Only a SuperNode the SuperLink keeps refusing is given up on: that ends
+        the run. A failure ends the run (sets `stop`) and is raised by `run`."""
         joined, supernode = run.require_joined(), run.supernode
         assert supernode is not None
         children: list[Supervised] = [
-            ProcessChild("supernode", lambda: supernode.process, supernode.restart)
+            ProcessChild(
+                "supernode", lambda: supernode.process, supernode.restart, supernode.refusal
+            )
         ]
         worker = run.ray_worker
         if worker is not None:
@@ -324,6 +334,12 @@ class SiteNode:
         try:
             while not run.stop.wait(joined.heartbeat_interval_s):
                 supervisor.check()
+                for status in supervisor.status():
+                    if status.state is ChildState.FAILED:  # refused: a restart cannot help
+                        raise ChildProcessFailedError(
+                            f"the Flower SuperNode gave up: {status.detail}; see "
+                            f"{supernode.process.log_path}"
+                        )
                 self._heartbeat(joined.node_id)
         except Exception as error:
             run.failure = error

@@ -18,6 +18,10 @@ from consortium.processes import ChildProcess, venv_executable
 SIGNING_KEY_FILE = "institution-signing.key"
 COMMITMENT_KEY_FILE = "data-commitment.key"
 TASK_SECRET_FILE = "supernode-task.secret"
+# What flower-supernode 1.41 logs when the SuperLink answered and refused to activate
+# it (its key is not registered, or the institution's one node is active already);
+# an unreachable SuperLink is retried inside the SuperNode instead.
+ACTIVATION_REFUSED = "Failed to activate SuperNode"
 
 
 def node_config(values: dict[str, str | int]) -> str:
@@ -88,6 +92,17 @@ class SuperNode:
 
     def _start(self) -> ChildProcess:
         return ChildProcess("flower-supernode", self._argv, self._log_path, env=self._env)
+
+    def refusal(self) -> str | None:
+        """Why its last exit was the SuperLink's refusal, which a restart will not
+        change (the supervisor gives up after a few in a row), else None."""
+        if ACTIVATION_REFUSED in self.process.log_tail(40):
+            return (
+                "the SuperLink refused to activate this SuperNode: its key is not "
+                "registered, or another node of this institution is joined (one node per "
+                "institution takes part in federated jobs)"
+            )
+        return None
 
     def restart(self) -> None:
         """Start it again on the same Runtime API port and task secret, so the site's

@@ -8,15 +8,18 @@ how to start it again (same port, same state), and its last log lines. The owner
     RUNNING ──exits──> RESTARTING ──backoff elapsed: restart()──> RUNNING
                           │  ^                       │
                           │  └───restart() raised────┘
-                          └── max_restarts within window_s ──> FAILED (stays; reported)
+                          ├── max_restarts within window_s ──> FAILED (stays; reported)
+                          └── max_refusals deaths in a row that were refusals ──> FAILED
 
 The first restart waits `initial_backoff_s`, each further one within `window_s` twice as
 long, up to `max_backoff_s`; restarts older than the window are forgotten, so a child
 that ran for a while starts again at the shortest wait (a policy without
 `max_restarts` never gives up). A FAILED child is left alone:
 the owner keeps serving what does not need it and reports it (health, `coordinator
-status`). Each death is logged with the child's last log lines, and `on_restart(name)`
-is called for every restart (the metric `consortium_child_restarts_total`).
+status`). A child may call its death a refusal (a SuperNode whose activation the
+SuperLink refused): restarting cannot help, so a few in a row make it FAILED at once.
+Each death is logged with the child's last log lines, and `on_restart(name)` is called
+for every restart (the metric `consortium_child_restarts_total`).
 
 Kept free of heavy imports: both roles use it.
 """
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 INITIAL_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0
 MAX_RESTARTS = 5
+MAX_REFUSALS = 3
 WINDOW_S = 300.0
 
 
@@ -56,6 +60,10 @@ class Supervised(Protocol):
     def log_tail(self) -> str:
         """Its last log lines, for the message that says it died."""
 
+    def refusal(self) -> str | None:
+        """Why its last exit was a refusal that restarting will not change (a peer
+        refused it), or None: worth restarting."""
+
 
 @dataclass(frozen=True)
 class RestartPolicy:
@@ -65,6 +73,9 @@ class RestartPolicy:
     # children, whose deaths usually follow the coordinator's, must come back with it).
     max_restarts: int | None = MAX_RESTARTS
     window_s: float = WINDOW_S
+    # Deaths in a row that the child calls a refusal (`Supervised.refusal`), before it
+    # is FAILED whatever `max_restarts` says: the first may be a peer catching up.
+    max_refusals: int = MAX_REFUSALS
 
     def backoff_s(self, recent_restarts: int) -> float:
         return float(min(self.initial_backoff_s * 2**recent_restarts, self.max_backoff_s))
@@ -94,6 +105,7 @@ class _Watch:
         self.retry_at = 0.0
         self.last_exit_code: int | None = None
         self.detail = ""
+        self.refusals = 0  # deaths in a row the child called a refusal
 
 
 class Supervisor:
@@ -172,9 +184,14 @@ class Supervisor:
         policy = self._policy
         recent = len(watch.recent)
         why = error or f"exited with code {code}"
+        refusal = watch.child.refusal()
         with self._lock:
             watch.last_exit_code = code
-            if policy.max_restarts is not None and recent >= policy.max_restarts:
+            watch.refusals = watch.refusals + 1 if refusal is not None else 0
+            if refusal is not None and watch.refusals >= policy.max_refusals:
+                watch.state = ChildState.FAILED
+                watch.detail = f"{why}: {refusal} ({watch.refusals} times in a row)"
+            elif policy.max_restarts is not None and recent >= policy.max_restarts:
                 watch.state = ChildState.FAILED
                 watch.detail = (
                     f"{why}; gave up after {recent} restarts within {policy.window_s:.0f} s"
@@ -205,6 +222,7 @@ class ProcessChild:
     name: str
     current: Callable[[], _Process]
     restart_with: Callable[[], None]
+    refused: Callable[[], str | None] = lambda: None
 
     def exit_code(self) -> int | None:
         return self.current().poll()
@@ -214,3 +232,6 @@ class ProcessChild:
 
     def log_tail(self) -> str:
         return self.current().log_tail()
+
+    def refusal(self) -> str | None:
+        return self.refused()

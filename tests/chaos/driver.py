@@ -1,5 +1,5 @@
-"""A seeded chaos run: a federated job, then a pretraining job, on a local consortium
-while processes are killed.
+"""A seeded chaos run: a federated job, then a pretraining job, on a local consortium while
+processes are killed.
 
 `ChaosRun` brings up a coordinator and two sites (real processes, loopback, no TLS: the
 crash paths are the same with it) and submits a federated job that retains its updates;
@@ -8,19 +8,20 @@ coordinator's Ray cluster, to which each site contributes a Ray worker node (the
 scheduler runs one job at a time, so each job has its own phase of faults). In each
 phase it sleeps a seeded while, `kill -9`s one process of the tree, and restarts what an
 operator would (`coordinator serve` or a site's `client join`, when they are gone),
-`faults` times. The first fault of a phase is
-the coordinator, once the job has progressed (after round 2 of the federated job: issue
-15's scenario); the next ones hit every other target of that job once, in a seeded
-order, and the rest pick among them. A federated job's targets: the coordinator, its
+`faults` times. The first fault of a phase is the coordinator, once the job has
+progressed (after round 2 of the federated job: issue 15's scenario); the next ones hit
+every other target of that job once, in a seeded order (a target with no process yet,
+such as a trainer not placed again after a restart, waits its turn behind the next one
+that has), and the rest pick among them. A federated job's targets: the coordinator, its
 SuperLink, the job's ServerApp, a site's SuperNode, a site's `client join` (which runs
 the ClientApp); a pretraining job's: the coordinator, its Ray head (the GCS), a site's
 `client join`, its Ray worker node (the raylet) and its trainer (the Ray actor taking
 inner steps). The coordinator restarts its own SuperLink and Ray head, and a site its
 SuperNode and Ray worker node (issue 19's supervision), so only `serve` and `join`
-themselves are ever restarted here. A target with no process at that moment (no
-ServerApp between runs) passes to the next. Then it reports what the invariants need:
-each job's state and every round or outer step it logged, `provenance verify`, `replay`
-of each job, and the processes left.
+themselves are ever restarted here. After the first pass, a target with no process at
+that moment (no ServerApp between runs) passes to the next. Then it reports what the
+invariants need: each job's state and every round or outer step it logged, `provenance
+verify`, `replay` of each job, and the processes left.
 
 Used by tests/chaos/test_chaos.py (a short run in CI) and benchmarks/chaos.py (long).
 """
@@ -68,7 +69,7 @@ MARKERS = {
 }
 FINAL = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 JOB_TIMEOUT_S = 600.0
-TARGET_WAIT_S = 30.0
+TARGET_WAIT_S = 60.0
 SETTLE_S = 2.0  # a killed SuperLink or SuperNode takes its parent down within this
 
 
@@ -227,8 +228,7 @@ class ChaosRun:
                 break
             if number > 0:
                 time.sleep(self.rng.uniform(1.0, 4.0))
-            target = first_pass[number] if number < len(first_pass) else None
-            fault = self._inject(job, targets, target)
+            fault = self._inject(job, targets, first_pass)
             if fault is not None:
                 report.faults.append(fault)
                 self.say(f"fault {len(report.faults)}: killed {fault.target} (pid {fault.pid})")
@@ -248,13 +248,20 @@ class ChaosRun:
         report.left_running = sorted(set(self.processes.alive()) | leftovers)
 
     # --- faults ------------------------------------------------------------------
-    def _inject(self, job: JobReport, targets: tuple[str, ...], target: str | None) -> Fault | None:
+    def _inject(
+        self, job: JobReport, targets: tuple[str, ...], first_pass: list[str]
+    ) -> Fault | None:
+        """Kill the first target of `first_pass` (removing it) that has a process,
+        waiting for one to have one (a trainer is placed only once the job runs again
+        after a restart); after the first pass, a seeded choice among those running."""
         order = self.rng.sample(targets, len(targets))
-        if target is not None:  # this one, once it runs (a ServerApp between runs)
+        if first_pass:
             deadline = time.monotonic() + TARGET_WAIT_S
-            while not self._pids_of(target) and time.monotonic() < deadline:
+            while not any(self._pids_of(t) for t in first_pass) and not self._final(job):
+                if time.monotonic() > deadline:
+                    break
                 time.sleep(0.2)
-            order = [target, *(t for t in order if t != target)]
+            order = [*first_pass, *(t for t in order if t not in first_pass)]
         for candidate in order:
             pids = self._pids_of(candidate)
             if not pids:
@@ -266,6 +273,8 @@ class ChaosRun:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 continue
+            if candidate in first_pass:
+                first_pass.remove(candidate)
             return Fault(job.kind, candidate, pid, after)
         return None
 

@@ -19,7 +19,7 @@ from tests.conftest import Processes
 SEED = 15
 ROUNDS = 8
 FAULTS = 6  # every federated target once, then one seeded choice
-OUTER_STEPS = 6
+OUTER_STEPS = 8
 PRETRAIN_FAULTS = 5  # every pretraining target once
 
 

@@ -23,7 +23,6 @@ from ray.cluster_utils import Cluster
 
 from consortium.errors import JobSpecError
 from consortium.models.bytelm import ByteLM
-from consortium.tensor_digest import arrays_digest
 from coordinator.pretraining import (
     CheckpointMismatchError,
     ControllerState,
@@ -331,21 +330,28 @@ def test_scaling_policy_caps_each_institution_and_balances_the_total() -> None:
 
 
 def test_inner_optimizer_state_resets_or_carries_over_between_outer_steps() -> None:
-    # In-process, without Ray; deterministic=False leaves this process's torch settings alone.
+    # In-process, without Ray; deterministic=False leaves this process's torch settings
+    # alone, and so promises no bit-equality: the optimizer's own step count and moments
+    # tell whether its state was reset (issue 19: no determinism assertion without the
+    # promise; under load two identical non-deterministic runs differed).
     spec = tiny_spec("inner", deterministic=False)
     digest = corpus_for(spec).digest
     start = ByteLM(spec.bytelm_config, seed=0)
     weights = {n: p.detach().numpy().copy() for n, p in start.named_parameters()}
-    for mode, repeats in (("reset", True), ("keep", False)):
+    for mode, steps_after_two_runs in (("reset", 5), ("keep", 10)):
         config = WorkerConfig.from_spec(
             spec.model_copy(update={"inner_optimizer_state": mode}), digest, "cpu"
         )
         trainer = InnerTrainer(config)
         first, metrics = trainer.run_inner(weights, (0, 1), 5, seed=3)
-        second, _ = trainer.run_inner(weights, (0, 1), 5, seed=3)
+        optimizer_after_first = trainer.optimizer
+        trainer.run_inner(weights, (0, 1), 5, seed=3)
         assert metrics.steps == 5 and metrics.tokens == 5 * 8 * 32
         assert all(v.dtype == np.float32 for v in first.values())
-        assert (arrays_digest(first) == arrays_digest(second)) is repeats, mode
+        states = list(trainer.optimizer.state.values())
+        assert len(states) == len(weights), mode
+        assert {int(state["step"]) for state in states} == {steps_after_two_runs}, mode
+        assert (trainer.optimizer is optimizer_after_first) is (mode == "keep")
 
 
 def test_public_surface_lists_only_what_it_exports() -> None:

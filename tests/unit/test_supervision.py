@@ -17,6 +17,7 @@ class FakeChild:
         self.code: int | None = None
         self.restarts = 0
         self.fail_next_restarts = 0
+        self.refused: str | None = None
 
     def exit_code(self) -> int | None:
         return self.code
@@ -31,6 +32,9 @@ class FakeChild:
 
     def log_tail(self) -> str:
         return "last line of its log"
+
+    def refusal(self) -> str | None:
+        return self.refused
 
 
 class Clock:
@@ -172,3 +176,32 @@ def test_down_reason_names_the_state_and_why_until_it_runs_again() -> None:
     clock.now += 1.0
     supervisor.check()
     assert supervisor.down_reason("superlink") is None
+
+
+def test_refusals_in_a_row_fail_the_child_at_once_and_one_success_forgives_them() -> None:
+    child, clock = FakeChild("supernode"), Clock()
+    policy = RestartPolicy(max_restarts=None, max_refusals=3)
+    supervisor = Supervisor([child], policy, clock=clock)
+    child.refused = "the SuperLink refused to activate it"
+    for _ in range(2):
+        child.code = 1
+        supervisor.check()
+        clock.now += 60.0
+        supervisor.check()
+    child.refused = None  # a death that is no refusal starts the count again
+    child.code = 1
+    supervisor.check()
+    clock.now += 60.0
+    supervisor.check()
+    child.refused = "the SuperLink refused to activate it"
+    for _ in range(2):
+        child.code = 1
+        supervisor.check()
+        clock.now += 60.0
+        supervisor.check()
+    assert supervisor.failed() == []
+    child.code = 1
+    supervisor.check()
+    status = supervisor.status()[0]
+    assert status.state is ChildState.FAILED and supervisor.failed() == ["supernode"]
+    assert "refused to activate it (3 times in a row)" in status.detail

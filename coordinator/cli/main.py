@@ -18,6 +18,7 @@ from consortium.cli_errors import cli_errors, configure_logging
 from consortium.errors import InvalidArgumentError
 from consortium.exit_codes import EXIT_CODE_HELP, ExitCode
 from consortium.file_modes import private_dir, restrict_umask
+from consortium.proto.v1 import status_pb2
 from consortium.settings import load_settings
 from coordinator.cli import onboarding as onboarding_cli
 from coordinator.cli.accounting import accounting
@@ -185,6 +186,21 @@ def nodes(
         console.print(table)
         if overview.ray_unavailable_reason:
             console.print(f"Ray unavailable: {overview.ray_unavailable_reason}")
+        for line in _runtimes_down(remote.status()):
+            console.print(line)
+
+
+def _runtimes_down(reply: status_pb2.GetStatusResponse) -> list[str]:
+    """One line per runtime of the coordinator that is not running, saying why."""
+    return [
+        f"{runtime.name}: {_runtime_state(runtime)} ({runtime.detail})"
+        for runtime in reply.runtimes
+        if runtime.name in reply.degraded
+    ]
+
+
+def _runtime_state(runtime: status_pb2.Runtime) -> str:
+    return status_pb2.RuntimeState.Name(runtime.state).removeprefix("RUNTIME_STATE_").lower()
 
 
 @app.command()
@@ -195,16 +211,13 @@ def status(
     """Show the coordinator's runtimes (its Flower SuperLink and Ray head): state,
     restarts, last exit code, and why one is not running. Exits 18 (degraded) when one
     is restarting or failed."""
-    from consortium.proto.v1 import status_pb2
-
     with cli_errors(), connect(coordinator, data_dir) as remote:
         reply = remote.status()
         table = Table("runtime", "state", "restarts", "last exit", "address", "detail")
         for runtime in reply.runtimes:
-            state = status_pb2.RuntimeState.Name(runtime.state).removeprefix("RUNTIME_STATE_")
             table.add_row(
                 runtime.name,
-                state.lower(),
+                _runtime_state(runtime),
                 str(runtime.restarts),
                 str(runtime.last_exit_code) if runtime.HasField("last_exit_code") else "-",
                 runtime.address,

@@ -1,8 +1,8 @@
 """Supervised runtimes (issue 19): `kill -9` of the coordinator's SuperLink, and then of a
 site's SuperNode, while a federated job runs. The coordinator and `client join` keep
 serving; each child comes back on its own (logged with its last lines, counted in
-`consortium_child_restarts_total`, shown by `coordinator status` and the standard
-gRPC health service); while a runtime cannot come back (another process took its
+`consortium_child_restarts_total`, shown by `coordinator status`, `coordinator nodes`
+and the standard gRPC health service); while a runtime cannot come back (another process took its
 port), status exits 18 (degraded) and health says NOT_SERVING; and the job finishes with
 every round logged exactly once. (The Ray head and a site's Ray worker node are
 killed in the chaos run, tests/chaos/.)
@@ -177,6 +177,9 @@ def kill_the_superlink_and_hold_its_port(
         cli = run_cli("coordinator", "status", "--coordinator", address)
         assert cli.returncode == ExitCode.DEGRADED, cli.stdout + cli.stderr
         assert "superlink not running" in cli.stdout
+        cli = run_cli("coordinator", "nodes", "--coordinator", address)
+        assert cli.returncode == 0, cli.stdout + cli.stderr
+        assert "superlink: restarting (" in cli.stdout and "held by pid" in cli.stdout
     finally:
         holder.close()
     wait_for(

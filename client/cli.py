@@ -26,6 +26,10 @@ app = typer.Typer(
 console = Console()
 
 
+data_app = typer.Typer(help="This site's data: check it, or write example data.")
+app.add_typer(data_app, name="data")
+
+
 @app.callback()
 def main() -> None:
     """Consortium client."""
@@ -86,6 +90,10 @@ def join(
         bool | None,
         typer.Option("--ray/--no-ray", help="Contribute this node to the Ray cluster."),
     ] = None,
+    ray_port_range: Annotated[
+        str | None,
+        typer.Option(help="LOW-HIGH: the ports this node's Ray processes listen on."),
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="Settings TOML file.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -112,6 +120,7 @@ def join(
             bundle=bundle,
             metrics_address=metrics_address,
             ray_enabled=ray,
+            ray_port_range=ray_port_range,
         )
         private_dir(settings.resolved_state_dir)
         stop = threading.Event()
@@ -122,3 +131,38 @@ def join(
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         SiteNode(settings, on_event=console.print).run(stop)
+
+
+@data_app.command("check")
+def data_check(
+    data: Annotated[Path, typer.Argument(help="The site's data dir.")],
+    dataset: Annotated[
+        list[str] | None, typer.Option(help="Check only this dataset (repeatable).")
+    ] = None,
+) -> None:
+    """Check every dataset in DATA (or only --dataset) against the format jobs train on."""
+    from client.data.check import check_site_data
+    from consortium.data.formats import FORMATS
+
+    with cli_errors():
+        for checked in check_site_data(data, dataset or ()):
+            if checked.known:
+                what = FORMATS[checked.name].describe()
+                console.print(f"{checked.name}: ok, {checked.examples} examples ({what})")
+            else:
+                console.print(f"{checked.name}: no job names this dataset; not checked")
+
+
+@data_app.command("example")
+def data_example(
+    dataset: Annotated[str, typer.Argument(help="digits or docstrings.")],
+    data: Annotated[Path, typer.Argument(help="The data dir to write it into.")],
+    part: Annotated[int, typer.Option(help="Which share this site takes (1-based).")] = 1,
+    of: Annotated[int, typer.Option("--of", min=1, help="How many sites share it.")] = 1,
+) -> None:
+    """Write share PART of OF of a dataset's public example data, in the site format."""
+    from client.data.check import write_example
+
+    with cli_errors():
+        path = write_example(dataset, data, part, of)
+        console.print(f"wrote {path}: example {dataset} data, share {part} of {of}")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from consortium import pki
 from consortium.errors import UnreachableError
-from consortium.net import split_host_port
+from consortium.net import is_wildcard_host, split_host_port
 from consortium.tls import ClientTls
 
 log = logging.getLogger(__name__)
@@ -41,14 +41,13 @@ START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 CHUNK_BYTES = 64 * 1024
 LOCAL_CERT_DAYS = 365
-_WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})
 
 
 def edge_target(fleet_address: str, coordinator_address: str) -> tuple[str, int]:
     """Where the edge is: the address the coordinator returned, with a wildcard host
     (an edge bound to all interfaces) replaced by the coordinator's own host."""
     host, port = split_host_port(fleet_address)
-    if host in _WILDCARDS:
+    if is_wildcard_host(host):
         host, _ = split_host_port(coordinator_address)
     return host.strip("[]"), port
 

@@ -14,13 +14,14 @@ from pathlib import Path
 import grpc
 
 from client.bundle import Bundle, load_bundle
-from client.data.loaders import check_data_dir, count_examples
+from client.data.check import check_site_data
+from client.data.loaders import count_examples
 from client.devices import describe_device, hardware_labels, resolve_device
 from client.federated.run_check import CoordinatorRunCheck
 from client.federated.task_runner import SiteTaskRunner
 from client.fleet_forwarder import FleetForwarder, LocalTls, edge_target
 from client.metrics import ClientMetrics
-from client.ray_worker import RayWorker
+from client.ray_worker import RayWorker, node_ip
 from client.settings import ClientSettings
 from client.supernode import SIGNING_KEY_FILE, SuperNode
 from consortium import pki
@@ -28,6 +29,7 @@ from consortium.errors import (
     ChildProcessFailedError,
     ConsortiumError,
     InsecureTransportError,
+    UnauthenticatedError,
     UnreachableError,
 )
 from consortium.lifecycle import ParallelStops, StartStep, start_in_order
@@ -36,7 +38,7 @@ from consortium.net import is_loopback_host, split_host_port
 from consortium.ownership import claim
 from consortium.proto.v1 import nodes_pb2, nodes_pb2_grpc
 from consortium.provenance.signing import SigningKey
-from consortium.ray_env import RayTls, ray_node_ip, short_temp_dir, write_ray_token
+from consortium.ray_env import RayTls, short_temp_dir, write_ray_token
 from consortium.rpc import RetryPolicy, call_with_retry, open_channel
 from consortium.supervision import (
     ChildState,
@@ -124,7 +126,8 @@ class SiteNode:
         # Called with each step's name before it starts (a test seam; see `run`).
         self._on_start_step = on_start_step
         # Everything that can be checked locally is checked before joining.
-        self.datasets = check_data_dir(settings.data)
+        # Each dataset in the format its jobs train on (client/data/check.py).
+        self.datasets = [dataset.name for dataset in check_site_data(settings.data)]
         self.device = resolve_device(settings.gpu)
         self.metrics = ClientMetrics(
             settings.institution, settings.resolved_state_dir, settings.gpu
@@ -313,11 +316,12 @@ class SiteNode:
 
     # --- the running node -------------------------------------------------------
     def _heartbeat_loop(self, run: _Run) -> None:
-        """Every heartbeat interval: restart the SuperNode or the Ray worker if it died
-        (after a backoff, without giving up: their deaths usually follow the
-        coordinator's, and they must come back with it), tell the coordinator the node
-        lives. Only a SuperNode the SuperLink keeps refusing is given up on: that ends
-        the run. A failure ends the run (sets `stop`) and is raised by `run`."""
+        """Every heartbeat interval: tell the coordinator the node lives (a refused
+        certificate ends the run: exit 16), and restart the SuperNode or the Ray worker
+        if it died (after a backoff, without giving up: their deaths usually follow the
+        coordinator's, and they must come back with it). Only a SuperNode the SuperLink
+        keeps refusing is given up on: that ends the run. A failure ends the run (sets
+        `stop`) and is raised by `run`."""
         joined, supernode = run.require_joined(), run.supernode
         assert supernode is not None
         children: list[Supervised] = [
@@ -333,6 +337,9 @@ class SiteNode:
         )
         try:
             while not run.stop.wait(joined.heartbeat_interval_s):
+                # The heartbeat first: a revoked site's children die refused too, and
+                # the refused certificate is the cause to report.
+                self._heartbeat(joined.node_id)
                 supervisor.check()
                 for status in supervisor.status():
                     if status.state is ChildState.FAILED:  # refused: a restart cannot help
@@ -340,7 +347,6 @@ class SiteNode:
                             f"the Flower SuperNode gave up: {status.detail}; see "
                             f"{supernode.process.log_path}"
                         )
-                self._heartbeat(joined.node_id)
         except Exception as error:
             run.failure = error
             run.stop.set()
@@ -359,9 +365,10 @@ class SiteNode:
             self.settings.resolved_state_dir,
             self._ray_token_path(),
             hardware=hardware_labels(self.device),
-            tls=self._ray_certificate() if joined.ray_tls else None,
+            tls=self._ray_certificate(joined.ray_address) if joined.ray_tls else None,
             before_start=self.fetch_ray_token if self.bundle else None,
             drain_timeout_s=self.settings.ray_drain_timeout_s,
+            port_range=self.settings.ray_port_range,
         )
         self._say(
             f"Ray worker joining {joined.ray_address} as institution:{self.settings.institution} "
@@ -409,7 +416,7 @@ class SiteNode:
             token = self.bundle.ray_token.read_bytes()
         write_ray_token(self._ray_token_file(), token)
 
-    def _ray_certificate(self) -> RayTls:
+    def _ray_certificate(self, ray_address: str) -> RayTls:
         """A fresh Ray node certificate for this host's address, signed by the coordinator
         over mutual TLS; the key is made here and never leaves the state dir."""
         if self.bundle is None:
@@ -420,7 +427,7 @@ class SiteNode:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         tls = RayTls(directory / "node.crt", directory / "node.key", directory / "ca.crt")
         key = pki.generate_key()
-        csr = pki.make_node_csr(key, self.settings.institution, [ray_node_ip()])
+        csr = pki.make_node_csr(key, self.settings.institution, [node_ip(ray_address)])
         request = nodes_pb2.IssueRayCertificateRequest(
             institution=self.settings.institution, csr_pem=pki.pem(csr)
         )
@@ -446,6 +453,13 @@ class SiteNode:
             # line when it starts failing (the metric counts every failure).
             code = error.code() if isinstance(error, grpc.Call) else None
             details = error.details() if isinstance(error, grpc.Call) else str(error)
+            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                # A refused credential (revoked, or replaced by a renewal) is not
+                # transient: waiting cannot bring this node back. End with exit 16.
+                raise UnauthenticatedError(
+                    f"the coordinator refused this site's certificate ({details}): the "
+                    "operator revoked or renewed it; ask the operator for a new bundle"
+                ) from None
             (log.debug if self._heartbeat_failing else log.warning)(
                 "heartbeat failed (%s: %s); retrying at every heartbeat interval",
                 code.name if code is not None else "error",

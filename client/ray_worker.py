@@ -16,10 +16,18 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from consortium.errors import UnreachableError
 from consortium.leftovers import owner_env
-from consortium.net import is_loopback_host, split_host_port
+from consortium.net import is_loopback_host, local_address_towards, split_host_port
 from consortium.processes import STOP_TIMEOUT_S, ChildProcess, venv_executable
-from consortium.ray_env import DRAIN_TIMEOUT_ENV, RayTls, ray_auth_env, short_temp_dir
+from consortium.ray_env import (
+    DRAIN_TIMEOUT_ENV,
+    RayTls,
+    ray_auth_env,
+    ray_node_ip,
+    ray_port_flags,
+    short_temp_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +37,22 @@ DEFAULT_DRAIN_TIMEOUT_S = 5.0
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 
 
+def node_ip(ray_address: str) -> str:
+    """The address this node announces to a head at `ray_address`, and that its Ray TLS
+    certificate names: this machine's address on the route to the head (for a loopback
+    head, the one Ray puts in place of 127.0.0.1)."""
+    host, port = split_host_port(ray_address)
+    if is_loopback_host(host):
+        return ray_node_ip()
+    try:
+        return local_address_towards(host, port)
+    except OSError as error:
+        raise UnreachableError(
+            f"this machine has no route to the coordinator's Ray head at {ray_address}: "
+            f"{error.strerror or error}"
+        ) from None
+
+
 def worker_argv(
     ray_address: str,
     institution: str,
@@ -36,9 +60,11 @@ def worker_argv(
     gpu: int | None,
     temp_dir: Path,
     hardware: dict[str, str] | None = None,
+    port_range: str | None = None,
 ) -> list[str]:
     """The `ray start` command line of a contributed node; `hardware` adds labels such
-    as ``memory``, ``gpu-model`` and ``gpu-memory`` (`client.devices.hardware_labels`)."""
+    as ``memory``, ``gpu-model`` and ``gpu-memory`` (`client.devices.hardware_labels`);
+    `port_range` ("LOW-HIGH") keeps every port the node listens on within it."""
     argv = [
         venv_executable("ray"),
         "start",
@@ -54,10 +80,12 @@ def worker_argv(
         str(temp_dir),
         "--disable-usage-stats",
         "--block",
+        *ray_port_flags(port_range, head=False),
     ]
     host, _ = split_host_port(ray_address)
-    if is_loopback_host(host):
-        argv += ["--node-ip-address", "127.0.0.1"]  # reachable from a loopback head
+    # Ray's own guess routes towards a public address, which a site on a private
+    # network may not have; loopback is reachable from a loopback head.
+    argv += ["--node-ip-address", "127.0.0.1" if is_loopback_host(host) else node_ip(ray_address)]
     labels = {"institution": institution, "node": node_id[:12]}
     valid = {k: v for k, v in labels.items() if _LABEL_VALUE.match(v)}
     for key in labels.keys() - valid.keys():
@@ -83,9 +111,16 @@ class RayWorker:
         hardware: dict[str, str] | None = None,
         tls: RayTls | None = None,
         before_start: Callable[[], None] | None = None,
+        port_range: str | None = None,
     ) -> None:
         self._argv = worker_argv(
-            ray_address, institution, node_id, gpu, short_temp_dir(state_dir), hardware
+            ray_address,
+            institution,
+            node_id,
+            gpu,
+            short_temp_dir(state_dir),
+            hardware,
+            port_range,
         )
         self._env = {**ray_auth_env(token_path, tls), **owner_env(state_dir)}
         # Leaving drains the node: on SIGTERM Ray marks it DRAINING (nothing new is

@@ -42,6 +42,62 @@ def ray_auth_env(token_path: Path | None, tls: RayTls | None = None) -> dict[str
     return {**env, AUTH_MODE_ENV: "token", AUTH_TOKEN_PATH_ENV: str(token_path.resolve())}
 
 
+# A Ray node's own listening ports, within a range the operator opens in a firewall:
+# offsets from its start for the fixed ones, then the workers' ports to its end.
+RAY_FIXED_PORTS = (
+    "--node-manager-port",
+    "--object-manager-port",
+    "--runtime-env-agent-port",
+    "--dashboard-agent-grpc-port",
+    "--dashboard-agent-listen-port",
+    "--metrics-export-port",
+    "--ray-client-server-port",  # a head's only (Ray Client, which no one here uses)
+)
+# A head's autoscaler monitor serves its metrics on a port no flag sets (Ray's default,
+# 44217, outside any range): this environment variable moves it into the range.
+AUTOSCALER_METRIC_PORT_ENV = "AUTOSCALER_METRIC_PORT"
+RAY_WORKER_PORTS_FROM = 10  # offset of the first worker port
+MIN_RAY_PORT_RANGE = 32  # the fixed ports and at least 22 worker processes
+
+
+def parse_port_range(value: str) -> tuple[int, int]:
+    """ "LOW-HIGH" as two ports; ValueError says what a valid range looks like."""
+    low_text, sep, high_text = value.partition("-")
+    if not sep or not low_text.strip().isdigit() or not high_text.strip().isdigit():
+        raise ValueError(f"{value!r} is not a port range such as 20000-20099")
+    low, high = int(low_text), int(high_text)
+    if not 1024 <= low < high <= 65535:
+        raise ValueError(f"{value!r}: need 1024 <= low < high <= 65535")
+    if high - low + 1 < MIN_RAY_PORT_RANGE:
+        raise ValueError(f"{value!r}: a Ray node needs at least {MIN_RAY_PORT_RANGE} ports")
+    return low, high
+
+
+def ray_port_flags(port_range: str | None, head: bool) -> list[str]:
+    """`ray start` flags that keep every port the node listens on (besides a head's GCS
+    port) within `port_range`; none when no range is set (Ray then picks ports)."""
+    if port_range is None:
+        return []
+    low, high = parse_port_range(port_range)
+    names = RAY_FIXED_PORTS if head else RAY_FIXED_PORTS[:-1]
+    flags = [item for index, name in enumerate(names) for item in (name, str(low + index))]
+    return [
+        *flags,
+        "--min-worker-port",
+        str(low + RAY_WORKER_PORTS_FROM),
+        "--max-worker-port",
+        str(high),
+    ]
+
+
+def ray_port_env(port_range: str | None) -> dict[str, str]:
+    """The environment a head needs beside `ray_port_flags` to stay within the range."""
+    if port_range is None:
+        return {}
+    low, _ = parse_port_range(port_range)
+    return {AUTOSCALER_METRIC_PORT_ENV: str(low + len(RAY_FIXED_PORTS))}
+
+
 def write_ray_token(path: Path, token: bytes) -> None:
     """Replace a token file atomically, mode 0600: a Ray process starting meanwhile reads
     the old token or the new one, never a partial file."""

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from consortium.errors import InsecureTransportError
 from consortium.lifecycle import ParallelStops, StartStep, start_in_order
-from consortium.net import is_loopback_host, reserve_free_port, split_host_port
+from consortium.net import is_loopback_host, join_host_port, reserve_free_port, split_host_port
 from consortium.ownership import claim
 from consortium.processes import ChildProcess
 from consortium.proto.v1 import jobs_pb2_grpc, nodes_pb2_grpc, status_pb2_grpc
@@ -28,6 +28,7 @@ from coordinator.access.refusals.control_plane import ControlPlaneRefusalWatch
 from coordinator.access.refusals.fleet import FleetRefusalWatch
 from coordinator.access.registry import NodeRegistry
 from coordinator.access.supernode_keys import SuperNodeKeySync
+from coordinator.addresses import announced, check_server_names, public_host, told_hosts
 from coordinator.api.auth import CertificateAuthInterceptor
 from coordinator.api.runtime_status import CoordinatorStatusServicer, RuntimeHealth
 from coordinator.api.servicers import JobsServicer, NodeRegistryServicer
@@ -81,6 +82,7 @@ def check_transport(settings: CoordinatorSettings) -> CoordinatorPki | None:
     if not settings.insecure:
         files = CoordinatorPki(settings.data_dir)
         files.require()
+        check_server_names(files.server_cert, told_hosts(settings))
         return files
     hosts = [("listen_address", listen_host), ("superlink_host", settings.superlink_host)]
     if settings.ray_enabled and settings.ray_address is None:
@@ -300,7 +302,7 @@ class Coordinator:
         self._stack.callback(edge.stop)
         record.write_text(str(edge.port))
         self.edge = edge
-        self.fleet_address = edge.address
+        self.fleet_address = announced(edge.address, public_host(self.settings))
 
     def _wait_ray_head(self) -> None:
         if self.ray_head is not None:
@@ -496,6 +498,7 @@ class Coordinator:
             token,
             on_refusal=lambda refusal: self.metrics.auth_refused("ray", refusal.reason),
             tls=tls,
+            port_range=self.settings.ray_port_range,
         )
 
     def _stop_ray_head(self) -> None:
@@ -570,7 +573,7 @@ class Coordinator:
             bound = server.add_secure_port(f"{host}:{port}", self.pki.server_tls().credentials())
         server.start()
         record.write_text(str(bound))
-        self.address = f"{host}:{bound}"
+        self.address = announced(join_host_port(host, bound), public_host(self.settings))
         return server
 
     def _stop_server(self, server: grpc.Server) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from consortium.ray_env import parse_port_range
 from consortium.settings import RoleSettings
 from coordinator.data_dir import DataDir
 
@@ -18,6 +20,11 @@ class CoordinatorSettings(RoleSettings):
     # Control-plane gRPC API; port 0 lets the OS choose (the chosen address is
     # written to <data_dir>/coordinator.address).
     listen_address: str = "127.0.0.1:0"
+    # The name or address sites reach this coordinator by (coordinator/addresses.py):
+    # what coordinator.address, and so every bundle, names for the API, and what sites
+    # are told for a runtime bound to a wildcard host. Default: listen_address's host
+    # (required when that is a wildcard). The server certificate must name it.
+    public_host: str | None = None
     superlink_host: str = "127.0.0.1"
     superlink_port: int = Field(default=0, ge=0, le=65535)  # 0: a free port
     # The Fleet edge (mutual TLS, Fleet API only): the one Flower address sites reach;
@@ -42,10 +49,33 @@ class CoordinatorSettings(RoleSettings):
     ray_address: str | None = None
     ray_host: str = "127.0.0.1"
     ray_port: int = Field(default=0, ge=0, le=65535)
+    # "LOW-HIGH": every port the head's Ray processes listen on besides ray_port
+    # (docs/operations.md, "Ports and directions"); none: Ray picks them.
+    ray_port_range: str | None = None
     ray_start_timeout_s: float = Field(default=60.0, gt=0)
     # Mutual TLS on the Ray channel from the consortium CA (needs `coordinator init`;
     # docs/onboarding.md, "The Ray channel").
     ray_tls: bool = False
+
+    @field_validator("ray_host")
+    @classmethod
+    def _ray_host_is_an_address(cls, host: str) -> str:
+        # Ray announces this address to every node and they dial it back: a name or a
+        # wildcard would be announced as is.
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"must be an IP address (Ray announces it), not {host!r}") from None
+        if address.is_unspecified:
+            raise ValueError(f"must be this host's address on the sites' network, not {host!r}")
+        return host
+
+    @field_validator("ray_port_range")
+    @classmethod
+    def _valid_port_range(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_port_range(value)
+        return value
 
     @property
     def paths(self) -> DataDir:

@@ -81,13 +81,22 @@ def _config(data_dir: Path) -> dict[str, dict[str, str]]:
     return cast(dict[str, dict[str, str]], datasets)
 
 
-def load_dataset(data_dir: Path, name: str) -> LocalDataset:
+def load_arrays(
+    data_dir: Path, name: str
+) -> tuple[npt.NDArray[np.generic], npt.NDArray[np.generic], str]:
+    """An array dataset's `x` and `y` as stored (no conversion), and where they came
+    from (the file, or the loader)."""
     entry = _config(data_dir).get(name)
     if entry is not None and "loader" in entry:
         x, y = _import_loader(entry["loader"])(data_dir)
-    else:
-        path = data_dir / (entry["path"] if entry and "path" in entry else f"{name}.npz")
-        x, y = _load_npz(path)
+        return np.asarray(x), np.asarray(y), f"loader {entry['loader']}"
+    path = data_dir / (entry["path"] if entry and "path" in entry else f"{name}.npz")
+    x, y = _load_npz(path)
+    return x, y, str(path)
+
+
+def load_dataset(data_dir: Path, name: str) -> LocalDataset:
+    x, y, _ = load_arrays(data_dir, name)
     if len(x) != len(y) or len(y) == 0:
         raise DataDirError(f"dataset {name!r} at {data_dir}: x and y must be non-empty and equal")
     return LocalDataset(name, np.asarray(x, np.float32), np.asarray(y, np.int64))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from consortium import pki
 from consortium.errors import ConflictError, InvalidArgumentError, NotFoundError
@@ -79,11 +80,7 @@ def init_consortium(
     ca_cert = pki.create_ca(ca_key)
     pki.write_private_key(files.ca_key, ca_key, force=force)
     files.ca_cert.write_bytes(pki.pem(ca_cert))
-    server_key = pki.generate_key()
-    pki.write_private_key(files.server_key, server_key, force=force)
-    files.server_cert.write_bytes(
-        pki.pem(pki.issue_server_certificate(ca_key, ca_cert, server_key, hosts, cert_days))
-    )
+    _write_server_certificate(files, ca_key, ca_cert, hosts, cert_days, force)
     operator_key = pki.generate_key()
     pki.write_private_key(files.operator_key, operator_key, force=force)
     operator_csr = pki.make_csr(operator_key, OPERATOR)
@@ -98,6 +95,37 @@ def init_consortium(
     private_dir(signing.parent)
     SigningKey.generate().save(signing)
     return files
+
+
+def reissue_server_certificate(data_dir: Path, hosts: list[str], cert_days: int) -> CoordinatorPki:
+    """A new key and server certificate for `hosts`, from the existing CA (which needs
+    its key here): what a coordinator moved to a new name or address needs."""
+    files = CoordinatorPki(data_dir)
+    files.require()
+    if not files.ca_key.exists():
+        raise NotFoundError(
+            f"the CA key {files.ca_key} is not here: bring it back (it may be kept offline)"
+        )
+    ca_key = pki.load_private_key(files.ca_key)
+    _write_server_certificate(
+        files, ca_key, pki.load_certificate(files.ca_cert), hosts, cert_days, force=True
+    )
+    return files
+
+
+def _write_server_certificate(
+    files: CoordinatorPki,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    hosts: list[str],
+    cert_days: int,
+    force: bool,
+) -> None:
+    server_key = pki.generate_key()
+    pki.write_private_key(files.server_key, server_key, force=force)
+    files.server_cert.write_bytes(
+        pki.pem(pki.issue_server_certificate(ca_key, ca_cert, server_key, hosts, cert_days))
+    )
 
 
 def _issue(

@@ -39,6 +39,7 @@ app.add_typer(provenance_app, name="provenance")
 app.command("replay")(replay)
 app.command("init")(onboarding_cli.init)
 app.command("onboard")(onboarding_cli.onboard)
+app.command("server-certificate")(onboarding_cli.server_certificate)
 app.command("revoke")(onboarding_cli.revoke)
 app.command("renew")(onboarding_cli.renew)
 app.command("replace-signing-key")(onboarding_cli.replace_signing_key)
@@ -65,8 +66,19 @@ def serve(
     listen_address: Annotated[
         str | None, typer.Option(help="Control-plane API host:port (port 0: any free).")
     ] = None,
+    public_host: Annotated[
+        str | None,
+        typer.Option(
+            help="Name or address sites reach this coordinator by (in its server certificate;"
+            " default: the --listen-address host)."
+        ),
+    ] = None,
+    fleet_edge_address: Annotated[
+        str | None,
+        typer.Option(help="Fleet edge host:port that sites' SuperNodes reach (0.0.0.0: all)."),
+    ] = None,
     superlink_port: Annotated[
-        int | None, typer.Option(help="Flower SuperLink port (0: any free).")
+        int | None, typer.Option(help="Flower SuperLink port, on loopback (0: any free).")
     ] = None,
     metrics_address: Annotated[
         str | None, typer.Option(help="Prometheus /metrics host:port (port 0: any free).")
@@ -83,8 +95,16 @@ def serve(
         str | None,
         typer.Option(help="host:port of an existing Ray cluster to attach to (no own head)."),
     ] = None,
+    ray_host: Annotated[
+        str | None,
+        typer.Option(help="Address the Ray head binds and announces to nodes (an IP address)."),
+    ] = None,
     ray_port: Annotated[
         int | None, typer.Option(help="Port of the Ray head's GCS (0: any free).")
+    ] = None,
+    ray_port_range: Annotated[
+        str | None,
+        typer.Option(help="LOW-HIGH: the Ray head's other listening ports (a firewall range)."),
     ] = None,
     ray_tls: Annotated[
         bool | None,
@@ -106,12 +126,16 @@ def serve(
             config,
             data_dir=data_dir,
             listen_address=listen_address,
+            public_host=public_host,
+            fleet_edge_address=fleet_edge_address,
             superlink_port=superlink_port,
             metrics_address=metrics_address,
             insecure=insecure,
             ray_enabled=ray,
             ray_address=ray_address,
+            ray_host=ray_host,
             ray_port=ray_port,
+            ray_port_range=ray_port_range,
             ray_tls=ray_tls,
         )
         private_dir(settings.data_dir)

@@ -12,9 +12,11 @@ from rich.console import Console
 from consortium import pki
 from consortium.cli_errors import cli_errors
 from consortium.file_modes import restrict_umask
+from consortium.net import split_host_port
 from consortium.site_keys import create_site_keys
 from coordinator.access import onboarding
 from coordinator.access.pki_files import CoordinatorPki
+from coordinator.addresses import check_server_names
 from coordinator.data_dir import DataDir
 from coordinator.settings import CoordinatorSettings
 from coordinator.state import SqliteStateStore
@@ -33,17 +35,24 @@ Address = Annotated[
 
 
 def _address(data_dir: Path, given: str | None) -> str:
+    """The API address a bundle names, checked against the server certificate (a site
+    told a host the certificate does not name fails every TLS handshake)."""
     if given:
-        return given
-    recorded = DataDir(data_dir).address_file
-    if recorded.exists():
-        return recorded.read_text().strip()
-    port_file = DataDir(data_dir).port_file
-    if port_file.exists():
-        return f"127.0.0.1:{port_file.read_text().strip()}"
-    raise typer.BadParameter(
-        "no coordinator address known yet: pass --coordinator-address HOST:PORT"
-    )
+        address = given
+    elif DataDir(data_dir).address_file.exists():
+        address = DataDir(data_dir).address_file.read_text().strip()
+    elif DataDir(data_dir).port_file.exists():
+        address = f"127.0.0.1:{DataDir(data_dir).port_file.read_text().strip()}"
+    else:
+        raise typer.BadParameter(
+            "no coordinator address known yet: pass --coordinator-address HOST:PORT"
+        )
+    try:
+        host, _ = split_host_port(address)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    check_server_names(CoordinatorPki(data_dir).server_cert, {"--coordinator-address": host})
+    return address
 
 
 def init(
@@ -65,6 +74,23 @@ def init(
         console.print(f"CA SHA-256 fingerprint (give it to sites out of band):\n  {fingerprint}")
         console.print(f"provenance signing key: {DataDir(data_dir).signing_key}")
         console.print("private keys are mode 0600; keep pki/ca.key offline if you can")
+
+
+def server_certificate(
+    host: Annotated[
+        list[str],
+        typer.Option("--host", help="Name or IP sites reach the coordinator by (repeatable)."),
+    ],
+    data_dir: DataDirOption = Path(".consortium"),
+    cert_days: CertDays = 365,
+) -> None:
+    """Issue the coordinator a new server certificate for these names (the CA stays; sites
+    need nothing new). Restart `coordinator serve` to use it."""
+    restrict_umask()
+    with cli_errors():
+        files = onboarding.reissue_server_certificate(data_dir, host, cert_days)
+        console.print(f"server certificate {files.server_cert} now names {', '.join(host)}")
+        console.print("restart `coordinator serve` to use it")
 
 
 def onboard(

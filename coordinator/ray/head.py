@@ -23,7 +23,14 @@ from typing import cast
 from consortium.errors import ChildProcessFailedError
 from consortium.leftovers import owner_env
 from consortium.processes import ChildProcess, venv_executable
-from consortium.ray_env import DRAIN_TIMEOUT_ENV, RayTls, ray_auth_env, short_temp_dir
+from consortium.ray_env import (
+    DRAIN_TIMEOUT_ENV,
+    RayTls,
+    ray_auth_env,
+    ray_port_env,
+    ray_port_flags,
+    short_temp_dir,
+)
 from coordinator.access.refusals.control_plane import TlsRefusal, parse_ray_handshake_failure
 from coordinator.access.refusals.log import LogRefusalWatch, Refusal
 from coordinator.access.refusals.ray_gcs import RayRefusal, RayRefusalWatch, gcs_log_path
@@ -55,6 +62,7 @@ class RayHead:
         token_path: Path | None,
         on_refusal: Callable[[RayRefusal | TlsRefusal], None] | None = None,
         tls: RayTls | None = None,
+        port_range: str | None = None,
     ) -> None:
         paths = DataDir(data_dir) if isinstance(data_dir, Path) else data_dir
         self.cluster = RayCluster(f"{host}:{port}", token_path, tls)
@@ -95,6 +103,7 @@ class RayHead:
             "--temp-dir",
             str(self.temp_dir),
             "--block",
+            *ray_port_flags(port_range, head=True),
         ]
         # The head hosts no work, so it has nothing to drain: Ray's default would hold
         # its shutdown for 30 s whenever a node has ever joined.
@@ -104,6 +113,7 @@ class RayHead:
         # reaper and its successor find them (consortium/leftovers.py).
         env = {
             **ray_auth_env(token_path, tls),
+            **ray_port_env(port_range),
             DRAIN_TIMEOUT_ENV: "0",
             "GRPC_VERBOSITY": "ERROR",
             **owner_env(paths.root),

@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from client.data.check import write_example
 from consortium.exit_codes import ExitCode
 from consortium.net import reserve_free_port
 from consortium.proto.v1 import jobs_pb2, jobs_pb2_grpc
@@ -90,7 +91,7 @@ def test_queued_job_cancels_and_cannot_cancel_twice(coordinator: str) -> None:
 
 
 def test_unreachable_coordinator_retries_then_fails(tmp_path: Path) -> None:
-    (tmp_path / "digits.npz").write_bytes(b"")
+    write_example("digits", tmp_path, 1, 1)  # valid data: the check after it fails
     closed = f"127.0.0.1:{reserve_free_port()}"
     done = run_cli(
         "client",
@@ -138,7 +139,7 @@ def test_client_with_missing_or_empty_data_dir_refuses_to_join(
 
 
 def test_client_asking_for_a_missing_gpu_fails_clearly(tmp_path: Path) -> None:
-    (tmp_path / "digits.npz").write_bytes(b"")
+    write_example("digits", tmp_path, 1, 1)  # valid data: the check after it fails
     done = run_cli(
         "client",
         "join",
@@ -164,7 +165,7 @@ def test_serve_without_pki_or_insecure_is_refused(tmp_path: Path) -> None:
 
 
 def test_join_without_bundle_or_insecure_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "digits.npz").write_bytes(b"")
+    write_example("digits", tmp_path, 1, 1)  # valid data: the check after it fails
     done = run_cli(
         "client",
         "join",

@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from client.data.check import write_example
 from consortium import pki
 from consortium.net import reserve_free_port
 from consortium.processes import venv_executable
@@ -266,8 +267,7 @@ def test_corrupt_bundle_names_the_file(consortium: Consortium, tmp_path: Path) -
     for item in (consortium.site("alpha") / "bundle").iterdir():
         (bundle / item.name).write_bytes(item.read_bytes())
     (bundle / "institution.crt").write_text("not a certificate\n")
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "digits.npz").write_bytes(b"")
+    write_example("digits", tmp_path / "data", 1, 1)  # valid: the bundle check fails
     done = subprocess.run(
         [
             venv_executable("client"),

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import psutil
 import pytest
 
 from client.devices import hardware_labels, label_value
 from client.ray_worker import RayWorker, worker_argv
+from client.settings import ClientSettings
 from consortium.errors import UnreachableError
+from consortium.ray_env import ray_port_env, ray_port_flags
+from coordinator.settings import CoordinatorSettings
 
 
 def flag(argv: list[str], name: str) -> str:
@@ -28,7 +32,17 @@ def test_worker_announces_institution_resource_and_labels_on_cpu() -> None:
 def test_worker_contributes_one_gpu_when_given_one() -> None:
     argv = worker_argv("10.0.0.5:6379", "aurora", "n1", 0, Path("/tmp/r"))
     assert flag(argv, "--num-gpus") == "1"
-    assert "--node-ip-address" not in argv
+
+
+def test_worker_announces_its_address_on_the_route_to_a_remote_head() -> None:
+    """Not Ray's own guess (which routes towards a public address a site on a private
+    network may not have): an address of this machine's own interfaces, not loopback."""
+    argv = worker_argv("10.0.0.5:6379", "aurora", "n1", None, Path("/tmp/r"))
+    announced = flag(argv, "--node-ip-address")
+    own = {a.address for addrs in psutil.net_if_addrs().values() for a in addrs}
+    assert announced in own and announced != "127.0.0.1"
+    loopback = worker_argv("127.0.0.1:6379", "aurora", "n1", None, Path("/tmp/r"))
+    assert flag(loopback, "--node-ip-address") == "127.0.0.1"
 
 
 def test_worker_skips_label_for_institution_name_ray_refuses(
@@ -114,3 +128,23 @@ def test_worker_fetches_the_token_before_every_start_and_stays_out_when_refused(
     with pytest.raises(UnreachableError, match="refused the Ray token"):
         worker.restart()
     assert len(started) == 2 and worker.process is started[1]
+
+
+def test_a_port_range_pins_every_port_the_node_listens_on() -> None:
+    argv = worker_argv("10.0.0.5:6379", "aurora", "n1", None, Path("/tmp/r"), None, "20000-20099")
+    assert flag(argv, "--node-manager-port") == "20000"
+    assert flag(argv, "--object-manager-port") == "20001"
+    assert (flag(argv, "--min-worker-port"), flag(argv, "--max-worker-port")) == ("20010", "20099")
+    assert "--ray-client-server-port" not in argv  # a head's only
+    head = ray_port_flags("20000-20099", head=True)
+    assert head[head.index("--ray-client-server-port") + 1] == "20006"
+    assert ray_port_env("20000-20099") == {"AUTOSCALER_METRIC_PORT": "20007"}
+    assert ray_port_flags(None, head=True) == [] and ray_port_env(None) == {}
+
+
+@pytest.mark.parametrize("value", ["20000", "20099-20000", "80-200", "20000-20010", "a-b"])
+def test_a_port_range_that_cannot_hold_a_node_is_refused_by_the_settings(value: str) -> None:
+    with pytest.raises(ValueError, match="ray_port_range"):
+        ClientSettings(institution="a", ray_port_range=value)
+    with pytest.raises(ValueError, match="ray_port_range"):
+        CoordinatorSettings(ray_port_range=value)

@@ -1,0 +1,150 @@
+"""Several hosts on one machine: Linux network namespaces on one bridge (a test bed).
+
+`NetworkTestbed([NetnsHost("coordinator", "192.0.2.10", ("coordinator.example.org",)),
+...])` gives each host a network namespace of its own with one interface and its own
+address, linked through a bridge that lives in a hub namespace of its own: the hosts
+reach each other and nothing else (no route leaves the bridge, and the addresses are
+TEST-NET-1, RFC 5737, which is never routed). Each host resolves every host's name and
+aliases through `/etc/netns/<namespace>/hosts`, which `ip netns exec` mounts over
+`/etc/hosts`. `netem` (for example ``"delay 40ms rate 100mbit loss 0.1%"``) shapes every
+host's outgoing traffic with `tc netem`, so a round trip between two hosts sees twice the
+delay: a WAN on one machine.
+
+Used by the multi-host tests and benchmarks; needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN).
+Everything it creates is removed when the context ends, also after a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+NETNS_ETC = Path("/etc/netns")
+PREFIX_LENGTH = 24
+IP = "ip"
+
+
+class NetnsError(RuntimeError):
+    """The test bed could not be built (not root, no `ip`, or a command failed)."""
+
+
+@dataclass(frozen=True)
+class NetnsHost:
+    name: str  # also its host name on the test bed
+    address: str  # IPv4, in the test bed's /24
+    aliases: tuple[str, ...] = ()  # more names that resolve to it (e.g. a DNS name)
+
+
+def _run(*argv: str) -> None:
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise NetnsError(f"{' '.join(argv)} failed: {result.stderr.strip()}")
+
+
+class NetworkTestbed:
+    """Hosts in namespaces named `<tag>-<host>`; `exec_argv(host, argv)` runs in one."""
+
+    def __init__(
+        self, hosts: Sequence[NetnsHost], netem: str | None = None, tag: str | None = None
+    ) -> None:
+        if os.geteuid() != 0:
+            raise NetnsError("network namespaces need root")
+        if shutil.which(IP) is None:
+            raise NetnsError("`ip` (iproute2) is not installed")
+        networks = {ipaddress.ip_interface(f"{h.address}/{PREFIX_LENGTH}").network for h in hosts}
+        if len(networks) != 1:
+            raise NetnsError(f"every host must be in one /{PREFIX_LENGTH}: {sorted(networks)}")
+        self.hosts = {host.name: host for host in hosts}
+        self.netem = netem
+        self.tag = tag or f"cons{os.getpid()}"
+        self.hub = f"{self.tag}-hub"
+        self._created: list[str] = []
+        self._made_etc = not NETNS_ETC.exists()
+
+    def namespace(self, host: str) -> str:
+        return f"{self.tag}-{host}"
+
+    def address(self, host: str) -> str:
+        return self.hosts[host].address
+
+    def exec_argv(self, host: str, argv: Sequence[str]) -> list[str]:
+        """`argv` run inside `host`'s namespace (its network, its /etc/hosts)."""
+        return [IP, "netns", "exec", self.namespace(host), *argv]
+
+    def __enter__(self) -> NetworkTestbed:
+        try:
+            self._create()
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.remove()
+
+    def _add_namespace(self, name: str) -> None:
+        _run(IP, "netns", "add", name)
+        self._created.append(name)
+        _run(IP, "-n", name, "link", "set", "lo", "up")
+
+    def _create(self) -> None:
+        self._add_namespace(self.hub)
+        _run(IP, "-n", self.hub, "link", "add", "br0", "type", "bridge")
+        _run(IP, "-n", self.hub, "link", "set", "br0", "up")
+        for index, host in enumerate(self.hosts.values()):
+            ns = self.namespace(host.name)
+            self._add_namespace(ns)
+            port = f"p{index}"  # the host's port on the bridge, in the hub
+            _run(IP, "link", "add", "eth0", "netns", ns, "type", "veth", "peer", port)
+            # The peer is created where `ip` runs (this namespace): move it to the hub.
+            _run(IP, "link", "set", port, "netns", self.hub)
+            _run(IP, "-n", self.hub, "link", "set", port, "master", "br0")
+            _run(IP, "-n", self.hub, "link", "set", port, "up")
+            _run(IP, "-n", ns, "addr", "add", f"{host.address}/{PREFIX_LENGTH}", "dev", "eth0")
+            _run(IP, "-n", ns, "link", "set", "eth0", "up")
+            if self.netem:
+                self._shape(ns)
+            etc = NETNS_ETC / ns
+            etc.mkdir(parents=True, exist_ok=True)
+            (etc / "hosts").write_text(self._hosts_file(host))
+
+    def _shape(self, ns: str) -> None:
+        try:
+            _run(IP, "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root",
+                 "netem", *(self.netem or "").split())  # fmt: skip
+        except NetnsError as err:
+            raise NetnsError(
+                f"{err} (this kernel may lack the sch_netem module: tc netem is unavailable)"
+            ) from None
+
+    def _hosts_file(self, own: NetnsHost) -> str:
+        """Every host's names; the machine's own host name (shared by the namespaces)
+        resolves to this host's address, as it would on a host of its own."""
+        lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost"]
+        for host in self.hosts.values():
+            names = (host.name, *host.aliases, *((socket.gethostname(),) if host is own else ()))
+            lines.append(f"{host.address} {' '.join(names)}")
+        return "\n".join(lines) + "\n"
+
+    def remove(self) -> None:
+        """Delete every namespace this test bed created (their links go with them)."""
+        for name in reversed(self._created):
+            subprocess.run([IP, "netns", "delete", name], capture_output=True, check=False)
+            shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
+        self._created.clear()
+        if self._made_etc:
+            with contextlib.suppress(OSError):  # another test bed may still use it
+                NETNS_ETC.rmdir()

@@ -1,0 +1,108 @@
+"""The network-namespace test bed (consortium/netns.py) and the guide's annotations
+(tests/guide.py) that the multi-host test runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from consortium.netns import NetnsError, NetnsHost, NetworkTestbed
+from tests.guide import GUIDE, GuideError, RunStep, SendStep, for_site, read_steps
+
+HOSTS = [
+    NetnsHost("server", "192.0.2.10", ("server.example.org",)),
+    NetnsHost("site", "192.0.2.21"),
+]
+ECHO_SERVER = """
+import socket
+with socket.create_server(("192.0.2.10", 7000)) as server:
+    print("listening", flush=True)
+    connection, peer = server.accept()
+    connection.sendall(peer[0].encode())
+"""
+CONNECT = """
+import socket, sys
+with socket.create_connection((sys.argv[1], 7000), timeout=5) as connection:
+    print(connection.recv(100).decode())
+"""
+
+
+def _namespaces() -> str:
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    return listed.stdout
+
+
+def test_hosts_reach_each_other_by_name_and_nothing_beyond_the_bridge() -> None:
+    with NetworkTestbed(HOSTS, tag="tbtest") as bed:
+        assert "tbtest-server" in _namespaces()
+        server = subprocess.Popen(
+            bed.exec_argv("server", [sys.executable, "-c", ECHO_SERVER]),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert server.stdout is not None and server.stdout.readline() == "listening\n"
+            reached = subprocess.run(
+                bed.exec_argv("site", [sys.executable, "-c", CONNECT, "server.example.org"]),
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            # The server saw the site's own address, not loopback.
+            assert reached.stdout.strip() == "192.0.2.21", reached.stderr
+        finally:
+            server.kill()
+            server.communicate()  # reaps it and closes its pipe
+        outside = subprocess.run(
+            bed.exec_argv("site", [sys.executable, "-c", CONNECT, "198.51.100.1"]),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert outside.returncode != 0 and "unreachable" in outside.stderr
+    assert "tbtest" not in _namespaces()
+
+
+def test_the_test_bed_is_removed_after_a_failure_inside_it() -> None:
+    with pytest.raises(RuntimeError, match="boom"), NetworkTestbed(HOSTS, tag="tbfail"):
+        raise RuntimeError("boom")
+    assert "tbfail" not in _namespaces()
+
+
+def test_hosts_on_different_networks_are_refused() -> None:
+    with pytest.raises(NetnsError, match="one /24"):
+        NetworkTestbed([NetnsHost("a", "192.0.2.1"), NetnsHost("b", "198.51.100.1")])
+
+
+def test_the_guide_reads_as_steps_on_named_hosts() -> None:
+    steps = read_steps(GUIDE.read_text())
+    runs = [step for step in steps if isinstance(step, RunStep)]
+    assert runs[0].script.startswith("coordinator init") and runs[0].host == "operator"
+    assert [s.script.split()[:2] for s in runs if s.background] == [
+        ["coordinator", "serve"],
+        ["client", "join"],
+    ]
+    sends = [step for step in steps if isinstance(step, SendStep)]
+    assert [(s.source_host, s.target_host) for s in sends] == [
+        ("site", "operator"),
+        ("operator", "site"),
+    ]
+    revoke = next(s for s in runs if "revoke" in s.script)
+    assert revoke.first_site_only and revoke.script.startswith("coordinator revoke")
+
+
+def test_a_step_for_another_site_names_that_site_only() -> None:
+    command = "coordinator onboard st-olaf-hospital --out ./bundle-st-olaf"
+    assert for_site(command, "mercy") == "coordinator onboard mercy --out ./bundle-mercy"
+    assert for_site(command, "st-olaf-hospital") == (
+        "coordinator onboard st-olaf-hospital --out ./bundle-st-olaf-hospital"
+    )
+
+
+def test_an_unknown_annotation_flag_is_an_error() -> None:
+    with pytest.raises(GuideError, match="line 1: unknown flag"):
+        read_steps("<!-- on: operator, twice -->\n```bash\nls\n```\n")

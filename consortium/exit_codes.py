@@ -41,7 +41,10 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.NOT_FOUND: "The job or node named does not exist.",
     ExitCode.COORDINATOR_UNREACHABLE: "The coordinator did not answer after retries; "
     "check the address and that `coordinator serve` is running.",
-    ExitCode.DATA_DIR_INVALID: "The data directory is missing, empty or holds no loadable dataset.",
+    ExitCode.DATA_DIR_INVALID: (
+        "The data directory is missing or empty, or a dataset in it cannot be loaded or "
+        "is not in the format its jobs train on (client data check says what is wrong)."
+    ),
     ExitCode.GPU_UNAVAILABLE: "The GPU asked for with --gpu does not exist on this machine.",
     ExitCode.JOB_FAILED: "The job ended in the FAILED state.",
     ExitCode.SETTINGS_INVALID: "A settings file, environment variable or flag is invalid.",

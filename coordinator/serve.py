@@ -227,8 +227,8 @@ class Coordinator:
         self._stack.callback(self.store.close)
 
     def _load_signing_key(self) -> None:
-        # Signs the provenance log (created on first start; `coordinator init`
-        # will own this once onboarding lands) and the runs sites may execute.
+        # Signs the provenance log and the runs sites may execute (`coordinator init`
+        # creates it; created here on first start when there is none, as with --insecure).
         self.approvals = RunApprovals(SigningKey.load_or_create(self.paths.signing_key))
 
     def _start_watches(self) -> None:

@@ -9,8 +9,10 @@ if [ $# -lt 3 ]; then
 fi
 name="$1"; request="$2"; address="$3"; data_dir="${4:-.consortium}"
 if [ ! -f "$data_dir/pki/ca.crt" ]; then
-    echo "no consortium in $data_dir yet; creating it (coordinator init)"
-    coordinator init --data-dir "$data_dir"
+    # The server certificate must name the host sites are told (the address's host).
+    host="${address%:*}"; host="${host#[}"; host="${host%]}"
+    echo "no consortium in $data_dir yet; creating it (coordinator init --host $host)"
+    coordinator init --data-dir "$data_dir" --host "$host" --host localhost --host 127.0.0.1
 fi
 coordinator onboard "$name" --request "$request" --data-dir "$data_dir" \
     --coordinator-address "$address" --out "bundle-$name"

@@ -24,5 +24,13 @@ ADMISSION_REASONS = (
     "replayed",
 )
 DUPLICATE = "duplicate"  # a second update of one institution in one round
+# Admitted in an attempt of a round that had fewer accepted updates than min_clients:
+# that attempt does not count, and the round is sent again.
+RETRIED = "round_retried"
 
-UPDATE_REJECT_REASONS = (*ADMISSION_REASONS, DUPLICATE, *(r.value for r in RejectReason))
+UPDATE_REJECT_REASONS = (
+    *ADMISSION_REASONS,
+    DUPLICATE,
+    RETRIED,
+    *(r.value for r in RejectReason),
+)

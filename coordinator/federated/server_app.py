@@ -40,7 +40,12 @@ from consortium.tensor_digest import arrays_digest
 from coordinator.data_dir import DataDir
 from coordinator.federated.checkpoints import CheckpointStore, save_model
 from coordinator.federated.evaluation import held_out_for
-from coordinator.federated.strategy import AggregationRule, ConsortiumStrategy, finite_metrics
+from coordinator.federated.strategy import (
+    AggregationRule,
+    ConsortiumStrategy,
+    TooFewUpdatesError,
+    finite_metrics,
+)
 from coordinator.federated.superlink import DATA_DIR_ENV
 from coordinator.jobs.lifecycle import wall_clock_ms
 from coordinator.jobs.pipeline import StartingModel, family_of, load_starting_model
@@ -205,6 +210,9 @@ class JobRun:
             rule_of(self.spec),
             round_offset=done_rounds,
             retention_dir=self.data_dir if self.spec.retain_updates else None,
+            min_accepted=self.spec.min_clients,
+            round_timeout_s=self.spec.round_timeout_s,
+            institution_of_node=self.job.institution_of_node,
         )
 
         def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -288,6 +296,12 @@ def main(grid: Grid, context: Context) -> None:
             run.run(grid)
         except JobCancelledError:
             log.info("job %s no longer runs; stopping", job_id)
+        except TooFewUpdatesError as too_few:
+            log.error("job %s fails: %s", job_id, too_few)
+            try:
+                job.fail(str(too_few))
+            except ConflictError:
+                log.info("job %s is not this run's, or ended; its failure is not recorded", job_id)
         except CommitRefusedError as refusal:
             # Not this run's to write, nor to fail: the job goes on in its owner's run.
             round_ = run.current_round if run is not None else 0

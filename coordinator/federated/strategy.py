@@ -7,17 +7,20 @@ validates shapes, dtypes, finiteness and the norm bound and aggregates
 deterministically: the same accepted updates give the same bits in any
 arrival order. What happened to each reply is kept for the provenance log.
 
-Two rules need the whole round and live here: an institution contributes at most
+Three rules need the whole round and live here: an institution contributes at most
 one update per round (the others are refused as "duplicate", whichever of its nodes
-sent them), and, when the spec sets no `max_update_norm`, an update's norm is
-bounded by `DEFAULT_NORM_RATIO` times the global model's.
+sent them); when the spec sets no `max_update_norm`, an update's norm is bounded by
+`DEFAULT_NORM_RATIO` times the global model's; and a round counts only with at least
+`min_accepted` (the spec's `min_clients`) accepted updates: an attempt with fewer is
+sent again, up to `ROUND_ATTEMPTS` times, and then the job fails, naming each
+institution whose update was refused and why (`TooFewUpdatesError`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,9 +42,10 @@ from consortium.aggregation import (
     validate_update,
 )
 from consortium.aggregation.validate import tensor_stats
+from consortium.errors import ConsortiumError
 from consortium.tensor_digest import arrays_digest
 from coordinator.federated.admission import AdmissionState, AdmittedUpdate, UpdateRefused, admit
-from coordinator.federated.reasons import DUPLICATE
+from coordinator.federated.reasons import DUPLICATE, RETRIED
 from coordinator.federated.retention import retain
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,14 @@ Arrays = dict[str, npt.NDArray[Any]]
 DEFAULT_NORM_RATIO = 10.0
 # The default bound of a global model whose norm is (near) zero.
 MIN_DEFAULT_NORM = 1.0
+# How often a round is sent when too few of its updates are accepted (a site restarting,
+# or a site whose every update fails) before the job fails.
+ROUND_ATTEMPTS = 3
+DETAIL_CHARS = 300  # of a refusal's detail, in the job's failure message
+
+
+class TooFewUpdatesError(ConsortiumError):
+    """A round had fewer accepted updates than min_clients in every attempt."""
 
 
 @dataclass(frozen=True)
@@ -169,8 +181,17 @@ class ConsortiumStrategy(Strategy):
         rule: AggregationRule,
         round_offset: int,
         retention_dir: Path | None,
+        min_accepted: int = 0,
+        round_timeout_s: float | None = None,
+        institution_of_node: Callable[[int], str] = lambda node_id: "",
     ) -> None:
         self.sampler = sampler
+        self.min_accepted = min_accepted
+        self.round_timeout_s = round_timeout_s
+        # Who a node that answered with an error is (its reply names no institution):
+        # from the SuperNode keys onboarding registered, which the SuperLink verified.
+        self.institution_of_node = institution_of_node
+        self._sent: tuple[ArrayRecord, ConfigRecord, Grid] | None = None
         self.job_id = job_id
         self.store = store
         self.rule = rule
@@ -200,6 +221,7 @@ class ConsortiumStrategy(Strategy):
         config["global-digest"] = digest
         config["job-id"] = self.job_id
         config["round-number"] = round_
+        self._sent = (arrays, config, grid)
         messages: Iterable[Message] = self.sampler.configure_train(
             server_round, arrays, config, grid
         )
@@ -209,30 +231,41 @@ class ConsortiumStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         record = self.rounds[self.round_offset + server_round]
-        rule = self._round_rule
-        admitted: list[AdmittedUpdate] = []
-        for reply in sorted(replies, key=lambda m: m.metadata.src_node_id):
-            node_id = reply.metadata.src_node_id
-            try:
-                update = admit(reply, self.job_id, record.round, record.global_digest, self.store)
-                check_update(rule, self._reference, update.arrays, update.statement.num_examples)
-            except UpdateRefused as refused:
-                record.updates.append(
-                    _refusal(node_id, refused.institution, refused.reason, refused.detail)
+        admitted = self._admit_all(record, replies)
+        attempt = 1
+        while len(admitted) < self.min_accepted:
+            if attempt == ROUND_ATTEMPTS or self._sent is None:
+                raise TooFewUpdatesError(
+                    _too_few_message(record, len(admitted), attempt, self.min_accepted)
                 )
-                continue
-            except UpdateRejected as rejected:
+            for update in admitted:  # this attempt does not count
                 record.updates.append(
-                    _refusal(node_id, update.institution, str(rejected.reason), str(rejected))
+                    _refusal(
+                        update.node_id,
+                        update.institution,
+                        RETRIED,
+                        f"attempt {attempt} of round {record.round} had "
+                        f"{len(admitted)} accepted update(s), fewer than {self.min_accepted}",
+                    )
                 )
-                continue
-            admitted.append(update)
-        admitted = _one_per_institution(admitted, record)
-        if not admitted:
-            log.warning("round %d: no update accepted; the global model stays", record.round)
+            attempt += 1
+            log.warning(
+                "round %d: %d accepted update(s), fewer than min_clients = %d; "
+                "sending the round again (attempt %d of %d)",
+                record.round,
+                len(admitted),
+                self.min_accepted,
+                attempt,
+                ROUND_ATTEMPTS,
+            )
+            arrays, config, grid = self._sent
+            messages = self.sampler.configure_train(server_round, arrays, config, grid)
+            replies = grid.send_and_receive(messages, timeout=self.round_timeout_s)
+            admitted = self._admit_all(record, replies)
+        if not admitted:  # min_accepted 0: nothing to aggregate, the model stays
             return None, None
         result = aggregate(
-            rule,
+            self._round_rule,
             self._reference,
             [(u.arrays, u.statement.num_examples) for u in admitted],
         )
@@ -254,6 +287,32 @@ class ConsortiumStrategy(Strategy):
         if record.train_loss is not None:
             metrics = MetricRecord({"train_loss": record.train_loss})
         return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in result.items()}), metrics
+
+    def _admit_all(
+        self, record: RoundProvenance, replies: Iterable[Message]
+    ) -> list[AdmittedUpdate]:
+        """The replies that pass admission and the update checks, one per institution;
+        each refusal is added to the round's record."""
+        rule = self._round_rule
+        admitted: list[AdmittedUpdate] = []
+        for reply in sorted(replies, key=lambda m: m.metadata.src_node_id):
+            node_id = reply.metadata.src_node_id
+            try:
+                update = admit(reply, self.job_id, record.round, record.global_digest, self.store)
+                check_update(rule, self._reference, update.arrays, update.statement.num_examples)
+            except UpdateRefused as refused:
+                institution = refused.institution or self.institution_of_node(node_id)
+                record.updates.append(
+                    _refusal(node_id, institution, refused.reason, refused.detail)
+                )
+                continue
+            except UpdateRejected as rejected:
+                record.updates.append(
+                    _refusal(node_id, update.institution, str(rejected.reason), str(rejected))
+                )
+                continue
+            admitted.append(update)
+        return _one_per_institution(admitted, record)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -308,6 +367,22 @@ def _train_loss(admitted: list[AdmittedUpdate]) -> float | None:
     except OverflowError:
         return None
     return mean if math.isfinite(mean) else None
+
+
+def _too_few_message(record: RoundProvenance, accepted: int, attempts: int, minimum: int) -> str:
+    """Why the job fails: the round, the counts, and each refused update's sender and
+    reason (the last of each institution's, which says the most)."""
+    refused: dict[str, str] = {}
+    for update in record.updates:
+        if not update["accepted"] and update["reason"] != RETRIED:
+            who = update["institution"] or f"node {update['node_id']}"
+            refused[who] = f"{update['reason']}: {str(update['detail'])[:DETAIL_CHARS]}"
+    reasons = "; ".join(f"{who}: {why}" for who, why in sorted(refused.items()))
+    return (
+        f"round {record.round} had {accepted} accepted update(s) in the last of {attempts} "
+        f"attempt(s), fewer than min_clients = {minimum}"
+        + (f"; refused: {reasons}" if reasons else "; no site answered in time")
+    )
 
 
 def _refusal(node_id: int, institution: str, reason: str, detail: str) -> dict[str, Any]:

@@ -94,6 +94,14 @@ class RunningJob:
     def declared_examples(self, institution: str) -> int | None:
         return self._store.declared_examples(institution)
 
+    def institution_of_node(self, flower_node_id: int) -> str:
+        """The institution whose onboarded SuperNode key the SuperLink knows as this
+        node ("" if none): names a site whose reply carries no signed institution."""
+        for institution, _, node_id in self._store.supernode_keys():
+            if node_id == str(flower_node_id):
+                return institution
+        return ""
+
     # --- writes, through the lifecycle -------------------------------------------
     def record_round(self, record: RoundRecord) -> None:
         """A completed round; JobCancelledError when the job no longer runs."""

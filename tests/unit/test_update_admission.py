@@ -27,6 +27,7 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
+    Error,
     Message,
     MessageType,
     MetricRecord,
@@ -64,9 +65,11 @@ from coordinator.federated.retention import updates_dir
 from coordinator.federated.server_app import JobRun
 from coordinator.federated.strategy import (
     DEFAULT_NORM_RATIO,
+    ROUND_ATTEMPTS,
     AggregationRule,
     ConsortiumStrategy,
     RoundProvenance,
+    TooFewUpdatesError,
     model_norm,
 )
 from coordinator.jobs.spec import FederatedJobSpec
@@ -874,3 +877,90 @@ def test_count_examples_is_largest_dataset_and_skips_unreadable(tmp_path: Path) 
     (tmp_path / "text").mkdir()
     (tmp_path / "text" / "docstrings.txt").write_bytes(b"x" * 1500)
     assert count_examples(tmp_path) == 1500
+
+
+# --- participation: a round counts only with min_clients accepted updates ------------
+
+
+class ScriptedGrid(FakeGrid):
+    """Answers each round sent again with the next scripted replies (a test seam)."""
+
+    def __init__(self, node_ids: list[int], answers: list[list[Message]]) -> None:
+        super().__init__(node_ids)
+        self.answers = answers
+        self.resent = 0
+
+    def send_and_receive(self, messages: Any, timeout: float | None = None) -> list[Message]:
+        self.resent += 1
+        list(messages)
+        return self.answers.pop(0)
+
+
+def participation_strategy(world: World, grid: FakeGrid) -> ConsortiumStrategy:
+    names = {NODE_A: "uni-a", NODE_B: "uni-b"}
+    strategy = ConsortiumStrategy(
+        FedAvg(fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=2),
+        JOB,
+        world.store(),
+        AggregationRule(),
+        round_offset=0,
+        retention_dir=None,
+        min_accepted=2,
+        institution_of_node=lambda node_id: names.get(node_id, ""),
+    )
+    strategy.configure_train(ROUND, to_record(world.model), ConfigRecord({"seed": 7}), grid)
+    return strategy
+
+
+def failed_reply(world: World, node_id: int, reason: str) -> Message:
+    """What a site's ClientApp that raised sends: an error, with no institution in it."""
+    return Message(
+        Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=world.messages[node_id]
+    )
+
+
+def test_a_round_with_fewer_accepted_updates_than_min_clients_is_sent_again(
+    world: World, good: Good
+) -> None:
+    retry = [
+        world.sign("a", good.arrays_a, WEIGHT_A, LOSS_A),
+        world.sign("b", good.arrays_b, WEIGHT_B, LOSS_B),
+    ]
+    grid = ScriptedGrid([NODE_A, NODE_B], [retry])
+    strategy = participation_strategy(world, grid)
+
+    arrays, _ = strategy.aggregate_train(ROUND, [good.reply_a])
+
+    assert grid.resent == 1
+    record = strategy.rounds[ROUND]
+    assert arrays is not None and record.participants == ["uni-a", "uni-b"]
+    # The first attempt's one update is not applied; the log says why.
+    assert refusals(record) == [(str(NODE_A), "round_retried")]
+    reference, _, _ = run_round(world, good.replies)
+    assert record.aggregate_digest == reference.aggregate_digest
+
+
+def test_a_round_short_of_min_clients_in_every_attempt_fails_naming_each_site_and_why(
+    world: World, good: Good
+) -> None:
+    def attempt() -> list[Message]:
+        return [
+            world.sign("a", good.arrays_a, WEIGHT_A, LOSS_A),
+            failed_reply(world, NODE_B, "ValueError: x has shape (32, 64)"),
+        ]
+
+    grid = ScriptedGrid([NODE_A, NODE_B], [attempt() for _ in range(ROUND_ATTEMPTS - 1)])
+    strategy = participation_strategy(world, grid)
+
+    with pytest.raises(TooFewUpdatesError) as raised:
+        strategy.aggregate_train(ROUND, attempt())
+
+    assert grid.resent == ROUND_ATTEMPTS - 1
+    message = str(raised.value)
+    assert f"round {ROUND} had 1 accepted update(s)" in message
+    assert "fewer than min_clients = 2" in message
+    # The failing site is named by institution (from its onboarded SuperNode key),
+    # with the error its ClientApp reported.
+    assert "uni-b: client_error: ValueError: x has shape (32, 64)" in message
+    refused = [u for u in strategy.rounds[ROUND].updates if u["reason"] == "client_error"]
+    assert {u["institution"] for u in refused} == {"uni-b"}

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from consortium.cli_errors import cli_errors, configure_logging
+from consortium.errors import SettingsError
 from consortium.exit_codes import ExitCode
 from consortium.file_modes import private_dir, restrict_umask
 from consortium.settings import load_settings
@@ -106,6 +107,11 @@ def join(
     configure_logging(verbose)
     with cli_errors():
         if bundle is not None:  # the bundle names the institution and the coordinator
+            if not bundle.is_dir():
+                raise SettingsError(
+                    f"--bundle {bundle}: no such directory; pass the startup bundle folder "
+                    "`coordinator onboard` wrote for this site"
+                )
             coordinator = coordinator or bundle_value(bundle, "coordinator_address")
             institution = institution or bundle_value(bundle, "institution")
         settings = load_settings(

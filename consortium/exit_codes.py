@@ -38,7 +38,7 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.USAGE: "The command line was malformed (unknown option, missing argument).",
     ExitCode.INVALID_JOB_SPEC: "The job spec is not valid TOML or a field is missing, "
     "unknown or out of range; the message names the field. No job was created.",
-    ExitCode.NOT_FOUND: "The job or node named does not exist.",
+    ExitCode.NOT_FOUND: "The job, node, file or folder named does not exist.",
     ExitCode.COORDINATOR_UNREACHABLE: "The coordinator did not answer after retries; "
     "check the address and that `coordinator serve` is running.",
     ExitCode.DATA_DIR_INVALID: (

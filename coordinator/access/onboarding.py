@@ -45,6 +45,13 @@ class Request:
 
     @classmethod
     def from_dir(cls, directory: Path) -> Request:
+        """The request a site's `client keygen` wrote; NotFoundError names what is missing."""
+        if not directory.is_dir():
+            raise NotFoundError(
+                f"the site request {directory} is not a directory: pass the request/ "
+                "folder the site's `client keygen` wrote (tls.csr, supernode.pub, "
+                "institution-signing.pub)"
+            )
         request = cls(
             directory / "tls.csr",
             directory / "supernode.pub",
@@ -52,7 +59,10 @@ class Request:
         )
         for path in (request.csr, request.supernode_public, request.signing_public):
             if not path.exists():
-                raise InvalidArgumentError(f"the site request is missing {path}")
+                raise NotFoundError(
+                    f"the site request is missing {path.name} (in {directory}): ask the site "
+                    "for the whole request/ folder `client keygen` wrote"
+                )
         return request
 
 

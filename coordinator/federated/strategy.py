@@ -43,6 +43,7 @@ from consortium.aggregation import (
 )
 from consortium.aggregation.validate import tensor_stats
 from consortium.errors import ConsortiumError
+from consortium.exit_codes import ExitCode
 from consortium.tensor_digest import arrays_digest
 from coordinator.federated.admission import AdmissionState, AdmittedUpdate, UpdateRefused, admit
 from coordinator.federated.reasons import DUPLICATE, RETRIED
@@ -67,7 +68,10 @@ DETAIL_CHARS = 300  # of a refusal's detail, in the job's failure message
 
 
 class TooFewUpdatesError(ConsortiumError):
-    """A round had fewer accepted updates than min_clients in every attempt."""
+    """A round had fewer accepted updates than min_clients in every attempt: the job
+    fails with this message (a watcher sees it end FAILED)."""
+
+    exit_code = ExitCode.JOB_FAILED
 
 
 @dataclass(frozen=True)

@@ -72,8 +72,9 @@ MAX_ROUND_TIMEOUT_S = 7 * 24 * 3600.0
 
 
 class FederatedJobSpec(BaseModel):
-    # allow_inf_nan: `round_timeout_s = inf` or `learning_rate = nan` are refused.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # allow_inf_nan: `round_timeout_s = inf` or `learning_rate = nan` are refused; strict:
+    # `learning_rate = "0.05"` (a string) too, where lax parsing would have converted it.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
     name: str = Field(min_length=1, max_length=128)
     kind: Literal["federated"] = "federated"

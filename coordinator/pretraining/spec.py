@@ -72,7 +72,7 @@ MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
 class PretrainJobSpec(BaseModel):
     # allow_inf_nan: `step_timeout_s = inf` or `inner_lr = nan` are refused.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
     name: str = Field(min_length=1, max_length=128)
     kind: Literal["pretrain"] = "pretrain"

@@ -12,6 +12,7 @@ from client.data.check import write_example
 from consortium.exit_codes import ExitCode
 from consortium.net import reserve_free_port
 from consortium.proto.v1 import jobs_pb2, jobs_pb2_grpc
+from coordinator.access.onboarding import init_consortium
 from coordinator.cli.remote import Remote
 from tests.conftest import Processes
 from tests.helpers import run_cli, start_coordinator
@@ -202,3 +203,43 @@ def test_serve_with_invalid_settings_file_names_it(tmp_path: Path) -> None:
     done = run_cli("coordinator", "serve", "--insecure", "--config", str(config))
     assert done.returncode == ExitCode.SETTINGS_INVALID
     assert "superlink_port" in done.stderr
+
+
+def test_join_with_a_bundle_path_that_does_not_exist_says_so(tmp_path: Path) -> None:
+    write_example("digits", tmp_path / "data", 1, 1)
+    missing = tmp_path / "bundle-typo"
+    done = run_cli("client", "join", "--bundle", str(missing), "--data", str(tmp_path / "data"))
+    assert done.returncode == ExitCode.SETTINGS_INVALID, done.stderr
+    assert f"--bundle {missing}: no such directory" in done.stderr
+    assert "Field required" not in done.stderr  # not the settings model's complaint
+
+
+@pytest.mark.parametrize("make_dir", [False, True])
+def test_onboard_with_a_wrong_request_folder_is_not_found_naming_it(
+    tmp_path: Path, make_dir: bool
+) -> None:
+    data_dir = tmp_path / "consortium"
+    init_consortium(data_dir, ["localhost", "127.0.0.1"], cert_days=1)
+    request = tmp_path / "request-typo"
+    if make_dir:
+        request.mkdir()
+    done = run_cli(
+        "coordinator", "onboard", "beta", "--request", str(request),
+        "--data-dir", str(data_dir), "--coordinator-address", "127.0.0.1:1",
+    )  # fmt: skip
+    assert done.returncode == ExitCode.NOT_FOUND, done.stderr
+    expected = "is missing tls.csr" if make_dir else "is not a directory"
+    assert expected in done.stderr and str(request) in done.stderr
+    assert not (data_dir / "bundles").exists()  # nothing written for a refused request
+
+
+def test_onboard_refuses_an_address_the_server_certificate_does_not_name(tmp_path: Path) -> None:
+    data_dir = tmp_path / "consortium"
+    init_consortium(data_dir, ["localhost", "127.0.0.1"], cert_days=1)
+    done = run_cli(
+        "coordinator", "onboard", "beta", "--generate-keys", str(tmp_path / "keys"),
+        "--data-dir", str(data_dir), "--coordinator-address", "coordinator.example.org:50051",
+    )  # fmt: skip
+    assert done.returncode == ExitCode.SETTINGS_INVALID, done.stderr
+    assert "'coordinator.example.org' (--coordinator-address)" in done.stderr
+    assert "names only localhost, 127.0.0.1" in done.stderr

@@ -333,3 +333,20 @@ def test_pretrain_cap_for_onboarded_institution_without_nodes_is_accepted(
     job = JobService(store).submit(PRETRAIN + "per_institution_caps = { borealis = 2 }\n")
     assert job.state is JobState.QUEUED
     assert store.list_jobs() == [job]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("learning_rate", "0.05"), ("rounds", "5"), ("rounds", 5.0), ("retain_updates", "yes")],
+)
+def test_a_value_of_the_wrong_type_is_refused_not_converted(field: str, value: object) -> None:
+    """Issue 20: `learning_rate = "0.05"` (a string) was accepted and converted."""
+    with pytest.raises(JobSpecError) as excinfo:
+        parse_job_spec(spec_with(**{field: value}))
+    assert f"'{field}'" in str(excinfo.value)
+
+
+def test_a_whole_number_is_a_valid_float_and_pretraining_is_strict_too() -> None:
+    assert parse_job_spec(spec_with(learning_rate=1)).learning_rate == 1.0
+    with pytest.raises(JobSpecError, match="'outer_steps'"):
+        parse_submitted_spec('name = "p"\nkind = "pretrain"\nouter_steps = "4"\ninner_steps = 2\n')

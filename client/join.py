@@ -47,6 +47,7 @@ from consortium.supervision import (
     Supervised,
     Supervisor,
 )
+from consortium.tls import check_server_identity
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,8 @@ class SiteNode:
         )
 
     def register(self) -> Joined:
+        if self.bundle is not None:  # another consortium's coordinator, or a wrong name
+            check_server_identity(self.settings.coordinator, self.bundle.tls())
         request = nodes_pb2.RegisterNodeRequest(
             institution=self.settings.institution,
             hostname=socket.gethostname(),

@@ -61,7 +61,8 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     "pretraining job's training) did not reproduce the logged digests; the message names "
     "the round or step.",
     ExitCode.UNAUTHENTICATED: "The coordinator refused the credential (no certificate, or a "
-    "revoked one); ask the operator for a new bundle.",
+    "revoked one), or the coordinator's own certificate is not from the bundle's CA (another "
+    "consortium's bundle, or a wrong address); the message says which.",
     ExitCode.PERMISSION_DENIED: "The certificate does not allow this (e.g. acting as another "
     "institution).",
     ExitCode.DEGRADED: "`coordinator status`: a runtime of the coordinator (its SuperLink or "

@@ -22,12 +22,13 @@ import pytest
 
 from client.data.check import write_example
 from consortium import pki
+from consortium.exit_codes import ExitCode
 from consortium.net import reserve_free_port
 from consortium.processes import venv_executable
 from consortium.proto.v1 import nodes_pb2, nodes_pb2_grpc
 from consortium.site_keys import SiteKeys
 from consortium.tls import ClientTls
-from coordinator.access.onboarding import revoke
+from coordinator.access.onboarding import init_consortium, revoke
 from coordinator.access.pki_files import CoordinatorPki
 from coordinator.data_dir import DataDir
 from coordinator.state import SqliteStateStore
@@ -36,6 +37,7 @@ from tests.helpers import (
     auth_refusals as scraped_auth_refusals,
 )
 from tests.helpers import (
+    run_cli,
     start_secure_consortium,
     supernode_keys_registered,
     wait_for,
@@ -287,6 +289,37 @@ def test_corrupt_bundle_names_the_file(consortium: Consortium, tmp_path: Path) -
     )
     assert done.returncode != 0
     assert "institution.crt" in done.stderr
+
+
+def test_another_consortiums_bundle_is_named_as_such_and_the_handshake_logged(
+    consortium: Consortium, tmp_path: Path
+) -> None:
+    """Issue 20: it failed six handshakes with raw gRPC lines and ended "check the
+    address", while the coordinator recorded nothing."""
+    other = tmp_path / "other-consortium"
+    init_consortium(other, ["localhost", "127.0.0.1"], cert_days=1)
+    done = run_cli(
+        "coordinator", "onboard", "alpha", "--generate-keys", str(tmp_path / "keys"),
+        "--data-dir", str(other), "--coordinator-address", consortium.address,
+        "--out", str(tmp_path / "bundle"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    write_example("digits", tmp_path / "data", 1, 1)
+    before = auth_refusals(consortium, "control_plane", "untrusted_certificate")
+    joined = run_cli(
+        "client", "join", "--bundle", str(tmp_path / "bundle"), "--data", str(tmp_path / "data"),
+        "--state-dir", str(tmp_path / "keys"), "--no-ray",
+    )  # fmt: skip
+    assert joined.returncode == ExitCode.UNAUTHENTICATED, joined.stderr
+    assert "presents a certificate issued by" in joined.stderr
+    assert "not by this bundle's CA" in joined.stderr
+    assert "retry" not in joined.stdout  # said at once, not after six handshakes
+    # The coordinator's operator sees why: a certificate of another CA.
+    wait_for(
+        "the refused handshake to be counted",
+        lambda: auth_refusals(consortium, "control_plane", "untrusted_certificate") > before,
+    )
+    assert "not signed by this consortium's CA" in coordinator_log(consortium)
 
 
 def test_revocation_refuses_the_institution_on_every_channel(consortium: Consortium) -> None:

@@ -52,7 +52,7 @@ from coordinator.pretraining.errors import (
     ControllerFinishedError,
     PretrainFailedError,
 )
-from coordinator.pretraining.pool import WorkerPool, describe_failure
+from coordinator.pretraining.pool import StopRequested, WorkerPool, describe_failure, wait_one
 from coordinator.pretraining.records import ControllerState, OuterStepRecord, WorkerStepResult
 from coordinator.pretraining.schedule import assign_shards, derive_seed
 from coordinator.pretraining.spec import PretrainJobSpec
@@ -139,6 +139,7 @@ class DiLoCoController:
         self._pool = WorkerPool(
             lambda slot: WorkerConfig.from_spec(spec, self.corpus.digest, slot.device),
             spec.worker_start_timeout_s,
+            self.stop,
         )
 
     # -- public surface ---------------------------------------------------------------
@@ -198,7 +199,13 @@ class DiLoCoController:
     def run(self, on_step: Callable[[OuterStepRecord], None] | None = None) -> None:
         """Step until FINISHED (or until `stop` is set); raises `PretrainFailedError`."""
         while self.state is not ControllerState.FINISHED and not self.stop.is_set():
-            record = self.step()
+            try:
+                record = self.step()
+            except StopRequested:
+                # Mid-attempt: nothing of it was committed; the next run starts the
+                # step again from the last checkpoint.
+                log.info("outer step %d: stopped while waiting on workers", self.step_index)
+                return
             if self.state is ControllerState.FAILED:
                 raise PretrainFailedError(self.waiting_reason or "pretraining failed")
             if record is not None and on_step is not None:
@@ -290,8 +297,7 @@ class DiLoCoController:
         lost: dict[str, str] = {}
         deadline = time.monotonic() + self.spec.step_timeout_s
         while pending and (remaining := deadline - time.monotonic()) > 0:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=remaining)
-            for ref in ready:
+            for ref in wait_one(list(pending), remaining, self.stop):
                 worker_id = pending.pop(ref)
                 try:
                     returned[worker_id] = ray.get(ref)

@@ -10,6 +10,7 @@ and its corpus in memory; the controller drops (kills) the ones that fail.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,12 +34,35 @@ def describe_failure(error: BaseException) -> str:
     return f"{type(error).__name__}: {first[0] if first else ''}".strip()
 
 
+# The longest a wait on workers goes without looking at the stop event: a run stopped
+# (its Ray head died, or the job was cancelled) leaves within about this long, rather
+# than after worker_start_timeout_s or step_timeout_s.
+STOP_POLL_S = 1.0
+
+
+class StopRequested(Exception):  # noqa: N818 - a signal, not an error
+    """The run was asked to stop while it waited on its workers."""
+
+
+def wait_one(pending: list[Any], remaining: float, stop: threading.Event | None) -> list[Any]:
+    """`ray.wait` for one of `pending` for at most `remaining` seconds, in slices that
+    look at `stop` between them; raises StopRequested when it is set."""
+    ready, _ = ray.wait(pending, num_returns=1, timeout=min(remaining, STOP_POLL_S))
+    if not ready and stop is not None and stop.is_set():
+        raise StopRequested
+    return list(ready)
+
+
 class WorkerPool:
     def __init__(
-        self, config_for: Callable[[WorkerSlot], WorkerConfig], start_timeout_s: float
+        self,
+        config_for: Callable[[WorkerSlot], WorkerConfig],
+        start_timeout_s: float,
+        stop: threading.Event | None = None,
     ) -> None:
         self._config_for = config_for
         self._start_timeout_s = start_timeout_s
+        self._stop = stop
         self._actors: dict[str, Any] = {}  # worker id -> actor handle
         self._slots: dict[str, WorkerSlot] = {}
 
@@ -66,8 +90,7 @@ class WorkerPool:
         pending = {actor.ready.remote(): worker_id for worker_id, actor in starting.items()}
         deadline = time.monotonic() + self._start_timeout_s
         while pending and (remaining := deadline - time.monotonic()) > 0:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=remaining)
-            for ref in ready:
+            for ref in wait_one(list(pending), remaining, self._stop):
                 worker_id = pending.pop(ref)
                 try:
                     info = ray.get(ref)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -236,6 +238,24 @@ def test_workers_past_the_step_timeout_are_dropped_and_the_job_fails(
     assert "timed out after step_timeout_s=1.0" in str(failed.value)
     assert "giving up after max_failed_steps" in str(failed.value)
     assert ctl.step_index == 0 and not ctl.records
+    assert not checkpoint_path(tmp_path).exists()
+
+
+def test_a_stop_ends_a_run_waiting_on_its_workers_at_once_and_commits_nothing(
+    two_institutions: LocalCluster, tmp_path: Path
+) -> None:
+    """Issue 19: after the Ray head died mid-step the run waited out step_timeout_s
+    (and its job stayed RUNNING) before it could be requeued."""
+    spec = tiny_spec("stopped", inner_steps=20_000, step_timeout_s=600.0)
+    stop = threading.Event()
+    with controller(spec, tmp_path, stop=stop) as ctl:
+        threading.Timer(3.0, stop.set).start()  # mid-step: the inner loops take minutes
+        started = time.monotonic()
+        ctl.run()
+        waited = time.monotonic() - started
+    assert waited < spec.step_timeout_s / 10, waited  # it did not wait the step out
+    assert ctl.step_index == 0 and not ctl.records
+    assert ctl.state is not ControllerState.FINISHED
     assert not checkpoint_path(tmp_path).exists()
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from consortium.ray_env import parse_port_range
+from consortium.ray_env import RayPortRange
 from consortium.settings import RoleSettings
 
 
@@ -39,14 +39,7 @@ class ClientSettings(RoleSettings):
     ray_drain_timeout_s: float = Field(default=5.0, ge=0)
     # "LOW-HIGH": every port this node's Ray processes listen on, for a firewall that
     # lets the coordinator's Ray head in (docs/operations.md, "Ports and directions").
-    ray_port_range: str | None = None
-
-    @field_validator("ray_port_range")
-    @classmethod
-    def _valid_port_range(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_port_range(value)
-        return value
+    ray_port_range: RayPortRange = None
 
     @property
     def resolved_state_dir(self) -> Path:

@@ -7,6 +7,9 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 AUTH_TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
@@ -71,6 +74,16 @@ def parse_port_range(value: str) -> tuple[int, int]:
     if high - low + 1 < MIN_RAY_PORT_RANGE:
         raise ValueError(f"{value!r}: a Ray node needs at least {MIN_RAY_PORT_RANGE} ports")
     return low, high
+
+
+def _checked_port_range(value: str | None) -> str | None:
+    if value is not None:
+        parse_port_range(value)
+    return value
+
+
+# A settings field (both roles): "LOW-HIGH", checked when the settings are read.
+RayPortRange = Annotated[str | None, AfterValidator(_checked_port_range)]
 
 
 def ray_port_flags(port_range: str | None, head: bool) -> list[str]:

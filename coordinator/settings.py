@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from consortium.ray_env import parse_port_range
+from consortium.ray_env import RayPortRange
 from consortium.settings import RoleSettings
 from coordinator.data_dir import DataDir
 
@@ -51,7 +51,7 @@ class CoordinatorSettings(RoleSettings):
     ray_port: int = Field(default=0, ge=0, le=65535)
     # "LOW-HIGH": every port the head's Ray processes listen on besides ray_port
     # (docs/operations.md, "Ports and directions"); none: Ray picks them.
-    ray_port_range: str | None = None
+    ray_port_range: RayPortRange = None
     ray_start_timeout_s: float = Field(default=60.0, gt=0)
     # Mutual TLS on the Ray channel from the consortium CA (needs `coordinator init`;
     # docs/onboarding.md, "The Ray channel").
@@ -69,13 +69,6 @@ class CoordinatorSettings(RoleSettings):
         if address.is_unspecified:
             raise ValueError(f"must be this host's address on the sites' network, not {host!r}")
         return host
-
-    @field_validator("ray_port_range")
-    @classmethod
-    def _valid_port_range(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_port_range(value)
-        return value
 
     @property
     def paths(self) -> DataDir:

@@ -34,6 +34,11 @@ def _namespaces() -> str:
     return listed.stdout
 
 
+def _connect_from_site(bed: NetworkTestbed, target: str) -> subprocess.CompletedProcess[str]:
+    argv = bed.exec_argv("site", [sys.executable, "-c", CONNECT, target])
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+
+
 def test_hosts_reach_each_other_by_name_and_nothing_beyond_the_bridge() -> None:
     with NetworkTestbed(HOSTS, tag="tbtest") as bed:
         assert "tbtest-server" in _namespaces()
@@ -44,25 +49,13 @@ def test_hosts_reach_each_other_by_name_and_nothing_beyond_the_bridge() -> None:
         )
         try:
             assert server.stdout is not None and server.stdout.readline() == "listening\n"
-            reached = subprocess.run(
-                bed.exec_argv("site", [sys.executable, "-c", CONNECT, "server.example.org"]),
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=False,
-            )
+            reached = _connect_from_site(bed, "server.example.org")
             # The server saw the site's own address, not loopback.
             assert reached.stdout.strip() == "192.0.2.21", reached.stderr
         finally:
             server.kill()
             server.communicate()  # reaps it and closes its pipe
-        outside = subprocess.run(
-            bed.exec_argv("site", [sys.executable, "-c", CONNECT, "198.51.100.1"]),
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        outside = _connect_from_site(bed, "198.51.100.1")
         assert outside.returncode != 0 and "unreachable" in outside.stderr
     assert "tbtest" not in _namespaces()
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import socket
 from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -37,6 +38,28 @@ NODE_ID_PREFIX_CHARS = 12
 # Where the coordinator publishes the revoked institutions in Ray's internal KV.
 DENY_LIST_NAMESPACE = b"consortium"
 REVOKED_KEY = b"revoked_institutions"
+GCS_PROBE_TIMEOUT_S = 1.0
+
+
+class ClusterUnreachableError(Exception):
+    """The Ray head (its GCS) does not accept connections: it died or is restarting."""
+
+
+def require_gcs(address: str) -> None:
+    """Raise ClusterUnreachableError unless the GCS at `address` accepts a connection.
+
+    Ray's driver-side state calls (`ray.nodes()` and friends) have no timeout: one made
+    while the head is down blocks until a head answers again, and when that is a new
+    head (a new cluster) Ray aborts the whole process. So look first.
+    """
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), GCS_PROBE_TIMEOUT_S):
+            return
+    except (OSError, ValueError) as error:
+        raise ClusterUnreachableError(
+            f"the Ray head at {address} does not answer ({error})"
+        ) from None
 
 
 @dataclass(frozen=True, order=True)
@@ -157,6 +180,7 @@ class RayClusterView:
         self.revoked_institutions = revoked_institutions
 
     def slots(self) -> list[WorkerSlot]:
+        require_gcs(ray.get_runtime_context().gcs_address)
         nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
         # Ray's private driver-side modules have no stubs.
         state = importlib.import_module("ray._private.state").state

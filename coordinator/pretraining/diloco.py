@@ -45,7 +45,13 @@ from consortium.lm import Weights, load_weights, model_weights, validation_loss
 from consortium.models.bytelm import ByteLM
 from consortium.tensor_digest import arrays_digest
 from coordinator.pretraining.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from coordinator.pretraining.cluster import ClusterView, ScalingDecision, ScalingPolicy, WorkerSlot
+from coordinator.pretraining.cluster import (
+    ClusterUnreachableError,
+    ClusterView,
+    ScalingDecision,
+    ScalingPolicy,
+    WorkerSlot,
+)
 from coordinator.pretraining.errors import (
     CheckpointMismatchError,
     ClusterNotConnectedError,
@@ -228,12 +234,18 @@ class DiLoCoController:
         workers are usable; the reason to wait goes to `on_wait` at once."""
         deadline = time.monotonic() + self.spec.wait_for_workers_s
         while True:
-            slots = self.cluster_view.slots()
+            try:
+                slots = self.cluster_view.slots()
+                unreachable = ""
+            except ClusterUnreachableError as error:  # waits as for too few workers
+                slots, unreachable = [], f"{error}; "
             decision = self.scaling_policy.decide(slots, quarantined)
             if decision.go:
                 self._report_wait(None)
                 return decision
-            decision = ScalingDecision((), self._explain_wait(decision.waiting_reason, slots))
+            decision = ScalingDecision(
+                (), unreachable + self._explain_wait(decision.waiting_reason, slots)
+            )
             self._report_wait(decision.waiting_reason)
             if time.monotonic() >= deadline:
                 return decision

@@ -25,6 +25,7 @@ from ray.cluster_utils import Cluster
 
 from consortium.errors import JobSpecError
 from consortium.models.bytelm import ByteLM
+from consortium.net import reserve_free_port
 from coordinator.pretraining import (
     CheckpointMismatchError,
     ControllerState,
@@ -40,6 +41,7 @@ from coordinator.pretraining import (
     validate_pretrain_spec,
 )
 from coordinator.pretraining.checkpoint import checkpoint_path, load_checkpoint
+from coordinator.pretraining.cluster import require_gcs
 from coordinator.pretraining.worker import InnerTrainer, WorkerConfig, corpus_for
 from tests.helpers import wait_for
 
@@ -210,6 +212,27 @@ def test_per_institution_caps_exclude_capped_workers(
     assert [r.institution for r in record.results] == ["borealis"]
     assert record.shard_ids == {record.workers[0]: (0, 1, 2, 3)}
     assert set(account(spec.name, [record]).institutions) == {"borealis"}
+
+
+class HeadlessView:
+    """A cluster whose head does not answer (it died, or is restarting)."""
+
+    def slots(self) -> list[WorkerSlot]:
+        require_gcs(f"127.0.0.1:{reserve_free_port()}")  # a port nothing listens on
+        raise AssertionError("require_gcs let an unanswered head through")
+
+
+def test_a_head_that_does_not_answer_is_waited_for_not_asked(
+    two_institutions: LocalCluster, tmp_path: Path
+) -> None:
+    """Issue 19: Ray's node query has no timeout; asked while the head was down it blocked
+    until a new head answered, and then Ray aborted the coordinator."""
+    spec = tiny_spec("headless", wait_for_workers_s=0.5)
+    with DiLoCoController(spec, HeadlessView(), tmp_path) as ctl:
+        assert ctl.step() is None
+        assert ctl.state is ControllerState.WAITING
+        assert ctl.waiting_reason is not None and "does not answer" in ctl.waiting_reason
+        assert ctl.step_index == 0 and not ctl.records
 
 
 def test_step_waits_with_a_reason_when_fewer_than_min_workers(

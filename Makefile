@@ -1,7 +1,7 @@
 # Two entry points for a fresh machine (see README.md):
 #   make demo   - create .venv if needed, then run the whole consortium on this machine
 #   make test   - create .venv if needed, then lint, type-check, check protos and the
-#                 dashboard, install Prometheus if missing (for its test), run pytest
+#                 dashboard, install Prometheus and iproute2 if missing (for their tests), run pytest
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -59,7 +59,7 @@ dashboard: $(STAMP)
 # mypy (under a minute of one core) runs beside pytest, whose workers mostly wait on
 # the processes they started; either failing fails the target.
 test: checks
-	bash scripts/ensure-prometheus.sh
+	bash scripts/ensure-test-packages.sh
 	$(MAKE) --no-print-directory -j2 typecheck pytest
 
 pytest: $(STAMP)

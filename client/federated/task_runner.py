@@ -32,6 +32,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import httpx
 from flwr.app import Context, Message
 from flwr.app.error import Error
 from flwr.clientapp import ClientApp
@@ -44,7 +45,7 @@ from flwr.supercore.interceptors import (
     RuntimeVersionHttpInterceptor,
     SuperExecAuthHttpInterceptor,
 )
-from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
@@ -62,6 +63,32 @@ JOB_ID_KEY = "job-id"  # the run config key naming the job (coordinator/federate
 
 # (run id, sha256 of the run's FAB, job id) -> None, or RunRefusedError
 RunCheck = Callable[[str, str, str], None]
+
+
+# How a task's calls to the SuperNode are retried. Not Flower's own invoker: written for
+# a `flwr-clientapp` process of its own, it answers a 401 (the task's token no longer
+# valid: the SuperNode restarted) by sending SIGINT to its process, which here is
+# `client join`: a site whose SuperNode was restarted mid-task then left the consortium.
+TASK_RETRY_MAX_S = 60.0
+TASK_RETRY_MAX_DELAY_S = 5
+RETRYABLE_STATUS = frozenset({502, 503, 504})
+
+
+def _give_up(error: Exception) -> bool:
+    """Only unavailability is worth waiting out; any other answer ends this task."""
+    if isinstance(error, httpx.HTTPStatusError):
+        return error.response.status_code not in RETRYABLE_STATUS
+    return False
+
+
+def task_retry_invoker() -> RetryInvoker:
+    return RetryInvoker(
+        wait_gen_factory=lambda: exponential(max_delay=TASK_RETRY_MAX_DELAY_S),
+        recoverable_exceptions=(httpx.TransportError, httpx.HTTPStatusError),
+        max_tries=None,
+        max_time=TASK_RETRY_MAX_S,
+        should_giveup=_give_up,
+    )
 
 
 @dataclass
@@ -131,7 +158,7 @@ class SiteTaskRunner:
                 RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
                 RuntimeTokenHttpInterceptor(token),
             ],
-            retry_invoker=make_simple_http_retry_invoker(),
+            retry_invoker=task_retry_invoker(),
         )
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
         heartbeat.start()

@@ -45,6 +45,7 @@ checks: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python scripts/gen_protos.py --check
+	$(BIN)/python scripts/gen_spec_reference.py --check
 	$(BIN)/python -m deploy.grafana.build --check
 
 typecheck: $(STAMP)

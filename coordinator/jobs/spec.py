@@ -76,34 +76,122 @@ class FederatedJobSpec(BaseModel):
     # `learning_rate = "0.05"` (a string) too, where lax parsing would have converted it.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
-    name: str = Field(min_length=1, max_length=128)
-    kind: Literal["federated"] = "federated"
-    model: str
-    dataset: str
-    strategy: Literal["fedavg", "fedprox"] = "fedavg"
-    rounds: int = Field(gt=0, le=10_000)
-    min_clients: int = Field(default=2, ge=1, le=MAX_CLIENTS)
-    local_epochs: int = Field(default=1, gt=0, le=1_000)
-    learning_rate: float = Field(default=0.05, gt=0, le=10)
-    batch_size: int = Field(default=32, gt=0, le=65_536)
-    proximal_mu: float = Field(default=0.0, ge=0, le=1e6)
-    seed: int = Field(default=0, ge=0, lt=2**31)
-    round_timeout_s: float = Field(default=600.0, gt=0, le=MAX_ROUND_TIMEOUT_S)
-    # How accepted updates are combined; all rules share the same validation.
-    aggregation: Literal["mean", "trimmed-mean", "median", "krum"] = "mean"
-    trim_fraction: float = Field(default=0.1, ge=0, lt=0.5)
-    krum_byzantine: int = Field(default=0, ge=0, le=MAX_CLIENTS)
-    max_update_norm: float | None = Field(default=None, gt=0)
-    # Keep every accepted update so the aggregation can be replayed bit for bit.
-    retain_updates: bool = True
-    # Pipelines: start from this job's output model (its model family and size).
-    init_from: str | None = Field(default=None, min_length=1, max_length=64)
-    # Size of a model built from scratch (bytelm: n_layer, n_head, n_embd, block_size).
-    model_options: dict[str, int] = Field(default_factory=dict, max_length=16)
-    # Language-model datasets: AdamW steps per round at each site, window length.
-    local_steps: int = Field(default=20, gt=0, le=1_000_000)
-    seq_len: int = Field(default=64, gt=0, le=65_536)
-    eval_batches: int = Field(default=16, gt=0, le=100_000)
+    name: str = Field(min_length=1, max_length=128, description="A name for people; not unique.")
+    kind: Literal["federated"] = Field(default="federated", description="The job kind.")
+    model: str = Field(
+        description=(
+            "The model family every site trains (`digits-cnn` for `digits`, "
+            "`bytelm` for `docstrings`)."
+        )
+    )
+    dataset: str = Field(
+        description=(
+            "The dataset each site trains on, from its own data dir, in the format "
+            "docs/onboarding.md gives (step 4)."
+        )
+    )
+    strategy: Literal["fedavg", "fedprox"] = Field(
+        default="fedavg",
+        description=(
+            "How Flower samples sites and what it sends them: FedAvg, or FedProx "
+            "with `proximal_mu`."
+        ),
+    )
+    rounds: int = Field(gt=0, le=10_000, description="Federated rounds to run.")
+    min_clients: int = Field(
+        default=2,
+        ge=1,
+        le=MAX_CLIENTS,
+        description=(
+            "Sites a round is sent to at least, and accepted updates a round needs "
+            "to count; a round short of it is sent again (3 attempts), then the job"
+            " fails."
+        ),
+    )
+    local_epochs: int = Field(
+        default=1,
+        gt=0,
+        le=1_000,
+        description="Passes over the site's data per round (classification).",
+    )
+    learning_rate: float = Field(
+        default=0.05,
+        gt=0,
+        le=10,
+        description="The sites' SGD learning rate (AdamW for language models).",
+    )
+    batch_size: int = Field(default=32, gt=0, le=65_536, description="Examples per local step.")
+    proximal_mu: float = Field(
+        default=0.0, ge=0, le=1e6, description="FedProx: weight of the proximal term; 0 is FedAvg."
+    )
+    seed: int = Field(
+        default=0, ge=0, lt=2**31, description="Seeds sampling and every site's local shuffling."
+    )
+    round_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        le=MAX_ROUND_TIMEOUT_S,
+        description="How long a round waits for the sites' replies.",
+    )
+    aggregation: Literal["mean", "trimmed-mean", "median", "krum"] = Field(
+        default="mean",
+        description=(
+            "How accepted updates are combined (docs/aggregation.md); every rule "
+            "shares the same validation."
+        ),
+    )
+    trim_fraction: float = Field(
+        default=0.1,
+        ge=0,
+        lt=0.5,
+        description="trimmed-mean: the fraction cut from each end per coordinate.",
+    )
+    krum_byzantine: int = Field(
+        default=0, ge=0, le=MAX_CLIENTS, description="krum: the number of Byzantine sites assumed."
+    )
+    max_update_norm: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "The largest global L2 norm an update may have; none: 10 times the "
+            "global model's (docs/aggregation.md)."
+        ),
+    )
+    retain_updates: bool = Field(
+        default=True,
+        description=(
+            "Keep every accepted update, so `coordinator replay` can recompute each"
+            " aggregate bit for bit."
+        ),
+    )
+    init_from: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="Start from this job's output model (its model family and size): a pipeline.",
+    )
+    model_options: dict[str, int] = Field(
+        default_factory=dict,
+        max_length=16,
+        description=(
+            "Size of a model built from scratch (bytelm: n_layer, n_head, n_embd, block_size)."
+        ),
+    )
+    local_steps: int = Field(
+        default=20,
+        gt=0,
+        le=1_000_000,
+        description="Language models: AdamW steps per round at each site.",
+    )
+    seq_len: int = Field(
+        default=64, gt=0, le=65_536, description="Language models: the training window in bytes."
+    )
+    eval_batches: int = Field(
+        default=16,
+        gt=0,
+        le=100_000,
+        description="Batches of the held-out split the coordinator evaluates on after each round.",
+    )
 
     @field_validator("model")
     @classmethod

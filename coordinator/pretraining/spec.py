@@ -74,50 +74,164 @@ class PretrainJobSpec(BaseModel):
     # allow_inf_nan: `step_timeout_s = inf` or `inner_lr = nan` are refused.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
-    name: str = Field(min_length=1, max_length=128)
-    kind: Literal["pretrain"] = "pretrain"
-    model: Literal["bytelm"] = "bytelm"
-    corpus: Literal["python-stdlib"] = "python-stdlib"
+    name: str = Field(min_length=1, max_length=128, description="A name for people; not unique.")
+    kind: Literal["pretrain"] = Field(default="pretrain", description="The job kind.")
+    model: Literal["bytelm"] = Field(
+        default="bytelm", description="The model family (a byte-level transformer)."
+    )
+    corpus: Literal["python-stdlib"] = Field(
+        default="python-stdlib",
+        description="The training corpus: Python's standard library, sharded across workers.",
+    )
 
     # Model size (consortium.models.bytelm).
-    n_layer: int = Field(default=2, ge=1, le=128)
-    n_head: int = Field(default=2, ge=1, le=128)
-    n_embd: int = Field(default=64, ge=1, le=65_536)
-    block_size: int = Field(default=64, ge=2, le=65_536)
+    n_layer: int = Field(default=2, ge=1, le=128, description="Transformer layers.")
+    n_head: int = Field(default=2, ge=1, le=128, description="Attention heads per layer.")
+    n_embd: int = Field(
+        default=64, ge=1, le=65_536, description="Model width; a multiple of n_head."
+    )
+    block_size: int = Field(
+        default=64, ge=2, le=65_536, description="Longest context the model takes, in bytes."
+    )
 
     # DiLoCo: H inner AdamW steps per worker, then one outer Nesterov step.
-    inner_steps: int = Field(gt=0, le=1_000_000)
-    outer_steps: int = Field(gt=0, le=1_000_000)
-    inner_lr: float = Field(default=3e-3, gt=0, le=1.0)
-    inner_lr_schedule: Literal["constant", "cosine"] = "cosine"
-    inner_warmup_steps: int = Field(default=0, ge=0, le=1_000_000)
-    inner_min_lr_ratio: float = Field(default=0.1, ge=0, le=1.0)
-    inner_weight_decay: float = Field(default=0.0, ge=0, le=1.0)
-    inner_grad_clip: float = Field(default=1.0, gt=0, le=1e6)
-    inner_optimizer_state: Literal["keep", "reset"] = "keep"
-    outer_lr: float = Field(default=0.7, gt=0, le=10.0)
-    outer_momentum: float = Field(default=0.9, ge=0, lt=1.0)
-    batch_size: int = Field(default=8, gt=0, le=65_536)
-    seq_len: int = Field(default=64, gt=0)
-    seed: int = Field(default=0, ge=0, lt=2**31)
-    deterministic: bool = True
+    inner_steps: int = Field(
+        gt=0,
+        le=1_000_000,
+        description="H: AdamW steps each worker takes between two synchronisations.",
+    )
+    outer_steps: int = Field(
+        gt=0, le=1_000_000, description="Synchronisations (outer Nesterov steps) to run."
+    )
+    inner_lr: float = Field(
+        default=3e-3, gt=0, le=1.0, description="The workers' AdamW peak learning rate."
+    )
+    inner_lr_schedule: Literal["constant", "cosine"] = Field(
+        default="cosine", description="Inner learning-rate schedule over the whole run."
+    )
+    inner_warmup_steps: int = Field(
+        default=0, ge=0, le=1_000_000, description="Linear warm-up steps of the inner schedule."
+    )
+    inner_min_lr_ratio: float = Field(
+        default=0.1,
+        ge=0,
+        le=1.0,
+        description="cosine: the final inner learning rate as a fraction of the peak.",
+    )
+    inner_weight_decay: float = Field(default=0.0, ge=0, le=1.0, description="AdamW weight decay.")
+    inner_grad_clip: float = Field(
+        default=1.0, gt=0, le=1e6, description="Gradient-norm clip of each inner step."
+    )
+    inner_optimizer_state: Literal["keep", "reset"] = Field(
+        default="keep",
+        description=(
+            "keep: a worker's AdamW state carries over between outer steps; reset: "
+            "it starts fresh at each (what replay needs after a failed attempt)."
+        ),
+    )
+    outer_lr: float = Field(
+        default=0.7,
+        gt=0,
+        le=10.0,
+        description="Learning rate of the outer Nesterov step on the averaged pseudo-gradient.",
+    )
+    outer_momentum: float = Field(
+        default=0.9, ge=0, lt=1.0, description="Nesterov momentum of the outer step."
+    )
+    batch_size: int = Field(default=8, gt=0, le=65_536, description="Windows per inner step.")
+    seq_len: int = Field(
+        default=64, gt=0, description="The training window in bytes; at most block_size."
+    )
+    seed: int = Field(
+        default=0, ge=0, lt=2**31, description="Seeds shard assignment and every worker's sampling."
+    )
+    deterministic: bool = Field(
+        default=True,
+        description=(
+            "Deterministic kernels on CPU, so `coordinator replay` reproduces every"
+            " outer step bit for bit."
+        ),
+    )
 
     # Data (consortium.data.stdlib_corpus).
-    num_shards: int = Field(default=64, ge=1, le=65_536)
-    corpus_bytes: int = Field(default=4 * 2**20, gt=0, le=2**40)
-    validation_bytes: int = Field(default=2**16, gt=0, le=2**34)
-    eval_batches: int = Field(default=8, gt=0, le=100_000)
+    num_shards: int = Field(
+        default=64,
+        ge=1,
+        le=65_536,
+        description="Shards the corpus is cut into and assigned to workers.",
+    )
+    corpus_bytes: int = Field(
+        default=4 * 2**20, gt=0, le=2**40, description="Bytes of the corpus used for training."
+    )
+    validation_bytes: int = Field(
+        default=2**16,
+        gt=0,
+        le=2**34,
+        description="Held-out bytes the validation loss is measured on.",
+    )
+    eval_batches: int = Field(
+        default=8, gt=0, le=100_000, description="Batches of the held-out bytes per evaluation."
+    )
 
     # Scheduling (operational).
-    min_workers: int = Field(default=1, ge=1, le=100_000)
-    max_workers: int | None = Field(default=None, ge=1, le=100_000)
-    per_institution_caps: dict[str, int] = Field(default_factory=dict, max_length=1_000)
-    device: Literal["auto", "cpu", "gpu"] = "auto"
-    step_timeout_s: float = Field(default=3600.0, gt=0, le=MAX_TIMEOUT_S)
-    worker_start_timeout_s: float = Field(default=300.0, gt=0, le=MAX_TIMEOUT_S)
-    wait_for_workers_s: float = Field(default=60.0, ge=0, le=MAX_TIMEOUT_S)
-    max_failed_steps: int = Field(default=3, ge=1, le=1_000)
-    max_worker_memory_bytes: int = Field(default=16 * 2**30, gt=0, le=2**40)
+    min_workers: int = Field(
+        default=1,
+        ge=1,
+        le=100_000,
+        description=(
+            "Workers an outer step needs; fewer results make the attempt fail. Operational."
+        ),
+    )
+    max_workers: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000,
+        description="Most workers used at once; none: one per shard. Operational.",
+    )
+    per_institution_caps: dict[str, int] = Field(
+        default_factory=dict,
+        max_length=1_000,
+        description="Most workers per institution, e.g. { aurora = 4 }. Operational.",
+    )
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        default="auto",
+        description="Where workers train: auto takes a GPU where the node offers one. Operational.",
+    )
+    step_timeout_s: float = Field(
+        default=3600.0,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        description="How long an outer step waits for its workers' results. Operational.",
+    )
+    worker_start_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        description="How long a worker may take to start. Operational.",
+    )
+    wait_for_workers_s: float = Field(
+        default=60.0,
+        ge=0,
+        le=MAX_TIMEOUT_S,
+        description=(
+            "How long a step waits for enough workers before the attempt fails. Operational."
+        ),
+    )
+    max_failed_steps: int = Field(
+        default=3,
+        ge=1,
+        le=1_000,
+        description="Failed attempts in a row before the job fails. Operational.",
+    )
+    max_worker_memory_bytes: int = Field(
+        default=16 * 2**30,
+        gt=0,
+        le=2**40,
+        description=(
+            "The model's float32 copies a worker holds must fit in this (the spec "
+            "is refused otherwise). Operational."
+        ),
+    )
 
     @field_validator("n_embd")
     @classmethod

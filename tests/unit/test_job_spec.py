@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -350,3 +352,17 @@ def test_a_whole_number_is_a_valid_float_and_pretraining_is_strict_too() -> None
     assert parse_job_spec(spec_with(learning_rate=1)).learning_rate == 1.0
     with pytest.raises(JobSpecError, match="'outer_steps'"):
         parse_submitted_spec('name = "p"\nkind = "pretrain"\nouter_steps = "4"\ninner_steps = 2\n')
+
+
+def test_the_job_spec_reference_is_generated_from_the_models_and_current() -> None:
+    """docs/job-spec.md (issue 20: there was no reference for the spec's fields)."""
+    script = Path(__file__).resolve().parents[2] / "scripts" / "gen_spec_reference.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--check"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = (script.parents[1] / "docs" / "job-spec.md").read_text()
+    for model in (FederatedJobSpec, PretrainJobSpec):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no description"
+            assert f"| `{name}` |" in doc

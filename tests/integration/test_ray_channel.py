@@ -18,6 +18,7 @@ Nodes here are started exactly as `client join` starts its Ray worker
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -165,6 +166,16 @@ def test_revocation_replaces_the_ray_token_so_the_institution_is_refused_while_o
     )
     assert CoordinatorPki(channel.data_dir).ray_token.read_bytes() != old_token
     assert "beta can no longer join" in channel.coordinator_log()
+    # Issue 20: in the seconds after a rotation `coordinator nodes` printed Ray's
+    # WrongClusterID trace advising `ray get-auth-token --generate`. Now it answers, with
+    # at most one readable line about Ray.
+    for _ in range(3):
+        listed = run_cli("coordinator", "nodes", "--data-dir", str(channel.data_dir))
+        assert listed.returncode == 0, listed.stderr
+        shown = listed.stdout + listed.stderr
+        assert "Traceback" not in shown and "get-auth-token" not in shown, shown
+        assert "WrongClusterID" not in shown and "ClusterID" not in shown, shown
+        time.sleep(1.0)
 
     # beta's next Ray join, with the token its bundle carries, is refused by the GCS...
     again = channel.start_node("beta-again", "beta", ray_auth_env(channel.token("beta")), True)

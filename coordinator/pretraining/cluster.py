@@ -30,6 +30,8 @@ from typing import Any, Literal, Protocol
 
 import ray
 
+from consortium.net import split_host_port
+
 log = logging.getLogger(__name__)
 
 INSTITUTION_PREFIX = "institution:"
@@ -52,9 +54,8 @@ def require_gcs(address: str) -> None:
     while the head is down blocks until a head answers again, and when that is a new
     head (a new cluster) Ray aborts the whole process. So look first.
     """
-    host, _, port = address.rpartition(":")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), GCS_PROBE_TIMEOUT_S):
+        with socket.create_connection(split_host_port(address), GCS_PROBE_TIMEOUT_S):
             return
     except (OSError, ValueError) as error:
         raise ClusterUnreachableError(

@@ -51,6 +51,11 @@ class Bundle:
         return self.directory / "institution.crt"
 
     @property
+    def coordinator_key_file(self) -> Path:
+        """The coordinator's public signing key, endorsed by the CA (checked on loading)."""
+        return self.directory / COORDINATOR_KEY_FILE
+
+    @property
     def ray_token(self) -> Path:
         return self.directory / "ray-token"
 

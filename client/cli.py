@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from client.provenance_cli import provenance_app
 from consortium.cli_errors import cli_errors, configure_logging
 from consortium.errors import SettingsError
 from consortium.exit_codes import ExitCode
@@ -29,6 +30,7 @@ console = Console()
 
 data_app = typer.Typer(help="This site's data: check it, or write example data.")
 app.add_typer(data_app, name="data")
+app.add_typer(provenance_app, name="provenance")
 
 
 @app.callback()

@@ -258,6 +258,7 @@ class SiteNode:
             if self.bundle is not None and forwarder is not None
             else None,
             port=self.settings.supernode_port,
+            coordinator_key=self.bundle.coordinator_key_file if self.bundle is not None else None,
         )
         run.children.add(supernode.stop)
         run.supernode = supernode

@@ -24,6 +24,9 @@ from prometheus_client.registry import Collector
 
 from consortium.metrics_http import JsonLinesTail
 from consortium.processes import descendant_pids
+from consortium.provenance.witness import REFUSAL_REASONS as WITNESS_REFUSAL_REASONS
+from consortium.provenance.witness import REFUSALS_FILE as WITNESS_REFUSALS_FILE
+from consortium.provenance.witness import witness_dir
 from consortium.run_approval import RefusalReason
 
 log = logging.getLogger(__name__)
@@ -99,6 +102,9 @@ class ClientMetrics:
             self._child_restarts.labels(institution, child)
         self.registry.register(NodeProcessCollector(institution, os.getpid()))
         self.registry.register(TrainingCollector(institution, state_dir / TRAINING_LOG))
+        self.registry.register(
+            LogRefusalCollector(institution, witness_dir(state_dir) / WITNESS_REFUSALS_FILE)
+        )
         if gpu is not None:
             gpu_collector = GpuCollector.create(institution, gpu)
             if gpu_collector is not None:
@@ -211,6 +217,37 @@ class TrainingCollector(Collector):
             family = CounterMetricFamily(name, help_text, labels=["institution"])
             family.add_metric([self._institution], value)
             yield family
+
+
+class LogRefusalCollector(Collector):
+    """Log heads this site refused to cosign (and so refused to train), by reason:
+    the lines `consortium.provenance.witness.record_refusal` appends."""
+
+    def __init__(self, institution: str, path: Path) -> None:
+        self._institution = institution
+        self._tail = JsonLinesTail(path)
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(WITNESS_REFUSAL_REASONS, 0)
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            read = self._tail.read_new()
+            if read.restarted:
+                self._counts = dict.fromkeys(WITNESS_REFUSAL_REASONS, 0)
+            for line in read.lines:
+                reason = line.get("reason")
+                if isinstance(reason, str) and reason in self._counts:
+                    self._counts[reason] += 1
+            counts = dict(self._counts)
+        family = CounterMetricFamily(
+            "consortium_site_log_refusals_total",
+            "Coordinator log heads this site refused to cosign, and so refused to train "
+            "for: truncated, rewritten, no_proof, bad_head, no_head.",
+            labels=["institution", "reason"],
+        )
+        for reason, count in counts.items():
+            family.add_metric([self._institution, reason], count)
+        yield family
 
 
 class GpuCollector(Collector):

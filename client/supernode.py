@@ -44,6 +44,7 @@ class SuperNode:
         tls: tuple[Path, Path] | None,
         port: int = 0,
         torch_threads: int = 1,
+        coordinator_key: Path | None = None,
     ) -> None:
         self.port = port or reserve_free_port()
         secret_file = state_dir / TASK_SECRET_FILE
@@ -71,7 +72,10 @@ class SuperNode:
                     # Keys stay at the site; the ClientApp reads them from here.
                     "signing-key": str((state_dir / SIGNING_KEY_FILE).resolve()),
                     "commitment-key": str((state_dir / COMMITMENT_KEY_FILE).resolve()),
-                    "state-dir": str(state_dir.resolve()),  # for `client join`'s metrics
+                    # For `client join`'s metrics, and the heads this site cosigned.
+                    "state-dir": str(state_dir.resolve()),
+                    # Checks the log heads the site cosigns ("": joined without a bundle).
+                    "coordinator-key": str(coordinator_key.resolve()) if coordinator_key else "",
                 }
             ),
         ]

@@ -8,6 +8,10 @@
         tls.csr                  certificate signing request (CN = institution)
         supernode.pub            SuperNode public key (OpenSSH)
         institution-signing.pub  update-signing public key (PEM)
+        institution-signing.binding
+                                 the institution's binding of that key to its name:
+                                 base64 of a DER ECDSA signature by tls.key over the
+                                 statement of `consortium/provenance/binding.py`
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from pathlib import Path
 from consortium import pki
 from consortium.errors import ConflictError
 from consortium.file_modes import private_dir
-from consortium.provenance.signing import SigningKey
+from consortium.provenance.binding import sign_binding
+from consortium.provenance.signing import SigningKey, b64
 
 
 @dataclass(frozen=True)
@@ -54,9 +59,14 @@ class SiteKeys:
     def signing_public(self) -> Path:
         return self.request_dir / "institution-signing.pub"
 
+    @property
+    def binding(self) -> Path:
+        return self.request_dir / "institution-signing.binding"
+
 
 def create_site_keys(state_dir: Path, institution: str, force: bool = False) -> SiteKeys:
-    """Generate the three key pairs and the request the operator signs."""
+    """Generate the three key pairs and the request the operator signs, with the
+    TLS key's binding of the update-signing key to `institution`."""
     keys = SiteKeys(state_dir)
     existing = [p for p in (keys.tls_key, keys.supernode_key, keys.signing_key) if p.exists()]
     if existing and not force:
@@ -78,4 +88,5 @@ def create_site_keys(state_dir: Path, institution: str, force: bool = False) -> 
     signing = SigningKey.generate()
     signing.save(keys.signing_key)
     shutil.copyfile(keys.signing_key.with_suffix(".pub"), keys.signing_public)
+    keys.binding.write_text(b64(sign_binding(tls_key, institution, signing.public)) + "\n")
     return keys

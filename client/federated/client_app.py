@@ -125,6 +125,12 @@ def _commitment_record(commitment: DataCommitment) -> ConfigRecord:
     )
 
 
+@app.query("witness")
+def witness(msg: Message, context: Context) -> Message:
+    """A request to cosign the log's head alone: `signing_mod` checks and cosigns it."""
+    return Message(content=RecordDict({}), reply_to=msg)
+
+
 @app.evaluate()
 def local_evaluate(msg: Message, context: Context) -> Message:
     model, device, data_dir, config = _setup(msg, context)

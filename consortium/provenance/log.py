@@ -7,8 +7,17 @@ One JSON object per line, each in canonical form (`canonical.py`):
   canonical form of ``{"index", "type", "body"}``. The whole line is leaf `i` of
   a Merkle tree hashed as in RFC 9162 (0x00 leaf / 0x01 node prefixes).
 * ``{"kind": "tree_head", "tree_size": n, "root_hash": h, "timestamp_ms": t,
-  "key_id": k, "signature": s}`` — a signed tree head over the first `n`
-  records, written after every round.
+  "head_index": j, "previous_head": p, "key_id": k, "signature": s}`` — a signed
+  tree head over the first `n` records, written after every round. `s` covers every
+  other field of the line, `j` counts the heads before it and `p` is the sha256 of
+  the previous head's line ("" for the first), so a head cannot be deleted,
+  duplicated, moved or edited without breaking the chain. Heads written before the
+  chain (`LEGACY_HEAD_FIELDS`, `s` over size, root and timestamp only) still verify.
+* ``{"kind": "cosignature", "tree_size": n, "root_hash": h, "institution": i,
+  "key_id": k, "timestamp_s": t, "signature": s}`` — a site's witness cosignature
+  (`checkpoint.py`, cosignature/v1) of an earlier head of this log, signed with its
+  institution key. Like heads, cosignatures are not Merkle leaves: recording one does
+  not change the tree it cosigns.
 
 Only the process running a job appends (one job at a time), under an
 exclusive file lock so a second writer can never interleave lines. An append may
@@ -19,11 +28,12 @@ a job's run refuses there to write what a newer run owns or what is already logg
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +44,11 @@ from consortium.provenance.signing import SigningKey, b64
 
 RECORD = "record"
 TREE_HEAD = "tree_head"
+COSIGNATURE = "cosignature"
+# The fields of a tree head written before heads were chained and signed whole.
+LEGACY_HEAD_FIELDS = frozenset(
+    {"kind", "tree_size", "root_hash", "timestamp_ms", "key_id", "signature"}
+)
 
 # Called under the log's lock with the records so far (parsed lines of kind "record");
 # raising refuses the append.
@@ -55,6 +70,31 @@ def tree_head_signing_bytes(tree_size: int, root_hash: str, timestamp_ms: int) -
     return canonical_json(
         {"tree_size": tree_size, "root_hash": root_hash, "timestamp_ms": timestamp_ms}
     )
+
+
+def head_signing_bytes(line: dict[str, Any]) -> bytes:
+    """What a chained tree head's signature covers: every field of its line but that."""
+    return canonical_json({k: v for k, v in line.items() if k != "signature"})
+
+
+def line_digest(encoded: bytes) -> str:
+    """The sha256 of a log line (without its newline): how a head names its predecessor."""
+    return hashlib.sha256(encoded).hexdigest()
+
+
+@dataclass(frozen=True)
+class WitnessCosignature:
+    """A site's cosignature of the head of `tree_size` and `root_hash` (`checkpoint.py`)."""
+
+    tree_size: int
+    root_hash: str
+    institution: str
+    key_id: str
+    timestamp_s: int
+    signature: str  # base64
+
+    def line(self) -> dict[str, Any]:
+        return {"kind": COSIGNATURE, **asdict(self)}
 
 
 def read_lines(path: Path) -> list[bytes]:
@@ -111,6 +151,11 @@ class ProvenanceLog:
             handle.write(encoded + b"\n")
         return encoded
 
+    @property
+    def key_id(self) -> str:
+        """The id of the coordinator key that signs this log."""
+        return self._key.key_id
+
     def append(
         self, type_: str, body: dict[str, Any], precondition: Precondition | None = None
     ) -> int:
@@ -153,17 +198,48 @@ class ProvenanceLog:
                 root_hash=root_from_leaves(leaves).hex(),
                 timestamp_ms=int(time.time() * 1000),
             )
-            signature = self._key.sign(
-                tree_head_signing_bytes(head.tree_size, head.root_hash, head.timestamp_ms)
-            )
-            self._append_line(
-                {
-                    "kind": TREE_HEAD,
-                    "tree_size": head.tree_size,
-                    "root_hash": head.root_hash,
-                    "timestamp_ms": head.timestamp_ms,
-                    "key_id": self._key.key_id,
-                    "signature": b64(signature),
-                }
-            )
+            heads = [line for line in read_lines(self.path) if _kind(line) == TREE_HEAD]
+            line: dict[str, Any] = {
+                "kind": TREE_HEAD,
+                "tree_size": head.tree_size,
+                "root_hash": head.root_hash,
+                "timestamp_ms": head.timestamp_ms,
+                "head_index": len(heads),
+                "previous_head": line_digest(heads[-1]) if heads else "",
+                "key_id": self._key.key_id,
+            }
+            line["signature"] = b64(self._key.sign(head_signing_bytes(line)))
+            self._append_line(line)
             return head
+
+    def latest_head_line(self) -> bytes | None:
+        """The last tree head's line as written (what sites are asked to cosign)."""
+        heads = [line for line in read_lines(self.path) if _kind(line) == TREE_HEAD]
+        return heads[-1] if heads else None
+
+    def append_cosignatures(
+        self, cosignatures: list[WitnessCosignature], precondition: Precondition | None = None
+    ) -> int:
+        """Record sites' cosignatures of heads already in this log (a cosignature of a
+        head the log does not hold is skipped: it cosigns nothing here). Returns how
+        many were written."""
+        if not cosignatures:
+            return 0
+        with self._locked():
+            if precondition is not None:
+                precondition(records_of(self.path))
+            heads = {
+                (entry["tree_size"], entry["root_hash"])
+                for entry in (json.loads(line) for line in read_lines(self.path))
+                if entry.get("kind") == TREE_HEAD
+            }
+            written = 0
+            for cosignature in cosignatures:
+                if (cosignature.tree_size, cosignature.root_hash) in heads:
+                    self._append_line(cosignature.line())
+                    written += 1
+            return written
+
+
+def _kind(line: bytes) -> object:
+    return json.loads(line).get("kind")

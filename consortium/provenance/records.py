@@ -105,13 +105,25 @@ class JobResumed(_JobBody):
     model_digest: str | None = None  # the model the run resumed from (federated)
 
 
+class KeyBinding(_Nested):
+    """The institution's own proof that an update-signing key is its: a signature by the
+    key of its TLS certificate (the CSR's key) over the binding statement
+    (`consortium/provenance/binding.py`), with that certificate."""
+
+    certificate: str  # PEM of the institution's TLS certificate, issued by the CA
+    signature: str  # base64 of the DER ECDSA (P-256, SHA-256) signature
+
+
 class InstitutionKey(_Body):
-    """Not tied to a job: a key is logged once, before the first update it signed."""
+    """Not tied to a job: written when the operator onboards the institution, with the
+    institution's binding; older writers logged it, unbound, before the first update
+    it signed."""
 
     TYPE: ClassVar[RecordType] = RecordType.INSTITUTION_KEY
     institution: str
     key_id: str
     public_key: str  # base64 of the raw Ed25519 public key
+    binding: KeyBinding | None = None  # None: written before keys were bound
 
 
 class InstitutionKeyChanged(_Body):

@@ -2,10 +2,14 @@
 
 Checks, line by line, stopping at the first problem (named by its line number):
 canonical form, record numbering, the coordinator's signature on every record
-and tree head, every tree head's root against the records before it, a
-consistency proof between consecutive tree heads, the institution signature on
-every accepted update (institution keys are themselves signed records), and
-that the log ends with a tree head covering every record.
+and tree head, every tree head's root against the records before it, the chain of
+tree heads (each names its index and its predecessor's line digest, and is signed
+whole, so deleting, duplicating or editing a head line breaks it), a consistency
+proof between consecutive tree heads, each witness cosignature against the head it
+cosigns and the institution key it names, the institution signature on every
+accepted update by a key bound to that institution (`Keyring`), each job's
+records making one coherent history (`semantics.py`), and that the log ends with a
+tree head covering every record.
 
 Each record's body is also parsed into its typed record (`records.py`): a malformed
 body of a known type fails verification; a record of a type this code does not know
@@ -20,11 +24,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 from consortium.provenance.canonical import canonical_json
+from consortium.provenance.checkpoint import checkpoint_body, origin_of, verify_cosignature
+from consortium.provenance.keyring import Keyring
 from consortium.provenance.log import (
+    COSIGNATURE,
+    LEGACY_HEAD_FIELDS,
     RECORD,
     TREE_HEAD,
     TreeHead,
+    head_signing_bytes,
+    line_digest,
     read_lines,
     record_signing_bytes,
     tree_head_signing_bytes,
@@ -38,12 +50,14 @@ from consortium.provenance.merkle import (
 )
 from consortium.provenance.records import (
     InstitutionKey,
+    InstitutionKeyChanged,
     Record,
     Round,
     UpdateEntry,
     parse_body,
     record_job_id,
 )
+from consortium.provenance.semantics import JobHistory
 from consortium.provenance.signing import SignatureError, VerifyingKey, unb64
 from consortium.provenance.updates import UpdateStatement
 
@@ -62,15 +76,23 @@ class VerifyReport:
     last_head: TreeHead | None = None
     signed_updates: int = 0
     jobs: dict[str, list[Record]] = field(default_factory=dict)  # job -> its typed records
+    heads: list[TreeHead] = field(default_factory=list)
+    # tree size -> the institutions whose cosignature of that head verified
+    witnesses: dict[int, set[str]] = field(default_factory=dict)
+    keyring: Keyring = field(default_factory=Keyring)
+
+    def witnesses_of(self, head: TreeHead) -> list[str]:
+        return sorted(self.witnesses.get(head.tree_size, set()))
+
+    def rounds_of(self, job_id: str) -> int:
+        """How many rounds (or outer steps) of the job the log holds."""
+        return sum(1 for r in self.jobs.get(job_id, []) if hasattr(r, "round"))
 
 
-def _signed_update_ok(
-    update: UpdateEntry, record: Round, keys: dict[str, VerifyingKey]
-) -> str | None:
-    """None when the institution's signature on an accepted update verifies."""
-    key = keys.get(update.key_id or "")
-    if key is None:
-        return f"update of {update.institution!r} names unknown key"
+def _signed_update_ok(update: UpdateEntry, record: Round, keyring: Keyring) -> None:
+    """Raises ValueError unless the institution's signature on an accepted update
+    verifies with the key bound to the institution it names."""
+    key = keyring.signer(update.institution, update.key_id or "", "the update")
     if (
         update.update_digest is None
         or update.num_examples is None
@@ -78,7 +100,7 @@ def _signed_update_ok(
         or update.nonce is None
         or update.signature is None
     ):
-        return f"accepted update of {update.institution!r} lacks its signed statement"
+        raise ValueError(f"accepted update of {update.institution!r} lacks its signed statement")
     statement = UpdateStatement(
         job_id=record.job_id,
         round=record.round,
@@ -92,8 +114,111 @@ def _signed_update_ok(
     try:
         key.verify(unb64(update.signature), statement.to_bytes())
     except SignatureError as err:
-        return f"institution signature of {update.institution!r}: {err}"
-    return None
+        raise ValueError(f"institution signature of {update.institution!r}: {err}") from None
+
+
+@dataclass
+class _Verifier:
+    coordinator_key: VerifyingKey
+    report: VerifyReport
+    leaves: list[bytes] = field(default_factory=list)
+    head_lines: list[bytes] = field(default_factory=list)
+    histories: dict[str, JobHistory] = field(default_factory=dict)
+    roots: dict[int, str] = field(default_factory=dict)  # tree size -> root of its head
+    chained: bool = False  # a chained head has been seen: no legacy head may follow
+
+    def line(self, raw: bytes, entry: dict[str, Any]) -> None:
+        kind = entry.get("kind")
+        if kind == RECORD:
+            self._record(entry)
+            self.leaves.append(leaf_hash(raw))
+        elif kind == TREE_HEAD:
+            self._tree_head(raw, entry)
+        elif kind == COSIGNATURE:
+            self._cosignature(entry)
+        else:
+            raise ValueError(f"unknown kind {kind!r}")
+
+    def _record(self, entry: dict[str, Any]) -> None:
+        index = len(self.leaves)
+        if entry["index"] != index:
+            raise ValueError(f"record index {entry['index']} where {index} was expected")
+        type_, body = entry["type"], entry["body"]
+        # The signature covers the raw logged body, never a re-serialised typed one.
+        self.coordinator_key.verify(
+            unb64(entry["signature"]), record_signing_bytes(index, type_, body)
+        )
+        record = parse_body(str(type_), body)
+        if isinstance(record, InstitutionKey | InstitutionKeyChanged):
+            self.report.keyring.add(record)
+        if isinstance(record, Round):
+            for update in record.updates:
+                if update.accepted:
+                    _signed_update_ok(update, record, self.report.keyring)
+                    self.report.signed_updates += 1
+        job_id = record_job_id(record)
+        if job_id is not None:
+            self.histories.setdefault(job_id, JobHistory(job_id)).add(record)
+            self.report.jobs.setdefault(job_id, []).append(record)
+
+    def _tree_head(self, raw: bytes, entry: dict[str, Any]) -> None:
+        head = TreeHead(entry["tree_size"], entry["root_hash"], entry["timestamp_ms"])
+        if set(entry) == LEGACY_HEAD_FIELDS:
+            if self.chained:
+                raise ValueError("an unchained tree head after chained ones")
+            signed = tree_head_signing_bytes(head.tree_size, head.root_hash, head.timestamp_ms)
+        else:
+            self.chained = True
+            if entry.get("head_index") != len(self.head_lines):
+                raise ValueError(
+                    f"tree head number {entry.get('head_index')!r} where {len(self.head_lines)} "
+                    "was expected (a head was deleted, duplicated or moved)"
+                )
+            previous = line_digest(self.head_lines[-1]) if self.head_lines else ""
+            if entry.get("previous_head") != previous:
+                raise ValueError(
+                    "the tree head does not name the head before it (a head was deleted, "
+                    "duplicated or moved)"
+                )
+            signed = head_signing_bytes(entry)
+        self.coordinator_key.verify(unb64(entry["signature"]), signed)
+        if head.tree_size != len(self.leaves):
+            raise ValueError(
+                f"tree head covers {head.tree_size} records, log has {len(self.leaves)}"
+            )
+        if root_from_leaves(self.leaves).hex() != head.root_hash:
+            raise ValueError("tree head root does not match the records")
+        previous_head = self.report.last_head
+        if previous_head is not None and previous_head.tree_size > 0:
+            # Prove the earlier head is a prefix of this one, as a monitor would.
+            proof = consistency_proof(self.leaves, previous_head.tree_size, head.tree_size)
+            verify_consistency(
+                previous_head.tree_size,
+                head.tree_size,
+                bytes.fromhex(previous_head.root_hash),
+                bytes.fromhex(head.root_hash),
+                proof,
+            )
+        self.head_lines.append(raw)
+        self.roots[head.tree_size] = head.root_hash
+        self.report.heads.append(head)
+        self.report.tree_heads += 1
+        self.report.last_head = head
+
+    def _cosignature(self, entry: dict[str, Any]) -> None:
+        size, root, institution = entry["tree_size"], entry["root_hash"], entry["institution"]
+        if self.roots.get(size) != root:
+            raise ValueError(
+                f"{institution!r} cosigns a head of size {size} that the log does not hold "
+                "before this line"
+            )
+        key = self.report.keyring.signer(institution, str(entry["key_id"]), "a cosignature")
+        body = checkpoint_body(origin_of(self.coordinator_key.key_id), size, root)
+        try:
+            verify_cosignature(key, body, int(entry["timestamp_s"]), unb64(entry["signature"]))
+        except SignatureError:
+            raise ValueError(f"the cosignature of {institution!r} does not verify") from None
+        self.report.witnesses.setdefault(size, set()).add(institution)
 
 
 def verify_log(
@@ -101,32 +226,29 @@ def verify_log(
     coordinator_key: VerifyingKey,
     expected_head: TreeHead | None = None,
     allow_open_tail: bool = False,
+    *,
+    allow_unbound_keys: bool = False,
+    ca: x509.Certificate | None = None,
 ) -> VerifyReport:
-    report = VerifyReport()
-    leaves: list[bytes] = []
-    institution_keys: dict[str, VerifyingKey] = {}
-    previous: TreeHead | None = None
+    """Verify the log at `path`; raises LogVerificationError at the first bad line.
+
+    `allow_unbound_keys` accepts updates signed by keys logged without the
+    institution's binding (logs written before bindings); `ca` also checks that each
+    binding's certificate was issued by the consortium's CA."""
+    report = VerifyReport(keyring=Keyring(allow_unbound=allow_unbound_keys, ca=ca))
+    verifier = _Verifier(coordinator_key, report)
     lines = read_lines(path)
     if not lines:
         raise LogVerificationError(0, f"{path} is empty")
     for number, raw in enumerate(lines, start=1):
         entry = _parse_line(number, raw, coordinator_key)
         try:
-            if entry.get("kind") == RECORD:
-                _check_record(entry, len(leaves), coordinator_key, institution_keys, report)
-                leaves.append(leaf_hash(raw))
-            elif entry.get("kind") == TREE_HEAD:
-                head = _check_tree_head(entry, leaves, coordinator_key, previous)
-                previous = head
-                report.tree_heads += 1
-                report.last_head = head
-            else:
-                raise LogVerificationError(number, f"unknown kind {entry.get('kind')!r}")
-        except LogVerificationError:
-            raise
+            verifier.line(raw, entry)
         except (SignatureError, ProofError, KeyError, TypeError, ValueError) as err:
             raise LogVerificationError(number, str(err) or type(err).__name__) from None
+    leaves = verifier.leaves
     report.records = len(leaves)
+    previous = report.last_head
     if previous is None or (previous.tree_size != len(leaves) and not allow_open_tail):
         covered = previous.tree_size if previous else 0
         raise LogVerificationError(
@@ -164,64 +286,7 @@ def _parse_line(number: int, raw: bytes, coordinator_key: VerifyingKey) -> dict[
         raise LogVerificationError(number, f"not canonical: {err}") from None
     if canonical != raw:
         raise LogVerificationError(number, "not in canonical form (altered)")
-    if entry.get("key_id") != coordinator_key.key_id:
+    # A cosignature is signed by the institution it names, not by the coordinator.
+    if entry.get("kind") != COSIGNATURE and entry.get("key_id") != coordinator_key.key_id:
         raise LogVerificationError(number, "not signed by the coordinator's key")
     return entry
-
-
-def _check_record(
-    entry: dict[str, Any],
-    index: int,
-    coordinator_key: VerifyingKey,
-    institution_keys: dict[str, VerifyingKey],
-    report: VerifyReport,
-) -> None:
-    if entry["index"] != index:
-        raise ValueError(f"record index {entry['index']} where {index} was expected")
-    type_, body = entry["type"], entry["body"]
-    # The signature covers the raw logged body, never a re-serialised typed one.
-    coordinator_key.verify(unb64(entry["signature"]), record_signing_bytes(index, type_, body))
-    record = parse_body(str(type_), body)
-    if isinstance(record, InstitutionKey):
-        key = VerifyingKey.from_b64(record.public_key)
-        if key.key_id != record.key_id:
-            raise ValueError("institution key id does not match its public key")
-        institution_keys[key.key_id] = key
-    if isinstance(record, Round):
-        for update in record.updates:
-            if update.accepted:
-                problem = _signed_update_ok(update, record, institution_keys)
-                if problem:
-                    raise ValueError(problem)
-                report.signed_updates += 1
-    job_id = record_job_id(record)
-    if job_id is not None:
-        report.jobs.setdefault(job_id, []).append(record)
-
-
-def _check_tree_head(
-    entry: dict[str, Any],
-    leaves: list[bytes],
-    coordinator_key: VerifyingKey,
-    previous: TreeHead | None,
-) -> TreeHead:
-    head = TreeHead(entry["tree_size"], entry["root_hash"], entry["timestamp_ms"])
-    coordinator_key.verify(
-        unb64(entry["signature"]),
-        tree_head_signing_bytes(head.tree_size, head.root_hash, head.timestamp_ms),
-    )
-    if head.tree_size != len(leaves):
-        raise ValueError(f"tree head covers {head.tree_size} records, log has {len(leaves)}")
-    if root_from_leaves(leaves).hex() != head.root_hash:
-        raise ValueError("tree head root does not match the records")
-    if previous is not None and previous.tree_size > 0:
-        # Prove the earlier head is a prefix of this one, as a monitor would.
-        proof = consistency_proof(leaves, previous.tree_size, head.tree_size)
-        verify_consistency(
-            previous.tree_size,
-            head.tree_size,
-            bytes.fromhex(previous.root_hash),
-            bytes.fromhex(head.root_hash),
-            proof,
-        )
-    return head

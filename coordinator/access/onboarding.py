@@ -20,9 +20,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from consortium import pki
 from consortium.errors import ConflictError, InvalidArgumentError, NotFoundError
 from consortium.file_modes import private_dir
+from consortium.provenance.binding import check_binding_against_csr
 from consortium.provenance.log import ProvenanceLog
-from consortium.provenance.records import InstitutionKeyChanged
-from consortium.provenance.signing import SignatureError, SigningKey, VerifyingKey, b64
+from consortium.provenance.records import InstitutionKey, InstitutionKeyChanged, KeyBinding
+from consortium.provenance.signing import SignatureError, SigningKey, VerifyingKey, b64, unb64
 from consortium.run_approval import (
     COORDINATOR_KEY_ENDORSEMENT_FILE,
     COORDINATOR_KEY_FILE,
@@ -37,11 +38,13 @@ BUNDLE_FILE = "bundle.toml"
 
 @dataclass(frozen=True)
 class Request:
-    """What a site sends: its CSR and two public keys (no secrets)."""
+    """What a site sends: its CSR, two public keys and the binding of the
+    update-signing key to the institution, signed with the CSR's key (no secrets)."""
 
     csr: Path
     supernode_public: Path
     signing_public: Path
+    binding: Path
 
     @classmethod
     def from_dir(cls, directory: Path) -> Request:
@@ -50,12 +53,13 @@ class Request:
             raise NotFoundError(
                 f"the site request {directory} is not a directory: pass the request/ "
                 "folder the site's `client keygen` wrote (tls.csr, supernode.pub, "
-                "institution-signing.pub)"
+                "institution-signing.pub, institution-signing.binding)"
             )
         request = cls(
             directory / "tls.csr",
             directory / "supernode.pub",
             directory / "institution-signing.pub",
+            directory / "institution-signing.binding",
         )
         for path in (request.csr, request.supernode_public, request.signing_public):
             if not path.exists():
@@ -63,6 +67,12 @@ class Request:
                     f"the site request is missing {path.name} (in {directory}): ask the site "
                     "for the whole request/ folder `client keygen` wrote"
                 )
+        if not request.binding.exists():
+            raise NotFoundError(
+                f"the site request is missing {request.binding.name} (in {directory}): "
+                "the site's keys predate key bindings; ask the site to run `client keygen "
+                "--force` (new keys and a new request) and send the whole request/ folder"
+            )
         return request
 
 
@@ -176,13 +186,50 @@ def onboard(
         signing = VerifyingKey.load(request.signing_public)
     except (SignatureError, ValueError) as err:
         raise InvalidArgumentError(f"{request.signing_public}: {err}") from None
+    for other in store.institutions():
+        if other != institution and signing.key_id in store.institution_keys(other):
+            raise ConflictError(
+                f"{request.signing_public}: signing key {signing.key_id[:16]} belongs to {other}"
+            )
     supernode_key = request.supernode_public.read_text().strip()
     if not supernode_key.startswith("ecdsa-sha2-nistp"):
         raise InvalidArgumentError(f"{request.supernode_public} is not an OpenSSH EC public key")
+    binding = _checked_binding(request, institution, signing)
+    paths = DataDir(data_dir)
+    coordinator_key = SigningKey.load(paths.signing_key)
     cert = _issue(files, store, institution, request.csr, cert_days)
+    # Logged before the key is pinned, so no pinned key goes unrecorded.
+    log = ProvenanceLog(paths.provenance_log, coordinator_key)
+    if signing.key_id not in log.logged_key_ids():
+        record = InstitutionKey(
+            institution=institution,
+            key_id=signing.key_id,
+            public_key=b64(signing.raw),
+            binding=KeyBinding(certificate=pki.pem(cert).decode(), signature=b64(binding)),
+        )
+        log.append_record(record)
+        log.publish_tree_head()
     store.add_institution_key(institution, signing.key_id, signing.raw)
     store.add_supernode_key(institution, supernode_key)
     return write_bundle(files, institution, cert, bundle_dir, coordinator_address)
+
+
+def _checked_binding(request: Request, institution: str, signing: VerifyingKey) -> bytes:
+    """The request's binding signature, once it verifies with the CSR's key over
+    (institution, signing key): checked before anything is issued or written."""
+    csr = pki.load_csr(request.csr)
+    named = pki.institution_of(csr.subject)
+    if named != institution:  # the CSR's fault, not the binding's: say so first
+        raise InvalidArgumentError(f"{request.csr}: the CSR names {named!r}, not {institution!r}")
+    try:
+        signature = unb64(request.binding.read_text().strip())
+        check_binding_against_csr(csr, institution, signing, signature)
+    except ValueError as err:  # BindingError, SignatureError (not base64), not text
+        raise InvalidArgumentError(
+            f"{request.binding}: {err}; the binding must come from the same "
+            "`client keygen` as the CSR and the signing key"
+        ) from None
+    return signature
 
 
 def write_bundle(

@@ -7,7 +7,8 @@ signed, the key is registered to the institution it names, the signature covers
 this job, round and global model, the weights are the ones signed, the example
 count is the one signed, the metrics are finite numbers the ClientApp sends
 (`ALLOWED_METRICS`), the example count is at most what the institution declared
-when it joined, and the nonce was never used before in this job.
+when it joined, the site cosigned the log's head it was sent (`witnessing.py`:
+"uncosigned", "bad_cosignature"), and the nonce was never used before in this job.
 
 A metric is the one unsigned thing a site sends that the coordinator writes to
 state and to the provenance log; a correctly signed update with `train_loss = NaN`
@@ -24,11 +25,14 @@ from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 
+from consortium.provenance.log import WitnessCosignature
 from consortium.provenance.signing import SignatureError, VerifyingKey, unb64
 from consortium.provenance.updates import UpdateStatement
+from consortium.provenance.witness import COSIGNATURE_RECORD
 from consortium.tensor_digest import arrays_digest
+from coordinator.provenance.witnessing import CosignatureRefused, WitnessedHead, check_cosignature
 
 SIGNATURE_RECORD = "consortium.signature"
 COMMITMENT_RECORD = "consortium.data"
@@ -60,6 +64,7 @@ class AdmittedUpdate:
     train_loss: float | None
     commitment: dict[str, Any]
     declared_examples: int | None = None  # the institution's cap, when it declared one
+    cosignature: WitnessCosignature | None = None  # of the head the round was sent with
 
     def log_entry(self) -> dict[str, Any]:
         return {
@@ -89,9 +94,15 @@ class AdmissionState(Protocol):
 
 
 def admit(
-    reply: Message, job_id: str, round_: int, global_digest: str, store: AdmissionState
+    reply: Message,
+    job_id: str,
+    round_: int,
+    global_digest: str,
+    store: AdmissionState,
+    witnessed: WitnessedHead | None = None,
 ) -> AdmittedUpdate:
-    """Check one reply; raises UpdateRefused with a machine-readable reason."""
+    """Check one reply; raises UpdateRefused with a machine-readable reason. With
+    `witnessed`, the reply must carry the institution's cosignature of that head."""
     if reply.has_error():
         raise UpdateRefused("client_error", str(reply.error.reason))
     content = reply.content
@@ -143,6 +154,7 @@ def admit(
             "weight_mismatch", "example count differs from the signed one", institution
         )
     check_metrics(dict(metrics), institution)
+    cosignature = _cosignature(content, institution, store, witnessed)
     cap = store.declared_examples(institution)
     if cap is not None and statement.num_examples > cap:
         raise UpdateRefused(
@@ -166,7 +178,26 @@ def admit(
         train_loss=float(train_loss) if isinstance(train_loss, int | float) else None,
         commitment=dict(data) if data is not None else {},
         declared_examples=cap,
+        cosignature=cosignature,
     )
+
+
+def _cosignature(
+    content: RecordDict, institution: str, store: AdmissionState, witnessed: WitnessedHead | None
+) -> WitnessCosignature | None:
+    """The institution's checked cosignature of the head its round was sent with."""
+    if witnessed is None:
+        return None
+    fields = content.config_records.get(COSIGNATURE_RECORD)
+    try:
+        return check_cosignature(
+            dict(fields) if fields is not None else {},
+            institution,
+            store.institution_keys(institution),
+            witnessed,
+        )
+    except CosignatureRefused as refused:
+        raise UpdateRefused(refused.reason, refused.detail, institution) from None
 
 
 def check_metrics(metrics: dict[str, Any], institution: str) -> None:

@@ -21,6 +21,8 @@ ADMISSION_REASONS = (
     "weight_mismatch",
     "bad_metrics",
     "inflated_count",
+    "uncosigned",
+    "bad_cosignature",
     "replayed",
 )
 DUPLICATE = "duplicate"  # a second update of one institution in one round

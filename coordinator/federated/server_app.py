@@ -7,7 +7,9 @@ strategy named in the spec, admits and aggregates signed updates with
 `ConsortiumStrategy`, evaluates the global model on the held-out split after
 every round, and records each round three ways: as a checkpoint (for resuming), as a
 signed record followed by a signed tree head in the provenance log, and in the job's
-state (for `jobs watch`).
+state (for `jobs watch`). Every training message asks its site to cosign the log's latest
+head (docs/provenance.md, "Witnesses"); the cosignatures are logged with the round, and
+when the job ends its sites are asked once more, for the head over its final record.
 
 The log append is the round's commit, exactly once: it is refused when a newer Flower
 run owns the job (the coordinator resumed it elsewhere) or when the round is not past
@@ -44,9 +46,11 @@ from coordinator.federated.strategy import (
     AggregationRule,
     ConsortiumStrategy,
     TooFewUpdatesError,
+    WitnessLog,
     finite_metrics,
 )
 from coordinator.federated.superlink import DATA_DIR_ENV
+from coordinator.federated.witness_query import FINAL_WITNESS_TIMEOUT_S, witness_latest_head
 from coordinator.jobs.lifecycle import wall_clock_ms
 from coordinator.jobs.pipeline import StartingModel, family_of, load_starting_model
 from coordinator.jobs.running import JobCancelledError, RoundRecord, RunningJob
@@ -199,6 +203,11 @@ class JobRun:
                 }
             )
         )
+        # The sites' cosignatures of the head this round was sent with (checked on
+        # admission): written after the commit, so a refused commit records none.
+        self.provenance.cosignatures(
+            [u.cosignature for u in record.accepted if u.cosignature is not None]
+        )
 
     def run(self, grid: Grid) -> None:
         model, done_rounds = self.initial_model()
@@ -213,6 +222,7 @@ class JobRun:
             min_accepted=self.spec.min_clients,
             round_timeout_s=self.spec.round_timeout_s,
             institution_of_node=self.job.institution_of_node,
+            witness_log=WitnessLog(self.provenance.log.path, self.provenance.coordinator_key_id),
         )
 
         def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -269,9 +279,9 @@ class JobRun:
             )
             if len(result.arrays) > 0:
                 load_parameter_tensors(model, result.arrays.to_torch_state_dict())
-        self.finish(model)
+        self.finish(model, grid)
 
-    def finish(self, model: torch.nn.Module) -> None:
+    def finish(self, model: torch.nn.Module, grid: Grid) -> None:
         model_path = DataDir(self.data_dir).model_file(self.job_id)
         save_model(
             model_path,
@@ -281,6 +291,12 @@ class JobRun:
         self.provenance.job_completed(
             "federated", self.spec.rounds, arrays_digest(numpy_state(model)), model_path
         )
+        # The sites cosign the head over the final record too, so the latest head of a
+        # finished job is witnessed (`provenance verify --min-witnesses`).
+        witnesses = witness_latest_head(
+            grid, self.provenance, self.job, self.spec.round_timeout_s or FINAL_WITNESS_TIMEOUT_S
+        )
+        log.info("job %s: the final head is cosigned by %s", self.job_id, witnesses or "no site")
         self.job.succeed(f"completed {self.spec.rounds} rounds", str(model_path))
 
 

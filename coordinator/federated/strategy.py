@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -44,10 +44,12 @@ from consortium.aggregation import (
 from consortium.aggregation.validate import tensor_stats
 from consortium.errors import ConsortiumError
 from consortium.exit_codes import ExitCode
+from consortium.provenance.witness import WITNESS_RECORD
 from consortium.tensor_digest import arrays_digest
 from coordinator.federated.admission import AdmissionState, AdmittedUpdate, UpdateRefused, admit
 from coordinator.federated.reasons import DUPLICATE, RETRIED
 from coordinator.federated.retention import retain
+from coordinator.provenance.witnessing import LogView, WitnessedHead, WitnessRequest
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +172,7 @@ class RoundProvenance:
     train_loss: float | None = None
     # The rule in force, its norm bound included (what the round record says).
     aggregation: dict[str, Any] = field(default_factory=dict)
+    witnessed: WitnessedHead | None = None  # the log head the round asked sites to cosign
 
     @property
     def participants(self) -> list[str]:
@@ -188,8 +191,11 @@ class ConsortiumStrategy(Strategy):
         min_accepted: int = 0,
         round_timeout_s: float | None = None,
         institution_of_node: Callable[[int], str] = lambda node_id: "",
+        witness_log: WitnessLog | None = None,
     ) -> None:
         self.sampler = sampler
+        # The provenance log whose head every training message asks its site to cosign.
+        self.witness_log = witness_log
         self.min_accepted = min_accepted
         self.round_timeout_s = round_timeout_s
         # Who a node that answered with an error is (its reply names no institution):
@@ -226,10 +232,28 @@ class ConsortiumStrategy(Strategy):
         config["job-id"] = self.job_id
         config["round-number"] = round_
         self._sent = (arrays, config, grid)
-        messages: Iterable[Message] = self.sampler.configure_train(
-            server_round, arrays, config, grid
-        )
-        return messages
+        return self._messages(server_round, arrays, config, grid)
+
+    def _messages(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        """Flower's messages for the round, each asking its site to cosign the log's head."""
+        messages = list(self.sampler.configure_train(server_round, arrays, config, grid))
+        if self.witness_log is None:
+            return messages
+        record = self.rounds[self.round_offset + server_round]
+        view = LogView.read(self.witness_log.path)
+        witnessed: list[Message] = []
+        for message in messages:
+            node_id = message.metadata.dst_node_id
+            request = view.request_for(self.institution_of_node(node_id))
+            if request is None:
+                return messages  # no head yet (the job logs one before its first round)
+            record.witnessed = WitnessedHead(
+                request.tree_size, request.root_hash, self.witness_log.coordinator_key_id
+            )
+            witnessed.append(with_witness_request(message, request))
+        return witnessed
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -263,7 +287,7 @@ class ConsortiumStrategy(Strategy):
                 ROUND_ATTEMPTS,
             )
             arrays, config, grid = self._sent
-            messages = self.sampler.configure_train(server_round, arrays, config, grid)
+            messages = self._messages(server_round, arrays, config, grid)
             replies = grid.send_and_receive(messages, timeout=self.round_timeout_s)
             admitted = self._admit_all(record, replies)
         if not admitted:  # min_accepted 0: nothing to aggregate, the model stays
@@ -302,7 +326,14 @@ class ConsortiumStrategy(Strategy):
         for reply in sorted(replies, key=lambda m: m.metadata.src_node_id):
             node_id = reply.metadata.src_node_id
             try:
-                update = admit(reply, self.job_id, record.round, record.global_digest, self.store)
+                update = admit(
+                    reply,
+                    self.job_id,
+                    record.round,
+                    record.global_digest,
+                    self.store,
+                    record.witnessed,
+                )
                 check_update(rule, self._reference, update.arrays, update.statement.num_examples)
             except UpdateRefused as refused:
                 institution = refused.institution or self.institution_of_node(node_id)
@@ -327,6 +358,28 @@ class ConsortiumStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         return None
+
+
+@dataclass(frozen=True)
+class WitnessLog:
+    """The provenance log a job's sites witness, and the coordinator key that signs it."""
+
+    path: Path
+    coordinator_key_id: str
+
+
+def with_witness_request(message: Message, request: WitnessRequest) -> Message:
+    """A copy of `message` that also asks its site to cosign the log's head (Flower's
+    sampler gives every message one shared RecordDict; each site gets its own proofs)."""
+    content = RecordDict(dict(message.content.items()))
+    content[WITNESS_RECORD] = ConfigRecord(
+        {"head": request.head_line, "proofs": request.proofs_json()}
+    )
+    return Message(
+        content=content,
+        dst_node_id=message.metadata.dst_node_id,
+        message_type=message.metadata.message_type,
+    )
 
 
 def _one_per_institution(

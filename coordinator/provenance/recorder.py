@@ -5,6 +5,9 @@ write through it, so a record type has one shape whoever writes it (`consortium/
 provenance/records.py`), and the end of every job is `job_completed` with the model
 file's name and sha256.
 
+Sites' cosignatures of tree heads (`coordinator/provenance/witnessing.py`) are written
+through it too, as lines that are not leaves.
+
 When tree heads are published: after job_started, job_resumed, each round, each outer
 step and job_completed, so a killed coordinator leaves at most the records of the step
 in progress uncovered. An institution key is not followed by its own tree head: the
@@ -24,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from consortium.errors import CommitRefusedError
-from consortium.provenance.log import Precondition, ProvenanceLog, TreeHead, records_of
+from consortium.provenance.log import (
+    Precondition,
+    ProvenanceLog,
+    TreeHead,
+    WitnessCosignature,
+    records_of,
+)
 from consortium.provenance.records import (
     InstitutionKey,
     JobCompleted,
@@ -122,8 +131,13 @@ class JobRecorder:
 
     def institution_key(self, institution: str, key_id: str, public_key: bytes) -> bool:
         """Log a site key once per log (before the round it signed an update of); False
-        when it was already logged. No tree head: the round that follows publishes it."""
-        if key_id in self._logged_keys:
+        when it was already logged. Onboarding logs every key with the institution's
+        binding; this unbound record is for keys that entered another way (a plain-text
+        coordinator's nodes register their own). No tree head: the round that follows
+        publishes it."""
+        if key_id in self._logged_keys or key_id in self.log.logged_key_ids():
+            # Onboarding logs a bound key, maybe after this run started.
+            self._logged_keys.add(key_id)
             return False
         record = InstitutionKey(institution=institution, key_id=key_id, public_key=b64(public_key))
         self._append(record, tree_head=False)
@@ -186,3 +200,16 @@ class JobRecorder:
 
     def publish_tree_head(self) -> TreeHead:
         return self.log.publish_tree_head()
+
+    @property
+    def coordinator_key_id(self) -> str:
+        return self.log.key_id
+
+    def cosignatures(self, cosignatures: list[WitnessCosignature]) -> int:
+        """Record sites' checked cosignatures of heads in the log (under the fence: a
+        stale run records none). Not leaves: the tree, and its heads, stay as they are."""
+
+        def fenced(records: list[dict[str, Any]]) -> None:
+            self._fence()
+
+        return self.log.append_cosignatures(cosignatures, fenced)

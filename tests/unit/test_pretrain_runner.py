@@ -115,7 +115,12 @@ class ReplayEngine:
             job=spec.name,
             state=state,
             steps_completed=len(records),
-            model_digest=arrays_digest(WEIGHTS),
+            # The model the last step ended with, as a real run's (provenance checks it).
+            model_digest=(
+                step_record(self.first_step + len(records) - 1).model_digest
+                if self.first_step + len(records) > 0
+                else arrays_digest(WEIGHTS)
+            ),
             val_loss=records[-1].val_loss if records else None,
             weights=WEIGHTS,
             corpus_digest="corpus",

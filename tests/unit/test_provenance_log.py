@@ -23,13 +23,14 @@ from consortium.provenance.intoto import (
 from consortium.provenance.log import (
     ProvenanceLog,
     TreeHead,
+    head_signing_bytes,
+    line_digest,
     read_lines,
     record_signing_bytes,
     tree_head_signing_bytes,
 )
 from consortium.provenance.merkle import leaf_hash, root_from_leaves
 from consortium.provenance.records import (
-    InstitutionKey,
     JobCompleted,
     JobStarted,
     Round,
@@ -38,6 +39,7 @@ from consortium.provenance.records import (
 from consortium.provenance.signing import SignatureError, SigningKey, b64
 from consortium.provenance.updates import UpdateStatement
 from consortium.provenance.verify import LogVerificationError, verify_log
+from tests.provenance_keys import ScratchCa
 
 JOB = "job-log"
 GLOBAL = hashlib.sha256(b"global model").hexdigest()
@@ -112,11 +114,7 @@ def write_log(
     heads: list[TreeHead] = []
     log.append_record(JobStarted(job_id=JOB, kind="federated", seed=7))
     heads.append(log.publish_tree_head())
-    log.append_record(
-        InstitutionKey(
-            institution="uni-a", key_id=institution.key_id, public_key=b64(institution.public.raw)
-        )
-    )
+    log.append_record(ScratchCa.create().bound_key("uni-a", institution))
     log.append_record(Round.model_validate(round_body(update)))
     heads.append(log.publish_tree_head())
     log.append_record(JobCompleted(job_id=JOB, rounds=1, final_model_digest=AGGREGATE))
@@ -146,7 +144,25 @@ def signed_record_line(key: SigningKey, index: int, type_: str, body: dict[str, 
     )
 
 
-def signed_head_line(key: SigningKey, size: int, root: str, timestamp_ms: int) -> bytes:
+def signed_head_line(
+    key: SigningKey, size: int, root: str, timestamp_ms: int, previous: list[bytes]
+) -> bytes:
+    """A chained tree head, correctly signed, following the head lines `previous`."""
+    line: dict[str, Any] = {
+        "kind": "tree_head",
+        "tree_size": size,
+        "root_hash": root,
+        "timestamp_ms": timestamp_ms,
+        "head_index": len(previous),
+        "previous_head": line_digest(previous[-1]) if previous else "",
+        "key_id": key.key_id,
+    }
+    line["signature"] = b64(key.sign(head_signing_bytes(line)))
+    return canonical_json(line)
+
+
+def legacy_head_line(key: SigningKey, size: int, root: str, timestamp_ms: int) -> bytes:
+    """A tree head as written before heads were chained (size, root, time signed)."""
     signature = key.sign(tree_head_signing_bytes(size, root, timestamp_ms))
     return canonical_json(
         {
@@ -344,7 +360,9 @@ def test_verify_log_fails_on_resigned_tree_head_covering_wrong_size(log: Log) ->
     lines = log.lines()
     records = [lines[JOB_STARTED - 1], lines[INSTITUTION_KEY - 1]]  # 2 of the 3 records
     root = root_from_leaves([leaf_hash(line) for line in records]).hex()
-    lines[HEAD_2 - 1] = signed_head_line(log.coordinator, 2, root, log.heads[1].timestamp_ms)
+    lines[HEAD_2 - 1] = signed_head_line(
+        log.coordinator, 2, root, log.heads[1].timestamp_ms, [lines[HEAD_1 - 1]]
+    )
     log.write(lines)
 
     error = failure(log)

@@ -36,6 +36,7 @@ def round_record(job_id: str, number: int) -> Round:
         job_id=job_id,
         round=number,
         global_digest=f"digest-{number}",
+        aggregate_digest=f"digest-{number + 1}",  # the next round starts from it
         participants=["alpha"],
         metrics={"accuracy": 0.5 + number / 100},
     )

@@ -52,10 +52,11 @@ from consortium.lm import FineTuneConfig, fine_tune
 from consortium.models import build_model, parameter_tensors
 from consortium.provenance.commitment import commit
 from consortium.provenance.environment import describe_environment
-from consortium.provenance.log import read_lines
+from consortium.provenance.log import ProvenanceLog, read_lines
 from consortium.provenance.records import JobStarted, Round
 from consortium.provenance.signing import SignatureError, SigningKey, unb64
 from consortium.provenance.updates import UpdateStatement
+from consortium.provenance.witness import COSIGNATURE_RECORD
 from consortium.tensor_digest import arrays_digest
 from consortium.training import LocalTrainingConfig, train_local
 from coordinator.data_dir import DataDir
@@ -70,10 +71,13 @@ from coordinator.federated.strategy import (
     ConsortiumStrategy,
     RoundProvenance,
     TooFewUpdatesError,
+    WitnessLog,
     model_norm,
+    with_witness_request,
 )
 from coordinator.jobs.spec import FederatedJobSpec
 from coordinator.provenance.recorder import JobRecorder
+from coordinator.provenance.witnessing import LogView
 from coordinator.state import SqliteStateStore
 
 Arrays = dict[str, npt.NDArray[Any]]
@@ -116,15 +120,37 @@ class Site:
     institution: str
     node_id: int
     key_path: Path
+    state_dir: Path  # where the site keeps the log heads it cosigned
+    coordinator_key: Path  # checks the heads it is asked to cosign
 
     def context(self) -> Context:
         return Context(
             run_id=1,
             node_id=self.node_id,
-            node_config={"institution": self.institution, "signing-key": str(self.key_path)},
+            node_config={
+                "institution": self.institution,
+                "signing-key": str(self.key_path),
+                "state-dir": str(self.state_dir),
+                "coordinator-key": str(self.coordinator_key),
+            },
             state=RecordDict(),
             run_config={},
         )
+
+
+def institution_of_node(node_id: int) -> str:
+    """Who each SuperNode is, as onboarding registered its key."""
+    return {NODE_A: "uni-a", NODE_B: "uni-b", NODE_B2: "uni-b"}.get(node_id, "")
+
+
+def witnessed_log(root: Path) -> WitnessLog:
+    """A coordinator log with the job's start and a head, which every round's sites cosign."""
+    coordinator = SigningKey.generate()
+    coordinator.save(root / "coordinator.key")
+    log = ProvenanceLog(root / "log.jsonl", coordinator)
+    log.append_record(JobStarted(job_id=JOB, kind="federated", seed=7))
+    log.publish_tree_head()
+    return WitnessLog(log.path, coordinator.key_id)
 
 
 def client_reply(
@@ -154,6 +180,7 @@ class World:
     model: Arrays
     sites: dict[str, Site]  # "a", "b", "b2" (uni-b's second node), "rogue", "impostor"
     data_digest: str
+    log: WitnessLog
     messages: dict[int, Message] = field(default_factory=dict)
     stores: list[SqliteStateStore] = field(default_factory=list)
     registered: list[tuple[str, SigningKey]] = field(default_factory=list)
@@ -179,6 +206,8 @@ class World:
             rule or AggregationRule(),
             round_offset=0,
             retention_dir=retention_dir,
+            institution_of_node=institution_of_node,
+            witness_log=self.log,
         )
         messages = strategy.configure_train(
             ROUND, to_record(self.model), ConfigRecord({"seed": 7}), FakeGrid([NODE_A, NODE_B])
@@ -186,6 +215,13 @@ class World:
         if not self.messages:
             self.messages = {m.metadata.dst_node_id: m for m in messages}
         return strategy
+
+    def witnessed(self, message: Message) -> Message:
+        """`message` asking its site to cosign the log's head, as the strategy sends it."""
+        node_id = message.metadata.dst_node_id
+        request = LogView.read(self.log.path).request_for(institution_of_node(node_id))
+        assert request is not None
+        return with_witness_request(message, request)
 
     def config(self, **changes: Any) -> ConfigRecord:
         base = self.messages[NODE_A].content.config_records["config"]
@@ -203,8 +239,8 @@ class World:
         """Run the real signing mod around a fake ClientApp that returns `arrays`."""
         who = self.sites[site]
         if msg is None:
-            msg = self.messages.get(who.node_id) or train_message(
-                who.node_id, self.config(), self.model
+            msg = self.messages.get(who.node_id) or self.witnessed(
+                train_message(who.node_id, self.config(), self.model)
             )
 
         def call_next(received: Message, context: Context) -> Message:
@@ -228,19 +264,26 @@ def world(tmp_path: Path) -> Iterator[World]:
     keys = {name: SigningKey.generate() for name in ("a", "b", "rogue")}
     for name, key in keys.items():
         key.save(tmp_path / "keys" / f"{name}.pem")
+    log = witnessed_log(tmp_path)
+    coordinator_key = tmp_path / "coordinator.pub"
+
+    def site(institution: str, node_id: int, key: str, name: str) -> Site:
+        path = tmp_path / "keys" / f"{key}.pem"
+        return Site(institution, node_id, path, tmp_path / "sites" / name, coordinator_key)
+
     sites = {
-        "a": Site("uni-a", NODE_A, tmp_path / "keys" / "a.pem"),
-        "b": Site("uni-b", NODE_B, tmp_path / "keys" / "b.pem"),
-        "b2": Site("uni-b", NODE_B2, tmp_path / "keys" / "b.pem"),
+        "a": site("uni-a", NODE_A, "a", "a"),
+        "b": site("uni-b", NODE_B, "b", "b"),
+        "b2": site("uni-b", NODE_B2, "b", "b2"),
         # a key nobody registered, claiming to be uni-b
-        "rogue": Site("uni-b", NODE_B2, tmp_path / "keys" / "rogue.pem"),
+        "rogue": site("uni-b", NODE_B2, "rogue", "rogue"),
         # uni-a's registered key, claiming to be uni-b
-        "impostor": Site("uni-b", NODE_B2, tmp_path / "keys" / "a.pem"),
+        "impostor": site("uni-b", NODE_B2, "a", "impostor"),
     }
     rng = np.random.default_rng(3)
     x, y = rng.standard_normal((8, 3)).astype(np.float32), np.arange(8, dtype=np.int64)
     data = commit("digits", x, y, b"k" * 32)
-    w = World(tmp_path, model_arrays(0), sites, data.digest())
+    w = World(tmp_path, model_arrays(0), sites, data.digest(), log)
     w.registered = [("uni-a", keys["a"]), ("uni-b", keys["b"])]
     w.strategy()  # fixes the train messages the sites receive
     try:
@@ -462,18 +505,24 @@ def _other_institutions_key(world: World) -> Message:
 
 
 def _other_round(world: World) -> Message:
-    msg = train_message(NODE_B2, world.config(**{"round-number": ROUND + 1}), world.model)
+    msg = world.witnessed(
+        train_message(NODE_B2, world.config(**{"round-number": ROUND + 1}), world.model)
+    )
     return world.sign("b2", model_arrays(4), 5, msg=msg)
 
 
 def _other_global_model(world: World) -> Message:
     other = model_arrays(9)
-    msg = train_message(NODE_B2, world.config(**{"global-digest": arrays_digest(other)}), other)
+    msg = world.witnessed(
+        train_message(NODE_B2, world.config(**{"global-digest": arrays_digest(other)}), other)
+    )
     return world.sign("b2", model_arrays(4), 5, msg=msg)
 
 
 def _other_job(world: World) -> Message:
-    msg = train_message(NODE_B2, world.config(**{"job-id": "another-job"}), world.model)
+    msg = world.witnessed(
+        train_message(NODE_B2, world.config(**{"job-id": "another-job"}), world.model)
+    )
     return world.sign("b2", model_arrays(4), 5, msg=msg)
 
 
@@ -519,6 +568,29 @@ def _scaled_beyond_default_norm(world: World) -> Message:
     return world.sign("b2", {k: v * 100 for k, v in world.model.items()}, 5)
 
 
+def _uncosigned(world: World) -> Message:
+    """A correctly signed update whose site did not cosign the log's head."""
+    reply = world.sign("b2", model_arrays(4), 5)
+    del reply.content[COSIGNATURE_RECORD]
+    return reply
+
+
+def _cosigned_another_head(world: World) -> Message:
+    """A cosignature, correctly signed, of a head other than the one the round sent."""
+    reply = world.sign("b2", model_arrays(4), 5)
+    fields = reply.content.config_records[COSIGNATURE_RECORD]
+    fields["root-hash"] = "00" * 32
+    return reply
+
+
+def _cosignature_time_edited(world: World) -> Message:
+    """A cosignature whose time was changed after the site signed it."""
+    reply = world.sign("b2", model_arrays(4), 5)
+    fields = reply.content.config_records[COSIGNATURE_RECORD]
+    fields["timestamp"] = int(str(fields["timestamp"])) + 1  # the signature covers the time
+    return reply
+
+
 BAD_UPDATES: dict[str, tuple[Callable[[World], Message], str, int]] = {
     # case: (builder, expected reason, node the refusal is attributed to)
     "nan": (_with_value(float("nan")), "non_finite", NODE_B2),
@@ -544,6 +616,9 @@ BAD_UPDATES: dict[str, tuple[Callable[[World], Message], str, int]] = {
     "list_metric": (_with_metric("train_loss", [0.1, 0.2]), "bad_metrics", NODE_B2),
     "unknown_metric": (_with_metric("accuracy", 0.99), "bad_metrics", NODE_B2),
     "beyond_default_norm": (_scaled_beyond_default_norm, "norm", NODE_B2),
+    "uncosigned": (_uncosigned, "uncosigned", NODE_B2),
+    "cosigned_another_head": (_cosigned_another_head, "bad_cosignature", NODE_B2),
+    "cosignature_time_edited": (_cosignature_time_edited, "bad_cosignature", NODE_B2),
 }
 
 

@@ -59,12 +59,13 @@ def federated(log: ProvenanceLog, site: SigningKey) -> None:
     for round_ in (1, 2):
         if round_ == 2:
             log.append(
-                "job_resumed", {"job_id": FED_JOB, "after_round": 1, "model_digest": "b1" * 32}
+                "job_resumed", {"job_id": FED_JOB, "after_round": 1, "model_digest": "e1" * 32}
             )
         statement = UpdateStatement(
             job_id=FED_JOB,
             round=round_,
-            global_digest=f"{round_:02x}" * 32,
+            # Each round starts from the model the one before ended with.
+            global_digest="a0" * 32 if round_ == 1 else f"e{round_ - 1}" * 32,
             update_digest=f"c{round_}" * 32,
             num_examples=17,
             commitment="d0" * 32,
@@ -110,7 +111,7 @@ def federated(log: ProvenanceLog, site: SigningKey) -> None:
         {
             "job_id": FED_JOB,
             "rounds": 2,
-            "final_model_digest": "f0" * 32,
+            "final_model_digest": "e2" * 32,
             "model_file": f"{FED_JOB}.safetensors",
             "model_file_sha256": "f1" * 32,
         },

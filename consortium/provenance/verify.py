@@ -35,6 +35,7 @@ from consortium.provenance.log import (
     RECORD,
     TREE_HEAD,
     TreeHead,
+    WitnessCosignature,
     head_signing_bytes,
     line_digest,
     read_lines,
@@ -79,6 +80,7 @@ class VerifyReport:
     heads: list[TreeHead] = field(default_factory=list)
     # tree size -> the institutions whose cosignature of that head verified
     witnesses: dict[int, set[str]] = field(default_factory=dict)
+    cosignatures: dict[int, list[WitnessCosignature]] = field(default_factory=dict)
     keyring: Keyring = field(default_factory=Keyring)
 
     def witnesses_of(self, head: TreeHead) -> list[str]:
@@ -219,6 +221,16 @@ class _Verifier:
         except SignatureError:
             raise ValueError(f"the cosignature of {institution!r} does not verify") from None
         self.report.witnesses.setdefault(size, set()).add(institution)
+        self.report.cosignatures.setdefault(size, []).append(
+            WitnessCosignature(
+                tree_size=size,
+                root_hash=root,
+                institution=institution,
+                key_id=str(entry["key_id"]),
+                timestamp_s=int(entry["timestamp_s"]),
+                signature=str(entry["signature"]),
+            )
+        )
 
 
 def verify_log(

@@ -1,4 +1,4 @@
-"""`coordinator provenance verify/show/export` and `coordinator replay`."""
+"""`coordinator provenance verify/show/export/publish` and `coordinator replay`."""
 
 from __future__ import annotations
 
@@ -12,8 +12,17 @@ from rich.console import Console
 from rich.table import Table
 
 from consortium.cli_errors import cli_errors
-from consortium.errors import NotFoundError, ProvenanceInvalidError
+from consortium.errors import InvalidArgumentError, NotFoundError, ProvenanceInvalidError
+from consortium.pki import load_certificate
 from consortium.provenance import intoto
+from consortium.provenance.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    Cosignature,
+    origin_of,
+    read_signed_note,
+    signed_note,
+)
 from consortium.provenance.log import TreeHead
 from consortium.provenance.records import (
     JobCompleted,
@@ -23,9 +32,10 @@ from consortium.provenance.records import (
     Round,
     type_name,
 )
-from consortium.provenance.signing import SigningKey, VerifyingKey
+from consortium.provenance.signing import SigningKey, VerifyingKey, unb64
 from consortium.provenance.verify import LogVerificationError, VerifyReport, verify_log
 from consortium.tensor_digest import file_digest
+from coordinator.access.pki_files import CoordinatorPki
 from coordinator.data_dir import DataDir
 
 if TYPE_CHECKING:
@@ -35,6 +45,7 @@ provenance_app = typer.Typer(
     help="Verify, show and export the provenance log.", no_args_is_help=True
 )
 console = Console()
+CHECKPOINT_FILE = "checkpoint"
 
 DataDirOption = Annotated[Path, typer.Option("--data-dir", help="Coordinator data dir.")]
 KeyOption = Annotated[
@@ -44,7 +55,12 @@ KeyOption = Annotated[
 
 
 def load_verified(
-    log: Path | None, key: Path | None, data_dir: Path, expected: TreeHead | None = None
+    log: Path | None,
+    key: Path | None,
+    data_dir: Path,
+    expected: TreeHead | None = None,
+    allow_unbound_keys: bool = False,
+    ca: Path | None = None,
 ) -> tuple[Path, VerifyReport]:
     log = log or DataDir(data_dir).provenance_log
     key = key or DataDir(data_dir).signing_public_key
@@ -52,8 +68,19 @@ def load_verified(
         raise NotFoundError(f"provenance log {log} does not exist")
     if not key.exists():
         raise NotFoundError(f"coordinator public key {key} does not exist; pass --key")
+    ca_cert = None
+    if ca is not None:
+        if not ca.exists():
+            raise NotFoundError(f"CA certificate {ca} does not exist")
+        ca_cert = load_certificate(ca)
     try:
-        return log, verify_log(log, VerifyingKey.load(key), expected_head=expected)
+        return log, verify_log(
+            log,
+            VerifyingKey.load(key),
+            expected_head=expected,
+            allow_unbound_keys=allow_unbound_keys,
+            ca=ca_cert,
+        )
     except LogVerificationError as error:
         raise ProvenanceInvalidError(f"{log}: {error}") from None
 
@@ -72,19 +99,134 @@ def verify(
     data_dir: DataDirOption = Path(".consortium"),
     tree_size: Annotated[int | None, typer.Option(help="A published tree head's size.")] = None,
     root_hash: Annotated[str | None, typer.Option(help="...and its root hash (hex).")] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="A checkpoint `provenance publish` wrote: the log must extend it."),
+    ] = None,
+    min_witnesses: Annotated[
+        int, typer.Option(min=0, help="Fail unless the latest head has this many cosigners.")
+    ] = 0,
+    ca: Annotated[
+        Path | None,
+        typer.Option(help="Consortium CA certificate: check each key binding's certificate."),
+    ] = None,
+    allow_unbound_keys: Annotated[
+        bool,
+        typer.Option(help="Accept keys logged without a binding (logs before bindings)."),
+    ] = False,
+    heads: Annotated[bool, typer.Option(help="List every tree head and its witnesses.")] = False,
 ) -> None:
-    """Check every signature, the Merkle tree heads and the institution signatures."""
+    """Check every signature, the tree heads and their chain, the witnesses' cosignatures,
+    the institution signatures with their bound keys, and each job's history."""
     with cli_errors():
+        if (tree_size is None) != (root_hash is None):
+            raise InvalidArgumentError(
+                "--tree-size and --root-hash go together: pass both, from one published head"
+            )
         expected = None
         if tree_size is not None and root_hash is not None:
             expected = TreeHead(tree_size, root_hash, 0)
-        path, report = load_verified(log, key, data_dir, expected)
+        ca = ca if ca is not None else _default_ca(data_dir)
+        path, report = load_verified(log, key, data_dir, expected, allow_unbound_keys, ca)
         head = report.last_head
         assert head is not None  # verify_log guarantees a final tree head
+        if checkpoint is not None:
+            _check_checkpoint(checkpoint, path, key, data_dir, report, allow_unbound_keys, ca)
+        if heads:
+            console.print(_heads_table(report))
+        witnesses = report.witnesses_of(head)
         console.print(
             f"OK {path}: {report.records} records, {report.tree_heads} signed tree heads, "
             f"{report.signed_updates} institution-signed updates, {len(report.jobs)} job(s); "
-            f"tree size {head.tree_size}, root {head.root_hash}"
+            f"tree size {head.tree_size}, root {head.root_hash}; "
+            f"cosigned by {', '.join(witnesses) if witnesses else 'no site'}"
+        )
+        if len(witnesses) < min_witnesses:
+            raise ProvenanceInvalidError(
+                f"the latest tree head (size {head.tree_size}) is cosigned by "
+                f"{len(witnesses)} site(s), fewer than --min-witnesses {min_witnesses}"
+            )
+
+
+def _default_ca(data_dir: Path) -> Path | None:
+    """The data dir's CA certificate, when this is the coordinator's host."""
+    ca = CoordinatorPki(data_dir).ca_cert
+    return ca if ca.exists() else None
+
+
+def _heads_table(report: VerifyReport) -> Table:
+    table = Table("head", "tree size", "root", "cosigned by")
+    for number, head in enumerate(report.heads):
+        table.add_row(
+            str(number),
+            str(head.tree_size),
+            head.root_hash[:16],
+            ", ".join(report.witnesses_of(head)) or "-",
+        )
+    return table
+
+
+def _check_checkpoint(
+    checkpoint: Path,
+    log: Path,
+    key: Path | None,
+    data_dir: Path,
+    report: VerifyReport,
+    allow_unbound_keys: bool,
+    ca: Path | None,
+) -> None:
+    """The checkpoint's signatures (coordinator, witnesses bound in the log), then the
+    log against the head it publishes: a log cut or rewritten since is caught."""
+    if not checkpoint.exists():
+        raise NotFoundError(f"checkpoint {checkpoint} does not exist")
+    coordinator = VerifyingKey.load(key or DataDir(data_dir).signing_public_key)
+    try:
+        note = read_signed_note(checkpoint.read_text(), coordinator, report.keyring.witness_keys())
+    except CheckpointError as error:
+        raise ProvenanceInvalidError(f"{checkpoint}: {error}") from None
+    published = TreeHead(note.checkpoint.tree_size, note.checkpoint.root_hash, 0)
+    load_verified(log, key, data_dir, published, allow_unbound_keys, ca)
+    console.print(
+        f"the log extends checkpoint {checkpoint} (size {published.tree_size}, cosigned by "
+        f"{', '.join(note.witnesses) or 'no site'})"
+    )
+
+
+@provenance_app.command("publish")
+def publish(
+    directory: Annotated[Path, typer.Argument(help="Where to write the checkpoint.")],
+    data_dir: DataDirOption = Path(".consortium"),
+) -> None:
+    """Write the latest cosigned tree head as a C2SP checkpoint (signed note, with the
+    sites' cosignatures) that anyone can archive and check a log against later."""
+    with cli_errors():
+        _, report = load_verified(None, None, data_dir, ca=_default_ca(data_dir))
+        cosigned = [h for h in report.heads if report.witnesses_of(h)]
+        if not cosigned:
+            raise NotFoundError(
+                "no tree head of the log is cosigned yet: sites cosign heads in the "
+                "rounds of federated jobs"
+            )
+        head = cosigned[-1]
+        key = SigningKey.load(DataDir(data_dir).signing_key)
+        cosignatures = [
+            Cosignature(
+                c.institution,
+                report.keyring.keys[c.key_id].key,
+                c.timestamp_s,
+                unb64(c.signature),
+            )
+            for c in report.cosignatures[head.tree_size]
+        ]
+        note = signed_note(
+            Checkpoint(origin_of(key.key_id), head.tree_size, head.root_hash), key, cosignatures
+        )
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CHECKPOINT_FILE).write_text(note)
+        (directory / "coordinator-signing.pub").write_bytes(key.public.pem())
+        console.print(
+            f"wrote {directory / CHECKPOINT_FILE}: tree size {head.tree_size}, cosigned by "
+            f"{', '.join(report.witnesses_of(head))}"
         )
 
 
@@ -219,7 +361,11 @@ def replay(
                 f"round {result.round}: {result.updates} updates, aggregate "
                 f"{result.replayed_digest[:16]} matches the log"
             )
-        console.print(f"replay OK: {len(results)} rounds reproduced bit for bit")
+        logged = report.rounds_of(job_id)
+        console.print(
+            f"replay OK: {len(results)} rounds reproduced bit for bit "
+            f"(the log holds {logged} round(s) of job {job_id}, each once)"
+        )
 
 
 def replay_pretraining_job(job_id: str, records: list[Record]) -> None:

@@ -29,6 +29,7 @@ from consortium.data.docstrings import DATASET as DOCSTRINGS
 from consortium.data.docstrings import DEFAULT_BYTES_PER_PACKAGE, packages_for, site_text
 from consortium.data.npz import save_npz
 from consortium.data.partition import dirichlet_partition
+from consortium.errors import ProvenanceInvalidError
 from consortium.proto.v1 import jobs_pb2
 from coordinator.cli.remote import Remote
 from coordinator.cli.watch import watch_job
@@ -182,7 +183,13 @@ def run_demo(
                     remote, rounds, num_institutions, console, outer_steps, inner_steps
                 )
         if final.state == jobs_pb2.JOB_STATE_SUCCEEDED:
-            check_provenance(consortium.data_dir, final.job_id, console, pretrained)
+            check_provenance(
+                consortium.data_dir,
+                final.job_id,
+                console,
+                pretrained,
+                min_witnesses=num_institutions,
+            )
         return int(final.state)
     finally:
         console.print("stopping every process the demo started...")
@@ -191,10 +198,15 @@ def run_demo(
 
 
 def check_provenance(
-    data_dir: Path, job_id: str, console: Console, pretrain_job_id: str | None = None
+    data_dir: Path,
+    job_id: str,
+    console: Console,
+    pretrain_job_id: str | None = None,
+    min_witnesses: int = 0,
 ) -> None:
-    """What anyone holding the log and the public key can do: verify, then replay
-    (the pretraining job's training, and the federated job's aggregation)."""
+    """What anyone holding the log and the public key can do: verify (with the sites'
+    cosignatures of the latest head: at least `min_witnesses`), then replay (the
+    pretraining job's training, and the federated job's aggregation)."""
     from coordinator.cli.provenance import job_records, load_verified, replay_pretraining_job
     from coordinator.federated.replay import replay_rounds
 
@@ -205,6 +217,16 @@ def check_provenance(
         f"{verified.signed_updates} institution-signed updates, tree size "
         f"{head.tree_size if head else 0}"
     )
+    witnesses = verified.witnesses_of(head) if head else []
+    console.print(
+        f"provenance: the latest tree head is cosigned by {len(witnesses)} site(s): "
+        f"{', '.join(witnesses) or 'none'}"
+    )
+    if len(witnesses) < min_witnesses:
+        raise ProvenanceInvalidError(
+            f"the latest tree head is cosigned by {len(witnesses)} site(s), fewer than the "
+            f"{min_witnesses} that took part"
+        )
     if pretrain_job_id is not None:
         replay_pretraining_job(pretrain_job_id, job_records(verified, pretrain_job_id))
     rounds = replay_rounds(data_dir, job_id, job_records(verified, job_id))

@@ -45,6 +45,9 @@ from consortium.provenance.signing import SigningKey, b64
 RECORD = "record"
 TREE_HEAD = "tree_head"
 COSIGNATURE = "cosignature"
+COSIGNATURE_FIELDS = frozenset(
+    {"kind", "tree_size", "root_hash", "institution", "key_id", "timestamp_s", "signature"}
+)
 # The fields of a tree head written before heads were chained and signed whole.
 LEGACY_HEAD_FIELDS = frozenset(
     {"kind", "tree_size", "root_hash", "timestamp_ms", "key_id", "signature"}
@@ -221,22 +224,32 @@ class ProvenanceLog:
         self, cosignatures: list[WitnessCosignature], precondition: Precondition | None = None
     ) -> int:
         """Record sites' cosignatures of heads already in this log (a cosignature of a
-        head the log does not hold is skipped: it cosigns nothing here). Returns how
-        many were written."""
+        head the log does not hold is skipped: it cosigns nothing here; so is a second
+        one of an institution for the same head). Returns how many were written."""
         if not cosignatures:
             return 0
         with self._locked():
             if precondition is not None:
                 precondition(records_of(self.path))
+            entries = [json.loads(line) for line in read_lines(self.path)]
             heads = {
                 (entry["tree_size"], entry["root_hash"])
-                for entry in (json.loads(line) for line in read_lines(self.path))
+                for entry in entries
                 if entry.get("kind") == TREE_HEAD
+            }
+            # One cosignature per institution and head (a round sent again, a second
+            # reply): the first is kept.
+            logged = {
+                (entry["institution"], entry["tree_size"])
+                for entry in entries
+                if entry.get("kind") == COSIGNATURE
             }
             written = 0
             for cosignature in cosignatures:
-                if (cosignature.tree_size, cosignature.root_hash) in heads:
+                key = (cosignature.institution, cosignature.tree_size)
+                if (cosignature.tree_size, cosignature.root_hash) in heads and key not in logged:
                     self._append_line(cosignature.line())
+                    logged.add(key)
                     written += 1
             return written
 

@@ -102,7 +102,7 @@ class JobHistory:
         self.model_digest = record.model_digest
 
     def _completed(self, record: JobCompleted) -> None:
-        if self.last_round and record.rounds is not None and record.rounds != self.last_round:
+        if record.rounds is not None and record.rounds != self.last_round:
             raise ValueError(
                 f"job {self.job_id} completed after {record.rounds} rounds, but "
                 f"{self.last_round} are logged"

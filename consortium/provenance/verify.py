@@ -31,6 +31,7 @@ from consortium.provenance.checkpoint import checkpoint_body, origin_of, verify_
 from consortium.provenance.keyring import Keyring
 from consortium.provenance.log import (
     COSIGNATURE,
+    COSIGNATURE_FIELDS,
     LEGACY_HEAD_FIELDS,
     RECORD,
     TREE_HEAD,
@@ -43,8 +44,8 @@ from consortium.provenance.log import (
     tree_head_signing_bytes,
 )
 from consortium.provenance.merkle import (
+    MerkleTree,
     ProofError,
-    consistency_proof,
     leaf_hash,
     root_from_leaves,
     verify_consistency,
@@ -84,7 +85,18 @@ class VerifyReport:
     keyring: Keyring = field(default_factory=Keyring)
 
     def witnesses_of(self, head: TreeHead) -> list[str]:
+        """The institutions that cosigned this head."""
         return sorted(self.witnesses.get(head.tree_size, set()))
+
+    def vouched_by(self, head: TreeHead) -> list[str]:
+        """The institutions that cosigned this head or a later one: a later cosignature
+        vouches for it too, since every head of a verified log is consistent with the
+        next (the site checked its own last head against the one it cosigned)."""
+        return sorted(
+            set().union(
+                *(names for size, names in self.witnesses.items() if size >= head.tree_size)
+            )
+        )
 
     def rounds_of(self, job_id: str) -> int:
         """How many rounds (or outer steps) of the job the log holds."""
@@ -124,6 +136,8 @@ class _Verifier:
     coordinator_key: VerifyingKey
     report: VerifyReport
     leaves: list[bytes] = field(default_factory=list)
+    # The same leaves as a tree that answers roots and proofs in O(log n) per head.
+    tree: MerkleTree = field(default_factory=MerkleTree)
     head_lines: list[bytes] = field(default_factory=list)
     histories: dict[str, JobHistory] = field(default_factory=dict)
     roots: dict[int, str] = field(default_factory=dict)  # tree size -> root of its head
@@ -134,6 +148,7 @@ class _Verifier:
         if kind == RECORD:
             self._record(entry)
             self.leaves.append(leaf_hash(raw))
+            self.tree.append(self.leaves[-1])
         elif kind == TREE_HEAD:
             self._tree_head(raw, entry)
         elif kind == COSIGNATURE:
@@ -188,12 +203,12 @@ class _Verifier:
             raise ValueError(
                 f"tree head covers {head.tree_size} records, log has {len(self.leaves)}"
             )
-        if root_from_leaves(self.leaves).hex() != head.root_hash:
+        if self.tree.root().hex() != head.root_hash:
             raise ValueError("tree head root does not match the records")
         previous_head = self.report.last_head
         if previous_head is not None and previous_head.tree_size > 0:
             # Prove the earlier head is a prefix of this one, as a monitor would.
-            proof = consistency_proof(self.leaves, previous_head.tree_size, head.tree_size)
+            proof = self.tree.consistency_proof(previous_head.tree_size, head.tree_size)
             verify_consistency(
                 previous_head.tree_size,
                 head.tree_size,
@@ -208,7 +223,16 @@ class _Verifier:
         self.report.last_head = head
 
     def _cosignature(self, entry: dict[str, Any]) -> None:
+        # Exactly the fields a cosignature has, each of its type: nothing in the line can
+        # change without breaking the signature or this check.
+        if set(entry) != COSIGNATURE_FIELDS:
+            raise ValueError(f"a cosignature line has fields {sorted(entry)}")
         size, root, institution = entry["tree_size"], entry["root_hash"], entry["institution"]
+        for name in ("tree_size", "timestamp_s"):
+            if type(entry[name]) is not int:
+                raise ValueError(f"a cosignature's {name} is not an integer")
+        if institution in self.report.witnesses.get(size, set()):
+            raise ValueError(f"{institution!r} cosigns the head of size {size} a second time")
         if self.roots.get(size) != root:
             raise ValueError(
                 f"{institution!r} cosigns a head of size {size} that the log does not hold "

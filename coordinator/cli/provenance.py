@@ -155,13 +155,14 @@ def _default_ca(data_dir: Path) -> Path | None:
 
 
 def _heads_table(report: VerifyReport) -> Table:
-    table = Table("head", "tree size", "root", "cosigned by")
+    table = Table("head", "tree size", "root", "cosigned by", "vouched for by")
     for number, head in enumerate(report.heads):
         table.add_row(
             str(number),
             str(head.tree_size),
             head.root_hash[:16],
             ", ".join(report.witnesses_of(head)) or "-",
+            ", ".join(report.vouched_by(head)) or "-",
         )
     return table
 

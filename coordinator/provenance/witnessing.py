@@ -3,10 +3,16 @@ the cosignature a site returns (the site's half: `consortium/provenance/witness.
 
 A witness request carries the log's latest tree head line and consistency proofs to it
 from every head the institution may have cosigned last: the last one its cosignatures
-in the log show, and every head after that one (a site may have cosigned a head whose
-reply never reached the coordinator: a crash, a timeout). An institution with no
-cosignature logged yet gets proofs from every head since its key entered the log.
-Normally that is one or two proofs of O(log n) hashes each.
+in the log show, and the heads after that one (a site may have cosigned a head whose
+reply never reached the coordinator: a crash, a timeout), at most `MAX_PROOFS` of them,
+newest first. An institution with no cosignature logged yet gets proofs from the
+`MAX_PROOFS_UNKNOWN` newest heads (a site that never cosigned needs none). Normally that
+is one or two proofs of O(log n) hashes each (benchmarks/witness.py).
+
+The limit: a site whose cosignature of a head was lost and that then missed more than
+`MAX_PROOFS` heads before it trained again gets no proof from its last head, and refuses
+(`no_proof`, naming the size) until the operator logs that cosignature or the site's
+operator decides what to trust; the refusal is counted, never silent.
 """
 
 from __future__ import annotations
@@ -24,11 +30,11 @@ from consortium.provenance.log import (
     read_lines,
 )
 from consortium.provenance.merkle import MerkleTree, leaf_hash
-from consortium.provenance.records import RecordType
 from consortium.provenance.signing import SignatureError, VerifyingKey, unb64
 
-# Heads an institution without any logged key or cosignature gets proofs from (newest).
-MAX_UNKNOWN_PROOFS = 64
+# How many heads a request proves consistency from (see the module docstring).
+MAX_PROOFS = 32
+MAX_PROOFS_UNKNOWN = 8
 
 
 @dataclass(frozen=True)
@@ -47,13 +53,12 @@ class WitnessRequest:
 @dataclass
 class LogView:
     """The log as witnessing needs it: its tree, heads, and each institution's last
-    logged cosignature (or the record index where its key entered the log)."""
+    logged cosignature."""
 
     tree: MerkleTree = field(default_factory=MerkleTree)
     head_lines: list[bytes] = field(default_factory=list)
     head_sizes: list[int] = field(default_factory=list)
     last_cosigned: dict[str, int] = field(default_factory=dict)  # institution -> size
-    key_logged_at: dict[str, int] = field(default_factory=dict)  # institution -> records
 
     @classmethod
     def read(cls, path: Path) -> LogView:
@@ -62,12 +67,6 @@ class LogView:
             entry = json.loads(line)
             kind = entry.get("kind")
             if kind == RECORD:
-                if entry.get("type") in (
-                    RecordType.INSTITUTION_KEY,
-                    RecordType.INSTITUTION_KEY_CHANGED,
-                ):
-                    name = str(entry["body"]["institution"])
-                    view.key_logged_at.setdefault(name, view.tree.size)
                 view.tree.append(leaf_hash(line))
             elif kind == TREE_HEAD:
                 view.head_lines.append(line)
@@ -87,12 +86,10 @@ class LogView:
         entry = json.loads(latest)
         if institution in self.last_cosigned:
             since = self.last_cosigned[institution]
-            sizes = {s for s in self.head_sizes if s >= since}
-        elif institution in self.key_logged_at:
-            since = self.key_logged_at[institution]
-            sizes = {s for s in self.head_sizes if s > since}
+            later = [s for s in self.head_sizes if s > since][-MAX_PROOFS:]
+            sizes = {since, *later}
         else:
-            sizes = set(self.head_sizes[-MAX_UNKNOWN_PROOFS:])
+            sizes = set(self.head_sizes[-MAX_PROOFS_UNKNOWN:])
         proofs = {
             str(old): [node.hex() for node in self.tree.consistency_proof(old, size)]
             for old in sorted(sizes)

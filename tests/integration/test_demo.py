@@ -23,10 +23,12 @@ import pytest
 
 from consortium.errors import InvalidArgumentError
 from consortium.proto.v1 import jobs_pb2
+from consortium.provenance.signing import SigningKey
+from consortium.provenance.verify import verify_log
 from coordinator.cli.remote import Remote, connect
 from coordinator.data_dir import DataDir
 from tests.conftest import Processes
-from tests.helpers import TEST_PROFILE, local_consortium, wait_for
+from tests.helpers import TEST_PROFILE, local_consortium, run_cli, wait_for
 
 DEMO_TIMEOUT_S = 600.0
 INSTITUTIONS = 2
@@ -150,6 +152,43 @@ def test_each_site_fine_tunes_on_its_own_text(demo: DemoRun) -> None:
     # Each site committed to its own text, once per round.
     assert [u["data"]["dataset"] for u in updates] == ["docstrings"] * INSTITUTIONS * ROUNDS
     assert len({u["institution"] for u in updates}) == INSTITUTIONS
+
+
+def test_every_head_of_the_fine_tune_is_cosigned_by_every_site(demo: DemoRun) -> None:
+    """The sites witness the log: every head from the fine-tune's start on is cosigned by
+    every institution that trained in it (each round's messages carry the head before
+    the round; the job's end asks for the final one), except the head over the last
+    round, which their cosignature of the final head vouches for."""
+    _, fine_tune = job_ids(demo)
+    paths = DataDir(demo.data_dir)
+    report = verify_log(paths.provenance_log, SigningKey.load(paths.signing_key).public)
+    rounds = log_bodies(demo.data_dir, "round", fine_tune)
+    sites = sorted({u["institution"] for body in rounds for u in body["updates"]})
+    started_at = next(
+        entry["index"]
+        for entry in map(json.loads, paths.provenance_log.read_text().splitlines())
+        if entry.get("type") == "job_started" and entry["body"]["job_id"] == fine_tune
+    )
+    heads = [head for head in report.heads if head.tree_size > started_at]
+    *per_round, over_last_round, final = heads
+
+    done = run_cli(
+        "coordinator",
+        "provenance",
+        "verify",
+        "--min-witnesses",
+        str(INSTITUTIONS),
+        "--data-dir",
+        str(demo.data_dir),
+    )
+
+    assert len(sites) == INSTITUTIONS and len(per_round) == ROUNDS
+    assert [report.witnesses_of(head) for head in [*per_round, final]] == [sites] * (ROUNDS + 1)
+    assert (
+        report.witnesses_of(over_last_round) == [] and report.vouched_by(over_last_round) == sites
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"cosigned by {', '.join(sites)}" in " ".join(done.stdout.split())
 
 
 def test_the_coordinator_reports_the_pipelines_jobs_after_a_restart(

@@ -10,7 +10,8 @@ site may have cosigned last, keyed by their tree size. The site:
    check it with and checks the rest only);
 2. takes the last head it cosigned from its own record, `<state dir>/witness/
    cosigned-heads.jsonl`, and refuses (`LogInconsistentError`) a head smaller than that
-   one (the log was truncated or rolled back), of the same size with another root (it
+   one (the log was truncated or rolled back) unless it cosigned that very head before
+   (a late message of an earlier round), of the same size with another root (it
    was rewritten), or larger without a consistency proof from it that verifies (it
    was rewritten, or the coordinator will not prove it was not);
 3. appends the head to its record, then cosigns it (C2SP cosignature/v1,
@@ -160,11 +161,15 @@ class WitnessRecord:
 
 
 def check_extends(
-    last: CosignedHead | None, head: PresentedHead, proofs: Mapping[str, Sequence[str]]
+    cosigned: Sequence[CosignedHead], head: PresentedHead, proofs: Mapping[str, Sequence[str]]
 ) -> None:
-    """Raises LogInconsistentError unless `head` extends `last` (the site's latest)."""
-    if last is None:
+    """Raises LogInconsistentError unless `head` extends the site's latest cosigned head,
+    or is one it cosigned before (a late message of an earlier round)."""
+    if not cosigned:
         return  # the first head this site sees: nothing to be consistent with
+    last = cosigned[-1]
+    if any(h.tree_size == head.tree_size and h.root_hash == head.root_hash for h in cosigned):
+        return
     if head.tree_size < last.tree_size:
         raise LogInconsistentError(
             TRUNCATED,
@@ -219,9 +224,9 @@ def witness_head(
     try:
         head = parse_head(head_line, coordinator_key)
         with record.locked() as cosigned:
-            check_extends(cosigned[-1] if cosigned else None, head, proofs)
+            check_extends(cosigned, head, proofs)
             now = int(time.time())
-            if not cosigned or cosigned[-1].tree_size != head.tree_size:
+            if not any(h.tree_size >= head.tree_size for h in cosigned):
                 record.append(CosignedHead(head.tree_size, head.root_hash, head_line, now))
     except LogInconsistentError as refusal:
         record_refusal(state_dir, refusal.reason)

@@ -54,6 +54,15 @@ KeyOption = Annotated[
 ]
 
 
+UnboundOption = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unbound-keys",
+        help="Accept keys logged without a binding (older logs; plain-text consortia).",
+    ),
+]
+
+
 def load_verified(
     log: Path | None,
     key: Path | None,
@@ -110,10 +119,7 @@ def verify(
         Path | None,
         typer.Option(help="Consortium CA certificate: check each key binding's certificate."),
     ] = None,
-    allow_unbound_keys: Annotated[
-        bool,
-        typer.Option(help="Accept keys logged without a binding (logs before bindings)."),
-    ] = False,
+    allow_unbound_keys: UnboundOption = False,
     heads: Annotated[bool, typer.Option(help="List every tree head and its witnesses.")] = False,
 ) -> None:
     """Check every signature, the tree heads and their chain, the witnesses' cosignatures,
@@ -237,10 +243,11 @@ def show(
     log: Annotated[Path | None, typer.Option(help="Log file.")] = None,
     key: KeyOption = None,
     data_dir: DataDirOption = Path(".consortium"),
+    allow_unbound_keys: UnboundOption = False,
 ) -> None:
     """The verified history of one job: rounds, participants, refusals, digests."""
     with cli_errors():
-        _, report = load_verified(log, key, data_dir)
+        _, report = load_verified(log, key, data_dir, allow_unbound_keys=allow_unbound_keys)
         table = Table("record", "round", "participants", "refused", "aggregate / model digest")
         for record in job_records(report, job_id):
             table.add_row(*_show_row(record))
@@ -252,10 +259,11 @@ def export(
     job_id: str,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here.")] = None,
     data_dir: DataDirOption = Path(".consortium"),
+    allow_unbound_keys: UnboundOption = False,
 ) -> None:
     """An in-toto Statement v1 about the job's final model, in a signed DSSE envelope."""
     with cli_errors():
-        log, report = load_verified(None, None, data_dir)
+        log, report = load_verified(None, None, data_dir, allow_unbound_keys=allow_unbound_keys)
         records = job_records(report, job_id)
         completed = [r for r in records if isinstance(r, JobCompleted)]
         if not completed:
@@ -343,6 +351,7 @@ def replay(
     job_id: str,
     data_dir: DataDirOption = Path(".consortium"),
     key: KeyOption = None,
+    allow_unbound_keys: UnboundOption = False,
 ) -> None:
     """Verify the log, then reproduce the job bit for bit: a federated job's aggregates
     from retained updates; a pretraining job's training, step by step, on this CPU."""
@@ -351,7 +360,7 @@ def replay(
     from coordinator.federated.replay import job_kind, replay_rounds
 
     with cli_errors():
-        _, report = load_verified(None, key, data_dir)
+        _, report = load_verified(None, key, data_dir, allow_unbound_keys=allow_unbound_keys)
         records = job_records(report, job_id)
         if job_kind(records) == "pretrain":
             replay_pretraining_job(job_id, records)

@@ -344,7 +344,8 @@ class ChaosRun:
     def _check_log(self, report: ChaosReport) -> None:
         paths = DataDir(self.consortium.data_dir)
         key = SigningKey.load(paths.signing_key).public
-        verified = verify_log(paths.provenance_log, key)
+        # A plain-text consortium has no onboarding: its keys are logged unbound.
+        verified = verify_log(paths.provenance_log, key, allow_unbound_keys=True)
         report.verify_ok = True
         store = SqliteStateStore(self.consortium.paths.state_db)
         try:
@@ -362,7 +363,13 @@ class ChaosRun:
             store.close()
 
     def _replay(self, job_id: str) -> subprocess.CompletedProcess[str]:
-        command = ["replay", job_id, "--data-dir", str(self.consortium.data_dir)]
+        command = [
+            "replay",
+            job_id,
+            "--data-dir",
+            str(self.consortium.data_dir),
+            "--allow-unbound-keys",  # a plain-text consortium's keys are logged unbound
+        ]
         return subprocess.run(
             [venv_executable("coordinator"), *command],
             capture_output=True,

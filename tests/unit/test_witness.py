@@ -158,7 +158,9 @@ def test_every_head_is_cosigned_by_every_site_and_verify_names_the_witnesses(
         assert [h.tree_size for h in cosigned] == [h.tree_size for h in report.heads]
 
 
-def test_a_head_cosigned_again_is_recorded_once_at_the_site_and_in_the_log(consortium: Consortium) -> None:
+def test_a_head_cosigned_again_is_recorded_once_at_the_site_and_in_the_log(
+    consortium: Consortium,
+) -> None:
     consortium.witness("alpha")
     again = consortium.witness("alpha", record=False)  # a round sent again: the same head
 
@@ -166,6 +168,27 @@ def test_a_head_cosigned_again_is_recorded_once_at_the_site_and_in_the_log(conso
     assert consortium.log.append_cosignatures([again]) == 0  # the log keeps the first
     report = verify_log(consortium.log.path, consortium.key.public)
     assert report.witnesses_of(report.heads[-1]) == ["alpha"]
+
+
+def test_a_late_message_with_a_head_the_site_cosigned_before_is_not_a_truncation(
+    consortium: Consortium,
+) -> None:
+    """A stale run's message (an earlier round) carries an older head this site cosigned
+    already: it is cosigned again, and the site's record does not go back."""
+    site = consortium.sites["alpha"]
+    early = LogView.read(consortium.log.path).request_for("alpha")
+    assert early is not None
+    consortium.witness("alpha")
+    consortium.next_round()
+    consortium.witness("alpha")
+
+    again = witness_head(
+        site.state_dir, "alpha", site.key, consortium.key.public, early.head_line, {}
+    )
+
+    assert again.tree_size == early.tree_size
+    sizes = [h.tree_size for h in WitnessRecord(site.state_dir).heads()]
+    assert sizes == sorted(sizes) and sizes[-1] > early.tree_size
 
 
 def test_a_cosignature_lost_in_a_crash_is_still_proven_from(consortium: Consortium) -> None:
@@ -252,8 +275,9 @@ def test_a_site_refuses_a_head_the_coordinator_did_not_sign(consortium: Consorti
 def test_refusals_are_counted_for_the_sites_metrics(consortium: Consortium) -> None:
     consortium.all_witness()
     consortium.next_round()
+    consortium.next_round()
     consortium.all_witness()
-    consortium.truncate_after_head(0)
+    consortium.truncate_after_head(1)  # a head the sites never cosigned
     refusal(consortium, "alpha")
     refusal(consortium, "alpha")
     state_dir = consortium.sites["alpha"].state_dir

@@ -294,7 +294,10 @@ class JobRun:
         # The sites cosign the head over the final record too, so the latest head of a
         # finished job is witnessed (`provenance verify --min-witnesses`).
         witnesses = witness_latest_head(
-            grid, self.provenance, self.job, self.spec.round_timeout_s or FINAL_WITNESS_TIMEOUT_S
+            grid,
+            self.provenance,
+            self.job,
+            min(self.spec.round_timeout_s or FINAL_WITNESS_TIMEOUT_S, FINAL_WITNESS_TIMEOUT_S),
         )
         log.info("job %s: the final head is cosigned by %s", self.job_id, witnesses or "no site")
         self.job.succeed(f"completed {self.spec.rounds} rounds", str(model_path))

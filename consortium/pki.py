@@ -1,7 +1,9 @@
 """The consortium's X.509 PKI: a root CA, the coordinator's server certificate,
-and institution client certificates issued from CSRs (keys stay at the sites).
+institution client certificates issued from CSRs (keys stay at the sites), and the
+certificate of the coordinator's Ed25519 provenance signing key.
 
-ECDSA P-256 everywhere (TLS and Flower SuperNode authentication both accept it).
+ECDSA P-256 everywhere (TLS and Flower SuperNode authentication both accept it), except
+the certified provenance key, which is Ed25519 (the CA still signs with ECDSA SHA-256).
 Private keys are written with mode 0600 and never overwritten silently.
 """
 
@@ -16,12 +18,21 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from consortium.errors import InvalidArgumentError
 
 ORGANIZATION = "Consortium"
 CA_VALIDITY_DAYS = 3650
+SIGNING_KEY_COMMON_NAME = "Consortium provenance signing key"
+# The certificate's file name in a site's startup bundle.
+SIGNING_KEY_CERTIFICATE_FILE = "coordinator-signing.crt"
+
+
+class CertificateError(InvalidArgumentError, ValueError):
+    """A certificate is not what it is used as: not issued by the expected CA, not
+    valid now, or of the wrong key type or key usage."""
 
 
 def generate_key() -> ec.EllipticCurvePrivateKey:
@@ -161,6 +172,101 @@ def issue_server_certificate(
         days,
         sans,
     )
+
+
+def issue_signing_key_certificate(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    public_key: Ed25519PublicKey,
+    days: int,
+) -> x509.Certificate:
+    """The CA's X.509 certificate for the coordinator's Ed25519 provenance signing key,
+    so anyone holding the CA certificate can check the key with standard tools
+    (`openssl verify -CAfile ca.crt coordinator-signing.crt`).
+
+    Key usage digital signature only, not a CA, and no extended key usage: no EKU
+    (code signing, e-mail protection) says "signs a transparency log", and one would
+    only let a verifier accept the key for something else. It ends no later than the CA.
+    """
+    start = _now() - dt.timedelta(minutes=5)
+    end = min(start + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name(SIGNING_KEY_COMMON_NAME))
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+
+def check_signing_key_certificate(
+    cert: x509.Certificate, ca: x509.Certificate, at: dt.datetime | None = None
+) -> Ed25519PublicKey:
+    """The Ed25519 key `cert` certifies for signing, once `ca` signed it directly, it is
+    valid `at` (default: now) and allows digital signatures; CertificateError otherwise.
+
+    Which key it must certify is the caller's check: compare the returned key's raw
+    bytes with the key expected.
+    """
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature) as err:
+        detail = str(err) or "the signature does not verify"
+        raise CertificateError(
+            f"the certificate {institution_of(cert.subject)!r} was not issued by the CA "
+            f"{institution_of(ca.subject)!r} (sha256 {fingerprint(ca)}): {detail}"
+        ) from None
+    when = at or _now()
+    if not cert.not_valid_before_utc <= when <= cert.not_valid_after_utc:
+        raise CertificateError(
+            f"the certificate {institution_of(cert.subject)!r} is valid from "
+            f"{cert.not_valid_before_utc.isoformat()} to {cert.not_valid_after_utc.isoformat()}, "
+            f"not at {when.isoformat()}"
+        )
+    public_key = cert.public_key()
+    if not isinstance(public_key, Ed25519PublicKey):
+        raise CertificateError(
+            f"the certificate {institution_of(cert.subject)!r} certifies {_key_kind(public_key)}, "
+            "not an Ed25519 signing key"
+        )
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    if usage is None or not usage.digital_signature:
+        raise CertificateError(
+            f"the certificate {institution_of(cert.subject)!r} does not allow digital "
+            "signatures (key usage digitalSignature)"
+        )
+    return public_key
+
+
+def _key_kind(public_key: object) -> str:
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return f"an EC ({public_key.curve.name}) key"
+    return f"a {type(public_key).__name__} key"
 
 
 def make_csr(key: ec.EllipticCurvePrivateKey, institution: str) -> x509.CertificateSigningRequest:

@@ -7,6 +7,7 @@ Layout (all under `root`)::
     metrics.address               the Prometheus endpoint
     pki/                          CA, server and operator certificates, Ray token
     keys/coordinator-signing.key  signs the provenance log (and .pub beside it)
+    keys/coordinator-signing.crt  the CA's X.509 certificate for that key (public)
     provenance/log.jsonl          the signed, Merkle-tree provenance log
     provenance/updates/<job>/<round>/   retained client updates (replay)
     checkpoints/<job>/            per-job checkpoints (federated rounds, DiLoCo steps)
@@ -62,6 +63,11 @@ class DataDir:
     @property
     def signing_public_key(self) -> Path:
         return self.signing_key.with_suffix(".pub")
+
+    @property
+    def signing_certificate(self) -> Path:
+        """The consortium CA's certificate for the signing key, for publication."""
+        return self.signing_key.with_suffix(".crt")
 
     # --- provenance and job outputs ------------------------------------------
     @property

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from consortium import pki
 from consortium.errors import ConflictError, InvalidArgumentError, NotFoundError
@@ -87,7 +88,8 @@ def _write_secret(path: Path, data: bytes, force: bool) -> None:
 def init_consortium(
     data_dir: Path, hosts: list[str], cert_days: int, force: bool = False
 ) -> CoordinatorPki:
-    """Root CA, server certificate, operator certificate, signing key, Ray token."""
+    """Root CA, server certificate, operator certificate, signing key and the CA's
+    certificate for it, Ray token."""
     files = CoordinatorPki(data_dir)
     existing = [p for p in (files.ca_key, DataDir(data_dir).signing_key) if p.exists()]
     if existing and not force:
@@ -113,8 +115,74 @@ def init_consortium(
         signing.unlink(missing_ok=True)
         signing.with_suffix(".pub").unlink(missing_ok=True)
     private_dir(signing.parent)
-    SigningKey.generate().save(signing)
+    key = SigningKey.generate()
+    key.save(signing)
+    _write_signing_certificate(
+        DataDir(data_dir),
+        pki.issue_signing_key_certificate(
+            ca_key, ca_cert, _ed25519(key.public), pki.CA_VALIDITY_DAYS
+        ),
+    )
     return files
+
+
+def ensure_signing_certificate(data_dir: Path) -> x509.Certificate:
+    """The CA's certificate for the provenance signing key (`keys/coordinator-signing.pub`):
+    the one on disk if the current CA issued it for that key and it is valid now, else a
+    new one, which needs the CA key here (consortia created before certificates existed
+    get theirs this way)."""
+    files = CoordinatorPki(data_dir)
+    files.require()
+    paths = DataDir(data_dir)
+    if not paths.signing_public_key.exists():
+        raise NotFoundError(
+            f"the provenance signing key {paths.signing_public_key} does not exist: "
+            f"run `coordinator init --data-dir {data_dir}` first"
+        )
+    try:
+        key = VerifyingKey.load(paths.signing_public_key)
+    except ValueError as err:  # SignatureError: not an Ed25519 public key
+        raise InvalidArgumentError(f"{paths.signing_public_key}: {err}") from None
+    ca_cert = pki.load_certificate(files.ca_cert)
+    path = paths.signing_certificate
+    if path.exists():
+        try:
+            cert = pki.load_certificate(path)
+            certified = pki.check_signing_key_certificate(cert, ca_cert)
+        except InvalidArgumentError as err:  # CertificateError, or not PEM
+            problem = str(err)
+        else:
+            other = VerifyingKey(certified)
+            if other.raw == key.raw:
+                return cert
+            problem = f"{path} certifies key {other.key_id[:16]}, not {key.key_id[:16]}"
+    else:
+        problem = f"{path} does not exist"
+    if not files.ca_key.exists():
+        raise NotFoundError(
+            f"the provenance signing key needs a new certificate ({problem}), and issuing "
+            f"it needs the CA key {files.ca_key}, which is not here (it may be kept "
+            "offline): copy it back (mode 0600), run the command again, then move it away again"
+        )
+    cert = pki.issue_signing_key_certificate(
+        pki.load_private_key(files.ca_key), ca_cert, _ed25519(key), pki.CA_VALIDITY_DAYS
+    )
+    _write_signing_certificate(paths, cert)
+    return cert
+
+
+def _ed25519(key: VerifyingKey) -> Ed25519PublicKey:
+    return Ed25519PublicKey.from_public_bytes(key.raw)
+
+
+def _write_signing_certificate(paths: DataDir, cert: x509.Certificate) -> None:
+    """Written whole or not at all (a reader never sees half a certificate), 0600 like
+    everything in the data dir whatever the umask (`coordinator provenance key` leaves
+    it alone: its --out copy is for publication)."""
+    partial = paths.signing_certificate.with_suffix(".crt.partial")
+    partial.unlink(missing_ok=True)
+    _write_secret(partial, pki.pem(cert), force=False)
+    os.replace(partial, paths.signing_certificate)
 
 
 def reissue_server_certificate(data_dir: Path, hosts: list[str], cert_days: int) -> CoordinatorPki:
@@ -240,8 +308,9 @@ def write_bundle(
     coordinator_address: str,
 ) -> Path:
     """The startup bundle: public material (the CA, the institution's certificate, the
-    coordinator's public signing key and the CA's endorsement of it) and the Ray token,
-    never a CA or coordinator private key."""
+    coordinator's public signing key, the CA's endorsement of it and the CA's X.509
+    certificate for it) and the Ray token, never a CA or coordinator private key."""
+    signing_certificate = ensure_signing_certificate(files.data_dir)  # before any write
     private_dir(bundle_dir)  # it holds the Ray token
     ca_cert = pki.load_certificate(files.ca_cert)
     shutil.copyfile(files.ca_cert, bundle_dir / "ca.crt")
@@ -255,6 +324,8 @@ def write_bundle(
     (bundle_dir / COORDINATOR_KEY_ENDORSEMENT_FILE).write_bytes(
         pki.endorse(pki.load_private_key(files.ca_key), ca_endorsement_payload(coordinator_key))
     )
+    # The same key as an X.509 certificate, which outsiders check with standard tools.
+    (bundle_dir / pki.SIGNING_KEY_CERTIFICATE_FILE).write_bytes(pki.pem(signing_certificate))
     (bundle_dir / BUNDLE_FILE).write_text(
         f'institution = "{institution}"\n'
         f'coordinator_address = "{coordinator_address}"\n'

@@ -73,6 +73,9 @@ def init(
         console.print(f"CA certificate: {files.ca_cert}")
         console.print(f"CA SHA-256 fingerprint (give it to sites out of band):\n  {fingerprint}")
         console.print(f"provenance signing key: {DataDir(data_dir).signing_key}")
+        console.print(
+            f"its certificate from the CA (to publish): {DataDir(data_dir).signing_certificate}"
+        )
         console.print("private keys are mode 0600; keep pki/ca.key offline if you can")
 
 

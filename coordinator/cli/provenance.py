@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from cryptography.hazmat.primitives.serialization import Encoding
 from rich.console import Console
 from rich.table import Table
 
@@ -15,6 +16,12 @@ from consortium.cli_errors import cli_errors
 from consortium.errors import InvalidArgumentError, NotFoundError, ProvenanceInvalidError
 from consortium.pki import load_certificate
 from consortium.provenance import intoto
+from consortium.provenance.attestation import (
+    PREDICATE_TYPE,
+    AttestationError,
+    AttestationReport,
+    verify_attestation,
+)
 from consortium.provenance.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -26,7 +33,6 @@ from consortium.provenance.checkpoint import (
 from consortium.provenance.log import TreeHead
 from consortium.provenance.records import (
     JobCompleted,
-    JobStarted,
     OuterStep,
     Record,
     Round,
@@ -34,7 +40,6 @@ from consortium.provenance.records import (
 )
 from consortium.provenance.signing import SigningKey, VerifyingKey, unb64
 from consortium.provenance.verify import LogVerificationError, VerifyReport, verify_log
-from consortium.tensor_digest import file_digest
 from coordinator.access.pki_files import CoordinatorPki
 from coordinator.data_dir import DataDir
 
@@ -261,45 +266,79 @@ def export(
     data_dir: DataDirOption = Path(".consortium"),
     allow_unbound_keys: UnboundOption = False,
 ) -> None:
-    """An in-toto Statement v1 about the job's final model, in a signed DSSE envelope."""
+    """A self-contained attestation of the job's model: an in-toto Statement v1 in a DSSE
+    envelope, with the job's log entries, their inclusion proofs, the signed and
+    cosigned tree head and the signing key's certificate (`verify-attestation`)."""
+    from coordinator.access.onboarding import ensure_signing_certificate
+    from coordinator.provenance.export import build_attestation
+
     with cli_errors():
-        log, report = load_verified(None, None, data_dir, allow_unbound_keys=allow_unbound_keys)
-        records = job_records(report, job_id)
-        completed = [r for r in records if isinstance(r, JobCompleted)]
-        if not completed:
-            raise NotFoundError(f"job {job_id} has not completed; nothing to attest")
-        final = completed[-1]
-        if final.model_file is None or final.model_file_sha256 is None:
-            raise NotFoundError(
-                f"job {job_id}'s final record (written by an older version) names no model "
-                "file; nothing to attest"
-            )
-        started = next((r for r in records if isinstance(r, JobStarted)), None)
-        if started is None:
-            raise NotFoundError(f"the provenance log holds no job_started record of {job_id}")
-        head = report.last_head
-        assert head is not None
-        predicate = {
-            "job_id": job_id,
-            "spec": started.spec,
-            "environment": started.environment,
-            "initial_model_digest": started.initial_model_digest,
-            "final_model_digest": final.final_model_digest,
-            "rounds": [_attested_round(r) for r in records if isinstance(r, Round | OuterStep)],
-            "log": {
-                "sha256": file_digest(str(log)),
-                "tree_size": head.tree_size,
-                "root_hash": head.root_hash,
-            },
-        }
-        body = intoto.statement(final.model_file, final.model_file_sha256, predicate)
-        signed = intoto.envelope(body, SigningKey.load(DataDir(data_dir).signing_key))
+        log, _ = load_verified(None, None, data_dir, allow_unbound_keys=allow_unbound_keys)
+        key = SigningKey.load(DataDir(data_dir).signing_key)
+        certificate = ensure_signing_certificate(data_dir)
+        attestation = build_attestation(
+            log, job_id, key.key_id, certificate.public_bytes(Encoding.PEM).decode()
+        )
+        body = intoto.statement(
+            attestation.subject_name,
+            attestation.subject_sha256,
+            PREDICATE_TYPE,
+            attestation.predicate,
+        )
+        signed = intoto.envelope(body, key)
         text = json.dumps(signed, indent=2)
         if output is None:
             console.print_json(text)
         else:
             output.write_text(text + "\n")
             console.print(f"wrote {output}")
+
+
+@provenance_app.command("key")
+def key_command(
+    data_dir: DataDirOption = Path(".consortium"),
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Also write the certificate here.")
+    ] = None,
+) -> None:
+    """Print the provenance key's certificate, issued by the consortium CA, to publish."""
+    from coordinator.cli.provenance_key import key
+
+    key(data_dir, out)
+
+
+@provenance_app.command("verify-attestation")
+def verify_attestation_command(
+    attestation: Annotated[Path, typer.Argument(help="An attestation `export` wrote.")],
+    ca: Annotated[
+        Path | None,
+        typer.Option(help="The consortium's CA certificate (default: the data dir's)."),
+    ] = None,
+    data_dir: DataDirOption = Path(".consortium"),
+) -> None:
+    """Check an attestation offline, with nothing but the consortium's CA certificate."""
+    with cli_errors():
+        report = load_attestation(attestation, ca, data_dir)
+        console.print(
+            f"OK {attestation}: {report.subject} (sha256 {report.sha256}) is the model of "
+            f"{report.kind} job {report.job_id} after {report.rounds} round(s), in the log at "
+            f"tree size {report.tree_size} (root {report.root_hash[:16]}), cosigned by "
+            f"{', '.join(report.witnesses) or 'no site'}"
+        )
+
+
+def load_attestation(path: Path, ca: Path | None, data_dir: Path) -> AttestationReport:
+    """A verified attestation; the CA certificate from --ca or the data dir."""
+    ca = ca if ca is not None else _default_ca(data_dir)
+    if ca is None or not ca.exists():
+        raise NotFoundError("pass --ca: the consortium's CA certificate (ca.crt in a bundle)")
+    if not path.exists():
+        raise NotFoundError(f"attestation {path} does not exist")
+    try:
+        document = json.loads(path.read_text())
+        return verify_attestation(document, load_certificate(ca))
+    except (AttestationError, ValueError) as error:
+        raise ProvenanceInvalidError(f"{path}: {error}") from None
 
 
 def _show_row(record: Record) -> tuple[str, str, str, str, str]:
@@ -348,18 +387,43 @@ def _attested_round(record: Round | OuterStep) -> dict[str, Any]:
 
 
 def replay(
-    job_id: str,
+    job_id: Annotated[
+        str | None, typer.Argument(help="The job (omit with --from-attestation).")
+    ] = None,
     data_dir: DataDirOption = Path(".consortium"),
     key: KeyOption = None,
     allow_unbound_keys: UnboundOption = False,
+    from_attestation: Annotated[
+        Path | None,
+        typer.Option(help="Re-run a pretraining job from its attestation alone (with --ca)."),
+    ] = None,
+    ca: Annotated[
+        Path | None, typer.Option(help="The consortium's CA certificate, for --from-attestation.")
+    ] = None,
 ) -> None:
     """Verify the log, then reproduce the job bit for bit: a federated job's aggregates
-    from retained updates; a pretraining job's training, step by step, on this CPU."""
+    from retained updates; a pretraining job's training, step by step, on this CPU
+    (also from its attestation alone, on any machine)."""
     # Imported here: aggregation pulls in Flower and numpy, which `verify` and `show`
     # do not need, and every `coordinator` command would pay for at start-up.
     from coordinator.federated.replay import job_kind, replay_rounds
 
     with cli_errors():
+        if from_attestation is not None:
+            attested = load_attestation(from_attestation, ca, data_dir)
+            if attested.kind != "pretrain":
+                raise InvalidArgumentError(
+                    f"job {attested.job_id} is federated: its training used the sites' "
+                    "private data, so only its aggregation replays, on the coordinator, "
+                    "from the log and the retained updates (`coordinator replay JOB`)"
+                )
+            console.print(
+                f"{from_attestation} verifies: {attested.subject} of job {attested.job_id}"
+            )
+            replay_pretraining_job(attested.job_id, attested.records)
+            return
+        if job_id is None:
+            raise InvalidArgumentError("name the job to replay, or pass --from-attestation")
         _, report = load_verified(None, key, data_dir, allow_unbound_keys=allow_unbound_keys)
         records = job_records(report, job_id)
         if job_kind(records) == "pretrain":

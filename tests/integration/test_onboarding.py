@@ -258,6 +258,7 @@ def test_key_files_are_private_and_bundles_hold_no_secret(consortium: Consortium
             "ray-token",
             "coordinator-signing.pub",
             "coordinator-signing.sig",
+            "coordinator-signing.crt",
         }
         assert not secrets & set(contents.values())
         assert all(b"PRIVATE KEY" not in data for data in contents.values())

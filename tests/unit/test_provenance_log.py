@@ -14,8 +14,8 @@ import pytest
 
 from consortium.provenance.canonical import canonical_json
 from consortium.provenance.intoto import (
-    PREDICATE_TYPE,
     STATEMENT_TYPE,
+    V1_PREDICATE_TYPE,
     envelope,
     open_envelope,
     statement,
@@ -388,7 +388,9 @@ def test_verify_log_fails_on_non_canonical_line(log: Log) -> None:
 def _model_statement(log: Log) -> dict[str, Any]:
     head = log.heads[-1]
     predicate = {"job_id": JOB, "tree_head": {"tree_size": head.tree_size, "root": head.root_hash}}
-    return statement("model.safetensors", hashlib.sha256(b"model").hexdigest(), predicate)
+    return statement(
+        "model.safetensors", hashlib.sha256(b"model").hexdigest(), V1_PREDICATE_TYPE, predicate
+    )
 
 
 def test_open_envelope_returns_signed_statement(log: Log) -> None:
@@ -398,7 +400,7 @@ def test_open_envelope_returns_signed_statement(log: Log) -> None:
 
     assert open_envelope(document, log.coordinator.public) == body
     assert body["_type"] == STATEMENT_TYPE
-    assert body["predicateType"] == PREDICATE_TYPE
+    assert body["predicateType"] == V1_PREDICATE_TYPE
     assert json.loads(json.dumps(document)) == document  # plain JSON
 
 
@@ -416,7 +418,7 @@ def test_open_envelope_refuses_modified_payload_type(log: Log) -> None:
     document = envelope(_model_statement(log), log.coordinator)
     document["payloadType"] = "application/json"
 
-    with pytest.raises(SignatureError):
+    with pytest.raises(ValueError, match="payloadType"):
         open_envelope(document, log.coordinator.public)
 
 

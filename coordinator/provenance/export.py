@@ -1,0 +1,120 @@
+"""Build a job's self-contained attestation from the coordinator's (verified) log.
+
+What goes in, and why, is `consortium/provenance/attestation.py`'s docstring. The head
+the attestation proves into is the latest head covering the job's final record that
+sites cosigned (for a federated job: the head its sites cosigned when it ended), or,
+when none is cosigned yet (a pretraining job before the next federated round), the
+log's latest head.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from consortium.errors import NotFoundError
+from consortium.provenance.attestation import PREDICATE_TYPE, summary
+from consortium.provenance.checkpoint import origin_of
+from consortium.provenance.log import COSIGNATURE, RECORD, TREE_HEAD, read_lines
+from consortium.provenance.merkle import MerkleTree, leaf_hash
+from consortium.provenance.records import (
+    InstitutionKey,
+    InstitutionKeyChanged,
+    JobCompleted,
+    Record,
+    Round,
+    parse_record,
+    record_job_id,
+)
+
+
+@dataclass(frozen=True)
+class Attestation:
+    subject_name: str
+    subject_sha256: str
+    predicate: dict[str, Any]
+
+
+def build_attestation(
+    log_path: Path, job_id: str, coordinator_key_id: str, certificate_pem: str
+) -> Attestation:
+    tree = MerkleTree()
+    lines: list[bytes] = []  # record lines by index
+    records: list[Record] = []
+    heads: list[dict[str, Any]] = []
+    cosignatures: list[dict[str, Any]] = []
+    for raw in read_lines(log_path):
+        entry = json.loads(raw)
+        if entry.get("kind") == RECORD:
+            tree.append(leaf_hash(raw))
+            lines.append(raw)
+            records.append(parse_record(entry))
+        elif entry.get("kind") == TREE_HEAD:
+            heads.append(entry)
+        elif entry.get("kind") == COSIGNATURE:
+            cosignatures.append(entry)
+    mine = [i for i, record in enumerate(records) if record_job_id(record) == job_id]
+    final = [i for i in mine if isinstance(records[i], JobCompleted)]
+    if not final:
+        raise NotFoundError(f"job {job_id} has not completed; nothing to attest")
+    completed = records[final[-1]]
+    assert isinstance(completed, JobCompleted)
+    if completed.model_file is None or completed.model_file_sha256 is None:
+        raise NotFoundError(
+            f"job {job_id}'s final record (written by an older version) names no model "
+            "file; nothing to attest"
+        )
+    head = _head_for(heads, cosignatures, final[-1])
+    size = int(head["tree_size"])
+    head_cosignatures = [
+        c
+        for c in cosignatures
+        if (c["tree_size"], c["root_hash"]) == (head["tree_size"], head["root_hash"])
+    ]
+    signers = {c["institution"] for c in head_cosignatures}
+    for i in mine:
+        record = records[i]
+        if isinstance(record, Round):
+            signers |= {u.institution for u in record.updates if u.accepted}
+    keys = [
+        i
+        for i, record in enumerate(records[:size])
+        if isinstance(record, InstitutionKey | InstitutionKeyChanged)
+        and record.institution in signers
+    ]
+    entries = [
+        {
+            "index": i,
+            "line": lines[i].decode(),
+            "inclusion_proof": [node.hex() for node in tree.inclusion_proof(i, size)],
+        }
+        for i in sorted({*keys, *mine})
+    ]
+    predicate = {
+        "job_id": job_id,
+        **summary([records[i] for i in mine]),
+        "log": {
+            "origin": origin_of(coordinator_key_id),
+            "tree_head": head,
+            "cosignatures": head_cosignatures,
+            "entries": entries,
+        },
+        "coordinator": {"key_id": coordinator_key_id, "certificate": certificate_pem},
+    }
+    return Attestation(completed.model_file, completed.model_file_sha256, predicate)
+
+
+def _head_for(
+    heads: list[dict[str, Any]], cosignatures: list[dict[str, Any]], index: int
+) -> dict[str, Any]:
+    covering = [h for h in heads if int(h["tree_size"]) > index]
+    if not covering:
+        raise NotFoundError(f"no signed tree head covers record {index} yet")
+    cosigned = {(c["tree_size"], c["root_hash"]) for c in cosignatures}
+    witnessed = [h for h in covering if (h["tree_size"], h["root_hash"]) in cosigned]
+    return witnessed[-1] if witnessed else covering[-1]
+
+
+__all__ = ["PREDICATE_TYPE", "Attestation", "build_attestation"]

@@ -273,7 +273,9 @@ def export(
     from coordinator.provenance.export import build_attestation
 
     with cli_errors():
-        log, _ = load_verified(None, None, data_dir, allow_unbound_keys=allow_unbound_keys)
+        log, _ = load_verified(
+            None, None, data_dir, allow_unbound_keys=allow_unbound_keys, ca=_default_ca(data_dir)
+        )
         key = SigningKey.load(DataDir(data_dir).signing_key)
         certificate = ensure_signing_certificate(data_dir)
         attestation = build_attestation(

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from tests.conftest import Processes
 from tests.helpers import TEST_PROFILE, local_consortium, run_cli, wait_for
 
 DEMO_TIMEOUT_S = 600.0
+STANDALONE_VERIFIER = Path(__file__).parents[1] / "standalone" / "verify_attestation.py"
 INSTITUTIONS = 2
 ROUNDS = 1
 OUTER_STEPS = 2  # the README's demo runs 4 of 30 inner steps; the checks need fewer
@@ -142,6 +145,68 @@ def test_fine_tune_starts_from_the_pretrained_models_signed_digest(demo: DemoRun
     assert started["model"]["name"] == "bytelm"
     (completed,) = log_bodies(demo.data_dir, "job_completed", fine_tune)
     assert completed["final_model_digest"] != finished_pretrain["final_model_digest"]
+
+
+def test_both_jobs_attest_and_verify_offline_with_only_the_ca(
+    demo: DemoRun, tmp_path: Path
+) -> None:
+    """An outside reviewer's view: each job's attestation verifies with the CA alone,
+    with the project's command and with the stand-alone verifier (no project code), and
+    the pretraining job re-runs bit for bit from its attestation."""
+    ca = tmp_path / "ca.crt"  # all the reviewer holds besides the attestations
+    ca.write_bytes((demo.data_dir / "pki" / "ca.crt").read_bytes())
+    verified: dict[str, str] = {}
+    for job_id in job_ids(demo):
+        attestation = tmp_path / f"{job_id}.dsse.json"
+        exported = run_cli(
+            "coordinator",
+            "provenance",
+            "export",
+            job_id,
+            "--data-dir",
+            str(demo.data_dir),
+            "-o",
+            str(attestation),
+        )
+        assert exported.returncode == 0, exported.stderr
+        checked = run_cli(
+            "coordinator",
+            "provenance",
+            "verify-attestation",
+            str(attestation),
+            "--ca",
+            str(ca),
+            "--data-dir",
+            str(tmp_path / "no-data-dir"),
+        )
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        verified[job_id] = " ".join(checked.stdout.split())
+        standalone = subprocess.run(
+            [sys.executable, "-I", str(STANDALONE_VERIFIER), str(attestation), str(ca)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert standalone.returncode == 0, standalone.stdout + standalone.stderr
+    pretrain, fine_tune = job_ids(demo)
+    replayed = run_cli(
+        "coordinator",
+        "replay",
+        "--from-attestation",
+        str(tmp_path / f"{pretrain}.dsse.json"),
+        "--ca",
+        str(ca),
+        "--data-dir",
+        str(tmp_path / "no-data-dir"),
+    )
+
+    assert f"pretrain job {pretrain} after {OUTER_STEPS} round(s)" in verified[pretrain]
+    assert f"federated job {fine_tune} after {ROUNDS} round(s)" in verified[fine_tune]
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert f"replay OK: {OUTER_STEPS} outer step(s) reproduced bit for bit" in " ".join(
+        replayed.stdout.split()
+    )
 
 
 def test_each_site_fine_tunes_on_its_own_text(demo: DemoRun) -> None:

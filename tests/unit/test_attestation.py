@@ -1,0 +1,588 @@
+"""A job's exported attestation verifies offline with only the consortium's CA
+certificate, in the project's `verify_attestation` and in a stand-alone verifier that
+shares no code with the project (tests/standalone/verify_attestation.py); and every
+tampering with it is refused by both.
+
+The consortium is real but runs no process: `init_consortium` (CA, coordinator key and
+its certificate), three institutions whose update-signing keys are bound by their TLS
+keys under that CA (as `coordinator onboard` logs them), a federated job written with
+the real `JobRecorder` (two rounds of institution-signed updates, the model file, the
+sites' cosignatures of the final head from the real `witness_head`) and a pretraining
+job. Both are exported once per module with the real `coordinator provenance export`.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import copy
+import hashlib
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from consortium import pki
+from consortium.provenance import intoto
+from consortium.provenance.attestation import PREDICATE_TYPE, AttestationError, verify_attestation
+from consortium.provenance.binding import sign_binding
+from consortium.provenance.canonical import canonical_json
+from consortium.provenance.log import record_signing_bytes
+from consortium.provenance.records import (
+    InstitutionKey,
+    JobStarted,
+    KeyBinding,
+    OuterStep,
+    Round,
+    UpdateEntry,
+    WorkerEntry,
+)
+from consortium.provenance.signing import SigningKey, b64
+from consortium.provenance.updates import UpdateStatement
+from consortium.provenance.witness import witness_head
+from coordinator.access.onboarding import ensure_signing_certificate, init_consortium
+from coordinator.access.pki_files import CoordinatorPki
+from coordinator.data_dir import DataDir
+from coordinator.provenance.export import build_attestation
+from coordinator.provenance.recorder import JobRecorder
+from tests.helpers import run_cli
+from tests.provenance_keys import ScratchCa
+
+SCRIPT = Path(__file__).resolve().parents[1] / "standalone" / "verify_attestation.py"
+JOB = "fl-attested"
+PRETRAIN_JOB = "pt-attested"
+INSTITUTIONS = ("aurora-hospital", "borealis-university", "cascade-lab")
+CERT_DAYS = 30
+ROUNDS = 2
+
+Document = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Consortium:
+    data_dir: Path
+    ca: Path  # the CA certificate, all a verifier holds
+    coordinator: SigningKey  # the certified key: what an attacker re-signs with
+    federated: Path  # the exported attestations
+    pretrain: Path
+
+    @property
+    def ca_cert(self) -> x509.Certificate:
+        return pki.load_certificate(self.ca)
+
+    def document(self) -> Document:
+        """A fresh copy of the federated job's attestation."""
+        document: Document = json.loads(self.federated.read_text())
+        return document
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def model(n: int) -> str:
+    """The digest of the model round `n` ends with (0: the initial model)."""
+    return digest(f"model after round {n}")
+
+
+def bound_key(data_dir: Path, institution: str, signing: SigningKey) -> InstitutionKey:
+    """The record `coordinator onboard` logs: the key, bound by the institution's TLS key,
+    whose certificate the consortium's own CA issued."""
+    files = CoordinatorPki(data_dir)
+    ca_key, ca_cert = pki.load_private_key(files.ca_key), pki.load_certificate(files.ca_cert)
+    tls_key = pki.generate_key()
+    csr = pki.make_csr(tls_key, institution)
+    cert = pki.sign_csr(ca_key, ca_cert, csr, institution, CERT_DAYS)
+    return InstitutionKey(
+        institution=institution,
+        key_id=signing.key_id,
+        public_key=b64(signing.public.raw),
+        binding=KeyBinding(
+            certificate=pki.pem(cert).decode(),
+            signature=b64(sign_binding(tls_key, institution, signing.public)),
+        ),
+    )
+
+
+def signed_update(round_: int, institution: str, key: SigningKey) -> UpdateEntry:
+    """An accepted update of `institution`, signed as its ClientApp signs it."""
+    statement = UpdateStatement(
+        job_id=JOB,
+        round=round_,
+        global_digest=model(round_ - 1),
+        update_digest=digest(f"update of {institution} in round {round_}"),
+        num_examples=240,
+        commitment=digest(f"data of {institution}"),
+        nonce=digest(f"nonce {institution} {round_}")[:32],
+        institution=institution,
+    )
+    return UpdateEntry(
+        institution=institution,
+        node_id=str(INSTITUTIONS.index(institution) + 1),
+        accepted=True,
+        key_id=key.key_id,
+        update_digest=statement.update_digest,
+        num_examples=statement.num_examples,
+        commitment=statement.commitment,
+        nonce=statement.nonce,
+        signature=b64(key.sign(statement.to_bytes())),
+    )
+
+
+def write_federated_job(data_dir: Path, sites_dir: Path, rogue_ca: ScratchCa | None = None) -> None:
+    """Keys, two rounds, the model, the final head cosigned by every site; with
+    `rogue_ca`, the first institution's key is bound under it, not the consortium's CA."""
+    paths = DataDir(data_dir)
+    recorder = JobRecorder(paths, JOB)
+    keys = {name: SigningKey.generate() for name in INSTITUTIONS}
+    for name, key in keys.items():
+        if rogue_ca is not None and name == INSTITUTIONS[0]:
+            recorder.log.append_record(rogue_ca.bound_key(name, key))
+        else:
+            recorder.log.append_record(bound_key(data_dir, name, key))
+        recorder.publish_tree_head()
+    recorder.job_started(
+        JobStarted(
+            job_id=JOB,
+            kind="federated",
+            seed=7,
+            spec={"name": "attested", "rounds": ROUNDS},
+            model={"name": "bytelm", "options": {"n_layer": 2}},
+            environment={"python": "3.11", "device": "cpu"},
+            initial_model_digest=model(0),
+        )
+    )
+    for n in range(1, ROUNDS + 1):
+        recorder.round(
+            Round(
+                job_id=JOB,
+                round=n,
+                global_digest=model(n - 1),
+                participants=sorted(keys),
+                updates=[signed_update(n, name, key) for name, key in keys.items()],
+                aggregate_digest=model(n),
+                metrics={"eval_loss": 3.0 - n / 10, "train_loss": 2.9 - n / 10},
+            )
+        )
+    model_file = paths.model_file(JOB)
+    model_file.parent.mkdir(parents=True, exist_ok=True)
+    model_file.write_bytes(b"the federated model's weights")
+    recorder.job_completed("federated", ROUNDS, model(ROUNDS), model_file)
+    head = recorder.log.latest_head_line()
+    assert head is not None
+    coordinator = SigningKey.load(paths.signing_key).public
+    cosignatures = [
+        witness_head(sites_dir / name, name, key, coordinator, head.decode(), {})
+        for name, key in keys.items()
+    ]
+    assert recorder.cosignatures(cosignatures) == len(INSTITUTIONS)
+
+
+def write_pretraining_job(data_dir: Path) -> None:
+    paths = DataDir(data_dir)
+    recorder = JobRecorder(paths, PRETRAIN_JOB)
+    spec = {"kind": "pretrain", "model": "bytelm", "outer_steps": ROUNDS, "inner_steps": 30}
+    recorder.job_started(
+        JobStarted(
+            job_id=PRETRAIN_JOB,
+            kind="pretrain",
+            seed=0,
+            spec=spec,
+            spec_digest=hashlib.sha256(canonical_json(spec)).hexdigest(),
+            environment={"python": "3.11", "device": "cpu"},
+        )
+    )
+    for step in range(ROUNDS):
+        workers = [
+            WorkerEntry(
+                worker=f"{name}/cpu0",
+                institution=name,
+                node_id=str(position + 1),
+                device="cpu",
+                position=position,
+                shard_ids=[position, position + len(INSTITUTIONS)],
+                seed=step * 10 + position,
+                pseudo_gradient_digest=digest(f"gradient of {name} at step {step}"),
+                inner_steps=30,
+            )
+            for position, name in enumerate(INSTITUTIONS)
+        ]
+        recorder.outer_step(
+            OuterStep(
+                job_id=PRETRAIN_JOB,
+                round=step + 1,
+                step=step,
+                workers=workers,
+                step_seed=step,
+                aggregate_digest=digest(f"aggregate of step {step}"),
+                model_digest=digest(f"pretrained model after step {step}"),
+                val_loss=3.6 - step / 10,
+            )
+        )
+    model_file = paths.model_file(PRETRAIN_JOB)
+    model_file.write_bytes(b"the pretrained model's weights")
+    final = digest(f"pretrained model after step {ROUNDS - 1}")
+    recorder.job_completed(
+        "pretrain", ROUNDS, final, model_file, corpus_digest=digest("corpus"), val_loss=3.5
+    )
+
+
+def export(data_dir: Path, job_id: str, output: Path) -> Path:
+    result = run_cli(
+        "coordinator",
+        "provenance",
+        "export",
+        job_id,
+        "--data-dir",
+        str(data_dir),
+        "-o",
+        str(output),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return output
+
+
+def attest(data_dir: Path, job_id: str) -> Document:
+    """What `coordinator provenance export` writes, built in-process: the export command
+    checks the log first, without the CA (it would write this attestation too)."""
+    paths = DataDir(data_dir)
+    key = SigningKey.load(paths.signing_key)
+    certificate = pki.pem(ensure_signing_certificate(data_dir)).decode()
+    attestation = build_attestation(paths.provenance_log, job_id, key.key_id, certificate)
+    statement = intoto.statement(
+        attestation.subject_name, attestation.subject_sha256, PREDICATE_TYPE, attestation.predicate
+    )
+    return intoto.envelope(statement, key)
+
+
+def verify_attestation_command(attestation: Path, ca: Path) -> subprocess.CompletedProcess[str]:
+    return run_cli(
+        "coordinator", "provenance", "verify-attestation", str(attestation), "--ca", str(ca)
+    )
+
+
+@pytest.fixture(scope="module")
+def consortium(tmp_path_factory: pytest.TempPathFactory) -> Consortium:
+    root = tmp_path_factory.mktemp("attested")
+    data_dir = root / "coordinator"
+    files = init_consortium(data_dir, ["127.0.0.1"], cert_days=CERT_DAYS)
+    write_federated_job(data_dir, root / "sites")
+    write_pretraining_job(data_dir)
+    return Consortium(
+        data_dir=data_dir,
+        ca=files.ca_cert,
+        coordinator=SigningKey.load(DataDir(data_dir).signing_key),
+        federated=export(data_dir, JOB, root / "federated.att.json"),
+        pretrain=export(data_dir, PRETRAIN_JOB, root / "pretrain.att.json"),
+    )
+
+
+def run_standalone(document: Document | Path, ca: Path, tmp_path: Path) -> tuple[int, str]:
+    """The stand-alone verifier in isolated mode: its exit status and its output."""
+    if not isinstance(document, Path):
+        path = tmp_path / "attestation.json"
+        path.write_text(json.dumps(document))
+        document = path
+    result = subprocess.run(
+        [sys.executable, "-I", str(SCRIPT), str(document), str(ca)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return result.returncode, result.stdout + result.stderr
+
+
+def statement_of(document: Document) -> dict[str, Any]:
+    statement: dict[str, Any] = json.loads(base64.b64decode(document["payload"]))
+    return statement
+
+
+def signed(statement: dict[str, Any], key: SigningKey, keyid: bool = True) -> Document:
+    """The statement in a new envelope signed by `key` (without keyid: always tried)."""
+    document = intoto.envelope(statement, key)
+    if not keyid:
+        del document["signatures"][0]["keyid"]
+    return document
+
+
+def flipped(text: str) -> str:
+    """Base64 `text` with one bit of its first byte flipped (still canonical base64)."""
+    data = bytearray(base64.b64decode(text))
+    data[0] ^= 1
+    return b64(bytes(data))
+
+
+def entries(statement: dict[str, Any]) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = statement["predicate"]["log"]["entries"]
+    return found
+
+
+def first_round_entry(statement: dict[str, Any]) -> dict[str, Any]:
+    return next(e for e in entries(statement) if json.loads(e["line"])["type"] == "round")
+
+
+def test_verify_attestation_command_accepts_the_export_and_names_its_witnesses(
+    consortium: Consortium,
+) -> None:
+    result = verify_attestation_command(consortium.federated, consortium.ca)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    line = " ".join(result.stdout.split())
+    assert line.startswith(f"OK {consortium.federated}")
+    assert f"federated job {JOB} after {ROUNDS} round(s)" in line
+    assert f"cosigned by {', '.join(INSTITUTIONS)}" in line
+
+
+def test_verify_attestation_reports_the_job_its_rounds_and_witnesses(
+    consortium: Consortium,
+) -> None:
+    report = verify_attestation(consortium.document(), consortium.ca_cert)
+
+    model_file = DataDir(consortium.data_dir).model_file(JOB)
+    assert (report.job_id, report.kind, report.rounds) == (JOB, "federated", ROUNDS)
+    assert report.witnesses == sorted(INSTITUTIONS)
+    assert report.subject == model_file.name
+    assert report.sha256 == hashlib.sha256(model_file.read_bytes()).hexdigest()
+
+
+def test_standalone_verifier_accepts_the_export(consortium: Consortium, tmp_path: Path) -> None:
+    status, output = run_standalone(consortium.federated, consortium.ca, tmp_path)
+
+    assert status == 0, output
+    assert output.startswith(f"OK {JOB}.safetensors")
+    assert f"cosigned by {', '.join(INSTITUTIONS)}" in output
+
+
+def test_standalone_verifier_imports_only_the_standard_library_and_cryptography() -> None:
+    source = SCRIPT.read_text()
+    imported: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0 and node.module is not None
+            imported.add(node.module.split(".")[0])
+
+    assert imported - sys.stdlib_module_names == {"cryptography"}
+    assert not imported & {"consortium", "coordinator", "client", "tests", "importlib"}
+    assert "__import__" not in source
+
+
+def test_re_signed_untampered_statement_verifies_in_both(
+    consortium: Consortium, tmp_path: Path
+) -> None:
+    """The control for the tampering tests below: re-signing alone breaks nothing."""
+    document = signed(statement_of(consortium.document()), consortium.coordinator)
+
+    assert verify_attestation(document, consortium.ca_cert).job_id == JOB
+    assert run_standalone(document, consortium.ca, tmp_path)[0] == 0
+
+
+# --- tampering -----------------------------------------------------------------------
+# Each takes the honest envelope and returns a tampered one; where the attacker holds the
+# coordinator's certified key (an operator), the statement is re-signed with it.
+
+
+def subject_sha256_changed(document: Document, c: Consortium) -> Document:
+    statement = statement_of(document)
+    statement["subject"][0]["digest"]["sha256"] = digest("another model")
+    return signed(statement, c.coordinator)
+
+
+def subject_name_changed(document: Document, c: Consortium) -> Document:
+    statement = statement_of(document)
+    statement["subject"][0]["name"] = "another-model.safetensors"
+    return signed(statement, c.coordinator)
+
+
+def summary_metric_edited_uncertified(document: Document, c: Consortium) -> Document:
+    statement = statement_of(document)
+    statement["predicate"]["rounds"][0]["metrics"]["eval_loss"] = 0.01
+    return signed(statement, SigningKey.generate(), keyid=False)
+
+
+def edit_round_line(statement: dict[str, Any], record_key: SigningKey | None) -> None:
+    """Round 1's logged eval_loss lowered; its record re-signed with `record_key`, if any."""
+    entry = first_round_entry(statement)
+    record = json.loads(entry["line"])
+    record["body"]["metrics"]["eval_loss"] = 0.01
+    if record_key is not None:
+        data = record_signing_bytes(record["index"], record["type"], record["body"])
+        record["signature"] = b64(record_key.sign(data))
+    entry["line"] = canonical_json(record).decode()
+
+
+def entry_line_edited_uncertified(document: Document, c: Consortium) -> Document:
+    statement = statement_of(document)
+    edit_round_line(statement, None)
+    return signed(statement, SigningKey.generate(), keyid=False)
+
+
+def entry_line_edited(document: Document, c: Consortium) -> Document:
+    statement = statement_of(document)
+    edit_round_line(statement, None)
+    return signed(statement, c.coordinator)
+
+
+def entry_line_rewritten_and_re_signed(document: Document, c: Consortium) -> Document:
+    statement = statement_of(document)
+    edit_round_line(statement, c.coordinator)
+    return signed(statement, c.coordinator)
+
+
+def envelope_signature_altered(document: Document, c: Consortium) -> Document:
+    tampered = copy.deepcopy(document)
+    tampered["signatures"][0]["sig"] = flipped(tampered["signatures"][0]["sig"])
+    return tampered
+
+
+def inclusion_proof_node_changed(document: Document, c: Consortium) -> Document:
+    statement = statement_of(document)
+    entry = first_round_entry(statement)
+    node = bytearray.fromhex(entry["inclusion_proof"][0])
+    node[0] ^= 1
+    entry["inclusion_proof"][0] = node.hex()
+    return signed(statement, c.coordinator)
+
+
+def tree_head_root_changed(document: Document, c: Consortium) -> Document:
+    statement = statement_of(document)
+    statement["predicate"]["log"]["tree_head"]["root_hash"] = digest("another tree")
+    return signed(statement, c.coordinator)
+
+
+def certificate_from_another_ca(document: Document, c: Consortium) -> Document:
+    """The same coordinator key, certified by a CA the verifier does not trust."""
+    other_key = pki.generate_key()
+    other_ca = pki.create_ca(other_key)
+    public = Ed25519PublicKey.from_public_bytes(c.coordinator.public.raw)
+    cert = pki.issue_signing_key_certificate(other_key, other_ca, public, CERT_DAYS)
+    statement = statement_of(document)
+    statement["predicate"]["coordinator"]["certificate"] = pki.pem(cert).decode()
+    return signed(statement, c.coordinator)
+
+
+def cosignature_altered(document: Document, c: Consortium) -> Document:
+    statement = statement_of(document)
+    cosignature = statement["predicate"]["log"]["cosignatures"][0]
+    cosignature["signature"] = flipped(cosignature["signature"])
+    return signed(statement, c.coordinator)
+
+
+def job_completed_removed(document: Document, c: Consortium) -> Document:
+    statement = statement_of(document)
+    statement["predicate"]["log"]["entries"] = [
+        e for e in entries(statement) if json.loads(e["line"])["type"] != "job_completed"
+    ]
+    return signed(statement, c.coordinator)
+
+
+@dataclass(frozen=True)
+class Tamper:
+    apply: Callable[[Document, Consortium], Document]
+    project_says: str  # in the AttestationError's message
+    standalone_says: str  # what follows "FAILED " in the stand-alone verifier's line
+
+
+NOT_SIGNED = "no signature of the envelope verifies"
+# The log: the three institution keys (0-2), job_started (3), round 1 (4), ...
+ROUND_1 = "entry 4: "
+TAMPERS = [
+    Tamper(subject_sha256_changed, "is not the model file the log names", "subject:"),
+    Tamper(subject_name_changed, "is not the model file the log names", "subject:"),
+    Tamper(summary_metric_edited_uncertified, NOT_SIGNED, "signature:"),
+    Tamper(entry_line_edited_uncertified, NOT_SIGNED, "signature:"),
+    Tamper(entry_line_edited, "log entry 4: bad signature", f"{ROUND_1}the signature"),
+    Tamper(entry_line_rewritten_and_re_signed, "does not match expected root", f"{ROUND_1}its"),
+    Tamper(envelope_signature_altered, NOT_SIGNED, "signature:"),
+    Tamper(inclusion_proof_node_changed, "does not match expected root", f"{ROUND_1}its"),
+    Tamper(tree_head_root_changed, "the tree head's signature", "tree head: the signature"),
+    Tamper(certificate_from_another_ca, "was not issued by the CA", "certificate: the CA"),
+    Tamper(cosignature_altered, f"the cosignature of {INSTITUTIONS[0]!r}", "cosignature of"),
+    Tamper(job_completed_removed, "holds no job_completed record", "job_completed:"),
+]
+
+
+@pytest.mark.parametrize("tamper", TAMPERS, ids=[t.apply.__name__ for t in TAMPERS])
+def test_tampered_attestation_is_refused_by_both_verifiers(
+    consortium: Consortium, tamper: Tamper, tmp_path: Path
+) -> None:
+    document = tamper.apply(consortium.document(), consortium)
+
+    with pytest.raises(AttestationError) as refused:
+        verify_attestation(document, consortium.ca_cert)
+    status, output = run_standalone(document, consortium.ca, tmp_path)
+
+    assert tamper.project_says in str(refused.value)
+    assert status == 1, output
+    assert output.startswith(f"FAILED {tamper.standalone_says}"), output
+
+
+# --- DSSE leniency -------------------------------------------------------------------
+
+
+def url_safe_unpadded(document: Document) -> Document:
+    def encode(text: str) -> str:
+        return base64.urlsafe_b64encode(base64.b64decode(text)).decode().rstrip("=")
+
+    signature = document["signatures"][0]
+    return {
+        **document,
+        "payload": encode(document["payload"]),
+        "signatures": [{**signature, "sig": encode(signature["sig"])}],
+    }
+
+
+def without_keyid(document: Document) -> Document:
+    return {**document, "signatures": [{"sig": document["signatures"][0]["sig"]}]}
+
+
+@pytest.mark.parametrize("variant", [url_safe_unpadded, without_keyid], ids=lambda v: v.__name__)
+def test_lenient_dsse_encodings_verify_in_both_verifiers(
+    consortium: Consortium, variant: Callable[[Document], Document], tmp_path: Path
+) -> None:
+    honest = consortium.document()
+    document = variant(honest)
+
+    assert document != honest
+    assert verify_attestation(document, consortium.ca_cert).job_id == JOB
+    status, output = run_standalone(document, consortium.ca, tmp_path)
+    assert status == 0, output
+
+
+def test_pretraining_job_attestation_verifies(consortium: Consortium, tmp_path: Path) -> None:
+    result = verify_attestation_command(consortium.pretrain, consortium.ca)
+    report = verify_attestation(json.loads(consortium.pretrain.read_text()), consortium.ca_cert)
+    status, output = run_standalone(consortium.pretrain, consortium.ca, tmp_path)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"pretrain job {PRETRAIN_JOB} after {ROUNDS} round(s)" in " ".join(result.stdout.split())
+    assert (report.job_id, report.kind, report.rounds) == (PRETRAIN_JOB, "pretrain", ROUNDS)
+    assert report.witnesses == []  # no federated round has cosigned a head since it ended
+    assert status == 0, output
+
+
+def test_key_bound_under_another_ca_is_refused_by_both_verifiers(tmp_path: Path) -> None:
+    """The operator logs a site's key bound by a certificate from a CA of its own: every
+    signature and proof holds, but the binding does not check against the consortium's CA."""
+    data_dir = tmp_path / "coordinator"
+    ca = init_consortium(data_dir, ["127.0.0.1"], cert_days=CERT_DAYS).ca_cert
+    write_federated_job(data_dir, tmp_path / "sites", rogue_ca=ScratchCa.create())
+    document = attest(data_dir, JOB)
+
+    with pytest.raises(AttestationError) as refused:
+        verify_attestation(document, pki.load_certificate(ca))
+    status, output = run_standalone(document, ca, tmp_path)
+
+    assert f"the key binding of {INSTITUTIONS[0]!r}" in str(refused.value)
+    assert "was not issued by the CA" in str(refused.value)
+    assert status == 1
+    assert output.startswith(f"FAILED binding of {INSTITUTIONS[0]!r}: the CA did not issue"), output

@@ -207,7 +207,8 @@ def check_provenance(
     """What anyone holding the log and the public key can do: verify (with the sites'
     cosignatures of the latest head: at least `min_witnesses`), then replay (the
     pretraining job's training, and the federated job's aggregation)."""
-    from coordinator.cli.provenance import job_records, load_verified, replay_pretraining_job
+    from coordinator.cli.provenance import job_records, load_verified
+    from coordinator.cli.replay import replay_pretraining_job
     from coordinator.federated.replay import replay_rounds
 
     log, verified = load_verified(None, None, data_dir)

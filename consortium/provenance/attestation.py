@@ -17,7 +17,10 @@ it without the log or the coordinator:
   and the `institution_key` / `institution_key_changed` records of every institution
   that signed an update of the job or cosigned the head (with their bindings);
 * a readable summary (``job_id``, ``kind``, ``model``, ``rounds``, ...) derived from those
-  entries; a verifier derives it again and refuses a summary that differs.
+  entries; a verifier derives it again and refuses a summary that differs;
+* ``reproduction``: the package lock and the source digest (checked against the job's
+  logged environment), the sha256 of the deterministic source archive that
+  `coordinator provenance source JOB` writes, and the git commit when there is one.
 
 `verify_attestation` checks all of it: the envelope's signature with the certified
 key (DSSE's leniency: standard or URL-safe, padded or not, base64; a signature without
@@ -39,6 +42,7 @@ from consortium.pki import check_signing_key_certificate
 from consortium.provenance import intoto
 from consortium.provenance.canonical import canonical_json
 from consortium.provenance.checkpoint import checkpoint_body, origin_of, verify_cosignature
+from consortium.provenance.environment import packages_digest
 from consortium.provenance.intoto import STATEMENT_TYPE, lenient_b64
 from consortium.provenance.keyring import Keyring
 from consortium.provenance.log import (
@@ -174,6 +178,7 @@ def verify_attestation(document: dict[str, Any], ca: x509.Certificate) -> Attest
     for name, value in derived.items():
         if predicate.get(name) != value:
             raise AttestationError(f"the predicate's {name!r} differs from the logged records")
+    _check_reproduction(predicate.get("reproduction", {}), derived["environment"])
     witnesses = _checked_cosignatures(log.get("cosignatures", []), head, keyring, key)
     return AttestationReport(
         job_id=job_id,
@@ -225,6 +230,18 @@ def _checked_history(
         except ValueError as err:
             raise AttestationError(f"the job's records: {err}") from None
     return keyring, history
+
+
+def _check_reproduction(reproduction: dict[str, Any], environment: dict[str, Any]) -> None:
+    """The package lock and source digest named for reproduction are the job's own."""
+    if not reproduction.get("available"):
+        return
+    if packages_digest(list(reproduction.get("packages", []))) != environment.get(
+        "installed_packages_digest"
+    ):
+        raise AttestationError("the package lock is not the one the job's environment names")
+    if reproduction.get("source_digest") != environment.get("code", {}).get("source_digest"):
+        raise AttestationError("the source digest is not the one the job ran with")
 
 
 def _peek(document: dict[str, Any]) -> dict[str, Any]:

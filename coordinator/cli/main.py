@@ -22,8 +22,9 @@ from consortium.proto.v1 import status_pb2
 from consortium.settings import load_settings
 from coordinator.cli import onboarding as onboarding_cli
 from coordinator.cli.accounting import accounting
-from coordinator.cli.provenance import provenance_app, replay
+from coordinator.cli.provenance import provenance_app
 from coordinator.cli.remote import connect
+from coordinator.cli.replay import replay
 from coordinator.cli.watch import describe_round, state_name, watch_job
 from coordinator.settings import CoordinatorSettings
 

@@ -1,11 +1,11 @@
-"""`coordinator provenance verify/show/export/publish` and `coordinator replay`."""
+"""`coordinator provenance verify/show/publish/export/verify-attestation/source/key`
+(`coordinator replay` is in `replay.py`)."""
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 import typer
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -13,7 +13,12 @@ from rich.console import Console
 from rich.table import Table
 
 from consortium.cli_errors import cli_errors
-from consortium.errors import InvalidArgumentError, NotFoundError, ProvenanceInvalidError
+from consortium.errors import (
+    ConflictError,
+    InvalidArgumentError,
+    NotFoundError,
+    ProvenanceInvalidError,
+)
 from consortium.pki import load_certificate
 from consortium.provenance import intoto
 from consortium.provenance.attestation import (
@@ -33,6 +38,7 @@ from consortium.provenance.checkpoint import (
 from consortium.provenance.log import TreeHead
 from consortium.provenance.records import (
     JobCompleted,
+    JobStarted,
     OuterStep,
     Record,
     Round,
@@ -42,9 +48,6 @@ from consortium.provenance.signing import SigningKey, VerifyingKey, unb64
 from consortium.provenance.verify import LogVerificationError, VerifyReport, verify_log
 from coordinator.access.pki_files import CoordinatorPki
 from coordinator.data_dir import DataDir
-
-if TYPE_CHECKING:
-    from coordinator.pretraining.replay import StepReplay
 
 provenance_app = typer.Typer(
     help="Verify, show and export the provenance log.", no_args_is_help=True
@@ -296,6 +299,36 @@ def export(
             console.print(f"wrote {output}")
 
 
+@provenance_app.command("source")
+def source(
+    job_id: str,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The archive to write (.tar).")],
+    data_dir: DataDirOption = Path(".consortium"),
+    allow_unbound_keys: UnboundOption = False,
+) -> None:
+    """Write the source the job ran with as a deterministic tar; its sha256 is the one
+    the job's attestation names (`reproduction.source_archive_sha256`)."""
+    from consortium.provenance.environment import source_digest, write_source_archive
+
+    with cli_errors():
+        _, report = load_verified(None, None, data_dir, allow_unbound_keys=allow_unbound_keys)
+        started = next((r for r in job_records(report, job_id) if isinstance(r, JobStarted)), None)
+        if started is None:
+            raise NotFoundError(f"the provenance log holds no job_started record of {job_id}")
+        code = started.environment.get("code", {})
+        here = source_digest()
+        if here != code.get("source_digest"):
+            raise ConflictError(
+                f"the installed source (digest {here[:16]}) is not the code job {job_id} ran "
+                f"(digest {str(code.get('source_digest'))[:16]}, consortium "
+                f"{code.get('version')}): install that version and run this again"
+            )
+        sha256 = write_source_archive(output)
+        console.print(
+            f"wrote {output}: sha256 {sha256}; the source job {job_id} ran (digest {here[:16]})"
+        )
+
+
 @provenance_app.command("key")
 def key_command(
     data_dir: DataDirOption = Path(".consortium"),
@@ -369,109 +402,3 @@ def _show_row(record: Record) -> tuple[str, str, str, str, str]:
     if isinstance(record, JobCompleted):
         return (type_name(record), "", "", "", record.final_model_digest[:16])
     return (type_name(record), "", "", "", "")
-
-
-def _attested_round(record: Round | OuterStep) -> dict[str, Any]:
-    """A federated round, or a pretraining outer step, as the in-toto predicate lists it."""
-    if isinstance(record, Round):
-        return {
-            "round": record.round,
-            "participants": record.participants,
-            "aggregate_digest": record.aggregate_digest,
-            "metrics": record.metrics,
-        }
-    return {
-        "round": record.round,
-        "participants": sorted({w.institution for w in record.workers}),
-        "aggregate_digest": record.aggregate_digest,
-        "metrics": {"val_loss": record.val_loss},
-    }
-
-
-def replay(
-    job_id: Annotated[
-        str | None, typer.Argument(help="The job (omit with --from-attestation).")
-    ] = None,
-    data_dir: DataDirOption = Path(".consortium"),
-    key: KeyOption = None,
-    allow_unbound_keys: UnboundOption = False,
-    from_attestation: Annotated[
-        Path | None,
-        typer.Option(help="Re-run a pretraining job from its attestation alone (with --ca)."),
-    ] = None,
-    ca: Annotated[
-        Path | None, typer.Option(help="The consortium's CA certificate, for --from-attestation.")
-    ] = None,
-) -> None:
-    """Verify the log, then reproduce the job bit for bit: a federated job's aggregates
-    from retained updates; a pretraining job's training, step by step, on this CPU
-    (also from its attestation alone, on any machine)."""
-    # Imported here: aggregation pulls in Flower and numpy, which `verify` and `show`
-    # do not need, and every `coordinator` command would pay for at start-up.
-    from coordinator.federated.replay import job_kind, replay_rounds
-
-    with cli_errors():
-        if from_attestation is not None:
-            attested = load_attestation(from_attestation, ca, data_dir)
-            if attested.kind != "pretrain":
-                raise InvalidArgumentError(
-                    f"job {attested.job_id} is federated: its training used the sites' "
-                    "private data, so only its aggregation replays, on the coordinator, "
-                    "from the log and the retained updates (`coordinator replay JOB`)"
-                )
-            console.print(
-                f"{from_attestation} verifies: {attested.subject} of job {attested.job_id}"
-            )
-            replay_pretraining_job(attested.job_id, attested.records)
-            return
-        if job_id is None:
-            raise InvalidArgumentError("name the job to replay, or pass --from-attestation")
-        _, report = load_verified(None, key, data_dir, allow_unbound_keys=allow_unbound_keys)
-        records = job_records(report, job_id)
-        if job_kind(records) == "pretrain":
-            replay_pretraining_job(job_id, records)
-            return
-        results = replay_rounds(data_dir, job_id, records)
-        for result in results:
-            console.print(
-                f"round {result.round}: {result.updates} updates, aggregate "
-                f"{result.replayed_digest[:16]} matches the log"
-            )
-        logged = report.rounds_of(job_id)
-        console.print(
-            f"replay OK: {len(results)} rounds reproduced bit for bit "
-            f"(the log holds {logged} round(s) of job {job_id}, each once)"
-        )
-
-
-def replay_pretraining_job(job_id: str, records: list[Record]) -> None:
-    """Re-run a pretraining job's outer steps here, printing each step as it matches."""
-    # Imported here: torch and the compute engine take seconds to import.
-    from coordinator.pretraining.replay import plan_replay, replay_pretraining
-
-    plan = plan_replay(job_id, records)
-    for note in plan.notes:
-        console.print(f"note: {note}")
-    corpus = f"corpus {plan.corpus_digest[:16]} (Python {plan.python_version})"
-    console.print(
-        f"{corpus} {'matches the log' if plan.final_model_digest else 'built'}; "
-        f"replaying {plan.steps} outer step(s) of job {job_id} on this CPU"
-    )
-    started = time.monotonic()
-    with console.status(f"replaying step 0 of {plan.steps}") as status:
-
-        def show(step: StepReplay) -> None:
-            fresh = f", {len(step.fresh_workers)} fresh" if step.fresh_workers else ""
-            console.print(
-                f"step {step.step} (round {step.step + 1}): {len(step.workers)} worker(s)"
-                f"{fresh}; pseudo-gradients, aggregate {step.aggregate_digest[:16]} and model "
-                f"{step.model_digest[:16]} match the log ({step.seconds:.1f} s)"
-            )
-            status.update(f"replaying step {step.step + 1} of {plan.steps}")
-
-        steps = replay_pretraining(plan, on_step=show)
-    final = "the logged final model" if plan.final_model_digest else "model"
-    console.print(
-        f"replay OK: {len(steps)} outer step(s) reproduced bit for bit in "
-        f"{time.monotonic() - started:.1f} s; {final} {steps[-1].model_digest[:16]}"
-    )

@@ -10,6 +10,8 @@ log's latest head.
 from __future__ import annotations
 
 import json
+import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,13 @@ from typing import Any
 from consortium.errors import NotFoundError
 from consortium.provenance.attestation import PREDICATE_TYPE, summary
 from consortium.provenance.checkpoint import origin_of
+from consortium.provenance.environment import (
+    PACKAGES,
+    installed_packages,
+    packages_digest,
+    source_digest,
+    write_source_archive,
+)
 from consortium.provenance.log import COSIGNATURE, RECORD, TREE_HEAD, read_lines
 from consortium.provenance.merkle import MerkleTree, leaf_hash
 from consortium.provenance.records import (
@@ -35,6 +44,59 @@ class Attestation:
     subject_name: str
     subject_sha256: str
     predicate: dict[str, Any]
+
+
+def reproduction(environment: dict[str, Any]) -> dict[str, Any]:
+    """How to get the code and packages the job ran with: the installed source's digest
+    and the sha256 of its deterministic archive (`coordinator provenance source JOB`
+    writes it), the package lock, and the git commit when the code is a checkout. Only
+    when this installation is the job's (same source and package digests as logged)."""
+    code = environment.get("code", {})
+    packages = installed_packages()
+    here = source_digest()
+    if here != code.get("source_digest") or packages_digest(packages) != environment.get(
+        "installed_packages_digest"
+    ):
+        return {
+            "available": False,
+            "reason": "exported where the installed code or packages differ from the "
+            "job's: export on the coordinator that ran it",
+        }
+    with tempfile.TemporaryDirectory() as scratch:
+        archive_sha256 = write_source_archive(Path(scratch) / "source.tar")
+    return {
+        "available": True,
+        "source_digest": here,
+        "source_archive_sha256": archive_sha256,
+        "packages": packages,
+        **git_checkout(),
+    }
+
+
+def git_checkout() -> dict[str, Any]:
+    """The commit of the checkout the packages are installed from, if any, and whether
+    their files differ from it."""
+    root = Path(__import__(PACKAGES[0]).__file__ or "").parent.parent
+    if not (root / ".git").exists():
+        return {}
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", *PACKAGES],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git_commit": commit, "git_dirty": bool(dirty)}
 
 
 def build_attestation(
@@ -92,9 +154,11 @@ def build_attestation(
         }
         for i in sorted({*keys, *mine})
     ]
+    described = summary([records[i] for i in mine])
     predicate = {
         "job_id": job_id,
-        **summary([records[i] for i in mine]),
+        **described,
+        "reproduction": reproduction(described["environment"]),
         "log": {
             "origin": origin_of(coordinator_key_id),
             "tree_head": head,

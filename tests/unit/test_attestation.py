@@ -34,6 +34,7 @@ from consortium.provenance import intoto
 from consortium.provenance.attestation import PREDICATE_TYPE, AttestationError, verify_attestation
 from consortium.provenance.binding import sign_binding
 from consortium.provenance.canonical import canonical_json
+from consortium.provenance.environment import describe_environment, source_digest_of_archive
 from consortium.provenance.log import record_signing_bytes
 from consortium.provenance.records import (
     InstitutionKey,
@@ -196,7 +197,7 @@ def write_pretraining_job(data_dir: Path) -> None:
             seed=0,
             spec=spec,
             spec_digest=hashlib.sha256(canonical_json(spec)).hexdigest(),
-            environment={"python": "3.11", "device": "cpu"},
+            environment=describe_environment("cpu", deterministic=True),  # this installation
         )
     )
     for step in range(ROUNDS):
@@ -586,3 +587,42 @@ def test_key_bound_under_another_ca_is_refused_by_both_verifiers(tmp_path: Path)
     assert "was not issued by the CA" in str(refused.value)
     assert status == 1
     assert output.startswith(f"FAILED binding of {INSTITUTIONS[0]!r}: the CA did not issue"), output
+
+
+def test_the_attestation_names_the_jobs_code_and_packages_and_source_writes_that_code(
+    consortium: Consortium, tmp_path: Path
+) -> None:
+    """A job run here: its attestation carries the package lock (checked against the
+    logged environment's digest) and the sha256 of the source archive that
+    `coordinator provenance source` writes, which holds exactly the code the job ran."""
+    document: Document = json.loads(consortium.pretrain.read_text())
+    reproduction = statement_of(document)["predicate"]["reproduction"]
+    archive = tmp_path / "source.tar"
+    written = run_cli(
+        "coordinator",
+        "provenance",
+        "source",
+        PRETRAIN_JOB,
+        "--data-dir",
+        str(consortium.data_dir),
+        "-o",
+        str(archive),
+    )
+    federated = statement_of(consortium.document())["predicate"]["reproduction"]
+
+    assert written.returncode == 0, written.stderr
+    assert reproduction["available"] and any(
+        p.startswith("torch==") for p in reproduction["packages"]
+    )
+    assert hashlib.sha256(archive.read_bytes()).hexdigest() == reproduction["source_archive_sha256"]
+    assert source_digest_of_archive(archive) == reproduction["source_digest"]
+    # The federated job's logged environment is not this installation's: nothing claimed.
+    assert federated["available"] is False and "differ" in federated["reason"]
+
+
+def test_a_package_lock_that_is_not_the_jobs_is_refused(consortium: Consortium) -> None:
+    statement = statement_of(json.loads(consortium.pretrain.read_text()))
+    statement["predicate"]["reproduction"]["packages"].append("evil==1.0")
+
+    with pytest.raises(AttestationError, match="package lock"):
+        verify_attestation(signed(statement, consortium.coordinator), consortium.ca_cert)

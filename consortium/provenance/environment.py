@@ -18,6 +18,7 @@ import importlib.metadata
 import io
 import platform
 import sys
+import sysconfig
 import tarfile
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -75,13 +76,15 @@ def source_digest_of_archive(path: Path) -> str:
 
 
 def installed_packages() -> list[str]:
-    """Every installed distribution as `name==version`, sorted, each once: the
-    environment's lock. Once: a checkout's own `*.egg-info` is found again when Python
-    runs from the checkout, and the lock must not depend on the working directory."""
+    """Every distribution installed in this environment's site-packages, as
+    `name==version`, sorted: the environment's lock. Only site-packages, not all of
+    `sys.path`: Ray puts its vendored packages on the path when imported, and Python
+    run from a checkout finds its `*.egg-info`; the lock must depend on neither."""
+    paths = sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")})
     return sorted(
         {
             f"{dist.metadata['Name'].lower()}=={dist.version}"
-            for dist in importlib.metadata.distributions()
+            for dist in importlib.metadata.distributions(path=paths)
             if dist.metadata["Name"]
         }
     )

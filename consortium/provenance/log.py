@@ -215,11 +215,6 @@ class ProvenanceLog:
             self._append_line(line)
             return head
 
-    def latest_head_line(self) -> bytes | None:
-        """The last tree head's line as written (what sites are asked to cosign)."""
-        heads = [line for line in read_lines(self.path) if _kind(line) == TREE_HEAD]
-        return heads[-1] if heads else None
-
     def append_cosignatures(
         self, cosignatures: list[WitnessCosignature], precondition: Precondition | None = None
     ) -> int:

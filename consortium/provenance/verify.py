@@ -47,7 +47,6 @@ from consortium.provenance.merkle import (
     MerkleTree,
     ProofError,
     leaf_hash,
-    root_from_leaves,
     verify_consistency,
 )
 from consortium.provenance.records import (
@@ -135,8 +134,7 @@ def _signed_update_ok(update: UpdateEntry, record: Round, keyring: Keyring) -> N
 class _Verifier:
     coordinator_key: VerifyingKey
     report: VerifyReport
-    leaves: list[bytes] = field(default_factory=list)
-    # The same leaves as a tree that answers roots and proofs in O(log n) per head.
+    # The records' leaf hashes, as a tree that answers roots and proofs in O(log n).
     tree: MerkleTree = field(default_factory=MerkleTree)
     head_lines: list[bytes] = field(default_factory=list)
     histories: dict[str, JobHistory] = field(default_factory=dict)
@@ -147,8 +145,7 @@ class _Verifier:
         kind = entry.get("kind")
         if kind == RECORD:
             self._record(entry)
-            self.leaves.append(leaf_hash(raw))
-            self.tree.append(self.leaves[-1])
+            self.tree.append(leaf_hash(raw))
         elif kind == TREE_HEAD:
             self._tree_head(raw, entry)
         elif kind == COSIGNATURE:
@@ -157,7 +154,7 @@ class _Verifier:
             raise ValueError(f"unknown kind {kind!r}")
 
     def _record(self, entry: dict[str, Any]) -> None:
-        index = len(self.leaves)
+        index = self.tree.size
         if entry["index"] != index:
             raise ValueError(f"record index {entry['index']} where {index} was expected")
         type_, body = entry["type"], entry["body"]
@@ -199,10 +196,8 @@ class _Verifier:
                 )
             signed = head_signing_bytes(entry)
         self.coordinator_key.verify(unb64(entry["signature"]), signed)
-        if head.tree_size != len(self.leaves):
-            raise ValueError(
-                f"tree head covers {head.tree_size} records, log has {len(self.leaves)}"
-            )
+        if head.tree_size != self.tree.size:
+            raise ValueError(f"tree head covers {head.tree_size} records, log has {self.tree.size}")
         if self.tree.root().hex() != head.root_hash:
             raise ValueError("tree head root does not match the records")
         previous_head = self.report.last_head
@@ -282,28 +277,28 @@ def verify_log(
             verifier.line(raw, entry)
         except (SignatureError, ProofError, KeyError, TypeError, ValueError) as err:
             raise LogVerificationError(number, str(err) or type(err).__name__) from None
-    leaves = verifier.leaves
-    report.records = len(leaves)
+    tree = verifier.tree
+    report.records = tree.size
     previous = report.last_head
-    if previous is None or (previous.tree_size != len(leaves) and not allow_open_tail):
+    if previous is None or (previous.tree_size != tree.size and not allow_open_tail):
         covered = previous.tree_size if previous else 0
         raise LogVerificationError(
             len(lines),
-            f"records {covered}..{len(leaves) - 1} are not covered by a signed tree head",
+            f"records {covered}..{tree.size - 1} are not covered by a signed tree head",
         )
     if expected_head is not None:
-        _check_expected_head(expected_head, leaves, len(lines))
+        _check_expected_head(expected_head, tree, len(lines))
     return report
 
 
-def _check_expected_head(expected: TreeHead, leaves: list[bytes], last_line: int) -> None:
+def _check_expected_head(expected: TreeHead, tree: MerkleTree, last_line: int) -> None:
     """Truncation at a tree-head boundary is only visible against a published head."""
-    if expected.tree_size > len(leaves):
+    if expected.tree_size > tree.size:
         raise LogVerificationError(
             last_line,
-            f"log holds {len(leaves)} records; the expected head covers {expected.tree_size}",
+            f"log holds {tree.size} records; the expected head covers {expected.tree_size}",
         )
-    if root_from_leaves(leaves[: expected.tree_size]).hex() != expected.root_hash:
+    if tree.root(expected.tree_size).hex() != expected.root_hash:
         raise LogVerificationError(
             last_line, f"log does not match the expected tree head of size {expected.tree_size}"
         )

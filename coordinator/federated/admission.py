@@ -191,7 +191,7 @@ def _cosignature(
     fields = content.config_records.get(COSIGNATURE_RECORD)
     try:
         return check_cosignature(
-            dict(fields) if fields is not None else {},
+            fields,
             institution,
             store.institution_keys(institution),
             witnessed,

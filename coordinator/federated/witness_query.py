@@ -89,7 +89,7 @@ def _checked(reply: Message, head: WitnessedHead, sites: Sites) -> WitnessCosign
         return None
     try:
         return check_cosignature(
-            dict(fields) if fields is not None else {},
+            fields,
             institution,
             sites.institution_keys(institution),
             head,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from consortium.errors import NotFoundError
-from consortium.provenance.attestation import PREDICATE_TYPE, summary
+from consortium.provenance.attestation import summary
 from consortium.provenance.checkpoint import origin_of
 from consortium.provenance.environment import (
     PACKAGES,
@@ -179,6 +179,3 @@ def _head_for(
     cosigned = {(c["tree_size"], c["root_hash"]) for c in cosignatures}
     witnessed = [h for h in covering if (h["tree_size"], h["root_hash"]) in cosigned]
     return witnessed[-1] if witnessed else covering[-1]
-
-
-__all__ = ["PREDICATE_TYPE", "Attestation", "build_attestation"]

@@ -18,6 +18,7 @@ operator decides what to trust; the refusal is counted, never silent.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,11 +116,14 @@ class WitnessedHead:
 
 
 def check_cosignature(
-    fields: dict[str, object], institution: str, keys: dict[str, bytes], request: WitnessedHead
+    fields: Mapping[str, object] | None,
+    institution: str,
+    keys: dict[str, bytes],
+    request: WitnessedHead,
 ) -> WitnessCosignature:
     """The site's cosignature of the head it was sent, checked with a key pinned to the
     institution; raises CosignatureRefused("uncosigned" or "bad_cosignature")."""
-    if not fields:
+    if fields is None or not fields:
         raise CosignatureRefused("uncosigned", "the reply carries no cosignature of the log's head")
     key_id = str(fields.get("key-id", ""))
     public_key = keys.get(key_id)

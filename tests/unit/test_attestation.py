@@ -53,6 +53,7 @@ from coordinator.access.pki_files import CoordinatorPki
 from coordinator.data_dir import DataDir
 from coordinator.provenance.export import build_attestation
 from coordinator.provenance.recorder import JobRecorder
+from coordinator.provenance.witnessing import LogView
 from tests.helpers import run_cli
 from tests.provenance_keys import ScratchCa
 
@@ -176,7 +177,7 @@ def write_federated_job(data_dir: Path, sites_dir: Path, rogue_ca: ScratchCa | N
     model_file.parent.mkdir(parents=True, exist_ok=True)
     model_file.write_bytes(b"the federated model's weights")
     recorder.job_completed("federated", ROUNDS, model(ROUNDS), model_file)
-    head = recorder.log.latest_head_line()
+    head = LogView.read(recorder.log.path).head_lines[-1]
     assert head is not None
     coordinator = SigningKey.load(paths.signing_key).public
     cosignatures = [

@@ -28,10 +28,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import grpc
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
 
 from consortium.errors import CommitRefusedError, ConflictError, ConsortiumError
 from consortium.models import build_model, load_parameter_tensors, parameter_tensors
@@ -326,6 +328,12 @@ def main(grid: Grid, context: Context) -> None:
             round_ = run.current_round if run is not None else 0
             log.error("Flower run %s stops: %s (%s)", run_id, refusal, refusal.reason)
             job.record_refused_commit(refusal.reason, round_)
+        except (ObjectPushError, grpc.RpcError) as lost:
+            # The SuperLink went away under the run (a restart): not the job's failure.
+            # The run ends; the coordinator resumes the job in a new run after its last
+            # committed round (coordinator/federated/runner.py).
+            log.error("Flower run %s lost its SuperLink (%s); the job resumes", run_id, lost)
+            raise
         except Exception as error:
             try:
                 job.fail(f"ServerApp failed: {type(error).__name__}: {error}")

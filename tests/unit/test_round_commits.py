@@ -10,9 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
+import grpc
 import pytest
 import torch
+from flwr.app import Context, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
 
 from consortium.errors import CommitRefusedError
 from consortium.models import build_model, parameter_tensors
@@ -21,8 +26,10 @@ from consortium.provenance.records import Round
 from consortium.provenance.signing import SigningKey
 from consortium.provenance.verify import verify_log
 from coordinator.data_dir import DataDir
+from coordinator.federated import server_app
 from coordinator.federated.checkpoints import CheckpointStore
 from coordinator.federated.server_app import JobRun
+from coordinator.federated.superlink import DATA_DIR_ENV
 from coordinator.jobs.lifecycle import JobLifecycle
 from coordinator.jobs.running import RunningJob
 from coordinator.provenance.recorder import JobRecorder
@@ -69,6 +76,10 @@ class Consortium:
     def logged_rounds(self) -> list[int]:
         recorder = JobRecorder(self.data_dir, self.job_id)
         return [int(body["round"]) for body in recorder.logged_rounds()]
+
+
+class FakeRpcError(grpc.RpcError):
+    """What a Grid call raises when the SuperLink is gone."""
 
 
 @pytest.fixture
@@ -152,3 +163,40 @@ def test_refused_commits_are_exported_as_a_metric(consortium: Consortium) -> Non
         collector.close()
     assert 'consortium_round_commits_refused_total{reason="stale_run"} 1.0' in text
     assert 'consortium_round_commits_refused_total{reason="duplicate_round"} 0.0' in text
+
+
+@pytest.mark.parametrize(
+    ("error", "state"),
+    [
+        # The SuperLink restarted under the run: the run ends, the job stays for a resume.
+        (ObjectPushError("object", 7, "session"), "RUNNING"),
+        (FakeRpcError(), "RUNNING"),
+        # A bug in the run: the job fails, saying what went wrong.
+        (ValueError("a bug"), "FAILED"),
+    ],
+)
+def test_a_run_that_loses_its_superlink_leaves_the_job_to_resume(
+    consortium: Consortium,
+    monkeypatch: pytest.MonkeyPatch,
+    error: Exception,
+    state: str,
+) -> None:
+    consortium.hand_over("7")
+    monkeypatch.setenv(DATA_DIR_ENV, str(consortium.data_dir.root))
+
+    def lose(self: JobRun, grid: object) -> None:
+        raise error
+
+    monkeypatch.setattr(JobRun, "run", lose)
+    context = Context(
+        run_id=7,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config={"job-id": consortium.job_id},
+    )
+
+    with pytest.raises(type(error)):
+        server_app.main(cast(Grid, None), context)
+
+    assert consortium.store.get_job(consortium.job_id).state.name == state

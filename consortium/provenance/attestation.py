@@ -16,6 +16,11 @@ it without the log or the coordinator:
   data commitments, institution signatures), `job_completed` (the model file's sha256),
   and the `institution_key` / `institution_key_changed` records of every institution
   that signed an update of the job or cosigned the head (with their bindings);
+* ``log.checkpoints`` (when exported with ``--checkpoint``): published checkpoints
+  (C2SP signed notes, `coordinator provenance publish`), each with an RFC 9162
+  consistency proof between it and the tree head, so a reviewer who holds one of those
+  checkpoints (from a site, an archive, another reviewer) learns that the attestation's
+  log is the very log it publishes, not a fork shown to them alone;
 * a readable summary (``job_id``, ``kind``, ``model``, ``rounds``, ...) derived from those
   entries; a verifier derives it again and refuses a summary that differs;
 * ``reproduction``: the package lock and the source digest (checked against the job's
@@ -27,12 +32,15 @@ key (DSSE's leniency: standard or URL-safe, padded or not, base64; a signature w
 keyid is tried), the certificate against the CA, the head's signature, each entry's
 signature and inclusion proof, the job's history (`semantics.py`), each accepted
 update's signature with the key bound to its institution, each cosignature, and that
-the final record names the subject.
+the final record names the subject; then each carried checkpoint (its signatures and
+its consistency proof), and that every checkpoint the reviewer holds is the head or a
+carried checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +49,14 @@ from cryptography import x509
 from consortium.pki import check_signing_key_certificate
 from consortium.provenance import intoto
 from consortium.provenance.canonical import canonical_json
-from consortium.provenance.checkpoint import checkpoint_body, origin_of, verify_cosignature
+from consortium.provenance.checkpoint import (
+    CheckpointError,
+    ReadNote,
+    checkpoint_body,
+    origin_of,
+    read_signed_note,
+    verify_cosignature,
+)
 from consortium.provenance.environment import packages_digest
 from consortium.provenance.intoto import STATEMENT_TYPE, lenient_b64
 from consortium.provenance.keyring import Keyring
@@ -53,7 +68,12 @@ from consortium.provenance.log import (
     head_signing_bytes,
     record_signing_bytes,
 )
-from consortium.provenance.merkle import ProofError, leaf_hash, verify_inclusion
+from consortium.provenance.merkle import (
+    ProofError,
+    leaf_hash,
+    verify_consistency,
+    verify_inclusion,
+)
 from consortium.provenance.records import (
     InstitutionKey,
     InstitutionKeyChanged,
@@ -87,6 +107,8 @@ class AttestationReport:
     rounds: int
     witnesses: list[str]
     records: list[Record] = field(default_factory=list)  # the job's, in log order
+    # Published checkpoints the head is proven consistent with: (tree size, witnesses).
+    checkpoints: list[tuple[int, list[str]]] = field(default_factory=list)
 
 
 def summary(records: list[Record]) -> dict[str, Any]:
@@ -154,8 +176,12 @@ def open_envelope(document: dict[str, Any], key: VerifyingKey) -> dict[str, Any]
         raise AttestationError(f"the envelope: {err}") from None
 
 
-def verify_attestation(document: dict[str, Any], ca: x509.Certificate) -> AttestationReport:
-    """Check an exported attestation with nothing but the consortium's CA certificate."""
+def verify_attestation(
+    document: dict[str, Any], ca: x509.Certificate, checkpoints: Sequence[str] = ()
+) -> AttestationReport:
+    """Check an exported attestation with nothing but the consortium's CA certificate;
+    with `checkpoints` (signed notes the reviewer obtained elsewhere), also that the
+    attestation's log is the one each of them publishes."""
     predicate_hint = _peek(document)
     key = _certified_key(predicate_hint, ca)
     predicate, subject_name, subject_sha = _statement(document, key, predicate_hint)
@@ -180,6 +206,9 @@ def verify_attestation(document: dict[str, Any], ca: x509.Certificate) -> Attest
             raise AttestationError(f"the predicate's {name!r} differs from the logged records")
     _check_reproduction(predicate.get("reproduction", {}), derived["environment"])
     witnesses = _checked_cosignatures(log.get("cosignatures", []), head, keyring, key)
+    carried = _checked_checkpoints(log.get("checkpoints", []), head, keyring, key)
+    for text in checkpoints:
+        _check_held_checkpoint(text, head, carried, keyring, key)
     return AttestationReport(
         job_id=job_id,
         kind=str(derived["kind"]),
@@ -190,6 +219,7 @@ def verify_attestation(document: dict[str, Any], ca: x509.Certificate) -> Attest
         rounds=history.last_round,
         witnesses=witnesses,
         records=job_records,
+        checkpoints=[(n.checkpoint.tree_size, n.witnesses) for n in carried.values()],
     )
 
 
@@ -352,3 +382,60 @@ def _checked_cosignatures(
             raise AttestationError(f"the cosignature of {institution!r}: {err}") from None
         witnesses.add(institution)
     return sorted(witnesses)
+
+
+def _read_note(text: str, keyring: Keyring, key: VerifyingKey, what: str) -> ReadNote:
+    try:
+        return read_signed_note(text, key, keyring.witness_keys())
+    except CheckpointError as err:
+        raise AttestationError(f"{what}: {err}") from None
+
+
+def _checked_checkpoints(
+    carried: list[dict[str, Any]], head: dict[str, Any], keyring: Keyring, key: VerifyingKey
+) -> dict[tuple[int, str], ReadNote]:
+    """The carried checkpoints, each signed by `key` and proven consistent with `head`
+    (whichever of the two is older must prefix the other), by (tree size, root)."""
+    head_size, head_root = int(head["tree_size"]), bytes.fromhex(str(head["root_hash"]))
+    found: dict[tuple[int, str], ReadNote] = {}
+    for position, entry in enumerate(carried):
+        what = f"log.checkpoints[{position}]"
+        note = _read_note(str(entry.get("checkpoint", "")), keyring, key, what)
+        size, root = note.checkpoint.tree_size, bytes.fromhex(note.checkpoint.root_hash)
+        try:
+            proof = [bytes.fromhex(node) for node in entry.get("consistency_proof", [])]
+            if size <= head_size:
+                verify_consistency(size, head_size, root, head_root, proof)
+            else:
+                verify_consistency(head_size, size, head_root, root, proof)
+        except (ValueError, TypeError, ProofError) as err:
+            raise AttestationError(
+                f"{what} (tree size {size}) is not consistent with the tree head: {err}"
+            ) from None
+        found[(size, note.checkpoint.root_hash)] = note
+    return found
+
+
+def _check_held_checkpoint(
+    text: str,
+    head: dict[str, Any],
+    carried: dict[tuple[int, str], ReadNote],
+    keyring: Keyring,
+    key: VerifyingKey,
+) -> None:
+    """A checkpoint the reviewer holds must be the attested head or a carried checkpoint;
+    one of the same size as either with another root is a fork of the log."""
+    checkpoint = _read_note(text, keyring, key, "the checkpoint").checkpoint
+    proven = {(int(head["tree_size"]), str(head["root_hash"])), *carried}
+    if (checkpoint.tree_size, checkpoint.root_hash) in proven:
+        return
+    if checkpoint.tree_size in {size for size, _ in proven}:
+        raise AttestationError(
+            f"the checkpoint publishes another log at tree size {checkpoint.tree_size} "
+            f"(root {checkpoint.root_hash[:16]}) than the attestation proves into: the "
+            "coordinator has shown two different histories (a fork)"
+        )
+    raise AttestationError(
+        f"the attestation carries no consistency proof to the checkpoint (tree size "
+        f"{checkpoint.tree_size}); export it again with --checkpoint naming that file"
+    )

@@ -31,6 +31,7 @@ from consortium.provenance.checkpoint import (
     Checkpoint,
     CheckpointError,
     Cosignature,
+    ReadNote,
     origin_of,
     read_signed_note,
     signed_note,
@@ -195,10 +196,7 @@ def _check_checkpoint(
     if not checkpoint.exists():
         raise NotFoundError(f"checkpoint {checkpoint} does not exist")
     coordinator = VerifyingKey.load(key or DataDir(data_dir).signing_public_key)
-    try:
-        note = read_signed_note(checkpoint.read_text(), coordinator, report.keyring.witness_keys())
-    except CheckpointError as error:
-        raise ProvenanceInvalidError(f"{checkpoint}: {error}") from None
+    note = _read_checkpoint(checkpoint, checkpoint.read_text(), coordinator, report)
     published = TreeHead(note.checkpoint.tree_size, note.checkpoint.root_hash, 0)
     load_verified(log, key, data_dir, published, allow_unbound_keys, ca)
     console.print(
@@ -262,27 +260,43 @@ def show(
         console.print(table)
 
 
+CheckpointsOption = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--checkpoint",
+        help="A published checkpoint (`provenance publish`); may be given more than once.",
+    ),
+]
+
+
 @provenance_app.command("export")
 def export(
     job_id: str,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here.")] = None,
     data_dir: DataDirOption = Path(".consortium"),
     allow_unbound_keys: UnboundOption = False,
+    checkpoint: CheckpointsOption = None,
 ) -> None:
     """A self-contained attestation of the job's model: an in-toto Statement v1 in a DSSE
     envelope, with the job's log entries, their inclusion proofs, the signed and
-    cosigned tree head and the signing key's certificate (`verify-attestation`)."""
+    cosigned tree head and the signing key's certificate (`verify-attestation`); with
+    --checkpoint, a consistency proof to each published checkpoint, so that reviewers
+    holding one can tell the attestation's log is the published one."""
     from coordinator.access.onboarding import ensure_signing_certificate
     from coordinator.provenance.export import build_attestation
 
     with cli_errors():
-        log, _ = load_verified(
+        log, report = load_verified(
             None, None, data_dir, allow_unbound_keys=allow_unbound_keys, ca=_default_ca(data_dir)
         )
         key = SigningKey.load(DataDir(data_dir).signing_key)
+        published = [
+            (text, _read_checkpoint(path, text, key.public, report).checkpoint)
+            for path, text in _checkpoint_texts(checkpoint)
+        ]
         certificate = ensure_signing_certificate(data_dir)
         attestation = build_attestation(
-            log, job_id, key.key_id, certificate.public_bytes(Encoding.PEM).decode()
+            log, job_id, key.key_id, certificate.public_bytes(Encoding.PEM).decode(), published
         )
         body = intoto.statement(
             attestation.subject_name,
@@ -297,6 +311,22 @@ def export(
         else:
             output.write_text(text + "\n")
             console.print(f"wrote {output}")
+
+
+def _checkpoint_texts(paths: list[Path] | None) -> list[tuple[Path, str]]:
+    texts = []
+    for path in paths or []:
+        if not path.exists():
+            raise NotFoundError(f"checkpoint {path} does not exist")
+        texts.append((path, path.read_text()))
+    return texts
+
+
+def _read_checkpoint(path: Path, text: str, key: VerifyingKey, report: VerifyReport) -> ReadNote:
+    try:
+        return read_signed_note(text, key, report.keyring.witness_keys())
+    except CheckpointError as error:
+        raise ProvenanceInvalidError(f"{path}: {error}") from None
 
 
 @provenance_app.command("source")
@@ -350,19 +380,28 @@ def verify_attestation_command(
         typer.Option(help="The consortium's CA certificate (default: the data dir's)."),
     ] = None,
     data_dir: DataDirOption = Path(".consortium"),
+    checkpoint: CheckpointsOption = None,
 ) -> None:
-    """Check an attestation offline, with nothing but the consortium's CA certificate."""
+    """Check an attestation offline, with nothing but the consortium's CA certificate;
+    with --checkpoint, also that its log is the one each checkpoint publishes."""
     with cli_errors():
-        report = load_attestation(attestation, ca, data_dir)
+        report = load_attestation(attestation, ca, data_dir, checkpoint)
         console.print(
             f"OK {attestation}: {report.subject} (sha256 {report.sha256}) is the model of "
             f"{report.kind} job {report.job_id} after {report.rounds} round(s), in the log at "
             f"tree size {report.tree_size} (root {report.root_hash[:16]}), cosigned by "
             f"{', '.join(report.witnesses) or 'no site'}"
         )
+        for size, witnesses in report.checkpoints:
+            console.print(
+                f"consistent with the published checkpoint at tree size {size} (cosigned by "
+                f"{', '.join(witnesses) or 'no site'})"
+            )
 
 
-def load_attestation(path: Path, ca: Path | None, data_dir: Path) -> AttestationReport:
+def load_attestation(
+    path: Path, ca: Path | None, data_dir: Path, checkpoints: list[Path] | None = None
+) -> AttestationReport:
     """A verified attestation; the CA certificate from --ca or the data dir."""
     ca = ca if ca is not None else _default_ca(data_dir)
     if ca is None or not ca.exists():
@@ -370,8 +409,9 @@ def load_attestation(path: Path, ca: Path | None, data_dir: Path) -> Attestation
     if not path.exists():
         raise NotFoundError(f"attestation {path} does not exist")
     try:
+        held = [text for _, text in _checkpoint_texts(checkpoints)]
         document = json.loads(path.read_text())
-        return verify_attestation(document, load_certificate(ca))
+        return verify_attestation(document, load_certificate(ca), held)
     except (AttestationError, ValueError) as error:
         raise ProvenanceInvalidError(f"{path}: {error}") from None
 

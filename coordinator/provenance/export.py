@@ -4,7 +4,8 @@ What goes in, and why, is `consortium/provenance/attestation.py`'s docstring. Th
 the attestation proves into is the latest head covering the job's final record that
 sites cosigned (for a federated job: the head its sites cosigned when it ended), or,
 when none is cosigned yet (a pretraining job before the next federated round), the
-log's latest head.
+log's latest head. Checkpoints named at export (already read and signature-checked by
+the caller) are carried with a consistency proof between each and that head.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from consortium.errors import NotFoundError
+from consortium.errors import ConflictError, NotFoundError
 from consortium.provenance.attestation import summary
-from consortium.provenance.checkpoint import origin_of
+from consortium.provenance.checkpoint import Checkpoint, origin_of
 from consortium.provenance.environment import (
     PACKAGES,
     installed_packages,
@@ -100,7 +102,11 @@ def git_checkout() -> dict[str, Any]:
 
 
 def build_attestation(
-    log_path: Path, job_id: str, coordinator_key_id: str, certificate_pem: str
+    log_path: Path,
+    job_id: str,
+    coordinator_key_id: str,
+    certificate_pem: str,
+    checkpoints: Sequence[tuple[str, Checkpoint]] = (),
 ) -> Attestation:
     tree = MerkleTree()
     lines: list[bytes] = []  # record lines by index
@@ -135,7 +141,14 @@ def build_attestation(
         for c in cosignatures
         if (c["tree_size"], c["root_hash"]) == (head["tree_size"], head["root_hash"])
     ]
-    signers = {c["institution"] for c in head_cosignatures}
+    # Whose keys the entries carry: whoever cosigned the head or a carried checkpoint,
+    # or signed an accepted update of the job.
+    cosigned = {(c.tree_size, c.root_hash) for _, c in checkpoints} | {
+        (head["tree_size"], head["root_hash"])
+    }
+    signers = {
+        c["institution"] for c in cosignatures if (c["tree_size"], c["root_hash"]) in cosigned
+    }
     for i in mine:
         record = records[i]
         if isinstance(record, Round):
@@ -164,6 +177,7 @@ def build_attestation(
             "tree_head": head,
             "cosignatures": head_cosignatures,
             "entries": entries,
+            **_carried_checkpoints(tree, size, checkpoints),
         },
         "coordinator": {"key_id": coordinator_key_id, "certificate": certificate_pem},
     }
@@ -179,3 +193,23 @@ def _head_for(
     cosigned = {(c["tree_size"], c["root_hash"]) for c in cosignatures}
     witnessed = [h for h in covering if (h["tree_size"], h["root_hash"]) in cosigned]
     return witnessed[-1] if witnessed else covering[-1]
+
+
+def _carried_checkpoints(
+    tree: MerkleTree, head_size: int, checkpoints: Sequence[tuple[str, Checkpoint]]
+) -> dict[str, Any]:
+    """``log.checkpoints``: each published checkpoint (its signed note as published) with
+    the consistency proof between it and the head of size `head_size`."""
+    carried = []
+    for text, checkpoint in checkpoints:
+        size = checkpoint.tree_size
+        if size > tree.size or tree.root(size).hex() != checkpoint.root_hash:
+            raise ConflictError(
+                f"the checkpoint of tree size {size} (root {checkpoint.root_hash[:16]}) is not "
+                f"a head of this log ({tree.size} records): it publishes another history"
+            )
+        if size == 0:
+            raise ConflictError("a checkpoint of the empty log proves nothing")
+        proof = tree.consistency_proof(*sorted((size, head_size)))
+        carried.append({"checkpoint": text, "consistency_proof": [node.hex() for node in proof]})
+    return {"checkpoints": carried} if carried else {}

@@ -11,10 +11,14 @@ its data dir, and those that need a live coordinator restart one on that data di
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +29,7 @@ import pytest
 
 from consortium.errors import InvalidArgumentError
 from consortium.proto.v1 import jobs_pb2
+from consortium.provenance.environment import source_digest_of_archive
 from consortium.provenance.signing import SigningKey
 from consortium.provenance.verify import verify_log
 from coordinator.cli.remote import Remote, connect
@@ -190,16 +195,7 @@ def test_both_jobs_attest_and_verify_offline_with_only_the_ca(
         )
         assert standalone.returncode == 0, standalone.stdout + standalone.stderr
     pretrain, fine_tune = job_ids(demo)
-    replayed = run_cli(
-        "coordinator",
-        "replay",
-        "--from-attestation",
-        str(tmp_path / f"{pretrain}.dsse.json"),
-        "--ca",
-        str(ca),
-        "--data-dir",
-        str(tmp_path / "no-data-dir"),
-    )
+    replayed = replay_from_the_attested_source(demo, pretrain, tmp_path, ca)
 
     assert f"pretrain job {pretrain} after {OUTER_STEPS} round(s)" in verified[pretrain]
     assert f"federated job {fine_tune} after {ROUNDS} round(s)" in verified[fine_tune]
@@ -207,6 +203,51 @@ def test_both_jobs_attest_and_verify_offline_with_only_the_ca(
     assert f"replay OK: {OUTER_STEPS} outer step(s) reproduced bit for bit" in " ".join(
         replayed.stdout.split()
     )
+
+
+def replay_from_the_attested_source(
+    demo: DemoRun, job_id: str, tmp_path: Path, ca: Path
+) -> subprocess.CompletedProcess[str]:
+    """A reviewer's fresh copy of the code: the archive `provenance source` writes, whose
+    sha256 and source digest the attestation names, unpacked into an empty directory and
+    run from there (`python -m coordinator`, not the installed package), with no data
+    dir, another home and only the attestation and the CA certificate."""
+    archive = tmp_path / "source.tar"
+    written = run_cli(
+        "coordinator", "provenance", "source", job_id, "--data-dir", str(demo.data_dir),
+        "-o", str(archive),
+    )  # fmt: skip
+    assert written.returncode == 0, written.stdout + written.stderr
+    attestation = tmp_path / f"{job_id}.dsse.json"
+    statement = json.loads(base64.b64decode(json.loads(attestation.read_text())["payload"]))
+    reproduction = statement["predicate"]["reproduction"]
+    assert hashlib.sha256(archive.read_bytes()).hexdigest() == reproduction["source_archive_sha256"]
+    assert source_digest_of_archive(archive) == reproduction["source_digest"]
+    checkout = tmp_path / "fresh-checkout"
+    checkout.mkdir()
+    with tarfile.open(archive) as unpacked:
+        unpacked.extractall(checkout, filter="data")
+    home = tmp_path / "reviewer-home"
+    home.mkdir()
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("CONSORTIUM_", "RAY_", "FLWR_"))
+    }
+    env.update({"HOME": str(home), "PYTHONPATH": str(checkout), "COLUMNS": "200"})
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, *argv], cwd=checkout, env=env, capture_output=True, text=True,
+            timeout=300, check=False,
+        )  # fmt: skip
+
+    imported = run("-c", "import coordinator, consortium; print(coordinator.__file__)")
+    assert imported.stdout.strip() == str(checkout / "coordinator" / "__init__.py"), imported
+    return run(
+        "-m", "coordinator", "replay", "--from-attestation", str(attestation), "--ca", str(ca),
+        "--data-dir", str(home / "no-data-dir"),
+    )  # fmt: skip
 
 
 def test_each_site_fine_tunes_on_its_own_text(demo: DemoRun) -> None:

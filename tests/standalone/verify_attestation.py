@@ -1,6 +1,6 @@
 """Check a Consortium model attestation with the standard library and `cryptography` only.
 
-    python verify_attestation.py ATTESTATION.json CA.crt
+    python verify_attestation.py ATTESTATION.json CA.crt [CHECKPOINT ...]
 
 prints one ``OK ...`` line and exits 0, or prints ``FAILED <check>: <why>`` and exits 1.
 
@@ -29,7 +29,11 @@ What it checks, in order:
    the institution, and its key signed (ECDSA-SHA256) the binding of the Ed25519 key;
 9. cosignatures: each cosigns this head (C2SP cosignature/v1) with a bound key of its
    institution (a key only the operator vouched for, `institution_key_changed`, is not
-   trusted here).
+   trusted here);
+10. checkpoints: each of ``predicate.log.checkpoints`` is a C2SP signed note by that key
+    of that log, with an RFC 9162 consistency proof between it and the head; and each
+    CHECKPOINT file given (a published checkpoint the reviewer holds) is the head or one
+    of those, so the attestation's log is the one that was published.
 
 Not checked here: the readable summary in the predicate (it is derived from the
 entries, which are what is signed and proven), the institutions' signatures of their
@@ -263,7 +267,73 @@ def witnesses(
     return sorted({line["institution"] for line in cosignatures})
 
 
-def verify(document: dict[str, Any], ca: x509.Certificate) -> str:
+def read_checkpoint(text: str, key: Ed25519PublicKey, origin: str) -> tuple[int, bytes]:
+    """(tree size, root) of a C2SP checkpoint note signed by `key` (Ed25519, type 0x01)."""
+    body, _, signatures = text.partition("\n\n")
+    lines = body.split("\n")
+    if len(lines) < 3 or lines[0] != origin:
+        raise ValueError("not a checkpoint of this log")
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    key_hash = hashlib.sha256(origin.encode() + b"\n\x01" + raw).digest()[:4]
+    for line in signatures.splitlines():
+        dash, name, value = line.split(" ")
+        signature = b64(value)
+        if dash == "\u2014" and name == origin and signature[:4] == key_hash:
+            key.verify(signature[4:], (body + "\n").encode())
+            return int(lines[1]), b64(lines[2])
+    raise ValueError("no signature of the certified key")
+
+
+def consistent(old: tuple[int, bytes], new: tuple[int, bytes], proof: list[bytes]) -> bool:
+    """RFC 9162 section 2.1.4.2, step by step: the tree `old` prefixes the tree `new`."""
+    (m, old_root), (n, new_root) = old, new
+    if not 0 < m <= n or any(len(p) != 32 for p in proof):
+        return False
+    if m == n:
+        return not proof and old_root == new_root
+    if not proof:
+        return False
+    if m & (m - 1) == 0:
+        proof = [old_root, *proof]
+    fn, sn = m - 1, n - 1
+    while fn & 1:
+        fn, sn = fn >> 1, sn >> 1
+    fr = sr = proof[0]
+    for c in proof[1:]:
+        if sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            fr = hashlib.sha256(b"\x01" + c + fr).digest()
+            sr = hashlib.sha256(b"\x01" + c + sr).digest()
+            while not fn & 1 and fn != 0:
+                fn, sn = fn >> 1, sn >> 1
+        else:
+            sr = hashlib.sha256(b"\x01" + sr + c).digest()
+        fn, sn = fn >> 1, sn >> 1
+    return sn == 0 and fr == old_root and sr == new_root
+
+
+def checked_checkpoints(
+    log: dict[str, Any], key: Ed25519PublicKey, held: tuple[str, ...]
+) -> list[tuple[int, bytes]]:
+    """The carried checkpoints, each consistent with the head; every held one among them."""
+    head = log["tree_head"]
+    proven = [(int(head["tree_size"]), bytes.fromhex(head["root_hash"]))]
+    for position, entry in enumerate(log.get("checkpoints", [])):
+        with check(f"checkpoint {position}") as require:
+            carried = read_checkpoint(entry["checkpoint"], key, log["origin"])
+            proof = [bytes.fromhex(node) for node in entry["consistency_proof"]]
+            old, new = sorted((proven[0], carried))
+            require(consistent(old, new, proof), "not consistent with the tree head")
+            proven.append(carried)
+    for number, text in enumerate(held, start=1):
+        with check(f"checkpoint file {number}") as require:
+            published = read_checkpoint(text, key, log["origin"])
+            require(published in proven, "the attestation proves no consistency with it")
+    return proven[1:]
+
+
+def verify(document: dict[str, Any], ca: x509.Certificate, held: tuple[str, ...] = ()) -> str:
     """The OK line; raises CheckFailedError."""
     statement, key = open_envelope(document, ca)
     with check("log") as require:
@@ -272,17 +342,20 @@ def verify(document: dict[str, Any], ca: x509.Certificate) -> str:
     records = checked_entries(log, key)
     check_subject(statement, records)
     names = witnesses(log["tree_head"], log["cosignatures"], bound_keys(records, ca))
+    sizes = [str(size) for size, _ in checked_checkpoints(log, key, held)]
     subject = statement["subject"][0]
     return (
         f"OK {subject['name']} (sha256 {subject['digest']['sha256']}) is the model of job "
         f"{predicate['job_id']}, in the log at tree size {log['tree_head']['tree_size']}, "
         f"cosigned by {', '.join(names) or 'no site'}"
+        + (f"; consistent with checkpoints at tree sizes {', '.join(sizes)}" if sizes else "")
     )
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: verify_attestation.py ATTESTATION.json CA.crt", file=sys.stderr)
+    if len(argv) < 2:
+        usage = "usage: verify_attestation.py ATTESTATION.json CA.crt [CHECKPOINT ...]"
+        print(usage, file=sys.stderr)
         return 2
     try:
         with check("input"):
@@ -290,7 +363,11 @@ def main(argv: list[str]) -> int:
                 document = json.load(handle)
             with open(argv[1], "rb") as handle:
                 ca = x509.load_pem_x509_certificate(handle.read())
-        print(verify(document, ca))
+            held = []
+            for path in argv[2:]:
+                with open(path, encoding="utf-8") as handle:
+                    held.append(handle.read())
+        print(verify(document, ca, tuple(held)))
     except CheckFailedError as failure:
         print(f"FAILED {failure}")
         return 1

@@ -30,10 +30,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from consortium import pki
+from consortium.exit_codes import ExitCode
 from consortium.provenance import intoto
 from consortium.provenance.attestation import PREDICATE_TYPE, AttestationError, verify_attestation
 from consortium.provenance.binding import sign_binding
 from consortium.provenance.canonical import canonical_json
+from consortium.provenance.checkpoint import Checkpoint, origin_of, signed_note
 from consortium.provenance.environment import describe_environment, source_digest_of_archive
 from consortium.provenance.log import record_signing_bytes
 from consortium.provenance.records import (
@@ -627,3 +629,242 @@ def test_a_package_lock_that_is_not_the_jobs_is_refused(consortium: Consortium) 
 
     with pytest.raises(AttestationError, match="package lock"):
         verify_attestation(signed(statement, consortium.coordinator), consortium.ca_cert)
+
+
+# --- published checkpoints -------------------------------------------------------------
+# The federated job's attestation proves into the head its sites cosigned, which is the
+# checkpoint `provenance publish` writes; the pretraining job ended later, so its
+# attestation proves into a later head, and only a consistency proof ties it to that
+# checkpoint.
+
+
+@dataclass(frozen=True)
+class Published:
+    checkpoint: Path  # what `coordinator provenance publish` wrote: the cosigned head
+    size: int
+    later: Path  # the log's latest head, as a checkpoint the coordinator signed
+    later_size: int
+    fork: Path  # a checkpoint of the published size with another root, also signed
+
+
+def checkpoint_file(path: Path, c: Consortium, size: int, root_hash: str) -> Path:
+    origin = origin_of(c.coordinator.key_id)
+    path.write_text(signed_note(Checkpoint(origin, size, root_hash), c.coordinator, []))
+    return path
+
+
+@pytest.fixture(scope="module")
+def published(consortium: Consortium, tmp_path_factory: pytest.TempPathFactory) -> Published:
+    directory = tmp_path_factory.mktemp("published")
+    result = run_cli(
+        "coordinator",
+        "provenance",
+        "publish",
+        str(directory),
+        "--data-dir",
+        str(consortium.data_dir),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    heads = [
+        json.loads(line)
+        for line in DataDir(consortium.data_dir).provenance_log.read_text().splitlines()
+        if json.loads(line)["kind"] == "tree_head"
+    ]
+    cosigned = next(h for h in heads if h["tree_size"] == statement_size(consortium.federated))
+    latest = heads[-1]
+    return Published(
+        checkpoint=directory / "checkpoint",
+        size=cosigned["tree_size"],
+        later=checkpoint_file(
+            directory / "later", consortium, latest["tree_size"], latest["root_hash"]
+        ),
+        later_size=latest["tree_size"],
+        fork=checkpoint_file(
+            directory / "fork", consortium, cosigned["tree_size"], digest("another history")
+        ),
+    )
+
+
+def statement_size(attestation: Path) -> int:
+    statement = statement_of(json.loads(attestation.read_text()))
+    size: int = statement["predicate"]["log"]["tree_head"]["tree_size"]
+    return size
+
+
+def export_with(c: Consortium, job_id: str, checkpoint: Path, output: Path) -> Path:
+    result = run_cli(
+        "coordinator",
+        "provenance",
+        "export",
+        job_id,
+        "--data-dir",
+        str(c.data_dir),
+        "--checkpoint",
+        str(checkpoint),
+        "-o",
+        str(output),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return output
+
+
+def verify_with(attestation: Path, c: Consortium, checkpoint: Path) -> tuple[int, str]:
+    result = run_cli(
+        "coordinator",
+        "provenance",
+        "verify-attestation",
+        str(attestation),
+        "--ca",
+        str(c.ca),
+        "--checkpoint",
+        str(checkpoint),
+    )
+    return result.returncode, " ".join((result.stdout + result.stderr).split())
+
+
+def run_standalone_with(attestation: Path, c: Consortium, checkpoint: Path) -> tuple[int, str]:
+    result = subprocess.run(
+        [sys.executable, "-I", str(SCRIPT), str(attestation), str(c.ca), str(checkpoint)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_the_published_checkpoint_is_the_federated_jobs_cosigned_head_and_precedes_pretraining(
+    consortium: Consortium, published: Published
+) -> None:
+    """The premise of the tests below: one job proves into the published head, the other
+    into a later one."""
+    assert statement_size(consortium.federated) == published.size
+    assert statement_size(consortium.pretrain) == published.later_size > published.size
+
+
+@pytest.mark.parametrize("job_id", [JOB, PRETRAIN_JOB])
+def test_an_attestation_exported_with_the_published_checkpoint_verifies_against_it_in_both(
+    consortium: Consortium, published: Published, job_id: str, tmp_path: Path
+) -> None:
+    attestation = export_with(consortium, job_id, published.checkpoint, tmp_path / "att.json")
+    (carried,) = statement_of(json.loads(attestation.read_text()))["predicate"]["log"][
+        "checkpoints"
+    ]
+    status, output = verify_with(attestation, consortium, published.checkpoint)
+    standalone, standalone_output = run_standalone_with(
+        attestation, consortium, published.checkpoint
+    )
+
+    # Same size: the head is the checkpoint (no proof); a later head needs a proof.
+    assert bool(carried["consistency_proof"]) == (job_id == PRETRAIN_JOB)
+    assert status == 0, output
+    assert (
+        f"consistent with the published checkpoint at tree size {published.size} (cosigned by "
+        f"{', '.join(INSTITUTIONS)})" in output
+    )
+    assert standalone == 0, standalone_output
+    assert f"consistent with checkpoints at tree sizes {published.size}" in standalone_output
+
+
+def test_an_attestation_verifies_against_a_checkpoint_later_than_its_head(
+    consortium: Consortium, published: Published, tmp_path: Path
+) -> None:
+    attestation = export_with(consortium, JOB, published.later, tmp_path / "att.json")
+
+    status, output = verify_with(attestation, consortium, published.later)
+    standalone, standalone_output = run_standalone_with(attestation, consortium, published.later)
+
+    assert status == 0, output
+    assert f"checkpoint at tree size {published.later_size} (cosigned by no site)" in output
+    assert standalone == 0, standalone_output
+
+
+def test_a_checkpoint_the_attestation_proves_nothing_about_is_refused_with_what_to_do(
+    consortium: Consortium, published: Published
+) -> None:
+    """The pretraining attestation was exported without the checkpoint and proves into
+    a later head: nothing ties the two, so both verifiers refuse rather than pass."""
+    status, output = verify_with(consortium.pretrain, consortium, published.checkpoint)
+    standalone, standalone_output = run_standalone_with(
+        consortium.pretrain, consortium, published.checkpoint
+    )
+
+    assert status == ExitCode.PROVENANCE_INVALID, output
+    assert "carries no consistency proof to the checkpoint (tree size" in output
+    assert "export it again with --checkpoint" in output
+    assert standalone == 1
+    assert standalone_output.startswith("FAILED checkpoint file 1: the attestation proves no")
+
+
+def test_a_forked_checkpoint_is_refused_by_both_verifiers_and_by_export(
+    consortium: Consortium, published: Published, tmp_path: Path
+) -> None:
+    """The operator signs a checkpoint of another history at the attested size (a split
+    view: one history for the sites, another for this reviewer)."""
+    status, output = verify_with(consortium.federated, consortium, published.fork)
+    standalone, standalone_output = run_standalone_with(
+        consortium.federated, consortium, published.fork
+    )
+    exported = run_cli(
+        "coordinator",
+        "provenance",
+        "export",
+        JOB,
+        "--data-dir",
+        str(consortium.data_dir),
+        "--checkpoint",
+        str(published.fork),
+        "-o",
+        str(tmp_path / "att.json"),
+    )
+
+    assert status == ExitCode.PROVENANCE_INVALID, output
+    assert "has shown two different histories (a fork)" in output
+    assert standalone == 1 and standalone_output.startswith("FAILED checkpoint file 1"), (
+        standalone_output
+    )
+    assert exported.returncode == ExitCode.CONFLICT, exported.stdout + exported.stderr
+    assert "publishes another history" in " ".join(exported.stderr.split())
+    assert not (tmp_path / "att.json").exists()
+
+
+def carried_proof_node_changed(statement: dict[str, Any]) -> None:
+    proof = statement["predicate"]["log"]["checkpoints"][0]["consistency_proof"]
+    proof[0] = digest("not a node of the tree")
+
+
+def carried_checkpoint_root_changed(statement: dict[str, Any]) -> None:
+    carried = statement["predicate"]["log"]["checkpoints"][0]
+    body, _, signatures = carried["checkpoint"].partition("\n\n")
+    origin, size, _root = body.split("\n")
+    root = b64(bytes.fromhex(digest("another root")))
+    carried["checkpoint"] = f"{origin}\n{size}\n{root}\n\n{signatures}"
+
+
+@pytest.mark.parametrize(
+    ("tamper", "project_says"),
+    [
+        (carried_proof_node_changed, "is not consistent with the tree head"),
+        (carried_checkpoint_root_changed, "the coordinator's"),
+    ],
+    ids=["proof_node_changed", "checkpoint_root_changed"],
+)
+def test_a_tampered_carried_checkpoint_is_refused_by_both_verifiers(
+    consortium: Consortium,
+    published: Published,
+    tamper: Callable[[dict[str, Any]], None],
+    project_says: str,
+    tmp_path: Path,
+) -> None:
+    honest = export_with(consortium, PRETRAIN_JOB, published.checkpoint, tmp_path / "att.json")
+    statement = statement_of(json.loads(honest.read_text()))
+    tamper(statement)
+    document = signed(statement, consortium.coordinator)
+
+    with pytest.raises(AttestationError) as refused:
+        verify_attestation(document, consortium.ca_cert)
+    status, output = run_standalone(document, consortium.ca, tmp_path)
+
+    assert project_says in str(refused.value)
+    assert str(refused.value).startswith("log.checkpoints[0]")
+    assert status == 1 and output.startswith("FAILED checkpoint 0:"), output

@@ -10,10 +10,14 @@ STAMP := $(VENV)/.installed-stamp
 # share two cores (three overloaded them: Ray workers missed their start deadlines).
 # --dist loadfile keeps each module in one worker, so a module-scoped stack starts
 # once (loadgroup's xdist_group marks are not honoured under pytest 9.2 with xdist 3.8:
-# the @group suffix never reaches the scheduler).
+# the @group suffix never reaches the scheduler). --no-loadscope-reorder keeps the
+# modules in collection order, which tests/conftest.py sorts longest first from
+# tests/durations.json; xdist's default order (most tests first) started the long
+# one-test modules (chaos, supervision, multi-host) last, while the other worker idled.
 PYTEST_WORKERS ?= 2
+XDIST := -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-.PHONY: demo test test-under-load lint checks typecheck pytest protos dashboard
+.PHONY: demo test test-under-load lint checks typecheck pytest protos dashboard durations
 
 # The pinned torch comes from pip, which finds this machine's CPU wheel on disk (uv does
 # not look there, and PyPI's torch is a CUDA build of several GB); everything else from
@@ -64,9 +68,16 @@ test: checks
 	$(MAKE) --no-print-directory -j2 typecheck pytest
 
 pytest: $(STAMP)
-	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
+	$(BIN)/pytest $(XDIST)
 
 # The suite beside two spinning processes and an fsync-heavy writer (tests/load.py):
 # it must hold on a busy machine too.
 test-under-load: $(STAMP)
-	CONSORTIUM_TEST_LOAD=2 $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
+	CONSORTIUM_TEST_LOAD=2 $(BIN)/pytest $(XDIST)
+
+# Measure every test module again and rewrite tests/durations.json, which orders the
+# modules longest first (tests/conftest.py): run after adding or slowing a long module.
+durations: $(STAMP)
+	$(BIN)/pytest $(XDIST) -p no:cacheprovider --junitxml=.durations.xml
+	$(BIN)/python scripts/test_durations.py .durations.xml
+	rm -f .durations.xml

@@ -96,6 +96,22 @@ JOIN_STEPS = (
 )
 
 
+class HeadWatch:
+    """Tells when the coordinator's Ray head (by its id in heartbeat replies) is a new
+    one since the last reply that named one: not at the first, nor when a heartbeat
+    failed (None) or the coordinator runs without Ray ("")."""
+
+    def __init__(self) -> None:
+        self._seen: str | None = None
+
+    def is_new(self, head_id: str | None) -> bool:
+        if not head_id:
+            return False
+        new = self._seen is not None and head_id != self._seen
+        self._seen = head_id
+        return new
+
+
 @dataclass
 class _Run:
     """What one `SiteNode.run` has started so far."""
@@ -339,11 +355,14 @@ class SiteNode:
         supervisor = Supervisor(
             children, SITE_RESTART_POLICY, on_restart=self.metrics.child_restarted
         )
+        rejoin = HeadWatch()
         try:
             while not run.stop.wait(joined.heartbeat_interval_s):
                 # The heartbeat first: a revoked site's children die refused too, and
                 # the refused certificate is the cause to report.
-                self._heartbeat(joined.node_id)
+                head_id = self._heartbeat(joined.node_id)
+                if worker is not None and rejoin.is_new(head_id):
+                    self._rejoin_ray(worker)
                 supervisor.check()
                 for status in supervisor.status():
                     if status.state is ChildState.FAILED:  # refused: a restart cannot help
@@ -445,13 +464,27 @@ class SiteNode:
         tls.ca_certificate.write_bytes(response.ca_certificate_pem)
         return tls
 
-    def _heartbeat(self, node_id: str) -> None:
+    def _rejoin_ray(self, worker: RayWorker) -> None:
+        """The coordinator's Ray head is a new one: this node's raylet would only find
+        out when the new GCS refuses it (about a minute), so join the new head now."""
+        log.warning("the coordinator's Ray head restarted; the Ray worker joins the new one")
         try:
-            self._stub.Heartbeat(nodes_pb2.HeartbeatRequest(node_id=node_id), timeout=5)
+            worker.restart()
+        except ConsortiumError as error:  # refused a token: the supervisor tries again
+            log.warning("the Ray worker could not rejoin yet: %s", error)
+            return
+        self.metrics.child_restarted("ray-worker")
+
+    def _heartbeat(self, node_id: str) -> str | None:
+        """The coordinator's current Ray head id ("" without Ray), or None when the
+        heartbeat failed."""
+        try:
+            reply = self._stub.Heartbeat(nodes_pb2.HeartbeatRequest(node_id=node_id), timeout=5)
             self.metrics.heartbeat_sent(ok=True)
             if self._heartbeat_failing:
                 log.info("heartbeat restored: the coordinator answers again")
             self._heartbeat_failing = False
+            return str(reply.ray_head_id)
         except grpc.RpcError as error:
             # The coordinator may be restarting; keep the SuperNode and try again. One
             # line when it starts failing (the metric counts every failure).
@@ -471,6 +504,7 @@ class SiteNode:
             )
             self._heartbeat_failing = True
             self.metrics.heartbeat_sent(ok=False)
+            return None
 
     def _leave(self, node_id: str) -> None:
         try:

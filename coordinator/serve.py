@@ -550,6 +550,7 @@ class Coordinator:
                 self.pki if self.ray_cluster is not None and self.ray_cluster.tls else None,
                 self.ray_cluster.token_path if self.ray_cluster is not None else None,
                 self.approvals,
+                lambda: self.ray_head.head_id if self.ray_head is not None else "",
             ),
             server,
         )

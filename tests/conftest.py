@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -82,3 +83,16 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_report_header(config: pytest.Config) -> str | None:
     load = config.stash.get(_LOAD, None)
     return load.describe() if load is not None else None
+
+
+# --- the longest modules first -------------------------------------------------------
+# `--dist loadfile` hands whole modules to the workers in collection order, two ahead;
+# a long module collected last runs while the other worker idles. Ordering modules by
+# their measured length (tests/durations.json, `make durations`) schedules the longest
+# first. Modules not listed (new, or under a second) keep their order, after the rest.
+_DURATIONS = Path(__file__).with_name("durations.json")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    seconds: dict[str, float] = json.loads(_DURATIONS.read_text()) if _DURATIONS.exists() else {}
+    items.sort(key=lambda item: -seconds.get(item.nodeid.split("::")[0], 0.0))

@@ -6,12 +6,20 @@ pulls the run, FAB and context first (`pull_task_header`), checks the coordinato
 approval of the run, and only then pulls the message (`pull_task_message`): nothing of
 an unapproved run's message is fetched, and a task whose run ended while the SuperNode
 was receiving it (its objects never arrive: a coordinator that restarted mid-round)
-is refused in seconds instead of blocking every later task. Built on the same Flower
-functions as `flwr.supernode.runtime.run_clientapp.pull_task_input`.
+is refused in seconds instead of blocking every later task. An approved run's message
+may stop arriving too (the SuperLink died while the SuperNode received it, and the job
+resumed on a new run): while its objects are unavailable, `still_current` is asked
+(`RunStillApproved`: the coordinator withdraws a run's approval when the run ends), and
+the pull ends when the run has, instead of after Flower's two hours with every later
+task of the site waiting behind it. Built on the same Flower functions as
+`flwr.supernode.runtime.run_clientapp.pull_task_input`.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from flwr.app import Context, Message
@@ -27,10 +35,15 @@ from flwr.supercore.inflatable.inflatable_protobuf_utils import (
     make_confirm_message_received_fn_protobuf,
     make_pull_object_fn_protobuf,
 )
-from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+from flwr.supercore.inflatable.inflatable_utils import (
+    ObjectUnavailableError,
+    pull_and_inflate_object_from_tree,
+)
 from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
+
+from consortium.run_approval import RefusalReason, RunRefusedError
 
 
 @dataclass(frozen=True)
@@ -54,20 +67,59 @@ def pull_task_header(client: RuntimeHttpClient) -> TaskHeader:
     )
 
 
+class RunStillApproved:
+    """Called while a message's objects are unavailable: raises (the check's
+    `RunRefusedError`) once the coordinator no longer approves the run, asking it at
+    most every `interval_s` (the pull retries each object with its own backoff). A
+    coordinator that cannot be asked (restarting) is no answer: the pull goes on."""
+
+    def __init__(self, check: Callable[[], None], interval_s: float = 5.0) -> None:
+        self._check = check
+        self._interval_s = interval_s
+        self._lock = threading.Lock()
+        self._asked_at: float | None = None
+
+    def __call__(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if self._asked_at is not None and now - self._asked_at < self._interval_s:
+                return
+            self._asked_at = now
+            try:
+                self._check()
+            except RunRefusedError as refusal:
+                if refusal.reason is not RefusalReason.UNREACHABLE:
+                    raise
+
+
 def pull_task_message(
-    client: RuntimeHttpClient, header: TaskHeader, max_time_s: float | None
+    client: RuntimeHttpClient,
+    header: TaskHeader,
+    max_time_s: float | None,
+    still_current: Callable[[], None] | None = None,
 ) -> Message:
     """The task's message, waiting at most `max_time_s` for its objects (None: Flower's
-    default, two hours); raises when they do not all arrive in time."""
+    default, two hours), and while they are unavailable, only as long as
+    `still_current()` does not raise; raises when they do not all arrive in time."""
     pulled = client.PullMessages(PullAppMessagesRequest())
     if not pulled.messages_list:
         raise RuntimeError("the SuperNode returned no message for the task")
     run_id = header.context.run_id
     node = Node(node_id=header.context.node_id)
     tree = pulled.message_object_trees[0]
+    pull_object = make_pull_object_fn_protobuf(client.PullObject, node, run_id)
+
+    def pull_or_give_up(object_id: str) -> bytes:
+        try:
+            return pull_object(object_id)
+        except ObjectUnavailableError:
+            if still_current is not None:
+                still_current()  # raises when the run ended: the pull stops
+            raise
+
     message = pull_and_inflate_object_from_tree(
         tree,
-        make_pull_object_fn_protobuf(client.PullObject, node, run_id),
+        pull_or_give_up,
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, run_id),
         return_type=Message,
         max_time=PULL_MAX_TIME if max_time_s is None else max_time_s,

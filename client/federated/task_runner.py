@@ -49,7 +49,12 @@ from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-from client.federated.task_input import TaskHeader, pull_task_header, pull_task_message
+from client.federated.task_input import (
+    RunStillApproved,
+    TaskHeader,
+    pull_task_header,
+    pull_task_message,
+)
 from consortium.run_approval import RefusalReason, RunRefusedError
 
 log = logging.getLogger(__name__)
@@ -186,7 +191,19 @@ class SiteTaskRunner:
                         reply_to=message,
                     )
                 return
-            message = pull_task_message(client, header, max_time_s=None)
+            still_approved = RunStillApproved(lambda: self._check_run(run_id, fab_hash, job_id))
+            try:
+                message = pull_task_message(client, header, None, still_approved)
+            except RunRefusedError as ended:
+                log.warning(
+                    "abandoned a task of Flower run %s: its message stopped arriving and "
+                    "the run ended (%s)",
+                    run_id,
+                    ended,
+                )
+                details = f"run {run_id} ended while its message was arriving: {ended}"
+                self.counts.failed += 1
+                return
             reply = self._app(message=message, context=context)
             status, details = SubStatus.COMPLETED, ""
             self.counts.executed += 1

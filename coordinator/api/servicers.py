@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -51,8 +51,10 @@ class NodeRegistryServicer(nodes_pb2_grpc.NodeRegistryServicer):
         ray_tls_signer: CoordinatorPki | None = None,
         ray_token: Path | None = None,
         approvals: RunApprovals | None = None,
+        ray_head_id: Callable[[], str] = lambda: "",
     ) -> None:
         self._registry = registry
+        self._ray_head_id = ray_head_id  # the current head's (`RayHead.head_id`)
         self._superlink_address = superlink_address
         self._heartbeat_interval_ms = heartbeat_interval_ms
         self._ray_address = ray_address  # "": no Ray cluster to join
@@ -125,7 +127,9 @@ class NodeRegistryServicer(nodes_pb2_grpc.NodeRegistryServicer):
         self, request: nodes_pb2.HeartbeatRequest, context: grpc.ServicerContext
     ) -> nodes_pb2.HeartbeatResponse:
         node = self._registry.heartbeat(_require(request.node_id, "node_id"))
-        return nodes_pb2.HeartbeatResponse(node=node_to_proto(node))
+        return nodes_pb2.HeartbeatResponse(
+            node=node_to_proto(node), ray_head_id=self._ray_head_id()
+        )
 
     @unary
     def LeaveNode(

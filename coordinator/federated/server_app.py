@@ -44,6 +44,7 @@ from consortium.tensor_digest import arrays_digest
 from coordinator.data_dir import DataDir
 from coordinator.federated.checkpoints import CheckpointStore, save_model
 from coordinator.federated.evaluation import held_out_for
+from coordinator.federated.prompt_grid import PromptGrid
 from coordinator.federated.strategy import (
     AggregationRule,
     ConsortiumStrategy,
@@ -314,7 +315,7 @@ def main(grid: Grid, context: Context) -> None:
         run: JobRun | None = None
         try:
             run = JobRun(data_dir, job)
-            run.run(grid)
+            run.run(PromptGrid(grid))  # replies as they come, not every 3 s
         except JobCancelledError:
             log.info("job %s no longer runs; stopping", job_id)
         except TooFewUpdatesError as too_few:

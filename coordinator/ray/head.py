@@ -14,6 +14,7 @@ and reports each refusal Ray records there.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,6 +66,9 @@ class RayHead:
         port_range: str | None = None,
     ) -> None:
         paths = DataDir(data_dir) if isinstance(data_dir, Path) else data_dir
+        # Each head is a new cluster (its GCS keeps no state across starts): sites learn
+        # of a new one from this id in heartbeat replies and rejoin it.
+        self.head_id = secrets.token_hex(8)
         self.cluster = RayCluster(f"{host}:{port}", token_path, tls)
         self.temp_dir = short_temp_dir(paths.root)
         # Our previous head's address, left by `ray start`: while it is there, a new

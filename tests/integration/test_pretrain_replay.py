@@ -144,6 +144,11 @@ def test_restarted_coordinator_resumes_the_job_from_its_checkpoint(
         if e["type"] == "outer_step"
     ]
     assert workers[0] != workers[-1]
+    # The site heard of the new head in a heartbeat reply and rejoined it at once, not
+    # when its raylet was refused by the new GCS about a minute later.
+    site_log = (restarted_job.data_dir.parent / "logs" / "client.log").read_text()
+    assert "the coordinator's Ray head restarted; the Ray worker joins the new one" in site_log
+    assert "the ray-worker exited" not in site_log
     verified = run_cli(
         "coordinator", "provenance", "verify", "--data-dir", str(restarted_job.data_dir)
     )

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63onsortium/proto/v1/nodes.proto\x12\x13\x63onsortium.proto.v1\"\xdd\x01\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0binstitution\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12-\n\x05state\x18\x05 \x01(\x0e\x32\x1e.consortium.proto.v1.NodeState\x12\x18\n\x10registered_at_ms\x18\x06 \x01(\x03\x12\x19\n\x11last_heartbeat_ms\x18\x07 \x01(\x03\x12)\n\x03ray\x18\x08 \x01(\x0b\x32\x1c.consortium.proto.v1.RayNode\"\xaa\x02\n\x07RayNode\x12\x13\n\x0bray_node_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12>\n\tresources\x18\x03 \x03(\x0b\x32+.consortium.proto.v1.RayNode.ResourcesEntry\x12\x38\n\x06labels\x18\x04 \x03(\x0b\x32(.consortium.proto.v1.RayNode.LabelsEntry\x12\x0f\n\x07is_head\x18\x05 \x01(\x08\x12\x0f\n\x07\x61\x64\x64ress\x18\x06 \x01(\t\x1a\x30\n\x0eResourcesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x83\x01\n\x13RegisterNodeRequest\x12\x13\n\x0binstitution\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x1a\n\x12signing_public_key\x18\x04 \x01(\x0c\x12\x19\n\x11\x64\x65\x63lared_examples\x18\x05 \x01(\x04\"\xa5\x01\n\x14RegisterNodeResponse\x12\'\n\x04node\x18\x01 \x01(\x0b\x32\x19.consortium.proto.v1.Node\x12\x1f\n\x17superlink_fleet_address\x18\x02 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\x03\x12\x13\n\x0bray_address\x18\x04 \x01(\t\x12\x0f\n\x07ray_tls\x18\x05 \x01(\x08\"B\n\x1aIssueRayCertificateRequest\x12\x13\n\x0binstitution\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\x0c\")\n\x12GetRayTokenRequest\x12\x13\n\x0binstitution\x18\x01 \x01(\t\"$\n\x13GetRayTokenResponse\x12\r\n\x05token\x18\x01 \x01(\x0c\"R\n\x1bIssueRayCertificateResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x02 \x01(\x0c\"#\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"<\n\x11HeartbeatResponse\x12\'\n\x04node\x18\x01 \x01(\x0b\x32\x19.consortium.proto.v1.Node\"#\n\x10LeaveNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"<\n\x11LeaveNodeResponse\x12\'\n\x04node\x18\x01 \x01(\x0b\x32\x19.consortium.proto.v1.Node\"\x12\n\x10ListNodesRequest\"\xb0\x01\n\x11ListNodesResponse\x12(\n\x05nodes\x18\x01 \x03(\x0b\x32\x19.consortium.proto.v1.Node\x12\x39\n\x13unmatched_ray_nodes\x18\x02 \x03(\x0b\x32\x1c.consortium.proto.v1.RayNode\x12\x1e\n\x16ray_unavailable_reason\x18\x03 \x01(\t\x12\x16\n\x0eray_read_at_ms\x18\x04 \x01(\x03\"\'\n\x15GetRunApprovalRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"^\n\x16GetRunApprovalResponse\x12\x11\n\tstatement\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x1e\n\x16\x63oordinator_public_key\x18\x03 \x01(\x0c*i\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11NODE_STATE_ONLINE\x10\x01\x12\x14\n\x10NODE_STATE_STALE\x10\x02\x12\x13\n\x0fNODE_STATE_GONE\x10\x03\x32\xce\x05\n\x0cNodeRegistry\x12\x63\n\x0cRegisterNode\x12(.consortium.proto.v1.RegisterNodeRequest\x1a).consortium.proto.v1.RegisterNodeResponse\x12Z\n\tHeartbeat\x12%.consortium.proto.v1.HeartbeatRequest\x1a&.consortium.proto.v1.HeartbeatResponse\x12Z\n\tLeaveNode\x12%.consortium.proto.v1.LeaveNodeRequest\x1a&.consortium.proto.v1.LeaveNodeResponse\x12Z\n\tListNodes\x12%.consortium.proto.v1.ListNodesRequest\x1a&.consortium.proto.v1.ListNodesResponse\x12x\n\x13IssueRayCertificate\x12/.consortium.proto.v1.IssueRayCertificateRequest\x1a\x30.consortium.proto.v1.IssueRayCertificateResponse\x12`\n\x0bGetRayToken\x12\'.consortium.proto.v1.GetRayTokenRequest\x1a(.consortium.proto.v1.GetRayTokenResponse\x12i\n\x0eGetRunApproval\x12*.consortium.proto.v1.GetRunApprovalRequest\x1a+.consortium.proto.v1.GetRunApprovalResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63onsortium/proto/v1/nodes.proto\x12\x13\x63onsortium.proto.v1\"\xdd\x01\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0binstitution\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12-\n\x05state\x18\x05 \x01(\x0e\x32\x1e.consortium.proto.v1.NodeState\x12\x18\n\x10registered_at_ms\x18\x06 \x01(\x03\x12\x19\n\x11last_heartbeat_ms\x18\x07 \x01(\x03\x12)\n\x03ray\x18\x08 \x01(\x0b\x32\x1c.consortium.proto.v1.RayNode\"\xaa\x02\n\x07RayNode\x12\x13\n\x0bray_node_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12>\n\tresources\x18\x03 \x03(\x0b\x32+.consortium.proto.v1.RayNode.ResourcesEntry\x12\x38\n\x06labels\x18\x04 \x03(\x0b\x32(.consortium.proto.v1.RayNode.LabelsEntry\x12\x0f\n\x07is_head\x18\x05 \x01(\x08\x12\x0f\n\x07\x61\x64\x64ress\x18\x06 \x01(\t\x1a\x30\n\x0eResourcesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x83\x01\n\x13RegisterNodeRequest\x12\x13\n\x0binstitution\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x1a\n\x12signing_public_key\x18\x04 \x01(\x0c\x12\x19\n\x11\x64\x65\x63lared_examples\x18\x05 \x01(\x04\"\xa5\x01\n\x14RegisterNodeResponse\x12\'\n\x04node\x18\x01 \x01(\x0b\x32\x19.consortium.proto.v1.Node\x12\x1f\n\x17superlink_fleet_address\x18\x02 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\x03\x12\x13\n\x0bray_address\x18\x04 \x01(\t\x12\x0f\n\x07ray_tls\x18\x05 \x01(\x08\"B\n\x1aIssueRayCertificateRequest\x12\x13\n\x0binstitution\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\x0c\")\n\x12GetRayTokenRequest\x12\x13\n\x0binstitution\x18\x01 \x01(\t\"$\n\x13GetRayTokenResponse\x12\r\n\x05token\x18\x01 \x01(\x0c\"R\n\x1bIssueRayCertificateResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x02 \x01(\x0c\"#\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"Q\n\x11HeartbeatResponse\x12\'\n\x04node\x18\x01 \x01(\x0b\x32\x19.consortium.proto.v1.Node\x12\x13\n\x0bray_head_id\x18\x02 \x01(\t\"#\n\x10LeaveNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"<\n\x11LeaveNodeResponse\x12\'\n\x04node\x18\x01 \x01(\x0b\x32\x19.consortium.proto.v1.Node\"\x12\n\x10ListNodesRequest\"\xb0\x01\n\x11ListNodesResponse\x12(\n\x05nodes\x18\x01 \x03(\x0b\x32\x19.consortium.proto.v1.Node\x12\x39\n\x13unmatched_ray_nodes\x18\x02 \x03(\x0b\x32\x1c.consortium.proto.v1.RayNode\x12\x1e\n\x16ray_unavailable_reason\x18\x03 \x01(\t\x12\x16\n\x0eray_read_at_ms\x18\x04 \x01(\x03\"\'\n\x15GetRunApprovalRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"^\n\x16GetRunApprovalResponse\x12\x11\n\tstatement\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x1e\n\x16\x63oordinator_public_key\x18\x03 \x01(\x0c*i\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11NODE_STATE_ONLINE\x10\x01\x12\x14\n\x10NODE_STATE_STALE\x10\x02\x12\x13\n\x0fNODE_STATE_GONE\x10\x03\x32\xce\x05\n\x0cNodeRegistry\x12\x63\n\x0cRegisterNode\x12(.consortium.proto.v1.RegisterNodeRequest\x1a).consortium.proto.v1.RegisterNodeResponse\x12Z\n\tHeartbeat\x12%.consortium.proto.v1.HeartbeatRequest\x1a&.consortium.proto.v1.HeartbeatResponse\x12Z\n\tLeaveNode\x12%.consortium.proto.v1.LeaveNodeRequest\x1a&.consortium.proto.v1.LeaveNodeResponse\x12Z\n\tListNodes\x12%.consortium.proto.v1.ListNodesRequest\x1a&.consortium.proto.v1.ListNodesResponse\x12x\n\x13IssueRayCertificate\x12/.consortium.proto.v1.IssueRayCertificateRequest\x1a\x30.consortium.proto.v1.IssueRayCertificateResponse\x12`\n\x0bGetRayToken\x12\'.consortium.proto.v1.GetRayTokenRequest\x1a(.consortium.proto.v1.GetRayTokenResponse\x12i\n\x0eGetRunApproval\x12*.consortium.proto.v1.GetRunApprovalRequest\x1a+.consortium.proto.v1.GetRunApprovalResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RAYNODE_RESOURCESENTRY']._serialized_options = b'8\001'
   _globals['_RAYNODE_LABELSENTRY']._loaded_options = None
   _globals['_RAYNODE_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_NODESTATE']._serialized_start=1650
-  _globals['_NODESTATE']._serialized_end=1755
+  _globals['_NODESTATE']._serialized_start=1671
+  _globals['_NODESTATE']._serialized_end=1776
   _globals['_NODE']._serialized_start=57
   _globals['_NODE']._serialized_end=278
   _globals['_RAYNODE']._serialized_start=281
@@ -60,19 +60,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEATREQUEST']._serialized_start=1116
   _globals['_HEARTBEATREQUEST']._serialized_end=1151
   _globals['_HEARTBEATRESPONSE']._serialized_start=1153
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1213
-  _globals['_LEAVENODEREQUEST']._serialized_start=1215
-  _globals['_LEAVENODEREQUEST']._serialized_end=1250
-  _globals['_LEAVENODERESPONSE']._serialized_start=1252
-  _globals['_LEAVENODERESPONSE']._serialized_end=1312
-  _globals['_LISTNODESREQUEST']._serialized_start=1314
-  _globals['_LISTNODESREQUEST']._serialized_end=1332
-  _globals['_LISTNODESRESPONSE']._serialized_start=1335
-  _globals['_LISTNODESRESPONSE']._serialized_end=1511
-  _globals['_GETRUNAPPROVALREQUEST']._serialized_start=1513
-  _globals['_GETRUNAPPROVALREQUEST']._serialized_end=1552
-  _globals['_GETRUNAPPROVALRESPONSE']._serialized_start=1554
-  _globals['_GETRUNAPPROVALRESPONSE']._serialized_end=1648
-  _globals['_NODEREGISTRY']._serialized_start=1758
-  _globals['_NODEREGISTRY']._serialized_end=2476
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1234
+  _globals['_LEAVENODEREQUEST']._serialized_start=1236
+  _globals['_LEAVENODEREQUEST']._serialized_end=1271
+  _globals['_LEAVENODERESPONSE']._serialized_start=1273
+  _globals['_LEAVENODERESPONSE']._serialized_end=1333
+  _globals['_LISTNODESREQUEST']._serialized_start=1335
+  _globals['_LISTNODESREQUEST']._serialized_end=1353
+  _globals['_LISTNODESRESPONSE']._serialized_start=1356
+  _globals['_LISTNODESRESPONSE']._serialized_end=1532
+  _globals['_GETRUNAPPROVALREQUEST']._serialized_start=1534
+  _globals['_GETRUNAPPROVALREQUEST']._serialized_end=1573
+  _globals['_GETRUNAPPROVALRESPONSE']._serialized_start=1575
+  _globals['_GETRUNAPPROVALRESPONSE']._serialized_end=1669
+  _globals['_NODEREGISTRY']._serialized_start=1779
+  _globals['_NODEREGISTRY']._serialized_end=2497
 # @@protoc_insertion_point(module_scope)

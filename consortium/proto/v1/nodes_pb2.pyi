@@ -375,16 +375,23 @@ class HeartbeatResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NODE_FIELD_NUMBER: _builtins.int
+    RAY_HEAD_ID_FIELD_NUMBER: _builtins.int
+    ray_head_id: _builtins.str
+    """Names the coordinator's current Ray head; "" without Ray. It changes whenever the
+    head starts anew (a coordinator or head restart, a token rotation): a new cluster,
+    which a site's running Ray worker can never rejoin, so the site restarts it at once.
+    """
     @_builtins.property
     def node(self) -> Global___Node: ...
     def __init__(
         self,
         *,
         node: Global___Node | None = ...,
+        ray_head_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "ray_head_id", b"ray_head_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

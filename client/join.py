@@ -470,7 +470,7 @@ class SiteNode:
         log.warning("the coordinator's Ray head restarted; the Ray worker joins the new one")
         try:
             worker.restart()
-        except ConsortiumError as error:  # refused a token: the supervisor tries again
+        except (ConsortiumError, OSError) as error:  # refused a token: the supervisor retries
             log.warning("the Ray worker could not rejoin yet: %s", error)
             return
         self.metrics.child_restarted("ray-worker")

@@ -36,7 +36,13 @@ class StartRecorder:
     fail_at: str | None = None
     steps: list[str] = field(default_factory=list)
     processes: dict[int, psutil.Process] = field(default_factory=dict)
-    commands: list[str] = field(default_factory=list)  # as first seen
+    # Each process's command line as last seen: one seen between its fork and its exec
+    # (a loaded machine) still shows its parent's, so it is read again at every step.
+    command_of: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def commands(self) -> list[str]:
+        return list(self.command_of.values())
 
     def __call__(self, name: str) -> None:
         self.steps.append(name)
@@ -46,11 +52,11 @@ class StartRecorder:
 
     def remember_processes(self) -> None:
         for process in psutil.Process().children(recursive=True):
-            if process.pid in self.baseline.children or process.pid in self.processes:
+            if process.pid in self.baseline.children:
                 continue
-            self.processes[process.pid] = process
-            with contextlib.suppress(psutil.NoSuchProcess):
-                self.commands.append(" ".join(process.cmdline()))
+            self.processes.setdefault(process.pid, process)
+            with contextlib.suppress(psutil.Error):
+                self.command_of[process.pid] = " ".join(process.cmdline())
 
     def assert_nothing_left(self) -> None:
         """Every process recorded has ended, no new child of this process runs, and

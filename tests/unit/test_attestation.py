@@ -238,7 +238,7 @@ def write_pretraining_job(data_dir: Path) -> None:
     )
 
 
-def export(data_dir: Path, job_id: str, output: Path) -> Path:
+def export(data_dir: Path, job_id: str, output: Path, *options: str) -> Path:
     result = run_cli(
         "coordinator",
         "provenance",
@@ -246,6 +246,7 @@ def export(data_dir: Path, job_id: str, output: Path) -> Path:
         job_id,
         "--data-dir",
         str(data_dir),
+        *options,
         "-o",
         str(output),
     )
@@ -692,20 +693,7 @@ def statement_size(attestation: Path) -> int:
 
 
 def export_with(c: Consortium, job_id: str, checkpoint: Path, output: Path) -> Path:
-    result = run_cli(
-        "coordinator",
-        "provenance",
-        "export",
-        job_id,
-        "--data-dir",
-        str(c.data_dir),
-        "--checkpoint",
-        str(checkpoint),
-        "-o",
-        str(output),
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return output
+    return export(c.data_dir, job_id, output, "--checkpoint", str(checkpoint))
 
 
 def verify_with(attestation: Path, c: Consortium, checkpoint: Path) -> tuple[int, str]:

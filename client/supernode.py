@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from client.federated.fast_poll_supernode import DEFAULT_POLL_INTERVAL_S
 from consortium.file_modes import new_secret_file
 from consortium.leftovers import owner_env
 from consortium.net import reserve_free_port
@@ -52,7 +53,10 @@ class SuperNode:
         # cannot take the site's tasks.
         self.task_secret = new_secret_file(secret_file)
         argv = [
-            venv_executable("flower-supernode"),
+            # flower-supernode, polling the SuperLink every 0.2 s instead of every 3 s.
+            venv_executable("consortium-flower-supernode"),
+            "--poll-interval-s",
+            str(DEFAULT_POLL_INTERVAL_S),
             "--superlink",
             superlink_address,
             "--port",

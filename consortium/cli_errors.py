@@ -35,3 +35,7 @@ def configure_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not verbose:
+        # Flower's Runtime API client logs every request at INFO: the site's task
+        # runner and the coordinator's ServerApp launcher poll it several times a second.
+        logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -45,6 +45,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from consortium.run_approval import RefusalReason, RunRefusedError
 
+OBJECT_RETRY_FIRST_S = 0.05
+OBJECT_RETRY_CAP_S = 0.25
+
 
 @dataclass(frozen=True)
 class TaskHeader:
@@ -123,6 +126,11 @@ def pull_task_message(
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, run_id),
         return_type=Message,
         max_time=PULL_MAX_TIME if max_time_s is None else max_time_s,
+        # Objects are unavailable only while the SuperNode is still receiving them from
+        # the SuperLink, a fraction of a second on loopback: Flower's default first
+        # retry after 1 s, doubling to 10 s, added seconds to every message of a round.
+        initial_backoff=OBJECT_RETRY_FIRST_S,
+        backoff_cap=OBJECT_RETRY_CAP_S,
     )
     # The deflated message does not carry its own id (its object id).
     message.metadata.__dict__["_message_id"] = tree.object_id

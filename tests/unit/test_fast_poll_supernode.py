@@ -1,0 +1,86 @@
+"""The SuperNode entry point that shortens Flower's fixed waits between pulls."""
+
+from __future__ import annotations
+
+import inspect
+import time
+import types
+
+import pytest
+from flwr.supernode import start_client_internal
+
+from client.federated.fast_poll_supernode import (
+    PATCHED_SLEEPS,
+    CappedSleepTime,
+    cap_sleeps,
+    shorten_object_retries,
+    split_argv,
+)
+
+
+def test_the_installed_flower_still_has_the_waits_this_caps() -> None:
+    # A Flower upgrade that renames or removes them must be looked at again here.
+    source = inspect.getsource(start_client_internal)
+    for call in PATCHED_SLEEPS:
+        assert call in source, call
+    assert vars(start_client_internal)["time"] is time
+
+
+def test_sleeps_are_capped_and_the_rest_of_time_is_untouched() -> None:
+    module = types.ModuleType("fake_supernode_loop")
+    module.time = time  # type: ignore[attr-defined]
+    cap_sleeps(module, 0.01)
+    capped = module.time
+    assert isinstance(capped, CappedSleepTime)
+    started = time.monotonic()
+    capped.sleep(3)
+    assert time.monotonic() - started < 1.0  # 3 s asked, 0.01 s slept
+    assert capped.monotonic is time.monotonic
+
+
+def test_a_module_without_time_is_refused_rather_than_left_slow() -> None:
+    module = types.ModuleType("renamed_loop")
+    with pytest.raises(RuntimeError, match="no longer imports the time module"):
+        cap_sleeps(module, 0.2)
+
+
+def test_a_non_positive_interval_is_refused() -> None:
+    with pytest.raises(ValueError, match="must be positive"):
+        CappedSleepTime(0)
+
+
+def test_our_flag_is_taken_off_and_flowers_arguments_pass_unchanged() -> None:
+    interval, rest = split_argv(
+        ["--poll-interval-s", "0.5", "--superlink", "127.0.0.1:9092", "--insecure"]
+    )
+    assert interval == 0.5
+    assert rest == ["--superlink", "127.0.0.1:9092", "--insecure"]
+    assert split_argv(["--insecure"]) == (0.2, ["--insecure"])
+
+
+def test_object_pulls_retry_sooner_with_the_rest_of_their_arguments_kept() -> None:
+    calls: list[dict[str, object]] = []
+
+    def pull_objects(
+        object_ids: list[str],
+        pull_object_fn: object,
+        initial_backoff: float = 1,
+        backoff_cap: float = 10,
+    ) -> dict[str, bytes]:
+        calls.append({"ids": object_ids, "first": initial_backoff, "cap": backoff_cap})
+        return {}
+
+    module = types.ModuleType("fake_supernode_loop")
+    module.pull_objects = pull_objects  # type: ignore[attr-defined]
+    shorten_object_retries(module, 0.2)
+    module.pull_objects(["a"], pull_object_fn=None)
+    assert calls == [{"ids": ["a"], "first": 0.05, "cap": 0.2}]
+    # Flower's own function still takes both (checked against the installed version).
+    shorten_object_retries(types.SimpleNamespace(**vars(start_client_internal)), 0.2)  # type: ignore[arg-type]
+
+
+def test_a_pull_objects_without_backoff_arguments_is_refused() -> None:
+    module = types.ModuleType("renamed_loop")
+    module.pull_objects = lambda object_ids: {}  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError, match="no longer takes initial_backoff"):
+        shorten_object_retries(module, 0.2)

@@ -267,7 +267,9 @@ class Coordinator:
 
     def _start_serverapp_launcher(self) -> None:
         """Starts the ServerApp of runs this coordinator approved, and no other."""
-        self.flower = FlowerCli(self.settings.data_dir, self.superlink.address, self.pki)
+        self.flower = FlowerCli(
+            self.settings.data_dir, self.superlink.address, self.pki, stopping=self.stopping
+        )
         launcher = ServerAppLauncher(
             self.superlink.runtime,
             self.superlink.task_secret,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,8 @@ from coordinator.state.superlink_db import release_unregistered_node, run_fab_ha
 
 SUPERLINK_NAME = "consortium"
 FLWR_TIMEOUT_S = 120.0
+# How often a running `flwr` command looks at the coordinator's stop event.
+STOP_CHECK_S = 0.1
 
 APP_PYPROJECT = """\
 [build-system]
@@ -76,8 +80,16 @@ class FlowerCli:
     """`flwr run / ls / stop` against our SuperLink, with FLWR_HOME in the data dir."""
 
     def __init__(
-        self, data_dir: DataDir | Path, superlink_address: str, pki: CoordinatorPki | None
+        self,
+        data_dir: DataDir | Path,
+        superlink_address: str,
+        pki: CoordinatorPki | None,
+        stopping: threading.Event | None = None,
     ) -> None:
+        # Set when the coordinator stops: its SuperLink is going away, so a `flwr`
+        # command would only retry against it for up to FLWR_TIMEOUT_S, holding the
+        # thread that the stop waits for (seen: a SIGTERMed `serve` killed after 10 s).
+        self._stopping = stopping or threading.Event()
         paths = DataDir(data_dir) if isinstance(data_dir, Path) else data_dir
         self.superlink_db = paths.superlink_db
         self.app_dir = paths.flower_app_dir
@@ -97,24 +109,45 @@ class FlowerCli:
     def _flwr(self, *args: str) -> dict[str, object]:
         argv = [venv_executable("flwr"), *args, "--format", "json"]
         env = dict(os.environ, FLWR_HOME=str(self.home))
+        returncode, stdout, stderr = self._run_until_stopped(args[0], argv, env)
         try:
-            done = subprocess.run(
-                argv, capture_output=True, text=True, env=env, timeout=FLWR_TIMEOUT_S, check=False
-            )
-        except subprocess.TimeoutExpired:
-            raise ChildProcessFailedError(f"`flwr {args[0]}` did not answer in time") from None
-        try:
-            result: dict[str, object] = json.loads(done.stdout)
+            result: dict[str, object] = json.loads(stdout)
         except json.JSONDecodeError:
             raise ChildProcessFailedError(
-                f"`flwr {args[0]}` failed (exit {done.returncode}): "
-                f"{(done.stderr or done.stdout).strip()[-2000:]}"
+                f"`flwr {args[0]}` failed (exit {returncode}): {(stderr or stdout).strip()[-2000:]}"
             ) from None
         if not result.get("success", False):
             raise ChildProcessFailedError(
                 f"`flwr {args[0]}` failed: {result.get('error-message', result)}"
             )
         return result
+
+    def _run_until_stopped(
+        self, command: str, argv: list[str], env: dict[str, str]
+    ) -> tuple[int, str, str]:
+        """Its exit code and output; raises when it takes over FLWR_TIMEOUT_S or the
+        coordinator stops meanwhile (the command is killed either way)."""
+        if self._stopping.is_set():
+            raise ChildProcessFailedError(f"`flwr {command}` not run: the coordinator is stopping")
+        deadline = time.monotonic() + FLWR_TIMEOUT_S
+        with subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        ) as process:
+            while True:
+                try:
+                    stdout, stderr = process.communicate(timeout=STOP_CHECK_S)
+                    return process.returncode, stdout, stderr
+                except subprocess.TimeoutExpired:
+                    pass  # communicate() may be called again without losing output
+                if self._stopping.is_set() or time.monotonic() > deadline:
+                    process.kill()
+                    process.communicate()
+                    why = (
+                        "the coordinator is stopping"
+                        if self._stopping.is_set()
+                        else ("it did not answer in time")
+                    )
+                    raise ChildProcessFailedError(f"`flwr {command}` ended: {why}")
 
     def run(self, run_config: dict[str, str]) -> str:
         overrides = " ".join(f"{key}={json.dumps(value)}" for key, value in run_config.items())

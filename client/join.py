@@ -15,7 +15,6 @@ import grpc
 
 from client.bundle import Bundle, load_bundle
 from client.data.check import check_site_data
-from client.data.loaders import count_examples
 from client.devices import describe_device, hardware_labels, resolve_device
 from client.federated.run_check import CoordinatorRunCheck
 from client.federated.task_runner import SiteTaskRunner
@@ -25,6 +24,7 @@ from client.ray_worker import RayWorker, node_ip
 from client.settings import ClientSettings
 from client.supernode import SIGNING_KEY_FILE, SuperNode
 from consortium import pki
+from consortium.data.site_loaders import count_examples
 from consortium.errors import (
     ChildProcessFailedError,
     ConsortiumError,
@@ -48,6 +48,7 @@ from consortium.supervision import (
     Supervisor,
 )
 from consortium.tls import check_server_identity
+from consortium.workloads import load_workload
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,8 @@ class SiteNode:
         # Everything that can be checked locally is checked before joining.
         # Each dataset in the format its jobs train on (client/data/check.py).
         self.datasets = [dataset.name for dataset in check_site_data(settings.data)]
+        for workload in settings.workloads:  # each one installed here, or a clear refusal
+            load_workload(workload)
         self.device = resolve_device(settings.gpu)
         self.metrics = ClientMetrics(
             settings.institution, settings.resolved_state_dir, settings.gpu
@@ -239,7 +242,8 @@ class SiteNode:
         self.metrics.contacted()
         self._say(
             f"registered node {joined.node_id[:12]} for {self.settings.institution} "
-            f"on {self.device}; datasets: {', '.join(self.datasets)}"
+            f"on {self.device}; datasets: {', '.join(self.datasets)}; "
+            f"workloads: {', '.join(self.settings.workloads)}"
         )
         # The SuperNode and the Ray worker stop independently (the worker drains for a
         # few seconds; the SuperNode need not wait): one entry, in parallel.
@@ -275,6 +279,7 @@ class SiteNode:
             else None,
             port=self.settings.supernode_port,
             coordinator_key=self.bundle.coordinator_key_file if self.bundle is not None else None,
+            workloads=self.settings.workloads,
         )
         run.children.add(supernode.stop)
         run.supernode = supernode

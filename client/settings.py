@@ -9,6 +9,7 @@ from pydantic_settings import SettingsConfigDict
 
 from consortium.ray_env import RayPortRange
 from consortium.settings import RoleSettings
+from consortium.workloads import BUILTIN_WORKLOADS
 
 
 class ClientSettings(RoleSettings):
@@ -18,6 +19,9 @@ class ClientSettings(RoleSettings):
     institution: str = Field(min_length=1, max_length=128)
     data: Path  # the site's data dir; never leaves the site
     gpu: int | None = Field(default=None, ge=0)
+    # The workloads this site runs (installed packages' entry points, docs/workloads.md);
+    # a job naming another is refused here. The consortium never ships code to a site.
+    workloads: list[str] = Field(default_factory=lambda: list(BUILTIN_WORKLOADS), min_length=1)
     insecure: bool = False
     # Startup bundle from the operator (mutual TLS, SuperNode auth, Ray token).
     bundle: Path | None = None

@@ -8,6 +8,7 @@ executes only runs the coordinator approved.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from client.federated.fast_poll_supernode import DEFAULT_POLL_INTERVAL_S
@@ -15,6 +16,7 @@ from consortium.file_modes import new_secret_file
 from consortium.leftovers import owner_env
 from consortium.net import reserve_free_port
 from consortium.processes import ChildProcess, venv_executable
+from consortium.workloads import BUILTIN_WORKLOADS
 
 SIGNING_KEY_FILE = "institution-signing.key"
 COMMITMENT_KEY_FILE = "data-commitment.key"
@@ -46,6 +48,7 @@ class SuperNode:
         port: int = 0,
         torch_threads: int = 1,
         coordinator_key: Path | None = None,
+        workloads: Sequence[str] = BUILTIN_WORKLOADS,
     ) -> None:
         self.port = port or reserve_free_port()
         secret_file = state_dir / TASK_SECRET_FILE
@@ -73,6 +76,8 @@ class SuperNode:
                     "institution": institution,
                     "device": device,
                     "torch-threads": torch_threads,
+                    # The workloads the site agreed to run; the ClientApp refuses others.
+                    "workloads": ",".join(workloads),
                     # Keys stay at the site; the ClientApp reads them from here.
                     "signing-key": str((state_dir / SIGNING_KEY_FILE).resolve()),
                     "commitment-key": str((state_dir / COMMITMENT_KEY_FILE).resolve()),

@@ -39,6 +39,15 @@ class JobSpecError(InvalidArgumentError):
     """The job spec is not valid; the message names the field."""
 
 
+class UnknownWorkloadError(InvalidArgumentError):
+    """No installed package registers a workload of that name, or what it registers
+    does not implement the workload protocol (consortium/workloads)."""
+
+
+class WorkloadNotAllowedError(InvalidArgumentError):
+    """The site's settings do not list the workload a job asked it to run."""
+
+
 class NotFoundError(ConsortiumError):
     exit_code = ExitCode.NOT_FOUND
 

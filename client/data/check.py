@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.data.loaders import available_datasets, check_data_dir, load_arrays, load_text
 from consortium.data.formats import FORMATS, ArrayFormat, check_arrays, check_text
+from consortium.data.site_loaders import available_datasets, check_data_dir, load_arrays, load_text
 from consortium.errors import DataDirError, InvalidArgumentError
 
 log = logging.getLogger(__name__)

@@ -55,6 +55,7 @@ from client.federated.task_input import (
     pull_task_header,
     pull_task_message,
 )
+from consortium.errors import WorkloadNotAllowedError
 from consortium.run_approval import RefusalReason, RunRefusedError
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,7 @@ class SiteTaskRunner:
             self.counts.executed += 1
         except Exception as error:
             self.counts.failed += 1
-            log.exception("task %d failed", task_id)
+            _log_failure(task_id, error)
             details = f"{type(error).__name__}: {error}"
             if message is not None:
                 reply = Message(
@@ -236,3 +237,10 @@ class SiteTaskRunner:
         except Exception as error:
             log.warning("the refused task's message did not arrive: %s", error)
             return None
+
+
+def _log_failure(task_id: int, error: Exception) -> None:
+    if isinstance(error, WorkloadNotAllowedError):
+        log.warning("refused task %d: %s", task_id, error)  # the site's own choice
+    else:
+        log.exception("task %d failed", task_id, exc_info=error)

@@ -1,7 +1,7 @@
 """What each dataset a job can name must look like at a site: one definition, checked.
 
 A job names a dataset (`dataset = "digits"`); each site provides it from its own data
-dir (client/data/loaders.py says where). The model the job trains fixes the dataset's
+dir (consortium/data/site_loaders.py says where). The model the job trains fixes the dataset's
 format, so a site's file that does not match would fail every round at that site;
 `check_arrays` and `check_text` say what is wrong before the site joins
 (`client data check`, and `client join` before it connects). docs/onboarding.md

@@ -21,8 +21,9 @@ it without the log or the coordinator:
   consistency proof between it and the tree head, so a reviewer who holds one of those
   checkpoints (from a site, an archive, another reviewer) learns that the attestation's
   log is the very log it publishes, not a fork shown to them alone;
-* a readable summary (``job_id``, ``kind``, ``model``, ``rounds``, ...) derived from those
-  entries; a verifier derives it again and refuses a summary that differs;
+* a readable summary (``job_id``, ``kind``, ``model``, ``workload``, ``rounds``, ...)
+  derived from those entries; a verifier derives it again and refuses a summary that
+  differs;
 * ``reproduction``: the package lock and the source digest (checked against the job's
   logged environment), the sha256 of the deterministic source archive that
   `coordinator provenance source JOB` writes, and the git commit when there is one.
@@ -161,6 +162,8 @@ def summary(records: list[Record]) -> dict[str, Any]:
         "kind": started.kind if started else "",
         "spec": started.spec if started else {},
         "model": (started.model if started and started.model else None),
+        # Where a federated job's workload code came from (absent before workloads).
+        **({"workload": started.workload} if started and started.workload else {}),
         "environment": started.environment if started else {},
         "initial_model_digest": started.initial_model_digest if started else None,
         "final_model_digest": completed.final_model_digest if completed else None,

@@ -220,7 +220,9 @@ class ProvenanceLog:
     ) -> int:
         """Record sites' cosignatures of heads already in this log (a cosignature of a
         head the log does not hold is skipped: it cosigns nothing here; so is a second
-        one of an institution for the same head). Returns how many were written."""
+        one of an institution for the same head, and one by a key the log has no record
+        of, which no verifier could check: a plain-text consortium's site that witnessed
+        but never had an update accepted). Returns how many were written."""
         if not cosignatures:
             return 0
         with self._locked():
@@ -239,10 +241,19 @@ class ProvenanceLog:
                 for entry in entries
                 if entry.get("kind") == COSIGNATURE
             }
+            keys = {
+                str(entry["body"].get("key_id"))
+                for entry in entries
+                if entry.get("kind") == RECORD and entry.get("type") == RecordType.INSTITUTION_KEY
+            }
             written = 0
             for cosignature in cosignatures:
                 key = (cosignature.institution, cosignature.tree_size)
-                if (cosignature.tree_size, cosignature.root_hash) in heads and key not in logged:
+                if (
+                    (cosignature.tree_size, cosignature.root_hash) in heads
+                    and key not in logged
+                    and cosignature.key_id in keys
+                ):
                     self._append_line(cosignature.line())
                     logged.add(key)
                     written += 1

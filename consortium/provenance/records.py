@@ -83,7 +83,7 @@ class _JobBody(_Body):
 
 
 class JobStarted(_JobBody):
-    """Federated jobs write strategy, model, init_from and initial_model_digest;
+    """Federated jobs write strategy, model, workload, init_from and initial_model_digest;
     pretraining jobs write spec_digest."""
 
     TYPE: ClassVar[RecordType] = RecordType.JOB_STARTED
@@ -94,6 +94,9 @@ class JobStarted(_JobBody):
     spec_digest: str | None = None
     strategy: dict[str, Any] | None = None
     model: dict[str, Any] | None = None
+    # Where the workload's code came from (consortium.workloads.WorkloadSource); logs
+    # written before workloads existed have none.
+    workload: dict[str, str] | None = None
     init_from: dict[str, Any] | None = None  # {"job_id", "model_digest"} of the source
     initial_model_digest: str | None = None
 

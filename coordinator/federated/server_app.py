@@ -36,14 +36,13 @@ from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
 
 from consortium.errors import CommitRefusedError, ConflictError, ConsortiumError
-from consortium.models import build_model, load_parameter_tensors, parameter_tensors
 from consortium.provenance.environment import describe_environment
 from consortium.provenance.records import JobStarted, Round
 from consortium.provenance.signing import SigningKey
 from consortium.tensor_digest import arrays_digest
+from consortium.workloads import HeldOut, RoundBudget, load_workload, workload_source
 from coordinator.data_dir import DataDir
 from coordinator.federated.checkpoints import CheckpointStore, save_model
-from coordinator.federated.evaluation import held_out_for
 from coordinator.federated.prompt_grid import PromptGrid
 from coordinator.federated.strategy import (
     AggregationRule,
@@ -92,9 +91,16 @@ def rule_of(spec: FederatedJobSpec) -> AggregationRule:
     )
 
 
-def numpy_state(model: torch.nn.Module) -> dict[str, Any]:
-    """The parameters as numpy, by name (tied weights once): what digests cover."""
-    return {k: v.cpu().numpy() for k, v in parameter_tensors(model).items()}
+def round_budget(spec: FederatedJobSpec) -> RoundBudget:
+    return RoundBudget(
+        epochs=spec.local_epochs,
+        steps=spec.local_steps,
+        batch_size=spec.batch_size,
+        learning_rate=spec.learning_rate,
+        seed=spec.seed,
+        proximal_mu=spec.proximal_mu,
+        seq_len=spec.seq_len,
+    )
 
 
 class JobRun:
@@ -109,8 +115,11 @@ class JobRun:
         # Every append checks, under the log's lock, that the job is still this run's.
         self.provenance = JobRecorder(DataDir(data_dir), job.job_id, fence=job.ensure_current)
         self.current_round = 0  # the round being committed (named in a refusal)
-        self.held_out = held_out_for(self.spec)
         self.family = family_of(job, self.spec)
+        self.workload = load_workload(self.family.model)
+        self.held_out: HeldOut | None = self.workload.held_out(
+            self.spec.dataset, round_budget(self.spec), self.spec.eval_batches
+        )
         self.starting: StartingModel | None = None  # set when init_from is used
 
     def initial_model(self) -> tuple[torch.nn.Module, int]:
@@ -122,8 +131,8 @@ class JobRun:
                     f"round {committed} of job {self.job_id} is committed in the provenance "
                     "log but its checkpoint is missing; the job cannot resume"
                 )
-            model = build_model(self.family.model, self.family.options)
-            load_parameter_tensors(model, checkpoint.state_dict)
+            model = self.workload.build_model(self.family.options)
+            self.workload.load_exchanged(model, checkpoint.state_dict)
             self.copy_logged_rounds_to_state(committed)
             log.info("job %s resumes after round %d", self.job_id, committed)
             return model, committed
@@ -142,7 +151,11 @@ class JobRun:
             )
             return model, 0
         torch.manual_seed(self.spec.seed)
-        return build_model(self.family.model, self.family.options), 0
+        return self.workload.build_model(self.family.options), 0
+
+    def numpy_state(self, model: torch.nn.Module) -> dict[str, Any]:
+        """The exchanged tensors as numpy, by name: what digests cover."""
+        return {k: v.cpu().numpy() for k, v in self.workload.exchanged(model).items()}
 
     def copy_logged_rounds_to_state(self, committed: int) -> None:
         """Rounds committed in the log that the state missed (the process ended between
@@ -162,7 +175,7 @@ class JobRun:
                 )
 
     def log_start(self, model: torch.nn.Module, done_rounds: int) -> None:
-        digest = arrays_digest(numpy_state(model))
+        digest = arrays_digest(self.numpy_state(model))
         if done_rounds or self.provenance.has_started():
             self.provenance.job_resumed("federated", done_rounds, model_digest=digest)
             return
@@ -175,6 +188,7 @@ class JobRun:
                 strategy={"sampler": self.spec.strategy, **rule_of(self.spec).describe()},
                 environment=describe_environment("cpu", deterministic=True),
                 model={"name": self.family.model, "options": self.family.options},
+                workload=workload_source(self.family.model).describe(),
                 init_from=(
                     {"job_id": self.starting.job_id, "model_digest": self.starting.digest}
                     if self.starting is not None
@@ -229,9 +243,10 @@ class JobRun:
         )
 
         def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            load_parameter_tensors(model, arrays.to_torch_state_dict())
+            self.workload.load_exchanged(model, arrays.to_torch_state_dict())
             # A diverged model evaluates to NaN: state and the log never see it.
-            metrics = finite_metrics(self.held_out.evaluate(model))
+            held_out = self.held_out.evaluate(model) if self.held_out is not None else {}
+            metrics = finite_metrics(held_out)
             round_ = done_rounds + server_round
             provenance = strategy.rounds.get(round_)
             if provenance is not None and provenance.train_loss is not None:
@@ -239,7 +254,7 @@ class JobRun:
             if server_round > 0 or done_rounds == 0:
                 if server_round > 0:
                     self.current_round = round_
-                    self.checkpoints.save(round_, parameter_tensors(model))
+                    self.checkpoints.save(round_, self.workload.exchanged(model))
                     self.log_round(strategy, round_, metrics)  # the commit
                     self.checkpoints.prune_before(round_)
                 self.job.record_round(
@@ -264,35 +279,34 @@ class JobRun:
                     "batch-size": self.spec.batch_size,
                     "seed": self.spec.seed,
                     "round-offset": done_rounds,
-                    "model": self.family.model,
+                    "workload": self.family.model,
                     "model-options": json.dumps(self.family.options, sort_keys=True),
                     "dataset": self.spec.dataset,
-                    "task": "text" if self.spec.is_text else "classification",
                     "local-steps": self.spec.local_steps,
                     "seq-len": self.spec.seq_len,
                 }
             )
             result = strategy.start(
                 grid=grid,
-                initial_arrays=ArrayRecord(parameter_tensors(model)),
+                initial_arrays=ArrayRecord(self.workload.exchanged(model)),
                 num_rounds=remaining,
                 timeout=self.spec.round_timeout_s,
                 train_config=config,
                 evaluate_fn=evaluate_round,
             )
             if len(result.arrays) > 0:
-                load_parameter_tensors(model, result.arrays.to_torch_state_dict())
+                self.workload.load_exchanged(model, result.arrays.to_torch_state_dict())
         self.finish(model, grid)
 
     def finish(self, model: torch.nn.Module, grid: Grid) -> None:
         model_path = DataDir(self.data_dir).model_file(self.job_id)
         save_model(
             model_path,
-            dict(parameter_tensors(model)),
+            dict(self.workload.exchanged(model)),
             {"job_id": self.job_id, "model": self.family.model, "rounds": str(self.spec.rounds)},
         )
         self.provenance.job_completed(
-            "federated", self.spec.rounds, arrays_digest(numpy_state(model)), model_path
+            "federated", self.spec.rounds, arrays_digest(self.numpy_state(model)), model_path
         )
         # The sites cosign the head over the final record too, so the latest head of a
         # finished job is witnessed (`provenance verify --min-witnesses`).

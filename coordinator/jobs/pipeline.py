@@ -18,11 +18,11 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from consortium.errors import ConflictError, JobSpecError, NotFoundError
-from consortium.models import build_model, load_parameter_tensors
 from consortium.provenance.log import RECORD, read_lines, record_signing_bytes
 from consortium.provenance.records import JobCompleted, RecordType, parse_record, record_type
 from consortium.provenance.signing import SignatureError, VerifyingKey, unb64
 from consortium.tensor_digest import arrays_digest
+from consortium.workloads import load_workload
 from coordinator.jobs.spec import FederatedJobSpec, spec_of
 from coordinator.pretraining.spec import PretrainJobSpec
 from coordinator.state import JobRecord, JobState
@@ -46,7 +46,7 @@ class StartingModelError(ConflictError):
 
 @dataclass(frozen=True)
 class ModelFamily:
-    model: str
+    model: str  # the workload that builds it (a pretraining job's: bytelm)
     options: dict[str, int]
 
 
@@ -77,7 +77,7 @@ def model_family(store: JobLookup, job: JobRecord) -> ModelFamily:
 def family_of(store: JobLookup, spec: FederatedJobSpec) -> ModelFamily:
     """The model a federated spec trains: its own, or its source's."""
     if spec.init_from is None:
-        return ModelFamily(spec.model, dict(spec.model_options))
+        return ModelFamily(spec.workload, dict(spec.model_options))
     return model_family(store, store.get_job(spec.init_from))
 
 
@@ -97,13 +97,13 @@ def check_init_from(store: JobLookup, spec: FederatedJobSpec) -> None:
             f"{source.state.value.lower()}; it has no model to start from"
         )
     family = model_family(store, source)
-    if family.model != spec.model:
+    if family.model != spec.workload:
         raise JobSpecError(
-            f"invalid job spec: field 'model': job {source.job_id} produces a "
-            f"{family.model!r} model, not {spec.model!r}"
+            f"invalid job spec: field 'workload': job {source.job_id} produces a "
+            f"{family.model!r} model, not {spec.workload!r}"
         )
     block = family.options.get("block_size")
-    if spec.is_text and block is not None and spec.seq_len > block:
+    if block is not None and spec.seq_len > block:
         raise JobSpecError(
             f"invalid job spec: field 'seq_len': must be <= the source model's block_size "
             f"({block}), got {spec.seq_len}"
@@ -175,6 +175,7 @@ def load_starting_model(
     # pipeline's source at submit, never pays for importing torch.
     import torch
 
-    model = build_model(family.model, family.options)
-    load_parameter_tensors(model, {k: torch.from_numpy(v) for k, v in weights.items()})
+    workload = load_workload(family.model)
+    model = workload.build_model(family.options)
+    workload.load_exchanged(model, {k: torch.from_numpy(v) for k, v in weights.items()})
     return model, StartingModel(source.job_id, family, digest)

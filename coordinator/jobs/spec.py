@@ -10,7 +10,7 @@ Example::
 
     name = "digits-fedavg"
     kind = "federated"
-    model = "digits-cnn"
+    workload = "digits-cnn"  # an installed workload (docs/workloads.md)
     dataset = "digits"
     strategy = "fedavg"      # or "fedprox" (then set proximal_mu > 0)
     aggregation = "mean"     # or "trimmed-mean", "median", "krum"
@@ -25,7 +25,7 @@ A fine-tuning stage of a pipeline starts from another job's output model and tra
 the byte-level language model on each site's own text (`dataset = "docstrings"`)::
 
     name = "docstrings-finetune"
-    model = "bytelm"
+    workload = "bytelm"
     dataset = "docstrings"
     init_from = "<job id>"   # a pretraining (or federated) job; its model and size
     rounds = 3
@@ -43,6 +43,7 @@ import tomllib
 from typing import Literal
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -52,18 +53,11 @@ from pydantic import (
     model_validator,
 )
 
-from consortium.errors import JobSpecError
-from consortium.models import MODELS, check_model_size
+from consortium.errors import JobSpecError, UnknownWorkloadError
+from consortium.models import MAX_PARAMETERS
+from consortium.workloads import load_workload
 from coordinator.pretraining.spec import PretrainJobSpec, validate_pretrain_spec
 from coordinator.state import JobRecord
-
-# Datasets the coordinator knows the schema of and holds a public held-out split
-# for, with the model family that trains on them; each site maps these names to its
-# own local data (digits: arrays x, y; docstrings: a text file).
-DATASET_MODELS = {"digits": "digits-cnn", "docstrings": "bytelm"}
-KNOWN_DATASETS = frozenset(DATASET_MODELS)
-TEXT_DATASETS = frozenset({"docstrings"})
-
 
 # Bounds a member's spec cannot exceed: a spec is untrusted input (docs/security.md).
 MAX_SPEC_BYTES = 64 * 1024
@@ -78,16 +72,18 @@ class FederatedJobSpec(BaseModel):
 
     name: str = Field(min_length=1, max_length=128, description="A name for people; not unique.")
     kind: Literal["federated"] = Field(default="federated", description="The job kind.")
-    model: str = Field(
+    workload: str = Field(
+        validation_alias=AliasChoices("workload", "model"),
         description=(
-            "The model family every site trains (`digits-cnn` for `digits`, "
-            "`bytelm` for `docstrings`)."
-        )
+            "The workload every site trains: an installed package's entry point in the "
+            "`consortium.workloads` group (built in: `digits-cnn` for `digits`, `bytelm` "
+            "for `docstrings`; docs/workloads.md). `model` is its older name."
+        ),
     )
     dataset: str = Field(
         description=(
             "The dataset each site trains on, from its own data dir, in the format "
-            "docs/onboarding.md gives (step 4)."
+            "docs/onboarding.md gives (step 4); one the workload trains on."
         )
     )
     strategy: Literal["fedavg", "fedprox"] = Field(
@@ -174,7 +170,8 @@ class FederatedJobSpec(BaseModel):
         default_factory=dict,
         max_length=16,
         description=(
-            "Size of a model built from scratch (bytelm: n_layer, n_head, n_embd, block_size)."
+            "The workload's options for a model built from scratch (bytelm: n_layer, "
+            "n_head, n_embd, block_size)."
         ),
     )
     local_steps: int = Field(
@@ -193,22 +190,25 @@ class FederatedJobSpec(BaseModel):
         description="Batches of the held-out split the coordinator evaluates on after each round.",
     )
 
-    @field_validator("model")
+    @field_validator("workload")
     @classmethod
-    def _known_model(cls, value: str) -> str:
-        if value not in MODELS:
-            raise ValueError(f"unknown model {value!r}; known: {', '.join(sorted(MODELS))}")
+    def _installed_workload(cls, value: str) -> str:
+        try:
+            load_workload(value)
+        except UnknownWorkloadError as err:
+            raise ValueError(str(err)) from None
         return value
 
     @field_validator("dataset")
     @classmethod
-    def _known_dataset(cls, value: str, info: ValidationInfo) -> str:
-        if value not in KNOWN_DATASETS:
-            known = ", ".join(sorted(KNOWN_DATASETS))
-            raise ValueError(f"unknown dataset {value!r}; known: {known}")
-        model = info.data.get("model")
-        if model is not None and DATASET_MODELS[value] != model:
-            raise ValueError(f"dataset {value!r} is trained with model {DATASET_MODELS[value]!r}")
+    def _dataset_of_the_workload(cls, value: str, info: ValidationInfo) -> str:
+        name = info.data.get("workload")
+        if name is None:
+            return value
+        datasets = load_workload(name).datasets
+        if datasets and value not in datasets:
+            known = ", ".join(sorted(datasets))
+            raise ValueError(f"workload {name!r} trains on {known}, not {value!r}")
         return value
 
     @field_validator("model_options")
@@ -216,9 +216,17 @@ class FederatedJobSpec(BaseModel):
     def _options_build(cls, value: dict[str, int], info: ValidationInfo) -> dict[str, int]:
         # Sized from the config alone: nothing is allocated for a spec (a member once
         # asked for a 51 GB model inside the RPC handler).
-        model = info.data.get("model")
-        if model is not None and value:
-            check_model_size(model, value)
+        name = info.data.get("workload")
+        if name is not None and value:
+            try:
+                count = load_workload(name).parameter_count(value)
+            except (TypeError, KeyError) as err:
+                raise ValueError(f"bad options for workload {name!r}: {err}") from None
+            if count > MAX_PARAMETERS:
+                raise ValueError(
+                    f"the model would have {count:,} parameters; the limit is "
+                    f"{MAX_PARAMETERS:,} (shrink n_layer, n_embd or block_size)"
+                )
         return value
 
     @model_validator(mode="after")
@@ -229,10 +237,6 @@ class FederatedJobSpec(BaseModel):
                 "takes its model size from the job it starts from"
             )
         return self
-
-    @property
-    def is_text(self) -> bool:
-        return self.dataset in TEXT_DATASETS
 
 
 JobSpec = FederatedJobSpec | PretrainJobSpec

@@ -312,7 +312,7 @@ def test_the_coordinator_reports_the_pipelines_jobs_after_a_restart(
 
 @pytest.mark.parametrize(
     ("init_from", "field"),
-    [("000000000000", "field 'init_from'"), (None, "field 'model'")],
+    [("000000000000", "field 'init_from'"), (None, "field 'workload'")],
 )
 def test_bad_init_from_is_invalid_argument(
     demo: DemoRun, restarted: Remote, init_from: str | None, field: str

@@ -10,10 +10,10 @@ import pytest
 from sklearn.datasets import load_digits
 
 from client.data.check import check_site_data, write_example
-from client.data.loaders import load_dataset
 from consortium.data.formats import FORMATS
+from consortium.data.site_loaders import load_dataset
 from consortium.errors import DataDirError, InvalidArgumentError
-from coordinator.jobs.spec import KNOWN_DATASETS
+from consortium.workloads import BUILTIN_WORKLOADS, load_workload
 
 
 def _digits(tmp_path: Path, x: object, y: object) -> Path:
@@ -21,8 +21,9 @@ def _digits(tmp_path: Path, x: object, y: object) -> Path:
     return tmp_path
 
 
-def test_every_dataset_a_job_can_name_has_a_format() -> None:
-    assert set(FORMATS) == set(KNOWN_DATASETS)
+def test_every_dataset_a_builtin_workload_trains_on_has_a_format() -> None:
+    trained = set().union(*(load_workload(name).datasets for name in BUILTIN_WORKLOADS))
+    assert set(FORMATS) == trained
 
 
 def test_example_digits_pass_the_check_and_split_into_disjoint_shares(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from coordinator.state.sqlite_store import now_ms
 
 VALID = """
 name = "digits-fedavg"
-model = "digits-cnn"
+workload = "digits-cnn"
 dataset = "digits"
 rounds = 5
 """
@@ -28,7 +28,7 @@ def spec_with(**overrides: object) -> str:
     """VALID with fields replaced (value None drops the field)."""
     fields: dict[str, object] = {
         "name": "digits-fedavg",
-        "model": "digits-cnn",
+        "workload": "digits-cnn",
         "dataset": "digits",
         "rounds": 5,
     }
@@ -47,7 +47,7 @@ def test_parse_job_spec_minimal_valid_spec_fills_defaults() -> None:
     assert isinstance(spec, FederatedJobSpec)
     assert spec.name == "digits-fedavg"
     assert spec.kind == "federated"
-    assert spec.model == "digits-cnn"
+    assert spec.workload == "digits-cnn"
     assert spec.dataset == "digits"
     assert spec.rounds == 5
     assert spec.strategy == "fedavg"
@@ -82,7 +82,7 @@ def test_parse_job_spec_all_fields_given_are_kept() -> None:
 
 def test_parse_job_spec_examples_shipped_in_repo_are_valid() -> None:
     examples = sorted(Path(__file__).resolve().parents[2].glob("examples/**/*.toml"))
-    job_specs = [p for p in examples if "rounds" in p.read_text() and "model" in p.read_text()]
+    job_specs = [p for p in examples if "rounds" in p.read_text() and "workload" in p.read_text()]
     assert job_specs
     for path in job_specs:
         assert parse_job_spec(path.read_text()).rounds > 0, path
@@ -93,7 +93,7 @@ def test_parse_job_spec_invalid_toml_raises_job_spec_error() -> None:
         parse_job_spec('name = "unterminated\nrounds = 3\n')
 
 
-@pytest.mark.parametrize("field", ["name", "model", "dataset", "rounds"])
+@pytest.mark.parametrize("field", ["name", "workload", "dataset", "rounds"])
 def test_parse_job_spec_missing_required_field_names_field(field: str) -> None:
     with pytest.raises(JobSpecError) as excinfo:
         parse_job_spec(spec_with(**{field: None}))
@@ -126,9 +126,9 @@ def test_parse_job_spec_unknown_dataset_names_field_and_value() -> None:
 
 def test_parse_job_spec_unknown_model_names_field_and_value() -> None:
     with pytest.raises(JobSpecError) as excinfo:
-        parse_job_spec(spec_with(model="resnet-9000"))
+        parse_job_spec(spec_with(workload="resnet-9000"))
     message = str(excinfo.value)
-    assert "'model'" in message
+    assert "'workload'" in message
     assert "resnet-9000" in message
     assert "digits-cnn" in message
 
@@ -200,7 +200,7 @@ def test_submit_valid_spec_queues_job(store: SqliteStateStore) -> None:
     [
         "not = [valid",
         spec_with(rounds=0),
-        spec_with(model="nope"),
+        spec_with(workload="nope"),
         spec_with(name=None),
     ],
 )

@@ -94,7 +94,7 @@ def test_a_failed_source_refuses_submit_and_fails_waiting_jobs(
                 .replace('"bytelm"', '"digits-cnn"')
                 .replace('"docstrings"', '"digits"')
             ),
-            "field 'model'",
+            "field 'workload'",
         ),
         (
             lambda text, source: text.format(source=source).replace("seq_len = 32", "seq_len = 33"),

@@ -761,12 +761,24 @@ def test_cosignature_by_another_institutions_key_fails(honest: Consortium) -> No
 
 def test_cosignature_by_an_unlogged_key_fails(honest: Consortium) -> None:
     forged = honest.cosignature("uni-a", honest.heads[1], signer=SigningKey.generate())
-    assert honest.writer().append_cosignatures([forged]) == 1
+    # The writer keeps it out (next test); whoever holds the file can still add it.
+    with honest.path.open("ab") as log_file:
+        log_file.write(canonical_json(forged.line()) + b"\n")
 
     error = honest.failure()
 
     assert error.line == HEAD_3 + 1
     assert "a cosignature of 'uni-a' names unknown key" in error.reason
+
+
+def test_append_cosignatures_skips_a_key_the_log_has_no_record_of(honest: Consortium) -> None:
+    before = honest.path.read_bytes()
+    unlogged = honest.cosignature("uni-a", honest.heads[1], signer=SigningKey.generate())
+
+    assert honest.writer().append_cosignatures([unlogged]) == 0
+
+    assert honest.path.read_bytes() == before
+    honest.verify()  # still verifies: the cosignature was not written
 
 
 def test_append_cosignatures_skips_a_head_the_log_does_not_hold(honest: Consortium) -> None:

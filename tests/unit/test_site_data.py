@@ -1,4 +1,5 @@
-"""A site's data dir (client/data/loaders.py) and the training device (client/devices.py)."""
+"""A site's data dir (consortium/data/site_loaders.py) and the training device
+(client/devices.py)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from client.data.loaders import available_datasets, check_data_dir, load_dataset
 from client.devices import describe_device, resolve_device
 from consortium.data.npz import save_npz
+from consortium.data.site_loaders import available_datasets, check_data_dir, load_dataset
 from consortium.errors import DataDirError, GpuUnavailableError
 
 

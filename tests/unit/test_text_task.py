@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from client.data.loaders import available_datasets, load_text
 from consortium.data import docstrings
+from consortium.data.site_loaders import available_datasets, load_text
 from consortium.errors import DataDirError, JobSpecError
 from consortium.lm import FineTuneConfig, fine_tune, perplexity, validation_loss
 from consortium.models import build_model, load_parameter_tensors, parameter_tensors

@@ -38,7 +38,6 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors import safe_open
 
-from client.data.loaders import count_examples
 from client.federated.signing_mod import (
     COMMITMENT_RECORD,
     SIGNATURE_RECORD,
@@ -48,6 +47,7 @@ from client.federated.signing_mod import (
 from consortium.aggregation import MAX_WEIGHT
 from consortium.data.digits import train_test_split
 from consortium.data.docstrings import packages_for, site_text
+from consortium.data.site_loaders import count_examples
 from consortium.lm import FineTuneConfig, fine_tune
 from consortium.models import build_model, parameter_tensors
 from consortium.provenance.commitment import commit

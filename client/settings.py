@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from client.federated.fast_poll_supernode import DEFAULT_POLL_INTERVAL_S
 from consortium.ray_env import RayPortRange
 from consortium.settings import RoleSettings
 from consortium.workloads import BUILTIN_WORKLOADS
@@ -28,6 +29,9 @@ class ClientSettings(RoleSettings):
     # Where the SuperNode's logs go; default: .consortium-client/<institution>
     state_dir: Path | None = None
     supernode_port: int = Field(default=0, ge=0, le=65535)  # 0: a free port
+    # How long the SuperNode waits between pulls of the SuperLink when it found no
+    # message (Flower's own SuperNode: 3 s; client/federated/fast_poll_supernode.py).
+    supernode_poll_interval_s: float = Field(default=DEFAULT_POLL_INTERVAL_S, gt=0, le=60)
     # The loopback forwarder between the SuperNode and the coordinator's Fleet edge.
     fleet_forwarder_port: int = Field(default=0, ge=0, le=65535)  # 0: a free port
     connect_attempts: int = Field(default=6, ge=1)

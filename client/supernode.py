@@ -49,6 +49,7 @@ class SuperNode:
         torch_threads: int = 1,
         coordinator_key: Path | None = None,
         workloads: Sequence[str] = BUILTIN_WORKLOADS,
+        poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
     ) -> None:
         self.port = port or reserve_free_port()
         secret_file = state_dir / TASK_SECRET_FILE
@@ -59,7 +60,7 @@ class SuperNode:
             # flower-supernode, polling the SuperLink every 0.2 s instead of every 3 s.
             venv_executable("consortium-flower-supernode"),
             "--poll-interval-s",
-            str(DEFAULT_POLL_INTERVAL_S),
+            str(poll_interval_s),
             "--superlink",
             superlink_address,
             "--port",

@@ -1,0 +1,1 @@
+"""Plain Flower FedAvg on digits (benchmarks/rounds.py's baseline)."""

@@ -54,6 +54,7 @@ from consortium.provenance.checkpoint import (
     CheckpointError,
     ReadNote,
     checkpoint_body,
+    note_tree_size,
     origin_of,
     read_signed_note,
     verify_cosignature,
@@ -389,7 +390,7 @@ def _checked_cosignatures(
 
 def _read_note(text: str, keyring: Keyring, key: VerifyingKey, what: str) -> ReadNote:
     try:
-        return read_signed_note(text, key, keyring.witness_keys())
+        return read_signed_note(text, key, keyring.witness_keys(note_tree_size(text)))
     except CheckpointError as err:
         raise AttestationError(f"{what}: {err}") from None
 

@@ -115,6 +115,13 @@ class ReadNote:
     witnesses: list[str]  # names whose cosignatures verified
 
 
+def note_tree_size(text: str) -> int | None:
+    """The tree size a checkpoint note states (None when it has none to read); the
+    note itself is checked by `read_signed_note`."""
+    lines = text.split("\n")
+    return int(lines[1]) if len(lines) > 1 and lines[1].isdigit() else None
+
+
 def read_signed_note(
     text: str, coordinator: VerifyingKey, witness_keys: dict[str, list[VerifyingKey]]
 ) -> ReadNote:

@@ -36,6 +36,9 @@ class LoggedKey:
     key: VerifyingKey
     source: KeySource
     active: bool = True
+    # The log index of the key change that replaced it (None: not replaced, or read
+    # without indexes, as from an attestation's entries).
+    replaced_at: int | None = None
 
 
 @dataclass
@@ -44,7 +47,7 @@ class Keyring:
     ca: x509.Certificate | None = None
     keys: dict[str, LoggedKey] = field(default_factory=dict)
 
-    def add(self, record: InstitutionKey | InstitutionKeyChanged) -> None:
+    def add(self, record: InstitutionKey | InstitutionKeyChanged, index: int | None = None) -> None:
         key = VerifyingKey.from_b64(record.public_key)
         if key.key_id != record.key_id:
             raise ValueError("institution key id does not match its public key")
@@ -63,6 +66,7 @@ class Keyring:
                         f"{replaced[:16]}, which is not one of its keys"
                     )
                 old.active = False
+                old.replaced_at = index
             self.keys[key.key_id] = LoggedKey(record.institution, key, "operator")
             return
         if record.binding is None:
@@ -105,9 +109,21 @@ class Keyring:
     def keys_of(self, institution: str) -> list[VerifyingKey]:
         return [k.key for k in self.keys.values() if k.institution == institution]
 
-    def witness_keys(self) -> dict[str, list[VerifyingKey]]:
-        names = {k.institution for k in self.keys.values()}
-        return {name: self.keys_of(name) for name in sorted(names)}
+    def witness_keys(self, tree_size: int | None = None) -> dict[str, list[VerifyingKey]]:
+        """Per institution, the keys whose cosignature of a checkpoint of `tree_size`
+        counts, by the rules `signer` applies to the log's own cosignatures: a key
+        replaced by a key change the checkpoint covers does not (nor, when the change's
+        index is unknown, any replaced key), and an unbound one only when allowed."""
+        found: dict[str, list[VerifyingKey]] = {}
+        for logged in self.keys.values():
+            if logged.source == "unbound" and not self.allow_unbound:
+                continue
+            if not logged.active and (
+                tree_size is None or logged.replaced_at is None or logged.replaced_at < tree_size
+            ):
+                continue
+            found.setdefault(logged.institution, []).append(logged.key)
+        return dict(sorted(found.items()))
 
     def sources(self) -> dict[str, set[KeySource]]:
         """Per institution, how its keys entered the log."""

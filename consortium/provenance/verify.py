@@ -164,7 +164,7 @@ class _Verifier:
         )
         record = parse_body(str(type_), body)
         if isinstance(record, InstitutionKey | InstitutionKeyChanged):
-            self.report.keyring.add(record)
+            self.report.keyring.add(record, index)
         if isinstance(record, Round):
             for update in record.updates:
                 if update.accepted:

@@ -32,6 +32,7 @@ from consortium.provenance.checkpoint import (
     CheckpointError,
     Cosignature,
     ReadNote,
+    note_tree_size,
     origin_of,
     read_signed_note,
     signed_note,
@@ -324,7 +325,7 @@ def _checkpoint_texts(paths: list[Path] | None) -> list[tuple[Path, str]]:
 
 def _read_checkpoint(path: Path, text: str, key: VerifyingKey, report: VerifyReport) -> ReadNote:
     try:
-        return read_signed_note(text, key, report.keyring.witness_keys())
+        return read_signed_note(text, key, report.keyring.witness_keys(note_tree_size(text)))
     except CheckpointError as error:
         raise ProvenanceInvalidError(f"{path}: {error}") from None
 

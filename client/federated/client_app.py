@@ -15,12 +15,14 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.federated.signing_mod import COMMITMENT_RECORD, signing_mod
+from client.federated.site_trainer import SiteTrainer
 from client.metrics import record_training
 from consortium.provenance.commitment import DataCommitment, load_or_create_key
 from consortium.workloads import (
@@ -33,6 +35,8 @@ from consortium.workloads import (
 )
 
 app = ClientApp(mods=[signing_mod])
+# What stays loaded between messages in `client join`'s process (site_trainer.py).
+TRAINER = SiteTrainer()
 
 
 def _number(config: Mapping[str, object], key: str, default: float | None = None) -> float:
@@ -47,7 +51,7 @@ class Task:
     workload: Workload
     model: torch.nn.Module
     device: torch.device
-    data_dir: Path
+    data: Any  # the site's dataset, as the workload reads it
     config: ConfigRecord
     budget: RoundBudget
 
@@ -65,7 +69,7 @@ def _setup(msg: Message, context: Context, seed: int = 0) -> Task:
     )
     workload = load_workload(name)
     options = json.loads(str(config.get("model-options", "{}")))
-    model = workload.build_model(options)
+    model = TRAINER.model(msg.metadata.run_id, name, workload, options)
     workload.load_exchanged(model, msg.content.array_records["arrays"].to_torch_state_dict())
     budget = RoundBudget(
         epochs=int(_number(config, "local-epochs", 1)),
@@ -77,7 +81,9 @@ def _setup(msg: Message, context: Context, seed: int = 0) -> Task:
         seq_len=int(_number(config, "seq-len", 64)),
     )
     device = torch.device(str(context.node_config.get("device", "cpu")))
-    return Task(workload, model, device, Path(str(context.node_config["data-dir"])), config, budget)
+    data_dir = Path(str(context.node_config["data-dir"]))
+    data = TRAINER.data(msg.metadata.run_id, name, workload, data_dir, str(config["dataset"]))
+    return Task(workload, model, device, data, config, budget)
 
 
 @app.train()
@@ -90,8 +96,7 @@ def train(msg: Message, context: Context) -> Message:
     task = _setup(msg, context, seed)
     key = load_or_create_key(Path(str(context.node_config["commitment-key"])))
     started = time.monotonic()
-    data = task.workload.load_site_data(task.data_dir, str(config["dataset"]))
-    result = task.workload.train(task.model, data, task.budget, task.device, key)
+    result = task.workload.train(task.model, task.data, task.budget, task.device, key)
     record_training(
         Path(str(context.node_config["state-dir"])), time.monotonic() - started, result.examples
     )
@@ -126,7 +131,6 @@ def witness(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def local_evaluate(msg: Message, context: Context) -> Message:
     task = _setup(msg, context)
-    data = task.workload.load_site_data(task.data_dir, str(task.config["dataset"]))
-    result = task.workload.evaluate(task.model, data, task.budget, task.device)
+    result = task.workload.evaluate(task.model, task.data, task.budget, task.device)
     metrics = MetricRecord({"num-examples": result.examples, **result.metrics})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

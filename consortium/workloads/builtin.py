@@ -30,9 +30,11 @@ EVAL_BATCH_SIZE = 32
 
 
 class _AllParameters:
-    """Every parameter travels (tied weights once)."""
+    """Every parameter travels (tied weights once), so a site may keep the model loaded
+    between a job's rounds: each message overwrites all of it."""
 
     model_name: str
+    keep_model_loaded = True
 
     def parameter_count(self, options: WorkloadOptions) -> int:
         return PARAMETER_COUNTS[self.model_name](options)

@@ -29,7 +29,8 @@ What it checks, in order:
    the institution, and its key signed (ECDSA-SHA256) the binding of the Ed25519 key;
 9. cosignatures: each cosigns this head (C2SP cosignature/v1) with a bound key of its
    institution (a key only the operator vouched for, `institution_key_changed`, is not
-   trusted here);
+   trusted here, and a key such a change replaced cosigns nothing: every carried change
+   precedes the head);
 10. checkpoints: each of ``predicate.log.checkpoints`` is a C2SP signed note by that key
     of that log, with an RFC 9162 consistency proof between it and the head; and each
     CHECKPOINT file given (a published checkpoint the reviewer holds) is the head or one
@@ -246,6 +247,17 @@ def bound_keys(
     return keys
 
 
+def replaced_keys(records: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    """(institution, key id) of each key an operator's key change replaced. Every carried
+    entry precedes the attested head, so none of these keys may cosign it."""
+    return {
+        (r["body"]["institution"], key_id)
+        for r in records
+        if r["type"] == "institution_key_changed"
+        for key_id in r["body"].get("replaced_key_ids", [])
+    }
+
+
 def witnesses(
     head: dict[str, Any],
     cosignatures: list[dict[str, Any]],
@@ -341,7 +353,10 @@ def verify(document: dict[str, Any], ca: x509.Certificate, held: tuple[str, ...]
         require(log["origin"] == f"consortium/log/{key_id_of(key)[:32]}", "another log")
     records = checked_entries(log, key)
     check_subject(statement, records)
-    names = witnesses(log["tree_head"], log["cosignatures"], bound_keys(records, ca))
+    keys = bound_keys(records, ca)
+    for replaced in replaced_keys(records):
+        keys.pop(replaced, None)
+    names = witnesses(log["tree_head"], log["cosignatures"], keys)
     sizes = [str(size) for size, _ in checked_checkpoints(log, key, held)]
     subject = statement["subject"][0]
     return (

@@ -40,6 +40,7 @@ from consortium.provenance.environment import describe_environment, source_diges
 from consortium.provenance.log import record_signing_bytes
 from consortium.provenance.records import (
     InstitutionKey,
+    InstitutionKeyChanged,
     JobStarted,
     KeyBinding,
     OuterStep,
@@ -140,9 +141,12 @@ def signed_update(round_: int, institution: str, key: SigningKey) -> UpdateEntry
     )
 
 
-def write_federated_job(data_dir: Path, sites_dir: Path, rogue_ca: ScratchCa | None = None) -> None:
+def write_federated_job(
+    data_dir: Path, sites_dir: Path, rogue_ca: ScratchCa | None = None
+) -> dict[str, SigningKey]:
     """Keys, two rounds, the model, the final head cosigned by every site; with
-    `rogue_ca`, the first institution's key is bound under it, not the consortium's CA."""
+    `rogue_ca`, the first institution's key is bound under it, not the consortium's CA.
+    Returns each institution's update-signing key."""
     paths = DataDir(data_dir)
     recorder = JobRecorder(paths, JOB)
     keys = {name: SigningKey.generate() for name in INSTITUTIONS}
@@ -187,6 +191,7 @@ def write_federated_job(data_dir: Path, sites_dir: Path, rogue_ca: ScratchCa | N
         for name, key in keys.items()
     ]
     assert recorder.cosignatures(cosignatures) == len(INSTITUTIONS)
+    return keys
 
 
 def write_pretraining_job(data_dir: Path) -> None:
@@ -856,3 +861,37 @@ def test_a_tampered_carried_checkpoint_is_refused_by_both_verifiers(
     assert project_says in str(refused.value)
     assert str(refused.value).startswith("log.checkpoints[0]")
     assert status == 1 and output.startswith("FAILED checkpoint 0:"), output
+
+
+def test_a_key_replaced_before_the_head_cannot_cosign_it(tmp_path: Path) -> None:
+    """The operator replaced an institution's key (say, it leaked); a cosignature of a
+    later head by the old key is refused by both verifiers (the coordinator would not
+    log it: this one is written by hand, as a coordinator that lies would)."""
+    data_dir = tmp_path / "coordinator"
+    files = init_consortium(data_dir, ["127.0.0.1"], cert_days=CERT_DAYS)
+    keys = write_federated_job(data_dir, tmp_path / "sites")
+    name, new = INSTITUTIONS[0], SigningKey.generate()
+    recorder = JobRecorder(DataDir(data_dir), JOB)
+    recorder.log.append_record(
+        InstitutionKeyChanged(
+            institution=name,
+            key_id=new.key_id,
+            public_key=b64(new.public.raw),
+            replaced_key_ids=[keys[name].key_id],
+            reason="the key leaked",
+        )
+    )
+    recorder.publish_tree_head()
+    head = LogView.read(recorder.log.path).head_lines[-1]
+    assert head is not None
+    coordinator = SigningKey.load(DataDir(data_dir).signing_key).public
+    stale = witness_head(tmp_path / "old-key", name, keys[name], coordinator, head.decode(), {})
+    assert recorder.cosignatures([stale]) == 1
+    document = attest(data_dir, JOB)
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+
+    with pytest.raises(AttestationError, match="which the operator replaced before it"):
+        verify_attestation(document, ca)
+    status, output = run_standalone(document, files.ca_cert, tmp_path)
+    assert status != 0
+    assert f"cosignature of {name!r}: its key is not one bound to the institution" in output

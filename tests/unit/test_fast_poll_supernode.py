@@ -11,8 +11,8 @@ from flwr.supernode import start_client_internal
 
 from client.federated.fast_poll_supernode import (
     PATCHED_SLEEPS,
-    CappedSleepTime,
-    cap_sleeps,
+    PollPacing,
+    pace_polls,
     shorten_object_retries,
     split_argv,
 )
@@ -26,27 +26,50 @@ def test_the_installed_flower_still_has_the_waits_this_caps() -> None:
     assert vars(start_client_internal)["time"] is time
 
 
-def test_sleeps_are_capped_and_the_rest_of_time_is_untouched() -> None:
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def loop_module(pushed: list[str]) -> types.ModuleType:
+    """A stand-in for Flower's SuperNode loop module: `time` and `_push_messages`."""
     module = types.ModuleType("fake_supernode_loop")
     module.time = time  # type: ignore[attr-defined]
-    cap_sleeps(module, 0.01)
-    capped = module.time
-    assert isinstance(capped, CappedSleepTime)
+    module._push_messages = lambda: pushed.append("pushed")  # type: ignore[attr-defined]
+    return module
+
+
+def test_a_busy_node_polls_at_the_short_interval_and_an_idle_one_as_flower_does() -> None:
+    clock, pushed = Clock(), list[str]()
+    pacing = PollPacing(0.01, busy_window_s=30.0, clock=clock)
+    module = loop_module(pushed)
+    pace_polls(module, pacing)
+    assert module.time is pacing and pacing.monotonic is time.monotonic
     started = time.monotonic()
-    capped.sleep(3)
-    assert time.monotonic() - started < 1.0  # 3 s asked, 0.01 s slept
-    assert capped.monotonic is time.monotonic
+    module.time.sleep(3)  # just started: busy, so 0.01 s
+    assert time.monotonic() - started < 1.0
+    clock.now += 31.0
+    assert not pacing.busy  # idle past the window: the full wait again
+    module._push_messages()  # a message handled: busy again, and Flower's call still made
+    assert pacing.busy and pushed == ["pushed"]
+    clock.now += 29.0
+    assert pacing.busy
 
 
-def test_a_module_without_time_is_refused_rather_than_left_slow() -> None:
-    module = types.ModuleType("renamed_loop")
-    with pytest.raises(RuntimeError, match="no longer imports the time module"):
-        cap_sleeps(module, 0.2)
+def test_a_module_without_time_or_push_messages_is_refused_rather_than_left_slow() -> None:
+    for missing in ("time", "_push_messages"):
+        module = loop_module([])
+        delattr(module, missing)
+        with pytest.raises(RuntimeError, match="check client/federated/fast_poll_supernode"):
+            pace_polls(module, PollPacing(0.2))
 
 
 def test_a_non_positive_interval_is_refused() -> None:
     with pytest.raises(ValueError, match="must be positive"):
-        CappedSleepTime(0)
+        PollPacing(0)
 
 
 def test_our_flag_is_taken_off_and_flowers_arguments_pass_unchanged() -> None:

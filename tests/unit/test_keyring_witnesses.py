@@ -26,7 +26,9 @@ COORDINATOR = SigningKey.generate()
 OLD, NEW = SigningKey.generate(), SigningKey.generate()
 
 
-def keyring(allow_unbound: bool) -> Keyring:
+def keyring(allow_unbound: bool, change_at: int | None = CHANGE_AT) -> Keyring:
+    """OLD logged unbound, then replaced by NEW in a key change at log index `change_at`
+    (None: read without indexes, as an attestation's entries are)."""
     ring = Keyring(allow_unbound=allow_unbound)
     ring.add(InstitutionKey(institution="uni-a", key_id=OLD.key_id, public_key=b64(OLD.public.raw)))
     ring.add(
@@ -37,7 +39,7 @@ def keyring(allow_unbound: bool) -> Keyring:
             replaced_key_ids=[OLD.key_id],
             reason="the old key leaked",
         ),
-        CHANGE_AT,
+        change_at,
     )
     return ring
 
@@ -73,15 +75,5 @@ def test_an_unbound_key_vouches_for_nothing_unless_unbound_keys_are_allowed() ->
 
 
 def test_a_replaced_key_read_without_log_indexes_vouches_for_nothing() -> None:
-    ring = Keyring(allow_unbound=True)
-    ring.add(InstitutionKey(institution="uni-a", key_id=OLD.key_id, public_key=b64(OLD.public.raw)))
-    ring.add(
-        InstitutionKeyChanged(
-            institution="uni-a",
-            key_id=NEW.key_id,
-            public_key=b64(NEW.public.raw),
-            replaced_key_ids=[OLD.key_id],
-            reason="rotation",
-        )
-    )  # as an attestation's entries are read: no index
+    ring = keyring(allow_unbound=True, change_at=None)
     assert [k.key_id for k in ring.witness_keys(1)["uni-a"]] == [NEW.key_id]

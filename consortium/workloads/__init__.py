@@ -157,12 +157,18 @@ def load_workload(name: str) -> Workload:
     return _load(name)[0]
 
 
+@functools.cache
 def workload_source(name: str) -> WorkloadSource:
-    return _load(name)[1]
+    """Where workload `name` came from. Digested on first use only: sites and spec
+    checks load workloads without reading their package's files."""
+    entry = _load(name)[1]
+    distribution = entry.dist.name if entry.dist is not None else "unknown"
+    version = entry.dist.version if entry.dist is not None else "unknown"
+    return WorkloadSource(name, distribution, version, entry.module, package_digest(entry.module))
 
 
 @functools.cache
-def _load(name: str) -> tuple[Workload, WorkloadSource]:
+def _load(name: str) -> tuple[Workload, importlib.metadata.EntryPoint]:
     entry = installed_workloads().get(name)
     if entry is None:
         known = ", ".join(sorted(installed_workloads())) or "none"
@@ -178,11 +184,7 @@ def _load(name: str) -> tuple[Workload, WorkloadSource]:
             f"workload {name!r} ({entry.value}) does not implement the workload protocol: "
             f"missing {', '.join(missing)}"
         )
-    distribution = entry.dist.name if entry.dist is not None else "unknown"
-    version = entry.dist.version if entry.dist is not None else "unknown"
-    return workload, WorkloadSource(
-        name, distribution, version, entry.module, package_digest(entry.module)
-    )
+    return workload, entry
 
 
 _PROTOCOL_MEMBERS = (

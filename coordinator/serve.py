@@ -49,7 +49,7 @@ from coordinator.observability.metrics import (
     RpcMetricsInterceptor,
     RuntimeCollector,
 )
-from coordinator.pretraining.engine import RayEngine
+from coordinator.pretraining.engine import DriverProcessEngine
 from coordinator.pretraining.runner import PretrainRunner
 from coordinator.ray.head import RayCluster, RayHead
 from coordinator.ray.revocation import RayRevocationSync
@@ -373,7 +373,9 @@ class Coordinator:
         flower = self.flower
         lifecycle = JobLifecycle(self.store)
         self.pretrain = (
-            PretrainRunner(lifecycle, settings.data_dir, RayEngine(self.ray_cluster), self.metrics)
+            PretrainRunner(
+                lifecycle, settings.data_dir, DriverProcessEngine(self.ray_cluster), self.metrics
+            )
             if self.ray_cluster is not None
             else None
         )
@@ -477,8 +479,9 @@ class Coordinator:
                     "without --insecure"
                 )
             tls = coordinator_ray_tls(self.pki)
-        # Process-wide and before any Ray call: Ray reads its auth mode once, and both
-        # the pretraining driver and the nodes view talk to the GCS from this process.
+        # Process-wide and before any Ray call: Ray reads its auth mode once, and the
+        # nodes view and the revocation drain talk to the GCS from this process (each
+        # pretraining driver, a child process, sets up its own).
         use_ray_auth_in_this_process(token, tls)
         if settings.ray_address is not None:
             log.info("attaching to the Ray cluster at %s", settings.ray_address)
@@ -509,7 +512,8 @@ class Coordinator:
 
     def _restart_ray_head(self) -> None:
         """Stop the Ray head and start it again on the same port, reading the token file
-        anew (after a rotation); this process's driver and GCS clients follow."""
+        anew (after a rotation); this process's GCS clients follow, and the next pretraining
+        driver reads it when it starts."""
         with self._runtimes_lock:
             head = self.ray_head
             assert head is not None and self.ray_cluster is not None

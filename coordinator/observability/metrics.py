@@ -66,7 +66,8 @@ SCHEDULER_FAILURES = ("start_error", "ended_early")
 # the onboarded, unrevoked ones (coordinator/access/supernode_keys.py).
 SUPERNODE_KEY_ACTIONS = ("removed_unknown", "removed_revoked", "restored")
 COMPUTE_DEVICES = ("gpu", "cpu")
-SUPERVISED_RUNTIMES = ("superlink", "ray-head")  # coordinator serve's, by supervisor name
+# coordinator serve's runtimes, by supervisor name, and each pretraining run's driver
+SUPERVISED_RUNTIMES = ("superlink", "ray-head", "pretrain-driver")
 
 RPC_DURATION_BUCKETS_S = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
 

@@ -9,7 +9,9 @@ ConsortiumError
 │   └── ControllerFinishedError      step() on a FINISHED or FAILED controller
 ├── DataDirError                     a worker's corpus differs from the job's (worker.py)
 └── PretrainFailedError              max_failed_steps outer steps in a row got too few
-                                     results (exit code JOB_FAILED)
+    │                                results, or the run failed in its driver (exit
+    │                                code JOB_FAILED)
+    └── DriverDiedError              the driver process ended without a result
 """
 
 from __future__ import annotations
@@ -32,3 +34,7 @@ class ControllerFinishedError(ConflictError):
 
 class PretrainFailedError(ConsortiumError):
     exit_code = ExitCode.JOB_FAILED
+
+
+class DriverDiedError(PretrainFailedError):
+    """The pretraining driver process ended (crashed, was killed) before its run did."""

@@ -30,6 +30,7 @@ from coordinator.observability.metrics import CoordinatorMetrics
 from coordinator.pretraining.accounting import account, step_compute
 from coordinator.pretraining.accounting_files import write_accounting
 from coordinator.pretraining.engine import PretrainEngine
+from coordinator.pretraining.errors import DriverDiedError
 from coordinator.pretraining.records import ControllerState, OuterStepRecord
 from coordinator.pretraining.spec import PretrainJobSpec
 from coordinator.provenance.recorder import JobRecorder
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT_S = 30.0
 RUNNING = frozenset({JobState.RUNNING})
 RUNNING_MESSAGE = "pretraining on the Ray cluster"  # while workers are at it
+MAX_DRIVER_RESTARTS = 3  # per job, in this coordinator's life
 
 
 class PretrainRunner:
@@ -60,6 +62,7 @@ class PretrainRunner:
         self._stop = threading.Event()
         self._shutting_down = threading.Event()
         self._interrupted = ""  # why the current run was interrupted (its cluster died)
+        self._driver_deaths: dict[str, int] = {}  # job id -> its driver's crashes
 
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -145,6 +148,10 @@ class PretrainRunner:
             if self._interrupted:
                 self._requeue(job_id, error)
                 return
+            if isinstance(error, DriverDiedError) and self._driver_may_restart(job_id):
+                self._interrupted = "its driver process died"
+                self._requeue(job_id, error)
+                return
             log.exception("pretraining job %s failed", job_id)
             reason = f"pretraining failed: {error}"
             self._end(job_id, lambda: self._lifecycle.fail(job_id, reason))
@@ -174,6 +181,15 @@ class PretrainRunner:
             else f"{result.steps_completed} outer steps"
         )
         self._end(job_id, lambda: self._lifecycle.succeed(job_id, message, str(model_path)))
+
+    def _driver_may_restart(self, job_id: str) -> bool:
+        """A crashed driver (Ray's driver threads can segfault when the cluster changes
+        under them) is restarted: the job resumes from its checkpoint. A driver that
+        keeps dying fails its job instead of looping."""
+        deaths = self._driver_deaths.get(job_id, 0) + 1
+        self._driver_deaths[job_id] = deaths
+        self._metrics.child_restarted("pretrain-driver")
+        return deaths <= MAX_DRIVER_RESTARTS
 
     def _requeue(self, job_id: str, error: Exception | None) -> None:
         done = self._lifecycle.get(job_id).rounds_completed

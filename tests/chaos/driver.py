@@ -14,10 +14,12 @@ every other target of that job once, in a seeded order (a target with no process
 such as a trainer not placed again after a restart, waits its turn behind the next one
 that has), and the rest pick among them. A federated job's targets: the coordinator, its
 SuperLink, the job's ServerApp, a site's SuperNode, a site's `client join` (which runs
-the ClientApp); a pretraining job's: the coordinator, its Ray head (the GCS), a site's
+the ClientApp); a pretraining job's: the coordinator, its Ray head (the GCS), the run's
+Ray driver (the coordinator's child process running DiLoCo's controller), a site's
 `client join`, its Ray worker node (the raylet) and its trainer (the Ray actor taking
 inner steps). The coordinator restarts its own SuperLink and Ray head, and a site its
-SuperNode and Ray worker node (issue 19's supervision), so only `serve` and `join`
+SuperNode and Ray worker node (issue 19's supervision), and the coordinator re-queues a
+run whose driver died, so only `serve` and `join`
 themselves are ever restarted here. After the first pass, a target with no process at
 that moment (no ServerApp between runs) passes to the next. Then it reports what the
 invariants need: each job's state and every round or outer step it logged, `provenance
@@ -55,7 +57,14 @@ from tests.helpers import TEST_PROFILE, TINY_PRETRAIN, wait_for, write_partition
 SITES = ("alpha", "beta")
 TARGETS = {
     "federated": ("coordinator", "superlink", "serverapp", "supernode", "client-join"),
-    "pretraining": ("coordinator", "ray-head", "client-join", "ray-worker", "trainer"),
+    "pretraining": (
+        "coordinator",
+        "ray-head",
+        "pretrain-driver",
+        "client-join",
+        "ray-worker",
+        "trainer",
+    ),
 }
 # What identifies each target's processes below the coordinator or a site's `client
 # join` (Ray's processes rewrite their command lines; the actor's names its class).
@@ -64,6 +73,7 @@ MARKERS = {
     "serverapp": "flwr-serverapp",
     "supernode": "flower-supernode",
     "ray-head": "/gcs_server",
+    "pretrain-driver": "spawn_main",  # the coordinator's only multiprocessing child
     "ray-worker": "/raylet",
     "trainer": "ray::InnerTrainer",
 }
@@ -287,7 +297,7 @@ class ChaosRun:
             return [self.serve.pid] if self.serve is not None and self._alive(self.serve) else []
         if target == "client-join":
             return [j.pid for j in self.joins.values() if self._alive(j)]
-        if target in ("superlink", "serverapp", "ray-head"):
+        if target in ("superlink", "serverapp", "ray-head", "pretrain-driver"):
             roots = [self.serve] if self.serve is not None else []
         else:  # a site's: its SuperNode, Ray worker node or trainer
             roots = list(self.joins.values())

@@ -20,53 +20,25 @@ from consortium.provenance.verify import verify_log
 from consortium.tensor_digest import arrays_digest, file_digest
 from coordinator.data_dir import DataDir
 from coordinator.jobs.lifecycle import JobLifecycle
+from coordinator.observability.metrics import CoordinatorMetrics
 from coordinator.pretraining import (
     ControllerState,
     OuterStepRecord,
     PretrainFailedError,
     PretrainJobSpec,
-    WorkerStepResult,
     account,
 )
 from coordinator.pretraining.api import PretrainResult
 from coordinator.pretraining.checkpoint import Checkpoint, save_checkpoint
-from coordinator.pretraining.runner import PretrainRunner, outer_step_body
+from coordinator.pretraining.errors import DriverDiedError
+from coordinator.pretraining.runner import MAX_DRIVER_RESTARTS, PretrainRunner, outer_step_body
 from coordinator.provenance.recorder import JobRecorder
 from coordinator.state import InMemoryStateStore, JobState
 from tests.helpers import TINY_PRETRAIN
+from tests.pretrain_drivers import WAIT, step_record
 
 SPEC = 'name = "tiny"\n' + TINY_PRETRAIN + "inner_steps = 2\nouter_steps = 3\n"
 WEIGHTS = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
-WAIT = "needs 2 CPU workers, the cluster offers 1"
-
-
-def step_record(step: int) -> OuterStepRecord:
-    result = WorkerStepResult(
-        worker="alpha/abcd/cpu0",
-        institution="alpha",
-        node_id="abcd",
-        device="cpu",
-        position=0,
-        shard_ids=(step,),
-        seed=step,
-        pseudo_gradient_digest=f"pg{step}",
-        bytes_received=10,
-        bytes_sent=10,
-        compute_s=1.5,
-        inner_steps=4,
-        tokens=128,
-        train_loss=2.0 - step / 10,
-    )
-    return OuterStepRecord(
-        step=step,
-        results=(result,),
-        workers_lost={},
-        step_seed=step,
-        aggregate_digest=f"agg{step}",
-        model_digest=f"model{step}",
-        val_loss=3.0 - step / 10,
-        wall_s=2.0,
-    )
 
 
 @dataclass
@@ -293,3 +265,26 @@ def test_start_refuses_a_second_run_and_a_job_of_another_kind(tmp_path: Path) ->
 def test_ready_at_once_because_the_run_itself_waits_for_workers(tmp_path: Path) -> None:
     s = setup(tmp_path, ReplayEngine())
     assert s.runner.waiting_reason(s.store.get_job(s.job_id)) is None
+
+
+def test_a_driver_that_dies_requeues_its_job_until_it_keeps_dying(tmp_path: Path) -> None:
+    """Ray's driver threads can crash the driver process (a segfault when the cluster
+    changes under it): the job resumes from its checkpoint, a few times, then fails."""
+    died = DriverDiedError("the pretraining driver died of SIGSEGV")
+    s = setup(tmp_path, ReplayEngine(steps=0, failure=died))
+    metrics = CoordinatorMetrics()
+    s.runner = PretrainRunner(s.lifecycle, s.data_dir.root, s.engine, metrics)
+    for _ in range(MAX_DRIVER_RESTARTS):
+        s.run_to_end()
+        job = s.store.get_job(s.job_id)
+        assert job.state is JobState.QUEUED
+        assert "died of SIGSEGV" in job.message
+        assert job.message.endswith("resumes after 0 outer steps")
+    s.run_to_end()
+    job = s.store.get_job(s.job_id)
+    assert job.state is JobState.FAILED
+    assert job.message == f"pretraining failed: {died}"
+    restarts = metrics.registry.get_sample_value(
+        "consortium_child_restarts_total", {"child": "pretrain-driver"}
+    )
+    assert restarts == MAX_DRIVER_RESTARTS + 1

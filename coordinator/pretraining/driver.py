@@ -1,0 +1,111 @@
+"""The pretraining driver: the child process that joins the coordinator's Ray cluster
+as a driver and runs one pretraining run (`DriverProcessEngine` starts it).
+
+Ray's driver threads live here, not in `coordinator serve`: a driver that crashes when
+its Ray head goes away (ray-project/ray#30679, a segfault in Ray's
+``ray_listen_error_messages`` thread) takes only this process down, and the coordinator
+re-queues the job, which resumes from its checkpoint.
+
+The two processes talk over one `multiprocessing` pipe. The driver sends
+``("step", OuterStepRecord)`` after every outer step (its checkpoint is on disk then),
+``("wait", reason | None)`` when it starts or stops waiting for workers, and at the end
+``("done", PretrainResult)`` or ``("error", message)``. The coordinator sends ``"stop"``
+to end the run after its current step; a closed pipe (the coordinator died) ends the
+driver at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from coordinator.pretraining.spec import PretrainJobSpec
+from coordinator.ray.head import RayCluster
+
+STOP = "stop"
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DriverRequest:
+    cluster: RayCluster
+    spec: PretrainJobSpec
+    checkpoint_dir: Path
+    log_level: int = logging.INFO
+
+
+def drive(conn: Connection, request: DriverRequest) -> None:
+    """The driver process's body: connect, run (or resume) the run, report, leave."""
+    # The coordinator ends this process by message (or by signal after a grace period):
+    # a Ctrl-C meant for `coordinator serve` reaches its whole process group.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        level=request.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    stop = threading.Event()
+    threading.Thread(
+        target=listen_for_stop, args=(conn, stop), name="driver-control", daemon=True
+    ).start()
+    try:
+        _connect(request.cluster)
+        from coordinator.pretraining.api import run_pretraining  # torch and Ray
+
+        result = run_pretraining(
+            request.spec,
+            request.checkpoint_dir,
+            lambda record: conn.send(("step", record)),
+            stop=stop,
+            on_wait=lambda reason: conn.send(("wait", reason)),
+        )
+    except Exception as error:  # reported to the coordinator, which fails or re-queues
+        log.exception("pretraining run %s failed", request.spec.name)
+        conn.send(("error", str(error) or type(error).__name__))
+        return
+    finally:
+        stop.set()  # the run is over: a closing pipe is no news now
+    conn.send(("done", result))
+    _disconnect()
+
+
+def _connect(cluster: RayCluster) -> None:
+    import ray
+    from ray._private import ray_constants
+
+    from consortium.ray_env import use_ray_auth_in_this_process
+
+    # The driver authenticates like every other Ray process of the cluster, with the
+    # token file as it is now (after a rotation, the new token).
+    use_ray_auth_in_this_process(cluster.token_path, cluster.tls)
+    # Ray's C++ failure-signal handler would turn the coordinator's SIGTERM into an
+    # abort 3 s later (absl's alarm), with a core dump's worth of noise in its log.
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    ray.init(address=cluster.address, logging_level=logging.WARNING)
+
+
+def _disconnect() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def listen_for_stop(conn: Connection, stop: threading.Event) -> None:
+    """Set `stop` on the coordinator's "stop"; exit at once if its end of the pipe closes.
+
+    A coordinator that died (or gave up on this run) re-queues the job, and the next
+    driver resumes from the checkpoint: an orphan finishing its step would race that
+    driver for the workers and the checkpoint. Its Ray actors die with it."""
+    try:
+        while conn.recv() != STOP:
+            pass
+    except (EOFError, OSError):
+        if not stop.is_set():
+            log.warning("the coordinator has gone; ending this pretraining driver")
+            os._exit(1)
+    stop.set()

@@ -1,0 +1,106 @@
+"""Stand-in pretraining drivers for `DriverProcessEngine`'s tests: they speak the driver's
+pipe protocol (coordinator/pretraining/driver.py) without a Ray cluster.
+
+A module of their own with light imports: a spawned child imports the module of its
+target, and one that imported torch would spend seconds before its first message."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from coordinator.pretraining.accounting import account
+from coordinator.pretraining.driver import STOP, DriverRequest, listen_for_stop
+from coordinator.pretraining.records import ControllerState, OuterStepRecord, WorkerStepResult
+
+if TYPE_CHECKING:
+    from coordinator.pretraining.api import PretrainResult
+
+WAIT = "needs 2 CPU workers, the cluster offers 1"
+
+
+def step_record(step: int) -> OuterStepRecord:
+    result = WorkerStepResult(
+        worker="alpha/abcd/cpu0",
+        institution="alpha",
+        node_id="abcd",
+        device="cpu",
+        position=0,
+        shard_ids=(step,),
+        seed=step,
+        pseudo_gradient_digest=f"pg{step}",
+        bytes_received=10,
+        bytes_sent=10,
+        compute_s=1.5,
+        inner_steps=4,
+        tokens=128,
+        train_loss=2.0 - step / 10,
+    )
+    return OuterStepRecord(
+        step=step,
+        results=(result,),
+        workers_lost={},
+        step_seed=step,
+        aggregate_digest=f"agg{step}",
+        model_digest=f"model{step}",
+        val_loss=3.0 - step / 10,
+        wall_s=2.0,
+    )
+
+
+def result(request: DriverRequest, state: ControllerState) -> PretrainResult:
+    from coordinator.pretraining.api import PretrainResult  # torch: only when one ends
+
+    records = (step_record(0),)
+    return PretrainResult(
+        job=request.spec.name,
+        state=state,
+        steps_completed=1,
+        model_digest="model0",
+        val_loss=3.0,
+        weights={"w": np.ones((2, 2), dtype=np.float32)},
+        corpus_digest="corpus",
+        records=records,
+        accounting=account(request.spec.name, list(records)),
+    )
+
+
+def waits_steps_and_finishes(conn: Connection, request: DriverRequest) -> None:
+    conn.send(("wait", WAIT))
+    conn.send(("wait", None))
+    conn.send(("step", step_record(0)))
+    conn.send(("done", result(request, ControllerState.FINISHED)))
+
+
+def fails(conn: Connection, request: DriverRequest) -> None:
+    conn.send(("error", "2 outer steps in a row got too few results"))
+
+
+def crashes_after_a_step(conn: Connection, request: DriverRequest) -> None:
+    conn.send(("step", step_record(0)))
+    time.sleep(0.2)
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def stops_when_asked(conn: Connection, request: DriverRequest) -> None:
+    """As the real driver: ends its run after the current step when told to stop."""
+    conn.send(("step", step_record(0)))
+    if conn.recv() == STOP:
+        conn.send(("done", result(request, ControllerState.RUNNING)))
+
+
+def ignores_stop(conn: Connection, request: DriverRequest) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    conn.send(("step", step_record(0)))
+    time.sleep(600)
+
+
+def waits_for_stop(conn: Connection, request: DriverRequest) -> None:
+    """The real driver's control thread, alone: exits 0 once told to stop."""
+    listen_for_stop(conn, threading.Event())

@@ -281,6 +281,7 @@ class SiteNode:
             coordinator_key=self.bundle.coordinator_key_file if self.bundle is not None else None,
             workloads=self.settings.workloads,
             poll_interval_s=self.settings.supernode_poll_interval_s,
+            heartbeat_interval_s=self.settings.supernode_heartbeat_interval_s,
         )
         run.children.add(supernode.stop)
         run.supernode = supernode

@@ -7,7 +7,11 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from client.federated.fast_poll_supernode import DEFAULT_POLL_INTERVAL_S
+from client.federated.fast_poll_supernode import (
+    DEFAULT_HEARTBEAT_INTERVAL_S,
+    DEFAULT_POLL_INTERVAL_S,
+    HEARTBEAT_BOUNDS_S,
+)
 from consortium.ray_env import RayPortRange
 from consortium.settings import RoleSettings
 from consortium.workloads import BUILTIN_WORKLOADS
@@ -32,6 +36,14 @@ class ClientSettings(RoleSettings):
     # How long the SuperNode waits between pulls of the SuperLink when it found no
     # message (Flower's own SuperNode: 3 s; client/federated/fast_poll_supernode.py).
     supernode_poll_interval_s: float = Field(default=DEFAULT_POLL_INTERVAL_S, gt=0, le=60)
+    # The heartbeat interval the SuperNode declares (Flower's: 30 s; the SuperLink takes
+    # bounds [10, 1800]). A node that died is taken for gone after two of them, and a
+    # round that sampled it waits that long.
+    supernode_heartbeat_interval_s: float = Field(
+        default=DEFAULT_HEARTBEAT_INTERVAL_S,
+        ge=HEARTBEAT_BOUNDS_S[0],
+        le=HEARTBEAT_BOUNDS_S[1],
+    )
     # The loopback forwarder between the SuperNode and the coordinator's Fleet edge.
     fleet_forwarder_port: int = Field(default=0, ge=0, le=65535)  # 0: a free port
     connect_attempts: int = Field(default=6, ge=1)

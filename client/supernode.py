@@ -11,7 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from client.federated.fast_poll_supernode import DEFAULT_POLL_INTERVAL_S
+from client.federated.fast_poll_supernode import (
+    DEFAULT_HEARTBEAT_INTERVAL_S,
+    DEFAULT_POLL_INTERVAL_S,
+)
 from consortium.file_modes import new_secret_file
 from consortium.leftovers import owner_env
 from consortium.net import reserve_free_port
@@ -50,6 +53,7 @@ class SuperNode:
         coordinator_key: Path | None = None,
         workloads: Sequence[str] = BUILTIN_WORKLOADS,
         poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
+        heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S,
     ) -> None:
         self.port = port or reserve_free_port()
         secret_file = state_dir / TASK_SECRET_FILE
@@ -57,10 +61,13 @@ class SuperNode:
         # cannot take the site's tasks.
         self.task_secret = new_secret_file(secret_file)
         argv = [
-            # flower-supernode, polling the SuperLink every 0.2 s instead of every 3 s.
+            # flower-supernode, polling the SuperLink every 0.2 s instead of every 3 s
+            # while busy, and declaring the site's heartbeat interval.
             venv_executable("consortium-flower-supernode"),
             "--poll-interval-s",
             str(poll_interval_s),
+            "--heartbeat-interval-s",
+            str(heartbeat_interval_s),
             "--superlink",
             superlink_address,
             "--port",

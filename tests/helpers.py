@@ -57,6 +57,9 @@ TEST_PROFILE = {
     "CONSORTIUM_COORDINATOR_SCHEDULER_POLL_INTERVAL_S": "0.2",
     "CONSORTIUM_COORDINATOR_HEARTBEAT_INTERVAL_S": "0.5",
     "CONSORTIUM_CLIENT_RAY_DRAIN_TIMEOUT_S": "1.0",
+    # The shortest Flower's SuperLink accepts: a killed SuperNode's old node is taken
+    # for gone after 20 s instead of 60 (a plain-text site gets a new node id).
+    "CONSORTIUM_CLIENT_SUPERNODE_HEARTBEAT_INTERVAL_S": "10",
 }
 
 FINAL_STATES = (

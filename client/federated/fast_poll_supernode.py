@@ -18,6 +18,12 @@ and `pull_objects`, by the same function retrying first after 0.05 s and at most
 `--poll-interval-s`. A busy site sends a few small authenticated PullMessages requests
 per second to the SuperLink; an idle one, one every 3 s as Flower's does.
 
+It also takes `--heartbeat-interval-s`: the heartbeat interval the node declares to the
+SuperLink and keeps (Flower's SuperNode has a fixed 30 s, `HEARTBEAT_DEFAULT_INTERVAL`,
+read by its Fleet connection and its heartbeat sender). The SuperLink takes a node for
+gone after 2 intervals without one, and a round that sampled a node that died waits for
+that: 60 s with Flower's interval, 20 s with the shortest the SuperLink accepts (10 s).
+
 `PATCHED_SLEEPS` names the waits this was written against; tests/unit/test_fast_poll_
 supernode.py fails when the installed Flower's module no longer has them, so a Flower
 upgrade is checked here rather than silently left slow.
@@ -27,10 +33,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import inspect
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -41,6 +49,13 @@ BUSY_WINDOW_S = 30.0
 # The waits of flwr.supernode.start_client_internal that this shortens (source text),
 # and the call that marks a message handled.
 PATCHED_SLEEPS = ("time.sleep(3)", "time.sleep(0.5)", "pull_objects(", "_push_messages(")
+# Flower's SuperLink refuses a heartbeat interval outside these bounds
+# (flwr.common.constant.HEARTBEAT_MIN_INTERVAL and HEARTBEAT_MAX_INTERVAL).
+HEARTBEAT_BOUNDS_S = (10.0, 1800.0)
+DEFAULT_HEARTBEAT_INTERVAL_S = 30.0  # Flower's HEARTBEAT_DEFAULT_INTERVAL
+# The modules that read the interval: the Fleet connection declares it, the sender
+# paces its heartbeats by it.
+HEARTBEAT_MODULES = ("flwr.supernode.fleet_http_connection", "flwr.supercore.heartbeat")
 
 
 class PollPacing:
@@ -115,21 +130,49 @@ def shorten_object_retries(module: ModuleType, cap_s: float) -> None:
     )
 
 
-def split_argv(argv: list[str]) -> tuple[float, list[str]]:
-    """Our `--poll-interval-s` off the command line; the rest is Flower's."""
+def set_heartbeat_interval(modules: Iterable[ModuleType], interval_s: float) -> None:
+    """Make each of `modules` (Flower's SuperNode side) use `interval_s` as its
+    `HEARTBEAT_DEFAULT_INTERVAL`."""
+    low, high = HEARTBEAT_BOUNDS_S
+    if not low <= interval_s <= high:
+        raise ValueError(
+            f"the heartbeat interval must be within [{low:g}, {high:g}] s (the SuperLink "
+            f"refuses others), not {interval_s:g}"
+        )
+    for module in modules:
+        if not isinstance(getattr(module, "HEARTBEAT_DEFAULT_INTERVAL", None), int | float):
+            raise RuntimeError(
+                f"{module.__name__} no longer reads HEARTBEAT_DEFAULT_INTERVAL: check "
+                "client/federated/fast_poll_supernode.py against this Flower version"
+            )
+        module.HEARTBEAT_DEFAULT_INTERVAL = interval_s  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Options:
+    poll_interval_s: float
+    heartbeat_interval_s: float
+
+
+def split_argv(argv: list[str]) -> tuple[Options, list[str]]:
+    """Our options off the command line; the rest is Flower's."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--poll-interval-s", type=float, default=DEFAULT_POLL_INTERVAL_S)
+    parser.add_argument("--heartbeat-interval-s", type=float, default=DEFAULT_HEARTBEAT_INTERVAL_S)
     ours, flowers = parser.parse_known_args(argv)
-    return float(ours.poll_interval_s), flowers
+    return Options(float(ours.poll_interval_s), float(ours.heartbeat_interval_s)), flowers
 
 
 def main() -> None:
-    poll_interval_s, flower_argv = split_argv(sys.argv[1:])
+    options, flower_argv = split_argv(sys.argv[1:])
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli import flower_supernode
 
-    pace_polls(start_client_internal, PollPacing(poll_interval_s))
-    shorten_object_retries(start_client_internal, poll_interval_s)
+    pace_polls(start_client_internal, PollPacing(options.poll_interval_s))
+    shorten_object_retries(start_client_internal, options.poll_interval_s)
+    set_heartbeat_interval(
+        map(importlib.import_module, HEARTBEAT_MODULES), options.heartbeat_interval_s
+    )
     sys.argv = [sys.argv[0], *flower_argv]
     flower_supernode()
 

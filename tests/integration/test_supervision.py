@@ -10,9 +10,11 @@ killed in the chaos run, tests/chaos/.)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import urllib.request
 from pathlib import Path
 
@@ -142,6 +144,17 @@ def test_a_killed_superlink_and_supernode_come_back_and_the_job_finishes(
     assert "the superlink exited with code -9" in coordinator_log
     assert "restarting the superlink" in coordinator_log
     assert "restarting the supernode" in join.log_path.read_text()
+    # Both SuperNodes (the killed one's node and its successor's) declared the site's
+    # heartbeat interval (TEST_PROFILE: 10 s), so the dead node was taken for gone
+    # after 20 s, not Flower's 60.
+    assert declared_heartbeats(paths) == [10.0, 10.0]
+
+
+def declared_heartbeats(paths: DataDir) -> list[float]:
+    """The heartbeat interval of every node in the SuperLink's own state (Flower's
+    LinkState, a SQLite file: read here, as the SuperLink's operator could)."""
+    with contextlib.closing(sqlite3.connect(paths.superlink_db)) as db:
+        return [float(row[0]) for row in db.execute("SELECT heartbeat_interval FROM node")]
 
 
 def _bind(sock: socket.socket, port: int) -> bool:

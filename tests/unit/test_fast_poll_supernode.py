@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import time
 import types
 
 import pytest
+from flwr.common.constant import HEARTBEAT_MAX_INTERVAL, HEARTBEAT_MIN_INTERVAL
 from flwr.supernode import start_client_internal
 
 from client.federated.fast_poll_supernode import (
+    HEARTBEAT_BOUNDS_S,
+    HEARTBEAT_MODULES,
     PATCHED_SLEEPS,
+    Options,
     PollPacing,
     pace_polls,
+    set_heartbeat_interval,
     shorten_object_retries,
     split_argv,
 )
@@ -72,13 +78,39 @@ def test_a_non_positive_interval_is_refused() -> None:
         PollPacing(0)
 
 
-def test_our_flag_is_taken_off_and_flowers_arguments_pass_unchanged() -> None:
-    interval, rest = split_argv(
-        ["--poll-interval-s", "0.5", "--superlink", "127.0.0.1:9092", "--insecure"]
+def test_our_flags_are_taken_off_and_flowers_arguments_pass_unchanged() -> None:
+    options, rest = split_argv(
+        [
+            "--poll-interval-s",
+            "0.5",
+            "--superlink",
+            "127.0.0.1:9092",
+            "--heartbeat-interval-s",
+            "10",
+            "--insecure",
+        ]
     )
-    assert interval == 0.5
+    assert options == Options(poll_interval_s=0.5, heartbeat_interval_s=10.0)
     assert rest == ["--superlink", "127.0.0.1:9092", "--insecure"]
-    assert split_argv(["--insecure"]) == (0.2, ["--insecure"])
+    assert split_argv([])[0] == Options(0.2, 30.0)  # Flower's heartbeat by default
+
+
+def test_the_installed_flower_reads_the_heartbeat_interval_this_sets() -> None:
+    for name in HEARTBEAT_MODULES:
+        assert vars(importlib.import_module(name))["HEARTBEAT_DEFAULT_INTERVAL"] == 30, name
+    assert HEARTBEAT_BOUNDS_S == (HEARTBEAT_MIN_INTERVAL, HEARTBEAT_MAX_INTERVAL)
+
+
+def test_the_heartbeat_interval_is_set_where_flower_reads_it() -> None:
+    modules = [types.ModuleType(name) for name in ("connection", "sender")]
+    for module in modules:
+        module.HEARTBEAT_DEFAULT_INTERVAL = 30  # type: ignore[attr-defined]
+    set_heartbeat_interval(modules, 10.0)
+    assert [vars(m)["HEARTBEAT_DEFAULT_INTERVAL"] for m in modules] == [10.0, 10.0]
+    with pytest.raises(ValueError, match=r"within \[10, 1800\] s"):
+        set_heartbeat_interval(modules, 5.0)
+    with pytest.raises(RuntimeError, match="no longer reads HEARTBEAT_DEFAULT_INTERVAL"):
+        set_heartbeat_interval([types.ModuleType("renamed")], 10.0)
 
 
 def test_object_pulls_retry_sooner_with_the_rest_of_their_arguments_kept() -> None:

@@ -44,6 +44,7 @@ class ChildProcess:
         log_path: Path,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         self.name = name
         self.log_path = log_path
@@ -65,6 +66,7 @@ class ChildProcess:
                 env=full_env,
                 cwd=cwd,
                 start_new_session=True,
+                pass_fds=tuple(pass_fds),
             )
         except BaseException:
             self._log_file.close()

@@ -374,7 +374,10 @@ class Coordinator:
         lifecycle = JobLifecycle(self.store)
         self.pretrain = (
             PretrainRunner(
-                lifecycle, settings.data_dir, DriverProcessEngine(self.ray_cluster), self.metrics
+                lifecycle,
+                settings.data_dir,
+                DriverProcessEngine(self.ray_cluster, self.paths.log_file("pretrain-driver")),
+                self.metrics,
             )
             if self.ray_cluster is not None
             else None

@@ -1,13 +1,15 @@
 """Stand-in pretraining drivers for `DriverProcessEngine`'s tests: they speak the driver's
-pipe protocol (coordinator/pretraining/driver.py) without a Ray cluster.
+protocol (coordinator/pretraining/driver.py) without a Ray cluster.
 
-A module of their own with light imports: a spawned child imports the module of its
-target, and one that imported torch would spend seconds before its first message."""
+``python -m tests.pretrain_drivers NAME --fd N`` runs the one named, as the engine runs
+the real driver. A module of its own with light imports: one that imported torch would
+spend seconds before its first message."""
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -16,7 +18,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from coordinator.pretraining.accounting import account
-from coordinator.pretraining.driver import STOP, DriverRequest, listen_for_stop
+from coordinator.pretraining.driver import (
+    STOP,
+    DriverBody,
+    DriverRequest,
+    listen_for_stop,
+    serve_one_request,
+)
 from coordinator.pretraining.records import ControllerState, OuterStepRecord, WorkerStepResult
 
 if TYPE_CHECKING:
@@ -104,3 +112,23 @@ def ignores_stop(conn: Connection, request: DriverRequest) -> None:
 def waits_for_stop(conn: Connection, request: DriverRequest) -> None:
     """The real driver's control thread, alone: exits 0 once told to stop."""
     listen_for_stop(conn, threading.Event())
+
+
+def command(name: str) -> tuple[str, ...]:
+    """The command line that runs stand-in `name` (the engine adds ``--fd N``)."""
+    return (sys.executable, "-m", "tests.pretrain_drivers", name)
+
+
+if __name__ == "__main__":
+    BODIES: dict[str, DriverBody] = {
+        body.__name__: body
+        for body in (
+            waits_steps_and_finishes,
+            fails,
+            crashes_after_a_step,
+            stops_when_asked,
+            ignores_stop,
+            waits_for_stop,
+        )
+    }
+    serve_one_request(BODIES[sys.argv[1]], sys.argv[2:])

@@ -1,12 +1,15 @@
 """The pretraining driver: the child process that joins the coordinator's Ray cluster
-as a driver and runs one pretraining run (`DriverProcessEngine` starts it).
+as a driver and runs one pretraining run (`DriverProcessEngine` starts it as
+``python -m coordinator.pretraining.driver --fd N``, its output in the data dir's
+``logs/pretrain-driver.log``).
 
 Ray's driver threads live here, not in `coordinator serve`: a driver that crashes when
 its Ray head goes away (ray-project/ray#30679, a segfault in Ray's
 ``ray_listen_error_messages`` thread) takes only this process down, and the coordinator
 re-queues the job, which resumes from its checkpoint.
 
-The two processes talk over one `multiprocessing` pipe. The driver sends
+The two processes talk over a socket pair (fd N here), as `multiprocessing`
+connections: the coordinator first sends the `DriverRequest`. The driver sends
 ``("step", OuterStepRecord)`` after every outer step (its checkpoint is on disk then),
 ``("wait", reason | None)`` when it starts or stops waiting for workers, and at the end
 ``("done", PretrainResult)`` or ``("error", message)``. The coordinator sends ``"stop"``
@@ -16,10 +19,12 @@ driver at once.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -109,3 +114,27 @@ def listen_for_stop(conn: Connection, stop: threading.Event) -> None:
             log.warning("the coordinator has gone; ending this pretraining driver")
             os._exit(1)
     stop.set()
+
+
+DriverBody = Callable[[Connection, DriverRequest], None]
+
+
+def serve_one_request(body: DriverBody, argv: list[str] | None = None) -> None:
+    """A driver process's entry point: take the connection's fd from ``--fd``, read the
+    request, and run `body` on it."""
+    parser = argparse.ArgumentParser(description="Consortium's pretraining driver")
+    parser.add_argument("--fd", type=int, required=True, help="the coordinator's socket")
+    conn = Connection(parser.parse_args(argv).fd)
+    request = conn.recv()
+    if not isinstance(request, DriverRequest):
+        raise SystemExit(f"expected a DriverRequest first, got {type(request).__name__}")
+    body(conn, request)
+
+
+if __name__ == "__main__":
+    # Run as `python -m`, this file is `__main__`: take the functions from the module by
+    # its name, whose `DriverRequest` is the class the coordinator pickled.
+    import importlib
+
+    this = importlib.import_module("coordinator.pretraining.driver")
+    this.serve_one_request(this.drive)

@@ -1,7 +1,10 @@
 """Where a pretraining run executes: the `PretrainEngine` seam of `PretrainRunner`.
 
 `DriverProcessEngine` runs `run_pretraining` (DiLoCo on the contributed workers) in a
-child process that joins the coordinator's Ray cluster as its driver. Tests hand the
+child process that joins the coordinator's Ray cluster as its driver. It is started as a
+plain child (its own process group and log file, like the SuperLink), not through
+`multiprocessing`, whose spawn start would add a resource-tracker process holding the
+coordinator's stderr open until it exits. Tests hand the
 runner an engine that replays outer steps, so the runner's bookkeeping (rounds,
 provenance, accounting, the job's end) is tested without a Ray cluster.
 """
@@ -10,17 +13,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from coordinator.pretraining.driver import STOP, DriverRequest, drive
+from consortium.processes import ChildProcess
+from coordinator.pretraining.driver import STOP, DriverRequest
 from coordinator.pretraining.errors import DriverDiedError, PretrainFailedError
 from coordinator.pretraining.records import OuterStepRecord
 from coordinator.pretraining.spec import PretrainJobSpec
@@ -29,9 +34,12 @@ from coordinator.ray.head import RayCluster
 if TYPE_CHECKING:
     from coordinator.pretraining.api import PretrainResult
 
-DriverTarget = Callable[[Connection, DriverRequest], None]
+log = logging.getLogger(__name__)
+
+DRIVER_COMMAND = (sys.executable, "-m", "coordinator.pretraining.driver")
 STOP_GRACE_S = 20.0  # within PretrainRunner's 30 s wait for its thread
 DRIVER_EXIT_S = 10.0  # a finished driver's `ray.shutdown()`
+KILL_AFTER_S = 1.0  # SIGTERM, then SIGKILL
 POLL_S = 0.2
 
 
@@ -60,19 +68,22 @@ class DriverProcessEngine:
     (Ray's driver threads can segfault when the head goes away) ends only the run, which
     `run` reports as `DriverDiedError`. A stopped run gets `stop_grace_s` to end after its
     current step before its driver is killed (the step is lost; the checkpoint is not).
+    `command` is the driver's command line, to which ``--fd N`` is added.
     """
 
     def __init__(
         self,
         cluster: RayCluster,
+        log_path: Path,
         stop_grace_s: float = STOP_GRACE_S,
-        target: DriverTarget = drive,
+        command: Sequence[str] = DRIVER_COMMAND,
     ) -> None:
         self._cluster = cluster
+        self._log_path = log_path
         self._stop_grace_s = stop_grace_s
-        self._target = target
+        self._command = tuple(command)
         self._lock = threading.Lock()
-        self._process: BaseProcess | None = None
+        self._child: ChildProcess | None = None
 
     def connect(self) -> None:
         """Nothing to do here: every run starts its own driver, which connects."""
@@ -88,51 +99,51 @@ class DriverProcessEngine:
         request = DriverRequest(
             self._cluster, spec, checkpoint_dir, logging.getLogger().getEffectiveLevel()
         )
-        # Spawned, not forked: this process runs gRPC, Flower and supervisor threads.
-        context = multiprocessing.get_context("spawn")
-        ours, theirs = context.Pipe()
-        process = context.Process(
-            target=self._target, args=(theirs, request), name=f"pretrain-driver-{spec.name}"
-        )
-        with self._lock:
-            process.start()
-            self._process = process
-        theirs.close()
+        ours, theirs = socket.socketpair()
+        with theirs:
+            fd = theirs.fileno()
+            argv = [*self._command, "--fd", str(fd)]
+            with self._lock:
+                child = ChildProcess("pretrain-driver", argv, self._log_path, pass_fds=(fd,))
+                self._child = child
+        log.info("pretraining driver for %s started (pid %d)", spec.name, child.pid)
+        conn = Connection(ours.detach())
         try:
-            return self._follow(process, ours, on_step, stop, on_wait)
+            conn.send(request)
+            return self._follow(child, conn, on_step, stop, on_wait)
         finally:
-            ours.close()
-            self._end(process)
+            conn.close()  # a driver still running sees its pipe close, and exits
+            self._end(child)
 
     def _follow(
         self,
-        process: BaseProcess,
+        child: ChildProcess,
         conn: Connection,
         on_step: Callable[[OuterStepRecord], None],
         stop: threading.Event,
         on_wait: Callable[[str | None], None],
     ) -> PretrainResult:
-        killed_at: float | None = None  # when the driver is killed, if stopped and slow
+        stop_by: float | None = None  # when a stopped driver is killed if still running
         while True:
-            if stop.is_set() and killed_at is None:
+            if stop.is_set() and stop_by is None:
                 with contextlib.suppress(OSError):
                     conn.send(STOP)
-                killed_at = time.monotonic() + self._stop_grace_s
-            if killed_at is not None and time.monotonic() > killed_at:
-                process.kill()
+                stop_by = time.monotonic() + self._stop_grace_s
+            if stop_by is not None and time.monotonic() > stop_by:
+                child.stop(KILL_AFTER_S)
                 raise DriverDiedError(
                     f"the pretraining driver did not stop within {self._stop_grace_s:.0f} s"
                 )
             try:
-                ready = conn.poll(POLL_S)
-                message = conn.recv() if ready else None
+                message = conn.recv() if conn.poll(POLL_S) else None
             except (EOFError, OSError):
                 message = None
-                process.join(POLL_S)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.popen.wait(POLL_S)
             if message is None:
-                if process.is_alive():
+                if child.poll() is None:
                     continue
-                raise DriverDiedError(f"the pretraining driver {_exit_reason(process)}")
+                raise DriverDiedError(f"the pretraining driver {_exit_reason(child)}")
             kind, payload = message
             if kind == "step":
                 on_step(payload)
@@ -144,26 +155,25 @@ class DriverProcessEngine:
             else:  # "error": the run failed in the driver, which logged it
                 raise PretrainFailedError(payload)
 
-    def _end(self, process: BaseProcess) -> None:
-        """Let a finished driver leave the cluster; kill one that is still running."""
-        process.join(DRIVER_EXIT_S)
-        if process.is_alive():
-            process.kill()
-            process.join()
+    def _end(self, child: ChildProcess) -> None:
+        """Let a finished driver leave the cluster; stop one that is still running."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.popen.wait(DRIVER_EXIT_S)
+        child.stop(KILL_AFTER_S)
         with self._lock:
-            if self._process is process:
-                self._process = None
+            if self._child is child:
+                self._child = None
 
     def disconnect(self) -> None:
-        """Kill a driver still running (its run's thread was given up on)."""
+        """Stop a driver still running (its run's thread was given up on)."""
         with self._lock:
-            process = self._process
-        if process is not None and process.is_alive():
-            process.kill()
+            child = self._child
+        if child is not None:
+            child.stop(KILL_AFTER_S)
 
 
-def _exit_reason(process: BaseProcess) -> str:
-    code = process.exitcode
+def _exit_reason(child: ChildProcess) -> str:
+    code = child.poll()
     if code is not None and code < 0:
-        return f"died of {signal.Signals(-code).name}"
-    return f"exited with code {code} before the run ended"
+        return f"died of {signal.Signals(-code).name} (log: {child.log_path})"
+    return f"exited with code {code} before the run ended (log: {child.log_path})"

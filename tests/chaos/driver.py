@@ -73,7 +73,7 @@ MARKERS = {
     "serverapp": "flwr-serverapp",
     "supernode": "flower-supernode",
     "ray-head": "/gcs_server",
-    "pretrain-driver": "spawn_main",  # the coordinator's only multiprocessing child
+    "pretrain-driver": "coordinator.pretraining.driver",
     "ray-worker": "/raylet",
     "trainer": "ray::InnerTrainer",
 }

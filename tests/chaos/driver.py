@@ -79,6 +79,7 @@ MARKERS = {
 }
 FINAL = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 JOB_TIMEOUT_S = 600.0
+REPLAY_TIMEOUT_S = 600.0
 # How long the first pass waits for a target to have a process before it hits another:
 # a trainer comes back only once its site's Ray node rejoined (after the supervisor's
 # backoff) and the job placed its workers again, which took over 60 s on a loaded
@@ -358,11 +359,13 @@ class ChaosRun:
         verified = verify_log(paths.provenance_log, key, allow_unbound_keys=True)
         report.verify_ok = True
         store = SqliteStateStore(self.consortium.paths.state_db)
+        # Both jobs replay side by side: each is one process, mostly on one core.
+        replays = {job.kind: self._start_replay(job.job_id) for job in self.jobs.values()}
         try:
             for job in self.jobs.values():
                 records = verified.jobs.get(job.job_id, [])
                 job.logged_rounds = [r.round for r in records if isinstance(r, Round | OuterStep)]
-                job.replay = self._replay(job.job_id)
+                job.replay = self._finish_replay(replays[job.kind])
                 if job.job is not None and job.job.model_path:
                     job.model_sha256 = file_digest(job.job.model_path)
                 rounds = store.list_rounds(job.job_id)
@@ -371,8 +374,12 @@ class ChaosRun:
                     job.final_metric = rounds[-1].metrics.get(job.metric_name)
         finally:
             store.close()
+            for replay in replays.values():
+                if replay.poll() is None:  # a check above failed before its end
+                    replay.kill()
+                    replay.wait()
 
-    def _replay(self, job_id: str) -> subprocess.CompletedProcess[str]:
+    def _start_replay(self, job_id: str) -> subprocess.Popen[str]:
         command = [
             "replay",
             job_id,
@@ -380,10 +387,18 @@ class ChaosRun:
             str(self.consortium.data_dir),
             "--allow-unbound-keys",  # a plain-text consortium's keys are logged unbound
         ]
-        return subprocess.run(
+        return subprocess.Popen(
             [venv_executable("coordinator"), *command],
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=600,
-            check=False,
         )
+
+    @staticmethod
+    def _finish_replay(replay: subprocess.Popen[str]) -> subprocess.CompletedProcess[str]:
+        try:
+            stdout, stderr = replay.communicate(timeout=REPLAY_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            replay.kill()
+            stdout, stderr = replay.communicate()
+        return subprocess.CompletedProcess(replay.args, replay.returncode, stdout, stderr)

@@ -125,7 +125,12 @@ def test_a_node_without_a_consortium_certificate_is_refused_logged_and_counted(
     token = channel.token("alpha")  # the right token: only TLS stands in the way
     ca = CoordinatorPki(channel.data_dir).ca_cert
     tls = _stranger_tls(tmp_path, ca) if case == "foreign CA" else None
-    channel.start_node(f"mallory-{reason}", "mallory", ray_auth_env(token, tls), refused=True)
+    node = channel.start_node(
+        f"mallory-{reason}", "mallory", ray_auth_env(token, tls), refused=True
+    )
     wait_for(f"{reason} counted", lambda: channel.refusals(reason) > before)
     assert "Ray: refused a TLS handshake" in channel.coordinator_log()
     assert alive(channel.nodes(), "mallory") == []
+    # A refused `ray start` keeps retrying its GCS and outlives SIGTERM's 10 s wait:
+    # the attacker's process, ended here without the wait.
+    node.stop(timeout_s=1.0)

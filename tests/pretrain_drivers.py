@@ -7,24 +7,24 @@ spend seconds before its first message."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 import threading
 import time
+from dataclasses import replace
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from consortium.tensor_digest import arrays_digest
+from coordinator.pretraining import driver_wire as wire
 from coordinator.pretraining.accounting import account
-from coordinator.pretraining.driver import (
-    STOP,
-    DriverBody,
-    DriverRequest,
-    listen_for_stop,
-    serve_one_request,
-)
+from coordinator.pretraining.driver import DriverBody, listen_for_stop, serve_one_request
+from coordinator.pretraining.driver_wire import DriverRequest
 from coordinator.pretraining.records import ControllerState, OuterStepRecord, WorkerStepResult
 
 if TYPE_CHECKING:
@@ -66,13 +66,14 @@ def result(request: DriverRequest, state: ControllerState) -> PretrainResult:
     from coordinator.pretraining.api import PretrainResult  # torch: only when one ends
 
     records = (step_record(0),)
+    weights = {"w": np.ones((2, 2), dtype=np.float32)}
     return PretrainResult(
         job=request.spec.name,
         state=state,
         steps_completed=1,
-        model_digest="model0",
+        model_digest=arrays_digest(weights),
         val_loss=3.0,
-        weights={"w": np.ones((2, 2), dtype=np.float32)},
+        weights=weights,
         corpus_digest="corpus",
         records=records,
         accounting=account(request.spec.name, list(records)),
@@ -80,38 +81,69 @@ def result(request: DriverRequest, state: ControllerState) -> PretrainResult:
 
 
 def waits_steps_and_finishes(conn: Connection, request: DriverRequest) -> None:
-    conn.send(("wait", WAIT))
-    conn.send(("wait", None))
-    conn.send(("step", step_record(0)))
-    conn.send(("done", result(request, ControllerState.FINISHED)))
+    wire.send_wait(conn, WAIT)
+    wire.send_wait(conn, None)
+    wire.send_step(conn, step_record(0))
+    wire.send_done(conn, result(request, ControllerState.FINISHED))
 
 
 def fails(conn: Connection, request: DriverRequest) -> None:
-    conn.send(("error", "2 outer steps in a row got too few results"))
+    wire.send_error(conn, "2 outer steps in a row got too few results")
 
 
 def crashes_after_a_step(conn: Connection, request: DriverRequest) -> None:
-    conn.send(("step", step_record(0)))
+    wire.send_step(conn, step_record(0))
     time.sleep(0.2)
     os.kill(os.getpid(), signal.SIGSEGV)
 
 
 def stops_when_asked(conn: Connection, request: DriverRequest) -> None:
     """As the real driver: ends its run after the current step when told to stop."""
-    conn.send(("step", step_record(0)))
-    if conn.recv() == STOP:
-        conn.send(("done", result(request, ControllerState.RUNNING)))
+    wire.send_step(conn, step_record(0))
+    if wire.is_stop(conn.recv_bytes()):
+        wire.send_done(conn, result(request, ControllerState.RUNNING))
 
 
 def ignores_stop(conn: Connection, request: DriverRequest) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    conn.send(("step", step_record(0)))
+    wire.send_step(conn, step_record(0))
     time.sleep(600)
 
 
 def waits_for_stop(conn: Connection, request: DriverRequest) -> None:
     """The real driver's control thread, alone: exits 0 once told to stop."""
     listen_for_stop(conn, threading.Event())
+
+
+# --- a driver subverted by a worker (it unpickles what Ray's workers return) ---------
+PWNED = "pwned"  # the file a pickle would create in the checkpoint dir
+
+
+class Exploit:
+    """Unpickling this runs code: it creates `PWNED` in the checkpoint dir."""
+
+    def __init__(self, checkpoint_dir: Path) -> None:
+        self.target = str(checkpoint_dir / PWNED)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (Path(self.target),))
+
+
+def sends_a_pickle(conn: Connection, request: DriverRequest) -> None:
+    request.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    conn.send(("step", Exploit(request.checkpoint_dir)))  # what a pickling driver sent
+    time.sleep(600)
+
+
+def sends_a_malformed_step(conn: Connection, request: DriverRequest) -> None:
+    conn.send_bytes(json.dumps({"kind": "step", "record": {"step": "first"}}).encode())
+    time.sleep(600)
+
+
+def sends_weights_other_than_its_digest(conn: Connection, request: DriverRequest) -> None:
+    honest = result(request, ControllerState.FINISHED)
+    wire.send_done(conn, replace(honest, weights={"w": np.zeros((2, 2), dtype=np.float32)}))
+    time.sleep(600)
 
 
 def command(name: str) -> tuple[str, ...]:
@@ -129,6 +161,9 @@ if __name__ == "__main__":
             stops_when_asked,
             ignores_stop,
             waits_for_stop,
+            sends_a_pickle,
+            sends_a_malformed_step,
+            sends_weights_other_than_its_digest,
         )
     }
     serve_one_request(BODIES[sys.argv[1]], sys.argv[2:])

@@ -8,13 +8,12 @@ its Ray head goes away (ray-project/ray#30679, a segfault in Ray's
 ``ray_listen_error_messages`` thread) takes only this process down, and the coordinator
 re-queues the job, which resumes from its checkpoint.
 
-The two processes talk over a socket pair (fd N here), as `multiprocessing`
-connections: the coordinator first sends the `DriverRequest`. The driver sends
-``("step", OuterStepRecord)`` after every outer step (its checkpoint is on disk then),
-``("wait", reason | None)`` when it starts or stops waiting for workers, and at the end
-``("done", PretrainResult)`` or ``("error", message)``. The coordinator sends ``"stop"``
-to end the run after its current step; a closed pipe (the coordinator died) ends the
-driver at once.
+The two processes talk over a socket pair (fd N here) in the frames of
+`driver_wire`: JSON and safetensors, never pickle, since this process unpickles what
+Ray's workers return and the coordinator holds the signing key. The coordinator sends
+the request, then at most a stop (end the run after its current step); this process
+sends each outer step, each change of its wait reason, and the result or the error. A
+closed socket (the coordinator died) ends the driver at once.
 """
 
 from __future__ import annotations
@@ -25,24 +24,13 @@ import os
 import signal
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
 
-from coordinator.pretraining.spec import PretrainJobSpec
+from coordinator.pretraining import driver_wire as wire
+from coordinator.pretraining.driver_wire import DriverRequest
 from coordinator.ray.head import RayCluster
 
-STOP = "stop"
-
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DriverRequest:
-    cluster: RayCluster
-    spec: PretrainJobSpec
-    checkpoint_dir: Path
-    log_level: int = logging.INFO
 
 
 def drive(conn: Connection, request: DriverRequest) -> None:
@@ -64,17 +52,17 @@ def drive(conn: Connection, request: DriverRequest) -> None:
         result = run_pretraining(
             request.spec,
             request.checkpoint_dir,
-            lambda record: conn.send(("step", record)),
+            lambda record: wire.send_step(conn, record),
             stop=stop,
-            on_wait=lambda reason: conn.send(("wait", reason)),
+            on_wait=lambda reason: wire.send_wait(conn, reason),
         )
     except Exception as error:  # reported to the coordinator, which fails or re-queues
         log.exception("pretraining run %s failed", request.spec.name)
-        conn.send(("error", str(error) or type(error).__name__))
+        wire.send_error(conn, str(error) or type(error).__name__)
         return
     finally:
-        stop.set()  # the run is over: a closing pipe is no news now
-    conn.send(("done", result))
+        stop.set()  # the run is over: a closing socket is no news now
+    wire.send_done(conn, result)
     _disconnect()
 
 
@@ -107,7 +95,7 @@ def listen_for_stop(conn: Connection, stop: threading.Event) -> None:
     driver resumes from the checkpoint: an orphan finishing its step would race that
     driver for the workers and the checkpoint. Its Ray actors die with it."""
     try:
-        while conn.recv() != STOP:
+        while not wire.is_stop(conn.recv_bytes()):
             pass
     except (EOFError, OSError):
         if not stop.is_set():
@@ -125,16 +113,8 @@ def serve_one_request(body: DriverBody, argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Consortium's pretraining driver")
     parser.add_argument("--fd", type=int, required=True, help="the coordinator's socket")
     conn = Connection(parser.parse_args(argv).fd)
-    request = conn.recv()
-    if not isinstance(request, DriverRequest):
-        raise SystemExit(f"expected a DriverRequest first, got {type(request).__name__}")
-    body(conn, request)
+    body(conn, wire.read_request(conn))
 
 
 if __name__ == "__main__":
-    # Run as `python -m`, this file is `__main__`: take the functions from the module by
-    # its name, whose `DriverRequest` is the class the coordinator pickled.
-    import importlib
-
-    this = importlib.import_module("coordinator.pretraining.driver")
-    this.serve_one_request(this.drive)
+    serve_one_request(drive)

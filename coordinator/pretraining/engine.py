@@ -25,8 +25,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from consortium.processes import ChildProcess
-from coordinator.pretraining.driver import STOP, DriverRequest
-from coordinator.pretraining.errors import DriverDiedError, PretrainFailedError
+from coordinator.pretraining import driver_wire as wire
+from coordinator.pretraining.driver_wire import DriverRequest, Failed, Step, Wait
+from coordinator.pretraining.errors import (
+    DriverDiedError,
+    DriverProtocolError,
+    PretrainFailedError,
+)
 from coordinator.pretraining.records import OuterStepRecord
 from coordinator.pretraining.spec import PretrainJobSpec
 from coordinator.ray.head import RayCluster
@@ -109,8 +114,11 @@ class DriverProcessEngine:
         log.info("pretraining driver for %s started (pid %d)", spec.name, child.pid)
         conn = Connection(ours.detach())
         try:
-            conn.send(request)
+            wire.send_request(conn, request)
             return self._follow(child, conn, on_step, stop, on_wait)
+        except DriverProtocolError:
+            child.stop(KILL_AFTER_S)  # not trusted further: not even to leave on its own
+            raise
         finally:
             conn.close()  # a driver still running sees its pipe close, and exits
             self._end(child)
@@ -127,7 +135,7 @@ class DriverProcessEngine:
         while True:
             if stop.is_set() and stop_by is None:
                 with contextlib.suppress(OSError):
-                    conn.send(STOP)
+                    wire.send_stop(conn)
                 stop_by = time.monotonic() + self._stop_grace_s
             if stop_by is not None and time.monotonic() > stop_by:
                 child.stop(KILL_AFTER_S)
@@ -135,7 +143,7 @@ class DriverProcessEngine:
                     f"the pretraining driver did not stop within {self._stop_grace_s:.0f} s"
                 )
             try:
-                message = conn.recv() if conn.poll(POLL_S) else None
+                message = wire.read_message(conn) if conn.poll(POLL_S) else None
             except (EOFError, OSError):
                 message = None
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -144,16 +152,14 @@ class DriverProcessEngine:
                 if child.poll() is None:
                     continue
                 raise DriverDiedError(f"the pretraining driver {_exit_reason(child)}")
-            kind, payload = message
-            if kind == "step":
-                on_step(payload)
-            elif kind == "wait":
-                on_wait(payload)
-            elif kind == "done":
-                result: PretrainResult = payload
-                return result
-            else:  # "error": the run failed in the driver, which logged it
-                raise PretrainFailedError(payload)
+            if isinstance(message, Step):
+                on_step(message.record)
+            elif isinstance(message, Wait):
+                on_wait(message.reason)
+            elif isinstance(message, Failed):  # the run failed in the driver, which logged it
+                raise PretrainFailedError(message.message)
+            else:
+                return message
 
     def _end(self, child: ChildProcess) -> None:
         """Let a finished driver leave the cluster; stop one that is still running."""

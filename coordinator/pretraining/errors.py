@@ -11,7 +11,8 @@ ConsortiumError
 └── PretrainFailedError              max_failed_steps outer steps in a row got too few
     │                                results, or the run failed in its driver (exit
     │                                code JOB_FAILED)
-    └── DriverDiedError              the driver process ended without a result
+    ├── DriverDiedError              the driver process ended without a result
+    └── DriverProtocolError          the driver sent what is not a driver message
 """
 
 from __future__ import annotations
@@ -38,3 +39,9 @@ class PretrainFailedError(ConsortiumError):
 
 class DriverDiedError(PretrainFailedError):
     """The pretraining driver process ended (crashed, was killed) before its run did."""
+
+
+class DriverProtocolError(PretrainFailedError):
+    """The driver sent a frame that is not one of its messages (not JSON, a malformed
+    record, weights that are not safetensors or not the digest named): it is not
+    trusted further, and its run ends."""

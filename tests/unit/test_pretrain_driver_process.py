@@ -16,16 +16,22 @@ import psutil
 import pytest
 
 from consortium.processes import ChildProcess
+from consortium.tensor_digest import arrays_digest
 from coordinator.jobs.spec import parse_submitted_spec
 from coordinator.pretraining import ControllerState, PretrainJobSpec
+from coordinator.pretraining import driver_wire as wire
 from coordinator.pretraining.api import PretrainResult
-from coordinator.pretraining.driver import STOP, DriverRequest
+from coordinator.pretraining.driver_wire import DriverRequest
 from coordinator.pretraining.engine import DriverProcessEngine
-from coordinator.pretraining.errors import DriverDiedError, PretrainFailedError
+from coordinator.pretraining.errors import (
+    DriverDiedError,
+    DriverProtocolError,
+    PretrainFailedError,
+)
 from coordinator.pretraining.records import OuterStepRecord
 from coordinator.ray.head import RayCluster
 from tests.helpers import TINY_PRETRAIN
-from tests.pretrain_drivers import WAIT, command, step_record
+from tests.pretrain_drivers import PWNED, WAIT, command, step_record
 
 _SPEC = parse_submitted_spec(
     'name = "tiny"\n' + TINY_PRETRAIN + "inner_steps = 2\nouter_steps = 3\n"
@@ -72,7 +78,8 @@ def test_steps_waits_and_the_result_cross_from_the_driver(tmp_path: Path) -> Non
     assert run.waits == [WAIT, None]
     assert run.steps == [step_record(0)]
     assert finished.state is ControllerState.FINISHED
-    assert finished.model_digest == "model0"
+    assert finished.model_digest == arrays_digest(finished.weights)
+    assert finished.records == (step_record(0),)
     assert finished.weights["w"].tolist() == [[1.0, 1.0], [1.0, 1.0]]
 
 
@@ -118,10 +125,46 @@ def test_a_driver_whose_coordinator_has_gone_exits_at_once(
         child = ChildProcess("driver", argv, tmp_path / "driver.log", pass_fds=(fd,))
     conn = Connection(ours.detach())
     try:
-        conn.send(DriverRequest(RayCluster("127.0.0.1:1", None), SPEC, tmp_path))
+        wire.send_request(conn, DriverRequest(RayCluster("127.0.0.1:1", None), SPEC, tmp_path))
         if told == "stop":
-            conn.send(STOP)
+            wire.send_stop(conn)
         conn.close()
         assert child.popen.wait(30) == exitcode
     finally:
         child.stop()
+
+
+def test_the_coordinator_never_unpickles_what_a_subverted_driver_sends(tmp_path: Path) -> None:
+    """The driver unpickles what Ray's workers return; one that a worker subverted sends
+    a pickle that would run code where the signing key is. It is refused unread."""
+    run = Run(tmp_path, "sends_a_pickle")
+    with pytest.raises(DriverProtocolError, match="not JSON"):
+        run.run()
+    assert not (run.checkpoints / PWNED).exists()
+    assert run.steps == []
+    assert not drivers_left()  # killed, not waited for
+
+
+@pytest.mark.parametrize(
+    ("driver", "refusal"),
+    [
+        ("sends_a_malformed_step", "malformed outer step"),
+        ("sends_weights_other_than_its_digest", "do not have the model digest"),
+    ],
+)
+def test_a_driver_message_that_is_not_what_it_claims_ends_the_run(
+    tmp_path: Path, driver: str, refusal: str
+) -> None:
+    run = Run(tmp_path, driver)
+    with pytest.raises(DriverProtocolError, match=refusal):
+        run.run()
+    assert run.steps == []
+    assert not drivers_left()
+
+
+def test_a_step_crosses_the_wire_as_it_was_recorded() -> None:
+    """JSON and back, validated: every field of a record as the driver had it."""
+    ours, theirs = socket.socketpair()
+    with Connection(ours.detach()) as sender, Connection(theirs.detach()) as receiver:
+        wire.send_step(sender, step_record(3))
+        assert wire.read_message(receiver) == wire.Step(step_record(3))

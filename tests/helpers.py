@@ -46,6 +46,7 @@ __all__ = [
     "start_secure_consortium",
     "supernode_keys_registered",
     "wait_for",
+    "wait_for_log",
     "write_partitions",
     "write_text_partitions",
 ]
@@ -96,12 +97,23 @@ eval_batches = 2
 """
 
 
+LOG_TIMEOUT_S = 30.0
+
+
 def wait_for(what: str, ready: Callable[[], bool], timeout_s: float = START_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout_s
     while not ready():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.1)
+
+
+def wait_for_log(read: Callable[[], str], text: str, timeout_s: float = LOG_TIMEOUT_S) -> None:
+    """Wait for `text` in a log `read` returns. A coordinator's own lines reach its log
+    file through its stderr tee (a pipe drained by a thread: coordinator/access/refusals/
+    control_plane.py), so a line logged as a call fails may land just after the caller
+    sees the failure; on a loaded machine, measurably later."""
+    wait_for(f"{text!r} in the log", lambda: text in read(), timeout_s)
 
 
 def run_to_end(remote: Remote, spec: str, processes: Processes) -> jobs_pb2.Job:

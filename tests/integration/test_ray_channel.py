@@ -32,7 +32,7 @@ from consortium.site_keys import SiteKeys
 from consortium.tls import ClientTls
 from coordinator.access.pki_files import CoordinatorPki
 from tests.conftest import Processes
-from tests.helpers import START_TIMEOUT_S, run_cli, start_secure_consortium, wait_for
+from tests.helpers import START_TIMEOUT_S, run_cli, start_secure_consortium, wait_for, wait_for_log
 from tests.helpers_ray import Channel, alive
 
 NAMES = ("alpha", "beta")
@@ -165,7 +165,7 @@ def test_revocation_replaces_the_ray_token_so_the_institution_is_refused_while_o
         lambda: "Ray: replaced the cluster token" in channel.coordinator_log(),
     )
     assert CoordinatorPki(channel.data_dir).ray_token.read_bytes() != old_token
-    assert "beta can no longer join" in channel.coordinator_log()
+    wait_for_log(channel.coordinator_log, "beta can no longer join")
     # Issue 20: in the seconds after a rotation `coordinator nodes` printed Ray's
     # WrongClusterID trace advising `ray get-auth-token --generate`. Now it answers, with
     # at most one readable line about Ray.

@@ -25,6 +25,7 @@ from tests.helpers import (
     join_site,
     start_secure_consortium,
     wait_for,
+    wait_for_log,
     write_partitions,
 )
 from tests.helpers_ray import Channel, alive
@@ -129,7 +130,7 @@ def test_a_node_without_a_consortium_certificate_is_refused_logged_and_counted(
         f"mallory-{reason}", "mallory", ray_auth_env(token, tls), refused=True
     )
     wait_for(f"{reason} counted", lambda: channel.refusals(reason) > before)
-    assert "Ray: refused a TLS handshake" in channel.coordinator_log()
+    wait_for_log(channel.coordinator_log, "Ray: refused a TLS handshake")
     assert alive(channel.nodes(), "mallory") == []
     # A refused `ray start` keeps retrying its GCS and outlives SIGTERM's 10 s wait:
     # the attacker's process, ended here without the wait.

@@ -30,7 +30,7 @@ from coordinator.serve import check_transport
 from coordinator.settings import CoordinatorSettings
 from coordinator.state import SqliteStateStore
 from tests.conftest import Processes
-from tests.helpers import auth_refusals, start_secure_consortium, wait_for
+from tests.helpers import auth_refusals, start_secure_consortium, wait_for, wait_for_log
 
 NAMES = ("alpha", "beta", "gamma")  # gamma is renewed, beta revoked
 REFUSAL_TIMEOUT_S = 10.0
@@ -122,7 +122,7 @@ def test_edge_refuses_outsider_holding_only_the_ca_certificate(consortium: Conso
         lambda: consortium.refusals("no_client_certificate") == before + 1,
         REFUSAL_TIMEOUT_S,
     )
-    assert "Fleet edge refused no certificate (no_client_certificate)" in consortium.log()
+    wait_for_log(consortium.log, "Fleet edge refused no certificate (no_client_certificate)")
 
 
 @pytest.mark.parametrize(
@@ -198,7 +198,7 @@ def test_edge_refuses_a_certificate_replaced_by_a_renewal(consortium: Consortium
     assert status == 403
     assert b"replaced by a renewal" in body
     assert consortium.refusals("superseded_certificate") == before + 1
-    assert "Fleet edge refused gamma (superseded_certificate)" in consortium.log()
+    wait_for_log(consortium.log, "Fleet edge refused gamma (superseded_certificate)")
     tls = ClientTls(
         renewed / "bundle" / "ca.crt", renewed / "bundle" / "institution.crt", keys.tls_key
     )
@@ -218,4 +218,4 @@ def test_edge_refuses_revoked_institution(consortium: Consortium) -> None:
     assert status == 403
     assert b"revoked" in body
     assert consortium.refusals("revoked_certificate") == before + 1
-    assert "Fleet edge refused beta (revoked_certificate)" in consortium.log()
+    wait_for_log(consortium.log, "Fleet edge refused beta (revoked_certificate)")

@@ -89,7 +89,7 @@ def _disconnect() -> None:
 
 
 def listen_for_stop(conn: Connection, stop: threading.Event) -> None:
-    """Set `stop` on the coordinator's "stop"; exit at once if its end of the pipe closes.
+    """Set `stop` on the coordinator's "stop"; exit at once if its end of the socket closes.
 
     A coordinator that died (or gave up on this run) re-queues the job, and the next
     driver resumes from the checkpoint: an orphan finishing its step would race that

@@ -4,9 +4,9 @@
 child process that joins the coordinator's Ray cluster as its driver. It is started as a
 plain child (its own process group and log file, like the SuperLink), not through
 `multiprocessing`, whose spawn start would add a resource-tracker process holding the
-coordinator's stderr open until it exits. Tests hand the
-runner an engine that replays outer steps, so the runner's bookkeeping (rounds,
-provenance, accounting, the job's end) is tested without a Ray cluster.
+coordinator's stderr open until it exits. Tests hand the runner an engine that replays
+outer steps, so the runner's bookkeeping (rounds, provenance, accounting, the job's end)
+is tested without a Ray cluster.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class DriverProcessEngine:
             child.stop(KILL_AFTER_S)  # not trusted further: not even to leave on its own
             raise
         finally:
-            conn.close()  # a driver still running sees its pipe close, and exits
+            conn.close()  # a driver still running sees its socket close, and exits
             self._end(child)
 
     def _follow(

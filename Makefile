@@ -31,10 +31,10 @@ TORCH_PIN := $(shell grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')
 # 3.12 syntax; pip skips it too.)
 PURELIB = $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
-$(STAMP): pyproject.toml examples/tiny_workload/pyproject.toml
+$(STAMP): pyproject.toml examples/tiny_workload/pyproject.toml examples/hf_lora/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile 'uv==0.12.24' '$(TORCH_PIN)'
-	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -e '.[dev]' -e examples/tiny_workload
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -e '.[dev]' -e examples/tiny_workload -e examples/hf_lora
 	$(BIN)/python -m compileall -q -j 0 -x py312_intrinsics "$(PURELIB)/torch" consortium coordinator client
 	touch $(STAMP)
 

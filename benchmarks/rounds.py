@@ -19,6 +19,9 @@ SuperLink/SuperNode deployment runtime on loopback:
 A round's time is measured between the ends of consecutive rounds (each side's central
 evaluation), so start-up is left out; rounds 2..N are averaged. Prints seconds per
 round for each, the ratios, and each run's final accuracy.
+
+The Hugging Face LoRA example's rows (a site's round with and without the persistent
+trainer, and bytes per round) come from benchmarks/hf_lora_trainer.py.
 """
 
 from __future__ import annotations

@@ -297,7 +297,9 @@ class SiteNode:
     def _start_task_runner(self, stack: ExitStack, run: _Run) -> None:
         """The thread that executes the SuperNode's tasks, each only if the coordinator
         signed an approval of its run (client/federated/task_runner.py)."""
-        from client.federated.client_app import app  # torch: imported once, here
+        from client.federated.client_app import TRAINER, app  # torch: imported once, here
+
+        TRAINER.memory_budget_bytes = self.settings.trainer_memory_mb << 20
 
         supernode = run.supernode
         assert supernode is not None

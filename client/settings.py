@@ -12,6 +12,7 @@ from client.federated.fast_poll_supernode import (
     DEFAULT_POLL_INTERVAL_S,
     HEARTBEAT_BOUNDS_S,
 )
+from client.federated.site_trainer import DEFAULT_MEMORY_BUDGET_BYTES
 from consortium.ray_env import RayPortRange
 from consortium.settings import RoleSettings
 from consortium.workloads import BUILTIN_WORKLOADS
@@ -27,6 +28,9 @@ class ClientSettings(RoleSettings):
     # The workloads this site runs (installed packages' entry points, docs/workloads.md);
     # a job naming another is refused here. The consortium never ships code to a site.
     workloads: list[str] = Field(default_factory=lambda: list(BUILTIN_WORKLOADS), min_length=1)
+    # What the site trainer may keep loaded between a job's messages: models' weights
+    # and buffers, in MiB (client/federated/site_trainer.py). 0: nothing is kept.
+    trainer_memory_mb: int = Field(default=DEFAULT_MEMORY_BUDGET_BYTES >> 20, ge=0)
     insecure: bool = False
     # Startup bundle from the operator (mutual TLS, SuperNode auth, Ray token).
     bundle: Path | None = None

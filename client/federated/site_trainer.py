@@ -12,7 +12,10 @@ it exchanges (the built-in ones exchange every parameter).
 
 Everything loaded belongs to one Flower run (one job's run): the first message of
 another run drops it all, so a job never sees what an earlier one loaded (a site may
-change its data between jobs), and at most `max_models` models are kept at once.
+change its data between jobs). At most `max_models` models are kept at once, and no
+more than the site's memory budget (setting `trainer_memory_mb`: their parameters and
+buffers): the least recently used go first, and a model larger than the whole budget
+is built for each message instead of kept.
 Every check the site makes before running a task (run approval, allowed workloads,
 the signing mod's checks) runs for every message as before.
 """
@@ -20,29 +23,47 @@ the signing mod's checks) runs for every message as before.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from consortium.workloads import Workload
+from consortium.workloads import Workload, WorkloadOptions
 
 if TYPE_CHECKING:
     from torch import nn
 
+log = logging.getLogger(__name__)
+
 DEFAULT_MAX_MODELS = 2
+DEFAULT_MEMORY_BUDGET_BYTES = 8 * 2**30
+
+
+def model_bytes(model: nn.Module) -> int:
+    """What a model holds in memory: its parameters' and buffers' bytes."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class SiteTrainer:
-    def __init__(self, max_models: int = DEFAULT_MAX_MODELS) -> None:
+    def __init__(
+        self,
+        max_models: int = DEFAULT_MAX_MODELS,
+        memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    ) -> None:
         self._max_models = max_models
+        self.memory_budget_bytes = memory_budget_bytes  # `client join` sets the site's
         self._lock = threading.Lock()
         self._run_id: int | None = None
         self._data: dict[tuple[str, str, str], Any] = {}
-        self._models: OrderedDict[tuple[str, str], nn.Module] = OrderedDict()
+        self._models: OrderedDict[tuple[str, str], tuple[nn.Module, int]] = OrderedDict()
         self.data_loads = 0
         self.model_builds = 0
+
+    @property
+    def kept_bytes(self) -> int:
+        return sum(size for _, size in self._models.values())
 
     def data(self, run_id: int, name: str, workload: Workload, data_dir: Path, dataset: str) -> Any:
         """The site's `dataset` as `workload` reads it, loaded once per run."""
@@ -55,7 +76,7 @@ class SiteTrainer:
             return self._data[key]
 
     def model(
-        self, run_id: int, name: str, workload: Workload, options: Mapping[str, int]
+        self, run_id: int, name: str, workload: Workload, options: WorkloadOptions
     ) -> nn.Module:
         """`workload`'s model with `options`: built once per run when the workload keeps
         its model loaded, else for every message. The caller loads the received tensors."""
@@ -65,14 +86,27 @@ class SiteTrainer:
         with self._lock:
             self._enter(run_id)
             key = (name, json.dumps(dict(options), sort_keys=True))
-            model = self._models.get(key)
-            if model is None:
-                model = workload.build_model(options)
-                self.model_builds += 1
-                self._models[key] = model
-                while len(self._models) > self._max_models:
-                    self._models.popitem(last=False)
-            self._models.move_to_end(key)
+            kept = self._models.get(key)
+            if kept is not None:
+                self._models.move_to_end(key)
+                return kept[0]
+            model = workload.build_model(options)
+            self.model_builds += 1
+            size = model_bytes(model)
+            if size > self.memory_budget_bytes:
+                log.warning(
+                    "workload %s's model holds %d MiB, over the site trainer's budget of "
+                    "%d MiB (trainer_memory_mb): it is built again for every message",
+                    name,
+                    size >> 20,
+                    self.memory_budget_bytes >> 20,
+                )
+                return model
+            self._models[key] = (model, size)
+            while len(self._models) > self._max_models or (
+                self.kept_bytes > self.memory_budget_bytes
+            ):
+                self._models.popitem(last=False)  # the least recently used
             return model
 
     def _enter(self, run_id: int) -> None:

@@ -10,6 +10,10 @@ and `y`; for text datasets such as `docstrings`, `text/<name>.txt`), or an entry
     [datasets.digits]
     loader = "my_site.loaders:load_digits"  # a callable (data_dir: Path) -> (x, y)
 
+    [datasets.notes]
+    path = "exports/notes.jsonl"            # text: .txt, or rows with a `text` field
+                                            # (.jsonl, .parquet) for workloads that read them
+
 So a user's own data works the same way as the built-in demo partitions.
 """
 
@@ -33,6 +37,9 @@ from consortium.errors import DataDirError
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "datasets.toml"
+# Text files a workload may read (plain text, JSON Lines, Parquet): a site declares
+# their size in bytes as the most examples they can hold.
+TEXT_SUFFIXES = frozenset({".txt", ".jsonl", ".json", ".parquet"})
 
 Loader = Callable[[Path], tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]]
 
@@ -140,11 +147,16 @@ class LocalText:
         return np.frombuffer(self.text, dtype=np.uint8)
 
 
+def dataset_file(data_dir: Path, name: str) -> Path:
+    """Where text dataset `name` is: the file `datasets.toml` names for it, else
+    `text/<name>.txt` (which need not exist)."""
+    entry = _config(data_dir).get(name)
+    return data_dir / (entry["path"] if entry and "path" in entry else f"{TEXT_DIR}/{name}.txt")
+
+
 def load_text(data_dir: Path, name: str) -> LocalText:
     """A text dataset: `text/<name>.txt`, or the file `datasets.toml` names for it."""
-    entry = _config(data_dir).get(name)
-    default = f"{TEXT_DIR}/{name}.txt"
-    path = data_dir / (entry["path"] if entry and "path" in entry else default)
+    path = dataset_file(data_dir, name)
     if not path.is_file():
         raise DataDirError(f"text dataset {name!r}: {path} does not exist")
     text = path.read_bytes()
@@ -155,7 +167,7 @@ def load_text(data_dir: Path, name: str) -> LocalText:
 
 def count_examples(data_dir: Path) -> int:
     """The most examples any one dataset of this site holds: rows of an array dataset,
-    bytes of a text one (a training window starts at a byte).
+    bytes of a text one (a training window, or a block of tokens, starts at a byte).
 
     A site declares it when it joins, and the coordinator refuses an update that claims
     to have trained on more. An .npz is not loaded: only the header of its `y` array is
@@ -173,8 +185,8 @@ def count_examples(data_dir: Path) -> int:
 def _dataset_size(data_dir: Path, name: str) -> int:
     entry = _config(data_dir).get(name) or {}
     text = data_dir / (entry.get("path") or f"{TEXT_DIR}/{name}.txt")
-    if text.suffix == ".txt" and text.is_file():
-        return text.stat().st_size
+    if text.suffix in TEXT_SUFFIXES and text.is_file():
+        return text.stat().st_size  # no window or token block is shorter than a byte
     if "loader" in entry:
         return len(load_dataset(data_dir, name).y)
     return _npz_rows(data_dir / (entry.get("path") or f"{name}.npz"))

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-ModelOptions = Mapping[str, int]
+ModelOptions = Mapping[str, int | float | str | bool]
 
 
 def _no_options(name: str, options: ModelOptions) -> None:
@@ -39,6 +39,9 @@ def _bytelm_config(options: ModelOptions) -> ByteLMConfig:
     unknown = sorted(set(options) - set(BYTELM_OPTIONS))
     if unknown:
         raise ValueError(f"unknown bytelm options {unknown}; known: {', '.join(BYTELM_OPTIONS)}")
+    for name, value in options.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"bytelm option {name} must be an integer, got {value!r}")
     default = ByteLMConfig()
     return ByteLMConfig(
         **{name: options.get(name, getattr(default, name)) for name in BYTELM_OPTIONS}

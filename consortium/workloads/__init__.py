@@ -45,7 +45,9 @@ ENTRY_POINT_GROUP = "consortium.workloads"
 # The workloads a site runs when its settings name none: the built-in ones.
 BUILTIN_WORKLOADS = ("digits-cnn", "bytelm")
 
-WorkloadOptions = Mapping[str, int]
+# A job's `model_options`: numbers, flags and strings (a base model's directory, say).
+OptionValue = int | float | str | bool
+WorkloadOptions = Mapping[str, OptionValue]
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from consortium.provenance.log import RECORD, read_lines, record_signing_bytes
 from consortium.provenance.records import JobCompleted, RecordType, parse_record, record_type
 from consortium.provenance.signing import SignatureError, VerifyingKey, unb64
 from consortium.tensor_digest import arrays_digest
-from consortium.workloads import load_workload
+from consortium.workloads import OptionValue, load_workload
 from coordinator.jobs.spec import FederatedJobSpec, spec_of
 from coordinator.pretraining.spec import PretrainJobSpec
 from coordinator.state import JobRecord, JobState
@@ -47,7 +47,7 @@ class StartingModelError(ConflictError):
 @dataclass(frozen=True)
 class ModelFamily:
     model: str  # the workload that builds it (a pretraining job's: bytelm)
-    options: dict[str, int]
+    options: dict[str, OptionValue]
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def check_init_from(store: JobLookup, spec: FederatedJobSpec) -> None:
             f"{family.model!r} model, not {spec.workload!r}"
         )
     block = family.options.get("block_size")
-    if block is not None and spec.seq_len > block:
+    if isinstance(block, int) and spec.seq_len > block:
         raise JobSpecError(
             f"invalid job spec: field 'seq_len': must be <= the source model's block_size "
             f"({block}), got {spec.seq_len}"

@@ -40,13 +40,14 @@ from __future__ import annotations
 
 import functools
 import tomllib
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
+    StringConstraints,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -55,7 +56,7 @@ from pydantic import (
 
 from consortium.errors import JobSpecError, UnknownWorkloadError
 from consortium.models import MAX_PARAMETERS
-from consortium.workloads import load_workload
+from consortium.workloads import OptionValue, load_workload
 from coordinator.pretraining.spec import PretrainJobSpec, validate_pretrain_spec
 from coordinator.state import JobRecord
 
@@ -63,6 +64,9 @@ from coordinator.state import JobRecord
 MAX_SPEC_BYTES = 64 * 1024
 MAX_CLIENTS = 1_000
 MAX_ROUND_TIMEOUT_S = 7 * 24 * 3600.0
+
+# A model option as a spec may give it: a number, a flag or a string (a path, say).
+SpecOption = int | float | Annotated[str, StringConstraints(max_length=4096)] | bool
 
 
 class FederatedJobSpec(BaseModel):
@@ -166,12 +170,13 @@ class FederatedJobSpec(BaseModel):
         max_length=64,
         description="Start from this job's output model (its model family and size): a pipeline.",
     )
-    model_options: dict[str, int] = Field(
+    model_options: dict[str, SpecOption] = Field(
         default_factory=dict,
         max_length=16,
         description=(
-            "The workload's options for a model built from scratch (bytelm: n_layer, "
-            "n_head, n_embd, block_size)."
+            "The workload's options for a model built from scratch: numbers, flags or "
+            "strings (bytelm: n_layer, n_head, n_embd, block_size; hf-lora: base_model, "
+            "base_model_digest, lora_r, ...)."
         ),
     )
     local_steps: int = Field(
@@ -213,11 +218,14 @@ class FederatedJobSpec(BaseModel):
 
     @field_validator("model_options")
     @classmethod
-    def _options_build(cls, value: dict[str, int], info: ValidationInfo) -> dict[str, int]:
+    def _options_build(
+        cls, value: dict[str, OptionValue], info: ValidationInfo
+    ) -> dict[str, OptionValue]:
         # Sized from the config alone: nothing is allocated for a spec (a member once
-        # asked for a 51 GB model inside the RPC handler).
+        # asked for a 51 GB model inside the RPC handler). Checked without options too,
+        # unless the model comes from init_from: a workload may require some.
         name = info.data.get("workload")
-        if name is not None and value:
+        if name is not None and (value or info.data.get("init_from") is None):
             try:
                 count = load_workload(name).parameter_count(value)
             except (TypeError, KeyError) as err:

@@ -28,7 +28,8 @@ class CountingWorkload:
 
     def build_model(self, options: Any) -> nn.Module:
         self.builds += 1
-        return nn.Linear(1, 1)
+        width = int(options.get("size", 1))
+        return nn.Linear(width, width)  # width * (width + 1) float32 parameters
 
     def exchanged(self, model: nn.Module) -> OrderedDict[str, torch.Tensor]:
         return OrderedDict(model.state_dict())
@@ -91,3 +92,28 @@ def test_at_most_max_models_are_kept(tmp_path: Path) -> None:
     trainer.model(7, "w", workload, {"size": 3})  # evicts the least recently used
     assert trainer.model(7, "w", workload, {"size": 1}) is not oldest
     assert workload.builds == 4
+
+
+def test_models_are_kept_within_the_memory_budget(tmp_path: Path) -> None:
+    workload = CountingWorkload(keep_model_loaded=True)
+    # Linear(16, 16) holds 16 * 17 * 4 = 1088 bytes: two fit in 2500, three do not.
+    trainer = SiteTrainer(max_models=8, memory_budget_bytes=2500)
+    first = trainer.model(7, "w", workload, {"size": 16})
+    second = trainer.model(7, "w", workload, {"size": 16, "other": 1})
+    assert trainer.kept_bytes == 2 * 1088
+    assert trainer.model(7, "w", workload, {"size": 16}) is first  # now the most recent
+    trainer.model(7, "w", workload, {"size": 16, "third": 1})  # evicts `second`
+    assert trainer.kept_bytes == 2 * 1088
+    assert trainer.model(7, "w", workload, {"size": 16}) is first
+    assert trainer.model(7, "w", workload, {"size": 16, "other": 1}) is not second
+    assert workload.builds == 4
+
+
+def test_a_model_over_the_whole_budget_is_built_for_every_message(tmp_path: Path) -> None:
+    workload = CountingWorkload(keep_model_loaded=True)
+    trainer = SiteTrainer(memory_budget_bytes=1000)
+    small = trainer.model(7, "w", workload, {"size": 2})
+    large = trainer.model(7, "w", workload, {"size": 32})  # 4224 bytes
+    assert trainer.model(7, "w", workload, {"size": 32}) is not large
+    assert trainer.model(7, "w", workload, {"size": 2}) is small  # still kept
+    assert workload.builds == 3

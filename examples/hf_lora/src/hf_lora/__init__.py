@@ -1,0 +1,1 @@
+"""LoRA fine-tuning of a Hugging Face causal LM as a Consortium workload (`hf-lora`)."""

@@ -10,6 +10,9 @@ side by side in one run:
 - **persistent trainer** (what `client join` does): the model, tokenizer and tokenized
   data stay loaded between messages; a round copies the received adapters in, trains
   and reads the adapters out;
+- **model rebuilt every round** (`client join` with a `trainer_memory_mb` below the
+  model's size): the same process and data, but the base model, tokenizer and
+  adapters are built again for every message;
 - **reloaded every round** (what Flower's default per-message `flwr-clientapp` process
   pays): a fresh Python process per round imports torch, transformers and peft, loads
   the base model and tokenizer, reads and tokenizes the site's data, then does the same
@@ -23,6 +26,7 @@ model's.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -64,18 +68,24 @@ def mean(values: list[float]) -> float:
 
 
 def persistent(
-    options: dict[str, str], data_dir: Path, budgets: list[RoundBudget], adapters: Path
+    options: dict[str, str],
+    data_dir: Path,
+    budgets: list[RoundBudget],
+    adapters: Path,
+    keep_model: bool = True,
 ) -> list[float]:
-    """Seconds of each round with everything kept loaded (the first round loads it)."""
+    """Seconds of each round in this process: the data kept, and the model too unless
+    `keep_model` is false (the first round loads everything)."""
     torch.set_num_threads(1)
     workload = HuggingFaceLoRA()
     model = data = None
     times = []
     for budget in budgets:
         started = time.perf_counter()
-        if model is None:
-            model = workload.build_model(options)
+        if data is None:
             data = workload.load_site_data(data_dir, "docstrings")
+        if model is None or not keep_model:
+            model = workload.build_model(options)
         workload.load_exchanged(model, load_file(adapters))
         workload.train(model, data, budget, torch.device("cpu"), KEY)
         save_file(dict(workload.exchanged(model)), adapters)
@@ -128,22 +138,26 @@ def main() -> None:
         adapter_bytes = sum(t.numel() * t.element_size() for t in start.values())
         full_bytes = workload.parameter_count(options) * 4
         results = {}
-        for name, run in (("persistent trainer", persistent), ("reloaded every round", reloaded)):
+        runs = (
+            ("persistent trainer", persistent),
+            ("model rebuilt every round", functools.partial(persistent, keep_model=False)),
+            ("reloaded every round", reloaded),
+        )
+        for name, run in runs:
             adapters = work / f"{name.split()[0]}.safetensors"
             save_file(start, adapters)
             print(f"{name}: {args.rounds} rounds of {args.local_steps} steps...", flush=True)
             results[name] = run(options, data_dir, budgets, adapters)
         # Both ran the same rounds from the same adapters: they must end equal.
-        same = torch.equal(
-            next(iter(load_file(work / "persistent.safetensors").values())),
-            next(iter(load_file(work / "reloaded.safetensors").values())),
-        )
+        ends = [load_file(work / f"{name.split()[0]}.safetensors") for name, _ in runs]
+        same = all(torch.equal(end[key], ends[0][key]) for end in ends[1:] for key in ends[0])
     print()
-    print(f"{'site, one round':<24}{'first s':>10}{'rounds 2..N s':>16}")
+    print(f"{'site, one round':<28}{'first s':>10}{'rounds 2..N s':>16}{'/ persistent':>14}")
+    kept = mean(results["persistent trainer"][1:])
     for name, times in results.items():
-        print(f"{name:<24}{times[0]:>10.2f}{mean(times[1:]):>16.2f}")
-    ratio = mean(results["reloaded every round"][1:]) / mean(results["persistent trainer"][1:])
-    print(f"reloaded / persistent: {ratio:.1f}x; same adapters after every round: {same}")
+        rest = mean(times[1:])
+        print(f"{name:<28}{times[0]:>10.2f}{rest:>16.2f}{rest / kept:>13.1f}x")
+    print(f"same adapters after the last round in every run: {same}")
     print(
         f"bytes per site and round: adapters {adapter_bytes:,}, full model {full_bytes:,} "
         f"({100 * adapter_bytes / full_bytes:.1f}%)"

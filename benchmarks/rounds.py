@@ -20,8 +20,9 @@ A round's time is measured between the ends of consecutive rounds (each side's c
 evaluation), so start-up is left out; rounds 2..N are averaged. Prints seconds per
 round for each, the ratios, and each run's final accuracy.
 
-The Hugging Face LoRA example's rows (a site's round with and without the persistent
-trainer, and bytes per round) come from benchmarks/hf_lora_trainer.py.
+Then, unless `--skip-hf-lora`, the Hugging Face LoRA example's rows: a site's round
+with and without the persistent trainer, and the bytes per round (it runs
+benchmarks/hf_lora_trainer.py, which also runs on its own).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -199,6 +201,7 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=2)
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--secure", action="store_true", help="Consortium with mutual TLS")
+    parser.add_argument("--skip-hf-lora", action="store_true", help="digits rows only")
     args = parser.parse_args()
     names = [f"site-{i}" for i in range(args.sites)]
     with tempfile.TemporaryDirectory(prefix="rounds-bench-") as tmp:
@@ -217,6 +220,10 @@ def main() -> None:
         )
         print(f"ratio Consortium / plain Flower: {ours_s / flower_s:.2f}")
         print(f"ratio Consortium / Consortium polling every 3 s: {ours_s / slow_s:.2f}")
+    if not args.skip_hf_lora:
+        print("\nthe Hugging Face LoRA example, one site:", flush=True)
+        trainer_benchmark = Path(__file__).resolve().parent / "hf_lora_trainer.py"
+        subprocess.run([sys.executable, str(trainer_benchmark)], check=True)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ from coordinator.observability.metrics import (
 from coordinator.pretraining.engine import DriverProcessEngine
 from coordinator.pretraining.runner import PretrainRunner
 from coordinator.ray.head import RayCluster, RayHead
-from coordinator.ray.revocation import RayRevocationSync
+from coordinator.ray.revocation import RayRevocationSync, revoked_institutions
 from coordinator.ray.tls import coordinator_ray_tls
 from coordinator.ray.token_rotation import RayTokenRotation
 from coordinator.settings import CoordinatorSettings
@@ -376,7 +376,11 @@ class Coordinator:
             PretrainRunner(
                 lifecycle,
                 settings.data_dir,
-                DriverProcessEngine(self.ray_cluster, self.paths.log_file("pretrain-driver")),
+                DriverProcessEngine(
+                    self.ray_cluster,
+                    self.paths.log_file("pretrain-driver"),
+                    revoked=lambda: revoked_institutions(self.store),
+                ),
                 self.metrics,
             )
             if self.ray_cluster is not None

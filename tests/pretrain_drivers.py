@@ -23,7 +23,12 @@ import numpy as np
 from consortium.tensor_digest import arrays_digest
 from coordinator.pretraining import driver_wire as wire
 from coordinator.pretraining.accounting import account
-from coordinator.pretraining.driver import DriverBody, listen_for_stop, serve_one_request
+from coordinator.pretraining.driver import (
+    DriverBody,
+    RevokedInstitutions,
+    listen_for_stop,
+    serve_one_request,
+)
 from coordinator.pretraining.driver_wire import DriverRequest
 from coordinator.pretraining.records import ControllerState, OuterStepRecord, WorkerStepResult
 
@@ -110,6 +115,20 @@ def ignores_stop(conn: Connection, request: DriverRequest) -> None:
     time.sleep(600)
 
 
+def reports_revocations(conn: Connection, request: DriverRequest) -> None:
+    """The real driver's control thread keeping the revoked set, which this reports as
+    a wait reason ("revoked: a,b") at start and on every change, until told to stop."""
+    stop = threading.Event()
+    revoked = RevokedInstitutions(request.revoked)
+    threading.Thread(target=listen_for_stop, args=(conn, stop, revoked), daemon=True).start()
+    reported: frozenset[str] | None = None
+    while not stop.wait(0.05):
+        if (now := revoked.get()) != reported:
+            wire.send_wait(conn, "revoked: " + ",".join(sorted(now)))
+            reported = now
+    wire.send_done(conn, result(request, ControllerState.RUNNING))
+
+
 def waits_for_stop(conn: Connection, request: DriverRequest) -> None:
     """The real driver's control thread, alone: exits 0 once told to stop."""
     listen_for_stop(conn, threading.Event())
@@ -160,6 +179,7 @@ if __name__ == "__main__":
             crashes_after_a_step,
             stops_when_asked,
             ignores_stop,
+            reports_revocations,
             waits_for_stop,
             sends_a_pickle,
             sends_a_malformed_step,

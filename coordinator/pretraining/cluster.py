@@ -9,9 +9,9 @@ typically) contribute no slots unless asked.
 A node offers no slot while Ray drains it (it is leaving, or the coordinator drains it
 because its institution was revoked), nor when any institution it claims, by resource
 or label, is revoked. Ray has one cluster-wide token, so it cannot tell institutions
-apart; the coordinator publishes the revoked ones in the cluster's internal KV
-(`REVOKED_KEY` in `DENY_LIST_NAMESPACE`, a JSON list) and `RayClusterView` reads them
-there unless it is given the set.
+apart; `RayClusterView` asks for the revoked ones before every plan, from the
+coordinator (over its driver's socket, coordinator/pretraining/driver.py), never from
+the cluster: Ray's KV store is writable by every member holding the token.
 
 `RayClusterView` reads ``ray.nodes()``; tests and other schedulers can pass any object
 with a ``slots()`` method. `ScalingPolicy` turns the slots into a decision: the workers
@@ -21,10 +21,9 @@ to use, or why the job must wait.
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import socket
-from collections.abc import Iterable, Mapping, Set
+from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -37,9 +36,6 @@ log = logging.getLogger(__name__)
 INSTITUTION_PREFIX = "institution:"
 INSTITUTION_LABEL = "institution"
 NODE_ID_PREFIX_CHARS = 12
-# Where the coordinator publishes the revoked institutions in Ray's internal KV.
-DENY_LIST_NAMESPACE = b"consortium"
-REVOKED_KEY = b"revoked_institutions"
 GCS_PROBE_TIMEOUT_S = 1.0
 
 
@@ -133,28 +129,6 @@ def claimed_institutions(
     return frozenset(names)
 
 
-def encode_deny_list(revoked: Iterable[str]) -> bytes:
-    """The KV value the coordinator publishes: a sorted JSON list of names."""
-    return json.dumps(sorted(set(revoked))).encode()
-
-
-def decode_deny_list(raw: bytes | None) -> frozenset[str]:
-    """The revoked institutions from the KV value (None: nothing published yet)."""
-    if raw is None:
-        return frozenset()
-    try:
-        names = json.loads(raw)
-    except ValueError:
-        names = None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ValueError(
-            f"the Ray KV key {REVOKED_KEY.decode()!r} (namespace "
-            f"{DENY_LIST_NAMESPACE.decode()!r}) must hold a JSON list of institution "
-            f"names, not {raw[:80]!r}; only the coordinator writes it"
-        )
-    return frozenset(names)
-
-
 def _institution(resources: Mapping[str, float]) -> str | None:
     prefix = len(INSTITUTION_PREFIX)
     names = sorted(k[prefix:] for k in resources if k.startswith(INSTITUTION_PREFIX))
@@ -166,15 +140,15 @@ def _institution(resources: Mapping[str, float]) -> str | None:
 class RayClusterView:
     """Slots of the Ray cluster this process is connected to (``ray.init`` first).
 
-    ``revoked_institutions``: None reads the set the coordinator published in the
-    cluster's KV, on every call (a revocation takes effect at the next plan).
+    ``revoked_institutions`` is called on every call (a revocation takes effect at the
+    next plan); the coordinator's driver passes what the coordinator last sent it.
     """
 
     def __init__(
         self,
         device: Literal["auto", "cpu", "gpu"] = "auto",
         unaffiliated_institution: str | None = None,
-        revoked_institutions: Set[str] | None = None,
+        revoked_institutions: Callable[[], Set[str]] = frozenset,
     ) -> None:
         self.device = device
         self.unaffiliated_institution = unaffiliated_institution
@@ -186,13 +160,8 @@ class RayClusterView:
         # Ray's private driver-side modules have no stubs.
         state = importlib.import_module("ray._private.state").state
         draining = set(state.get_draining_nodes())
-        revoked = self.revoked_institutions
-        if revoked is None:
-            internal_kv = importlib.import_module("ray.experimental.internal_kv")
-            raw = internal_kv._internal_kv_get(REVOKED_KEY, namespace=DENY_LIST_NAMESPACE)
-            revoked = decode_deny_list(raw)
         return slots_from_nodes(
-            nodes, self.device, self.unaffiliated_institution, revoked, draining
+            nodes, self.device, self.unaffiliated_institution, self.revoked_institutions(), draining
         )
 
 

@@ -11,9 +11,14 @@ re-queues the job, which resumes from its checkpoint.
 The two processes talk over a socket pair (fd N here) in the frames of
 `driver_wire`: JSON and safetensors, never pickle, since this process unpickles what
 Ray's workers return and the coordinator holds the signing key. The coordinator sends
-the request, then at most a stop (end the run after its current step); this process
-sends each outer step, each change of its wait reason, and the result or the error. A
-closed socket (the coordinator died) ends the driver at once.
+the request, every change of the set of revoked institutions, and at most a stop (end
+the run after its current step); this process sends each outer step, each change of its
+wait reason, and the result or the error. A closed socket (the coordinator died) ends
+the driver at once.
+
+The planner learns which institutions are revoked from the coordinator alone, over
+this socket: not from anything in the Ray cluster, where every member holds the
+cluster's token and could write it.
 """
 
 from __future__ import annotations
@@ -42,17 +47,20 @@ def drive(conn: Connection, request: DriverRequest) -> None:
         level=request.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     stop = threading.Event()
+    revoked = RevokedInstitutions(request.revoked)
     threading.Thread(
-        target=listen_for_stop, args=(conn, stop), name="driver-control", daemon=True
+        target=listen_for_stop, args=(conn, stop, revoked), name="driver-control", daemon=True
     ).start()
     try:
         _connect(request.cluster)
         from coordinator.pretraining.api import run_pretraining  # torch and Ray
+        from coordinator.pretraining.cluster import RayClusterView
 
         result = run_pretraining(
             request.spec,
             request.checkpoint_dir,
             lambda record: wire.send_step(conn, record),
+            cluster_view=RayClusterView(request.spec.device, revoked_institutions=revoked.get),
             stop=stop,
             on_wait=lambda reason: wire.send_wait(conn, reason),
         )
@@ -88,15 +96,36 @@ def _disconnect() -> None:
         ray.shutdown()
 
 
-def listen_for_stop(conn: Connection, stop: threading.Event) -> None:
-    """Set `stop` on the coordinator's "stop"; exit at once if its end of the socket closes.
+class RevokedInstitutions:
+    """The revoked institutions as the coordinator last said; the planner reads them
+    before every plan."""
+
+    def __init__(self, names: frozenset[str]) -> None:
+        self._names = names
+
+    def get(self) -> frozenset[str]:
+        return self._names
+
+    def set(self, names: frozenset[str]) -> None:
+        if names != self._names:
+            log.info("revoked institutions now: %s", ", ".join(sorted(names)) or "none")
+        self._names = names  # one reference swapped: readers see the old or the new set
+
+
+def listen_for_stop(
+    conn: Connection, stop: threading.Event, revoked: RevokedInstitutions | None = None
+) -> None:
+    """Set `stop` on the coordinator's "stop", and `revoked` on its ``revoked`` frames;
+    exit at once if its end of the socket closes.
 
     A coordinator that died (or gave up on this run) re-queues the job, and the next
     driver resumes from the checkpoint: an orphan finishing its step would race that
     driver for the workers and the checkpoint. Its Ray actors die with it."""
     try:
-        while not wire.is_stop(conn.recv_bytes()):
-            pass
+        while not wire.is_stop(frame := conn.recv_bytes()):
+            names = wire.revoked_in(frame)
+            if names is not None and revoked is not None:
+                revoked.set(names)
     except (EOFError, OSError):
         if not stop.is_set():
             log.warning("the coordinator has gone; ending this pretraining driver")

@@ -8,7 +8,8 @@ safetensors frame, which is parsed as tensors and checked against the model dige
 result names. Anything else is a `DriverProtocolError`.
 
 Frames on the socket (`multiprocessing.connection.Connection.send_bytes`):
-coordinator -> driver: ``request`` (once, first), then ``stop`` at most once;
+coordinator -> driver: ``request`` (once, first; it names the institutions revoked so
+far), then ``revoked`` whenever that set changes, and ``stop`` at most once;
 driver -> coordinator: ``step``, ``wait``, then ``done`` followed by the weights frame,
 or ``error``.
 """
@@ -54,6 +55,8 @@ class DriverRequest:
     spec: PretrainJobSpec
     checkpoint_dir: Path
     log_level: int = logging.INFO
+    # The institutions revoked when the run started; `revoked` frames update them.
+    revoked: frozenset[str] = frozenset()
 
 
 class _Tls(BaseModel):
@@ -72,6 +75,13 @@ class _Request(BaseModel):
     spec: dict[str, Any]
     checkpoint_dir: Path
     log_level: int
+    revoked: list[str]
+
+
+class _Revoked(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["revoked"]
+    institutions: list[str]
 
 
 class _Done(BaseModel):
@@ -103,8 +113,13 @@ def send_request(conn: Connection, request: DriverRequest) -> None:
             "spec": request.spec.model_dump(mode="json"),
             "checkpoint_dir": str(request.checkpoint_dir),
             "log_level": request.log_level,
+            "revoked": sorted(request.revoked),
         },
     )
+
+
+def send_revoked(conn: Connection, institutions: frozenset[str]) -> None:
+    _send(conn, {"kind": "revoked", "institutions": sorted(institutions)})
 
 
 def send_stop(conn: Connection) -> None:
@@ -123,6 +138,7 @@ def read_request(conn: Connection) -> DriverRequest:
         PretrainJobSpec.model_validate(message.spec),
         message.checkpoint_dir,
         message.log_level,
+        frozenset(message.revoked),
     )
 
 
@@ -131,6 +147,14 @@ def is_stop(frame: bytes) -> bool:
         return bool(json.loads(frame) == {"kind": "stop"})
     except ValueError:
         return False
+
+
+def revoked_in(frame: bytes) -> frozenset[str] | None:
+    """The institutions a ``revoked`` frame names; None for any other frame."""
+    try:
+        return frozenset(_Revoked.model_validate_json(frame).institutions)
+    except ValidationError:
+        return None
 
 
 # --- driver -> coordinator -----------------------------------------------------------

@@ -46,6 +46,7 @@ STOP_GRACE_S = 20.0  # within PretrainRunner's 30 s wait for its thread
 DRIVER_EXIT_S = 10.0  # a finished driver's `ray.shutdown()`
 KILL_AFTER_S = 1.0  # SIGTERM, then SIGKILL
 POLL_S = 0.2
+REVOKED_CHECK_S = 1.0  # how often a running driver's revoked set is compared with ours
 
 
 class PretrainEngine(Protocol):
@@ -73,7 +74,10 @@ class DriverProcessEngine:
     (Ray's driver threads can segfault when the head goes away) ends only the run, which
     `run` reports as `DriverDiedError`. A stopped run gets `stop_grace_s` to end after its
     current step before its driver is killed (the step is lost; the checkpoint is not).
-    `command` is the driver's command line, to which ``--fd N`` is added.
+    `command` is the driver's command line, to which ``--fd N`` is added. `revoked`
+    gives the institutions revoked now (the coordinator's state): the driver gets them
+    with its request and every change while it runs, and its planner uses no other
+    source.
     """
 
     def __init__(
@@ -82,8 +86,10 @@ class DriverProcessEngine:
         log_path: Path,
         stop_grace_s: float = STOP_GRACE_S,
         command: Sequence[str] = DRIVER_COMMAND,
+        revoked: Callable[[], frozenset[str]] = frozenset,
     ) -> None:
         self._cluster = cluster
+        self._revoked = revoked
         self._log_path = log_path
         self._stop_grace_s = stop_grace_s
         self._command = tuple(command)
@@ -102,7 +108,11 @@ class DriverProcessEngine:
         on_wait: Callable[[str | None], None],
     ) -> PretrainResult:
         request = DriverRequest(
-            self._cluster, spec, checkpoint_dir, logging.getLogger().getEffectiveLevel()
+            self._cluster,
+            spec,
+            checkpoint_dir,
+            logging.getLogger().getEffectiveLevel(),
+            self._revoked(),
         )
         ours, theirs = socket.socketpair()
         with theirs:
@@ -115,7 +125,7 @@ class DriverProcessEngine:
         conn = Connection(ours.detach())
         try:
             wire.send_request(conn, request)
-            return self._follow(child, conn, on_step, stop, on_wait)
+            return self._follow(child, conn, on_step, stop, on_wait, request.revoked)
         except DriverProtocolError:
             child.stop(KILL_AFTER_S)  # not trusted further: not even to leave on its own
             raise
@@ -130,9 +140,17 @@ class DriverProcessEngine:
         on_step: Callable[[OuterStepRecord], None],
         stop: threading.Event,
         on_wait: Callable[[str | None], None],
+        revoked: frozenset[str],
     ) -> PretrainResult:
         stop_by: float | None = None  # when a stopped driver is killed if still running
+        check_revoked_at = time.monotonic() + REVOKED_CHECK_S
         while True:
+            if time.monotonic() >= check_revoked_at:
+                check_revoked_at = time.monotonic() + REVOKED_CHECK_S
+                if (now := self._revoked()) != revoked:
+                    with contextlib.suppress(OSError):  # a dead driver: found below
+                        wire.send_revoked(conn, now)
+                    revoked = now
             if stop.is_set() and stop_by is None:
                 with contextlib.suppress(OSError):
                     wire.send_stop(conn)

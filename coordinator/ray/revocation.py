@@ -6,16 +6,19 @@ waits while a pretraining job runs (and cannot happen on a cluster the coordinat
 attaches to). Meanwhile the coordinator does, from its scheduler thread before every
 step (like `SuperNodeKeySync`), once any institution is revoked:
 
-* publish the revoked names in the cluster's internal KV (`REVOKED_KEY`), where
-  `RayClusterView` reads them, so the pretraining planner never places a worker on a
-  node that claims a revoked institution (by ``institution:<name>`` resource or
-  ``institution`` label), from its next plan on;
 * ask the GCS to drain every alive node claiming a revoked institution
   (``DRAIN_NODE_REASON_PREEMPTION``): Ray places nothing new there, an idle node's raylet
   shuts down at once, a busy one when its work ends (the planner drops our worker at the
   next outer step). A node that joins again is drained again at the next sync.
 
 Each drain is logged. Without any revocation this costs nothing: no GCS call is made.
+
+The pretraining planner hears of revocations from the coordinator too, not from the
+cluster: a running driver gets the revoked set (`revoked_institutions`) over its socket
+whenever it changes (coordinator/pretraining/engine.py), and never places a worker on a
+node that claims a revoked institution (by ``institution:<name>`` resource or
+``institution`` label) from its next plan on. The cluster's own KV store is writable by
+every member holding the token, so nothing there is trusted.
 """
 
 from __future__ import annotations
@@ -27,12 +30,7 @@ from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from coordinator.pretraining.cluster import (
-    DENY_LIST_NAMESPACE,
-    REVOKED_KEY,
-    claimed_institutions,
-    encode_deny_list,
-)
+from coordinator.pretraining.cluster import claimed_institutions
 from coordinator.ray.head import RayCluster
 from coordinator.ray.nodes import ALIVE, RayNodeInfo, gcs_client, node_from_gcs
 from coordinator.state import StateStore
@@ -43,6 +41,11 @@ GCS_TIMEOUT_S = 5.0
 # Told to Ray with the drain (Ray-aware libraries read it); Ray does not kill at it.
 DRAIN_DEADLINE_S = 60
 DRAIN_REASON = "DRAIN_NODE_REASON_PREEMPTION"
+
+
+def revoked_institutions(store: StateStore) -> frozenset[str]:
+    """Every institution the operator revoked (the coordinator's state)."""
+    return frozenset(i for i in store.institutions() if store.is_revoked(i))
 
 
 def nodes_to_drain(nodes: Iterable[RayNodeInfo], revoked: Set[str]) -> list[RayNodeInfo]:
@@ -68,8 +71,6 @@ class GcsControl(Protocol):
     """What the sync needs from the GCS (a fake in unit tests)."""
 
     def nodes(self) -> Sequence[RayNodeInfo]: ...
-
-    def publish_deny_list(self, value: bytes) -> None: ...
 
     def drain(self, node_id: str, message: str, deadline_ms: int) -> tuple[bool, str]: ...
 
@@ -98,16 +99,6 @@ class RayGcsControl:
         infos = self._call("get_all_node_info", timeout=GCS_TIMEOUT_S)
         return [node_from_gcs(info) for info in infos.values()]
 
-    def publish_deny_list(self, value: bytes) -> None:
-        self._call(
-            "internal_kv_put",
-            REVOKED_KEY,
-            value,
-            True,
-            DENY_LIST_NAMESPACE,
-            timeout=GCS_TIMEOUT_S,
-        )
-
     def drain(self, node_id: str, message: str, deadline_ms: int) -> tuple[bool, str]:
         autoscaler_pb2 = importlib.import_module("ray.core.generated.autoscaler_pb2")
         reason = autoscaler_pb2.DrainNodeReason.Value(DRAIN_REASON)
@@ -130,11 +121,10 @@ class RayRevocationSync:
         return cls(store, RayGcsControl(cluster.address))
 
     def sync(self) -> None:
-        revoked = {i for i in self.store.institutions() if self.store.is_revoked(i)}
+        revoked = revoked_institutions(self.store)
         if not revoked:
             return
         try:
-            self.gcs.publish_deny_list(encode_deny_list(revoked))
             for node in nodes_to_drain(self.gcs.nodes(), revoked):
                 self._drain(node, revoked)
         except Exception as error:  # the GCS may be restarting; the next step retries

@@ -1,16 +1,12 @@
 """The pretraining planner's view of the cluster: revoked institutions and draining
-nodes offer no slot; the deny-list the coordinator publishes in Ray's KV."""
+nodes offer no slot."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
 from coordinator.pretraining.cluster import (
     claimed_institutions,
-    decode_deny_list,
-    encode_deny_list,
     slots_from_nodes,
 )
 
@@ -63,15 +59,3 @@ def test_claimed_institutions_counts_resources_and_the_label() -> None:
     }
     assert claimed_institutions({"CPU": 1}, {"institution": "c", "node": "x"}) == {"c"}
     assert claimed_institutions({}, {}) == frozenset()
-
-
-def test_deny_list_round_trips_and_absent_means_none() -> None:
-    assert decode_deny_list(encode_deny_list(["beta", "alpha", "beta"])) == {"alpha", "beta"}
-    assert encode_deny_list(["beta", "alpha"]) == b'["alpha", "beta"]'
-    assert decode_deny_list(None) == frozenset()
-
-
-@pytest.mark.parametrize("raw", [b"not json", b'{"beta": 1}', b'["beta", 3]'])
-def test_a_malformed_deny_list_is_an_error_naming_the_key(raw: bytes) -> None:
-    with pytest.raises(ValueError, match="revoked_institutions"):
-        decode_deny_list(raw)

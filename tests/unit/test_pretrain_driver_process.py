@@ -30,7 +30,7 @@ from coordinator.pretraining.errors import (
 )
 from coordinator.pretraining.records import OuterStepRecord
 from coordinator.ray.head import RayCluster
-from tests.helpers import TINY_PRETRAIN
+from tests.helpers import TINY_PRETRAIN, wait_for
 from tests.pretrain_drivers import PWNED, WAIT, command, step_record
 
 _SPEC = parse_submitted_spec(
@@ -45,11 +45,13 @@ class Run:
 
     def __init__(self, tmp_path: Path, driver: str, stop_grace_s: float = 20.0) -> None:
         self.log = tmp_path / "pretrain-driver.log"
+        self.revoked: frozenset[str] = frozenset()  # the coordinator's state, as it changes
         self.engine = DriverProcessEngine(
             RayCluster("127.0.0.1:1", None),
             self.log,
             stop_grace_s=stop_grace_s,
             command=command(driver),
+            revoked=lambda: self.revoked,
         )
         self.checkpoints = tmp_path / "checkpoints"
         self.steps: list[OuterStepRecord] = []
@@ -94,6 +96,28 @@ def test_a_driver_crash_is_reported_and_this_process_lives_on(tmp_path: Path) ->
         run.run()
     assert run.steps == [step_record(0)]  # what it finished before crashing is kept
     assert not drivers_left()
+
+
+def test_the_driver_hears_each_revocation_from_the_coordinator_alone(tmp_path: Path) -> None:
+    """The planner's deny list comes over the driver's socket, from the coordinator's
+    state: with the request, then within a second of every change. (Ray's KV store,
+    writable by every cluster member, is not read.)"""
+    run = Run(tmp_path, "reports_revocations")
+    run.revoked = frozenset({"gamma"})
+    outcome: list[PretrainResult] = []
+    thread = threading.Thread(target=lambda: outcome.append(run.run()))
+    thread.start()
+    try:
+        wait_for("the request's revoked set", lambda: "revoked: gamma" in run.waits, 30.0)
+        run.revoked = frozenset({"beta", "gamma"})
+        wait_for("the revocation of beta", lambda: "revoked: beta,gamma" in run.waits, 30.0)
+        run.revoked = frozenset()
+        wait_for("beta and gamma restored", lambda: run.waits[-1] == "revoked: ", 30.0)
+    finally:
+        run.stop.set()
+        thread.join(30.0)
+    assert run.waits == ["revoked: gamma", "revoked: beta,gamma", "revoked: "]
+    assert [r.state for r in outcome] == [ControllerState.RUNNING]
 
 
 def test_a_stopped_run_ends_after_its_step(tmp_path: Path) -> None:

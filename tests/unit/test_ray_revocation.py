@@ -10,9 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.pretraining.cluster import decode_deny_list
 from coordinator.ray.nodes import ALIVE, DEAD, DRAINING, RayNodeInfo
-from coordinator.ray.revocation import RayRevocationSync, drain_message, nodes_to_drain
+from coordinator.ray.revocation import (
+    RayRevocationSync,
+    drain_message,
+    nodes_to_drain,
+    revoked_institutions,
+)
 from coordinator.state import SqliteStateStore
 
 
@@ -52,7 +56,6 @@ def test_drain_message_names_the_revoked_institutions() -> None:
 @dataclass
 class FakeGcs:
     listed: list[RayNodeInfo] = field(default_factory=list)
-    published: list[bytes] = field(default_factory=list)
     drained: list[tuple[str, str]] = field(default_factory=list)
     accept: bool = True
     fail: Exception | None = None
@@ -61,9 +64,6 @@ class FakeGcs:
         if self.fail is not None:
             raise self.fail
         return self.listed
-
-    def publish_deny_list(self, value: bytes) -> None:
-        self.published.append(value)
 
     def drain(self, node_id: str, message: str, deadline_ms: int) -> tuple[bool, str]:
         assert deadline_ms > 0
@@ -85,17 +85,17 @@ def store(tmp_path: Path) -> Iterator[SqliteStateStore]:
 def test_without_revocations_the_gcs_is_not_asked(store: SqliteStateStore) -> None:
     gcs = FakeGcs([node("b1", "beta")])
     RayRevocationSync(store, gcs).sync()
-    assert gcs.published == [] and gcs.drained == []
+    assert gcs.drained == []
 
 
-def test_revocation_publishes_the_deny_list_and_drains_the_nodes(
+def test_revocation_drains_the_revoked_institutions_nodes(
     store: SqliteStateStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     store.revoke_institution("beta")
     gcs = FakeGcs([node("b1", "beta"), node("a1", "alpha"), node("b0", "beta", state=DEAD)])
     with caplog.at_level(logging.INFO, logger="coordinator.ray.revocation"):
         RayRevocationSync(store, gcs).sync()
-    assert [decode_deny_list(v) for v in gcs.published] == [frozenset({"beta"})]
+    assert revoked_institutions(store) == {"beta"}
     assert gcs.drained == [("b1", "institution beta revoked by the consortium operator")]
     assert any("Ray: draining node b1" in r.getMessage() for r in caplog.records)
 

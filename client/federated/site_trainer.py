@@ -95,11 +95,11 @@ class SiteTrainer:
             size = model_bytes(model)
             if size > self.memory_budget_bytes:
                 log.warning(
-                    "workload %s's model holds %d MiB, over the site trainer's budget of "
-                    "%d MiB (trainer_memory_mb): it is built again for every message",
+                    "workload %s's model holds %.1f MiB, over the site trainer's budget of "
+                    "%.1f MiB (trainer_memory_mb): it is built again for every message",
                     name,
-                    size >> 20,
-                    self.memory_budget_bytes >> 20,
+                    size / 2**20,
+                    self.memory_budget_bytes / 2**20,
                 )
                 return model
             self._models[key] = (model, size)

@@ -66,7 +66,7 @@ def test_the_lora_example_runs_across_three_institutions_verifies_and_replays(
     wait_for("every process the example started to end", lambda: processes.alive() == [], 15.0)
     for site in (work_dir / "logs").glob("client-*.log"):
         site_log = " ".join(site.read_text().split())
-        assert "over the site trainer's budget of 1 MiB (trainer_memory_mb)" in site_log, site
+        assert "holds 1.4 MiB, over the site trainer's budget of 1.0 MiB" in site_log, site
 
     paths = DataDir(work_dir / "coordinator")
     verified = verify_log(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 
@@ -109,11 +111,16 @@ def test_models_are_kept_within_the_memory_budget(tmp_path: Path) -> None:
     assert workload.builds == 4
 
 
-def test_a_model_over_the_whole_budget_is_built_for_every_message(tmp_path: Path) -> None:
+def test_a_model_over_the_whole_budget_is_built_for_every_message(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     workload = CountingWorkload(keep_model_loaded=True)
     trainer = SiteTrainer(memory_budget_bytes=1000)
     small = trainer.model(7, "w", workload, {"size": 2})
-    large = trainer.model(7, "w", workload, {"size": 32})  # 4224 bytes
+    with caplog.at_level(logging.WARNING, logger="client.federated.site_trainer"):
+        large = trainer.model(7, "w", workload, {"size": 32})  # 4224 bytes
+    assert "w's model holds 0.0 MiB, over the site trainer's budget of 0.0 MiB" in caplog.text
+    assert "(trainer_memory_mb)" in caplog.text
     assert trainer.model(7, "w", workload, {"size": 32}) is not large
     assert trainer.model(7, "w", workload, {"size": 2}) is small  # still kept
     assert workload.builds == 3

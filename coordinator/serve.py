@@ -52,7 +52,7 @@ from coordinator.observability.metrics import (
 from coordinator.pretraining.engine import DriverProcessEngine
 from coordinator.pretraining.runner import PretrainRunner
 from coordinator.ray.head import RayCluster, RayHead
-from coordinator.ray.revocation import RayRevocationSync, revoked_institutions
+from coordinator.ray.revocation import RayRevocationSync
 from coordinator.ray.tls import coordinator_ray_tls
 from coordinator.ray.token_rotation import RayTokenRotation
 from coordinator.settings import CoordinatorSettings
@@ -379,7 +379,7 @@ class Coordinator:
                 DriverProcessEngine(
                     self.ray_cluster,
                     self.paths.log_file("pretrain-driver"),
-                    revoked=lambda: revoked_institutions(self.store),
+                    revoked=self.store.revoked_institutions,
                 ),
                 self.metrics,
             )

@@ -14,7 +14,7 @@ step (like `SuperNodeKeySync`), once any institution is revoked:
 Each drain is logged. Without any revocation this costs nothing: no GCS call is made.
 
 The pretraining planner hears of revocations from the coordinator too, not from the
-cluster: a running driver gets the revoked set (`revoked_institutions`) over its socket
+cluster: a running driver gets the revoked set (`StateStore.revoked_institutions`) over its socket
 whenever it changes (coordinator/pretraining/engine.py), and never places a worker on a
 node that claims a revoked institution (by ``institution:<name>`` resource or
 ``institution`` label) from its next plan on. The cluster's own KV store is writable by
@@ -41,11 +41,6 @@ GCS_TIMEOUT_S = 5.0
 # Told to Ray with the drain (Ray-aware libraries read it); Ray does not kill at it.
 DRAIN_DEADLINE_S = 60
 DRAIN_REASON = "DRAIN_NODE_REASON_PREEMPTION"
-
-
-def revoked_institutions(store: StateStore) -> frozenset[str]:
-    """Every institution the operator revoked (the coordinator's state)."""
-    return frozenset(i for i in store.institutions() if store.is_revoked(i))
 
 
 def nodes_to_drain(nodes: Iterable[RayNodeInfo], revoked: Set[str]) -> list[RayNodeInfo]:
@@ -121,7 +116,7 @@ class RayRevocationSync:
         return cls(store, RayGcsControl(cluster.address))
 
     def sync(self) -> None:
-        revoked = revoked_institutions(self.store)
+        revoked = self.store.revoked_institutions()
         if not revoked:
             return
         try:

@@ -54,7 +54,7 @@ class RayTokenRotation:
             return set()
 
     def sync(self) -> None:
-        revoked = {i for i in self._store.institutions() if self._store.is_revoked(i)}
+        revoked = set(self._store.revoked_institutions())
         pending = frozenset(revoked - self.excluded())
         if not pending:
             return

@@ -270,6 +270,10 @@ class InMemoryStateStore(StateStore):
         with self._lock:
             return institution in self._revoked_at_ms
 
+    def revoked_institutions(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset(self._revoked_at_ms)
+
     def add_supernode_key(self, institution: str, public_key: str) -> None:
         with self._lock:
             self._supernode_keys.setdefault((institution, public_key), "")

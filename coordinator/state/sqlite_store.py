@@ -518,6 +518,10 @@ class SqliteStateStore(StateStore):
         )
         return row is not None
 
+    def revoked_institutions(self) -> frozenset[str]:
+        rows = self._connection().execute("SELECT institution FROM revocations").fetchall()
+        return frozenset(str(r["institution"]) for r in rows)
+
     def add_supernode_key(self, institution: str, public_key: str) -> None:
         with self._transaction() as db:
             db.execute(

@@ -146,6 +146,10 @@ class StateStore(ABC):
     def is_revoked(self, institution: str) -> bool: ...
 
     @abstractmethod
+    def revoked_institutions(self) -> frozenset[str]:
+        """Every institution the operator revoked."""
+
+    @abstractmethod
     def add_supernode_key(self, institution: str, public_key: str) -> None: ...
 
     @abstractmethod

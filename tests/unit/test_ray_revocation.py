@@ -11,12 +11,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.ray.nodes import ALIVE, DEAD, DRAINING, RayNodeInfo
-from coordinator.ray.revocation import (
-    RayRevocationSync,
-    drain_message,
-    nodes_to_drain,
-    revoked_institutions,
-)
+from coordinator.ray.revocation import RayRevocationSync, drain_message, nodes_to_drain
 from coordinator.state import SqliteStateStore
 
 
@@ -95,7 +90,7 @@ def test_revocation_drains_the_revoked_institutions_nodes(
     gcs = FakeGcs([node("b1", "beta"), node("a1", "alpha"), node("b0", "beta", state=DEAD)])
     with caplog.at_level(logging.INFO, logger="coordinator.ray.revocation"):
         RayRevocationSync(store, gcs).sync()
-    assert revoked_institutions(store) == {"beta"}
+    assert store.revoked_institutions() == {"beta"}
     assert gcs.drained == [("b1", "institution beta revoked by the consortium operator")]
     assert any("Ray: draining node b1" in r.getMessage() for r in caplog.records)
 

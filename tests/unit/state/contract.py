@@ -529,12 +529,14 @@ class StateTest(ABC):
         store.add_node(make_node("a2", institution="uni-a"))
         store.add_node(make_node("b1", institution="uni-b"))
         assert store.is_revoked("uni-a") is False
+        assert store.revoked_institutions() == frozenset()
 
         store.revoke_institution("uni-a")
         store.revoke_institution("uni-a")  # idempotent
 
         assert store.is_revoked("uni-a") is True
         assert store.is_revoked("uni-b") is False
+        assert store.revoked_institutions() == {"uni-a"}
         states = {n.node_id: n.state for n in store.list_nodes()}
         assert states == {"a1": NodeState.GONE, "a2": NodeState.GONE, "b1": NodeState.ONLINE}
         with pytest.raises(ConflictError, match="a1"):

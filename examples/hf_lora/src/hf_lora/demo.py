@@ -30,6 +30,7 @@ from consortium.workloads import BUILTIN_WORKLOADS
 from coordinator.cli.watch import watch_job
 from coordinator.demo import INSTITUTION_NAMES, check_provenance, report, write_text_partitions
 from coordinator.local_consortium import LocalConsortium
+from hf_lora.base_model import parameter_count
 from hf_lora.make_tiny import make_tiny_model
 
 WORKLOAD = "hf-lora"
@@ -69,18 +70,12 @@ def job_spec(
     )
 
 
-def exchanged_bytes(spec: str) -> tuple[int, int]:
-    """Bytes of the adapters that travel each way per site and round, and of the full
-    model's weights (float32)."""
-    import tomllib
+def adapter_bytes(model_path: Path) -> int:
+    """Bytes of the adapters a job ended with (its model file holds only what travels),
+    which is what each site sends, and receives, every round."""
+    from safetensors.numpy import load_file
 
-    from hf_lora.workload import HuggingFaceLoRA
-
-    options = tomllib.loads(spec)["model_options"]
-    workload = HuggingFaceLoRA()
-    model = workload.build_model(options)
-    adapters = sum(t.numel() * t.element_size() for t in workload.exchanged(model).values())
-    return adapters, workload.parameter_count(options) * 4
+    return sum(array.nbytes for array in load_file(model_path).values())
 
 
 def run(work_dir: Path, rounds: int, institutions: int, steps: int, console: Console) -> int:
@@ -93,12 +88,8 @@ def run(work_dir: Path, rounds: int, institutions: int, steps: int, console: Con
     console.print("building the base model: a tiny random Llama and its BPE tokenizer...")
     digest = make_tiny_model(base_model)
     spec = job_spec(base_model, digest, rounds, institutions, steps)
-    adapters, full = exchanged_bytes(spec)
-    console.print(
-        f"base model {base_model} (digest {digest[:16]}...): {full // 4:,} parameters; "
-        f"LoRA adapters {adapters:,} bytes per site and round, {100 * adapters / full:.1f}% "
-        f"of the full model's {full:,}"
-    )
+    parameters = parameter_count(base_model)
+    console.print(f"base model {base_model} (digest {digest[:16]}...): {parameters:,} parameters")
     allowed = json.dumps([*BUILTIN_WORKLOADS, WORKLOAD])
     consortium = LocalConsortium(work_dir, ray=False)  # federated only: no Ray cluster
     try:
@@ -120,6 +111,12 @@ def run(work_dir: Path, rounds: int, institutions: int, steps: int, console: Con
             )
             final = watch_job(remote, job.job_id, console)
             report(remote, final, console)
+        if final.model_path:
+            adapters, full = adapter_bytes(Path(final.model_path)), parameters * 4
+            console.print(
+                f"LoRA adapters {adapters:,} bytes per site and round, "
+                f"{100 * adapters / full:.1f}% of the full model's {full:,}"
+            )
         if final.state == jobs_pb2.JOB_STATE_SUCCEEDED:
             check_provenance(consortium.data_dir, final.job_id, console, min_witnesses=institutions)
         return int(final.state)

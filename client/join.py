@@ -304,7 +304,7 @@ class SiteNode:
         supernode = run.supernode
         assert supernode is not None
         runner = SiteTaskRunner(
-            supernode.runtime_api_address,
+            lambda: supernode.runtime_api_address,
             supernode.task_secret,
             CoordinatorRunCheck(
                 self._stub, self.bundle.coordinator_key if self.bundle is not None else None

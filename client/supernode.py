@@ -8,6 +8,7 @@ executes only runs the coordinator approved.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +29,15 @@ TASK_SECRET_FILE = "supernode-task.secret"
 # it (its key is not registered, or the institution's one node is active already);
 # an unreachable SuperLink is retried inside the SuperNode instead.
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
+# What its Runtime API's server (uvicorn) logs when the port is taken: the port was
+# free when reserved, then another process bound it first (two `client join`s on one
+# host were handed the same free port and the second's SuperNode never started).
+PORT_IN_USE = "address already in use"
+
+log = logging.getLogger(__name__)
+
+
+PORT_PLACEHOLDER = "<port>"
 
 
 def node_config(values: dict[str, str | int]) -> str:
@@ -71,7 +81,7 @@ class SuperNode:
             "--superlink",
             superlink_address,
             "--port",
-            str(self.port),
+            PORT_PLACEHOLDER,
             # Our task runner, not Flower's launcher, executes tasks (see above).
             "--isolation",
             "process",
@@ -106,6 +116,8 @@ class SuperNode:
                 "--auth-supernode-private-key",
                 str(auth_key.resolve()),
             ]
+        self._port_at = argv.index(PORT_PLACEHOLDER)
+        argv[self._port_at] = str(self.port)
         self._argv = argv
         self._log_path = state_dir / "supernode.log"
         self._env = owner_env(state_dir)
@@ -127,8 +139,19 @@ class SuperNode:
 
     def restart(self) -> None:
         """Start it again on the same Runtime API port and task secret, so the site's
-        task runner reaches it where it did; it reconnects to the SuperLink itself."""
+        task runner reaches it where it did; it reconnects to the SuperLink itself. If
+        another process took the port, on a new one: the task runner follows
+        `runtime_api_address`."""
         self.process.stop()
+        if PORT_IN_USE in self.process.log_tail(40):
+            taken, self.port = self.port, reserve_free_port()
+            self._argv[self._port_at] = str(self.port)
+            log.warning(
+                "the SuperNode's Runtime API port %d is taken by another process; "
+                "starting it on port %d",
+                taken,
+                self.port,
+            )
         self.process = self._start()
 
     @property

@@ -34,7 +34,7 @@ from coordinator.api.runtime_status import CoordinatorStatusServicer, RuntimeHea
 from coordinator.api.servicers import JobsServicer, NodeRegistryServicer
 from coordinator.federated.approvals import RunApprovals
 from coordinator.federated.edge import FleetEdge
-from coordinator.federated.flower_app import FlowerCli
+from coordinator.federated.flower_app import FlowerControl
 from coordinator.federated.runner import FlowerJobRunner
 from coordinator.federated.serverapp_launcher import ServerAppLauncher
 from coordinator.federated.superlink import SuperLink
@@ -157,7 +157,7 @@ class Coordinator:
     address: str
     scheduler: Scheduler | None
     approvals: RunApprovals
-    flower: FlowerCli
+    flower: FlowerControl
     serverapps: ServerAppLauncher
     supervisor: Supervisor
     runtime_health: RuntimeHealth
@@ -267,9 +267,10 @@ class Coordinator:
 
     def _start_serverapp_launcher(self) -> None:
         """Starts the ServerApp of runs this coordinator approved, and no other."""
-        self.flower = FlowerCli(
+        self.flower = FlowerControl(
             self.settings.data_dir, self.superlink.address, self.pki, stopping=self.stopping
         )
+        self._stack.callback(self.flower.close)
         launcher = ServerAppLauncher(
             self.superlink.runtime,
             self.superlink.task_secret,

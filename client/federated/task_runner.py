@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
 POLL_INTERVAL_S = 0.2  # an idle poll is one loopback HTTP request
+ACQUIRE_TIMEOUT_S = 5.0  # the SuperNode answers a poll in milliseconds
 # A refused run's message is pulled only to address the error reply to it; a run that
 # ended while the SuperNode received it never delivers, and must not hold up the next.
 REFUSED_MESSAGE_WAIT_S = 5.0
@@ -107,27 +108,29 @@ class TaskCounts:
 class SiteTaskRunner:
     def __init__(
         self,
-        runtime_api_address: str,
+        runtime_api_address: Callable[[], str],
         auth_secret: bytes,
         check_run: RunCheck,
         app: ClientApp,
         on_refused: Callable[[RefusalReason], None] = lambda _: None,
         poll_interval_s: float = POLL_INTERVAL_S,
     ) -> None:
-        self._address = runtime_api_address
+        self._address = runtime_api_address  # asked again when the SuperNode restarts
         self._auth_secret = auth_secret
         self._check_run = check_run
         self._app = app
         self._on_refused = on_refused
         self._poll_interval_s = poll_interval_s
         self.counts = TaskCounts()
+        self.connected_to: str | None = None  # the address that last answered
 
-    def run(self, stop: threading.Event) -> None:
-        """Acquire and execute tasks one at a time until `stop` is set."""
-        tasks = RuntimeHttpClient.from_server_address(
-            server_address=self._address,
-            insecure=True,  # loopback only: the SuperNode's Runtime API
-            root_certificates=None,
+    def _task_client(self, address: str) -> RuntimeHttpClient:
+        return RuntimeHttpClient(
+            f"http://{address}",  # loopback only: the SuperNode's Runtime API
+            verify=False,
+            # A port that answers nothing (the SuperNode's, taken by another process)
+            # holds the loop this long, not Flower's 30 s.
+            timeout=ACQUIRE_TIMEOUT_S,
             interceptors=[
                 RuntimeVersionHttpInterceptor(component_name="SuperExec"),
                 SuperExecAuthHttpInterceptor(
@@ -138,6 +141,11 @@ class SiteTaskRunner:
             # (Flower's invoker backs off for minutes while the SuperNode starts).
             retry_invoker=None,
         )
+
+    def run(self, stop: threading.Event) -> None:
+        """Acquire and execute tasks one at a time until `stop` is set."""
+        address = self._address()
+        tasks = self._task_client(address)
         try:
             while not stop.is_set():
                 try:
@@ -147,7 +155,12 @@ class SiteTaskRunner:
                 except Exception as error:  # the SuperNode restarting, or stopping
                     log.debug("could not ask the SuperNode for a task: %s", error)
                     stop.wait(self._poll_interval_s * 5)
+                    if self._address() != address:  # restarted on another port
+                        tasks.close()
+                        address = self._address()
+                        tasks = self._task_client(address)
                     continue
+                self.connected_to = address
                 if acquired.HasField("task") and acquired.token:
                     self._execute(acquired.token, acquired.task.task_id)
                 else:
@@ -157,7 +170,7 @@ class SiteTaskRunner:
 
     def _execute(self, token: str, task_id: int) -> None:
         client = RuntimeHttpClient.from_server_address(
-            server_address=self._address,
+            server_address=self._address(),
             insecure=True,
             root_certificates=None,
             interceptors=[

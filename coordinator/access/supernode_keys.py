@@ -7,7 +7,7 @@ registers new keys and unregisters revoked ones at once.
 Flower's Control API, reachable by anyone who reaches the SuperLink, lets a caller
 register a key of its own (its SuperNode then comes online) or unregister another
 institution's node; Flower keeps no record of who may. So every `check_interval_s`
-a sync also lists what the SuperLink has (`flwr supernode list`) and undoes drift:
+a sync also lists what the SuperLink has (the Control API's `ListNodes`) and undoes drift:
 
     listed and active, node id not ours         -> unregister   (removed_unknown)
     listed and active, institution revoked      -> unregister   (removed_revoked)
@@ -40,7 +40,7 @@ UNREGISTERED = "unregistered"
 
 
 class SuperNodeAdmin(Protocol):
-    """What the sync needs from Flower (`FlowerCli`; tests pass a fake)."""
+    """What the sync needs from Flower (`FlowerControl`; tests pass a fake)."""
 
     def list_supernodes(self) -> list[SuperNodeEntry]: ...
 
@@ -178,7 +178,7 @@ class SuperNodeKeySync:
 
     def _register(self, key: OnboardedKey) -> str:
         """Register the key (releasing Flower's tombstone of an unregistered node with
-        this key first, see `FlowerCli.release_unregistered_key`); store the node id."""
+        this key first, see `FlowerControl.release_unregistered_key`); store the node id."""
         self._flower.release_unregistered_key(key.public_key)
         new_id = self._flower.register_supernode(key.public_key, key.name)
         self._store.set_supernode_node_id(key.institution, key.public_key, new_id)

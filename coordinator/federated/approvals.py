@@ -45,7 +45,7 @@ class RunApprovals:
 
     def wait_for(self, run_id: str, timeout_s: float) -> SignedApproval | None:
         """The run's approval once it exists (the job runner signs it right after
-        `flwr run` returns, which can be after the SuperLink offers the run's task), or
+        the run starts, which can be after the SuperLink offers the run's task), or
         None after `timeout_s`."""
         with self._changed:
             self._changed.wait_for(lambda: run_id in self._signed, timeout_s)

@@ -1,32 +1,57 @@
-"""The Flower app that carries a federated job, and the `flwr` CLI that runs it.
+"""The Flower app that carries a federated job, and the Control API that runs it.
 
 The app directory holds only a pyproject.toml naming components installed with
 this package (`coordinator.federated.server_app:app`, `client.federated.client_app:app`),
-so the FAB that `flwr run` builds is tiny and sites run the code they installed.
+so the FAB built from it is tiny and sites run the code they installed.
+
+`FlowerControl` calls the SuperLink's Control API in this process, with the client the
+`flwr` CLI itself uses (`flwr.supercore.control.ControlHttpClient`: protobuf over HTTP,
+TLS verified against the consortium's CA). It did run `flwr run / ls / stop / supernode
+...` as child processes: each cost about 0.9 s of CPU to start (typer, rich and Flower's
+imports) for a request that takes milliseconds, and the coordinator makes one at every
+job start, status check, stop and SuperNode key check. FLWR_HOME in the data dir keeps a
+`config.toml` naming the SuperLink, so an operator's own `flwr` commands reach it too.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
+import hashlib
 import threading
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+import httpx
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.cli.build import build_fab_from_disk
+from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
+from flwr.common.serde import fab_to_proto, user_config_to_proto
+from flwr.proto.control_pb2 import (
+    ListNodesRequest,
+    ListRunsRequest,
+    RegisterNodeRequest,
+    StartRunRequest,
+    StopRunRequest,
+    UnregisterNodeRequest,
+)
+from flwr.supercore.control import ControlHttpClient
+from flwr.supercore.fab import Fab
+from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-from consortium.errors import ChildProcessFailedError
-from consortium.processes import venv_executable
+from consortium.errors import ConsortiumError, InvalidArgumentError, UnreachableError
 from coordinator.access.pki_files import CoordinatorPki
 from coordinator.data_dir import DataDir
 from coordinator.state.superlink_db import release_unregistered_node, run_fab_hash
 
 SUPERLINK_NAME = "consortium"
-FLWR_TIMEOUT_S = 120.0
-# How often a running `flwr` command looks at the coordinator's stop event.
+FLWR_TIMEOUT_S = 120.0  # the SuperLink's database lock, in `release_unregistered_node`
+# One Control API request: the SuperLink answers in milliseconds when it is up.
+CONTROL_TIMEOUT_S = 30.0
+# How often a caller waiting on a request looks at the coordinator's stop event.
 STOP_CHECK_S = 0.1
+ERROR_TEXT_LIMIT = 2000
 
 APP_PYPROJECT = """\
 [build-system]
@@ -50,6 +75,13 @@ clientapp = "client.federated.client_app:app"
 [tool.flwr.app.config]
 job-id = ""
 """
+
+Reply = TypeVar("Reply")
+
+
+class FlowerControlError(UnreachableError):
+    """A Control API request failed: the SuperLink is down, refused it, or the
+    coordinator is stopping."""
 
 
 @dataclass(frozen=True)
@@ -76,8 +108,8 @@ class SuperNodeEntry:
         return self.status != "unregistered"
 
 
-class FlowerCli:
-    """`flwr run / ls / stop` against our SuperLink, with FLWR_HOME in the data dir."""
+class FlowerControl:
+    """Runs, run status and SuperNode keys at our SuperLink, through its Control API."""
 
     def __init__(
         self,
@@ -86,9 +118,10 @@ class FlowerCli:
         pki: CoordinatorPki | None,
         stopping: threading.Event | None = None,
     ) -> None:
-        # Set when the coordinator stops: its SuperLink is going away, so a `flwr`
-        # command would only retry against it for up to FLWR_TIMEOUT_S, holding the
-        # thread that the stop waits for (seen: a SIGTERMed `serve` killed after 10 s).
+        # Set when the coordinator stops: its SuperLink is going away, so a caller
+        # (the scheduler's thread, which the stop waits for) stops waiting on a request
+        # at once instead of for CONTROL_TIMEOUT_S (seen with the CLI: a SIGTERMed
+        # `serve` killed after 10 s).
         self._stopping = stopping or threading.Event()
         paths = DataDir(data_dir) if isinstance(data_dir, Path) else data_dir
         self.superlink_db = paths.superlink_db
@@ -105,98 +138,116 @@ class FlowerCli:
         (self.home / "config.toml").write_text(
             f'[superlink.{SUPERLINK_NAME}]\naddress = "{superlink_address}"\n{transport}'
         )
+        self._client = ControlHttpClient.from_server_address(
+            superlink_address,
+            insecure=pki is None,
+            root_certificates=None if pki is None else str(pki.ca_cert.resolve()),
+            interceptors=[CliClientHttpInterceptor()],
+        )
 
-    def _flwr(self, *args: str) -> dict[str, object]:
-        argv = [venv_executable("flwr"), *args, "--format", "json"]
-        env = dict(os.environ, FLWR_HOME=str(self.home))
-        returncode, stdout, stderr = self._run_until_stopped(args[0], argv, env)
-        try:
-            result: dict[str, object] = json.loads(stdout)
-        except json.JSONDecodeError:
-            raise ChildProcessFailedError(
-                f"`flwr {args[0]}` failed (exit {returncode}): {(stderr or stdout).strip()[-2000:]}"
-            ) from None
-        if not result.get("success", False):
-            raise ChildProcessFailedError(
-                f"`flwr {args[0]}` failed: {result.get('error-message', result)}"
-            )
-        return result
+    def close(self) -> None:
+        self._client.close()
 
-    def _run_until_stopped(
-        self, command: str, argv: list[str], env: dict[str, str]
-    ) -> tuple[int, str, str]:
-        """Its exit code and output; raises when it takes over FLWR_TIMEOUT_S or the
-        coordinator stops meanwhile (the command is killed either way)."""
+    def _call(self, what: str, request: Callable[[ControlHttpClient], Reply]) -> Reply:
+        """`request`'s reply, from a thread of its own so that the caller stops
+        waiting as soon as the coordinator stops (the request then ends by itself,
+        within CONTROL_TIMEOUT_S)."""
         if self._stopping.is_set():
-            raise ChildProcessFailedError(f"`flwr {command}` not run: the coordinator is stopping")
-        deadline = time.monotonic() + FLWR_TIMEOUT_S
-        with subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-        ) as process:
-            while True:
-                try:
-                    stdout, stderr = process.communicate(timeout=STOP_CHECK_S)
-                    return process.returncode, stdout, stderr
-                except subprocess.TimeoutExpired:
-                    pass  # communicate() may be called again without losing output
-                if self._stopping.is_set() or time.monotonic() > deadline:
-                    process.kill()
-                    process.communicate()
-                    why = (
-                        "the coordinator is stopping"
-                        if self._stopping.is_set()
-                        else ("it did not answer in time")
-                    )
-                    raise ChildProcessFailedError(f"`flwr {command}` ended: {why}")
+            raise FlowerControlError(f"Flower's {what} not asked: the coordinator is stopping")
+        outcome: list[Reply] = []
+        failure: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                outcome.append(request(self._client))
+            except BaseException as error:  # handed to the caller below
+                failure.append(error)
+
+        sender = threading.Thread(target=send, name=f"flower-{what}", daemon=True)
+        sender.start()
+        while sender.is_alive():
+            sender.join(STOP_CHECK_S)
+            if self._stopping.is_set() and sender.is_alive():
+                raise FlowerControlError(f"Flower's {what} abandoned: the coordinator is stopping")
+        if failure:
+            raise _control_error(what, failure[0]) from failure[0]
+        return outcome[0]
 
     def run(self, run_config: dict[str, str]) -> str:
-        overrides = " ".join(f"{key}={json.dumps(value)}" for key, value in run_config.items())
-        result = self._flwr("run", str(self.app_dir), SUPERLINK_NAME, "--run-config", overrides)
-        return str(result["run-id"])
+        fab_bytes = build_fab_from_disk(self.app_dir)
+        fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
+        request = StartRunRequest(
+            fab=fab_to_proto(fab),
+            override_config=user_config_to_proto(dict(run_config)),
+            federation="",
+        )
+        reply = self._call("run start", lambda client: client.StartRun(request))
+        if not reply.HasField("run_id"):
+            raise FlowerControlError(f"the SuperLink started no run: {reply}")
+        return str(reply.run_id)
 
     def fab_hash(self, run_id: str) -> str:
         """The full sha256 of the app the SuperLink stored for the run."""
         return run_fab_hash(self.superlink_db, run_id, FLWR_TIMEOUT_S)
 
     def status(self, run_id: str) -> RunStatus:
-        result = self._flwr("ls", SUPERLINK_NAME, "--run-id", run_id)
-        runs = result.get("runs")
-        if not isinstance(runs, list) or not runs:
-            raise ChildProcessFailedError(f"Flower knows no run {run_id}")
-        run = runs[0]
-        return RunStatus(run_id, str(run.get("status", "")), str(run.get("status-details", "")))
+        request = ListRunsRequest(run_id=int(run_id))
+        reply = self._call("run status", lambda client: client.ListRuns(request))
+        run = reply.run_dict.get(int(run_id))
+        if run is None:
+            raise FlowerControlError(f"Flower knows no run {run_id}")
+        status = run.status.status
+        if run.status.sub_status:  # as `flwr ls` shows it: "finished:completed"
+            status = f"{status}:{run.status.sub_status}"
+        return RunStatus(run_id, status, run.status.details)
 
     def stop(self, run_id: str) -> None:
-        self._flwr("stop", run_id, SUPERLINK_NAME)
+        request = StopRunRequest(run_id=int(run_id))
+        self._call("run stop", lambda client: client.StopRun(request))
 
     def register_supernode(self, public_key: str, name: str) -> str:
-        """Allow a SuperNode key to connect; returns Flower's node id for it."""
-        key_file = self.home / f"supernode-{name}.pub"
-        key_file.write_text(public_key + "\n")
-        result = self._flwr("supernode", "register", str(key_file), SUPERLINK_NAME)
-        return str(result["node-id"])
+        """Allow a SuperNode key (OpenSSH format) to connect; returns Flower's node id."""
+        request = RegisterNodeRequest(public_key=_flower_key_bytes(public_key), name=name)
+        reply = self._call("node registration", lambda client: client.RegisterNode(request))
+        if not reply.node_id:
+            raise FlowerControlError(f"the SuperLink registered no node for {name}")
+        return str(reply.node_id)
 
     def unregister_supernode(self, node_id: str) -> None:
-        self._flwr("supernode", "unregister", node_id, SUPERLINK_NAME)
+        request = UnregisterNodeRequest(node_id=int(node_id))
+        self._call("node unregistration", lambda client: client.UnregisterNode(request))
 
     def list_supernodes(self) -> list[SuperNodeEntry]:
         """Every node the SuperLink has, unregistered ones included."""
-        result = self._flwr("supernode", "list", SUPERLINK_NAME)
-        nodes = result.get("nodes")
-        if not isinstance(nodes, list):
-            raise ChildProcessFailedError(f"`flwr supernode list` gave no node list: {result}")
-        return [
-            SuperNodeEntry(str(node["node-id"]), str(node.get("status", "")))
-            for node in nodes
-            if isinstance(node, dict) and "node-id" in node
-        ]
+        reply = self._call("node list", lambda client: client.ListNodes(ListNodesRequest()))
+        return [SuperNodeEntry(str(node.node_id), node.status) for node in reply.nodes_info]
 
     def release_unregistered_key(self, public_key: str) -> bool:
         """Let an unregistered SuperNode key be registered again; True if one was released
-        (why and how: `coordinator/state/superlink_db.py`). Flower stores the key as PEM
-        SubjectPublicKeyInfo (`public_key_to_bytes`)."""
-        key = serialization.load_ssh_public_key(public_key.encode())
-        pem = key.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        (why and how: `coordinator/state/superlink_db.py`)."""
+        return release_unregistered_node(
+            self.superlink_db, _flower_key_bytes(public_key), FLWR_TIMEOUT_S
         )
-        return release_unregistered_node(self.superlink_db, pem, FLWR_TIMEOUT_S)
+
+
+def _flower_key_bytes(public_key: str) -> bytes:
+    """An onboarded SuperNode key (OpenSSH) as Flower takes and stores it: what
+    `flwr supernode register` sends for a key file (`public_key_to_bytes`)."""
+    key = serialization.load_ssh_public_key(public_key.encode())
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise InvalidArgumentError(f"a SuperNode key must be an EC key, not {type(key).__name__}")
+    return public_key_to_bytes(key)
+
+
+def _control_error(what: str, error: BaseException) -> ConsortiumError:
+    """One readable error for a failed request: the SuperLink's own words if it answered."""
+    if isinstance(error, httpx.HTTPStatusError):
+        body = error.response.text.strip()[:ERROR_TEXT_LIMIT]
+        return FlowerControlError(
+            f"Flower's {what} refused (HTTP {error.response.status_code}): {body}"
+        )
+    if isinstance(error, httpx.TimeoutException):
+        return FlowerControlError(f"Flower's {what}: no answer in {CONTROL_TIMEOUT_S:.0f} s")
+    if isinstance(error, httpx.TransportError):
+        return FlowerControlError(f"Flower's {what}: the SuperLink is unreachable ({error})")
+    return FlowerControlError(f"Flower's {what} failed: {type(error).__name__}: {error}")

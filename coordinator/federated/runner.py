@@ -1,12 +1,13 @@
 """Federated jobs as Flower runs: the `JobRunner` for kind "federated".
 
-`start` submits the Flower app with `flwr run` (run config: job-id); the ServerApp it
+`start` submits the Flower app through the SuperLink's Control API (`StartRun`, run
+config: job-id); the ServerApp it
 runs on the SuperLink records rounds and the job's end itself, through `RunningJob`
 (`coordinator/jobs/running.py`). This runner stops the Flower run of a cancelled job.
 
 A run that ends without a word from its ServerApp (the ServerApp process died: the
-launcher reports its exit at once; or Flower says the run finished, which costs a
-`flwr ls` process, so it asks every `status_interval_s`) is re-queued to resume after
+launcher reports its exit at once; or Flower says the run finished, asked every
+`status_interval_s`) is re-queued to resume after
 the job's last committed round, up to `max_resumes` times per job; after that the job
 fails.
 """
@@ -45,7 +46,7 @@ def never_exited(run_id: str) -> int | None:
 
 
 class FlowerRuns(Protocol):
-    """Flower's side of a run: `FlowerCli` (the `flwr` CLI against our SuperLink);
+    """Flower's side of a run: `FlowerControl` (the Control API of our SuperLink);
     tests pass a fake to run the real runner without Flower."""
 
     def run(self, run_config: dict[str, str]) -> str: ...

@@ -1,6 +1,6 @@
 """The ServerApp that runs one federated job on the SuperLink.
 
-`coordinator serve` submits it with `flwr run` (run config: job-id); it reaches
+`coordinator serve` submits it through the Control API (`StartRun`, run config: job-id); it reaches
 the coordinator's state only through `RunningJob` (its typed spec, admission's
 reads, rounds and the job's end, via the job lifecycle), samples nodes with the Flower
 strategy named in the spec, admits and aggregates signed updates with

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
 POLL_INTERVAL_S = 0.2
 # How long a run's task waits for its approval: the job runner signs it right after
-# `flwr run` returns (about a second); a run nobody approved is refused after this.
+# the run starts (milliseconds); a run nobody approved is refused after this.
 APPROVAL_WAIT_S = 15.0
 UNAPPROVED = "unapproved"
 FAB_MISMATCH = "fab_mismatch"

@@ -42,8 +42,8 @@ def release_unregistered_node(database: Path, public_key_pem: bytes, timeout_s: 
 
 
 def run_fab_hash(database: Path, run_id: str, timeout_s: float) -> str:
-    """The sha256 of the FAB the SuperLink stored for `run_id` (`flwr run --format json`
-    prints only its first 8 characters)."""
+    """The sha256 of the FAB the SuperLink stored for `run_id` (read from its database,
+    not taken from the FAB this coordinator sent: the approval names what Flower runs)."""
     try:
         run = int(run_id)
     except ValueError:

@@ -79,6 +79,11 @@ def worker_argv(
         "--temp-dir",
         str(temp_dir),
         "--disable-usage-stats",
+        # Ray's log monitor publishes every worker's output through the GCS to any
+        # driver of the cluster (any member holding the token); a site's logs stay at
+        # the site, and the node saves a process.
+        "--include-log-monitor",
+        "false",
         "--block",
         *ray_port_flags(port_range, head=False),
     ]

@@ -61,6 +61,10 @@ TEST_PROFILE = {
     # The shortest Flower's SuperLink accepts: a killed SuperNode's old node is taken
     # for gone after 20 s instead of 60 (a plain-text site gets a new node id).
     "CONSORTIUM_CLIENT_SUPERNODE_HEARTBEAT_INTERVAL_S": "10",
+    # Every pull is an authenticated request the SuperLink answers with SQL: two busy
+    # sites pulling every 0.2 s (the default) kept a SuperLink at a tenth of a core,
+    # and CI runs two consortia at once on two cores. Rounds wait a little longer.
+    "CONSORTIUM_CLIENT_SUPERNODE_POLL_INTERVAL_S": "0.5",
 }
 
 FINAL_STATES = (

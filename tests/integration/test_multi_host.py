@@ -232,8 +232,18 @@ def test_the_onboarding_guide_builds_a_consortium_across_three_hosts(
     # Reachable from other hosts: only the ports the guide names (docs/operations.md,
     # "Ports and directions"); everything else listens on loopback.
     ray_range = set(range(20000, 20100))
+    expected = {50051, 9093, 6379}
+    # The guide's last step revoked a site, so the coordinator is restarting its Ray
+    # head with a new cluster token: its GCS port (6379) is back once the head is.
+    wait_for(
+        "the coordinator's Ray head to listen again after the token rotation",
+        lambda: 6379 in _exposed_ports(testbed, "operator"),
+    )
     coordinator_ports = _exposed_ports(testbed, "operator")
-    assert coordinator_ports.keys() - ray_range == {50051, 9093, 6379}, coordinator_ports
+    assert coordinator_ports.keys() - ray_range == expected, coordinator_ports
+    wait_for(  # and the remaining site's Ray node joins that new head
+        f"{SITES[1]}'s Ray node to listen again", lambda: bool(_exposed_ports(testbed, SITES[1]))
+    )
     site_ports = _exposed_ports(testbed, SITES[1])
     assert site_ports and site_ports.keys() <= ray_range, site_ports  # its Ray node's
     # The revoked site is refused on the control plane and ends with the documented

@@ -27,6 +27,7 @@ def test_worker_announces_institution_resource_and_labels_on_cpu() -> None:
     assert flag(argv, "--labels") == "institution=aurora,node=0123456789ab"
     assert (flag(argv, "--num-cpus"), flag(argv, "--num-gpus")) == ("1", "0")
     assert flag(argv, "--node-ip-address") == "127.0.0.1"
+    assert flag(argv, "--include-log-monitor") == "false"  # its logs stay at the site
 
 
 def test_worker_contributes_one_gpu_when_given_one() -> None:

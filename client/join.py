@@ -416,15 +416,16 @@ class SiteNode:
     def _ray_token_file(self) -> Path:
         return self.settings.resolved_state_dir / "ray-token"
 
-    def fetch_ray_token(self) -> None:
-        """The cluster's current token, over mutual TLS, into the state dir (0600). A
+    def fetch_ray_token(self) -> str | None:
+        """The cluster's current token, over mutual TLS, into the state dir (0600), and
+        the node's claim for this start (None from a coordinator that issues none). A
         coordinator that does not implement GetRayToken (an older version) leaves the
         bundle's copy in use; any other refusal (say, a revoked institution) raises."""
         if self.bundle is None:
             raise InsecureTransportError("the Ray token comes with a bundle: join with --bundle")
         request = nodes_pb2.GetRayTokenRequest(institution=self.settings.institution)
 
-        def ask(timeout_s: float) -> bytes | None:
+        def ask(timeout_s: float) -> nodes_pb2.GetRayTokenResponse | None:
             # The status is read here, inside the retried call: `call_with_retry` turns
             # every RpcError it sees into a typed ConsortiumError without the status.
             try:
@@ -435,18 +436,20 @@ class SiteNode:
                 if isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.UNIMPLEMENTED:
                     return None
                 raise
-            return reply.token
+            return reply
 
         try:
-            token = call_with_retry(ask, self.settings.coordinator, self._policy)
+            reply = call_with_retry(ask, self.settings.coordinator, self._policy)
         except UnreachableError:
             raise
         except ConsortiumError as error:
             raise type(error)(f"the coordinator refused the Ray token: {error}") from None
-        if token is None:
+        if reply is None:
             log.info("the coordinator does not hand out Ray tokens: using the bundle's")
-            token = self.bundle.ray_token.read_bytes()
-        write_ray_token(self._ray_token_file(), token)
+            write_ray_token(self._ray_token_file(), self.bundle.ray_token.read_bytes())
+            return None
+        write_ray_token(self._ray_token_file(), reply.token)
+        return reply.node_claim or None
 
     def _ray_certificate(self, ray_address: str) -> RayTls:
         """A fresh Ray node certificate for this host's address, signed by the coordinator

@@ -10,6 +10,7 @@ With a startup bundle, Ray authenticates with the bundle's token.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -21,6 +22,7 @@ from consortium.leftovers import owner_env
 from consortium.net import is_loopback_host, local_address_towards, split_host_port
 from consortium.processes import STOP_TIMEOUT_S, ChildProcess, venv_executable
 from consortium.ray_env import (
+    CLAIM_LABEL,
     DRAIN_TIMEOUT_ENV,
     RayTls,
     ray_auth_env,
@@ -61,10 +63,14 @@ def worker_argv(
     temp_dir: Path,
     hardware: dict[str, str] | None = None,
     port_range: str | None = None,
+    claim: str | None = None,
 ) -> list[str]:
     """The `ray start` command line of a contributed node; `hardware` adds labels such
     as ``memory``, ``gpu-model`` and ``gpu-memory`` (`client.devices.hardware_labels`);
-    `port_range` ("LOW-HIGH") keeps every port the node listens on within it."""
+    `port_range` ("LOW-HIGH") keeps every port the node listens on within it; `claim`
+    is the coordinator's claim for this start (its ``consortium-claim`` label: the
+    coordinator counts the node for the institution it issued the claim to, while the
+    ``institution`` label and resource are what the node says, for display)."""
     argv = [
         venv_executable("ray"),
         "start",
@@ -96,6 +102,10 @@ def worker_argv(
     for key in labels.keys() - valid.keys():
         log.warning("%s %r is not a valid Ray label value; not labelling it", key, labels[key])
     valid.update({k: v for k, v in (hardware or {}).items() if _LABEL_VALUE.match(v)})
+    if claim is not None:
+        if not _LABEL_VALUE.match(claim):
+            raise ValueError(f"the coordinator's node claim {claim!r} is not a Ray label value")
+        valid[CLAIM_LABEL] = claim
     if valid:
         argv += ["--labels", ",".join(f"{k}={v}" for k, v in valid.items())]
     return argv
@@ -115,10 +125,11 @@ class RayWorker:
         drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
         hardware: dict[str, str] | None = None,
         tls: RayTls | None = None,
-        before_start: Callable[[], None] | None = None,
+        before_start: Callable[[], str | None] | None = None,
         port_range: str | None = None,
     ) -> None:
-        self._argv = worker_argv(
+        self._argv = functools.partial(
+            worker_argv,
             ray_address,
             institution,
             node_id,
@@ -138,21 +149,21 @@ class RayWorker:
         self._log_path = state_dir / "logs" / "ray-worker.log"
         self.address = ray_address
         # Run before every start: `client join` fetches the cluster's current token
-        # (it changes when an institution is revoked).
+        # (it changes when an institution is revoked) and a fresh claim for the node.
         self._before_start = before_start or (lambda: None)
-        self._before_start()
-        self.process = self._start()
+        self.process = self._start(self._before_start())
 
-    def _start(self) -> ChildProcess:
-        return ChildProcess("ray-worker", self._argv, self._log_path, env=self._env)
+    def _start(self, claim: str | None) -> ChildProcess:
+        argv = self._argv(claim=claim)
+        return ChildProcess("ray-worker", argv, self._log_path, env=self._env)
 
     def restart(self) -> None:
         """Join again (say, the coordinator restarted its head, maybe with a new token):
         fetch the current token first; if the coordinator refuses it (this institution
         was revoked), raise, and the supervisor tries again after its backoff."""
-        self._before_start()
+        claim = self._before_start()
         self.process.stop()
-        self.process = self._start()
+        self.process = self._start(claim)
 
     def stop(self) -> None:
         self.process.stop(timeout_s=self._drain_timeout_s + STOP_TIMEOUT_S)

@@ -45,6 +45,11 @@ def ray_auth_env(token_path: Path | None, tls: RayTls | None = None) -> dict[str
     return {**env, AUTH_MODE_ENV: "token", AUTH_TOKEN_PATH_ENV: str(token_path.resolve())}
 
 
+# The label a contributed Ray node carries its coordinator-issued claim in: the
+# coordinator counts the node for the institution it issued the claim to
+# (coordinator/ray/claims.py), not for the institution the node declares.
+CLAIM_LABEL = "consortium-claim"
+
 # A Ray node's own listening ports, within a range the operator opens in a firewall:
 # offsets from its start for the fixed ones, then the workers' ports to its end.
 RAY_FIXED_PORTS = (

@@ -51,6 +51,7 @@ from coordinator.observability.metrics import (
 )
 from coordinator.pretraining.engine import DriverProcessEngine
 from coordinator.pretraining.runner import PretrainRunner
+from coordinator.ray.claims import RayNodeClaims
 from coordinator.ray.head import RayCluster, RayHead
 from coordinator.ray.revocation import RayRevocationSync
 from coordinator.ray.tls import coordinator_ray_tls
@@ -177,6 +178,7 @@ class Coordinator:
         self.ray_cluster: RayCluster | None = None
         self.ray_head: RayHead | None = None
         self.pretrain: PretrainRunner | None = None
+        self.ray_claims: RayNodeClaims | None = None  # None: nodes' declarations count
         self.scheduler = None
         self._scheduler_thread: threading.Thread | None = None
         self._stack = ExitStack()
@@ -381,6 +383,9 @@ class Coordinator:
                     self.ray_cluster,
                     self.paths.log_file("pretrain-driver"),
                     revoked=self.store.revoked_institutions,
+                    node_institutions=(
+                        self.ray_claims.assignments if self.ray_claims is not None else None
+                    ),
                 ),
                 self.metrics,
             )
@@ -439,7 +444,9 @@ class Coordinator:
             if self.pki is not None and self.ray_cluster is not None
             else None
         )
-        syncs = [sync for sync in (key_sync, rotation, drain) if sync is not None]
+        # Claims bind to the first node seen carrying them: look at every new read.
+        claims = self.ray_claims.sync if self.ray_claims is not None else None
+        syncs = [sync for sync in (key_sync, rotation, drain, claims) if sync is not None]
         self._scheduler_thread = threading.Thread(
             target=self.scheduler.run_forever,
             args=(self.stopping, (lambda: [sync() for sync in syncs]) if syncs else None),
@@ -553,6 +560,10 @@ class Coordinator:
             if self.ray_cluster is not None
             else NoRay("Ray is off on this coordinator (ray_enabled = false)")
         )
+        if self.ray_cluster is not None and self.pki is not None:
+            # Which institution each Ray node counts for: the claims this coordinator
+            # issued over mutual TLS, not what nodes declare (coordinator/ray/claims.py).
+            self.ray_claims = RayNodeClaims(self.store, ray_nodes, self.metrics.auth_refused)
         nodes_pb2_grpc.add_NodeRegistryServicer_to_server(
             NodeRegistryServicer(
                 registry,
@@ -565,6 +576,7 @@ class Coordinator:
                 self.ray_cluster.token_path if self.ray_cluster is not None else None,
                 self.approvals,
                 lambda: self.ray_head.head_id if self.ray_head is not None else "",
+                self.ray_claims,
             ),
             server,
         )

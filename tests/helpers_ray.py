@@ -59,11 +59,22 @@ class Channel:
         return self.root / name / "bundle" / "ray-token"
 
     def start_node(
-        self, name: str, institution: str, auth: Mapping[str, str], refused: bool = False
+        self,
+        name: str,
+        institution: str,
+        auth: Mapping[str, str],
+        refused: bool = False,
+        claim: str | None = None,
     ) -> ChildProcess:
-        """`ray start --address <head> --block` as `client join` runs it."""
+        """`ray start --address <head> --block` as `client join` runs it, declaring
+        `institution` (label and resource) and carrying `claim` if given."""
         argv = worker_argv(
-            self.ray_address, institution, f"{name}-node", None, short_temp_dir(self.root / name)
+            self.ray_address,
+            institution,
+            f"{name}-node",
+            None,
+            short_temp_dir(self.root / name),
+            claim=claim,
         )
         env = {**auth, DRAIN_TIMEOUT_ENV: "0", **(GCS_TRIES_ENV if refused else {})}
         child = ChildProcess(name, argv, self.processes.log_dir / f"{name}.log", env=env)

@@ -24,8 +24,8 @@ from consortium.tensor_digest import arrays_digest
 from coordinator.pretraining import driver_wire as wire
 from coordinator.pretraining.accounting import account
 from coordinator.pretraining.driver import (
+    ClusterPolicy,
     DriverBody,
-    RevokedInstitutions,
     listen_for_stop,
     serve_one_request,
 )
@@ -119,12 +119,30 @@ def reports_revocations(conn: Connection, request: DriverRequest) -> None:
     """The real driver's control thread keeping the revoked set, which this reports as
     a wait reason ("revoked: a,b") at start and on every change, until told to stop."""
     stop = threading.Event()
-    revoked = RevokedInstitutions(request.revoked)
-    threading.Thread(target=listen_for_stop, args=(conn, stop, revoked), daemon=True).start()
+    policy = ClusterPolicy(request.revoked, request.node_institutions)
+    threading.Thread(target=listen_for_stop, args=(conn, stop, policy), daemon=True).start()
     reported: frozenset[str] | None = None
     while not stop.wait(0.05):
-        if (now := revoked.get()) != reported:
+        if (now := policy.revoked()) != reported:
             wire.send_wait(conn, "revoked: " + ",".join(sorted(now)))
+            reported = now
+    wire.send_done(conn, result(request, ControllerState.RUNNING))
+
+
+def reports_node_institutions(conn: Connection, request: DriverRequest) -> None:
+    """The real driver's control thread keeping the institution of each Ray node, which
+    this reports as a wait reason ("nodes: n1=alpha,n2=beta", or "nodes: declared" when
+    nodes' own declarations count) at start and on every change, until told to stop."""
+    stop = threading.Event()
+    policy = ClusterPolicy(request.revoked, request.node_institutions)
+    threading.Thread(target=listen_for_stop, args=(conn, stop, policy), daemon=True).start()
+    reported: str | None = None
+    while not stop.wait(0.05):
+        nodes = policy.node_institutions()
+        pairs = sorted(nodes.items()) if nodes is not None else []
+        now = "declared" if nodes is None else ",".join(f"{k}={v}" for k, v in pairs)
+        if now != reported:
+            wire.send_wait(conn, "nodes: " + now)
             reported = now
     wire.send_done(conn, result(request, ControllerState.RUNNING))
 
@@ -180,6 +198,7 @@ if __name__ == "__main__":
             stops_when_asked,
             ignores_stop,
             reports_revocations,
+            reports_node_institutions,
             waits_for_stop,
             sends_a_pickle,
             sends_a_malformed_step,

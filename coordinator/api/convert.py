@@ -21,7 +21,9 @@ JOB_STATES = {
 }
 
 
-def node_to_proto(node: NodeRecord, ray: RayNodeInfo | None = None) -> nodes_pb2.Node:
+def node_to_proto(
+    node: NodeRecord, ray: RayNodeInfo | None = None, counted_for: str = ""
+) -> nodes_pb2.Node:
     message = nodes_pb2.Node(
         node_id=node.node_id,
         institution=node.institution,
@@ -32,12 +34,13 @@ def node_to_proto(node: NodeRecord, ray: RayNodeInfo | None = None) -> nodes_pb2
         last_heartbeat_ms=node.last_heartbeat_ms,
     )
     if ray is not None:
-        message.ray.CopyFrom(ray_node_to_proto(ray))
+        message.ray.CopyFrom(ray_node_to_proto(ray, counted_for))
     return message
 
 
-def ray_node_to_proto(node: RayNodeInfo) -> nodes_pb2.RayNode:
+def ray_node_to_proto(node: RayNodeInfo, counted_for: str = "") -> nodes_pb2.RayNode:
     return nodes_pb2.RayNode(
+        counted_for=counted_for,
         ray_node_id=node.ray_node_id,
         state=node.state,
         resources=dict(node.resources),

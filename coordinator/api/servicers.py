@@ -25,9 +25,10 @@ from coordinator.api.status import streaming, unary
 from coordinator.federated.approvals import RunApprovals
 from coordinator.jobs.service import JobService
 from coordinator.observability.metrics import CoordinatorMetrics
+from coordinator.ray.claims import RayNodeClaims
 from coordinator.ray.nodes import NoRay, RayNodesSource, match_nodes
 from coordinator.ray.tls import peer_ip, sign_node_csr
-from coordinator.state import FINAL_JOB_STATES, StateStore
+from coordinator.state import FINAL_JOB_STATES, NodeRecord, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class NodeRegistryServicer(nodes_pb2_grpc.NodeRegistryServicer):
         ray_token: Path | None = None,
         approvals: RunApprovals | None = None,
         ray_head_id: Callable[[], str] = lambda: "",
+        ray_claims: RayNodeClaims | None = None,
     ) -> None:
         self._registry = registry
         self._ray_head_id = ray_head_id  # the current head's (`RayHead.head_id`)
@@ -62,6 +64,8 @@ class NodeRegistryServicer(nodes_pb2_grpc.NodeRegistryServicer):
         self._ray_nodes = ray_nodes or NoRay("Ray is off on this coordinator")
         self._ray_tls_signer = ray_tls_signer  # None: the Ray channel has no TLS
         self._ray_token = ray_token  # None: the Ray cluster takes no token
+        # Issues each start of a node its claim (None: plain text, nodes declare).
+        self._ray_claims = ray_claims
         self._approvals = approvals  # None: this coordinator starts no Flower runs
 
     @unary
@@ -91,7 +95,10 @@ class NodeRegistryServicer(nodes_pb2_grpc.NodeRegistryServicer):
             raise ConflictError("this coordinator's Ray cluster takes no token")
         # The interceptor has refused a revoked institution's certificate already.
         require_acting_as(request.institution)
-        return nodes_pb2.GetRayTokenResponse(token=self._ray_token.read_bytes().strip())
+        claim = self._ray_claims.issue(request.institution) if self._ray_claims else ""
+        return nodes_pb2.GetRayTokenResponse(
+            token=self._ray_token.read_bytes().strip(), node_claim=claim
+        )
 
     @unary
     def GetRunApproval(
@@ -145,9 +152,22 @@ class NodeRegistryServicer(nodes_pb2_grpc.NodeRegistryServicer):
         registered = self._registry.list_nodes()
         ray = self._ray_nodes.snapshot()
         match = match_nodes(registered, ray.nodes)
+        counted = (
+            self._ray_claims.bind(ray.nodes)
+            if self._ray_claims is not None
+            else {n.ray_node_id: n.institution for n in ray.nodes if n.institution}
+        )
+
+        def registry_node(node: NodeRecord) -> nodes_pb2.Node:
+            ray_node = match.by_registry_id.get(node.node_id)
+            counted_for = counted.get(ray_node.ray_node_id, "") if ray_node else ""
+            return node_to_proto(node, ray_node, counted_for)
+
         return nodes_pb2.ListNodesResponse(
-            nodes=[node_to_proto(n, match.by_registry_id.get(n.node_id)) for n in registered],
-            unmatched_ray_nodes=[ray_node_to_proto(n) for n in match.unmatched],
+            nodes=[registry_node(n) for n in registered],
+            unmatched_ray_nodes=[
+                ray_node_to_proto(n, counted.get(n.ray_node_id, "")) for n in match.unmatched
+            ],
             ray_unavailable_reason=ray.unavailable_reason,
             ray_read_at_ms=ray.read_at_ms,
         )

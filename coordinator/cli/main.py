@@ -176,7 +176,15 @@ def nodes(
         now = time.time()
         not_in_ray = "not in Ray" if not overview.ray_unavailable_reason else "unknown"
         table = Table(
-            "node", "institution", "host", "device", "state", "heartbeat", "ray", "resources"
+            "node",
+            "institution",
+            "host",
+            "device",
+            "state",
+            "heartbeat",
+            "ray",
+            "counts for",  # the institution its Ray work counts for, as the coordinator says
+            "resources",
         )
         for node in overview.nodes:
             state = nodes_pb2.NodeState.Name(node.state).removeprefix("NODE_STATE_").lower()
@@ -194,6 +202,7 @@ def nodes(
                 state,
                 heartbeat,
                 node.ray.state if has_ray else not_in_ray,
+                (node.ray.counted_for or "-") if has_ray else "",
                 _describe_resources(node.ray.resources) if has_ray else "",
             )
         for ray_node in overview.unmatched_ray_nodes:
@@ -206,6 +215,7 @@ def nodes(
                 "Ray head" if ray_node.is_head else "not registered",
                 "-",
                 ray_node.state,
+                ray_node.counted_for or "-",
                 _describe_resources(ray_node.resources),
             )
         console.print(table)

@@ -1,10 +1,13 @@
 """Which worker slots the cluster offers, and which of them a job may use.
 
-A *slot* is one contributed GPU, or one CPU on a node without GPUs. Contributed nodes
-announce their institution with a custom Ray resource ``institution:<name>`` (``client
-join`` starts Ray with ``--resources '{"institution:<name>": 1}'`` and the label
-``institution=<name>``). Nodes without one (the coordinator's own head node,
-typically) contribute no slots unless asked.
+A *slot* is one contributed GPU, or one CPU on a node without GPUs. With mutual TLS,
+the coordinator says which institution each node counts for (the claims it issued
+over the control plane, coordinator/ray/claims.py), and a node it does not name offers
+nothing. In a plain-text consortium, contributed nodes' own announcements count: a
+custom Ray resource ``institution:<name>`` (``client join`` starts Ray with
+``--resources '{"institution:<name>": 1}'`` and the label ``institution=<name>``);
+nodes without one (the coordinator's own head node, typically) contribute no slots
+unless asked.
 
 A node offers no slot while Ray drains it (it is leaving, or the coordinator drains it
 because its institution was revoked), nor when any institution it claims, by resource
@@ -80,8 +83,14 @@ def slots_from_nodes(
     unaffiliated_institution: str | None = None,
     revoked_institutions: Set[str] = frozenset(),
     draining_nodes: Set[str] = frozenset(),
+    node_institutions: Mapping[str, str] | None = None,
 ) -> list[WorkerSlot]:
     """Slots of live nodes as listed by ``ray.nodes()``.
+
+    ``node_institutions``: node id (hex) -> the institution the coordinator counts it
+    for (its claims, coordinator/ray/claims.py). When given, it alone decides: a node
+    outside it offers nothing whatever it declares, and what a node declares (resource,
+    label) is ignored. None (a plain-text consortium): nodes' declarations count.
 
     ``device="auto"``: a node with GPUs offers one slot per GPU, else one per CPU.
     ``unaffiliated_institution``: the institution name for nodes without an
@@ -95,14 +104,19 @@ def slots_from_nodes(
             continue
         resources: Mapping[str, float] = node.get("Resources", {})
         labels: Mapping[str, str] = node.get("Labels", {})
-        if claimed_institutions(resources, labels) & revoked_institutions:
-            continue
-        announced = _institution(resources)
-        institution = announced if announced is not None else unaffiliated_institution
+        node_id = str(node["NodeID"])
+        resource: str | None
+        if node_institutions is not None:
+            institution = node_institutions.get(node_id)
+            resource = None  # placed by node id alone: its announced resource is its own
+        else:
+            if claimed_institutions(resources, labels) & revoked_institutions:
+                continue
+            announced = _institution(resources)
+            institution = announced if announced is not None else unaffiliated_institution
+            resource = INSTITUTION_PREFIX + announced if announced is not None else None
         if institution is None or institution in revoked_institutions:
             continue
-        resource = INSTITUTION_PREFIX + announced if announced is not None else None
-        node_id = str(node["NodeID"])
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
         if device == "gpu" or (device == "auto" and gpus > 0):
             kind: Literal["cpu", "gpu"] = "gpu"
@@ -140,8 +154,9 @@ def _institution(resources: Mapping[str, float]) -> str | None:
 class RayClusterView:
     """Slots of the Ray cluster this process is connected to (``ray.init`` first).
 
-    ``revoked_institutions`` is called on every call (a revocation takes effect at the
-    next plan); the coordinator's driver passes what the coordinator last sent it.
+    ``revoked_institutions`` and ``node_institutions`` are called on every call (a
+    revocation or a newly claimed node takes effect at the next plan); the coordinator's
+    driver passes what the coordinator last sent it.
     """
 
     def __init__(
@@ -149,10 +164,12 @@ class RayClusterView:
         device: Literal["auto", "cpu", "gpu"] = "auto",
         unaffiliated_institution: str | None = None,
         revoked_institutions: Callable[[], Set[str]] = frozenset,
+        node_institutions: Callable[[], Mapping[str, str] | None] = lambda: None,
     ) -> None:
         self.device = device
         self.unaffiliated_institution = unaffiliated_institution
         self.revoked_institutions = revoked_institutions
+        self.node_institutions = node_institutions
 
     def slots(self) -> list[WorkerSlot]:
         require_gcs(ray.get_runtime_context().gcs_address)
@@ -161,7 +178,12 @@ class RayClusterView:
         state = importlib.import_module("ray._private.state").state
         draining = set(state.get_draining_nodes())
         return slots_from_nodes(
-            nodes, self.device, self.unaffiliated_institution, self.revoked_institutions(), draining
+            nodes,
+            self.device,
+            self.unaffiliated_institution,
+            self.revoked_institutions(),
+            draining,
+            self.node_institutions(),
         )
 
 

@@ -11,14 +11,16 @@ re-queues the job, which resumes from its checkpoint.
 The two processes talk over a socket pair (fd N here) in the frames of
 `driver_wire`: JSON and safetensors, never pickle, since this process unpickles what
 Ray's workers return and the coordinator holds the signing key. The coordinator sends
-the request, every change of the set of revoked institutions, and at most a stop (end
-the run after its current step); this process sends each outer step, each change of its
-wait reason, and the result or the error. A closed socket (the coordinator died) ends
+the request, every change of the set of revoked institutions and of the institution
+each Ray node counts for, and at most a stop (end the run after its current step);
+this process sends each outer step, each change of its wait reason, and the result or
+the error. A closed socket (the coordinator died) ends
 the driver at once.
 
-The planner learns which institutions are revoked from the coordinator alone, over
-this socket: not from anything in the Ray cluster, where every member holds the
-cluster's token and could write it.
+The planner learns which institutions are revoked, and which institution each Ray node
+counts for, from the coordinator alone, over this socket: not from anything in the Ray
+cluster, where every member holds the cluster's token and could write it, and where a
+node declares its own institution (coordinator/ray/claims.py).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection
 
 from coordinator.pretraining import driver_wire as wire
@@ -47,9 +49,9 @@ def drive(conn: Connection, request: DriverRequest) -> None:
         level=request.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     stop = threading.Event()
-    revoked = RevokedInstitutions(request.revoked)
+    policy = ClusterPolicy(request.revoked, request.node_institutions)
     threading.Thread(
-        target=listen_for_stop, args=(conn, stop, revoked), name="driver-control", daemon=True
+        target=listen_for_stop, args=(conn, stop, policy), name="driver-control", daemon=True
     ).start()
     try:
         _connect(request.cluster)
@@ -60,7 +62,11 @@ def drive(conn: Connection, request: DriverRequest) -> None:
             request.spec,
             request.checkpoint_dir,
             lambda record: wire.send_step(conn, record),
-            cluster_view=RayClusterView(request.spec.device, revoked_institutions=revoked.get),
+            cluster_view=RayClusterView(
+                request.spec.device,
+                revoked_institutions=policy.revoked,
+                node_institutions=policy.node_institutions,
+            ),
             stop=stop,
             on_wait=lambda reason: wire.send_wait(conn, reason),
         )
@@ -96,36 +102,52 @@ def _disconnect() -> None:
         ray.shutdown()
 
 
-class RevokedInstitutions:
-    """The revoked institutions as the coordinator last said; the planner reads them
-    before every plan."""
+class ClusterPolicy:
+    """What the coordinator last said about the cluster: the revoked institutions and
+    the institution each Ray node counts for (None: nodes' declarations). The planner
+    reads both before every plan; each is one reference swapped, so a reader sees the
+    old value or the new one."""
 
-    def __init__(self, names: frozenset[str]) -> None:
-        self._names = names
+    def __init__(
+        self, revoked: frozenset[str], node_institutions: Mapping[str, str] | None = None
+    ) -> None:
+        self._revoked = revoked
+        self._nodes = dict(node_institutions) if node_institutions is not None else None
 
-    def get(self) -> frozenset[str]:
-        return self._names
+    def revoked(self) -> frozenset[str]:
+        return self._revoked
 
-    def set(self, names: frozenset[str]) -> None:
-        if names != self._names:
+    def node_institutions(self) -> Mapping[str, str] | None:
+        return self._nodes
+
+    def set_revoked(self, names: frozenset[str]) -> None:
+        if names != self._revoked:
             log.info("revoked institutions now: %s", ", ".join(sorted(names)) or "none")
-        self._names = names  # one reference swapped: readers see the old or the new set
+        self._revoked = names
+
+    def set_node_institutions(self, nodes: Mapping[str, str]) -> None:
+        if nodes != self._nodes:
+            log.info("Ray nodes counted for institutions now: %d", len(nodes))
+        self._nodes = dict(nodes)
 
 
 def listen_for_stop(
-    conn: Connection, stop: threading.Event, revoked: RevokedInstitutions | None = None
+    conn: Connection, stop: threading.Event, policy: ClusterPolicy | None = None
 ) -> None:
-    """Set `stop` on the coordinator's "stop", and `revoked` on its ``revoked`` frames;
-    exit at once if its end of the socket closes.
+    """Set `stop` on the coordinator's "stop", and `policy` on its ``revoked`` and
+    ``nodes`` frames; exit at once if its end of the socket closes.
 
     A coordinator that died (or gave up on this run) re-queues the job, and the next
     driver resumes from the checkpoint: an orphan finishing its step would race that
     driver for the workers and the checkpoint. Its Ray actors die with it."""
     try:
         while not wire.is_stop(frame := conn.recv_bytes()):
-            names = wire.revoked_in(frame)
-            if names is not None and revoked is not None:
-                revoked.set(names)
+            if policy is None:
+                continue
+            if (names := wire.revoked_in(frame)) is not None:
+                policy.set_revoked(names)
+            elif (nodes := wire.node_institutions_in(frame)) is not None:
+                policy.set_node_institutions(nodes)
     except (EOFError, OSError):
         if not stop.is_set():
             log.warning("the coordinator has gone; ending this pretraining driver")

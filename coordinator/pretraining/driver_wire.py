@@ -9,7 +9,9 @@ result names. Anything else is a `DriverProtocolError`.
 
 Frames on the socket (`multiprocessing.connection.Connection.send_bytes`):
 coordinator -> driver: ``request`` (once, first; it names the institutions revoked so
-far), then ``revoked`` whenever that set changes, and ``stop`` at most once;
+far and, with mutual TLS, the institution each Ray node counts for), then ``revoked``
+whenever that set changes, ``nodes`` whenever that map changes, and ``stop`` at most
+once;
 driver -> coordinator: ``step``, ``wait``, then ``done`` followed by the weights frame,
 or ``error``.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -57,6 +60,9 @@ class DriverRequest:
     log_level: int = logging.INFO
     # The institutions revoked when the run started; `revoked` frames update them.
     revoked: frozenset[str] = frozenset()
+    # Ray node id -> the institution the coordinator counts it for (its claims); None:
+    # nodes' own declarations count (a plain-text consortium). `nodes` frames update it.
+    node_institutions: Mapping[str, str] | None = None
 
 
 class _Tls(BaseModel):
@@ -76,12 +82,19 @@ class _Request(BaseModel):
     checkpoint_dir: Path
     log_level: int
     revoked: list[str]
+    node_institutions: dict[str, str] | None
 
 
 class _Revoked(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["revoked"]
     institutions: list[str]
+
+
+class _Nodes(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["nodes"]
+    institutions: dict[str, str]  # Ray node id -> institution
 
 
 class _Done(BaseModel):
@@ -114,12 +127,21 @@ def send_request(conn: Connection, request: DriverRequest) -> None:
             "checkpoint_dir": str(request.checkpoint_dir),
             "log_level": request.log_level,
             "revoked": sorted(request.revoked),
+            "node_institutions": (
+                dict(sorted(request.node_institutions.items()))
+                if request.node_institutions is not None
+                else None
+            ),
         },
     )
 
 
 def send_revoked(conn: Connection, institutions: frozenset[str]) -> None:
     _send(conn, {"kind": "revoked", "institutions": sorted(institutions)})
+
+
+def send_node_institutions(conn: Connection, institutions: Mapping[str, str]) -> None:
+    _send(conn, {"kind": "nodes", "institutions": dict(sorted(institutions.items()))})
 
 
 def send_stop(conn: Connection) -> None:
@@ -139,6 +161,7 @@ def read_request(conn: Connection) -> DriverRequest:
         message.checkpoint_dir,
         message.log_level,
         frozenset(message.revoked),
+        message.node_institutions,
     )
 
 
@@ -153,6 +176,14 @@ def revoked_in(frame: bytes) -> frozenset[str] | None:
     """The institutions a ``revoked`` frame names; None for any other frame."""
     try:
         return frozenset(_Revoked.model_validate_json(frame).institutions)
+    except ValidationError:
+        return None
+
+
+def node_institutions_in(frame: bytes) -> dict[str, str] | None:
+    """The node id -> institution map a ``nodes`` frame carries; None for any other."""
+    try:
+        return _Nodes.model_validate_json(frame).institutions
     except ValidationError:
         return None
 

@@ -19,7 +19,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -46,7 +47,9 @@ STOP_GRACE_S = 20.0  # within PretrainRunner's 30 s wait for its thread
 DRIVER_EXIT_S = 10.0  # a finished driver's `ray.shutdown()`
 KILL_AFTER_S = 1.0  # SIGTERM, then SIGKILL
 POLL_S = 0.2
-REVOKED_CHECK_S = 1.0  # how often a running driver's revoked set is compared with ours
+# How often what a running driver was told (revoked institutions, node institutions)
+# is compared with the coordinator's state now.
+REVOKED_CHECK_S = 1.0
 
 
 class PretrainEngine(Protocol):
@@ -75,9 +78,10 @@ class DriverProcessEngine:
     `run` reports as `DriverDiedError`. A stopped run gets `stop_grace_s` to end after its
     current step before its driver is killed (the step is lost; the checkpoint is not).
     `command` is the driver's command line, to which ``--fd N`` is added. `revoked`
-    gives the institutions revoked now (the coordinator's state): the driver gets them
-    with its request and every change while it runs, and its planner uses no other
-    source.
+    gives the institutions revoked now (the coordinator's state) and `node_institutions`
+    the institution each Ray node counts for (`RayNodeClaims.assignments`; None where
+    nodes' declarations count): the driver gets both with its request and every change
+    while it runs, and its planner uses no other source.
     """
 
     def __init__(
@@ -87,9 +91,11 @@ class DriverProcessEngine:
         stop_grace_s: float = STOP_GRACE_S,
         command: Sequence[str] = DRIVER_COMMAND,
         revoked: Callable[[], frozenset[str]] = frozenset,
+        node_institutions: Callable[[], Mapping[str, str]] | None = None,
     ) -> None:
         self._cluster = cluster
         self._revoked = revoked
+        self._node_institutions = node_institutions
         self._log_path = log_path
         self._stop_grace_s = stop_grace_s
         self._command = tuple(command)
@@ -113,6 +119,7 @@ class DriverProcessEngine:
             checkpoint_dir,
             logging.getLogger().getEffectiveLevel(),
             self._revoked(),
+            self._nodes_now(),
         )
         ours, theirs = socket.socketpair()
         with theirs:
@@ -125,13 +132,30 @@ class DriverProcessEngine:
         conn = Connection(ours.detach())
         try:
             wire.send_request(conn, request)
-            return self._follow(child, conn, on_step, stop, on_wait, request.revoked)
+            return self._follow(child, conn, on_step, stop, on_wait, request)
         except DriverProtocolError:
             child.stop(KILL_AFTER_S)  # not trusted further: not even to leave on its own
             raise
         finally:
             conn.close()  # a driver still running sees its socket close, and exits
             self._end(child)
+
+    def _nodes_now(self) -> dict[str, str] | None:
+        if self._node_institutions is None:
+            return None
+        return dict(self._node_institutions())
+
+    def _tell_changes(self, conn: Connection, told: DriverRequest) -> DriverRequest:
+        """Send the driver what changed since `told`; returns what it has been told.
+        A dead driver (the send fails) is found by the caller."""
+        revoked, nodes = self._revoked(), self._nodes_now()
+        if revoked != told.revoked:
+            with contextlib.suppress(OSError):
+                wire.send_revoked(conn, revoked)
+        if nodes is not None and nodes != told.node_institutions:
+            with contextlib.suppress(OSError):
+                wire.send_node_institutions(conn, nodes)
+        return replace(told, revoked=revoked, node_institutions=nodes)
 
     def _follow(
         self,
@@ -140,17 +164,15 @@ class DriverProcessEngine:
         on_step: Callable[[OuterStepRecord], None],
         stop: threading.Event,
         on_wait: Callable[[str | None], None],
-        revoked: frozenset[str],
+        request: DriverRequest,
     ) -> PretrainResult:
         stop_by: float | None = None  # when a stopped driver is killed if still running
         check_revoked_at = time.monotonic() + REVOKED_CHECK_S
+        told = request  # what the driver was told last
         while True:
             if time.monotonic() >= check_revoked_at:
                 check_revoked_at = time.monotonic() + REVOKED_CHECK_S
-                if (now := self._revoked()) != revoked:
-                    with contextlib.suppress(OSError):  # a dead driver: found below
-                        wire.send_revoked(conn, now)
-                    revoked = now
+                told = self._tell_changes(conn, told)
             if stop.is_set() and stop_by is None:
                 with contextlib.suppress(OSError):
                     wire.send_stop(conn)

@@ -198,13 +198,18 @@ class GcsReader:
         self._client: Any = None
 
     def __call__(self) -> list[RayNodeInfo]:
-        if self._client is None:
+        fresh = self._client is None
+        if fresh:
             self._client = gcs_client(self.address)
         try:
             infos = self._client.get_all_node_info(timeout=self._timeout_s)
         except Exception:
-            self._client = None  # build a fresh one next time (the head may have restarted)
-            raise
+            self._client = None
+            if fresh:
+                raise
+            # A client from before a head restart is refused by the new head
+            # (WrongClusterID): ask again at once with a fresh one.
+            return self()
         return [node_from_gcs(info) for info in infos.values()]
 
 

@@ -9,6 +9,7 @@ from coordinator.state.records import (
     JobState,
     NodeRecord,
     NodeState,
+    RayNodeClaim,
     RoundRecord,
 )
 from coordinator.state.sqlite_store import SqliteStateStore
@@ -22,6 +23,7 @@ __all__ = [
     "JobState",
     "NodeRecord",
     "NodeState",
+    "RayNodeClaim",
     "RoundRecord",
     "SqliteStateStore",
     "StateStore",

@@ -27,6 +27,7 @@ from coordinator.state.records import (
     JobState,
     NodeRecord,
     NodeState,
+    RayNodeClaim,
     RoundRecord,
 )
 from coordinator.state.store import StateStore
@@ -57,6 +58,7 @@ class InMemoryStateStore(StateStore):
         self._certificates: dict[str, _Certificate] = {}  # serial -> certificate
         self._revoked_at_ms: dict[str, int] = {}
         self._supernode_keys: dict[tuple[str, str], str] = {}  # (inst, key) -> node id
+        self._ray_node_claims: dict[str, RayNodeClaim] = {}
 
     def close(self) -> None:
         """Nothing to release; the data stays, as a reopened SQLite file would keep it."""
@@ -287,6 +289,25 @@ class InMemoryStateStore(StateStore):
         with self._lock:
             if (institution, public_key) in self._supernode_keys:
                 self._supernode_keys[(institution, public_key)] = node_id
+
+    # --- Ray node claims ----------------------------------------------------
+    def add_ray_node_claim(self, claim: RayNodeClaim) -> None:
+        with self._lock:
+            if claim.claim in self._ray_node_claims:
+                raise ConflictError(f"claim {claim.claim} was issued already")
+            self._ray_node_claims[claim.claim] = dataclasses.replace(claim, ray_node_id="")
+
+    def bind_ray_node_claim(self, claim: str, ray_node_id: str) -> bool:
+        with self._lock:
+            record = self._ray_node_claims.get(claim)
+            if record is None or record.ray_node_id:
+                return False
+            self._ray_node_claims[claim] = dataclasses.replace(record, ray_node_id=ray_node_id)
+            return True
+
+    def ray_node_claims(self) -> list[RayNodeClaim]:
+        with self._lock:
+            return sorted(self._ray_node_claims.values(), key=lambda c: (c.issued_at_ms, c.claim))
 
     # --- events ------------------------------------------------------------
     def events_after(self, job_id: str, sequence: int) -> list[JobEventRecord]:

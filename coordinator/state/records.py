@@ -63,6 +63,18 @@ class RoundRecord:
 
 
 @dataclass(frozen=True)
+class RayNodeClaim:
+    """A claim the coordinator issued to an institution for one Ray node it is about to
+    start (coordinator/ray/claims.py), and the Ray node it was bound to ('' until the
+    coordinator saw a node carrying it)."""
+
+    claim: str
+    institution: str
+    issued_at_ms: int
+    ray_node_id: str = ""
+
+
+@dataclass(frozen=True)
 class JobEventRecord:
     """Something happened to a job: its state changed, or a round completed."""
 

@@ -23,6 +23,7 @@ from coordinator.state.records import (
     JobState,
     NodeRecord,
     NodeState,
+    RayNodeClaim,
     RoundRecord,
 )
 from coordinator.state.store import StateStore
@@ -96,6 +97,12 @@ CREATE TABLE IF NOT EXISTS certificates (
     fingerprint TEXT NOT NULL,
     not_after_ms INTEGER NOT NULL,
     issued_at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ray_node_claims (
+    claim TEXT PRIMARY KEY,
+    institution TEXT NOT NULL,
+    issued_at_ms INTEGER NOT NULL,
+    ray_node_id TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS revocations (
     institution TEXT PRIMARY KEY,
@@ -545,6 +552,36 @@ class SqliteStateStore(StateStore):
                 "WHERE institution = ? AND public_key = ?",
                 (node_id, institution, public_key),
             )
+
+    # --- Ray node claims ----------------------------------------------------
+    def add_ray_node_claim(self, claim: RayNodeClaim) -> None:
+        with self._transaction() as db:
+            added = db.execute(
+                "INSERT OR IGNORE INTO ray_node_claims (claim, institution, issued_at_ms) "
+                "VALUES (?, ?, ?)",
+                (claim.claim, claim.institution, claim.issued_at_ms),
+            )
+            if added.rowcount != 1:
+                raise ConflictError(f"claim {claim.claim} was issued already")
+
+    def bind_ray_node_claim(self, claim: str, ray_node_id: str) -> bool:
+        with self._transaction() as db:
+            bound = db.execute(
+                "UPDATE ray_node_claims SET ray_node_id = ? WHERE claim = ? AND ray_node_id = ''",
+                (ray_node_id, claim),
+            )
+            return bound.rowcount == 1
+
+    def ray_node_claims(self) -> list[RayNodeClaim]:
+        rows = (
+            self._connection()
+            .execute("SELECT * FROM ray_node_claims ORDER BY issued_at_ms, claim")
+            .fetchall()
+        )
+        return [
+            RayNodeClaim(r["claim"], r["institution"], r["issued_at_ms"], r["ray_node_id"])
+            for r in rows
+        ]
 
     # --- events ------------------------------------------------------------
     def events_after(self, job_id: str, sequence: int) -> list[JobEventRecord]:

@@ -15,6 +15,7 @@ from coordinator.state.records import (
     JobState,
     NodeRecord,
     NodeState,
+    RayNodeClaim,
     RoundRecord,
 )
 
@@ -159,6 +160,20 @@ class StateStore(ABC):
     @abstractmethod
     def set_supernode_node_id(self, institution: str, public_key: str, node_id: str) -> None:
         """A key that was never added is left alone."""
+
+    # --- Ray node claims ----------------------------------------------------
+    @abstractmethod
+    def add_ray_node_claim(self, claim: RayNodeClaim) -> None:
+        """Record an issued claim (unbound)."""
+
+    @abstractmethod
+    def bind_ray_node_claim(self, claim: str, ray_node_id: str) -> bool:
+        """Bind an unbound claim to a Ray node; False if it is unknown or bound already
+        (a claim counts for one node, the first one seen)."""
+
+    @abstractmethod
+    def ray_node_claims(self) -> list[RayNodeClaim]:
+        """Every claim, bound or not, oldest first."""
 
     # --- events ------------------------------------------------------------
     @abstractmethod

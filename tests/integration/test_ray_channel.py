@@ -31,6 +31,7 @@ from consortium.ray_env import ray_auth_env
 from consortium.site_keys import SiteKeys
 from consortium.tls import ClientTls
 from coordinator.access.pki_files import CoordinatorPki
+from coordinator.cli.remote import connect
 from tests.conftest import Processes
 from tests.helpers import START_TIMEOUT_S, run_cli, start_secure_consortium, wait_for, wait_for_log
 from tests.helpers_ray import Channel, alive
@@ -134,7 +135,7 @@ def test_institutions_join_ray_with_the_bundle_token(
         assert joined[name].poll() is None
 
 
-def fetch_ray_token(channel: Channel, name: str, tmp_path: Path) -> Path:
+def get_ray_token(channel: Channel, name: str) -> nodes_pb2.GetRayTokenResponse:
     """`GetRayToken` over mutual TLS with `name`'s bundle, as `client join` does."""
     site = channel.root / name
     tls = ClientTls(
@@ -145,11 +146,61 @@ def fetch_ray_token(channel: Channel, name: str, tmp_path: Path) -> Path:
     address = (channel.data_dir / "coordinator.address").read_text().strip()
     with grpc.secure_channel(address, tls.credentials()) as rpc:
         stub = nodes_pb2_grpc.NodeRegistryStub(rpc)
-        reply = stub.GetRayToken(nodes_pb2.GetRayTokenRequest(institution=name), timeout=10)
+        reply: nodes_pb2.GetRayTokenResponse = stub.GetRayToken(
+            nodes_pb2.GetRayTokenRequest(institution=name), timeout=10
+        )
+    return reply
+
+
+def fetch_ray_token(channel: Channel, name: str, tmp_path: Path) -> Path:
+    """The cluster token `GetRayToken` hands `name`, in a file as `client join` keeps it."""
+    reply = get_ray_token(channel, name)
     path = tmp_path / f"{name}-ray-token"
     path.write_bytes(reply.token)
     path.chmod(0o600)
     return path
+
+
+def counted_for(channel: Channel) -> dict[str, str]:
+    """Each live Ray node's institution as `coordinator nodes` shows it (ListNodes),
+    by the node name `start_node` gave it (its `node` label), "" for none."""
+    with connect(None, channel.data_dir) as remote:
+        overview = remote.nodes_overview()
+    assert not overview.ray_unavailable_reason, overview.ray_unavailable_reason
+    ray_nodes = [n.ray for n in overview.nodes if n.HasField("ray")]
+    ray_nodes += list(overview.unmatched_ray_nodes)
+    live = [n for n in ray_nodes if n.state == "ALIVE" and "node" in n.labels]
+    return {n.labels["node"]: n.counted_for for n in live}
+
+
+def test_a_node_counts_for_the_institution_its_claim_names_never_for_what_it_declares(
+    channel: Channel, joined: dict[str, ChildProcess]
+) -> None:
+    """Every member holds the cluster token and names its own node's institution. Only
+    the coordinator's claims decide: alpha's and beta's plain nodes (no claim) count for
+    no one; beta's node carrying beta's claim while declaring alpha counts for beta; a
+    node copying that claim (labels are public to members) counts for no one and is
+    refused in the log and the metrics."""
+    wait_for(  # the coordinator's view of the cluster is a couple of seconds old at most
+        "alpha's and beta's unclaimed nodes, counted for no one",
+        lambda: counted_for(channel) == {"alpha-ray-no": "", "beta-ray-nod": ""},
+    )
+    reused_before = channel.refusals("claim_reused")
+    claim = get_ray_token(channel, "beta").node_claim
+    assert len(claim) == 32
+    auth = ray_auth_env(channel.token("beta"))
+    claimed = channel.start_node("claimed", "alpha", auth, claim=claim)
+    wait_for(
+        "beta's claimed node to count for beta",
+        lambda: counted_for(channel).get("claimed-node") == "beta",
+    )
+    copy = channel.start_node("copy", "beta", ray_auth_env(channel.token("alpha")), claim=claim)
+    wait_for("the copy to be refused", lambda: channel.refusals("claim_reused") > reused_before)
+    counts = counted_for(channel)
+    assert counts["copy-node"] == "" and counts["claimed-node"] == "beta", counts
+    wait_for_log(channel.coordinator_log, "copies the claim of beta's node")
+    for node in (claimed, copy):
+        node.stop()
 
 
 def test_revocation_replaces_the_ray_token_so_the_institution_is_refused_while_others_rejoin(

@@ -66,9 +66,17 @@ def test_a_site_joins_the_ray_cluster_over_mutual_tls(channel: TlsChannel) -> No
         ray=True,
     )
     wait_for("alpha's Ray node over TLS", lambda: len(alive(channel.nodes(), "alpha")) == 1)
-    # The coordinator's own GCS client (ListNodes' Ray side) reads over TLS too.
-    with connect(None, channel.data_dir) as remote:
-        overview = remote.nodes_overview()
+    # The coordinator's own GCS client (ListNodes' Ray side) reads over TLS too; its view
+    # is a couple of seconds old at most.
+    overviews = []
+
+    def alpha_in_the_coordinators_view() -> bool:
+        with connect(None, channel.data_dir) as remote:
+            overviews.append(remote.nodes_overview())
+        return any(n.institution == "alpha" and n.HasField("ray") for n in overviews[-1].nodes)
+
+    wait_for("alpha's Ray node in `coordinator nodes`", alpha_in_the_coordinators_view)
+    overview = overviews[-1]
     assert overview.ray_unavailable_reason == ""
     (node,) = [n for n in overview.nodes if n.institution == "alpha"]
     assert node.ray.labels["institution"] == "alpha"

@@ -59,3 +59,17 @@ def test_claimed_institutions_counts_resources_and_the_label() -> None:
     }
     assert claimed_institutions({"CPU": 1}, {"institution": "c", "node": "x"}) == {"c"}
     assert claimed_institutions({}, {}) == frozenset()
+
+
+def test_with_the_coordinators_assignments_only_they_count() -> None:
+    """With claims (mutual TLS), a node's institution is the coordinator's word: the
+    node announcing gamma counts for the institution its claim names, a node it does
+    not name (announcing alpha) offers nothing, and slots are pinned by node alone."""
+    assigned = {"c" * 56: "beta", "b" * 56: "beta", "d" * 56: "delta"}
+    slots = slots_from_nodes(NODES, node_institutions=assigned)
+    assert institutions(slots) == ["beta", "delta"]
+    assert {s.node_id for s in slots} == set(assigned)
+    assert {s.resource for s in slots} == {None}  # what a node announces places nothing
+    assert slots_from_nodes(NODES, node_institutions={}) == []
+    revoked = slots_from_nodes(NODES, node_institutions=assigned, revoked_institutions={"beta"})
+    assert institutions(revoked) == ["delta"]

@@ -43,15 +43,19 @@ SPEC: PretrainJobSpec = _SPEC
 class Run:
     """One engine run with what it heard, its driver a stand-in."""
 
-    def __init__(self, tmp_path: Path, driver: str, stop_grace_s: float = 20.0) -> None:
+    def __init__(
+        self, tmp_path: Path, driver: str, stop_grace_s: float = 20.0, claims: bool = False
+    ) -> None:
         self.log = tmp_path / "pretrain-driver.log"
         self.revoked: frozenset[str] = frozenset()  # the coordinator's state, as it changes
+        self.nodes: dict[str, str] = {}  # its claims' node -> institution, as they change
         self.engine = DriverProcessEngine(
             RayCluster("127.0.0.1:1", None),
             self.log,
             stop_grace_s=stop_grace_s,
             command=command(driver),
             revoked=lambda: self.revoked,
+            node_institutions=(lambda: self.nodes) if claims else None,
         )
         self.checkpoints = tmp_path / "checkpoints"
         self.steps: list[OuterStepRecord] = []
@@ -118,6 +122,39 @@ def test_the_driver_hears_each_revocation_from_the_coordinator_alone(tmp_path: P
         thread.join(30.0)
     assert run.waits == ["revoked: gamma", "revoked: beta,gamma", "revoked: "]
     assert [r.state for r in outcome] == [ControllerState.RUNNING]
+
+
+def test_the_driver_hears_which_institution_each_node_counts_for_from_the_coordinator(
+    tmp_path: Path,
+) -> None:
+    """With claims (mutual TLS), the institution of each Ray node comes over the driver's
+    socket from the coordinator's claims, with the request and within a second of every
+    change, never from the node's own labels; without, the driver is told nothing and
+    nodes' declarations count."""
+    run = Run(tmp_path, "reports_node_institutions", claims=True)
+    run.nodes = {"n1": "alpha"}
+    outcome: list[PretrainResult] = []
+    thread = threading.Thread(target=lambda: outcome.append(run.run()))
+    thread.start()
+    try:
+        wait_for("the request's nodes", lambda: "nodes: n1=alpha" in run.waits, 30.0)
+        run.nodes = {"n1": "alpha", "n2": "beta"}
+        wait_for("beta's node bound", lambda: "nodes: n1=alpha,n2=beta" in run.waits, 30.0)
+    finally:
+        run.stop.set()
+        thread.join(30.0)
+    assert run.waits == ["nodes: n1=alpha", "nodes: n1=alpha,n2=beta"]
+    assert [r.state for r in outcome] == [ControllerState.RUNNING]
+
+    plain = Run(tmp_path / "plain", "reports_node_institutions")
+    thread = threading.Thread(target=plain.run)
+    thread.start()
+    try:
+        wait_for("the plain-text request", lambda: "nodes: declared" in plain.waits, 30.0)
+    finally:
+        plain.stop.set()
+        thread.join(30.0)
+    assert plain.waits == ["nodes: declared"]
 
 
 def test_a_stopped_run_ends_after_its_step(tmp_path: Path) -> None:

@@ -101,8 +101,10 @@ def test_worker_fetches_the_token_before_every_start_and_stays_out_when_refused(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     started: list[_FakeProcess] = []
+    labels: list[str] = []  # each start's --labels
 
-    def fake_start(self: RayWorker) -> _FakeProcess:
+    def fake_start(self: RayWorker, claim: str | None) -> _FakeProcess:
+        labels.append(flag(self._argv(claim=claim), "--labels"))
         started.append(_FakeProcess())
         return started[-1]
 
@@ -110,12 +112,13 @@ def test_worker_fetches_the_token_before_every_start_and_stays_out_when_refused(
     fetches: list[str] = []
     refuse = [False]
 
-    def fetch() -> None:
+    def fetch() -> str:
         if refuse[0]:
             raise UnreachableError(
                 "the coordinator refused the Ray token (UNAUTHENTICATED: revoked)"
             )
         fetches.append("token")
+        return f"claim{len(fetches)}"  # the coordinator's fresh claim for this start
 
     worker = RayWorker(
         "127.0.0.1:6379", "alpha", "n1", None, tmp_path, tmp_path / "t", before_start=fetch
@@ -124,6 +127,11 @@ def test_worker_fetches_the_token_before_every_start_and_stays_out_when_refused(
     started[0].code = 1  # the head restarted with a new token: the worker exits
     worker.restart()  # what `client join`'s supervisor calls
     assert fetches == ["token", "token"] and len(started) == 2
+    # Each start carries its own claim, the one fetched just before it.
+    assert [label.split(",")[-1] for label in labels] == [
+        "consortium-claim=claim1",
+        "consortium-claim=claim2",
+    ]
     started[1].code = 1
     refuse[0] = True  # revoked: no token, no restart (the supervisor tries again later)
     with pytest.raises(UnreachableError, match="refused the Ray token"):

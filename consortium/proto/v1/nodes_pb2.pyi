@@ -148,6 +148,7 @@ class RayNode(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     IS_HEAD_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
+    COUNTED_FOR_FIELD_NUMBER: _builtins.int
     ray_node_id: _builtins.str
     """hex"""
     state: _builtins.str
@@ -155,6 +156,12 @@ class RayNode(_message.Message):
     is_head: _builtins.bool
     address: _builtins.str
     """the node manager's IP address"""
+    counted_for: _builtins.str
+    """The institution the coordinator counts this node's work for: with mutual TLS,
+    the one its claim was issued to (GetRayTokenResponse.node_claim), never what the
+    node declares; in a plain-text consortium, what it declares. Empty: none, and
+    pretraining gives it no work.
+    """
     @_builtins.property
     def resources(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Total resources it announced: CPU, GPU, memory (bytes), object_store_memory
@@ -174,10 +181,11 @@ class RayNode(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         is_head: _builtins.bool = ...,
         address: _builtins.str = ...,
+        counted_for: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "is_head", b"is_head", "labels", b"labels", "ray_node_id", b"ray_node_id", "resources", b"resources", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "counted_for", b"counted_for", "is_head", b"is_head", "labels", b"labels", "ray_node_id", b"ray_node_id", "resources", b"resources", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -315,15 +323,23 @@ class GetRayTokenResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TOKEN_FIELD_NUMBER: _builtins.int
+    NODE_CLAIM_FIELD_NUMBER: _builtins.int
     token: _builtins.bytes
+    node_claim: _builtins.str
+    """A fresh claim for the node about to start, issued to the caller's institution
+    (its certificate). The node carries it as its `consortium-claim` label; the
+    coordinator counts the first node it sees carrying it for that institution, and
+    ignores what a node declares itself (its `institution` label and resource).
+    """
     def __init__(
         self,
         *,
         token: _builtins.bytes = ...,
+        node_claim: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_claim", b"node_claim", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

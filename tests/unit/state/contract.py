@@ -23,6 +23,7 @@ from coordinator.state import (
     JobState,
     NodeRecord,
     NodeState,
+    RayNodeClaim,
     RoundRecord,
     StateStore,
 )
@@ -552,6 +553,20 @@ class StateTest(ABC):
         assert sorted(store.supernode_keys()) == [
             ("uni-a", "ssh-ed25519 AAAA-a", "123"),
             ("uni-b", "ssh-ed25519 AAAA-b", ""),
+        ]
+
+    def test_a_ray_node_claim_binds_once_to_the_first_node(self, store: StateStore) -> None:
+        assert store.ray_node_claims() == []
+        store.add_ray_node_claim(RayNodeClaim("c2", "uni-b", 2_000, "ignored"))
+        store.add_ray_node_claim(RayNodeClaim("c1", "uni-a", 1_000))
+        with pytest.raises(ConflictError, match="c1"):
+            store.add_ray_node_claim(RayNodeClaim("c1", "uni-b", 3_000))
+        assert store.bind_ray_node_claim("c1", "node-1")
+        assert not store.bind_ray_node_claim("c1", "node-2")  # bound already
+        assert not store.bind_ray_node_claim("unknown", "node-3")
+        assert store.ray_node_claims() == [
+            RayNodeClaim("c1", "uni-a", 1_000, "node-1"),
+            RayNodeClaim("c2", "uni-b", 2_000, ""),  # issued unbound
         ]
 
     def test_supernode_keys_same_key_two_institutions_are_two_entries(

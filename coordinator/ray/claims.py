@@ -40,6 +40,9 @@ from coordinator.state import RayNodeClaim, StateStore, now_ms
 log = logging.getLogger(__name__)
 
 CLAIM_BYTES = 16
+# A claim is carried within seconds of its issue (the node starts right after); one
+# unused for a day (its node never started) is forgotten.
+UNUSED_CLAIM_TTL_MS = 24 * 3600 * 1000
 REFUSAL_CHANNEL = "ray"
 CLAIM_REUSED = "claim_reused"
 CLAIM_UNKNOWN = "claim_unknown"
@@ -64,9 +67,12 @@ class RayNodeClaims:
         self._last_read_ms = -1  # the cluster read `sync` last bound
 
     def issue(self, institution: str) -> str:
-        """A fresh claim for one start of `institution`'s Ray node."""
+        """A fresh claim for one start of `institution`'s Ray node; claims no node
+        carried within UNUSED_CLAIM_TTL_MS of their issue are forgotten meanwhile."""
         claim = secrets.token_hex(CLAIM_BYTES)
-        self._store.add_ray_node_claim(RayNodeClaim(claim, institution, now_ms()))
+        now = now_ms()
+        self._store.drop_unbound_ray_node_claims(now - UNUSED_CLAIM_TTL_MS)
+        self._store.add_ray_node_claim(RayNodeClaim(claim, institution, now))
         return claim
 
     def sync(self) -> None:
@@ -89,12 +95,14 @@ class RayNodeClaims:
             return self._bind(list(nodes))
 
     def _bind(self, nodes: list[RayNodeInfo]) -> dict[str, str]:
-        claims = {c.claim: c for c in self._store.ray_node_claims()}
         carriers: dict[str, list[RayNodeInfo]] = {}
         for node in nodes:
             claim = node.labels.get(CLAIM_LABEL)
             if claim:
                 carriers.setdefault(claim, []).append(node)
+        # Only the claims the cluster shows matter (a node leaves with its claim), so
+        # this reads as many rows as there are nodes, however many were ever issued.
+        claims = {c.claim: c for c in self._store.ray_node_claims(carriers)}
         for claim, holders in sorted(carriers.items()):
             record = claims.get(claim)
             if record is None:

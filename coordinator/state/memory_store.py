@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -305,9 +306,23 @@ class InMemoryStateStore(StateStore):
             self._ray_node_claims[claim] = dataclasses.replace(record, ray_node_id=ray_node_id)
             return True
 
-    def ray_node_claims(self) -> list[RayNodeClaim]:
+    def ray_node_claims(self, claims: Collection[str] | None = None) -> list[RayNodeClaim]:
         with self._lock:
-            return sorted(self._ray_node_claims.values(), key=lambda c: (c.issued_at_ms, c.claim))
+            wanted = [
+                c for c in self._ray_node_claims.values() if claims is None or c.claim in claims
+            ]
+            return sorted(wanted, key=lambda c: (c.issued_at_ms, c.claim))
+
+    def drop_unbound_ray_node_claims(self, issued_before_ms: int) -> int:
+        with self._lock:
+            stale = [
+                c.claim
+                for c in self._ray_node_claims.values()
+                if not c.ray_node_id and c.issued_at_ms < issued_before_ms
+            ]
+            for claim in stale:
+                del self._ray_node_claims[claim]
+            return len(stale)
 
     # --- events ------------------------------------------------------------
     def events_after(self, job_id: str, sequence: int) -> list[JobEventRecord]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -572,16 +572,28 @@ class SqliteStateStore(StateStore):
             )
             return bound.rowcount == 1
 
-    def ray_node_claims(self) -> list[RayNodeClaim]:
+    def ray_node_claims(self, claims: Collection[str] | None = None) -> list[RayNodeClaim]:
+        if claims is None:
+            query, params = "SELECT * FROM ray_node_claims", []
+        else:
+            params = sorted(set(claims))
+            marks = ", ".join("?" * len(params))
+            query = f"SELECT * FROM ray_node_claims WHERE claim IN ({marks})"
         rows = (
-            self._connection()
-            .execute("SELECT * FROM ray_node_claims ORDER BY issued_at_ms, claim")
-            .fetchall()
+            self._connection().execute(f"{query} ORDER BY issued_at_ms, claim", params).fetchall()
         )
         return [
             RayNodeClaim(r["claim"], r["institution"], r["issued_at_ms"], r["ray_node_id"])
             for r in rows
         ]
+
+    def drop_unbound_ray_node_claims(self, issued_before_ms: int) -> int:
+        with self._transaction() as db:
+            dropped = db.execute(
+                "DELETE FROM ray_node_claims WHERE ray_node_id = '' AND issued_at_ms < ?",
+                (issued_before_ms,),
+            )
+            return dropped.rowcount
 
     # --- events ------------------------------------------------------------
     def events_after(self, job_id: str, sequence: int) -> list[JobEventRecord]:

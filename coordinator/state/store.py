@@ -8,6 +8,7 @@ job event, which `WatchJob` streams in order of `sequence`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 
 from coordinator.state.records import (
     JobEventRecord,
@@ -172,8 +173,13 @@ class StateStore(ABC):
         (a claim counts for one node, the first one seen)."""
 
     @abstractmethod
-    def ray_node_claims(self) -> list[RayNodeClaim]:
-        """Every claim, bound or not, oldest first."""
+    def ray_node_claims(self, claims: Collection[str] | None = None) -> list[RayNodeClaim]:
+        """The named claims that exist (every claim when None), bound or not, oldest
+        first."""
+
+    @abstractmethod
+    def drop_unbound_ray_node_claims(self, issued_before_ms: int) -> int:
+        """Forget claims issued before then that no node ever carried; how many."""
 
     # --- events ------------------------------------------------------------
     @abstractmethod

@@ -13,7 +13,7 @@ import pytest
 from consortium.ray_env import CLAIM_LABEL
 from coordinator.ray.claims import CLAIM_REUSED, CLAIM_UNKNOWN, RayNodeClaims
 from coordinator.ray.nodes import ALIVE, DEAD, RayNodeInfo, RaySnapshot
-from coordinator.state import InMemoryStateStore, SqliteStateStore, StateStore
+from coordinator.state import InMemoryStateStore, RayNodeClaim, SqliteStateStore, StateStore
 
 
 class Cluster:
@@ -120,3 +120,12 @@ def test_sync_binds_in_the_order_nodes_appear_without_anyone_asking(claims: Clai
     assert claims.refusals == []
     assert claims.claims.assignments() == {"n-alpha": "alpha"}
     assert claims.refusals == [("ray", CLAIM_REUSED)]
+
+
+def test_claims_no_node_carried_for_a_day_are_forgotten_at_the_next_issue() -> None:
+    store = InMemoryStateStore()
+    store.add_ray_node_claim(RayNodeClaim("unused", "alpha", 0))  # its node never started
+    store.add_ray_node_claim(RayNodeClaim("carried", "alpha", 0))
+    store.bind_ray_node_claim("carried", "n-1")
+    fresh = Claims(store).claims.issue("beta")
+    assert [c.claim for c in store.ray_node_claims()] == ["carried", fresh]

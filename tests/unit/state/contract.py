@@ -568,6 +568,16 @@ class StateTest(ABC):
             RayNodeClaim("c1", "uni-a", 1_000, "node-1"),
             RayNodeClaim("c2", "uni-b", 2_000, ""),  # issued unbound
         ]
+        assert store.ray_node_claims(["c2", "nope"]) == [RayNodeClaim("c2", "uni-b", 2_000, "")]
+        assert store.ray_node_claims([]) == []
+
+    def test_unbound_ray_node_claims_are_dropped_once_old(self, store: StateStore) -> None:
+        store.add_ray_node_claim(RayNodeClaim("bound", "uni-a", 1_000))
+        store.add_ray_node_claim(RayNodeClaim("old", "uni-a", 1_000))
+        store.add_ray_node_claim(RayNodeClaim("new", "uni-a", 5_000))
+        store.bind_ray_node_claim("bound", "node-1")
+        assert store.drop_unbound_ray_node_claims(issued_before_ms=2_000) == 1
+        assert [c.claim for c in store.ray_node_claims()] == ["bound", "new"]
 
     def test_supernode_keys_same_key_two_institutions_are_two_entries(
         self, store: StateStore

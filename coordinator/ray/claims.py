@@ -18,8 +18,9 @@ counts: the claim is bound to the node that carried it first, which its institut
 started before the claim could be seen, and a later carrier is refused (logged and
 counted as ``consortium_auth_refusals_total{channel="ray",reason="claim_reused"}``).
 Only if the coordinator first sees both at once (it reads the cluster every second or
-two) can it not tell them apart: it then binds neither, and the institution's next
-start gets a fresh claim. A node with no claim, or one this coordinator never issued,
+two) can it not tell them apart: it then burns the claim (no node ever counts for it,
+not even the one left when the other goes), and the institution's next start gets a
+fresh claim. A node with no claim, or one this coordinator never issued,
 counts for no institution and is given no work.
 
 A plain-text consortium (no mutual TLS, loopback experiments) authenticates no one;
@@ -40,6 +41,9 @@ from coordinator.state import RayNodeClaim, StateStore, now_ms
 log = logging.getLogger(__name__)
 
 CLAIM_BYTES = 16
+# What a claim is bound to once two nodes were first seen carrying it together: no
+# node, ever (not a Ray node id, which is hex).
+BURNT = "burnt"
 # A claim is carried within seconds of its issue (the node starts right after); one
 # unused for a day (its node never started) is forgotten.
 UNUSED_CLAIM_TTL_MS = 24 * 3600 * 1000
@@ -103,42 +107,57 @@ class RayNodeClaims:
         # Only the claims the cluster shows matter (a node leaves with its claim), so
         # this reads as many rows as there are nodes, however many were ever issued.
         claims = {c.claim: c for c in self._store.ray_node_claims(carriers)}
+        assigned: dict[str, str] = {}
         for claim, holders in sorted(carriers.items()):
             record = claims.get(claim)
             if record is None:
                 for node in holders:
                     self._refuse(node, CLAIM_UNKNOWN, "carries a claim this coordinator never made")
                 continue
-            if not record.ray_node_id:
-                live = [n for n in holders if n.state != DEAD]
-                if len(live) == 1 and self._store.bind_ray_node_claim(claim, live[0].ray_node_id):
-                    log.info(
-                        "Ray node %s counts for %s (its claim, issued over mutual TLS)",
-                        live[0].ray_node_id[:12],
-                        record.institution,
-                    )
-                    record = RayNodeClaim(
-                        claim, record.institution, record.issued_at_ms, live[0].ray_node_id
-                    )
-                    claims[claim] = record
-                elif len(live) > 1:
-                    for node in live:
-                        self._refuse(
-                            node,
-                            CLAIM_REUSED,
-                            f"{len(live)} nodes appeared at once with {record.institution}'s "
-                            "claim; none counts (its next start gets a fresh one)",
-                        )
-                    continue
-            for node in holders:
-                if record.ray_node_id and node.ray_node_id != record.ray_node_id:
+            bound = self._settle(record, holders)
+            if bound:
+                assigned[bound] = record.institution
+        return assigned
+
+    def _settle(self, record: RayNodeClaim, holders: list[RayNodeInfo]) -> str:
+        """The node `record` counts for after this pass ("" for none): bound now if
+        it has exactly one live carrier and none before; every other carrier refused."""
+        bound = record.ray_node_id
+        if not bound:
+            live = [n for n in holders if n.state != DEAD]
+            if len(live) == 1 and self._store.bind_ray_node_claim(
+                record.claim, live[0].ray_node_id
+            ):
+                bound = live[0].ray_node_id
+                log.info(
+                    "Ray node %s counts for %s (its claim, issued over mutual TLS)",
+                    bound[:12],
+                    record.institution,
+                )
+            elif len(live) > 1:
+                # Burnt for good: were one carrier to leave, the other (perhaps the
+                # copy) must not inherit the claim.
+                self._store.bind_ray_node_claim(record.claim, BURNT)
+                for node in live:
                     self._refuse(
                         node,
                         CLAIM_REUSED,
-                        f"copies the claim of {record.institution}'s node "
-                        f"{record.ray_node_id[:12]}",
+                        f"{len(live)} nodes appeared at once with {record.institution}'s "
+                        "claim; none counts (its next start gets a fresh one)",
                     )
-        return {c.ray_node_id: c.institution for c in claims.values() if c.ray_node_id}
+                return ""
+        if bound == BURNT:
+            for node in holders:
+                self._refuse(node, CLAIM_REUSED, f"carries {record.institution}'s burnt claim")
+            return ""
+        for node in holders:
+            if bound and node.ray_node_id != bound:
+                self._refuse(
+                    node,
+                    CLAIM_REUSED,
+                    f"copies the claim of {record.institution}'s node {bound[:12]}",
+                )
+        return bound
 
     def _refuse(self, node: RayNodeInfo, reason: str, why: str) -> None:
         if (node.ray_node_id, reason) in self._refused:

@@ -76,6 +76,11 @@ def test_two_nodes_first_seen_together_with_one_claim_both_count_for_no_one(
     claims.cluster.nodes = [node("n-1", "alpha", alpha), node("n-2", "mallory", alpha)]
     assert claims.claims.assignments() == {}
     assert claims.refusals == [("ray", CLAIM_REUSED)] * 2
+    # alpha's node leaves (to restart): the copy left behind does not inherit the claim.
+    claims.cluster.nodes = [node("n-1", "alpha", alpha, DEAD), node("n-2", "mallory", alpha)]
+    assert claims.claims.assignments() == {}
+    claims.cluster.nodes = [node("n-2", "mallory", alpha)]
+    assert claims.claims.assignments() == {}
     fresh = claims.claims.issue("alpha")  # alpha's next start
     claims.cluster.nodes.append(node("n-3", "alpha", fresh))
     assert claims.claims.assignments() == {"n-3": "alpha"}

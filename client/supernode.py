@@ -37,9 +37,6 @@ PORT_IN_USE = "address already in use"
 log = logging.getLogger(__name__)
 
 
-PORT_PLACEHOLDER = "<port>"
-
-
 def node_config(values: dict[str, str | int]) -> str:
     """Flower's --node-config syntax: space-separated key=value with TOML values."""
     parts = []
@@ -81,7 +78,7 @@ class SuperNode:
             "--superlink",
             superlink_address,
             "--port",
-            PORT_PLACEHOLDER,
+            str(self.port),
             # Our task runner, not Flower's launcher, executes tasks (see above).
             "--isolation",
             "process",
@@ -116,8 +113,7 @@ class SuperNode:
                 "--auth-supernode-private-key",
                 str(auth_key.resolve()),
             ]
-        self._port_at = argv.index(PORT_PLACEHOLDER)
-        argv[self._port_at] = str(self.port)
+        self._port_at = argv.index("--port") + 1  # a restart may move it (see `restart`)
         self._argv = argv
         self._log_path = state_dir / "supernode.log"
         self._env = owner_env(state_dir)

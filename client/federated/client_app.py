@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.federated.signing_mod import COMMITMENT_RECORD, signing_mod
 from client.federated.site_trainer import SiteTrainer
 from client.metrics import record_training
+from consortium.model_wire import ARRAYS_RECORD, pack_tensors, unpack_torch
 from consortium.provenance.commitment import DataCommitment, load_or_create_key
 from consortium.workloads import (
     BUILTIN_WORKLOADS,
@@ -70,7 +71,7 @@ def _setup(msg: Message, context: Context, seed: int = 0) -> Task:
     workload = load_workload(name)
     options = json.loads(str(config.get("model-options", "{}")))
     model = TRAINER.model(msg.metadata.run_id, name, workload, options)
-    workload.load_exchanged(model, msg.content.array_records["arrays"].to_torch_state_dict())
+    workload.load_exchanged(model, unpack_torch(msg.content.array_records[ARRAYS_RECORD]))
     budget = RoundBudget(
         epochs=int(_number(config, "local-epochs", 1)),
         steps=int(_number(config, "local-steps", 1)),
@@ -102,7 +103,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     content = RecordDict(
         {
-            "arrays": ArrayRecord(task.workload.exchanged(task.model)),
+            ARRAYS_RECORD: pack_tensors(task.workload.exchanged(task.model)),
             "metrics": MetricRecord({"num-examples": result.examples, "train_loss": result.loss}),
             COMMITMENT_RECORD: _commitment_record(result.commitment),
         }

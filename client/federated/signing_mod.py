@@ -29,6 +29,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Message
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
+from consortium.model_wire import ARRAYS_RECORD, ModelWireError, unpack_tensors
 from consortium.provenance.log import WitnessCosignature
 from consortium.provenance.signing import SigningKey, VerifyingKey, b64
 from consortium.provenance.updates import UpdateStatement
@@ -52,7 +53,9 @@ COMMITMENT_RECORD = "consortium.data"
 
 
 def record_digest(arrays: ArrayRecord) -> str:
-    return arrays_digest({name: array.numpy() for name, array in arrays.items()})
+    """The digest of the tensors a packed model record carries (ModelWireError if it is
+    not one)."""
+    return arrays_digest(unpack_tensors(arrays))
 
 
 def _refuse(msg: Message, reason: str) -> Message:
@@ -114,7 +117,10 @@ def signing_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)
     config = msg.content.config_records["config"]
-    received = record_digest(msg.content.array_records["arrays"])
+    try:
+        received = record_digest(msg.content.array_records[ARRAYS_RECORD])
+    except ModelWireError as err:
+        return _refuse(msg, f"the global model cannot be read: {err}")
     announced = str(config.get("global-digest", ""))
     if received != announced:
         return _refuse(msg, f"global model digest {received[:16]} != announced {announced[:16]}")
@@ -125,7 +131,7 @@ def signing_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
-    arrays = reply.content.array_records["arrays"]
+    arrays = reply.content.array_records[ARRAYS_RECORD]
     metrics = reply.content.metric_records["metrics"]
     data = reply.content.config_records.get(COMMITMENT_RECORD)
     statement = UpdateStatement(

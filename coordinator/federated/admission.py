@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 from flwr.app import Message, RecordDict
 
+from consortium.model_wire import ARRAYS_RECORD, ModelWireError, unpack_tensors
 from consortium.provenance.log import WitnessCosignature
 from consortium.provenance.signing import SignatureError, VerifyingKey, unb64
 from consortium.provenance.updates import UpdateStatement
@@ -111,11 +112,13 @@ def admit(
         raise UpdateRefused("unsigned", "the reply carries no consortium.signature record")
     institution = str(proof.get("institution", ""))
     try:
-        arrays = {k: v.numpy() for k, v in content.array_records["arrays"].items()}
+        arrays = unpack_tensors(content.array_records[ARRAYS_RECORD])
         metrics = content.metric_records["metrics"]
         num_examples = metrics["num-examples"]
     except KeyError as err:
         raise UpdateRefused("malformed", f"missing {err}", institution) from None
+    except ModelWireError as err:
+        raise UpdateRefused("malformed", str(err), institution) from None
     if store.is_revoked(institution):
         raise UpdateRefused("revoked", f"{institution!r} has been revoked", institution)
     key_id = str(proof.get("key-id", ""))

@@ -33,7 +33,7 @@ def retain(
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     save_file(
-        {k: np.ascontiguousarray(v) for k, v in arrays.items()},
+        {k: np.asarray(v, order="C") for k, v in arrays.items()},  # 0-d stays 0-d
         str(partial),
         {"num_examples": str(num_examples)},
     )

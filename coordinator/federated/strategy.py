@@ -44,6 +44,7 @@ from consortium.aggregation import (
 from consortium.aggregation.validate import tensor_stats
 from consortium.errors import ConsortiumError
 from consortium.exit_codes import ExitCode
+from consortium.model_wire import pack_tensors
 from consortium.provenance.witness import WITNESS_RECORD
 from consortium.tensor_digest import arrays_digest
 from coordinator.federated.admission import AdmissionState, AdmittedUpdate, UpdateRefused, admit
@@ -231,8 +232,11 @@ class ConsortiumStrategy(Strategy):
         config["global-digest"] = digest
         config["job-id"] = self.job_id
         config["round-number"] = round_
-        self._sent = (arrays, config, grid)
-        return self._messages(server_round, arrays, config, grid)
+        # The sites get the model as one safetensors array (consortium/model_wire.py);
+        # Flower's loop keeps the tensors by name.
+        packed = pack_tensors(self._reference)
+        self._sent = (packed, config, grid)
+        return self._messages(server_round, packed, config, grid)
 
     def _messages(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -314,7 +318,7 @@ class ConsortiumStrategy(Strategy):
         metrics = None
         if record.train_loss is not None:
             metrics = MetricRecord({"train_loss": record.train_loss})
-        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in result.items()}), metrics
+        return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in result.items()}), metrics
 
     def _admit_all(
         self, record: RoundProvenance, replies: Iterable[Message]

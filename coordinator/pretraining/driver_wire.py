@@ -216,7 +216,7 @@ def send_done(conn: Connection, result: PretrainResult) -> None:
             "records": records,
         },
     )
-    weights = {name: np.ascontiguousarray(array) for name, array in result.weights.items()}
+    weights = {name: np.asarray(array, order="C") for name, array in result.weights.items()}
     conn.send_bytes(save_safetensors(weights))
 
 

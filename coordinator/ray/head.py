@@ -103,6 +103,10 @@ class RayHead:
             "0",
             "--include-dashboard",
             "false",
+            # The head hosts no workers, so its log monitor would forward nothing (the
+            # driver's own output goes to its log): one Python process less per start.
+            "--include-log-monitor",
+            "false",
             "--disable-usage-stats",
             "--temp-dir",
             str(self.temp_dir),

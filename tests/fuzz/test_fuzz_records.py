@@ -7,6 +7,7 @@ error (`UpdateRefused` with a reason, `LogVerificationError` naming the line,
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 
 from client.bundle import BundleError, load_bundle
 from client.federated.signing_mod import COMMITMENT_RECORD, SIGNATURE_RECORD
+from consortium.model_wire import ARRAYS_RECORD, PACKED_ARRAY, PACKED_STYPE, pack_tensors
 from consortium.provenance.log import read_lines
 from consortium.provenance.records import Round
 from consortium.provenance.signing import SigningKey
@@ -82,8 +84,51 @@ def in_a_server_task() -> Iterator[None]:
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
+def packed_bytes(data: bytes) -> ArrayRecord:
+    """A model record of this protocol's shape holding `data` (safetensors or not)."""
+    return ArrayRecord(
+        {PACKED_ARRAY: Array(dtype="uint8", shape=(len(data),), stype=PACKED_STYPE, data=data)}
+    )
+
+
+def safetensors_header(header: bytes) -> bytes:
+    """`header` where safetensors expects its JSON header (length-prefixed), then a few
+    bytes of tensor data: the parser's header handling is what is fuzzed."""
+    return struct.pack("<Q", len(header)) + header + bytes(16)
+
+
+model_records = st.one_of(
+    st.none(),
+    st.builds(lambda: pack_tensors({"w": np.zeros((2, 2), dtype=np.float32)})),
+    # Flower's own encoding (one Array per tensor), which this protocol does not use.
+    st.builds(lambda: ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))})),
+    st.binary(max_size=200).map(packed_bytes),
+    st.builds(
+        lambda value: packed_bytes(safetensors_header(json.dumps(value).encode())),
+        st.dictionaries(
+            st.text(max_size=10),
+            st.one_of(
+                st.fixed_dictionaries(
+                    {
+                        "dtype": st.sampled_from(["F32", "I64", "BOOL", "X", ""]),
+                        "shape": st.lists(st.integers(-2, 2**40), max_size=3),
+                        "data_offsets": st.lists(st.integers(-2, 2**40), max_size=3),
+                    }
+                ),
+                st.integers(),
+                st.text(max_size=5),
+            ),
+            max_size=3,
+        ),
+    ),
+)
+
+
 def reply_with(
-    signature: dict[str, Any], metrics: dict[str, Any], arrays: bool, commitment: bool
+    signature: dict[str, Any],
+    metrics: dict[str, Any],
+    arrays: ArrayRecord | None,
+    commitment: bool,
 ) -> Message:
     train = Message(
         RecordDict({"config": ConfigRecord({"x": 1})}),
@@ -91,8 +136,8 @@ def reply_with(
         message_type=MessageType.TRAIN,
     )
     content = RecordDict({SIGNATURE_RECORD: ConfigRecord(signature)})
-    if arrays:
-        content["arrays"] = ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))})
+    if arrays is not None:
+        content[ARRAYS_RECORD] = arrays
     content["metrics"] = MetricRecord(metrics)
     if commitment:
         content[COMMITMENT_RECORD] = ConfigRecord({"digest": "x"})
@@ -109,7 +154,7 @@ def reply_with(
         metric_values,
         max_size=4,
     ),
-    arrays=st.booleans(),
+    arrays=model_records,
     commitment=st.booleans(),
 )
 def test_a_forged_or_malformed_update_is_refused_with_a_reason(
@@ -117,7 +162,7 @@ def test_a_forged_or_malformed_update_is_refused_with_a_reason(
     institution: str,
     use_key: bool,
     metrics: dict[str, Any],
-    arrays: bool,
+    arrays: ArrayRecord | None,
     commitment: bool,
 ) -> None:
     signature = {**signature, "institution": institution}

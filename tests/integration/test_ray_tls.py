@@ -11,9 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from consortium import pki
+from consortium.processes import descendants_of
 from consortium.proto.v1 import jobs_pb2
 from consortium.ray_env import RayTls, ray_auth_env, ray_node_ip
 from coordinator.access.pki_files import CoordinatorPki
@@ -55,9 +57,16 @@ def channel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsChannel]:
         processes.stop_all()
 
 
+def command_of(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:  # it ended meanwhile
+        return ""
+
+
 def test_a_site_joins_the_ray_cluster_over_mutual_tls(channel: TlsChannel) -> None:
     (site,) = write_partitions(channel.root, list(NAMES))
-    join_site(
+    joined = join_site(
         channel.processes,
         "client-alpha",
         site,
@@ -84,6 +93,12 @@ def test_a_site_joins_the_ray_cluster_over_mutual_tls(channel: TlsChannel) -> No
     assert pki.institution_of(node_cert.subject) == "alpha"
     key = channel.root / "alpha" / "state" / "ray-tls" / "node.key"
     assert oct(key.stat().st_mode & 0o777) == "0o600"
+    # Ray's log monitor would publish the site's worker output to every driver of the
+    # cluster; the head hosts no workers. Neither node runs one.
+    for owner in (channel.coordinator, joined):
+        commands = [command_of(p) for p in descendants_of(owner.pid)]
+        assert any(command.endswith("raylet") or "/raylet " in command for command in commands)
+        assert not [command for command in commands if "log_monitor" in command]
 
 
 def test_pretraining_runs_on_the_tls_cluster(channel: TlsChannel) -> None:

@@ -49,6 +49,7 @@ from consortium.data.digits import train_test_split
 from consortium.data.docstrings import packages_for, site_text
 from consortium.data.site_loaders import count_examples
 from consortium.lm import FineTuneConfig, fine_tune
+from consortium.model_wire import pack_tensors
 from consortium.models import build_model, parameter_tensors
 from consortium.provenance.commitment import commit
 from consortium.provenance.environment import describe_environment
@@ -98,6 +99,7 @@ def model_arrays(seed: int) -> Arrays:
 
 
 def to_record(arrays: Arrays) -> ArrayRecord:
+    """As Flower's loop hands the global model to the strategy (one Array per tensor)."""
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
@@ -163,14 +165,14 @@ def client_reply(
 ) -> Message:
     """What a site's ClientApp train function returns (before the mod signs it)."""
     metrics = {"num-examples": num_examples, "train_loss": loss, **(extra_metrics or {})}
-    content = RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord(metrics)})
+    content = RecordDict({"arrays": pack_tensors(arrays), "metrics": MetricRecord(metrics)})
     if data_digest is not None:
         content[COMMITMENT_RECORD] = ConfigRecord({"digest": data_digest})
     return Message(content, reply_to=msg)
 
 
 def train_message(node_id: int, config: ConfigRecord, arrays: Arrays) -> Message:
-    content = RecordDict({"arrays": to_record(arrays), "config": config})
+    content = RecordDict({"arrays": pack_tensors(arrays), "config": config})
     return Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN)
 
 
@@ -530,7 +532,7 @@ def _weights_changed_after_signing(world: World) -> Message:
     reply = world.sign("b2", model_arrays(4), 5)
     swapped = model_arrays(4)
     swapped["fc.bias"] *= 100
-    reply.content["arrays"] = to_record(swapped)
+    reply.content["arrays"] = pack_tensors(swapped)
     return reply
 
 

@@ -45,7 +45,9 @@ def models() -> dict[str, Tensors]:
 
     return {
         "digits-cnn": params(DigitsCNN()),
-        "bytelm (demo)": params(ByteLM(ByteLMConfig(n_layer=2, n_head=2, n_embd=64, block_size=64))),
+        "bytelm (demo)": params(
+            ByteLM(ByteLMConfig(n_layer=2, n_head=2, n_embd=64, block_size=64))
+        ),
         "bytelm (default)": params(ByteLM(ByteLMConfig())),
         "LoRA r=8, 24 layers": lora,
     }

@@ -19,6 +19,14 @@ from consortium.exit_codes import ExitCode
 from consortium.file_modes import private_dir, restrict_umask
 from consortium.settings import load_settings
 
+# What joining the Ray pool trusts, said where the flag is chosen (docs/security.md).
+RAY_POOL_HELP = (
+    "Also contribute this machine to the consortium's shared Ray pool for pretraining "
+    "(off by default). Every member holding the cluster token can run code on a pool "
+    "node: use it only on a machine dedicated to the consortium, with no site keys or "
+    "private data on it."
+)
+
 app = typer.Typer(
     help="Consortium client: join a consortium with this node.",
     no_args_is_help=True,
@@ -91,7 +99,7 @@ def join(
     ] = None,
     ray: Annotated[
         bool | None,
-        typer.Option("--ray/--no-ray", help="Contribute this node to the Ray cluster."),
+        typer.Option("--ray/--no-ray", help=RAY_POOL_HELP),
     ] = None,
     ray_port_range: Annotated[
         str | None,
@@ -100,8 +108,8 @@ def join(
     config: Annotated[Path | None, typer.Option(help="Settings TOML file.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Register this node, run a Flower SuperNode on the local data and a Ray worker
-    for pretraining, until Ctrl-C."""
+    """Register this node and run a Flower SuperNode on the local data (and, with --ray,
+    a node of the consortium's shared Ray pool), until Ctrl-C."""
     from client.join import SiteNode
     from client.settings import ClientSettings
 

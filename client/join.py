@@ -404,7 +404,8 @@ class SiteNode:
         )
         self._say(
             f"Ray worker joining {joined.ray_address} as institution:{self.settings.institution} "
-            f"(log: {worker.process.log_path})"
+            f"(log: {worker.process.log_path}); this machine is now in the consortium's "
+            "shared Ray pool, where any member holding the cluster token can run code"
         )
         return worker
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from client.federated.fast_poll_supernode import (
@@ -55,15 +55,28 @@ class ClientSettings(RoleSettings):
     # Prometheus endpoint (/metrics); port 0: any free (written to
     # <state_dir>/metrics.address).
     metrics_address: str = "127.0.0.1:0"
-    # Contribute this node (its GPU, else one CPU) to the coordinator's Ray cluster
-    # for pretraining; false: federated fine-tuning only.
-    ray_enabled: bool = True
+    # Contribute this machine (its GPU, else one CPU) to the consortium's shared Ray pool
+    # for pretraining. Off unless asked for: every member holding the cluster token can
+    # run code on a pool node, so it belongs on a machine dedicated to the consortium,
+    # with no site keys or private data beside it (docs/security.md, "The Ray pool").
+    ray_enabled: bool = False
     # On leave, Ray drains this node: it waits this long for running work before ending
     # its processes (Ray's RAY_DRAIN_TIMEOUT, set on the worker it starts).
     ray_drain_timeout_s: float = Field(default=5.0, ge=0)
     # "LOW-HIGH": every port this node's Ray processes listen on, for a firewall that
     # lets the coordinator's Ray head in (docs/operations.md, "Ports and directions").
     ray_port_range: RayPortRange = None
+
+    @model_validator(mode="after")
+    def _port_range_is_for_a_pool_node(self) -> ClientSettings:
+        # A range given without --ray would otherwise be ignored in silence: a site
+        # upgraded from when the pool was the default would stop contributing unawares.
+        if self.ray_port_range is not None and not self.ray_enabled:
+            raise ValueError(
+                "ray_port_range is for a node of the Ray pool: add --ray (ray_enabled = "
+                "true) to contribute this machine, or drop the range"
+            )
+        return self
 
     @property
     def resolved_state_dir(self) -> Path:

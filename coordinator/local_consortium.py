@@ -197,15 +197,15 @@ class LocalConsortium:
         env: Mapping[str, str] | None = None,
     ) -> ChildProcess:
         """`client join` for institution `name` on its `data`: with its bundle when
-        secure, else --insecure to this coordinator; --no-ray unless Ray was asked for."""
+        secure, else --insecure to this coordinator; --ray (the site joins the Ray pool) when
+        Ray was asked for, else --no-ray."""
         if self.secure:
             credentials = ["--bundle", str(self.bundle_dir(name))]
         else:
             credentials = ["--insecure", "--coordinator", self.address, "--institution", name]
         argv = ["client", "join", *credentials, "--data", str(data)]
         argv += ["--state-dir", str(self.state_dir(name))]
-        if not self.ray:
-            argv.append("--no-ray")
+        argv.append("--ray" if self.ray else "--no-ray")
         return self.start(child_name or f"client-{name}", *argv, *flags, env=env)
 
     def connect(self) -> Remote:

@@ -200,13 +200,13 @@ def join_site(
     ray: bool = False,
 ) -> ChildProcess:
     """`client join` with an onboarding bundle (mutual TLS), or, given `coordinator`
-    and `institution` instead, with --insecure; --no-ray unless `ray`."""
+    and `institution` instead, with --insecure; --ray if `ray`, else --no-ray."""
     if bundle is not None:
         credentials = ["--bundle", str(bundle)]
     else:
         assert coordinator is not None and institution is not None
         credentials = ["--insecure", "--coordinator", coordinator, "--institution", institution]
-    flags = [] if ray else ["--no-ray"]
+    flags = ["--ray"] if ray else ["--no-ray"]
     return processes.start(
         name,
         "client",

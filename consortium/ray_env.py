@@ -61,9 +61,6 @@ RAY_FIXED_PORTS = (
     "--metrics-export-port",
     "--ray-client-server-port",  # a head's only (Ray Client, which no one here uses)
 )
-# A head's autoscaler monitor serves its metrics on a port no flag sets (Ray's default,
-# 44217, outside any range): this environment variable moves it into the range.
-AUTOSCALER_METRIC_PORT_ENV = "AUTOSCALER_METRIC_PORT"
 RAY_WORKER_PORTS_FROM = 10  # offset of the first worker port
 MIN_RAY_PORT_RANGE = 32  # the fixed ports and at least 22 worker processes
 
@@ -106,14 +103,6 @@ def ray_port_flags(port_range: str | None, head: bool) -> list[str]:
         "--max-worker-port",
         str(high),
     ]
-
-
-def ray_port_env(port_range: str | None) -> dict[str, str]:
-    """The environment a head needs beside `ray_port_flags` to stay within the range."""
-    if port_range is None:
-        return {}
-    low, _ = parse_port_range(port_range)
-    return {AUTOSCALER_METRIC_PORT_ENV: str(low + len(RAY_FIXED_PORTS))}
 
 
 def write_ray_token(path: Path, token: bytes) -> None:

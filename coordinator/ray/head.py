@@ -28,7 +28,6 @@ from consortium.ray_env import (
     DRAIN_TIMEOUT_ENV,
     RayTls,
     ray_auth_env,
-    ray_port_env,
     ray_port_flags,
     short_temp_dir,
 )
@@ -107,6 +106,9 @@ class RayHead:
             # driver's own output goes to its log): one Python process less per start.
             "--include-log-monitor",
             "false",
+            # No autoscaler monitor either: the cluster never scales (nodes are what
+            # sites contribute), and the coordinator reads nodes from the GCS itself.
+            "--no-monitor",
             "--disable-usage-stats",
             "--temp-dir",
             str(self.temp_dir),
@@ -121,7 +123,6 @@ class RayHead:
         # reaper and its successor find them (consortium/leftovers.py).
         env = {
             **ray_auth_env(token_path, tls),
-            **ray_port_env(port_range),
             DRAIN_TIMEOUT_ENV: "0",
             "GRPC_VERBOSITY": "ERROR",
             **owner_env(paths.root),

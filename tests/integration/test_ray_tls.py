@@ -94,11 +94,13 @@ def test_a_site_joins_the_ray_cluster_over_mutual_tls(channel: TlsChannel) -> No
     key = channel.root / "alpha" / "state" / "ray-tls" / "node.key"
     assert oct(key.stat().st_mode & 0o777) == "0o600"
     # Ray's log monitor would publish the site's worker output to every driver of the
-    # cluster; the head hosts no workers. Neither node runs one.
+    # cluster; the head hosts no workers. Neither node runs one, and the head runs no
+    # autoscaler monitor (the cluster never scales).
     for owner in (channel.coordinator, joined):
         commands = [command_of(p) for p in descendants_of(owner.pid)]
         assert any(command.endswith("raylet") or "/raylet " in command for command in commands)
         assert not [command for command in commands if "log_monitor" in command]
+        assert not [command for command in commands if "autoscaler/_private/monitor" in command]
 
 
 def test_pretraining_runs_on_the_tls_cluster(channel: TlsChannel) -> None:

@@ -12,7 +12,7 @@ from client.devices import hardware_labels, label_value
 from client.ray_worker import RayWorker, worker_argv
 from client.settings import ClientSettings
 from consortium.errors import UnreachableError
-from consortium.ray_env import ray_port_env, ray_port_flags
+from consortium.ray_env import ray_port_flags
 from coordinator.settings import CoordinatorSettings
 
 
@@ -147,8 +147,7 @@ def test_a_port_range_pins_every_port_the_node_listens_on() -> None:
     assert "--ray-client-server-port" not in argv  # a head's only
     head = ray_port_flags("20000-20099", head=True)
     assert head[head.index("--ray-client-server-port") + 1] == "20006"
-    assert ray_port_env("20000-20099") == {"AUTOSCALER_METRIC_PORT": "20007"}
-    assert ray_port_flags(None, head=True) == [] and ray_port_env(None) == {}
+    assert ray_port_flags(None, head=True) == []
 
 
 @pytest.mark.parametrize("value", ["20000", "20099-20000", "80-200", "20000-20010", "a-b"])

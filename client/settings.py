@@ -58,7 +58,8 @@ class ClientSettings(RoleSettings):
     # Contribute this machine (its GPU, else one CPU) to the consortium's shared Ray pool
     # for pretraining. Off unless asked for: every member holding the cluster token can
     # run code on a pool node, so it belongs on a machine dedicated to the consortium,
-    # with no site keys or private data beside it (docs/security.md, "The Ray pool").
+    # with no site keys or private data beside it (docs/security.md, "The Ray pool is
+    # opt-in").
     ray_enabled: bool = False
     # On leave, Ray drains this node: it waits this long for running work before ending
     # its processes (Ray's RAY_DRAIN_TIMEOUT, set on the worker it starts).

@@ -103,7 +103,7 @@ def pretrain_spec(outer_steps: int) -> str:
     few workers returned) advances the survivors' state unlogged, and replay refuses
     such a job by name."""
     return (
-        f'name = "chaos-pretrain"\n{TINY_PRETRAIN}inner_steps = 500\n'
+        f'name = "chaos-pretrain"\n{TINY_PRETRAIN}inner_steps = 200\n'
         'inner_optimizer_state = "reset"\n'
         f"outer_steps = {outer_steps}\nmin_workers = 1\nwait_for_workers_s = 120.0\n"
         "worker_start_timeout_s = 120.0\nstep_timeout_s = 120.0\nmax_failed_steps = 20\n"

@@ -115,7 +115,7 @@ def parameter_count(directory: Path) -> int:
 
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+        model = AutoModelForCausalLM.from_config(config)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -127,7 +127,7 @@ def load(directory: Path, init_seed: int) -> tuple[PreTrainedModel, PreTrainedTo
     from transformers.utils import logging as transformers_logging
 
     # A site's log is not a terminal: no progress bars in it.
-    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    transformers_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         if weight_files(directory):
@@ -138,7 +138,7 @@ def load(directory: Path, init_seed: int) -> tuple[PreTrainedModel, PreTrainedTo
             config = AutoConfig.from_pretrained(directory, local_files_only=True)
             with torch.random.fork_rng():
                 torch.manual_seed(init_seed)
-                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except (OSError, ValueError) as err:
         raise BaseModelError(f"cannot load the base model in {directory}: {err}") from None
     return model, tokenizer

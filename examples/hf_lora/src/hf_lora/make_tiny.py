@@ -54,7 +54,7 @@ def make_tiny_model(directory: Path, shape: TinyLlama = TinyLlama(), weights: bo
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from transformers.utils import logging as transformers_logging
 
-    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    transformers_logging.disable_progress_bar()
     directory.mkdir(parents=True, exist_ok=True)
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -68,7 +68,7 @@ def make_tiny_model(directory: Path, shape: TinyLlama = TinyLlama(), weights: bo
             show_progress=False,
         ),
     )
-    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, pad_token=EOS
     )
     tokenizer.save_pretrained(directory)

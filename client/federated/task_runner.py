@@ -35,7 +35,6 @@ from dataclasses import dataclass
 import httpx
 from flwr.app import Context, Message
 from flwr.app.error import Error
-from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
 from flwr.supercore.constant import TaskType
@@ -111,7 +110,7 @@ class SiteTaskRunner:
         runtime_api_address: Callable[[], str],
         auth_secret: bytes,
         check_run: RunCheck,
-        app: ClientApp,
+        app: Callable[[Message, Context], Message],  # a ClientApp, or one loaded on first use
         on_refused: Callable[[RefusalReason], None] = lambda _: None,
         poll_interval_s: float = POLL_INTERVAL_S,
     ) -> None:
@@ -218,7 +217,7 @@ class SiteTaskRunner:
                 details = f"run {run_id} ended while its message was arriving: {ended}"
                 self.counts.failed += 1
                 return
-            reply = self._app(message=message, context=context)
+            reply = self._app(message, context)
             status, details = SubStatus.COMPLETED, ""
             self.counts.executed += 1
         except Exception as error:

@@ -22,6 +22,7 @@ LIGHT_ENTRY_POINTS = [
     "coordinator.pretraining",  # the package's public surface loads on use
     "coordinator.pretraining.accounting_files",  # `coordinator accounting`
     "consortium.models",  # the catalogue and size limits
+    "client.join",  # `client join` until its first task trains (or its --gpu is checked)
 ]
 
 

@@ -18,6 +18,12 @@ and receives (global weights or averaged gradients); Ray's framing is not counte
 Wall time runs from the first actor start to the final weights, evaluation excluded.
 The validation loss is nats per byte on the held-out split. Target (the issue): at least
 100x fewer bytes sent per worker at a validation loss within 5% of the baseline.
+
+DiLoCo runs once per pseudo-gradient codec (``--codecs``, default fp32, fp16 and int8;
+consortium/pseudo_gradient_codec.py), from the same seed, so the rows differ only in how
+the pseudo-gradients travelled; their bytes are those of the encoded arrays. Targets
+(issue 17): int8 sends at least 3.5x fewer bytes than fp32 at a final validation loss
+within 1% of fp32's.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import torch
 
 from consortium.lm import Weights, load_weights, model_weights, sample_batch, validation_loss
 from consortium.models.bytelm import ByteLM
+from consortium.pseudo_gradient_codec import CODECS
 from coordinator.pretraining import PretrainJobSpec, run_pretraining, validate_pretrain_spec
 from coordinator.pretraining.schedule import assign_shards, derive_seed
 from coordinator.pretraining.worker import WorkerConfig, corpus_for, enable_determinism, inner_lr_at
@@ -46,6 +53,8 @@ from coordinator.pretraining.worker import WorkerConfig, corpus_for, enable_dete
 WORKERS = 2
 BYTES_TARGET = 100.0  # DDP bytes / DiLoCo bytes, at least
 LOSS_TARGET = 0.05  # DiLoCo validation loss at most 5% above DDP's
+INT8_BYTES_TARGET = 3.5  # fp32 bytes / int8 bytes, at least
+INT8_LOSS_TARGET = 0.01  # int8's validation loss at most 1% above fp32's
 
 
 @dataclass(frozen=True)
@@ -109,7 +118,8 @@ def run_diloco(spec: PretrainJobSpec) -> Row:
             sent_received[1] += r.bytes_received
     sent = max(v[0] for v in per_worker.values())
     received = max(v[1] for v in per_worker.values())
-    return Row("DiLoCo", spec.outer_steps, sent, received, wall_s, evaluate(spec, result.weights))
+    method = f"DiLoCo {spec.pseudo_gradient_codec}"
+    return Row(method, spec.outer_steps, sent, received, wall_s, evaluate(spec, result.weights))
 
 
 class DataParallelReplica:
@@ -177,7 +187,7 @@ def run_ddp(spec: PretrainJobSpec) -> Row:
     return Row("DDP (sync every step)", steps, sent, received, wall_s, evaluate(spec, replicas[0]))
 
 
-def print_table(spec: PretrainJobSpec, results: list[tuple[int, Row, Row]]) -> None:
+def print_table(spec: PretrainJobSpec, results: list[tuple[int, dict[str, Row], Row]]) -> None:
     params = spec.bytelm_config.num_parameters()
     print(
         f"\nmodel: {spec.n_layer} layers x {spec.n_embd} dims, {params:,} parameters; "
@@ -192,16 +202,20 @@ def print_table(spec: PretrainJobSpec, results: list[tuple[int, Row, Row]]) -> N
         f"{'seed':<5}{'method':<24}{'syncs':>7}{'MB sent/worker':>16}{'MB recv/worker':>16}"
         f"{'wall s':>9}{'val loss':>10}"
     )
-    for seed, diloco, ddp in results:
-        for row in (ddp, diloco):
+    for seed, codecs, ddp in results:
+        for row in (ddp, *codecs.values()):
             print(
                 f"{seed:<5}{row.method:<24}{row.syncs:>7}{row.bytes_sent / 1e6:>16.2f}"
                 f"{row.bytes_received / 1e6:>16.2f}{row.wall_s:>9.1f}{row.val_loss:>10.4f}"
             )
-    gaps = [diloco.val_loss / ddp.val_loss - 1.0 for _, diloco, ddp in results]
-    bytes_ratio = min(ddp.bytes_sent / diloco.bytes_sent for _, diloco, ddp in results)
-    wall_ratio = statistics.mean(diloco.wall_s / ddp.wall_s for _, diloco, ddp in results)
+    first_codec = next(iter(results[0][1]))
+    fp32 = [(codecs[first_codec], ddp) for _, codecs, ddp in results]
+    gaps = [diloco.val_loss / ddp.val_loss - 1.0 for diloco, ddp in fp32]
+    bytes_ratio = min(ddp.bytes_sent / diloco.bytes_sent for diloco, ddp in fp32)
+    wall_ratio = statistics.mean(diloco.wall_s / ddp.wall_s for diloco, ddp in fp32)
     mean_gap = statistics.mean(gaps)
+    print_codec_ratios(results, first_codec)
+    print(f"\nDiLoCo below is DiLoCo {first_codec}:")
     print(
         f"\nratios: bytes sent DDP/DiLoCo = {bytes_ratio:.1f}x (target >= {BYTES_TARGET:.0f}x); "
         f"wall DiLoCo/DDP = {wall_ratio:.2f} (mean)\n"
@@ -210,6 +224,25 @@ def print_table(spec: PretrainJobSpec, results: list[tuple[int, Row, Row]]) -> N
     )
     met = bytes_ratio >= BYTES_TARGET and mean_gap <= LOSS_TARGET
     print(f"target {'MET' if met else 'NOT MET'} (on the mean over {len(results)} seed(s))")
+
+
+def print_codec_ratios(results: list[tuple[int, dict[str, Row], Row]], base: str) -> None:
+    """Each codec against `base` (fp32 by default): bytes sent and validation loss."""
+    for codec in list(results[0][1])[1:]:
+        pairs = [(codecs[base], codecs[codec]) for _, codecs, _ in results]
+        ratio = min(b.bytes_sent / c.bytes_sent for b, c in pairs)
+        gaps = [c.val_loss / b.val_loss - 1.0 for b, c in pairs]
+        line = (
+            f"\n{codec} vs {base}: bytes sent {base}/{codec} = {ratio:.2f}x; val loss per seed "
+            f"{', '.join(f'{g:+.2%}' for g in gaps)}, mean {statistics.mean(gaps):+.2%}"
+        )
+        if codec == "int8" and base == "fp32":
+            met = ratio >= INT8_BYTES_TARGET and statistics.mean(gaps) <= INT8_LOSS_TARGET
+            line += (
+                f" (targets >= {INT8_BYTES_TARGET}x and <= +{INT8_LOSS_TARGET:.0%}: "
+                f"{'MET' if met else 'NOT MET'})"
+            )
+        print(line)
 
 
 def main() -> None:
@@ -229,6 +262,9 @@ def main() -> None:
     parser.add_argument("--num-shards", type=int, default=64)
     parser.add_argument("--corpus-bytes", type=int, default=4 * 2**20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--codecs", nargs="+", choices=CODECS, default=list(CODECS), help="first is the base"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     ray.init(
@@ -241,10 +277,14 @@ def main() -> None:
     try:
         for seed in args.seeds:
             spec = bench_spec(args, seed)
-            diloco = run_diloco(spec)
+            codecs = {
+                codec: run_diloco(spec.model_copy(update={"pseudo_gradient_codec": codec}))
+                for codec in args.codecs
+            }
             ddp = run_ddp(spec)
-            print(f"seed {seed}: DiLoCo {diloco.val_loss:.4f}, DDP {ddp.val_loss:.4f}", flush=True)
-            results.append((seed, diloco, ddp))
+            losses = ", ".join(f"{row.method} {row.val_loss:.4f}" for row in codecs.values())
+            print(f"seed {seed}: {losses}, DDP {ddp.val_loss:.4f}", flush=True)
+            results.append((seed, codecs, ddp))
     finally:
         ray.shutdown()
     print_table(bench_spec(args, args.seeds[0]), results)

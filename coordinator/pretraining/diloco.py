@@ -43,6 +43,12 @@ from consortium.aggregation import StreamingMean, UpdateRejected
 from consortium.data.stdlib_corpus import StdlibCorpus
 from consortium.lm import Weights, load_weights, model_weights, validation_loss
 from consortium.models.bytelm import ByteLM
+from consortium.pseudo_gradient_codec import (
+    Encoded,
+    PseudoGradientEncodingError,
+    decode,
+    encoded_nbytes,
+)
 from consortium.tensor_digest import arrays_digest
 from coordinator.pretraining.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from coordinator.pretraining.cluster import (
@@ -61,7 +67,7 @@ from coordinator.pretraining.errors import (
 from coordinator.pretraining.pool import StopRequested, WorkerPool, describe_failure, wait_one
 from coordinator.pretraining.records import ControllerState, OuterStepRecord, WorkerStepResult
 from coordinator.pretraining.schedule import assign_shards, derive_seed
-from coordinator.pretraining.spec import PretrainJobSpec
+from coordinator.pretraining.spec import IDENTITY_DEFAULTS, PretrainJobSpec
 from coordinator.pretraining.worker import InnerMetrics, WorkerConfig, corpus_for
 
 log = logging.getLogger(__name__)
@@ -175,7 +181,7 @@ class DiLoCoController:
         started = time.monotonic()
         lost = self._pool.reconcile(decision.workers)
         workers = [slot for slot in decision.workers if slot.worker_id not in lost]
-        accepted: dict[str, tuple[Weights, InnerMetrics]] = {}  # stays empty if too few start
+        accepted: dict[str, tuple[Encoded, InnerMetrics]] = {}  # stays empty if too few start
         if len(workers) >= self.spec.min_workers:
             step_seed, rng_after = self._peek_step_seed()
             plan = self._assign(workers, step_seed)
@@ -184,9 +190,10 @@ class DiLoCoController:
             mean = StreamingMean(self.global_weights())
             for worker_id in sorted(returned):  # any order gives the same mean; sorted logs
                 try:
-                    mean.add(returned[worker_id][0], UPDATE_WEIGHT)
+                    sent = returned[worker_id][0]  # in the job's codec
+                    mean.add(decode(sent, self.spec.pseudo_gradient_codec), UPDATE_WEIGHT)
                     accepted[worker_id] = returned[worker_id]
-                except UpdateRejected as err:
+                except (UpdateRejected, PseudoGradientEncodingError) as err:
                     lost[worker_id] = f"update rejected: {err}"
                     self._pool.drop(worker_id)
         self._quarantined = {s.node_id for s in decision.workers if s.worker_id in lost}
@@ -195,8 +202,8 @@ class DiLoCoController:
             return None
         received = sum(a.nbytes for a in self.global_weights().values())
         results = tuple(
-            _result(plan[w], pseudo_gradient, metrics, received)
-            for w, (pseudo_gradient, metrics) in sorted(accepted.items())
+            _result(plan[w], sent, metrics, received)
+            for w, (sent, metrics) in sorted(accepted.items())
         )
         self._apply_outer_step(mean.result())
         self._rng_state = rng_after
@@ -295,7 +302,7 @@ class DiLoCoController:
 
     def _run_inner(
         self, plan: dict[str, Assignment]
-    ) -> tuple[dict[str, tuple[Weights, InnerMetrics]], dict[str, str]]:
+    ) -> tuple[dict[str, tuple[Encoded, InnerMetrics]], dict[str, str]]:
         global_ref = ray.put(self.global_weights())  # once; every worker reads this copy
         steps = self.spec.inner_steps
         first = self.step_index * steps  # positions the inner learning-rate schedule
@@ -305,7 +312,7 @@ class DiLoCoController:
         }
         if self.on_dispatch is not None:
             self.on_dispatch(self.step_index, sorted(plan))
-        returned: dict[str, tuple[Weights, InnerMetrics]] = {}
+        returned: dict[str, tuple[Encoded, InnerMetrics]] = {}
         lost: dict[str, str] = {}
         deadline = time.monotonic() + self.spec.step_timeout_s
         while pending and (remaining := deadline - time.monotonic()) > 0:
@@ -394,10 +401,9 @@ class DiLoCoController:
 
     def _restore(self, checkpoint: Checkpoint) -> None:
         identity = self.spec.training_identity()
+        saved = {**IDENTITY_DEFAULTS, **checkpoint.training_identity}
         differing = sorted(
-            k
-            for k in identity.keys() | checkpoint.training_identity.keys()
-            if identity.get(k) != checkpoint.training_identity.get(k)
+            k for k in identity.keys() | saved.keys() if identity.get(k) != saved.get(k)
         )
         if differing:
             raise CheckpointMismatchError(
@@ -419,8 +425,10 @@ class DiLoCoController:
 
 
 def _result(
-    assignment: Assignment, pseudo_gradient: Weights, metrics: InnerMetrics, bytes_received: int
+    assignment: Assignment, sent: Encoded, metrics: InnerMetrics, bytes_received: int
 ) -> WorkerStepResult:
+    """What the log and accounting say of one worker's step: `sent` is its
+    pseudo-gradient as it travelled (in the job's codec), which its digest covers."""
     slot = assignment.slot
     return WorkerStepResult(
         worker=slot.worker_id,
@@ -430,9 +438,9 @@ def _result(
         position=assignment.position,
         shard_ids=assignment.shard_ids,
         seed=assignment.seed,
-        pseudo_gradient_digest=arrays_digest(pseudo_gradient),
+        pseudo_gradient_digest=arrays_digest(sent),
         bytes_received=bytes_received,
-        bytes_sent=sum(a.nbytes for a in pseudo_gradient.values()),
+        bytes_sent=encoded_nbytes(sent),
         compute_s=metrics.compute_s,
         inner_steps=metrics.steps,
         tokens=metrics.tokens,

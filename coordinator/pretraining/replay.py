@@ -53,6 +53,7 @@ from consortium.provenance.records import (
     Record,
     WorkerEntry,
 )
+from consortium.pseudo_gradient_codec import decode
 from consortium.tensor_digest import arrays_digest
 from coordinator.federated.replay import ReplayMismatchError
 from coordinator.pretraining.diloco import global_model
@@ -271,22 +272,23 @@ class _Replayer:
     def _inner(
         self, trainer: InnerTrainer, step: int, worker: WorkerEntry, global_weights: Weights
     ) -> Weights:
-        """The worker's H inner steps; its pseudo-gradient, checked against the log."""
-        pseudo_gradient, _ = trainer.run_inner(
+        """The worker's H inner steps; its pseudo-gradient as sent (in the job's codec),
+        checked against the log, then decoded as the controller decodes it."""
+        sent, _ = trainer.run_inner(
             global_weights,
             tuple(worker.shard_ids),
             self.spec.inner_steps,
             worker.seed,
             step * self.spec.inner_steps,  # positions the inner learning-rate schedule
         )
-        digest = arrays_digest(pseudo_gradient)
+        digest = arrays_digest(sent)
         if digest != worker.pseudo_gradient_digest:
             raise ReplayMismatchError(
                 f"{_where(step)}, worker {worker.worker} ({worker.institution}): "
                 f"pseudo-gradient digest {digest[:16]} differs from the logged "
                 f"{worker.pseudo_gradient_digest[:16]}"
             )
-        return pseudo_gradient
+        return decode(sent, self.spec.pseudo_gradient_codec)
 
     def _outer_step(self, average: Weights) -> str:
         """Nesterov SGD with the average as gradient, as the controller; the new digest."""

@@ -46,6 +46,7 @@ from pydantic import (
 from consortium.errors import JobSpecError
 from consortium.models import check_model_size
 from consortium.models.bytelm_config import FLOAT32_BYTES, ByteLMConfig
+from consortium.pseudo_gradient_codec import Codec
 
 # Float32 copies of the model a worker holds: weights, gradients, AdamW's two moments and
 # the global weights the pseudo-gradient is taken against. Activations are not counted.
@@ -65,6 +66,9 @@ OPERATIONAL_FIELDS = frozenset(
         "max_worker_memory_bytes",
     }
 )
+# Fields added after checkpoints were first written, with the value those checkpoints ran
+# with: a checkpoint that lacks one resumes under a spec that has the old value.
+IDENTITY_DEFAULTS: Mapping[str, Any] = {"pseudo_gradient_codec": "fp32"}
 
 
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
@@ -127,6 +131,13 @@ class PretrainJobSpec(BaseModel):
         description=(
             "keep: a worker's AdamW state carries over between outer steps; reset: "
             "it starts fresh at each (what replay needs after a failed attempt)."
+        ),
+    )
+    pseudo_gradient_codec: Codec = Field(
+        default="fp32",
+        description=(
+            "How each worker's pseudo-gradient travels: fp32; fp16 (half the bytes); int8"
+            " with one float32 scale per 64 values (3.76x fewer bytes than fp32)."
         ),
     )
     outer_lr: float = Field(

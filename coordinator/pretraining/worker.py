@@ -30,6 +30,7 @@ from consortium.data.stdlib_corpus import StdlibCorpus, load_stdlib_corpus
 from consortium.errors import DataDirError
 from consortium.lm import Weights, load_weights, model_weights, sample_batch
 from consortium.models.bytelm import ByteLM, ByteLMConfig
+from consortium.pseudo_gradient_codec import Codec, Encoded, encode
 from coordinator.pretraining.spec import PretrainJobSpec
 
 
@@ -54,6 +55,7 @@ class WorkerConfig:
     corpus_digest: str
     deterministic: bool
     device: Literal["cpu", "gpu"]
+    pseudo_gradient_codec: Codec = "fp32"
 
     @classmethod
     def from_spec(
@@ -77,6 +79,7 @@ class WorkerConfig:
             corpus_digest=corpus_digest,
             deterministic=spec.deterministic,
             device=device,
+            pseudo_gradient_codec=spec.pseudo_gradient_codec,
         )
 
 
@@ -164,8 +167,9 @@ class InnerTrainer:
         steps: int,
         seed: int,
         first_step: int = 0,
-    ) -> tuple[Weights, InnerMetrics]:
-        """``steps`` AdamW steps from ``global_state``; returns ``global - local`` and metrics.
+    ) -> tuple[Encoded, InnerMetrics]:
+        """``steps`` AdamW steps from ``global_state``; returns ``global - local``, encoded
+        with the job's pseudo-gradient codec (what is sent), and metrics.
 
         ``first_step`` is the job-wide index of the first inner step (outer step * H); it
         only positions the learning-rate schedule.
@@ -204,7 +208,7 @@ class InnerTrainer:
             compute_s=compute_s,
             device=config.device,
         )
-        return pseudo_gradient, metrics
+        return encode(pseudo_gradient, config.pseudo_gradient_codec), metrics
 
 
 # The Ray actor; resources and placement are set by the controller with `.options(...)`.

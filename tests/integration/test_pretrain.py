@@ -21,11 +21,17 @@ from typing import Any
 import numpy as np
 import pytest
 import ray
+import torch
 from ray.cluster_utils import Cluster
 
 from consortium.errors import JobSpecError
+from consortium.lm import model_weights
 from consortium.models.bytelm import ByteLM
 from consortium.net import reserve_free_port
+from consortium.provenance.environment import describe_environment
+from consortium.provenance.records import JobStarted
+from consortium.pseudo_gradient_codec import encode, encoded_nbytes
+from coordinator.federated.replay import ReplayMismatchError
 from coordinator.pretraining import (
     CheckpointMismatchError,
     ControllerState,
@@ -42,6 +48,8 @@ from coordinator.pretraining import (
 )
 from coordinator.pretraining.checkpoint import checkpoint_path, load_checkpoint
 from coordinator.pretraining.cluster import require_gcs
+from coordinator.pretraining.replay import plan_replay, replay_pretraining
+from coordinator.pretraining.runner import outer_step_body
 from coordinator.pretraining.worker import InnerTrainer, WorkerConfig, corpus_for
 from tests.helpers import wait_for
 
@@ -159,7 +167,10 @@ def test_job_completes_with_two_workers_and_val_loss_decreases(
 def test_replay_with_same_seed_is_bit_identical_after_every_step(
     two_institutions: LocalCluster, tmp_path: Path
 ) -> None:
-    spec = tiny_spec("replay", outer_steps=2)
+    """Also with int8 pseudo-gradients (fp32 is replayed in test_fresh_controller_...,
+    the demo and test_pretrain_replay): the same bits in two runs on Ray, and again
+    offline, as `coordinator replay` re-runs the log's steps in one process."""
+    spec = tiny_spec("replay", outer_steps=2, pseudo_gradient_codec="int8")
     runs = []
     for attempt in ("first", "second"):
         with controller(spec, tmp_path / attempt) as ctl:
@@ -171,6 +182,36 @@ def test_replay_with_same_seed_is_bit_identical_after_every_step(
     assert [r.pseudo_gradient_digests for r in first] == [r.pseudo_gradient_digests for r in second]
     assert [r.val_loss for r in first] == [r.val_loss for r in second]
     assert first[0].model_digest != first[1].model_digest
+    # What travelled is int8 with a float32 scale per block, and the digest covers that.
+    int8_bytes = encoded_nbytes(encode(model_weights(ByteLM(spec.bytelm_config)), "int8"))
+    assert set(first[0].bytes_sent.values()) == {int8_bytes}
+    assert spec.bytelm_config.parameter_bytes() / int8_bytes > 3.5
+    assert first[-1].val_loss < first[0].val_loss
+
+    log = [
+        JobStarted(
+            job_id="int8",
+            kind="pretrain",
+            spec=spec.model_dump(mode="json"),
+            seed=spec.seed,
+            environment=describe_environment("cpu", deterministic=True),
+        ),
+        *(outer_step_body("int8", record) for record in first),
+    ]
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:  # replay switches this process's torch to one deterministic thread
+        replayed = replay_pretraining(plan_replay("int8", log))
+        assert [r.model_digest for r in replayed] == [r.model_digest for r in first]
+        step0 = outer_step_body("int8", first[0])
+        liar = step0.workers[1].model_copy(update={"pseudo_gradient_digest": "0" * 64})
+        tampered = [log[0], step0.model_copy(update={"workers": [step0.workers[0], liar]})]
+        with pytest.raises(
+            ReplayMismatchError, match=rf"step 0 \(round 1\), worker {liar.worker} .*digest"
+        ):
+            replay_pretraining(plan_replay("int8", [*tampered, *log[2:]]))
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
 
 
 def test_fresh_controller_resumes_from_the_checkpoint(

@@ -206,6 +206,10 @@ class OuterStep(_JobBody):
     model_digest: str
     val_loss: float | None = None
     attempts: int = 1
+    # Spot checks: workers the coordinator re-executed and matched, and those that did
+    # not match (worker -> node id; dropped from the step and barred from the job).
+    verified: list[str] = Field(default_factory=list)
+    verification_failed: dict[str, str] = Field(default_factory=dict)
 
 
 class JobCompleted(_JobBody):

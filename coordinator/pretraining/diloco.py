@@ -68,6 +68,7 @@ from coordinator.pretraining.pool import StopRequested, WorkerPool, describe_fai
 from coordinator.pretraining.records import ControllerState, OuterStepRecord, WorkerStepResult
 from coordinator.pretraining.schedule import assign_shards, derive_seed
 from coordinator.pretraining.spec import IDENTITY_DEFAULTS, PretrainJobSpec
+from coordinator.pretraining.spot_check import SpotChecker
 from coordinator.pretraining.worker import InnerMetrics, WorkerConfig, corpus_for
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,10 @@ class DiLoCoController:
         on_dispatch: DispatchHook | None = None,
         stop: threading.Event | None = None,
         on_wait: WaitHook | None = None,
+        worker_class: Callable[[WorkerSlot], Any] | None = None,
     ) -> None:
+        """``worker_class``: the Ray actor class a slot runs (default `DiLoCoWorker`);
+        tests give one institution a dishonest worker with it."""
         if not ray.is_initialized():
             raise ClusterNotConnectedError(
                 "pretraining needs a Ray connection: call ray.init(address=...) first"
@@ -140,6 +144,9 @@ class DiLoCoController:
         self._rng_state: dict[str, Any] = dict(np.random.PCG64(spec.seed).state)
         self._failed_attempts = 0
         self._quarantined: set[str] = set()  # nodes that lost a worker in the last attempt
+        # Nodes whose contribution failed a spot check: barred for the rest of the job.
+        self._barred: dict[str, str] = {}  # node id -> the worker caught there
+        self._failures_to_log: dict[str, str] = {}  # worker -> node id, since last commit
         checkpoint = load_checkpoint(self.checkpoint_dir)
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -152,7 +159,9 @@ class DiLoCoController:
             lambda slot: WorkerConfig.from_spec(spec, self.corpus.digest, slot.device),
             spec.worker_start_timeout_s,
             self.stop,
+            actor_class=worker_class,
         )
+        self.spot_checker = SpotChecker(spec, self.corpus.digest)
 
     # -- public surface ---------------------------------------------------------------
 
@@ -174,7 +183,7 @@ class DiLoCoController:
         if self.state in (ControllerState.FINISHED, ControllerState.FAILED):
             raise ControllerFinishedError(f"controller is {self.state}; no step to take")
         quarantined, self._quarantined = self._quarantined, set()  # lasts one attempt
-        decision = self._plan(quarantined)
+        decision = self._plan(quarantined | self._barred.keys())
         if decision.waiting_reason is not None:
             self._wait(decision.waiting_reason)
             return None
@@ -187,6 +196,7 @@ class DiLoCoController:
             plan = self._assign(workers, step_seed)
             returned, died = self._run_inner(plan)
             lost.update(died)
+            verified = self._spot_check(plan, returned, lost)
             mean = StreamingMean(self.global_weights())
             for worker_id in sorted(returned):  # any order gives the same mean; sorted logs
                 try:
@@ -207,7 +217,8 @@ class DiLoCoController:
         )
         self._apply_outer_step(mean.result())
         self._rng_state = rng_after
-        return self._commit(results, lost, step_seed, mean.digest(), started)
+        averaged = tuple(w for w in verified if w in accepted)
+        return self._commit(results, lost, step_seed, mean.digest(), started, averaged)
 
     def run(self, on_step: Callable[[OuterStepRecord], None] | None = None) -> None:
         """Step until FINISHED (or until `stop` is set); raises `PretrainFailedError`."""
@@ -328,6 +339,43 @@ class DiLoCoController:
             self._pool.drop(worker_id)
         return returned, lost
 
+    def _spot_check(
+        self,
+        plan: dict[str, Assignment],
+        returned: dict[str, tuple[Encoded, InnerMetrics]],
+        lost: dict[str, str],
+    ) -> list[str]:
+        """Re-execute a sample of `returned` (`SpotChecker`); a result that differs leaves
+        `returned` for `lost`, its worker is dropped and its node barred. Returns the
+        workers checked and found equal."""
+        sample = self.spot_checker.sample(returned)
+        if not sample:
+            return []
+        weights = self.global_weights()
+        steps = self.spec.inner_steps
+        matched = []
+        for worker_id in sample:
+            assignment = plan[worker_id]
+            failure = self.spot_checker.check(
+                weights,
+                assignment.shard_ids,
+                steps,
+                assignment.seed,
+                self.step_index * steps,
+                returned[worker_id][0],
+            )
+            if failure is None:
+                matched.append(worker_id)
+                continue
+            node_id = assignment.slot.node_id
+            log.warning("outer step %d, worker %s: %s", self.step_index, worker_id, failure)
+            del returned[worker_id]
+            lost[worker_id] = failure
+            self._pool.drop(worker_id)
+            self._barred[node_id] = worker_id
+            self._failures_to_log[worker_id] = node_id
+        return matched
+
     def _apply_outer_step(self, average: Weights) -> None:
         """SGD with Nesterov momentum on the global model, pseudo-gradient as gradient."""
         for name, param in self.model.named_parameters():
@@ -342,9 +390,12 @@ class DiLoCoController:
         step_seed: int,
         aggregate_digest: str,
         started: float,
+        verified: tuple[str, ...],
     ) -> OuterStepRecord:
         spec = self.spec
         val_loss = self.evaluate()
+        # Failures of attempts that did not complete a step are logged with this one.
+        failures, self._failures_to_log = self._failures_to_log, {}
         record = OuterStepRecord(
             step=self.step_index,
             results=results,
@@ -355,6 +406,8 @@ class DiLoCoController:
             val_loss=val_loss,
             wall_s=time.monotonic() - started,
             attempts=self._failed_attempts + 1,
+            verified=verified,
+            verification_failed=dict(sorted(failures.items())),
         )
         self.step_index += 1
         self.records.append(record)
@@ -420,6 +473,9 @@ class DiLoCoController:
         self._rng_state = checkpoint.rng_state
         self.step_index = checkpoint.step
         self.records = list(checkpoint.records)
+        for record in self.records:  # a node caught before the restart stays barred
+            for worker_id, node_id in record.verification_failed.items():
+                self._barred[node_id] = worker_id
         if self.model_digest() != checkpoint.model_digest:
             raise CheckpointMismatchError(f"{self.checkpoint_dir}: weights do not match digest")
 

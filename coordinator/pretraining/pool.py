@@ -59,8 +59,10 @@ class WorkerPool:
         config_for: Callable[[WorkerSlot], WorkerConfig],
         start_timeout_s: float,
         stop: threading.Event | None = None,
+        actor_class: Callable[[WorkerSlot], Any] | None = None,
     ) -> None:
         self._config_for = config_for
+        self._actor_class = actor_class or (lambda _slot: DiLoCoWorker)
         self._start_timeout_s = start_timeout_s
         self._stop = stop
         self._actors: dict[str, Any] = {}  # worker id -> actor handle
@@ -129,4 +131,5 @@ class WorkerPool:
         }
         if slot.resource is not None:
             options["resources"] = {slot.resource: INSTITUTION_RESOURCE_PER_WORKER}
-        return DiLoCoWorker.options(**options).remote(self._config_for(slot))
+        actor_class = self._actor_class(slot)
+        return actor_class.options(**options).remote(self._config_for(slot))

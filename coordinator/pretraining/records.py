@@ -49,6 +49,11 @@ class OuterStepRecord:
     wall_s: float  # seconds from dispatch to checkpoint written
     attempts: int = 1  # 1 + attempts that ended with too few results
     extra: dict[str, Any] = field(default_factory=dict)
+    # Spot checks (spec.verify_fraction): the workers whose pseudo-gradient the
+    # coordinator re-executed and found equal (averaged), and those it found different
+    # (worker -> node id; dropped, also in workers_lost, their node barred from the job).
+    verified: tuple[str, ...] = ()
+    verification_failed: dict[str, str] = field(default_factory=dict)
 
     @property
     def workers(self) -> tuple[str, ...]:
@@ -90,4 +95,5 @@ class OuterStepRecord:
         results = tuple(
             WorkerStepResult(**{**r, "shard_ids": tuple(r["shard_ids"])}) for r in data["results"]
         )
-        return cls(**{**data, "results": results})
+        verified = tuple(data.get("verified", ()))
+        return cls(**{**data, "results": results, "verified": verified})

@@ -64,6 +64,7 @@ OPERATIONAL_FIELDS = frozenset(
         "wait_for_workers_s",
         "max_failed_steps",
         "max_worker_memory_bytes",
+        "verify_fraction",
     }
 )
 # Fields added after checkpoints were first written, with the value those checkpoints ran
@@ -243,6 +244,35 @@ class PretrainJobSpec(BaseModel):
             "is refused otherwise). Operational."
         ),
     )
+
+    verify_fraction: float = Field(
+        default=0.0,
+        ge=0,
+        le=1.0,
+        description=(
+            "Share of each outer step's contributions the coordinator re-executes on its"
+            " own CPU before averaging, comparing the pseudo-gradient bit for bit; a"
+            " mismatch drops the worker and bars its node for the rest of the job. Needs"
+            " deterministic = true, device = cpu and inner_optimizer_state = reset."
+            " Operational."
+        ),
+    )
+
+    @field_validator("verify_fraction")
+    @classmethod
+    def _contributions_are_reproducible(cls, value: float, info: ValidationInfo) -> float:
+        if value == 0:
+            return value
+        needs = {"deterministic": True, "device": "cpu", "inner_optimizer_state": "reset"}
+        wrong = [f"{k} = {info.data[k]!r}" for k, v in needs.items() if info.data.get(k, v) != v]
+        if wrong:
+            raise ValueError(
+                "re-executing a contribution needs the worker's result to depend on the"
+                " global model, shards and seed alone: deterministic = true, device ="
+                ' "cpu" and inner_optimizer_state = "reset" (this spec has '
+                f"{', '.join(wrong)})"
+            )
+        return value
 
     @field_validator("n_embd")
     @classmethod

@@ -50,7 +50,7 @@ from coordinator.pretraining.checkpoint import checkpoint_path, load_checkpoint
 from coordinator.pretraining.cluster import require_gcs
 from coordinator.pretraining.replay import plan_replay, replay_pretraining
 from coordinator.pretraining.runner import outer_step_body
-from coordinator.pretraining.worker import InnerTrainer, WorkerConfig, corpus_for
+from coordinator.pretraining.worker import DiLoCoWorker, InnerTrainer, WorkerConfig, corpus_for
 from tests.helpers import wait_for
 
 OBJECT_STORE_BYTES = 80 * 2**20
@@ -212,6 +212,53 @@ def test_replay_with_same_seed_is_bit_identical_after_every_step(
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
+
+
+class PerturbingTrainer(InnerTrainer):
+    """A dishonest contributor: trains as asked, then sends its pseudo-gradient nudged
+    (as a worker would to steer the model, or to send noise instead of computing)."""
+
+    def run_inner(self, *args: Any, **kwargs: Any) -> tuple[dict[str, Any], Any]:
+        sent, metrics = super().run_inner(*args, **kwargs)
+        return {name: array + np.float32(1e-4) for name, array in sent.items()}, metrics
+
+
+PerturbingWorker = ray.remote(max_restarts=0, max_task_retries=0)(PerturbingTrainer)
+
+
+def test_a_spot_check_catches_a_perturbed_pseudo_gradient_drops_it_and_bars_the_node(
+    two_institutions: LocalCluster, tmp_path: Path
+) -> None:
+    spec = tiny_spec(
+        "verified",
+        outer_steps=2,
+        min_workers=1,
+        device="cpu",
+        inner_optimizer_state="reset",
+        verify_fraction=1.0,
+    )
+
+    def worker_class(slot: WorkerSlot) -> Any:
+        return PerturbingWorker if slot.institution == "borealis" else DiLoCoWorker
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:  # the spot check switches this process's torch to one deterministic thread
+        with controller(spec, tmp_path, worker_class=worker_class) as ctl:
+            ctl.run()
+            first, second = ctl.records
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+    [(caught, cheater)] = first.verification_failed.items()
+    assert caught.startswith("borealis/") and caught.split("/")[1] == cheater[:12]
+    assert first.workers_lost[caught].startswith("verification failed: its pseudo-gradient")
+    assert [r.institution for r in first.results] == ["aurora"]
+    assert first.verified == first.workers  # the honest one was checked and averaged
+    # Barred for the rest of the job: the next step plans without the node at all.
+    assert [r.institution for r in second.results] == ["aurora"]
+    assert second.verification_failed == {} and second.workers_lost == {}
+    logged = outer_step_body("job", first)
+    assert logged.verification_failed == {caught: cheater} and logged.verified == [*first.workers]
 
 
 def test_fresh_controller_resumes_from_the_checkpoint(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from consortium.errors import CommitRefusedError, ConflictError
+from consortium.provenance.records import OuterStep
 from consortium.provenance.signing import SigningKey
 from consortium.provenance.verify import verify_log
 from consortium.tensor_digest import arrays_digest, file_digest
@@ -53,6 +54,7 @@ class ReplayEngine:
     connected: bool = False
     disconnected: bool = False
     job_message: Callable[[], str] = lambda: ""
+    edit: Callable[[OuterStepRecord], OuterStepRecord] = lambda record: record
 
     def connect(self) -> None:
         self.connected = True
@@ -71,7 +73,7 @@ class ReplayEngine:
         self.messages_seen.append(self.job_message())
         records = []
         for step in range(self.first_step, self.first_step + self.steps):
-            on_step(step_record(step))
+            on_step(self.edit(step_record(step)))
             records.append(step_record(step))
         if self.failure is not None:
             raise self.failure
@@ -288,3 +290,28 @@ def test_a_driver_that_dies_requeues_its_job_until_it_keeps_dying(tmp_path: Path
         "consortium_child_restarts_total", {"child": "pretrain-driver"}
     )
     assert restarts == MAX_DRIVER_RESTARTS + 1
+
+
+def test_a_contribution_a_spot_check_caught_is_logged_signed_and_counted(tmp_path: Path) -> None:
+    caught = {"beta/ffff00001111/cpu0": "ffff00001111aaaa"}
+    why = {"beta/ffff00001111/cpu0": "verification failed: its pseudo-gradient differs"}
+    engine = ReplayEngine(
+        steps=1,
+        edit=lambda r: replace(r, verified=r.workers, verification_failed=caught, workers_lost=why),
+    )
+    s = setup(tmp_path, engine)
+    metrics = CoordinatorMetrics()
+    s.runner = PretrainRunner(s.lifecycle, s.data_dir.root, s.engine, metrics)
+    s.run_to_end()
+    key = SigningKey.load(s.data_dir.signing_key).public
+    [step] = [
+        r
+        for r in verify_log(s.data_dir.provenance_log, key).jobs[s.job_id]
+        if isinstance(r, OuterStep)
+    ]
+    assert step.verification_failed == caught and step.workers_lost == why
+    assert step.verified == ["alpha/abcd/cpu0"]
+    failures = metrics.registry.get_sample_value(
+        "consortium_pretrain_verification_failures_total", {"institution": "beta"}
+    )
+    assert failures == 1

@@ -1,0 +1,75 @@
+"""Spot checks of contributed compute: the coordinator re-executes a sample of an outer
+step's contributions on its own CPU and compares them bit for bit (issue 17).
+
+With ``deterministic = true`` on CPU and ``inner_optimizer_state = "reset"``, a worker's
+pseudo-gradient depends only on what the coordinator sent it: the global weights, its
+shards, its batch seed and the step's place in the learning-rate schedule. So
+`SpotChecker.check` runs the same `InnerTrainer` the Ray actors are, from the same
+inputs, encodes with the job's codec and compares the digest with that of what the
+worker sent. A worker that returned anything else (a perturbed, scaled or made-up
+pseudo-gradient, or one trained on other data) is caught whenever it is sampled; the
+controller then drops its result before averaging and bars its node for the rest of the
+job (coordinator/pretraining/diloco.py).
+
+Each contribution is sampled with probability ``verify_fraction``, drawn from the
+operating system's randomness when its result is in: the step seed is derived from the
+spec's public seed, so a sample drawn from it would tell a worker in advance which of
+its steps go unchecked. The sample is in the log (``verified``), not replayed.
+
+GPU kernels are not bit-reproducible, so GPU jobs cannot be spot-checked this way (the
+spec refuses ``verify_fraction`` with ``device`` other than ``cpu``); a tolerance check
+for them is described, not built, in docs/pretraining.md.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable
+
+from consortium.lm import Weights
+from consortium.pseudo_gradient_codec import Encoded
+from consortium.tensor_digest import arrays_digest
+from coordinator.pretraining.spec import PretrainJobSpec
+from coordinator.pretraining.worker import InnerTrainer, WorkerConfig
+
+
+class SpotChecker:
+    def __init__(
+        self,
+        spec: PretrainJobSpec,
+        corpus_digest: str,
+        draw: Callable[[], float] | None = None,
+    ) -> None:
+        self.fraction = spec.verify_fraction
+        self._config = WorkerConfig.from_spec(spec, corpus_digest, "cpu")
+        self._draw = draw or random.SystemRandom().random
+        self._trainer: InnerTrainer | None = None  # built at the first check
+
+    def sample(self, workers: Iterable[str]) -> list[str]:
+        """The workers (of those given) whose results this step re-executes."""
+        if self.fraction == 0:
+            return []
+        return [worker for worker in sorted(workers) if self._draw() < self.fraction]
+
+    def check(
+        self,
+        global_weights: Weights,
+        shard_ids: tuple[int, ...],
+        steps: int,
+        seed: int,
+        first_step: int,
+        sent: Encoded,
+    ) -> str | None:
+        """None when re-executing the worker's inner loop gives exactly what it `sent`;
+        otherwise why not, in one line."""
+        if self._trainer is None:
+            # Switches this process's torch to one deterministic thread, as a worker's.
+            self._trainer = InnerTrainer(self._config)
+        expected, _ = self._trainer.run_inner(global_weights, shard_ids, steps, seed, first_step)
+        ours, theirs = arrays_digest(expected), arrays_digest(sent)
+        if ours == theirs:
+            return None
+        return (
+            f"verification failed: its pseudo-gradient {theirs[:16]} differs from the "
+            f"coordinator's re-execution {ours[:16]}"
+        )

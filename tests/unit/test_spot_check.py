@@ -1,0 +1,128 @@
+"""Spot checks of contributed compute (coordinator/pretraining/spot_check.py): which
+specs allow them, how the sample is drawn, and that a re-execution matches an honest
+worker and names a dishonest one. The controller's use of them, with a dishonest Ray
+actor, is in tests/integration/test_pretrain.py."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from consortium.errors import JobSpecError
+from consortium.lm import model_weights
+from consortium.models.bytelm import ByteLM
+from coordinator.pretraining.records import OuterStepRecord
+from coordinator.pretraining.spec import PretrainJobSpec, validate_pretrain_spec
+from coordinator.pretraining.spot_check import SpotChecker
+from coordinator.pretraining.worker import InnerTrainer, WorkerConfig, corpus_for
+
+TINY = {
+    "name": "checked",
+    "n_layer": 1,
+    "n_head": 2,
+    "n_embd": 16,
+    "block_size": 16,
+    "seq_len": 16,
+    "batch_size": 2,
+    "inner_steps": 3,
+    "outer_steps": 1,
+    "num_shards": 2,
+    "corpus_bytes": 8192,
+    "validation_bytes": 1024,
+}
+CHECKABLE = {"device": "cpu", "inner_optimizer_state": "reset", "verify_fraction": 1.0}
+
+
+@pytest.fixture
+def own_torch_settings() -> Iterator[None]:
+    """A check switches this process's torch to one deterministic thread; put it back."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"inner_optimizer_state": "keep"}, "inner_optimizer_state = 'keep'"),
+        ({"device": "auto"}, "device = 'auto'"),
+        ({"device": "gpu"}, "device = 'gpu'"),
+        ({"deterministic": False}, "deterministic = False"),
+    ],
+)
+def test_a_spec_whose_contributions_cannot_be_re_executed_is_refused(
+    change: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(JobSpecError, match=rf"field 'verify_fraction'.*{named}"):
+        validate_pretrain_spec({**TINY, **CHECKABLE, **change})
+    validate_pretrain_spec({**TINY, **change})  # without spot checks, any of these is fine
+
+
+def test_the_fraction_is_operational_so_a_resumed_job_may_change_it() -> None:
+    spec = validate_pretrain_spec({**TINY, **CHECKABLE})
+    assert "verify_fraction" not in spec.training_identity()
+
+
+def checker(fraction: float, draws: list[float] | None = None) -> SpotChecker:
+    spec = validate_pretrain_spec({**TINY, **CHECKABLE, "verify_fraction": fraction})
+    values = itertools.cycle(draws or [0.0])
+    return SpotChecker(spec, corpus_for(spec).digest, draw=lambda: next(values))
+
+
+def test_each_contribution_is_sampled_with_the_fraction_from_the_draw() -> None:
+    assert checker(0.0).sample(["a", "b"]) == []
+    assert checker(1.0, [0.999]).sample(["b", "a"]) == ["a", "b"]
+    assert checker(0.3, [0.5, 0.1, 0.29, 0.3]).sample(["a", "b", "c", "d"]) == ["b", "c"]
+
+
+def test_the_default_draw_is_the_operating_systems_not_the_public_seed() -> None:
+    spec = validate_pretrain_spec({**TINY, **CHECKABLE, "verify_fraction": 0.5})
+    samples = {tuple(SpotChecker(spec, "x").sample([str(i) for i in range(40)])) for _ in range(5)}
+    assert len(samples) > 1  # two samples of 40 at one half agree with odds of 2**-40
+
+
+def honest_result(spec: PretrainJobSpec, weights: dict[str, Any]) -> dict[str, Any]:
+    config = WorkerConfig.from_spec(spec, corpus_for(spec).digest, "cpu")
+    sent, _ = InnerTrainer(config).run_inner(weights, (1,), spec.inner_steps, 7, 3)
+    return sent
+
+
+@pytest.mark.usefixtures("own_torch_settings")
+def test_a_re_execution_matches_an_honest_worker_and_names_a_nudged_one() -> None:
+    spot = checker(1.0)
+    spec = validate_pretrain_spec({**TINY, **CHECKABLE})
+    weights = model_weights(ByteLM(spec.bytelm_config, seed=spec.seed))
+    sent = honest_result(spec, weights)
+    assert spot.check(weights, (1,), spec.inner_steps, 7, 3, sent) is None
+    first = sorted(sent)[0]
+    nudged = {**sent, first: sent[first] + np.float32(1e-6)}  # by 1e-6, each value
+    failure = spot.check(weights, (1,), spec.inner_steps, 7, 3, nudged)
+    assert failure is not None and failure.startswith("verification failed: its pseudo-gradient")
+    # Other shards or another seed than assigned are caught the same way.
+    assert spot.check(weights, (0,), spec.inner_steps, 7, 3, sent) is not None
+    assert spot.check(weights, (1,), spec.inner_steps, 8, 3, sent) is not None
+
+
+def test_records_from_before_spot_checks_read_as_unchecked() -> None:
+    record = OuterStepRecord(
+        step=0,
+        results=(),
+        workers_lost={},
+        step_seed=1,
+        aggregate_digest="a",
+        model_digest="m",
+        val_loss=1.0,
+        wall_s=1.0,
+        verified=("alpha/x/cpu0",),
+        verification_failed={"beta/y/cpu0": "y" * 56},
+    )
+    assert OuterStepRecord.from_dict(record.to_dict()) == record
+    old = {k: v for k, v in record.to_dict().items() if not k.startswith("verif")}
+    assert OuterStepRecord.from_dict(old).verified == ()
+    assert OuterStepRecord.from_dict(old).verification_failed == {}

@@ -107,7 +107,9 @@ def http_ok(url: str) -> bool:
 
 
 def start_clients(processes: Processes, root: Path, coordinator: str) -> list[Path]:
-    """Two `client join` processes; returns their metrics.address files."""
+    """Two `client join` processes; returns their metrics.address files. They join
+    without the Ray pool: no dashboard or alert expression reads a Ray node (the
+    coordinator's Ray head runs, so its runtime's metrics are scraped and must not fire)."""
     files = []
     for name, site in zip(INSTITUTIONS, write_partitions(root, INSTITUTIONS), strict=True):
         join_site(
@@ -117,7 +119,6 @@ def start_clients(processes: Processes, root: Path, coordinator: str) -> list[Pa
             root / name,
             coordinator=coordinator,
             institution=name,
-            ray=True,
         )
         files.append(root / name / "metrics.address")
     return files

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -225,7 +226,14 @@ def test_a_driver_message_that_is_not_what_it_claims_ends_the_run(
 
 def test_a_step_crosses_the_wire_as_it_was_recorded() -> None:
     """JSON and back, validated: every field of a record as the driver had it."""
+    checked = replace(
+        step_record(3),
+        verified=("alpha/abcd/cpu0",),
+        verification_failed={"beta/ef01/cpu0": "ef01" * 14},
+        workers_lost={"beta/ef01/cpu0": "verification failed: its pseudo-gradient differs"},
+    )
     ours, theirs = socket.socketpair()
     with Connection(ours.detach()) as sender, Connection(theirs.detach()) as receiver:
-        wire.send_step(sender, step_record(3))
-        assert wire.read_message(receiver) == wire.Step(step_record(3))
+        for record in (step_record(3), checked):
+            wire.send_step(sender, record)
+            assert wire.read_message(receiver) == wire.Step(record)

@@ -71,6 +71,10 @@ def decode(
     encoded: Mapping[str, npt.NDArray[Any]], codec: Codec
 ) -> dict[str, npt.NDArray[np.float32]]:
     """The float32 pseudo-gradient `encoded` stands for; refuses any other layout."""
+    if not isinstance(encoded, Mapping) or not all(isinstance(k, str) for k in encoded):
+        raise PseudoGradientEncodingError(
+            f"a pseudo-gradient is named arrays, got {type(encoded).__name__}"
+        )
     if codec == "fp32":
         return {name: _expect(name, array, np.float32) for name, array in encoded.items()}
     if codec == "fp16":

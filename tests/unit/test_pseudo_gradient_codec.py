@@ -125,6 +125,8 @@ def test_decode_refuses_any_other_layout() -> None:
     refused("fp32", encode(original, "fp16"), "float16, the job's codec sends float32")
     refused("fp16", original, "float32, the job's codec sends float16")
     refused("fp32", {"bias": [1.0, 2.0]}, "list")
+    refused("int8", None, "named arrays, got NoneType")
+    refused("fp32", {1: np.zeros(1, np.float32)}, "named arrays")
 
 
 @pytest.mark.parametrize("codec", CODECS)

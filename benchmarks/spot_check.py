@@ -35,7 +35,7 @@ from consortium.aggregation import StreamingMean
 from consortium.lm import Weights, model_weights, validation_loss
 from consortium.pseudo_gradient_codec import decode
 from coordinator.pretraining import PretrainJobSpec, validate_pretrain_spec
-from coordinator.pretraining.diloco import UPDATE_WEIGHT, global_model
+from coordinator.pretraining.diloco import UPDATE_WEIGHT, apply_outer_step, global_model
 from coordinator.pretraining.schedule import assign_shards, derive_seed
 from coordinator.pretraining.spot_check import SpotChecker
 from coordinator.pretraining.worker import InnerTrainer, WorkerConfig, corpus_for
@@ -125,11 +125,7 @@ def outer_step(
     mean = StreamingMean(weights)
     for worker in sorted(accepted):
         mean.add(decode(accepted[worker][2], spec.pseudo_gradient_codec), UPDATE_WEIGHT)
-    average = mean.result()
-    for name, param in model.named_parameters():
-        param.grad = torch.from_numpy(average[name])
-    outer.step()
-    outer.zero_grad(set_to_none=True)
+    apply_outer_step(model, outer, mean.result())
 
 
 def report(args: argparse.Namespace, spec: PretrainJobSpec, tally: Tally) -> None:

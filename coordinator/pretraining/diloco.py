@@ -90,6 +90,17 @@ def global_model(spec: PretrainJobSpec) -> tuple[ByteLM, torch.optim.SGD]:
     return model, outer
 
 
+def apply_outer_step(
+    model: torch.nn.Module, outer: torch.optim.Optimizer, average: Weights
+) -> None:
+    """The outer step: the averaged pseudo-gradient as the gradient of `outer` (Nesterov
+    SGD from `global_model`); the controller, replay and benchmarks all take it here."""
+    for name, param in model.named_parameters():
+        param.grad = torch.from_numpy(average[name])
+    outer.step()
+    outer.zero_grad(set_to_none=True)
+
+
 @dataclass(frozen=True)
 class Assignment:
     """One worker's part of one outer step (decided by `schedule`)."""
@@ -196,16 +207,15 @@ class DiLoCoController:
             plan = self._assign(workers, step_seed)
             returned, died = self._run_inner(plan)
             lost.update(died)
-            verified = self._spot_check(plan, returned, lost)
+            decoded = self._decode(returned, lost)
+            verified = self._spot_check(plan, returned, decoded, lost)
             mean = StreamingMean(self.global_weights())
-            for worker_id in sorted(returned):  # any order gives the same mean; sorted logs
+            for worker_id in sorted(decoded):  # any order gives the same mean; sorted logs
                 try:
-                    sent = returned[worker_id][0]  # in the job's codec
-                    mean.add(decode(sent, self.spec.pseudo_gradient_codec), UPDATE_WEIGHT)
+                    mean.add(decoded[worker_id], UPDATE_WEIGHT)
                     accepted[worker_id] = returned[worker_id]
-                except (UpdateRejected, PseudoGradientEncodingError) as err:
-                    lost[worker_id] = f"update rejected: {err}"
-                    self._pool.drop(worker_id)
+                except UpdateRejected as err:
+                    self._reject(worker_id, err, lost)
         self._quarantined = {s.node_id for s in decision.workers if s.worker_id in lost}
         if len(accepted) < self.spec.min_workers:
             self._attempt_failed(len(accepted), lost)
@@ -215,7 +225,7 @@ class DiLoCoController:
             _result(plan[w], sent, metrics, received)
             for w, (sent, metrics) in sorted(accepted.items())
         )
-        self._apply_outer_step(mean.result())
+        apply_outer_step(self.model, self.outer_optimizer, mean.result())
         self._rng_state = rng_after
         averaged = tuple(w for w in verified if w in accepted)
         return self._commit(results, lost, step_seed, mean.digest(), started, averaged)
@@ -339,26 +349,40 @@ class DiLoCoController:
             self._pool.drop(worker_id)
         return returned, lost
 
+    def _decode(
+        self, returned: dict[str, tuple[Encoded, InnerMetrics]], lost: dict[str, str]
+    ) -> dict[str, Weights]:
+        """Each result's pseudo-gradient, decoded from the job's codec; a result in any
+        other layout is rejected like an update the average refuses."""
+        decoded: dict[str, Weights] = {}
+        for worker_id, (sent, _) in returned.items():
+            try:
+                decoded[worker_id] = decode(sent, self.spec.pseudo_gradient_codec)
+            except PseudoGradientEncodingError as err:
+                self._reject(worker_id, err, lost)
+        return decoded
+
+    def _reject(self, worker_id: str, error: Exception, lost: dict[str, str]) -> None:
+        lost[worker_id] = f"update rejected: {error}"
+        self._pool.drop(worker_id)
+
     def _spot_check(
         self,
         plan: dict[str, Assignment],
         returned: dict[str, tuple[Encoded, InnerMetrics]],
+        decoded: dict[str, Weights],
         lost: dict[str, str],
     ) -> list[str]:
-        """Re-execute a sample of `returned` (`SpotChecker`); a result that differs leaves
-        `returned` for `lost`, its worker is dropped and its node barred. Returns the
-        workers checked and found equal."""
-        sample = self.spot_checker.sample(returned)
+        """Re-execute a sample of the `decoded` results (`SpotChecker`); one that differs
+        leaves `decoded` for `lost`, its worker is dropped and its node barred. Returns
+        the workers checked and found equal."""
+        sample = self.spot_checker.sample(decoded)
         if not sample:
             return []
         weights = self.global_weights()
         steps = self.spec.inner_steps
         matched = []
         for worker_id in sample:
-            try:  # what is not even in the codec's layout is refused by the average
-                decode(returned[worker_id][0], self.spec.pseudo_gradient_codec)
-            except PseudoGradientEncodingError:
-                continue
             assignment = plan[worker_id]
             failure = self.spot_checker.check(
                 weights,
@@ -373,19 +397,12 @@ class DiLoCoController:
                 continue
             node_id = assignment.slot.node_id
             log.warning("outer step %d, worker %s: %s", self.step_index, worker_id, failure)
-            del returned[worker_id]
+            del decoded[worker_id]
             lost[worker_id] = failure
             self._pool.drop(worker_id)
             self._barred[node_id] = worker_id
             self._failures_to_log[worker_id] = node_id
         return matched
-
-    def _apply_outer_step(self, average: Weights) -> None:
-        """SGD with Nesterov momentum on the global model, pseudo-gradient as gradient."""
-        for name, param in self.model.named_parameters():
-            param.grad = torch.from_numpy(average[name])
-        self.outer_optimizer.step()
-        self.outer_optimizer.zero_grad(set_to_none=True)
 
     def _commit(
         self,

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from consortium.aggregation import StreamingMean
 from consortium.errors import ConflictError, JobSpecError, NotFoundError
@@ -56,7 +55,7 @@ from consortium.provenance.records import (
 from consortium.pseudo_gradient_codec import decode
 from consortium.tensor_digest import arrays_digest
 from coordinator.federated.replay import ReplayMismatchError
-from coordinator.pretraining.diloco import global_model
+from coordinator.pretraining.diloco import apply_outer_step, global_model
 from coordinator.pretraining.schedule import derive_seed
 from coordinator.pretraining.spec import PretrainJobSpec, validate_pretrain_spec
 from coordinator.pretraining.worker import InnerTrainer, WorkerConfig, corpus_for
@@ -291,11 +290,8 @@ class _Replayer:
         return decode(sent, self.spec.pseudo_gradient_codec)
 
     def _outer_step(self, average: Weights) -> str:
-        """Nesterov SGD with the average as gradient, as the controller; the new digest."""
-        for name, param in self.model.named_parameters():
-            param.grad = torch.from_numpy(average[name])
-        self.outer.step()
-        self.outer.zero_grad(set_to_none=True)
+        """The outer step, as the controller takes it; the new model digest."""
+        apply_outer_step(self.model, self.outer, average)
         return arrays_digest(model_weights(self.model))
 
 

@@ -209,10 +209,10 @@ def print_table(spec: PretrainJobSpec, results: list[tuple[int, dict[str, Row], 
                 f"{row.bytes_received / 1e6:>16.2f}{row.wall_s:>9.1f}{row.val_loss:>10.4f}"
             )
     first_codec = next(iter(results[0][1]))
-    fp32 = [(codecs[first_codec], ddp) for _, codecs, ddp in results]
-    gaps = [diloco.val_loss / ddp.val_loss - 1.0 for diloco, ddp in fp32]
-    bytes_ratio = min(ddp.bytes_sent / diloco.bytes_sent for diloco, ddp in fp32)
-    wall_ratio = statistics.mean(diloco.wall_s / ddp.wall_s for diloco, ddp in fp32)
+    base = [(codecs[first_codec], ddp) for _, codecs, ddp in results]
+    gaps = [diloco.val_loss / ddp.val_loss - 1.0 for diloco, ddp in base]
+    bytes_ratio = min(ddp.bytes_sent / diloco.bytes_sent for diloco, ddp in base)
+    wall_ratio = statistics.mean(diloco.wall_s / ddp.wall_s for diloco, ddp in base)
     mean_gap = statistics.mean(gaps)
     print_codec_ratios(results, first_codec)
     print(f"\nDiLoCo below is DiLoCo {first_codec}:")

@@ -43,12 +43,13 @@ import numpy as np
 import ray
 import torch
 
+from consortium.inner_loop import corpus_for, enable_determinism, inner_lr_at
 from consortium.lm import Weights, load_weights, model_weights, sample_batch, validation_loss
 from consortium.models.bytelm import ByteLM
 from consortium.pseudo_gradient_codec import CODECS
 from coordinator.pretraining import PretrainJobSpec, run_pretraining, validate_pretrain_spec
 from coordinator.pretraining.schedule import assign_shards, derive_seed
-from coordinator.pretraining.worker import WorkerConfig, corpus_for, enable_determinism, inner_lr_at
+from coordinator.pretraining.worker import worker_config
 
 WORKERS = 2
 BYTES_TARGET = 100.0  # DDP bytes / DiLoCo bytes, at least
@@ -126,7 +127,7 @@ class DataParallelReplica:
     """One DDP replica: same init, data split and inner AdamW settings as DiLoCo's workers."""
 
     def __init__(self, spec: PretrainJobSpec, corpus_digest: str, rank: int) -> None:
-        self.config = WorkerConfig.from_spec(spec, corpus_digest, "cpu")
+        self.config = worker_config(spec, corpus_digest, "cpu")
         enable_determinism("cpu")
         corpus = corpus_for(self.config)
         shards = assign_shards(spec.num_shards, WORKERS, 0)[rank]

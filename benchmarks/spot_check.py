@@ -32,13 +32,14 @@ import numpy as np
 import torch
 
 from consortium.aggregation import StreamingMean
+from consortium.inner_loop import InnerTrainer, corpus_for
 from consortium.lm import Weights, model_weights, validation_loss
 from consortium.pseudo_gradient_codec import decode
 from coordinator.pretraining import PretrainJobSpec, validate_pretrain_spec
 from coordinator.pretraining.diloco import UPDATE_WEIGHT, apply_outer_step, global_model
 from coordinator.pretraining.schedule import assign_shards, derive_seed
 from coordinator.pretraining.spot_check import SpotChecker
-from coordinator.pretraining.worker import InnerTrainer, WorkerConfig, corpus_for
+from coordinator.pretraining.worker import worker_config
 
 CPU_TARGET = 0.15  # extra coordinator CPU per outer step at a 10% sample, at most
 NOISE = 0.01  # the dishonest worker's noise, relative to its pseudo-gradient's RMS
@@ -162,7 +163,7 @@ def main() -> None:
     args = parser.parse_args()
     spec = bench_spec(args)
     corpus = corpus_for(spec)
-    trainer = InnerTrainer(WorkerConfig.from_spec(spec, corpus.digest, "cpu"))  # "reset"
+    trainer = InnerTrainer(worker_config(spec, corpus.digest, "cpu"))  # "reset"
     checker = SpotChecker(spec, corpus.digest)
     model, outer = global_model(spec)
     rng = np.random.default_rng(0)

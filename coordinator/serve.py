@@ -39,10 +39,10 @@ from coordinator.federated.runner import FlowerJobRunner
 from coordinator.federated.serverapp_launcher import ServerAppLauncher
 from coordinator.federated.superlink import SuperLink
 from coordinator.jobs.lifecycle import JobLifecycle
-from coordinator.jobs.runner import JobRunner, NeedsRuntime, UnavailableRunner
+from coordinator.jobs.runner import ByPlacement, JobRunner, NeedsRuntime, UnavailableRunner
 from coordinator.jobs.scheduler import Scheduler
 from coordinator.jobs.service import JobService
-from coordinator.jobs.spec import FEDERATED, PRETRAIN
+from coordinator.jobs.spec import FEDERATED, PRETRAIN, placement_of
 from coordinator.observability.metrics import (
     CoordinatorMetrics,
     MetricsEndpoint,
@@ -393,26 +393,32 @@ class Coordinator:
             else None
         )
         supervisor = self.supervisor
-        runners: dict[str, JobRunner] = {
-            FEDERATED: NeedsRuntime(
-                FlowerJobRunner(
-                    lifecycle,
-                    self.store,
-                    flower,
-                    self.approvals,
-                    self.metrics,
-                    settings.flower_status_interval_s,
-                    provenance_log=self.paths.provenance_log,
-                    serverapp_exit=self.serverapps.exit_code,
-                ),
-                lambda: supervisor.down_reason("superlink"),
+        # Fine-tuning and federated pretraining both run as Flower runs on the SuperLink.
+        on_flower = NeedsRuntime(
+            FlowerJobRunner(
+                lifecycle,
+                self.store,
+                flower,
+                self.approvals,
+                self.metrics,
+                settings.flower_status_interval_s,
+                provenance_log=self.paths.provenance_log,
+                serverapp_exit=self.serverapps.exit_code,
             ),
-            PRETRAIN: NeedsRuntime(self.pretrain, lambda: supervisor.down_reason("ray-head"))
+            lambda: supervisor.down_reason("superlink"),
+        )
+        on_ray_pool: JobRunner = (
+            NeedsRuntime(self.pretrain, lambda: supervisor.down_reason("ray-head"))
             if self.pretrain is not None
             else UnavailableRunner(
-                "pretraining needs Ray, but this coordinator runs with ray_enabled = false; "
-                "start `coordinator serve` with Ray"
-            ),
+                'pretraining with placement = "ray-pool" needs Ray, but this coordinator '
+                "runs with ray_enabled = false; start `coordinator serve` with Ray, or "
+                'submit the job with placement = "federated"'
+            )
+        )
+        runners: dict[str, JobRunner] = {
+            FEDERATED: on_flower,
+            PRETRAIN: ByPlacement({"federated": on_flower, "ray-pool": on_ray_pool}, placement_of),
         }
         self.scheduler = Scheduler(
             lifecycle, runners, settings.scheduler_poll_interval_s, self.metrics

@@ -31,6 +31,7 @@ from coordinator.local_consortium import LocalConsortium, online_nodes, supernod
 from tests.conftest import Processes
 
 __all__ = [
+    "FEDERATED_PRETRAIN",
     "FINAL_STATES",
     "START_TIMEOUT_S",
     "TEST_PROFILE",
@@ -90,11 +91,15 @@ class CompletedRun:
     rounds: list[jobs_pb2.RoundMetrics]
     nodes_after_leave: list[nodes_pb2.Node]
     leftover_pids: list[int]
+    pretrain_job: jobs_pb2.Job  # a federated pretraining job on the same sites, after it
+    pretrain_rounds: list[jobs_pb2.RoundMetrics]
 
 
-# The smallest pretraining job worth running: one 32-wide layer on 32 KiB of the corpus.
+# The smallest pretraining job worth running: one 32-wide layer on 32 KiB of the corpus,
+# on the Ray pool (FEDERATED_PRETRAIN: the same job at the sites, over Flower).
 TINY_PRETRAIN = """\
 kind = "pretrain"
+placement = "ray-pool"
 n_layer = 1
 n_head = 2
 n_embd = 32
@@ -106,6 +111,7 @@ corpus_bytes = 32768
 validation_bytes = 4096
 eval_batches = 2
 """
+FEDERATED_PRETRAIN = TINY_PRETRAIN.replace('placement = "ray-pool"', 'placement = "federated"')
 
 
 LOG_TIMEOUT_S = 30.0

@@ -21,6 +21,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.federated.diloco_task import run_diloco_step
 from client.federated.signing_mod import COMMITMENT_RECORD, signing_mod
 from client.federated.site_trainer import SiteTrainer
 from client.metrics import record_training
@@ -36,6 +37,7 @@ from consortium.workloads import (
 )
 
 app = ClientApp(mods=[signing_mod])
+PRETRAIN_WORKLOAD = "bytelm"  # federated pretraining trains the byte-level LM
 # What stays loaded between messages in `client join`'s process (site_trainer.py).
 TRAINER = SiteTrainer()
 
@@ -121,6 +123,19 @@ def _commitment_record(commitment: DataCommitment) -> ConfigRecord:
             "digest": commitment.digest(),
         }
     )
+
+
+@app.train("diloco")
+def diloco(msg: Message, context: Context) -> Message:
+    """One outer step of federated pretraining (client/federated/diloco_task.py): the
+    byte-level LM's inner loop, if this site runs the bytelm workload."""
+    torch.set_num_threads(int(_number(context.node_config, "torch-threads", 1)))
+    check_allowed(
+        PRETRAIN_WORKLOAD,
+        allowed_workloads(str(context.node_config.get("workloads", ",".join(BUILTIN_WORKLOADS)))),
+        str(context.node_config.get("institution", "")),
+    )
+    return run_diloco_step(msg, context.node_config)
 
 
 @app.query("witness")

@@ -114,7 +114,8 @@ def signing_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
         if not reply.has_error():
             reply.content[COSIGNATURE_RECORD] = _cosignature_record(cosignature)
         return reply
-    if msg.metadata.message_type != MessageType.TRAIN:
+    # "train" and named training messages ("train.diloco": federated pretraining) alike
+    if msg.metadata.message_type.split(".", 1)[0] != MessageType.TRAIN:
         return call_next(msg, context)
     config = msg.content.config_records["config"]
     try:

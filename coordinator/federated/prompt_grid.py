@@ -11,6 +11,7 @@ Everything else is the wrapped Grid's own.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
 
@@ -67,10 +68,15 @@ class PromptGrid(Grid):
         return self._grid.pull_messages(message_ids)
 
     def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
+        self,
+        messages: Iterable[Message],
+        *,
+        timeout: float | None = None,
+        stop: threading.Event | None = None,
     ) -> Iterable[Message]:
         """Push `messages`, then pull until every one has its reply or `timeout` seconds
-        passed (None: no limit), as Flower's does; return the replies that came."""
+        passed (None: no limit), as Flower's does; return the replies that came. A set
+        `stop` ends the wait early too (the caller looks at it)."""
         waiting = set(self.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
@@ -82,7 +88,7 @@ class PromptGrid(Grid):
             if not waiting:
                 break
             left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
+            if (left is not None and left <= 0) or (stop is not None and stop.is_set()):
                 break
             self._sleep(pause if left is None else min(pause, left))
             pause = min(pause * BACKOFF, self._max_poll_s)

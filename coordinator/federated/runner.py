@@ -1,4 +1,6 @@
-"""Federated jobs as Flower runs: the `JobRunner` for kind "federated".
+"""Federated jobs as Flower runs: the `JobRunner` for kind "federated", and for
+pretraining jobs placed at the sites (``placement = "federated"``), whose ServerApp
+runs DiLoCo over the same channel (coordinator/federated/pretrain_run.py).
 
 `start` submits the Flower app through the SuperLink's Control API (`StartRun`, run
 config: job-id); the ServerApp it
@@ -28,7 +30,7 @@ from coordinator.federated.flower_app import RunStatus
 from coordinator.jobs.lifecycle import JobLifecycle
 from coordinator.jobs.pipeline import JobLookup, StartingModelError, waiting_reason
 from coordinator.jobs.runner import JobCannotStartError
-from coordinator.jobs.spec import federated_spec_of
+from coordinator.jobs.spec import FederatedJobSpec, spec_of
 from coordinator.observability.metrics import CoordinatorMetrics
 from coordinator.state import FINAL_JOB_STATES, JobRecord, JobState
 
@@ -90,8 +92,11 @@ class FlowerJobRunner:
         return exclusive(self._provenance_log)
 
     def waiting_reason(self, job: JobRecord) -> str | None:
+        spec = spec_of(job)
+        if not isinstance(spec, FederatedJobSpec):
+            return None  # federated pretraining starts from its spec alone
         try:
-            return waiting_reason(self._jobs, federated_spec_of(job))
+            return waiting_reason(self._jobs, spec)
         except StartingModelError as error:
             raise JobCannotStartError(str(error)) from None
 

@@ -43,6 +43,7 @@ from consortium.tensor_digest import arrays_digest
 from consortium.workloads import HeldOut, RoundBudget, load_workload, workload_source
 from coordinator.data_dir import DataDir
 from coordinator.federated.checkpoints import CheckpointStore, save_model
+from coordinator.federated.pretrain_run import FederatedPretrainRun
 from coordinator.federated.prompt_grid import PromptGrid
 from coordinator.federated.strategy import (
     AggregationRule,
@@ -57,6 +58,8 @@ from coordinator.jobs.lifecycle import wall_clock_ms
 from coordinator.jobs.pipeline import StartingModel, family_of, load_starting_model
 from coordinator.jobs.running import JobCancelledError, RoundRecord, RunningJob
 from coordinator.jobs.spec import FederatedJobSpec
+from coordinator.pretraining.errors import PretrainFailedError
+from coordinator.pretraining.spec import PretrainJobSpec
 from coordinator.provenance.recorder import JobRecorder
 
 log = logging.getLogger(__name__)
@@ -106,11 +109,11 @@ def round_budget(spec: FederatedJobSpec) -> RoundBudget:
 class JobRun:
     """Everything one ServerApp run needs, wired to the coordinator's state."""
 
-    def __init__(self, data_dir: Path, job: RunningJob) -> None:
+    def __init__(self, data_dir: Path, job: RunningJob, spec: FederatedJobSpec) -> None:
         self.data_dir = data_dir
         self.job = job
         self.job_id = job.job_id
-        self.spec = job.spec
+        self.spec = spec
         self.checkpoints = CheckpointStore(data_dir, job.job_id)
         # Every append checks, under the log's lock, that the job is still this run's.
         self.provenance = JobRecorder(DataDir(data_dir), job.job_id, fence=job.ensure_current)
@@ -326,13 +329,16 @@ def main(grid: Grid, context: Context) -> None:
     job_id = str(context.run_config["job-id"])
     run_id = str(context.run_id)
     with RunningJob.open(DataDir(data_dir), job_id, run_id) as job:
-        run: JobRun | None = None
+        run: JobRun | FederatedPretrainRun | None = None
         try:
-            run = JobRun(data_dir, job)
+            if isinstance(job.spec, PretrainJobSpec):  # DiLoCo at the sites
+                run = FederatedPretrainRun(data_dir, job, job.spec)
+            else:
+                run = JobRun(data_dir, job, job.spec)
             run.run(PromptGrid(grid))  # replies as they come, not every 3 s
         except JobCancelledError:
             log.info("job %s no longer runs; stopping", job_id)
-        except TooFewUpdatesError as too_few:
+        except (TooFewUpdatesError, PretrainFailedError) as too_few:
             log.error("job %s fails: %s", job_id, too_few)
             try:
                 job.fail(str(too_few))

@@ -12,7 +12,7 @@ A runner never changes a job's state behind the scheduler's back except through
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from consortium.errors import ConflictError
@@ -94,3 +94,40 @@ class NeedsRuntime:
 
     def shutdown(self) -> None:
         self._runner.shutdown()
+
+
+class ByPlacement:
+    """One kind's runner per runtime, chosen by each job's placement: a pretraining job
+    runs at the sites over Flower (the federated runner, "federated") or on the Ray pool
+    ("ray-pool"). A runner shared with another kind is shut down by each; runners'
+    `shutdown` is idempotent."""
+
+    def __init__(
+        self, runners: Mapping[str, JobRunner], placement_of: Callable[[JobRecord], str]
+    ) -> None:
+        self._runners = dict(runners)
+        self._placement_of = placement_of
+
+    def _runner(self, job: JobRecord) -> JobRunner:
+        placement = self._placement_of(job)
+        runner = self._runners.get(placement)
+        if runner is None:
+            known = ", ".join(sorted(self._runners))
+            raise JobCannotStartError(f"no runner for placement {placement!r} (known: {known})")
+        return runner
+
+    def waiting_reason(self, job: JobRecord) -> str | None:
+        return self._runner(job).waiting_reason(job)
+
+    def start(self, job: JobRecord) -> None:
+        self._runner(job).start(job)
+
+    def is_active(self, job: JobRecord) -> bool:
+        return self._runner(job).is_active(job)
+
+    def stop(self, job: JobRecord) -> None:
+        self._runner(job).stop(job)
+
+    def shutdown(self) -> None:
+        for runner in self._runners.values():
+            runner.shutdown()

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from consortium.errors import CommitRefusedError, ConflictError, PermissionDeniedError
 from coordinator.data_dir import DataDir
 from coordinator.jobs.lifecycle import JobLifecycle
-from coordinator.jobs.spec import FederatedJobSpec, federated_spec_of
+from coordinator.jobs.spec import JobSpec, spec_of
 from coordinator.state import JobRecord, JobState, RoundRecord, SqliteStateStore, StateStore
 
 __all__ = ["JobCancelledError", "RoundRecord", "RunningJob"]
@@ -41,7 +41,7 @@ class RunningJob:
         self._lifecycle = JobLifecycle(store)
         self.job_id = job_id
         self.run_id = run_id  # the Flower run this ServerApp serves
-        self.spec: FederatedJobSpec = federated_spec_of(store.get_job(job_id))
+        self.spec: JobSpec = spec_of(store.get_job(job_id))
 
     @classmethod
     @contextmanager
@@ -73,6 +73,9 @@ class RunningJob:
     def get_job(self, job_id: str) -> JobRecord:
         """Any job, read only (a pipeline's source)."""
         return self._store.get_job(job_id)
+
+    def rounds_completed(self) -> int:
+        return self._store.get_job(self.job_id).rounds_completed
 
     def is_cancelled(self) -> bool:
         return self._store.get_job(self.job_id).state is JobState.CANCELLED
@@ -111,6 +114,14 @@ class RunningJob:
             self._lifecycle.record_round(record)
         except ConflictError:
             raise JobCancelledError(self.job_id) from None
+
+    def note(self, message: str) -> None:
+        """Show `message` as the job's while it runs on this run (else nothing)."""
+        try:
+            self.ensure_current()
+            self._lifecycle.note(self.job_id, message, while_in=frozenset({JobState.RUNNING}))
+        except (ConflictError, CommitRefusedError):
+            pass  # it stopped running here: its message is no longer this run's to set
 
     def succeed(self, message: str, model_path: str) -> JobRecord:
         self.ensure_current()

@@ -282,6 +282,13 @@ def federated_spec_of(job: JobRecord) -> FederatedJobSpec:
 
 
 @functools.lru_cache(maxsize=256)
+def placement_of(job: JobRecord) -> str:
+    """Where a job's work runs: a pretraining job's ``placement``; "federated" for a
+    federated job (its sites, over Flower)."""
+    spec = spec_of(job)
+    return spec.placement if isinstance(spec, PretrainJobSpec) else "federated"
+
+
 def _stored_spec(spec_toml: str) -> JobSpec:
     return parse_submitted_spec(spec_toml)
 

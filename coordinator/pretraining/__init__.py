@@ -18,6 +18,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from consortium.inner_loop import InnerTrainer
     from coordinator.pretraining.accounting import (
         InstitutionContribution,
         JobAccounting,
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
         parse_pretrain_spec,
         validate_pretrain_spec,
     )
-    from coordinator.pretraining.worker import DiLoCoWorker, InnerTrainer
+    from coordinator.pretraining.worker import DiLoCoWorker
 
 # Importing the package loads nothing heavy: `coordinator accounting` reads a JSON file
 # and `coordinator serve` without Ray schedules no pretraining, so neither should pay for
@@ -63,7 +64,7 @@ _SOURCE_MODULE = {
     "ControllerState": "coordinator.pretraining.records",
     "DiLoCoController": "coordinator.pretraining.diloco",
     "DiLoCoWorker": "coordinator.pretraining.worker",
-    "InnerTrainer": "coordinator.pretraining.worker",
+    "InnerTrainer": "consortium.inner_loop",
     "InstitutionContribution": "coordinator.pretraining.accounting",
     "JobAccounting": "coordinator.pretraining.accounting",
     "OuterStepRecord": "coordinator.pretraining.records",

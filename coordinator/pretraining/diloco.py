@@ -19,10 +19,12 @@ States (`ControllerState`)::
 
 One `step()` = one attempt at one outer step: plan workers (`ScalingPolicy`, honouring
 ``per_institution_caps``, ``max_workers`` and ``min_workers``, waiting up to
-``wait_for_workers_s``), reconcile the actor pool (new nodes join here), assign shards,
-``ray.put`` the global weights once, call ``run_inner`` on every worker, ``ray.wait`` with
-``step_timeout_s``, drop workers that die, time out or send a rejected update, average
-the rest with the exact streaming mean, take the outer step, evaluate, checkpoint.
+``wait_for_workers_s``), make the workers ready (new nodes or sites join here), assign
+shards, run every worker's inner loop with ``step_timeout_s``, drop workers that die,
+time out or send a rejected update, average the rest with the exact streaming mean,
+take the outer step, evaluate, checkpoint. Where the inner loops run is the
+`InnerLoops` given (coordinator/pretraining/inner_loops.py): the Ray pool's actors by
+default, or the institutions' own sites over Flower (federated pretraining).
 """
 
 from __future__ import annotations
@@ -31,16 +33,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
-import ray
 import torch
 
 from consortium.aggregation import StreamingMean, UpdateRejected
 from consortium.data.stdlib_corpus import StdlibCorpus
+from consortium.inner_loop import InnerMetrics, corpus_for
 from consortium.lm import Weights, load_weights, model_weights, validation_loss
 from consortium.models.bytelm import ByteLM
 from consortium.pseudo_gradient_codec import (
@@ -64,12 +65,19 @@ from coordinator.pretraining.errors import (
     ControllerFinishedError,
     PretrainFailedError,
 )
-from coordinator.pretraining.pool import StopRequested, WorkerPool, describe_failure, wait_one
+from coordinator.pretraining.inner_loops import (
+    Assignment,
+    InnerLoops,
+    InnerStep,
+    Lost,
+    Returned,
+    StopRequested,
+)
 from coordinator.pretraining.records import ControllerState, OuterStepRecord, WorkerStepResult
 from coordinator.pretraining.schedule import assign_shards, derive_seed
 from coordinator.pretraining.spec import IDENTITY_DEFAULTS, PretrainJobSpec
 from coordinator.pretraining.spot_check import SpotChecker
-from coordinator.pretraining.worker import InnerMetrics, WorkerConfig, corpus_for
+from coordinator.pretraining.worker import worker_config
 
 log = logging.getLogger(__name__)
 
@@ -101,16 +109,6 @@ def apply_outer_step(
     outer.zero_grad(set_to_none=True)
 
 
-@dataclass(frozen=True)
-class Assignment:
-    """One worker's part of one outer step (decided by `schedule`)."""
-
-    slot: WorkerSlot
-    position: int
-    shard_ids: tuple[int, ...]
-    seed: int
-
-
 DispatchHook = Callable[[int, list[str]], None]  # (outer step, worker ids) after dispatch
 # Why the controller waits for workers, as soon as it starts to; None once it goes ahead.
 WaitHook = Callable[[str | None], None]
@@ -128,13 +126,12 @@ class DiLoCoController:
         stop: threading.Event | None = None,
         on_wait: WaitHook | None = None,
         worker_class: Callable[[WorkerSlot], Any] | None = None,
+        inner_loops: InnerLoops | None = None,
     ) -> None:
-        """``worker_class``: the Ray actor class a slot runs (default `DiLoCoWorker`);
-        tests give one institution a dishonest worker with it."""
-        if not ray.is_initialized():
-            raise ClusterNotConnectedError(
-                "pretraining needs a Ray connection: call ray.init(address=...) first"
-            )
+        """``inner_loops``: where the workers' inner loops run (default: actors of the
+        Ray cluster this process is connected to). ``worker_class``: the Ray actor class a
+        slot runs there (default `DiLoCoWorker`); tests give one institution a dishonest
+        worker with it."""
         self.spec = spec
         self.cluster_view = cluster_view
         self.checkpoint_dir = Path(checkpoint_dir)
@@ -166,13 +163,25 @@ class DiLoCoController:
             if self.step_index >= spec.outer_steps
             else ControllerState.RUNNING
         )
-        self._pool = WorkerPool(
-            lambda slot: WorkerConfig.from_spec(spec, self.corpus.digest, slot.device),
-            spec.worker_start_timeout_s,
+        self._loops = inner_loops or self._ray_inner_loops(worker_class)
+        self.spot_checker = SpotChecker(spec, self.corpus.digest)
+
+    def _ray_inner_loops(self, worker_class: Callable[[WorkerSlot], Any] | None) -> InnerLoops:
+        import ray  # only where the workers are Ray actors
+
+        from coordinator.pretraining.pool import RayInnerLoops, WorkerPool
+
+        if not ray.is_initialized():
+            raise ClusterNotConnectedError(
+                "pretraining needs a Ray connection: call ray.init(address=...) first"
+            )
+        pool = WorkerPool(
+            lambda slot: worker_config(self.spec, self.corpus.digest, slot.device),
+            self.spec.worker_start_timeout_s,
             self.stop,
             actor_class=worker_class,
         )
-        self.spot_checker = SpotChecker(spec, self.corpus.digest)
+        return RayInnerLoops(pool, self.stop)
 
     # -- public surface ---------------------------------------------------------------
 
@@ -199,9 +208,9 @@ class DiLoCoController:
             self._wait(decision.waiting_reason)
             return None
         started = time.monotonic()
-        lost = self._pool.reconcile(decision.workers)
+        lost = self._loops.reconcile(decision.workers)
         workers = [slot for slot in decision.workers if slot.worker_id not in lost]
-        accepted: dict[str, tuple[Encoded, InnerMetrics]] = {}  # stays empty if too few start
+        accepted: Returned = {}  # stays empty if too few start
         if len(workers) >= self.spec.min_workers:
             step_seed, rng_after = self._peek_step_seed()
             plan = self._assign(workers, step_seed)
@@ -247,7 +256,7 @@ class DiLoCoController:
 
     def close(self) -> None:
         """Kill this job's worker actors (the checkpoint stays)."""
-        self._pool.close()
+        self._loops.close()
 
     def __enter__(self) -> DiLoCoController:
         return self
@@ -321,37 +330,25 @@ class DiLoCoController:
             self.state = ControllerState.FAILED
             self.waiting_reason = f"{reason}; giving up after max_failed_steps attempts"
 
-    def _run_inner(
-        self, plan: dict[str, Assignment]
-    ) -> tuple[dict[str, tuple[Encoded, InnerMetrics]], dict[str, str]]:
-        global_ref = ray.put(self.global_weights())  # once; every worker reads this copy
+    def _run_inner(self, plan: dict[str, Assignment]) -> tuple[Returned, Lost]:
         steps = self.spec.inner_steps
-        first = self.step_index * steps  # positions the inner learning-rate schedule
-        pending = {
-            self._pool.actor(w).run_inner.remote(global_ref, a.shard_ids, steps, a.seed, first): w
-            for w, a in plan.items()
-        }
-        if self.on_dispatch is not None:
-            self.on_dispatch(self.step_index, sorted(plan))
-        returned: dict[str, tuple[Encoded, InnerMetrics]] = {}
-        lost: dict[str, str] = {}
-        deadline = time.monotonic() + self.spec.step_timeout_s
-        while pending and (remaining := deadline - time.monotonic()) > 0:
-            for ref in wait_one(list(pending), remaining, self.stop):
-                worker_id = pending.pop(ref)
-                try:
-                    returned[worker_id] = ray.get(ref)
-                except ray.exceptions.RayError as err:
-                    lost[worker_id] = "died: " + describe_failure(err)
-        for worker_id in pending.values():
-            lost[worker_id] = f"timed out after step_timeout_s={self.spec.step_timeout_s}"
+        request = InnerStep(
+            step=self.step_index,
+            weights=self.global_weights(),
+            inner_steps=steps,
+            first_inner_step=self.step_index * steps,
+            timeout_s=self.spec.step_timeout_s,
+        )
+        returned, lost = self._loops.run(request, plan, lambda: self._dispatched(plan))
         for worker_id in lost:
-            self._pool.drop(worker_id)
+            self._loops.drop(worker_id)
         return returned, lost
 
-    def _decode(
-        self, returned: dict[str, tuple[Encoded, InnerMetrics]], lost: dict[str, str]
-    ) -> dict[str, Weights]:
+    def _dispatched(self, plan: dict[str, Assignment]) -> None:
+        if self.on_dispatch is not None:
+            self.on_dispatch(self.step_index, sorted(plan))
+
+    def _decode(self, returned: Returned, lost: Lost) -> dict[str, Weights]:
         """Each result's pseudo-gradient, decoded from the job's codec; a result in any
         other layout is rejected like an update the average refuses."""
         decoded: dict[str, Weights] = {}
@@ -364,12 +361,12 @@ class DiLoCoController:
 
     def _reject(self, worker_id: str, error: Exception, lost: dict[str, str]) -> None:
         lost[worker_id] = f"update rejected: {error}"
-        self._pool.drop(worker_id)
+        self._loops.drop(worker_id)
 
     def _spot_check(
         self,
         plan: dict[str, Assignment],
-        returned: dict[str, tuple[Encoded, InnerMetrics]],
+        returned: Returned,
         decoded: dict[str, Weights],
         lost: dict[str, str],
     ) -> list[str]:
@@ -399,7 +396,7 @@ class DiLoCoController:
             log.warning("outer step %d, worker %s: %s", self.step_index, worker_id, failure)
             del decoded[worker_id]
             lost[worker_id] = failure
-            self._pool.drop(worker_id)
+            self._loops.drop(worker_id)
             self._barred[node_id] = worker_id
             self._failures_to_log[worker_id] = node_id
         return matched
@@ -511,7 +508,7 @@ def _result(
         worker=slot.worker_id,
         institution=slot.institution,
         node_id=slot.node_id,
-        device=slot.device,
+        device=metrics.device,  # where it ran, as the worker says
         position=assignment.position,
         shard_ids=assignment.shard_ids,
         seed=assignment.seed,

@@ -12,14 +12,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from consortium.inner_loop import WorkerConfig
 from coordinator.pretraining.cluster import WorkerSlot
-from coordinator.pretraining.worker import DiLoCoWorker, WorkerConfig
+from coordinator.pretraining.inner_loops import (
+    Assignment,
+    InnerStep,
+    Lost,
+    Returned,
+    StopRequested,
+)
+from coordinator.pretraining.worker import DiLoCoWorker
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +46,6 @@ def describe_failure(error: BaseException) -> str:
 # (its Ray head died, or the job was cancelled) leaves within about this long, rather
 # than after worker_start_timeout_s or step_timeout_s.
 STOP_POLL_S = 1.0
-
-
-class StopRequested(Exception):  # noqa: N818 - a signal, not an error
-    """The run was asked to stop while it waited on its workers."""
 
 
 def wait_one(pending: list[Any], remaining: float, stop: threading.Event | None) -> list[Any]:
@@ -133,3 +137,48 @@ class WorkerPool:
             options["resources"] = {slot.resource: INSTITUTION_RESOURCE_PER_WORKER}
         actor_class = self._actor_class(slot)
         return actor_class.options(**options).remote(self._config_for(slot))
+
+
+class RayInnerLoops:
+    """`InnerLoops` on the Ray pool: the global weights are put in Ray's object store
+    once and every worker's actor reads that copy; results come back as they finish."""
+
+    def __init__(self, pool: WorkerPool, stop: threading.Event | None = None) -> None:
+        self._pool = pool
+        self._stop = stop
+
+    def reconcile(self, slots: tuple[WorkerSlot, ...]) -> Lost:
+        return self._pool.reconcile(slots)
+
+    def run(
+        self,
+        request: InnerStep,
+        plan: Mapping[str, Assignment],
+        dispatched: Callable[[], None],
+    ) -> tuple[Returned, Lost]:
+        global_ref = ray.put(request.weights)
+        steps, first = request.inner_steps, request.first_inner_step
+        pending = {
+            self._pool.actor(w).run_inner.remote(global_ref, a.shard_ids, steps, a.seed, first): w
+            for w, a in plan.items()
+        }
+        dispatched()
+        returned: Returned = {}
+        lost: Lost = {}
+        deadline = time.monotonic() + request.timeout_s
+        while pending and (remaining := deadline - time.monotonic()) > 0:
+            for ref in wait_one(list(pending), remaining, self._stop):
+                worker_id = pending.pop(ref)
+                try:
+                    returned[worker_id] = ray.get(ref)
+                except ray.exceptions.RayError as err:
+                    lost[worker_id] = "died: " + describe_failure(err)
+        for worker_id in pending.values():
+            lost[worker_id] = f"timed out after step_timeout_s={request.timeout_s}"
+        return returned, lost
+
+    def drop(self, worker_id: str) -> None:
+        self._pool.drop(worker_id)
+
+    def close(self) -> None:
+        self._pool.close()

@@ -42,6 +42,7 @@ import numpy as np
 
 from consortium.aggregation import StreamingMean
 from consortium.errors import ConflictError, JobSpecError, NotFoundError
+from consortium.inner_loop import InnerTrainer, corpus_for
 from consortium.lm import Weights, model_weights
 from consortium.provenance.environment import describe_environment
 from consortium.provenance.records import (
@@ -58,7 +59,7 @@ from coordinator.federated.replay import ReplayMismatchError
 from coordinator.pretraining.diloco import apply_outer_step, global_model
 from coordinator.pretraining.schedule import derive_seed
 from coordinator.pretraining.spec import PretrainJobSpec, validate_pretrain_spec
-from coordinator.pretraining.worker import InnerTrainer, WorkerConfig, corpus_for
+from coordinator.pretraining.worker import worker_config
 
 PRETRAIN = "pretrain"
 UPDATE_WEIGHT = 1  # as in the controller: every worker did the same H steps
@@ -201,7 +202,7 @@ class _Replayer:
 
     def __init__(self, plan: PretrainReplayPlan) -> None:
         spec = self.spec = plan.spec
-        self.config = WorkerConfig.from_spec(spec, plan.corpus_digest, "cpu")
+        self.config = worker_config(spec, plan.corpus_digest, "cpu")
         self.keep = spec.inner_optimizer_state == "keep"
         self.model, self.outer = global_model(spec)  # as `DiLoCoController` builds them
         self.seeds = np.random.Generator(np.random.PCG64(spec.seed))

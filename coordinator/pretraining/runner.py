@@ -19,6 +19,7 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from consortium.errors import ConflictError
 from consortium.provenance.environment import describe_environment
@@ -35,6 +36,9 @@ from coordinator.pretraining.records import ControllerState, OuterStepRecord
 from coordinator.pretraining.spec import PretrainJobSpec
 from coordinator.provenance.recorder import JobRecorder
 from coordinator.state import JobRecord, JobState, RoundRecord
+
+if TYPE_CHECKING:
+    from coordinator.pretraining.api import PretrainResult
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +134,8 @@ class PretrainRunner:
             self._engine.disconnect()
 
     def _run(self, job_id: str, spec: PretrainJobSpec, stop: threading.Event) -> None:
-        recorder = StepRecorder(self._lifecycle, self._data_dir, job_id, self._metrics)
+        progress = LifecycleProgress(self._lifecycle, job_id)
+        recorder = StepRecorder(progress, self._data_dir, job_id, self._metrics)
         try:
             self._engine.connect()
             recorder.log_start(spec)
@@ -161,25 +166,7 @@ class PretrainRunner:
             if self._interrupted:
                 self._requeue(job_id, None)
             return  # cancelled (already final) or shutting down (resumes on restart)
-        write_accounting(self._data_dir, job_id, result.accounting)
-        model_path = DataDir(self._data_dir).model_file(job_id)
-        # Imported here: a coordinator that never runs a pretraining job (or runs without
-        # Ray) does not pay for importing torch at start-up.
-        import torch
-
-        from coordinator.federated.checkpoints import save_model
-
-        save_model(
-            model_path,
-            {name: torch.from_numpy(array) for name, array in result.weights.items()},
-            {"job_id": job_id, "model_digest": result.model_digest},
-        )
-        recorder.log_finish(result.model_digest, result.corpus_digest, result.val_loss)
-        message = (
-            f"{result.steps_completed} outer steps, val loss {result.val_loss:.4f}"
-            if result.val_loss is not None
-            else f"{result.steps_completed} outer steps"
-        )
+        model_path, message = save_result(self._data_dir, job_id, result, recorder)
         self._end(job_id, lambda: self._lifecycle.succeed(job_id, message, str(model_path)))
 
     def _driver_may_restart(self, job_id: str) -> bool:
@@ -207,28 +194,93 @@ class PretrainRunner:
             log.info("job %s was no longer running (cancelled?); its end is not recorded", job_id)
 
 
+def save_result(
+    data_dir: Path, job_id: str, result: PretrainResult, recorder: StepRecorder
+) -> tuple[Path, str]:
+    """A finished run's accounting, model file and `job_completed` record; returns the
+    model's path and the job's closing message."""
+    write_accounting(data_dir, job_id, result.accounting)
+    model_path = DataDir(data_dir).model_file(job_id)
+    # Imported here: a coordinator that never runs a pretraining job (or runs without
+    # Ray) does not pay for importing torch at start-up.
+    import torch
+
+    from coordinator.federated.checkpoints import save_model
+
+    save_model(
+        model_path,
+        {name: torch.from_numpy(array) for name, array in result.weights.items()},
+        {"job_id": job_id, "model_digest": result.model_digest},
+    )
+    recorder.log_finish(result.model_digest, result.corpus_digest, result.val_loss)
+    message = (
+        f"{result.steps_completed} outer steps, val loss {result.val_loss:.4f}"
+        if result.val_loss is not None
+        else f"{result.steps_completed} outer steps"
+    )
+    return model_path, message
+
+
+class JobProgress(Protocol):
+    """Where a run shows its job's progress: the lifecycle (`LifecycleProgress`, in
+    `coordinator serve`), or a ServerApp's `RunningJob` (federated pretraining)."""
+
+    def rounds_completed(self) -> int: ...
+
+    def note(self, message: str) -> None:
+        """Show `message` as the job's while it runs (nothing once it stopped)."""
+
+    def record_round(self, record: RoundRecord) -> None: ...
+
+
+class LifecycleProgress:
+    def __init__(self, lifecycle: JobLifecycle, job_id: str) -> None:
+        self._lifecycle = lifecycle
+        self._job_id = job_id
+
+    def rounds_completed(self) -> int:
+        return self._lifecycle.get(self._job_id).rounds_completed
+
+    def note(self, message: str) -> None:
+        try:
+            self._lifecycle.note(self._job_id, message, while_in=RUNNING)
+        except ConflictError:
+            log.info("job %s is no longer running; not showing %r", self._job_id, message)
+
+    def record_round(self, record: RoundRecord) -> None:
+        self._lifecycle.record_round(record)
+
+
 class StepRecorder:
     """What one outer step leaves behind: a round, provenance records, accounting and
-    compute metrics."""
+    compute metrics. ``fence`` runs before every provenance append (a ServerApp's
+    `RunningJob.ensure_current`: a run that no longer owns its job writes nothing)."""
 
     def __init__(
         self,
-        lifecycle: JobLifecycle,
+        progress: JobProgress,
         data_dir: Path,
         job_id: str,
         metrics: CoordinatorMetrics | None = None,
+        fence: Callable[[], None] | None = None,
+        running_message: str = RUNNING_MESSAGE,
     ) -> None:
-        self._lifecycle = lifecycle
+        self._progress = progress
         self._metrics = metrics or CoordinatorMetrics()
         self._data_dir = data_dir
         self._job_id = job_id
         self._records: list[OuterStepRecord] = []
-        self._provenance = JobRecorder(DataDir(data_dir), job_id)
+        self._provenance = JobRecorder(DataDir(data_dir), job_id, fence=fence)
+        self._running_message = running_message
+
+    @property
+    def provenance(self) -> JobRecorder:
+        return self._provenance
 
     def log_start(self, spec: PretrainJobSpec) -> None:
-        if self._lifecycle.get(self._job_id).rounds_completed or self._provenance.has_started():
+        if self._progress.rounds_completed() or self._provenance.has_started():
             self._log_checkpointed_steps()
-            done = self._lifecycle.get(self._job_id).rounds_completed
+            done = self._progress.rounds_completed()
             self._provenance.job_resumed("pretrain", done)
             return
         self._provenance.job_started(
@@ -263,11 +315,7 @@ class StepRecorder:
 
     def on_wait(self, reason: str | None) -> None:
         """Why the run waits for workers (None: it goes on), as the job's message."""
-        message = f"waiting: {reason}" if reason is not None else RUNNING_MESSAGE
-        try:
-            self._lifecycle.note(self._job_id, message, while_in=RUNNING)
-        except ConflictError:
-            log.info("job %s is no longer running; not showing %r", self._job_id, message)
+        self._progress.note(f"waiting: {reason}" if reason is not None else self._running_message)
 
     def on_step(self, record: OuterStepRecord) -> None:
         round_ = record.step + 1  # rounds are 1-based, outer steps 0-based
@@ -279,7 +327,7 @@ class StepRecorder:
         }
         if train_losses:
             metrics["train_loss"] = sum(train_losses) / len(train_losses)
-        self._lifecycle.record_round(
+        self._progress.record_round(
             RoundRecord(
                 self._job_id, round=round_, participants=len(record.results), metrics=metrics
             )
@@ -296,7 +344,7 @@ class StepRecorder:
         `DataDir.model_file(job_id)`, whose name and sha256 the record carries."""
         self._provenance.job_completed(
             "pretrain",
-            self._lifecycle.get(self._job_id).rounds_completed,
+            self._progress.rounds_completed(),
             model_digest,
             DataDir(self._data_dir).model_file(self._job_id),
             corpus_digest=corpus_digest,

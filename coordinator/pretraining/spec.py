@@ -59,6 +59,7 @@ OPERATIONAL_FIELDS = frozenset(
         "max_workers",
         "per_institution_caps",
         "device",
+        "placement",
         "step_timeout_s",
         "worker_start_timeout_s",
         "wait_for_workers_s",
@@ -204,6 +205,16 @@ class PretrainJobSpec(BaseModel):
         default_factory=dict,
         max_length=1_000,
         description="Most workers per institution, e.g. { aurora = 4 }. Operational.",
+    )
+    placement: Literal["federated", "ray-pool"] = Field(
+        default="federated",
+        description=(
+            "Where the inner loops run. federated: at each institution's own site, over"
+            " the federated channel its `client join` opened (outbound only; the site"
+            " signs its pseudo-gradient). ray-pool: on the operator's Ray pool, nodes that"
+            " joined with `client join --ray` (one trust domain: docs/security.md)."
+            " Operational."
+        ),
     )
     device: Literal["auto", "cpu", "gpu"] = Field(
         default="auto",

@@ -26,11 +26,12 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable
 
+from consortium.inner_loop import InnerTrainer
 from consortium.lm import Weights
 from consortium.pseudo_gradient_codec import Encoded
 from consortium.tensor_digest import arrays_digest
 from coordinator.pretraining.spec import PretrainJobSpec
-from coordinator.pretraining.worker import InnerTrainer, WorkerConfig
+from coordinator.pretraining.worker import worker_config
 
 
 class SpotChecker:
@@ -41,7 +42,7 @@ class SpotChecker:
         draw: Callable[[], float] | None = None,
     ) -> None:
         self.fraction = spec.verify_fraction
-        self._config = WorkerConfig.from_spec(spec, corpus_digest, "cpu")
+        self._config = worker_config(spec, corpus_digest, "cpu")
         self._draw = draw or random.SystemRandom().random
         self._trainer: InnerTrainer | None = None  # built at the first check
 

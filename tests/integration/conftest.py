@@ -9,6 +9,7 @@ import pytest
 
 from tests.conftest import Processes
 from tests.helpers import (
+    FEDERATED_PRETRAIN,
     CompletedRun,
     local_consortium,
     online_nodes,
@@ -30,12 +31,27 @@ learning_rate = 0.05
 seed = 3
 """
 
+# Then the same two sites pretrain together, each on its own CPU behind the federated
+# channel; the coordinator re-executes every contribution (verify_fraction = 1).
+PRETRAIN_JOB = f"""\
+name = "integration-pretrain"
+{FEDERATED_PRETRAIN}inner_steps = 5
+outer_steps = 3
+min_workers = 2
+pseudo_gradient_codec = "int8"
+device = "cpu"
+deterministic = true
+inner_optimizer_state = "reset"
+verify_fraction = 1.0
+"""
+
 
 @pytest.fixture(scope="session")
 def completed_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CompletedRun]:
     """Coordinator + two onboarded institutions (mutual TLS, SuperNode authentication,
-    no Ray: a federated job does not use it) complete a 3-round job on loopback, then
-    stop. test_federated_job.py reads it (one module, so one xdist worker runs it once)."""
+    no Ray: neither job uses it) complete a 3-round job on loopback, then a 3-step
+    federated pretraining job, then stop. test_federated_job.py reads it (one module,
+    so one xdist worker runs it once)."""
     root = tmp_path_factory.mktemp("federated")
     processes = Processes(root / "logs")
     try:
@@ -52,6 +68,8 @@ def completed_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Complete
             wait_for("two online nodes", lambda: online_nodes(remote.list_nodes()) == 2)
             job = run_to_end(remote, JOB, processes)
             reply = remote.get(job.job_id)
+            pretrain = run_to_end(remote, PRETRAIN_JOB, processes)
+            pretrain_reply = remote.get(pretrain.job_id)
             # Clients leave first (Ctrl-C equivalent), so the registry shows them gone.
             for child in processes.children[1:]:
                 child.stop()
@@ -63,6 +81,8 @@ def completed_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Complete
             list(reply.rounds),
             nodes,
             processes.alive(),
+            pretrain_reply.job,
+            list(pretrain_reply.rounds),
         )
     finally:
         processes.stop_all()

@@ -21,7 +21,14 @@ from consortium.exit_codes import ExitCode
 from consortium.processes import venv_executable
 from consortium.proto.v1 import jobs_pb2, nodes_pb2
 from consortium.provenance import intoto
-from consortium.provenance.records import JobCompleted, JobStarted, Round, type_name
+from consortium.provenance.log import COSIGNATURE, read_lines
+from consortium.provenance.records import (
+    JobCompleted,
+    JobStarted,
+    OuterStep,
+    Round,
+    type_name,
+)
 from consortium.provenance.signing import VerifyingKey
 from consortium.provenance.verify import LogVerificationError, verify_log
 from consortium.tensor_digest import file_digest
@@ -38,6 +45,14 @@ def test_federated_job_succeeds_with_two_institutions(completed_run: CompletedRu
     assert Path(job.model_path).is_file()
     assert [r.round for r in completed_run.rounds] == [0, 1, 2, 3]
     assert all(r.participants == 2 for r in completed_run.rounds[1:])
+
+
+def test_federated_pretraining_job_trains_at_both_sites(completed_run: CompletedRun) -> None:
+    job = completed_run.pretrain_job
+    assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.message
+    assert job.rounds_completed == 3
+    assert Path(job.model_path).is_file()
+    assert [r.participants for r in completed_run.pretrain_rounds] == [2, 2, 2]
 
 
 def test_federated_job_accuracy_rises(completed_run: CompletedRun) -> None:
@@ -64,10 +79,15 @@ def test_jobs_and_rounds_survive_a_restart(
     address = start_coordinator(processes, completed_run.data_dir, name="restarted", secure=True)
     with connect(address, completed_run.data_dir) as remote:
         jobs = remote.list_jobs()
-        assert [j.job_id for j in jobs] == [completed_run.job.job_id]
+        assert sorted(j.job_id for j in jobs) == sorted(
+            [completed_run.job.job_id, completed_run.pretrain_job.job_id]
+        )
         reply = remote.get(completed_run.job.job_id)
+        pretrain = remote.get(completed_run.pretrain_job.job_id)
     assert reply.job.state == jobs_pb2.JOB_STATE_SUCCEEDED
     assert list(reply.rounds) == completed_run.rounds
+    assert pretrain.job.state == jobs_pb2.JOB_STATE_SUCCEEDED
+    assert list(pretrain.rounds) == completed_run.pretrain_rounds
 
 
 # --- provenance of the shared run -----------------------------------------------
@@ -117,6 +137,53 @@ def test_log_records_rounds_participants_and_final_digest(completed_run: Complet
     assert completed.model_file_sha256 == file_digest(str(model))
 
 
+def test_federated_pretraining_logs_each_sites_signed_verified_step(
+    completed_run: CompletedRun,
+) -> None:
+    """Every outer step was computed at both sites (named by the institutions their
+    SuperNode keys were onboarded for), re-executed by the coordinator and found equal,
+    and cosigned by both sites."""
+    key = VerifyingKey.load(DataDir(completed_run.data_dir).signing_public_key)
+    report = verify_log(DataDir(completed_run.data_dir).provenance_log, key)
+    records = report.jobs[completed_run.pretrain_job.job_id]
+    types = [type_name(r) for r in records]
+    assert types == ["job_started", "outer_step", "outer_step", "outer_step", "job_completed"]
+    steps = [r for r in records if isinstance(r, OuterStep)]
+    for step in steps:
+        institutions = sorted(w.institution for w in step.workers)
+        assert institutions == ["alpha-hospital", "beta-university"]
+        assert all(w.worker.startswith(f"{w.institution}/site-") for w in step.workers)
+        assert sorted(step.verified) == sorted(w.worker for w in step.workers)
+        assert step.workers_lost == {} and step.verification_failed == {}
+        assert all(w.inner_steps == 5 and w.compute_s > 0 for w in step.workers)
+    assert steps[-1].val_loss is not None and steps[0].val_loss is not None
+    assert steps[-1].val_loss < steps[0].val_loss
+    completed = records[-1]
+    assert isinstance(completed, JobCompleted)
+    assert completed.final_model_digest == steps[-1].model_digest
+    # Both sites cosigned the heads their steps were sent with: logged between the
+    # job's first outer step and its end (the final head's cosignatures come after).
+    entries = [
+        json.loads(line) for line in read_lines(DataDir(completed_run.data_dir).provenance_log)
+    ]
+    job_id = completed_run.pretrain_job.job_id
+    bodies = [(i, e) for i, e in enumerate(entries) if e.get("body", {}).get("job_id") == job_id]
+    first_step = next(i for i, e in bodies if e["type"] == "outer_step")
+    end = next(i for i, e in bodies if e["type"] == "job_completed")
+    cosigned = [e["institution"] for e in entries[first_step:end] if e["kind"] == COSIGNATURE]
+    assert sorted(set(cosigned)) == ["alpha-hospital", "beta-university"]
+
+
+def test_replay_reproduces_every_outer_step_of_federated_pretraining(
+    completed_run: CompletedRun,
+) -> None:
+    done = coordinator_cli(
+        "replay", completed_run.pretrain_job.job_id, "--data-dir", str(completed_run.data_dir)
+    )
+    assert done.returncode == 0, done.stderr
+    assert "replay OK: 3 outer step(s) reproduced bit for bit" in done.stdout
+
+
 def test_replay_reproduces_every_round(completed_run: CompletedRun) -> None:
     done = coordinator_cli(
         "replay", completed_run.job.job_id, "--data-dir", str(completed_run.data_dir)
@@ -156,9 +223,10 @@ def test_every_byte_flip_of_the_real_log_is_detected(completed_run: CompletedRun
     key = VerifyingKey.load(DataDir(completed_run.data_dir).signing_public_key)
     original = DataDir(completed_run.data_dir).provenance_log.read_bytes()
     scratch = DataDir(completed_run.data_dir).provenance_log.with_name("flipped.jsonl")
-    # Every 7th byte covers each field of every line while keeping the test short;
-    # tests/unit/test_provenance_log.py flips every single byte of a smaller log.
-    for offset in range(0, len(original), 7):
+    # Every 11th byte hits each field of every line (both jobs': rounds, outer steps,
+    # heads, cosignatures) while keeping the test short; tests/unit/test_provenance_log.py
+    # flips every single byte of a smaller log.
+    for offset in range(0, len(original), 11):
         flipped = bytearray(original)
         flipped[offset] ^= 0x01
         scratch.write_bytes(bytes(flipped))

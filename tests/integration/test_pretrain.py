@@ -25,6 +25,7 @@ import torch
 from ray.cluster_utils import Cluster
 
 from consortium.errors import JobSpecError
+from consortium.inner_loop import InnerTrainer, corpus_for
 from consortium.lm import model_weights
 from consortium.models.bytelm import ByteLM
 from consortium.net import reserve_free_port
@@ -50,7 +51,7 @@ from coordinator.pretraining.checkpoint import checkpoint_path, load_checkpoint
 from coordinator.pretraining.cluster import require_gcs
 from coordinator.pretraining.replay import plan_replay, replay_pretraining
 from coordinator.pretraining.runner import outer_step_body
-from coordinator.pretraining.worker import DiLoCoWorker, InnerTrainer, WorkerConfig, corpus_for
+from coordinator.pretraining.worker import DiLoCoWorker, worker_config
 from tests.helpers import wait_for
 
 OBJECT_STORE_BYTES = 80 * 2**20
@@ -470,7 +471,7 @@ def test_inner_optimizer_state_resets_or_carries_over_between_outer_steps() -> N
     start = ByteLM(spec.bytelm_config, seed=0)
     weights = {n: p.detach().numpy().copy() for n, p in start.named_parameters()}
     for mode, steps_after_two_runs in (("reset", 5), ("keep", 10)):
-        config = WorkerConfig.from_spec(
+        config = worker_config(
             spec.model_copy(update={"inner_optimizer_state": mode}), digest, "cpu"
         )
         trainer = InnerTrainer(config)

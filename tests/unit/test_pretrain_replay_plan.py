@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from consortium.errors import NotFoundError
+from consortium.inner_loop import corpus_for
 from consortium.provenance.environment import describe_environment
 from consortium.provenance.records import Record, parse_body, type_name
 from coordinator.federated.replay import ReplayMismatchError, job_kind
@@ -23,7 +24,6 @@ from coordinator.pretraining.replay import (
     replay_pretraining,
 )
 from coordinator.pretraining.schedule import derive_seed
-from coordinator.pretraining.worker import corpus_for
 
 JOB = "job-1"
 

@@ -10,7 +10,7 @@ import pytest
 from consortium.provenance.signing import SigningKey
 from coordinator.data_dir import DataDir
 from coordinator.jobs.lifecycle import JobLifecycle
-from coordinator.pretraining.runner import RUNNING_MESSAGE, StepRecorder
+from coordinator.pretraining.runner import RUNNING_MESSAGE, LifecycleProgress, StepRecorder
 from coordinator.state import JobRecord, JobState, SqliteStateStore
 
 REASON = "needs 2 GPU workers, the cluster offers 0; 0 usable of min_workers=2"
@@ -29,7 +29,7 @@ def store(tmp_path: Path) -> Iterator[SqliteStateStore]:
 @pytest.fixture
 def recorder(tmp_path: Path, store: SqliteStateStore) -> StepRecorder:
     SigningKey.load_or_create(DataDir(tmp_path).signing_key)
-    return StepRecorder(JobLifecycle(store), tmp_path, "job1")
+    return StepRecorder(LifecycleProgress(JobLifecycle(store), "job1"), tmp_path, "job1")
 
 
 def test_waiting_reason_becomes_the_running_jobs_message(

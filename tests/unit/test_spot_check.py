@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from consortium.errors import JobSpecError
+from consortium.inner_loop import InnerTrainer, corpus_for
 from consortium.lm import model_weights
 from consortium.models.bytelm import ByteLM
 from coordinator.pretraining.records import OuterStepRecord
 from coordinator.pretraining.spec import PretrainJobSpec, validate_pretrain_spec
 from coordinator.pretraining.spot_check import SpotChecker
-from coordinator.pretraining.worker import InnerTrainer, WorkerConfig, corpus_for
+from coordinator.pretraining.worker import worker_config
 
 TINY = {
     "name": "checked",
@@ -88,7 +89,7 @@ def test_the_default_draw_is_the_operating_systems_not_the_public_seed() -> None
 
 
 def honest_result(spec: PretrainJobSpec, weights: dict[str, Any]) -> dict[str, Any]:
-    config = WorkerConfig.from_spec(spec, corpus_for(spec).digest, "cpu")
+    config = worker_config(spec, corpus_for(spec).digest, "cpu")
     sent, _ = InnerTrainer(config).run_inner(weights, (1,), spec.inner_steps, 7, 3)
     return sent
 

@@ -1,14 +1,17 @@
 """`coordinator demo`: the whole consortium on one machine.
 
 Creates the consortium (`init`), starts `coordinator serve` (mTLS API, Flower
-SuperLink, Ray head), onboards one institution per site with site-held keys and
-starts one `client join` per institution as separate processes on loopback, all
+SuperLink; a Ray head only with ``--ray-pool``), onboards one institution per site with
+site-held keys and starts one `client join` per institution as separate processes on
+loopback, all
 through `LocalConsortium`, the harness the integration tests use too. Each
 site holds private data: a non-IID Dirichlet(0.5) share of the digits images and the
 docstrings of different installed packages.
 
 The default job is the pipeline: pretrain a byte-level transformer on the Python
-standard library across the nodes' Ray workers (DiLoCo), then fine-tune it
+standard library at the institutions' sites (federated DiLoCo: each site trains on its
+own CPU or GPU and returns a signed pseudo-gradient over the channel it opened; with
+``--ray-pool``, on the operator's Ray pool instead), then fine-tune it
 federatedly on each site's docstrings, reporting held-out perplexity before and after.
 ``--job digits`` runs the quick classification example instead. Either way the demo
 ends by verifying the provenance log and replaying the aggregation, and stops every
@@ -69,6 +72,7 @@ seed = 0
 PRETRAIN_JOB = """\
 name = "stdlib-pretrain-demo"
 kind = "pretrain"
+placement = "{placement}"
 n_layer = 2
 n_head = 2
 n_embd = 64
@@ -138,8 +142,10 @@ def run_demo(
     job_kind: str = "pipeline",
     outer_steps: int = PRETRAIN_OUTER_STEPS,
     inner_steps: int = PRETRAIN_INNER_STEPS,
+    ray_pool: bool = False,
 ) -> int:
-    """Run the demo; returns the last job's final state (a jobs_pb2.JobState value)."""
+    """Run the demo; returns the last job's final state (a jobs_pb2.JobState value).
+    `ray_pool`: pretrain on a Ray pool the sites join, not at the sites."""
     if job_kind not in DEMO_JOBS:
         raise ValueError(f"unknown demo job {job_kind!r}; known: {', '.join(DEMO_JOBS)}")
     if work_dir.exists():
@@ -155,12 +161,13 @@ def run_demo(
             f"[dim]{name}: {count} private digit images and {text_bytes // 1024} KiB of "
             f"private text in {data_dir}[/]"
         )
-    consortium = LocalConsortium(work_dir)
+    consortium = LocalConsortium(work_dir, ray=ray_pool)
     try:
         console.print("coordinator init: root CA, certificates, signing key, Ray token")
         consortium.init()
         console.print(
-            "starting the coordinator (mTLS control-plane API, Flower SuperLink, Ray head)..."
+            "starting the coordinator (mTLS control-plane API, Flower SuperLink"
+            + (", Ray head)..." if ray_pool else ")...")
         )
         consortium.serve()
         for name in names:
@@ -180,7 +187,13 @@ def run_demo(
                 report(remote, final, console)
             else:
                 pretrained, final = run_pipeline(
-                    remote, rounds, num_institutions, console, outer_steps, inner_steps
+                    remote,
+                    rounds,
+                    num_institutions,
+                    console,
+                    outer_steps,
+                    inner_steps,
+                    "ray-pool" if ray_pool else "federated",
                 )
         if final.state == jobs_pb2.JOB_STATE_SUCCEEDED:
             check_provenance(
@@ -244,20 +257,24 @@ def run_pipeline(
     console: Console,
     outer_steps: int = PRETRAIN_OUTER_STEPS,
     inner_steps: int = PRETRAIN_INNER_STEPS,
+    placement: str = "federated",
 ) -> tuple[str, jobs_pb2.Job]:
-    """Pretrain on the contributed Ray workers, then fine-tune federatedly from it;
+    """Pretrain (at the sites, or on the Ray pool), then fine-tune federatedly from it;
     returns the pretraining job's id and the fine-tune's final snapshot."""
     pretrain = remote.submit(
         PRETRAIN_JOB.format(
             inner_steps=inner_steps,
             outer_steps=outer_steps,
             workers=num_institutions,
+            placement=placement,
         )
     )
+    where = "sites" if placement == "federated" else "Ray pool workers"
     console.print(
         f"submitted pretraining job {pretrain.job_id}: byte-level transformer on the "
         f"standard library, {outer_steps} DiLoCo outer steps of "
-        f"{inner_steps} inner steps on {num_institutions} contributed workers"
+        f"{inner_steps} inner steps on {num_institutions} contributed {where} "
+        f"(placement = {placement})"
     )
     # Submitted at once: the scheduler starts the fine-tune when its source succeeded.
     fine_tune = remote.submit(

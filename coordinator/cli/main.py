@@ -372,8 +372,8 @@ def demo(
     job: Annotated[
         str,
         typer.Option(
-            help="pipeline: pretrain on Ray, then federated fine-tune; digits: the quick "
-            "classification example."
+            help="pipeline: pretrain at the sites (federated DiLoCo), then federated "
+            "fine-tune; digits: the quick classification example."
         ),
     ] = "pipeline",
     outer_steps: Annotated[
@@ -384,10 +384,18 @@ def demo(
         int | None,
         typer.Option(min=1, help="Inner steps per outer step of pretraining (default 30)."),
     ] = None,
+    ray_pool: Annotated[
+        bool,
+        typer.Option(
+            "--ray-pool",
+            help="Pretrain on a Ray pool the sites join (one trust domain) instead of at "
+            "the sites over the federated channel.",
+        ),
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """The whole thing on one machine: serve, 3 institutions onboard and join, then
-    pretraining across their nodes and federated fine-tuning on their private text."""
+    pretraining at their sites and federated fine-tuning on their private text."""
     from coordinator.demo import PRETRAIN_INNER_STEPS, PRETRAIN_OUTER_STEPS, run_demo
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -407,6 +415,7 @@ def demo(
             job_kind=job,
             outer_steps=outer_steps or PRETRAIN_OUTER_STEPS,
             inner_steps=inner_steps or PRETRAIN_INNER_STEPS,
+            ray_pool=ray_pool,
         )
         _exit_for(state)
 

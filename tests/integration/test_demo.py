@@ -1,8 +1,8 @@
 """`coordinator demo` as the README runs it (smaller), and the pipeline it runs.
 
 The demo brings the whole consortium up on loopback as deployed (onboarded institutions
-over mutual TLS, a token-authenticated Ray cluster), pretrains on the contributed Ray
-workers, fine-tunes the result federatedly on each site's own text starting from the
+over mutual TLS, no Ray: federated pretraining needs none), pretrains at the sites over
+the federated channel, fine-tunes the result federatedly on each site's own text starting from the
 pretrained model's signed digest, verifies and replays, and stops every process it
 started. One run serves every test here: the pipeline's checks read what it left in
 its data dir, and those that need a live coordinator restart one on that data dir
@@ -107,7 +107,8 @@ def restarted(demo: DemoRun) -> Iterator[Remote]:
 
 def test_demo_pretrains_fine_tunes_verifies_replays_and_cleans_up(demo: DemoRun) -> None:
     text = demo.output
-    assert "pretraining job" in text and f"on {INSTITUTIONS} contributed workers" in text
+    assert "pretraining job" in text
+    assert f"on {INSTITUTIONS} contributed sites (placement = federated)" in text
     before, after = (
         float(x)
         for x in re.findall(r"held-out perplexity: ([\d.]+) \(before\) -> ([\d.]+)", text)[0]
@@ -135,6 +136,19 @@ def job_ids(demo: DemoRun) -> tuple[str, str]:
     started = log_bodies(demo.data_dir, "job_started")
     kinds = {body.get("kind", "federated"): body["job_id"] for body in started}
     return kinds["pretrain"], kinds["federated"]
+
+
+def test_the_demo_pretrains_at_each_sites_own_node(demo: DemoRun) -> None:
+    """By default every outer step is computed by the institutions' sites, over the
+    federated channel: one worker per site, named for its onboarded institution."""
+    pretrain, _ = job_ids(demo)
+    steps = log_bodies(demo.data_dir, "outer_step", pretrain)
+    assert len(steps) == OUTER_STEPS
+    for step in steps:
+        workers = sorted(w["worker"] for w in step["workers"])
+        assert len(workers) == INSTITUTIONS
+        assert all(w.split("/", 1)[1].startswith("site-") for w in workers)
+        assert len({w["institution"] for w in step["workers"]}) == INSTITUTIONS
 
 
 def test_fine_tune_starts_from_the_pretrained_models_signed_digest(demo: DemoRun) -> None:

@@ -32,6 +32,7 @@ from coordinator.federated.server_app import JobRun
 from coordinator.federated.superlink import DATA_DIR_ENV
 from coordinator.jobs.lifecycle import JobLifecycle
 from coordinator.jobs.running import RunningJob
+from coordinator.jobs.spec import FederatedJobSpec
 from coordinator.provenance.recorder import JobRecorder
 from coordinator.state import RoundRecord, SqliteStateStore
 
@@ -138,7 +139,8 @@ def test_a_resumed_run_starts_after_the_last_committed_round_and_fills_the_state
     consortium.restart("run-2")
 
     with RunningJob.open(consortium.data_dir, job_id, "run-2") as second:
-        run = JobRun(consortium.data_dir.root, second)
+        assert isinstance(second.spec, FederatedJobSpec)
+        run = JobRun(consortium.data_dir.root, second, second.spec)
         model, done = run.initial_model()
     assert done == 2
     for name, tensor in parameter_tensors(model).items():

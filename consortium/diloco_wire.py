@@ -5,16 +5,16 @@ The coordinator sends a ``train.diloco`` message to each site it plans for the s
 
     arrays  ARRAYS_RECORD   the global model (consortium/model_wire.py)
     config  "config"        job-id, round-number (outer step + 1), global-digest,
-                            worker-config (JSON below), shard-ids, seed, inner-steps,
-                            first-inner-step
+                            worker-config (JSON below), device, shard-ids, seed,
+                            inner-steps, first-inner-step
 
 The site checks the global model against ``global-digest`` and cosigns the log head the
 message carries (client/federated/signing_mod.py), runs the inner loop
 (`consortium.inner_loop.InnerTrainer`) on its own device, and replies with its
 pseudo-gradient, encoded with the job's codec, in ARRAYS_RECORD, the metrics
-``num-examples`` (sequences trained on), ``train_loss`` and ``compute-s``, all signed
-with the institution's key. The device is the site's choice (its ``client join
---gpu``), never the coordinator's: the worker config carries everything else.
+``num-examples`` (sequences trained on), ``train_loss``, ``compute-s`` and ``on-gpu``,
+all signed with the institution's key. Which device is the site's (its ``client join
+--gpu``); the job only says whether it must, may or must not be a GPU.
 """
 
 from __future__ import annotations
@@ -35,7 +35,10 @@ SHARD_IDS = "shard-ids"
 SEED = "seed"
 INNER_STEPS = "inner-steps"
 FIRST_INNER_STEP = "first-inner-step"
+DEVICE = "device"  # the job's device: "cpu" (even at a GPU site), "gpu" (refused without
+# one) or "auto" (the site's own)
 COMPUTE_S = "compute-s"  # the inner loop's wall-clock seconds at the site (its word)
+ON_GPU = "on-gpu"  # 1 when the site trained on a GPU, else 0 (its word)
 
 _CONFIG_ADAPTER = TypeAdapter(WorkerConfig)
 
@@ -49,6 +52,20 @@ def worker_config_json(config: WorkerConfig) -> str:
     fields = dataclasses.asdict(config)
     del fields["device"]
     return json.dumps(fields, sort_keys=True)
+
+
+def site_device(job_device: str, site_device: str) -> str:
+    """The torch device a site trains a step on: its own (``client join --gpu N``: ``cuda:N``,
+    else ``cpu``) as the job allows; DiLoCoTaskError when it cannot serve the job."""
+    if job_device == "cpu":
+        return "cpu"
+    if job_device == "gpu" and not site_device.startswith("cuda"):
+        raise DiLoCoTaskError(
+            "the job trains on GPUs and this site joined without one (client join --gpu N)"
+        )
+    if job_device not in ("gpu", "auto"):
+        raise DiLoCoTaskError(f"config {DEVICE!r} must be cpu, gpu or auto, got {job_device!r}")
+    return site_device
 
 
 def read_worker_config(text: str, device: Literal["cpu", "gpu"]) -> WorkerConfig:

@@ -129,7 +129,6 @@ def _commitment_record(commitment: DataCommitment) -> ConfigRecord:
 def diloco(msg: Message, context: Context) -> Message:
     """One outer step of federated pretraining (client/federated/diloco_task.py): the
     byte-level LM's inner loop, if this site runs the bytelm workload."""
-    torch.set_num_threads(int(_number(context.node_config, "torch-threads", 1)))
     check_allowed(
         PRETRAIN_WORKLOAD,
         allowed_workloads(str(context.node_config.get("workloads", ",".join(BUILTIN_WORKLOADS)))),

@@ -24,6 +24,7 @@ from consortium.diloco_wire import (
     COMPUTE_S,
     FIRST_INNER_STEP,
     INNER_STEPS,
+    ON_GPU,
     SEED,
     SHARD_IDS,
     WORKER_CONFIG,
@@ -89,6 +90,7 @@ def run_diloco_step(msg: Message, node_config: Mapping[str, object]) -> Message:
                     "num-examples": steps * trainer.config.batch_size,
                     "train_loss": metrics.mean_loss,
                     COMPUTE_S: metrics.compute_s,
+                    ON_GPU: int(metrics.device == "gpu"),
                 }
             ),
         }

@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 from flwr.app import Message, RecordDict
 
-from consortium.diloco_wire import COMPUTE_S
+from consortium.diloco_wire import COMPUTE_S, ON_GPU
 from consortium.model_wire import ARRAYS_RECORD, ModelWireError, unpack_tensors
 from consortium.provenance.log import WitnessCosignature
 from consortium.provenance.signing import SignatureError, VerifyingKey, unb64
@@ -40,10 +40,11 @@ SIGNATURE_RECORD = "consortium.signature"
 COMMITMENT_RECORD = "consortium.data"
 
 # The metrics a training reply may carry: those client/federated/client_app.py sends
-# (compute-s: a federated pretraining step's inner-loop seconds, consortium/diloco_wire.py).
+# (compute-s, on-gpu: a federated pretraining step's inner-loop seconds and device,
+# consortium/diloco_wire.py).
 # Each is one finite number; anything else (a list, a string, NaN, an unknown name) is
 # refused with reason "bad_metrics".
-ALLOWED_METRICS = frozenset({"num-examples", "train_loss", COMPUTE_S})
+ALLOWED_METRICS = frozenset({"num-examples", "train_loss", COMPUTE_S, ON_GPU})
 MAX_METRIC_NAME_CHARS = 64  # how much of a refused metric's name the log repeats
 
 

@@ -28,9 +28,11 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from consortium.diloco_wire import (
     COMPUTE_S,
+    DEVICE,
     FIRST_INNER_STEP,
     INNER_STEPS,
     MESSAGE_TYPE,
+    ON_GPU,
     SEED,
     SHARD_IDS,
     WORKER_CONFIG,
@@ -121,6 +123,7 @@ class FlowerSites:
         self._job_id = job_id
         self._config = config
         self._config_json = worker_config_json(config)
+        self._device = device  # what the job allows; each site trains on its own
         self._slot_device: Literal["cpu", "gpu"] = "gpu" if device == "gpu" else "cpu"
         self._witness_log = witness_log
         self._stop = stop
@@ -175,6 +178,7 @@ class FlowerSites:
                             "round-number": request.step + 1,
                             "global-digest": digest,
                             WORKER_CONFIG: self._config_json,
+                            DEVICE: self._device,
                             SHARD_IDS: list(assignment.shard_ids),
                             SEED: assignment.seed,
                             INNER_STEPS: request.inner_steps,
@@ -268,7 +272,8 @@ class FlowerSites:
             raise UpdateRefused("malformed", "the reply carries no train_loss", to.institution)
         if update.cosignature is not None:
             self._cosignatures[to.worker_id] = update.cosignature
-        compute_s = reply.content.metric_records["metrics"].get(COMPUTE_S, 0.0)
+        reported = reply.content.metric_records["metrics"]
+        compute_s = reported.get(COMPUTE_S, 0.0)
         loss = update.train_loss
         metrics = InnerMetrics(
             steps=request.inner_steps,
@@ -277,6 +282,6 @@ class FlowerSites:
             last_loss=loss,
             # The site's word, like a Ray worker's; admission checked it is finite.
             compute_s=max(float(compute_s), 0.0) if isinstance(compute_s, int | float) else 0.0,
-            device=self._slot_device,
+            device="gpu" if reported.get(ON_GPU, 0) == 1 else "cpu",  # the site's word
         )
         return update.arrays, metrics

@@ -21,7 +21,12 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.federated.diloco_task import run_diloco_step
 from client.federated.signing_mod import signing_mod
-from consortium.diloco_wire import DiLoCoTaskError, read_worker_config, worker_config_json
+from consortium.diloco_wire import (
+    DiLoCoTaskError,
+    read_worker_config,
+    site_device,
+    worker_config_json,
+)
 from consortium.inner_loop import corpus_for
 from consortium.model_wire import ARRAYS_RECORD, pack_tensors, unpack_tensors
 from consortium.models import MAX_PARAMETERS
@@ -226,6 +231,23 @@ def test_honest_sites_train_each_step_and_every_contribution_verifies(world: Wor
     assert again[-1].model_digest == records[-1].model_digest
 
 
+def test_a_run_stopped_after_a_step_resumes_from_its_checkpoint_to_the_same_bits(
+    world: World,
+) -> None:
+    """The ServerApp of a resumed job (the coordinator restarted) builds a new controller
+    on the job's checkpoint dir: it continues after the last step, to the same model."""
+    behaviour: dict[int, Reply | None] = {NODE_A: honest, NODE_B: honest, NODE_C: honest}
+    whole = world.run(Sites(world.sites, behaviour), "whole")
+    config = worker_config(world.spec, corpus_for(world.spec).digest, "cpu")
+    grid = Sites(world.sites, behaviour)
+    sites = FlowerSites(grid, world, JOB, config, "cpu", world.log, threading.Event())
+    with DiLoCoController(world.spec, sites, world.root / "split", inner_loops=sites) as first:
+        assert first.step() is not None
+    resumed = world.run(Sites(world.sites, behaviour), "split")
+    assert [r.step for r in resumed] == [1]
+    assert resumed[-1].model_digest == whole[-1].model_digest
+
+
 def test_a_site_that_perturbs_its_signed_pseudo_gradient_is_caught_and_barred(
     world: World,
 ) -> None:
@@ -322,3 +344,18 @@ def test_a_site_refuses_shards_outside_the_corpus(world: World) -> None:
     weights = unpack_tensors(message.content.array_records[ARRAYS_RECORD])
     assert all(isinstance(v, np.ndarray) for v in weights.values())
     assert isinstance(message.content.array_records[ARRAYS_RECORD], ArrayRecord)
+
+
+@pytest.mark.parametrize(
+    ("job", "site", "trains_on"),
+    [("cpu", "cuda:1", "cpu"), ("auto", "cuda:1", "cuda:1"), ("auto", "cpu", "cpu")],
+)
+def test_a_site_trains_on_its_own_device_as_far_as_the_job_allows(
+    job: str, site: str, trains_on: str
+) -> None:
+    assert site_device(job, site) == trains_on
+
+
+def test_a_gpu_job_is_refused_by_a_site_without_a_gpu() -> None:
+    with pytest.raises(DiLoCoTaskError, match="client join --gpu N"):
+        site_device("gpu", "cpu")

@@ -8,7 +8,12 @@ from dataclasses import dataclass, field
 
 from consortium.errors import ChildProcessFailedError
 from coordinator.jobs.lifecycle import JobLifecycle
-from coordinator.jobs.runner import JobCannotStartError, NeedsRuntime, UnavailableRunner
+from coordinator.jobs.runner import (
+    ByPlacement,
+    JobCannotStartError,
+    NeedsRuntime,
+    UnavailableRunner,
+)
 from coordinator.jobs.scheduler import Scheduler
 from coordinator.observability.metrics import CoordinatorMetrics
 from coordinator.state import InMemoryStateStore, JobRecord, JobState
@@ -210,6 +215,30 @@ def test_unavailable_runner_fails_its_jobs_and_the_queue_moves_on() -> None:
     assert store.get_job(pretrain).state is JobState.FAILED
     assert store.get_job(pretrain).message == "pretraining needs Ray"
     assert federated.started == [federated_job]
+
+
+def test_a_pretraining_job_runs_on_the_runner_of_its_placement() -> None:
+    """Federated pretraining shares the Flower runner with fine-tuning; a ray-pool job
+    on a coordinator without Ray fails, saying so, and the queue moves on."""
+    store = InMemoryStateStore()
+    lifecycle = JobLifecycle(store)
+    flower = FakeRunner()
+    placements = {"p-fed": "federated", "p-ray": "ray-pool", "f": "federated"}
+    pretrain = ByPlacement(
+        {"federated": flower, "ray-pool": UnavailableRunner("ray-pool needs Ray")},
+        lambda job: placements[job.name],
+    )
+    scheduler = Scheduler(lifecycle, {"federated": flower, "pretrain": pretrain}, 0.01)
+    on_ray = lifecycle.submit("p-ray", "pretrain", "", 2).job_id
+    at_sites = lifecycle.submit("p-fed", "pretrain", "", 2).job_id
+    scheduler.step()
+    scheduler.step()
+    assert store.get_job(on_ray).state is JobState.FAILED
+    assert store.get_job(on_ray).message == "ray-pool needs Ray"
+    assert flower.started == [at_sites]
+    flower.active.discard(at_sites)
+    scheduler.shutdown()
+    assert flower.shut_down
 
 
 def test_recover_requeues_jobs_a_stopped_coordinator_left_running() -> None:

@@ -107,9 +107,12 @@ class RunningJob:
 
     # --- writes, through the lifecycle -------------------------------------------
     def record_round(self, record: RoundRecord) -> None:
-        """A completed round; JobCancelledError when the job no longer runs."""
+        """A completed round; JobCancelledError when the job no longer runs,
+        CommitRefusedError("stale_run") when a newer run owns it (a pretraining step
+        records its round before its fenced log record)."""
         if record.job_id != self.job_id:
             raise PermissionDeniedError(f"round of job {record.job_id} from job {self.job_id}")
+        self.ensure_current()
         try:
             self._lifecycle.record_round(record)
         except ConflictError:

@@ -11,6 +11,7 @@ from coordinator.data_dir import DataDir
 from coordinator.jobs.lifecycle import JobLifecycle
 from coordinator.jobs.running import JobCancelledError, RunningJob
 from coordinator.jobs.spec import FederatedJobSpec
+from coordinator.pretraining.spec import PretrainJobSpec
 from coordinator.state import JobState, RoundRecord, SqliteStateStore
 
 RUN = "run-1"
@@ -105,6 +106,7 @@ def test_a_stale_run_may_neither_end_the_job_nor_pass_the_fence_and_is_counted(
                 stale.ensure_current,
                 lambda: stale.succeed("completed 3 rounds", "/m"),
                 lambda: stale.fail("late failure"),
+                lambda: stale.record_round(RoundRecord(job_id, round=2, participants=2)),
             ):
                 with pytest.raises(CommitRefusedError) as refused:
                     attempt()
@@ -114,6 +116,36 @@ def test_a_stale_run_may_neither_end_the_job_nor_pass_the_fence_and_is_counted(
         with RunningJob.open(data_dir, job_id, "run-2") as current:
             current.ensure_current()
         assert operator.get_job(job_id).state is JobState.RUNNING
+        assert operator.list_rounds(job_id) == []  # nothing of the stale run's round
         assert operator.refused_commits() == {"stale_run": 1}
+    finally:
+        operator.close()
+
+
+PRETRAIN_SPEC = 'name = "p"\nkind = "pretrain"\ninner_steps = 2\nouter_steps = 4\n'
+
+
+def test_a_federated_pretraining_run_reads_its_spec_and_shows_progress_while_it_owns_the_job(
+    tmp_path: Path,
+) -> None:
+    data_dir = DataDir(tmp_path / "data")
+    data_dir.root.mkdir()
+    operator = SqliteStateStore(data_dir.state_db)
+    try:
+        lifecycle = JobLifecycle(operator)
+        job_id = lifecycle.submit("p", "pretrain", PRETRAIN_SPEC, 4).job_id
+        lifecycle.start(job_id, "go")
+        lifecycle.attach_run(job_id, RUN)
+        with RunningJob.open(data_dir, job_id, RUN) as job:
+            assert isinstance(job.spec, PretrainJobSpec)
+            assert job.spec.placement == "federated"
+            job.note("waiting: needs 2 workers")
+            assert operator.get_job(job_id).message == "waiting: needs 2 workers"
+            job.record_round(RoundRecord(job_id, round=1, participants=2))
+            assert job.rounds_completed() == 1
+            lifecycle.cancel(job_id)
+            job.note("pretraining at the sites")  # no longer its job: shows nothing
+        assert operator.get_job(job_id).state is JobState.CANCELLED
+        assert operator.get_job(job_id).message != "pretraining at the sites"
     finally:
         operator.close()

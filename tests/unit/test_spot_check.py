@@ -6,6 +6,7 @@ actor, is in tests/integration/test_pretrain.py."""
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +20,7 @@ from consortium.lm import model_weights
 from consortium.models.bytelm import ByteLM
 from coordinator.pretraining.records import OuterStepRecord
 from coordinator.pretraining.spec import PretrainJobSpec, validate_pretrain_spec
-from coordinator.pretraining.spot_check import SpotChecker
+from coordinator.pretraining.spot_check import SpotChecker, relative_distance
 from coordinator.pretraining.worker import worker_config
 
 TINY = {
@@ -63,6 +64,27 @@ def test_a_spec_whose_contributions_cannot_be_re_executed_is_refused(
     with pytest.raises(JobSpecError, match=rf"field 'verify_fraction'.*{named}"):
         validate_pretrain_spec({**TINY, **CHECKABLE, **change})
     validate_pretrain_spec({**TINY, **change})  # without spot checks, any of these is fine
+
+
+@pytest.mark.parametrize(
+    "change", [{"device": "gpu"}, {"device": "auto"}, {"deterministic": False}]
+)
+def test_a_tolerance_lets_gpu_and_nondeterministic_jobs_be_spot_checked(
+    change: dict[str, Any],
+) -> None:
+    spec = validate_pretrain_spec({**TINY, **CHECKABLE, **change, "verify_tolerance": 0.01})
+    assert spec.verify_tolerance == 0.01
+    # ... but a worker's result must still depend on what it was sent alone.
+    with pytest.raises(JobSpecError, match=r"inner_optimizer_state = 'keep'"):
+        validate_pretrain_spec(
+            {
+                **TINY,
+                **CHECKABLE,
+                **change,
+                "verify_tolerance": 0.01,
+                "inner_optimizer_state": "keep",
+            }
+        )
 
 
 def test_the_fraction_is_operational_so_a_resumed_job_may_change_it() -> None:
@@ -127,3 +149,37 @@ def test_records_from_before_spot_checks_read_as_unchecked() -> None:
     old = {k: v for k, v in record.to_dict().items() if not k.startswith("verif")}
     assert OuterStepRecord.from_dict(old).verified == ()
     assert OuterStepRecord.from_dict(old).verification_failed == {}
+
+
+def tolerant_checker(tolerance: float) -> tuple[SpotChecker, PretrainJobSpec]:
+    spec = validate_pretrain_spec({**TINY, **CHECKABLE, "verify_tolerance": tolerance})
+    return SpotChecker(spec, corpus_for(spec).digest, draw=lambda: 0.0), spec
+
+
+@pytest.mark.usefixtures("own_torch_settings")
+def test_a_tolerant_check_accepts_kernel_noise_and_names_a_larger_distance() -> None:
+    spot, spec = tolerant_checker(1e-3)
+    weights = model_weights(ByteLM(spec.bytelm_config, seed=spec.seed))
+    sent = honest_result(spec, weights)
+    rng = np.random.default_rng(0)
+    # Rounding noise, as another GPU's kernels leave (1e-5 of each value): accepted.
+    noisy = {
+        k: v * (1 + 1e-5 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in sent.items()
+    }
+    assert spot.check(weights, (1,), spec.inner_steps, 7, 3, noisy) is None
+    # A pseudo-gradient 1% off (steered, scaled, other data): refused, with its distance.
+    steered = {k: (v * 1.01).astype(np.float32) for k, v in sent.items()}
+    failure = spot.check(weights, (1,), spec.inner_steps, 7, 3, steered)
+    assert failure is not None
+    assert "0.01 (relative L2)" in failure and "verify_tolerance = 0.001" in failure
+    assert spot.check(weights, (0,), spec.inner_steps, 7, 3, sent) is not None  # other shard
+
+
+def test_relative_distance_is_infinite_for_other_tensors_or_non_finite_values() -> None:
+    ours = {"w": np.ones(4, np.float32)}
+    assert relative_distance({"w": np.ones(4, np.float32) * 1.5}, ours) == pytest.approx(0.5)
+    assert relative_distance({"v": np.ones(4, np.float32)}, ours) == math.inf
+    assert relative_distance({"w": np.ones(5, np.float32)}, ours) == math.inf
+    assert relative_distance({"w": np.full(4, np.nan, np.float32)}, ours) == math.inf
+    zero = {"w": np.zeros(4, np.float32)}
+    assert relative_distance(zero, zero) == 0.0

@@ -27,12 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from consortium.errors import ConsortiumError
+
 NETNS_ETC = Path("/etc/netns")
 PREFIX_LENGTH = 24
 IP = "ip"
 
 
-class NetnsError(RuntimeError):
+class NetnsError(ConsortiumError, RuntimeError):
     """The test bed could not be built (not root, no `ip`, or a command failed)."""
 
 
@@ -53,8 +55,14 @@ class NetworkTestbed:
     """Hosts in namespaces named `<tag>-<host>`; `exec_argv(host, argv)` runs in one."""
 
     def __init__(
-        self, hosts: Sequence[NetnsHost], netem: str | None = None, tag: str | None = None
+        self,
+        hosts: Sequence[NetnsHost],
+        netem: str | None = None,
+        tag: str | None = None,
+        rate: str | None = None,
     ) -> None:
+        """``rate`` (e.g. ``"100mbit"``), without ``netem``: only a rate limit on every
+        host's outgoing traffic (`tc tbf`), for kernels without sch_netem."""
         if os.geteuid() != 0:
             raise NetnsError("network namespaces need root")
         if shutil.which(IP) is None:
@@ -64,6 +72,7 @@ class NetworkTestbed:
             raise NetnsError(f"every host must be in one /{PREFIX_LENGTH}: {sorted(networks)}")
         self.hosts = {host.name: host for host in hosts}
         self.netem = netem
+        self.rate = rate
         self.tag = tag or f"cons{os.getpid()}"
         self.hub = f"{self.tag}-hub"
         self._created: list[str] = []
@@ -117,6 +126,9 @@ class NetworkTestbed:
             _run(IP, "-n", ns, "link", "set", "eth0", "up")
             if self.netem:
                 self._shape(ns)
+            elif self.rate:
+                _run(IP, "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root",
+                     "tbf", "rate", self.rate, "burst", "64kb", "latency", "400ms")  # fmt: skip
             etc = NETNS_ETC / ns
             etc.mkdir(parents=True, exist_ok=True)
             (etc / "hosts").write_text(self._hosts_file(host))

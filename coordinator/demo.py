@@ -36,7 +36,8 @@ from consortium.errors import ProvenanceInvalidError
 from consortium.proto.v1 import jobs_pb2
 from coordinator.cli.remote import Remote
 from coordinator.cli.watch import watch_job
-from coordinator.local_consortium import LocalConsortium
+from coordinator.local_consortium import LocalConsortium, OwnChildren
+from coordinator.wan import COORDINATOR_ADDRESS, WanLayout, describe_links
 
 INSTITUTION_NAMES = (
     "aurora-hospital",
@@ -143,9 +144,12 @@ def run_demo(
     outer_steps: int = PRETRAIN_OUTER_STEPS,
     inner_steps: int = PRETRAIN_INNER_STEPS,
     ray_pool: bool = False,
+    wan_testbed: str | None = None,
 ) -> int:
     """Run the demo; returns the last job's final state (a jobs_pb2.JobState value).
-    `ray_pool`: pretrain on a Ray pool the sites join, not at the sites."""
+    `ray_pool`: pretrain on a Ray pool the sites join, not at the sites. `wan_testbed`:
+    the tag of the test bed this process runs in (coordinator/wan.py), whose sites'
+    namespaces the `client join`s run in."""
     if job_kind not in DEMO_JOBS:
         raise ValueError(f"unknown demo job {job_kind!r}; known: {', '.join(DEMO_JOBS)}")
     if work_dir.exists():
@@ -161,7 +165,15 @@ def run_demo(
             f"[dim]{name}: {count} private digit images and {text_bytes // 1024} KiB of "
             f"private text in {data_dir}[/]"
         )
-    consortium = LocalConsortium(work_dir, ray=ray_pool)
+    layout = WanLayout(wan_testbed, tuple(names)) if wan_testbed is not None else None
+    consortium = LocalConsortium(
+        work_dir,
+        ray=ray_pool,
+        launcher=OwnChildren(
+            work_dir / "logs", layout.child_namespaces() if layout is not None else None
+        ),
+        server_names=[COORDINATOR_ADDRESS] if layout is not None else (),
+    )
     try:
         console.print("coordinator init: root CA, certificates, signing key, Ray token")
         consortium.init()
@@ -169,7 +181,12 @@ def run_demo(
             "starting the coordinator (mTLS control-plane API, Flower SuperLink"
             + (", Ray head)..." if ray_pool else ")...")
         )
-        consortium.serve()
+        consortium.serve(flags=layout.serve_flags(ray_pool) if layout is not None else ())
+        if layout is not None:
+            console.print(
+                f"every site in its own network namespace ({describe_links()}); the "
+                f"coordinator at {consortium.address}"
+            )
         for name in names:
             bundle = consortium.onboard(name)
             console.print(f"onboarded {name}: keys at the site, bundle {bundle}")

@@ -58,13 +58,20 @@ class Launcher(Protocol):
 class OwnChildren:
     """The default launcher: keeps its children and stops them, clients first."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, namespaces: Mapping[str, str] | None = None) -> None:
+        """``namespaces``: child name -> the network namespace it runs in (``ip netns
+        exec``; `coordinator/wan.py` puts each site behind its own WAN link); the rest
+        run in this process's."""
         self.log_dir = log_dir
+        self.namespaces = dict(namespaces or {})
         self.children: list[ChildProcess] = []
 
     def start(self, name: str, *argv: str, env: Mapping[str, str] | None = None) -> ChildProcess:
-        executable = venv_executable(argv[0])
-        child = ChildProcess(name, [executable, *argv[1:]], self.log_dir / f"{name}.log", env)
+        command = [venv_executable(argv[0]), *argv[1:]]
+        namespace = self.namespaces.get(name)
+        if namespace is not None:  # `ip netns exec` execs the command: same pid to stop
+            command = ["ip", "netns", "exec", namespace, *command]
+        child = ChildProcess(name, command, self.log_dir / f"{name}.log", env)
         self.children.append(child)
         return child
 
@@ -90,7 +97,10 @@ class LocalConsortium:
         start_timeout_s: float = START_TIMEOUT_S,
         data_dir: Path | None = None,
         sites_dir: Path | None = None,
+        server_names: Sequence[str] = (),
     ) -> None:
+        """``server_names``: hosts the server certificate names besides loopback (the
+        coordinator's address on a test bed)."""
         self.work_dir = work_dir
         self.secure = secure
         self.ray = ray
@@ -101,6 +111,7 @@ class LocalConsortium:
         self.sites_dir = sites_dir or work_dir / "institutions"
         self.children: list[ChildProcess] = []
         self.address = ""
+        self.server_names = [*LOOPBACK_NAMES, *server_names]
 
     # --- context manager: always stop what was started ----------------------
     def __enter__(self) -> LocalConsortium:
@@ -135,7 +146,7 @@ class LocalConsortium:
     # --- steps ---------------------------------------------------------------
     def init(self) -> None:
         """`coordinator init`: root CA, certificates, signing key, Ray token."""
-        init_consortium(self.data_dir, list(LOOPBACK_NAMES), cert_days=CERT_DAYS)
+        init_consortium(self.data_dir, self.server_names, cert_days=CERT_DAYS)
 
     def start(self, name: str, *argv: str, env: Mapping[str, str] | None = None) -> ChildProcess:
         """Any console script of this venv as a child, with the harness's env."""

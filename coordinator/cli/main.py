@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from consortium.cli_errors import cli_errors, configure_logging
 from consortium.errors import InvalidArgumentError
 from consortium.exit_codes import EXIT_CODE_HELP, ExitCode
 from consortium.file_modes import private_dir, restrict_umask
+from consortium.processes import venv_executable
 from consortium.proto.v1 import status_pb2
 from consortium.settings import load_settings
 from coordinator.cli import onboarding as onboarding_cli
@@ -392,11 +394,26 @@ def demo(
             "the sites over the federated channel.",
         ),
     ] = False,
+    wan: Annotated[
+        bool,
+        typer.Option(
+            "--wan",
+            help="Put the coordinator and each site in a network namespace of its own, "
+            "behind an emulated WAN link (80 ms round trips, 100 Mbit/s, 0.1% loss; "
+            "needs root).",
+        ),
+    ] = False,
+    wan_testbed: Annotated[str | None, typer.Option(hidden=True)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """The whole thing on one machine: serve, 3 institutions onboard and join, then
     pretraining at their sites and federated fine-tuning on their private text."""
-    from coordinator.demo import PRETRAIN_INNER_STEPS, PRETRAIN_OUTER_STEPS, run_demo
+    from coordinator.demo import (
+        INSTITUTION_NAMES,
+        PRETRAIN_INNER_STEPS,
+        PRETRAIN_OUTER_STEPS,
+        run_demo,
+    )
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt  # unwinds through the demo's cleanup
@@ -407,6 +424,18 @@ def demo(
     with cli_errors():
         if job not in ("pipeline", "digits"):
             raise InvalidArgumentError(f"--job must be pipeline or digits, got {job!r}")
+        if wan and wan_testbed is None:  # build the test bed, then run again inside it
+            from coordinator.wan import run_behind_wan
+
+            console.print("building the WAN test bed (network namespaces, tc netem)...")
+            argv = [venv_executable("coordinator"), *sys.argv[1:]]
+            raise typer.Exit(
+                run_behind_wan(
+                    INSTITUTION_NAMES[:institutions],
+                    argv,
+                    on_links=lambda links: console.print(f"links: {links}"),
+                )
+            )
         state = run_demo(
             work_dir,
             rounds=rounds,
@@ -416,6 +445,7 @@ def demo(
             outer_steps=outer_steps or PRETRAIN_OUTER_STEPS,
             inner_steps=inner_steps or PRETRAIN_INNER_STEPS,
             ray_pool=ray_pool,
+            wan_testbed=wan_testbed,
         )
         _exit_for(state)
 

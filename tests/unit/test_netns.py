@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from consortium.netns import NetnsError, NetnsHost, NetworkTestbed
+from coordinator.wan import interface_bytes, run_behind_wan
 from tests.guide import GUIDE, GuideError, RunStep, SendStep, for_site, read_steps
 
 HOSTS = [
@@ -99,3 +101,53 @@ def test_a_step_for_another_site_names_that_site_only() -> None:
 def test_an_unknown_annotation_flag_is_an_error() -> None:
     with pytest.raises(GuideError, match="line 1: unknown flag"):
         read_steps("<!-- on: operator, twice -->\n```bash\nls\n```\n")
+
+
+def test_a_rate_limited_test_bed_shapes_every_link_and_counts_what_crosses_it() -> None:
+    """Without netem (a kernel without sch_netem, as CI's), links are only rate-limited:
+    tc tbf on every host; `interface_bytes` counts the bytes a connection moved."""
+    with NetworkTestbed(HOSTS, tag="tbrate", rate="100mbit") as bed:
+        for host in ("server", "site"):
+            shown = subprocess.run(
+                bed.exec_argv(host, ["tc", "qdisc", "show", "dev", "eth0"]),
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            assert "tbf" in shown and "100Mbit" in shown, shown
+        server = subprocess.Popen(
+            bed.exec_argv("server", [sys.executable, "-c", ECHO_SERVER]),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert server.stdout is not None and server.stdout.readline() == "listening\n"
+            received_before, sent_before = interface_bytes(bed.namespace("site"))
+            assert _connect_from_site(bed, "192.0.2.10").stdout.strip() == "192.0.2.21"
+            received, sent = interface_bytes(bed.namespace("site"))
+        finally:
+            server.kill()
+            server.communicate()
+        # A TCP handshake, the 10-byte answer and the close: well over 100 bytes each way.
+        assert received - received_before > 100 and sent - sent_before > 100
+
+
+def test_a_command_behind_the_wan_runs_in_the_coordinators_namespace_told_its_links(
+    tmp_path: Path,
+) -> None:
+    """`coordinator demo --wan` and benchmarks/wan.py run themselves again this way; the
+    test bed is gone when the command ends."""
+    said = tmp_path / "said.txt"
+    script = (
+        "import os, pathlib, socket, sys\n"
+        "socket.create_server(('192.0.2.10', 0)).close()  # only on the coordinator's host\n"
+        f"pathlib.Path({str(said)!r}).write_text("
+        "sys.argv[-1] + '\\n' + os.environ['CONSORTIUM_WAN_LINKS'])\n"
+    )
+    heard: list[str] = []
+    code = run_behind_wan(["site-a"], [sys.executable, "-c", script], on_links=heard.append)
+    assert code == 0
+    tag, links = said.read_text().split("\n")
+    assert heard == [links]
+    assert "netem" in links or links.startswith("tc tbf rate 100mbit")
+    assert f"{tag}-coordinator" not in _namespaces() and f"{tag}-site-a" not in _namespaces()

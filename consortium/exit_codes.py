@@ -52,8 +52,8 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     "cancelling a finished job, or replaying a job that is not replayable).",
     ExitCode.INSECURE_TRANSPORT_REFUSED: "Plain-text transport was refused: it needs "
     "--insecure and loopback addresses.",
-    ExitCode.CHILD_PROCESS_FAILED: "A child process (Flower SuperLink or SuperNode, Ray) failed "
-    "to start or died; its log file is named in the message.",
+    ExitCode.CHILD_PROCESS_FAILED: "A child process (Flower SuperLink or SuperNode, Ray; `ip` "
+    "or `tc` building a WAN test bed) failed to start or died; the message names it.",
     ExitCode.JOB_CANCELLED: "The job ended in the CANCELLED state.",
     ExitCode.PROVENANCE_INVALID: "The provenance log failed verification; the message names "
     "the first bad line.",

@@ -28,6 +28,7 @@ from pathlib import Path
 from types import TracebackType
 
 from consortium.errors import ConsortiumError
+from consortium.exit_codes import ExitCode
 
 NETNS_ETC = Path("/etc/netns")
 PREFIX_LENGTH = 24
@@ -36,6 +37,8 @@ IP = "ip"
 
 class NetnsError(ConsortiumError, RuntimeError):
     """The test bed could not be built (not root, no `ip`, or a command failed)."""
+
+    exit_code = ExitCode.CHILD_PROCESS_FAILED  # `ip` or `tc` refused, or could not run
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,7 @@ class FederatedPretrainRun:
             stop=self.stop,
             on_wait=recorder.on_wait,
             inner_loops=sites,
+            fence=job.ensure_current,  # a stale run checkpoints nothing
         ) as controller:
             controller.run(on_step)
             result = result_of(controller)

@@ -127,11 +127,14 @@ class DiLoCoController:
         on_wait: WaitHook | None = None,
         worker_class: Callable[[WorkerSlot], Any] | None = None,
         inner_loops: InnerLoops | None = None,
+        fence: Callable[[], None] | None = None,
     ) -> None:
         """``inner_loops``: where the workers' inner loops run (default: actors of the
         Ray cluster this process is connected to). ``worker_class``: the Ray actor class a
         slot runs there (default `DiLoCoWorker`); tests give one institution a dishonest
-        worker with it."""
+        worker with it. ``fence`` runs before each step is committed (checkpointed): a
+        ServerApp's `RunningJob.ensure_current`, so a run that no longer owns its job
+        raises there and leaves the owner's checkpoint alone."""
         self.spec = spec
         self.cluster_view = cluster_view
         self.checkpoint_dir = Path(checkpoint_dir)
@@ -142,6 +145,7 @@ class DiLoCoController:
         )
         self.on_dispatch = on_dispatch
         self.on_wait = on_wait
+        self._fence = fence or (lambda: None)
         self._reported_wait: str | None = None  # what on_wait was last told
         self.stop = stop or threading.Event()
         self.corpus: StdlibCorpus = corpus_for(spec)
@@ -411,6 +415,7 @@ class DiLoCoController:
         verified: tuple[str, ...],
     ) -> OuterStepRecord:
         spec = self.spec
+        self._fence()  # raises, before anything of the step is kept, for a stale run
         val_loss = self.evaluate()
         # Failures of attempts that did not complete a step are logged with this one.
         failures, self._failures_to_log = self._failures_to_log, {}

@@ -27,6 +27,7 @@ from consortium.diloco_wire import (
     site_device,
     worker_config_json,
 )
+from consortium.errors import CommitRefusedError
 from consortium.inner_loop import corpus_for
 from consortium.model_wire import ARRAYS_RECORD, pack_tensors, unpack_tensors
 from consortium.models import MAX_PARAMETERS
@@ -246,6 +247,26 @@ def test_a_run_stopped_after_a_step_resumes_from_its_checkpoint_to_the_same_bits
     resumed = world.run(Sites(world.sites, behaviour), "split")
     assert [r.step for r in resumed] == [1]
     assert resumed[-1].model_digest == whole[-1].model_digest
+
+
+def test_a_run_that_lost_its_job_checkpoints_nothing(world: World) -> None:
+    """A stale ServerApp (a newer run owns the job) is refused at its step's commit,
+    before its checkpoint would overwrite the owner's."""
+
+    def stale() -> None:
+        raise CommitRefusedError("stale_run", "a newer Flower run owns the job")
+
+    grid = Sites(world.sites, {NODE_A: honest, NODE_B: honest, NODE_C: honest})
+    config = worker_config(world.spec, corpus_for(world.spec).digest, "cpu")
+    sites = FlowerSites(grid, world, JOB, config, "cpu", world.log, threading.Event())
+    with (
+        DiLoCoController(
+            world.spec, sites, world.root / "owned", inner_loops=sites, fence=stale
+        ) as controller,
+        pytest.raises(CommitRefusedError),
+    ):
+        controller.step()
+    assert not (world.root / "owned").exists() or not any((world.root / "owned").iterdir())
 
 
 def test_a_site_that_perturbs_its_signed_pseudo_gradient_is_caught_and_barred(

@@ -156,8 +156,10 @@ class DiLoCoController:
         self._rng_state: dict[str, Any] = dict(np.random.PCG64(spec.seed).state)
         self._failed_attempts = 0
         self._quarantined: set[str] = set()  # nodes that lost a worker in the last attempt
-        # Nodes whose contribution failed a spot check: barred for the rest of the job.
-        self._barred: dict[str, str] = {}  # node id -> the worker caught there
+        # Institutions a worker of which failed a spot check -> that worker: barred for the
+        # rest of the job, whatever node or site they offer next (a new Ray node or
+        # Flower node id is cheap; the institution is what the coordinator verified).
+        self._barred: dict[str, str] = {}
         self._failures_to_log: dict[str, str] = {}  # worker -> node id, since last commit
         checkpoint = load_checkpoint(self.checkpoint_dir)
         if checkpoint is not None:
@@ -207,7 +209,7 @@ class DiLoCoController:
         if self.state in (ControllerState.FINISHED, ControllerState.FAILED):
             raise ControllerFinishedError(f"controller is {self.state}; no step to take")
         quarantined, self._quarantined = self._quarantined, set()  # lasts one attempt
-        decision = self._plan(quarantined | self._barred.keys())
+        decision = self._plan(quarantined)
         if decision.waiting_reason is not None:
             self._wait(decision.waiting_reason)
             return None
@@ -276,7 +278,7 @@ class DiLoCoController:
         deadline = time.monotonic() + self.spec.wait_for_workers_s
         while True:
             try:
-                slots = self.cluster_view.slots()
+                slots = [s for s in self.cluster_view.slots() if s.institution not in self._barred]
                 unreachable = ""
             except ClusterUnreachableError as error:  # waits as for too few workers
                 slots, unreachable = [], f"{error}; "
@@ -375,7 +377,7 @@ class DiLoCoController:
         lost: dict[str, str],
     ) -> list[str]:
         """Re-execute a sample of the `decoded` results (`SpotChecker`); one that differs
-        leaves `decoded` for `lost`, its worker is dropped and its node barred. Returns
+        leaves `decoded` for `lost`, its worker is dropped and its institution barred. Returns
         the workers checked and found equal."""
         sample = self.spot_checker.sample(decoded)
         if not sample:
@@ -401,7 +403,7 @@ class DiLoCoController:
             del decoded[worker_id]
             lost[worker_id] = failure
             self._loops.drop(worker_id)
-            self._barred[node_id] = worker_id
+            self._barred[assignment.slot.institution] = worker_id
             self._failures_to_log[worker_id] = node_id
         return matched
 
@@ -496,9 +498,9 @@ class DiLoCoController:
         self._rng_state = checkpoint.rng_state
         self.step_index = checkpoint.step
         self.records = list(checkpoint.records)
-        for record in self.records:  # a node caught before the restart stays barred
-            for worker_id, node_id in record.verification_failed.items():
-                self._barred[node_id] = worker_id
+        for record in self.records:  # an institution caught before the restart stays barred
+            for worker_id in record.verification_failed:  # ids begin "<institution>/"
+                self._barred[worker_id.split("/", 1)[0]] = worker_id
         if self.model_digest() != checkpoint.model_digest:
             raise CheckpointMismatchError(f"{self.checkpoint_dir}: weights do not match digest")
 

@@ -277,7 +277,7 @@ class PretrainJobSpec(BaseModel):
         description=(
             "Share of each outer step's contributions the coordinator re-executes on its"
             " own CPU before averaging, comparing the pseudo-gradient (bit for bit, or"
-            " within verify_tolerance); a mismatch drops the worker and bars its node for"
+            " within verify_tolerance); a mismatch drops the worker and bars its institution for"
             " the rest of the job. Needs inner_optimizer_state = reset, and with"
             " verify_tolerance = 0 deterministic = true and device = cpu. Operational."
         ),

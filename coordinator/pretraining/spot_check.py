@@ -8,7 +8,7 @@ shards, its batch seed and the step's place in the learning-rate schedule. So
 inputs, encodes with the job's codec and compares the digest with that of what the
 worker sent. A worker that returned anything else (a perturbed, scaled or made-up
 pseudo-gradient, or one trained on other data) is caught whenever it is sampled; the
-controller then drops its result before averaging and bars its node for the rest of the
+controller then drops its result before averaging and bars its institution for the rest of the
 job (coordinator/pretraining/diloco.py).
 
 Each contribution is sampled with probability ``verify_fraction``, drawn from the

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -160,9 +160,10 @@ class World:
     store: InMemoryStateStore
     sites: dict[int, Site]
     log: WitnessLog
+    rejoined: dict[int, str] = field(default_factory=dict)  # new node ids, as onboarded
 
     def institution_of_node(self, flower_node_id: int) -> str:
-        return INSTITUTION.get(flower_node_id, "")
+        return INSTITUTION.get(flower_node_id) or self.rejoined.get(flower_node_id, "")
 
     # AdmissionState, from the store
     def is_revoked(self, institution: str) -> bool:
@@ -282,6 +283,27 @@ def test_a_site_that_perturbs_its_signed_pseudo_gradient_is_caught_and_barred(
     assert cheat not in {r.worker for r in second.results}
     assert cheat not in second.workers_lost
     assert sorted(r.institution for r in second.results) == ["uni-a", "uni-c"]
+
+
+def test_a_caught_institution_stays_barred_when_its_site_rejoins_as_another_node(
+    world: World,
+) -> None:
+    grid = Sites(world.sites, {NODE_A: honest, NODE_B: perturbing, NODE_C: honest})
+    config = worker_config(world.spec, corpus_for(world.spec).digest, "cpu")
+    sites = FlowerSites(grid, world, JOB, config, "cpu", world.log, threading.Event())
+    with DiLoCoController(world.spec, sites, world.root / "r", inner_loops=sites) as controller:
+        first = controller.step()
+        assert first is not None and f"uni-b/site-{NODE_B}" in first.verification_failed
+        # uni-b's SuperNode comes back under a new Flower node id, honest this time.
+        world.rejoined[66] = "uni-b"
+        grid.sites = {**{n: s for n, s in world.sites.items() if n != NODE_B}}
+        grid.sites[66] = replace(world.sites[NODE_B], node_id=66)
+        grid.behaviour[66] = honest
+        grid.contexts[66] = grid.sites[66].context()
+        second = controller.step()
+    assert second is not None
+    assert sorted(r.institution for r in second.results) == ["uni-a", "uni-c"]
+    assert "uni-b/site-66" not in second.workers_lost  # not even asked
 
 
 def test_a_reply_signed_with_another_institutions_key_is_refused(world: World) -> None:

@@ -136,13 +136,6 @@ class CoordinatorMetrics:
             ["institution", "device"],
             registry=r,
         )
-        self.verification_failures = Counter(
-            "consortium_pretrain_verification_failures_total",
-            "Pretraining contributions the coordinator re-executed and found different "
-            "from what the worker sent (the worker was dropped, its node barred).",
-            ["institution"],
-            registry=r,
-        )
         self.supernode_key_changes = Counter(
             "consortium_supernode_key_changes_total",
             "SuperNode keys changed at the SuperLink to match onboarding: removed_unknown "
@@ -184,9 +177,6 @@ class CoordinatorMetrics:
             )
         for (institution, device), seconds in consumed.items():
             self.compute_consumed.labels(institution, _known(device, COMPUTE_DEVICES)).inc(seconds)
-
-    def contribution_failed_verification(self, institution: str) -> None:
-        self.verification_failures.labels(institution).inc()
 
     def heartbeat(self, institution: str) -> None:
         self.heartbeats.labels(institution).inc()

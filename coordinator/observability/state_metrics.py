@@ -82,8 +82,9 @@ def _min_clients(job: JobRecord) -> int:
 
 
 class ProvenanceStats:
-    """Entries, bytes, refused updates and the newest signed tree head of the
-    provenance log (format: consortium/provenance/log.py), read incrementally."""
+    """Entries, bytes, refused updates, pretraining contributions that failed a spot
+    check and the newest signed tree head of the provenance log (format:
+    consortium/provenance/log.py), read incrementally."""
 
     def __init__(self, path: Path) -> None:
         self._tail = JsonLinesTail(path)
@@ -91,11 +92,13 @@ class ProvenanceStats:
         self.tree_head_ms: int | None = None
         self.tree_size = 0  # records the newest tree head covers
         self.rejected: dict[str, int] = {}
+        self.verification_failed: dict[str, int] = {}  # institution -> contributions
 
     def refresh(self) -> None:
         read = self._tail.read_new()
         if read.restarted:
             self.entries, self.tree_head_ms, self.tree_size, self.rejected = 0, None, 0, {}
+            self.verification_failed = {}
         for line in read.lines:
             if line.get("kind") == "record":
                 self.entries += 1
@@ -103,6 +106,8 @@ class ProvenanceStats:
                 # must count what it can rather than raise on a partial record.
                 if line.get("type") == RecordType.ROUND:
                     self._count_refusals(line.get("body"))
+                elif line.get("type") == RecordType.OUTER_STEP:
+                    self._count_failed_checks(line.get("body"))
             elif line.get("kind") == "tree_head":
                 self._tree_head(line)
 
@@ -118,6 +123,14 @@ class ProvenanceStats:
             if isinstance(update, dict) and update.get("accepted") is False:
                 reason = str(update.get("reason") or "unspecified")
                 self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def _count_failed_checks(self, body: Any) -> None:
+        """Both placements' steps (the Ray pool's driver and a federated run's ServerApp
+        write the same record): worker ids begin "<institution>/"."""
+        failed = body.get("verification_failed") if isinstance(body, dict) else None
+        for worker in failed if isinstance(failed, dict) else {}:
+            institution = str(worker).split("/", 1)[0]
+            self.verification_failed[institution] = self.verification_failed.get(institution, 0) + 1
 
     def size_bytes(self) -> int:
         return self._tail.size_bytes()
@@ -325,6 +338,16 @@ class StateCollector(Collector):
             "Records not yet covered by a signed tree head.",
             value=max(0, self._provenance.entries - self._provenance.tree_size),
         )
+        failures = CounterMetricFamily(
+            "consortium_pretrain_verification_failures_total",
+            "Pretraining contributions the coordinator re-executed and found different "
+            "from what the worker sent (the worker was dropped, its institution barred), "
+            "from the provenance log.",
+            labels=["institution"],
+        )
+        for institution, count in sorted(self._provenance.verification_failed.items()):
+            failures.add_metric([institution], count)
+        yield failures
         head_ms = self._provenance.tree_head_ms
         # NaN, not 0, before the first tree head: unknown, and never "fresh".
         age = math.nan if head_ms is None else max(0.0, (now_ms - head_ms) / 1000)

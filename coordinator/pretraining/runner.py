@@ -335,8 +335,6 @@ class StepRecorder:
         self._provenance.outer_step(outer_step_body(self._job_id, record))
         self._records.append(record)
         self._metrics.compute_used(*step_compute(record))
-        for worker in record.verification_failed:  # ids begin "<institution>/" (WorkerSlot)
-            self._metrics.contribution_failed_verification(worker.split("/", 1)[0])
         write_accounting(self._data_dir, self._job_id, account(self._job_id, self._records))
 
     def log_finish(self, model_digest: str, corpus_digest: str, val_loss: float | None) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 
 from consortium.errors import CommitRefusedError, ConflictError
 from consortium.provenance.records import OuterStep
@@ -22,6 +23,7 @@ from consortium.tensor_digest import arrays_digest, file_digest
 from coordinator.data_dir import DataDir
 from coordinator.jobs.lifecycle import JobLifecycle
 from coordinator.observability.metrics import CoordinatorMetrics
+from coordinator.observability.state_metrics import StateCollector
 from coordinator.pretraining import (
     ControllerState,
     OuterStepRecord,
@@ -311,7 +313,14 @@ def test_a_contribution_a_spot_check_caught_is_logged_signed_and_counted(tmp_pat
     ]
     assert step.verification_failed == caught and step.workers_lost == why
     assert step.verified == ["alpha/abcd/cpu0"]
-    failures = metrics.registry.get_sample_value(
-        "consortium_pretrain_verification_failures_total", {"institution": "beta"}
-    )
+    # Counted from the log at scrape time, as a federated run's failures are.
+    registry = CollectorRegistry()
+    collector = StateCollector(s.store, 10.0, s.data_dir.root)
+    registry.register(collector)
+    try:
+        failures = registry.get_sample_value(
+            "consortium_pretrain_verification_failures_total", {"institution": "beta"}
+        )
+    finally:
+        collector.close()
     assert failures == 1

@@ -67,7 +67,6 @@ SCHEDULER_FAILURES = ("start_error", "ended_early")
 # What the coordinator changed at the SuperLink to keep its SuperNode keys equal to
 # the onboarded, unrevoked ones (coordinator/access/supernode_keys.py).
 SUPERNODE_KEY_ACTIONS = ("removed_unknown", "removed_revoked", "restored")
-COMPUTE_DEVICES = ("gpu", "cpu")
 # coordinator serve's runtimes, by supervisor name, and each pretraining run's driver
 SUPERVISED_RUNTIMES = ("superlink", "ray-head", "pretrain-driver")
 
@@ -122,20 +121,6 @@ class CoordinatorMetrics:
             ["channel", "reason"],
             registry=r,
         )
-        self.compute_contributed = Counter(
-            "consortium_compute_contributed_seconds_total",
-            "Device-seconds of shared (Ray) pretraining compute an institution's nodes "
-            "provided (device: gpu or cpu slot).",
-            ["institution", "device"],
-            registry=r,
-        )
-        self.compute_consumed = Counter(
-            "consortium_compute_consumed_seconds_total",
-            "Device-seconds of shared (Ray) pretraining compute used on an institution's "
-            "behalf: each job's total split evenly over the institutions taking part.",
-            ["institution", "device"],
-            registry=r,
-        )
         self.supernode_key_changes = Counter(
             "consortium_supernode_key_changes_total",
             "SuperNode keys changed at the SuperLink to match onboarding: removed_unknown "
@@ -163,20 +148,6 @@ class CoordinatorMetrics:
     def institution_seen(self, institution: str) -> None:
         """Give the per-institution counters a zero series for a new institution."""
         self.heartbeats.labels(institution)
-        for device in COMPUTE_DEVICES:
-            self.compute_contributed.labels(institution, device)
-            self.compute_consumed.labels(institution, device)
-
-    def compute_used(
-        self, contributed: dict[tuple[str, str], float], consumed: dict[tuple[str, str], float]
-    ) -> None:
-        """Add one outer step's compute, keyed by (institution, device)."""
-        for (institution, device), seconds in contributed.items():
-            self.compute_contributed.labels(institution, _known(device, COMPUTE_DEVICES)).inc(
-                seconds
-            )
-        for (institution, device), seconds in consumed.items():
-            self.compute_consumed.labels(institution, _known(device, COMPUTE_DEVICES)).inc(seconds)
 
     def heartbeat(self, institution: str) -> None:
         self.heartbeats.labels(institution).inc()

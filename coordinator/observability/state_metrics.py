@@ -29,10 +29,12 @@ from consortium.provenance.records import RecordType
 from coordinator.data_dir import DataDir
 from coordinator.federated.reasons import UPDATE_REJECT_REASONS
 from coordinator.jobs.spec import parse_job_spec
+from coordinator.pretraining.accounting import ComputeKey, split_compute
 from coordinator.provenance.recorder import COMMIT_REFUSAL_REASONS
 from coordinator.state import FINAL_JOB_STATES, JobRecord, JobState, NodeState, StateStore
 from coordinator.state.records import RoundRecord
 
+COMPUTE_DEVICES = ("cpu", "gpu")
 ROUND_DURATION_BUCKETS_S = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 # Per-job series cover running jobs and this many of the newest, so their
 # number stays bounded however long the coordinator lives.
@@ -93,12 +95,17 @@ class ProvenanceStats:
         self.tree_size = 0  # records the newest tree head covers
         self.rejected: dict[str, int] = {}
         self.verification_failed: dict[str, int] = {}  # institution -> contributions
+        # (institution, device) -> device-seconds of pretraining inner loops, both
+        # placements: given (its workers' results in the averages) and used (each step's
+        # total split evenly over the institutions taking part; pretraining/accounting.py)
+        self.compute_contributed: dict[ComputeKey, float] = {}
+        self.compute_consumed: dict[ComputeKey, float] = {}
 
     def refresh(self) -> None:
         read = self._tail.read_new()
         if read.restarted:
             self.entries, self.tree_head_ms, self.tree_size, self.rejected = 0, None, 0, {}
-            self.verification_failed = {}
+            self.verification_failed, self.compute_contributed, self.compute_consumed = {}, {}, {}
         for line in read.lines:
             if line.get("kind") == "record":
                 self.entries += 1
@@ -108,6 +115,7 @@ class ProvenanceStats:
                     self._count_refusals(line.get("body"))
                 elif line.get("type") == RecordType.OUTER_STEP:
                     self._count_failed_checks(line.get("body"))
+                    self._count_compute(line.get("body"))
             elif line.get("kind") == "tree_head":
                 self._tree_head(line)
 
@@ -131,6 +139,21 @@ class ProvenanceStats:
         for worker in failed if isinstance(failed, dict) else {}:
             institution = str(worker).split("/", 1)[0]
             self.verification_failed[institution] = self.verification_failed.get(institution, 0) + 1
+
+    def _count_compute(self, body: Any) -> None:
+        workers = body.get("workers") if isinstance(body, dict) else None
+        results = [
+            (str(w.get("institution", "")), _device(w.get("device")), float(w["compute_s"]))
+            for w in (workers if isinstance(workers, list) else [])
+            if isinstance(w, dict) and isinstance(w.get("compute_s"), int | float)
+        ]
+        contributed, consumed = split_compute(results)
+        for totals, step in (
+            (self.compute_contributed, contributed),
+            (self.compute_consumed, consumed),
+        ):
+            for key, seconds in step.items():
+                totals[key] = totals.get(key, 0.0) + seconds
 
     def size_bytes(self) -> int:
         return self._tail.size_bytes()
@@ -338,6 +361,27 @@ class StateCollector(Collector):
             "Records not yet covered by a signed tree head.",
             value=max(0, self._provenance.entries - self._provenance.tree_size),
         )
+        institutions = {node.institution for node in self._store.list_nodes()}
+        for name, help_text, totals in (
+            (
+                "consortium_compute_contributed_seconds_total",
+                "Device-seconds of pretraining inner loops an institution's workers ran "
+                "(device: gpu or cpu), at its sites or on the Ray pool, from the log.",
+                self._provenance.compute_contributed,
+            ),
+            (
+                "consortium_compute_consumed_seconds_total",
+                "Device-seconds of pretraining used on an institution's behalf: each outer "
+                "step's total split evenly over the institutions taking part, from the log.",
+                self._provenance.compute_consumed,
+            ),
+        ):
+            family = CounterMetricFamily(name, help_text, labels=["institution", "device"])
+            # Every joined institution has a series (zero until it computes or uses any).
+            zero = {(i, d): 0.0 for i in institutions for d in COMPUTE_DEVICES}
+            for (institution, device), seconds in sorted((zero | totals).items()):
+                family.add_metric([institution, device], seconds)
+            yield family
         failures = CounterMetricFamily(
             "consortium_pretrain_verification_failures_total",
             "Pretraining contributions the coordinator re-executed and found different "
@@ -356,6 +400,10 @@ class StateCollector(Collector):
             "Seconds since the newest signed tree head (NaN before the first).",
             value=age,
         )
+
+
+def _device(value: object) -> str:
+    return str(value) if value in COMPUTE_DEVICES else "cpu"  # a slot is a GPU or a CPU
 
 
 def _histogram(

@@ -60,11 +60,25 @@ def step_compute(
     record: OuterStepRecord,
 ) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float]]:
     """One outer step's (contributed, consumed) device-seconds by (institution, device)."""
+    return split_compute((r.institution, r.device, r.compute_s) for r in record.results)
+
+
+ComputeKey = tuple[str, str]  # (institution, device)
+
+
+def split_compute(
+    results: Iterable[tuple[str, str, float]],
+) -> tuple[dict[ComputeKey, float], dict[ComputeKey, float]]:
+    """(contributed, consumed) device-seconds by (institution, device), from one step's
+    accepted results as (institution, device, compute seconds): also read from an
+    `outer_step` record's workers (coordinator/observability/state_metrics.py)."""
     contributed: dict[tuple[str, str], float] = {}
-    for result in record.results:
-        key = (result.institution, result.device)
-        contributed[key] = contributed.get(key, 0.0) + result.compute_s
-    taking_part = sorted({result.institution for result in record.results})
+    taking_part_set: set[str] = set()
+    for institution, device, seconds in results:
+        key = (institution, device)
+        contributed[key] = contributed.get(key, 0.0) + seconds
+        taking_part_set.add(institution)
+    taking_part = sorted(taking_part_set)
     consumed: dict[tuple[str, str], float] = {}
     for device in ("cpu", "gpu"):
         total = sum(s for (_, d), s in contributed.items() if d == device)

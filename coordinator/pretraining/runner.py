@@ -28,7 +28,7 @@ from coordinator.data_dir import DataDir
 from coordinator.jobs.lifecycle import JobLifecycle
 from coordinator.jobs.spec import spec_of
 from coordinator.observability.metrics import CoordinatorMetrics
-from coordinator.pretraining.accounting import account, step_compute
+from coordinator.pretraining.accounting import account
 from coordinator.pretraining.accounting_files import write_accounting
 from coordinator.pretraining.engine import PretrainEngine
 from coordinator.pretraining.errors import DriverDiedError
@@ -334,7 +334,6 @@ class StepRecorder:
         )
         self._provenance.outer_step(outer_step_body(self._job_id, record))
         self._records.append(record)
-        self._metrics.compute_used(*step_compute(record))
         write_accounting(self._data_dir, self._job_id, account(self._job_id, self._records))
 
     def log_finish(self, model_digest: str, corpus_digest: str, val_loss: float | None) -> None:

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import pytest
+from prometheus_client import CollectorRegistry
 
-from coordinator.observability.metrics import CoordinatorMetrics
+from consortium.provenance.signing import SigningKey
+from coordinator.data_dir import DataDir
+from coordinator.observability.state_metrics import StateCollector
 from coordinator.pretraining.accounting import account, step_compute
 from coordinator.pretraining.records import OuterStepRecord, WorkerStepResult
+from coordinator.pretraining.runner import outer_step_body
+from coordinator.provenance.recorder import JobRecorder
+from coordinator.state import InMemoryStateStore, NodeRecord, NodeState
 
 
 def result(institution: str, device: Literal["cpu", "gpu"], seconds: float) -> WorkerStepResult:
@@ -64,15 +71,28 @@ def test_job_accounting_sums_given_and_used_per_institution() -> None:
     assert job.shares() == {"a": pytest.approx(5 / 6), "b": pytest.approx(1 / 6)}
 
 
-def test_metrics_count_compute_by_institution_and_device() -> None:
-    metrics = CoordinatorMetrics()
-    metrics.institution_seen("a")
-    contributed, consumed = step_compute(step(0, result("a", "gpu", 2.5), result("b", "gpu", 0.5)))
-    metrics.compute_used(contributed, consumed)
-    metrics.compute_used(contributed, consumed)
-    sample = metrics.registry.get_sample_value
-    labels = {"institution": "a", "device": "gpu"}
-    assert sample("consortium_compute_contributed_seconds_total", labels) == 5.0
-    assert sample("consortium_compute_consumed_seconds_total", labels) == 3.0
-    cpu = {"institution": "a", "device": "cpu"}
-    assert sample("consortium_compute_contributed_seconds_total", cpu) == 0.0
+def test_metrics_count_compute_by_institution_and_device_from_the_log(tmp_path: Path) -> None:
+    """Read from the signed `outer_step` records at scrape time, so a federated run's
+    steps (written by its ServerApp, another process) count as the Ray pool's do."""
+    data_dir = DataDir(tmp_path)
+    SigningKey.load_or_create(data_dir.signing_key)
+    recorder = JobRecorder(data_dir, "j")
+    for index in range(2):
+        record = step(index, result("a", "gpu", 2.5), result("b", "gpu", 0.5))
+        recorder.outer_step(outer_step_body("j", record))
+    store = InMemoryStateStore()
+    store.add_node(NodeRecord("n1", "a", "host", "cpu", NodeState.ONLINE, 0, 0))
+    store.add_node(NodeRecord("n2", "c", "host", "cpu", NodeState.ONLINE, 0, 0))
+    registry = CollectorRegistry()
+    collector = StateCollector(store, 10.0, tmp_path)
+    registry.register(collector)
+    try:
+        sample = registry.get_sample_value
+        gpu = {"institution": "a", "device": "gpu"}
+        assert sample("consortium_compute_contributed_seconds_total", gpu) == 5.0
+        assert sample("consortium_compute_consumed_seconds_total", gpu) == 3.0
+        # A joined institution has a series before it computes anything.
+        idle = {"institution": "c", "device": "cpu"}
+        assert sample("consortium_compute_contributed_seconds_total", idle) == 0.0
+    finally:
+        collector.close()

@@ -14,14 +14,17 @@ or another config replaces it.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Literal
 
+import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from consortium.diloco_wire import (
     COMPUTE_S,
+    DEVICE,
     FIRST_INNER_STEP,
     INNER_STEPS,
     ON_GPU,
@@ -30,8 +33,9 @@ from consortium.diloco_wire import (
     WORKER_CONFIG,
     DiLoCoTaskError,
     read_worker_config,
+    site_device,
 )
-from consortium.inner_loop import InnerTrainer
+from consortium.inner_loop import InnerTrainer, enable_determinism
 from consortium.model_wire import ARRAYS_RECORD, pack_tensors, unpack_tensors
 
 _lock = threading.Lock()
@@ -68,20 +72,41 @@ def trainer_for(run_id: int, config_json: str, device: str) -> InnerTrainer:
         return trainer
 
 
+@contextlib.contextmanager
+def torch_settings(deterministic: bool, device: str, threads: int) -> Iterator[None]:
+    """Deterministic kernels on one thread for a deterministic job (what spot checks and
+    replays re-execute), else the site's `torch-threads`; the process's settings are
+    restored after the step, since `client join` runs other jobs' tasks too."""
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    try:
+        if deterministic:
+            enable_determinism("gpu" if device.startswith("cuda") else "cpu")
+        else:
+            torch.set_num_threads(threads)
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1])
+
+
 def run_diloco_step(msg: Message, node_config: Mapping[str, object]) -> Message:
     """The reply to one ``train.diloco`` message: the encoded pseudo-gradient and metrics."""
     config = msg.content.config_records["config"]
-    trainer = trainer_for(
-        msg.metadata.run_id,
-        str(config.get(WORKER_CONFIG, "")),
-        str(node_config.get("device", "cpu")),
-    )
+    # The site's own device, as far as the job allows; never one the message names.
+    device = site_device(str(config.get(DEVICE, "auto")), str(node_config.get("device", "cpu")))
+    threads = node_config.get("torch-threads", 1)
+    threads = threads if isinstance(threads, int) and not isinstance(threads, bool) else 1
     steps = _integer(config, INNER_STEPS, minimum=1)
-    shard_ids = _shard_ids(config, trainer.config.num_shards)
-    weights = dict(unpack_tensors(msg.content.array_records[ARRAYS_RECORD]))
-    sent, metrics = trainer.run_inner(
-        weights, shard_ids, steps, _integer(config, SEED), _integer(config, FIRST_INNER_STEP)
-    )
+    config_json = str(config.get(WORKER_CONFIG, ""))
+    with torch_settings(
+        read_worker_config(config_json, "cpu").deterministic, device, max(threads, 1)
+    ):
+        trainer = trainer_for(msg.metadata.run_id, config_json, device)
+        shard_ids = _shard_ids(config, trainer.config.num_shards)
+        weights = dict(unpack_tensors(msg.content.array_records[ARRAYS_RECORD]))
+        sent, metrics = trainer.run_inner(
+            weights, shard_ids, steps, _integer(config, SEED), _integer(config, FIRST_INNER_STEP)
+        )
     content = RecordDict(
         {
             ARRAYS_RECORD: pack_tensors(sent),

@@ -12,13 +12,16 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
+from client.federated import diloco_task
 from client.federated.diloco_task import run_diloco_step
 from client.federated.signing_mod import signing_mod
 from consortium.diloco_wire import (
@@ -372,15 +375,20 @@ def test_a_site_refuses_a_worker_config_it_cannot_read(text: str, expected: str)
         read_worker_config(text, "cpu")
 
 
-def test_a_site_refuses_shards_outside_the_corpus(world: World) -> None:
+def a_step_message(world: World, device: Literal["auto", "cpu", "gpu"] = "cpu") -> Message:
+    """The first `train.diloco` message a step sends, as the coordinator builds it."""
     grid = Sites(world.sites, {})
     config = worker_config(world.spec, corpus_for(world.spec).digest, "cpu")
-    sites = FlowerSites(grid, world, JOB, config, "cpu", None, threading.Event())
+    sites = FlowerSites(grid, world, JOB, config, device, None, threading.Event())
     captured: list[Message] = []
     grid.send_and_receive = lambda messages, **_: captured.extend(messages) or []  # type: ignore[method-assign]
-    with DiLoCoController(world.spec, sites, world.root / "c", inner_loops=sites) as controller:
+    with DiLoCoController(world.spec, sites, world.root / device, inner_loops=sites) as controller:
         controller.step()
-    message = captured[0]
+    return captured[0]
+
+
+def test_a_site_refuses_shards_outside_the_corpus(world: World) -> None:
+    message = a_step_message(world)
     message.content.config_records["config"]["shard-ids"] = [0, world.spec.num_shards]
     with pytest.raises(DiLoCoTaskError, match="names shards outside"):
         run_diloco_step(message, {"device": "cpu"})
@@ -402,3 +410,27 @@ def test_a_site_trains_on_its_own_device_as_far_as_the_job_allows(
 def test_a_gpu_job_is_refused_by_a_site_without_a_gpu() -> None:
     with pytest.raises(DiLoCoTaskError, match="client join --gpu N"):
         site_device("gpu", "cpu")
+
+
+def test_a_gpu_jobs_message_is_refused_by_a_site_without_a_gpu(world: World) -> None:
+    with pytest.raises(DiLoCoTaskError, match="client join --gpu N"):
+        run_diloco_step(a_step_message(world, "gpu"), {"device": "cpu"})
+
+
+def test_a_deterministic_step_leaves_the_join_process_torch_settings_as_they_were(
+    world: World,
+) -> None:
+    """`client join` runs other jobs' tasks in the same process: a pretraining step's
+    one deterministic thread must not outlive it."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(False)
+    diloco_task._kept.clear()  # the trainer is built in this step (it sets determinism)
+    try:
+        reply = run_diloco_step(a_step_message(world), {"device": "cpu", "torch-threads": 2})
+        assert not reply.has_error()
+        assert torch.get_num_threads() == 2
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)

@@ -43,7 +43,7 @@ from consortium.models.bytelm import ByteLM
 from consortium.proto.v1 import jobs_pb2
 from consortium.provenance.log import records_of
 from coordinator.cli.watch import watch_job
-from coordinator.demo import INSTITUTION_NAMES, write_partitions
+from coordinator.demo import INSTITUTION_NAMES, PRETRAIN_JOB, write_partitions
 from coordinator.local_consortium import LocalConsortium, OwnChildren
 from coordinator.pretraining import PretrainJobSpec, parse_pretrain_spec
 from coordinator.pretraining.schedule import assign_shards, derive_seed
@@ -61,29 +61,12 @@ UTILISATION_TARGET = 0.90
 LOSS_TARGET = 0.03
 PLACEMENTS = ("federated", "ray-pool")
 
-JOB = """\
-name = "wan-{placement}"
-kind = "pretrain"
-placement = "{placement}"
-n_layer = 2
-n_head = 2
-n_embd = 64
-block_size = 64
-seq_len = 64
-batch_size = 8
-inner_steps = {inner_steps}
-outer_steps = {outer_steps}
-num_shards = {shards}
-corpus_bytes = 393216
-validation_bytes = 16384
-eval_batches = 4
-min_workers = {sites}
+# The demo's pretraining job (coordinator/demo.py), one worker per site, on CPUs, in
+# the codec asked for.
+EXTRA = """\
 max_workers = {sites}
 pseudo_gradient_codec = "{codec}"
 device = "cpu"
-wait_for_workers_s = 120.0
-step_timeout_s = 600.0
-seed = 0
 """
 
 
@@ -99,14 +82,13 @@ class Row:
 
 
 def job_spec(args: argparse.Namespace, placement: str) -> str:
-    return JOB.format(
+    demo_job = PRETRAIN_JOB.format(
         placement=placement,
         inner_steps=args.inner_steps,
         outer_steps=args.outer_steps,
-        shards=4 * args.sites,
-        sites=args.sites,
-        codec=args.codec,
+        workers=args.sites,
     )
+    return demo_job + EXTRA.format(sites=args.sites, codec=args.codec)
 
 
 def run_placement(

@@ -123,7 +123,7 @@ class RunningJob:
         try:
             self.ensure_current()
             self._lifecycle.note(self.job_id, message, while_in=frozenset({JobState.RUNNING}))
-        except (ConflictError, CommitRefusedError):
+        except ConflictError:  # JobCancelledError, or CommitRefusedError (stale run)
             pass  # it stopped running here: its message is no longer this run's to set
 
     def succeed(self, message: str, model_path: str) -> JobRecord:

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,22 +43,29 @@ def _connect_from_site(bed: NetworkTestbed, target: str) -> subprocess.Completed
     return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
 
 
+@contextlib.contextmanager
+def _echo_server(bed: NetworkTestbed) -> Iterator[None]:
+    """ECHO_SERVER on the "server" host, listening until the block ends."""
+    server = subprocess.Popen(
+        bed.exec_argv("server", [sys.executable, "-c", ECHO_SERVER]),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None and server.stdout.readline() == "listening\n"
+        yield
+    finally:
+        server.kill()
+        server.communicate()  # reaps it and closes its pipe
+
+
 def test_hosts_reach_each_other_by_name_and_nothing_beyond_the_bridge() -> None:
     with NetworkTestbed(HOSTS, tag="tbtest") as bed:
         assert "tbtest-server" in _namespaces()
-        server = subprocess.Popen(
-            bed.exec_argv("server", [sys.executable, "-c", ECHO_SERVER]),
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert server.stdout is not None and server.stdout.readline() == "listening\n"
+        with _echo_server(bed):
             reached = _connect_from_site(bed, "server.example.org")
             # The server saw the site's own address, not loopback.
             assert reached.stdout.strip() == "192.0.2.21", reached.stderr
-        finally:
-            server.kill()
-            server.communicate()  # reaps it and closes its pipe
         outside = _connect_from_site(bed, "198.51.100.1")
         assert outside.returncode != 0 and "unreachable" in outside.stderr
     assert "tbtest" not in _namespaces()
@@ -115,19 +124,10 @@ def test_a_rate_limited_test_bed_shapes_every_link_and_counts_what_crosses_it() 
                 check=True,
             ).stdout
             assert "tbf" in shown and "100Mbit" in shown, shown
-        server = subprocess.Popen(
-            bed.exec_argv("server", [sys.executable, "-c", ECHO_SERVER]),
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert server.stdout is not None and server.stdout.readline() == "listening\n"
+        with _echo_server(bed):
             received_before, sent_before = interface_bytes(bed.namespace("site"))
             assert _connect_from_site(bed, "192.0.2.10").stdout.strip() == "192.0.2.21"
             received, sent = interface_bytes(bed.namespace("site"))
-        finally:
-            server.kill()
-            server.communicate()
         # A TCP handshake, the 10-byte answer and the close: well over 100 bytes each way.
         assert received - received_before > 100 and sent - sent_before > 100
 

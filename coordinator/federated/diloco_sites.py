@@ -45,6 +45,8 @@ from consortium.provenance.witness import WITNESS_RECORD
 from consortium.pseudo_gradient_codec import Encoded
 from consortium.tensor_digest import arrays_digest
 from coordinator.federated.admission import AdmissionState, UpdateRefused, admit
+from coordinator.federated.reasons import IMPERSONATION
+from coordinator.federated.reasons import refused as refused_text
 from coordinator.federated.strategy import WitnessLog
 from coordinator.pretraining.cluster import WorkerSlot
 from coordinator.pretraining.inner_loops import (
@@ -207,7 +209,7 @@ class FlowerSites:
                 returned[to.worker_id] = self._admit(reply, request, digest, to)
             except UpdateRefused as refused:
                 log.warning("outer step %d, %s: refused: %s", request.step, to.worker_id, refused)
-                lost[to.worker_id] = f"update refused ({refused.reason}): {refused.detail}"
+                lost[to.worker_id] = refused_text(refused.reason, refused.detail)
         for worker_id in plan:
             if worker_id not in returned and worker_id not in lost:
                 lost[worker_id] = f"no reply within step_timeout_s={request.timeout_s}"
@@ -254,7 +256,7 @@ class FlowerSites:
         )
         if update.institution != to.institution:
             raise UpdateRefused(
-                "impersonation",
+                IMPERSONATION,
                 f"the reply is signed for {update.institution!r}, but node "
                 f"{reply.metadata.src_node_id} belongs to {to.institution!r}",
                 update.institution,

@@ -26,6 +26,26 @@ ADMISSION_REASONS = (
     "replayed",
 )
 DUPLICATE = "duplicate"  # a second update of one institution in one round
+# A federated pretraining reply signed for another institution than the one its node was
+# onboarded for (coordinator/federated/diloco_sites.py).
+IMPERSONATION = "impersonation"
+# How a refused federated pretraining reply is written in its step's `workers_lost`
+# (the `outer_step` record), which the metrics read back with `refused_reason`.
+REFUSED_PREFIX = "update refused ("
+
+
+def refused(reason: str, detail: str) -> str:
+    return f"{REFUSED_PREFIX}{reason}): {detail}"
+
+
+def refused_reason(lost: str) -> str | None:
+    """The reason of a `refused` text; None for any other loss (a crash, a timeout)."""
+    if not lost.startswith(REFUSED_PREFIX):
+        return None
+    reason, closed, _ = lost[len(REFUSED_PREFIX) :].partition(")")
+    return reason if closed else None
+
+
 # Admitted in an attempt of a round that had fewer accepted updates than min_clients:
 # that attempt does not count, and the round is sent again.
 RETRIED = "round_retried"
@@ -33,6 +53,7 @@ RETRIED = "round_retried"
 UPDATE_REJECT_REASONS = (
     *ADMISSION_REASONS,
     DUPLICATE,
+    IMPERSONATION,
     RETRIED,
     *(r.value for r in RejectReason),
 )

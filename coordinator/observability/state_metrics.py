@@ -27,7 +27,7 @@ from consortium.errors import JobSpecError
 from consortium.metrics_http import JsonLinesTail
 from consortium.provenance.records import RecordType
 from coordinator.data_dir import DataDir
-from coordinator.federated.reasons import UPDATE_REJECT_REASONS
+from coordinator.federated.reasons import UPDATE_REJECT_REASONS, refused_reason
 from coordinator.jobs.spec import parse_job_spec
 from coordinator.pretraining.accounting import ComputeKey, split_compute
 from coordinator.provenance.recorder import COMMIT_REFUSAL_REASONS
@@ -115,6 +115,7 @@ class ProvenanceStats:
                     self._count_refusals(line.get("body"))
                 elif line.get("type") == RecordType.OUTER_STEP:
                     self._count_failed_checks(line.get("body"))
+                    self._count_refused_contributions(line.get("body"))
                     self._count_compute(line.get("body"))
             elif line.get("kind") == "tree_head":
                 self._tree_head(line)
@@ -139,6 +140,14 @@ class ProvenanceStats:
         for worker in failed if isinstance(failed, dict) else {}:
             institution = str(worker).split("/", 1)[0]
             self.verification_failed[institution] = self.verification_failed.get(institution, 0) + 1
+
+    def _count_refused_contributions(self, body: Any) -> None:
+        """Federated pretraining replies admission refused (signature, key, count, ...)."""
+        lost = body.get("workers_lost") if isinstance(body, dict) else None
+        for text in lost.values() if isinstance(lost, dict) else []:
+            reason = refused_reason(str(text))
+            if reason is not None:
+                self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
     def _count_compute(self, body: Any) -> None:
         workers = body.get("workers") if isinstance(body, dict) else None

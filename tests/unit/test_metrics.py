@@ -21,6 +21,7 @@ from client.metrics import GpuCollector, TrainingCollector, record_training
 from consortium.errors import NotFoundError
 from consortium.metrics_http import JsonLinesTail, MetricsServer
 from coordinator.data_dir import DataDir
+from coordinator.federated.reasons import refused
 from coordinator.observability.metrics import CoordinatorMetrics, RpcMetricsInterceptor
 from coordinator.observability.state_metrics import StateCollector, summarise_rounds
 from coordinator.state import (
@@ -151,6 +152,31 @@ def test_provenance_metrics_count_records_refusals_and_tree_heads(
         append_lines(log, {"kind": "tree_head", "tree_size": 2, "timestamp_ms": NOW_MS})
         assert got("consortium_provenance_unsigned_entries") == 0
         assert got("consortium_updates_rejected_total", {"reason": "norm"}) == 1  # counted once
+    finally:
+        collector.close()
+
+
+def test_refused_federated_pretraining_replies_count_with_the_refused_updates(
+    store: SqliteStateStore, tmp_path: Path
+) -> None:
+    """A refused site's reply is lost for its outer step (coordinator/federated/
+    diloco_sites.py); the metric reads the reason back from the step's record."""
+    lost = {
+        "b/site-2": refused("impersonation", "signed for 'a', node of 'b'"),
+        "c/site-3": refused("weight_mismatch", "claims 16 sequences"),
+        "d/site-4": "no reply within step_timeout_s=5.0",  # lost, not refused
+        "e/site-5": "verification failed: its pseudo-gradient differs",  # counted apart
+    }
+    append_lines(
+        DataDir(tmp_path).provenance_log,
+        {"kind": "record", "index": 0, "type": "outer_step", "body": {"workers_lost": lost}},
+    )
+    collector = StateCollector(store, 10.0, tmp_path, clock=lambda: NOW_S)
+    try:
+        got = scrape(collector).get_sample_value
+        assert got("consortium_updates_rejected_total", {"reason": "impersonation"}) == 1
+        assert got("consortium_updates_rejected_total", {"reason": "weight_mismatch"}) == 1
+        assert got("consortium_updates_rejected_total", {"reason": "client_error"}) == 0
     finally:
         collector.close()
 

@@ -25,10 +25,12 @@ from consortium.ray_env import (
     CLAIM_LABEL,
     DRAIN_TIMEOUT_ENV,
     RayTls,
+    prepare_ray_temp_dir,
     ray_auth_env,
     ray_node_ip,
     ray_port_flags,
-    short_temp_dir,
+    ray_temp_dir,
+    remove_ray_temp_dir,
 )
 
 log = logging.getLogger(__name__)
@@ -128,13 +130,14 @@ class RayWorker:
         before_start: Callable[[], str | None] | None = None,
         port_range: str | None = None,
     ) -> None:
+        self._state_dir = state_dir
         self._argv = functools.partial(
             worker_argv,
             ray_address,
             institution,
             node_id,
             gpu,
-            short_temp_dir(state_dir),
+            ray_temp_dir(state_dir),
             hardware,
             port_range,
         )
@@ -155,6 +158,9 @@ class RayWorker:
 
     def _start(self, claim: str | None) -> ChildProcess:
         argv = self._argv(claim=claim)
+        # Afresh and private to this user (Ray makes its own dirs world-writable); the
+        # node's previous processes are gone (`restart` stops them first).
+        prepare_ray_temp_dir(self._state_dir)
         return ChildProcess("ray-worker", argv, self._log_path, env=self._env)
 
     def restart(self) -> None:
@@ -167,3 +173,4 @@ class RayWorker:
 
     def stop(self) -> None:
         self.process.stop(timeout_s=self._drain_timeout_s + STOP_TIMEOUT_S)
+        remove_ray_temp_dir(self._state_dir)

@@ -3,19 +3,25 @@ authenticates and where it keeps its files."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import AfterValidator
 
+from consortium.errors import DataDirError
+
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 AUTH_TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
 # How long `ray start --block` drains its node on SIGTERM (marks it DRAINING in the GCS,
 # so no new work lands there, and waits for running work) before ending its processes.
 DRAIN_TIMEOUT_ENV = "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"
+RAY_TEMP_SUBDIR = "ray"
 
 
 @dataclass(frozen=True)
@@ -125,9 +131,62 @@ def ray_node_ip() -> str:
 
 
 def short_temp_dir(anchor: Path) -> Path:
-    """A per-directory Ray temp dir whose Unix socket paths stay under 107 bytes."""
+    """The private dir, one per data or state dir, that holds a Ray process's temp dir
+    (`ray_temp_dir`), short enough that Ray's Unix socket paths stay under 107 bytes.
+    Every process Ray starts for the dir names a path under it on its command line, so
+    it also marks them as the dir's (consortium/leftovers.py)."""
     digest = hashlib.sha256(str(anchor.resolve()).encode()).hexdigest()[:10]
     return Path("/tmp") / f"consortium-ray-{digest}"
+
+
+def ray_temp_dir(anchor: Path) -> Path:
+    """Ray's `--temp-dir` for `anchor`'s processes, inside its private dir."""
+    return short_temp_dir(anchor) / RAY_TEMP_SUBDIR
+
+
+def prepare_ray_temp_dir(anchor: Path) -> Path:
+    """Make `anchor`'s private dir afresh, this user's and 0700, and return Ray's temp
+    dir inside it (Ray creates that one).
+
+    Ray makes its temp dir and every dir below it world-writable (0777 without the
+    sticky bit, "so others can use it"), the one holding the raylet's and the object
+    store's sockets included. Under a predictable name in /tmp that let any local user
+    create the dir first and own all of it, or delete the raylet's socket and listen in
+    its place for the workers that connect to it. Inside a 0700 dir of ours, no other
+    user reaches any of it. Each Ray start is a new session, so what an earlier one left
+    is of no use and goes (also when another user could have written into it). A path
+    that is another user's or not a directory is refused, not followed or removed."""
+    private = short_temp_dir(anchor)
+    try:
+        found = private.lstat()
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid():
+            what = "is not a directory" if not stat.S_ISDIR(found.st_mode) else "is another user's"
+            raise DataDirError(
+                f"{private}, where Ray's files for {anchor} go, {what} (uid {found.st_uid}): "
+                "another user could read or replace them. Remove it and start again."
+            )
+        shutil.rmtree(private)
+    try:
+        private.mkdir(mode=0o700)
+    except FileExistsError as raced:  # made by someone else since the check above
+        raise DataDirError(
+            f"{private}, where Ray's files for {anchor} go, was created by someone else "
+            "while this process was making it; remove it and start again."
+        ) from raced
+    private.chmod(0o700)  # whatever the umask
+    return private / RAY_TEMP_SUBDIR
+
+
+def remove_ray_temp_dir(anchor: Path) -> None:
+    """Remove `anchor`'s private dir once its Ray processes stopped (theirs only: a dir
+    of another user's under that name is left alone)."""
+    private = short_temp_dir(anchor)
+    with contextlib.suppress(FileNotFoundError):
+        if private.lstat().st_uid == os.geteuid() and private.is_dir() and not private.is_symlink():
+            shutil.rmtree(private, ignore_errors=True)
 
 
 def use_ray_auth_in_this_process(token_path: Path | None, tls: RayTls | None = None) -> None:

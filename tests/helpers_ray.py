@@ -15,7 +15,12 @@ from typing import Any
 
 from client.ray_worker import worker_argv
 from consortium.processes import ChildProcess
-from consortium.ray_env import DRAIN_TIMEOUT_ENV, ray_auth_env, short_temp_dir
+from consortium.ray_env import (
+    DRAIN_TIMEOUT_ENV,
+    prepare_ray_temp_dir,
+    ray_auth_env,
+    ray_temp_dir,
+)
 from coordinator.access.pki_files import CoordinatorPki
 from tests.conftest import Processes
 from tests.helpers import auth_refusals
@@ -73,7 +78,7 @@ class Channel:
             institution,
             f"{name}-node",
             None,
-            short_temp_dir(self.root / name),
+            prepare_ray_temp_dir(self.root / name),
             claim=claim,
         )
         env = {**auth, DRAIN_TIMEOUT_ENV: "0", **(GCS_TRIES_ENV if refused else {})}
@@ -105,7 +110,7 @@ class Channel:
 
     def gcs_missing_token_lines(self) -> int:
         """What the head's own GCS log recorded (the ground truth the coordinator reads)."""
-        gcs_log = short_temp_dir(self.data_dir) / "session_latest" / "logs" / "gcs_server.out"
+        gcs_log = ray_temp_dir(self.data_dir) / "session_latest" / "logs" / "gcs_server.out"
         return gcs_log.read_text(errors="replace").count("Missing authorization header in request!")
 
     def coordinator_log(self) -> str:

@@ -27,9 +27,10 @@ from consortium.processes import ChildProcess, venv_executable
 from consortium.ray_env import (
     DRAIN_TIMEOUT_ENV,
     RayTls,
+    prepare_ray_temp_dir,
     ray_auth_env,
     ray_port_flags,
-    short_temp_dir,
+    remove_ray_temp_dir,
 )
 from coordinator.access.refusals.control_plane import TlsRefusal, parse_ray_handshake_failure
 from coordinator.access.refusals.log import LogRefusalWatch, Refusal
@@ -69,11 +70,13 @@ class RayHead:
         # of a new one from this id in heartbeat replies and rejoin it.
         self.head_id = secrets.token_hex(8)
         self.cluster = RayCluster(f"{host}:{port}", token_path, tls)
-        self.temp_dir = short_temp_dir(paths.root)
-        # Our previous head's address, left by `ray start`: while it is there, a new
-        # head on the same port refuses to start if any raylet on this machine still
-        # points at it (a node joined from this machine, waiting out a restart).
-        (self.temp_dir / "ray_current_cluster").unlink(missing_ok=True)
+        self._anchor = paths.root
+        # Made afresh, private to this user: Ray makes its own dirs world-writable. That
+        # also drops our previous head's address (`ray_current_cluster`): while it was
+        # there, a new head on the same port refused to start if any raylet on this
+        # machine still pointed at it (a node joined from this machine, waiting out a
+        # restart).
+        self.temp_dir = prepare_ray_temp_dir(paths.root)
         # With a token, report what the GCS refuses; started first, so the new session's
         # log is read from its first line and an earlier session's is skipped.
         self.auth_watch = RayRefusalWatch(self.temp_dir, on_refusal) if token_path else None
@@ -173,6 +176,7 @@ class RayHead:
         self.process.stop()
         for watch in self._watches():
             watch.stop()
+        remove_ray_temp_dir(self._anchor)
         log.info("Ray head stopped")
 
     def _watches(self) -> list[LogRefusalWatch]:

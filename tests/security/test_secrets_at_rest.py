@@ -3,12 +3,15 @@
 A real consortium (the operator's and the site's commands as a person runs them,
 Ray on, one site joined) leaves every dir 0700 and every file 0600 under the
 coordinator's data dir and the site's state dir, the SuperLink's database included;
-another local user cannot read them; and no process we started, nor any of their
-descendants, carries the Ray token or private key material in its argv."""
+another local user cannot read them, nor reach Ray's files (sockets included) in /tmp;
+and no process we started, nor any of their descendants, carries the Ray token or
+private key material in its argv."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import shutil
 import stat
 import subprocess
@@ -19,9 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from consortium.ray_env import ray_temp_dir, short_temp_dir
 from coordinator.local_consortium import LocalConsortium
 from tests.conftest import Processes
-from tests.helpers import START_TIMEOUT_S, TEST_PROFILE, run_cli, write_partitions
+from tests.helpers import START_TIMEOUT_S, TEST_PROFILE, run_cli, wait_for, write_partitions
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +118,13 @@ def joined(started: Processes, open_root: Path) -> LocalConsortium:
     [data] = write_partitions(open_root, ["alpha"])
     consortium.join("alpha", data)
     consortium.wait_for_online(1)
-    consortium.wait("the Ray worker's log", (state_dir / "logs" / "ray-worker.log").exists)
+    # Joined, not only starting: a `client join` stopped while its `ray start` still
+    # starts takes longer than a test waits for it.
+    worker_log = state_dir / "logs" / "ray-worker.log"
+    consortium.wait(
+        "the Ray worker to join",
+        lambda: worker_log.exists() and "Ray runtime started" in worker_log.read_text(),
+    )
     return consortium
 
 
@@ -162,3 +172,45 @@ def test_no_child_has_a_secret_in_its_command_line(
         if token in line or any(chunk in line for chunk in material)
     }
     assert leaks == {}
+
+
+def _has_sockets(ray_dir: Path) -> bool:
+    return any(ray_dir.glob("session_2*/sockets"))
+
+
+def test_another_user_can_neither_plant_nor_read_in_rays_dirs(
+    joined: LocalConsortium, other_user: str
+) -> None:
+    """Ray makes its temp dir and every dir below it world-writable (0777, no sticky
+    bit), the one with the raylet's and object store's sockets included: another user
+    could delete a socket and listen in its place. Each Ray temp dir is inside a 0700
+    dir of ours, so the attempt fails for the coordinator's head and the site's node."""
+    for anchor in (joined.data_dir, joined.state_dir("alpha")):
+        private = short_temp_dir(anchor)
+        found = private.lstat()
+        assert stat.S_IMODE(found.st_mode) == 0o700 and found.st_uid == os.geteuid()
+        ray_dir = ray_temp_dir(anchor)
+        wait_for(f"Ray's sockets in {ray_dir}", functools.partial(_has_sockets, ray_dir))
+        [sockets] = ray_dir.glob("session_2*/sockets")
+        assert stat.S_IMODE(sockets.stat().st_mode) == 0o777  # Ray's choice, hence ours
+        planted = sockets / "raylet-planted"
+        done = subprocess.run(
+            ["runuser", "-u", other_user, "--", "touch", str(planted)],
+            capture_output=True,
+            check=False,
+        )
+        assert done.returncode != 0 and not planted.exists()
+        done = subprocess.run(
+            ["runuser", "-u", other_user, "--", "ls", str(sockets)],
+            capture_output=True,
+            check=False,
+        )
+        assert done.returncode != 0 and b"Permission denied" in done.stderr
+
+
+def test_rays_dirs_go_when_serve_and_join_stop(joined: LocalConsortium) -> None:
+    """Last in this module: it stops the consortium the tests above read."""
+    anchors = (joined.data_dir, joined.state_dir("alpha"))
+    assert all(short_temp_dir(anchor).is_dir() for anchor in anchors)
+    joined.stop()
+    assert [short_temp_dir(a) for a in anchors if short_temp_dir(a).exists()] == []

@@ -228,8 +228,8 @@ class SiteNode:
         (consortium/ownership.py)."""
         state_dir = self.settings.resolved_state_dir
         # Ray's agents carry no owner mark; their command line names our Ray temp dir.
-        ray_temp = f"{short_temp_dir(state_dir)}/"
-        claim(state_dir, "client join", stack, cmdline_marks=(ray_temp,))
+        ray_dir = short_temp_dir(state_dir)
+        claim(state_dir, "client join", stack, cmdline_marks=(f"{ray_dir}/",), remove=(ray_dir,))
 
     def _start_metrics(self, stack: ExitStack) -> None:
         metrics = MetricsServer(

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -27,6 +29,19 @@ from consortium.processes import is_live, wait_gone
 OWNER_ENV = "CONSORTIUM_OWNER_DIR"
 STOP_GRACE_S = 5.0
 MAX_PASSES = 5
+
+
+def remove_own_dir(path: Path) -> bool:
+    """Remove `path` and everything below it if it is a directory of this user's (not a
+    link, not another user's: those are left alone); whether it went."""
+    try:
+        found = path.lstat()
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid():
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return not path.exists()
 
 
 def owner_marker(owner_dir: Path) -> str:

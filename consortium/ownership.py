@@ -74,11 +74,17 @@ def _record_holder(handle: IO[str]) -> None:
 
 
 def claim(
-    owner_dir: Path, what: str, stack: ExitStack, cmdline_marks: Sequence[str] = ()
+    owner_dir: Path,
+    what: str,
+    stack: ExitStack,
+    cmdline_marks: Sequence[str] = (),
+    remove: Sequence[Path] = (),
 ) -> Reaper:
     """Claim `owner_dir` for this process until `stack` closes; returns its reaper.
     `cmdline_marks`: strings in the command line of the owner's processes that do not
-    carry its environment (Ray's agents name the owner's Ray temp dir)."""
+    carry its environment (Ray's agents name the owner's Ray temp dir). `remove`: dirs
+    of the owner's outside `owner_dir` that its reaper removes once it stopped what was
+    left (Ray's temp dir: a killed owner could not)."""
     owner_dir.mkdir(parents=True, exist_ok=True)
     lock_path = owner_dir / LOCK_FILE
     handle = _lock(lock_path, what)
@@ -91,7 +97,7 @@ def claim(
             owner_dir,
             what,
         )
-    reaper = Reaper.start(owner_dir, owner_dir / "logs" / "reaper.log", cmdline_marks)
+    reaper = Reaper.start(owner_dir, owner_dir / "logs" / "reaper.log", cmdline_marks, remove)
     # Closed after every child stopped (an exit stack unwinds newest first).
     stack.callback(reaper.close)
     _record_holder(handle)

@@ -3,7 +3,6 @@ authenticates and where it keeps its files."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import shutil
@@ -15,6 +14,7 @@ from typing import Annotated
 from pydantic import AfterValidator
 
 from consortium.errors import DataDirError
+from consortium.leftovers import remove_own_dir
 
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 AUTH_TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
@@ -183,10 +183,7 @@ def prepare_ray_temp_dir(anchor: Path) -> Path:
 def remove_ray_temp_dir(anchor: Path) -> None:
     """Remove `anchor`'s private dir once its Ray processes stopped (theirs only: a dir
     of another user's under that name is left alone)."""
-    private = short_temp_dir(anchor)
-    with contextlib.suppress(FileNotFoundError):
-        if private.lstat().st_uid == os.geteuid() and private.is_dir() and not private.is_symlink():
-            shutil.rmtree(private, ignore_errors=True)
+    remove_own_dir(short_temp_dir(anchor))
 
 
 def use_ray_auth_in_this_process(token_path: Path | None, tls: RayTls | None = None) -> None:

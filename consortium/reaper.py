@@ -13,6 +13,7 @@ so it starts in a fraction of a second.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import subprocess
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-from consortium.leftovers import stop_leftovers
+from consortium.leftovers import remove_own_dir, stop_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,13 @@ class Reaper:
         self._pipe = pipe
 
     @classmethod
-    def start(cls, owner_dir: Path, log_path: Path, cmdline_marks: Sequence[str] = ()) -> Reaper:
+    def start(
+        cls,
+        owner_dir: Path,
+        log_path: Path,
+        cmdline_marks: Sequence[str] = (),
+        remove: Sequence[Path] = (),
+    ) -> Reaper:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(
@@ -46,6 +53,7 @@ class Reaper:
                     "consortium.reaper",
                     str(owner_dir.resolve()),
                     *cmdline_marks,
+                    *(f"--remove={path}" for path in remove),
                 ],
                 stdin=subprocess.PIPE,
                 stdout=log_file,
@@ -73,10 +81,16 @@ class Reaper:
 
 
 def main(argv: list[str]) -> int:
-    if not argv:
-        print("usage: python -m consortium.reaper OWNER_DIR [CMDLINE_MARK...]", file=sys.stderr)
-        return 2
-    owner_dir, marks = Path(argv[0]), argv[1:]
+    parser = argparse.ArgumentParser(prog="python -m consortium.reaper")
+    parser.add_argument("owner_dir", type=Path)
+    parser.add_argument("cmdline_marks", nargs="*", metavar="CMDLINE_MARK")
+    parser.add_argument(
+        "--remove", action="append", default=[], type=Path, metavar="DIR",
+        help="a dir of the owner's outside its own (Ray's files in /tmp), removed once "
+        "its processes are stopped",
+    )  # fmt: skip
+    options = parser.parse_args(argv)
+    owner_dir, marks = options.owner_dir, options.cmdline_marks
     # EOF comes when the owner closes its end or dies; nothing is ever written.
     while os.read(sys.stdin.fileno(), 4096):
         pass
@@ -84,6 +98,9 @@ def main(argv: list[str]) -> int:
     for process in stopped:
         name = process.info.get("name", "a process")
         print(f"reaper: stopped {name} (pid {process.pid}) of {owner_dir}", flush=True)
+    for path in options.remove:
+        if remove_own_dir(path):
+            print(f"reaper: removed {path} of {owner_dir}", flush=True)
     return 0
 
 

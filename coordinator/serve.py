@@ -221,8 +221,14 @@ class Coordinator:
         SuperLink still holding its port, a ServerApp still writing rounds) are stopped,
         and a reaper stops this one's children if it dies (consortium/ownership.py)."""
         # Ray's agents carry no owner mark; their command line names our Ray temp dir.
-        ray_temp = f"{short_temp_dir(self.paths.root)}/"
-        claim(self.paths.root, "coordinator serve", self._stack, cmdline_marks=(ray_temp,))
+        ray_dir = short_temp_dir(self.paths.root)
+        claim(
+            self.paths.root,
+            "coordinator serve",
+            self._stack,
+            cmdline_marks=(f"{ray_dir}/",),
+            remove=(ray_dir,),
+        )
 
     def _open_store(self) -> None:
         self.store = SqliteStateStore(self.paths.state_db)

@@ -23,6 +23,7 @@ from consortium.errors import ChildProcessFailedError
 from consortium.exit_codes import ExitCode
 from consortium.leftovers import owner_env
 from consortium.processes import descendant_pids, pid_alive
+from consortium.ray_env import short_temp_dir
 from coordinator.data_dir import DataDir
 from coordinator.federated.superlink import SuperLink
 from tests.conftest import Processes
@@ -76,8 +77,12 @@ def test_killed_coordinator_and_site_leave_nothing_and_a_second_owner_is_refused
     assert f"in use by another coordinator serve (pid {serve.pid}" in second.stderr
     assert DataDir(data_dir).address_file.exists()  # the running one lost nothing
 
+    assert short_temp_dir(data_dir).is_dir()
     killed = kill_and_wait_for_its_tree(processes, serve.pid)
     assert len(killed) >= 4
+    # Ray's files in /tmp too: the reaper removes them once it stopped the tree.
+    ray_dir = short_temp_dir(data_dir)
+    wait_for("the killed coordinator's Ray dir to go", lambda: not ray_dir.exists())
 
     # What a dead owner's reaper could not stop (here: a stand-in with its mark) is
     # stopped by the next owner before it starts anything.

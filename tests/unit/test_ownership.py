@@ -24,6 +24,7 @@ from consortium.processes import pid_alive
 from tests.helpers import wait_for
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
+NOBODY = 65534
 
 
 @pytest.fixture
@@ -126,7 +127,7 @@ OWNER = textwrap.dedent(
     import os
     owner_dir = Path(sys.argv[1])
     stack = ExitStack()
-    claim(owner_dir, "coordinator serve", stack)
+    claim(owner_dir, "coordinator serve", stack, remove=[Path(p) for p in sys.argv[2:]])
     child = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(600)"],
         env={**os.environ, **owner_env(owner_dir)},
@@ -160,5 +161,37 @@ def test_the_reaper_stops_the_children_of_an_owner_killed_with_sigkill(
         if pid_alive(child):
             os.kill(child, signal.SIGKILL)
     assert "reaper: stopped python" in (tmp_path / "logs" / "reaper.log").read_text()
+
+
+def test_the_reaper_removes_a_killed_owners_dirs_outside_its_own_and_only_those(
+    tmp_path: Path, started: list[subprocess.Popen[bytes]]
+) -> None:
+    """Ray's files in /tmp (consortium/ray_env.py): a killed owner cannot remove them.
+    A dir of another user's or a link under such a name is left alone."""
+    owner_dir, ray_dir, theirs, link = (tmp_path / n for n in ("owner", "ray", "theirs", "link"))
+    (ray_dir / "session" / "sockets").mkdir(parents=True)
+    (ray_dir / "session" / "sockets" / "raylet").write_text("x")
+    theirs.mkdir()
+    os.chown(theirs, NOBODY, NOBODY)
+    target = tmp_path / "target"
+    target.mkdir()
+    link.symlink_to(target)
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER, str(owner_dir), str(ray_dir), str(theirs), str(link)],
+        stdout=subprocess.PIPE,
+    )
+    started.append(owner)
+    assert owner.stdout is not None
+    child = int(owner.stdout.readline())
+    owner.send_signal(signal.SIGKILL)
+    owner.wait()
+    try:
+        wait_for("the reaper to remove the dead owner's Ray dir", lambda: not ray_dir.exists(), 20)
+        wait_for("the reaper to stop the dead owner's child", lambda: not pid_alive(child), 20)
+    finally:
+        if pid_alive(child):
+            os.kill(child, signal.SIGKILL)
+    assert theirs.is_dir() and link.is_symlink() and target.is_dir()
+    assert f"reaper: removed {ray_dir}" in (owner_dir / "logs" / "reaper.log").read_text()
     with ExitStack() as successor:
         claim(tmp_path, "coordinator serve", successor)  # the kernel dropped the lock

@@ -24,6 +24,7 @@ from consortium.processes import STOP_TIMEOUT_S, ChildProcess, venv_executable
 from consortium.ray_env import (
     CLAIM_LABEL,
     DRAIN_TIMEOUT_ENV,
+    RAY_STARTED_LINE,
     RayTls,
     prepare_ray_temp_dir,
     ray_auth_env,
@@ -36,6 +37,8 @@ from consortium.ray_env import (
 log = logging.getLogger(__name__)
 
 DEFAULT_DRAIN_TIMEOUT_S = 5.0
+# How long a `ray start` that has not started yet gets to end on SIGTERM before SIGKILL.
+UNSTARTED_STOP_S = 2.0
 
 # Ray label values: at most 63 characters, alphanumerics with -_. inside.
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
@@ -154,6 +157,7 @@ class RayWorker:
         # Run before every start: `client join` fetches the cluster's current token
         # (it changes when an institution is revoked) and a fresh claim for the node.
         self._before_start = before_start or (lambda: None)
+        self._log_offset = 0
         self.process = self._start(self._before_start())
 
     def _start(self, claim: str | None) -> ChildProcess:
@@ -161,16 +165,34 @@ class RayWorker:
         # Afresh and private to this user (Ray makes its own dirs world-writable); the
         # node's previous processes are gone (`restart` stops them first).
         prepare_ray_temp_dir(self._state_dir)
+        # The log is appended to across restarts; "started" is read from here on.
+        self._log_offset = self._log_path.stat().st_size if self._log_path.exists() else 0
         return ChildProcess("ray-worker", argv, self._log_path, env=self._env)
+
+    @property
+    def started(self) -> bool:
+        """Whether this start's `ray start` reported its node running. Before that it
+        does not act on SIGTERM (measured: a stop then waited out its whole timeout,
+        11 s with a 1 s drain), and its node runs nothing to drain."""
+        try:
+            with self._log_path.open("rb") as handle:
+                handle.seek(self._log_offset)
+                return RAY_STARTED_LINE.encode() in handle.read()
+        except OSError:
+            return False
+
+    def _stop_process(self) -> None:
+        timeout_s = self._drain_timeout_s + STOP_TIMEOUT_S if self.started else UNSTARTED_STOP_S
+        self.process.stop(timeout_s=timeout_s)
 
     def restart(self) -> None:
         """Join again (say, the coordinator restarted its head, maybe with a new token):
         fetch the current token first; if the coordinator refuses it (this institution
         was revoked), raise, and the supervisor tries again after its backoff."""
         claim = self._before_start()
-        self.process.stop()
+        self._stop_process()
         self.process = self._start(claim)
 
     def stop(self) -> None:
-        self.process.stop(timeout_s=self._drain_timeout_s + STOP_TIMEOUT_S)
+        self._stop_process()
         remove_ray_temp_dir(self._state_dir)

@@ -22,6 +22,8 @@ AUTH_TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
 # so no new work lands there, and waits for running work) before ending its processes.
 DRAIN_TIMEOUT_ENV = "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"
 RAY_TEMP_SUBDIR = "ray"
+# What `ray start` prints once its node runs (and its SIGTERM handler is in place).
+RAY_STARTED_LINE = "Ray runtime started."
 
 
 @dataclass(frozen=True)

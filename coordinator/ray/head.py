@@ -26,6 +26,7 @@ from consortium.leftovers import owner_env
 from consortium.processes import ChildProcess, venv_executable
 from consortium.ray_env import (
     DRAIN_TIMEOUT_ENV,
+    RAY_STARTED_LINE,
     RayTls,
     prepare_ray_temp_dir,
     ray_auth_env,
@@ -38,9 +39,6 @@ from coordinator.access.refusals.ray_gcs import RayRefusal, RayRefusalWatch, gcs
 from coordinator.data_dir import DataDir
 
 log = logging.getLogger(__name__)
-
-# What `ray start --head --block` prints once every head process is up.
-STARTED_LINE = "Ray runtime started."
 
 
 @dataclass(frozen=True)
@@ -156,7 +154,7 @@ class RayHead:
                     f"the Ray head exited with code {self.process.poll()}; see "
                     f"{self.process.log_path}:\n{self.process.log_tail()}"
                 )
-            if STARTED_LINE in self._log_since_start():
+            if RAY_STARTED_LINE in self._log_since_start():
                 return
             time.sleep(0.1)
         raise ChildProcessFailedError(

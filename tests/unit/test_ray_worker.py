@@ -9,11 +9,13 @@ import psutil
 import pytest
 
 from client.devices import hardware_labels, label_value
-from client.ray_worker import RayWorker, worker_argv
+from client.ray_worker import UNSTARTED_STOP_S, RayWorker, worker_argv
 from client.settings import ClientSettings
 from consortium.errors import UnreachableError
-from consortium.ray_env import ray_port_flags
+from consortium.net import reserve_free_port
+from consortium.ray_env import ray_port_flags, short_temp_dir
 from coordinator.settings import CoordinatorSettings
+from tests.helpers import wait_for
 
 
 def flag(argv: list[str], name: str) -> str:
@@ -156,3 +158,30 @@ def test_a_port_range_that_cannot_hold_a_node_is_refused_by_the_settings(value: 
         ClientSettings(institution="a", ray_port_range=value)
     with pytest.raises(ValueError, match="ray_port_range"):
         CoordinatorSettings(ray_port_range=value)
+
+
+def test_a_node_that_has_not_started_is_stopped_after_a_short_grace_not_a_drain(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`ray start` does not act on SIGTERM until its node runs (here: a head that never
+    answers); a `client join` stopped then waited out drain + stop timeout (11 s with a
+    1 s drain) before killing it. There is nothing to drain yet: the short grace."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    worker = RayWorker(
+        f"127.0.0.1:{reserve_free_port()}", "aurora", "n1", None, state_dir, None, 1.0
+    )
+    try:
+        wait_for(
+            "ray start to be up and waiting for the head",
+            lambda: "Local node IP" in (state_dir / "logs" / "ray-worker.log").read_text(),
+            60,
+        )
+        assert not worker.started
+        with caplog.at_level("WARNING", logger="consortium.processes"):
+            worker.stop()
+    finally:
+        worker.process.stop(timeout_s=1.0)  # a no-op once stopped
+    assert worker.process.poll() is not None
+    assert f"did not stop in {UNSTARTED_STOP_S:.0f} s; killing it" in caplog.text
+    assert not short_temp_dir(state_dir).exists()

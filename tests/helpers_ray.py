@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from consortium.ray_env import (
     prepare_ray_temp_dir,
     ray_auth_env,
     ray_temp_dir,
+    remove_ray_temp_dir,
 )
 from coordinator.access.pki_files import CoordinatorPki
 from tests.conftest import Processes
@@ -55,6 +56,14 @@ class Channel:
     data_dir: Path
     processes: Processes
     coordinator: ChildProcess
+    # The dirs `start_node` made for its nodes' Ray files (`client join` removes its own).
+    node_anchors: list[Path] = field(default_factory=list)
+
+    def stop(self) -> None:
+        """Stop every process the tests started, then remove the nodes' Ray dirs."""
+        self.processes.stop_all()
+        for anchor in self.node_anchors:
+            remove_ray_temp_dir(anchor)
 
     @property
     def ray_address(self) -> str:
@@ -78,7 +87,7 @@ class Channel:
             institution,
             f"{name}-node",
             None,
-            prepare_ray_temp_dir(self.root / name),
+            self._prepare_node_dir(self.root / name),
             claim=claim,
         )
         env = {**auth, DRAIN_TIMEOUT_ENV: "0", **(GCS_TRIES_ENV if refused else {})}
@@ -86,6 +95,10 @@ class Channel:
         self.processes.children.append(child)  # stopped with the rest, also on failure
         self.processes.seen_pids.add(child.pid)
         return child
+
+    def _prepare_node_dir(self, anchor: Path) -> Path:
+        self.node_anchors.append(anchor)
+        return prepare_ray_temp_dir(anchor)
 
     def query(self, script: str) -> Any:
         done = subprocess.run(

@@ -58,11 +58,15 @@ print(json.dumps({
 def channel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Channel]:
     root = tmp_path_factory.mktemp("ray-channel")
     processes = Processes(root / "logs")
+    channel: Channel | None = None
     try:
         data_dir, _ = start_secure_consortium(processes, root, NAMES, wait_for_keys=False, ray=True)
-        yield Channel(root, data_dir, processes, processes.children[0])
+        channel = Channel(root, data_dir, processes, processes.children[0])
+        yield channel
     finally:
         processes.stop_all()
+        if channel is not None:
+            channel.stop()
 
 
 def refused_by_the_gcs(node: ChildProcess) -> bool:

@@ -50,11 +50,15 @@ class TlsChannel(Channel):
 def channel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsChannel]:
     root = tmp_path_factory.mktemp("ray-tls")
     processes = Processes(root / "logs")
+    channel: TlsChannel | None = None
     try:
         data_dir, _ = start_secure_consortium(processes, root, NAMES, flags=["--ray-tls"], ray=True)
-        yield TlsChannel(root, data_dir, processes, processes.children[0])
+        channel = TlsChannel(root, data_dir, processes, processes.children[0])
+        yield channel
     finally:
         processes.stop_all()
+        if channel is not None:
+            channel.stop()
 
 
 def command_of(process: psutil.Process) -> str:

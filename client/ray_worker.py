@@ -24,12 +24,13 @@ from consortium.processes import STOP_TIMEOUT_S, ChildProcess, venv_executable
 from consortium.ray_env import (
     CLAIM_LABEL,
     DRAIN_TIMEOUT_ENV,
-    RAY_STARTED_LINE,
     RayTls,
+    log_end,
     prepare_ray_temp_dir,
     ray_auth_env,
     ray_node_ip,
     ray_port_flags,
+    ray_started,
     ray_temp_dir,
     remove_ray_temp_dir,
 )
@@ -166,7 +167,7 @@ class RayWorker:
         # node's previous processes are gone (`restart` stops them first).
         prepare_ray_temp_dir(self._state_dir)
         # The log is appended to across restarts; "started" is read from here on.
-        self._log_offset = self._log_path.stat().st_size if self._log_path.exists() else 0
+        self._log_offset = log_end(self._log_path)
         return ChildProcess("ray-worker", argv, self._log_path, env=self._env)
 
     @property
@@ -174,12 +175,7 @@ class RayWorker:
         """Whether this start's `ray start` reported its node running. Before that it
         does not act on SIGTERM (measured: a stop then waited out its whole timeout,
         11 s with a 1 s drain), and its node runs nothing to drain."""
-        try:
-            with self._log_path.open("rb") as handle:
-                handle.seek(self._log_offset)
-                return RAY_STARTED_LINE.encode() in handle.read()
-        except OSError:
-            return False
+        return ray_started(self._log_path, self._log_offset)
 
     def _stop_process(self) -> None:
         timeout_s = self._drain_timeout_s + STOP_TIMEOUT_S if self.started else UNSTARTED_STOP_S

@@ -141,6 +141,22 @@ def short_temp_dir(anchor: Path) -> Path:
     return Path("/tmp") / f"consortium-ray-{digest}"
 
 
+def log_end(log_path: Path) -> int:
+    """Where the next start's lines begin in a log appended to across restarts."""
+    return log_path.stat().st_size if log_path.exists() else 0
+
+
+def ray_started(log_path: Path, since: int) -> bool:
+    """Whether `ray start`, logging to `log_path` from offset `since` on, reported its
+    node running (RAY_STARTED_LINE)."""
+    try:
+        with log_path.open("rb") as handle:
+            handle.seek(since)
+            return RAY_STARTED_LINE.encode() in handle.read()
+    except OSError:
+        return False
+
+
 def ray_temp_dir(anchor: Path) -> Path:
     """Ray's `--temp-dir` for `anchor`'s processes, inside its private dir."""
     return short_temp_dir(anchor) / RAY_TEMP_SUBDIR

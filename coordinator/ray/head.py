@@ -26,11 +26,12 @@ from consortium.leftovers import owner_env
 from consortium.processes import ChildProcess, venv_executable
 from consortium.ray_env import (
     DRAIN_TIMEOUT_ENV,
-    RAY_STARTED_LINE,
     RayTls,
+    log_end,
     prepare_ray_temp_dir,
     ray_auth_env,
     ray_port_flags,
+    ray_started,
     remove_ray_temp_dir,
 )
 from coordinator.access.refusals.control_plane import TlsRefusal, parse_ray_handshake_failure
@@ -132,7 +133,7 @@ class RayHead:
             watch.start()
         log_path = paths.log_file("ray-head")
         # The log is appended to across restarts; readiness is read from here on.
-        self._log_offset = log_path.stat().st_size if log_path.exists() else 0
+        self._log_offset = log_end(log_path)
         try:
             self.process = ChildProcess("ray-head", argv, log_path, env=env)
         except BaseException:
@@ -154,21 +155,13 @@ class RayHead:
                     f"the Ray head exited with code {self.process.poll()}; see "
                     f"{self.process.log_path}:\n{self.process.log_tail()}"
                 )
-            if RAY_STARTED_LINE in self._log_since_start():
+            if ray_started(self.process.log_path, self._log_offset):
                 return
             time.sleep(0.1)
         raise ChildProcessFailedError(
             f"the Ray head on {self.address} did not start within {timeout_s:.0f} s; "
             f"see {self.process.log_path}:\n{self.process.log_tail()}"
         )
-
-    def _log_since_start(self) -> str:
-        try:
-            with self.process.log_path.open("rb") as handle:
-                handle.seek(self._log_offset)
-                return handle.read().decode(errors="replace")
-        except OSError:
-            return ""
 
     def stop(self) -> None:
         self.process.stop()

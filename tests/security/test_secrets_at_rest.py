@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from consortium.ray_env import ray_temp_dir, short_temp_dir
+from consortium.ray_env import ray_started, ray_temp_dir, short_temp_dir
 from coordinator.local_consortium import LocalConsortium
 from tests.conftest import Processes
 from tests.helpers import START_TIMEOUT_S, TEST_PROFILE, run_cli, wait_for, write_partitions
@@ -123,7 +123,7 @@ def joined(started: Processes, open_root: Path) -> LocalConsortium:
     worker_log = state_dir / "logs" / "ray-worker.log"
     consortium.wait(
         "the Ray worker to join",
-        lambda: worker_log.exists() and "Ray runtime started" in worker_log.read_text(),
+        lambda: ray_started(worker_log, since=0),
     )
     return consortium
 

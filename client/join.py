@@ -21,7 +21,7 @@ from client.federated.run_check import CoordinatorRunCheck
 from client.federated.task_runner import SiteTaskRunner
 from client.fleet_forwarder import FleetForwarder, LocalTls, edge_target
 from client.metrics import ClientMetrics
-from client.ray_worker import RayWorker, node_ip
+from client.ray_worker import RayWorker, node_ip, pool_sandbox
 from client.settings import ClientSettings
 from client.supernode import SIGNING_KEY_FILE, SuperNode
 from consortium import pki
@@ -41,6 +41,7 @@ from consortium.proto.v1 import nodes_pb2, nodes_pb2_grpc
 from consortium.provenance.signing import SigningKey
 from consortium.ray_env import RayTls, short_temp_dir, write_ray_token
 from consortium.rpc import RetryPolicy, call_with_retry, open_channel
+from consortium.sandbox import POOL_USER
 from consortium.supervision import (
     ChildState,
     ProcessChild,
@@ -396,6 +397,10 @@ class SiteNode:
         if not joined.ray_address:
             self._say("the coordinator runs without Ray: contributing no compute to pretraining")
             return None
+        private = [self.settings.data]
+        if self.settings.bundle is not None:
+            private.append(self.settings.bundle)
+        sandbox = pool_sandbox(self.settings.resolved_state_dir, private)
         worker = RayWorker(
             joined.ray_address,
             self.settings.institution,
@@ -408,12 +413,25 @@ class SiteNode:
             before_start=self.fetch_ray_token if self.bundle else None,
             drain_timeout_s=self.settings.ray_drain_timeout_s,
             port_range=self.settings.ray_port_range,
+            sandbox=sandbox,
         )
         self._say(
             f"Ray worker joining {joined.ray_address} as institution:{self.settings.institution} "
             f"(log: {worker.process.log_path}); this machine is now in the consortium's "
             "shared Ray pool, where any member holding the cluster token can run code"
         )
+        if sandbox is not None:
+            self._say(
+                f"the Ray node runs as OS user {sandbox.user.name}, which cannot read this "
+                "site's state dir, bundle or data"
+            )
+        else:
+            log.warning(
+                "not root: the Ray node runs as this OS user and any pool member's code on "
+                "it can read what this user can, this site's keys and data included; join "
+                "as root to run it as the OS user %s (docs/security.md)",
+                POOL_USER,
+            )
         return worker
 
     def _ray_token_path(self) -> Path | None:

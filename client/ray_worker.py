@@ -5,7 +5,9 @@ in its own process group and stops that group when it exits (never `ray stop`, w
 would stop every Ray process on the machine). The node announces the custom resource
 ``institution:<name>`` (the pretraining scheduler places one worker per GPU, or per CPU
 without one, on nodes that announce it) and labels naming the institution and node.
-With a startup bundle, Ray authenticates with the bundle's token.
+With a startup bundle, Ray authenticates with the bundle's token. Where `client join`
+runs as root, the node runs as the pool user in a sandbox that hides the site's state,
+bundle and data (`pool_sandbox`, consortium/sandbox.py): any pool member's code runs on it.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from consortium.errors import UnreachableError
+from consortium.errors import ChildProcessFailedError, UnreachableError
 from consortium.leftovers import owner_env
 from consortium.net import is_loopback_host, local_address_towards, split_host_port
 from consortium.processes import STOP_TIMEOUT_S, ChildProcess, venv_executable
@@ -33,6 +36,14 @@ from consortium.ray_env import (
     ray_started,
     ray_temp_dir,
     remove_ray_temp_dir,
+    short_temp_dir,
+)
+from consortium.sandbox import (
+    POOL_USER,
+    Sandbox,
+    SandboxSetupError,
+    ensure_pool_user,
+    interpreter_paths,
 )
 
 log = logging.getLogger(__name__)
@@ -117,8 +128,27 @@ def worker_argv(
     return argv
 
 
+def pool_sandbox(state_dir: Path, private: Sequence[Path]) -> Sandbox | None:
+    """Where `client join` runs as root: the sandbox its Ray node runs in, as the pool
+    user, with the state dir and the `private` paths (the site's data, its bundle) out
+    of sight (consortium/sandbox.py). None otherwise: the node then runs as this user."""
+    if os.geteuid() != 0:
+        return None
+    hidden = tuple(dict.fromkeys(p.resolve() for p in (state_dir, *private)))
+    try:
+        user = ensure_pool_user()
+    except SandboxSetupError as error:
+        raise ChildProcessFailedError(
+            f"{error}; create that user yourself (useradd --system {POOL_USER}) or join "
+            "without --ray"
+        ) from None
+    return Sandbox(user, short_temp_dir(state_dir), hidden, interpreter_paths())
+
+
 class RayWorker:
-    """A running `ray start --block` that contributes this node to the cluster."""
+    """A running `ray start --block` that contributes this node to the cluster; with a
+    `sandbox`, as its user, which reads only the copies of the token and Ray TLS files
+    handed to it."""
 
     def __init__(
         self,
@@ -133,8 +163,12 @@ class RayWorker:
         tls: RayTls | None = None,
         before_start: Callable[[], str | None] | None = None,
         port_range: str | None = None,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self._state_dir = state_dir
+        self._sandbox = sandbox
+        self._token_path = token_path
+        self._tls = tls
         self._argv = functools.partial(
             worker_argv,
             ray_address,
@@ -166,9 +200,25 @@ class RayWorker:
         # Afresh and private to this user (Ray makes its own dirs world-writable); the
         # node's previous processes are gone (`restart` stops them first).
         prepare_ray_temp_dir(self._state_dir)
+        env = self._env
+        if self._sandbox is not None:
+            # The pool user's from here on; the token is read after `before_start`
+            # fetched the current one.
+            self._sandbox.prepare()
+            env = {**env, **self._sandboxed_auth_env(self._sandbox), **self._sandbox.env()}
+            argv = self._sandbox.wrap(argv)
         # The log is appended to across restarts; "started" is read from here on.
         self._log_offset = log_end(self._log_path)
-        return ChildProcess("ray-worker", argv, self._log_path, env=self._env)
+        return ChildProcess("ray-worker", argv, self._log_path, env=env)
+
+    def _sandboxed_auth_env(self, sandbox: Sandbox) -> dict[str, str]:
+        """Ray's auth settings pointing at the sandbox's own copies of the credentials."""
+        token = sandbox.share(self._token_path) if self._token_path is not None else None
+        tls = self._tls
+        if tls is not None:
+            share = sandbox.share
+            tls = RayTls(share(tls.certificate), share(tls.key), share(tls.ca_certificate))
+        return ray_auth_env(token, tls)
 
     @property
     def started(self) -> bool:

@@ -5,7 +5,8 @@ Every child of `coordinator serve` and `client join` carries `CONSORTIUM_OWNER_D
 Flower's helpers, the Ray head's GCS and raylet, Ray's workers. A process tree whose
 owner was killed (`kill -9` leaves no chance to stop anything) is then still
 recognisable as that dir's, however it was reparented or re-grouped, and only
-processes of our own user are ever looked at. Ray's raylet starts its agents with an
+processes of our own user are ever looked at (and, for root, of the Ray pool user that
+root runs a site's Ray node as: `consortium/sandbox.py`). Ray's raylet starts its agents with an
 environment of its own making; they are found as descendants of a marked process, or
 by a mark in their command line (the owner's Ray temp dir, `cmdline_marks`) once their
 raylet is gone.
@@ -25,20 +26,29 @@ from pathlib import Path
 import psutil
 
 from consortium.processes import is_live, wait_gone
+from consortium.sandbox import pool_uid
 
 OWNER_ENV = "CONSORTIUM_OWNER_DIR"
 STOP_GRACE_S = 5.0
 MAX_PASSES = 5
 
 
+def own_uids() -> frozenset[int]:
+    """The users whose processes and dirs are ours: this one, and for root the pool user
+    its sites' Ray nodes run as (root made that user for them)."""
+    uid = os.geteuid()
+    pool = pool_uid() if uid == 0 else None
+    return frozenset({uid} if pool is None else {uid, pool})
+
+
 def remove_own_dir(path: Path) -> bool:
-    """Remove `path` and everything below it if it is a directory of this user's (not a
-    link, not another user's: those are left alone); whether it went."""
+    """Remove `path` and everything below it if it is a directory of ours (`own_uids`;
+    not a link, not another user's: those are left alone); whether it went."""
     try:
         found = path.lstat()
     except FileNotFoundError:
         return False
-    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid():
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid not in own_uids():
         return False
     shutil.rmtree(path, ignore_errors=True)
     return not path.exists()
@@ -56,16 +66,16 @@ def owner_env(owner_dir: Path) -> dict[str, str]:
 def find_leftovers(
     owner_dir: Path, exclude: Iterable[int] = (), cmdline_marks: Sequence[str] = ()
 ) -> list[psutil.Process]:
-    """Live processes of this user that are `owner_dir`'s: marked in their environment
-    or command line, or descended from one that is (never this process)."""
+    """Live processes of ours (`own_uids`) that are `owner_dir`'s: marked in their
+    environment or command line, or descended from one that is (never this process)."""
     marker = owner_marker(owner_dir)
     skip = {os.getpid(), *exclude}
-    uid = os.getuid()
+    uids = own_uids()
     found: dict[int, psutil.Process] = {}
     for process in psutil.process_iter(["pid", "name", "uids", "cmdline"]):
         if process.pid in skip or process.info["uids"] is None:
             continue
-        if process.info["uids"].real != uid:
+        if process.info["uids"].real not in uids:
             continue
         with contextlib.suppress(psutil.Error):
             command = " ".join(process.info["cmdline"] or ())

@@ -14,7 +14,7 @@ from typing import Annotated
 from pydantic import AfterValidator
 
 from consortium.errors import DataDirError
-from consortium.leftovers import remove_own_dir
+from consortium.leftovers import own_uids, remove_own_dir
 
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 AUTH_TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
@@ -173,14 +173,15 @@ def prepare_ray_temp_dir(anchor: Path) -> Path:
     its place for the workers that connect to it. Inside a 0700 dir of ours, no other
     user reaches any of it. Each Ray start is a new session, so what an earlier one left
     is of no use and goes (also when another user could have written into it). A path
-    that is another user's or not a directory is refused, not followed or removed."""
+    that is not ours (`own_uids`: root's pool user's is, as root's sites run their Ray
+    node as it) or not a directory is refused, not followed or removed."""
     private = short_temp_dir(anchor)
     try:
         found = private.lstat()
     except FileNotFoundError:
         pass
     else:
-        if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid():
+        if not stat.S_ISDIR(found.st_mode) or found.st_uid not in own_uids():
             what = "is not a directory" if not stat.S_ISDIR(found.st_mode) else "is another user's"
             raise DataDirError(
                 f"{private}, where Ray's files for {anchor} go, {what} (uid {found.st_uid}): "

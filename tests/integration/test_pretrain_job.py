@@ -3,11 +3,17 @@
 One `coordinator serve --insecure` (so Ray runs without a token) with its Ray head, and
 one real `client join` (CPU only) whose Ray worker joins it: a tiny DiLoCo run submitted
 over the API; `coordinator nodes` showing the registry and the Ray cluster side by side;
-a pretraining job the cluster cannot serve waiting with a reason."""
+a pretraining job the cluster cannot serve waiting with a reason; and code any pool member
+runs on the site's node, which (join running as root) cannot read the site's secrets."""
 
 from __future__ import annotations
 
 import json
+import os
+import pwd
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +23,7 @@ import pytest
 
 from consortium.exit_codes import ExitCode
 from consortium.proto.v1 import jobs_pb2, jobs_pb2_grpc, nodes_pb2
+from consortium.sandbox import POOL_USER
 from coordinator.cli.remote import Remote
 from coordinator.data_dir import DataDir
 from tests.conftest import Processes
@@ -64,6 +71,10 @@ class Site:
     address: str
     data_dir: Path
     node_id: str
+    ray_address: str  # the coordinator's Ray head
+    join_pid: int
+    state_dir: Path  # the site's
+    data: Path  # the site's private data
 
 
 def ray_alive(remote: Remote) -> str | None:
@@ -82,7 +93,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         data_dir = root / "coordinator"
         address = start_coordinator(processes, data_dir, ray=True)
         (data,) = write_partitions(root, [INSTITUTION])
-        join_site(
+        join = join_site(
             processes,
             "client",
             data,
@@ -99,7 +110,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             )
             node_id = ray_alive(remote)
         assert node_id is not None
-        yield Site(address, data_dir, node_id)
+        joined = re.search(r"Ray worker joining (\S+) as", join.log_path.read_text())
+        assert joined is not None, join.log_tail()
+        yield Site(address, data_dir, node_id, joined[1], join.pid, root / "state", data)
     finally:
         processes.stop_all()
 
@@ -228,3 +241,54 @@ def test_cap_for_unknown_institution_is_refused_at_submit(site: Site, tmp_path: 
         assert "field 'per_institution_caps'" in done.stderr
         assert "'aurorra'" in done.stderr and INSTITUTION in done.stderr  # names the known one
         assert len(remote.list_jobs()) == before
+
+
+# A pool member's code, placed on the site's node (its institution's resource).
+POOL_MEMBERS_TASK = """
+import json, os, sys
+import ray
+ray.init(address=sys.argv[1], logging_level="ERROR")
+@ray.remote(num_cpus=1, resources={"institution:INSTITUTION": 1})
+def try_to_read(paths):
+    found = {}
+    for path in paths:
+        try:
+            with open(path, "rb") as handle:
+                handle.read(1)
+            found[path] = "read"
+        except OSError as error:
+            found[path] = type(error).__name__
+    return {"uid": os.getuid(), "found": found}
+print(json.dumps(ray.get(try_to_read.remote(sys.argv[2:]), timeout=120)))
+""".replace("INSTITUTION", INSTITUTION)
+
+
+def test_code_on_the_sites_pool_node_cannot_read_its_keys_or_data(site: Site) -> None:
+    """Issue 17: Ray is one trust domain, so any member's code can run on a pool node.
+    Where `client join` runs as root (as in CI) that code runs as the pool user, which
+    reads neither the site's state (its institution's signing key, the SuperNode's task
+    secret) nor its private data, nor the join process's environment. Off root the node
+    runs as the joining user, which can (the warning `client join` logs says so)."""
+    targets = [
+        site.state_dir / "institution-signing.key",
+        site.state_dir / "supernode-task.secret",
+        *sorted(p for p in site.data.rglob("*") if p.is_file()),
+        Path(f"/proc/{site.join_pid}/environ"),
+    ]
+    assert all(t.exists() for t in targets) and len(targets) >= 4
+    done = subprocess.run(
+        [sys.executable, "-c", POOL_MEMBERS_TASK, site.ray_address, *map(str, targets)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    if os.geteuid() == 0:
+        assert seen["uid"] == pwd.getpwnam(POOL_USER).pw_uid
+        assert seen["found"] == {str(t): "PermissionError" for t in targets}
+    else:
+        assert seen["uid"] == os.getuid()
+        assert seen["found"][str(targets[0])] == "read"

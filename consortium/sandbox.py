@@ -1,0 +1,281 @@
+"""A separate OS user, in a mount namespace of its own, for a site's Ray pool node.
+
+A Ray pool node runs code from every member that holds the cluster token (Ray is one
+trust domain). Run as the user of `client join`, that code could read the site's keys,
+its Ray token's source, and any private data that user can read. Where `client join`
+runs as root, its Ray node therefore runs as the system user `consortium-pool` (made
+on first use, no login shell, no home), and in a mount namespace where:
+
+* the site's state dir (keys, tokens, logs), its bundle and its data dir are covered by
+  an empty root-only tmpfs, so even data the site left world-readable is out of reach;
+* the interpreter, the venv and the project's sources are reachable although they may
+  lie below a dir other users cannot enter (a pyenv under /root): that dir is covered
+  by a tmpfs holding only those paths, bound read-only;
+* the process has no capabilities left and cannot gain any (no_new_privs).
+
+What the node needs of the site's secrets (the Ray token, its Ray TLS key) is copied
+into the node's own private dir, owned by the pool user: those are the cluster's
+credentials, which every pool node holds anyway.
+
+`Sandbox.wrap` turns a command line into `python -m consortium.sandbox ... -- argv`,
+which sets the namespace up as root, drops to the pool user and execs argv: the same
+process (and process group) from start to end, so stopping it is stopping the node.
+Only the standard library is imported here: it runs before every Ray node start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+POOL_USER = "consortium-pool"
+USERADD_TRIES = 5  # useradd fails while another one holds /etc/passwd's lock
+
+# Linux's unshare(2), mount(2) and prctl(2) constants (linux/sched.h, linux/mount.h,
+# linux/prctl.h): Python 3.11 has no os.unshare, and no wrapper for mount or prctl.
+CLONE_NEWNS = 0x00020000
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_MOVE = 8192
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+PR_SET_NO_NEW_PRIVS = 38
+
+
+class SandboxSetupError(OSError):
+    """The sandbox could not be set up; the command was not run."""
+
+
+@dataclass(frozen=True)
+class PoolUser:
+    name: str
+    uid: int
+    gid: int
+
+
+def pool_uid() -> int | None:
+    """The pool user's uid, or None where it does not exist (yet)."""
+    try:
+        return pwd.getpwnam(POOL_USER).pw_uid
+    except KeyError:
+        return None
+
+
+def ensure_pool_user() -> PoolUser:
+    """The pool user, made first if missing (a system user: no home, no login shell).
+    Needs root."""
+    last_error = ""
+    for attempt in range(USERADD_TRIES):
+        try:
+            entry = pwd.getpwnam(POOL_USER)
+        except KeyError:
+            pass
+        else:
+            return PoolUser(entry.pw_name, entry.pw_uid, entry.pw_gid)
+        made = subprocess.run(
+            [
+                "useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+                "--shell", "/usr/sbin/nologin", "--user-group", POOL_USER,
+            ],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if made.returncode == 0:
+            continue
+        # Another process made it meanwhile (exit 9), or holds the passwd lock: look again.
+        time.sleep(0.2 * (attempt + 1))
+        last_error = made.stderr.strip()
+    try:
+        entry = pwd.getpwnam(POOL_USER)
+    except KeyError:
+        raise SandboxSetupError(
+            f"could not create the OS user {POOL_USER!r} for the Ray pool node: {last_error}"
+        ) from None
+    return PoolUser(entry.pw_name, entry.pw_uid, entry.pw_gid)
+
+
+def interpreter_paths() -> tuple[Path, ...]:
+    """What a Ray node's processes must reach: this interpreter's installation, the venv
+    and the dir the project's packages are imported from (an editable install)."""
+    project = Path(__file__).resolve().parent.parent
+    return tuple(dict.fromkeys(Path(p).resolve() for p in (sys.base_prefix, sys.prefix, project)))
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """How to run a command as `user`: `home` is the command's private dir (made by the
+    caller, handed over by `prepare`), `hide` what it must not see at all."""
+
+    user: PoolUser
+    home: Path
+    hide: tuple[Path, ...]
+    expose: tuple[Path, ...]
+
+    def prepare(self) -> None:
+        """Hand the private dir (0700) over to the pool user."""
+        os.chown(self.home, self.user.uid, self.user.gid)
+        self.home.chmod(0o700)
+
+    def share(self, source: Path) -> Path:
+        """A copy of `source` in the private dir that only the pool user (and root) can
+        read: what the node needs of the site's files (the cluster token, its Ray TLS
+        key). Replaced atomically, so a start reads the old copy or the new one."""
+        target = self.home / source.name
+        partial = target.with_name(target.name + ".new")
+        partial.unlink(missing_ok=True)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(source.read_bytes())
+        os.chown(partial, self.user.uid, self.user.gid)
+        os.replace(partial, target)
+        return target
+
+    def env(self) -> dict[str, str]:
+        """The user's identity for the command (Ray and Python read these, not passwd)."""
+        return {"HOME": str(self.home), "USER": self.user.name, "LOGNAME": self.user.name}
+
+    def wrap(self, argv: Sequence[str]) -> list[str]:
+        return [
+            sys.executable, "-m", "consortium.sandbox",
+            "--uid", str(self.user.uid), "--gid", str(self.user.gid),
+            "--home", str(self.home),
+            *(f"--hide={path}" for path in self.hide),
+            *(f"--expose={path}" for path in self.expose),
+            "--", *argv,
+        ]  # fmt: skip
+
+
+# --- inside the sandbox, as root until `drop_to` -------------------------------------------
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        error = ctypes.get_errno()
+        raise SandboxSetupError(error, f"{what}: {os.strerror(error)}")
+
+
+def _bytes(text: str | None) -> bytes | None:
+    return text.encode() if text is not None else None
+
+
+def _mount(
+    source: str | None, target: Path, fstype: str | None, flags: int, data: str | None = None
+) -> None:
+    result = _libc().mount(_bytes(source), _bytes(str(target)), _bytes(fstype), flags, _bytes(data))
+    _check(result, f"mount {target}")
+
+
+def enter_mount_namespace() -> None:
+    """A mount namespace of this process's own, whose mounts never reach the host's."""
+    _check(_libc().unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _mount(None, Path("/"), None, MS_REC | MS_PRIVATE)
+
+
+def blocking_ancestor(path: Path) -> Path | None:
+    """The outermost dir above `path` that other users cannot enter, if any."""
+    for ancestor in reversed(path.parents):
+        if not os.stat(ancestor).st_mode & stat.S_IXOTH:
+            return ancestor
+    return None
+
+
+def expose(paths: Iterable[Path]) -> None:
+    """Make each path reachable for other users where a dir above it is closed to them:
+    that dir is covered by a tmpfs that holds only these paths (bound read-only); the
+    rest of it stays out of sight."""
+    by_cover: dict[Path, list[Path]] = {}
+    for path in paths:
+        cover = blocking_ancestor(path)
+        if cover is not None:
+            by_cover.setdefault(cover, []).append(path)
+    for cover, listed in by_cover.items():
+        # The paths out of the way first (one bind for a path inside another), then
+        # the cover, then the paths back in their places on it.
+        inside = [p for p in listed if not any(q in p.parents for q in listed)]
+        staging = Path(tempfile.mkdtemp(prefix="consortium-sandbox-"))
+        staged = []
+        for index, path in enumerate(inside):
+            spot = staging / str(index)
+            spot.mkdir()
+            _mount(str(path), spot, None, MS_BIND | MS_REC)
+            staged.append((spot, path))
+        _mount("tmpfs", cover, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
+        for spot, path in staged:
+            # Enterable by the pool user whatever the caller's umask (join's is 077).
+            for step in reversed([path, *path.parents[: len(path.parents) - len(cover.parts)]]):
+                step.mkdir(mode=0o755, exist_ok=True)
+                step.chmod(0o755)
+            _mount(str(spot), path, None, MS_MOVE)
+            _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        _mount(None, cover, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        shutil.rmtree(staging, ignore_errors=True)  # the staging spots are empty now
+
+
+def hide(paths: Iterable[Path]) -> None:
+    """Cover each existing dir with an empty tmpfs that only root may enter."""
+    for path in paths:
+        if path.is_dir():
+            _mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "mode=0700,size=4k")
+
+
+def drop_to(uid: int, gid: int) -> None:
+    """Become uid/gid for good: no supplementary groups, no capabilities (the kernel
+    clears them when root's uids all change), and none to gain by exec (setuid
+    programs included)."""
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    _check(_libc().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    if os.getuid() != uid or os.geteuid() != uid or os.getgid() != gid:
+        raise SandboxSetupError(f"still uid {os.getuid()} after dropping to uid {uid}")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m consortium.sandbox")
+    parser.add_argument("--uid", type=int, required=True)
+    parser.add_argument("--gid", type=int, required=True)
+    parser.add_argument("--home", type=Path, required=True)
+    parser.add_argument("--hide", action="append", default=[], type=Path)
+    parser.add_argument("--expose", action="append", default=[], type=Path)
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    options = parser.parse_args(argv)
+    command = options.command[1:] if options.command[:1] == ["--"] else options.command
+    if not command:
+        parser.error("no command to run")
+    if options.uid == 0:
+        parser.error("--uid 0 is no sandbox")
+    try:
+        enter_mount_namespace()
+        expose(options.expose)
+        hide(options.hide)
+        drop_to(options.uid, options.gid)
+        os.chdir(options.home)
+    except OSError as error:
+        print(f"sandbox: {error}", file=sys.stderr, flush=True)
+        return 126
+    try:
+        os.execvp(command[0], command)
+    except OSError as error:
+        print(f"sandbox: cannot run {' '.join(command)}: {error}", file=sys.stderr, flush=True)
+        return 127
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,259 @@
+"""The pool user's sandbox (consortium/sandbox.py), attacked from inside: code running
+in it, as a pool member's code would on a site's Ray node, tries to read the site's
+keys and data, to gain privileges and to see past what was exposed to it.
+
+The sandbox needs root (as `client join` does to use it); CI runs as root. Off root,
+`pool_sandbox` gives none and the node runs as the joining user, which each test
+checks there instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from client.ray_worker import pool_sandbox
+from consortium.leftovers import (
+    find_leftovers,
+    own_uids,
+    owner_env,
+    remove_own_dir,
+    stop_leftovers,
+)
+from consortium.ray_env import prepare_ray_temp_dir, short_temp_dir
+from consortium.sandbox import POOL_USER, Sandbox, ensure_pool_user, interpreter_paths, pool_uid
+
+AS_ROOT = os.geteuid() == 0
+
+# What the sandboxed code reports: who it is, what it could read, list and write.
+PROBE = """
+import json, os, sys
+def attempt(action, path):
+    try:
+        result = action(path)
+        return result if result is not None else "ok"
+    except OSError as error:
+        return type(error).__name__
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+print(json.dumps({
+    "uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(),
+    "no_new_privs": status["NoNewPrivs"].strip(), "caps": status["CapEff"].strip(),
+    "read": {p: attempt(lambda p: open(p).read(), p) for p in json.loads(sys.argv[1])},
+    "listed": {p: attempt(lambda p: sorted(os.listdir(p)), p) for p in json.loads(sys.argv[2])},
+    "wrote": {p: attempt(lambda p: open(p, "w").close(), p) for p in json.loads(sys.argv[3])},
+}))
+"""
+
+
+@pytest.fixture
+def site_root() -> Iterator[Path]:
+    """A dir other users may enter (pytest's tmp_path lies below a 0700 dir, which would
+    keep the pool user out of everything in it, hidden or not), removed afterwards,
+    with the Ray dir of its site's state."""
+    root = Path(tempfile.mkdtemp(prefix="consortium-sandbox-test-"))
+    try:
+        yield root
+    finally:
+        remove_own_dir(short_temp_dir(root / "state"))
+        shutil.rmtree(root)
+
+
+def site_layout(root: Path) -> dict[str, Path]:
+    """A site's state dir (a 0600 key) and data dir (left world-readable, as data often
+    is), a world-readable file beside them, and a closed dir holding a tool to expose
+    and a secret beside it."""
+    root.chmod(0o755)
+    state, data, public, closed = (root / n for n in ("state", "data", "public", "closed"))
+    for path in (state, data, public, closed / "tool"):
+        path.mkdir(parents=True, mode=0o755)
+    state.chmod(0o700)
+    closed.chmod(0o700)
+    (state / "institution-signing.key").write_text("key")
+    (state / "institution-signing.key").chmod(0o600)
+    for path in (
+        data / "patients.csv",
+        public / "readme",
+        closed / "tool" / "run",
+        closed / "secret",
+    ):
+        path.write_text(path.name)
+        path.chmod(0o644)
+    return {"state": state, "data": data, "public": public, "closed": closed}
+
+
+def sandbox_for(layout: dict[str, Path]) -> Sandbox:
+    """As `client join` makes it for its Ray node."""
+    home = prepare_ray_temp_dir(layout["state"]).parent
+    sandbox = Sandbox(
+        ensure_pool_user(),
+        home,
+        hide=(layout["state"], layout["data"]),
+        expose=(*interpreter_paths(), layout["closed"] / "tool"),
+    )
+    sandbox.prepare()
+    return sandbox
+
+
+def probe(
+    sandbox: Sandbox, read: list[Path], listed: list[Path], wrote: list[Path]
+) -> dict[str, Any]:
+    argv = [
+        sys.executable,
+        "-c",
+        PROBE,
+        *(json.dumps(list(map(str, p))) for p in (read, listed, wrote)),
+    ]
+    done = subprocess.run(
+        sandbox.wrap(argv),
+        capture_output=True,
+        text=True,
+        env={**os.environ, **sandbox.env()},
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def test_code_in_the_sandbox_reads_neither_the_sites_keys_nor_its_data(site_root: Path) -> None:
+    layout = site_layout(site_root)
+    key, patients = layout["state"] / "institution-signing.key", layout["data"] / "patients.csv"
+    if not AS_ROOT:
+        assert pool_sandbox(layout["state"], [layout["data"]]) is None
+        return
+    sandbox = sandbox_for(layout)
+    readme = layout["public"] / "readme"
+    seen = probe(sandbox, [key, patients, readme], [layout["state"], layout["data"]], [])
+    user = ensure_pool_user()
+    assert (seen["uid"], seen["gid"], seen["groups"]) == (user.uid, user.gid, [])
+    # The data file is world-readable: only the tmpfs over its dir keeps it out of reach
+    # (the file beside it, not hidden, is read).
+    assert seen["read"] == {
+        str(key): "PermissionError",
+        str(patients): "PermissionError",
+        str(readme): "readme",
+    }
+    assert set(seen["listed"].values()) == {"PermissionError"}
+    # Outside the sandbox nothing changed: its mounts live in its own namespace.
+    assert patients.read_text() == "patients.csv"
+    assert str(layout["data"]) not in Path("/proc/self/mountinfo").read_text()
+
+
+def test_code_in_the_sandbox_has_no_privilege_and_cannot_gain_one(site_root: Path) -> None:
+    layout = site_layout(site_root)
+    if not AS_ROOT:
+        assert pool_sandbox(layout["state"], []) is None
+        return
+    seen = probe(sandbox_for(layout), [Path("/etc/shadow")], [], [Path("/etc/consortium-owned")])
+    assert seen["caps"] == "0000000000000000" and seen["no_new_privs"] == "1"
+    assert seen["read"] == {"/etc/shadow": "PermissionError"}
+    assert seen["wrote"] == {"/etc/consortium-owned": "PermissionError"}
+    assert not Path("/etc/consortium-owned").exists()
+
+
+def test_an_exposed_path_is_reached_through_a_closed_dir_and_nothing_beside_it(
+    site_root: Path,
+) -> None:
+    """The interpreter may lie below a dir other users cannot enter (a pyenv under /root):
+    what is exposed is reachable, read-only, and the rest of that dir is not there."""
+    layout = site_layout(site_root)
+    if not AS_ROOT:
+        assert pool_sandbox(layout["state"], []) is None
+        return
+    closed, tool = layout["closed"], layout["closed"] / "tool"
+    seen = probe(
+        sandbox_for(layout),
+        [tool / "run", closed / "secret"],
+        [closed],
+        [tool / "planted", closed / "planted"],
+    )
+    assert seen["read"] == {str(tool / "run"): "run", str(closed / "secret"): "FileNotFoundError"}
+    assert seen["listed"] == {str(closed): ["tool"]}
+    assert seen["wrote"] == {str(tool / "planted"): "OSError", str(closed / "planted"): "OSError"}
+    assert sorted(p.name for p in closed.iterdir()) == ["secret", "tool"]  # the host's view
+
+
+def test_the_node_gets_its_own_copy_of_a_credential_and_nothing_else(site_root: Path) -> None:
+    layout = site_layout(site_root)
+    token = layout["state"] / "ray-token"
+    token.write_bytes(b"cluster-token")
+    token.chmod(0o600)
+    if not AS_ROOT:
+        assert pool_sandbox(layout["state"], []) is None
+        return
+    sandbox = sandbox_for(layout)
+    copy = sandbox.share(token)
+    found = copy.stat()
+    assert copy.parent == sandbox.home and copy.read_bytes() == b"cluster-token"
+    assert (found.st_uid, stat.S_IMODE(found.st_mode)) == (sandbox.user.uid, 0o600)
+    assert stat.S_IMODE(sandbox.home.stat().st_mode) == 0o700
+    seen = probe(sandbox, [copy, token], [], [])
+    assert seen["read"] == {str(copy): "cluster-token", str(token): "PermissionError"}
+
+
+def test_a_killed_owners_sandboxed_node_is_found_stopped_and_its_dir_removed(
+    tmp_path: Path,
+) -> None:
+    """The reaper and a successor find the pool user's processes of a dir, marked as
+    for any child, and remove the private dir the pool user was handed."""
+    owner = tmp_path / "state"
+    owner.mkdir()
+    if not AS_ROOT:
+        assert own_uids() == {os.geteuid()}
+        return
+    ensure_pool_user()
+    assert own_uids() == {0, pool_uid()}
+    home = prepare_ray_temp_dir(owner).parent
+    sandbox = Sandbox(ensure_pool_user(), home, hide=(owner,), expose=interpreter_paths())
+    sandbox.prepare()
+    node = subprocess.Popen(
+        sandbox.wrap([sys.executable, "-c", "import time; time.sleep(600)"]),
+        env={**os.environ, **sandbox.env(), **owner_env(owner)},
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while psutil.Process(node.pid).uids().real != sandbox.user.uid:
+            assert time.monotonic() < deadline, (
+                "the sandboxed command never dropped to the pool user"
+            )
+            time.sleep(0.05)
+        assert [p.pid for p in find_leftovers(owner)] == [node.pid]
+        assert [p.pid for p in stop_leftovers(owner, grace_s=5.0)] == [node.pid]
+        assert node.wait(timeout=10) != 0
+    finally:
+        if node.poll() is None:
+            node.kill()
+            node.wait()
+    # A successor's start takes over the dir the pool user was handed, made afresh.
+    assert home.stat().st_uid == sandbox.user.uid
+    assert prepare_ray_temp_dir(owner).parent == home == short_temp_dir(owner)
+    assert home.stat().st_uid == 0
+    # The reaper removes it as the pool user's, too.
+    sandbox.prepare()
+    assert remove_own_dir(home) and not home.exists()
+
+
+def test_the_pool_user_is_a_system_user_without_login(tmp_path: Path) -> None:
+    if not AS_ROOT:
+        assert pool_uid() is None or pool_uid() != os.geteuid()
+        return
+    user = ensure_pool_user()
+    entry = pwd.getpwnam(POOL_USER)
+    assert (entry.pw_uid, entry.pw_gid) == (user.uid, user.gid) and user.uid != 0
+    assert entry.pw_shell.endswith("nologin") and not Path(entry.pw_dir).exists()
+    assert ensure_pool_user() == user  # made once

@@ -15,12 +15,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from consortium.errors import ChildProcessFailedError, UnreachableError
+from consortium.errors import UnreachableError
 from consortium.leftovers import owner_env
 from consortium.net import is_loopback_host, local_address_towards, split_host_port
 from consortium.processes import STOP_TIMEOUT_S, ChildProcess, venv_executable
@@ -36,15 +35,10 @@ from consortium.ray_env import (
     ray_started,
     ray_temp_dir,
     remove_ray_temp_dir,
+    share_ray_credentials,
     short_temp_dir,
 )
-from consortium.sandbox import (
-    POOL_USER,
-    Sandbox,
-    SandboxSetupError,
-    ensure_pool_user,
-    interpreter_paths,
-)
+from consortium.sandbox import Sandbox, sandbox_for
 
 log = logging.getLogger(__name__)
 
@@ -132,17 +126,7 @@ def pool_sandbox(state_dir: Path, private: Sequence[Path]) -> Sandbox | None:
     """Where `client join` runs as root: the sandbox its Ray node runs in, as the pool
     user, with the state dir and the `private` paths (the site's data, its bundle) out
     of sight (consortium/sandbox.py). None otherwise: the node then runs as this user."""
-    if os.geteuid() != 0:
-        return None
-    hidden = tuple(dict.fromkeys(p.resolve() for p in (state_dir, *private)))
-    try:
-        user = ensure_pool_user()
-    except SandboxSetupError as error:
-        raise ChildProcessFailedError(
-            f"{error}; create that user yourself (useradd --system {POOL_USER}) or join "
-            "without --ray"
-        ) from None
-    return Sandbox(user, short_temp_dir(state_dir), hidden, interpreter_paths())
+    return sandbox_for(short_temp_dir(state_dir), (state_dir, *private))
 
 
 class RayWorker:
@@ -205,20 +189,12 @@ class RayWorker:
             # The pool user's from here on; the token is read after `before_start`
             # fetched the current one.
             self._sandbox.prepare()
-            env = {**env, **self._sandboxed_auth_env(self._sandbox), **self._sandbox.env()}
+            shared = share_ray_credentials(self._sandbox, self._token_path, self._tls)
+            env = {**env, **ray_auth_env(*shared), **self._sandbox.env()}
             argv = self._sandbox.wrap(argv)
         # The log is appended to across restarts; "started" is read from here on.
         self._log_offset = log_end(self._log_path)
         return ChildProcess("ray-worker", argv, self._log_path, env=env)
-
-    def _sandboxed_auth_env(self, sandbox: Sandbox) -> dict[str, str]:
-        """Ray's auth settings pointing at the sandbox's own copies of the credentials."""
-        token = sandbox.share(self._token_path) if self._token_path is not None else None
-        tls = self._tls
-        if tls is not None:
-            share = sandbox.share
-            tls = RayTls(share(tls.certificate), share(tls.key), share(tls.ca_certificate))
-        return ray_auth_env(token, tls)
 
     @property
     def started(self) -> bool:

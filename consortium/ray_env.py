@@ -15,6 +15,7 @@ from pydantic import AfterValidator
 
 from consortium.errors import DataDirError
 from consortium.leftovers import own_uids, remove_own_dir
+from consortium.sandbox import Sandbox
 
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 AUTH_TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
@@ -197,6 +198,18 @@ def prepare_ray_temp_dir(anchor: Path) -> Path:
         ) from raced
     private.chmod(0o700)  # whatever the umask
     return private / RAY_TEMP_SUBDIR
+
+
+def share_ray_credentials(
+    sandbox: Sandbox, token_path: Path | None, tls: RayTls | None
+) -> tuple[Path | None, RayTls | None]:
+    """The sandbox's own copies of the cluster token and the Ray TLS files, for Ray
+    processes running as its user (which cannot read the originals)."""
+    token = sandbox.share(token_path) if token_path is not None else None
+    if tls is not None:
+        share = sandbox.share
+        tls = RayTls(share(tls.certificate), share(tls.key), share(tls.ca_certificate))
+    return token, tls
 
 
 def remove_ray_temp_dir(anchor: Path) -> None:

@@ -39,6 +39,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from consortium.errors import ChildProcessFailedError
+
 POOL_USER = "consortium-pool"
 USERADD_TRIES = 5  # useradd fails while another one holds /etc/passwd's lock
 
@@ -123,10 +125,16 @@ class Sandbox:
     home: Path
     hide: tuple[Path, ...]
     expose: tuple[Path, ...]
+    grant: tuple[Path, ...] = ()
 
     def prepare(self) -> None:
-        """Hand the private dir (0700) over to the pool user."""
-        os.chown(self.home, self.user.uid, self.user.gid)
+        """Hand the private dir (0700) and each granted dir over to the pool user: the
+        dirs themselves, never what is in them (which a pool process may have replaced
+        with a link since), and never through a link."""
+        for path in (self.home, *self.grant):
+            if not stat.S_ISDIR(path.lstat().st_mode):
+                raise SandboxSetupError(f"{path} is not a directory: not handing it over")
+            os.chown(path, self.user.uid, self.user.gid, follow_symlinks=False)
         self.home.chmod(0o700)
 
     def share(self, source: Path) -> Path:
@@ -154,8 +162,31 @@ class Sandbox:
             "--home", str(self.home),
             *(f"--hide={path}" for path in self.hide),
             *(f"--expose={path}" for path in self.expose),
+            *(f"--grant={path}" for path in self.grant),
             "--", *argv,
         ]  # fmt: skip
+
+
+def sandbox_for(home: Path, hide: Sequence[Path], grant: Sequence[Path] = ()) -> Sandbox | None:
+    """For a process running as root: the sandbox its Ray processes run in, as the pool
+    user, with `home` (a private dir of root's, made by the caller) handed to it, the
+    `hide` dirs out of sight but for the `grant` dirs inside them. None for any other
+    user: those Ray processes then run as that user."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        user = ensure_pool_user()
+    except SandboxSetupError as error:
+        raise ChildProcessFailedError(
+            f"{error}; create that user yourself (useradd --system {POOL_USER}) or run without Ray"
+        ) from None
+    return Sandbox(
+        user,
+        home,
+        hide=tuple(dict.fromkeys(p.resolve() for p in hide)),
+        expose=interpreter_paths(),
+        grant=tuple(p.resolve() for p in grant),
+    )
 
 
 # --- inside the sandbox, as root until `drop_to` -------------------------------------------
@@ -196,43 +227,60 @@ def blocking_ancestor(path: Path) -> Path | None:
     return None
 
 
-def expose(paths: Iterable[Path]) -> None:
-    """Make each path reachable for other users where a dir above it is closed to them:
-    that dir is covered by a tmpfs that holds only these paths (bound read-only); the
-    rest of it stays out of sight."""
-    by_cover: dict[Path, list[Path]] = {}
-    for path in paths:
+def _outermost(paths: Iterable[Path]) -> list[Path]:
+    listed = list(dict.fromkeys(paths))
+    return [p for p in listed if not any(q in p.parents for q in listed)]
+
+
+def build_view(expose: Sequence[Path], hide: Sequence[Path], grant: Sequence[Path]) -> None:
+    """Shape what this mount namespace shows, before dropping to the pool user:
+
+    * each `expose` path is reachable although a dir above it is closed to other users:
+      that dir is covered by a tmpfs holding only the kept paths, exposed ones bound
+      read-only;
+    * each `hide` dir is covered by an empty tmpfs only root may enter, or, with `grant`
+      paths inside it, one that holds only those, bound writable (a driver's checkpoint
+      dir inside the hidden data dir); a granted path below a closed dir is reached as an
+      exposed one is.
+
+    Every kept path is bound aside first, then the covers go on (outer ones first: a
+    hidden dir below an exposed path's cover is out of sight already), then the kept
+    paths go back in their places on the covers, which end read-only."""
+    exposed, granted = _outermost(expose), _outermost(grant)
+    covers: dict[Path, str] = {}
+    for path in [*exposed, *granted]:
         cover = blocking_ancestor(path)
         if cover is not None:
-            by_cover.setdefault(cover, []).append(path)
-    for cover, listed in by_cover.items():
-        # The paths out of the way first (one bind for a path inside another), then
-        # the cover, then the paths back in their places on it.
-        inside = [p for p in listed if not any(q in p.parents for q in listed)]
-        staging = Path(tempfile.mkdtemp(prefix="consortium-sandbox-"))
-        staged = []
-        for index, path in enumerate(inside):
-            spot = staging / str(index)
-            spot.mkdir()
-            _mount(str(path), spot, None, MS_BIND | MS_REC)
-            staged.append((spot, path))
-        _mount("tmpfs", cover, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
-        for spot, path in staged:
-            # Enterable by the pool user whatever the caller's umask (join's is 077).
-            for step in reversed([path, *path.parents[: len(path.parents) - len(cover.parts)]]):
-                step.mkdir(mode=0o755, exist_ok=True)
+            covers[cover] = "0755"
+    for path in hide:
+        covers.setdefault(path, "0755" if any(path in g.parents for g in granted) else "0700")
+    staging = Path(tempfile.mkdtemp(prefix="consortium-sandbox-"))
+    staged: list[tuple[Path, Path, bool]] = []  # (aside, path, read-only)
+    for index, (path, read_only) in enumerate(
+        [(p, True) for p in exposed if blocking_ancestor(p) is not None]
+        + [(p, False) for p in granted]
+    ):
+        aside = staging / str(index)
+        aside.mkdir()
+        _mount(str(path), aside, None, MS_BIND | MS_REC)
+        staged.append((aside, path, read_only))
+    mounted = []
+    for cover, mode in sorted(covers.items(), key=lambda item: len(item[0].parts)):
+        if cover.is_dir():  # not under a cover already
+            _mount("tmpfs", cover, "tmpfs", MS_NOSUID | MS_NODEV, f"mode={mode},size=64k")
+            mounted.append(cover)
+    for aside, path, read_only in staged:
+        # The dirs down to it, enterable whatever the caller's umask (join's is 077).
+        for step in [*reversed(path.parents), path]:
+            if not step.exists():
+                step.mkdir(mode=0o755)
                 step.chmod(0o755)
-            _mount(str(spot), path, None, MS_MOVE)
+        _mount(str(aside), path, None, MS_MOVE)
+        if read_only:
             _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    for cover in mounted:
         _mount(None, cover, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
-        shutil.rmtree(staging, ignore_errors=True)  # the staging spots are empty now
-
-
-def hide(paths: Iterable[Path]) -> None:
-    """Cover each existing dir with an empty tmpfs that only root may enter."""
-    for path in paths:
-        if path.is_dir():
-            _mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "mode=0700,size=4k")
+    shutil.rmtree(staging, ignore_errors=True)  # its spots are empty now
 
 
 def drop_to(uid: int, gid: int) -> None:
@@ -254,6 +302,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--home", type=Path, required=True)
     parser.add_argument("--hide", action="append", default=[], type=Path)
     parser.add_argument("--expose", action="append", default=[], type=Path)
+    parser.add_argument("--grant", action="append", default=[], type=Path)
     parser.add_argument("command", nargs=argparse.REMAINDER)
     options = parser.parse_args(argv)
     command = options.command[1:] if options.command[:1] == ["--"] else options.command
@@ -263,8 +312,7 @@ def main(argv: list[str]) -> int:
         parser.error("--uid 0 is no sandbox")
     try:
         enter_mount_namespace()
-        expose(options.expose)
-        hide(options.hide)
+        build_view(options.expose, options.hide, options.grant)
         drop_to(options.uid, options.gid)
         os.chdir(options.home)
     except OSError as error:

@@ -49,7 +49,7 @@ from coordinator.observability.metrics import (
     RpcMetricsInterceptor,
     RuntimeCollector,
 )
-from coordinator.pretraining.engine import DriverProcessEngine
+from coordinator.pretraining.engine import DriverProcessEngine, driver_sandbox
 from coordinator.pretraining.runner import PretrainRunner
 from coordinator.ray.claims import RayNodeClaims
 from coordinator.ray.head import RayCluster, RayHead
@@ -392,6 +392,7 @@ class Coordinator:
                     node_institutions=(
                         self.ray_claims.assignments if self.ray_claims is not None else None
                     ),
+                    sandbox=driver_sandbox(self.paths.root),
                 ),
                 self.metrics,
             )

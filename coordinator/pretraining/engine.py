@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -25,7 +26,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from consortium.leftovers import remove_own_dir
 from consortium.processes import ChildProcess
+from consortium.ray_env import prepare_ray_temp_dir, share_ray_credentials, short_temp_dir
+from consortium.sandbox import Sandbox, sandbox_for
 from coordinator.pretraining import driver_wire as wire
 from coordinator.pretraining.driver_wire import DriverRequest, Failed, Step, Wait
 from coordinator.pretraining.errors import (
@@ -70,6 +74,31 @@ class PretrainEngine(Protocol):
         """Leave the runtime (the next `connect` joins again)."""
 
 
+def driver_sandbox(data_dir: Path) -> Callable[[Path], Sandbox | None]:
+    """For `coordinator serve` running as root: each run's driver runs as the pool user
+    (it unpickles what Ray's workers return, and any member holding the token can run
+    a worker), seeing nothing of the data dir but the run's checkpoint dir. Its private
+    dir (its own copies of the cluster's credentials) is ``driver`` in the coordinator's
+    Ray dir, which the reaper removes with the rest after a `kill -9`."""
+
+    def for_run(checkpoint_dir: Path) -> Sandbox | None:
+        if os.geteuid() != 0:
+            return None
+        ray_home = short_temp_dir(data_dir)
+        if not ray_home.is_dir():  # attached to a cluster we did not start: no head made it
+            prepare_ray_temp_dir(data_dir)
+        home = ray_home / "driver"
+        remove_own_dir(home)  # an earlier run's, if it was not removed
+        home.mkdir(mode=0o700)
+        checkpoint_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        sandbox = sandbox_for(home, hide=(data_dir,), grant=(checkpoint_dir,))
+        if sandbox is not None:  # the way to its home: the pool user's, as the head's is
+            os.chown(ray_home, sandbox.user.uid, sandbox.user.gid, follow_symlinks=False)
+        return sandbox
+
+    return for_run
+
+
 class DriverProcessEngine:
     """Runs each pretraining run's Ray driver in a child process (`driver.py`).
 
@@ -92,7 +121,9 @@ class DriverProcessEngine:
         command: Sequence[str] = DRIVER_COMMAND,
         revoked: Callable[[], frozenset[str]] = frozenset,
         node_institutions: Callable[[], Mapping[str, str]] | None = None,
+        sandbox: Callable[[Path], Sandbox | None] | None = None,
     ) -> None:
+        self._sandbox = sandbox
         self._cluster = cluster
         self._revoked = revoked
         self._node_institutions = node_institutions
@@ -113,8 +144,14 @@ class DriverProcessEngine:
         stop: threading.Event,
         on_wait: Callable[[str | None], None],
     ) -> PretrainResult:
+        sandbox = self._sandbox(checkpoint_dir) if self._sandbox is not None else None
+        cluster, env = self._cluster, {}
+        if sandbox is not None:
+            sandbox.prepare()
+            token, tls = share_ray_credentials(sandbox, cluster.token_path, cluster.tls)
+            cluster, env = replace(cluster, token_path=token, tls=tls), sandbox.env()
         request = DriverRequest(
-            self._cluster,
+            cluster,
             spec,
             checkpoint_dir,
             logging.getLogger().getEffectiveLevel(),
@@ -125,8 +162,12 @@ class DriverProcessEngine:
         with theirs:
             fd = theirs.fileno()
             argv = [*self._command, "--fd", str(fd)]
+            if sandbox is not None:
+                argv = sandbox.wrap(argv)
             with self._lock:
-                child = ChildProcess("pretrain-driver", argv, self._log_path, pass_fds=(fd,))
+                child = ChildProcess(
+                    "pretrain-driver", argv, self._log_path, env=env, pass_fds=(fd,)
+                )
                 self._child = child
         log.info("pretraining driver for %s started (pid %d)", spec.name, child.pid)
         conn = Connection(ours.detach())
@@ -139,6 +180,8 @@ class DriverProcessEngine:
         finally:
             conn.close()  # a driver still running sees its socket close, and exits
             self._end(child)
+            if sandbox is not None:
+                remove_own_dir(sandbox.home)
 
     def _nodes_now(self) -> dict[str, str] | None:
         if self._node_institutions is None:

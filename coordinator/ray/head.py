@@ -33,7 +33,9 @@ from consortium.ray_env import (
     ray_port_flags,
     ray_started,
     remove_ray_temp_dir,
+    share_ray_credentials,
 )
+from consortium.sandbox import sandbox_for
 from coordinator.access.refusals.control_plane import TlsRefusal, parse_ray_handshake_failure
 from coordinator.access.refusals.log import LogRefusalWatch, Refusal
 from coordinator.access.refusals.ray_gcs import RayRefusal, RayRefusalWatch, gcs_log_path
@@ -129,6 +131,17 @@ class RayHead:
             "GRPC_VERBOSITY": "ERROR",
             **owner_env(paths.root),
         }
+        # Run as root, the head's processes (GCS, raylet, agents) run as the pool user,
+        # with the data dir (keys, state, provenance) out of their sight: any member
+        # holding the token talks to them (consortium/sandbox.py).
+        sandbox = sandbox_for(self.temp_dir.parent, hide=(paths.root,))
+        if sandbox is not None:
+            sandbox.prepare()
+            env |= {
+                **ray_auth_env(*share_ray_credentials(sandbox, token_path, tls)),
+                **sandbox.env(),
+            }
+            argv = sandbox.wrap(argv)
         for watch in self._watches():
             watch.start()
         log_path = paths.log_file("ray-head")

@@ -8,6 +8,7 @@ runs on the site's node, which (join running as root) cannot read the site's sec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -17,8 +18,10 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
+import psutil
 import pytest
 
 from consortium.exit_codes import ExitCode
@@ -75,6 +78,7 @@ class Site:
     join_pid: int
     state_dir: Path  # the site's
     data: Path  # the site's private data
+    coordinator_pid: int
 
 
 def ray_alive(remote: Remote) -> str | None:
@@ -112,7 +116,10 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         assert node_id is not None
         joined = re.search(r"Ray worker joining (\S+) as", join.log_path.read_text())
         assert joined is not None, join.log_tail()
-        yield Site(address, data_dir, node_id, joined[1], join.pid, root / "state", data)
+        coordinator_pid = processes.children[0].pid
+        yield Site(
+            address, data_dir, node_id, joined[1], join.pid, root / "state", data, coordinator_pid
+        )
     finally:
         processes.stop_all()
 
@@ -120,16 +127,27 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
 def test_pretrain_job_succeeds_on_contributed_node_with_provenance_and_accounting(
     site: Site,
 ) -> None:
+    drivers: dict[int, tuple[int, list[str]]] = {}  # pid -> (uid, what it sees of the data dir)
+
+    def ended() -> bool:
+        drivers.update(driver_views(site))
+        return remote.get(job.job_id).job.state in FINAL_STATES
+
     with Remote(site.address) as remote:
         job = remote.submit(PRETRAIN_JOB)
         assert job.rounds_total == OUTER_STEPS
-        wait_for(
-            "the pretraining job to end",
-            lambda: remote.get(job.job_id).job.state in FINAL_STATES,
-            timeout_s=JOB_TIMEOUT_S,
-        )
+        wait_for("the pretraining job to end", ended, timeout_s=JOB_TIMEOUT_S)
         reply = remote.get(job.job_id)
     assert reply.job.state == jobs_pb2.JOB_STATE_SUCCEEDED, reply.job.message
+    # Issue 17: the driver unpickles what Ray's workers return. Run as root, it runs as
+    # the pool user and sees nothing of the data dir (the signing key, the state, the
+    # CA) but the way to its run's checkpoint dir.
+    assert drivers, "no pretraining driver was seen running"
+    for uid, seen in drivers.values():
+        if os.geteuid() == 0:
+            assert (uid, seen) == (pwd.getpwnam(POOL_USER).pw_uid, ["checkpoints"])
+        else:
+            assert uid == os.getuid() and "state.db" in seen
     assert [r.round for r in reply.rounds] == [1, 2]
     assert all(r.participants == 1 and "val_loss" in r.metrics for r in reply.rounds)
     model = site.data_dir / "models" / f"{job.job_id}.safetensors"
@@ -243,12 +261,34 @@ def test_cap_for_unknown_institution_is_refused_at_submit(site: Site, tmp_path: 
         assert len(remote.list_jobs()) == before
 
 
-# A pool member's code, placed on the site's node (its institution's resource).
+def driver_views(site: Site) -> dict[int, tuple[int, list[str]]]:
+    """Each running pretraining driver of the coordinator: its uid, and what it sees in
+    the data dir (its mount namespace's view, read through /proc as root may)."""
+    views = {}
+    for process in psutil.Process(site.coordinator_pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error, OSError):
+            command = process.cmdline()
+            if "coordinator.pretraining.driver" in command and "consortium.sandbox" not in command:
+                seen = sorted(os.listdir(f"/proc/{process.pid}/root{site.data_dir.resolve()}"))
+                views[process.pid] = (process.uids().real, seen)
+    return views
+
+
+# A pool member's code, placed on the site's node (its institution's resource), or with
+# no CPU on the coordinator's head node (which hosts no work, but would run it).
 POOL_MEMBERS_TASK = """
 import json, os, sys
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 ray.init(address=sys.argv[1], logging_level="ERROR")
-@ray.remote(num_cpus=1, resources={"institution:INSTITUTION": 1})
+if sys.argv[2] == "head":
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    [head] = [n["NodeID"] for n in alive if "node:__internal_head__" in n["Resources"]]
+    on_head = NodeAffinitySchedulingStrategy(head, soft=False)
+    placed = {"num_cpus": 0, "scheduling_strategy": on_head}
+else:
+    placed = {"num_cpus": 1, "resources": {"institution:INSTITUTION": 1}}
+@ray.remote(**placed)
 def try_to_read(paths):
     found = {}
     for path in paths:
@@ -259,8 +299,22 @@ def try_to_read(paths):
         except OSError as error:
             found[path] = type(error).__name__
     return {"uid": os.getuid(), "found": found}
-print(json.dumps(ray.get(try_to_read.remote(sys.argv[2:]), timeout=120)))
+print(json.dumps(ray.get(try_to_read.remote(sys.argv[3:]), timeout=120)))
 """.replace("INSTITUTION", INSTITUTION)
+
+
+def run_pool_members_task(site: Site, where: str, targets: list[Path]) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-c", POOL_MEMBERS_TASK, site.ray_address, where, *map(str, targets)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return seen
 
 
 def test_code_on_the_sites_pool_node_cannot_read_its_keys_or_data(site: Site) -> None:
@@ -276,19 +330,26 @@ def test_code_on_the_sites_pool_node_cannot_read_its_keys_or_data(site: Site) ->
         Path(f"/proc/{site.join_pid}/environ"),
     ]
     assert all(t.exists() for t in targets) and len(targets) >= 4
-    done = subprocess.run(
-        [sys.executable, "-c", POOL_MEMBERS_TASK, site.ray_address, *map(str, targets)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    seen = run_pool_members_task(site, "site", targets)
     if os.geteuid() == 0:
         assert seen["uid"] == pwd.getpwnam(POOL_USER).pw_uid
         assert seen["found"] == {str(t): "PermissionError" for t in targets}
     else:
         assert seen["uid"] == os.getuid()
         assert seen["found"][str(targets[0])] == "read"
+
+
+def test_code_on_the_coordinators_head_node_cannot_read_its_keys_or_state(site: Site) -> None:
+    """Issue 17's first attack: a member's driver ran a task on the head node that read
+    the coordinator's keys. Run as root, the head's processes (and so the workers it
+    starts) run as the pool user, with the data dir out of sight."""
+    paths = DataDir(site.data_dir)
+    targets = [paths.signing_key, paths.state_db, Path(f"/proc/{site.coordinator_pid}/environ")]
+    assert all(t.exists() for t in targets)
+    seen = run_pool_members_task(site, "head", targets)
+    if os.geteuid() == 0:
+        assert seen["uid"] == pwd.getpwnam(POOL_USER).pw_uid
+        assert seen["found"] == {str(t): "PermissionError" for t in targets}
+    else:
+        assert seen["uid"] == os.getuid()
+        assert seen["found"][str(paths.signing_key)] == "read"

@@ -185,16 +185,13 @@ def test_another_user_can_neither_plant_nor_read_in_rays_dirs(
     """Ray makes its temp dir and every dir below it world-writable (0777, no sticky
     bit), the one with the raylet's and object store's sockets included: another user
     could delete a socket and listen in its place. Each Ray temp dir is inside a 0700
-    dir of ours, so the attempt fails for the coordinator's head and the site's node (a
-    site joined as root hands its dir to the pool user its node runs as)."""
-    site_node_user = pool_uid() if os.geteuid() == 0 else os.geteuid()
-    for anchor, owner in (
-        (joined.data_dir, os.geteuid()),
-        (joined.state_dir("alpha"), site_node_user),
-    ):
+    dir of ours, so the attempt fails for the coordinator's head and the site's node (run
+    as root, each hands its dir to the pool user its Ray processes run as)."""
+    ray_user = pool_uid() if os.geteuid() == 0 else os.geteuid()
+    for anchor in (joined.data_dir, joined.state_dir("alpha")):
         private = short_temp_dir(anchor)
         found = private.lstat()
-        assert stat.S_IMODE(found.st_mode) == 0o700 and found.st_uid == owner
+        assert stat.S_IMODE(found.st_mode) == 0o700 and found.st_uid == ray_user
         ray_dir = ray_temp_dir(anchor)
         wait_for(f"Ray's sockets in {ray_dir}", functools.partial(_has_sockets, ray_dir))
         [sockets] = ray_dir.glob("session_2*/sockets")

@@ -35,6 +35,7 @@ from consortium.leftovers import (
 )
 from consortium.ray_env import prepare_ray_temp_dir, short_temp_dir
 from consortium.sandbox import POOL_USER, Sandbox, ensure_pool_user, interpreter_paths, pool_uid
+from coordinator.pretraining.engine import driver_sandbox
 
 AS_ROOT = os.geteuid() == 0
 
@@ -257,3 +258,45 @@ def test_the_pool_user_is_a_system_user_without_login(tmp_path: Path) -> None:
     assert (entry.pw_uid, entry.pw_gid) == (user.uid, user.gid) and user.uid != 0
     assert entry.pw_shell.endswith("nologin") and not Path(entry.pw_dir).exists()
     assert ensure_pool_user() == user  # made once
+
+
+def test_a_pretraining_driver_sees_only_its_checkpoint_dir_of_the_data_dir(
+    site_root: Path,
+) -> None:
+    """The coordinator's pretraining driver unpickles what Ray's workers return: run as
+    root it runs as the pool user, and of the data dir it sees (and may write) only its
+    run's checkpoint dir; the keys and state beside it are not there at all."""
+    data_dir = site_root / "coordinator"
+    (data_dir / "keys").mkdir(parents=True)
+    key = data_dir / "keys" / "signing.key"
+    key.write_text("key")
+    state = data_dir / "state.db"
+    state.write_text("state")
+    state.chmod(0o644)  # even a file left world-readable
+    checkpoints = data_dir / "checkpoints" / "job-1"
+    if not AS_ROOT:
+        assert driver_sandbox(data_dir)(checkpoints) is None
+        return
+    sandbox = driver_sandbox(data_dir)(checkpoints)
+    try:
+        assert sandbox is not None and sandbox.home == short_temp_dir(data_dir) / "driver"
+        sandbox.prepare()
+        seen = probe(
+            sandbox,
+            [key, state],
+            [data_dir, data_dir / "checkpoints"],
+            [checkpoints / "latest.pt", data_dir / "planted"],
+        )
+        assert seen["read"] == {str(key): "FileNotFoundError", str(state): "FileNotFoundError"}
+        assert seen["listed"] == {
+            str(data_dir): ["checkpoints"],
+            str(data_dir / "checkpoints"): ["job-1"],
+        }
+        assert seen["wrote"] == {
+            str(checkpoints / "latest.pt"): "ok",
+            str(data_dir / "planted"): "OSError",
+        }
+        assert (checkpoints / "latest.pt").stat().st_uid == sandbox.user.uid  # on the host
+        assert key.read_text() == "key" and not (data_dir / "planted").exists()
+    finally:
+        remove_own_dir(short_temp_dir(data_dir))

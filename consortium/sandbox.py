@@ -238,49 +238,57 @@ def build_view(expose: Sequence[Path], hide: Sequence[Path], grant: Sequence[Pat
     * each `expose` path is reachable although a dir above it is closed to other users:
       that dir is covered by a tmpfs holding only the kept paths, exposed ones bound
       read-only;
-    * each `hide` dir is covered by an empty tmpfs only root may enter, or, with `grant`
-      paths inside it, one that holds only those, bound writable (a driver's checkpoint
-      dir inside the hidden data dir); a granted path below a closed dir is reached as an
+    * each `hide` dir is covered by an empty tmpfs only root may enter, also where it
+      lies inside an exposed path (a data dir in the checkout), or, with `grant` paths
+      inside it, by one that holds only those, bound writable (a driver's checkpoint dir
+      inside the hidden data dir); a granted path below a closed dir is reached as an
       exposed one is.
 
-    Every kept path is bound aside first, then the covers go on (outer ones first: a
-    hidden dir below an exposed path's cover is out of sight already), then the kept
-    paths go back in their places on the covers, which end read-only."""
+    In that order: every kept path bound aside, the covers of closed dirs on (outer
+    first), the exposed paths back in place, the hidden dirs covered, the granted paths
+    in place; the covers end read-only."""
     exposed, granted = _outermost(expose), _outermost(grant)
-    covers: dict[Path, str] = {}
-    for path in [*exposed, *granted]:
-        cover = blocking_ancestor(path)
-        if cover is not None:
-            covers[cover] = "0755"
-    for path in hide:
-        covers.setdefault(path, "0755" if any(path in g.parents for g in granted) else "0700")
+    closed = {c for c in map(blocking_ancestor, [*exposed, *granted]) if c is not None}
     staging = Path(tempfile.mkdtemp(prefix="consortium-sandbox-"))
-    staged: list[tuple[Path, Path, bool]] = []  # (aside, path, read-only)
-    for index, (path, read_only) in enumerate(
-        [(p, True) for p in exposed if blocking_ancestor(p) is not None]
-        + [(p, False) for p in granted]
+    aside: dict[Path, Path] = {}
+    for index, path in enumerate(
+        [p for p in exposed if blocking_ancestor(p) is not None] + granted
     ):
-        aside = staging / str(index)
-        aside.mkdir()
-        _mount(str(path), aside, None, MS_BIND | MS_REC)
-        staged.append((aside, path, read_only))
-    mounted = []
-    for cover, mode in sorted(covers.items(), key=lambda item: len(item[0].parts)):
-        if cover.is_dir():  # not under a cover already
-            _mount("tmpfs", cover, "tmpfs", MS_NOSUID | MS_NODEV, f"mode={mode},size=64k")
-            mounted.append(cover)
-    for aside, path, read_only in staged:
-        # The dirs down to it, enterable whatever the caller's umask (join's is 077).
-        for step in [*reversed(path.parents), path]:
-            if not step.exists():
-                step.mkdir(mode=0o755)
-                step.chmod(0o755)
-        _mount(str(aside), path, None, MS_MOVE)
-        if read_only:
+        aside[path] = staging / str(index)
+        aside[path].mkdir()
+        _mount(str(path), aside[path], None, MS_BIND | MS_REC)
+    mounted = _cover(sorted(closed, key=lambda c: len(c.parts)), "0755")
+    for path in exposed:
+        if path in aside:
+            _move_into_place(aside[path], path)
             _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    for path in hide:
+        mode = "0755" if any(path in g.parents for g in granted) else "0700"
+        mounted += _cover([path], mode)
+    for path in granted:
+        _move_into_place(aside[path], path)
     for cover in mounted:
         _mount(None, cover, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     shutil.rmtree(staging, ignore_errors=True)  # its spots are empty now
+
+
+def _cover(dirs: Iterable[Path], mode: str) -> list[Path]:
+    """An empty tmpfs over each dir still in sight (one below a cover is not)."""
+    mounted = []
+    for path in dirs:
+        if path.is_dir():
+            _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"mode={mode},size=64k")
+            mounted.append(path)
+    return mounted
+
+
+def _move_into_place(aside: Path, path: Path) -> None:
+    # The dirs down to it, enterable whatever the caller's umask (join's is 077).
+    for step in [*reversed(path.parents), path]:
+        if not step.exists():
+            step.mkdir(mode=0o755)
+            step.chmod(0o755)
+    _mount(str(aside), path, None, MS_MOVE)
 
 
 def drop_to(uid: int, gid: int) -> None:

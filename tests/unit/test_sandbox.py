@@ -95,13 +95,13 @@ def site_layout(root: Path) -> dict[str, Path]:
     return {"state": state, "data": data, "public": public, "closed": closed}
 
 
-def sandbox_for(layout: dict[str, Path]) -> Sandbox:
-    """As `client join` makes it for its Ray node."""
+def sandbox_for(layout: dict[str, Path], *hidden: Path) -> Sandbox:
+    """As `client join` makes it for its Ray node (hiding `hidden` too)."""
     home = prepare_ray_temp_dir(layout["state"]).parent
     sandbox = Sandbox(
         ensure_pool_user(),
         home,
-        hide=(layout["state"], layout["data"]),
+        hide=(layout["state"], layout["data"], *hidden),
         expose=(*interpreter_paths(), layout["closed"] / "tool"),
     )
     sandbox.prepare()
@@ -186,6 +186,23 @@ def test_an_exposed_path_is_reached_through_a_closed_dir_and_nothing_beside_it(
     assert seen["listed"] == {str(closed): ["tool"]}
     assert seen["wrote"] == {str(tool / "planted"): "OSError", str(closed / "planted"): "OSError"}
     assert sorted(p.name for p in closed.iterdir()) == ["secret", "tool"]  # the host's view
+
+
+def test_a_hidden_dir_inside_an_exposed_path_stays_hidden(site_root: Path) -> None:
+    """A data dir kept inside the checkout, where the checkout is exposed (it lies below
+    a closed dir, as a clone under /root does): the exposure does not bring it back."""
+    layout = site_layout(site_root)
+    inside = layout["closed"] / "tool" / "data"
+    inside.mkdir(mode=0o755)
+    (inside / "rows.csv").write_text("rows")
+    (inside / "rows.csv").chmod(0o644)
+    if not AS_ROOT:
+        assert pool_sandbox(layout["state"], [inside]) is None
+        return
+    tool = layout["closed"] / "tool"
+    seen = probe(sandbox_for(layout, inside), [tool / "run", inside / "rows.csv"], [tool], [])
+    assert seen["read"] == {str(tool / "run"): "run", str(inside / "rows.csv"): "PermissionError"}
+    assert seen["listed"] == {str(tool): ["data", "run"]}
 
 
 def test_the_node_gets_its_own_copy_of_a_credential_and_nothing_else(site_root: Path) -> None:

@@ -24,7 +24,8 @@ RAY_POOL_HELP = (
     "Also contribute this machine to the consortium's shared Ray pool for pretraining "
     "(off by default). Every member holding the cluster token can run code on a pool "
     "node: use it only on a machine dedicated to the consortium, with no site keys or "
-    "private data on it."
+    "private data on it. Run as root, the node runs as the OS user consortium-pool, "
+    "which cannot read this site's state dir, bundle or data."
 )
 
 app = typer.Typer(

@@ -68,3 +68,4 @@ def test_join_help_says_what_joining_the_pool_trusts() -> None:
     assert "--ray" in text and "off by default" in text
     assert "Every member holding the cluster token can run code on a pool node" in text
     assert "dedicated to the consortium" in text
+    assert "Run as root, the node runs as the OS user consortium-pool" in text

@@ -26,6 +26,7 @@ Only the standard library is imported here: it runs before every Ray node start.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
 import pwd
@@ -129,27 +130,37 @@ class Sandbox:
 
     def prepare(self) -> None:
         """Hand the private dir (0700) and each granted dir over to the pool user: the
-        dirs themselves, never what is in them (which a pool process may have replaced
-        with a link since), and never through a link."""
+        dirs themselves, never what is in them, and never through a link (a pool
+        process can rename what it owns and leave a link in its place)."""
         for path in (self.home, *self.grant):
-            if not stat.S_ISDIR(path.lstat().st_mode):
-                raise SandboxSetupError(f"{path} is not a directory: not handing it over")
-            os.chown(path, self.user.uid, self.user.gid, follow_symlinks=False)
-        self.home.chmod(0o700)
+            fd = _open_dir(path)
+            try:
+                os.fchown(fd, self.user.uid, self.user.gid)
+                if path == self.home:
+                    os.fchmod(fd, 0o700)
+            finally:
+                os.close(fd)
 
     def share(self, source: Path) -> Path:
         """A copy of `source` in the private dir that only the pool user (and root) can
         read: what the node needs of the site's files (the cluster token, its Ray TLS
-        key). Replaced atomically, so a start reads the old copy or the new one."""
-        target = self.home / source.name
-        partial = target.with_name(target.name + ".new")
-        partial.unlink(missing_ok=True)
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(source.read_bytes())
-        os.chown(partial, self.user.uid, self.user.gid)
-        os.replace(partial, target)
-        return target
+        key). Replaced atomically, so a start reads the old copy or the new one. Written
+        relative to the dir opened without following a link, and never through a link
+        in it, since the pool user owns that dir by now."""
+        content = source.read_bytes()
+        partial = source.name + ".new"
+        home = _open_dir(self.home)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial, dir_fd=home)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+            with os.fdopen(os.open(partial, flags, 0o600, dir_fd=home), "wb") as handle:
+                handle.write(content)
+                os.fchown(handle.fileno(), self.user.uid, self.user.gid)
+            os.replace(partial, source.name, src_dir_fd=home, dst_dir_fd=home)
+        finally:
+            os.close(home)
+        return self.home / source.name
 
     def env(self) -> dict[str, str]:
         """The user's identity for the command (Ray and Python read these, not passwd)."""
@@ -165,6 +176,14 @@ class Sandbox:
             *(f"--grant={path}" for path in self.grant),
             "--", *argv,
         ]  # fmt: skip
+
+
+def _open_dir(path: Path) -> int:
+    """`path` opened as a directory, refused if it is a link or not a directory."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as error:
+        raise SandboxSetupError(f"{path} is not a directory of its own: {error}") from None
 
 
 def sandbox_for(home: Path, hide: Sequence[Path], grant: Sequence[Path] = ()) -> Sandbox | None:

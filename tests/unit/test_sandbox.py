@@ -34,7 +34,14 @@ from consortium.leftovers import (
     stop_leftovers,
 )
 from consortium.ray_env import prepare_ray_temp_dir, short_temp_dir
-from consortium.sandbox import POOL_USER, Sandbox, ensure_pool_user, interpreter_paths, pool_uid
+from consortium.sandbox import (
+    POOL_USER,
+    Sandbox,
+    SandboxSetupError,
+    ensure_pool_user,
+    interpreter_paths,
+    pool_uid,
+)
 from coordinator.pretraining.engine import driver_sandbox
 
 AS_ROOT = os.geteuid() == 0
@@ -317,3 +324,29 @@ def test_a_pretraining_driver_sees_only_its_checkpoint_dir_of_the_data_dir(
         assert key.read_text() == "key" and not (data_dir / "planted").exists()
     finally:
         remove_own_dir(short_temp_dir(data_dir))
+
+
+def test_a_link_left_in_place_of_the_private_dir_is_refused_not_followed(
+    site_root: Path,
+) -> None:
+    """The pool user owns its private dir once handed over, so a pool process can rename
+    it and leave a link to a dir of root's in its place: handing over and sharing
+    credentials then refuse, and write nothing through the link."""
+    layout = site_layout(site_root)
+    if not AS_ROOT:
+        assert pool_sandbox(layout["state"], []) is None
+        return
+    sandbox = sandbox_for(layout)
+    token = layout["state"] / "ray-token"
+    token.write_bytes(b"cluster-token")
+    roots_dir = site_root / "roots"  # stands for /etc
+    roots_dir.mkdir(mode=0o755)
+    sandbox.home.rename(site_root / "moved-away")
+    sandbox.home.symlink_to(roots_dir)
+    with pytest.raises(SandboxSetupError, match="not a directory of its own"):
+        sandbox.prepare()
+    with pytest.raises(SandboxSetupError, match="not a directory of its own"):
+        sandbox.share(token)
+    assert list(roots_dir.iterdir()) == [] and roots_dir.stat().st_uid == 0
+    assert stat.S_IMODE(roots_dir.stat().st_mode) == 0o755
+    sandbox.home.unlink()

@@ -311,10 +311,14 @@ def _move_into_place(aside: Path, path: Path) -> None:
 
 
 def drop_to(uid: int, gid: int) -> None:
-    """Become uid/gid for good: no supplementary groups, no capabilities (the kernel
-    clears them when root's uids all change), and none to gain by exec (setuid
-    programs included)."""
-    os.setgroups([])
+    """Become uid/gid for good: the user's own supplementary groups only (none unless an
+    operator added some, say a GPU's device group), no capabilities (the kernel clears
+    them when root's uids all change), and none to gain by exec (setuid programs
+    included)."""
+    try:
+        os.initgroups(pwd.getpwuid(uid).pw_name, gid)
+    except KeyError:  # not in the user database: no groups at all
+        os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     _check(_libc().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")

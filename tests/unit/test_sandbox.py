@@ -147,7 +147,8 @@ def test_code_in_the_sandbox_reads_neither_the_sites_keys_nor_its_data(site_root
     readme = layout["public"] / "readme"
     seen = probe(sandbox, [key, patients, readme], [layout["state"], layout["data"]], [])
     user = ensure_pool_user()
-    assert (seen["uid"], seen["gid"], seen["groups"]) == (user.uid, user.gid, [])
+    # Its own group alone: the user database gives it no other (root's are dropped).
+    assert (seen["uid"], seen["gid"], seen["groups"]) == (user.uid, user.gid, [user.gid])
     # The data file is world-readable: only the tmpfs over its dir keeps it out of reach
     # (the file beside it, not hidden, is read).
     assert seen["read"] == {

@@ -1,21 +1,24 @@
-"""A separate OS user, in a mount namespace of its own, for a site's Ray pool node.
+"""A separate OS user, in a mount namespace of its own, for every Ray process.
 
-A Ray pool node runs code from every member that holds the cluster token (Ray is one
-trust domain). Run as the user of `client join`, that code could read the site's keys,
-its Ray token's source, and any private data that user can read. Where `client join`
-runs as root, its Ray node therefore runs as the system user `consortium-pool` (made
-on first use, no login shell, no home), and in a mount namespace where:
+Ray processes run code from every member that holds the cluster token (Ray is one trust
+domain): a site's pool node runs their tasks, the coordinator's head runs any zero-CPU
+task placed on it, and each pretraining driver unpickles what their workers return. Run
+as the user of `client join` or `coordinator serve`, that code could read the site's
+keys and data, or the coordinator's signing key and state. Where they run as root, their
+Ray processes therefore run as the system user `consortium-pool` (made on first use, no
+login shell, no home), in a mount namespace where:
 
-* the site's state dir (keys, tokens, logs), its bundle and its data dir are covered by
-  an empty root-only tmpfs, so even data the site left world-readable is out of reach;
+* the site's state dir (keys, tokens, logs), its bundle and its data dir, or the
+  coordinator's data dir, are covered by an empty root-only tmpfs, so even data left
+  world-readable is out of reach (a driver's checkpoint dir alone is granted back);
 * the interpreter, the venv and the project's sources are reachable although they may
   lie below a dir other users cannot enter (a pyenv under /root): that dir is covered
   by a tmpfs holding only those paths, bound read-only;
 * the process has no capabilities left and cannot gain any (no_new_privs).
 
-What the node needs of the site's secrets (the Ray token, its Ray TLS key) is copied
-into the node's own private dir, owned by the pool user: those are the cluster's
-credentials, which every pool node holds anyway.
+What they need of those secrets (the Ray token, the Ray TLS key) is copied into their
+own private dir, owned by the pool user: those are the cluster's credentials, which
+every pool node holds anyway.
 
 `Sandbox.wrap` turns a command line into `python -m consortium.sandbox ... -- argv`,
 which sets the namespace up as root, drops to the pool user and execs argv: the same

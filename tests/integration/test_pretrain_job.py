@@ -317,6 +317,17 @@ def run_pool_members_task(site: Site, where: str, targets: list[Path]) -> dict[s
     return seen
 
 
+def refused_as_the_pool_user(seen: dict[str, Any], targets: list[Path]) -> None:
+    """As root: the task ran as the pool user and read none of `targets`. Otherwise it
+    ran as this user, and read the first (what `client join`'s warning says)."""
+    if os.geteuid() == 0:
+        assert seen["uid"] == pwd.getpwnam(POOL_USER).pw_uid
+        assert seen["found"] == {str(t): "PermissionError" for t in targets}
+    else:
+        assert seen["uid"] == os.getuid()
+        assert seen["found"][str(targets[0])] == "read"
+
+
 def test_code_on_the_sites_pool_node_cannot_read_its_keys_or_data(site: Site) -> None:
     """Issue 17: Ray is one trust domain, so any member's code can run on a pool node.
     Where `client join` runs as root (as in CI) that code runs as the pool user, which
@@ -330,13 +341,7 @@ def test_code_on_the_sites_pool_node_cannot_read_its_keys_or_data(site: Site) ->
         Path(f"/proc/{site.join_pid}/environ"),
     ]
     assert all(t.exists() for t in targets) and len(targets) >= 4
-    seen = run_pool_members_task(site, "site", targets)
-    if os.geteuid() == 0:
-        assert seen["uid"] == pwd.getpwnam(POOL_USER).pw_uid
-        assert seen["found"] == {str(t): "PermissionError" for t in targets}
-    else:
-        assert seen["uid"] == os.getuid()
-        assert seen["found"][str(targets[0])] == "read"
+    refused_as_the_pool_user(run_pool_members_task(site, "site", targets), targets)
 
 
 def test_code_on_the_coordinators_head_node_cannot_read_its_keys_or_state(site: Site) -> None:
@@ -346,10 +351,4 @@ def test_code_on_the_coordinators_head_node_cannot_read_its_keys_or_state(site: 
     paths = DataDir(site.data_dir)
     targets = [paths.signing_key, paths.state_db, Path(f"/proc/{site.coordinator_pid}/environ")]
     assert all(t.exists() for t in targets)
-    seen = run_pool_members_task(site, "head", targets)
-    if os.geteuid() == 0:
-        assert seen["uid"] == pwd.getpwnam(POOL_USER).pw_uid
-        assert seen["found"] == {str(t): "PermissionError" for t in targets}
-    else:
-        assert seen["uid"] == os.getuid()
-        assert seen["found"][str(paths.signing_key)] == "read"
+    refused_as_the_pool_user(run_pool_members_task(site, "head", targets), targets)

@@ -270,12 +270,11 @@ def build_view(expose: Sequence[Path], hide: Sequence[Path], grant: Sequence[Pat
     first), the exposed paths back in place, the hidden dirs covered, the granted paths
     in place; the covers end read-only."""
     exposed, granted = _outermost(expose), _outermost(grant)
-    closed = {c for c in map(blocking_ancestor, [*exposed, *granted]) if c is not None}
+    blocked = {p: blocking_ancestor(p) for p in [*exposed, *granted]}
+    closed = {c for c in blocked.values() if c is not None}
     staging = Path(tempfile.mkdtemp(prefix="consortium-sandbox-"))
     aside: dict[Path, Path] = {}
-    for index, path in enumerate(
-        [p for p in exposed if blocking_ancestor(p) is not None] + granted
-    ):
+    for index, path in enumerate([p for p in exposed if blocked[p] is not None] + granted):
         aside[path] = staging / str(index)
         aside[path].mkdir()
         _mount(str(path), aside[path], None, MS_BIND | MS_REC)

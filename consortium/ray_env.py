@@ -70,6 +70,10 @@ RAY_FIXED_PORTS = (
     "--metrics-export-port",
     "--ray-client-server-port",  # a head's only (Ray Client, which no one here uses)
 )
+# The ports a Ray node takes for its other parts when no range is set (Ray's
+# DEFAULT_DASHBOARD_PORT, its Ray Client server's and DEFAULT_DASHBOARD_AGENT_LISTEN_PORT):
+# a GCS port chosen among free ports must not be one of them, or `ray start` refuses.
+RAY_DEFAULT_PORTS = frozenset({8265, 10001, 52365})
 RAY_WORKER_PORTS_FROM = 10  # offset of the first worker port
 MIN_RAY_PORT_RANGE = 32  # the fixed ports and at least 22 worker processes
 

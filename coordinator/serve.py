@@ -21,7 +21,12 @@ from consortium.ownership import claim
 from consortium.processes import ChildProcess
 from consortium.proto.v1 import jobs_pb2_grpc, nodes_pb2_grpc, status_pb2_grpc
 from consortium.provenance.signing import SigningKey
-from consortium.ray_env import RayTls, short_temp_dir, use_ray_auth_in_this_process
+from consortium.ray_env import (
+    RAY_DEFAULT_PORTS,
+    RayTls,
+    short_temp_dir,
+    use_ray_auth_in_this_process,
+)
 from consortium.supervision import ProcessChild, Supervised, Supervisor
 from coordinator.access.pki_files import CoordinatorPki
 from coordinator.access.refusals.control_plane import ControlPlaneRefusalWatch
@@ -97,13 +102,19 @@ def check_transport(settings: CoordinatorSettings) -> CoordinatorPki | None:
     return None
 
 
-def sticky_port(record: Path, host: str, requested: int) -> int:
+def sticky_port(
+    record: Path, host: str, requested: int, avoid: frozenset[int] = frozenset()
+) -> int:
     """The requested port, else the one used last time (so nodes can reconnect
-    after a restart), else a fresh free one."""
+    after a restart), else a fresh free one; never one in `avoid` unless requested."""
     if requested:
         return requested
-    if record.exists():
-        previous = int(record.read_text().strip() or 0)
+    previous = int(record.read_text().strip() or 0) if record.exists() else 0
+    if previous in avoid:
+        log.info(
+            "port %d used last time is one the server's own parts take; choosing another", previous
+        )
+    elif previous:
         try:
             with socket.socket() as probe:
                 # As the servers bind: a crashed predecessor's connections in TIME_WAIT
@@ -113,7 +124,10 @@ def sticky_port(record: Path, host: str, requested: int) -> int:
             return previous
         except OSError:
             log.info("port %d used last time is taken; choosing another", previous)
-    return reserve_free_port(host)
+    port = reserve_free_port(host)
+    while port in avoid:
+        port = reserve_free_port(host)
+    return port
 
 
 # The start steps of `Coordinator`, in order (`on_start_step` receives these names).
@@ -516,7 +530,9 @@ class Coordinator:
             return RayCluster(settings.ray_address, token, tls)
         self.paths.ray_dir.mkdir(parents=True, exist_ok=True)
         record = self.paths.ray_head_port_file
-        port = sticky_port(record, settings.ray_host, settings.ray_port)
+        # Not a port Ray's head takes by default for another of its parts: a GCS port of
+        # 52365 (its dashboard agent's) once made the head refuse to start.
+        port = sticky_port(record, settings.ray_host, settings.ray_port, avoid=RAY_DEFAULT_PORTS)
         record.write_text(str(port))
         self.ray_head = self._new_ray_head(port, token, tls)
         # Stops whichever head runs then (a token rotation restarts it).

@@ -27,15 +27,18 @@ TORCH_PIN := $(shell grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')
 
 # Bytecode is compiled here, once, on every core: where PYTHONDONTWRITEBYTECODE is set
 # (as on CI) a module without its .pyc is compiled again by every process that imports
-# it, and the tests start hundreds of them. (torch/testing's py312_intrinsics is Python
-# 3.12 syntax; pip skips it too.)
+# it, and the tests start hundreds of them. All of site-packages, not only torch: pip
+# installs torch's own dependencies (sympy, mpmath, networkx, jinja2, torchgen ...)
+# with --no-compile and uv then finds them present, so nothing compiled them, and every
+# process that imports torch._dynamo (any optimizer's first step) paid about 1 s of
+# compiling sympy. (torch/testing's py312_intrinsics is Python 3.12 syntax; pip skips it too.)
 PURELIB = $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
 $(STAMP): pyproject.toml examples/tiny_workload/pyproject.toml examples/hf_lora/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile 'uv==0.12.24' '$(TORCH_PIN)'
 	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -e '.[dev]' -e examples/tiny_workload -e examples/hf_lora
-	$(BIN)/python -m compileall -q -j 0 -x py312_intrinsics "$(PURELIB)/torch" consortium coordinator client
+	$(BIN)/python -m compileall -q -j 0 -x py312_intrinsics "$(PURELIB)" consortium coordinator client
 	touch $(STAMP)
 
 demo: $(STAMP)

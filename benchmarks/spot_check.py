@@ -34,6 +34,7 @@ import torch
 from consortium.aggregation import StreamingMean
 from consortium.inner_loop import InnerTrainer, corpus_for
 from consortium.lm import Weights, model_weights, validation_loss
+from consortium.optim import SGD
 from consortium.pseudo_gradient_codec import decode
 from coordinator.pretraining import PretrainJobSpec, validate_pretrain_spec
 from coordinator.pretraining.diloco import UPDATE_WEIGHT, apply_outer_step, global_model
@@ -119,7 +120,7 @@ def spot_checks(
 def outer_step(
     spec: PretrainJobSpec,
     model: torch.nn.Module,
-    outer: torch.optim.Optimizer,
+    outer: SGD,
     weights: Weights,
     accepted: dict[str, Contribution],
 ) -> None:

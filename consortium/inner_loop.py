@@ -29,6 +29,7 @@ from consortium.data.stdlib_corpus import StdlibCorpus, load_stdlib_corpus
 from consortium.errors import DataDirError
 from consortium.lm import Weights, load_weights, model_weights, sample_batch
 from consortium.models.bytelm import ByteLM, ByteLMConfig
+from consortium.optim import AdamW
 from consortium.pseudo_gradient_codec import Codec, Encoded, encode
 
 
@@ -132,8 +133,8 @@ class InnerTrainer:
         self.optimizer = self._new_optimizer()
         self.inner_steps_done = 0
 
-    def _new_optimizer(self) -> torch.optim.AdamW:
-        return torch.optim.AdamW(
+    def _new_optimizer(self) -> AdamW:
+        return AdamW(
             self.model.parameters(),
             lr=self.config.inner_lr,
             weight_decay=self.config.weight_decay,
@@ -173,12 +174,11 @@ class InnerTrainer:
         started = time.perf_counter()
         losses = torch.zeros(steps, dtype=torch.float64)
         for step in range(steps):
-            for group in self.optimizer.param_groups:
-                group["lr"] = inner_lr_at(config, first_step + step)
+            self.optimizer.lr = inner_lr_at(config, first_step + step)
             x, y = sample_batch(data, config.batch_size, config.seq_len, generator)
             _, loss = self.model(x.to(self.device), y.to(self.device))
             assert loss is not None
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
             self.optimizer.step()

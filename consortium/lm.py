@@ -11,6 +11,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from consortium.optim import AdamW
+
 Weights = dict[str, npt.NDArray[np.float32]]
 
 
@@ -101,7 +103,7 @@ def fine_tune(
     model.to(device)
     model.train()
     global_params = [p.detach().clone() for p in model.parameters()]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    optimizer = AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(config.seed)
     total = 0.0
     for _ in range(config.steps):

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from consortium.optim import SGD
+
 
 @dataclass(frozen=True)
 class LocalTrainingConfig:
@@ -50,7 +52,7 @@ def train_local(
     inputs = torch.from_numpy(x).to(device)
     labels = torch.from_numpy(y).to(device)
     global_params = [p.detach().clone() for p in model.parameters()]
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=0.9)
+    optimizer = SGD(model.parameters(), lr=config.learning_rate, momentum=0.9)
     generator = torch.Generator().manual_seed(config.seed)
     total_loss, seen = 0.0, 0
     for _ in range(config.epochs):

@@ -44,6 +44,7 @@ from consortium.data.stdlib_corpus import StdlibCorpus
 from consortium.inner_loop import InnerMetrics, corpus_for
 from consortium.lm import Weights, load_weights, model_weights, validation_loss
 from consortium.models.bytelm import ByteLM
+from consortium.optim import SGD
 from consortium.pseudo_gradient_codec import (
     Encoded,
     PseudoGradientEncodingError,
@@ -85,11 +86,11 @@ POLL_INTERVAL_S = 0.5  # how often a waiting controller re-reads the cluster
 UPDATE_WEIGHT = 1  # every worker did the same H steps, so pseudo-gradients weigh alike
 
 
-def global_model(spec: PretrainJobSpec) -> tuple[ByteLM, torch.optim.SGD]:
+def global_model(spec: PretrainJobSpec) -> tuple[ByteLM, SGD]:
     """The initial global model and its outer optimizer (Nesterov momentum SGD), built
     from the spec alone, so a replay starts from the same bits."""
     model = ByteLM(spec.bytelm_config, seed=spec.seed)
-    outer = torch.optim.SGD(
+    outer = SGD(
         model.parameters(),
         lr=spec.outer_lr,
         momentum=spec.outer_momentum,
@@ -98,15 +99,13 @@ def global_model(spec: PretrainJobSpec) -> tuple[ByteLM, torch.optim.SGD]:
     return model, outer
 
 
-def apply_outer_step(
-    model: torch.nn.Module, outer: torch.optim.Optimizer, average: Weights
-) -> None:
+def apply_outer_step(model: torch.nn.Module, outer: SGD, average: Weights) -> None:
     """The outer step: the averaged pseudo-gradient as the gradient of `outer` (Nesterov
     SGD from `global_model`); the controller, replay and benchmarks all take it here."""
     for name, param in model.named_parameters():
         param.grad = torch.from_numpy(average[name])
     outer.step()
-    outer.zero_grad(set_to_none=True)
+    outer.zero_grad()
 
 
 DispatchHook = Callable[[int, list[str]], None]  # (outer step, worker ids) after dispatch

@@ -56,3 +56,39 @@ def test_building_a_model_still_works_through_the_light_catalogue() -> None:
     from consortium.models import DIGITS_CNN_PARAMETERS
 
     assert int(done.stdout) == DIGITS_CNN_PARAMETERS
+
+
+def test_the_training_loops_never_import_torch_dynamo() -> None:
+    """torch.optim's optimizers import torch._dynamo (and sympy) on first use, about 2 s of
+    CPU in every process that trains; consortium.optim's do not (consortium/optim.py).
+    Fine-tuning (AdamW, gradient clipping), digits training (momentum SGD) and an outer
+    Nesterov step run here; the pretraining inner loop uses the same AdamW."""
+    code = """
+import sys
+import numpy as np
+import torch
+from consortium.lm import FineTuneConfig, fine_tune
+from consortium.models import build_model
+from consortium.models.bytelm import ByteLM, ByteLMConfig
+from consortium.optim import SGD
+from consortium.training import LocalTrainingConfig, train_local
+
+cpu = torch.device("cpu")
+lm = ByteLM(ByteLMConfig(n_layer=1, n_head=1, n_embd=8, block_size=16))
+text = np.frombuffer(b"a tiny corpus to fine-tune on, twice over. " * 4, dtype=np.uint8)
+tune = FineTuneConfig(steps=2, batch_size=2, seq_len=8, learning_rate=1e-3, seed=0)
+fine_tune(lm, text, tune, cpu)
+x = np.zeros((4, 1, 8, 8), dtype=np.float32)
+y = np.zeros(4, dtype=np.int64)
+train_local(build_model("digits-cnn"), x, y, LocalTrainingConfig(1, 0.1, 2, 0), cpu)
+outer = SGD(lm.parameters(), lr=0.7, momentum=0.9, nesterov=True)
+for p in lm.parameters():
+    p.grad = torch.ones_like(p)
+outer.step()
+print("torch._dynamo" in sys.modules, "torch" in sys.modules)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True"]

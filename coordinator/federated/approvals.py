@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from consortium.errors import NotFoundError
 from consortium.provenance.signing import SigningKey, VerifyingKey
@@ -25,6 +26,7 @@ class RunApprovals:
         self._key = key
         self._changed = threading.Condition()
         self._signed: dict[str, SignedApproval] = {}
+        self._listeners: list[Callable[[], None]] = []
 
     @property
     def public_key(self) -> VerifyingKey:
@@ -35,8 +37,21 @@ class RunApprovals:
         with self._changed:
             self._signed[run_id] = signed
             self._changed.notify_all()
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener()
         log.info("approved Flower run %s (app %s) for job %s", run_id, fab_hash[:16], job_id)
         return signed
+
+    def on_approval(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (no arguments, quick) after every approval."""
+        with self._changed:
+            self._listeners.append(listener)
+
+    def run_ids(self) -> frozenset[str]:
+        """The runs approved and not withdrawn."""
+        with self._changed:
+            return frozenset(self._signed)
 
     def withdraw(self, run_id: str) -> None:
         """A run that ended (or was stopped) gets no more work from sites."""

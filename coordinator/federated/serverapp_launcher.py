@@ -39,6 +39,11 @@ ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
 # expires old task tokens): at 0.2 s an idle coordinator's SuperLink used 5% of a
 # core. A ServerApp then starts at most this long after its run.
 POLL_INTERVAL_S = 0.5
+# With no ServerApp running and no approved run waiting for one, the only task that can
+# appear is a run nobody approved (to be refused), so the launcher asks this seldom, and
+# an approval wakes it at once: an idle SuperLink and coordinator then spend a fifth of
+# the CPU on these polls (each also expires old task tokens in SQL).
+IDLE_POLL_INTERVAL_S = 5.0
 # How long a run's task waits for its approval: the job runner signs it right after
 # the run starts (milliseconds); a run nobody approved is refused after this.
 APPROVAL_WAIT_S = 15.0
@@ -83,6 +88,8 @@ class ServerAppLauncher:
         self._on_refusal = on_refusal
         self._approval_wait_s = approval_wait_s
         self._stop = threading.Event()
+        self._wake = threading.Event()  # an approval or stop: poll now
+        self._handled: set[str] = set()  # runs launched or refused here
         self._started: list[_Started] = []
         self._exited: dict[str, int] = {}  # run id -> its ServerApp's exit code
         self._exited_lock = threading.Lock()
@@ -100,11 +107,13 @@ class ServerAppLauncher:
             retry_invoker=None,  # the loop retries, and stays stoppable meanwhile
         )
         self._work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        approvals.on_approval(self._wake.set)
         self._thread = threading.Thread(target=self._loop, name="serverapp-launcher", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join()
         self._tasks.close()
         for started in self._started:
@@ -130,9 +139,15 @@ class ServerAppLauncher:
                 except Exception:
                     log.exception("could not handle the ServerApp task of run %s", task.run_id)
             else:
-                self._stop.wait(POLL_INTERVAL_S)
+                self._wake.wait(self._poll_interval_s())
+                self._wake.clear()
+
+    def _poll_interval_s(self) -> float:
+        waiting = self._approvals.run_ids() - self._handled
+        return POLL_INTERVAL_S if self._started or waiting else IDLE_POLL_INTERVAL_S
 
     def _launch_if_approved(self, token: str, run_id: str, fab_hash: str) -> None:
+        self._handled.add(run_id)
         signed = self._approvals.wait_for(run_id, self._approval_wait_s)
         approved = signed.verify(self._approvals.public_key) if signed is not None else None
         if approved is None:

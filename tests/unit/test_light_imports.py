@@ -58,11 +58,12 @@ def test_building_a_model_still_works_through_the_light_catalogue() -> None:
     assert int(done.stdout) == DIGITS_CNN_PARAMETERS
 
 
-def test_the_training_loops_never_import_torch_dynamo() -> None:
-    """torch.optim's optimizers import torch._dynamo (and sympy) on first use, about 2 s of
-    CPU in every process that trains; consortium.optim's do not (consortium/optim.py).
-    Fine-tuning (AdamW, gradient clipping), digits training (momentum SGD) and an outer
-    Nesterov step run here; the pretraining inner loop uses the same AdamW."""
+def test_the_training_loops_never_import_torch_dynamo_or_sklearn() -> None:
+    """torch.optim's optimizers and torch.use_deterministic_algorithms import
+    torch._dynamo (and sympy), and scikit-learn's digits loader imports scipy and pandas:
+    seconds of CPU in every process that trains. Deterministic mode, fine-tuning (AdamW,
+    gradient clipping), digits training (momentum SGD) and an outer Nesterov step run
+    here; the pretraining inner loop uses the same AdamW and determinism switch."""
     code = """
 import sys
 import numpy as np
@@ -70,25 +71,29 @@ import torch
 from consortium.lm import FineTuneConfig, fine_tune
 from consortium.models import build_model
 from consortium.models.bytelm import ByteLM, ByteLMConfig
+from consortium.data.digits import train_test_split
+from consortium.inner_loop import enable_determinism
 from consortium.optim import SGD
 from consortium.training import LocalTrainingConfig, train_local
 
 cpu = torch.device("cpu")
+enable_determinism("cpu")
+assert torch.are_deterministic_algorithms_enabled()
 lm = ByteLM(ByteLMConfig(n_layer=1, n_head=1, n_embd=8, block_size=16))
 text = np.frombuffer(b"a tiny corpus to fine-tune on, twice over. " * 4, dtype=np.uint8)
 tune = FineTuneConfig(steps=2, batch_size=2, seq_len=8, learning_rate=1e-3, seed=0)
 fine_tune(lm, text, tune, cpu)
-x = np.zeros((4, 1, 8, 8), dtype=np.float32)
-y = np.zeros(4, dtype=np.int64)
+digits, _ = train_test_split()
+x, y = digits.x[:4], digits.y[:4]
 train_local(build_model("digits-cnn"), x, y, LocalTrainingConfig(1, 0.1, 2, 0), cpu)
 outer = SGD(lm.parameters(), lr=0.7, momentum=0.9, nesterov=True)
 for p in lm.parameters():
     p.grad = torch.ones_like(p)
 outer.step()
-print("torch._dynamo" in sys.modules, "torch" in sys.modules)
+print("torch._dynamo" in sys.modules, "sklearn" in sys.modules, "torch" in sys.modules)
 """
     done = subprocess.run(
         [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["False", "True"]
+    assert done.stdout.split() == ["False", "False", "True"]

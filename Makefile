@@ -25,20 +25,23 @@ XDIST := -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 # read from pyproject.toml, so it is written once.
 TORCH_PIN := $(shell grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')
 
-# Bytecode is compiled here, once, on every core: where PYTHONDONTWRITEBYTECODE is set
-# (as on CI) a module without its .pyc is compiled again by every process that imports
-# it, and the tests start hundreds of them. All of site-packages, not only torch: pip
-# installs torch's own dependencies (sympy, mpmath, networkx, jinja2, torchgen ...)
-# with --no-compile and uv then finds them present, so nothing compiled them, and every
-# process that imports torch._dynamo (any optimizer's first step) paid about 1 s of
-# compiling sympy. (torch/testing's py312_intrinsics is Python 3.12 syntax; pip skips it too.)
+# Bytecode: every process writes the .pyc of each module it is the first to import, so
+# a module is compiled once, and only if something imports it. Where
+# PYTHONDONTWRITEBYTECODE is set (as on CI) each of the hundreds of processes the tests
+# start would compile its imports again, so make runs its commands without it. Compiling
+# all of site-packages up front (uv --compile-bytecode, then compileall for what pip
+# installed) took 30 of the set-up's 42 s on 2 cores, mostly on modules nothing imports.
+# Ray and the project are still compiled here: as root, Ray's processes run as the pool
+# user (consortium/sandbox.py), who cannot write into the venv, and Ray's agents import
+# modules no root process does.
+unexport PYTHONDONTWRITEBYTECODE
 PURELIB = $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
 $(STAMP): pyproject.toml examples/tiny_workload/pyproject.toml examples/hf_lora/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile 'uv==0.12.24' '$(TORCH_PIN)'
-	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -e '.[dev]' -e examples/tiny_workload -e examples/hf_lora
-	$(BIN)/python -m compileall -q -j 0 -x py312_intrinsics "$(PURELIB)" consortium coordinator client
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]' -e examples/tiny_workload -e examples/hf_lora
+	$(BIN)/python -m compileall -q -j 0 "$(PURELIB)/ray" consortium coordinator client
 	touch $(STAMP)
 
 demo: $(STAMP)

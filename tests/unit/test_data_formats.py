@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sklearn.datasets import load_digits
 
 from client.data.check import check_site_data, write_example
 from consortium.data.formats import FORMATS
@@ -47,6 +46,8 @@ def test_example_text_passes_the_check(tmp_path: Path) -> None:
 
 
 def test_sklearns_own_digits_arrays_are_refused_with_the_fix(tmp_path: Path) -> None:
+    from sklearn.datasets import load_digits  # here: not in every worker at collection
+
     bunch = load_digits()
     _digits(tmp_path, bunch.data, bunch.target)  # (n, 64), 0..16: the case from issue 20
     with pytest.raises(DataDirError) as raised:

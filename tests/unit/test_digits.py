@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sklearn.datasets import load_digits
 
 from consortium.data import digits
 
 
 def test_the_digits_match_scikit_learns_loader() -> None:
+    # Imported here: at module level every pytest-xdist worker would import scikit-learn
+    # (with scipy and pandas) while collecting, for this one test.
+    from sklearn.datasets import load_digits
+
     bunch = load_digits()
     ours = digits._all_digits()
     assert ours.x.shape == (1797, 1, 8, 8) and ours.x.dtype == np.float32

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 import pytest
-from sklearn.datasets import load_digits
 
 from consortium.data.digits import HOLDOUT_FRACTION, NUM_CLASSES, Split, train_test_split
 from consortium.data.partition import dirichlet_partition
@@ -157,6 +156,8 @@ def test_train_test_split_is_a_partition_of_all_digits(split: tuple[Split, Split
     # train + test must be exactly the full data set as a multiset of (image, label):
     # with the sizes adding up to 1797 that means no example is in both splits.
     train, test = split
+    from sklearn.datasets import load_digits  # here: not in every worker at collection
+
     bunch = load_digits()
     everything = _rows(np.asarray(bunch.images, np.float32) / 16.0, bunch.target)
     combined = _rows(np.concatenate([train.x, test.x]), np.concatenate([train.y, test.y]))

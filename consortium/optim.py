@@ -30,7 +30,18 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-class AdamW:
+class _OneGroup:
+    """The parameters an optimizer steps: one group, as every loop here uses."""
+
+    def __init__(self, params: Iterable[torch.Tensor]) -> None:
+        self.params = list(params)
+
+    def zero_grad(self) -> None:
+        for param in self.params:
+            param.grad = None
+
+
+class AdamW(_OneGroup):
     """``torch.optim.AdamW(params, lr, betas, eps, weight_decay)`` with its defaults
     otherwise (no amsgrad, not fused; foreach as torch picks it for the device).
     ``state`` maps a parameter's index to its ``step``, ``exp_avg`` and ``exp_avg_sq``,
@@ -45,16 +56,12 @@ class AdamW:
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
     ) -> None:
-        self.params = list(params)
+        super().__init__(params)
         self.lr = lr
         self.betas = betas
         self.eps = eps
         self.weight_decay = weight_decay
         self.state: dict[int, dict[str, torch.Tensor]] = {}
-
-    def zero_grad(self) -> None:
-        for param in self.params:
-            param.grad = None
 
     @torch.no_grad()
     def step(self) -> None:
@@ -97,7 +104,7 @@ class AdamW:
         )
 
 
-class SGD:
+class SGD(_OneGroup):
     """``torch.optim.SGD(params, lr, momentum, nesterov)`` with no weight decay or
     dampening. ``state_dict`` and ``load_state_dict`` use torch's layout (``state`` by
     parameter index, each with its ``momentum_buffer``; one entry in ``param_groups``),
@@ -113,15 +120,11 @@ class SGD:
     ) -> None:
         if nesterov and momentum <= 0:
             raise ValueError("Nesterov momentum needs a momentum above zero")
-        self.params = list(params)
+        super().__init__(params)
         self.lr = lr
         self.momentum = momentum
         self.nesterov = nesterov
         self.momentum_buffers: dict[int, torch.Tensor] = {}
-
-    def zero_grad(self) -> None:
-        for param in self.params:
-            param.grad = None
 
     @torch.no_grad()
     def step(self) -> None:

@@ -40,9 +40,8 @@ ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
 # core. A ServerApp then starts at most this long after its run.
 POLL_INTERVAL_S = 0.5
 # With no ServerApp running and no approved run waiting for one, the only task that can
-# appear is a run nobody approved (to be refused), so the launcher asks this seldom, and
-# an approval wakes it at once: an idle SuperLink and coordinator then spend a fifth of
-# the CPU on these polls (each also expires old task tokens in SQL).
+# appear is a run nobody approved (to be refused), so the launcher asks ten times less
+# often, and an approval wakes it at once.
 IDLE_POLL_INTERVAL_S = 5.0
 # How long a run's task waits for its approval: the job runner signs it right after
 # the run starts (milliseconds); a run nobody approved is refused after this.

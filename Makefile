@@ -6,15 +6,17 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-# pytest-xdist workers: integration tests mostly wait on real processes, so two
-# share two cores (three overloaded them: Ray workers missed their start deadlines).
+# pytest-xdist workers: integration tests mostly wait on real processes (restarts,
+# heartbeats, rounds), so three share two cores: measured on 2 cores, 551 s with three
+# and 619 s with two, both cores about 87% busy with three. (Three once overloaded them,
+# while revoked Ray nodes spun against a restarted GCS in test_ray_channel.)
 # --dist loadfile keeps each module in one worker, so a module-scoped stack starts
 # once (loadgroup's xdist_group marks are not honoured under pytest 9.2 with xdist 3.8:
 # the @group suffix never reaches the scheduler). --no-loadscope-reorder keeps the
 # modules in collection order, which tests/conftest.py sorts longest first from
 # tests/durations.json; xdist's default order (most tests first) started the long
 # one-test modules (chaos, supervision, multi-host) last, while the other worker idled.
-PYTEST_WORKERS ?= 2
+PYTEST_WORKERS ?= 3
 XDIST := -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 .PHONY: demo test test-under-load lint checks typecheck pytest protos dashboard durations

@@ -2,7 +2,7 @@
 from a JUnit XML report: `make durations` runs the suite with one and calls this.
 
 The suite's conftest starts the longest modules first (`--dist loadfile` hands whole
-modules to the two workers in collection order), so a long module never starts last
+modules to the workers in collection order), so a long module never starts last
 while the other worker idles. The figures only order the modules; nothing asserts them.
 """
 

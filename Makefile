@@ -7,9 +7,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 # pytest-xdist workers: integration tests mostly wait on real processes (restarts,
-# heartbeats, rounds), so three share two cores: measured on 2 cores, 551 s with three
-# and 619 s with two, both cores about 87% busy with three. (Three once overloaded them,
-# while revoked Ray nodes spun against a restarted GCS in test_ray_channel.)
+# heartbeats, rounds), so three share two cores. Measured on 2 cores, the same CPU work
+# (about 955 CPU-s) took 619 s with two workers, cores 77% busy, and 551 s with three,
+# 87% busy. Three had once made Ray workers miss their start deadlines; that was before
+# test_ray_channel stopped leaving Ray nodes spinning against a restarted GCS, and five
+# full runs with three have passed since.
 # --dist loadfile keeps each module in one worker, so a module-scoped stack starts
 # once (loadgroup's xdist_group marks are not honoured under pytest 9.2 with xdist 3.8:
 # the @group suffix never reaches the scheduler). --no-loadscope-reorder keeps the

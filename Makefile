@@ -29,8 +29,8 @@ XDIST := -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 # read from pyproject.toml, so it is written once.
 TORCH_PIN := $(shell grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')
 
-# Bytecode: every process writes the .pyc of each module it is the first to import, so
-# a module is compiled once, and only if something imports it. Where
+# Bytecode: a process writes the .pyc of each module it finds uncompiled, so a module is
+# compiled by the first processes that import it, and only if something does. Where
 # PYTHONDONTWRITEBYTECODE is set (as on CI) each of the hundreds of processes the tests
 # start would compile its imports again, so make runs its commands without it. Compiling
 # all of site-packages up front (uv --compile-bytecode, then compileall for what pip

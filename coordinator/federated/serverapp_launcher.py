@@ -142,7 +142,9 @@ class ServerAppLauncher:
                 self._wake.clear()
 
     def _poll_interval_s(self) -> float:
-        waiting = self._approvals.run_ids() - self._handled
+        approved = self._approvals.run_ids()
+        self._handled &= approved  # a withdrawn run is done with: the set stays small
+        waiting = approved - self._handled
         return POLL_INTERVAL_S if self._started or waiting else IDLE_POLL_INTERVAL_S
 
     def _launch_if_approved(self, token: str, run_id: str, fab_hash: str) -> None:

@@ -30,7 +30,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +55,9 @@ from tests.conftest import Processes
 from tests.helpers import auth_refusals, local_consortium, metric_value, run_to_end, wait_for
 from tests.security.modified_client import ATTACK_ENV, INFLATED_COUNT, NAN_LOSS
 
+# The attacker waits this long for a rogue run's ServerApp task to be offered (each
+# appears within one of the launcher's polls; the suite runs three workers on two cores).
+TAKE_TASK_TIMEOUT_S = 60.0
 ATTACKS = {"alpha": None, "beta": NAN_LOSS, "gamma": INFLATED_COUNT}
 NAMES = tuple(ATTACKS)
 ROGUE_MODULE = "rogue_attack_app"
@@ -282,9 +285,9 @@ def flower_status(sites: Sites, home: Path, run_id: str) -> str:
     return str(runs[0].get("status", ""))
 
 
-def take_serverapp_task(sites: Sites, run_id: str) -> str:
-    """AcquireTask with the launcher's secret, as the coordinator's account could;
-    the token of `run_id`'s ServerApp task."""
+def take_serverapp_task(sites: Sites, run_ids: Collection[str]) -> tuple[str, str]:
+    """AcquireTask with the launcher's secret, as the coordinator's account could: the
+    run id and token of the first ServerApp task of `run_ids` the SuperLink offers."""
     paths = DataDir(sites.data_dir)
     client = RuntimeHttpClient.from_server_address(
         server_address=f"127.0.0.1:{paths.superlink_port_file.read_text().strip()}",
@@ -298,17 +301,18 @@ def take_serverapp_task(sites: Sites, run_id: str) -> str:
             ),
         ],
     )
+    deadline = time.monotonic() + TAKE_TASK_TIMEOUT_S
     try:
-        for _ in range(100):
+        while time.monotonic() < deadline:
             acquired = client.AcquireTask(
                 AcquireTaskRequest(supported_task_types=[TaskType.SERVER_APP.value])
             )
-            if acquired.HasField("task") and str(acquired.task.run_id) == run_id:
-                return str(acquired.token)
+            if acquired.HasField("task") and str(acquired.task.run_id) in run_ids:
+                return str(acquired.task.run_id), str(acquired.token)
             time.sleep(0.1)
     finally:
         client.close()
-    raise AssertionError(f"the ServerApp task of run {run_id} was never offered")
+    raise AssertionError(f"no ServerApp task of runs {sorted(run_ids)} was offered")
 
 
 def test_the_coordinator_starts_no_serverapp_for_a_run_it_did_not_approve(
@@ -336,12 +340,14 @@ def test_the_coordinator_starts_no_serverapp_for_a_run_it_did_not_approve(
 def test_sites_refuse_a_run_whose_serverapp_someone_else_started(
     sites: Sites, tmp_path: Path
 ) -> None:
-    # The launcher holds the first rogue run's task while it waits for an approval
-    # that never comes, so the attacker takes the second run's task.
-    start_rogue_run(sites, tmp_path / "decoy")
-    run_id, report = start_rogue_run(sites, tmp_path / "attack")
+    # Two rogue runs: the launcher holds the task of the one it takes while it waits
+    # for an approval that never comes (or, between its polls, takes neither yet), so
+    # the attacker gets the other's task, whichever the SuperLink offers it first.
+    reports = dict(start_rogue_run(sites, tmp_path / work) for work in ("first", "second"))
+    run_id, token = take_serverapp_task(sites, reports)
+    report = reports[run_id]
     token_file = tmp_path / "token"
-    token_file.write_text(take_serverapp_task(sites, run_id))
+    token_file.write_text(token)
     paths = DataDir(sites.data_dir)
     serverapp = subprocess.Popen(
         [

@@ -99,6 +99,15 @@ def check_transport(settings: CoordinatorSettings) -> CoordinatorPki | None:
                 f"--insecure is allowed only on loopback, but {name} is {host!r}; use 127.0.0.1"
             )
     log.warning("running WITHOUT TLS (--insecure): only for loopback experiments")
+    if settings.ray_enabled and settings.ray_address is None:
+        # Ray binds its GCS and raylets to every interface, whatever the node address,
+        # and its head serves Ray Client on port 10001 of every interface: measured.
+        log.warning(
+            "the Ray head takes no token with --insecure and listens on every interface, "
+            "not only loopback: any host that reaches this machine can run code through "
+            "it; use --no-ray unless no untrusted host can reach this machine "
+            "(docs/operations.md)"
+        )
     return None
 
 

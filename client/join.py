@@ -436,8 +436,18 @@ class SiteNode:
 
     def _ray_token_path(self) -> Path | None:
         """Where the Ray worker reads the cluster token: the state dir's copy of the
-        coordinator's current one (None without TLS: no token)."""
-        return self._ray_token_file() if self.bundle else None
+        coordinator's current one. Plain text: the token a coordinator's own head takes
+        too, which it hands any caller on its loopback control plane; None from one whose
+        cluster takes none (a cluster it attached to) or that predates GetRayToken."""
+        if self.bundle is not None:
+            return self._ray_token_file()
+        reply = self._ask_for_ray_token(
+            {grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.FAILED_PRECONDITION}
+        )
+        if reply is None:
+            return None
+        write_ray_token(self._ray_token_file(), reply.token)
+        return self._ray_token_file()
 
     def _ray_token_file(self) -> Path:
         return self.settings.resolved_state_dir / "ray-token"
@@ -449,6 +459,19 @@ class SiteNode:
         bundle's copy in use; any other refusal (say, a revoked institution) raises."""
         if self.bundle is None:
             raise InsecureTransportError("the Ray token comes with a bundle: join with --bundle")
+        reply = self._ask_for_ray_token({grpc.StatusCode.UNIMPLEMENTED})
+        if reply is None:
+            log.info("the coordinator does not hand out Ray tokens: using the bundle's")
+            write_ray_token(self._ray_token_file(), self.bundle.ray_token.read_bytes())
+            return None
+        write_ray_token(self._ray_token_file(), reply.token)
+        return reply.node_claim or None
+
+    def _ask_for_ray_token(
+        self, no_token: set[grpc.StatusCode]
+    ) -> nodes_pb2.GetRayTokenResponse | None:
+        """GetRayToken, retried; None when the coordinator answers with a status in
+        `no_token`; any other refusal (say, a revoked institution) raises."""
         request = nodes_pb2.GetRayTokenRequest(institution=self.settings.institution)
 
         def ask(timeout_s: float) -> nodes_pb2.GetRayTokenResponse | None:
@@ -459,23 +482,17 @@ class SiteNode:
                     request, timeout=timeout_s
                 )
             except grpc.RpcError as error:
-                if isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                if isinstance(error, grpc.Call) and error.code() in no_token:
                     return None
                 raise
             return reply
 
         try:
-            reply = call_with_retry(ask, self.settings.coordinator, self._policy)
+            return call_with_retry(ask, self.settings.coordinator, self._policy)
         except UnreachableError:
             raise
         except ConsortiumError as error:
             raise type(error)(f"the coordinator refused the Ray token: {error}") from None
-        if reply is None:
-            log.info("the coordinator does not hand out Ray tokens: using the bundle's")
-            write_ray_token(self._ray_token_file(), self.bundle.ray_token.read_bytes())
-            return None
-        write_ray_token(self._ray_token_file(), reply.token)
-        return reply.node_claim or None
 
     def _ray_certificate(self, ray_address: str) -> RayTls:
         """A fresh Ray node certificate for this host's address, signed by the coordinator

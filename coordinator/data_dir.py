@@ -139,6 +139,13 @@ class DataDir:
         return self.ray_dir / "head.port"
 
     @property
+    def local_ray_token(self) -> Path:
+        """The Ray token of a plain-text (--insecure) coordinator's own head, made on its
+        first start: Ray listens beyond loopback whatever its address, so its head takes
+        a token in every mode (a consortium's is `pki/ray-token`)."""
+        return self.ray_dir / "token"
+
+    @property
     def ray_token_excludes(self) -> Path:
         return self.ray_dir / "token-excludes.json"
 

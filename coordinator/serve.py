@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import threading
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from consortium.ray_env import (
     RayTls,
     short_temp_dir,
     use_ray_auth_in_this_process,
+    write_ray_token,
 )
 from consortium.supervision import ProcessChild, Supervised, Supervisor
 from coordinator.access.pki_files import CoordinatorPki
@@ -37,6 +39,7 @@ from coordinator.addresses import announced, check_server_names, public_host, to
 from coordinator.api.auth import CertificateAuthInterceptor
 from coordinator.api.runtime_status import CoordinatorStatusServicer, RuntimeHealth
 from coordinator.api.servicers import JobsServicer, NodeRegistryServicer
+from coordinator.data_dir import DataDir
 from coordinator.federated.approvals import RunApprovals
 from coordinator.federated.edge import FleetEdge
 from coordinator.federated.flower_app import FlowerControl
@@ -99,16 +102,20 @@ def check_transport(settings: CoordinatorSettings) -> CoordinatorPki | None:
                 f"--insecure is allowed only on loopback, but {name} is {host!r}; use 127.0.0.1"
             )
     log.warning("running WITHOUT TLS (--insecure): only for loopback experiments")
-    if settings.ray_enabled and settings.ray_address is None:
-        # Ray binds its GCS and raylets to every interface, whatever the node address,
-        # and its head serves Ray Client on port 10001 of every interface: measured.
-        log.warning(
-            "the Ray head takes no token with --insecure and listens on every interface, "
-            "not only loopback: any host that reaches this machine can run code through "
-            "it; use --no-ray unless no untrusted host can reach this machine "
-            "(docs/operations.md)"
-        )
     return None
+
+
+def local_ray_token(paths: DataDir) -> Path:
+    """A plain-text coordinator's Ray token, made (0600) on its first start. Ray's GCS
+    and raylets listen on every interface whatever the head's address, and its head
+    serves Ray Client on port 10001 of every interface (Ray has no setting for either):
+    without a token, any host reaching this machine ran code through them (measured).
+    Sites on this machine get it with GetRayToken over the loopback control plane."""
+    token = paths.local_ray_token
+    if not token.exists():
+        token.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_ray_token(token, secrets.token_hex(32).encode())
+    return token
 
 
 def sticky_port(
@@ -530,6 +537,8 @@ class Coordinator:
                     "without --insecure"
                 )
             tls = coordinator_ray_tls(self.pki)
+        if token is None and settings.ray_address is None:
+            token = local_ray_token(self.paths)  # plain text: our own head's token
         # Process-wide and before any Ray call: Ray reads its auth mode once, and the
         # nodes view and the revocation drain talk to the GCS from this process (each
         # pretraining driver, a child process, sets up its own).

@@ -1,6 +1,7 @@
 """Pretraining on a contributed node, end to end, and `coordinator nodes` beside it.
 
-One `coordinator serve --insecure` (so Ray runs without a token) with its Ray head, and
+One `coordinator serve --insecure` with its Ray head (which takes the coordinator's own
+token even in plain text: Ray listens beyond loopback), and
 one real `client join` (CPU only) whose Ray worker joins it: a tiny DiLoCo run submitted
 over the API; `coordinator nodes` showing the registry and the Ray cluster side by side;
 a pretraining job the cluster cannot serve waiting with a reason; and code any pool member
@@ -26,6 +27,7 @@ import pytest
 
 from consortium.exit_codes import ExitCode
 from consortium.proto.v1 import jobs_pb2, jobs_pb2_grpc, nodes_pb2
+from consortium.ray_env import ray_auth_env
 from consortium.sandbox import POOL_USER
 from coordinator.cli.remote import Remote
 from coordinator.data_dir import DataDir
@@ -309,7 +311,8 @@ def run_pool_members_task(site: Site, where: str, targets: list[Path]) -> dict[s
         capture_output=True,
         text=True,
         timeout=180,
-        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        # A pool member holds the cluster's token (this coordinator's own, plain text).
+        env={**os.environ, **ray_auth_env(DataDir(site.data_dir).local_ray_token)},
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -352,3 +355,61 @@ def test_code_on_the_coordinators_head_node_cannot_read_its_keys_or_state(site: 
     targets = [paths.signing_key, paths.state_db, Path(f"/proc/{site.coordinator_pid}/environ")]
     assert all(t.exists() for t in targets)
     refused_as_the_pool_user(run_pool_members_task(site, "head", targets), targets)
+
+
+# What a host on the network tries against this machine's Ray head without its token:
+# a GCS query (what any driver does first) and a Ray Client driver (port 10001), at the
+# address Ray announces for this machine (not loopback, where it has one).
+OUTSIDER_ATTEMPT = """
+import json, sys
+import ray.util
+from ray._private.services import get_node_ip_address
+from ray._raylet import GcsClient
+host = get_node_ip_address()
+found = {"host": host}
+try:
+    nodes = GcsClient(address=f"{host}:{sys.argv[1]}").get_all_node_info(timeout=10)
+    found["gcs"] = f"answered: {len(nodes)} nodes"
+except Exception as error:
+    found["gcs"] = f"refused: {type(error).__name__}"
+if sys.argv[2] == "ray-client":
+    try:
+        ray.util.connect(f"{host}:10001", connection_retries=0)
+        found["ray_client"] = "connected"
+    except ConnectionError as error:
+        found["ray_client"] = f"refused: {error}"
+print(json.dumps(found))
+"""
+
+
+def outsider_attempt(site: Site, env: dict[str, str], ray_client: bool) -> dict[str, str]:
+    port = site.ray_address.rsplit(":", 1)[1]
+    done = subprocess.run(
+        [sys.executable, "-c", OUTSIDER_ATTEMPT, port, "ray-client" if ray_client else "-"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    found: dict[str, str] = json.loads(done.stdout.strip().splitlines()[-1])
+    return found
+
+
+def test_a_plain_text_coordinators_ray_head_refuses_callers_without_its_token(
+    site: Site,
+) -> None:
+    """Ray's GCS and raylets listen on every interface whatever the head's address, and
+    the head serves Ray Client on port 10001 of every interface: before the plain-text
+    head took a token, a host reaching this machine queried the GCS and ran code through
+    Ray Client. Now both refuse a caller without the token; the same query with the
+    coordinator's token (0600 in its data dir) is answered."""
+    token = DataDir(site.data_dir).local_ray_token
+    assert oct(token.stat().st_mode & 0o777) == oct(0o600)
+    member = outsider_attempt(site, ray_auth_env(token), ray_client=False)
+    assert member["gcs"].startswith("answered"), member
+    outsider = outsider_attempt(site, ray_auth_env(None), ray_client=True)
+    assert outsider["host"] == member["host"]
+    assert outsider["gcs"].startswith("refused"), outsider
+    assert outsider["ray_client"].startswith("refused"), outsider

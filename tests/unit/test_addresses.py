@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
@@ -99,22 +98,3 @@ def test_a_new_server_certificate_needs_the_ca_key(tmp_path: Path) -> None:
 def test_the_ray_host_must_be_an_address_ray_can_announce(host: str) -> None:
     with pytest.raises(ValueError, match="ray_host"):
         CoordinatorSettings(ray_host=host)
-
-
-def test_insecure_serve_with_a_ray_head_warns_that_ray_listens_beyond_loopback(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Ray's GCS, raylets and Ray Client server listen on every interface whatever the
-    head's address (docs/operations.md), and take no token with --insecure."""
-    insecure = CoordinatorSettings(data_dir=tmp_path, insecure=True)
-    with caplog.at_level(logging.WARNING, logger="coordinator.serve"):
-        assert check_transport(insecure) is None
-    assert "every interface" in caplog.text and "--no-ray" in caplog.text
-    for quiet in (
-        insecure.model_copy(update={"ray_enabled": False}),
-        insecure.model_copy(update={"ray_address": "127.0.0.1:6379"}),
-    ):
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="coordinator.serve"):
-            assert check_transport(quiet) is None
-        assert "WITHOUT TLS" in caplog.text and "every interface" not in caplog.text

@@ -1,5 +1,7 @@
 """`client join` fetches the Ray token over mutual TLS, falling back to the bundle's copy
-only when the coordinator does not implement GetRayToken.
+only when the coordinator does not implement GetRayToken; in plain text it fetches the
+token of the coordinator's own head over loopback, and runs without one only when the
+coordinator's cluster takes none.
 
 A real gRPC server on 127.0.0.1:0 with the consortium's server certificate stands in
 for the coordinator's NodeRegistry; the site is really onboarded (bundle, keys) and the
@@ -43,6 +45,12 @@ def refuse(request: nodes_pb2.GetRayTokenRequest, context: grpc.ServicerContext)
 
 def answer(request: nodes_pb2.GetRayTokenRequest, context: grpc.ServicerContext) -> bytes:
     return CURRENT_TOKEN
+
+
+def takes_no_token(request: nodes_pb2.GetRayTokenRequest, context: grpc.ServicerContext) -> bytes:
+    """A plain-text coordinator attached to a cluster that takes no token."""
+    context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the Ray cluster takes no token")
+    raise AssertionError("abort raises")
 
 
 def get_ray_token_only(token: GetRayToken) -> grpc.GenericRpcHandler:
@@ -141,3 +149,60 @@ def test_fetch_ray_token_coordinator_refuses_raises_without_fallback(
     ):
         site_node(tmp_path, state_dir, bundle_dir, address).fetch_ray_token()
     assert not (state_dir / "ray-token").exists()
+
+
+@contextmanager
+def plain_text_registry(*handlers: grpc.GenericRpcHandler) -> Iterator[str]:
+    """A plain-text server on 127.0.0.1:0 serving `handlers`; yields its address."""
+    executor = futures.ThreadPoolExecutor(max_workers=2)
+    server = grpc.server(executor, handlers=handlers)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(None).wait()
+        executor.shutdown(wait=True)
+
+
+def plain_text_site(tmp_path: Path, address: str) -> SiteNode:
+    data = tmp_path / "data"
+    (data / TEXT_DIR).mkdir(parents=True)
+    (data / TEXT_DIR / "notes.txt").write_text("local text that never leaves the site\n")
+    settings = ClientSettings(
+        coordinator=address,
+        institution=INSTITUTION,
+        data=data,
+        state_dir=tmp_path / "state",
+        insecure=True,
+        connect_attempts=1,
+        ray_enabled=False,
+    )
+    return SiteNode(settings)
+
+
+def test_plain_text_join_fetches_the_token_of_the_coordinators_own_head(tmp_path: Path) -> None:
+    with plain_text_registry(get_ray_token_only(answer)) as address:
+        token = plain_text_site(tmp_path, address)._ray_token_path()
+    assert token == tmp_path / "state" / "ray-token"
+    assert token.read_bytes() == CURRENT_TOKEN
+    assert token.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("handlers", [[], [get_ray_token_only(takes_no_token)]])
+def test_plain_text_join_runs_tokenless_only_where_the_cluster_takes_no_token(
+    tmp_path: Path, handlers: list[grpc.GenericRpcHandler]
+) -> None:
+    """A cluster the coordinator attached to (FAILED_PRECONDITION), or a coordinator
+    from before GetRayToken (UNIMPLEMENTED)."""
+    with plain_text_registry(*handlers) as address:
+        assert plain_text_site(tmp_path, address)._ray_token_path() is None
+    assert not (tmp_path / "state" / "ray-token").exists()
+
+
+def test_plain_text_join_raises_on_any_other_refusal(tmp_path: Path) -> None:
+    with (
+        plain_text_registry(get_ray_token_only(refuse)) as address,
+        pytest.raises(PermissionDeniedError, match="refused the Ray token"),
+    ):
+        plain_text_site(tmp_path, address)._ray_token_path()

@@ -86,13 +86,16 @@ def onboarded(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 
 @contextmanager
-def registry_server(data_dir: Path, *handlers: grpc.GenericRpcHandler) -> Iterator[str]:
-    """A mutual-TLS server on 127.0.0.1:0 with the consortium's server certificate,
-    serving `handlers` (none: every method answers UNIMPLEMENTED); yields its address."""
+def registry_server(data_dir: Path | None, *handlers: grpc.GenericRpcHandler) -> Iterator[str]:
+    """A mutual-TLS server on 127.0.0.1:0 with the consortium's server certificate (no
+    `data_dir`: plain text), serving `handlers` (none: every method answers
+    UNIMPLEMENTED); yields its address."""
     executor = futures.ThreadPoolExecutor(max_workers=2)
     server = grpc.server(executor, handlers=handlers)
-    port = server.add_secure_port(
-        "127.0.0.1:0", CoordinatorPki(data_dir).server_tls().credentials()
+    port = (
+        server.add_secure_port("127.0.0.1:0", CoordinatorPki(data_dir).server_tls().credentials())
+        if data_dir is not None
+        else server.add_insecure_port("127.0.0.1:0")
     )
     server.start()
     try:
@@ -102,7 +105,8 @@ def registry_server(data_dir: Path, *handlers: grpc.GenericRpcHandler) -> Iterat
         executor.shutdown(wait=True)
 
 
-def site_node(tmp_path: Path, state_dir: Path, bundle: Path, address: str) -> SiteNode:
+def site_node(tmp_path: Path, state_dir: Path, bundle: Path | None, address: str) -> SiteNode:
+    """The site with its bundle, or (no `bundle`) a plain-text one."""
     data = tmp_path / "data"
     (data / TEXT_DIR).mkdir(parents=True)
     (data / TEXT_DIR / "notes.txt").write_text("local text that never leaves the site\n")
@@ -111,6 +115,7 @@ def site_node(tmp_path: Path, state_dir: Path, bundle: Path, address: str) -> Si
         institution=INSTITUTION,
         data=data,
         bundle=bundle,
+        insecure=bundle is None,
         state_dir=state_dir,
         connect_attempts=1,
         ray_enabled=False,
@@ -151,39 +156,9 @@ def test_fetch_ray_token_coordinator_refuses_raises_without_fallback(
     assert not (state_dir / "ray-token").exists()
 
 
-@contextmanager
-def plain_text_registry(*handlers: grpc.GenericRpcHandler) -> Iterator[str]:
-    """A plain-text server on 127.0.0.1:0 serving `handlers`; yields its address."""
-    executor = futures.ThreadPoolExecutor(max_workers=2)
-    server = grpc.server(executor, handlers=handlers)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.stop(None).wait()
-        executor.shutdown(wait=True)
-
-
-def plain_text_site(tmp_path: Path, address: str) -> SiteNode:
-    data = tmp_path / "data"
-    (data / TEXT_DIR).mkdir(parents=True)
-    (data / TEXT_DIR / "notes.txt").write_text("local text that never leaves the site\n")
-    settings = ClientSettings(
-        coordinator=address,
-        institution=INSTITUTION,
-        data=data,
-        state_dir=tmp_path / "state",
-        insecure=True,
-        connect_attempts=1,
-        ray_enabled=False,
-    )
-    return SiteNode(settings)
-
-
 def test_plain_text_join_fetches_the_token_of_the_coordinators_own_head(tmp_path: Path) -> None:
-    with plain_text_registry(get_ray_token_only(answer)) as address:
-        token = plain_text_site(tmp_path, address)._ray_token_path()
+    with registry_server(None, get_ray_token_only(answer)) as address:
+        token = site_node(tmp_path, tmp_path / "state", None, address)._ray_token_path()
     assert token == tmp_path / "state" / "ray-token"
     assert token.read_bytes() == CURRENT_TOKEN
     assert token.stat().st_mode & 0o777 == 0o600
@@ -195,14 +170,14 @@ def test_plain_text_join_runs_tokenless_only_where_the_cluster_takes_no_token(
 ) -> None:
     """A cluster the coordinator attached to (FAILED_PRECONDITION), or a coordinator
     from before GetRayToken (UNIMPLEMENTED)."""
-    with plain_text_registry(*handlers) as address:
-        assert plain_text_site(tmp_path, address)._ray_token_path() is None
+    with registry_server(None, *handlers) as address:
+        assert site_node(tmp_path, tmp_path / "state", None, address)._ray_token_path() is None
     assert not (tmp_path / "state" / "ray-token").exists()
 
 
 def test_plain_text_join_raises_on_any_other_refusal(tmp_path: Path) -> None:
     with (
-        plain_text_registry(get_ray_token_only(refuse)) as address,
+        registry_server(None, get_ray_token_only(refuse)) as address,
         pytest.raises(PermissionDeniedError, match="refused the Ray token"),
     ):
-        plain_text_site(tmp_path, address)._ray_token_path()
+        site_node(tmp_path, tmp_path / "state", None, address)._ray_token_path()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -219,14 +220,32 @@ def test_verify_names_the_line_of_an_altered_record(copied_data_dir: Path) -> No
     assert f"line {target + 1}:" in done.stderr
 
 
+# A JSON string (a key or a value) or a number or literal, in a line of the log.
+JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|-?[0-9][0-9.eE+-]*|true|false|null')
+
+
+def field_offsets(log: bytes) -> list[int]:
+    """One byte in every key and every value of every line, and each line's first and
+    last byte: each field of each record is hit once, with a third of the flips of every
+    11th byte (which can miss short fields and keys altogether)."""
+    offsets = []
+    start = 0
+    for line in log.splitlines(keepends=True):
+        offsets += [start, start + len(line.rstrip(b"\n")) - 1]
+        offsets += [start + (m.start() + m.end()) // 2 for m in JSON_TOKEN.finditer(line)]
+        start += len(line)
+    return sorted(set(offsets))
+
+
 def test_every_byte_flip_of_the_real_log_is_detected(completed_run: CompletedRun) -> None:
     key = VerifyingKey.load(DataDir(completed_run.data_dir).signing_public_key)
     original = DataDir(completed_run.data_dir).provenance_log.read_bytes()
     scratch = DataDir(completed_run.data_dir).provenance_log.with_name("flipped.jsonl")
-    # Every 11th byte hits each field of every line (both jobs': rounds, outer steps,
-    # heads, cosignatures) while keeping the test short; tests/unit/test_provenance_log.py
-    # flips every single byte of a smaller log.
-    for offset in range(0, len(original), 11):
+    # A flip in every field of every line, both jobs' (rounds, outer steps, heads,
+    # cosignatures); tests/unit/test_provenance_log.py flips every byte of a smaller log.
+    offsets = field_offsets(original)
+    assert len(offsets) > 2 * original.count(b"\n") * 10  # tens of fields a line
+    for offset in offsets:
         flipped = bytearray(original)
         flipped[offset] ^= 0x01
         scratch.write_bytes(bytes(flipped))

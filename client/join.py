@@ -407,7 +407,7 @@ class SiteNode:
             joined.node_id,
             self.settings.gpu,
             self.settings.resolved_state_dir,
-            self._ray_token_path(),
+            self._ray_token_for_worker(),
             hardware=hardware_labels(self.device),
             tls=self._ray_certificate(joined.ray_address) if joined.ray_tls else None,
             before_start=self.fetch_ray_token if self.bundle else None,
@@ -434,9 +434,10 @@ class SiteNode:
             )
         return worker
 
-    def _ray_token_path(self) -> Path | None:
+    def _ray_token_for_worker(self) -> Path | None:
         """Where the Ray worker reads the cluster token: the state dir's copy of the
-        coordinator's current one. Plain text: the token a coordinator's own head takes
+        coordinator's current one (with a bundle, fetched before each start). Plain text:
+        fetched here, once, the token a coordinator's own head takes
         too, which it hands any caller on its loopback control plane; None from one whose
         cluster takes none (a cluster it attached to) or that predates GetRayToken."""
         if self.bundle is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 import stat
 from dataclasses import dataclass
@@ -116,6 +117,11 @@ def ray_port_flags(port_range: str | None, head: bool) -> list[str]:
         "--max-worker-port",
         str(high),
     ]
+
+
+def new_ray_token() -> bytes:
+    """A fresh cluster token: 32 random bytes as hex (Ray reads its token as text)."""
+    return secrets.token_hex(32).encode()
 
 
 def write_ray_token(path: Path, token: bytes) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import socket
 import threading
 from collections.abc import Callable
@@ -27,7 +26,6 @@ from consortium.ray_env import (
     RayTls,
     short_temp_dir,
     use_ray_auth_in_this_process,
-    write_ray_token,
 )
 from consortium.supervision import ProcessChild, Supervised, Supervisor
 from coordinator.access.pki_files import CoordinatorPki
@@ -39,7 +37,6 @@ from coordinator.addresses import announced, check_server_names, public_host, to
 from coordinator.api.auth import CertificateAuthInterceptor
 from coordinator.api.runtime_status import CoordinatorStatusServicer, RuntimeHealth
 from coordinator.api.servicers import JobsServicer, NodeRegistryServicer
-from coordinator.data_dir import DataDir
 from coordinator.federated.approvals import RunApprovals
 from coordinator.federated.edge import FleetEdge
 from coordinator.federated.flower_app import FlowerControl
@@ -60,7 +57,7 @@ from coordinator.observability.metrics import (
 from coordinator.pretraining.engine import DriverProcessEngine, driver_sandbox
 from coordinator.pretraining.runner import PretrainRunner
 from coordinator.ray.claims import RayNodeClaims
-from coordinator.ray.head import RayCluster, RayHead
+from coordinator.ray.head import RayCluster, RayHead, local_ray_token
 from coordinator.ray.revocation import RayRevocationSync
 from coordinator.ray.tls import coordinator_ray_tls
 from coordinator.ray.token_rotation import RayTokenRotation
@@ -103,19 +100,6 @@ def check_transport(settings: CoordinatorSettings) -> CoordinatorPki | None:
             )
     log.warning("running WITHOUT TLS (--insecure): only for loopback experiments")
     return None
-
-
-def local_ray_token(paths: DataDir) -> Path:
-    """A plain-text coordinator's Ray token, made (0600) on its first start. Ray's GCS
-    and raylets listen on every interface whatever the head's address, and its head
-    serves Ray Client on port 10001 of every interface (Ray has no setting for either):
-    without a token, any host reaching this machine ran code through them (measured).
-    Sites on this machine get it with GetRayToken over the loopback control plane."""
-    token = paths.local_ray_token
-    if not token.exists():
-        token.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_ray_token(token, secrets.token_hex(32).encode())
-    return token
 
 
 def sticky_port(

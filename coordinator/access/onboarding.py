@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from consortium.provenance.binding import check_binding_against_csr
 from consortium.provenance.log import ProvenanceLog
 from consortium.provenance.records import InstitutionKey, InstitutionKeyChanged, KeyBinding
 from consortium.provenance.signing import SignatureError, SigningKey, VerifyingKey, b64, unb64
+from consortium.ray_env import new_ray_token
 from consortium.run_approval import (
     COORDINATOR_KEY_ENDORSEMENT_FILE,
     COORDINATOR_KEY_FILE,
@@ -109,7 +109,7 @@ def init_consortium(
     files.operator_cert.write_bytes(
         pki.pem(pki.sign_csr(ca_key, ca_cert, operator_csr, OPERATOR, cert_days))
     )
-    _write_secret(files.ray_token, secrets.token_hex(32).encode(), force)
+    _write_secret(files.ray_token, new_ray_token(), force)
     signing = DataDir(data_dir).signing_key
     if force:
         signing.unlink(missing_ok=True)

@@ -4,9 +4,10 @@ Contributed nodes (`client join`) join this cluster as Ray workers; pretraining 
 run their DiLoCo controller in the coordinator process against it. The head announces
 no CPUs, GPUs or `institution:` resource, so it never hosts training workers.
 
-With TLS, Ray runs with token authentication (`RAY_AUTH_MODE=token`) and the token
-`coordinator init` wrote to `<data dir>/pki/ray-token`; every onboarded site gets the
-same token in its startup bundle. Ray's GCS refuses a process without the token
+Ray runs with token authentication (`RAY_AUTH_MODE=token`): with TLS, the token
+`coordinator init` wrote to `<data dir>/pki/ray-token`, which every onboarded site gets
+in its startup bundle; in plain text, the head's own (`local_ray_token`), since Ray
+listens beyond loopback whatever the head's address. Ray's GCS refuses a process without the token
 itself; a `RayRefusalWatch` (coordinator/access/refusals/ray_gcs.py) follows the head's GCS log
 and reports each refusal Ray records there.
 """
@@ -28,12 +29,14 @@ from consortium.ray_env import (
     DRAIN_TIMEOUT_ENV,
     RayTls,
     log_end,
+    new_ray_token,
     prepare_ray_temp_dir,
     ray_auth_env,
     ray_port_flags,
     ray_started,
     remove_ray_temp_dir,
     share_ray_credentials,
+    write_ray_token,
 )
 from consortium.sandbox import sandbox_for
 from coordinator.access.refusals.control_plane import TlsRefusal, parse_ray_handshake_failure
@@ -185,3 +188,16 @@ class RayHead:
 
     def _watches(self) -> list[LogRefusalWatch]:
         return [w for w in (self.auth_watch, self.tls_watch) if w is not None]
+
+
+def local_ray_token(paths: DataDir) -> Path:
+    """A plain-text coordinator's Ray token, made (0600) on its first start. Ray's GCS
+    and raylets listen on every interface whatever the head's address, and its head
+    serves Ray Client on port 10001 of every interface (Ray has no setting for either):
+    without a token, any host reaching this machine ran code through them (measured).
+    Sites on this machine get it with GetRayToken over the loopback control plane."""
+    token = paths.local_ray_token
+    if not token.exists():
+        token.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_ray_token(token, new_ray_token())
+    return token

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 from collections.abc import Callable
 from pathlib import Path
 
-from consortium.ray_env import write_ray_token
+from consortium.ray_env import new_ray_token, write_ray_token
 from coordinator.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -68,7 +67,7 @@ class RayTokenRotation:
                 self._waiting_logged = pending
             return
         try:
-            write_ray_token(self._token_path, secrets.token_hex(32).encode())
+            write_ray_token(self._token_path, new_ray_token())
             self._restart_head()
         except Exception:
             log.exception("Ray: replacing the cluster token failed; retrying at the next step")

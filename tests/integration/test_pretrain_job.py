@@ -305,19 +305,26 @@ print(json.dumps(ray.get(try_to_read.remote(sys.argv[3:]), timeout=120)))
 """.replace("INSTITUTION", INSTITUTION)
 
 
-def run_pool_members_task(site: Site, where: str, targets: list[Path]) -> dict[str, Any]:
+def run_ray_script(script: str, args: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """`script` in a child with `env` (this test process stays out of Ray): the JSON
+    object it prints last."""
     done = subprocess.run(
-        [sys.executable, "-c", POOL_MEMBERS_TASK, site.ray_address, where, *map(str, targets)],
+        [sys.executable, "-c", script, *args],
         capture_output=True,
         text=True,
         timeout=180,
-        # A pool member holds the cluster's token (this coordinator's own, plain text).
-        env={**os.environ, **ray_auth_env(DataDir(site.data_dir).local_ray_token)},
+        env={**os.environ, **env},
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    seen: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return seen
+    found: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return found
+
+
+def run_pool_members_task(site: Site, where: str, targets: list[Path]) -> dict[str, Any]:
+    # A pool member holds the cluster's token (this coordinator's own, plain text).
+    member = ray_auth_env(DataDir(site.data_dir).local_ray_token)
+    return run_ray_script(POOL_MEMBERS_TASK, [site.ray_address, where, *map(str, targets)], member)
 
 
 def refused_as_the_pool_user(seen: dict[str, Any], targets: list[Path]) -> None:
@@ -382,19 +389,9 @@ print(json.dumps(found))
 """
 
 
-def outsider_attempt(site: Site, env: dict[str, str], ray_client: bool) -> dict[str, str]:
+def outsider_attempt(site: Site, env: dict[str, str], ray_client: bool) -> dict[str, Any]:
     port = site.ray_address.rsplit(":", 1)[1]
-    done = subprocess.run(
-        [sys.executable, "-c", OUTSIDER_ATTEMPT, port, "ray-client" if ray_client else "-"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **env},
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    found: dict[str, str] = json.loads(done.stdout.strip().splitlines()[-1])
-    return found
+    return run_ray_script(OUTSIDER_ATTEMPT, [port, "ray-client" if ray_client else "-"], env)
 
 
 def test_a_plain_text_coordinators_ray_head_refuses_callers_without_its_token(

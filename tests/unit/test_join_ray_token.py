@@ -158,7 +158,7 @@ def test_fetch_ray_token_coordinator_refuses_raises_without_fallback(
 
 def test_plain_text_join_fetches_the_token_of_the_coordinators_own_head(tmp_path: Path) -> None:
     with registry_server(None, get_ray_token_only(answer)) as address:
-        token = site_node(tmp_path, tmp_path / "state", None, address)._ray_token_path()
+        token = site_node(tmp_path, tmp_path / "state", None, address)._ray_token_for_worker()
     assert token == tmp_path / "state" / "ray-token"
     assert token.read_bytes() == CURRENT_TOKEN
     assert token.stat().st_mode & 0o777 == 0o600
@@ -171,7 +171,8 @@ def test_plain_text_join_runs_tokenless_only_where_the_cluster_takes_no_token(
     """A cluster the coordinator attached to (FAILED_PRECONDITION), or a coordinator
     from before GetRayToken (UNIMPLEMENTED)."""
     with registry_server(None, *handlers) as address:
-        assert site_node(tmp_path, tmp_path / "state", None, address)._ray_token_path() is None
+        site = site_node(tmp_path, tmp_path / "state", None, address)
+        assert site._ray_token_for_worker() is None
     assert not (tmp_path / "state" / "ray-token").exists()
 
 
@@ -180,4 +181,4 @@ def test_plain_text_join_raises_on_any_other_refusal(tmp_path: Path) -> None:
         registry_server(None, get_ray_token_only(refuse)) as address,
         pytest.raises(PermissionDeniedError, match="refused the Ray token"),
     ):
-        site_node(tmp_path, tmp_path / "state", None, address)._ray_token_path()
+        site_node(tmp_path, tmp_path / "state", None, address)._ray_token_for_worker()

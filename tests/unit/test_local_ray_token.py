@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from coordinator.data_dir import DataDir
-from coordinator.serve import local_ray_token
+from coordinator.ray.head import local_ray_token
 
 
 def test_the_token_is_made_once_private_and_kept_across_starts(tmp_path: Path) -> None:

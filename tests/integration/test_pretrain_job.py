@@ -35,6 +35,7 @@ from tests.conftest import Processes
 from tests.helpers import (
     FINAL_STATES,
     TINY_PRETRAIN,
+    auth_refusals,
     join_site,
     run_cli,
     start_coordinator,
@@ -401,12 +402,20 @@ def test_a_plain_text_coordinators_ray_head_refuses_callers_without_its_token(
     the head serves Ray Client on port 10001 of every interface: before the plain-text
     head took a token, a host reaching this machine queried the GCS and ran code through
     Ray Client. Now both refuse a caller without the token; the same query with the
-    coordinator's token (0600 in its data dir) is answered."""
+    coordinator's token (0600 in its data dir) is answered. The GCS's refusals are logged
+    and counted, as in a consortium's."""
     token = DataDir(site.data_dir).local_ray_token
     assert oct(token.stat().st_mode & 0o777) == oct(0o600)
     member = outsider_attempt(site, ray_auth_env(token), ray_client=False)
     assert member["gcs"].startswith("answered"), member
+    before = auth_refusals(site.data_dir, "ray", "missing_token")
     outsider = outsider_attempt(site, ray_auth_env(None), ray_client=True)
     assert outsider["host"] == member["host"]
     assert outsider["gcs"].startswith("refused"), outsider
     assert outsider["ray_client"].startswith("refused"), outsider
+    wait_for(
+        "the GCS's refusals counted",
+        lambda: auth_refusals(site.data_dir, "ray", "missing_token") > before,
+    )
+    coordinator_log = site.data_dir.parent / "logs" / "coordinator.log"
+    assert "Ray: refused a connection from" in coordinator_log.read_text(errors="replace")

@@ -319,6 +319,7 @@ class SiteNode:
             ),
             client_app,
             on_refused=self.metrics.run_refused,
+            poll_interval_s=self.settings.supernode_poll_interval_s,
         )
         stop = threading.Event()
         # A daemon: a task in progress (torch cannot be interrupted) must not keep a

@@ -38,7 +38,8 @@ class ClientSettings(RoleSettings):
     state_dir: Path | None = None
     supernode_port: int = Field(default=0, ge=0, le=65535)  # 0: a free port
     # How long the SuperNode waits between pulls of the SuperLink when it found no
-    # message (Flower's own SuperNode: 3 s; client/federated/fast_poll_supernode.py).
+    # message (Flower's own SuperNode: 3 s; client/federated/fast_poll_supernode.py),
+    # and the site's task runner between its polls of the SuperNode while a job runs.
     supernode_poll_interval_s: float = Field(default=DEFAULT_POLL_INTERVAL_S, gt=0, le=60)
     # The heartbeat interval the SuperNode declares (Flower's: 30 s; the SuperLink takes
     # bounds [10, 1800]). A node that died is taken for gone after two of them, and a

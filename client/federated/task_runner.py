@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
+from client.federated.fast_poll_supernode import PollPacing
 from client.federated.task_input import (
     RunStillApproved,
     TaskHeader,
@@ -61,6 +63,14 @@ log = logging.getLogger(__name__)
 
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
 POLL_INTERVAL_S = 0.2  # an idle poll is one loopback HTTP request
+# How often the runner asks once it has had no task for a while (PollPacing's busy
+# window, as the SuperNode paces its own pulls): an idle SuperNode pulls the SuperLink
+# only every 3 s (Flower's wait), so asking it more often finds nothing sooner. Each
+# poll costs the SuperNode a few milliseconds of CPU (its Runtime API hands the request
+# between its event loop and a worker thread about ten times): measured on a secure
+# coordinator with two idle sites, the two SuperNodes and `client join`s used 5.9% of
+# a core with the runner asking every 0.2 s, 2.3% every 1 s.
+IDLE_POLL_INTERVAL_S = 1.0
 ACQUIRE_TIMEOUT_S = 5.0  # the SuperNode answers a poll in milliseconds
 # A refused run's message is pulled only to address the error reply to it; a run that
 # ended while the SuperNode received it never delivers, and must not hold up the next.
@@ -113,6 +123,7 @@ class SiteTaskRunner:
         app: Callable[[Message, Context], Message],  # a ClientApp, or one loaded on first use
         on_refused: Callable[[RefusalReason], None] = lambda _: None,
         poll_interval_s: float = POLL_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._address = runtime_api_address  # asked again when the SuperNode restarts
         self._auth_secret = auth_secret
@@ -120,6 +131,7 @@ class SiteTaskRunner:
         self._app = app
         self._on_refused = on_refused
         self._poll_interval_s = poll_interval_s
+        self._pacing = PollPacing(poll_interval_s, clock=clock)
         self.counts = TaskCounts()
         self.connected_to: str | None = None  # the address that last answered
 
@@ -162,10 +174,19 @@ class SiteTaskRunner:
                 self.connected_to = address
                 if acquired.HasField("task") and acquired.token:
                     self._execute(acquired.token, acquired.task.task_id)
+                    self._pacing.note_message()
                 else:
-                    stop.wait(self._poll_interval_s)
+                    stop.wait(self.next_poll_s())
         finally:
             tasks.close()
+
+    def next_poll_s(self) -> float:
+        """The wait before the next poll: the SuperNode's pull interval while a job's
+        messages come (within the busy window of the last task, and of the start),
+        at least IDLE_POLL_INTERVAL_S once none has for a while."""
+        if self._pacing.busy:
+            return self._poll_interval_s
+        return max(self._poll_interval_s, IDLE_POLL_INTERVAL_S)
 
     def _execute(self, token: str, task_id: int) -> None:
         client = RuntimeHttpClient.from_server_address(

@@ -29,6 +29,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+# How `coordinator serve` tells the processes it starts for Flower (the SuperLink's
+# ServerApps) where its data dir is.
+DATA_DIR_ENV = "CONSORTIUM_DATA_DIR"
+
 
 @dataclass(frozen=True)
 class DataDir:

@@ -25,7 +25,6 @@ from typing import TypeVar
 import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from flwr.cli.build import build_fab_from_disk
 from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
 from flwr.common.serde import fab_to_proto, user_config_to_proto
 from flwr.proto.control_pb2 import (
@@ -174,6 +173,10 @@ class FlowerControl:
         return outcome[0]
 
     def run(self, run_config: dict[str, str]) -> str:
+        # Imported at the first run: Flower's FAB builder brings its CLI's dependencies
+        # (hundreds of modules) that `coordinator serve` does not otherwise need.
+        from flwr.cli.build import build_fab_from_disk
+
         fab_bytes = build_fab_from_disk(self.app_dir)
         fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
         request = StartRunRequest(

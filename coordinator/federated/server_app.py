@@ -26,7 +26,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import torch
@@ -41,9 +41,8 @@ from consortium.provenance.records import JobStarted, Round
 from consortium.provenance.signing import SigningKey
 from consortium.tensor_digest import arrays_digest
 from consortium.workloads import HeldOut, RoundBudget, load_workload, workload_source
-from coordinator.data_dir import DataDir
+from coordinator.data_dir import DATA_DIR_ENV, DataDir
 from coordinator.federated.checkpoints import CheckpointStore, save_model
-from coordinator.federated.pretrain_run import FederatedPretrainRun
 from coordinator.federated.prompt_grid import PromptGrid
 from coordinator.federated.strategy import (
     AggregationRule,
@@ -52,7 +51,6 @@ from coordinator.federated.strategy import (
     WitnessLog,
     finite_metrics,
 )
-from coordinator.federated.superlink import DATA_DIR_ENV
 from coordinator.federated.witness_query import FINAL_WITNESS_TIMEOUT_S, witness_latest_head
 from coordinator.jobs.lifecycle import wall_clock_ms
 from coordinator.jobs.pipeline import StartingModel, family_of, load_starting_model
@@ -61,6 +59,9 @@ from coordinator.jobs.spec import FederatedJobSpec
 from coordinator.pretraining.errors import PretrainFailedError
 from coordinator.pretraining.spec import PretrainJobSpec
 from coordinator.provenance.recorder import JobRecorder
+
+if TYPE_CHECKING:
+    from coordinator.federated.pretrain_run import FederatedPretrainRun
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +333,10 @@ def main(grid: Grid, context: Context) -> None:
         run: JobRun | FederatedPretrainRun | None = None
         try:
             if isinstance(job.spec, PretrainJobSpec):  # DiLoCo at the sites
+                # Imported here: DiLoCo's site driver and its pretraining imports are
+                # 0.4 s of CPU that a fine-tuning ServerApp would pay for nothing.
+                from coordinator.federated.pretrain_run import FederatedPretrainRun
+
                 run = FederatedPretrainRun(data_dir, job, job.spec)
             else:
                 run = JobRun(data_dir, job, job.spec)

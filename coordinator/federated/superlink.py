@@ -18,10 +18,8 @@ from consortium.leftovers import owner_env
 from consortium.net import reserve_free_port
 from consortium.processes import ChildProcess, listens_on, port_holder, venv_executable
 from coordinator.access.pki_files import CoordinatorPki
-from coordinator.data_dir import DataDir
+from coordinator.data_dir import DATA_DIR_ENV, DataDir
 from coordinator.federated.serverapp_launcher import RuntimeEndpoint
-
-DATA_DIR_ENV = "CONSORTIUM_DATA_DIR"
 
 
 class SuperLink:

@@ -30,8 +30,6 @@ from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-import ray
-
 from consortium.net import split_host_port
 
 log = logging.getLogger(__name__)
@@ -172,6 +170,10 @@ class RayClusterView:
         self.node_institutions = node_institutions
 
     def slots(self) -> list[WorkerSlot]:
+        # Imported here: `coordinator serve` reads claims through this module with Ray
+        # off too, and importing Ray is 0.4 s of CPU at every start.
+        import ray
+
         require_gcs(ray.get_runtime_context().gcs_address)
         nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
         # Ray's private driver-side modules have no stubs.

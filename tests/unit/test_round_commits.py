@@ -25,11 +25,10 @@ from consortium.provenance.log import exclusive, read_lines
 from consortium.provenance.records import Round
 from consortium.provenance.signing import SigningKey
 from consortium.provenance.verify import verify_log
-from coordinator.data_dir import DataDir
+from coordinator.data_dir import DATA_DIR_ENV, DataDir
 from coordinator.federated import server_app
 from coordinator.federated.checkpoints import CheckpointStore
 from coordinator.federated.server_app import JobRun
-from coordinator.federated.superlink import DATA_DIR_ENV
 from coordinator.jobs.lifecycle import JobLifecycle
 from coordinator.jobs.running import RunningJob
 from coordinator.jobs.spec import FederatedJobSpec

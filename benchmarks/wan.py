@@ -2,7 +2,8 @@
 pretraining and on a Ray pool, beside synchronous data parallelism (issue 17).
 
     sudo python benchmarks/wan.py [--sites 3] [--inner-steps 50] [--outer-steps 6]
-                                  [--codec int8] [--work-dir /tmp/consortium-wan]
+                                  [--codec int8] [--batch-size 8]
+                                  [--work-dir /tmp/consortium-wan]
 
 A real consortium on a test bed (coordinator/wan.py): the coordinator and each site in
 a network namespace of its own, every link shaped with `tc netem` (40 ms each way, so
@@ -88,6 +89,11 @@ def job_spec(args: argparse.Namespace, placement: str) -> str:
         outer_steps=args.outer_steps,
         workers=args.sites,
     )
+    # The demo's batch, or a larger one: more compute per inner step for the same model
+    # (the same bytes on the wire), as a model that is not a toy's would take.
+    demo_batch = "batch_size = 8\n"
+    assert demo_batch in demo_job, "the demo's pretraining job changed its batch size"
+    demo_job = demo_job.replace(demo_batch, f"batch_size = {args.batch_size}\n")
     return demo_job + EXTRA.format(sites=args.sites, codec=args.codec)
 
 
@@ -175,7 +181,10 @@ def run_data_parallel(spec: PretrainJobSpec, sites: int) -> Row:
 
 
 def print_table(rows: list[Row], reference: Row, args: argparse.Namespace) -> None:
-    print(f"\n{args.sites} sites, H = {args.inner_steps}, {args.outer_steps} outer steps")
+    print(
+        f"\n{args.sites} sites, H = {args.inner_steps}, {args.outer_steps} outer steps, "
+        f"batch {args.batch_size}"
+    )
     print(f"links: {describe_links()}")
     print(
         "| method | wire bytes / outer step / site | payload bytes / outer step / site "
@@ -240,6 +249,9 @@ def main() -> None:
     parser.add_argument("--inner-steps", type=int, default=50)
     parser.add_argument("--outer-steps", type=int, default=6)
     parser.add_argument("--codec", default="int8", choices=("fp32", "fp16", "int8"))
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="sequences per inner step (the demo's: 8)"
+    )
     parser.add_argument("--work-dir", default="/tmp/consortium-wan")
     parser.add_argument(TESTBED_FLAG, dest="testbed", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -4,8 +4,9 @@ Flower's `send_and_receive` pulls replies and then sleeps 3 s between pulls, so 
 message exchange of a round (the training messages, the final witness query) ends on
 a 3 s boundary: a site that trains for one second still costs the round three. This
 wrapper does the same through the Grid's public `push_messages` and `pull_messages`,
-polling soon after the push and backing off to `MAX_POLL_S`: a pull is one small RPC to
-the SuperLink on this host, so a long round costs it a few pulls per second at most.
+polling soon after the push and backing off to `MAX_POLL_S`, and soon again after each
+pull that brought a reply (the others are then near): a pull is one small RPC to the
+SuperLink on this host, so a long round costs it a few pulls per second at most.
 Everything else is the wrapped Grid's own.
 """
 
@@ -90,6 +91,11 @@ class PromptGrid(Grid):
             left = None if deadline is None else deadline - time.monotonic()
             if (left is not None and left <= 0) or (stop is not None and stop.is_set()):
                 break
+            # The replies to one broadcast come close together (the sites had the same
+            # work), so after one arrives the next pulls start short again: measured on
+            # 3 sites with 12 s inner loops, the later replies waited up to a whole
+            # MAX_POLL_S pause plus a pull in the SuperLink (benchmarks/wan.py).
+            pause = self._first_poll_s if pulled else pause
             self._sleep(pause if left is None else min(pause, left))
             pause = min(pause * BACKOFF, self._max_poll_s)
         return replies

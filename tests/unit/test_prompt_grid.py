@@ -112,12 +112,25 @@ def test_returns_every_reply_once_the_last_arrives_pausing_less_than_flower_does
     assert {r.metadata.reply_to_message_id for r in replies} == {m.object_id for m in link.pushed}
     assert len(replies) == 3
     assert link.pulls == 9  # not one pull more than the last reply needed
-    assert clock.pauses[0] == FIRST_POLL_S
-    assert all(
-        b == pytest.approx(min(a * BACKOFF, MAX_POLL_S))
-        for a, b in zip(clock.pauses, clock.pauses[1:], strict=False)
-    )
+    # A pause after each pull: short after the push and after a pull that brought a
+    # reply (pulls 1 and 4: the other replies are near), growing to MAX_POLL_S between.
+    expected = [FIRST_POLL_S]  # after pull 1
+    for pull in range(2, 9):
+        grown = min(expected[-1] * BACKOFF, MAX_POLL_S)
+        expected.append(FIRST_POLL_S if pull == 4 else grown)
+    assert clock.pauses == pytest.approx(expected)
+    assert clock.pauses[3] == FIRST_POLL_S < clock.pauses[2]  # after pull 4's reply
     assert max(clock.pauses) <= MAX_POLL_S < 3.0
+
+
+def test_after_a_reply_the_next_pull_comes_soon_even_late_in_a_long_round() -> None:
+    link, clock = SlowLink([30, 31]), Clock()
+
+    PromptGrid(link, sleep=clock.sleep).send_and_receive([message(1), message(2)], timeout=60)
+
+    assert clock.pauses[-2] == pytest.approx(MAX_POLL_S)  # backed off while none came
+    assert clock.pauses[-1] == FIRST_POLL_S  # the first reply: the second is near
+    assert link.pulls == 31
 
 
 def test_a_missing_reply_ends_the_wait_at_the_timeout_with_the_replies_that_came() -> None:

@@ -107,16 +107,24 @@ def enable_determinism(device: Literal["cpu", "gpu"]) -> None:
     if device == "gpu":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
     torch.set_num_threads(1)
-    # torch.use_deterministic_algorithms also sets the flag for code that torch compiles,
-    # and importing that config imports torch._inductor and torch._dynamo, about 2 CPU-s
-    # in every trainer, spot check and replay; nothing here is compiled, so only the
-    # eager flag is set (torch.are_deterministic_algorithms_enabled() reads it back).
+    set_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
+def set_deterministic_algorithms(enabled: bool) -> None:
+    """`torch.use_deterministic_algorithms(enabled)` for eager code only.
+
+    The public switch also sets the flag for code that torch compiles, and importing
+    that config imports torch._inductor and torch._dynamo: about 1.5 to 2 CPU-s the
+    first time, in every trainer, spot check and replay, and at a site on its first
+    federated pretraining step (restoring the flag after it). Nothing here is compiled,
+    so only the eager flag is set (`torch.are_deterministic_algorithms_enabled()` reads
+    it back)."""
     set_eager_flag = getattr(torch._C, "_set_deterministic_algorithms", None)
     if set_eager_flag is not None:
-        set_eager_flag(True, warn_only=False)
+        set_eager_flag(enabled, warn_only=False)
     else:  # a torch without it: the public switch, at its import cost
-        torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(enabled)
 
 
 class InnerTrainer:

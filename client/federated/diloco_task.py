@@ -35,7 +35,7 @@ from consortium.diloco_wire import (
     read_worker_config,
     site_device,
 )
-from consortium.inner_loop import InnerTrainer, enable_determinism
+from consortium.inner_loop import InnerTrainer, enable_determinism, set_deterministic_algorithms
 from consortium.model_wire import ARRAYS_RECORD, pack_tensors, unpack_tensors
 
 _lock = threading.Lock()
@@ -86,7 +86,7 @@ def torch_settings(deterministic: bool, device: str, threads: int) -> Iterator[N
         yield
     finally:
         torch.set_num_threads(saved[0])
-        torch.use_deterministic_algorithms(saved[1])
+        set_deterministic_algorithms(saved[1])
 
 
 def run_diloco_step(msg: Message, node_config: Mapping[str, object]) -> Message:

@@ -1,4 +1,4 @@
-"""Commands that never train do not import torch (or Ray).
+"""Commands that never train do not import torch (or Ray); those that do, not its compiler.
 
 Importing torch costs about 3 s of CPU; every `coordinator` command (init, onboard,
 jobs submit, provenance verify) and every `coordinator serve` paid it at start-up
@@ -110,3 +110,21 @@ print("torch._dynamo" in sys.modules, "sklearn" in sys.modules, "torch" in sys.m
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "False", "True"]
+
+
+def test_a_sites_deterministic_step_restores_torch_without_loading_its_compiler() -> None:
+    """A site switches torch to deterministic kernels for a federated pretraining step
+    and back after it. Torch's public switch imports torch._dynamo and torch._inductor
+    the first time (about 1.5 CPU-s), which delayed the reply to a site's first step."""
+    code = (
+        "import sys, torch\n"
+        "from client.federated.diloco_task import torch_settings\n"
+        "with torch_settings(True, 'cpu', 1):\n"
+        "    assert torch.are_deterministic_algorithms_enabled()\n"
+        "assert not torch.are_deterministic_algorithms_enabled()\n"
+        "print(' '.join(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.split() == []

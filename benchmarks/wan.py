@@ -44,7 +44,12 @@ from consortium.models.bytelm import ByteLM
 from consortium.proto.v1 import jobs_pb2
 from consortium.provenance.log import records_of
 from coordinator.cli.watch import watch_job
-from coordinator.demo import INSTITUTION_NAMES, PRETRAIN_JOB, write_partitions
+from coordinator.demo import (
+    INSTITUTION_NAMES,
+    PRETRAIN_BATCH_SIZE,
+    PRETRAIN_JOB,
+    write_partitions,
+)
 from coordinator.local_consortium import LocalConsortium, OwnChildren
 from coordinator.pretraining import PretrainJobSpec, parse_pretrain_spec
 from coordinator.pretraining.schedule import assign_shards, derive_seed
@@ -87,13 +92,11 @@ def job_spec(args: argparse.Namespace, placement: str) -> str:
         placement=placement,
         inner_steps=args.inner_steps,
         outer_steps=args.outer_steps,
+        # The demo's batch, or a larger one: more compute per inner step for the same
+        # model (the same bytes on the wire), as a model that is not a toy's would take.
+        batch_size=args.batch_size,
         workers=args.sites,
     )
-    # The demo's batch, or a larger one: more compute per inner step for the same model
-    # (the same bytes on the wire), as a model that is not a toy's would take.
-    demo_batch = "batch_size = 8\n"
-    assert demo_batch in demo_job, "the demo's pretraining job changed its batch size"
-    demo_job = demo_job.replace(demo_batch, f"batch_size = {args.batch_size}\n")
     return demo_job + EXTRA.format(sites=args.sites, codec=args.codec)
 
 
@@ -250,7 +253,10 @@ def main() -> None:
     parser.add_argument("--outer-steps", type=int, default=6)
     parser.add_argument("--codec", default="int8", choices=("fp32", "fp16", "int8"))
     parser.add_argument(
-        "--batch-size", type=int, default=8, help="sequences per inner step (the demo's: 8)"
+        "--batch-size",
+        type=int,
+        default=PRETRAIN_BATCH_SIZE,
+        help=f"sequences per inner step (the demo's: {PRETRAIN_BATCH_SIZE})",
     )
     parser.add_argument("--work-dir", default="/tmp/consortium-wan")
     parser.add_argument(TESTBED_FLAG, dest="testbed", default=None, help=argparse.SUPPRESS)

@@ -54,6 +54,7 @@ PARTITION_SEED = 7
 DEMO_JOBS = ("pipeline", "digits")
 PRETRAIN_OUTER_STEPS = 4
 PRETRAIN_INNER_STEPS = 30
+PRETRAIN_BATCH_SIZE = 8  # sequences per inner step
 
 DEMO_JOB = """\
 name = "digits-fedavg-demo"
@@ -79,7 +80,7 @@ n_head = 2
 n_embd = 64
 block_size = 64
 seq_len = 64
-batch_size = 8
+batch_size = {batch_size}
 inner_steps = {inner_steps}
 outer_steps = {outer_steps}
 num_shards = 12
@@ -282,6 +283,7 @@ def run_pipeline(
         PRETRAIN_JOB.format(
             inner_steps=inner_steps,
             outer_steps=outer_steps,
+            batch_size=PRETRAIN_BATCH_SIZE,
             workers=num_institutions,
             placement=placement,
         )

@@ -95,7 +95,8 @@ class PromptGrid(Grid):
             # work), so after one arrives the next pulls start short again: measured on
             # 3 sites with 12 s inner loops, the later replies waited up to a whole
             # MAX_POLL_S pause plus a pull in the SuperLink (benchmarks/wan.py).
-            pause = self._first_poll_s if pulled else pause
+            if pulled:
+                pause = self._first_poll_s
             self._sleep(pause if left is None else min(pause, left))
             pause = min(pause * BACKOFF, self._max_poll_s)
         return replies

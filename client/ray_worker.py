@@ -83,7 +83,7 @@ def worker_argv(
     coordinator counts the node for the institution it issued the claim to, while the
     ``institution`` label and resource are what the node says, for display)."""
     argv = [
-        venv_executable("ray"),
+        venv_executable("consortium-ray"),
         "start",
         "--address",
         ray_address,

@@ -179,7 +179,7 @@ class ServerAppLauncher:
         with os.fdopen(fd, "w") as handle:
             handle.write(token)
         argv = [
-            venv_executable("flwr-serverapp"),
+            venv_executable("consortium-flwr-serverapp"),
             "--runtime-api-address",
             self._runtime.address,
             "--token-file",

@@ -37,7 +37,7 @@ class SuperLink:
         self.paths = paths
         self.pki = pki
         argv = [
-            venv_executable("flower-superlink"),
+            venv_executable("consortium-flower-superlink"),
             "--disable-runtime-dependency-installation",
             "--isolation",
             "process",

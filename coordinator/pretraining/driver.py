@@ -33,6 +33,7 @@ import threading
 from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection
 
+from consortium.startup import load
 from coordinator.pretraining import driver_wire as wire
 from coordinator.pretraining.driver_wire import DriverRequest
 from coordinator.ray.head import RayCluster
@@ -168,4 +169,7 @@ def serve_one_request(body: DriverBody, argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    # Ray and torch, which every run needs, load with the garbage collector paused
+    # (consortium/startup.py) while the coordinator prepares the request.
+    load("coordinator.pretraining.api:run_pretraining", "ray")
     serve_one_request(drive)

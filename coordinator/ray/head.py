@@ -96,7 +96,7 @@ class RayHead:
             else None
         )
         argv = [
-            venv_executable("ray"),
+            venv_executable("consortium-ray"),
             "start",
             "--head",
             "--node-ip-address",

@@ -18,6 +18,7 @@ from consortium.errors import SettingsError
 from consortium.exit_codes import ExitCode
 from consortium.file_modes import private_dir, restrict_umask
 from consortium.settings import load_settings
+from consortium.startup import imports_without_gc
 
 # What joining the Ray pool trusts, said where the flag is chosen (docs/security.md).
 RAY_POOL_HELP = (
@@ -111,8 +112,9 @@ def join(
 ) -> None:
     """Register this node and run a Flower SuperNode on the local data (and, with --ray,
     a node of the consortium's shared Ray pool), until Ctrl-C."""
-    from client.join import SiteNode
-    from client.settings import ClientSettings
+    with imports_without_gc():  # Flower's SuperNode side, gRPC, the site's key handling
+        from client.join import SiteNode
+        from client.settings import ClientSettings
 
     restrict_umask()  # keys, logs and the ClientApp's state: owner-only
     configure_logging(verbose)

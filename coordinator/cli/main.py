@@ -22,6 +22,7 @@ from consortium.file_modes import private_dir, restrict_umask
 from consortium.processes import venv_executable
 from consortium.proto.v1 import status_pb2
 from consortium.settings import load_settings
+from consortium.startup import imports_without_gc
 from coordinator.cli import onboarding as onboarding_cli
 from coordinator.cli.accounting import accounting
 from coordinator.cli.provenance import provenance_app
@@ -119,7 +120,8 @@ def serve(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the coordinator until Ctrl-C or SIGTERM."""
-    from coordinator.serve import Coordinator
+    with imports_without_gc():  # the servers, the SuperLink's and Ray's wrappers, state
+        from coordinator.serve import Coordinator
 
     restrict_umask()  # state, keys, logs and the SuperLink database: owner-only
     configure_logging(verbose)

@@ -133,3 +133,24 @@ def test_the_coordinator_and_sites_start_the_wrapped_program(script: str) -> Non
 def test_a_sites_ray_node_starts_through_the_launcher() -> None:
     argv = worker_argv("127.0.0.1:6379", "aurora", "0123456789abcdef", None, Path("/tmp/r"))
     assert Path(argv[0]).name == "consortium-ray"
+
+
+def test_a_sites_client_app_loads_at_its_first_task_once_with_the_collector_paused() -> None:
+    """`client join` loads torch and the training code at the first task (not at
+    start-up), paused and frozen once; later tasks find them loaded and freeze nothing."""
+    code = (
+        "import gc, sys\n"
+        "from client.join import load_client_app\n"
+        "assert 'torch' not in sys.modules\n"
+        "frozen = gc.get_freeze_count()\n"
+        "trainer, app = load_client_app()\n"
+        "from client.federated.client_app import TRAINER, app as installed\n"
+        "assert (trainer, app) == (TRAINER, installed) and 'torch' in sys.modules\n"
+        "assert gc.isenabled() and gc.get_freeze_count() > frozen\n"
+        "frozen = gc.get_freeze_count()\n"
+        "assert load_client_app() == (trainer, app) and gc.get_freeze_count() == frozen\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120
+    )
+    assert result.returncode == 0, result.stderr

@@ -35,6 +35,14 @@ def scripts() -> dict[str, str]:
     return found
 
 
+def run_fresh(code: str) -> None:
+    """`code` in a fresh interpreter (nothing loaded yet), which must exit 0."""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+
+
 @pytest.fixture
 def collector_on() -> Iterator[None]:
     """The collector on, as in a program, whatever the test runner set."""
@@ -88,10 +96,7 @@ def test_load_returns_the_named_attribute_with_its_preloads_loaded_and_frozen() 
         "assert dumps is json.dumps and 'decimal' in sys.modules\n"
         "assert gc.isenabled() and gc.get_freeze_count() > 0\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
+    run_fresh(code)
 
 
 def test_a_bad_target_names_what_is_missing() -> None:
@@ -150,7 +155,4 @@ def test_a_sites_client_app_loads_at_its_first_task_once_with_the_collector_paus
         "frozen = gc.get_freeze_count()\n"
         "assert load_client_app() == (trainer, app) and gc.get_freeze_count() == frozen\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
+    run_fresh(code)

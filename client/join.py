@@ -74,7 +74,7 @@ def load_client_app() -> tuple[SiteTrainer, ClientApp]:
     start-up (torch and the training code: a site that is not, or not yet, sent a task
     starts without them, 1.4 s of CPU less), with the garbage collector paused
     (consortium/startup.py)."""
-    with imports_without_gc():
+    with imports_without_gc(collect_first=True):  # threads have been running meanwhile
         from client.federated.client_app import TRAINER, app
     return TRAINER, app
 

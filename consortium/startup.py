@@ -3,16 +3,16 @@
 Why: loading a program's modules (Flower, Ray, torch, gRPC, pydantic) allocates hundreds
 of thousands of objects that live as long as the process, and CPython's collector,
 started by allocation counts, scans the whole growing heap again and again while they
-load. Measured on the project's 2-core VM, it took a fifth to a third of the import
-time: `coordinator`'s CLI 0.35 -> 0.25 CPU-s, Flower's SuperLink 1.22 -> 0.97, its
-SuperNode 1.14 -> 0.89, `ray start` 1.19 -> 0.95, torch 1.28 -> 1.04. A consortium starts
-such processes all the time (every CLI call, every run's ServerApp, every restart), and
-the test suite hundreds of them.
+load: 17 to 28% of their loading's CPU on the project's 2-core VM (benchmarks/startup.py:
+Flower's SuperLink 1.60 -> 1.15 CPU-s, `ray start` 1.42 -> 1.13, the `coordinator` CLI
+0.47 -> 0.37). A consortium starts such processes all the time (every CLI call, every
+run's ServerApp, every restart), and the test suite hundreds of them.
 
-So each program the project starts loads its modules through `load`: the collector is
-off while they load, then everything they made is moved to the permanent generation
-(`gc.freeze`: module-level objects live as long as the process, so later full
-collections need not scan them again) and the collector runs as before. The console
+So the programs the project starts load their modules through `load` (Ray's worker
+processes, which Ray starts itself, do not): the collector is off while they load,
+then everything they made is moved to the permanent generation (`gc.freeze`:
+module-level objects live as long as the process, so later full collections need not
+scan them again) and the collector runs as before. The console
 scripts of pyproject.toml point at small functions that do this (`coordinator.launch`,
 `client.launch`, `ray_cli` here) instead of at the programs' modules.
 
@@ -31,17 +31,26 @@ __all__ = ["imports_without_gc", "load", "ray_cli"]
 
 
 @contextmanager
-def imports_without_gc() -> Iterator[None]:
+def imports_without_gc(*, collect_first: bool = False) -> Iterator[None]:
     """The collector off inside; on leaving, what was made is frozen and the collector
-    is back as it was (a garbage cycle made meanwhile is kept: loading makes few)."""
+    is back as it was. Frozen garbage is never collected: at start-up there is little
+    (loading makes few cycles), but a process that has been running for a while, with
+    other threads allocating, passes `collect_first` (one full collection before the
+    freeze). A load that fails freezes nothing: a half-loaded module is a cycle, and a
+    program that tries again must not keep one per try."""
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
-    finally:
-        gc.freeze()
+    except BaseException:
         if enabled:
             gc.enable()
+        raise
+    if collect_first:
+        gc.collect()
+    gc.freeze()
+    if enabled:
+        gc.enable()
 
 
 def load(target: str, *preload: str) -> Any:

@@ -90,24 +90,10 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 # Collecting imports every test module and with them torch, Flower and Ray: as in the
 # project's own programs (consortium/startup.py), the collector is off meanwhile and what
 # they made is frozen afterwards, so the tests' collections do not scan it again.
-_COLLECTION_PAUSE = pytest.StashKey[contextlib.ExitStack]()
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection(session: pytest.Session) -> None:
-    config = session.config
-    if config.getoption("numprocesses", None) and not hasattr(config, "workerinput"):
-        return  # pytest-xdist's controller: its workers collect, it does not
-    pause = contextlib.ExitStack()
-    pause.enter_context(imports_without_gc())
-    config.stash[_COLLECTION_PAUSE] = pause
-    config.add_cleanup(pause.close)  # collection failed: the collector is back
-
-
-def pytest_collection_finish(session: pytest.Session) -> None:
-    pause = session.config.stash.get(_COLLECTION_PAUSE, None)
-    if pause is not None:
-        pause.close()
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session: pytest.Session) -> object:
+    with imports_without_gc():
+        return (yield)
 
 
 # --- the longest modules first -------------------------------------------------------

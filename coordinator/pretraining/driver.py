@@ -171,5 +171,5 @@ def serve_one_request(body: DriverBody, argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     # Ray and torch, which every run needs, load with the garbage collector paused
     # (consortium/startup.py) while the coordinator prepares the request.
-    load("coordinator.pretraining.api:run_pretraining", "ray")
+    load("coordinator.pretraining.api:run_pretraining")
     serve_one_request(drive)

@@ -6,10 +6,11 @@ and Ray's programs through them."""
 from __future__ import annotations
 
 import gc
+import importlib
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,15 @@ from consortium.startup import imports_without_gc, load
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHERS = ("coordinator.launch", "client.launch", "consortium.startup")
+# What each console script runs (through `load`).
+TARGETS = {
+    "coordinator": "coordinator.cli.main:app",
+    "client": "client.cli:app",
+    "consortium-flower-supernode": "client.federated.fast_poll_supernode:main",
+    "consortium-flower-superlink": "flwr.superlink.cli:flower_superlink",
+    "consortium-flwr-serverapp": "flwr.superlink.cli:flwr_serverapp",
+    "consortium-ray": "ray.scripts.scripts:main",
+}
 # The programs the coordinator and the sites start, by the script they start them with.
 PROGRAMS = {
     "consortium-flower-superlink": ROOT / "coordinator/federated/superlink.py",
@@ -43,47 +53,66 @@ def run_fresh(code: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
+class Collector:
+    """`gc` as the code under test sees it, recording freezes and full collections
+    instead of making them (so the test runner's own heap is left as it was)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[str] = []
+        monkeypatch.setattr(gc, "freeze", lambda: self.calls.append("freeze"))
+        monkeypatch.setattr(gc, "collect", lambda *_: self.calls.append("collect") or 0)
+        enabled = gc.isenabled()
+        monkeypatch.setattr(gc, "enable", self._enable)
+        monkeypatch.setattr(gc, "disable", self._disable)
+        monkeypatch.setattr(gc, "isenabled", lambda: self.enabled)
+        self.enabled = enabled
+
+    def _enable(self) -> None:
+        self.enabled = True
+
+    def _disable(self) -> None:
+        self.enabled = False
+
+
 @pytest.fixture
-def collector_on() -> Iterator[None]:
-    """The collector on, as in a program, whatever the test runner set."""
-    enabled = gc.isenabled()
-    gc.enable()
-    yield
-    if not enabled:
-        gc.disable()
+def collector(monkeypatch: pytest.MonkeyPatch) -> Collector:
+    spy = Collector(monkeypatch)
+    spy.enabled = True  # as in a program
+    return spy
 
 
-@pytest.mark.usefixtures("collector_on")
-def test_the_collector_is_off_while_modules_load_then_on_with_what_they_made_frozen() -> None:
-    frozen = gc.get_freeze_count()
-    made = []
+def test_the_collector_is_off_while_modules_load_then_on_with_what_they_made_frozen(
+    collector: Collector,
+) -> None:
     with imports_without_gc():
-        assert not gc.isenabled()
-        made.append({"module-level": [object()]})
-    assert gc.isenabled()
-    assert gc.get_freeze_count() > frozen
-    gc.unfreeze()  # the runner's heap back to normal collection
+        assert not collector.enabled
+    assert collector.enabled
+    assert collector.calls == ["freeze"]
 
 
-@pytest.mark.usefixtures("collector_on")
-def test_the_collector_is_back_even_when_loading_fails() -> None:
+def test_a_load_after_start_up_collects_before_it_freezes(collector: Collector) -> None:
+    with imports_without_gc(collect_first=True):
+        assert not collector.enabled
+    assert collector.calls == ["collect", "freeze"] and collector.enabled
+
+
+def test_a_failed_load_brings_the_collector_back_and_freezes_nothing(
+    collector: Collector,
+) -> None:
+    """A half-loaded module is a garbage cycle: frozen, a program that tries again (a
+    site's ClientApp at each task) would keep one per try."""
     with pytest.raises(ModuleNotFoundError), imports_without_gc():
         __import__("consortium_no_such_module")
-    assert gc.isenabled()
-    gc.unfreeze()
+    assert collector.enabled
+    assert collector.calls == []
 
 
-def test_a_collector_that_was_off_stays_off() -> None:
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        with imports_without_gc():
-            pass
-        assert not gc.isenabled()
-    finally:
-        gc.unfreeze()
-        if enabled:
-            gc.enable()
+def test_a_collector_that_was_off_stays_off(collector: Collector) -> None:
+    collector.enabled = False
+    with imports_without_gc():
+        pass
+    assert not collector.enabled
+    assert collector.calls == ["freeze"]
 
 
 def test_load_returns_the_named_attribute_with_its_preloads_loaded_and_frozen() -> None:
@@ -104,16 +133,29 @@ def test_a_bad_target_names_what_is_missing() -> None:
         load("json:no_such_function")
 
 
-def test_every_console_script_starts_through_a_launcher() -> None:
+def test_every_console_script_starts_its_program_through_load(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each script's launcher hands its program to `load` and runs what it returns
+    (test_each_launcher_runs_its_program runs the real ones)."""
     entries = scripts()
-    assert {"coordinator", "client", *PROGRAMS} <= entries.keys()
-    for name, target in entries.items():
-        module = target.partition(":")[0]
-        assert module in LAUNCHERS, (name, target)
-        assert callable(load(target)), (name, target)
+    assert entries.keys() == TARGETS.keys()
+    for name, entry in entries.items():
+        module_name, _, function = entry.partition(":")
+        assert module_name in LAUNCHERS, (name, entry)
+        module = importlib.import_module(module_name)
+        loaded: list[str] = []
+
+        def spy(target: str, *preload: str, seen: list[str] = loaded) -> Callable[[], str]:
+            seen.append(target)
+            return lambda: "ran"
+
+        monkeypatch.setattr(module, "load", spy)
+        assert getattr(module, function)() == "ran", name
+        assert loaded == [TARGETS[name]], name
 
 
-@pytest.mark.parametrize("script", sorted(PROGRAMS))
+@pytest.mark.parametrize("script", sorted(TARGETS))
 def test_each_launcher_runs_its_program(script: str) -> None:
     """`--help` of each: the launcher found and started the program it wraps."""
     result = subprocess.run(

@@ -19,25 +19,38 @@ import statistics
 import subprocess
 import sys
 
-# (what starts it, the `module:attribute` its launcher loads, the modules loaded with it)
-PROGRAMS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("coordinator (CLI)", "coordinator.cli.main:app", ()),
-    ("client (CLI)", "client.cli:app", ()),
-    ("coordinator serve's modules", "coordinator.serve:Coordinator", ("coordinator.cli.main",)),
-    ("client join's modules", "client.join:SiteNode", ("client.cli",)),
-    ("flower-superlink", "flwr.superlink.cli:flower_superlink", ()),
+# (what starts it, the `module:attribute` its launcher loads, the modules loaded with it,
+# the modules the process had loaded before: the CLI, before `serve` or `join` loads)
+PROGRAMS: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...] = (
+    ("coordinator (CLI)", "coordinator.cli.main:app", (), ()),
+    ("client (CLI)", "client.cli:app", (), ()),
+    (
+        "coordinator serve's modules",
+        "coordinator.serve:Coordinator",
+        (),
+        ("coordinator.cli.main",),
+    ),
+    ("client join's modules", "client.join:SiteNode", (), ("client.cli",)),
+    ("flower-superlink", "flwr.superlink.cli:flower_superlink", (), ()),
     (
         "flwr-serverapp and the ServerApp",
         "flwr.superlink.cli:flwr_serverapp",
         ("coordinator.federated.server_app",),
+        (),
     ),
     (
         "consortium-flower-supernode",
         "client.federated.fast_poll_supernode:main",
         ("flwr.supernode.start_client_internal", "flwr.supernode.cli"),
+        (),
     ),
-    ("ray start", "ray.scripts.scripts:main", ()),
-    ("a site's ClientApp (first task)", "client.federated.client_app:app", ("client.join",)),
+    ("ray start", "ray.scripts.scripts:main", (), ()),
+    (
+        "a site's ClientApp (first task)",
+        "client.federated.client_app:app",
+        (),
+        ("client.join",),
+    ),
 )
 
 # Loads the program in this fresh interpreter and prints the CPU seconds it took.
@@ -73,13 +86,6 @@ def cpu_seconds(way: str, target: str, already: tuple[str, ...], preload: tuple[
     return float(result.stdout.strip().splitlines()[-1])
 
 
-def split(preload: tuple[str, ...], target: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """What the program had loaded before (a CLI module) and what its launcher preloads."""
-    if target.startswith(("coordinator.serve", "client.join", "client.federated.client_app")):
-        return preload, ()
-    return (), preload
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -90,8 +96,7 @@ def main() -> None:
     )
     print(f"{'program':36} {'running':>8} {'paused':>8} {'saved':>7} {'ratio':>6}")
     totals = [0.0, 0.0]
-    for name, target, extra in PROGRAMS:
-        already, preload = split(extra, target)
+    for name, target, preload, already in PROGRAMS:
         samples: dict[str, list[float]] = {"running": [], "paused": []}
         for _ in range(args.repeats):
             for way, seconds in samples.items():  # alternately: a drifting machine slows both

@@ -12,8 +12,8 @@ So the programs the project starts load their modules through `load` (Ray's work
 processes, which Ray starts itself, do not): the collector is off while they load,
 then everything they made is moved to the permanent generation (`gc.freeze`:
 module-level objects live as long as the process, so later full collections need not
-scan them again) and the collector runs as before. The console
-scripts of pyproject.toml point at small functions that do this (`coordinator.launch`,
+scan them again) and the collector runs as before. The console scripts of
+pyproject.toml point at small functions that do this (`coordinator.launch`,
 `client.launch`, `ray_cli` here) instead of at the programs' modules.
 
 Only the standard library is imported here.

@@ -69,7 +69,9 @@ RAY_FIXED_PORTS = (
     "--dashboard-agent-grpc-port",
     "--dashboard-agent-listen-port",
     "--metrics-export-port",
-    "--ray-client-server-port",  # a head's only (Ray Client, which no one here uses)
+    # A head's only: reserved for Ray Client's server, which a head here does not start
+    # (consortium/ray_head_services.py).
+    "--ray-client-server-port",
 )
 # The ports a Ray node takes for its other parts when no range is set (Ray's
 # DEFAULT_DASHBOARD_PORT, its Ray Client server's and DEFAULT_DASHBOARD_AGENT_LISTEN_PORT):

@@ -16,13 +16,15 @@ scan them again) and the collector runs as before. The console scripts of
 pyproject.toml point at small functions that do this (`coordinator.launch`,
 `client.launch`, `ray_cli` here) instead of at the programs' modules.
 
-Only the standard library is imported here.
+Only the standard library is imported here (and, for a Ray head, the module that trims
+it).
 """
 
 from __future__ import annotations
 
 import gc
 import importlib
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -65,5 +67,11 @@ def load(target: str, *preload: str) -> Any:
 
 def ray_cli() -> Any:
     """`consortium-ray`: Ray's own `ray` command line (its `ray start` starts every
-    Ray node of the consortium)."""
-    return load("ray.scripts.scripts:main")()
+    Ray node of the consortium); a head starts without the services nothing here uses
+    (consortium/ray_head_services.py)."""
+    main = load("ray.scripts.scripts:main")
+    if "--head" in sys.argv[1:]:
+        from consortium.ray_head_services import skip_unused_head_services
+
+        skip_unused_head_services()
+    return main()

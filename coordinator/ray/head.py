@@ -192,9 +192,9 @@ class RayHead:
 
 def local_ray_token(paths: DataDir) -> Path:
     """A plain-text coordinator's Ray token, made (0600) on its first start. Ray's GCS
-    and raylets listen on every interface whatever the head's address, and its head
-    serves Ray Client on port 10001 of every interface (Ray has no setting for either):
-    without a token, any host reaching this machine ran code through them (measured).
+    and raylets listen on every interface whatever the head's address (Ray has no
+    setting for it): without a token, any host reaching this machine ran code through
+    them, and through the Ray Client server Ray then started on every head (measured).
     Sites on this machine get it with GetRayToken over the loopback control plane."""
     token = paths.local_ray_token
     if not token.exists():

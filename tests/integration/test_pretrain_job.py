@@ -26,6 +26,7 @@ import psutil
 import pytest
 
 from consortium.exit_codes import ExitCode
+from consortium.processes import descendant_pids
 from consortium.proto.v1 import jobs_pb2, jobs_pb2_grpc, nodes_pb2
 from consortium.ray_env import ray_auth_env
 from consortium.sandbox import POOL_USER
@@ -365,6 +366,30 @@ def test_code_on_the_coordinators_head_node_cannot_read_its_keys_or_state(site: 
     refused_as_the_pool_user(run_pool_members_task(site, "head", targets), targets)
 
 
+def test_the_coordinators_ray_head_starts_no_ray_client_server_and_no_api_server(
+    site: Site,
+) -> None:
+    """Ray starts a Ray Client server (port 10001, every interface: code from any token
+    holder) and an API server beside every head's GCS; nothing here uses either, and the
+    coordinator's head starts neither (consortium/ray_head_services.py)."""
+    head: dict[int, str] = {}
+    listening: set[int] = set()
+    for pid in descendant_pids(site.coordinator_pid):
+        with contextlib.suppress(psutil.Error):
+            process = psutil.Process(pid)
+            head[pid] = " ".join(process.cmdline())
+            listening |= {
+                c.laddr.port
+                for c in process.net_connections("inet")
+                if c.status == psutil.CONN_LISTEN
+            }
+    assert any("/gcs_server" in command for command in head.values()), head
+    assert int(site.ray_address.rsplit(":", 1)[1]) in listening  # the GCS's, as before
+    for service in ("ray.util.client.server", "dashboard/dashboard.py"):
+        assert not [command for command in head.values() if service in command], head
+    assert not listening & {10001, 8265}, listening
+
+
 # What a host on the network tries against this machine's Ray head without its token:
 # a GCS query (what any driver does first) and a Ray Client driver (port 10001), at the
 # address Ray announces for this machine (not loopback, where it has one).
@@ -399,9 +424,10 @@ def test_a_plain_text_coordinators_ray_head_refuses_callers_without_its_token(
     site: Site,
 ) -> None:
     """Ray's GCS and raylets listen on every interface whatever the head's address, and
-    the head serves Ray Client on port 10001 of every interface: before the plain-text
+    Ray's head served Ray Client on port 10001 of every interface: before the plain-text
     head took a token, a host reaching this machine queried the GCS and ran code through
-    Ray Client. Now both refuse a caller without the token; the same query with the
+    Ray Client. Now the GCS refuses a caller without the token, and no Ray Client server
+    answers at all (the test above); the same query with the
     coordinator's token (0600 in its data dir) is answered. The GCS's refusals are logged
     and counted, as in a consortium's."""
     token = DataDir(site.data_dir).local_ray_token

@@ -123,15 +123,13 @@ def interpreter_paths() -> tuple[Path, ...]:
 @dataclass(frozen=True)
 class Sandbox:
     """How to run a command as `user`: `home` is the command's private dir (made by the
-    caller, handed over by `prepare`), `hide` what it must not see at all, `cache` (one
-    of the `grant` dirs, or None) its cache dir kept across runs (`XDG_CACHE_HOME`)."""
+    caller, handed over by `prepare`), `hide` what it must not see at all."""
 
     user: PoolUser
     home: Path
     hide: tuple[Path, ...]
     expose: tuple[Path, ...]
     grant: tuple[Path, ...] = ()
-    cache: Path | None = None
 
     def prepare(self) -> None:
         """Hand the private dir (0700) and each granted dir over to the pool user: the
@@ -168,10 +166,8 @@ class Sandbox:
         return self.home / source.name
 
     def env(self) -> dict[str, str]:
-        """The user's identity for the command (Ray and Python read these, not passwd),
-        and its cache dir where it has one."""
-        identity = {"HOME": str(self.home), "USER": self.user.name, "LOGNAME": self.user.name}
-        return identity | ({"XDG_CACHE_HOME": str(self.cache)} if self.cache else {})
+        """The user's identity for the command (Ray and Python read these, not passwd)."""
+        return {"HOME": str(self.home), "USER": self.user.name, "LOGNAME": self.user.name}
 
     def wrap(self, argv: Sequence[str]) -> list[str]:
         return [
@@ -193,14 +189,11 @@ def _open_dir(path: Path) -> int:
         raise SandboxSetupError(f"{path} is not a directory of its own: {error}") from None
 
 
-def sandbox_for(
-    home: Path, hide: Sequence[Path], grant: Sequence[Path] = (), cache: Path | None = None
-) -> Sandbox | None:
+def sandbox_for(home: Path, hide: Sequence[Path], grant: Sequence[Path] = ()) -> Sandbox | None:
     """For a process running as root: the sandbox its Ray processes run in, as the pool
     user, with `home` (a private dir of root's, made by the caller) handed to it, the
-    `hide` dirs out of sight but for the `grant` dirs inside them, and `cache` (made by
-    the caller) granted as its cache dir. None for any other user: those Ray processes
-    then run as that user."""
+    `hide` dirs out of sight but for the `grant` dirs inside them. None for any other
+    user: those Ray processes then run as that user."""
     if os.geteuid() != 0:
         return None
     try:
@@ -214,8 +207,7 @@ def sandbox_for(
         home,
         hide=tuple(dict.fromkeys(p.resolve() for p in hide)),
         expose=interpreter_paths(),
-        grant=tuple(p.resolve() for p in (*grant, *([cache] if cache else []))),
-        cache=cache.resolve() if cache else None,
+        grant=tuple(p.resolve() for p in grant),
     )
 
 

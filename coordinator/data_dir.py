@@ -16,8 +16,7 @@ Layout (all under `root`)::
     flower/                       SuperLink database and port, Fleet edge port, the Flower
                                   app, FLWR_HOME, the ServerApp launcher's secret and
                                   task tokens
-    ray/                          Ray head port, token rotation excludes, the pool
-                                  drivers' cache (driver-cache/: numba's compiled kernels)
+    ray/                          Ray head port, token rotation excludes
     logs/                         children's logs (superlink.log, ray-head.log, ...)
     bundles/<institution>/        startup bundles written by `coordinator onboard`
 
@@ -153,14 +152,6 @@ class DataDir:
     @property
     def ray_token_excludes(self) -> Path:
         return self.ray_dir / "token-excludes.json"
-
-    @property
-    def driver_cache(self) -> Path:
-        """The cache dir of pretraining drivers run as the pool user (theirs alone, the
-        rest of the data dir out of their sight): numba's compiled aggregation kernels,
-        kept across runs and restarts so that each driver does not compile them again
-        (about 3 CPU-s)."""
-        return self.ray_dir / "driver-cache"
 
     @property
     def logs_dir(self) -> Path:

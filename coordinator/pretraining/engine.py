@@ -30,7 +30,6 @@ from consortium.leftovers import remove_own_dir
 from consortium.processes import ChildProcess
 from consortium.ray_env import prepare_ray_temp_dir, share_ray_credentials, short_temp_dir
 from consortium.sandbox import Sandbox, sandbox_for
-from coordinator.data_dir import DataDir
 from coordinator.pretraining import driver_wire as wire
 from coordinator.pretraining.driver_wire import DriverRequest, Failed, Step, Wait
 from coordinator.pretraining.errors import (
@@ -78,11 +77,9 @@ class PretrainEngine(Protocol):
 def driver_sandbox(data_dir: Path) -> Callable[[Path], Sandbox | None]:
     """For `coordinator serve` running as root: each run's driver runs as the pool user
     (it unpickles what Ray's workers return, and any member holding the token can run
-    a worker), seeing nothing of the data dir but the run's checkpoint dir and the
-    drivers' cache dir (`DataDir.driver_cache`: only pool processes write there, and
-    they already share a uid and a cluster with every driver). Its private dir (its own
-    copies of the cluster's credentials) is ``driver`` in the coordinator's Ray dir,
-    which the reaper removes with the rest after a `kill -9`."""
+    a worker), seeing nothing of the data dir but the run's checkpoint dir. Its private
+    dir (its own copies of the cluster's credentials) is ``driver`` in the coordinator's
+    Ray dir, which the reaper removes with the rest after a `kill -9`."""
 
     def for_run(checkpoint_dir: Path) -> Sandbox | None:
         if os.geteuid() != 0:
@@ -94,9 +91,7 @@ def driver_sandbox(data_dir: Path) -> Callable[[Path], Sandbox | None]:
         remove_own_dir(home)  # an earlier run's, if it was not removed
         home.mkdir(mode=0o700)
         checkpoint_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        cache = DataDir(data_dir).driver_cache
-        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
-        sandbox = sandbox_for(home, hide=(data_dir,), grant=(checkpoint_dir,), cache=cache)
+        sandbox = sandbox_for(home, hide=(data_dir,), grant=(checkpoint_dir,))
         if sandbox is not None:  # the way to its home: the pool user's, as the head's is
             os.chown(ray_home, sandbox.user.uid, sandbox.user.gid, follow_symlinks=False)
         return sandbox

@@ -134,7 +134,7 @@ def test_pretrain_job_succeeds_on_contributed_node_with_provenance_and_accountin
     drivers: dict[int, tuple[int, list[str]]] = {}  # pid -> (uid, what it sees of the data dir)
 
     def ended() -> bool:
-        drivers.update(driver_views(site, DataDir(site.data_dir).ray_dir))
+        drivers.update(driver_views(site))
         return remote.get(job.job_id).job.state in FINAL_STATES
 
     with Remote(site.address) as remote:
@@ -145,16 +145,11 @@ def test_pretrain_job_succeeds_on_contributed_node_with_provenance_and_accountin
     assert reply.job.state == jobs_pb2.JOB_STATE_SUCCEEDED, reply.job.message
     # Issue 17: the driver unpickles what Ray's workers return. Run as root, it runs as
     # the pool user and sees nothing of the data dir (the signing key, the state, the
-    # CA, the Ray token) but the way to its run's checkpoint dir and to the drivers'
-    # cache, where numba keeps the aggregation kernels it compiled for the next driver.
+    # CA) but the way to its run's checkpoint dir.
     assert drivers, "no pretraining driver was seen running"
-    cache = DataDir(site.data_dir).driver_cache
-    for uid, seen, seen_in_ray_dir in drivers.values():
+    for uid, seen in drivers.values():
         if os.geteuid() == 0:
-            pool = pwd.getpwnam(POOL_USER).pw_uid
-            assert (uid, seen, seen_in_ray_dir) == (pool, ["checkpoints", "ray"], [cache.name])
-            assert cache.stat().st_uid == pool
-            assert list(cache.rglob("kernels.*.nbi")), sorted(cache.rglob("*"))
+            assert (uid, seen) == (pwd.getpwnam(POOL_USER).pw_uid, ["checkpoints"])
         else:
             assert uid == os.getuid() and "state.db" in seen
     assert [r.round for r in reply.rounds] == [1, 2]
@@ -270,22 +265,16 @@ def test_cap_for_unknown_institution_is_refused_at_submit(site: Site, tmp_path: 
         assert len(remote.list_jobs()) == before
 
 
-def driver_views(site: Site, inner: Path) -> dict[int, tuple[int, list[str], list[str]]]:
+def driver_views(site: Site) -> dict[int, tuple[int, list[str]]]:
     """Each running pretraining driver of the coordinator: its uid, and what it sees in
-    the data dir and in `inner`, a dir inside it (its mount namespace's view, read
-    through /proc as root may)."""
+    the data dir (its mount namespace's view, read through /proc as root may)."""
     views = {}
     for process in psutil.Process(site.coordinator_pid).children(recursive=True):
         with contextlib.suppress(psutil.Error, OSError):
             command = process.cmdline()
             if "coordinator.pretraining.driver" in command and "consortium.sandbox" not in command:
-                root = f"/proc/{process.pid}/root"
-                seen = sorted(os.listdir(f"{root}{site.data_dir.resolve()}"))
-                views[process.pid] = (
-                    process.uids().real,
-                    seen,
-                    sorted(os.listdir(f"{root}{inner.resolve()}")) if "ray" in seen else [],
-                )
+                seen = sorted(os.listdir(f"/proc/{process.pid}/root{site.data_dir.resolve()}"))
+                views[process.pid] = (process.uids().real, seen)
     return views
 
 

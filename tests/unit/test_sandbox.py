@@ -42,7 +42,6 @@ from consortium.sandbox import (
     interpreter_paths,
     pool_uid,
 )
-from coordinator.data_dir import DataDir
 from coordinator.pretraining.engine import driver_sandbox
 
 AS_ROOT = os.geteuid() == 0
@@ -286,21 +285,16 @@ def test_the_pool_user_is_a_system_user_without_login(tmp_path: Path) -> None:
     assert ensure_pool_user() == user  # made once
 
 
-def test_a_pretraining_driver_sees_only_its_checkpoint_dir_and_cache_of_the_data_dir(
+def test_a_pretraining_driver_sees_only_its_checkpoint_dir_of_the_data_dir(
     site_root: Path,
 ) -> None:
     """The coordinator's pretraining driver unpickles what Ray's workers return: run as
     root it runs as the pool user, and of the data dir it sees (and may write) only its
-    run's checkpoint dir and the drivers' cache (its `XDG_CACHE_HOME`); the keys, state
-    and Ray token beside them are not there at all."""
+    run's checkpoint dir; the keys and state beside it are not there at all."""
     data_dir = site_root / "coordinator"
     (data_dir / "keys").mkdir(parents=True)
     key = data_dir / "keys" / "signing.key"
     key.write_text("key")
-    token = DataDir(data_dir).local_ray_token
-    token.parent.mkdir()
-    token.write_text("token")
-    cache = DataDir(data_dir).driver_cache
     state = data_dir / "state.db"
     state.write_text("state")
     state.chmod(0o644)  # even a file left world-readable
@@ -311,27 +305,23 @@ def test_a_pretraining_driver_sees_only_its_checkpoint_dir_and_cache_of_the_data
     sandbox = driver_sandbox(data_dir)(checkpoints)
     try:
         assert sandbox is not None and sandbox.home == short_temp_dir(data_dir) / "driver"
-        assert sandbox.env()["XDG_CACHE_HOME"] == str(cache.resolve())
         sandbox.prepare()
         seen = probe(
             sandbox,
-            [key, state, token],
-            [data_dir, data_dir / "checkpoints", token.parent],
-            [checkpoints / "latest.pt", cache / "compiled", data_dir / "planted"],
+            [key, state],
+            [data_dir, data_dir / "checkpoints"],
+            [checkpoints / "latest.pt", data_dir / "planted"],
         )
-        assert seen["read"] == dict.fromkeys(map(str, [key, state, token]), "FileNotFoundError")
+        assert seen["read"] == {str(key): "FileNotFoundError", str(state): "FileNotFoundError"}
         assert seen["listed"] == {
-            str(data_dir): ["checkpoints", "ray"],
+            str(data_dir): ["checkpoints"],
             str(data_dir / "checkpoints"): ["job-1"],
-            str(token.parent): [cache.name],
         }
         assert seen["wrote"] == {
             str(checkpoints / "latest.pt"): "ok",
-            str(cache / "compiled"): "ok",
             str(data_dir / "planted"): "OSError",
         }
-        for written in (checkpoints / "latest.pt", cache / "compiled"):
-            assert written.stat().st_uid == sandbox.user.uid  # on the host
+        assert (checkpoints / "latest.pt").stat().st_uid == sandbox.user.uid  # on the host
         assert key.read_text() == "key" and not (data_dir / "planted").exists()
     finally:
         remove_own_dir(short_temp_dir(data_dir))

@@ -32,10 +32,11 @@ def skip_unused_head_services() -> None:
     them through these methods fails here, loudly, rather than starting them unseen."""
     from ray._private.node import Node
 
+    missing = [name for name in UNUSED_HEAD_SERVICES if not callable(getattr(Node, name, None))]
+    if missing:  # checked before any is replaced: all or nothing
+        raise RuntimeError(
+            f"ray._private.node.Node has no {', '.join(missing)}: this Ray is not the one "
+            "consortium/ray_head_services.py was written for"
+        )
     for name in UNUSED_HEAD_SERVICES:
-        if not callable(getattr(Node, name, None)):
-            raise RuntimeError(
-                f"ray._private.node.Node has no {name}: this Ray is not the one "
-                "consortium/ray_head_services.py was written for"
-            )
         setattr(Node, name, _not_started)

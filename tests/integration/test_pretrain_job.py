@@ -387,7 +387,7 @@ def test_the_coordinators_ray_head_starts_no_ray_client_server_and_no_api_server
     assert int(site.ray_address.rsplit(":", 1)[1]) in listening  # the GCS's, as before
     for service in ("ray.util.client.server", "dashboard/dashboard.py"):
         assert not [command for command in head.values() if service in command], head
-    assert not listening & {10001, 8265}, listening
+    assert 10001 not in listening, listening  # Ray Client's port (this head has no range)
 
 
 # What a host on the network tries against this machine's Ray head without its token:

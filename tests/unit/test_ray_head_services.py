@@ -23,6 +23,8 @@ def test_a_ray_without_the_start_method_is_refused_by_name(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delattr(Node, "start_api_server")
-    monkeypatch.setattr(Node, "start_ray_client_server", Node.start_ray_client_server)
+    original = Node.start_ray_client_server
+    monkeypatch.setattr(Node, "start_ray_client_server", original)
     with pytest.raises(RuntimeError, match="has no start_api_server"):
         skip_unused_head_services()
+    assert Node.start_ray_client_server is original  # nothing replaced

@@ -45,25 +45,37 @@ def private_dir(path: Path) -> Path:
 
 def tighten_tree(root: Path) -> int:
     """Remove group and other permission bits from `root` and everything below it
-    (symbolic links are not followed); returns how many paths changed."""
-    changed = 0
-    for current, dirs, files in os.walk(root):
-        for name in [current, *(os.path.join(current, d) for d in dirs)]:
-            changed += _tighten(name)
-        for name in files:
-            changed += _tighten(os.path.join(current, name))
+    (symbolic links are not followed); returns how many paths changed.
+
+    A data dir holds dirs another user writes (a pool driver's checkpoint dir), where an
+    entry checked by name could be swapped for a link before it is changed or entered
+    by name: so the walk goes by directory descriptors (`os.fwalk`, which checks that
+    each dir it enters is the one it listed), and each entry is checked and changed
+    through one descriptor of its own."""
+    changed = _tighten(str(root))
+    for _, dirs, files, dir_fd in os.fwalk(root):
+        for name in (*dirs, *files):
+            changed += _tighten(name, dir_fd)
     return changed
 
 
-def _tighten(path: str) -> int:
+def _tighten(path: str, dir_fd: int | None = None) -> int:
+    """One entry's group and other bits off, through an O_PATH descriptor of the entry
+    itself (never what a link names). Linux changes an O_PATH descriptor's file through
+    its /proc/self/fd entry (what glibc's fchmodat does for AT_SYMLINK_NOFOLLOW),
+    sockets included."""
     try:
-        mode = os.lstat(path).st_mode
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW, dir_fd=dir_fd)
     except FileNotFoundError:
         return 0  # removed meanwhile (a running child's temporary file)
-    if stat.S_ISLNK(mode) or not mode & _GROUP_OR_OTHER:
-        return 0
-    os.chmod(path, stat.S_IMODE(mode) & ~_GROUP_OR_OTHER)
-    return 1
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISLNK(mode) or not mode & _GROUP_OR_OTHER:
+            return 0
+        os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(mode) & ~_GROUP_OR_OTHER)
+        return 1
+    finally:
+        os.close(fd)
 
 
 def new_secret_file(path: Path, size: int = 32) -> bytes:

@@ -1,0 +1,55 @@
+"""consortium/file_modes.py: a loosened data dir is tightened, and what links name is
+left alone (a link planted in a dir another user writes must not aim root's chmod)."""
+
+from __future__ import annotations
+
+import socket
+import stat
+from pathlib import Path
+
+from consortium.file_modes import private_dir, tighten_tree
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def test_a_loosened_tree_is_tightened_and_counted(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    (root / "keys").mkdir(parents=True)
+    key = root / "keys" / "signing.key"
+    key.write_text("key")
+    root.chmod(0o755)
+    (root / "keys").chmod(0o775)
+    key.chmod(0o644)
+    (root / "keys" / "deeper").mkdir(mode=0o750)
+    assert tighten_tree(root) == 4
+    assert (mode(root), mode(root / "keys"), mode(key)) == (0o700, 0o700, 0o600)
+    assert mode(root / "keys" / "deeper") == 0o700
+    assert tighten_tree(root) == 0  # nothing left to change
+
+
+def test_what_a_link_names_keeps_its_mode(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.write_text("not ours to change")
+    outside.chmod(0o4755)  # the bits a planted file would pass on, set-user-ID included
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o755)
+    root = tmp_path / "data"
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "checkpoints" / "latest.pt").symlink_to(outside)
+    (root / "dir-link").symlink_to(elsewhere, target_is_directory=True)
+    root.chmod(0o755)
+    private_dir(root)
+    assert mode(root) == 0o700  # the tree itself was tightened
+    assert (mode(outside), mode(elsewhere)) == (0o4755, 0o755)
+
+
+def test_a_socket_in_the_tree_is_tightened_too(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    root.mkdir(mode=0o700)
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(root / "s"))
+        (root / "s").chmod(0o777)
+        assert tighten_tree(root) == 1
+        assert mode(root / "s") == 0o700

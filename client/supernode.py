@@ -18,7 +18,7 @@ from client.federated.fast_poll_supernode import (
 )
 from consortium.file_modes import new_secret_file
 from consortium.leftovers import owner_env
-from consortium.net import reserve_free_port
+from consortium.net import PORT_IN_USE, reserve_free_port
 from consortium.processes import ChildProcess, venv_executable
 from consortium.workloads import BUILTIN_WORKLOADS
 
@@ -29,10 +29,9 @@ TASK_SECRET_FILE = "supernode-task.secret"
 # it (its key is not registered, or the institution's one node is active already);
 # an unreachable SuperLink is retried inside the SuperNode instead.
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
-# What its Runtime API's server (uvicorn) logs when the port is taken: the port was
-# free when reserved, then another process bound it first (two `client join`s on one
-# host were handed the same free port and the second's SuperNode never started).
-PORT_IN_USE = "address already in use"
+# Its Runtime API's server (uvicorn) logs PORT_IN_USE when the port is taken: the port
+# was free when reserved, then another process bound it first (two `client join`s on
+# one host were handed the same free port and the second's SuperNode never started).
 
 log = logging.getLogger(__name__)
 

@@ -162,10 +162,15 @@ def log_end(log_path: Path) -> int:
 def ray_started(log_path: Path, since: int) -> bool:
     """Whether `ray start`, logging to `log_path` from offset `since` on, reported its
     node running (RAY_STARTED_LINE)."""
+    return logged_since(log_path, since, RAY_STARTED_LINE)
+
+
+def logged_since(log_path: Path, since: int, text: str) -> bool:
+    """Whether `text` was written to `log_path` from offset `since` on."""
     try:
         with log_path.open("rb") as handle:
             handle.seek(since)
-            return RAY_STARTED_LINE.encode() in handle.read()
+            return text.encode() in handle.read()
     except OSError:
         return False
 

@@ -16,7 +16,13 @@ from grpc_health.v1 import health_pb2_grpc
 
 from consortium.errors import InsecureTransportError
 from consortium.lifecycle import ParallelStops, StartStep, start_in_order
-from consortium.net import is_loopback_host, join_host_port, reserve_free_port, split_host_port
+from consortium.net import (
+    is_loopback_host,
+    join_host_port,
+    ready_on_a_free_port,
+    reserve_free_port,
+    split_host_port,
+)
 from consortium.ownership import claim
 from consortium.processes import ChildProcess
 from consortium.proto.v1 import jobs_pb2_grpc, nodes_pb2_grpc, status_pb2_grpc
@@ -124,6 +130,11 @@ def sticky_port(
             return previous
         except OSError:
             log.info("port %d used last time is taken; choosing another", previous)
+    return fresh_port(host, avoid)
+
+
+def fresh_port(host: str, avoid: frozenset[int] = frozenset()) -> int:
+    """A free port the OS hands out for `host`, never one in `avoid`."""
     port = reserve_free_port(host)
     while port in avoid:
         port = reserve_free_port(host)
@@ -285,7 +296,23 @@ class Coordinator:
         self.ray_cluster = self._start_ray()
 
     def _wait_superlink(self) -> None:
-        self.superlink.wait_ready(self.settings.superlink_start_timeout_s)
+        superlink, settings = self.superlink, self.settings
+        timeout_s = settings.superlink_start_timeout_s
+        if settings.superlink_port:
+            superlink.wait_ready(timeout_s)
+            return
+
+        def move_to(port: int) -> None:
+            superlink.move_to(port)
+            self.paths.superlink_port_file.write_text(str(port))
+
+        ready_on_a_free_port(
+            "Flower SuperLink",
+            lambda: superlink.wait_ready(timeout_s),
+            superlink.port_taken,
+            move_to,
+            lambda: reserve_free_port(settings.superlink_host),
+        )
 
     def _start_serverapp_launcher(self) -> None:
         """Starts the ServerApp of runs this coordinator approved, and no other."""
@@ -330,8 +357,33 @@ class Coordinator:
         self.fleet_address = announced(edge.address, public_host(self.settings))
 
     def _wait_ray_head(self) -> None:
-        if self.ray_head is not None:
-            self.ray_head.wait_ready(self.settings.ray_start_timeout_s)
+        settings = self.settings
+        if self.ray_head is None:
+            return
+        if settings.ray_port:
+            self.ray_head.wait_ready(settings.ray_start_timeout_s)
+            return
+
+        def head() -> RayHead:
+            assert self.ray_head is not None
+            return self.ray_head
+
+        def move_to(port: int) -> None:
+            # Nothing has been handed the head's address yet (the API starts later).
+            cluster = head().cluster
+            # Its `ray start` waits 40 s for the dead GCS before it heeds SIGTERM.
+            head().stop(timeout_s=1.0)
+            self.ray_head = self._new_ray_head(port, cluster.token_path, cluster.tls)
+            self.ray_cluster = self.ray_head.cluster
+            self.paths.ray_head_port_file.write_text(str(port))
+
+        ready_on_a_free_port(
+            "Ray head",
+            lambda: head().wait_ready(settings.ray_start_timeout_s),
+            lambda: head().port_taken(),
+            move_to,
+            lambda: fresh_port(settings.ray_host, RAY_DEFAULT_PORTS),
+        )
 
     def _start_metrics_endpoint(self) -> None:
         # Before the API: coordinator.address appearing means metrics.address exists.

@@ -15,7 +15,7 @@ from pathlib import Path
 from consortium.errors import ChildProcessFailedError
 from consortium.file_modes import new_secret_file
 from consortium.leftovers import owner_env
-from consortium.net import reserve_free_port
+from consortium.net import PORT_IN_USE, reserve_free_port
 from consortium.processes import ChildProcess, listens_on, port_holder, venv_executable
 from coordinator.access.pki_files import CoordinatorPki
 from coordinator.data_dir import DATA_DIR_ENV, DataDir
@@ -71,6 +71,17 @@ class SuperLink:
         return ChildProcess(
             "flower-superlink", self._argv, self.paths.log_file("superlink"), env=self.app_env
         )
+
+    def port_taken(self) -> bool:
+        """Whether it exited because another process had bound its port."""
+        return self.process.poll() is not None and PORT_IN_USE in self.process.log_tail(40)
+
+    def move_to(self, port: int) -> None:
+        """Start it again on `port` (at start-up, before anyone was told the old one)."""
+        self.process.stop()
+        self.port = port
+        self._argv[self._argv.index("--port") + 1] = str(port)
+        self.process = self._start()
 
     def restart(self, timeout_s: float) -> None:
         """Start it again on the same port, database and task secret (what the

@@ -24,11 +24,12 @@ from typing import cast
 
 from consortium.errors import ChildProcessFailedError
 from consortium.leftovers import owner_env
-from consortium.processes import ChildProcess, venv_executable
+from consortium.processes import STOP_TIMEOUT_S, ChildProcess, venv_executable
 from consortium.ray_env import (
     DRAIN_TIMEOUT_ENV,
     RayTls,
     log_end,
+    logged_since,
     new_ray_token,
     prepare_ray_temp_dir,
     ray_auth_env,
@@ -45,6 +46,10 @@ from coordinator.access.refusals.ray_gcs import RayRefusal, RayRefusalWatch, gcs
 from coordinator.data_dir import DataDir
 
 log = logging.getLogger(__name__)
+
+# What Ray's GCS writes to its error log, and exits, when it cannot bind its port
+# ("Check failed: server_ Failed to start the grpc server. The specified port is N.").
+GCS_PORT_TAKEN = "Failed to start the grpc server. The specified port is {port}."
 
 
 @dataclass(frozen=True)
@@ -173,14 +178,32 @@ class RayHead:
                 )
             if ray_started(self.process.log_path, self._log_offset):
                 return
+            if self.port_taken():
+                raise ChildProcessFailedError(
+                    f"the Ray head's GCS could not listen on port {self.port}: another "
+                    "process holds it"
+                )
             time.sleep(0.1)
         raise ChildProcessFailedError(
             f"the Ray head on {self.address} did not start within {timeout_s:.0f} s; "
             f"see {self.process.log_path}:\n{self.process.log_tail()}"
         )
 
-    def stop(self) -> None:
-        self.process.stop()
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    def port_taken(self) -> bool:
+        """Whether its GCS failed because another process holds its port. Read from the
+        GCS's own log, written as it exits: `ray start` reports it only after waiting
+        40 s for the GCS to answer."""
+        gcs_log = gcs_log_path(self.temp_dir, "gcs_server.err")
+        return gcs_log is not None and logged_since(
+            gcs_log, 0, GCS_PORT_TAKEN.format(port=self.port)
+        )
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        self.process.stop(timeout_s)
         for watch in self._watches():
             watch.stop()
         remove_ray_temp_dir(self._anchor)

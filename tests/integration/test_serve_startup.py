@@ -10,6 +10,7 @@ on loopback that nothing listens on its ports any more.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,3 +95,60 @@ def test_start_failure_at_last_step_stops_ray_head_and_superlink(
     assert any("flower-superlink" in command for command in recorder.commands)
     assert any("--head" in command for command in recorder.commands), recorder.commands
     assert_nothing_left(settings, recorder)
+
+
+def test_runtime_ports_another_process_binds_first_are_replaced(
+    tmp_path: Path, baseline: Baseline
+) -> None:
+    """`serve` picks the SuperLink's and the Ray head's ports free and closes them until
+    the child binds them, so another process can bind one first (a full test run once
+    saw a Ray head's GCS fail on its port that way). Here this test binds each one right
+    after its child was started, before the child can have bound it: both start again on
+    a new port, which the port records then name, and nothing is left after the stop."""
+    settings = settings_for(tmp_path, ray=True)
+    paths = settings.paths
+    holders: dict[str, socket.socket] = {}
+    try:
+        # Bound (SO_REUSEADDR) but not listening: `serve` finds the port it used last
+        # time free and takes it again; listening, it keeps the child off it.
+        for runtime, record in (
+            ("superlink", paths.superlink_port_file),
+            ("ray", paths.ray_head_port_file),
+        ):
+            holder = holders[runtime] = socket.socket()
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            holder.bind(("127.0.0.1", 0))
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(str(holder.getsockname()[1]))
+        taken = {runtime: holder.getsockname()[1] for runtime, holder in holders.items()}
+        recorder = StartRecorder(baseline)
+
+        def take_ports(step: str) -> None:
+            recorder(step)
+            # Each step runs right after the one that started the runtime's child.
+            if step == "ray":
+                holders["superlink"].listen()
+            elif step == "superlink_ready":
+                holders["ray"].listen()
+
+        coordinator = Coordinator(settings, on_start_step=take_ports)
+        try:
+            assert coordinator.ray_cluster is not None
+            ports = {
+                "superlink": coordinator.superlink.port,
+                "ray": int(coordinator.ray_cluster.address.rsplit(":", 1)[1]),
+            }
+            for runtime, port in ports.items():
+                assert port != taken[runtime], runtime
+                assert listening("127.0.0.1", port), runtime
+            assert int(paths.superlink_port_file.read_text()) == ports["superlink"]
+            assert int(paths.ray_head_port_file.read_text()) == ports["ray"]
+            # The first SuperLink did fail on its taken port (the first Ray head's GCS
+            # log went with its temp dir).
+            assert paths.log_file("superlink").read_text().count("address already in use") == 1
+        finally:
+            coordinator.stop()
+        assert_nothing_left(settings, recorder)
+    finally:
+        for holder in holders.values():
+            holder.close()

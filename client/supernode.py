@@ -138,7 +138,7 @@ class SuperNode:
         another process took the port, on a new one: the task runner follows
         `runtime_api_address`."""
         self.process.stop()
-        if PORT_IN_USE in self.process.log_tail(40):
+        if self.process.logged(PORT_IN_USE):
             taken, self.port = self.port, reserve_free_port()
             self._argv[self._port_at] = str(self.port)
             log.warning(

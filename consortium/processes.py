@@ -51,6 +51,7 @@ class ChildProcess:
         self._stopped = False
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = log_path.open("ab")
+        self._log_start = self._log_file.tell()  # the log is appended to across starts
         full_env = dict(os.environ)
         # Flower starts its helpers (flower-superexec, flwr-serverapp) by name.
         venv_bin = str(Path(sys.executable).parent)
@@ -78,6 +79,15 @@ class ChildProcess:
 
     def poll(self) -> int | None:
         return self.popen.poll()
+
+    def logged(self, text: str) -> bool:
+        """Whether this child (not an earlier one on the same log) wrote `text`."""
+        try:
+            with self.log_path.open("rb") as handle:
+                handle.seek(self._log_start)
+                return text.encode() in handle.read()
+        except OSError:
+            return False
 
     def log_tail(self, lines: int = 20) -> str:
         try:

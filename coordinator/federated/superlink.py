@@ -74,7 +74,7 @@ class SuperLink:
 
     def port_taken(self) -> bool:
         """Whether it exited because another process had bound its port."""
-        return self.process.poll() is not None and PORT_IN_USE in self.process.log_tail(40)
+        return self.process.poll() is not None and self.process.logged(PORT_IN_USE)
 
     def move_to(self, port: int) -> None:
         """Start it again on `port` (at start-up, before anyone was told the old one)."""

@@ -7,8 +7,9 @@ pretraining and on a Ray pool, beside synchronous data parallelism (issue 17).
 
 A real consortium on a test bed (coordinator/wan.py): the coordinator and each site in
 a network namespace of its own, every link shaped with `tc netem` (40 ms each way, so
-80 ms round trips, 100 Mbit/s, 0.1% loss) or, where the kernel has no sch_netem, only
-rate-limited (the benchmark says which). The sites join with `--ray`, so the same
+80 ms round trips, 100 Mbit/s, 0.1% loss) or, where the kernel has no sch_netem, with the
+same delay and loss from a userspace switch and the rate from `tc tbf` (the benchmark
+says which). The sites join with `--ray`, so the same
 consortium runs the same job twice: ``placement = "federated"`` (each site trains at
 home and returns a signed pseudo-gradient over its Flower channel) and ``placement =
 "ray-pool"`` (one Ray actor per site's node, driven over Ray). Then synchronous data

@@ -8,7 +8,10 @@ TEST-NET-1, RFC 5737, which is never routed). Each host resolves every host's na
 aliases through `/etc/netns/<namespace>/hosts`, which `ip netns exec` mounts over
 `/etc/hosts`. `netem` (for example ``"delay 40ms rate 100mbit loss 0.1%"``) shapes every
 host's outgoing traffic with `tc netem`, so a round trip between two hosts sees twice the
-delay: a WAN on one machine.
+delay: a WAN on one machine. Where the kernel has no sch_netem, `SwitchedLinks` gives the
+same delay and loss from a userspace switch in place of the bridge
+(consortium/wan_switch.py), each host's link a TAP device of that switch, and `rate`
+limits every host's outgoing traffic with `tc tbf`.
 
 Used by the multi-host tests and benchmarks; needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN).
 Everything it creates is removed when the context ends, also after a failure.
@@ -19,9 +22,11 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import select
 import shutil
 import socket
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +53,24 @@ class NetnsHost:
     aliases: tuple[str, ...] = ()  # more names that resolve to it (e.g. a DNS name)
 
 
+@dataclass(frozen=True)
+class SwitchedLinks:
+    """Delay and loss on every host's outgoing traffic, from consortium/wan_switch.py."""
+
+    delay_ms: float
+    loss_percent: float = 0.0
+    seed: int = 0
+
+    def describe(self) -> str:
+        return (
+            f"delay {self.delay_ms:g} ms and loss {self.loss_percent:g}% on every host's "
+            "outgoing traffic from a userspace switch (consortium/wan_switch.py)"
+        )
+
+
+SWITCH_START_TIMEOUT_S = 30.0
+
+
 def _run(*argv: str) -> None:
     result = subprocess.run(argv, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -63,9 +86,13 @@ class NetworkTestbed:
         netem: str | None = None,
         tag: str | None = None,
         rate: str | None = None,
+        switched: SwitchedLinks | None = None,
     ) -> None:
-        """``rate`` (e.g. ``"100mbit"``), without ``netem``: only a rate limit on every
-        host's outgoing traffic (`tc tbf`), for kernels without sch_netem."""
+        """``rate`` (e.g. ``"100mbit"``), without ``netem``: a rate limit on every host's
+        outgoing traffic (`tc tbf`), for kernels without sch_netem; ``switched`` adds
+        delay and loss there."""
+        if netem and switched:
+            raise NetnsError("netem and switched links are two ways to one end: pick one")
         if os.geteuid() != 0:
             raise NetnsError("network namespaces need root")
         if shutil.which(IP) is None:
@@ -76,6 +103,8 @@ class NetworkTestbed:
         self.hosts = {host.name: host for host in hosts}
         self.netem = netem
         self.rate = rate
+        self.switched = switched
+        self._switch: subprocess.Popen[str] | None = None
         self.tag = tag or f"cons{os.getpid()}"
         self.hub = f"{self.tag}-hub"
         self._created: list[str] = []
@@ -114,17 +143,25 @@ class NetworkTestbed:
 
     def _create(self) -> None:
         self._add_namespace(self.hub)
-        _run(IP, "-n", self.hub, "link", "add", "br0", "type", "bridge")
-        _run(IP, "-n", self.hub, "link", "set", "br0", "up")
-        for index, host in enumerate(self.hosts.values()):
+        ports = [f"p{index}" for index in range(len(self.hosts))]  # in the hub
+        if self.switched:
+            self._start_switch(ports)
+        else:
+            _run(IP, "-n", self.hub, "link", "add", "br0", "type", "bridge")
+            _run(IP, "-n", self.hub, "link", "set", "br0", "up")
+        for port, host in zip(ports, self.hosts.values(), strict=True):
             ns = self.namespace(host.name)
             self._add_namespace(ns)
-            port = f"p{index}"  # the host's port on the bridge, in the hub
-            _run(IP, "link", "add", "eth0", "netns", ns, "type", "veth", "peer", port)
-            # The peer is created where `ip` runs (this namespace): move it to the hub.
-            _run(IP, "link", "set", port, "netns", self.hub)
-            _run(IP, "-n", self.hub, "link", "set", port, "master", "br0")
-            _run(IP, "-n", self.hub, "link", "set", port, "up")
+            if self.switched:
+                # The switch's TAP device becomes the host's link.
+                _run(IP, "-n", self.hub, "link", "set", port, "netns", ns)
+                _run(IP, "-n", ns, "link", "set", port, "name", "eth0")
+            else:
+                _run(IP, "link", "add", "eth0", "netns", ns, "type", "veth", "peer", port)
+                # The peer is created where `ip` runs (this namespace): move it to the hub.
+                _run(IP, "link", "set", port, "netns", self.hub)
+                _run(IP, "-n", self.hub, "link", "set", port, "master", "br0")
+                _run(IP, "-n", self.hub, "link", "set", port, "up")
             _run(IP, "-n", ns, "addr", "add", f"{host.address}/{PREFIX_LENGTH}", "dev", "eth0")
             _run(IP, "-n", ns, "link", "set", "eth0", "up")
             if self.netem:
@@ -135,6 +172,39 @@ class NetworkTestbed:
             etc = NETNS_ETC / ns
             etc.mkdir(parents=True, exist_ok=True)
             (etc / "hosts").write_text(self._hosts_file(host))
+
+    def _start_switch(self, ports: Sequence[str]) -> None:
+        """consortium/wan_switch.py in the hub, its TAP devices named `ports`; it ends
+        when its standard input closes (`remove`, or this process's death)."""
+        assert self.switched is not None
+        links = self.switched
+        argv = [sys.executable, "-m", "consortium.wan_switch", "--delay-ms", str(links.delay_ms),
+                "--loss-percent", str(links.loss_percent), "--seed", str(links.seed)]  # fmt: skip
+        self._switch = subprocess.Popen(
+            [IP, "netns", "exec", self.hub, *argv, *ports],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self._switch.stdout is not None
+        ready, _, _ = select.select([self._switch.stdout], [], [], SWITCH_START_TIMEOUT_S)
+        if not ready or self._switch.stdout.readline().strip() != "READY":
+            errors = self._stop_switch()
+            raise NetnsError(f"the WAN switch did not start: {errors.strip()[-2000:]}")
+
+    def _stop_switch(self) -> str:
+        """Close the switch's input, so it ends (killed after 5 s); what it wrote to its
+        standard error."""
+        switch, self._switch = self._switch, None
+        if switch is None:
+            return ""
+        try:
+            _, errors = switch.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            switch.kill()
+            _, errors = switch.communicate()
+        return errors or ""
 
     def _shape(self, ns: str) -> None:
         try:
@@ -156,6 +226,7 @@ class NetworkTestbed:
 
     def remove(self) -> None:
         """Delete every namespace this test bed created (their links go with them)."""
+        self._stop_switch()
         for name in reversed(self._created):
             subprocess.run([IP, "netns", "delete", name], capture_output=True, check=False)
             shutil.rmtree(NETNS_ETC / name, ignore_errors=True)

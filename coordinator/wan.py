@@ -13,9 +13,9 @@ server certificate names it, and each site's `client join` runs in its own names
 the emulated WAN and nothing passes through a loopback. The test bed is removed when
 the command ends, also after a failure. Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) and
 the `ip` command. On a kernel without the sch_netem module (the project's CI machines:
-their kernels build only the htb, tbf and ingress qdiscs) there is no delay or loss to
-add: the links are then only rate-limited (`tc tbf`, `WAN_RATE`), and the command is
-told so (`describe_links`).
+their kernels build only the htb, tbf and ingress qdiscs) the delay and loss come from a
+userspace switch in place of the bridge (consortium/wan_switch.py) and the rate from
+`tc tbf`; the command is told which (`describe_links`).
 """
 
 from __future__ import annotations
@@ -26,13 +26,15 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from consortium.netns import IP, NetnsError, NetnsHost, NetworkTestbed
+from consortium.netns import IP, NetnsError, NetnsHost, NetworkTestbed, SwitchedLinks
 
 WAN_NETEM = "delay 40ms rate 100mbit loss 0.1%"  # per direction: 80 ms round trips
-WAN_RATE = "100mbit"  # all that is left of WAN_NETEM where the kernel has no sch_netem
+WAN_RATE = "100mbit"  # WAN_NETEM's rate, where it has no rate of its own
 COORDINATOR_HOST = "coordinator"
 COORDINATOR_ADDRESS = "192.0.2.10"  # TEST-NET-1 (RFC 5737): never routed
 FIRST_SITE_OCTET = 11
+# netem's delay units, in milliseconds ("us" and "ms" before "s": they end with it)
+DELAY_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 TESTBED_FLAG = "--wan-testbed"
 
 
@@ -97,12 +99,12 @@ def run_behind_wan(
     except NetnsError as error:
         if "sch_netem" not in str(error):
             raise
-        rate = _rate_of(netem)
-        links = (
-            f"tc tbf rate {rate} on every host's link; no delay or loss: this kernel has no "
-            "sch_netem"
-        )
-        testbed = NetworkTestbed(layout.hosts(), tag=layout.tag, rate=rate).__enter__()
+        rate = _netem_option(netem, "rate") or WAN_RATE
+        switched = switched_links(netem)
+        links = f"{switched.describe()}, tc tbf rate {rate} (this kernel has no sch_netem)"
+        testbed = NetworkTestbed(
+            layout.hosts(), tag=layout.tag, rate=rate, switched=switched
+        ).__enter__()
     on_links(links)
     try:
         command = testbed.exec_argv(COORDINATOR_HOST, [*argv, TESTBED_FLAG, layout.tag])
@@ -116,9 +118,25 @@ def describe_links() -> str:
     return os.environ.get(LINKS_ENV, f"tc netem {WAN_NETEM}")
 
 
-def _rate_of(netem: str) -> str:
+def switched_links(netem: str) -> SwitchedLinks:
+    """The delay and loss of a netem description ("delay 40ms ... loss 0.1%"), for the
+    userspace switch that stands where the kernel has no sch_netem."""
+    delay = _netem_option(netem, "delay") or "0ms"
+    loss = _netem_option(netem, "loss") or "0%"
+    unit = next((u for u in DELAY_UNITS_MS if delay.endswith(u)), None)
+    try:
+        if unit is None:
+            raise ValueError(delay)
+        delay_ms = float(delay.removesuffix(unit)) * DELAY_UNITS_MS[unit]
+        loss_percent = float(loss.removesuffix("%"))
+    except ValueError:
+        raise NetnsError(f"cannot read the delay and loss of {netem!r}") from None
+    return SwitchedLinks(delay_ms, loss_percent)
+
+
+def _netem_option(netem: str, name: str) -> str | None:
     words = netem.split()
-    return words[words.index("rate") + 1] if "rate" in words[:-1] else WAN_RATE
+    return words[words.index(name) + 1] if name in words[:-1] else None
 
 
 def interface_bytes(namespace: str) -> tuple[int, int]:

@@ -429,7 +429,7 @@ def demo(
         if wan and wan_testbed is None:  # build the test bed, then run again inside it
             from coordinator.wan import run_behind_wan
 
-            console.print("building the WAN test bed (network namespaces, tc netem)...")
+            console.print("building the WAN test bed (network namespaces, shaped links)...")
             argv = [venv_executable("coordinator"), *sys.argv[1:]]
             raise typer.Exit(
                 run_behind_wan(

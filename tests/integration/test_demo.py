@@ -14,7 +14,8 @@ bridge (coordinator/wan.py). The coordinator then binds only its test-bed addres
 which no process outside the test bed can reach, so a site that joined at all joined
 across the test bed. One demo run covers both: the pipeline is the same code, and the
 plain demo's loopback start-up is what every other consortium in the suite uses. On a
-kernel without sch_netem (CI's) the links are only rate-limited, and the demo says so.
+kernel without sch_netem (CI's) the links' delay and loss come from the test bed's
+userspace switch (consortium/wan_switch.py), and the demo says so.
 Elsewhere it runs on loopback.
 """
 

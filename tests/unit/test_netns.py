@@ -9,10 +9,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
-from consortium.netns import NetnsError, NetnsHost, NetworkTestbed
-from coordinator.wan import interface_bytes, run_behind_wan
+from consortium.netns import NetnsError, NetnsHost, NetworkTestbed, SwitchedLinks
+from coordinator.wan import interface_bytes, run_behind_wan, switched_links
 from tests.guide import GUIDE, GuideError, RunStep, SendStep, for_site, read_steps
 
 HOSTS = [
@@ -113,8 +114,8 @@ def test_an_unknown_annotation_flag_is_an_error() -> None:
 
 
 def test_a_rate_limited_test_bed_shapes_every_link_and_counts_what_crosses_it() -> None:
-    """Without netem (a kernel without sch_netem, as CI's), links are only rate-limited:
-    tc tbf on every host; `interface_bytes` counts the bytes a connection moved."""
+    """A rate alone (no delay or loss): tc tbf on every host's link, through the bridge;
+    `interface_bytes` counts the bytes a connection moved."""
     with NetworkTestbed(HOSTS, tag="tbrate", rate="100mbit") as bed:
         for host in ("server", "site"):
             shown = subprocess.run(
@@ -149,5 +150,107 @@ def test_a_command_behind_the_wan_runs_in_the_coordinators_namespace_told_its_li
     assert code == 0
     tag, links = said.read_text().split("\n")
     assert heard == [links]
-    assert "netem" in links or links.startswith("tc tbf rate 100mbit")
+    assert links.startswith("tc netem delay 40ms") or (
+        "delay 40 ms and loss 0.1%" in links and "tc tbf rate 100mbit" in links
+    ), links
     assert f"{tag}-coordinator" not in _namespaces() and f"{tag}-site-a" not in _namespaces()
+
+
+# On the site: three round trips through the server's echo, the shortest printed; then
+# DATAGRAMS numbered UDP datagrams to its port 7001.
+DATAGRAMS = 300
+ROUND_TRIPS_AND_DATAGRAMS = f"""
+import socket, time
+for attempt in range(5):  # a lost ARP request or SYN can fail a connect: as on a WAN
+    try:
+        connection = socket.create_connection(("192.0.2.10", 7000), timeout=30)
+        break
+    except OSError:
+        time.sleep(0.5)
+with connection:
+    times = []
+    for _ in range(3):
+        started = time.monotonic()
+        connection.sendall(b"x")
+        connection.recv(1)
+        times.append(time.monotonic() - started)
+print(min(times))
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+    for number in range({DATAGRAMS}):
+        udp.sendto(str(number).encode(), ("192.0.2.10", 7001))
+        time.sleep(0.001)
+"""
+# On the server: echo one connection's bytes, then count the datagrams that arrive
+# until none has for a second.
+ECHO_AND_COUNT = """
+import socket
+with socket.create_server(("192.0.2.10", 7000)) as server, socket.socket(
+    socket.AF_INET, socket.SOCK_DGRAM
+) as udp:
+    udp.bind(("192.0.2.10", 7001))
+    print("listening", flush=True)
+    connection, _ = server.accept()
+    while data := connection.recv(100):
+        connection.sendall(data)
+    udp.settimeout(1.0)
+    received = 0
+    try:
+        while True:
+            udp.recv(100)
+            received += 1
+    except TimeoutError:
+        print(received, flush=True)
+"""
+
+
+def test_switched_links_delay_every_frame_and_drop_the_seeded_share() -> None:
+    """Where the kernel has no sch_netem (as on CI's), the WAN's delay and loss come from
+    the userspace switch: each direction is delayed by its 40 ms (a round trip takes at
+    least 80 ms), 10% loss drops about a tenth of the datagrams, and the switch is gone
+    with the test bed."""
+    links = SwitchedLinks(delay_ms=40, loss_percent=10, seed=7)
+    with NetworkTestbed(HOSTS, tag="tbswitch", rate="100mbit", switched=links) as bed:
+        shown = subprocess.run(
+            bed.exec_argv("site", ["tc", "qdisc", "show", "dev", "eth0"]),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "tbf" in shown and "100Mbit" in shown, shown
+        server = subprocess.Popen(
+            bed.exec_argv("server", [sys.executable, "-c", ECHO_AND_COUNT]),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert server.stdout is not None and server.stdout.readline() == "listening\n"
+            site = subprocess.run(
+                bed.exec_argv("site", [sys.executable, "-c", ROUND_TRIPS_AND_DATAGRAMS]),
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            assert site.returncode == 0, site.stderr
+            received = int(server.communicate(timeout=60)[0].strip())
+        finally:
+            server.kill()
+            server.communicate()
+        switch = [
+            child
+            for child in psutil.Process().children(recursive=True)
+            if "consortium.wan_switch" in " ".join(child.cmdline())
+        ]
+        assert len(switch) == 1
+    assert float(site.stdout) >= 0.080
+    # 300 datagrams at 10% loss: 270 expected, sd 5; the seed makes it repeatable.
+    assert 0.8 * DATAGRAMS < received < 0.98 * DATAGRAMS, received
+    assert "tbswitch" not in _namespaces()
+    assert not switch[0].is_running()
+
+
+def test_a_netem_description_gives_the_switch_its_delay_and_loss() -> None:
+    assert switched_links("delay 40ms rate 100mbit loss 0.1%") == SwitchedLinks(40.0, 0.1)
+    assert switched_links("delay 1s") == SwitchedLinks(1000.0, 0.0)
+    with pytest.raises(NetnsError, match="cannot read the delay"):
+        switched_links("delay 40")  # netem wants a unit

@@ -38,6 +38,11 @@ IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000  # frames without tun's 4-byte packet-information header
 MAX_FRAME = 65536  # far above any MTU: a read never truncates a frame
 BROADCAST_BIT = 0x01  # in an Ethernet address's first octet: group (multicast) address
+# Frames in flight at most (netem's `limit`, 1000 by default, per link): beyond it a
+# frame is dropped, so a host sending faster than its link cannot grow this without end.
+QUEUE_LIMIT = 10_000
+# Addresses remembered at most; a host sending from ever new ones is flooded, not stored.
+TABLE_LIMIT = 4096
 
 
 def open_tap(name: str) -> int:
@@ -70,8 +75,10 @@ class DelaySwitch:
     def arrive(self, port: int, frame: bytes, now: float) -> None:
         if len(frame) < 14:  # shorter than an Ethernet header: nothing to deliver
             return
-        self._where[frame[6:12]] = port
-        if self.loss and self._random.random() < self.loss:
+        source = frame[6:12]
+        if source in self._where or len(self._where) < TABLE_LIMIT:
+            self._where[source] = port
+        if len(self._in_flight) >= QUEUE_LIMIT or (self.loss and self._random.random() < self.loss):
             self.dropped += 1
             return
         self._in_flight.append((now + self.delay_s, port, frame))

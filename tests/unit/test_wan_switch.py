@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from consortium.wan_switch import DelaySwitch
+from consortium.wan_switch import QUEUE_LIMIT, TABLE_LIMIT, DelaySwitch
 
 A, B, C = (bytes([0x02, 0, 0, 0, 0, n]) for n in (1, 2, 3))
 BROADCAST = b"\xff" * 6
@@ -76,6 +76,21 @@ def test_the_seeded_loss_drops_a_repeatable_share(pipes: list[tuple[int, int]]) 
 
     assert dropped(3) == dropped(3)
     assert 60 < dropped(3) < 140  # 100 expected, sd 9
+
+
+def test_a_full_table_floods_new_addresses_and_a_full_queue_drops(
+    pipes: list[tuple[int, int]],
+) -> None:
+    ports = [write for _, write in pipes]
+    switch = DelaySwitch(ports, delay_s=1.0, loss=0.0, seed=0)
+    for n in range(TABLE_LIMIT):  # a host sending from ever new addresses
+        switch.arrive(ports[0], frame(A, n.to_bytes(6, "big")), now=0.0)
+    switch.arrive(ports[1], frame(A, B), now=0.0)
+    assert switch.destinations(ports[2], frame(B, C)) == [ports[0], ports[1]]  # not learned
+    assert switch.dropped == 0
+    for _ in range(QUEUE_LIMIT - TABLE_LIMIT - 1 + 5):
+        switch.arrive(ports[2], frame(A, C), now=0.0)
+    assert switch.dropped == 5
 
 
 def test_impossible_settings_are_refused(pipes: list[tuple[int, int]]) -> None:

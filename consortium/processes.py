@@ -34,6 +34,16 @@ def venv_executable(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
+def logged_since(log_path: Path, since: int, text: str) -> bool:
+    """Whether `text` was written to `log_path` from offset `since` on."""
+    try:
+        with log_path.open("rb") as handle:
+            handle.seek(since)
+            return text.encode() in handle.read()
+    except OSError:
+        return False
+
+
 class ChildProcess:
     """A child started in its own process group, its output sent to a log file."""
 
@@ -82,12 +92,7 @@ class ChildProcess:
 
     def logged(self, text: str) -> bool:
         """Whether this child (not an earlier one on the same log) wrote `text`."""
-        try:
-            with self.log_path.open("rb") as handle:
-                handle.seek(self._log_start)
-                return text.encode() in handle.read()
-        except OSError:
-            return False
+        return logged_since(self.log_path, self._log_start, text)
 
     def log_tail(self, lines: int = 20) -> str:
         try:

@@ -16,6 +16,7 @@ from pydantic import AfterValidator
 
 from consortium.errors import DataDirError
 from consortium.leftovers import own_uids, remove_own_dir
+from consortium.processes import logged_since
 from consortium.sandbox import Sandbox
 
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
@@ -163,16 +164,6 @@ def ray_started(log_path: Path, since: int) -> bool:
     """Whether `ray start`, logging to `log_path` from offset `since` on, reported its
     node running (RAY_STARTED_LINE)."""
     return logged_since(log_path, since, RAY_STARTED_LINE)
-
-
-def logged_since(log_path: Path, since: int, text: str) -> bool:
-    """Whether `text` was written to `log_path` from offset `since` on."""
-    try:
-        with log_path.open("rb") as handle:
-            handle.seek(since)
-            return text.encode() in handle.read()
-    except OSError:
-        return False
 
 
 def ray_temp_dir(anchor: Path) -> Path:

@@ -24,12 +24,11 @@ from typing import cast
 
 from consortium.errors import ChildProcessFailedError
 from consortium.leftovers import owner_env
-from consortium.processes import STOP_TIMEOUT_S, ChildProcess, venv_executable
+from consortium.processes import STOP_TIMEOUT_S, ChildProcess, logged_since, venv_executable
 from consortium.ray_env import (
     DRAIN_TIMEOUT_ENV,
     RayTls,
     log_end,
-    logged_since,
     new_ray_token,
     prepare_ray_temp_dir,
     ray_auth_env,

@@ -45,19 +45,36 @@ def _connect_from_site(bed: NetworkTestbed, target: str) -> subprocess.Completed
 
 
 @contextlib.contextmanager
-def _echo_server(bed: NetworkTestbed) -> Iterator[None]:
-    """ECHO_SERVER on the "server" host, listening until the block ends."""
+def _server(bed: NetworkTestbed, script: str) -> Iterator[subprocess.Popen[str]]:
+    """`script` on the "server" host, once it printed "listening", until the block ends."""
     server = subprocess.Popen(
-        bed.exec_argv("server", [sys.executable, "-c", ECHO_SERVER]),
+        bed.exec_argv("server", [sys.executable, "-c", script]),
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert server.stdout is not None and server.stdout.readline() == "listening\n"
-        yield
+        yield server
     finally:
         server.kill()
         server.communicate()  # reaps it and closes its pipe
+
+
+@contextlib.contextmanager
+def _echo_server(bed: NetworkTestbed) -> Iterator[None]:
+    """ECHO_SERVER on the "server" host, listening until the block ends."""
+    with _server(bed, ECHO_SERVER):
+        yield
+
+
+def _link_qdisc(bed: NetworkTestbed, host: str) -> str:
+    """What `tc` shows on `host`'s link."""
+    return subprocess.run(
+        bed.exec_argv(host, ["tc", "qdisc", "show", "dev", "eth0"]),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
 
 
 def test_hosts_reach_each_other_by_name_and_nothing_beyond_the_bridge() -> None:
@@ -118,12 +135,7 @@ def test_a_rate_limited_test_bed_shapes_every_link_and_counts_what_crosses_it() 
     `interface_bytes` counts the bytes a connection moved."""
     with NetworkTestbed(HOSTS, tag="tbrate", rate="100mbit") as bed:
         for host in ("server", "site"):
-            shown = subprocess.run(
-                bed.exec_argv(host, ["tc", "qdisc", "show", "dev", "eth0"]),
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
+            shown = _link_qdisc(bed, host)
             assert "tbf" in shown and "100Mbit" in shown, shown
         with _echo_server(bed):
             received_before, sent_before = interface_bytes(bed.namespace("site"))
@@ -210,20 +222,9 @@ def test_switched_links_delay_every_frame_and_drop_the_seeded_share() -> None:
     with the test bed."""
     links = SwitchedLinks(delay_ms=40, loss_percent=10, seed=7)
     with NetworkTestbed(HOSTS, tag="tbswitch", rate="100mbit", switched=links) as bed:
-        shown = subprocess.run(
-            bed.exec_argv("site", ["tc", "qdisc", "show", "dev", "eth0"]),
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        shown = _link_qdisc(bed, "site")
         assert "tbf" in shown and "100Mbit" in shown, shown
-        server = subprocess.Popen(
-            bed.exec_argv("server", [sys.executable, "-c", ECHO_AND_COUNT]),
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert server.stdout is not None and server.stdout.readline() == "listening\n"
+        with _server(bed, ECHO_AND_COUNT) as server:
             site = subprocess.run(
                 bed.exec_argv("site", [sys.executable, "-c", ROUND_TRIPS_AND_DATAGRAMS]),
                 capture_output=True,
@@ -232,10 +233,8 @@ def test_switched_links_delay_every_frame_and_drop_the_seeded_share() -> None:
                 check=False,
             )
             assert site.returncode == 0, site.stderr
-            received = int(server.communicate(timeout=60)[0].strip())
-        finally:
-            server.kill()
-            server.communicate()
+            assert server.stdout is not None
+            received = int(server.stdout.readline())  # printed once the datagrams stop
         switch = [
             child
             for child in psutil.Process().children(recursive=True)

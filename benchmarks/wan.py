@@ -202,7 +202,9 @@ def print_table(rows: list[Row], reference: Row, args: argparse.Namespace) -> No
             f"| {row.step_utilisation:.1%} | {row.job_utilisation:.1%} | {row.wall_s:.1f} "
             f"| {row.val_loss:.4f} | {gap:+.2%} |"
         )
-    federated = rows[0]
+    federated = next((row for row in rows if ", federated " in row.method), None)
+    if federated is None:
+        return  # the targets are federated pretraining's
     gap = federated.val_loss / reference.val_loss - 1
     utilisation = federated.step_utilisation
     print(
@@ -211,6 +213,17 @@ def print_table(rows: list[Row], reference: Row, args: argparse.Namespace) -> No
         f"final val loss {gap:+.2%} vs data parallel (target within {LOSS_TARGET:.0%}: "
         f"{verdict(abs(gap) <= LOSS_TARGET)})"
     )
+
+
+def placements(text: str) -> tuple[str, ...]:
+    chosen = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = sorted(set(chosen) - set(PLACEMENTS))
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"unknown placement(s) {', '.join(unknown) or '(none)'}; choose from "
+            f"{', '.join(PLACEMENTS)}"
+        )
+    return chosen
 
 
 def verdict(met: bool) -> str:
@@ -239,7 +252,7 @@ def inside(args: argparse.Namespace, tag: str) -> None:
             consortium.join(site, data)
         consortium.wait_for_online(len(sites))
         console.print(f"{len(sites)} sites joined across the test bed ({describe_links()})")
-        rows = [run_placement(consortium, layout, args, p, console) for p in PLACEMENTS]
+        rows = [run_placement(consortium, layout, args, p, console) for p in args.placements]
     spec = parse_pretrain_spec(job_spec(args, "federated"))
     console.print("synchronous data parallel, in process...")
     print_table(rows, run_data_parallel(spec, args.sites), args)
@@ -259,6 +272,12 @@ def main() -> None:
         default=PRETRAIN_BATCH_SIZE,
         help=f"sequences per inner step (the demo's: {PRETRAIN_BATCH_SIZE})",
     )
+    parser.add_argument(
+        "--placements",
+        type=placements,
+        default=PLACEMENTS,
+        help=f"comma-separated, of {', '.join(PLACEMENTS)} (default: both)",
+    )
     parser.add_argument("--work-dir", default="/tmp/consortium-wan")
     parser.add_argument(TESTBED_FLAG, dest="testbed", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -266,7 +285,12 @@ def main() -> None:
         inside(args, args.testbed)
         return
     import shutil
+    import signal
 
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # unwinds through run_behind_wan: the test bed is removed
+
+    signal.signal(signal.SIGTERM, on_sigterm)  # as `coordinator demo --wan` does
     shutil.rmtree(args.work_dir, ignore_errors=True)
     argv = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]]
     sites = INSTITUTION_NAMES[: args.sites]

@@ -12,11 +12,13 @@ Every message of a round (train, evaluate, each site) paid them: 2-5 s per messa
 longer than training a small model. So this entry point replaces three names in that one
 module before running Flower's own `flower_supernode()` unchanged (its argument parsing,
 TLS, authentication and connection retries stay Flower's): `time`, by the time module
-with `sleep` capped at `--poll-interval-s` while the node is busy (`PollPacing`: within
-30 s of its last message), `_push_messages`, by the same function noting each message,
+with `sleep` capped at `--poll-interval-s` while the node is busy (`PollPacing`: while it
+handles a message, and within 30 s of its last reply), `_push_messages` (which waits for
+the ClientApp's reply and sends it), by the same function marking the message handled,
 and `pull_objects`, by the same function retrying first after 0.05 s and at most every
-`--poll-interval-s`. A busy site sends a few small authenticated PullMessages requests
-per second to the SuperLink; an idle one, one every 3 s as Flower's does.
+`--poll-interval-s` (consortium/flower_waits.py). A busy site sends a few small
+authenticated PullMessages requests per second to the SuperLink; an idle one, one every
+3 s as Flower's does.
 
 It also takes `--heartbeat-interval-s`: the heartbeat interval the node declares to the
 SuperLink and keeps (Flower's SuperNode has a fixed 30 s, `HEARTBEAT_DEFAULT_INTERVAL`,
@@ -32,19 +34,20 @@ upgrade is checked here rather than silently left slow.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
-import inspect
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from consortium.flower_waits import shorten_object_retries
+
 DEFAULT_POLL_INTERVAL_S = 0.2
-FIRST_OBJECT_RETRY_S = 0.05
-# How long after its last message a node keeps polling at the short interval.
+# How long after its last reply a node keeps polling at the short interval.
 BUSY_WINDOW_S = 30.0
 # The waits of flwr.supernode.start_client_internal that this shortens (source text),
 # and the call that marks a message handled.
@@ -59,8 +62,12 @@ HEARTBEAT_MODULES = ("flwr.supernode.fleet_http_connection", "flwr.supercore.hea
 
 
 class PollPacing:
-    """The `time` module, with `sleep` capped at `cap_s` while the node is busy: within
-    `busy_window_s` of its last message (and of its start). A node idle for longer
+    """The `time` module, with `sleep` capped at `cap_s` while the node is busy: while
+    it handles a message (`handling`), and within `busy_window_s` of the end of the last
+    one (and of its start). The window counts from the reply, not from the message: a
+    task that outlasts the window (a federated pretraining step of 35 s) is followed by
+    the job's next message within seconds, and a node that took itself for idle then
+    slept Flower's 3 s before pulling it, every step. A node idle for longer
     waits as Flower's own SuperNode does: an idle consortium of many sites costs the
     SuperLink what Flower's default costs it (measured: a coordinator and two idle
     sites used 21% of a core polling every 0.2 s, 12% every 3 s), while a job's
@@ -79,13 +86,24 @@ class PollPacing:
         self.busy_window_s = busy_window_s
         self._clock = clock
         self._last_message = clock()
+        self._handling = 0  # messages between their pull and their reply
 
     def note_message(self) -> None:
         self._last_message = self._clock()
 
+    @contextlib.contextmanager
+    def handling(self) -> Iterator[None]:
+        """Busy throughout, and for the window after."""
+        self._handling += 1
+        try:
+            yield
+        finally:
+            self._handling -= 1
+            self.note_message()
+
     @property
     def busy(self) -> bool:
-        return self._clock() - self._last_message <= self.busy_window_s
+        return self._handling > 0 or self._clock() - self._last_message <= self.busy_window_s
 
     def sleep(self, seconds: float) -> None:
         time.sleep(min(seconds, self.cap_s) if self.busy else seconds)
@@ -95,8 +113,9 @@ class PollPacing:
 
 
 def pace_polls(module: ModuleType, pacing: PollPacing) -> None:
-    """Make `module`'s `time.sleep(...)` calls follow `pacing`, and each message it
-    handles (`_push_messages` runs once per pulled message) count as activity."""
+    """Make `module`'s `time.sleep(...)` calls follow `pacing`, and the node busy while
+    it handles each message (`_push_messages` runs once per pulled message, from just
+    after the pull until the reply is sent) and for the window after."""
     push_messages: Any = getattr(module, "_push_messages", None)
     if getattr(module, "time", None) is not time or not callable(push_messages):
         raise RuntimeError(
@@ -107,27 +126,11 @@ def pace_polls(module: ModuleType, pacing: PollPacing) -> None:
 
     @functools.wraps(push_messages)
     def noting_push_messages(*args: Any, **kwargs: Any) -> Any:
-        pacing.note_message()
-        return push_messages(*args, **kwargs)
+        with pacing.handling():
+            return push_messages(*args, **kwargs)
 
     module.time = pacing  # type: ignore[attr-defined]
     module._push_messages = noting_push_messages  # type: ignore[attr-defined]
-
-
-def shorten_object_retries(module: ModuleType, cap_s: float) -> None:
-    """Make `module`'s `pull_objects(...)` retry an unavailable object first after
-    FIRST_OBJECT_RETRY_S, then at most every `cap_s`."""
-    pull_objects: Any = getattr(module, "pull_objects", None)
-    parameters = inspect.signature(pull_objects).parameters if callable(pull_objects) else {}
-    if not callable(pull_objects) or not {"initial_backoff", "backoff_cap"} <= set(parameters):
-        raise RuntimeError(
-            f"{module.__name__}.pull_objects no longer takes initial_backoff and "
-            "backoff_cap: check client/federated/fast_poll_supernode.py against this "
-            "Flower version"
-        )
-    module.pull_objects = functools.partial(  # type: ignore[attr-defined]
-        pull_objects, initial_backoff=min(FIRST_OBJECT_RETRY_S, cap_s), backoff_cap=cap_s
-    )
 
 
 def set_heartbeat_interval(modules: Iterable[ModuleType], interval_s: float) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from flwr.superlink.grid import http_grid
 
 from client.ray_worker import worker_argv
 from consortium.processes import venv_executable
@@ -140,6 +141,9 @@ def test_every_console_script_starts_its_program_through_load(
     (test_each_launcher_runs_its_program runs the real ones)."""
     entries = scripts()
     assert entries.keys() == TARGETS.keys()
+    # The ServerApp's launcher also shortens its Grid's object retries (coordinator/
+    # launch.py): undone after the test, as this process is no ServerApp.
+    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)
     for name, entry in entries.items():
         module_name, _, function = entry.partition(":")
         assert module_name in LAUNCHERS, (name, entry)

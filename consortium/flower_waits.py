@@ -7,9 +7,11 @@ objects (two at a time, each a request that waits for a round trip), so the rece
 usually finds one missing and waits that second. Both receivers pay it once per
 message: the SuperNode for the ServerApp's instructions (client/federated/
 fast_poll_supernode.py) and the ServerApp for every site's reply (coordinator/launch.py),
-a second or more of every federated round. `shorten_object_retries` makes one module's
-`pull_objects` retry first after `FIRST_OBJECT_RETRY_S`, then at most every `cap_s`;
-Flower's function, its pulls and its limits are otherwise unchanged.
+a second or more of every federated round (the site's task runner pulls from its
+SuperNode with the same first retry: client/federated/task_input.py).
+`shorten_object_retries` makes one module's `pull_objects` retry first after
+`FIRST_OBJECT_RETRY_S`, then at most every `cap_s`; Flower's function, its pulls and its
+limits are otherwise unchanged.
 """
 
 from __future__ import annotations

@@ -43,9 +43,9 @@ from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 
+from consortium.flower_waits import FIRST_OBJECT_RETRY_S
 from consortium.run_approval import RefusalReason, RunRefusedError
 
-OBJECT_RETRY_FIRST_S = 0.05
 OBJECT_RETRY_CAP_S = 0.25
 
 
@@ -129,7 +129,7 @@ def pull_task_message(
         # Objects are unavailable only while the SuperNode is still receiving them from
         # the SuperLink, a fraction of a second on loopback: Flower's default first
         # retry after 1 s, doubling to 10 s, added seconds to every message of a round.
-        initial_backoff=OBJECT_RETRY_FIRST_S,
+        initial_backoff=FIRST_OBJECT_RETRY_S,
         backoff_cap=OBJECT_RETRY_CAP_S,
     )
     # The deflated message does not carry its own id (its object id).

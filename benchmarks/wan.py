@@ -202,7 +202,7 @@ def print_table(rows: list[Row], reference: Row, args: argparse.Namespace) -> No
             f"| {row.step_utilisation:.1%} | {row.job_utilisation:.1%} | {row.wall_s:.1f} "
             f"| {row.val_loss:.4f} | {gap:+.2%} |"
         )
-    federated = next((row for row in rows if ", federated " in row.method), None)
+    federated = dict(zip(args.placements, rows, strict=True)).get("federated")
     if federated is None:
         return  # the targets are federated pretraining's
     gap = federated.val_loss / reference.val_loss - 1

@@ -19,21 +19,19 @@ def flower_superlink() -> Any:
 
 
 def flwr_serverapp() -> Any:
-    """`consortium-flwr-serverapp`: Flower's `flwr-serverapp`, whose Grid retries a
-    reply's missing objects first after 0.05 s and at most every `MAX_POLL_S` (the
-    ServerApp's pause between its pulls of replies), not after 1 s doubling to 10 s
-    (consortium/flower_waits.py): a site's reply is visible before its objects are all
-    pushed, which cost every federated round a second or more. The run's ServerApp
-    module (named by the coordinator's app, coordinator/federated/flower_app.py) is
-    loaded with it rather than when Flower asks for it: Flower then finds it loaded."""
+    """`consortium-flwr-serverapp`: Flower's `flwr-serverapp`, its Grid retrying a reply's
+    missing objects sooner (`shorten_reply_object_retries`). The run's ServerApp module
+    (named by the coordinator's app, coordinator/federated/flower_app.py) is loaded with
+    it rather than when Flower asks for it: Flower then finds it loaded."""
     main = load("flwr.superlink.cli:flwr_serverapp", "coordinator.federated.server_app")
     shorten_reply_object_retries()
     return main()
 
 
 def shorten_reply_object_retries() -> None:
-    """The ServerApp's Grid (`flwr.superlink.grid.http_grid`) pulls a reply's objects
-    with `consortium.flower_waits.shorten_object_retries`."""
+    """The ServerApp's Grid (`flwr.superlink.grid.http_grid`) asks again for a reply's
+    missing objects after 0.05 s and at most every `MAX_POLL_S` (its pause between pulls
+    of replies), not after 1 s doubling to 10 s (why: consortium/flower_waits.py)."""
     from flwr.superlink.grid import http_grid
 
     from consortium.flower_waits import shorten_object_retries

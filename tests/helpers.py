@@ -73,6 +73,9 @@ TEST_PROFILE = {
     # default, 0.2 s, kept a SuperLink at a tenth of a core with two busy sites); the
     # site's task runner asks its SuperNode as often. Rounds wait a little longer.
     "CONSORTIUM_CLIENT_SUPERNODE_POLL_INTERVAL_S": "1.0",
+    # Most of the suite's sites never get a task: they leave torch unloaded (1.4 s of
+    # CPU each). tests/integration/conftest.py's sites, which train, preload it.
+    "CONSORTIUM_CLIENT_PRELOAD_CLIENT_APP": "false",
 }
 
 FINAL_STATES = (
@@ -93,6 +96,7 @@ class CompletedRun:
     leftover_pids: list[int]
     pretrain_job: jobs_pb2.Job  # a federated pretraining job on the same sites, after it
     pretrain_rounds: list[jobs_pb2.RoundMetrics]
+    site_logs: list[str]  # each site's `client join` log
 
 
 # The smallest pretraining job worth running: one 32-wide layer on 32 KiB of the corpus,
@@ -165,14 +169,16 @@ def local_consortium(
     secure: bool = True,
     ray: bool = False,
     data_dir: Path | None = None,
+    preload_client_app: bool = False,
 ) -> LocalConsortium:
     """A `LocalConsortium` under `root` whose children `processes` starts and stops
     (it remembers their descendants, so tests can check that none is left)."""
+    preload = {"CONSORTIUM_CLIENT_PRELOAD_CLIENT_APP": str(preload_client_app).lower()}
     return LocalConsortium(
         root,
         secure=secure,
         ray=ray,
-        env=TEST_PROFILE,
+        env={**TEST_PROFILE, **preload},
         launcher=processes,
         data_dir=data_dir,
         sites_dir=root,  # root/<name>/{state,bundle}

@@ -56,7 +56,7 @@ def completed_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Complete
     processes = Processes(root / "logs")
     try:
         names = ["alpha-hospital", "beta-university"]
-        consortium = local_consortium(processes, root)
+        consortium = local_consortium(processes, root, preload_client_app=True)
         consortium.init()
         consortium.serve()
         for name in names:
@@ -75,6 +75,7 @@ def completed_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Complete
                 child.stop()
             nodes = remote.list_nodes()
         processes.stop_all()
+        site_logs = [child.log_path.read_text() for child in processes.children[1:]]
         yield CompletedRun(
             consortium.data_dir,
             reply.job,
@@ -83,6 +84,7 @@ def completed_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Complete
             processes.alive(),
             pretrain_reply.job,
             list(pretrain_reply.rounds),
+            site_logs,
         )
     finally:
         processes.stop_all()

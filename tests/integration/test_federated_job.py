@@ -274,3 +274,12 @@ def test_export_is_a_signed_in_toto_statement_about_the_model(
     subject = statement["subject"][0]
     assert subject["digest"]["sha256"] == file_digest(completed_run.job.model_path)
     assert [r["round"] for r in statement["predicate"]["rounds"]] == [1, 2, 3]
+
+
+def test_sites_load_their_client_app_behind_their_start(completed_run: CompletedRun) -> None:
+    """With `preload_client_app` (a real site's default; the test profile turns it off),
+    `client join` loads torch and the training code in the background: the first
+    pretraining step then does not wait for them at every site."""
+    for log in completed_run.site_logs:
+        assert "ClientApp preload: " in log, log[-2000:]
+        assert "ClientApp preload failed" not in log

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import threading
 import time
 import types
 
@@ -14,9 +15,16 @@ from flwr.supernode import start_client_internal
 from client.federated.fast_poll_supernode import (
     HEARTBEAT_BOUNDS_S,
     HEARTBEAT_MODULES,
+    HTTP_CLIENT_MODULE,
+    KEEP_ALIVE_S,
+    LOCAL_WAIT_S,
+    OBJECT_TRANSFER_MODULE,
+    OBJECT_TRANSFERS,
     PATCHED_SLEEPS,
     Options,
     PollPacing,
+    keep_connections,
+    overlap_object_transfers,
     pace_polls,
     set_heartbeat_interval,
     split_argv,
@@ -137,3 +145,67 @@ def test_the_heartbeat_interval_is_set_where_flower_reads_it() -> None:
         set_heartbeat_interval(modules, 5.0)
     with pytest.raises(RuntimeError, match="no longer reads HEARTBEAT_DEFAULT_INTERVAL"):
         set_heartbeat_interval([types.ModuleType("renamed")], 10.0)
+
+
+def test_a_messages_objects_cross_all_at_once_whatever_the_number_of_cores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Flower's own pushes ran at most as many at a time as the host has cores (2 on CI):
+    # each of these waits until all are in flight, so Flower's would break the barrier.
+    module = importlib.import_module(OBJECT_TRANSFER_MODULE)
+    monkeypatch.setattr(module, "get_num_workers", module.get_num_workers)  # restored after
+    overlap_object_transfers(module, OBJECT_TRANSFERS)
+    all_in_flight = threading.Barrier(OBJECT_TRANSFERS, timeout=10)
+    pushed: list[str] = []
+
+    def push(object_id: str, _content: bytes) -> None:
+        all_in_flight.wait()
+        pushed.append(object_id)
+
+    objects = [(f"object-{i}", b"x") for i in range(OBJECT_TRANSFERS)]
+    module.push_object_contents_from_iterable(objects, push)
+    assert sorted(pushed) == sorted(name for name, _ in objects)
+    assert module.get_num_workers(16) == 16  # Flower's own higher maximum stays
+
+
+def test_a_module_without_get_num_workers_is_refused() -> None:
+    with pytest.raises(RuntimeError, match="no longer has get_num_workers"):
+        overlap_object_transfers(types.ModuleType("renamed"), OBJECT_TRANSFERS)
+
+
+def test_flowers_http_clients_keep_idle_connections_past_an_inner_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    module = importlib.import_module(HTTP_CLIENT_MODULE)
+    monkeypatch.setattr(module, "httpx", module.httpx)  # restored after
+    assert "httpx.Client(" in inspect.getsource(module)  # where Flower makes its clients
+    keep_connections(module, KEEP_ALIVE_S)
+    client = module.ProtobufClient("https://127.0.0.1:1")
+    try:
+        pool = client._client._transport._pool  # httpcore's pool behind httpx's Client
+        assert pool._keepalive_expiry == KEEP_ALIVE_S  # httpx's default: 5 s
+    finally:
+        client._client.close()
+    with pytest.raises(RuntimeError, match="no longer imports httpx"):
+        keep_connections(types.ModuleType("renamed"), KEEP_ALIVE_S)
+
+
+def test_a_handling_node_looks_for_its_clientapps_reply_at_the_local_interval() -> None:
+    # Between the pull and the reply a node only waits for its own ClientApp's reply:
+    # Flower's 0.5 s (then the poll interval) delayed every reply by half of it.
+    slept: list[float] = []
+    clock = Clock()
+    pacing = PollPacing(0.2, clock=clock, sleep=slept.append)
+    module = loop_module([])
+
+    def task() -> None:
+        module.time.sleep(0.5)  # Flower's wait for the ClientApp's reply
+
+    module._push_messages = task  # type: ignore[attr-defined]
+    pace_polls(module, pacing)
+    module._push_messages()
+    module.time.sleep(3)  # after the reply, busy: the poll interval
+    clock.now += 31.0
+    module.time.sleep(3)  # idle: Flower's own wait
+    assert slept == [LOCAL_WAIT_S, 0.2, 3]
+    assert PollPacing(0.01).local_wait_s == 0.01  # never longer than the poll interval

@@ -8,6 +8,7 @@ import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,54 +63,41 @@ def edge(tls_dir: Path) -> Iterator[FleetEdge]:
         started.stop()
 
 
-def open_site_connection(edge: FleetEdge, tls_dir: Path) -> http.client.HTTPSConnection:
-    """A site's keep-alive connection, after one Fleet call answered."""
+@pytest.fixture
+def served(edge: FleetEdge, tls_dir: Path) -> Iterator[Any]:
+    """The edge's side (uvicorn's protocol) of a site's keep-alive connection, after one
+    Fleet call answered; the site closes it after the test."""
     context = ssl.create_default_context(cafile=str(tls_dir / "ca.crt"))
     context.load_cert_chain(str(tls_dir / "site.crt"), str(tls_dir / "site.key"))
     connection = http.client.HTTPSConnection(edge.host, edge.port, context=context, timeout=10)
-    connection.request("POST", "/v1/fleet/pull-messages", body=b"", headers={"a": "b"})
-    response = connection.getresponse()
-    response.read()
-    assert response.status == 502  # past the edge's checks; no SuperLink behind it
-    return connection
-
-
-def served_connections(edge: FleetEdge) -> list[object]:
-    # uvicorn's protocol per open connection (the edge hands each over after its handshake)
-    return list(edge._server.server_state.connections)
+    try:
+        connection.request("POST", "/v1/fleet/pull-messages", body=b"", headers={"a": "b"})
+        response = connection.getresponse()
+        response.read()
+        assert response.status == 502  # past the edge's checks; no SuperLink behind it
+        # one uvicorn protocol per open connection (handed over after its handshake)
+        [protocol] = edge._server.server_state.connections
+        yield protocol
+    finally:
+        connection.close()
 
 
 def test_the_edge_sends_every_answer_without_waiting_for_the_sites_acknowledgement(
-    edge: FleetEdge, tls_dir: Path
+    served: Any,
 ) -> None:
     # With Nagle on, a response's body waited a round trip for the ACK of its headers.
-    connection = open_site_connection(edge, tls_dir)
-    try:
-        [served] = served_connections(edge)
-        sock = served.transport.get_extra_info("socket")  # type: ignore[attr-defined]
-        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
-    finally:
-        connection.close()
+    sock = served.transport.get_extra_info("socket")
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
-def test_the_edge_keeps_an_idle_site_connection_longer_than_the_site_does(
-    edge: FleetEdge, tls_dir: Path
-) -> None:
+def test_the_edge_keeps_an_idle_site_connection_longer_than_the_site_does(served: Any) -> None:
     # uvicorn closed an idle connection after 5 s: every reply after an inner loop longer
     # than that opened a new one (a TCP and a TLS handshake). The site lets go first, so
     # it never sends on a connection the edge is closing.
-    connection = open_site_connection(edge, tls_dir)
-    try:
-        [served] = served_connections(edge)
-        # uvicorn arms the timer once its side of the response is done, which may be
-        # just after the site has read it.
-        wait_for(
-            "the edge's keep-alive timer",
-            lambda: served.timeout_keep_alive_task is not None,  # type: ignore[attr-defined]
-            10.0,
-        )
-        closing = served.timeout_keep_alive_task  # type: ignore[attr-defined]
-        left_s = closing.when() - served.loop.time()  # type: ignore[attr-defined]
-        assert KEEP_ALIVE_S < left_s <= EDGE_KEEP_ALIVE_S
-    finally:
-        connection.close()
+    # uvicorn arms the timer once its side of the response is done, which may be just
+    # after the site has read it.
+    wait_for(
+        "the edge's keep-alive timer", lambda: served.timeout_keep_alive_task is not None, 10.0
+    )
+    left_s = served.timeout_keep_alive_task.when() - served.loop.time()
+    assert KEEP_ALIVE_S < left_s <= EDGE_KEEP_ALIVE_S

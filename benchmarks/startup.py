@@ -1,6 +1,8 @@
 """Benchmark: the CPU a program's start-up costs, its modules loaded with Python's garbage
-collector running (as Flower's and Ray's own scripts load them) and paused, then frozen
-(`consortium.startup.load`, what the project's launchers do).
+collector running (as Flower's and Ray's own scripts load them) and as the project's
+launchers load them: paused, then frozen (`consortium.startup.load`), and for `ray
+start` without the command groups it never uses
+(`consortium.startup.leave_out_unused_ray_cli_groups`).
 
     python benchmarks/startup.py [--repeats 7]
 
@@ -44,7 +46,7 @@ PROGRAMS: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...] = (
         ("flwr.supernode.start_client_internal", "flwr.supernode.cli"),
         (),
     ),
-    ("ray start", "ray.scripts.scripts:main", (), ()),
+    ("ray start (consortium-ray start)", "ray.scripts.scripts:main", (), ()),
     (
         "a site's ClientApp (first task)",
         "client.federated.client_app:app",
@@ -64,7 +66,9 @@ for name in filter(None, already):
     importlib.import_module(name)
 started = time.process_time()
 if paused:
-    from consortium.startup import load
+    from consortium.startup import leave_out_unused_ray_cli_groups, load
+    if target == "ray.scripts.scripts:main":  # as `consortium-ray start` loads it
+        leave_out_unused_ray_cli_groups()
     load(target, *filter(None, preload))
 else:
     for name in filter(None, preload):
@@ -92,7 +96,8 @@ def main() -> None:
     args = parser.parse_args()
     print(
         f"CPU seconds to load each program, median of {args.repeats}, "
-        "garbage collector running vs paused then frozen (consortium.startup)"
+        "as Flower's and Ray's scripts load them (collector running) vs as the launchers "
+        "do (paused then frozen; ray start without its unused command groups)"
     )
     print(f"{'program':36} {'running':>8} {'paused':>8} {'saved':>7} {'ratio':>6}")
     totals = [0.0, 0.0]

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["imports_without_gc", "load", "ray_cli"]
+__all__ = ["imports_without_gc", "leave_out_unused_ray_cli_groups", "load", "ray_cli"]
 
 
 @contextmanager
@@ -65,10 +65,35 @@ def load(target: str, *preload: str) -> Any:
         return getattr(importlib.import_module(module_name), attribute)
 
 
+# The command groups Ray's CLI module adds when it can import them, none of which `ray
+# start` uses: `ray serve`, `ray job` and `ray list/get/summary/logs`. Trying them was 1.2
+# of the 1.9 CPU-s that Ray's CLI took to load (benchmarks/startup.py), in every Ray
+# node's `ray start`, which stays running beside the node: Serve's loads pandas, pyarrow
+# and FastAPI before it fails (Ray is installed without its `serve` extra).
+RAY_START_UNUSED_CLI_GROUPS = (
+    "ray.serve.scripts",
+    "ray.dashboard.modules.job.cli",
+    "ray.util.state.state_cli",
+)
+
+
+def leave_out_unused_ray_cli_groups() -> None:
+    """In this process, Ray's CLI module loads without the groups `ray start` never uses.
+    A `None` entry in `sys.modules` makes their import raise ImportError, which Ray's CLI
+    catches for each group (it leaves the group out, as when Serve is not installed)."""
+    for name in RAY_START_UNUSED_CLI_GROUPS:
+        if name not in sys.modules:
+            # typeshed types the values as modules; None is the documented blocker.
+            sys.modules[name] = None  # type: ignore[assignment]
+
+
 def ray_cli() -> Any:
     """`consortium-ray`: Ray's own `ray` command line (its `ray start` starts every
-    Ray node of the consortium); a head starts without the services nothing here uses
-    (consortium/ray_head_services.py)."""
+    Ray node of the consortium). `ray start` loads without the command groups it never
+    uses, and a head starts without the services nothing here uses
+    (consortium/ray_head_services.py); other commands are Ray's, whole."""
+    if sys.argv[1:2] == ["start"]:
+        leave_out_unused_ray_cli_groups()
     main = load("ray.scripts.scripts:main")
     if "--head" in sys.argv[1:]:
         from consortium.ray_head_services import skip_unused_head_services

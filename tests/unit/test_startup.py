@@ -186,6 +186,44 @@ def test_a_sites_ray_node_starts_through_the_launcher() -> None:
     assert Path(argv[0]).name == "consortium-ray"
 
 
+def test_ray_start_loads_none_of_the_command_groups_it_never_uses() -> None:
+    """`consortium-ray start` (every Ray node's) runs Ray's `ray start` without loading
+    Ray Serve's, Ray Jobs' or the state API's command groups (1.2 CPU-s of its load);
+    the rest of Ray's command line keeps those it can load (Serve's cannot: Ray is
+    installed without the `serve` extra)."""
+    code = (
+        "import sys\n"
+        "from consortium.startup import RAY_START_UNUSED_CLI_GROUPS, ray_cli\n"
+        "sys.argv = ['consortium-ray', *sys.argv[1:]]\n"
+        "try:\n"
+        "    ray_cli()\n"
+        "except SystemExit as done:\n"
+        "    assert done.code in (0, None), done.code\n"
+        "heavy = ('ray.serve', 'pandas', 'fastapi', 'ray.util.state.api')\n"
+        "print('LOADED', *(m for m in (*RAY_START_UNUSED_CLI_GROUPS, *heavy)"
+        " if sys.modules.get(m) is not None))\n"
+    )
+
+    def run(*args: str) -> tuple[list[str], str]:
+        result = subprocess.run(
+            [sys.executable, "-c", code, *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        help_text, _, loaded = result.stdout.rpartition("LOADED")
+        return loaded.split(), help_text
+
+    loaded, help_text = run("start", "--help")
+    assert loaded == [] and "--head" in help_text, (loaded, help_text)
+    loaded, help_text = run("--help")
+    assert {"ray.dashboard.modules.job.cli", "ray.util.state.state_cli"} <= set(loaded)
+    commands = {line.split()[0] for line in help_text.splitlines() if line.startswith("  ")}
+    assert {"job", "list", "start"} <= commands, help_text
+
+
 def test_a_sites_client_app_loads_at_its_first_task_once_with_the_collector_paused() -> None:
     """`client join` loads torch and the training code at the first task (not at
     start-up), paused and frozen once; later tasks find them loaded and freeze nothing."""

@@ -31,6 +31,7 @@ import re
 import socket
 import ssl
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,8 @@ EXPIRED = "expired_certificate"
 NOT_YET_VALID = "not_yet_valid_certificate"
 WRONG_PURPOSE = "wrong_certificate_purpose"
 NOT_TLS = "not_tls"
+TOO_MANY_HANDSHAKES = "too_many_handshakes"
+TOO_MANY_CONNECTIONS = "too_many_connections"
 REVOKED = "revoked_certificate"
 SUPERSEDED = "superseded_certificate"
 FORBIDDEN_API = "forbidden_api"
@@ -75,6 +78,17 @@ UPSTREAM_TIMEOUT_S = 300.0  # a push-object of a large model may take a while
 # TLS handshake (two round trips); the site's SuperNode keeps its side for less
 # (client/federated/fast_poll_supernode.py, KEEP_ALIVE_S).
 EDGE_KEEP_ALIVE_S = 120
+# Caps on what one party holds open, so no one exhausts the edge's sockets and keeps
+# the sites out. A site's own handshakes take milliseconds, but anyone who reaches the
+# port can start them, and each waits up to HANDSHAKE_TIMEOUT_S: one address gets this
+# many at once (room for several sites behind one NAT, each opening a dozen at once).
+# After its handshake a connection belongs to an institution; a site's SuperNode holds
+# a handful (its polls, heartbeats and up to 8 object transfers at once:
+# client/federated/fast_poll_supernode.py), each kept EDGE_KEEP_ALIVE_S when idle, so
+# an institution gets this many open at once. Beyond either, a new connection is
+# closed at once, logged and counted; those already open are untouched.
+MAX_HANDSHAKES_PER_ADDRESS = 64
+MAX_CONNECTIONS_PER_INSTITUTION = 32
 STOP_TIMEOUT_S = 5.0
 # Per-connection headers (RFC 9110 section 7.6.1) and those the SuperLink's uvicorn
 # would believe about the peer (it trusts X-Forwarded-* from 127.0.0.1: us).
@@ -267,12 +281,47 @@ class _FleetProxy:
 
 
 class _GateConfig:
-    """What every `_TlsGate` of one edge shares (uvicorn builds the protocol itself)."""
+    """What every `_TlsGate` of one edge shares (uvicorn builds the protocol itself),
+    including the counts its caps are checked against (only the edge's event loop
+    thread touches them)."""
 
-    def __init__(self, context: ssl.SSLContext, refusals: _Refusals) -> None:
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        refusals: _Refusals,
+        max_handshakes_per_address: int,
+        max_connections_per_institution: int,
+    ) -> None:
         self.context = context
         self.refusals = refusals
         self.tasks: set[asyncio.Task[None]] = set()
+        self.max_handshakes_per_address = max_handshakes_per_address
+        self.max_connections_per_institution = max_connections_per_institution
+        self.handshaking: Counter[str] = Counter()  # by peer address
+        self.open: Counter[str] = Counter()  # by institution, after the handshake
+
+    @staticmethod
+    def release(counts: Counter[str], key: str) -> None:
+        counts[key] -= 1
+        if counts[key] <= 0:
+            del counts[key]
+
+
+class _CountedH11(H11Protocol):
+    """uvicorn's h11 protocol for one institution's connection; tells the gate when the
+    connection ends, however it ends (the site's close, the keep-alive timer, a stop)."""
+
+    def __init__(self, *, on_lost: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._on_lost: Callable[[], None] | None = on_lost
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            super().connection_lost(exc)
+        finally:
+            on_lost, self._on_lost = self._on_lost, None
+            if on_lost is not None:  # once, should the transport report it twice
+                on_lost()
 
 
 class _Held(asyncio.Protocol):
@@ -331,16 +380,28 @@ def _gate_class(gate: _GateConfig) -> type[asyncio.Protocol]:
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             assert isinstance(transport, asyncio.Transport)
+            peername = transport.get_extra_info("peername") or ("?", 0)
+            address, peer = str(peername[0]), f"{peername[0]}:{peername[1]}"
+            if gate.handshaking[address] >= gate.max_handshakes_per_address:
+                transport.abort()
+                gate.refusals.refuse(
+                    TOO_MANY_HANDSHAKES,
+                    "",
+                    peer,
+                    f"{gate.handshaking[address]} connections from {address} are still in "
+                    "their TLS handshake",
+                )
+                return
+            gate.handshaking[address] += 1
             send_without_delay(transport)
             # Not one byte may reach this protocol: the ClientHello is for start_tls.
             transport.pause_reading()
-            task = asyncio.get_running_loop().create_task(self._upgrade(transport))
+            task = asyncio.get_running_loop().create_task(self._upgrade(transport, peer))
             gate.tasks.add(task)
             task.add_done_callback(gate.tasks.discard)
+            task.add_done_callback(lambda _: gate.release(gate.handshaking, address))
 
-        async def _upgrade(self, transport: asyncio.Transport) -> None:
-            peername = transport.get_extra_info("peername") or ("?", 0)
-            peer = f"{peername[0]}:{peername[1]}"
+        async def _upgrade(self, transport: asyncio.Transport, peer: str) -> None:
             # Bytes decrypted before uvicorn's protocol is attached (a TLS 1.3 client sends
             # its request with its Finished) wait here, then go to it in order.
             held = _Held()
@@ -361,12 +422,25 @@ def _gate_class(gate: _GateConfig) -> type[asyncio.Protocol]:
                 return
             if tls is None or held.lost:  # the connection closed meanwhile
                 return
-            http = H11Protocol(
-                config=self._config, server_state=self._server_state, app_state=self._app_state
-            )
             peercert = tls.get_extra_info("peercert")
             institution = institution_of_peercert(peercert)
             serial = serial_of_peercert(peercert)
+            if gate.open[institution] >= gate.max_connections_per_institution:
+                tls.abort()
+                gate.refusals.refuse(
+                    TOO_MANY_CONNECTIONS,
+                    institution,
+                    peer,
+                    f"it holds {gate.open[institution]} connections to the edge already",
+                )
+                return
+            gate.open[institution] += 1
+            http = _CountedH11(
+                config=self._config,
+                server_state=self._server_state,
+                app_state=self._app_state,
+                on_lost=lambda: gate.release(gate.open, institution),
+            )
             inner = http.app
 
             async def identified(scope: Scope, receive: Receive, send: Send) -> None:
@@ -401,7 +475,9 @@ class FleetEdge:
     loopback address; `is_revoked(institution)` and `current_serial(institution)` (the
     serial of its latest certificate; None if the consortium issued it none) are asked
     on every request;
-    `on_refusal(reason, institution)` counts each refusal.
+    `on_refusal(reason, institution)` counts each refusal. One peer address gets at
+    most `max_handshakes_per_address` connections in their TLS handshake at once, one
+    institution at most `max_connections_per_institution` open.
     """
 
     def __init__(
@@ -414,10 +490,18 @@ class FleetEdge:
         current_serial: Callable[[str], str | None],
         on_refusal: RefusalHook | None = None,
         start_timeout_s: float = 30.0,
+        max_handshakes_per_address: int = MAX_HANDSHAKES_PER_ADDRESS,
+        max_connections_per_institution: int = MAX_CONNECTIONS_PER_INSTITUTION,
     ) -> None:
         refusals = _Refusals(on_refusal)
         proxy = _FleetProxy(upstream, tls.ca_cert, is_revoked, current_serial, refusals)
-        gate = _GateConfig(server_ssl_context(tls), refusals)
+        gate = _GateConfig(
+            server_ssl_context(tls),
+            refusals,
+            max_handshakes_per_address,
+            max_connections_per_institution,
+        )
+        self._gate = gate
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.socket(family, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -55,6 +55,8 @@ AUTH_REASONS = (
     "not_job_owner",  # an institution acting on another's job
     "unpinned_signing_key",  # a node offering a signing key not pinned at onboarding
     "forbidden_api",  # Fleet edge: a Control/Runtime/other path, not the Fleet API
+    "too_many_handshakes",  # Fleet edge: one address's unfinished TLS handshakes, capped
+    "too_many_connections",  # Fleet edge: one institution's open connections, capped
     "claim_reused",  # a Ray node carrying another node's claim (coordinator/ray/claims.py)
     "claim_unknown",  # a Ray node carrying a claim this coordinator never issued
     "missing_token",  # Ray: a request without the cluster token

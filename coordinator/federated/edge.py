@@ -383,7 +383,7 @@ def _gate_class(gate: _GateConfig) -> type[asyncio.Protocol]:
             peername = transport.get_extra_info("peername") or ("?", 0)
             address, peer = str(peername[0]), f"{peername[0]}:{peername[1]}"
             if gate.handshaking[address] >= gate.max_handshakes_per_address:
-                transport.abort()
+                # Counted before the close: whoever sees the close finds it counted.
                 gate.refusals.refuse(
                     TOO_MANY_HANDSHAKES,
                     "",
@@ -391,6 +391,7 @@ def _gate_class(gate: _GateConfig) -> type[asyncio.Protocol]:
                     f"{gate.handshaking[address]} connections from {address} are still in "
                     "their TLS handshake",
                 )
+                transport.abort()
                 return
             gate.handshaking[address] += 1
             send_without_delay(transport)
@@ -426,13 +427,13 @@ def _gate_class(gate: _GateConfig) -> type[asyncio.Protocol]:
             institution = institution_of_peercert(peercert)
             serial = serial_of_peercert(peercert)
             if gate.open[institution] >= gate.max_connections_per_institution:
-                tls.abort()
                 gate.refusals.refuse(
                     TOO_MANY_CONNECTIONS,
                     institution,
                     peer,
                     f"it holds {gate.open[institution]} connections to the edge already",
                 )
+                tls.abort()
                 return
             gate.open[institution] += 1
             http = _CountedH11(

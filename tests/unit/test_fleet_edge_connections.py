@@ -83,6 +83,12 @@ def site_context(tls_dir: Path, site: str = "site") -> ssl.SSLContext:
     return context
 
 
+def connect(edge: FleetEdge, context: ssl.SSLContext) -> ssl.SSLSocket:
+    """A site's TLS connection to the edge, its handshake done on the site's side."""
+    raw = socket.create_connection((edge.host, edge.port), timeout=10)
+    return context.wrap_socket(raw, server_hostname="127.0.0.1")
+
+
 def fleet_call(connection: ssl.SSLSocket) -> int | None:
     """One Fleet call on an open connection: the status the edge answered, or None if
     it closed the connection instead."""
@@ -151,23 +157,14 @@ def test_an_institution_at_its_cap_of_open_connections_gets_no_more_and_others_s
     held: list[ssl.SSLSocket] = []
     try:
         for _ in range(MAX_CONNECTIONS_PER_INSTITUTION):
-            connection = site.wrap_socket(
-                socket.create_connection((edge.host, edge.port), timeout=10),
-                server_hostname="127.0.0.1",
-            )
+            connection = connect(edge, site)
             held.append(connection)
             assert answered(fleet_call(connection))
-        with site.wrap_socket(
-            socket.create_connection((edge.host, edge.port), timeout=10),
-            server_hostname="127.0.0.1",
-        ) as one_more:
+        with connect(edge, site) as one_more:
             assert fleet_call(one_more) is None
         assert refusals == [(TOO_MANY_CONNECTIONS, INSTITUTION)]
         assert answered(fleet_call(held[0]))  # what it holds still works
-        with site_context(tls_dir, "other").wrap_socket(
-            socket.create_connection((edge.host, edge.port), timeout=10),
-            server_hostname="127.0.0.1",
-        ) as others:
+        with connect(edge, site_context(tls_dir, "other")) as others:
             assert answered(fleet_call(others))
         # A connection it closes makes room for a new one.
         held.pop().close()
@@ -176,10 +173,7 @@ def test_an_institution_at_its_cap_of_open_connections_gets_no_more_and_others_s
             lambda: edge._gate.open[INSTITUTION] < MAX_CONNECTIONS_PER_INSTITUTION,
             10.0,
         )
-        with site.wrap_socket(
-            socket.create_connection((edge.host, edge.port), timeout=10),
-            server_hostname="127.0.0.1",
-        ) as replacement:
+        with connect(edge, site) as replacement:
             assert answered(fleet_call(replacement))
         assert refusals == [(TOO_MANY_CONNECTIONS, INSTITUTION)]
     finally:
@@ -215,8 +209,5 @@ def test_an_address_at_its_cap_of_unfinished_handshakes_gets_no_more_until_they_
         for connection in stalled:
             connection.close()
     wait_for("the stalled handshakes to end", lambda: not edge._gate.handshaking, 10.0)
-    with site_context(tls_dir).wrap_socket(
-        socket.create_connection((edge.host, edge.port), timeout=10),
-        server_hostname="127.0.0.1",
-    ) as site:
+    with connect(edge, site_context(tls_dir)) as site:
         assert answered(fleet_call(site))

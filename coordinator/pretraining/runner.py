@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 from consortium.errors import ConflictError
 from consortium.provenance.environment import describe_environment
 from consortium.provenance.records import JobStarted, OuterStep, WorkerEntry
+from consortium.startup import imports_without_gc
 from coordinator.data_dir import DataDir
 from coordinator.jobs.lifecycle import JobLifecycle
 from coordinator.jobs.spec import spec_of
@@ -202,10 +203,12 @@ def save_result(
     write_accounting(data_dir, job_id, result.accounting)
     model_path = DataDir(data_dir).model_file(job_id)
     # Imported here: a coordinator that never runs a pretraining job (or runs without
-    # Ray) does not pay for importing torch at start-up.
-    import torch
+    # Ray) does not pay for importing torch at start-up. Frozen once loaded
+    # (consortium/startup.py), after a full collection: the server's threads run.
+    with imports_without_gc(collect_first=True):
+        import torch
 
-    from coordinator.federated.checkpoints import save_model
+        from coordinator.federated.checkpoints import save_model
 
     save_model(
         model_path,
@@ -298,7 +301,8 @@ class StepRecorder:
         """Steps the checkpoint holds that the log does not: the controller saves its
         checkpoint before a step is logged, so a coordinator that died between the two
         resumes after a step the log never heard of. Logged (and recorded) here, once."""
-        from coordinator.pretraining.checkpoint import load_checkpoint  # torch
+        with imports_without_gc(collect_first=True):  # torch, as above
+            from coordinator.pretraining.checkpoint import load_checkpoint
 
         checkpoint = load_checkpoint(DataDir(self._data_dir).checkpoints(self._job_id))
         if checkpoint is None:

@@ -67,7 +67,8 @@ TARGETS = {
     ),
 }
 # What identifies each target's processes below the coordinator or a site's `client
-# join` (Ray's processes rewrite their command lines; the actor's names its class).
+# join` (Ray's processes rewrite their command lines; the actor's names its class,
+# coordinator/pretraining/worker.py's PoolTrainer).
 MARKERS = {
     "superlink": "flower-superlink",
     "serverapp": "flwr-serverapp",
@@ -75,7 +76,7 @@ MARKERS = {
     "ray-head": "/gcs_server",
     "pretrain-driver": "coordinator.pretraining.driver",
     "ray-worker": "/raylet",
-    "trainer": "ray::InnerTrainer",
+    "trainer": "ray::PoolTrainer",
 }
 FINAL = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 JOB_TIMEOUT_S = 600.0

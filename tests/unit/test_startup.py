@@ -12,11 +12,13 @@ import sys
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 from flwr.superlink.grid import http_grid
 
 from client.ray_worker import worker_argv
+from consortium.inner_loop import InnerTrainer, WorkerConfig
 from consortium.processes import venv_executable
 from consortium.startup import imports_without_gc, load
 
@@ -238,5 +240,49 @@ def test_a_sites_client_app_loads_at_its_first_task_once_with_the_collector_paus
         "assert gc.isenabled() and gc.get_freeze_count() > frozen\n"
         "frozen = gc.get_freeze_count()\n"
         "assert load_client_app() == (trainer, app) and gc.get_freeze_count() == frozen\n"
+    )
+    run_fresh(code)
+
+
+def test_a_ray_pool_trainer_freezes_what_its_worker_loaded_before_it_trains(
+    collector: Collector,
+) -> None:
+    """Ray's worker process imports torch as it unpickles the actor's class, with the
+    collector running: the trainer collects and freezes once, before it builds its model."""
+    from coordinator.pretraining.worker import DiLoCoWorker, PoolTrainer
+
+    built: list[str] = []
+
+    def build_model(self: InnerTrainer, config: WorkerConfig, device: str | None) -> None:
+        built.append(f"model after {collector.calls}")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(InnerTrainer, "__init__", build_model)
+        PoolTrainer(cast(WorkerConfig, None))
+    assert built == ["model after ['collect', 'freeze']"]
+    assert DiLoCoWorker.__ray_metadata__.modified_class.__name__ == "PoolTrainer"
+
+
+def test_replay_loads_aggregation_and_torch_with_the_collector_paused() -> None:
+    """`coordinator replay` imports Flower's aggregation and, for a pretraining job,
+    torch and the compute engine after start-up: both are frozen once loaded."""
+    code = (
+        "import gc, sys\n"
+        "from coordinator.cli.replay import replay, replay_pretraining_job\n"
+        "assert 'torch' not in sys.modules\n"
+        "frozen = gc.get_freeze_count()\n"
+        "try:\n"
+        "    replay(job_id=None)\n"
+        "except BaseException:\n"
+        "    pass\n"
+        "assert 'coordinator.federated.replay' in sys.modules\n"
+        "assert gc.isenabled() and gc.get_freeze_count() > frozen\n"
+        "frozen = gc.get_freeze_count()\n"
+        "try:\n"
+        "    replay_pretraining_job('job', [])\n"
+        "except BaseException:\n"
+        "    pass\n"
+        "assert 'torch' in sys.modules and 'coordinator.pretraining.replay' in sys.modules\n"
+        "assert gc.isenabled() and gc.get_freeze_count() > frozen\n"
     )
     run_fresh(code)

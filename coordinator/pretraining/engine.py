@@ -26,6 +26,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from consortium.aggregation.kernel_cache import CACHE_DIR_ENV, seed_kernel_cache
 from consortium.leftovers import remove_own_dir
 from consortium.processes import ChildProcess
 from consortium.ray_env import prepare_ray_temp_dir, share_ray_credentials, short_temp_dir
@@ -74,12 +75,18 @@ class PretrainEngine(Protocol):
         """Leave the runtime (the next `connect` joins again)."""
 
 
+# In a sandboxed driver's private dir: its numba cache, seeded with the aggregation
+# kernels the install compiled (consortium/aggregation/kernel_cache.py).
+DRIVER_KERNEL_CACHE = "numba"
+
+
 def driver_sandbox(data_dir: Path) -> Callable[[Path], Sandbox | None]:
     """For `coordinator serve` running as root: each run's driver runs as the pool user
     (it unpickles what Ray's workers return, and any member holding the token can run
     a worker), seeing nothing of the data dir but the run's checkpoint dir. Its private
-    dir (its own copies of the cluster's credentials) is ``driver`` in the coordinator's
-    Ray dir, which the reaper removes with the rest after a `kill -9`."""
+    dir (its own copies of the cluster's credentials, and of the compiled aggregation
+    kernels) is ``driver`` in the coordinator's Ray dir, new at every run, which the
+    reaper removes with the rest after a `kill -9`."""
 
     def for_run(checkpoint_dir: Path) -> Sandbox | None:
         if os.geteuid() != 0:
@@ -94,6 +101,9 @@ def driver_sandbox(data_dir: Path) -> Callable[[Path], Sandbox | None]:
         sandbox = sandbox_for(home, hide=(data_dir,), grant=(checkpoint_dir,))
         if sandbox is not None:  # the way to its home: the pool user's, as the head's is
             os.chown(ray_home, sandbox.user.uid, sandbox.user.gid, follow_symlinks=False)
+            # Root's alone until `prepare` hands the home over: nothing to race with.
+            for path in seed_kernel_cache(home / DRIVER_KERNEL_CACHE):
+                os.chown(path, sandbox.user.uid, sandbox.user.gid, follow_symlinks=False)
         return sandbox
 
     return for_run
@@ -150,6 +160,7 @@ class DriverProcessEngine:
             sandbox.prepare()
             token, tls = share_ray_credentials(sandbox, cluster.token_path, cluster.tls)
             cluster, env = replace(cluster, token_path=token, tls=tls), sandbox.env()
+            env[CACHE_DIR_ENV] = str(sandbox.home / DRIVER_KERNEL_CACHE)
         request = DriverRequest(
             cluster,
             spec,

@@ -22,10 +22,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import pytest
 
 from client.ray_worker import pool_sandbox
+from consortium.aggregation.kernel_cache import KERNELS, numba_cache_subpath
+from consortium.aggregation.streaming import StreamingMean
 from consortium.leftovers import (
     find_leftovers,
     own_uids,
@@ -42,7 +45,7 @@ from consortium.sandbox import (
     interpreter_paths,
     pool_uid,
 )
-from coordinator.pretraining.engine import driver_sandbox
+from coordinator.pretraining.engine import DRIVER_KERNEL_CACHE, driver_sandbox
 
 AS_ROOT = os.geteuid() == 0
 
@@ -323,6 +326,39 @@ def test_a_pretraining_driver_sees_only_its_checkpoint_dir_of_the_data_dir(
         }
         assert (checkpoints / "latest.pt").stat().st_uid == sandbox.user.uid  # on the host
         assert key.read_text() == "key" and not (data_dir / "planted").exists()
+    finally:
+        remove_own_dir(short_temp_dir(data_dir))
+
+
+def test_a_pretraining_driver_gets_its_own_copy_of_the_compiled_aggregation_kernels(
+    site_root: Path,
+) -> None:
+    """The driver cannot write the install's numba cache, so it would compile the
+    kernels at every run: its private dir holds a copy of what the install compiled,
+    the pool user's to read and to add to, and the install's own files are untouched."""
+    data_dir = site_root / "coordinator"
+    checkpoints = data_dir / "checkpoints" / "job-1"
+    data_dir.mkdir()
+    update = {"w": np.ones((4, 4), np.float32)}
+    StreamingMean(update).add(update, 1)  # the install's cache holds the kernels now
+    installed = sorted((KERNELS.parent / "__pycache__").glob("kernels.*.nbi"))
+    assert installed
+    if not AS_ROOT:
+        assert driver_sandbox(data_dir)(checkpoints) is None
+        return
+    sandbox = driver_sandbox(data_dir)(checkpoints)
+    try:
+        assert sandbox is not None
+        cache = sandbox.home / DRIVER_KERNEL_CACHE / numba_cache_subpath(KERNELS)
+        copies = {path.name: path for path in cache.iterdir()}
+        assert {path.name for path in installed} <= set(copies)
+        for path in (cache.parent, cache, *copies.values()):
+            assert path.stat().st_uid == sandbox.user.uid, path
+        sandbox.prepare()
+        seen = probe(sandbox, [], [cache], [cache / "kernels.new.nbi"])
+        assert set(copies) <= set(seen["listed"][str(cache)])
+        assert seen["wrote"] == {str(cache / "kernels.new.nbi"): "ok"}
+        assert all(path.stat().st_uid == 0 for path in installed)
     finally:
         remove_own_dir(short_temp_dir(data_dir))
 

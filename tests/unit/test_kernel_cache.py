@@ -1,0 +1,83 @@
+"""A process that cannot write the install's numba cache (a sandboxed pretraining driver)
+loads the aggregation kernels from a seeded copy instead of compiling them again
+(consortium/aggregation/kernel_cache.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from numba.core.caching import _CacheLocator
+
+from consortium.aggregation import kernel_cache
+from consortium.aggregation.kernel_cache import (
+    CACHE_DIR_ENV,
+    KERNELS,
+    numba_cache_subpath,
+    seed_kernel_cache,
+)
+
+# One aggregation, then how often numba found each kernel it ran in a cache, and how
+# often it had to compile.
+AGGREGATE = """
+import json, numba, numpy as np
+from consortium.aggregation import kernels
+from consortium.aggregation.streaming import StreamingMean
+update = {"w": np.full((64, 32), 0.5, np.float32), "b": np.zeros(32, np.float32)}
+mean = StreamingMean(update)
+mean.add(update, 1)
+mean.add(update, 2)
+mean.result()
+dispatchers = [f for f in vars(kernels).values() if isinstance(f, numba.core.dispatcher.Dispatcher)]
+stats = [f.stats for f in dispatchers]
+print(json.dumps({"hits": sum(sum(s.cache_hits.values()) for s in stats),
+                  "misses": sum(sum(s.cache_misses.values()) for s in stats)}))
+"""
+
+
+def aggregate(cache_dir: Path | None) -> dict[str, int]:
+    env = {k: v for k, v in os.environ.items() if k != CACHE_DIR_ENV}
+    if cache_dir is not None:
+        env[CACHE_DIR_ENV] = str(cache_dir)
+    result = subprocess.run(
+        [sys.executable, "-c", AGGREGATE],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    counts: dict[str, int] = json.loads(result.stdout.splitlines()[-1])
+    return counts
+
+
+def test_the_folder_is_the_one_numba_reads_under_its_cache_dir() -> None:
+    assert numba_cache_subpath(KERNELS) == _CacheLocator.get_suitable_cache_subpath(str(KERNELS))
+
+
+def test_a_process_given_the_seeded_cache_loads_the_kernels_instead_of_compiling(
+    tmp_path: Path,
+) -> None:
+    aggregate(None)  # the install's own cache, beside the kernels: compiled there once
+    empty = aggregate(tmp_path / "empty")
+    assert empty["misses"] > 0  # a cache dir of its own, empty: it compiles
+    made = seed_kernel_cache(tmp_path / "seeded")
+    assert any(path.suffix == ".nbi" for path in made)
+    seeded = aggregate(tmp_path / "seeded")
+    assert seeded["misses"] == 0 and seeded["hits"] > 0, seeded
+
+
+def test_nothing_compiled_yet_seeds_an_empty_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "pkg" / "kernels.py"
+    (source.parent / "__pycache__").mkdir(parents=True)
+    monkeypatch.setattr(kernel_cache, "KERNELS", source)
+    made = seed_kernel_cache(tmp_path / "cache")
+    assert made == [tmp_path / "cache", tmp_path / "cache" / numba_cache_subpath(source)]
+    assert list(made[1].iterdir()) == []

@@ -46,7 +46,9 @@ TORCH_PIN := $(shell grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')
 # installed) took 30 of the set-up's 42 s on 2 cores, mostly on modules nothing imports.
 # Ray and the project are still compiled here: as root, Ray's processes run as the pool
 # user (consortium/sandbox.py), who cannot write into the venv, and Ray's agents import
-# modules no root process does.
+# modules no root process does. So are the aggregation kernels (numba, 3.5 CPU-s): the
+# processes that would each compile them before the first one cached them, and the
+# pretraining drivers, which get a copy (consortium/aggregation/kernel_cache.py), load them.
 unexport PYTHONDONTWRITEBYTECODE
 PURELIB = $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
@@ -55,6 +57,7 @@ $(STAMP): pyproject.toml examples/tiny_workload/pyproject.toml examples/hf_lora/
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile 'uv==0.12.24' '$(TORCH_PIN)'
 	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]' -e examples/tiny_workload -e examples/hf_lora
 	$(BIN)/python -m compileall -q -j 0 "$(PURELIB)/ray" consortium coordinator client
+	$(BIN)/python -m consortium.aggregation.kernel_cache
 	touch $(STAMP)
 
 demo: $(STAMP)

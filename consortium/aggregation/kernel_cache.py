@@ -10,7 +10,9 @@ private dir is new at every run. `seed_kernel_cache` copies what the install's o
 processes compiled (the coordinator's replay and ServerApps, run by the install's owner)
 into a dir the driver owns, laid out as numba reads it under NUMBA_CACHE_DIR. Copied by
 the coordinator, which reads them without loading numba; never the other way: what a
-driver compiled is not trusted back.
+driver compiled is not trusted back. `make` compiles them once after installing
+(`python -m consortium.aggregation.kernel_cache`), so that the first aggregation of
+every process, a driver's copy included, finds them compiled.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ import os
 import shutil
 from pathlib import Path
 
-__all__ = ["CACHE_DIR_ENV", "KERNELS", "numba_cache_subpath", "seed_kernel_cache"]
+__all__ = [
+    "CACHE_DIR_ENV",
+    "KERNELS",
+    "numba_cache_subpath",
+    "seed_kernel_cache",
+    "warm_kernel_cache",
+]
 
 KERNELS = Path(__file__).with_name("kernels.py")
 CACHE_DIR_ENV = "NUMBA_CACHE_DIR"
@@ -46,3 +54,22 @@ def seed_kernel_cache(cache_dir: Path) -> list[Path]:
         shutil.copyfile(source, copy, follow_symlinks=False)
         made.append(copy)
     return made
+
+
+def warm_kernel_cache() -> None:
+    """Compile the kernels for float32 updates (the models' dtype) into numba's cache:
+    the install's own, or NUMBA_CACHE_DIR where it is set."""
+    import numpy as np
+
+    from consortium.aggregation.streaming import StreamingMean
+    from consortium.aggregation.validate import validate_update
+
+    update = {"weights": np.full((8, 8), 0.5, np.float32)}
+    validate_update(update, update, max_norm=None)
+    mean = StreamingMean(update)
+    mean.add(update, 1)
+    mean.result()
+
+
+if __name__ == "__main__":
+    warm_kernel_cache()

@@ -49,7 +49,7 @@ from consortium.models.bytelm import ByteLM
 from consortium.pseudo_gradient_codec import CODECS
 from coordinator.pretraining import PretrainJobSpec, run_pretraining, validate_pretrain_spec
 from coordinator.pretraining.schedule import assign_shards, derive_seed
-from coordinator.pretraining.worker import worker_config
+from coordinator.pretraining.worker_config import worker_config
 
 WORKERS = 2
 BYTES_TARGET = 100.0  # DDP bytes / DiLoCo bytes, at least

@@ -40,7 +40,7 @@ from coordinator.pretraining import PretrainJobSpec, validate_pretrain_spec
 from coordinator.pretraining.diloco import UPDATE_WEIGHT, apply_outer_step, global_model
 from coordinator.pretraining.schedule import assign_shards, derive_seed
 from coordinator.pretraining.spot_check import SpotChecker
-from coordinator.pretraining.worker import worker_config
+from coordinator.pretraining.worker_config import worker_config
 
 CPU_TARGET = 0.15  # extra coordinator CPU per outer step at a 10% sample, at most
 NOISE = 0.01  # the dishonest worker's noise, relative to its pseudo-gradient's RMS

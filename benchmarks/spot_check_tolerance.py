@@ -34,7 +34,7 @@ from consortium.models.bytelm import ByteLM
 from consortium.pseudo_gradient_codec import decode
 from coordinator.pretraining import PretrainJobSpec, validate_pretrain_spec
 from coordinator.pretraining.spot_check import relative_distance
-from coordinator.pretraining.worker import worker_config
+from coordinator.pretraining.worker_config import worker_config
 
 TOLERANCES = (1e-4, 1e-3, 1e-2, 5e-2)
 HONEST_NOISE = {

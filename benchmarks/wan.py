@@ -54,7 +54,7 @@ from coordinator.demo import (
 from coordinator.local_consortium import LocalConsortium, OwnChildren
 from coordinator.pretraining import PretrainJobSpec, parse_pretrain_spec
 from coordinator.pretraining.schedule import assign_shards, derive_seed
-from coordinator.pretraining.worker import worker_config
+from coordinator.pretraining.worker_config import worker_config
 from coordinator.wan import (
     COORDINATOR_ADDRESS,
     TESTBED_FLAG,

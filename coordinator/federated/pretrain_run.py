@@ -30,7 +30,7 @@ from coordinator.pretraining.diloco import DiLoCoController
 from coordinator.pretraining.records import ControllerState, OuterStepRecord
 from coordinator.pretraining.runner import StepRecorder, save_result
 from coordinator.pretraining.spec import PretrainJobSpec
-from coordinator.pretraining.worker import worker_config
+from coordinator.pretraining.worker_config import worker_config
 
 log = logging.getLogger(__name__)
 

@@ -78,7 +78,7 @@ from coordinator.pretraining.records import ControllerState, OuterStepRecord, Wo
 from coordinator.pretraining.schedule import assign_shards, derive_seed
 from coordinator.pretraining.spec import IDENTITY_DEFAULTS, PretrainJobSpec
 from coordinator.pretraining.spot_check import SpotChecker
-from coordinator.pretraining.worker import worker_config
+from coordinator.pretraining.worker_config import worker_config
 
 log = logging.getLogger(__name__)
 

@@ -59,7 +59,7 @@ from coordinator.federated.replay import ReplayMismatchError
 from coordinator.pretraining.diloco import apply_outer_step, global_model
 from coordinator.pretraining.schedule import derive_seed
 from coordinator.pretraining.spec import PretrainJobSpec, validate_pretrain_spec
-from coordinator.pretraining.worker import worker_config
+from coordinator.pretraining.worker_config import worker_config
 
 PRETRAIN = "pretrain"
 UPDATE_WEIGHT = 1  # as in the controller: every worker did the same H steps

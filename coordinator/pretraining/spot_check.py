@@ -39,7 +39,7 @@ from consortium.lm import Weights
 from consortium.pseudo_gradient_codec import Codec, Encoded, decode
 from consortium.tensor_digest import arrays_digest
 from coordinator.pretraining.spec import PretrainJobSpec
-from coordinator.pretraining.worker import worker_config
+from coordinator.pretraining.worker_config import worker_config
 
 
 class SpotChecker:

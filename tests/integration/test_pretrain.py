@@ -51,7 +51,8 @@ from coordinator.pretraining.checkpoint import checkpoint_path, load_checkpoint
 from coordinator.pretraining.cluster import require_gcs
 from coordinator.pretraining.replay import plan_replay, replay_pretraining
 from coordinator.pretraining.runner import outer_step_body
-from coordinator.pretraining.worker import DiLoCoWorker, worker_config
+from coordinator.pretraining.worker import DiLoCoWorker
+from coordinator.pretraining.worker_config import worker_config
 from tests.helpers import wait_for
 
 OBJECT_STORE_BYTES = 80 * 2**20

@@ -42,7 +42,7 @@ from coordinator.federated.strategy import WitnessLog
 from coordinator.pretraining.diloco import DiLoCoController
 from coordinator.pretraining.records import OuterStepRecord
 from coordinator.pretraining.spec import PretrainJobSpec, parse_pretrain_spec
-from coordinator.pretraining.worker import worker_config
+from coordinator.pretraining.worker_config import worker_config
 from coordinator.state import InMemoryStateStore
 from tests.helpers import FEDERATED_PRETRAIN
 

@@ -128,3 +128,13 @@ def test_a_sites_deterministic_step_restores_torch_without_loading_its_compiler(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert done.stdout.split() == []
+
+
+@pytest.mark.parametrize(
+    "module", ["coordinator.federated.pretrain_run", "coordinator.pretraining.replay"]
+)
+def test_federated_pretraining_and_replay_train_without_importing_ray(module: str) -> None:
+    """A federated pretraining job's ServerApp (DiLoCo at the sites) and `coordinator
+    replay` run inner loops and spot checks with no Ray cluster; the worker's config
+    alone brought Ray to both (coordinator/pretraining/worker_config.py)."""
+    assert "ray" not in imported_after(module)

@@ -21,7 +21,7 @@ from consortium.models.bytelm import ByteLM
 from coordinator.pretraining.records import OuterStepRecord
 from coordinator.pretraining.spec import PretrainJobSpec, validate_pretrain_spec
 from coordinator.pretraining.spot_check import SpotChecker, relative_distance
-from coordinator.pretraining.worker import worker_config
+from coordinator.pretraining.worker_config import worker_config
 
 TINY = {
     "name": "checked",

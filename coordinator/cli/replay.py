@@ -88,8 +88,8 @@ def replay_pretraining_job(job_id: str, records: list[Record]) -> None:
     """Re-run a pretraining job's outer steps here, printing each step as it matches."""
     # Imported here: torch and the compute engine take seconds to import. Frozen, the
     # collector does not walk torch's objects again at each full collection and at exit:
-    # 0.7 to 1 CPU-s of every replay (`python -X importtime` aside, measured with and
-    # without on the project's 2-core VM).
+    # 1 to 2 CPU-s of a replay (measured with and without, side by side, on the
+    # project's 2-core VM: docs/architecture.md, "Start-up").
     with imports_without_gc():
         from coordinator.pretraining.replay import plan_replay, replay_pretraining
 

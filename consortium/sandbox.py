@@ -189,6 +189,72 @@ def _open_dir(path: Path) -> int:
         raise SandboxSetupError(f"{path} is not a directory of its own: {error}") from None
 
 
+def new_private_dir(parent: Path, name: str) -> int:
+    """`parent`/`name` made afresh, this user's and 0700, and returned open.
+
+    `parent` may be the pool user's (the coordinator's Ray dir is: the head's processes
+    run as that user), so a pool process can rename what is in it, or `parent` itself
+    in /tmp, and leave a link in its place, between any two steps taken by path. So
+    `parent` is opened without following a link and must be this user's or the pool
+    user's; an earlier `name` is removed (a link unlinked, never followed) and the new
+    one made and opened relative to it, and refused unless it is the dir just made
+    (this user's: a pool process can only put its own in its place). What goes into it
+    then is written relative to the descriptor, inside a dir no pool process can enter.
+    """
+    parent_fd = _open_shared_dir(parent)
+    try:
+        _remove_entry(parent_fd, name)
+        os.mkdir(name, 0o700, dir_fd=parent_fd)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+        except OSError as error:
+            what = f"{parent / name} was replaced as it was made"
+            raise SandboxSetupError(f"{what}: {error}") from None
+        made = os.fstat(fd)
+        if made.st_uid != os.geteuid() or stat.S_IMODE(made.st_mode) & 0o077:
+            os.close(fd)
+            raise SandboxSetupError(
+                f"{parent / name} was replaced as it was made (uid {made.st_uid})"
+            )
+        return fd
+    finally:
+        os.close(parent_fd)
+
+
+def remove_private_dir(parent: Path, name: str) -> bool:
+    """Remove `parent`/`name` and what is in it (a link: the link), as `new_private_dir`
+    works: relative to `parent` opened without following a link. False, with nothing
+    removed, where `parent` is gone, a link or another user's."""
+    try:
+        parent_fd = _open_shared_dir(parent)
+    except SandboxSetupError:
+        return False
+    try:
+        _remove_entry(parent_fd, name)
+    finally:
+        os.close(parent_fd)
+    return True
+
+
+def _open_shared_dir(path: Path) -> int:
+    """`path` (this user's or the pool user's) opened without following a link."""
+    fd = _open_dir(path)
+    owner = os.fstat(fd).st_uid
+    if owner not in (os.geteuid(), pool_uid()):
+        os.close(fd)
+        raise SandboxSetupError(f"{path} is another user's (uid {owner})")
+    return fd
+
+
+def _remove_entry(parent: int, name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        found = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        if stat.S_ISDIR(found.st_mode):
+            shutil.rmtree(name, dir_fd=parent)
+        else:
+            os.unlink(name, dir_fd=parent)
+
+
 def sandbox_for(home: Path, hide: Sequence[Path], grant: Sequence[Path] = ()) -> Sandbox | None:
     """For a process running as root: the sandbox its Ray processes run in, as the pool
     user, with `home` (a private dir of root's, made by the caller) handed to it, the

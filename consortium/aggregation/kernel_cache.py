@@ -17,9 +17,9 @@ every process, a driver's copy included, finds them compiled.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import shutil
 from pathlib import Path
 
 __all__ = [
@@ -42,18 +42,45 @@ def numba_cache_subpath(source: Path) -> str:
     return f"{os.path.basename(folder)}_{hashlib.sha1(folder.encode()).hexdigest()}"
 
 
-def seed_kernel_cache(cache_dir: Path) -> list[Path]:
-    """Copy the kernels' compiled code from the install's cache into `cache_dir` (made
-    if missing); returns the dirs and files made, for the caller to hand over. Nothing
-    compiled yet copies nothing: the process then compiles, as it would have."""
-    target = cache_dir / numba_cache_subpath(KERNELS)
-    made = [cache_dir, target]
-    target.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for source in sorted((KERNELS.parent / "__pycache__").glob(f"{KERNELS.stem}.*.nb[ic]")):
-        copy = target / source.name
-        shutil.copyfile(source, copy, follow_symlinks=False)
-        made.append(copy)
+def seed_kernel_cache(home: int, name: str, owner: tuple[int, int] | None = None) -> list[Path]:
+    """Copy the kernels' compiled code from the install's cache into the dir `name` (made
+    if missing) of the dir open as `home`; returns what it made, relative to `home`.
+    Nothing compiled yet copies nothing: the process then compiles, as it would have.
+
+    Every dir and file is made relative to the one above it, opened without following
+    a link (a file only if it is not there yet), and handed to `owner` (uid, gid) by
+    descriptor: the root coordinator seeds a pool user's dir this way
+    (coordinator/pretraining/engine.py), and a path followed by name could lead it
+    anywhere a link pointed."""
+    subpath = numba_cache_subpath(KERNELS)
+    made = [Path(name), Path(name) / subpath]
+    cache = _dir_in(home, name, owner)
+    try:
+        target = _dir_in(cache, subpath, owner)
+        try:
+            for source in sorted((KERNELS.parent / "__pycache__").glob(f"{KERNELS.stem}.*.nb[ic]")):
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                with os.fdopen(os.open(source.name, flags, 0o600, dir_fd=target), "wb") as copy:
+                    copy.write(source.read_bytes())
+                    if owner is not None:
+                        os.fchown(copy.fileno(), *owner)
+                made.append(made[1] / source.name)
+        finally:
+            os.close(target)
+    finally:
+        os.close(cache)
     return made
+
+
+def _dir_in(parent: int, name: str, owner: tuple[int, int] | None) -> int:
+    """The dir `name` in the dir open as `parent`, made if missing, opened (never
+    through a link) and handed to `owner`."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, 0o700, dir_fd=parent)
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+    if owner is not None:
+        os.fchown(fd, *owner)
+    return fd
 
 
 def warm_kernel_cache() -> None:

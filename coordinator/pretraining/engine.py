@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from consortium.aggregation.kernel_cache import CACHE_DIR_ENV, seed_kernel_cache
-from consortium.leftovers import remove_own_dir
 from consortium.processes import ChildProcess
 from consortium.ray_env import prepare_ray_temp_dir, share_ray_credentials, short_temp_dir
-from consortium.sandbox import Sandbox, sandbox_for
+from consortium.sandbox import Sandbox, new_private_dir, remove_private_dir, sandbox_for
 from coordinator.pretraining import driver_wire as wire
 from coordinator.pretraining.driver_wire import DriverRequest, Failed, Step, Wait
 from coordinator.pretraining.errors import (
@@ -78,6 +77,7 @@ class PretrainEngine(Protocol):
 # In a sandboxed driver's private dir: its numba cache, seeded with the aggregation
 # kernels the install compiled (consortium/aggregation/kernel_cache.py).
 DRIVER_KERNEL_CACHE = "numba"
+DRIVER_HOME = "driver"  # in the coordinator's Ray dir
 
 
 def driver_sandbox(data_dir: Path) -> Callable[[Path], Sandbox | None]:
@@ -94,16 +94,19 @@ def driver_sandbox(data_dir: Path) -> Callable[[Path], Sandbox | None]:
         ray_home = short_temp_dir(data_dir)
         if not ray_home.is_dir():  # attached to a cluster we did not start: no head made it
             prepare_ray_temp_dir(data_dir)
-        home = ray_home / "driver"
-        remove_own_dir(home)  # an earlier run's, if it was not removed
-        home.mkdir(mode=0o700)
-        checkpoint_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        sandbox = sandbox_for(home, hide=(data_dir,), grant=(checkpoint_dir,))
-        if sandbox is not None:  # the way to its home: the pool user's, as the head's is
-            os.chown(ray_home, sandbox.user.uid, sandbox.user.gid, follow_symlinks=False)
-            # Root's alone until `prepare` hands the home over: nothing to race with.
-            for path in seed_kernel_cache(home / DRIVER_KERNEL_CACHE):
-                os.chown(path, sandbox.user.uid, sandbox.user.gid, follow_symlinks=False)
+        # The Ray dir is the pool user's (the head's processes run as it), so the home
+        # is made and seeded through descriptors (an earlier run's removed), never by
+        # path: a pool process could swap a link in between two steps by path.
+        home_fd = new_private_dir(ray_home, DRIVER_HOME)
+        try:
+            checkpoint_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            sandbox = sandbox_for(ray_home / DRIVER_HOME, hide=(data_dir,), grant=(checkpoint_dir,))
+            if sandbox is not None:  # the way to its home: the pool user's, as the head's is
+                os.chown(ray_home, sandbox.user.uid, sandbox.user.gid, follow_symlinks=False)
+                owner = (sandbox.user.uid, sandbox.user.gid)
+                seed_kernel_cache(home_fd, DRIVER_KERNEL_CACHE, owner)
+        finally:
+            os.close(home_fd)
         return sandbox
 
     return for_run
@@ -192,7 +195,7 @@ class DriverProcessEngine:
             conn.close()  # a driver still running sees its socket close, and exits
             self._end(child)
             if sandbox is not None:
-                remove_own_dir(sandbox.home)
+                remove_private_dir(sandbox.home.parent, sandbox.home.name)
 
     def _nodes_now(self) -> dict[str, str] | None:
         if self._node_institutions is None:

@@ -52,6 +52,16 @@ def aggregate(cache_dir: Path | None) -> dict[str, int]:
     return counts
 
 
+def seed(home: Path, name: str) -> list[Path]:
+    """`seed_kernel_cache` into `home`/`name`; what it made, as paths."""
+    home.mkdir(exist_ok=True)
+    fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return [home / path for path in seed_kernel_cache(fd, name)]
+    finally:
+        os.close(fd)
+
+
 def test_the_folder_is_the_one_numba_reads_under_its_cache_dir() -> None:
     assert numba_cache_subpath(KERNELS) == _CacheLocator.get_suitable_cache_subpath(str(KERNELS))
 
@@ -61,7 +71,7 @@ def test_a_process_given_the_seeded_cache_loads_the_kernels_instead_of_compiling
 ) -> None:
     """A kernel compiled is a miss; one loaded from the cache a hit."""
     aggregate(None)  # the install's own cache, beside the kernels: compiled there once
-    made = seed_kernel_cache(tmp_path / "seeded")
+    made = seed(tmp_path, "seeded")
     assert any(path.suffix == ".nbi" for path in made)
     seeded = aggregate(tmp_path / "seeded")
     assert seeded["misses"] == 0 and seeded["hits"] > 0, seeded
@@ -83,6 +93,21 @@ def test_nothing_compiled_yet_seeds_an_empty_cache(
     source = tmp_path / "pkg" / "kernels.py"
     (source.parent / "__pycache__").mkdir(parents=True)
     monkeypatch.setattr(kernel_cache, "KERNELS", source)
-    made = seed_kernel_cache(tmp_path / "cache")
+    made = seed(tmp_path, "cache")
     assert made == [tmp_path / "cache", tmp_path / "cache" / numba_cache_subpath(source)]
     assert list(made[1].iterdir()) == []
+
+
+def test_a_link_where_a_copy_goes_is_refused_and_not_written_through(tmp_path: Path) -> None:
+    """Copies are made only as new files, never through a link already in their place
+    (as root, into a dir a pool process could have written first)."""
+    aggregate(None)  # the install's cache holds the kernels
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"root's file")
+    first = sorted((KERNELS.parent / "__pycache__").glob("kernels.*.nbi"))[0]
+    target = tmp_path / "home" / "cache" / numba_cache_subpath(KERNELS)
+    target.mkdir(parents=True)
+    (target / first.name).symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        seed(tmp_path / "home", "cache")
+    assert victim.read_bytes() == b"root's file"

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from consortium.sandbox import (
     ensure_pool_user,
     interpreter_paths,
     pool_uid,
+    remove_private_dir,
 )
 from coordinator.pretraining.engine import DRIVER_KERNEL_CACHE, driver_sandbox
 
@@ -361,6 +362,110 @@ def test_a_pretraining_driver_gets_its_own_copy_of_the_compiled_aggregation_kern
         assert all(path.stat().st_uid == 0 for path in installed)
     finally:
         remove_own_dir(short_temp_dir(data_dir))
+
+
+def swap_in_after_mkdir(
+    monkeypatch: pytest.MonkeyPatch, name: str, swap: Callable[[str, int | None], None]
+) -> None:
+    """A pool process winning the race: `swap(path, dir_fd)` runs just after the
+    coordinator makes a dir called `name`, before its next step."""
+    made = os.mkdir
+
+    def mkdir_then_swap(path: Any, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
+        made(path, mode, dir_fd=dir_fd)
+        if os.path.basename(path) == name:
+            os.rename(path, f"{path}-moved", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            swap(os.fspath(path), dir_fd)
+
+    monkeypatch.setattr(os, "mkdir", mkdir_then_swap)
+
+
+def pool_owned_ray_dir(data_dir: Path) -> Path:
+    """The coordinator's Ray dir as the head's sandbox leaves it: the pool user's."""
+    ray_home = prepare_ray_temp_dir(data_dir).parent
+    user = ensure_pool_user()
+    os.chown(ray_home, user.uid, user.gid)
+    return ray_home
+
+
+@pytest.mark.parametrize("swapped_in", ["a link to root's dir", "a dir of the pool user's"])
+def test_a_drivers_home_swapped_as_it_is_made_is_refused_and_nothing_goes_through_it(
+    site_root: Path, monkeypatch: pytest.MonkeyPatch, swapped_in: str
+) -> None:
+    """The coordinator's Ray dir is the pool user's, so a pool process (a member's task
+    on the head, a subverted driver) can rename the driver's new home and leave a link
+    or a dir of its own in its place between two of the coordinator's steps. Had the
+    coordinator seeded the kernel cache by path (it once did), it would have made dirs
+    and files wherever the link pointed and handed them to the pool user: the install's
+    numba package, for one, whose code root imports next. Swapped at the worst moment,
+    just after the home is made: the run is refused, nothing is made or handed over
+    through the link, and nothing is seeded into the pool user's dir."""
+    data_dir = site_root / "coordinator"
+    data_dir.mkdir()
+    checkpoints = data_dir / "checkpoints" / "job-1"
+    if not AS_ROOT:
+        assert driver_sandbox(data_dir)(checkpoints) is None
+        return
+    ray_home = pool_owned_ray_dir(data_dir)
+    package = site_root / "site-packages"  # stands for the install
+    package.mkdir(mode=0o755)
+    theirs = site_root / "theirs"
+    theirs.mkdir(mode=0o700)
+    user = ensure_pool_user()
+    os.chown(theirs, user.uid, user.gid)
+
+    def swap(path: str, dir_fd: int | None) -> None:
+        if swapped_in == "a link to root's dir":
+            os.symlink(package, path, dir_fd=dir_fd)
+        else:
+            os.rename(theirs, ray_home / "driver")
+
+    swap_in_after_mkdir(monkeypatch, "driver", swap)
+    try:
+        with pytest.raises(SandboxSetupError, match="replaced as it was made"):
+            driver_sandbox(data_dir)(checkpoints)
+        monkeypatch.undo()
+        assert list(package.iterdir()) == [] and package.stat().st_uid == 0
+        assert stat.S_IMODE(package.stat().st_mode) == 0o755
+        if swapped_in != "a link to root's dir":
+            assert list((ray_home / "driver").iterdir()) == []
+    finally:
+        monkeypatch.undo()
+        remove_own_dir(ray_home)
+
+
+def test_links_left_for_the_driver_are_removed_not_followed(site_root: Path) -> None:
+    """A link left where the driver's home goes is removed and a fresh home made (the
+    run goes on); a link left in place of the Ray dir itself (the pool user may rename
+    what it owns in /tmp) is refused; either way, nothing is made, handed over or
+    removed where the link points, at the run's start or at its end."""
+    data_dir = site_root / "coordinator"
+    data_dir.mkdir()
+    checkpoints = data_dir / "checkpoints" / "job-1"
+    if not AS_ROOT:
+        assert driver_sandbox(data_dir)(checkpoints) is None
+        return
+    ray_home = pool_owned_ray_dir(data_dir)
+    roots_dir = site_root / "roots"  # stands for a dir of root's, with a "driver" in it
+    (roots_dir / "driver").mkdir(parents=True, mode=0o755)
+    try:
+        (ray_home / "driver").symlink_to(roots_dir / "driver")
+        sandbox = driver_sandbox(data_dir)(checkpoints)
+        assert sandbox is not None and not sandbox.home.is_symlink()
+        assert sandbox.home.stat().st_uid == 0 and (sandbox.home / DRIVER_KERNEL_CACHE).is_dir()
+        assert list((roots_dir / "driver").iterdir()) == []
+
+        ray_home.rename(site_root / "ray-moved")
+        ray_home.symlink_to(roots_dir)
+        with pytest.raises(SandboxSetupError, match="not a directory of its own"):
+            driver_sandbox(data_dir)(checkpoints)
+        assert not remove_private_dir(ray_home, "driver")  # as a run's end does
+        assert list(roots_dir.iterdir()) == [roots_dir / "driver"]
+        assert (roots_dir / "driver").stat().st_uid == 0
+        ray_home.unlink()
+    finally:
+        remove_own_dir(site_root / "ray-moved")
+        remove_own_dir(ray_home)
 
 
 def test_a_link_left_in_place_of_the_private_dir_is_refused_not_followed(

@@ -380,7 +380,7 @@ def _checked_cosignatures(
                 raise ValueError("not a cosignature line")
             if (line["tree_size"], line["root_hash"]) != (head["tree_size"], head["root_hash"]):
                 raise ValueError("it cosigns another head")
-            signer = keyring.signer(institution, str(line["key_id"]), "a cosignature")
+            signer = keyring.cosigner(institution, str(line["key_id"]))
             verify_cosignature(signer, body, int(line["timestamp_s"]), unb64(line["signature"]))
         except (ValueError, SignatureError) as err:
             raise AttestationError(f"the cosignature of {institution!r}: {err}") from None

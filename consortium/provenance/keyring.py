@@ -14,6 +14,12 @@ A key enters the log three ways, and `verify_log` reads them into a `Keyring`:
 A key belongs to one institution: a record that gives a key to a second institution
 fails, and an update or cosignature is checked with the key of the institution it
 names, never looked up by key id alone.
+
+A cosignature is a site's word against the operator's log, so it counts only with a
+key the institution vouched for itself: a key the operator set ("operator") signs
+updates, but not as a witness. Otherwise an operator could replace every institution's
+key with one of its own and write cosignatures of a forged history that `verify
+--min-witnesses` would count.
 """
 
 from __future__ import annotations
@@ -82,6 +88,18 @@ class Keyring:
         if known is None or known.source == "unbound":
             self.keys[key.key_id] = LoggedKey(record.institution, key, source)
 
+    def cosigner(self, institution: str, key_id: str) -> VerifyingKey:
+        """The key of `institution`'s cosignature, as `signer`, and one the institution
+        vouched for itself: not one an operator's key change set."""
+        key = self.signer(institution, key_id, "a cosignature")
+        if self.keys[key_id].source == "operator":
+            raise ValueError(
+                f"a cosignature of {institution!r} is signed by key {key_id[:16]}, which "
+                "the operator set (institution_key_changed), not the institution: it does "
+                "not witness the operator's log"
+            )
+        return key
+
     def signer(self, institution: str, key_id: str, what: str) -> VerifyingKey:
         """The key `institution` signs `what` with; ValueError when the log does not show
         that key as the institution's, in force and bound."""
@@ -111,12 +129,15 @@ class Keyring:
 
     def witness_keys(self, tree_size: int | None = None) -> dict[str, list[VerifyingKey]]:
         """Per institution, the keys whose cosignature of a checkpoint of `tree_size`
-        counts, by the rules `signer` applies to the log's own cosignatures: a key
+        counts, by the rules `cosigner` applies to the log's own cosignatures: a key
         replaced by a key change the checkpoint covers does not (nor, when the change's
-        index is unknown, any replaced key), and an unbound one only when allowed."""
+        index is unknown, any replaced key), nor one the operator set, and an unbound
+        one only when allowed."""
         found: dict[str, list[VerifyingKey]] = {}
         for logged in self.keys.values():
-            if logged.source == "unbound" and not self.allow_unbound:
+            if logged.source == "operator" or (
+                logged.source == "unbound" and not self.allow_unbound
+            ):
                 continue
             if not logged.active and (
                 tree_size is None or logged.replaced_at is None or logged.replaced_at < tree_size

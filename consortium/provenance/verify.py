@@ -233,7 +233,7 @@ class _Verifier:
                 f"{institution!r} cosigns a head of size {size} that the log does not hold "
                 "before this line"
             )
-        key = self.report.keyring.signer(institution, str(entry["key_id"]), "a cosignature")
+        key = self.report.keyring.cosigner(institution, str(entry["key_id"]))
         body = checkpoint_body(origin_of(self.coordinator_key.key_id), size, root)
         try:
             verify_cosignature(key, body, int(entry["timestamp_s"]), unb64(entry["signature"]))

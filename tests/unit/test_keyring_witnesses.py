@@ -1,7 +1,8 @@
-"""Whose cosignature of a published checkpoint counts: the keys `Keyring.signer` would
+"""Whose cosignature of a published checkpoint counts: the keys `Keyring.cosigner` would
 accept for a cosignature in the log itself. A key the operator replaced (say, after it
-leaked) does not vouch for a checkpoint that covers the replacement, and an unbound key
-counts only where the verifier allows unbound keys."""
+leaked) does not vouch for a checkpoint that covers the replacement, the key it set in
+its place vouches for none (the operator chose it), and an unbound key counts only
+where the verifier allows unbound keys."""
 
 from __future__ import annotations
 
@@ -52,28 +53,46 @@ def note(tree_size: int, witness: SigningKey) -> str:
     )
 
 
+def witness_ids(ring: Keyring, tree_size: int | None = None) -> list[str]:
+    return [k.key_id for k in ring.witness_keys(tree_size).get("uni-a", [])]
+
+
 def test_a_replaced_key_vouches_only_for_checkpoints_before_its_replacement() -> None:
     ring = keyring(allow_unbound=True)
-    ids = {size: [k.key_id for k in ring.witness_keys(size)["uni-a"]] for size in (5, 6)}
-    assert ids == {5: [OLD.key_id, NEW.key_id], 6: [NEW.key_id]}
-    assert [k.key_id for k in ring.witness_keys()["uni-a"]] == [NEW.key_id]
+    assert {size: witness_ids(ring, size) for size in (5, 6)} == {5: [OLD.key_id], 6: []}
+    assert witness_ids(ring) == []
 
     before = note(CHANGE_AT, OLD)
     assert note_tree_size(before) == CHANGE_AT
     read = read_signed_note(before, COORDINATOR.public, ring.witness_keys(CHANGE_AT))
     assert read.witnesses == ["uni-a"]
     after = note(CHANGE_AT + 1, OLD)  # the leaked key cosigning a later checkpoint
-    with pytest.raises(CheckpointError, match="by a key not bound to it"):
-        read_signed_note(after, COORDINATOR.public, ring.witness_keys(CHANGE_AT + 1))
+    assert (
+        read_signed_note(after, COORDINATOR.public, ring.witness_keys(CHANGE_AT + 1)).witnesses
+        == []
+    )
+
+
+def test_the_key_an_operator_set_vouches_for_no_checkpoint() -> None:
+    """It signs the institution's updates from the key change on, but as a witness it
+    would be the operator vouching for its own log."""
+    ring = keyring(allow_unbound=True)
+    with pytest.raises(CheckpointError, match="by a key not bound to it"):  # uni-a has OLD
+        read_signed_note(note(CHANGE_AT, NEW), COORDINATOR.public, ring.witness_keys(CHANGE_AT))
+    later = read_signed_note(note(CHANGE_AT + 1, NEW), COORDINATOR.public, ring.witness_keys(6))
+    assert later.witnesses == []  # no key of uni-a's witnesses it at all
+    with pytest.raises(ValueError, match="which the operator set"):
+        ring.cosigner("uni-a", NEW.key_id)
+    assert ring.signer("uni-a", NEW.key_id, "the update").key_id == NEW.key_id
 
 
 def test_an_unbound_key_vouches_for_nothing_unless_unbound_keys_are_allowed() -> None:
     ring = keyring(allow_unbound=False)
-    assert [k.key_id for k in ring.witness_keys(CHANGE_AT)["uni-a"]] == [NEW.key_id]
-    with pytest.raises(CheckpointError, match="by a key not bound to it"):
-        read_signed_note(note(CHANGE_AT, OLD), COORDINATOR.public, ring.witness_keys(CHANGE_AT))
+    assert witness_ids(ring, CHANGE_AT) == []
+    read = read_signed_note(note(CHANGE_AT, OLD), COORDINATOR.public, ring.witness_keys(CHANGE_AT))
+    assert read.witnesses == []
 
 
 def test_a_replaced_key_read_without_log_indexes_vouches_for_nothing() -> None:
     ring = keyring(allow_unbound=True, change_at=None)
-    assert [k.key_id for k in ring.witness_keys(1)["uni-a"]] == [NEW.key_id]
+    assert witness_ids(ring, 1) == []

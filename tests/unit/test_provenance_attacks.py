@@ -771,6 +771,43 @@ def test_cosignature_by_an_unlogged_key_fails(honest: Consortium) -> None:
     assert "a cosignature of 'uni-a' names unknown key" in error.reason
 
 
+def test_operator_set_keys_cannot_witness_a_forged_history(honest: Consortium) -> None:
+    """The operator cuts the log, writes a history of its own, gives every institution a
+    key of its own choosing by key changes (which the log shows, and which sign updates
+    from then on) and writes those keys' cosignatures of its forged head: witnessing
+    is a site's word against the operator's, so a key the operator set witnesses
+    nothing, and verify refuses the line."""
+    c = honest
+    forge_after_round_1(c)
+    chosen = {name: SigningKey.generate() for name in ("uni-a", "uni-b")}
+    c.append(
+        *(
+            InstitutionKeyChanged(
+                institution=name,
+                key_id=key.key_id,
+                public_key=b64(key.public.raw),
+                replaced_key_ids=[c.keys[name].key_id],
+                reason="keys rotated",
+            )
+            for name, key in chosen.items()
+        )
+    )
+    forged_head = c.writer().publish_tree_head()
+    # The writer keeps them out (it records cosignatures of sites' own keys only) ...
+    forged = [c.cosignature(name, forged_head, signer=key) for name, key in chosen.items()]
+    assert c.writer().append_cosignatures(forged) == 0
+    with c.path.open("ab") as log_file:  # ... the operator, who owns the file, does not
+        log_file.writelines(canonical_json(line.line()) + b"\n" for line in forged)
+
+    error = c.failure()
+
+    assert error.line == len(c.lines()) - 1
+    assert "a cosignature of 'uni-a' is signed by key" in error.reason
+    assert "which the operator set (institution_key_changed)" in error.reason
+    c.write(c.lines()[:-2])  # without them, the forged head stands alone, unwitnessed
+    assert c.verify().witnesses == {}
+
+
 def test_append_cosignatures_skips_a_key_the_log_has_no_record_of(honest: Consortium) -> None:
     before = honest.path.read_bytes()
     unlogged = honest.cosignature("uni-a", honest.heads[1], signer=SigningKey.generate())

@@ -14,7 +14,10 @@ A metric is the one unsigned thing a site sends that the coordinator writes to
 state and to the provenance log; a correctly signed update with `train_loss = NaN`
 once made the ServerApp fail while logging the round (canonical JSON has no NaN).
 One update per institution and round is the strategy's rule (`strategy.py`): it
-needs every reply of the round.
+needs every reply of the round. So is whom an update counts for: admission checks a
+reply against the institution it names, which is only the site's word; the caller,
+which knows the institution the replying node was onboarded for, refuses a mismatch
+("impersonation") and records every outcome against the node's institution.
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ MAX_METRIC_NAME_CHARS = 64  # how much of a refused metric's name the log repeat
 
 
 class UpdateRefused(Exception):  # noqa: N818 - reads as what happened to the update
+    """`institution`: the one the reply names ("" if none), unverified; a refusal is
+    recorded against the replying node's onboarded institution where it has one."""
+
     def __init__(self, reason: str, detail: str, institution: str = "") -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason

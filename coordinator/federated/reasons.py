@@ -1,7 +1,8 @@
 """Why an update is refused, as the stable strings logs, provenance and metrics use.
 
-Admission's reasons (`admission.py`), the strategy's one (`strategy.py`: a second
-update of one institution in a round) and the aggregation core's validation
+Admission's reasons (`admission.py`), the strategy's (`strategy.py`: a second
+update of one institution in a round, an update signed for another institution than
+its node's) and the aggregation core's validation
 (`consortium.aggregation.RejectReason`). Kept apart from those modules so the
 coordinator's metrics can list them at scrape time without importing Flower.
 """
@@ -26,8 +27,9 @@ ADMISSION_REASONS = (
     "replayed",
 )
 DUPLICATE = "duplicate"  # a second update of one institution in one round
-# A federated pretraining reply signed for another institution than the one its node was
-# onboarded for (coordinator/federated/diloco_sites.py).
+# A reply signed for another institution than the one its node was onboarded for
+# (fine-tuning: coordinator/federated/strategy.py; federated pretraining:
+# coordinator/federated/diloco_sites.py).
 IMPERSONATION = "impersonation"
 # How a refused federated pretraining reply is written in its step's `workers_lost`
 # (the `outer_step` record), which the metrics read back with `refused_reason`.

@@ -5,7 +5,10 @@ FedProx. Every reply then goes through `admission.admit` (signature, key,
 nonce) and the shared aggregation core (`consortium.aggregation`), which
 validates shapes, dtypes, finiteness and the norm bound and aggregates
 deterministically: the same accepted updates give the same bits in any
-arrival order. What happened to each reply is kept for the provenance log.
+arrival order. What happened to each reply is kept for the provenance log, against
+the institution its node's SuperNode key was onboarded for, never the one the reply
+names; an update signed for another institution than its node's is refused as
+"impersonation" (`check_sender`), as in federated pretraining.
 
 Three rules need the whole round and live here: an institution contributes at most
 one update per round (the others are refused as "duplicate", whichever of its nodes
@@ -48,7 +51,7 @@ from consortium.model_wire import pack_tensors
 from consortium.provenance.witness import WITNESS_RECORD
 from consortium.tensor_digest import arrays_digest
 from coordinator.federated.admission import AdmissionState, AdmittedUpdate, UpdateRefused, admit
-from coordinator.federated.reasons import DUPLICATE, RETRIED
+from coordinator.federated.reasons import DUPLICATE, IMPERSONATION, RETRIED
 from coordinator.federated.retention import retain
 from coordinator.provenance.witnessing import LogView, WitnessedHead, WitnessRequest
 
@@ -199,8 +202,9 @@ class ConsortiumStrategy(Strategy):
         self.witness_log = witness_log
         self.min_accepted = min_accepted
         self.round_timeout_s = round_timeout_s
-        # Who a node that answered with an error is (its reply names no institution):
-        # from the SuperNode keys onboarding registered, which the SuperLink verified.
+        # Who a node is, from the SuperNode keys onboarding registered, which the
+        # SuperLink verified: what each reply's outcome is recorded against, and the
+        # institution its update must be signed for (`check_sender`).
         self.institution_of_node = institution_of_node
         self._sent: tuple[ArrayRecord, ConfigRecord, Grid] | None = None
         self.job_id = job_id
@@ -329,6 +333,10 @@ class ConsortiumStrategy(Strategy):
         admitted: list[AdmittedUpdate] = []
         for reply in sorted(replies, key=lambda m: m.metadata.src_node_id):
             node_id = reply.metadata.src_node_id
+            # Every outcome is the node's institution's: the reply's signature record is
+            # the site's word, so a site could otherwise have its junk logged against
+            # another institution (in the signed round record and the failure message).
+            owner = self.institution_of_node(node_id)
             try:
                 update = admit(
                     reply,
@@ -338,9 +346,10 @@ class ConsortiumStrategy(Strategy):
                     self.store,
                     record.witnessed,
                 )
+                check_sender(update, owner)
                 check_update(rule, self._reference, update.arrays, update.statement.num_examples)
             except UpdateRefused as refused:
-                institution = refused.institution or self.institution_of_node(node_id)
+                institution = owner or refused.institution
                 record.updates.append(
                     _refusal(node_id, institution, refused.reason, refused.detail)
                 )
@@ -384,6 +393,22 @@ def with_witness_request(message: Message, request: WitnessRequest) -> Message:
         dst_node_id=message.metadata.dst_node_id,
         message_type=message.metadata.message_type,
     )
+
+
+def check_sender(update: AdmittedUpdate, owner: str) -> None:
+    """Refuse an update signed for another institution than `owner`, the one its node's
+    SuperNode key was onboarded for (as federated pretraining does, diloco_sites.py).
+    Checked before one-per-institution: else a stolen key let a site's update count as
+    the key's institution's, and, from a lower node id, displace that institution's own
+    as its "duplicate". `owner` "" (no onboarded key names the node: a plain-text
+    coordinator has none) leaves nothing to check against."""
+    if owner and update.institution != owner:
+        raise UpdateRefused(
+            IMPERSONATION,
+            f"the reply is signed for {update.institution!r}, but node {update.node_id} "
+            f"belongs to {owner!r}",
+            owner,
+        )
 
 
 def _one_per_institution(

@@ -1041,3 +1041,106 @@ def test_a_round_short_of_min_clients_in_every_attempt_fails_naming_each_site_an
     assert "uni-b: client_error: ValueError: x has shape (32, 64)" in message
     refused = [u for u in strategy.rounds[ROUND].updates if u["reason"] == "client_error"]
     assert {u["institution"] for u in refused} == {"uni-b"}
+
+
+# --- who a reply counts for: its node's onboarded institution ---------------------------
+
+
+def from_node_a_signed_as_b(world: World, key: str) -> str:
+    """A site on uni-a's own SuperNode (NODE_A) that signs its replies as uni-b's with
+    `key` ("b": uni-b's stolen key; "rogue": a key nobody registered)."""
+    name = f"a-as-b-with-{key}"
+    world.sites[name] = Site(
+        "uni-b",
+        NODE_A,
+        world.root / "keys" / f"{key}.pem",
+        world.root / "sites" / name,
+        world.sites["a"].coordinator_key,
+    )
+    return name
+
+
+def refused_entries(record: RoundProvenance) -> list[tuple[str, str, str]]:
+    return [
+        (u["node_id"], u["institution"], u["reason"]) for u in record.updates if not u["accepted"]
+    ]
+
+
+def test_junk_naming_another_institution_is_refused_against_the_senders_own(
+    world: World, good: Good, caplog: pytest.LogCaptureFixture
+) -> None:
+    """uni-a's node replies with an update whose signature record names uni-b: the
+    refusal is uni-a's in the round record and the log, never uni-b's."""
+    junk = world.sign(from_node_a_signed_as_b(world, "rogue"), model_arrays(4), 5)
+
+    with caplog.at_level(logging.WARNING, logger="coordinator.federated.strategy"):
+        record, _, _ = run_round(world, [junk, good.reply_b])
+
+    assert refused_entries(record) == [(str(NODE_A), "uni-a", "unknown_key")]
+    assert record.participants == ["uni-b"]
+    [line] = [r.getMessage() for r in caplog.records if "refused update" in r.getMessage()]
+    assert f"node {NODE_A} (uni-a): unknown_key" in line
+
+
+def test_a_failed_round_names_the_sender_of_junk_naming_another_institution(
+    world: World, good: Good
+) -> None:
+    def attempt() -> list[Message]:
+        return [
+            world.sign(from_node_a_signed_as_b(world, "rogue"), model_arrays(4), 5),
+            world.sign("b", good.arrays_b, WEIGHT_B, LOSS_B),
+        ]
+
+    grid = ScriptedGrid([NODE_A, NODE_B], [attempt() for _ in range(ROUND_ATTEMPTS - 1)])
+    strategy = participation_strategy(world, grid)
+
+    with pytest.raises(TooFewUpdatesError) as raised:
+        strategy.aggregate_train(ROUND, attempt())
+
+    assert "; refused: uni-a: unknown_key: " in str(raised.value)
+
+
+def test_update_signed_for_another_institution_from_own_node_is_refused_as_impersonation(
+    world: World, good: Good
+) -> None:
+    """uni-a holds uni-b's stolen key and signs an update as uni-b's from its own node,
+    whose id is lower than uni-b's: it is refused, uni-a's, and uni-b's own update from
+    uni-b's node still counts (first-wins would have dropped it as a duplicate)."""
+    baseline, _, _ = run_round(world, good.replies)
+    forged = world.sign(from_node_a_signed_as_b(world, "b"), model_arrays(4), WEIGHT_B)
+
+    record, _, _ = run_round(world, [forged, *good.replies])
+
+    assert refused_entries(record) == [(str(NODE_A), "uni-a", "impersonation")]
+    [entry] = [u for u in record.updates if not u["accepted"]]
+    assert entry["detail"] == (
+        f"the reply is signed for 'uni-b', but node {NODE_A} belongs to 'uni-a'"
+    )
+    assert accepted_nodes(record) == [str(NODE_A), str(NODE_B)]
+    assert record.participants == ["uni-a", "uni-b"]
+    assert record.aggregate_digest == baseline.aggregate_digest
+
+
+def test_a_node_no_onboarded_key_names_counts_for_the_institution_it_signs_for(
+    world: World, good: Good
+) -> None:
+    """A plain-text coordinator registers no SuperNode keys: there is no node to check
+    the signed institution against, and the update counts as signed."""
+    strategy = ConsortiumStrategy(
+        FedAvg(fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=2),
+        JOB,
+        world.store(),
+        AggregationRule(),
+        round_offset=0,
+        retention_dir=None,
+        institution_of_node=lambda node_id: "",
+    )
+    strategy.configure_train(
+        ROUND, to_record(world.model), ConfigRecord({"seed": 7}), FakeGrid([NODE_A, NODE_B])
+    )
+
+    strategy.aggregate_train(ROUND, [*good.replies, _unsigned(world)])
+
+    record = strategy.rounds[ROUND]
+    assert record.participants == ["uni-a", "uni-b"]
+    assert refused_entries(record) == [(str(NODE_B2), "", "unsigned")]

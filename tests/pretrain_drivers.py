@@ -183,6 +183,21 @@ def sends_weights_other_than_its_digest(conn: Connection, request: DriverRequest
     time.sleep(600)
 
 
+def sends_a_message_longer_than_any(conn: Connection, request: DriverRequest) -> None:
+    """A JSON message of numbers one byte past the cap: about five times its size in
+    Python objects, had the coordinator parsed it."""
+    conn.send_bytes(b"[" + b"0," * (wire.MAX_MESSAGE_BYTES // 2) + b"0]")
+    time.sleep(600)
+
+
+def sends_weights_larger_than_the_model(conn: Connection, request: DriverRequest) -> None:
+    honest = result(request, ControllerState.FINISHED)
+    limit = request.spec.bytelm_config.parameter_bytes() + wire.WEIGHTS_HEADER_BYTES
+    bloated = {"w": np.zeros(limit // 4 + 1, dtype=np.float32)}
+    wire.send_done(conn, replace(honest, weights=bloated))
+    time.sleep(600)
+
+
 def command(name: str) -> tuple[str, ...]:
     """The command line that runs stand-in `name` (the engine adds ``--fd N``)."""
     return (sys.executable, "-m", "tests.pretrain_drivers", name)
@@ -203,6 +218,8 @@ if __name__ == "__main__":
             sends_a_pickle,
             sends_a_malformed_step,
             sends_weights_other_than_its_digest,
+            sends_a_message_longer_than_any,
+            sends_weights_larger_than_the_model,
         )
     }
     serve_one_request(BODIES[sys.argv[1]], sys.argv[2:])

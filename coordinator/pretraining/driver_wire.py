@@ -44,9 +44,14 @@ if TYPE_CHECKING:
     from consortium.lm import Weights  # torch: for its type only
     from coordinator.pretraining.api import PretrainResult
 
-# The largest frame the coordinator reads: a model's weights, with room to spare. A
-# driver that sends more is cut off rather than filling the coordinator's memory.
-MAX_FRAME_BYTES = 4 << 30
+# The largest JSON message the coordinator reads (a run's records, in `done`): a run of
+# 10,000 outer steps with 64 workers each is about 40 MB. A frame's length comes first,
+# so a longer one is refused before anything is read: a subverted driver cannot fill
+# the coordinator's memory (a 4 GiB list of numbers would be about 20 GiB of objects).
+MAX_MESSAGE_BYTES = 64 << 20
+# The weights frame: the model's float32 weights (known from the spec) and the
+# safetensors header naming each tensor.
+WEIGHTS_HEADER_BYTES = 8 << 20
 
 _RECORD = TypeAdapter(OuterStepRecord)
 _Model = TypeVar("_Model", bound=BaseModel)
@@ -149,7 +154,7 @@ def send_stop(conn: Connection) -> None:
 
 
 def read_request(conn: Connection) -> DriverRequest:
-    message = _parse(conn.recv_bytes(MAX_FRAME_BYTES), _Request)
+    message = _parse(conn.recv_bytes(MAX_MESSAGE_BYTES), _Request)
     tls = message.tls
     return DriverRequest(
         RayCluster(
@@ -256,10 +261,11 @@ class _Error(BaseModel):
     message: str
 
 
-def read_message(conn: Connection) -> DriverMessage | PretrainResult:
+def read_message(conn: Connection, weights_bytes: int) -> DriverMessage | PretrainResult:
     """The driver's next message, parsed without pickle (`DriverProtocolError` if it is
-    not one); a ``done`` reads its weights frame too and returns the run's result."""
-    frame = conn.recv_bytes(MAX_FRAME_BYTES)
+    not one, or longer than one can be); a ``done`` reads its weights frame too (at
+    most `weights_bytes` of float32 weights) and returns the run's result."""
+    frame = _receive(conn, MAX_MESSAGE_BYTES, "a message")
     kind = _kind(frame)
     if kind == "step":
         return Step(_record(_parse(frame, _Step).record))
@@ -268,7 +274,8 @@ def read_message(conn: Connection) -> DriverMessage | PretrainResult:
     if kind == "error":
         return Failed(_parse(frame, _Error).message)
     if kind == "done":
-        return _result(_parse(frame, _Done), conn.recv_bytes(MAX_FRAME_BYTES))
+        weights = _receive(conn, weights_bytes + WEIGHTS_HEADER_BYTES, "weights")
+        return _result(_parse(frame, _Done), weights)
     raise DriverProtocolError(f"the pretraining driver sent an unknown message {kind!r}")
 
 
@@ -305,6 +312,19 @@ def _record(data: dict[str, Any]) -> OuterStepRecord:
         return _RECORD.validate_python(data)
     except ValidationError as error:
         raise DriverProtocolError(f"the driver sent a malformed outer step: {error}") from None
+
+
+def _receive(conn: Connection, limit: int, what: str) -> bytes:
+    try:
+        return conn.recv_bytes(limit)
+    except OSError:
+        # multiprocessing refuses a frame longer than `limit` from its length alone and
+        # then takes the connection as unreadable; any other failure leaves it readable.
+        if conn.closed or conn.readable:
+            raise
+        raise DriverProtocolError(
+            f"the pretraining driver sent {what} longer than the {limit} bytes it can be"
+        ) from None
 
 
 def _send(conn: Connection, message: dict[str, Any]) -> None:

@@ -226,6 +226,7 @@ class DriverProcessEngine:
         stop_by: float | None = None  # when a stopped driver is killed if still running
         check_revoked_at = time.monotonic() + REVOKED_CHECK_S
         told = request  # what the driver was told last
+        weights_bytes = request.spec.bytelm_config.parameter_bytes()
         while True:
             if time.monotonic() >= check_revoked_at:
                 check_revoked_at = time.monotonic() + REVOKED_CHECK_S
@@ -240,7 +241,7 @@ class DriverProcessEngine:
                     f"the pretraining driver did not stop within {self._stop_grace_s:.0f} s"
                 )
             try:
-                message = wire.read_message(conn) if conn.poll(POLL_S) else None
+                message = wire.read_message(conn, weights_bytes) if conn.poll(POLL_S) else None
             except (EOFError, OSError):
                 message = None
                 with contextlib.suppress(subprocess.TimeoutExpired):

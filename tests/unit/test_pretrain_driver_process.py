@@ -212,6 +212,9 @@ def test_the_coordinator_never_unpickles_what_a_subverted_driver_sends(tmp_path:
     [
         ("sends_a_malformed_step", "malformed outer step"),
         ("sends_weights_other_than_its_digest", "do not have the model digest"),
+        # Refused from the frame's length, before a byte of it is read or parsed.
+        ("sends_a_message_longer_than_any", "sent a message longer than"),
+        ("sends_weights_larger_than_the_model", "sent weights longer than"),
     ],
 )
 def test_a_driver_message_that_is_not_what_it_claims_ends_the_run(
@@ -236,4 +239,4 @@ def test_a_step_crosses_the_wire_as_it_was_recorded() -> None:
     with Connection(ours.detach()) as sender, Connection(theirs.detach()) as receiver:
         for record in (step_record(3), checked):
             wire.send_step(sender, record)
-            assert wire.read_message(receiver) == wire.Step(record)
+            assert wire.read_message(receiver, 0) == wire.Step(record)

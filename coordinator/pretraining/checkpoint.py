@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,11 +74,25 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
 
 
 def load_checkpoint(directory: Path) -> Checkpoint | None:
-    """The latest checkpoint in ``directory``, or None when there is none yet."""
+    """The latest checkpoint in ``directory``, or None when there is none yet.
+
+    Where `coordinator serve` runs as root, the run's driver (the pool user) writes the
+    checkpoint dir, and the coordinator reads it back on a resume: so the file is opened
+    without following a link (a link to root's files), without waiting on a FIFO (a
+    reader that never returns), and must be a regular file. Its content is parsed by
+    torch's restricted unpickler (``weights_only``), which builds tensors and plain
+    containers only."""
     path = checkpoint_path(directory)
-    if not path.exists():
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
         return None
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as error:
+        raise ValueError(f"{path} is not a checkpoint file: {error.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        payload = torch.load(handle, map_location="cpu", weights_only=True)
     if payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a DiLoCo checkpoint ({payload.get('format')!r})")
     return Checkpoint(

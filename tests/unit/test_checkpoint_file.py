@@ -31,7 +31,7 @@ def test_a_fifo_in_place_of_the_checkpoint_is_refused_at_once(tmp_path: Path) ->
     def load() -> None:
         try:
             load_checkpoint(tmp_path)
-        except BaseException as error:  # noqa: BLE001 - handed to the test thread
+        except BaseException as error:  # handed to the test thread
             outcome.append(error)
 
     loader = threading.Thread(target=load, daemon=True)

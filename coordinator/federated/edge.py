@@ -9,17 +9,25 @@ the sites reach this edge instead::
     site SuperNode -> site forwarder ==mTLS==> FleetEdge --HTTPS--> SuperLink (127.0.0.1)
                                                |
                                                +- refuses: no/untrusted certificate
-                                                  (handshake), revoked institution,
-                                                  any path but /v1/fleet/<name> (403)
+                                                  (handshake); a revoked, superseded or
+                                                  unknown certificate, any path but
+                                                  /v1/fleet/<name> (403); a body over
+                                                  MAX_BODY_BYTES (413)
 
 How: uvicorn serves a small ASGI app that forwards with httpx. uvicorn does not hand
 the ASGI app the peer's certificate, so the TLS handshake is done here, per connection,
 with `loop.start_tls` (Python's ssl module: CERT_REQUIRED against the consortium CA),
 and only then is the connection given to uvicorn's own h11 protocol; this also lets the
 edge see, log and count every refused handshake, which asyncio otherwise drops
-silently. The institution (the certificate's common name) rides in the ASGI scope, and
-revocation is checked on every request, so a revoked site's open connection stops
-working at once.
+silently. The institution (the certificate's common name) rides in the ASGI scope.
+The certificate is checked (revocation, the serial on record) right after the
+handshake, before the connection counts toward its institution's cap, so no stale or
+foreign certificate bearing an institution's name can take that institution's places;
+and again on every request, so a revoked site's open connection stops working at once.
+A connection must send each request's head within REQUEST_HEAD_TIMEOUT_S, and the edge
+buffers at most MAX_BODY_BYTES of a body (it forwards each body whole), so neither idle
+connections nor endless bodies can hold the edge's sockets or the memory of `coordinator
+serve`, the process that holds the signing key.
 """
 
 from __future__ import annotations
@@ -34,13 +42,14 @@ import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import h11
 import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Mount
 from starlette.types import Receive, Scope, Send
@@ -62,7 +71,10 @@ TOO_MANY_HANDSHAKES = "too_many_handshakes"
 TOO_MANY_CONNECTIONS = "too_many_connections"
 REVOKED = "revoked_certificate"
 SUPERSEDED = "superseded_certificate"
+UNKNOWN_CERTIFICATE = "unknown_certificate"
 FORBIDDEN_API = "forbidden_api"
+BODY_TOO_LARGE = "body_too_large"
+REQUEST_TIMEOUT = "request_timeout"
 OTHER = "other"
 
 # Fleet calls are POSTs to /v1/fleet/<kebab-case name> (flwr/superlink/routers/fleet/
@@ -71,7 +83,24 @@ OTHER = "other"
 FLEET_PATH = re.compile(r"/v1/fleet/[a-z][a-z0-9-]{0,63}")
 INSTITUTION_KEY = "consortium.institution"  # ASGI scope keys set per connection
 SERIAL_KEY = "consortium.certificate_serial"
+REFUSAL_KEY = "consortium.refusal"  # a connection's certificate, refused after its handshake
 HANDSHAKE_TIMEOUT_S = 10.0
+# A site's SuperNode (httpx) writes a request as soon as its connection is open (with
+# TLS 1.3, right behind its Finished): its head, under 1 KiB, takes one round trip
+# (80 ms on the WAN test bed). 10 s covers a congested link and three lost segments
+# (TCP retransmits after 1, 2 and 4 s) yet frees at once the place of a connection
+# opened only to be held. It runs from a connection's start, and from the first byte
+# of each later request (uvicorn's keep-alive timer stops there).
+REQUEST_HEAD_TIMEOUT_S = 10.0
+# The largest request Flower sends is a push-object of one ArrayChunk: every array is
+# cut into chunks of FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE (5 MiB in flwr 1.41:
+# flwr/common/constant.py, used by flwr/app/message/array.py), pushed with an object
+# header and a few protobuf fields (about 200 bytes more). Every other object (Array,
+# ArrayRecord, ConfigRecord, MetricRecord, Message) and push-messages' object tree is
+# metadata: kilobytes. 8 MiB leaves 3 MiB of room and bounds what one institution's
+# MAX_CONNECTIONS_PER_INSTITUTION connections make the edge buffer at 256 MiB. Check it
+# when upgrading flwr (tests/security/test_fleet_edge_limits.py pushes the largest).
+MAX_BODY_BYTES = 8 * 1024 * 1024
 UPSTREAM_TIMEOUT_S = 300.0  # a push-object of a large model may take a while
 # How long a site's idle connection stays open (uvicorn's default: 5 s). A site is
 # silent while it trains, and a connection closed meanwhile costs its reply a TCP and a
@@ -81,12 +110,14 @@ EDGE_KEEP_ALIVE_S = 120
 # Caps on what one party holds open, so no one exhausts the edge's sockets and keeps
 # the sites out. A site's own handshakes take milliseconds, but anyone who reaches the
 # port can start them, and each waits up to HANDSHAKE_TIMEOUT_S: one address gets this
-# many at once (room for several sites behind one NAT, each opening a dozen at once).
-# After its handshake a connection belongs to an institution; a site's SuperNode holds
-# a handful (its polls, heartbeats and up to 8 object transfers at once:
-# client/federated/fast_poll_supernode.py), each kept EDGE_KEEP_ALIVE_S when idle, so
-# an institution gets this many open at once. Beyond either, a new connection is
-# closed at once, logged and counted; those already open are untouched.
+# many at once (room for several sites behind one NAT, each opening a dozen at once),
+# counting those whose certificate was refused after the handshake until they close.
+# After its handshake a connection with a current certificate belongs to an
+# institution; a site's SuperNode holds a handful (its polls, heartbeats and up to 8
+# object transfers at once: client/federated/fast_poll_supernode.py), each kept
+# EDGE_KEEP_ALIVE_S when idle, so an institution gets this many open at once. Beyond
+# either, a new connection is closed at once, logged and counted; those already open
+# are untouched.
 MAX_HANDSHAKES_PER_ADDRESS = 64
 MAX_CONNECTIONS_PER_INSTITUTION = 32
 STOP_TIMEOUT_S = 5.0
@@ -188,21 +219,63 @@ class _Refusals:
             self._on_refusal(reason, institution)
 
 
+class _Refusal(NamedTuple):
+    reason: str
+    detail: str  # for the log
+    answer: str  # the 403's body, for the site's operator
+
+
+class _Identity:
+    """Whether a certificate may use the Fleet API: asked once a connection's handshake
+    is done and again on every request. Blocking (the state store): run in a thread."""
+
+    def __init__(
+        self, is_revoked: Callable[[str], bool], current_serial: Callable[[str], str | None]
+    ) -> None:
+        self._is_revoked = is_revoked
+        self._current_serial = current_serial
+
+    def refusal(self, institution: str, serial: str) -> _Refusal | None:
+        if self._is_revoked(institution):
+            return _Refusal(
+                REVOKED,
+                "its certificate has been revoked",
+                f"the certificate of {institution!r} is revoked\n",
+            )
+        current = self._current_serial(institution)
+        if current is None:
+            # Onboarding records the serial of every certificate it issues an
+            # institution, and only institutions use the Fleet API. The CA signs others
+            # (the coordinator's Ray certificate, whose key the sandboxed Ray head and
+            # drivers hold; the operator's): none of them may pass.
+            return _Refusal(
+                UNKNOWN_CERTIFICATE,
+                f"no certificate of {institution!r} is on record (serial {serial})",
+                f"the certificate of {institution!r} is not an onboarded institution's\n",
+            )
+        # A renewal supersedes the institution's earlier certificates (as on the
+        # control plane: coordinator/api/auth.py), and certificates issued under its
+        # name for other uses (its Ray nodes') never pass.
+        if serial != current:
+            return _Refusal(
+                SUPERSEDED,
+                f"its certificate (serial {serial}) is not its current one (a renewal, or "
+                "one issued for another use)",
+                f"the certificate of {institution!r} was replaced by a renewal; "
+                "use the renewed bundle\n",
+            )
+        return None
+
+
 class _FleetProxy:
     """The ASGI app: checks each request, forwards Fleet calls, refuses the rest."""
 
     def __init__(
-        self,
-        upstream: str,
-        ca_cert: Path,
-        is_revoked: Callable[[str], bool],
-        current_serial: Callable[[str], str | None],
-        refusals: _Refusals,
+        self, upstream: str, ca_cert: Path, identity: _Identity, refusals: _Refusals
     ) -> None:
         self._upstream = upstream
         self._ca_cert = ca_cert
-        self._is_revoked = is_revoked
-        self._current_serial = current_serial
+        self._identity = identity
         self._refusals = refusals
         self._client: httpx.AsyncClient | None = None
         self.app = Starlette(routes=[Mount("/", app=self._handle)], lifespan=self._lifespan)
@@ -225,27 +298,31 @@ class _FleetProxy:
         institution = str(scope.get(INSTITUTION_KEY, ""))
         peer = f"{request.client.host}:{request.client.port}" if request.client else "?"
         serial = str(scope.get(SERIAL_KEY, ""))
-        response = await self._decide(request, institution, serial, peer)
+        refused = scope.get(REFUSAL_KEY)  # decided after the handshake, and counted there
+        try:
+            response = await self._decide(request, institution, serial, peer, refused)
+        except ClientDisconnect:
+            return  # it closed the connection while sending a body: no one to answer
         await response(scope, receive, send)
 
-    async def _decide(self, request: Request, institution: str, serial: str, peer: str) -> Response:
+    async def _decide(
+        self,
+        request: Request,
+        institution: str,
+        serial: str,
+        peer: str,
+        refused: _Refusal | None,
+    ) -> Response:
         if not institution:  # cannot happen behind the handshake; refuse all the same
             self._refusals.refuse(NO_CERTIFICATE, "", peer, request.url.path)
             return Response("a client certificate is required\n", status_code=403)
-        if await run_in_threadpool(self._is_revoked, institution):
-            self._refusals.refuse(REVOKED, institution, peer, "its certificate has been revoked")
-            return Response(f"the certificate of {institution!r} is revoked\n", status_code=403)
-        # A renewal supersedes the institution's earlier certificates (as on the
-        # control plane: coordinator/api/auth.py).
-        current = await run_in_threadpool(self._current_serial, institution)
-        if current is not None and serial != current:
-            detail = f"its certificate (serial {serial}) was replaced by a renewal"
-            self._refusals.refuse(SUPERSEDED, institution, peer, detail)
-            return Response(
-                f"the certificate of {institution!r} was replaced by a renewal; "
-                "use the renewed bundle\n",
-                status_code=403,
-            )
+        if refused is None:
+            refused = await run_in_threadpool(self._identity.refusal, institution, serial)
+            if refused is not None:
+                self._refusals.refuse(refused.reason, institution, peer, refused.detail)
+        if refused is not None:
+            # Closed after the answer: a connection no longer admitted holds no place.
+            return Response(refused.answer, status_code=403, headers={"connection": "close"})
         raw_path = request.scope.get("raw_path", b"").decode("latin-1")
         if (
             request.method != "POST"
@@ -261,15 +338,30 @@ class _FleetProxy:
                 "(POST /v1/fleet/...) pass the edge",
             )
             return Response("only the Flower Fleet API is served here\n", status_code=403)
-        return await self._forward(request, raw_path, peer)
+        body = await _body_within(request, MAX_BODY_BYTES)
+        if body is None:
+            self._refusals.refuse(
+                BODY_TOO_LARGE,
+                institution,
+                peer,
+                f"{raw_path}: a body over {MAX_BODY_BYTES} bytes (the largest Flower sends is "
+                "one array chunk of 5 MiB)",
+            )
+            # Closed after the answer: the rest of the body is never read.
+            return Response(
+                f"a request body may not exceed {MAX_BODY_BYTES} bytes\n",
+                status_code=413,
+                headers={"connection": "close"},
+            )
+        return await self._forward(request, raw_path, peer, body)
 
-    async def _forward(self, request: Request, path: str, peer: str) -> Response:
+    async def _forward(self, request: Request, path: str, peer: str, body: bytes) -> Response:
         assert self._client is not None, "the edge's upstream client is not open"
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
         headers["x-forwarded-for"] = peer.rsplit(":", 1)[0]
         headers["accept-encoding"] = "identity"
         try:
-            upstream = await self._client.post(path, content=await request.body(), headers=headers)
+            upstream = await self._client.post(path, content=body, headers=headers)
         except httpx.HTTPError as error:
             log.warning("Fleet edge: the SuperLink did not answer %s: %s", path, error)
             return Response("the SuperLink is unavailable\n", status_code=502)
@@ -278,6 +370,21 @@ class _FleetProxy:
             status_code=upstream.status_code,
             headers={k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP},
         )
+
+
+async def _body_within(request: Request, limit_bytes: int) -> bytes | None:
+    """The request's body, or None as soon as it is known to exceed `limit_bytes`: by
+    its Content-Length before a byte is read, or by counting a chunked one as it comes
+    (uvicorn stops reading from the socket while 64 KiB of it wait here)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and int(declared) > limit_bytes:  # h11 checked it is digits
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit_bytes:
+            return None
+    return bytes(body)
 
 
 class _GateConfig:
@@ -289,16 +396,21 @@ class _GateConfig:
         self,
         context: ssl.SSLContext,
         refusals: _Refusals,
+        identity: _Identity,
         max_handshakes_per_address: int,
         max_connections_per_institution: int,
+        request_head_timeout_s: float,
     ) -> None:
         self.context = context
         self.refusals = refusals
+        self.identity = identity
         self.tasks: set[asyncio.Task[None]] = set()
         self.max_handshakes_per_address = max_handshakes_per_address
         self.max_connections_per_institution = max_connections_per_institution
-        self.handshaking: Counter[str] = Counter()  # by peer address
-        self.open: Counter[str] = Counter()  # by institution, after the handshake
+        self.request_head_timeout_s = request_head_timeout_s
+        # by peer address: in their handshake, or refused after it until they close
+        self.handshaking: Counter[str] = Counter()
+        self.open: Counter[str] = Counter()  # by institution, admitted after the handshake
 
     @staticmethod
     def release(counts: Counter[str], key: str) -> None:
@@ -308,14 +420,54 @@ class _GateConfig:
 
 
 class _CountedH11(H11Protocol):
-    """uvicorn's h11 protocol for one institution's connection; tells the gate when the
-    connection ends, however it ends (the site's close, the keep-alive timer, a stop)."""
+    """uvicorn's h11 protocol for one connection after its handshake; tells the gate
+    when the connection ends, however it ends (the site's close, a timer, a stop), and
+    closes it when a request's head does not arrive within `head_timeout_s`: of the
+    connection's start (uvicorn arms no timer before a first response) or of the first
+    byte of a later request (that byte stops uvicorn's keep-alive timer)."""
 
-    def __init__(self, *, on_lost: Callable[[], None], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        on_lost: Callable[[], None],
+        head_timeout_s: float,
+        on_no_head: Callable[[], None],
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self._on_lost: Callable[[], None] | None = on_lost
+        self._head_timeout_s = head_timeout_s
+        self._on_no_head = on_no_head
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_timer = self.loop.call_later(self._head_timeout_s, self._no_head)
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_timer is None and self.conn.their_state is h11.IDLE:
+            self._head_timer = self.loop.call_later(self._head_timeout_s, self._no_head)
+        super().data_received(data)
+
+    def handle_events(self) -> None:
+        cycle = self.cycle
+        super().handle_events()
+        if self.cycle is not cycle:  # a request's head arrived: its cycle began
+            self._stop_head_timer()
+
+    def _no_head(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self._on_no_head()
+            self.transport.abort()  # nothing is owed to a peer that sent no request
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
         try:
             super().connection_lost(exc)
         finally:
@@ -397,12 +549,12 @@ def _gate_class(gate: _GateConfig) -> type[asyncio.Protocol]:
             send_without_delay(transport)
             # Not one byte may reach this protocol: the ClientHello is for start_tls.
             transport.pause_reading()
-            task = asyncio.get_running_loop().create_task(self._upgrade(transport, peer))
+            task = asyncio.get_running_loop().create_task(self._upgrade(transport, address, peer))
             gate.tasks.add(task)
             task.add_done_callback(gate.tasks.discard)
             task.add_done_callback(lambda _: gate.release(gate.handshaking, address))
 
-        async def _upgrade(self, transport: asyncio.Transport, peer: str) -> None:
+        async def _upgrade(self, transport: asyncio.Transport, address: str, peer: str) -> None:
             # Bytes decrypted before uvicorn's protocol is attached (a TLS 1.3 client sends
             # its request with its Finished) wait here, then go to it in order.
             held = _Held()
@@ -426,7 +578,24 @@ def _gate_class(gate: _GateConfig) -> type[asyncio.Protocol]:
             peercert = tls.get_extra_info("peercert")
             institution = institution_of_peercert(peercert)
             serial = serial_of_peercert(peercert)
-            if gate.open[institution] >= gate.max_connections_per_institution:
+            # Checked before the connection counts toward its institution's cap: a
+            # certificate with its name but not its current serial (one a renewal
+            # replaced, its Ray nodes') could otherwise hold all its places.
+            try:
+                refused = await asyncio.to_thread(gate.identity.refusal, institution, serial)
+            except Exception:  # the state store failed: the site's SuperNode retries
+                log.exception("Fleet edge: could not check the certificate of %r", institution)
+                tls.abort()
+                return
+            if held.lost:
+                return
+            if refused is not None:
+                gate.refusals.refuse(refused.reason, institution, peer, refused.detail)
+                # It gets its 403 (a renewed site's operator reads why), then is closed;
+                # until then it counts with its address's handshakes, not its institution.
+                gate.handshaking[address] += 1
+                counts, key = gate.handshaking, address
+            elif gate.open[institution] >= gate.max_connections_per_institution:
                 gate.refusals.refuse(
                     TOO_MANY_CONNECTIONS,
                     institution,
@@ -435,18 +604,26 @@ def _gate_class(gate: _GateConfig) -> type[asyncio.Protocol]:
                 )
                 tls.abort()
                 return
-            gate.open[institution] += 1
+            else:
+                gate.open[institution] += 1
+                counts, key = gate.open, institution
+            timeout_s = gate.request_head_timeout_s
             http = _CountedH11(
                 config=self._config,
                 server_state=self._server_state,
                 app_state=self._app_state,
-                on_lost=lambda: gate.release(gate.open, institution),
+                on_lost=lambda: gate.release(counts, key),
+                head_timeout_s=timeout_s,
+                on_no_head=lambda: gate.refusals.refuse(
+                    REQUEST_TIMEOUT, institution, peer, f"no request head within {timeout_s} s"
+                ),
             )
             inner = http.app
 
             async def identified(scope: Scope, receive: Receive, send: Send) -> None:
                 scope[INSTITUTION_KEY] = institution
                 scope[SERIAL_KEY] = serial
+                scope[REFUSAL_KEY] = refused
                 await inner(scope, receive, send)
 
             http.app = identified
@@ -474,11 +651,12 @@ class FleetEdge:
 
     `host:port` is what sites connect to (port 0: any free); `upstream` the SuperLink's
     loopback address; `is_revoked(institution)` and `current_serial(institution)` (the
-    serial of its latest certificate; None if the consortium issued it none) are asked
-    on every request;
+    serial of its latest certificate; None if the consortium issued it none: refused)
+    are asked after each handshake and on every request;
     `on_refusal(reason, institution)` counts each refusal. One peer address gets at
-    most `max_handshakes_per_address` connections in their TLS handshake at once, one
-    institution at most `max_connections_per_institution` open.
+    most `max_handshakes_per_address` connections in their TLS handshake (or refused
+    after it) at once, one institution at most `max_connections_per_institution` open;
+    a connection sending no request head for `request_head_timeout_s` is closed.
     """
 
     def __init__(
@@ -493,14 +671,18 @@ class FleetEdge:
         start_timeout_s: float = 30.0,
         max_handshakes_per_address: int = MAX_HANDSHAKES_PER_ADDRESS,
         max_connections_per_institution: int = MAX_CONNECTIONS_PER_INSTITUTION,
+        request_head_timeout_s: float = REQUEST_HEAD_TIMEOUT_S,
     ) -> None:
         refusals = _Refusals(on_refusal)
-        proxy = _FleetProxy(upstream, tls.ca_cert, is_revoked, current_serial, refusals)
+        identity = _Identity(is_revoked, current_serial)
+        proxy = _FleetProxy(upstream, tls.ca_cert, identity, refusals)
         gate = _GateConfig(
             server_ssl_context(tls),
             refusals,
+            identity,
             max_handshakes_per_address,
             max_connections_per_institution,
+            request_head_timeout_s,
         )
         self._gate = gate
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

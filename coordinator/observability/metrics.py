@@ -50,6 +50,7 @@ AUTH_REASONS = (
     "rejected_certificate",  # Ray's TLS: verification failed, reason not logged
     "revoked_certificate",
     "superseded_certificate",  # an institution's certificate from before its renewal
+    "unknown_certificate",  # CA-signed, but issued to no member (the coordinator's Ray one)
     "unknown_node",
     "institution_mismatch",
     "not_job_owner",  # an institution acting on another's job
@@ -57,6 +58,8 @@ AUTH_REASONS = (
     "forbidden_api",  # Fleet edge: a Control/Runtime/other path, not the Fleet API
     "too_many_handshakes",  # Fleet edge: one address's unfinished TLS handshakes, capped
     "too_many_connections",  # Fleet edge: one institution's open connections, capped
+    "body_too_large",  # Fleet edge: a request body over MAX_BODY_BYTES (413)
+    "request_timeout",  # Fleet edge: no request head within REQUEST_HEAD_TIMEOUT_S
     "claim_reused",  # a Ray node carrying another node's claim (coordinator/ray/claims.py)
     "claim_unknown",  # a Ray node carrying a claim this coordinator never issued
     "missing_token",  # Ray: a request without the cluster token

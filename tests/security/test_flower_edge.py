@@ -20,12 +20,15 @@ import httpx
 import psutil
 import pytest
 
+from consortium import pki
 from consortium.errors import InsecureTransportError
 from consortium.site_keys import SiteKeys, create_site_keys
 from consortium.tls import ClientTls
 from coordinator.access.onboarding import renew, revoke
 from coordinator.access.pki_files import CoordinatorPki
 from coordinator.data_dir import DataDir
+from coordinator.federated.edge import MAX_CONNECTIONS_PER_INSTITUTION
+from coordinator.ray.tls import coordinator_ray_tls, sign_node_csr
 from coordinator.serve import check_transport
 from coordinator.settings import CoordinatorSettings
 from coordinator.state import SqliteStateStore
@@ -219,3 +222,56 @@ def test_edge_refuses_revoked_institution(consortium: Consortium) -> None:
     assert b"revoked" in body
     assert consortium.refusals("revoked_certificate") == before + 1
     wait_for_log(consortium.log, "Fleet edge refused beta (revoked_certificate)")
+
+
+def test_edge_refuses_the_coordinators_own_ray_certificate(consortium: Consortium) -> None:
+    """The coordinator's Ray certificate chains to the CA, and its key is in the hands of
+    the sandboxed Ray head and drivers; no institution's serial is on record for it."""
+    ray = coordinator_ray_tls(CoordinatorPki(consortium.data_dir))
+    before = consortium.refusals("unknown_certificate")
+    status, body = consortium.post_with(
+        ClientTls(consortium.ca_cert, ray.certificate, ray.key), "/v1/fleet/get-run"
+    )
+    assert status == 403
+    assert b"not an onboarded institution's" in body
+    assert consortium.refusals("unknown_certificate") == before + 1
+    wait_for_log(consortium.log, "Fleet edge refused consortium-coordinator (unknown_certificate)")
+
+
+def test_an_institutions_ray_node_certificate_cannot_lock_its_site_out_of_the_edge(
+    consortium: Consortium,
+) -> None:
+    """alpha's Ray node certificate (alpha's name, signed by the CA; a pool node holds it)
+    opening more idle connections than alpha's cap: each is refused by serial after its
+    handshake, before it counts, and alpha's site still reaches the SuperLink."""
+    files = CoordinatorPki(consortium.data_dir)
+    key = pki.generate_key()
+    csr = pki.pem(pki.make_node_csr(key, "alpha", ["127.0.0.1"]))
+    (consortium.root / "alpha-ray-node.crt").write_bytes(
+        pki.pem(sign_node_csr(files, "alpha", csr, "127.0.0.1"))
+    )
+    pki.write_private_key(consortium.root / "alpha-ray-node.key", key)
+    stolen = ClientTls(
+        consortium.ca_cert,
+        consortium.root / "alpha-ray-node.crt",
+        consortium.root / "alpha-ray-node.key",
+    )
+    before = consortium.refusals("superseded_certificate")
+    held: list[ssl.SSLSocket] = []
+    try:
+        for _ in range(MAX_CONNECTIONS_PER_INSTITUTION + 1):
+            raw = socket.create_connection(consortium.edge, timeout=10)
+            held.append(
+                consortium.tls_context(stolen).wrap_socket(raw, server_hostname="127.0.0.1")
+            )
+        wait_for(
+            "every connection refused after its handshake",
+            lambda: consortium.refusals("superseded_certificate") == before + len(held),
+            REFUSAL_TIMEOUT_S,
+        )
+        status, body = consortium.post("alpha", "/v1/fleet/get-run")
+        assert status == 415, body  # the SuperLink's own answer: past the edge
+    finally:
+        for connection in held:
+            connection.close()
+    wait_for_log(consortium.log, "Fleet edge refused alpha (superseded_certificate)")

@@ -53,6 +53,14 @@ def tls_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def current_serials(tls_dir: Path) -> dict[str, str]:
+    """Each institution's certificate serial, as onboarding records it."""
+    return {
+        institution: format(pki.load_certificate(tls_dir / f"{site}.crt").serial_number, "x")
+        for site, institution in (("site", INSTITUTION), ("other", OTHER_INSTITUTION))
+    }
+
+
 @pytest.fixture
 def refusals() -> list[tuple[str, str]]:
     """(reason, institution) of each refusal the edge counts."""
@@ -68,7 +76,7 @@ def edge(tls_dir: Path, refusals: list[tuple[str, str]]) -> Iterator[FleetEdge]:
         f"127.0.0.1:{closed_port()}",
         tls,
         is_revoked=lambda _: False,
-        current_serial=lambda _: None,
+        current_serial=current_serials(tls_dir).get,
         on_refusal=lambda reason, institution: refusals.append((reason, institution)),
     )
     try:

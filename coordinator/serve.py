@@ -42,7 +42,7 @@ from coordinator.access.supernode_keys import SuperNodeKeySync
 from coordinator.addresses import announced, check_server_names, public_host, told_hosts
 from coordinator.api.auth import CertificateAuthInterceptor
 from coordinator.api.runtime_status import CoordinatorStatusServicer, RuntimeHealth
-from coordinator.api.servicers import JobsServicer, NodeRegistryServicer
+from coordinator.api.servicers import JobsServicer, NodeRegistryServicer, OpenStreamLimit
 from coordinator.federated.approvals import RunApprovals
 from coordinator.federated.edge import FleetEdge
 from coordinator.federated.flower_app import FlowerControl
@@ -72,6 +72,8 @@ from coordinator.state import SqliteStateStore
 
 log = logging.getLogger(__name__)
 
+# Server streams may hold at most half of them (coordinator/api/servicers.py,
+# MAX_OPEN_STREAMS); the rest serve unary calls.
 GRPC_WORKERS = 32
 SUPERVISION_INTERVAL_S = 1.0
 SHUTDOWN_GRACE_S = 2.0
@@ -700,6 +702,8 @@ class Coordinator:
                     on_refusal=lambda reason, _: self.metrics.auth_refused("control_plane", reason),
                 )
             )
+        # Last: it counts streams by the caller the certificate interceptor has set.
+        interceptors.append(OpenStreamLimit())
         return interceptors
 
     def stop(self) -> None:

@@ -17,6 +17,7 @@ import grpc
 from cryptography import x509
 
 from coordinator.access.caller import CALLER
+from coordinator.access.pki_files import OPERATOR
 from coordinator.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,22 @@ class CertificateAuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         self, context: grpc.ServicerContext, institution: str, pems: list[bytes]
     ) -> None:
         """A renewal supersedes the institution's earlier certificates: only the latest
-        one issued (by serial) is accepted. Names the consortium never issued a
-        certificate to (the operator's own) have nothing to supersede."""
+        one issued (by serial) is accepted. The operator's own has nothing to supersede.
+        Any other name the CA signed without onboarding is no caller: the coordinator's
+        Ray certificate ("consortium-coordinator") chains to the CA too, and its key is
+        copied to the sandboxed Ray head and drivers, where a member's code can run."""
         current = self._store.current_certificate_serial(institution)
-        if current is None or not pems:
+        if current is None:
+            if institution == OPERATOR:
+                return
+            self._refuse(
+                context,
+                "unknown_certificate",
+                institution,
+                f"no certificate was issued to {institution!r} at onboarding: it is not "
+                "a member's or the operator's",
+            )
+        if not pems:
             return
         serial = format(x509.load_pem_x509_certificate(pems[0]).serial_number, "x")
         if serial != current:

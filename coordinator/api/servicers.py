@@ -1,11 +1,18 @@
-"""Thin servicers: protobuf in, domain call, protobuf out."""
+"""Thin servicers: protobuf in, domain call, protobuf out; and the cap on open streams.
+
+Two refusals answer RESOURCE_EXHAUSTED, which `coordinator/api/status.py` has no
+domain error for: a node beyond the institution's cap (`NodeLimitError`, mapped in
+`RegisterNode`) and a server stream beyond the caps of `OpenStreamLimit`.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -14,7 +21,7 @@ from consortium.pki import pem
 from consortium.proto.v1 import jobs_pb2, jobs_pb2_grpc, nodes_pb2, nodes_pb2_grpc
 from coordinator.access.caller import current_caller, require_acting_as
 from coordinator.access.pki_files import OPERATOR, CoordinatorPki
-from coordinator.access.registry import NodeRegistry
+from coordinator.access.registry import NodeLimitError, NodeRegistry
 from coordinator.api.convert import (
     job_to_proto,
     node_to_proto,
@@ -34,11 +41,96 @@ log = logging.getLogger(__name__)
 
 WATCH_POLL_INTERVAL_S = 0.2
 
+# A server stream (WatchJob, grpc.health.v1 Health.Watch) holds one of the control
+# plane's worker threads (`coordinator/serve.py`, GRPC_WORKERS = 32) for as long as it
+# is open. Half of them at most: the other 16 always serve unary calls (heartbeats,
+# RegisterNode, GetRunApproval), which each take milliseconds.
+MAX_OPEN_STREAMS = 16
+# A member watches a job or two (`coordinator watch`) and maybe probes health; four is
+# room for that, and a quarter of the streams: one member cannot take them all.
+MAX_OPEN_STREAMS_PER_INSTITUTION = 4
+
 
 def _require(value: str, field: str) -> str:
     if not value:
         raise InvalidArgumentError(f"field '{field}': required")
     return value
+
+
+class OpenStreamLimit(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
+    """Refuses a server stream beyond `per_institution` open ones of the calling member
+    institution, or beyond `total` open ones of everyone, with RESOURCE_EXHAUSTED.
+
+    Without it 32 open watches of one member took every worker thread, and every other
+    institution's heartbeats and registrations waited until their deadline. It must come
+    after `CertificateAuthInterceptor` (it reads the CALLER that one sets). The operator
+    and a plain-text coordinator's callers (loopback, trusted) count only to the total.
+    """
+
+    def __init__(
+        self,
+        total: int = MAX_OPEN_STREAMS,
+        per_institution: int = MAX_OPEN_STREAMS_PER_INSTITUTION,
+    ) -> None:
+        self._total = total
+        self._per_institution = per_institution
+        self._lock = threading.Lock()
+        self._open: Counter[str] = Counter()  # member institution -> its open streams
+        self._open_total = 0
+
+    def _take(self, institution: str | None) -> str | None:
+        """Count a new stream of the caller; or, without room, why it is refused."""
+        with self._lock:
+            if institution is not None and self._open[institution] >= self._per_institution:
+                return (
+                    f"{institution!r} has {self._open[institution]} streams open (WatchJob, "
+                    f"Health.Watch), the most one institution may hold at once; end one "
+                    "(a `coordinator watch`) and try again"
+                )
+            if self._open_total >= self._total:
+                return (
+                    f"the coordinator has {self._open_total} streams open, the most it "
+                    "serves at once (the rest of its threads serve heartbeats and "
+                    "registrations); try again when a watch ends"
+                )
+            self._open_total += 1
+            if institution is not None:
+                self._open[institution] += 1
+            return None
+
+    def _give_back(self, institution: str | None) -> None:
+        with self._lock:
+            self._open_total -= 1
+            if institution is not None:
+                self._open[institution] -= 1
+                if not self._open[institution]:
+                    del self._open[institution]
+
+    def intercept_service(
+        self, continuation: Callable[[Any], Any], handler_call_details: Any
+    ) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_stream is None:
+            return handler
+        inner = handler.unary_stream
+
+        def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            caller = current_caller()
+            institution = None if caller in (None, OPERATOR) else caller
+            refusal = self._take(institution)
+            if refusal is not None:
+                log.warning("control plane refused a stream of %s: %s", caller, refusal)
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+            try:
+                yield from inner(request, context)
+            finally:
+                # Runs when the stream's generator ends, fails or is closed (gRPC drops
+                # it when the caller goes away): when its thread is free again.
+                self._give_back(institution)
+
+        return grpc.unary_stream_rpc_method_handler(
+            stream, handler.request_deserializer, handler.response_serializer
+        )
 
 
 class NodeRegistryServicer(nodes_pb2_grpc.NodeRegistryServicer):
@@ -72,13 +164,20 @@ class NodeRegistryServicer(nodes_pb2_grpc.NodeRegistryServicer):
     def RegisterNode(
         self, request: nodes_pb2.RegisterNodeRequest, context: grpc.ServicerContext
     ) -> nodes_pb2.RegisterNodeResponse:
-        node = self._registry.register(
-            request.institution,
-            request.hostname,
-            request.device,
-            request.signing_public_key,
-            request.declared_examples,
-        )
+        try:
+            node = self._registry.register(
+                request.institution,
+                request.hostname,
+                request.device,
+                request.signing_public_key,
+                request.declared_examples,
+            )
+        except NodeLimitError as error:
+            # Not raised on to `unary`, which would answer FAILED_PRECONDITION: waiting
+            # (for one of its nodes to leave) is what helps, as RESOURCE_EXHAUSTED says.
+            context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            context.set_details(str(error))
+            return nodes_pb2.RegisterNodeResponse()
         return nodes_pb2.RegisterNodeResponse(
             node=node_to_proto(node),
             superlink_fleet_address=self._superlink_address,

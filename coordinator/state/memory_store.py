@@ -106,6 +106,19 @@ class InMemoryStateStore(StateStore):
                 self._nodes[node.node_id] = node
             return marked
 
+    def forget_gone_nodes(self, institution: str, keep: int) -> int:
+        with self._lock:
+            gone = [
+                node
+                for node in self._nodes.values()  # registration order, as SQLite's rowid
+                if node.institution == institution and node.state is NodeState.GONE
+            ]
+            gone.sort(key=lambda n: n.registered_at_ms)  # stable: ties keep that order
+            forget = gone[: max(len(gone) - keep, 0)]
+            for node in forget:
+                del self._nodes[node.node_id]
+            return len(forget)
+
     def _node(self, node_id: str, missing: str) -> NodeRecord:
         node = self._nodes.get(node_id)
         if node is None:
@@ -230,9 +243,7 @@ class InMemoryStateStore(StateStore):
 
     def declare_examples(self, institution: str, examples: int) -> int:
         with self._lock:
-            cap = max(examples, self._declared_examples.get(institution, 0))
-            self._declared_examples[institution] = cap
-            return cap
+            return self._declared_examples.setdefault(institution, examples)
 
     def declared_examples(self, institution: str) -> int | None:
         with self._lock:

@@ -252,6 +252,15 @@ class SqliteStateStore(StateStore):
             )
         return [self.get_node(i) for i in ids]
 
+    def forget_gone_nodes(self, institution: str, keep: int) -> int:
+        with self._transaction() as db:
+            return db.execute(
+                "DELETE FROM nodes WHERE institution = ? AND state = ? AND node_id NOT IN "
+                "(SELECT node_id FROM nodes WHERE institution = ? AND state = ? "
+                "ORDER BY registered_at_ms DESC, rowid DESC LIMIT ?)",
+                (institution, NodeState.GONE, institution, NodeState.GONE, keep),
+            ).rowcount
+
     # --- jobs --------------------------------------------------------------
     def add_job(self, job: JobRecord) -> None:
         with self._transaction() as db:
@@ -460,9 +469,8 @@ class SqliteStateStore(StateStore):
     def declare_examples(self, institution: str, examples: int) -> int:
         with self._transaction() as db:
             db.execute(
-                "INSERT INTO declared_examples VALUES (?, ?, ?) ON CONFLICT(institution) DO "
-                "UPDATE SET examples = max(examples, excluded.examples), "
-                "declared_at_ms = excluded.declared_at_ms",
+                "INSERT INTO declared_examples VALUES (?, ?, ?) "
+                "ON CONFLICT(institution) DO NOTHING",
                 (institution, examples, now_ms()),
             )
             row = db.execute(

@@ -47,6 +47,11 @@ class StateStore(ABC):
     def mark_stale_nodes(self, older_than_ms: int) -> list[NodeRecord]:
         """Online nodes whose last heartbeat is older than the bound become stale."""
 
+    @abstractmethod
+    def forget_gone_nodes(self, institution: str, keep: int) -> int:
+        """Delete the institution's gone nodes but the `keep` registered last (a node
+        never comes back from gone, so only the listing loses them); how many."""
+
     # --- jobs --------------------------------------------------------------
     @abstractmethod
     def add_job(self, job: JobRecord) -> None:
@@ -116,9 +121,11 @@ class StateStore(ABC):
 
     @abstractmethod
     def declare_examples(self, institution: str, examples: int) -> int:
-        """Record the examples a joining node of the institution holds (`examples` > 0);
-        returns the institution's cap: the largest count any of its nodes declared, so a
-        second, smaller node never makes the first one's honest updates look inflated."""
+        """Record the examples a joining node of the institution holds (`examples` > 0)
+        if it is the institution's first declaration; returns the institution's cap,
+        which is that first declaration for good: a later node can neither raise it
+        (mid-job, to weigh more) nor lower it (making a larger node's honest updates
+        look inflated)."""
 
     @abstractmethod
     def declared_examples(self, institution: str) -> int | None:

@@ -21,6 +21,7 @@ from consortium.tls import ClientTls
 from coordinator.access.onboarding import renew, revoke
 from coordinator.access.pki_files import CoordinatorPki
 from coordinator.data_dir import DataDir
+from coordinator.ray.tls import coordinator_ray_tls
 from coordinator.state import SqliteStateStore
 from tests.conftest import Processes
 from tests.helpers import auth_refusals, start_secure_consortium, wait_for_log
@@ -219,3 +220,28 @@ def test_revocation_ends_the_institutions_open_job_watch(consortium: Consortium)
     assert error.code() is grpc.StatusCode.UNAUTHENTICATED
     assert consortium.refusals("revoked_certificate") == before + 1
     wait_for_log(consortium.log, "ending beta's job watch, its certificate was revoked")
+
+
+def test_a_certificate_the_ca_signed_for_no_member_is_refused(consortium: Consortium) -> None:
+    """The coordinator's own Ray certificate chains to the CA and may log in as a client
+    (Ray's mutual TLS needs it to), and its key is copied to the sandboxed Ray head and
+    drivers, where a member's code can run. Taken from there to the control plane it
+    is no caller at all: no certificate of its name was issued at onboarding, and it is
+    not the operator's. Before, it was let through as an institution called
+    "consortium-coordinator", whose Ray token a revoked member could then fetch."""
+    ray_tls = coordinator_ray_tls(CoordinatorPki(consortium.data_dir))
+    stolen = ClientTls(ray_tls.ca_certificate, ray_tls.certificate, ray_tls.key)
+    before = consortium.refusals("unknown_certificate")
+    calls = [
+        lambda: consortium.jobs(stolen).ListJobs(jobs_pb2.ListJobsRequest()),
+        lambda: consortium.registry(stolen).GetRayToken(
+            nodes_pb2.GetRayTokenRequest(institution="consortium-coordinator")
+        ),
+    ]
+    for call in calls:
+        error = rpc_error(call)
+        assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert "not a member's or the operator's" in (error.details() or "")
+    assert consortium.refusals("unknown_certificate") == before + len(calls)
+    wait_for_log(consortium.log, "control plane refused consortium-coordinator")
+    consortium.jobs(consortium.as_operator()).ListJobs(jobs_pb2.ListJobsRequest())  # still in

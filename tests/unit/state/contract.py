@@ -171,6 +171,21 @@ class StateTest(ABC):
         assert store.mark_stale_nodes(3_000) == []
         assert store.get_node("edge").state is NodeState.ONLINE
 
+    def test_forget_gone_nodes_keeps_the_institutions_last_registered_gone_ones(
+        self, store: StateStore
+    ) -> None:
+        for at_ms in range(1, 6):
+            store.add_node(make_node(f"gone-{at_ms}", at_ms=at_ms))
+            store.set_node_state(f"gone-{at_ms}", NodeState.GONE)
+        store.add_node(make_node("online", at_ms=0))
+        store.add_node(make_node("other", at_ms=0, institution="uni-b"))
+        store.set_node_state("other", NodeState.GONE)
+
+        assert store.forget_gone_nodes("uni-a", keep=2) == 3
+
+        assert [n.node_id for n in store.list_nodes()] == ["online", "other", "gone-4", "gone-5"]
+        assert store.forget_gone_nodes("uni-a", keep=2) == 0
+
     def test_list_nodes_ordered_by_registration_time(self, store: StateStore) -> None:
         store.add_node(make_node("late", at_ms=3_000))
         store.add_node(make_node("early", at_ms=1_000))
@@ -494,12 +509,14 @@ class StateTest(ABC):
     def test_declared_examples_none_until_declared(self, store: StateStore) -> None:
         assert store.declared_examples("uni-a") is None
 
-    def test_declare_examples_keeps_largest_per_institution(self, store: StateStore) -> None:
+    def test_declare_examples_keeps_the_first_declaration_per_institution(
+        self, store: StateStore
+    ) -> None:
         assert store.declare_examples("uni-a", 899) == 899
         assert store.declare_examples("uni-a", 300) == 899  # a smaller second node
         assert store.declare_examples("uni-b", 40) == 40
-        assert store.declare_examples("uni-a", 1200) == 1200
-        assert (store.declared_examples("uni-a"), store.declared_examples("uni-b")) == (1200, 40)
+        assert store.declare_examples("uni-a", 1200) == 899  # a larger one, later
+        assert (store.declared_examples("uni-a"), store.declared_examples("uni-b")) == (899, 40)
 
     # --- onboarding: certificates, revocations, SuperNode keys -------------------
 

@@ -30,7 +30,7 @@ STAMP := $(VENV)/.installed-stamp
 PYTEST_WORKERS ?= 3
 XDIST := -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-.PHONY: demo test test-under-load lint checks typecheck pytest protos dashboard durations
+.PHONY: demo test test-under-load lint checks typecheck pytest protos dashboard durations cpu-by-module
 
 # The pinned torch comes from pip, which finds this machine's CPU wheel on disk (uv does
 # not look there, and PyPI's torch is a CUDA build of several GB); everything else from
@@ -99,6 +99,11 @@ test-under-load: $(STAMP)
 
 # Measure every test module again and rewrite tests/durations.json, which orders the
 # modules longest first (tests/conftest.py): run after adding or slowing a long module.
+# What each test module costs in CPU, with every process it starts (tests/cpu_by_module.py;
+# needs root): one JSON line per module in .cpu-by-module.jsonl, the costliest printed.
+cpu-by-module: $(STAMP)
+	CONSORTIUM_CPU_BY_MODULE=.cpu-by-module.jsonl $(BIN)/pytest $(XDIST) -p no:cacheprovider
+
 durations: $(STAMP)
 	$(BIN)/pytest $(XDIST) -p no:cacheprovider --junitxml=.durations.xml
 	$(BIN)/python scripts/test_durations.py .durations.xml

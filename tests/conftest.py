@@ -21,6 +21,7 @@ from consortium.processes import (
     venv_executable,
 )
 from consortium.startup import imports_without_gc
+from tests import cpu_by_module
 from tests.load import Load, requested_load
 
 
@@ -79,6 +80,11 @@ def pytest_configure(config: pytest.Config) -> None:
         load = Load(spinners)
         config.stash[_LOAD] = load
         config.add_cleanup(load.stop)
+    cpu_by_module.pytest_configure(config)  # with CONSORTIUM_CPU_BY_MODULE set
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    cpu_by_module.pytest_terminal_summary(terminalreporter)
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:

@@ -8,15 +8,13 @@ that the refusal was logged and counted (docs/security.md names these tests).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest
 
-from consortium.proto.v1 import jobs_pb2, jobs_pb2_grpc, nodes_pb2, nodes_pb2_grpc
+from consortium.proto.v1 import jobs_pb2, nodes_pb2
 from consortium.provenance.signing import SigningKey
-from consortium.site_keys import SiteKeys, create_site_keys
+from consortium.site_keys import create_site_keys
 from consortium.tls import ClientTls
 from coordinator.access.onboarding import renew, revoke
 from coordinator.access.pki_files import CoordinatorPki
@@ -24,47 +22,8 @@ from coordinator.data_dir import DataDir
 from coordinator.ray.tls import coordinator_ray_tls
 from coordinator.state import SqliteStateStore
 from tests.conftest import Processes
-from tests.helpers import auth_refusals, start_secure_consortium, wait_for_log
-
-NAMES = ("alpha", "beta")
-JOB = 'name = "{name}"\nmodel = "digits-cnn"\ndataset = "digits"\nrounds = 2\nmin_clients = {n}\n'
-
-
-@dataclass
-class Consortium:
-    root: Path
-    data_dir: Path
-    address: str
-
-    def as_institution(self, name: str) -> ClientTls:
-        site = self.root / name
-        return ClientTls(
-            site / "bundle" / "ca.crt",
-            site / "bundle" / "institution.crt",
-            SiteKeys(site / "state").tls_key,
-        )
-
-    def as_operator(self) -> ClientTls:
-        return CoordinatorPki(self.data_dir).operator_tls()
-
-    def jobs(self, tls: ClientTls) -> jobs_pb2_grpc.JobsStub:
-        return jobs_pb2_grpc.JobsStub(grpc.secure_channel(self.address, tls.credentials()))
-
-    def registry(self, tls: ClientTls) -> nodes_pb2_grpc.NodeRegistryStub:
-        return nodes_pb2_grpc.NodeRegistryStub(grpc.secure_channel(self.address, tls.credentials()))
-
-    def refusals(self, reason: str) -> float:
-        return auth_refusals(self.data_dir, "control_plane", reason)
-
-    def log(self) -> str:
-        return (self.root / "logs" / "coordinator.log").read_text(errors="replace")
-
-    def job_count(self) -> int:
-        store = SqliteStateStore(DataDir(self.data_dir).state_db)
-        try:
-            return len(store.list_jobs())
-        finally:
-            store.close()
+from tests.helpers import start_secure_consortium, wait_for_log
+from tests.security.members import JOB, NAMES, Consortium, rpc_error
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +35,6 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]
         yield Consortium(root, data_dir, address)
     finally:
         processes.stop_all()
-
-
-def rpc_error(call: object) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as caught:
-        call()  # type: ignore[operator]
-    return caught.value
 
 
 def test_member_cannot_cancel_the_operators_job(consortium: Consortium) -> None:

@@ -29,7 +29,7 @@ from coordinator.serve import GRPC_WORKERS
 from coordinator.state import NodeState, SqliteStateStore
 from tests.conftest import Processes
 from tests.helpers import metric_value, start_secure_consortium, wait_for, wait_for_log
-from tests.security.test_member_attacks import JOB, NAMES, Consortium, rpc_error
+from tests.security.members import JOB, NAMES, Consortium, rpc_error
 
 # A deadline for calls that must be served (not a timing claim: the old coordinator,
 # its threads all held by one member's streams, let them run into it).

@@ -46,7 +46,7 @@ from consortium.provenance.signing import SigningKey, b64, unb64
 from consortium.provenance.updates import UpdateStatement
 from consortium.provenance.verify import LogVerificationError, VerifyReport, verify_log
 from tests.provenance_keys import ScratchCa
-from tests.unit.test_provenance_log import legacy_head_line
+from tests.unit.provenance_lines import legacy_head_line
 
 JOB = "job-attacked"
 COMMITMENT = hashlib.sha256(b"data commitment").hexdigest()

@@ -27,7 +27,6 @@ from consortium.provenance.log import (
     line_digest,
     read_lines,
     record_signing_bytes,
-    tree_head_signing_bytes,
 )
 from consortium.provenance.merkle import leaf_hash, root_from_leaves
 from consortium.provenance.records import (
@@ -159,21 +158,6 @@ def signed_head_line(
     }
     line["signature"] = b64(key.sign(head_signing_bytes(line)))
     return canonical_json(line)
-
-
-def legacy_head_line(key: SigningKey, size: int, root: str, timestamp_ms: int) -> bytes:
-    """A tree head as written before heads were chained (size, root, time signed)."""
-    signature = key.sign(tree_head_signing_bytes(size, root, timestamp_ms))
-    return canonical_json(
-        {
-            "kind": "tree_head",
-            "tree_size": size,
-            "root_hash": root,
-            "timestamp_ms": timestamp_ms,
-            "key_id": key.key_id,
-            "signature": b64(signature),
-        }
-    )
 
 
 def failure(log: Log, **kwargs: Any) -> LogVerificationError:

@@ -14,7 +14,7 @@ from consortium.proto.v1 import status_pb2, status_pb2_grpc
 from consortium.supervision import RestartPolicy, Supervisor
 from coordinator.api.runtime_status import CoordinatorStatusServicer, RuntimeHealth
 from coordinator.observability.metrics import CoordinatorMetrics, RuntimeCollector
-from tests.unit.test_supervision import Clock, FakeChild
+from tests.unit.supervision_fakes import Clock, FakeChild
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

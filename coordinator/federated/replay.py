@@ -12,21 +12,33 @@ sites, which is exactly what never leaves them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
-from consortium.errors import ConsortiumError, NotFoundError
+from consortium.errors import ConflictError, ConsortiumError, NotFoundError
 from consortium.exit_codes import ExitCode
 from consortium.provenance.environment import source_digest
 from consortium.provenance.records import JobStarted, Record, Round
 from consortium.tensor_digest import arrays_digest
 from coordinator.federated.retention import load_retained, updates_dir
 from coordinator.federated.strategy import AggregationRule, aggregate
+from coordinator.jobs.spec import FederatedJobSpec
 
 
 class ReplayMismatchError(ConsortiumError):
     exit_code = ExitCode.REPLAY_MISMATCH
+
+
+# What `arrays_digest` writes. A logged update digest names its retained file, so only
+# this form may become a file name: the log is the input being checked, and a digest
+# such as "/elsewhere/x" or "../../x" would have replay open files outside the dir.
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+# The rules a job can name. `aggregate` takes any other name for the mean, so a round
+# logged with a rule this code lacks would otherwise "reproduce" as a mean.
+RULES = frozenset(get_args(FederatedJobSpec.model_fields["aggregation"].annotation))
 
 
 def job_started(records: Sequence[Record]) -> JobStarted | None:
@@ -60,12 +72,23 @@ def replay_rounds(data_dir: Path, job_id: str, records: Sequence[Record]) -> lis
         raise NotFoundError(f"the log holds no aggregated round of job {job_id}")
     results = []
     for record in rounds:
+        spec = record.aggregation
+        if spec.rule not in RULES:
+            raise ConflictError(
+                f"round {record.round} names aggregation rule {spec.rule[:80]!r}, which this "
+                f"code does not have ({', '.join(sorted(RULES))}); it cannot replay it"
+            )
         accepted = [u for u in record.updates if u.accepted]
         updates = []
         for update in accepted:
-            path = updates_dir(data_dir, job_id, record.round) / (
-                f"{update.update_digest}.safetensors"
-            )
+            digest = update.update_digest or ""
+            if not _DIGEST.fullmatch(digest):
+                raise ReplayMismatchError(
+                    f"round {record.round}: the update of {update.institution} names "
+                    f"{digest[:80]!r} as its digest, not a sha256 (64 hex digits), so it "
+                    "names no retained update"
+                )
+            path = updates_dir(data_dir, job_id, record.round) / f"{digest}.safetensors"
             if not path.exists():
                 raise ReplayMismatchError(
                     f"round {record.round}: retained update {path} is missing"
@@ -77,7 +100,6 @@ def replay_rounds(data_dir: Path, job_id: str, records: Sequence[Record]) -> lis
                     "does not match the digest it signed (tampered or corrupt)"
                 )
             updates.append((arrays, int(update.num_examples or 0)))
-        spec = record.aggregation
         rule = AggregationRule(
             name=spec.rule,
             trim_fraction=spec.trim_fraction,

@@ -251,6 +251,7 @@ def test_both_jobs_attest_and_verify_offline_with_only_the_ca(
     assert f"replay OK: {OUTER_STEPS} outer step(s) reproduced bit for bit" in " ".join(
         replayed.stdout.split()
     )
+    assert "holds the replayed final model" in " ".join(replayed.stdout.split())
 
 
 def replay_from_the_attested_source(
@@ -301,9 +302,10 @@ def replay_from_the_attested_source(
 
     imported = run("-c", "import coordinator, consortium; print(coordinator.__file__)")
     assert imported.stdout.strip() == str(checkout / "coordinator" / "__init__.py"), imported
+    model = DataDir(demo.data_dir).model_file(job_id)  # the file the attestation names
     return run(
         "-m", "coordinator", "replay", "--from-attestation", str(attestation), "--ca", str(ca),
-        "--data-dir", str(home / "no-data-dir"),
+        "--data-dir", str(home / "no-data-dir"), "--model", str(model),
     )  # fmt: skip
 
 

@@ -14,8 +14,14 @@ The SuperNode-to-forwarder hop is TLS with a local certificate, not plain HTTP: 
 onboarded SuperNode key. So `LocalTls.create` makes, per join, a throwaway local root
 and a certificate for 127.0.0.1 in the state dir (key 0600); the SuperNode verifies the
 forwarder with that root (`--root-certificates`). It guards nothing beyond the host:
-the listener binds 127.0.0.1 only, and local processes of the site already run with the
-site's keys.
+the listener binds 127.0.0.1 only.
+
+Every local user can reach 127.0.0.1, though, and a connection forwarded is one made
+with the institution's certificate: another OS user of the site's host could hold the
+institution's 32 connections at the edge (locking the site out of every federated job)
+or have its abuse counted against the institution. So on Linux the forwarder forwards
+only connections whose socket belongs to its own user (the kernel's socket table,
+/proc/net/tcp), and closes others, logging them.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import ssl
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +111,50 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
                 writer.close()
 
 
+PROC_NET_TCP = Path("/proc/net/tcp")  # IPv4: the listener is 127.0.0.1 only
+
+
+ESTABLISHED = "01"
+TABLE_READS = 3
+
+
+def loopback_peer_uid(peer_port: int, listen_port: int, table: Path = PROC_NET_TCP) -> int | None:
+    """The uid owning the open socket 127.0.0.1:`peer_port` connected to 127.0.0.1:
+    `listen_port`, from the kernel's socket table; None when it is not there.
+
+    Only an established socket counts: one its process closed (orphaned, or in
+    TIME_WAIT) is listed with uid 0, which would pass for a site running as root. The
+    table is read a page at a time, and a row can be missed while other sockets come
+    and go: a socket not found is looked for again."""
+    # "sl local_address rem_address st ... uid ...": addresses are hex "0100007F:1F90"
+    peer, listener = f"0100007F:{peer_port:04X}", f"0100007F:{listen_port:04X}"
+    for _ in range(TABLE_READS):
+        try:
+            rows = table.read_text().splitlines()[1:]
+        except OSError:
+            return None
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 7 and (fields[1], fields[2], fields[3]) == (
+                peer,
+                listener,
+                ESTABLISHED,
+            ):
+                return int(fields[7])
+    return None
+
+
+def from_own_user(writer: asyncio.StreamWriter) -> bool:
+    """Whether the connection's other end belongs to this process's user. Outside Linux
+    there is no socket table to ask: every loopback connection is taken."""
+    if not sys.platform.startswith("linux"):
+        return True
+    peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
+    if not peer or not local:
+        return False
+    return loopback_peer_uid(int(peer[1]), int(local[1])) == os.geteuid()
+
+
 class FleetForwarder:
     """Listens on 127.0.0.1 (port 0: any free); forwards each connection to the edge
     over mutual TLS. `address` is what the SuperNode's `--superlink` gets."""
@@ -158,6 +210,14 @@ class FleetForwarder:
 
     async def _handle(self, local_r: asyncio.StreamReader, local_w: asyncio.StreamWriter) -> None:
         host, port = self._edge
+        if not from_own_user(local_w):
+            log.warning(
+                "Fleet forwarder: refused a connection from %s: another OS user's process "
+                "(only this site's SuperNode may use the institution's certificate)",
+                local_w.get_extra_info("peername"),
+            )
+            local_w.close()
+            return
         try:
             edge_r, edge_w = await asyncio.wait_for(
                 asyncio.open_connection(host, port, ssl=self._context, server_hostname=host),

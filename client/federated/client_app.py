@@ -25,12 +25,16 @@ from client.federated.diloco_task import run_diloco_step
 from client.federated.signing_mod import COMMITMENT_RECORD, signing_mod
 from client.federated.site_trainer import SiteTrainer
 from client.metrics import record_training
+from consortium.data.site_loaders import available_datasets
+from consortium.errors import DataDirError
 from consortium.model_wire import ARRAYS_RECORD, pack_tensors, unpack_torch
+from consortium.models import MAX_PARAMETERS
 from consortium.provenance.commitment import DataCommitment, load_or_create_key
 from consortium.workloads import (
     BUILTIN_WORKLOADS,
     RoundBudget,
     Workload,
+    WorkloadOptions,
     allowed_workloads,
     check_allowed,
     load_workload,
@@ -71,7 +75,7 @@ def _setup(msg: Message, context: Context, seed: int = 0) -> Task:
         str(context.node_config.get("institution", "")),
     )
     workload = load_workload(name)
-    options = json.loads(str(config.get("model-options", "{}")))
+    options = _bounded_options(config, name, workload)
     model = TRAINER.model(msg.metadata.run_id, name, workload, options)
     workload.load_exchanged(model, unpack_torch(msg.content.array_records[ARRAYS_RECORD]))
     budget = RoundBudget(
@@ -85,8 +89,39 @@ def _setup(msg: Message, context: Context, seed: int = 0) -> Task:
     )
     device = torch.device(str(context.node_config.get("device", "cpu")))
     data_dir = Path(str(context.node_config["data-dir"]))
-    data = TRAINER.data(msg.metadata.run_id, name, workload, data_dir, str(config["dataset"]))
+    data = TRAINER.data(msg.metadata.run_id, name, workload, data_dir, _offered(config, data_dir))
     return Task(workload, model, device, data, config, budget)
+
+
+def _bounded_options(config: ConfigRecord, name: str, workload: Workload) -> WorkloadOptions:
+    """The message's model options, if the model they make is within MAX_PARAMETERS: the
+    coordinator checks its specs, but a site does not take its word for it, since a
+    model built from options it chose (a trillion parameters) would take the site's
+    memory and `client join` with it."""
+    options = json.loads(str(config.get("model-options", "{}")))
+    if not isinstance(options, dict):
+        raise ValueError(f"config 'model-options' must be a JSON object, got {options!r}")
+    count = workload.parameter_count(options)
+    if count > MAX_PARAMETERS:
+        raise ValueError(
+            f"workload {name!r} with these options would have {count:,} parameters; this "
+            f"site trains at most {MAX_PARAMETERS:,}"
+        )
+    return options
+
+
+def _offered(config: ConfigRecord, data_dir: Path) -> str:
+    """The dataset the message names, if it is one this site offers. The loaders join
+    the name into a path (`<name>.npz`, `text/<name>.txt`): a name the coordinator chose
+    freely ("../../home/x/notes", an absolute path) would make the site train on, and
+    evaluate, any file its user can read, outside the data dir it agreed to share."""
+    dataset = str(config.get("dataset", ""))
+    offered = available_datasets(data_dir)
+    if dataset not in offered:
+        raise DataDirError(
+            f"this site offers no dataset {dataset!r}; it offers {', '.join(offered) or 'none'}"
+        )
+    return dataset
 
 
 @app.train()

@@ -1,0 +1,127 @@
+"""A dishonest coordinator's training messages against a site's ClientApp: what it may
+name (the dataset, the model's options) is held to what the site offers and can bear."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.federated import client_app
+from consortium.errors import DataDirError
+from consortium.model_wire import ARRAYS_RECORD, pack_tensors
+from consortium.models import MAX_PARAMETERS, build_model, parameter_tensors
+from consortium.workloads import WorkloadOptions, load_workload
+
+SMALL = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 32}
+SUPERLINK_NODE_ID = 1
+
+
+@pytest.fixture(autouse=True)
+def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the ServerApp runtime sets before messages can be built (restored after)."""
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+
+
+def _site(tmp_path: Path) -> tuple[Context, Path]:
+    """A site offering one text dataset, `docstrings`; a private file of its user's
+    lies beside its data dir, not in it."""
+    data_dir = tmp_path / "data"
+    (data_dir / "text").mkdir(parents=True)
+    (data_dir / "text" / "docstrings.txt").write_bytes(b"shared docstrings\n" * 64)
+    private = tmp_path / "private"
+    private.mkdir()
+    (private / "notes.txt").write_bytes(b"the site's private notes, never offered\n" * 64)
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={
+            "institution": "site-a",
+            "data-dir": str(data_dir),
+            "device": "cpu",
+            "workloads": "bytelm",
+            "commitment-key": str(tmp_path / "state" / "commitment.key"),
+            "state-dir": str(tmp_path / "state"),
+        },
+        state=RecordDict(),
+        run_config={},
+    )
+    return context, private / "notes.txt"
+
+
+def _message(
+    dataset: str, message_type: str = "train", options: dict[str, int] | None = None
+) -> Message:
+    weights = parameter_tensors(build_model("bytelm", SMALL))
+    config = ConfigRecord(
+        {
+            "workload": "bytelm",
+            "dataset": dataset,
+            "model-options": json.dumps(options or SMALL),
+            "server-round": 1,
+            "seed": 0,
+            "local-steps": 1,
+            "batch-size": 2,
+            "seq-len": 16,
+        }
+    )
+    content = RecordDict({ARRAYS_RECORD: pack_tensors(weights), "config": config})
+    return Message(content=content, dst_node_id=7, message_type=message_type)
+
+
+@pytest.mark.parametrize("entry", [client_app.train, client_app.local_evaluate])
+def test_site_refuses_a_dataset_name_that_leads_out_of_its_data_dir(
+    tmp_path: Path, entry: Callable[[Message, Context], Message]
+) -> None:
+    context, private = _site(tmp_path)
+    client_app.TRAINER._enter(-1)  # nothing a previous test loaded
+    read: list[str] = []
+    original = client_app.TRAINER.data
+
+    def spying(*args: object) -> object:
+        read.append(str(args[-1]))
+        return original(*args)  # type: ignore[arg-type]
+
+    client_app.TRAINER.data = spying  # type: ignore[method-assign]
+    try:
+        for name in ("../../private/notes", str(private.with_suffix(""))):
+            with pytest.raises(DataDirError, match="offers no dataset"):
+                entry(_message(name), context)
+        assert read == []  # no loader ever saw the coordinator's path
+        # The dataset the site offers still trains.
+        reply = entry(_message("docstrings"), context)
+        assert not reply.has_error() and read == ["docstrings"]
+    finally:
+        del client_app.TRAINER.data
+        client_app.TRAINER._enter(-1)
+
+
+@pytest.mark.parametrize("entry", [client_app.train, client_app.local_evaluate])
+def test_site_refuses_model_options_over_max_parameters_before_building_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entry: Callable[[Message, Context], Message]
+) -> None:
+    context, _ = _site(tmp_path)
+    client_app.TRAINER._enter(-1)
+    workload = load_workload("bytelm")
+    built: list[object] = []
+
+    def recording(options: WorkloadOptions) -> object:
+        # Recorded instead of built: 13e9 parameters would take the test's memory.
+        built.append(options)
+        raise MemoryError("the site would have built the coordinator's model")
+
+    monkeypatch.setattr(workload, "build_model", recording)
+    huge = {"n_layer": 64, "n_head": 2, "n_embd": 4096, "block_size": 32}
+    assert workload.parameter_count(huge) > MAX_PARAMETERS
+    try:
+        with pytest.raises(ValueError, match="this site trains at most"):
+            entry(_message("docstrings", options=huge), context)
+        assert built == []
+    finally:
+        client_app.TRAINER._enter(-1)

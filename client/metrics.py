@@ -38,13 +38,15 @@ def record_training(state_dir: Path, seconds: float, examples: int) -> None:
     """Append one local training run (wall seconds, examples seen) for `client join`.
 
     One `write` of one short line to a file opened for appending, so runs from
-    concurrent ClientApp processes never interleave within a line.
+    concurrent ClientApp processes never interleave within a line. The owner's alone
+    (0600, never through a link), as every file of the state dir is.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     line = json.dumps(
         {"time_ms": int(time.time() * 1000), "seconds": seconds, "examples": examples}
     )
-    fd = os.open(state_dir / TRAINING_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+    fd = os.open(state_dir / TRAINING_LOG, flags, 0o600)
     try:
         os.write(fd, (line + "\n").encode())
     finally:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -17,7 +19,7 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from client.metrics import GpuCollector, TrainingCollector, record_training
+from client.metrics import TRAINING_LOG, GpuCollector, TrainingCollector, record_training
 from consortium.errors import NotFoundError
 from consortium.metrics_http import JsonLinesTail, MetricsServer
 from coordinator.data_dir import DataDir
@@ -193,6 +195,15 @@ def test_json_lines_tail_leaves_a_partial_line_and_restarts_on_truncation(tmp_pa
     path.write_text('{"c": 3}\n')  # shorter: replaced
     again = tail.read_new()
     assert again.restarted and again.lines == [{"c": 3}]
+
+
+def test_the_training_log_is_the_owners_alone(tmp_path: Path) -> None:
+    old = os.umask(0)  # whatever the process's umask
+    try:
+        record_training(tmp_path, 1.0, 10)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / TRAINING_LOG).stat().st_mode) == 0o600
 
 
 def test_recorded_training_runs_are_summed_per_institution(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from consortium.errors import (
     NotFoundError,
     ProvenanceInvalidError,
 )
+from consortium.pki import fingerprint as pki_fingerprint
 from consortium.pki import load_certificate
 from consortium.provenance import intoto
 from consortium.provenance.attestation import (
@@ -157,11 +158,28 @@ def verify(
             f"tree size {head.tree_size}, root {head.root_hash}; "
             f"cosigned by {', '.join(witnesses) if witnesses else 'no site'}"
         )
+        console.print(_trusted(key or DataDir(data_dir).signing_public_key, key is None, ca))
         if len(witnesses) < min_witnesses:
             raise ProvenanceInvalidError(
                 f"the latest tree head (size {head.tree_size}) is cosigned by "
                 f"{len(witnesses)} site(s), fewer than --min-witnesses {min_witnesses}"
             )
+
+
+def _trusted(key: Path, by_default: bool, ca: Path | None) -> str:
+    """What the verdict rests on, said where a reader sees it: a log checks out against
+    whatever key it is given, and one taken by default from a `.consortium` dir in the
+    current directory may be one the log's sender put there beside it."""
+    key_id = VerifyingKey.load(key).key_id
+    where = f"{key} (the data dir's: pass --key with the key you hold)" if by_default else key
+    line = f"trusted: coordinator key {key_id} from {where}"
+    return line + (f"; CA {ca}" if ca is not None else "")
+
+
+def _trusted_ca(ca: Path, by_default: bool) -> str:
+    fingerprint = pki_fingerprint(load_certificate(ca))
+    where = f"{ca} (the data dir's: pass --ca with the CA you hold)" if by_default else ca
+    return f"trusted: CA {fingerprint} (SHA-256) from {where}"
 
 
 def _default_ca(data_dir: Path) -> Path | None:
@@ -387,6 +405,7 @@ def verify_attestation_command(
     with --checkpoint, also that its log is the one each checkpoint publishes."""
     with cli_errors():
         report = load_attestation(attestation, ca, data_dir, checkpoint)
+        trusted_ca = ca if ca is not None else _default_ca(data_dir)
         console.print(
             f"OK {attestation}: {report.subject} (sha256 {report.sha256}) is the model of "
             f"{report.kind} job {report.job_id} after {report.rounds} round(s), in the log at "
@@ -398,6 +417,8 @@ def verify_attestation_command(
                 f"consistent with the published checkpoint at tree size {size} (cosigned by "
                 f"{', '.join(witnesses) or 'no site'})"
             )
+        if trusted_ca is not None:
+            console.print(_trusted_ca(trusted_ca, ca is None))
 
 
 def load_attestation(

@@ -349,6 +349,10 @@ def test_verify_attestation_command_accepts_the_export_and_names_its_witnesses(
     assert line.startswith(f"OK {consortium.federated}")
     assert f"federated job {JOB} after {ROUNDS} round(s)" in line
     assert f"cosigned by {', '.join(INSTITUTIONS)}" in line
+    # What the verdict rests on: the CA given, by fingerprint, for out-of-band comparison
+    fingerprint = pki.fingerprint(pki.load_certificate(consortium.ca))
+    assert f"trusted: CA {fingerprint} (SHA-256) from {consortium.ca}" in line
+    assert "the data dir's" not in line
 
 
 def test_verify_attestation_reports_the_job_its_rounds_and_witnesses(

@@ -346,6 +346,9 @@ def test_verify_min_witnesses_publish_and_checkpoint(
     against = coordinator("verify", "--checkpoint", str(checkpoint))
 
     assert three[0] == 0 and "cosigned by alpha, beta, gamma" in three[1]
+    # Taken from the data dir: said, with how to pass the key the reader holds instead
+    # (a `.consortium` beside a log may be the sender's).
+    assert "trusted: coordinator key" in three[1] and "pass --key with the key you hold" in three[1]
     assert four[0] == ExitCode.PROVENANCE_INVALID and "fewer than --min-witnesses 4" in four[1]
     assert half_head[0] != 0 and "--tree-size and --root-hash go together" in half_head[1]
     assert published[0] == 0 and "cosigned by alpha, beta, gamma" in published[1]

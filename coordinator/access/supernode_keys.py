@@ -13,6 +13,9 @@ a sync also lists what the SuperLink has (the Control API's `ListNodes`) and und
     listed and active, institution revoked      -> unregister   (removed_revoked)
     onboarded, unrevoked, not active any more   -> register     (restored)
 
+A key onboarded by a revoked institution counts as revoked for every institution that
+onboarded it too.
+
 Each change is logged with the node and institution and counted in
 `consortium_supernode_key_changes_total{action}`. Flower lists node ids, not keys;
 node ids are ours because the coordinator registers every key itself and stores the
@@ -85,9 +88,15 @@ class SuperNodeKeySync:
         self._next_check = clock()  # the first sync checks the SuperLink
 
     def sync(self) -> None:
+        rows = self._store.supernode_keys()
+        # A key is revoked with any institution that onboarded it: onboarding does not
+        # refuse a key another institution already named, and such a second row would
+        # otherwise re-register the revoked site's key (its SuperNode back online) as
+        # soon as the revoked row's node was unregistered.
+        revoked_keys = {key for institution, key, _ in rows if self._store.is_revoked(institution)}
         keys = [
-            OnboardedKey(institution, key, node_id, self._store.is_revoked(institution))
-            for institution, key, node_id in self._store.supernode_keys()
+            OnboardedKey(institution, key, node_id, key in revoked_keys)
+            for institution, key, node_id in rows
         ]
         if self._clock() >= self._next_check:
             try:

@@ -6,7 +6,8 @@ waits while a pretraining job runs (and cannot happen on a cluster the coordinat
 attaches to). Meanwhile the coordinator does, from its scheduler thread before every
 step (like `SuperNodeKeySync`), once any institution is revoked:
 
-* ask the GCS to drain every alive node claiming a revoked institution
+* ask the GCS to drain every alive node claiming a revoked institution, by what it
+  declares or by the claim it carries (coordinator/ray/claims.py)
   (``DRAIN_NODE_REASON_PREEMPTION``): Ray places nothing new there, an idle node's raylet
   shuts down at once, a busy one when its work ends (the planner drops our worker at the
   next outer step). A node that joins again is drained again at the next sync.
@@ -26,10 +27,11 @@ from __future__ import annotations
 import importlib
 import logging
 import time
-from collections.abc import Iterable, Sequence, Set
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from consortium.ray_env import CLAIM_LABEL
 from coordinator.pretraining.cluster import claimed_institutions
 from coordinator.ray.head import RayCluster
 from coordinator.ray.nodes import ALIVE, RayNodeInfo, gcs_client, node_from_gcs
@@ -43,22 +45,37 @@ DRAIN_DEADLINE_S = 60
 DRAIN_REASON = "DRAIN_NODE_REASON_PREEMPTION"
 
 
-def nodes_to_drain(nodes: Iterable[RayNodeInfo], revoked: Set[str]) -> list[RayNodeInfo]:
-    """Alive, not yet draining, non-head nodes that claim a revoked institution."""
+def _institutions(node: RayNodeInfo, claim_owners: Mapping[str, str]) -> frozenset[str]:
+    """What `node` declares, and the institution its claim was issued to: a node's owner
+    types its labels, so a revoked site's node (whose claim makes it count for that site)
+    could otherwise declare another name, or none, and never be drained."""
+    owner = claim_owners.get(node.labels.get(CLAIM_LABEL, ""))
+    declared = claimed_institutions(node.resources, node.labels)
+    return declared | {owner} if owner else declared
+
+
+def nodes_to_drain(
+    nodes: Iterable[RayNodeInfo],
+    revoked: Set[str],
+    claim_owners: Mapping[str, str] | None = None,
+) -> list[RayNodeInfo]:
+    """Alive, not yet draining, non-head nodes that claim a revoked institution
+    (`claim_owners`: claim -> the institution it was issued to)."""
+    owners = claim_owners or {}
     return sorted(
         (
             node
             for node in nodes
-            if node.state == ALIVE
-            and not node.is_head
-            and claimed_institutions(node.resources, node.labels) & revoked
+            if node.state == ALIVE and not node.is_head and _institutions(node, owners) & revoked
         ),
         key=lambda node: node.ray_node_id,
     )
 
 
-def drain_message(node: RayNodeInfo, revoked: Set[str]) -> str:
-    names = ", ".join(sorted(claimed_institutions(node.resources, node.labels) & revoked))
+def drain_message(
+    node: RayNodeInfo, revoked: Set[str], claim_owners: Mapping[str, str] | None = None
+) -> str:
+    names = ", ".join(sorted(_institutions(node, claim_owners or {}) & revoked))
     return f"institution {names} revoked by the consortium operator"
 
 
@@ -120,8 +137,10 @@ class RayRevocationSync:
         if not revoked:
             return
         try:
-            for node in nodes_to_drain(self.gcs.nodes(), revoked):
-                self._drain(node, revoked)
+            nodes = self.gcs.nodes()
+            owners = self._claim_owners(nodes)
+            for node in nodes_to_drain(nodes, revoked, owners):
+                self._drain(node, revoked, owners)
         except Exception as error:  # the GCS may be restarting; the next step retries
             failing = f"{type(error).__name__}: {error}"
             if failing != self._failing:
@@ -136,8 +155,17 @@ class RayRevocationSync:
             log.info("Ray: enforcing revocation of %s again", sorted(revoked))
             self._failing = ""
 
-    def _drain(self, node: RayNodeInfo, revoked: Set[str]) -> None:
-        message = drain_message(node, revoked)
+    def _claim_owners(self, nodes: Sequence[RayNodeInfo]) -> dict[str, str]:
+        """Claim -> institution, for the claims `nodes` carry that this coordinator
+        issued (bound or not: a copy of a revoked site's claim is drained too, which
+        harms only whoever copied it)."""
+        carried = {claim for node in nodes if (claim := node.labels.get(CLAIM_LABEL))}
+        if not carried:
+            return {}
+        return {c.claim: c.institution for c in self.store.ray_node_claims(carried)}
+
+    def _drain(self, node: RayNodeInfo, revoked: Set[str], owners: Mapping[str, str]) -> None:
+        message = drain_message(node, revoked, owners)
         deadline_ms = int(time.time() * 1000) + DRAIN_DEADLINE_S * 1000
         accepted, rejection = self.gcs.drain(node.ray_node_id, message, deadline_ms)
         if accepted:

@@ -56,7 +56,7 @@ def coordinator_ray_tls(files: CoordinatorPki) -> RayTls:
     cert = pki.issue_node_certificate(
         ca_key, ca_cert, key.public_key(), "consortium-coordinator", [ip], NODE_CERT_DAYS
     )
-    pki.write_private_key(tls.key, key)
+    pki.write_private_key(tls.key, key, force=True)  # a renewal replaces the old one
     tls.certificate.write_bytes(pki.pem(cert))
     log.info("issued the coordinator's Ray TLS certificate for %s", ip)
     return tls

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from consortium import pki
 from consortium.errors import InvalidArgumentError, PermissionDeniedError
 from consortium.ray_env import RayTls, ray_auth_env
 from coordinator.access.pki_files import CoordinatorPki
+from coordinator.ray import tls as ray_tls
 from coordinator.ray.tls import coordinator_ray_tls, peer_ip, sign_node_csr
 
 
@@ -87,6 +89,22 @@ def test_coordinator_certificate_is_issued_once_and_kept(files: CoordinatorPki) 
     issued = first.certificate.read_bytes()
     assert oct(first.key.stat().st_mode & 0o777) == "0o600"
     assert coordinator_ray_tls(files).certificate.read_bytes() == issued
+
+
+def test_coordinator_certificate_near_its_end_is_renewed_with_a_new_key(
+    files: CoordinatorPki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Within RENEW_BEFORE of its end (or for another address) the next start issues a
+    new one: its key replaces the old key file (which `write_private_key` would refuse
+    to overwrite, so a coordinator with --ray-tls failed to start once a year)."""
+    first = coordinator_ray_tls(files)
+    old_key, old_cert = first.key.read_bytes(), first.certificate.read_bytes()
+    monkeypatch.setattr(ray_tls, "RENEW_BEFORE", dt.timedelta(days=ray_tls.NODE_CERT_DAYS + 1))
+    renewed = coordinator_ray_tls(files)
+    assert renewed.certificate.read_bytes() != old_cert and renewed.key.read_bytes() != old_key
+    assert oct(renewed.key.stat().st_mode & 0o777) == "0o600"
+    key = pki.load_private_key(renewed.key)
+    assert pki.load_certificate(renewed.certificate).public_key() == key.public_key()
 
 
 def test_tls_environment_names_all_three_files(tmp_path: Path) -> None:

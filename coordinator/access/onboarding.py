@@ -262,6 +262,15 @@ def onboard(
     supernode_key = request.supernode_public.read_text().strip()
     if not supernode_key.startswith("ecdsa-sha2-nistp"):
         raise InvalidArgumentError(f"{request.supernode_public} is not an OpenSSH EC public key")
+    # One SuperNode key, one institution: the SuperLink knows nodes by key, so a second
+    # institution naming a member's key would count that member's SuperNode as its own
+    # (and keep it registered if the member were revoked).
+    for other, key, _ in store.supernode_keys():
+        if other != institution and key == supernode_key:
+            raise ConflictError(
+                f"{request.supernode_public}: this SuperNode key belongs to {other}; each site "
+                "makes its own (client keys)"
+            )
     binding = _checked_binding(request, institution, signing)
     paths = DataDir(data_dir)
     coordinator_key = SigningKey.load(paths.signing_key)

@@ -171,6 +171,22 @@ def test_a_signing_key_onboarded_for_another_institution_is_refused_before_issui
     assert [r.institution for r in logged_keys(data_dir)] == ["alpha"]
 
 
+def test_a_supernode_key_onboarded_for_another_institution_is_refused_before_issuing(
+    consortium: tuple[Path, SqliteStateStore], tmp_path: Path
+) -> None:
+    """Flower's SuperLink knows a node by its key alone: beta naming alpha's SuperNode key
+    would count alpha's node as beta's, and keep it registered were alpha revoked."""
+    data_dir, store = consortium
+    alpha = create_site_keys(tmp_path / "alpha", "alpha")
+    onboard_site(data_dir, store, alpha, "alpha")
+    beta = create_site_keys(tmp_path / "beta", "beta")
+    beta.supernode_public.write_bytes(alpha.supernode_public.read_bytes())
+    with pytest.raises(ConflictError, match="this SuperNode key belongs to alpha"):
+        onboard_site(data_dir, store, beta, "beta")
+    assert store.current_certificate_serial("beta") is None
+    assert [institution for institution, _, _ in store.supernode_keys()] == ["alpha"]
+
+
 @pytest.fixture
 def logged(
     consortium: tuple[Path, SqliteStateStore], tmp_path: Path

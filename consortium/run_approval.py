@@ -15,9 +15,12 @@ else (a provenance record, say) can never pass for an approval.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
+from consortium.net import split_host_port
 from consortium.provenance.signing import SignatureError, SigningKey, VerifyingKey
 
 STATEMENT_TYPE = "consortium.run-approval/v1"
@@ -44,6 +47,8 @@ class RefusalReason(StrEnum):
     FAB_MISMATCH = "fab_mismatch"  # the run carries another app than the one approved
     JOB_MISMATCH = "job_mismatch"  # the run says it serves another job
     UNREACHABLE = "unreachable"  # the coordinator could not be asked
+    # the task came from a Runtime API port another local user holds, not the SuperNode
+    FOREIGN_RUNTIME_API = "foreign_runtime_api"
 
 
 class RunRefusedError(Exception):
@@ -126,3 +131,47 @@ def check_run(
             f"for job {approval.job_id!r}",
         )
     return approval
+
+
+# A Runtime API address -> the uids of the sockets listening on its port (None: this
+# system cannot say).
+ListenerUids = Callable[[str], frozenset[int] | None]
+PROC_NET_TCP = ("/proc/net/tcp", "/proc/net/tcp6")
+TCP_LISTEN = "0A"
+
+
+def listening_uids(address: str) -> frozenset[int] | None:
+    """Who serves a loopback Runtime API: Flower authenticates the task taker, not the
+    server, so a local user who binds the port first hands out tasks of its choosing.
+    The owners of the sockets listening on `address`'s port, from Linux's
+    /proc/net/tcp{,6}; None where there is no such table (not Linux)."""
+    _, port = split_host_port(address)
+    uids: set[int] = set()
+    found_table = False
+    for table in PROC_NET_TCP:
+        try:
+            with open(table) as handle:
+                lines = handle.readlines()[1:]
+        except OSError:
+            continue
+        found_table = True
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 8 or fields[3] != TCP_LISTEN:
+                continue
+            if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                uids.add(int(fields[7]))
+    return frozenset(uids) if found_table else None
+
+
+def check_runtime_api_owner(address: str, listener_uids: ListenerUids = listening_uids) -> None:
+    """RunRefusedError unless every socket listening on the Runtime API's port is this
+    process's own user's (its SuperNode's or SuperLink's). None from `listener_uids`
+    (no /proc: not Linux) leaves nothing to check against."""
+    uids = listener_uids(address)
+    if uids is not None and uids != {os.getuid()}:
+        raise RunRefusedError(
+            RefusalReason.FOREIGN_RUNTIME_API,
+            f"the Runtime API port {address} is held by uid(s) {sorted(uids)}, not this "
+            f"process's user {os.getuid()}: another local user took the port",
+        )

@@ -57,7 +57,13 @@ from client.federated.task_input import (
     pull_task_message,
 )
 from consortium.errors import WorkloadNotAllowedError
-from consortium.run_approval import RefusalReason, RunRefusedError
+from consortium.run_approval import (
+    ListenerUids,
+    RefusalReason,
+    RunRefusedError,
+    check_runtime_api_owner,
+    listening_uids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +130,9 @@ class SiteTaskRunner:
         on_refused: Callable[[RefusalReason], None] = lambda _: None,
         poll_interval_s: float = POLL_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
+        listener_uids: ListenerUids = listening_uids,
     ) -> None:
+        self._listener_uids = listener_uids
         self._address = runtime_api_address  # asked again when the SuperNode restarts
         self._auth_secret = auth_secret
         self._check_run = check_run
@@ -212,7 +220,7 @@ class SiteTaskRunner:
             fab_hash = hashlib.sha256(header.fab.content).hexdigest()
             job_id = str(header.run.override_config.get(JOB_ID_KEY, ""))
             try:
-                self._check_run(run_id, fab_hash, job_id)
+                self._check_task(run_id, fab_hash, job_id)
             except RunRefusedError as refusal:
                 log.error("refused Flower run %s (%s): %s", run_id, refusal.reason, refusal)
                 self.counts.refused += 1
@@ -225,7 +233,7 @@ class SiteTaskRunner:
                         reply_to=message,
                     )
                 return
-            still_approved = RunStillApproved(lambda: self._check_run(run_id, fab_hash, job_id))
+            still_approved = RunStillApproved(lambda: self._check_task(run_id, fab_hash, job_id))
             try:
                 message = pull_task_message(client, header, None, still_approved)
             except RunRefusedError as ended:
@@ -260,6 +268,20 @@ class SiteTaskRunner:
             if heartbeat.is_running:
                 heartbeat.stop()
             client.close()
+
+    def _check_task(self, run_id: str, fab_hash: str, job_id: str) -> None:
+        """RunRefusedError unless the task came from this site's own SuperNode and the
+        coordinator approved its run.
+
+        Flower's Runtime API authenticates the task runner, not the server: a local user
+        who binds the port first (while the SuperNode starts or restarts) hands out
+        tasks of its choosing, with a node_config naming the data dir, workloads and
+        signing key the ClientApp trusts, and the run id, FAB and job of a real approved
+        run (every member's site sees them). Only a port whose every listener is this
+        site's own user (its SuperNode) is believed; checked once the task's connection
+        exists, while a squatter's listener is still serving it."""
+        check_runtime_api_owner(self._address(), self._listener_uids)
+        self._check_run(run_id, fab_hash, job_id)
 
     @staticmethod
     def _refused_message(client: RuntimeHttpClient, header: TaskHeader) -> Message | None:

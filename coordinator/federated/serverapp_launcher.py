@@ -30,6 +30,12 @@ from flwr.supercore.interceptors import (
 from flwr.supercore.runtime import RuntimeHttpClient
 
 from consortium.processes import ChildProcess, venv_executable
+from consortium.run_approval import (
+    ListenerUids,
+    RunRefusedError,
+    check_runtime_api_owner,
+    listening_uids,
+)
 from coordinator.federated.approvals import RunApprovals
 
 log = logging.getLogger(__name__)
@@ -48,6 +54,7 @@ IDLE_POLL_INTERVAL_S = 5.0
 APPROVAL_WAIT_S = 15.0
 UNAPPROVED = "unapproved"
 FAB_MISMATCH = "fab_mismatch"
+FOREIGN_RUNTIME_API = "foreign_runtime_api"
 
 
 @dataclass(frozen=True)
@@ -77,7 +84,9 @@ class ServerAppLauncher:
         stop_run: Callable[[str], None],
         on_refusal: Callable[[str], None] = lambda _: None,
         approval_wait_s: float = APPROVAL_WAIT_S,
+        listener_uids: ListenerUids = listening_uids,
     ) -> None:
+        self._listener_uids = listener_uids
         self._runtime = runtime
         self._approvals = approvals
         self._work_dir = work_dir  # token files, 0600, removed when their app ends
@@ -149,11 +158,24 @@ class ServerAppLauncher:
 
     def _launch_if_approved(self, token: str, run_id: str, fab_hash: str) -> None:
         self._handled.add(run_id)
+        if self._runtime.ca_cert is None:
+            # Without TLS nothing proves the Runtime API is our SuperLink: a local user
+            # who binds its port first (while it restarts) hands out a task naming an
+            # approved run (any local user lists runs through the Control API), and
+            # the ServerApp started for it installs and imports that user's FAB.
+            try:
+                check_runtime_api_owner(self._runtime.address, self._listener_uids)
+            except RunRefusedError as foreign:
+                log.error("refused a ServerApp task of Flower run %s: %s", run_id, foreign)
+                self._on_refusal(FOREIGN_RUNTIME_API)
+                return  # not stopped: the run may be real, the server is not ours
         signed = self._approvals.wait_for(run_id, self._approval_wait_s)
         approved = signed.verify(self._approvals.public_key) if signed is not None else None
         if approved is None:
             self._refuse(run_id, UNAPPROVED, "the coordinator approved no such run")
-        elif fab_hash and fab_hash != approved.fab_hash:
+        # A task naming no app is refused too: the ServerApp installs whatever FAB the
+        # Runtime API hands it, so only the approved one's hash may start it.
+        elif fab_hash != approved.fab_hash:
             self._refuse(
                 run_id,
                 FAB_MISMATCH,

@@ -66,6 +66,7 @@ AUTH_REASONS = (
     "invalid_token",  # Ray: a wrong token (only on the raylet sync stream)
     "unapproved",  # flower_run: a run the coordinator did not start for a job
     "fab_mismatch",  # flower_run: the run's app is not the one approved
+    "foreign_runtime_api",  # flower_run: a Runtime API port another local user holds
     OTHER,
 )
 SCHEDULER_FAILURES = ("start_error", "ended_early")

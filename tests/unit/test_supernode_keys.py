@@ -118,6 +118,21 @@ def test_sync_removes_a_revoked_key_and_never_restores_it() -> None:
     assert counts.actions == ["removed_revoked"]
 
 
+def test_a_revoked_key_is_not_re_registered_under_another_institution_that_named_it() -> None:
+    """gamma, a colluding member, onboarded with beta's SuperNode key (onboarding now
+    refuses that: tests/unit/test_key_binding.py; a store from before may hold it).
+    Revoking beta unregisters the key for good: gamma's row once re-registered it."""
+    store = onboarded(("alpha", KEY_A), ("beta", KEY_B), ("gamma", KEY_B))
+    link = FakeSuperLink()
+    sync = SuperNodeKeySync(store, link, check_interval_s=0.0)
+    sync.sync()
+    assert link.active_keys() == {KEY_A, KEY_B}
+    store.revoke_institution("beta")
+    for _ in range(3):  # beta's node unregistered, then every later step and check
+        sync.sync()
+    assert link.active_keys() == {KEY_A}
+
+
 def test_sync_follows_the_store_between_checks_of_the_superlink() -> None:
     store, link, counts = onboarded(("alpha", KEY_A)), FakeSuperLink(), Counts()
     clock = Clock()

@@ -430,12 +430,24 @@ def load_attestation(
         raise NotFoundError("pass --ca: the consortium's CA certificate (ca.crt in a bundle)")
     if not path.exists():
         raise NotFoundError(f"attestation {path} does not exist")
+    held = [text for _, text in _checkpoint_texts(checkpoints)]
+    certificate = load_certificate(ca)
     try:
-        held = [text for _, text in _checkpoint_texts(checkpoints)]
         document = json.loads(path.read_text())
-        return verify_attestation(document, load_certificate(ca), held)
+    except (ValueError, RecursionError) as error:  # nesting deeper than the parser goes
+        raise ProvenanceInvalidError(f"{path}: not a JSON attestation: {error}") from None
+    if not isinstance(document, dict):
+        raise ProvenanceInvalidError(f"{path}: not an attestation (a JSON object is expected)")
+    try:
+        return verify_attestation(document, certificate, held)
     except (AttestationError, ValueError) as error:
         raise ProvenanceInvalidError(f"{path}: {error}") from None
+    except (KeyError, TypeError, AttributeError) as error:
+        # A field missing or of another type: whoever made the file, not a bug of ours,
+        # so one line and exit 14, as for any attestation that does not hold.
+        raise ProvenanceInvalidError(
+            f"{path}: a malformed attestation ({type(error).__name__}: {error})"
+        ) from None
 
 
 def _show_row(record: Record) -> tuple[str, str, str, str, str]:

@@ -355,6 +355,29 @@ def test_verify_attestation_command_accepts_the_export_and_names_its_witnesses(
     assert "the data dir's" not in line
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[1, 2]",
+        "[" * 100_000 + "]" * 100_000,
+        '{"payloadType": 5, "payload": [], "signatures": {}}',
+        '{"payloadType": "application/vnd.in-toto+json", "payload": "e30=", "signatures": 7}',
+    ],
+    ids=["a list", "nested past the parser", "fields of other types", "signatures a number"],
+)
+def test_a_malformed_attestation_is_one_line_and_exit_14(
+    consortium: Consortium, tmp_path: Path, text: str
+) -> None:
+    """Whoever hands a reviewer the file may make it anything: what does not parse as an
+    attestation fails as one that does not verify, not with a traceback."""
+    attestation = tmp_path / "attestation.dsse.json"
+    attestation.write_text(text)
+    result = verify_attestation_command(attestation, consortium.ca)
+    assert result.returncode == ExitCode.PROVENANCE_INVALID, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith(f"error: {attestation}:")
+
+
 def test_verify_attestation_reports_the_job_its_rounds_and_witnesses(
     consortium: Consortium,
 ) -> None:

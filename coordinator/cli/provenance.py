@@ -158,7 +158,10 @@ def verify(
             f"tree size {head.tree_size}, root {head.root_hash}; "
             f"cosigned by {', '.join(witnesses) if witnesses else 'no site'}"
         )
-        console.print(_trusted(key or DataDir(data_dir).signing_public_key, key is None, ca))
+        # Never folded: the key id and fingerprint are compared by eye or copied whole.
+        console.print(
+            _trusted(key or DataDir(data_dir).signing_public_key, key is None, ca), soft_wrap=True
+        )
         if len(witnesses) < min_witnesses:
             raise ProvenanceInvalidError(
                 f"the latest tree head (size {head.tree_size}) is cosigned by "
@@ -418,7 +421,7 @@ def verify_attestation_command(
                 f"{', '.join(witnesses) or 'no site'})"
             )
         if trusted_ca is not None:
-            console.print(_trusted_ca(trusted_ca, ca is None))
+            console.print(_trusted_ca(trusted_ca, ca is None), soft_wrap=True)
 
 
 def load_attestation(

@@ -18,6 +18,7 @@ import base64
 import copy
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -340,9 +341,14 @@ def first_round_entry(statement: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_verify_attestation_command_accepts_the_export_and_names_its_witnesses(
-    consortium: Consortium,
+    consortium: Consortium, tmp_path: Path
 ) -> None:
-    result = verify_attestation_command(consortium.federated, consortium.ca)
+    # The CA from a path long enough that its line passes the 200 columns run_cli sets:
+    # the fingerprint must still come out whole, not folded across lines.
+    ca = tmp_path / ("long-" * 20) / "ca.crt"
+    ca.parent.mkdir()
+    shutil.copyfile(consortium.ca, ca)
+    result = verify_attestation_command(consortium.federated, ca)
 
     assert result.returncode == 0, result.stdout + result.stderr
     line = " ".join(result.stdout.split())
@@ -350,8 +356,8 @@ def test_verify_attestation_command_accepts_the_export_and_names_its_witnesses(
     assert f"federated job {JOB} after {ROUNDS} round(s)" in line
     assert f"cosigned by {', '.join(INSTITUTIONS)}" in line
     # What the verdict rests on: the CA given, by fingerprint, for out-of-band comparison
-    fingerprint = pki.fingerprint(pki.load_certificate(consortium.ca))
-    assert f"trusted: CA {fingerprint} (SHA-256) from {consortium.ca}" in line
+    fingerprint = pki.fingerprint(pki.load_certificate(ca))
+    assert f"trusted: CA {fingerprint} (SHA-256) from {ca}" in result.stdout.splitlines()
     assert "the data dir's" not in line
 
 

@@ -125,6 +125,11 @@ def certified_key(coordinator: dict[str, Any], ca: x509.Certificate) -> Ed25519P
         key = cert.public_key()
         if not isinstance(key, Ed25519PublicKey):
             raise CheckFailedError("certificate: it certifies no Ed25519 key")
+        try:
+            usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        except x509.ExtensionNotFound:
+            usage = None
+        require(usage is not None and usage.digital_signature, "its key usage has no signing")
         require(key_id_of(key) == coordinator["key_id"], "it certifies another key")
     return key
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from consortium import pki
@@ -513,6 +514,43 @@ def certificate_from_another_ca(document: Document, c: Consortium) -> Document:
     return signed(statement, c.coordinator)
 
 
+def certificate_not_for_signing(document: Document, c: Consortium) -> Document:
+    """The coordinator's key, certified by the trusted CA for key agreement only: a
+    certificate for another use must not vouch for signatures."""
+    pki_files = CoordinatorPki(c.data_dir)
+    ca_key = pki.load_private_key(pki_files.ca_key)
+    ca_cert = pki.load_certificate(pki_files.ca_cert)
+    honest = pki.issue_signing_key_certificate(
+        ca_key, ca_cert, Ed25519PublicKey.from_public_bytes(c.coordinator.public.raw), CERT_DAYS
+    )
+    uses = dict.fromkeys(KEY_USAGE_FIELDS, False)
+    cert = (
+        x509.CertificateBuilder(
+            honest.issuer, honest.subject, honest.public_key(), honest.serial_number
+        )
+        .not_valid_before(honest.not_valid_before_utc)
+        .not_valid_after(honest.not_valid_after_utc)
+        .add_extension(x509.KeyUsage(**{**uses, "key_agreement": True}), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    statement = statement_of(document)
+    statement["predicate"]["coordinator"]["certificate"] = pki.pem(cert).decode()
+    return signed(statement, c.coordinator)
+
+
+KEY_USAGE_FIELDS = (
+    "digital_signature",
+    "content_commitment",
+    "key_encipherment",
+    "data_encipherment",
+    "key_agreement",
+    "key_cert_sign",
+    "crl_sign",
+    "encipher_only",
+    "decipher_only",
+)
+
+
 def cosignature_altered(document: Document, c: Consortium) -> Document:
     statement = statement_of(document)
     cosignature = statement["predicate"]["log"]["cosignatures"][0]
@@ -549,6 +587,7 @@ TAMPERS = [
     Tamper(inclusion_proof_node_changed, "does not match expected root", f"{ROUND_1}its"),
     Tamper(tree_head_root_changed, "the tree head's signature", "tree head: the signature"),
     Tamper(certificate_from_another_ca, "was not issued by the CA", "certificate: the CA"),
+    Tamper(certificate_not_for_signing, "does not allow digital", "certificate: its key usage"),
     Tamper(cosignature_altered, f"the cosignature of {INSTITUTIONS[0]!r}", "cosignature of"),
     Tamper(job_completed_removed, "holds no job_completed record", "job_completed:"),
 ]

@@ -10,10 +10,10 @@ from types import FrameType
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from client.provenance_cli import provenance_app
 from consortium.cli_errors import cli_errors, configure_logging
+from consortium.console import plain_console
 from consortium.errors import SettingsError
 from consortium.exit_codes import ExitCode
 from consortium.file_modes import private_dir, restrict_umask
@@ -35,7 +35,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     epilog="Exit codes: " + "; ".join(f"{int(c)} {c.name.lower()}" for c in ExitCode),
 )
-console = Console()
+console = plain_console()
 
 
 data_app = typer.Typer(help="This site's data: check it, or write example data.")

@@ -7,16 +7,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from consortium.cli_errors import cli_errors
+from consortium.console import plain_console
 from consortium.errors import NotFoundError, ProvenanceInvalidError
 
 provenance_app = typer.Typer(
     help="Check the coordinator's provenance log against what this site witnessed.",
     no_args_is_help=True,
 )
-console = Console()
+console = plain_console()
 
 
 @provenance_app.command("check")

@@ -8,13 +8,13 @@ import sys
 from collections.abc import Iterator
 
 import typer
-from rich.console import Console
 from rich.text import Text
 
+from consortium.console import plain_console
 from consortium.errors import ConsortiumError
 from consortium.exit_codes import ExitCode
 
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+stderr = plain_console(stderr=True, soft_wrap=True)
 
 
 @contextlib.contextmanager

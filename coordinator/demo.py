@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from rich.text import Text
 
 from consortium.data import TEXT_DIR
 from consortium.data.digits import train_test_split
@@ -172,8 +173,9 @@ def run_demo(
             count = len(archive["y"])
         text_bytes = (data_dir / TEXT_DIR / f"{DOCSTRINGS}.txt").stat().st_size
         console.print(
-            f"[dim]{name}: {count} private digit images and {text_bytes // 1024} KiB of "
-            f"private text in {data_dir}[/]"
+            f"{name}: {count} private digit images and {text_bytes // 1024} KiB of "
+            f"private text in {data_dir}",
+            style="dim",
         )
     layout = WanLayout(wan_testbed, tuple(names)) if wan_testbed is not None else None
     consortium = LocalConsortium(
@@ -314,7 +316,7 @@ def run_pipeline(
     )
     pretrained = watch_job(remote, pretrain.job_id, console)
     if pretrained.state != jobs_pb2.JOB_STATE_SUCCEEDED:
-        console.print(f"[red]pretraining ended {pretrained.message}[/]")
+        console.print(f"pretraining ended {pretrained.message}", style="red")
         remote.cancel(fine_tune.job_id)
         return pretrain.job_id, pretrained
     steps = remote.get(pretrain.job_id).rounds
@@ -332,16 +334,18 @@ def run_pipeline(
 def report(remote: Remote, job: jobs_pb2.Job, console: Console) -> None:
     rounds = remote.get(job.job_id).rounds
     if not rounds:
-        console.print(f"[red]job {job.job_id} ended with no rounds: {job.message}[/]")
+        console.print(f"job {job.job_id} ended with no rounds: {job.message}", style="red")
         return
     first, last = rounds[0], rounds[-1]
     metric = "eval_accuracy" if "eval_accuracy" in last.metrics else "eval_perplexity"
     label = metric.removeprefix("eval_")
     console.print(
-        f"\njob {job.job_id}: {job.message}\n"
-        f"held-out {label}: {first.metrics.get(metric, float('nan')):.3f} "
-        f"(before) -> [bold]{last.metrics.get(metric, float('nan')):.3f}[/] after round "
-        f"{last.round}"
+        Text.assemble(
+            f"\njob {job.job_id}: {job.message}\n",
+            f"held-out {label}: {first.metrics.get(metric, float('nan')):.3f} (before) -> ",
+            (f"{last.metrics.get(metric, float('nan')):.3f}", "bold"),
+            f" after round {last.round}",
+        )
     )
     if job.model_path:
         console.print(f"final model: {job.model_path}")

@@ -6,14 +6,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from consortium.cli_errors import cli_errors
+from consortium.console import plain_console
 from consortium.errors import NotFoundError
 from coordinator.pretraining.accounting_files import accounting_path, read_accounting
 
-console = Console()
+console = plain_console()
 
 
 def accounting(

@@ -12,10 +12,10 @@ from types import FrameType
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from consortium.cli_errors import cli_errors, configure_logging
+from consortium.console import plain_console
 from consortium.errors import InvalidArgumentError
 from consortium.exit_codes import EXIT_CODE_HELP, ExitCode
 from consortium.file_modes import private_dir, restrict_umask
@@ -48,7 +48,7 @@ app.command("revoke")(onboarding_cli.revoke)
 app.command("renew")(onboarding_cli.renew)
 app.command("replace-signing-key")(onboarding_cli.replace_signing_key)
 app.command("accounting")(accounting)
-console = Console()
+console = plain_console()
 
 DataDir = Annotated[
     Path, typer.Option("--data-dir", help="Coordinator data dir (state, models, logs).")

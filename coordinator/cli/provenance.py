@@ -9,10 +9,10 @@ from typing import Annotated
 
 import typer
 from cryptography.hazmat.primitives.serialization import Encoding
-from rich.console import Console
 from rich.table import Table
 
 from consortium.cli_errors import cli_errors
+from consortium.console import plain_console
 from consortium.errors import (
     ConflictError,
     InvalidArgumentError,
@@ -55,7 +55,7 @@ from coordinator.data_dir import DataDir
 provenance_app = typer.Typer(
     help="Verify, show and export the provenance log.", no_args_is_help=True
 )
-console = Console()
+console = plain_console()
 CHECKPOINT_FILE = "checkpoint"
 
 DataDirOption = Annotated[Path, typer.Option("--data-dir", help="Coordinator data dir.")]

@@ -45,10 +45,10 @@ def watch_job(remote: Remote, job_id: str, console: Console) -> jobs_pb2.Job:
     """Follow a job until it ends; returns its final snapshot."""
     job = remote.get(job_id).job
     columns = (
-        TextColumn("[bold]{task.fields[name]}"),
+        TextColumn("{task.fields[name]}", style="bold", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
+        TextColumn("{task.fields[status]}", markup=False),
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, transient=False) as progress:

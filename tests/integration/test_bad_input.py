@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,6 +74,22 @@ def test_invalid_spec_is_invalid_argument_over_grpc(coordinator: str) -> None:
             stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec_toml="rounds = -1"), timeout=10)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "rounds" in raised.value.details()
+
+
+def test_a_job_name_prints_verbatim_in_the_listing_and_the_job(coordinator: str) -> None:
+    """A member names its job as it likes: what rich would read as markup or an emoji
+    code neither breaks the operator's listing (a MarkupError did) nor hides text."""
+    name = "x[/][white on white]hid[/]:ab:"
+    with Remote(coordinator) as remote:
+        job = remote.submit(VALID_JOB.replace('"queued"', json.dumps(name)))
+        remote.cancel(job.job_id)
+    listed = run_cli("coordinator", "jobs", "list", "--coordinator", coordinator)
+    shown = run_cli("coordinator", "jobs", "show", job.job_id, "--coordinator", coordinator)
+
+    assert listed.returncode == 0, listed.stderr
+    assert shown.returncode == 0, shown.stderr
+    assert name in listed.stdout
+    assert shown.stdout.startswith(f"job {job.job_id} ({name}): cancelled")
 
 
 def test_unknown_job_is_not_found(coordinator: str) -> None:

@@ -344,9 +344,10 @@ def first_round_entry(statement: dict[str, Any]) -> dict[str, Any]:
 def test_verify_attestation_command_accepts_the_export_and_names_its_witnesses(
     consortium: Consortium, tmp_path: Path
 ) -> None:
-    # The CA from a path long enough that its line passes the 200 columns run_cli sets:
-    # the fingerprint must still come out whole, not folded across lines.
-    ca = tmp_path / ("long-" * 20) / "ca.crt"
+    # The CA from a path long enough that its line passes the 200 columns run_cli sets
+    # (the fingerprint must still come out whole, not folded across lines), and holding
+    # what rich would read as markup or an emoji code: it must come out verbatim.
+    ca = tmp_path / ("long-" * 20 + "[white]:ab:") / "ca.crt"
     ca.parent.mkdir()
     shutil.copyfile(consortium.ca, ca)
     result = verify_attestation_command(consortium.federated, ca)

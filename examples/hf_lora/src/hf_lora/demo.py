@@ -23,6 +23,7 @@ import typer
 from rich.console import Console
 
 from consortium.cli_errors import cli_errors, configure_logging
+from consortium.console import plain_console
 from consortium.exit_codes import ExitCode
 from consortium.file_modes import restrict_umask
 from consortium.proto.v1 import jobs_pb2
@@ -145,7 +146,7 @@ def main(
     restrict_umask()
     configure_logging(verbose)
     with cli_errors():
-        state = run(work_dir, rounds, institutions, local_steps, Console())
+        state = run(work_dir, rounds, institutions, local_steps, plain_console())
     if state == jobs_pb2.JOB_STATE_CANCELLED:
         raise typer.Exit(int(ExitCode.JOB_CANCELLED))
     if state != jobs_pb2.JOB_STATE_SUCCEEDED:

@@ -88,7 +88,32 @@ class ChildProcess:
         return self.popen.pid
 
     def poll(self) -> int | None:
-        return self.popen.poll()
+        """The child's exit code once it has ended (negative: the signal), else None.
+
+        It is not reaped here, only by `stop`: until then the dead child keeps its pid,
+        which is also its process group's id, so no other process can be given that id
+        and `stop` signals only the group this child led. Reaped at once (as
+        `Popen.poll` does) and stopped after a supervisor's backoff, its pid could have
+        gone to another user's session leader, and root's `stop` ended that session.
+        """
+        if self.popen.returncode is not None:
+            return self.popen.returncode
+        try:
+            ended = os.waitid(os.P_PID, self.popen.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # reaped by a concurrent `stop`, which set returncode
+            return self.popen.poll()
+        if ended is None or ended.si_pid == 0:
+            return None
+        if ended.si_code in (os.CLD_KILLED, os.CLD_DUMPED):
+            return -ended.si_status
+        return ended.si_status
+
+    def wait_exit(self, timeout_s: float) -> int | None:
+        """`poll` until the child ends or `timeout_s` passes; it is not reaped."""
+        deadline = time.monotonic() + timeout_s
+        while (code := self.poll()) is None and time.monotonic() < deadline:
+            time.sleep(WAIT_POLL_S)
+        return code
 
     def logged(self, text: str) -> bool:
         """Whether this child (not an earlier one on the same log) wrote `text`."""
@@ -111,15 +136,18 @@ class ChildProcess:
         if self._stopped:
             return
         self._stopped = True
-        descendants = descendants_of(self.popen.pid)
-        if self.popen.poll() is None:
+        # Reaped already (someone called Popen's own wait): its pid, and so its group's
+        # id, may be another process's now. Nothing is signalled by pid then.
+        reaped = self.popen.returncode is not None
+        descendants = [] if reaped else descendants_of(self.popen.pid)
+        if self.poll() is None:
             _signal_group(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
+            if self.wait_exit(timeout_s) is None:
                 log.warning("%s did not stop in %.0f s; killing it", self.name, timeout_s)
-        # Helpers in the group may outlive the leader; they are ours, end them too.
-        _signal_group(self.popen.pid, signal.SIGKILL)
+        if not reaped:
+            # Helpers in the group may outlive the leader; they are ours, end them too.
+            # The leader is not reaped yet, so the group's id is still this child's.
+            _signal_group(self.popen.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=timeout_s)
         # psutil checks each process's start time before signalling, so a pid reused

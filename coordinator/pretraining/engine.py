@@ -16,7 +16,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -244,8 +243,7 @@ class DriverProcessEngine:
                 message = wire.read_message(conn, weights_bytes) if conn.poll(POLL_S) else None
             except (EOFError, OSError):
                 message = None
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    child.popen.wait(POLL_S)
+                child.wait_exit(POLL_S)
             if message is None:
                 if child.poll() is None:
                     continue
@@ -261,8 +259,7 @@ class DriverProcessEngine:
 
     def _end(self, child: ChildProcess) -> None:
         """Let a finished driver leave the cluster; stop one that is still running."""
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.popen.wait(DRIVER_EXIT_S)
+        child.wait_exit(DRIVER_EXIT_S)
         child.stop(KILL_AFTER_S)
         with self._lock:
             if self._child is child:

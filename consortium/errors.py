@@ -44,7 +44,15 @@ class UnknownWorkloadError(InvalidArgumentError):
     does not implement the workload protocol (consortium/workloads)."""
 
 
-class WorkloadNotAllowedError(InvalidArgumentError):
+class TaskRefusedError(InvalidArgumentError):
+    """A site declines a task, and says why to the coordinator (the error reply's
+    reason, which may reach the signed round records): its message names only what the
+    coordinator sent and the site's published choices, never the site's data. Any
+    other failure at a site is reported by its type alone (client/federated/
+    task_runner.py: `told_to_coordinator`)."""
+
+
+class WorkloadNotAllowedError(TaskRefusedError):
     """The site's settings do not list the workload a job asked it to run."""
 
 

@@ -10,6 +10,7 @@ commitment go back to the coordinator.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import zlib
 from collections.abc import Mapping
@@ -26,7 +27,7 @@ from client.federated.signing_mod import COMMITMENT_RECORD, signing_mod
 from client.federated.site_trainer import SiteTrainer
 from client.metrics import record_training
 from consortium.data.site_loaders import available_datasets
-from consortium.errors import DataDirError
+from consortium.errors import TaskRefusedError
 from consortium.model_wire import ARRAYS_RECORD, pack_tensors, unpack_torch
 from consortium.models import MAX_PARAMETERS
 from consortium.provenance.commitment import DataCommitment, load_or_create_key
@@ -40,6 +41,7 @@ from consortium.workloads import (
     load_workload,
 )
 
+log = logging.getLogger(__name__)
 app = ClientApp(mods=[signing_mod])
 PRETRAIN_WORKLOAD = "bytelm"  # federated pretraining trains the byte-level LM
 # What stays loaded between messages in `client join`'s process (site_trainer.py).
@@ -49,7 +51,7 @@ TRAINER = SiteTrainer()
 def _number(config: Mapping[str, object], key: str, default: float | None = None) -> float:
     value = config.get(key, default)
     if not isinstance(value, int | float):
-        raise ValueError(f"config {key!r} must be a number, got {value!r}")
+        raise TaskRefusedError(f"config {key!r} must be a number, got {value!r}")
     return float(value)
 
 
@@ -100,10 +102,10 @@ def _bounded_options(config: ConfigRecord, name: str, workload: Workload) -> Wor
     memory and `client join` with it."""
     options = json.loads(str(config.get("model-options", "{}")))
     if not isinstance(options, dict):
-        raise ValueError(f"config 'model-options' must be a JSON object, got {options!r}")
+        raise TaskRefusedError(f"config 'model-options' must be a JSON object, got {options!r}")
     count = workload.parameter_count(options)
     if count > MAX_PARAMETERS:
-        raise ValueError(
+        raise TaskRefusedError(
             f"workload {name!r} with these options would have {count:,} parameters; this "
             f"site trains at most {MAX_PARAMETERS:,}"
         )
@@ -118,9 +120,9 @@ def _offered(config: ConfigRecord, data_dir: Path) -> str:
     dataset = str(config.get("dataset", ""))
     offered = available_datasets(data_dir)
     if dataset not in offered:
-        raise DataDirError(
-            f"this site offers no dataset {dataset!r}; it offers {', '.join(offered) or 'none'}"
-        )
+        # Which datasets it does offer is the site's to know: said in its own log only.
+        log.warning("a task named dataset %r; this site offers %s", dataset, offered or "none")
+        raise TaskRefusedError(f"this site offers no dataset {dataset!r}")
     return dataset
 
 

@@ -56,7 +56,7 @@ from client.federated.task_input import (
     pull_task_header,
     pull_task_message,
 )
-from consortium.errors import WorkloadNotAllowedError
+from consortium.errors import TaskRefusedError, WorkloadNotAllowedError
 from consortium.run_approval import (
     ListenerUids,
     RefusalReason,
@@ -252,7 +252,7 @@ class SiteTaskRunner:
         except Exception as error:
             self.counts.failed += 1
             _log_failure(task_id, error)
-            details = f"{type(error).__name__}: {error}"
+            details = told_to_coordinator(error)
             if message is not None:
                 reply = Message(
                     Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
@@ -292,6 +292,18 @@ class SiteTaskRunner:
         except Exception as error:
             log.warning("the refused task's message did not arrive: %s", error)
             return None
+
+
+def told_to_coordinator(error: Exception) -> str:
+    """What the coordinator hears of a task that failed here (the error reply's reason,
+    recorded with the round). A site's refusal says why (`TaskRefusedError`: its
+    message names only what the coordinator sent). Anything else is named by its type
+    alone: an exception's text may quote the site's data (numpy puts the value it could
+    not convert in its message: a patient's name from a column of the wrong type), its
+    paths or its files' fields. The site's own log has the whole error."""
+    if isinstance(error, TaskRefusedError):
+        return f"{type(error).__name__}: {error}"
+    return f"{type(error).__name__} at the site (its operator's log has the details)"
 
 
 def _log_failure(task_id: int, error: Exception) -> None:

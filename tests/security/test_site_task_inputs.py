@@ -7,12 +7,14 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.federated import client_app
-from consortium.errors import DataDirError
+from client.federated.task_runner import told_to_coordinator
+from consortium.errors import TaskRefusedError
 from consortium.model_wire import ARRAYS_RECORD, pack_tensors
 from consortium.models import MAX_PARAMETERS, build_model, parameter_tensors
 from consortium.workloads import WorkloadOptions, load_workload
@@ -91,7 +93,7 @@ def test_site_refuses_a_dataset_name_that_leads_out_of_its_data_dir(
     client_app.TRAINER.data = spying  # type: ignore[method-assign]
     try:
         for name in ("../../private/notes", str(private.with_suffix(""))):
-            with pytest.raises(DataDirError, match="offers no dataset"):
+            with pytest.raises(TaskRefusedError, match="offers no dataset"):
                 entry(_message(name), context)
         assert read == []  # no loader ever saw the coordinator's path
         # The dataset the site offers still trains.
@@ -120,8 +122,44 @@ def test_site_refuses_model_options_over_max_parameters_before_building_anything
     huge = {"n_layer": 64, "n_head": 2, "n_embd": 4096, "block_size": 32}
     assert workload.parameter_count(huge) > MAX_PARAMETERS
     try:
-        with pytest.raises(ValueError, match="this site trains at most"):
+        with pytest.raises(TaskRefusedError, match="this site trains at most"):
             entry(_message("docstrings", options=huge), context)
         assert built == []
+    finally:
+        client_app.TRAINER._enter(-1)
+
+
+def test_the_coordinator_hears_why_a_site_refused_but_never_its_data(tmp_path: Path) -> None:
+    """A failure's text goes back to the coordinator (and into the round's signed
+    record) only for a site's refusal; any other error is named by its type alone.
+    The attack: the coordinator points an allowed workload at a dataset of another
+    shape (a table of names), and numpy's error quotes the first value."""
+    context, _ = _site(tmp_path)
+    context.node_config["workloads"] = "bytelm,digits-cnn"
+    data_dir = Path(str(context.node_config["data-dir"]))
+    np.savez(data_dir / "records.npz", x=np.array([["Jane Roe", "1970-01-01"]]), y=np.array([0]))
+    config = ConfigRecord(
+        {"workload": "digits-cnn", "dataset": "records", "server-round": 1, "seed": 0}
+    )
+    weights = pack_tensors(parameter_tensors(build_model("digits-cnn", {})))
+    message = Message(
+        content=RecordDict({ARRAYS_RECORD: weights, "config": config}),
+        dst_node_id=7,
+        message_type="train",
+    )
+    client_app.TRAINER._enter(-1)
+    try:
+        with pytest.raises(Exception) as failed:
+            client_app.train(message, context)
+        assert "Jane Roe" in str(failed.value)  # what the site's own log keeps
+        told = told_to_coordinator(failed.value)
+        assert "Jane Roe" not in told and str(data_dir) not in told
+        assert told.startswith(type(failed.value).__name__)
+
+        with pytest.raises(TaskRefusedError) as refused:
+            client_app.train(_message("elsewhere"), context)
+        told = told_to_coordinator(refused.value)
+        assert told == "TaskRefusedError: this site offers no dataset 'elsewhere'"
+        assert "docstrings" not in told and "records" not in told  # what it does offer
     finally:
         client_app.TRAINER._enter(-1)

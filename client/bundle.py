@@ -10,6 +10,7 @@ Every problem names the file that is wrong.
 from __future__ import annotations
 
 import datetime as dt
+import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from cryptography.hazmat.primitives import serialization
 
 from consortium import pki
 from consortium.errors import SettingsError
+from consortium.names import name_problem
+from consortium.net import split_host_port
 from consortium.provenance.signing import SignatureError, VerifyingKey
 from consortium.run_approval import (
     COORDINATOR_KEY_ENDORSEMENT_FILE,
@@ -64,8 +67,17 @@ class Bundle:
 
 
 def _require(path: Path) -> Path:
-    if not path.is_file():
-        raise BundleError(f"{path} is missing")
+    """`path`, a plain file. Not a link: a bundle's `ray-token` linked to a file of the
+    site's (another service's secret) was copied into the state dir as the cluster
+    token and sent where Ray sends its token."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        raise BundleError(f"{path} is missing") from None
+    if stat.S_ISLNK(mode):
+        raise BundleError(f"{path} is a link; a bundle holds plain files only")
+    if not stat.S_ISREG(mode):
+        raise BundleError(f"{path} is not a file")
     return path
 
 
@@ -91,8 +103,12 @@ def load_bundle(directory: Path, state_dir: Path) -> Bundle:
         meta = tomllib.loads(_text(directory / "bundle.toml"))
         institution = str(meta["institution"])
         address = str(meta["coordinator_address"])
-    except (tomllib.TOMLDecodeError, KeyError) as err:
+        split_host_port(address)
+    except (tomllib.TOMLDecodeError, KeyError, ValueError) as err:
         raise BundleError(f"{directory / 'bundle.toml'} is incomplete or invalid: {err}") from None
+    problem = name_problem(institution)
+    if problem is not None:  # it names the state dir: nothing signs bundle.toml
+        raise BundleError(f"{directory / 'bundle.toml'}: {problem}")
     ca = _certificate(directory / "ca.crt")
     expected = _text(directory / "ca.sha256").strip()
     if pki.fingerprint(ca) != expected or meta.get("ca_fingerprint") != expected:

@@ -51,8 +51,8 @@ def main() -> None:
 def bundle_value(bundle: Path, key: str) -> str | None:
     path = bundle / "bundle.toml"
     try:
-        value = tomllib.loads(path.read_text()).get(key)
-    except (OSError, tomllib.TOMLDecodeError):
+        value = tomllib.loads(path.read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError):  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
         return None  # load_bundle reports exactly what is wrong with the file
     return str(value) if value is not None else None
 

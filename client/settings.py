@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from client.federated.fast_poll_supernode import (
@@ -13,6 +13,7 @@ from client.federated.fast_poll_supernode import (
     HEARTBEAT_BOUNDS_S,
 )
 from client.federated.site_trainer import DEFAULT_MEMORY_BUDGET_BYTES
+from consortium.names import name_problem
 from consortium.ray_env import RayPortRange
 from consortium.settings import RoleSettings
 from consortium.workloads import BUILTIN_WORKLOADS
@@ -72,6 +73,15 @@ class ClientSettings(RoleSettings):
     # "LOW-HIGH": every port this node's Ray processes listen on, for a firewall that
     # lets the coordinator's Ray head in (docs/operations.md, "Ports and directions").
     ray_port_range: RayPortRange = None
+
+    @field_validator("institution")
+    @classmethod
+    def _institution_is_a_name(cls, institution: str) -> str:
+        # It may come from a bundle, which nothing signs, and names the state dir.
+        problem = name_problem(institution)
+        if problem is not None:
+            raise ValueError(problem)
+        return institution
 
     @model_validator(mode="after")
     def _port_range_is_for_a_pool_node(self) -> ClientSettings:

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from consortium import pki
 from consortium.errors import ConflictError, InvalidArgumentError, NotFoundError
 from consortium.file_modes import private_dir
+from consortium.names import is_institution_name
 from consortium.provenance.binding import check_binding_against_csr
 from consortium.provenance.log import ProvenanceLog
 from consortium.provenance.records import InstitutionKey, InstitutionKeyChanged, KeyBinding
@@ -242,7 +243,7 @@ def onboard(
     cert_days: int,
 ) -> Path:
     """Sign the site's CSR, register its keys, write its startup bundle."""
-    if institution == OPERATOR or not institution.replace("-", "").replace("_", "").isalnum():
+    if institution == OPERATOR or not is_institution_name(institution):
         raise InvalidArgumentError(
             f"institution name {institution!r}: use letters, digits, '-' and '_' "
             f"(and not {OPERATOR!r})"

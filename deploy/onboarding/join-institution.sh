@@ -13,6 +13,16 @@ case "${1:-}" in
     join)
         bundle="${2:?bundle dir}"; data="${3:?data dir}"
         name="$(sed -n 's/^institution = "\(.*\)"$/\1/p' "$bundle/bundle.toml")"
+        # The name becomes a path: the rule onboarding holds names to (consortium/names.py).
+        case "$name" in
+            *[!A-Za-z0-9_-]*) valid=no ;;
+            *[A-Za-z0-9]*) valid=yes ;;
+            *) valid=no ;;
+        esac
+        if [ "$valid" != yes ]; then
+            echo "$bundle/bundle.toml names institution '$name': use letters, digits, '-' and '_'" >&2
+            exit 2
+        fi
         state="${4:-.consortium-client/$name}"
         echo "CA fingerprint in this bundle (compare with the operator's):"
         cat "$bundle/ca.sha256"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import shutil
 import stat
 from pathlib import Path
@@ -12,12 +13,14 @@ import pytest
 from client.bundle import BundleError, load_bundle
 from consortium import pki
 from consortium.errors import ConflictError, InvalidArgumentError
+from consortium.exit_codes import ExitCode
 from consortium.provenance.signing import SigningKey
 from consortium.site_keys import create_site_keys
 from coordinator.access.onboarding import Request, init_consortium, onboard, renew, revoke
 from coordinator.access.pki_files import CoordinatorPki
 from coordinator.data_dir import DataDir
 from coordinator.state import SqliteStateStore
+from tests.helpers import run_cli
 
 
 @pytest.fixture
@@ -189,3 +192,90 @@ def test_revoked_institution_cannot_renew(
             )
     finally:
         store.close()
+
+
+# --- a bundle altered in transit (nothing signs bundle.toml, ray-token or the dir) ------
+
+
+def rewrite_toml(bundle_dir: Path, key: str, value: str) -> None:
+    path = bundle_dir / "bundle.toml"
+    lines = [
+        f"{key} = {json.dumps(value)}" if line.startswith(f"{key} =") else line
+        for line in path.read_text().splitlines()
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("name", ["../../victim", "/tmp/victim", "..", "a b"])
+def test_a_bundle_naming_no_institution_name_is_refused(
+    onboarded: tuple[Path, Path, Path], name: str
+) -> None:
+    _, site, bundle_dir = onboarded
+    rewrite_toml(bundle_dir, "institution", name)
+    with pytest.raises(BundleError, match="use letters, digits"):
+        load_bundle(bundle_dir, site)
+
+
+def test_a_bundle_address_that_is_not_host_port_is_refused(
+    onboarded: tuple[Path, Path, Path],
+) -> None:
+    _, site, bundle_dir = onboarded
+    rewrite_toml(bundle_dir, "coordinator_address", "nohostport")
+    with pytest.raises(BundleError, match="not host:port"):
+        load_bundle(bundle_dir, site)
+
+
+def test_a_bundle_file_that_is_a_link_is_refused(
+    onboarded: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """The attack: `ray-token` linked to another secret of the site's, which joining
+    copied into the state dir as the cluster token."""
+    _, site, bundle_dir = onboarded
+    secret = tmp_path / "site-secret.txt"
+    secret.write_text("SITE-SECRET-API-TOKEN\n")
+    (bundle_dir / "ray-token").unlink()
+    (bundle_dir / "ray-token").symlink_to(secret)
+    with pytest.raises(BundleError, match="ray-token is a link"):
+        load_bundle(bundle_dir, site)
+
+
+def test_client_join_with_a_bundle_naming_a_path_leaves_that_path_alone(
+    onboarded: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """Run as root, `client join` made its state dir (by default named after the
+    bundle's institution) owner-only, recursively: a bundle naming a path of the
+    attacker's choosing stripped the group and world bits of that tree."""
+    _, _, bundle_dir = onboarded
+    victim = tmp_path / "victim"
+    (victim / "shared").mkdir(parents=True)
+    (victim / "shared").chmod(0o1777)
+    (victim / "public.txt").write_text("for everyone\n")
+    (victim / "public.txt").chmod(0o644)
+    victim.chmod(0o755)
+    rewrite_toml(bundle_dir, "institution", str(victim))
+    (tmp_path / "data").mkdir()
+
+    done = run_cli(
+        "client", "join", "--bundle", str(bundle_dir), "--data", str(tmp_path / "data"), "--no-ray"
+    )
+
+    assert done.returncode == ExitCode.SETTINGS_INVALID, done.stdout + done.stderr
+    assert "use letters, digits" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o755
+    assert stat.S_IMODE((victim / "shared").stat().st_mode) == 0o1777
+    assert stat.S_IMODE((victim / "public.txt").stat().st_mode) == 0o644
+
+
+def test_client_join_with_a_bundle_toml_that_is_not_utf8_is_one_line(
+    onboarded: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    _, _, bundle_dir = onboarded
+    (bundle_dir / "bundle.toml").write_bytes(b'institution = "\xff\xfe"\n')
+    (tmp_path / "data").mkdir()
+    done = run_cli(
+        "client", "join", "--bundle", str(bundle_dir), "--data", str(tmp_path / "data"), "--no-ray"
+    )
+    assert done.returncode not in (0, 1), done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -25,9 +25,9 @@ from typing import Any, Literal
 
 from pydantic import TypeAdapter, ValidationError
 
-from consortium.errors import InvalidArgumentError
+from consortium.errors import TaskRefusedError
 from consortium.inner_loop import WorkerConfig
-from consortium.models import MAX_PARAMETERS
+from consortium.models import MAX_PARAMETERS, step_tokens_problem
 
 MESSAGE_TYPE = "train.diloco"
 WORKER_CONFIG = "worker-config"
@@ -43,7 +43,7 @@ ON_GPU = "on-gpu"  # 1 when the site trained on a GPU, else 0 (its word)
 _CONFIG_ADAPTER = TypeAdapter(WorkerConfig)
 
 
-class DiLoCoTaskError(InvalidArgumentError, ValueError):
+class DiLoCoTaskError(TaskRefusedError, ValueError):
     """A federated pretraining message the site cannot act on."""
 
 
@@ -85,5 +85,12 @@ def read_worker_config(text: str, device: Literal["cpu", "gpu"]) -> WorkerConfig
         raise DiLoCoTaskError(
             f"the model has {parameters:,} parameters, more than this site trains "
             f"({MAX_PARAMETERS:,})"
+        )
+    if (problem := step_tokens_problem(config.batch_size, config.seq_len)) is not None:
+        raise DiLoCoTaskError(f"the worker config's step is too large: {problem}")
+    if config.seq_len > config.model.block_size:
+        raise DiLoCoTaskError(
+            f"the worker config's seq_len {config.seq_len} is over the model's block_size "
+            f"{config.model.block_size}"
         )
     return config

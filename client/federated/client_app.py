@@ -29,7 +29,7 @@ from client.metrics import record_training
 from consortium.data.site_loaders import available_datasets
 from consortium.errors import TaskRefusedError
 from consortium.model_wire import ARRAYS_RECORD, pack_tensors, unpack_torch
-from consortium.models import MAX_PARAMETERS
+from consortium.models import MAX_PARAMETERS, step_tokens_problem
 from consortium.provenance.commitment import DataCommitment, load_or_create_key
 from consortium.workloads import (
     BUILTIN_WORKLOADS,
@@ -89,6 +89,10 @@ def _setup(msg: Message, context: Context, seed: int = 0) -> Task:
         proximal_mu=_number(config, "proximal-mu", 0.0),
         seq_len=int(_number(config, "seq-len", 64)),
     )
+    # What the coordinator's spec check holds it to, held here too: a dishonest
+    # coordinator sends what it likes, and a step too large takes `client join` down.
+    if (problem := step_tokens_problem(budget.batch_size, budget.seq_len)) is not None:
+        raise TaskRefusedError(problem)
     device = torch.device(str(context.node_config.get("device", "cpu")))
     data_dir = Path(str(context.node_config["data-dir"]))
     data = TRAINER.data(msg.metadata.run_id, name, workload, data_dir, _offered(config, data_dir))

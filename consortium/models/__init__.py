@@ -78,16 +78,35 @@ PARAMETER_COUNTS: dict[str, Callable[[ModelOptions], int]] = {
 # The largest model a job may ask for: 1e9 float32 parameters are 4 GB per copy, and a
 # site holds several copies (weights, gradients, optimizer moments, the update).
 MAX_PARAMETERS = 1_000_000_000
+# The most a training step may take in: batch_size x seq_len (windows x bytes, or
+# tokens). The model's size is one lever of a step's memory, this is the other: a job
+# of batch_size 65,536 at seq_len 128 needed about 300 GiB of activations for the
+# default ByteLM (measured: 4.6 MiB per 128-byte window, 36 KiB a token) and the OOM
+# killer took `client join`. At the cap that model's step takes about 2.3 GiB. Image
+# workloads do not use seq_len: their batch_size is capped at this over its default.
+MAX_STEP_TOKENS = 65_536
 
 __all__ = [
     "MAX_PARAMETERS",
+    "MAX_STEP_TOKENS",
     "MODELS",
     "PARAMETER_COUNTS",
     "build_model",
     "check_model_size",
     "load_parameter_tensors",
     "parameter_tensors",
+    "step_tokens_problem",
 ]
+
+
+def step_tokens_problem(batch_size: int, seq_len: int) -> str | None:
+    """Why a step of `batch_size` windows of `seq_len` is too large, or None."""
+    if batch_size * seq_len <= MAX_STEP_TOKENS:
+        return None
+    return (
+        f"batch_size x seq_len is {batch_size:,} x {seq_len:,} = {batch_size * seq_len:,}; "
+        f"a training step takes at most {MAX_STEP_TOKENS:,}"
+    )
 
 
 def check_model_size(name: str, options: ModelOptions, limit: int = MAX_PARAMETERS) -> int:

@@ -55,7 +55,7 @@ from pydantic import (
 )
 
 from consortium.errors import JobSpecError, UnknownWorkloadError
-from consortium.models import MAX_PARAMETERS
+from consortium.models import MAX_PARAMETERS, step_tokens_problem
 from consortium.workloads import OptionValue, load_workload
 from coordinator.pretraining.spec import PretrainJobSpec, validate_pretrain_spec
 from coordinator.state import JobRecord
@@ -239,6 +239,8 @@ class FederatedJobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _options_or_source(self) -> FederatedJobSpec:
+        if (problem := step_tokens_problem(self.batch_size, self.seq_len)) is not None:
+            raise ValueError(problem)
         if self.init_from is not None and self.model_options:
             raise ValueError(
                 "model_options and init_from exclude each other: a fine-tuning job "

@@ -44,7 +44,7 @@ from pydantic import (
 )
 
 from consortium.errors import JobSpecError
-from consortium.models import check_model_size
+from consortium.models import check_model_size, step_tokens_problem
 from consortium.models.bytelm_config import FLOAT32_BYTES, ByteLMConfig
 from consortium.pseudo_gradient_codec import Codec
 
@@ -320,6 +320,14 @@ class PretrainJobSpec(BaseModel):
         block = info.data.get("block_size")
         if block is not None and value > block:
             raise ValueError(f"must be <= block_size ({block}), got {value}")
+        return value
+
+    @field_validator("seq_len")
+    @classmethod
+    def _step_fits(cls, value: int, info: ValidationInfo) -> int:
+        batch = info.data.get("batch_size")
+        if batch is not None and (problem := step_tokens_problem(batch, value)) is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("corpus_bytes")

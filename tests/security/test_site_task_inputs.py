@@ -163,3 +163,20 @@ def test_the_coordinator_hears_why_a_site_refused_but_never_its_data(tmp_path: P
         assert "docstrings" not in told and "records" not in told  # what it does offer
     finally:
         client_app.TRAINER._enter(-1)
+
+
+def test_site_refuses_a_step_larger_than_it_trains_before_loading_anything(
+    tmp_path: Path,
+) -> None:
+    """batch_size 65,536 of 128-byte windows: about 300 GiB of the default ByteLM's
+    activations, which the OOM killer answered by ending `client join`."""
+    context, _ = _site(tmp_path)
+    client_app.TRAINER._enter(-1)
+    message = _message("docstrings")
+    config = message.content.config_records["config"]
+    config["batch-size"], config["seq-len"] = 65_536, 128
+    try:
+        with pytest.raises(TaskRefusedError, match="a training step takes at most"):
+            client_app.train(message, context)
+    finally:
+        client_app.TRAINER._enter(-1)

@@ -8,6 +8,7 @@ SuperLink, which tests/integration/test_federated_job.py runs for real).
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -364,6 +365,23 @@ def test_a_site_refuses_a_model_larger_than_it_trains(world: World) -> None:
     text = text.replace('"n_layer": 1', '"n_layer": 64')
     with pytest.raises(DiLoCoTaskError, match=f"more than this site trains \\({MAX_PARAMETERS:,}"):
         read_worker_config(text, "cpu")
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"batch_size": 65_536, "seq_len": 32}, "a training step takes at most"),
+        ({"seq_len": 4096}, "over the model's block_size"),
+    ],
+)
+def test_a_site_refuses_a_step_larger_than_it_trains(
+    world: World, fields: dict[str, int], expected: str
+) -> None:
+    """A dishonest coordinator's worker config: activations grow with batch x window,
+    and a step too large took `client join` down with it (the OOM killer)."""
+    config = json.loads(worker_config_json(worker_config(world.spec, "digest", "cpu")))
+    with pytest.raises(DiLoCoTaskError, match=expected):
+        read_worker_config(json.dumps({**config, **fields}), "cpu")
 
 
 @pytest.mark.parametrize(

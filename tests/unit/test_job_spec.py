@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from consortium.errors import ConflictError, JobSpecError, NotFoundError
+from consortium.models import MAX_STEP_TOKENS
 from coordinator.jobs.service import JobService
 from coordinator.jobs.spec import FederatedJobSpec, parse_job_spec, parse_submitted_spec
 from coordinator.pretraining.spec import PretrainJobSpec
@@ -366,3 +367,16 @@ def test_the_job_spec_reference_is_generated_from_the_models_and_current() -> No
         for name, field in model.model_fields.items():
             assert field.description, f"{model.__name__}.{name} has no description"
             assert f"| `{name}` |" in doc
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        spec_with(workload="bytelm", dataset="docstrings", batch_size=65_536, seq_len=128),
+        PRETRAIN + "batch_size = 4096\nseq_len = 32\n",
+    ],
+    ids=["federated", "pretrain"],
+)
+def test_a_step_of_more_than_max_step_tokens_is_refused_at_submit(text: str) -> None:
+    with pytest.raises(JobSpecError, match=f"at most {MAX_STEP_TOKENS:,}"):
+        parse_submitted_spec(text)

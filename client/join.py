@@ -569,7 +569,8 @@ class SiteNode:
             self.settings.coordinator,
             self._policy,
         )
-        pki.write_private_key(tls.key, key)
+        # Every join gets a fresh key and certificate: the last join's are replaced.
+        pki.write_private_key(tls.key, key, force=True)
         tls.certificate.write_bytes(response.certificate_pem)
         tls.ca_certificate.write_bytes(response.ca_certificate_pem)
         return tls

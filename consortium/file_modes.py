@@ -10,11 +10,17 @@ that an older version (or another tool) left group/world-accessible.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import stat
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
+
+from consortium.errors import DataDirError
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +37,18 @@ def restrict_umask() -> None:
 
 def private_dir(path: Path) -> Path:
     """Create `path` (and missing parents) mode 0700; if it exists with group or world
-    access, remove that access from it and from everything below it, and say so."""
+    access, remove that access from it and from everything below it, and say so.
+
+    One that exists must be this user's: its owner could otherwise plant links where
+    files are about to be written (a bundle's `ca.sha256` linked to a file of root's,
+    which `coordinator onboard --out` then overwrote) or read what lands in it."""
     path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    owner = path.stat().st_uid
+    if owner != os.geteuid():
+        raise DataDirError(
+            f"{path} is another user's (uid {owner}), who could read or replace what is "
+            "written there; remove it, or choose a dir of your own"
+        )
     tightened = tighten_tree(path)
     if tightened:
         log.warning(
@@ -87,3 +103,34 @@ def new_secret_file(path: Path, size: int = 32) -> bytes:
     with os.fdopen(fd, "wb") as handle:
         handle.write(secret)
     return secret
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write `data` as `path` (umask's mode): a new file in the same dir, renamed over
+    whatever was there. A link at `path` (planted in a dir others write, pointing at a
+    file of root's) is replaced, never written through."""
+    with replacing(path) as handle:
+        handle.write(data)
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[BinaryIO]:
+    """A file to write `path`'s new content to, renamed over `path` once the block ends
+    without an error (see `replace_file`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())
+            yield handle
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+        raise
+
+
+def _umask() -> int:
+    current = os.umask(PRIVATE_UMASK)
+    os.umask(current)
+    return current

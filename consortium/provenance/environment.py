@@ -23,6 +23,8 @@ import tarfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from consortium.file_modes import replacing
+
 PACKAGES = ("consortium", "coordinator", "client")
 
 
@@ -51,7 +53,10 @@ def source_digest() -> str:
 
 def write_source_archive(out: Path) -> str:
     """Write the installed source as a deterministic tar; return the archive's sha256."""
-    with tarfile.open(out, "w", format=tarfile.USTAR_FORMAT) as archive:
+    with (
+        replacing(out) as file,
+        tarfile.open(fileobj=file, mode="w", format=tarfile.USTAR_FORMAT) as archive,
+    ):
         for name, path in source_files():
             data = path.read_bytes()
             info = tarfile.TarInfo(name)

@@ -19,6 +19,7 @@ from consortium.errors import (
     NotFoundError,
     ProvenanceInvalidError,
 )
+from consortium.file_modes import replace_file
 from consortium.pki import fingerprint as pki_fingerprint
 from consortium.pki import load_certificate
 from consortium.provenance import intoto
@@ -256,9 +257,8 @@ def publish(
         note = signed_note(
             Checkpoint(origin_of(key.key_id), head.tree_size, head.root_hash), key, cosignatures
         )
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CHECKPOINT_FILE).write_text(note)
-        (directory / "coordinator-signing.pub").write_bytes(key.public.pem())
+        replace_file(directory / CHECKPOINT_FILE, note.encode())
+        replace_file(directory / "coordinator-signing.pub", key.public.pem())
         console.print(
             f"wrote {directory / CHECKPOINT_FILE}: tree size {head.tree_size}, cosigned by "
             f"{', '.join(report.witnesses_of(head))}"
@@ -331,7 +331,7 @@ def export(
         if output is None:
             console.print_json(text)
         else:
-            output.write_text(text + "\n")
+            replace_file(output, (text + "\n").encode())
             console.print(f"wrote {output}")
 
 

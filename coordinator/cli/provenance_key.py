@@ -18,6 +18,7 @@ import typer
 
 from consortium import pki
 from consortium.cli_errors import cli_errors
+from consortium.file_modes import replace_file
 from consortium.provenance.signing import VerifyingKey
 from coordinator.access.onboarding import ensure_signing_certificate
 from coordinator.access.pki_files import CoordinatorPki
@@ -42,6 +43,5 @@ def key(data_dir: DataDirOption = Path(".consortium"), out: OutOption = None) ->
             f"(CA sha256 {pki.fingerprint(ca_cert)})"
         )
         if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_bytes(pem)
+            replace_file(out, pem)
             typer.echo(f"written to {out}")

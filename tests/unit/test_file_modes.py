@@ -3,11 +3,15 @@ left alone (a link planted in a dir another user writes must not aim root's chmo
 
 from __future__ import annotations
 
+import os
 import socket
 import stat
 from pathlib import Path
 
-from consortium.file_modes import private_dir, tighten_tree
+import pytest
+
+from consortium.errors import DataDirError
+from consortium.file_modes import private_dir, replace_file, tighten_tree
 
 
 def mode(path: Path) -> int:
@@ -53,3 +57,32 @@ def test_a_socket_in_the_tree_is_tightened_too(tmp_path: Path) -> None:
         (root / "s").chmod(0o777)
         assert tighten_tree(root) == 1
         assert mode(root / "s") == 0o700
+
+
+NOBODY = 65534
+
+
+def test_a_dir_another_user_owns_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    """Its owner could plant links where files are about to be written (`coordinator
+    onboard --out` overwrote a file of root's through one) or read what lands there."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    theirs.chmod(0o777)
+    os.chown(theirs, NOBODY, NOBODY)
+    with pytest.raises(DataDirError, match=f"another user's \\(uid {NOBODY}\\)"):
+        private_dir(theirs)
+    assert stat.S_IMODE(theirs.stat().st_mode) == 0o777  # not tightened either
+
+
+def test_replace_file_replaces_a_planted_link_and_never_writes_through_it(
+    tmp_path: Path,
+) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("root's own\n")
+    out = tmp_path / "shared" / "checkpoint"
+    out.parent.mkdir()
+    out.symlink_to(victim)
+    replace_file(out, b"the checkpoint\n")
+    assert victim.read_text() == "root's own\n"
+    assert not out.is_symlink() and out.read_bytes() == b"the checkpoint\n"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["checkpoint"]  # no partial left

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
 import stat
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from client.bundle import BundleError, load_bundle
 from consortium import pki
-from consortium.errors import ConflictError, InvalidArgumentError
+from consortium.errors import ConflictError, DataDirError, InvalidArgumentError
 from consortium.exit_codes import ExitCode
 from consortium.provenance.signing import SigningKey
 from consortium.site_keys import create_site_keys
@@ -279,3 +280,24 @@ def test_client_join_with_a_bundle_toml_that_is_not_utf8_is_one_line(
     assert done.returncode not in (0, 1), done.stdout + done.stderr
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_onboard_refuses_a_bundle_dir_another_user_owns(tmp_path: Path) -> None:
+    """The attack: a dir of another user's given as `--out`, holding a link where the
+    bundle's ca.sha256 goes, pointing at a file of root's."""
+    data_dir = tmp_path / "coordinator"
+    init_consortium(data_dir, ["127.0.0.1"], cert_days=30)
+    keys = create_site_keys(tmp_path / "site", "alpha")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("root's own\n")
+    out = tmp_path / "out"
+    out.mkdir(mode=0o777)
+    (out / "ca.sha256").symlink_to(victim)
+    os.chown(out, 65534, 65534)
+    store = SqliteStateStore(data_dir / "state.db")
+    try:
+        with pytest.raises(DataDirError, match="another user's"):
+            onboard(data_dir, store, "alpha", Request.from_dir(keys.request_dir), out, "h:1", 30)
+    finally:
+        store.close()
+    assert victim.read_text() == "root's own\n"

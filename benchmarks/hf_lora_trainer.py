@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from hf_lora.base_model import ROOTS_ENV
 from hf_lora.make_tiny import make_tiny_model
 from hf_lora.workload import HuggingFaceLoRA
 from safetensors.torch import load_file, save_file
@@ -122,6 +124,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="hf-lora-bench-") as tmp:
         work = Path(tmp)
         digest = make_tiny_model(work / "model")
+        os.environ[ROOTS_ENV] = str(work)  # this machine's model root
         options = {"base_model": str(work / "model"), "base_model_digest": digest}
         data_dir = work / "site"
         (data_dir / "text").mkdir(parents=True)

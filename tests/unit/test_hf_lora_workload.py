@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_lora.base_model import BaseModelError, directory_digest, parameter_count
+from hf_lora.base_model import ROOTS_ENV, BaseModelError, directory_digest, parameter_count
 from hf_lora.make_tiny import make_tiny_model
 from hf_lora.text_data import load_site_text
 from hf_lora.workload import HuggingFaceLoRA
@@ -27,6 +27,12 @@ BUDGET = RoundBudget(epochs=1, steps=8, batch_size=8, learning_rate=0.02, seed=3
 CPU = torch.device("cpu")
 KEY = b"k" * 32
 SITE_ROWS = [f"def helper_{i}(value):\n    return value * {i} + 1" for i in range(200)]
+
+
+@pytest.fixture(autouse=True)
+def model_roots(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This machine keeps its base models in the tests' temporary dirs."""
+    monkeypatch.setenv(ROOTS_ENV, str(tmp_path_factory.getbasetemp()))
 
 
 @pytest.fixture(scope="module")
@@ -200,3 +206,22 @@ def test_site_text_is_read_offline_from_json_lines_and_parquet(tmp_path: Path) -
     with pytest.raises(DataDirError, match="does not exist"):
         load_site_text(tmp_path, "absent")
     assert not list(tmp_path.rglob("*.arrow"))  # datasets' cache did not land in the data dir
+
+
+@pytest.mark.parametrize("reference", ["/etc", "../../../etc", "{outside}"])
+def test_a_base_model_directory_outside_the_sites_model_roots_is_refused_unread(
+    options: dict[str, int | str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: str
+) -> None:
+    """The job's author names the directory: without the site's roots the coordinator
+    made a site hash any tree its user could read, and learnt from the reply what
+    existed there."""
+    monkeypatch.setenv(ROOTS_ENV, str(Path(str(options["base_model"])).parent))
+    outside = tmp_path / "private-notes"
+    outside.mkdir()
+    (outside / "notes.txt").write_text("the site's own\n")
+    hashed: list[Path] = []
+    monkeypatch.setattr("hf_lora.base_model.directory_digest", hashed.append)
+    named = {**options, "base_model": reference.format(outside=outside)}
+    with pytest.raises(BaseModelError, match="not below a model root"):
+        HuggingFaceLoRA().parameter_count(named)
+    assert hashed == []

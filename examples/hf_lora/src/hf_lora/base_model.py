@@ -6,6 +6,12 @@ Face cache) and by a digest of that directory's files. Every site, and the coord
 checks that its own copy has that digest before it trains or scores anything, so all of
 them fine-tune the same weights even though only the adapters travel. Nothing is ever
 downloaded: the Hugging Face libraries run offline here.
+
+A job's author chooses the directory, so a machine opens only directories below the
+model roots its operator lists in HF_LORA_MODEL_ROOTS (paths separated by the OS path
+separator; none: only ids in the Hugging Face cache). Without that, the coordinator
+could make a site hash any tree its user reads (`/`, `/proc`: reading forever) and,
+from which jobs fail, learn what exists there.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import functools
 import hashlib
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +33,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 WEIGHTS_GLOB = "*.safetensors"
+ROOTS_ENV = "HF_LORA_MODEL_ROOTS"
 
 
 class BaseModelError(ValueError):
@@ -34,14 +42,30 @@ class BaseModelError(ValueError):
     A ValueError: at submit it is a bad `model_options` value, at a site a refused task."""
 
 
-def resolve(reference: str) -> Path:
-    """The directory holding `reference`: itself when it is a directory here, else the
-    snapshot of that id in this machine's Hugging Face cache."""
+def model_roots() -> list[Path]:
+    """The directories below which a job may name a base model directory here."""
+    value = os.environ.get(ROOTS_ENV, "")
+    return [Path(root).resolve() for root in value.split(os.pathsep) if root]
+
+
+def resolve(reference: str, roots: Sequence[Path] | None = None) -> Path:
+    """The directory holding `reference`: itself when it is a directory here (below one
+    of `roots`; None: anywhere), else the snapshot of that id in this machine's Hugging
+    Face cache."""
     path = Path(reference).expanduser()
-    if path.is_dir():
-        return path.resolve()
+    resolved = path.resolve()
+    allowed = roots is None or any(resolved.is_relative_to(root) for root in roots)
     if path.is_absolute() or reference.startswith("."):
-        raise BaseModelError(f"base model directory {reference} does not exist on this machine")
+        if not allowed:
+            raise BaseModelError(
+                f"base model directory {reference} is not below a model root of this "
+                f"machine ({ROOTS_ENV}: {os.pathsep.join(map(str, roots or [])) or 'none set'})"
+            )
+        if not resolved.is_dir():
+            raise BaseModelError(f"base model directory {reference} does not exist on this machine")
+        return resolved
+    if allowed and resolved.is_dir():
+        return resolved
     from huggingface_hub import snapshot_download
 
     try:
@@ -84,7 +108,7 @@ def _digest(directory: Path, stamp: tuple[tuple[str, int, int], ...]) -> str:
 
 def check_digest(reference: str, expected: str) -> Path:
     """The model's directory, after checking it holds the files the job names."""
-    directory = resolve(reference)
+    directory = resolve(reference, model_roots())
     actual = directory_digest(directory)
     if actual != expected:
         raise BaseModelError(

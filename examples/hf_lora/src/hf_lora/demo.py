@@ -15,6 +15,7 @@ bit. Exits 0 when the job succeeded and its provenance checks out.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Annotated
@@ -31,7 +32,7 @@ from consortium.workloads import BUILTIN_WORKLOADS
 from coordinator.cli.watch import watch_job
 from coordinator.demo import INSTITUTION_NAMES, check_provenance, report, write_text_partitions
 from coordinator.local_consortium import LocalConsortium
-from hf_lora.base_model import parameter_count
+from hf_lora.base_model import ROOTS_ENV, parameter_count
 from hf_lora.make_tiny import make_tiny_model
 
 WORKLOAD = "hf-lora"
@@ -86,6 +87,9 @@ def run(work_dir: Path, rounds: int, institutions: int, steps: int, console: Con
     names = list(INSTITUTION_NAMES[:institutions])
     data_dirs = write_text_partitions(work_dir, names)
     base_model = (work_dir / "models" / "tiny-llama").resolve()
+    # The one place this machine's coordinator and sites (started below, inheriting
+    # the environment) let a job name a base model directory.
+    os.environ[ROOTS_ENV] = str(base_model.parent)
     console.print("building the base model: a tiny random Llama and its BPE tokenizer...")
     digest = make_tiny_model(base_model)
     spec = job_spec(base_model, digest, rounds, institutions, steps)

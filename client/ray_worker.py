@@ -194,7 +194,8 @@ class RayWorker:
             argv = self._sandbox.wrap(argv)
         # The log is appended to across restarts; "started" is read from here on.
         self._log_offset = log_end(self._log_path)
-        return ChildProcess("ray-worker", argv, self._log_path, env=env)
+        cgroup = self._sandbox.cgroup if self._sandbox is not None else None
+        return ChildProcess("ray-worker", argv, self._log_path, env=env, cgroup=cgroup)
 
     @property
     def started(self) -> bool:

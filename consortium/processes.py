@@ -22,6 +22,8 @@ from pathlib import Path
 
 import psutil
 
+from consortium import node_cgroup
+
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 10.0
@@ -55,9 +57,11 @@ class ChildProcess:
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
         pass_fds: Sequence[int] = (),
+        cgroup: Path | None = None,
     ) -> None:
         self.name = name
         self.log_path = log_path
+        self.cgroup = cgroup  # a sandboxed child's (consortium/node_cgroup.py)
         self._stopped = False
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = log_path.open("ab")
@@ -157,6 +161,8 @@ class ChildProcess:
                 process.kill()
         for process in wait_gone(descendants, timeout_s):
             log.warning("%s: descendant %d outlived SIGKILL", self.name, process.pid)
+        if self.cgroup is not None:  # what left the tree (a detached session) is in it
+            node_cgroup.kill(self.cgroup, timeout_s)
         self._log_file.close()
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import hashlib
 import os
 import pwd
 import shutil
@@ -43,6 +44,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from consortium import node_cgroup
 from consortium.errors import ChildProcessFailedError
 
 POOL_USER = "consortium-pool"
@@ -123,18 +125,25 @@ def interpreter_paths() -> tuple[Path, ...]:
 @dataclass(frozen=True)
 class Sandbox:
     """How to run a command as `user`: `home` is the command's private dir (made by the
-    caller, handed over by `prepare`), `hide` what it must not see at all."""
+    caller, handed over by `prepare`), `hide` what it must not see at all, `cgroup` the
+    control group its processes are kept in (consortium/node_cgroup.py; None where
+    there is no cgroup v2 to use)."""
 
     user: PoolUser
     home: Path
     hide: tuple[Path, ...]
     expose: tuple[Path, ...]
     grant: tuple[Path, ...] = ()
+    cgroup: Path | None = None
 
     def prepare(self) -> None:
-        """Hand the private dir (0700) and each granted dir over to the pool user: the
+        """End whatever an earlier start left in the command's cgroup (a process a pool
+        member detached, which would read the credentials `share` copies in next), then
+        hand the private dir (0700) and each granted dir over to the pool user: the
         dirs themselves, never what is in them, and never through a link (a pool
         process can rename what it owns and leave a link in its place)."""
+        if self.cgroup is not None:
+            node_cgroup.kill(self.cgroup)
         for path in (self.home, *self.grant):
             fd = _open_dir(path)
             try:
@@ -177,6 +186,7 @@ class Sandbox:
             *(f"--hide={path}" for path in self.hide),
             *(f"--expose={path}" for path in self.expose),
             *(f"--grant={path}" for path in self.grant),
+            *([f"--cgroup={self.cgroup}"] if self.cgroup is not None else []),
             "--", *argv,
         ]  # fmt: skip
 
@@ -268,12 +278,15 @@ def sandbox_for(home: Path, hide: Sequence[Path], grant: Sequence[Path] = ()) ->
         raise ChildProcessFailedError(
             f"{error}; create that user yourself (useradd --system {POOL_USER}) or run without Ray"
         ) from None
+    # One group per private dir: a restart of the same node reuses (and first empties) it.
+    group = "consortium-" + hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:16]
     return Sandbox(
         user,
         home,
         hide=tuple(dict.fromkeys(p.resolve() for p in hide)),
         expose=interpreter_paths(),
         grant=tuple(p.resolve() for p in grant),
+        cgroup=node_cgroup.node_cgroup(group),
     )
 
 
@@ -402,6 +415,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--hide", action="append", default=[], type=Path)
     parser.add_argument("--expose", action="append", default=[], type=Path)
     parser.add_argument("--grant", action="append", default=[], type=Path)
+    parser.add_argument("--cgroup", type=Path)
     parser.add_argument("command", nargs=argparse.REMAINDER)
     options = parser.parse_args(argv)
     command = options.command[1:] if options.command[:1] == ["--"] else options.command
@@ -410,6 +424,8 @@ def main(argv: list[str]) -> int:
     if options.uid == 0:
         parser.error("--uid 0 is no sandbox")
     try:
+        if options.cgroup is not None:  # as root: the pool user could not leave it
+            node_cgroup.join(options.cgroup)
         enter_mount_namespace()
         build_view(options.expose, options.hide, options.grant)
         drop_to(options.uid, options.gid)

@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from consortium import node_cgroup
 from consortium.processes import (
     ChildProcess,
     descendant_pids,
@@ -57,6 +58,21 @@ class Processes:
     def alive(self) -> list[int]:
         """The remembered pids that still run (zombies do not)."""
         return [pid for pid in self.seen_pids if pid_alive(pid)]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def node_cgroups_removed() -> Iterator[None]:
+    """The empty node cgroups the session's sandboxes left (consortium/node_cgroup.py):
+    a node stopped through its ChildProcess removes its own, but tests that run a
+    sandboxed command directly leave theirs. One another worker's node is in is busy,
+    and stays."""
+    parent = node_cgroup.own_cgroup()
+    before = set(parent.glob("consortium-*")) if parent is not None else set()
+    yield
+    if parent is not None:
+        for group in set(parent.glob("consortium-*")) - before:
+            with contextlib.suppress(OSError):
+                group.rmdir()
 
 
 @pytest.fixture

@@ -179,7 +179,12 @@ class DriverProcessEngine:
                 argv = sandbox.wrap(argv)
             with self._lock:
                 child = ChildProcess(
-                    "pretrain-driver", argv, self._log_path, env=env, pass_fds=(fd,)
+                    "pretrain-driver",
+                    argv,
+                    self._log_path,
+                    env=env,
+                    pass_fds=(fd,),
+                    cgroup=sandbox.cgroup if sandbox is not None else None,
                 )
                 self._child = child
         log.info("pretraining driver for %s started (pid %d)", spec.name, child.pid)

@@ -155,7 +155,9 @@ class RayHead:
         # The log is appended to across restarts; readiness is read from here on.
         self._log_offset = log_end(log_path)
         try:
-            self.process = ChildProcess("ray-head", argv, log_path, env=env)
+            self.process = ChildProcess(
+                "ray-head", argv, log_path, env=env, cgroup=sandbox.cgroup if sandbox else None
+            )
         except BaseException:
             for watch in self._watches():
                 watch.stop()

@@ -36,6 +36,7 @@ from consortium.leftovers import (
     remove_own_dir,
     stop_leftovers,
 )
+from consortium.processes import ChildProcess, descendant_pids, pid_alive
 from consortium.ray_env import prepare_ray_temp_dir, short_temp_dir
 from consortium.sandbox import (
     POOL_USER,
@@ -492,3 +493,42 @@ def test_a_link_left_in_place_of_the_private_dir_is_refused_not_followed(
     assert list(roots_dir.iterdir()) == [] and roots_dir.stat().st_uid == 0
     assert stat.S_IMODE(roots_dir.stat().st_mode) == 0o755
     sandbox.home.unlink()
+
+
+def test_a_process_a_member_detaches_from_its_node_ends_with_the_node(site_root: Path) -> None:
+    """A member's task on a pool node starts a session of its own (`setsid -f`), out of
+    the node's process group and tree and marked with nothing of the node's: left
+    running, it read every later start's copy of the cluster token, the token of a
+    rotation that revoked its member included. The node's cgroup ends it with the node,
+    and a next start would end whatever a crash left there (consortium/node_cgroup.py)."""
+    layout = site_layout(site_root)
+    sandbox = pool_sandbox(layout["state"], [layout["data"]])
+    if not AS_ROOT:
+        assert sandbox is None
+        return
+    assert sandbox is not None and sandbox.cgroup is not None
+    prepare_ray_temp_dir(layout["state"])  # the node's private dir, as its start makes it
+    sandbox.prepare()
+    escaped_pid = sandbox.home / "escaped.pid"
+    detach = f"echo $$ > {escaped_pid}; exec sleep 300"
+    node = ChildProcess(
+        "ray-worker",
+        sandbox.wrap(["sh", "-c", f"setsid -f sh -c '{detach}'; exec sleep 300"]),
+        site_root / "node.log",
+        env=sandbox.env(),
+        cgroup=sandbox.cgroup,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not escaped_pid.exists() or not escaped_pid.read_text().strip():
+            assert node.poll() is None, node.log_tail()
+            assert time.monotonic() < deadline, node.log_tail()
+            time.sleep(0.05)
+        escaped = int(escaped_pid.read_text())
+        assert psutil.Process(escaped).uids().real == sandbox.user.uid
+        assert escaped not in descendant_pids(node.pid)  # out of the tree and the group
+        assert os.getpgid(escaped) != node.pid
+    finally:
+        node.stop(timeout_s=5.0)
+    assert not pid_alive(escaped), "the detached process outlived its node"
+    assert not sandbox.cgroup.exists()

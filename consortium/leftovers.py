@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ import psutil
 
 from consortium.processes import is_live, wait_gone
 from consortium.sandbox import pool_uid
+from consortium.tree_removal import remove_tree
 
 OWNER_ENV = "CONSORTIUM_OWNER_DIR"
 STOP_GRACE_S = 5.0
@@ -50,7 +50,8 @@ def remove_own_dir(path: Path) -> bool:
         return False
     if not stat.S_ISDIR(found.st_mode) or found.st_uid not in own_uids():
         return False
-    shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        remove_tree(path)
     return not path.exists()
 
 

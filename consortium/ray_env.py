@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from consortium.errors import DataDirError
 from consortium.leftovers import own_uids, remove_own_dir
 from consortium.processes import logged_since
 from consortium.sandbox import Sandbox
+from consortium.tree_removal import remove_tree
 
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 AUTH_TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
@@ -196,7 +196,7 @@ def prepare_ray_temp_dir(anchor: Path) -> Path:
                 f"{private}, where Ray's files for {anchor} go, {what} (uid {found.st_uid}): "
                 "another user could read or replace them. Remove it and start again."
             )
-        shutil.rmtree(private)
+        remove_tree(private)
     try:
         private.mkdir(mode=0o700)
     except FileExistsError as raced:  # made by someone else since the check above

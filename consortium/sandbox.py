@@ -46,6 +46,7 @@ from pathlib import Path
 
 from consortium import node_cgroup
 from consortium.errors import ChildProcessFailedError
+from consortium.tree_removal import remove_tree_at
 
 POOL_USER = "consortium-pool"
 USERADD_TRIES = 5  # useradd fails while another one holds /etc/passwd's lock
@@ -257,12 +258,7 @@ def _open_shared_dir(path: Path) -> int:
 
 
 def _remove_entry(parent: int, name: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        found = os.stat(name, dir_fd=parent, follow_symlinks=False)
-        if stat.S_ISDIR(found.st_mode):
-            shutil.rmtree(name, dir_fd=parent)
-        else:
-            os.unlink(name, dir_fd=parent)
+    remove_tree_at(parent, name)  # never follows a link, never waits on a FIFO
 
 
 def sandbox_for(home: Path, hide: Sequence[Path], grant: Sequence[Path] = ()) -> Sandbox | None:

@@ -9,6 +9,7 @@ checks there instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -17,6 +18,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,6 +46,7 @@ from consortium.sandbox import (
     SandboxSetupError,
     ensure_pool_user,
     interpreter_paths,
+    new_private_dir,
     pool_uid,
     remove_private_dir,
 )
@@ -532,3 +535,68 @@ def test_a_process_a_member_detaches_from_its_node_ends_with_the_node(site_root:
         node.stop(timeout_s=5.0)
     assert not pid_alive(escaped), "the detached process outlived its node"
     assert not sandbox.cgroup.exists()
+
+
+SWAPPER = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+os.chdir(sys.argv[1])
+while True:
+    try:
+        if not os.path.lexists("driver"):
+            os.mkdir("driver")
+        if not os.path.lexists("fifo"):
+            os.mkfifo("fifo")
+    except OSError:
+        pass
+    libc.renameat2(-100, b"driver", -100, b"fifo", 2)  # RENAME_EXCHANGE
+"""
+
+
+SWAP_FOR_S = 3.0
+
+
+def test_a_fifo_swapped_in_for_a_dir_root_removes_never_blocks_it(site_root: Path) -> None:
+    """A pool process on the head (a member's task) swaps the driver's old home for a
+    FIFO, over and over, while a run's start removes it: `shutil.rmtree` opened the
+    FIFO as a dir and root waited there for as long as the swapper liked. Every step of
+    the removal now refuses what is not a dir at once (consortium/tree_removal.py)."""
+    if not AS_ROOT:
+        return
+    user = ensure_pool_user()
+    site_root.chmod(0o755)  # the pool user reaches its dir
+    ray_dir = site_root / "ray"
+    ray_dir.mkdir(mode=0o700)
+    os.chown(ray_dir, user.uid, user.gid)
+    as_pool_user = ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups"]
+    swapper = subprocess.Popen([*as_pool_user, sys.executable, "-c", SWAPPER, str(ray_dir)])
+    outcome: dict[str, int] = {}
+
+    def starts() -> None:
+        end = time.monotonic() + SWAP_FOR_S
+        while time.monotonic() < end:
+            try:
+                os.close(new_private_dir(ray_dir, "driver"))
+                outcome["made"] = outcome.get("made", 0) + 1
+            except (OSError, SandboxSetupError) as refused:  # raced: refused, not followed
+                name = type(refused).__name__
+                outcome[name] = outcome.get(name, 0) + 1
+
+    runner = threading.Thread(target=starts, daemon=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (ray_dir / "fifo").exists():  # the swapper is at work
+            assert swapper.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        runner.start()
+        runner.join(60)
+        blocked = runner.is_alive()
+    finally:
+        swapper.kill()
+        swapper.wait()
+        for fifo in ray_dir.rglob("*"):  # a blocked open returns once a writer comes
+            if fifo.is_fifo():
+                with contextlib.suppress(OSError):
+                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert not blocked, f"a removal blocked on a FIFO ({outcome})"
+    assert outcome.get("made", 0) > 0, outcome  # between swaps, starts still succeed

@@ -101,7 +101,13 @@ def driver_sandbox(data_dir: Path) -> Callable[[Path], Sandbox | None]:
             checkpoint_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             sandbox = sandbox_for(ray_home / DRIVER_HOME, hide=(data_dir,), grant=(checkpoint_dir,))
             if sandbox is not None:  # the way to its home: the pool user's, as the head's is
-                os.chown(ray_home, sandbox.user.uid, sandbox.user.gid, follow_symlinks=False)
+                # By descriptor: the pool user may rename its dir in /tmp and leave
+                # another file's hard link under its name.
+                ray_home_fd = os.open(ray_home, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+                try:
+                    os.fchown(ray_home_fd, sandbox.user.uid, sandbox.user.gid)
+                finally:
+                    os.close(ray_home_fd)
                 owner = (sandbox.user.uid, sandbox.user.gid)
                 seed_kernel_cache(home_fd, DRIVER_KERNEL_CACHE, owner)
         finally:

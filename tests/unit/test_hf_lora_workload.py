@@ -225,3 +225,18 @@ def test_a_base_model_directory_outside_the_sites_model_roots_is_refused_unread(
     with pytest.raises(BaseModelError, match="not below a model root"):
         HuggingFaceLoRA().parameter_count(named)
     assert hashed == []
+
+
+def test_a_site_keeps_one_cut_of_its_text_whatever_window_each_message_names(
+    tiny: tuple[Path, str], site: Path
+) -> None:
+    """A coordinator naming a new seq_len in every message had the site keep one more
+    tokenized copy of its text each time, for the whole run."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny[0], local_files_only=True)
+    text = load_site_text(site, "code")
+    for seq_len in (8, 9, 10, 11):
+        assert text.blocks(tokenizer, seq_len).shape[1] == seq_len
+    assert len(text._blocks) == 1
+    assert text.blocks(tokenizer, 11).shape[1] == 11  # the latest stays cached

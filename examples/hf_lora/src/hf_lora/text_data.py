@@ -40,6 +40,9 @@ class SiteText:
         # The tokenizer by its directory (digest-checked when the model was built)
         key = (str(tokenizer.name_or_path), len(tokenizer), seq_len)
         if key not in self._blocks:
+            # One cut kept: a coordinator naming a new seq_len in every message would
+            # otherwise have the site keep one more copy of its text each time.
+            self._blocks.clear()
             self._blocks[key] = token_blocks(self.rows, tokenizer, seq_len)
         return self._blocks[key]
 

@@ -14,12 +14,11 @@ the sites reach this edge instead::
                                                   /v1/fleet/<name> (403); a body over
                                                   MAX_BODY_BYTES (413)
 
-How: uvicorn serves a small ASGI app that forwards with httpx. uvicorn does not hand
-the ASGI app the peer's certificate, so the TLS handshake is done here, per connection,
-with `loop.start_tls` (Python's ssl module: CERT_REQUIRED against the consortium CA),
-and only then is the connection given to uvicorn's own h11 protocol; this also lets the
-edge see, log and count every refused handshake, which asyncio otherwise drops
-silently. The institution (the certificate's common name) rides in the ASGI scope.
+How: uvicorn serves a small ASGI app (`_FleetProxy`, here) that forwards with httpx,
+behind a connection gate (edge_gate.py) that does each connection's TLS handshake
+itself, since uvicorn does not hand the ASGI app the peer's certificate, and counts and
+logs every refused one; who a certificate is and whether it may pass is edge_identity.py.
+The institution (the certificate's common name) rides in the ASGI scope.
 The certificate is checked (revocation, the serial on record) right after the
 handshake, before the connection counts toward its institution's cap, so no stale or
 foreign certificate bearing an institution's name can take that institution's places;
@@ -32,19 +31,15 @@ serve`, the process that holds the signing key.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import re
 import socket
 import ssl
 import threading
-from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, NamedTuple
 
-import h11
 import httpx
 import uvicorn
 from starlette.applications import Starlette
@@ -53,38 +48,30 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Mount
 from starlette.types import Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from consortium.errors import ChildProcessFailedError
 from consortium.tls import ServerTls
+from coordinator.federated.edge_gate import GateConfig, gate_class
+from coordinator.federated.edge_identity import (
+    BODY_TOO_LARGE,
+    FORBIDDEN_API,
+    INSTITUTION_KEY,
+    NO_CERTIFICATE,
+    REFUSAL_KEY,
+    SERIAL_KEY,
+    Identity,
+    Refusal,
+    RefusalHook,
+    Refusals,
+    server_ssl_context,
+)
 
 log = logging.getLogger(__name__)
-
-CHANNEL = "fleet"
-NO_CERTIFICATE = "no_client_certificate"
-UNTRUSTED = "untrusted_certificate"
-EXPIRED = "expired_certificate"
-NOT_YET_VALID = "not_yet_valid_certificate"
-WRONG_PURPOSE = "wrong_certificate_purpose"
-NOT_TLS = "not_tls"
-TOO_MANY_HANDSHAKES = "too_many_handshakes"
-TOO_MANY_CONNECTIONS = "too_many_connections"
-REVOKED = "revoked_certificate"
-SUPERSEDED = "superseded_certificate"
-UNKNOWN_CERTIFICATE = "unknown_certificate"
-FORBIDDEN_API = "forbidden_api"
-BODY_TOO_LARGE = "body_too_large"
-REQUEST_TIMEOUT = "request_timeout"
-OTHER = "other"
 
 # Fleet calls are POSTs to /v1/fleet/<kebab-case name> (flwr/superlink/routers/fleet/
 # router.py). Nothing else passes: no dots, slashes, percent-escapes or query, so no
 # path normalization downstream (httpx resolves "..") can turn one into another API.
 FLEET_PATH = re.compile(r"/v1/fleet/[a-z][a-z0-9-]{0,63}")
-INSTITUTION_KEY = "consortium.institution"  # ASGI scope keys set per connection
-SERIAL_KEY = "consortium.certificate_serial"
-REFUSAL_KEY = "consortium.refusal"  # a connection's certificate, refused after its handshake
-HANDSHAKE_TIMEOUT_S = 10.0
 # A site's SuperNode (httpx) writes a request as soon as its connection is open (with
 # TLS 1.3, right behind its Finished): its head, under 1 KiB, takes one round trip
 # (80 ms on the WAN test bed). 10 s covers a congested link and three lost segments
@@ -144,134 +131,17 @@ _HOP_BY_HOP = frozenset(
         "x-real-ip",
     }
 )
-_VERIFY_MESSAGES = (
-    ("certificate has expired", EXPIRED),
-    ("certificate is not yet valid", NOT_YET_VALID),
-    ("unsupported certificate purpose", WRONG_PURPOSE),
-    ("unable to get local issuer certificate", UNTRUSTED),
-    ("self-signed certificate", UNTRUSTED),
-    ("self signed certificate", UNTRUSTED),
-    ("certificate signature failure", UNTRUSTED),
-)
-_SSL_REASONS = {
-    "PEER_DID_NOT_RETURN_A_CERTIFICATE": NO_CERTIFICATE,
-    "HTTP_REQUEST": NOT_TLS,
-    "WRONG_VERSION_NUMBER": NOT_TLS,
-    "UNSUPPORTED_PROTOCOL": NOT_TLS,
-}
 
 
 class EdgeStartError(ChildProcessFailedError):
     """The edge could not listen (its port taken, its certificate unreadable)."""
 
 
-RefusalHook = Callable[[str, str], None]  # (reason, institution or "")
-
-
-def handshake_refusal_reason(error: BaseException) -> str:
-    """The `consortium_auth_refusals_total` reason for a failed TLS handshake."""
-    if isinstance(error, ssl.SSLCertVerificationError):
-        message = (error.verify_message or "").lower()
-        return next((reason for text, reason in _VERIFY_MESSAGES if text in message), UNTRUSTED)
-    if isinstance(error, ssl.SSLError):
-        return _SSL_REASONS.get(error.reason or "", OTHER)
-    return OTHER
-
-
-def institution_of_peercert(peercert: dict[str, Any] | None) -> str:
-    """The common name in `SSLObject.getpeercert()`'s subject, or ""."""
-    for rdn in (peercert or {}).get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return str(value)
-    return ""
-
-
-def serial_of_peercert(peercert: dict[str, Any] | None) -> str:
-    """The certificate's serial as the state store writes it (lower-case hex, no
-    leading zeros), or ""."""
-    text = str((peercert or {}).get("serialNumber", ""))
-    try:
-        return format(int(text, 16), "x")
-    except ValueError:
-        return ""
-
-
-def server_ssl_context(tls: ServerTls) -> ssl.SSLContext:
-    """Mutual TLS: a client certificate from the consortium CA is required."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tls.ca_cert))
-    context.load_cert_chain(str(tls.cert), str(tls.key))
-    context.verify_mode = ssl.CERT_REQUIRED
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
-
-
-class _Refusals:
-    """Logs and counts each refusal, with the institution or "no certificate"."""
-
-    def __init__(self, on_refusal: RefusalHook | None) -> None:
-        self._on_refusal = on_refusal
-
-    def refuse(self, reason: str, institution: str, peer: str, detail: str) -> None:
-        who = institution or "no certificate"
-        log.warning("Fleet edge refused %s (%s) from %s: %s", who, reason, peer, detail)
-        if self._on_refusal is not None:
-            self._on_refusal(reason, institution)
-
-
-class _Refusal(NamedTuple):
-    reason: str
-    detail: str  # for the log
-    answer: str  # the 403's body, for the site's operator
-
-
-class _Identity:
-    """Whether a certificate may use the Fleet API: asked once a connection's handshake
-    is done and again on every request. Blocking (the state store): run in a thread."""
-
-    def __init__(
-        self, is_revoked: Callable[[str], bool], current_serial: Callable[[str], str | None]
-    ) -> None:
-        self._is_revoked = is_revoked
-        self._current_serial = current_serial
-
-    def refusal(self, institution: str, serial: str) -> _Refusal | None:
-        if self._is_revoked(institution):
-            return _Refusal(
-                REVOKED,
-                "its certificate has been revoked",
-                f"the certificate of {institution!r} is revoked\n",
-            )
-        current = self._current_serial(institution)
-        if current is None:
-            # Onboarding records the serial of every certificate it issues an
-            # institution, and only institutions use the Fleet API. The CA signs others
-            # (the coordinator's Ray certificate, whose key the sandboxed Ray head and
-            # drivers hold; the operator's): none of them may pass.
-            return _Refusal(
-                UNKNOWN_CERTIFICATE,
-                f"no certificate of {institution!r} is on record (serial {serial})",
-                f"the certificate of {institution!r} is not an onboarded institution's\n",
-            )
-        # A renewal supersedes the institution's earlier certificates (as on the
-        # control plane: coordinator/api/auth.py), and certificates issued under its
-        # name for other uses (its Ray nodes') never pass.
-        if serial != current:
-            return _Refusal(
-                SUPERSEDED,
-                f"its certificate (serial {serial}) is not its current one (a renewal, or "
-                "one issued for another use)",
-                f"the certificate of {institution!r} was replaced by a renewal; "
-                "use the renewed bundle\n",
-            )
-        return None
-
-
 class _FleetProxy:
     """The ASGI app: checks each request, forwards Fleet calls, refuses the rest."""
 
     def __init__(
-        self, upstream: str, ca_cert: Path, identity: _Identity, refusals: _Refusals
+        self, upstream: str, ca_cert: Path, identity: Identity, refusals: Refusals
     ) -> None:
         self._upstream = upstream
         self._ca_cert = ca_cert
@@ -311,7 +181,7 @@ class _FleetProxy:
         institution: str,
         serial: str,
         peer: str,
-        refused: _Refusal | None,
+        refused: Refusal | None,
     ) -> Response:
         if not institution:  # cannot happen behind the handshake; refuse all the same
             self._refusals.refuse(NO_CERTIFICATE, "", peer, request.url.path)
@@ -387,253 +257,6 @@ async def _body_within(request: Request, limit_bytes: int) -> bytes | None:
     return bytes(body)
 
 
-class _GateConfig:
-    """What every `_TlsGate` of one edge shares (uvicorn builds the protocol itself),
-    including the counts its caps are checked against (only the edge's event loop
-    thread touches them)."""
-
-    def __init__(
-        self,
-        context: ssl.SSLContext,
-        refusals: _Refusals,
-        identity: _Identity,
-        max_handshakes_per_address: int,
-        max_connections_per_institution: int,
-        request_head_timeout_s: float,
-    ) -> None:
-        self.context = context
-        self.refusals = refusals
-        self.identity = identity
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.max_handshakes_per_address = max_handshakes_per_address
-        self.max_connections_per_institution = max_connections_per_institution
-        self.request_head_timeout_s = request_head_timeout_s
-        # by peer address: in their handshake, or refused after it until they close
-        self.handshaking: Counter[str] = Counter()
-        self.open: Counter[str] = Counter()  # by institution, admitted after the handshake
-
-    @staticmethod
-    def release(counts: Counter[str], key: str) -> None:
-        counts[key] -= 1
-        if counts[key] <= 0:
-            del counts[key]
-
-
-class _CountedH11(H11Protocol):
-    """uvicorn's h11 protocol for one connection after its handshake; tells the gate
-    when the connection ends, however it ends (the site's close, a timer, a stop), and
-    closes it when a request's head does not arrive within `head_timeout_s`: of the
-    connection's start (uvicorn arms no timer before a first response) or of the first
-    byte of a later request (that byte stops uvicorn's keep-alive timer)."""
-
-    def __init__(
-        self,
-        *,
-        on_lost: Callable[[], None],
-        head_timeout_s: float,
-        on_no_head: Callable[[], None],
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self._on_lost: Callable[[], None] | None = on_lost
-        self._head_timeout_s = head_timeout_s
-        self._on_no_head = on_no_head
-        self._head_timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._head_timer = self.loop.call_later(self._head_timeout_s, self._no_head)
-
-    def data_received(self, data: bytes) -> None:
-        if self._head_timer is None and self.conn.their_state is h11.IDLE:
-            self._head_timer = self.loop.call_later(self._head_timeout_s, self._no_head)
-        super().data_received(data)
-
-    def handle_events(self) -> None:
-        cycle = self.cycle
-        super().handle_events()
-        if self.cycle is not cycle:  # a request's head arrived: its cycle began
-            self._stop_head_timer()
-
-    def _no_head(self) -> None:
-        self._head_timer = None
-        if not self.transport.is_closing():
-            self._on_no_head()
-            self.transport.abort()  # nothing is owed to a peer that sent no request
-
-    def _stop_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_head_timer()
-        try:
-            super().connection_lost(exc)
-        finally:
-            on_lost, self._on_lost = self._on_lost, None
-            if on_lost is not None:  # once, should the transport report it twice
-                on_lost()
-
-
-class _Held(asyncio.Protocol):
-    """Holds what arrives on a fresh TLS connection until its real protocol takes over."""
-
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
-        self.eof = False
-        self.lost = False
-
-    def data_received(self, data: bytes) -> None:
-        self.chunks.append(data)
-
-    def eof_received(self) -> bool | None:
-        self.eof = True
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-
-    def hand_over(self, protocol: asyncio.Protocol) -> None:
-        for chunk in self.chunks:
-            protocol.data_received(chunk)
-        self.chunks.clear()
-        if self.eof:
-            protocol.eof_received()
-
-
-def send_without_delay(transport: asyncio.BaseTransport) -> None:
-    """Turn Nagle's algorithm off on the connection's socket. uvicorn writes a response's
-    headers and its body separately, and with Nagle on the body waits for the site's
-    acknowledgement of the headers: one more round trip for every Fleet call (measured
-    behind the WAN test bed's 80 ms: 15 to 20 calls per federated pretraining step, each
-    80 ms longer). asyncio turns Nagle off itself only on sockets made with
-    IPPROTO_TCP, and the edge binds its own."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _gate_class(gate: _GateConfig) -> type[asyncio.Protocol]:
-    class _TlsGate(asyncio.Protocol):
-        """A plain TCP connection until its TLS handshake succeeds; then uvicorn's h11
-        protocol takes over the TLS transport, with the peer's institution in scope."""
-
-        def __init__(
-            self,
-            config: uvicorn.Config,
-            server_state: Any,
-            app_state: Any,
-            _loop: asyncio.AbstractEventLoop | None = None,
-        ) -> None:
-            self._config = config
-            self._server_state = server_state
-            self._app_state = app_state
-
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            assert isinstance(transport, asyncio.Transport)
-            peername = transport.get_extra_info("peername") or ("?", 0)
-            address, peer = str(peername[0]), f"{peername[0]}:{peername[1]}"
-            if gate.handshaking[address] >= gate.max_handshakes_per_address:
-                # Counted before the close: whoever sees the close finds it counted.
-                gate.refusals.refuse(
-                    TOO_MANY_HANDSHAKES,
-                    "",
-                    peer,
-                    f"{gate.handshaking[address]} connections from {address} are still in "
-                    "their TLS handshake",
-                )
-                transport.abort()
-                return
-            gate.handshaking[address] += 1
-            send_without_delay(transport)
-            # Not one byte may reach this protocol: the ClientHello is for start_tls.
-            transport.pause_reading()
-            task = asyncio.get_running_loop().create_task(self._upgrade(transport, address, peer))
-            gate.tasks.add(task)
-            task.add_done_callback(gate.tasks.discard)
-            task.add_done_callback(lambda _: gate.release(gate.handshaking, address))
-
-        async def _upgrade(self, transport: asyncio.Transport, address: str, peer: str) -> None:
-            # Bytes decrypted before uvicorn's protocol is attached (a TLS 1.3 client sends
-            # its request with its Finished) wait here, then go to it in order.
-            held = _Held()
-            try:
-                tls = await asyncio.get_running_loop().start_tls(
-                    transport,
-                    held,
-                    gate.context,
-                    server_side=True,
-                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S,
-                )
-            except (TimeoutError, OSError) as error:
-                transport.close()
-                if isinstance(error, (ssl.SSLError, asyncio.TimeoutError)):
-                    gate.refusals.refuse(
-                        handshake_refusal_reason(error), "", peer, f"TLS handshake: {error}"
-                    )
-                return
-            if tls is None or held.lost:  # the connection closed meanwhile
-                return
-            peercert = tls.get_extra_info("peercert")
-            institution = institution_of_peercert(peercert)
-            serial = serial_of_peercert(peercert)
-            # Checked before the connection counts toward its institution's cap: a
-            # certificate with its name but not its current serial (one a renewal
-            # replaced, its Ray nodes') could otherwise hold all its places.
-            try:
-                refused = await asyncio.to_thread(gate.identity.refusal, institution, serial)
-            except Exception:  # the state store failed: the site's SuperNode retries
-                log.exception("Fleet edge: could not check the certificate of %r", institution)
-                tls.abort()
-                return
-            if held.lost:
-                return
-            if refused is not None:
-                gate.refusals.refuse(refused.reason, institution, peer, refused.detail)
-                # It gets its 403 (a renewed site's operator reads why), then is closed;
-                # until then it counts with its address's handshakes, not its institution.
-                gate.handshaking[address] += 1
-                counts, key = gate.handshaking, address
-            elif gate.open[institution] >= gate.max_connections_per_institution:
-                gate.refusals.refuse(
-                    TOO_MANY_CONNECTIONS,
-                    institution,
-                    peer,
-                    f"it holds {gate.open[institution]} connections to the edge already",
-                )
-                tls.abort()
-                return
-            else:
-                gate.open[institution] += 1
-                counts, key = gate.open, institution
-            timeout_s = gate.request_head_timeout_s
-            http = _CountedH11(
-                config=self._config,
-                server_state=self._server_state,
-                app_state=self._app_state,
-                on_lost=lambda: gate.release(counts, key),
-                head_timeout_s=timeout_s,
-                on_no_head=lambda: gate.refusals.refuse(
-                    REQUEST_TIMEOUT, institution, peer, f"no request head within {timeout_s} s"
-                ),
-            )
-            inner = http.app
-
-            async def identified(scope: Scope, receive: Receive, send: Send) -> None:
-                scope[INSTITUTION_KEY] = institution
-                scope[SERIAL_KEY] = serial
-                scope[REFUSAL_KEY] = refused
-                await inner(scope, receive, send)
-
-            http.app = identified
-            tls.set_protocol(http)
-            http.connection_made(tls)
-            held.hand_over(http)
-
-    return _TlsGate
-
-
 class _EdgeServer(uvicorn.Server):
     """uvicorn's server, telling a waiting thread when it listens."""
 
@@ -673,10 +296,10 @@ class FleetEdge:
         max_connections_per_institution: int = MAX_CONNECTIONS_PER_INSTITUTION,
         request_head_timeout_s: float = REQUEST_HEAD_TIMEOUT_S,
     ) -> None:
-        refusals = _Refusals(on_refusal)
-        identity = _Identity(is_revoked, current_serial)
+        refusals = Refusals(on_refusal)
+        identity = Identity(is_revoked, current_serial)
         proxy = _FleetProxy(upstream, tls.ca_cert, identity, refusals)
-        gate = _GateConfig(
+        gate = GateConfig(
             server_ssl_context(tls),
             refusals,
             identity,
@@ -697,7 +320,7 @@ class FleetEdge:
         self.port = int(self._socket.getsockname()[1])
         config = uvicorn.Config(
             proxy.app,
-            http=_gate_class(gate),
+            http=gate_class(gate),
             lifespan="on",
             # Python's own asyncio (not uvloop): `start_tls` and transports as documented.
             loop="asyncio",

@@ -31,14 +31,12 @@ from flwr.proto.node_pb2 import Node
 
 from consortium import pki
 from consortium.tls import ServerTls
-from coordinator.federated.edge import (
+from coordinator.federated.edge import MAX_BODY_BYTES, MAX_CONNECTIONS_PER_INSTITUTION, FleetEdge
+from coordinator.federated.edge_identity import (
     BODY_TOO_LARGE,
-    MAX_BODY_BYTES,
-    MAX_CONNECTIONS_PER_INSTITUTION,
     REQUEST_TIMEOUT,
     SUPERSEDED,
     UNKNOWN_CERTIFICATE,
-    FleetEdge,
 )
 from tests.helpers import wait_for
 

@@ -20,10 +20,9 @@ from coordinator.federated.edge import (
     EDGE_KEEP_ALIVE_S,
     MAX_CONNECTIONS_PER_INSTITUTION,
     MAX_HANDSHAKES_PER_ADDRESS,
-    TOO_MANY_CONNECTIONS,
-    TOO_MANY_HANDSHAKES,
     FleetEdge,
 )
+from coordinator.federated.edge_identity import TOO_MANY_CONNECTIONS, TOO_MANY_HANDSHAKES
 from tests.helpers import wait_for
 
 INSTITUTION = "alpha"

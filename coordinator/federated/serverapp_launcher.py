@@ -229,6 +229,8 @@ class ServerAppLauncher:
             self._started.remove(started)
             code = started.process.poll()
             assert code is not None
+            # Reaps it, ends what it left in its process group, closes its log.
+            started.process.stop()
             with self._exited_lock:
                 self._exited[started.run_id] = code
             log.info("the ServerApp of Flower run %s exited with code %d", started.run_id, code)

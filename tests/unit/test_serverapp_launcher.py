@@ -5,13 +5,16 @@ tests/security/test_flower_attacks.py and the federated job tests.)"""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from consortium.net import reserve_free_port
+from consortium.processes import ChildProcess
 from consortium.provenance.signing import SigningKey
 from coordinator.federated.approvals import RunApprovals
 from coordinator.federated.serverapp_launcher import (
@@ -19,6 +22,7 @@ from coordinator.federated.serverapp_launcher import (
     POLL_INTERVAL_S,
     RuntimeEndpoint,
     ServerAppLauncher,
+    _Started,
 )
 
 
@@ -59,3 +63,27 @@ def test_stop_does_not_wait_out_an_idle_poll(
     server_apps.stop()
     assert not server_apps._thread.is_alive()
     assert time.monotonic() - started < IDLE_POLL_INTERVAL_S
+
+
+def test_an_exited_serverapp_is_reaped_its_exit_kept_and_its_log_closed(
+    launcher: tuple[ServerAppLauncher, RunApprovals], tmp_path: Path
+) -> None:
+    """A run's ServerApp ends on its own: the coordinator, which runs for months, must
+    not keep its zombie (a pid each) or its open log (a descriptor each)."""
+    server_apps, _ = launcher
+    process = ChildProcess("flwr-serverapp", ["sh", "-c", "exit 4"], tmp_path / "app.log")
+    token = tmp_path / "tokens" / "run-7"
+    token.write_text("token")
+    server_apps._started.append(_Started("7", process, token))
+    deadline = time.monotonic() + 30
+    while process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+    server_apps._reap()
+
+    assert server_apps.exit_code("7") == 4
+    assert not token.exists()
+    assert process.popen.returncode == 4  # reaped
+    assert not psutil.pid_exists(process.pid) or psutil.Process(process.pid).ppid() != os.getpid()
+    assert process._log_file.closed

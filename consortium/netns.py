@@ -178,7 +178,9 @@ class NetworkTestbed:
         when its standard input closes (`remove`, or this process's death)."""
         assert self.switched is not None
         links = self.switched
-        argv = [sys.executable, "-m", "consortium.wan_switch", "--delay-ms", str(links.delay_ms),
+        # -P: as root, never a module of the current dir (`-m` would put it first).
+        argv = [sys.executable, "-P", "-m", "consortium.wan_switch",
+                "--delay-ms", str(links.delay_ms),
                 "--loss-percent", str(links.loss_percent), "--seed", str(links.seed)]  # fmt: skip
         self._switch = subprocess.Popen(
             [IP, "netns", "exec", self.hub, *argv, *ports],

@@ -49,6 +49,7 @@ class Reaper:
             process = subprocess.Popen(
                 [
                     sys.executable,
+                    "-P",  # not the current dir's modules first (`-m` puts it on sys.path)
                     "-m",
                     "consortium.reaper",
                     str(owner_dir.resolve()),

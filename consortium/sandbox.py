@@ -181,7 +181,9 @@ class Sandbox:
 
     def wrap(self, argv: Sequence[str]) -> list[str]:
         return [
-            sys.executable, "-m", "consortium.sandbox",
+            # -P: run as root, it must not import the current dir's modules (`-m`
+            # puts that dir first on sys.path: a `random.py` in /tmp ran as root).
+            sys.executable, "-P", "-m", "consortium.sandbox",
             "--uid", str(self.user.uid), "--gid", str(self.user.gid),
             "--home", str(self.home),
             *(f"--hide={path}" for path in self.hide),

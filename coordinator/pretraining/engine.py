@@ -45,7 +45,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DRIVER_COMMAND = (sys.executable, "-m", "coordinator.pretraining.driver")
+# -P: not the current dir's modules first (`-m` puts it on sys.path; the driver may
+# run as this user, root, outside the sandbox).
+DRIVER_COMMAND = (sys.executable, "-P", "-m", "coordinator.pretraining.driver")
 STOP_GRACE_S = 20.0  # within PretrainRunner's 30 s wait for its thread
 DRIVER_EXIT_S = 10.0  # a finished driver's `ray.shutdown()`
 KILL_AFTER_S = 1.0  # SIGTERM, then SIGKILL

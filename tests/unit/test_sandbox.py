@@ -600,3 +600,28 @@ def test_a_fifo_swapped_in_for_a_dir_root_removes_never_blocks_it(site_root: Pat
                     os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
     assert not blocked, f"a removal blocked on a FIFO ({outcome})"
     assert outcome.get("made", 0) > 0, outcome  # between swaps, starts still succeed
+
+
+def test_root_imports_nothing_from_the_current_dir_to_set_a_node_up(
+    site_root: Path, tmp_path: Path
+) -> None:
+    """`python -m` puts the current dir first on sys.path: `coordinator serve` started in
+    a dir another user writes (/tmp) had root import that user's `random.py` (tempfile
+    imports it) while it set a node's sandbox up."""
+    layout = site_layout(site_root)
+    if not AS_ROOT:
+        return
+    cwd = tmp_path / "shared"
+    cwd.mkdir()
+    marker = tmp_path / "imported-as-root"
+    (cwd / "random.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    done = subprocess.run(
+        sandbox_for(layout).wrap(["true"]),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert not marker.exists()
+    assert done.returncode == 0, done.stderr

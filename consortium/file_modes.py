@@ -41,7 +41,11 @@ def private_dir(path: Path) -> Path:
 
     One that exists must be this user's: its owner could otherwise plant links where
     files are about to be written (a bundle's `ca.sha256` linked to a file of root's,
-    which `coordinator onboard --out` then overwrote) or read what lands in it."""
+    which `coordinator onboard --out` then overwrote) or read what lands in it. And no
+    step on the way to it may be another user's (but root's): a link or dir of theirs
+    on the way lets them point the path at a dir of root's (`--out theirs/bundle`, with
+    `bundle` a link to /etc/ssl, had root's bundle files written there)."""
+    _check_no_other_users_on_the_way(path)
     path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
     owner = path.stat().st_uid
     if owner != os.geteuid():
@@ -57,6 +61,25 @@ def private_dir(path: Path) -> Path:
             tightened,
         )
     return path
+
+
+def _check_no_other_users_on_the_way(path: Path) -> None:
+    """Every existing step of `path` as given (links not followed: each is checked as
+    the entry it is) is this user's or root's."""
+    trusted = {0, os.geteuid()}
+    absolute = path.absolute()
+    step = Path(absolute.anchor)
+    for part in absolute.parts[1:]:
+        step = step / part
+        try:
+            owner = os.lstat(step).st_uid
+        except FileNotFoundError:
+            return  # the rest is made here, by this user
+        if owner not in trusted:
+            raise DataDirError(
+                f"{step}, on the way to {path}, is another user's (uid {owner}), who could "
+                "point it elsewhere; use a path of your own"
+            )
 
 
 def tighten_tree(root: Path) -> int:

@@ -86,3 +86,25 @@ def test_replace_file_replaces_a_planted_link_and_never_writes_through_it(
     assert victim.read_text() == "root's own\n"
     assert not out.is_symlink() and out.read_bytes() == b"the checkpoint\n"
     assert sorted(p.name for p in out.parent.iterdir()) == ["checkpoint"]  # no partial left
+
+
+@pytest.mark.parametrize("link_at", ["final", "on the way"])
+def test_a_link_of_another_users_on_the_way_is_refused_and_nothing_written(
+    tmp_path: Path, link_at: str
+) -> None:
+    """`--out theirs/bundle` with `bundle` (or a dir on the way) a link of theirs to a
+    dir of root's: the owner check of the target saw root's, and root wrote there."""
+    roots = tmp_path / "roots-service"
+    roots.mkdir()
+    (roots / "ca.crt").write_text("the service's own\n")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    theirs.chmod(0o777)
+    link = theirs / ("bundle" if link_at == "final" else "via")
+    link.symlink_to(roots)
+    os.chown(link, NOBODY, NOBODY, follow_symlinks=False)
+    os.chown(theirs, NOBODY, NOBODY)
+    target = link if link_at == "final" else link / "sub"
+    with pytest.raises(DataDirError, match="another user's"):
+        private_dir(target)
+    assert sorted(p.name for p in roots.iterdir()) == ["ca.crt"]  # nothing made there

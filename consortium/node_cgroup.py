@@ -12,10 +12,12 @@ moves itself into the node's group, and stopping the node kills the whole group
 (`cgroup.kill`), detached processes included; a node's next start kills whatever a
 crash left there before its credentials are copied in again.
 
-The group lies below this process's own cgroup, so whoever accounts for this process
-(a service manager, `make cpu-by-module`) still sees the node's CPU. Where no cgroup v2
-hierarchy is mounted and writable (a container without one), `node_cgroup` says so
-and returns None: the node then runs as before, and a detached process may outlive it.
+The groups lie in one place whoever starts the node (`consortium-nodes` at the
+hierarchy's root), so a restart from another login session or service, in another
+cgroup, still finds and ends what the last start left. Where the root is not writable
+(a container given a delegated subtree) they lie below this process's own cgroup.
+Where no cgroup v2 hierarchy is mounted and writable at all, `node_cgroup` says so and
+returns None: the node then runs as before, and a detached process may outlive it.
 
 Only the standard library: `consortium.sandbox` uses it before every node start.
 """
@@ -60,12 +62,28 @@ def own_cgroup(proc_cgroup: Path = Path("/proc/self/cgroup")) -> Path | None:
     return None
 
 
+NODES = "consortium-nodes"
+
+
+def nodes_parent() -> Path | None:
+    """The dir the nodes' groups go in: `consortium-nodes` at the root where it can be
+    made, else this process's own cgroup where that is writable; None otherwise."""
+    mount = v2_mount()
+    if mount is not None and os.access(mount, os.W_OK):
+        parent = mount / NODES
+        with contextlib.suppress(FileExistsError):
+            parent.mkdir(mode=0o755)
+        return parent
+    own = own_cgroup()
+    return own if own is not None and os.access(own, os.W_OK) else None
+
+
 def node_cgroup(name: str) -> Path | None:
-    """Where the node `name`'s cgroup goes (below this process's own), or None where
-    cgroups cannot be made here (said once, in the log)."""
+    """Where the node `name`'s cgroup goes, or None where cgroups cannot be made here
+    (said once, in the log)."""
     global _warned
-    parent = own_cgroup()
-    if parent is not None and os.access(parent, os.W_OK):
+    parent = nodes_parent()
+    if parent is not None:
         return parent / name
     if not _warned:
         _warned = True

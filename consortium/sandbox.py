@@ -277,7 +277,8 @@ def sandbox_for(home: Path, hide: Sequence[Path], grant: Sequence[Path] = ()) ->
             f"{error}; create that user yourself (useradd --system {POOL_USER}) or run without Ray"
         ) from None
     # One group per private dir: a restart of the same node reuses (and first empties) it.
-    group = "consortium-" + hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:16]
+    # Named by the path as given: a pool process could point a link at another node's.
+    group = "consortium-" + hashlib.sha256(str(home.absolute()).encode()).hexdigest()[:16]
     return Sandbox(
         user,
         home,

@@ -66,7 +66,7 @@ def node_cgroups_removed() -> Iterator[None]:
     a node stopped through its ChildProcess removes its own, but tests that run a
     sandboxed command directly leave theirs. One another worker's node is in is busy,
     and stays."""
-    parent = node_cgroup.own_cgroup()
+    parent = node_cgroup.nodes_parent()
     before = set(parent.glob("consortium-*")) if parent is not None else set()
     yield
     if parent is not None:

@@ -29,6 +29,7 @@ import psutil
 import pytest
 
 from client.ray_worker import pool_sandbox
+from consortium import node_cgroup
 from consortium.aggregation.kernel_cache import KERNELS, numba_cache_subpath
 from consortium.aggregation.streaming import StreamingMean
 from consortium.leftovers import (
@@ -625,3 +626,37 @@ def test_root_imports_nothing_from_the_current_dir_to_set_a_node_up(
     )
     assert not marker.exists()
     assert done.returncode == 0, done.stderr
+
+
+ELSEWHERE = """
+import sys
+from pathlib import Path
+from consortium import node_cgroup
+other = Path(sys.argv[1])
+node_cgroup.join(other)  # another login session's or service's group
+print(node_cgroup.node_cgroup("consortium-some-node"))
+"""
+
+
+def test_a_nodes_group_is_found_whichever_cgroup_its_owner_restarts_in(tmp_path: Path) -> None:
+    """A coordinator killed and started again from another session (another cgroup)
+    must find the group its last node left a detached process in."""
+    if not AS_ROOT:
+        return
+    here = node_cgroup.node_cgroup("consortium-some-node")
+    mount = node_cgroup.v2_mount()
+    assert here is not None and mount is not None
+    other = mount / f"consortium-test-elsewhere-{os.getpid()}"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", ELSEWHERE, str(other)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        with contextlib.suppress(OSError):
+            other.rmdir()
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()) == here

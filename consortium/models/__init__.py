@@ -101,6 +101,8 @@ __all__ = [
 
 def step_tokens_problem(batch_size: int, seq_len: int) -> str | None:
     """Why a step of `batch_size` windows of `seq_len` is too large, or None."""
+    if batch_size < 1 or seq_len < 1:  # a product of 0 or below would pass any batch
+        return f"batch_size and seq_len must be at least 1, not {batch_size} and {seq_len}"
     if batch_size * seq_len <= MAX_STEP_TOKENS:
         return None
     return (

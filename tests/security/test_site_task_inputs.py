@@ -165,8 +165,16 @@ def test_the_coordinator_hears_why_a_site_refused_but_never_its_data(tmp_path: P
         client_app.TRAINER._enter(-1)
 
 
+@pytest.mark.parametrize(
+    ("batch_size", "seq_len", "expected"),
+    [
+        (65_536, 128, "a training step takes at most"),
+        (10**9, 0, "at least 1"),
+        (10**9, -1, "at least 1"),
+    ],
+)
 def test_site_refuses_a_step_larger_than_it_trains_before_loading_anything(
-    tmp_path: Path,
+    tmp_path: Path, batch_size: int, seq_len: int, expected: str
 ) -> None:
     """batch_size 65,536 of 128-byte windows: about 300 GiB of the default ByteLM's
     activations, which the OOM killer answered by ending `client join`."""
@@ -174,9 +182,9 @@ def test_site_refuses_a_step_larger_than_it_trains_before_loading_anything(
     client_app.TRAINER._enter(-1)
     message = _message("docstrings")
     config = message.content.config_records["config"]
-    config["batch-size"], config["seq-len"] = 65_536, 128
+    config["batch-size"], config["seq-len"] = batch_size, seq_len
     try:
-        with pytest.raises(TaskRefusedError, match="a training step takes at most"):
+        with pytest.raises(TaskRefusedError, match=expected):
             client_app.train(message, context)
     finally:
         client_app.TRAINER._enter(-1)

@@ -63,6 +63,7 @@ class ChildProcess:
         self.log_path = log_path
         self.cgroup = cgroup  # a sandboxed child's (consortium/node_cgroup.py)
         self._stopped = False
+        self._stop_lock = threading.Lock()
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = log_path.open("ab")
         self._log_start = self._log_file.tell()  # the log is appended to across starts
@@ -104,7 +105,10 @@ class ChildProcess:
             return self.popen.returncode
         try:
             ended = os.waitid(os.P_PID, self.popen.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:  # reaped by a concurrent `stop`, which set returncode
+        except ChildProcessError:  # reaped by a concurrent `stop`: its code comes next
+            deadline = time.monotonic() + 1.0
+            while self.popen.returncode is None and time.monotonic() < deadline:
+                time.sleep(0.001)
             return self.popen.poll()
         if ended is None or ended.si_pid == 0:
             return None
@@ -137,9 +141,10 @@ class ChildProcess:
         descendants are collected first and ended as well: all were started by us.
         A second call does nothing (an exit stack and a supervisor may both stop it).
         """
-        if self._stopped:
-            return
-        self._stopped = True
+        with self._stop_lock:  # a supervisor's and an exit stack's stops may meet
+            if self._stopped:
+                return
+            self._stopped = True
         # Reaped already (someone called Popen's own wait): its pid, and so its group's
         # id, may be another process's now. Nothing is signalled by pid then.
         reaped = self.popen.returncode is not None

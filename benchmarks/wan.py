@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -278,23 +279,47 @@ def main() -> None:
         default=PLACEMENTS,
         help=f"comma-separated, of {', '.join(PLACEMENTS)} (default: both)",
     )
-    parser.add_argument("--work-dir", default="/tmp/consortium-wan")
+    parser.add_argument(
+        "--work-dir",
+        default=None,
+        help="where the consortium's files go, made afresh (default: a new temporary dir)",
+    )
     parser.add_argument(TESTBED_FLAG, dest="testbed", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.testbed is not None:
         inside(args, args.testbed)
         return
-    import shutil
     import signal
+    import tempfile
+
+    from consortium.errors import ConsortiumError
+    from consortium.file_modes import private_dir
+    from consortium.tree_removal import remove_tree
 
     def on_sigterm(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # unwinds through run_behind_wan: the test bed is removed
 
     signal.signal(signal.SIGTERM, on_sigterm)  # as `coordinator demo --wan` does
-    shutil.rmtree(args.work_dir, ignore_errors=True)
-    argv = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]]
-    sites = INSTITUTION_NAMES[: args.sites]
-    raise SystemExit(run_behind_wan(sites, argv, on_links=lambda links: print(f"links: {links}")))
+    try:
+        # Made here, root's and 0700, before the command inside the test bed writes
+        # there: a fixed path in /tmp removed and left to be made later was re-made by
+        # another user in between, and root then wrote through that user's links.
+        if args.work_dir is None:
+            work = Path(tempfile.mkdtemp(prefix="consortium-wan-"))
+        else:
+            work = Path(args.work_dir)
+            if work.is_dir() and not work.is_symlink() and work.stat().st_uid == os.geteuid():
+                remove_tree(work)
+            private_dir(work)  # refuses one another user made or points elsewhere
+        print(f"work dir: {work}")
+        argv = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]]
+        argv += ["--work-dir", str(work)]  # the last one given wins
+        sites = INSTITUTION_NAMES[: args.sites]
+        code = run_behind_wan(sites, argv, on_links=lambda links: print(f"links: {links}"))
+    except ConsortiumError as error:  # no root, no `ip`, a work dir of another user's
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(int(error.exit_code)) from None
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

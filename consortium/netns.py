@@ -24,6 +24,7 @@ import ipaddress
 import os
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -226,10 +227,22 @@ class NetworkTestbed:
             lines.append(f"{host.address} {' '.join(names)}")
         return "\n".join(lines) + "\n"
 
+    @staticmethod
+    def _kill_processes_in(name: str) -> None:
+        listed = subprocess.run(
+            [IP, "netns", "pids", name], capture_output=True, text=True, check=False
+        )
+        for pid in (int(word) for word in listed.stdout.split() if word.isdigit()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
     def remove(self) -> None:
-        """Delete every namespace this test bed created (their links go with them)."""
+        """Delete every namespace this test bed created (their links go with them), ending
+        first whatever still runs in one: `ip netns delete` only unmounts a namespace,
+        which lives on, unlisted, while a process is in it."""
         self._stop_switch()
         for name in reversed(self._created):
+            self._kill_processes_in(name)
             subprocess.run([IP, "netns", "delete", name], capture_output=True, check=False)
             shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
         self._created.clear()

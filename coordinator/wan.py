@@ -20,8 +20,10 @@ userspace switch in place of the bridge (consortium/wan_switch.py) and the rate 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -105,12 +107,44 @@ def run_behind_wan(
         testbed = NetworkTestbed(
             layout.hosts(), tag=layout.tag, rate=rate, switched=switched
         ).__enter__()
-    on_links(links)
     try:
+        on_links(links)
         command = testbed.exec_argv(COORDINATOR_HOST, [*argv, TESTBED_FLAG, layout.tag])
-        return subprocess.call(command, env={**os.environ, LINKS_ENV: links})
+        inner = subprocess.Popen(command, env={**os.environ, LINKS_ENV: links})
+        try:
+            return inner.wait()
+        except BaseException:
+            _let_it_stop(inner)
+            raise
     finally:
         testbed.remove()
+
+
+# How long the command inside gets to stop its consortium once interrupted (its
+# children stop in parallel, each within its own timeout).
+INNER_STOP_S = 60.0
+# Ctrl-C reaches the command inside too (one process group): it is left this long to
+# stop on its own before it is told to with SIGTERM.
+INNER_SIGINT_S = 2.0
+
+
+def _let_it_stop(inner: subprocess.Popen[bytes]) -> None:
+    """Interrupted (Ctrl-C, or SIGTERM made KeyboardInterrupt): the command inside stops
+    its consortium, and only then is the test bed removed. `subprocess.call` SIGKILLed
+    it at once, which left its `coordinator serve`, sites and Ray running (in sessions
+    of their own) in namespaces no longer listed."""
+    try:
+        inner.wait(INNER_SIGINT_S)
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        inner.send_signal(signal.SIGTERM)
+    try:
+        inner.wait(INNER_STOP_S)
+    except subprocess.TimeoutExpired:
+        inner.kill()
+        inner.wait()
 
 
 def describe_links() -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import psutil
 import pytest
 
 from consortium.netns import NetnsError, NetnsHost, NetworkTestbed, SwitchedLinks
+from consortium.processes import pid_alive
 from coordinator.wan import interface_bytes, run_behind_wan, switched_links
 from tests.guide import GUIDE, GuideError, RunStep, SendStep, for_site, read_steps
 
@@ -253,3 +255,52 @@ def test_a_netem_description_gives_the_switch_its_delay_and_loss() -> None:
     assert switched_links("delay 1s") == SwitchedLinks(1000.0, 0.0)
     with pytest.raises(NetnsError, match="cannot read the delay"):
         switched_links("delay 40")  # netem wants a unit
+
+
+INNER_UNTIL_TOLD = """
+import pathlib, signal, subprocess, sys, time
+left = subprocess.Popen(["sleep", "300"], start_new_session=True)  # a child of its own
+pathlib.Path(sys.argv[2]).write_text(str(left.pid))
+def stop(signum, frame):
+    pathlib.Path(sys.argv[1]).write_text("stopped its consortium")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+time.sleep(300)
+"""
+OUTER_AS_THE_CLI = """
+import signal, sys
+from coordinator.wan import run_behind_wan
+def interrupted(signum, frame):
+    raise KeyboardInterrupt  # as `coordinator demo --wan` and benchmarks/wan.py do
+signal.signal(signal.SIGTERM, interrupted)
+try:
+    run_behind_wan(["site-a"], [sys.executable, "-c", sys.argv[1], sys.argv[2], sys.argv[3]])
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_an_interrupted_command_behind_the_wan_stops_its_own_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM to `coordinator demo --wan`: the command inside the test bed is let stop
+    its consortium (it was SIGKILLed, and its children, in sessions of their own, ran
+    on in namespaces no longer listed), and what still runs in a namespace ends with it."""
+    stopped, left_pid = tmp_path / "stopped", tmp_path / "left.pid"
+    outer = subprocess.Popen(
+        [sys.executable, "-c", OUTER_AS_THE_CLI, INNER_UNTIL_TOLD, str(stopped), str(left_pid)]
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not left_pid.exists() or not left_pid.read_text():
+            assert outer.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        left = int(left_pid.read_text())
+        outer.terminate()
+        assert outer.wait(timeout=90) == 130
+    finally:
+        if outer.poll() is None:
+            outer.kill()
+            outer.wait()
+    assert stopped.read_text() == "stopped its consortium"
+    assert not pid_alive(left)

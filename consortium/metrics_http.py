@@ -15,12 +15,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from consortium.net import split_host_port
 
@@ -31,12 +34,40 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+# An idle connection's thread ends after this long. prometheus_client's own server
+# waits on one forever, a thread each: a local user holding a few hundred open made the
+# endpoint stop answering. A scrape sends its request at once.
+REQUEST_TIMEOUT_S = 10.0
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = REQUEST_TIMEOUT_S
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged (as prometheus_client's handler does)."""
+
+
 class MetricsServer:
     """A started `/metrics` endpoint for one registry; `stop()` closes its socket."""
 
-    def __init__(self, address: str, registry: CollectorRegistry, address_file: Path) -> None:
+    def __init__(
+        self,
+        address: str,
+        registry: CollectorRegistry,
+        address_file: Path,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
+    ) -> None:
         host, port = split_host_port(address)
-        self._httpd, self._thread = start_http_server(port, host, registry)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server = type("MetricsHttpServer", (ThreadingWSGIServer,), {"address_family": family})
+        handler = type("MetricsHandler", (_QuietHandler,), {"timeout": request_timeout_s})
+        self._httpd: ThreadingWSGIServer = make_server(
+            host, port, make_wsgi_app(registry), server, handler
+        )
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="metrics-http", daemon=True
+        )
+        self._thread.start()
         self.address = format_address(host, self._httpd.server_address[1])
         self._address_file = address_file
         address_file.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import stat
 import time
 import urllib.request
@@ -17,11 +18,12 @@ from typing import Any
 
 import grpc
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 from client.metrics import TRAINING_LOG, GpuCollector, TrainingCollector, record_training
 from consortium.errors import NotFoundError
 from consortium.metrics_http import JsonLinesTail, MetricsServer
+from consortium.net import split_host_port
 from coordinator.data_dir import DataDir
 from coordinator.federated.reasons import refused
 from coordinator.observability.metrics import CoordinatorMetrics, RpcMetricsInterceptor
@@ -298,3 +300,21 @@ def test_metrics_server_binds_port_zero_writes_its_address_and_cleans_up(tmp_pat
     finally:
         server.stop()
     assert not address_file.exists()
+
+
+def test_an_idle_connection_to_metrics_is_closed_and_scrapes_go_on(tmp_path: Path) -> None:
+    """prometheus_client's own server kept a thread per connection waiting forever: a
+    local user holding a few hundred idle ones made `/metrics` stop answering."""
+    registry = CollectorRegistry()
+    Counter("consortium_probe_total", "a probe", registry=registry).inc()
+    server = MetricsServer("127.0.0.1:0", registry, tmp_path / "metrics.address", 0.5)
+    host, port = split_host_port(server.address)
+    try:
+        with socket.create_connection((host, port), timeout=10) as idle:
+            idle.settimeout(10)
+            assert idle.recv(1) == b""  # closed by the server, not by this timeout
+        with urllib.request.urlopen(f"http://{server.address}/metrics", timeout=10) as reply:
+            assert b"consortium_probe_total 1.0" in reply.read()
+    finally:
+        server.stop()
+    assert not (tmp_path / "metrics.address").exists()

@@ -10,6 +10,7 @@ Every problem names the file that is wrong.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import stat
 import tomllib
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ class Bundle:
     coordinator_address: str
     keys: SiteKeys
     coordinator_key: VerifyingKey  # checks the coordinator's signed run approvals
+    ca_fingerprint: str  # SHA-256, as `openssl x509 -fingerprint -sha256` prints it
 
     @property
     def ca_cert(self) -> Path:
@@ -116,6 +118,7 @@ def load_bundle(directory: Path, state_dir: Path) -> Bundle:
             f"{directory / 'ca.crt'} does not match the fingerprint in ca.sha256 and "
             "bundle.toml; compare it with the operator's out of band"
         )
+    _check_pinned_ca(state_dir, expected)
     cert = _certificate(directory / "institution.crt")
     try:
         cert.verify_directly_issued_by(ca)
@@ -152,7 +155,7 @@ def load_bundle(directory: Path, state_dir: Path) -> Bundle:
         raise BundleError(f"{directory / 'institution.crt'} does not match the key {keys.tls_key}")
     _require(keys.supernode_key)
     _require(keys.signing_key)
-    return Bundle(directory, institution, address, keys, coordinator_key)
+    return Bundle(directory, institution, address, keys, coordinator_key, expected)
 
 
 def _coordinator_key(directory: Path, ca: x509.Certificate) -> VerifyingKey:
@@ -168,3 +171,37 @@ def _coordinator_key(directory: Path, ca: x509.Certificate) -> VerifyingKey:
             "not verify); ask the operator for a fresh bundle"
         )
     return key
+
+
+CA_PIN_FILE = "ca.sha256"  # in the state dir: the CA this site first joined under
+
+
+def _check_pinned_ca(state_dir: Path, fingerprint: str) -> None:
+    """A bundle under another CA than the one this site joined with is refused: a
+    bundle's CA is checked against the operator's fingerprint by a person, once, at
+    the first join; a "renewal" from another consortium (or altered in transit) was
+    taken later without a word."""
+    pin = state_dir / CA_PIN_FILE
+    try:
+        pinned = pin.read_text().strip()
+    except FileNotFoundError:
+        return
+    if pinned != fingerprint:
+        raise BundleError(
+            f"the bundle's CA (sha256 {fingerprint}) is not the one this site joined with "
+            f"({pinned}, pinned in {pin}): a bundle of another consortium, or altered in "
+            "transit. If your consortium really replaced its CA (compare the fingerprint "
+            "with the operator's), remove that file and join again"
+        )
+
+
+def pin_ca(bundle: Bundle) -> None:
+    """Remember the bundle's CA as this site's (once it has joined under it)."""
+    pin = bundle.keys.state_dir / CA_PIN_FILE
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    try:
+        fd = os.open(pin, flags, 0o600)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as handle:
+        handle.write(bundle.ca_fingerprint + "\n")

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import grpc
 from flwr.app import Context, Message
 
-from client.bundle import Bundle, load_bundle
+from client.bundle import Bundle, load_bundle, pin_ca
 from client.data.check import check_site_data
 from client.devices import describe_device, hardware_labels, resolve_device
 from client.federated.run_check import CoordinatorRunCheck
@@ -236,6 +236,8 @@ class SiteNode:
                 f"coordinator not reachable ({why}); retry {n} in {wait:.1f} s"
             ),
         )
+        if self.bundle is not None:  # joined under its CA: a later bundle needs the same
+            pin_ca(self.bundle)
         return Joined(
             node_id=response.node.node_id,
             superlink_address=response.superlink_fleet_address,
@@ -296,6 +298,7 @@ class SiteNode:
             f"registered node {joined.node_id[:12]} for {self.settings.institution} "
             f"on {self.device}; datasets: {', '.join(self.datasets)}; "
             f"workloads: {', '.join(self.settings.workloads)}"
+            + (f"; consortium CA sha256 {self.bundle.ca_fingerprint}" if self.bundle else "")
         )
         # The SuperNode and the Ray worker stop independently (the worker drains for a
         # few seconds; the SuperNode need not wait): one entry, in parallel.

@@ -62,6 +62,9 @@ def settings_for(tmp_path: Path, coordinator: RunningCoordinator) -> ClientSetti
         state_dir=tmp_path / "state",
         connect_attempts=1,
         ray_enabled=False,
+        # Its loader is a daemon thread left to finish its imports (client/join.py): as
+        # in the test profile, off, so every thread the run starts is one it joins.
+        preload_client_app=False,
     )
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from client.bundle import BundleError, load_bundle
+from client.bundle import BundleError, load_bundle, pin_ca
 from consortium import pki
 from consortium.errors import ConflictError, DataDirError, InvalidArgumentError
 from consortium.exit_codes import ExitCode
 from consortium.provenance.signing import SigningKey
-from consortium.site_keys import create_site_keys
+from consortium.site_keys import SiteKeys, create_site_keys
 from coordinator.access.onboarding import Request, init_consortium, onboard, renew, revoke
 from coordinator.access.pki_files import CoordinatorPki
 from coordinator.data_dir import DataDir
@@ -301,3 +301,24 @@ def test_onboard_refuses_a_bundle_dir_another_user_owns(tmp_path: Path) -> None:
     finally:
         store.close()
     assert victim.read_text() == "root's own\n"
+
+
+def test_a_bundle_under_another_ca_than_the_site_joined_with_is_refused(
+    onboarded: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """The first join's CA is checked by a person against the operator's fingerprint; a
+    later "renewal" from another consortium (or altered in transit) was taken without a
+    word. The CA a site joined under is pinned in its state dir."""
+    _, site, bundle_dir = onboarded
+    pin_ca(load_bundle(bundle_dir, site))  # as the first join does once registered
+    other = tmp_path / "other-consortium"
+    init_consortium(other, ["127.0.0.1"], cert_days=30)
+    store = SqliteStateStore(other / "state.db")
+    try:
+        request = Request.from_dir(SiteKeys(site).request_dir)  # the same site's keys
+        onboard(other, store, "alpha", request, tmp_path / "other-bundle", "127.0.0.1:1", 30)
+    finally:
+        store.close()
+    with pytest.raises(BundleError, match="not the one this site joined with"):
+        load_bundle(tmp_path / "other-bundle", site)
+    assert load_bundle(bundle_dir, site).institution == "alpha"  # its own still loads

@@ -83,17 +83,45 @@ def _require(path: Path) -> Path:
     return path
 
 
+# The largest file a bundle holds is a certificate of a few KiB.
+MAX_BUNDLE_FILE_BYTES = 1 << 20
+
+
+def read_bundle_file(path: Path) -> bytes:
+    """A bundle file's bytes, read through one descriptor opened without following a
+    link (so nothing swapped in after a check is read), from a regular file with no
+    other name (a hard link to a file of the site's is no bundle file) and of a
+    bundle file's size."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise BundleError(f"{path} is missing") from None
+    except OSError as error:
+        raise BundleError(f"{path} cannot be read as a bundle file: {error}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise BundleError(f"{path} is not a file")
+        if info.st_nlink != 1:
+            raise BundleError(f"{path} has other names (hard links); a bundle holds its own")
+        if info.st_size > MAX_BUNDLE_FILE_BYTES:
+            raise BundleError(f"{path} is {info.st_size} bytes, larger than any bundle file")
+        return handle.read(MAX_BUNDLE_FILE_BYTES + 1)
+
+
 def _text(path: Path) -> str:
     """A bundle file's text; a file that is not UTF-8 is a bad bundle, not a crash."""
+    _require(path)
     try:
-        return _require(path).read_text(encoding="utf-8")
+        return read_bundle_file(path).decode("utf-8")
     except UnicodeDecodeError as err:
         raise BundleError(f"{path} is not UTF-8 text: {err}") from None
 
 
 def _certificate(path: Path) -> x509.Certificate:
+    _require(path)
     try:
-        return x509.load_pem_x509_certificate(_require(path).read_bytes())
+        return x509.load_pem_x509_certificate(read_bundle_file(path))
     except ValueError as err:
         raise BundleError(f"{path} is not a PEM certificate: {err}") from None
 
@@ -140,7 +168,7 @@ def load_bundle(directory: Path, state_dir: Path) -> Bundle:
             f"{directory / 'institution.crt'} expired on "
             f"{cert.not_valid_after_utc.isoformat()}; ask the operator to renew"
         )
-    _require(directory / "ray-token")
+    read_bundle_file(_require(directory / "ray-token"))
     coordinator_key = _coordinator_key(directory, ca)
     keys = SiteKeys(state_dir)
     try:
@@ -164,7 +192,7 @@ def _coordinator_key(directory: Path, ca: x509.Certificate) -> VerifyingKey:
         key = VerifyingKey.load(_require(key_file))
     except (SignatureError, ValueError) as err:
         raise BundleError(f"{key_file} is not an Ed25519 public key: {err}") from None
-    endorsement = _require(directory / COORDINATOR_KEY_ENDORSEMENT_FILE).read_bytes()
+    endorsement = read_bundle_file(_require(directory / COORDINATOR_KEY_ENDORSEMENT_FILE))
     if not pki.endorsed_by(ca, ca_endorsement_payload(key), endorsement):
         raise BundleError(
             f"{key_file} is not endorsed by ca.crt ({COORDINATOR_KEY_ENDORSEMENT_FILE} does "

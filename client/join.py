@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import grpc
 from flwr.app import Context, Message
 
-from client.bundle import Bundle, load_bundle, pin_ca
+from client.bundle import Bundle, load_bundle, pin_ca, read_bundle_file
 from client.data.check import check_site_data
 from client.devices import describe_device, hardware_labels, resolve_device
 from client.federated.run_check import CoordinatorRunCheck
@@ -520,7 +520,7 @@ class SiteNode:
         reply = self._ask_for_ray_token({grpc.StatusCode.UNIMPLEMENTED})
         if reply is None:
             log.info("the coordinator does not hand out Ray tokens: using the bundle's")
-            write_ray_token(self._ray_token_file(), self.bundle.ray_token.read_bytes())
+            write_ray_token(self._ray_token_file(), read_bundle_file(self.bundle.ray_token))
             return None
         write_ray_token(self._ray_token_file(), reply.token)
         return reply.node_claim or None

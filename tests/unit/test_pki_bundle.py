@@ -322,3 +322,17 @@ def test_a_bundle_under_another_ca_than_the_site_joined_with_is_refused(
     with pytest.raises(BundleError, match="not the one this site joined with"):
         load_bundle(tmp_path / "other-bundle", site)
     assert load_bundle(bundle_dir, site).institution == "alpha"  # its own still loads
+
+
+def test_a_bundle_file_hard_linked_to_a_file_of_the_sites_is_refused(
+    onboarded: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """A hard link is no link to `lstat`: the bundle's `ray-token` as another name of a
+    secret of the site's would have been copied in as the cluster token."""
+    _, site, bundle_dir = onboarded
+    secret = tmp_path / "site-secret.txt"
+    secret.write_text("SITE-SECRET-API-TOKEN\n")
+    (bundle_dir / "ray-token").unlink()
+    os.link(secret, bundle_dir / "ray-token")
+    with pytest.raises(BundleError, match="ray-token has other names"):
+        load_bundle(bundle_dir, site)

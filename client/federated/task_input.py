@@ -43,10 +43,18 @@ from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 
+from consortium.errors import TaskRefusedError
 from consortium.flower_waits import FIRST_OBJECT_RETRY_S
+from consortium.models import MAX_PARAMETERS
 from consortium.run_approval import RefusalReason, RunRefusedError
 
 OBJECT_RETRY_CAP_S = 0.25
+# The most a task's message may bring: the largest model a job may name, in float32
+# (MAX_PARAMETERS), and room for its records. Flower pulls every object of a message
+# before anything reads it, with no cap of its own: a coordinator's message of any
+# size was held whole in `client join` before its model was checked against its
+# options.
+MAX_MESSAGE_BYTES = 4 * MAX_PARAMETERS + (64 << 20)
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,7 @@ def pull_task_message(
     header: TaskHeader,
     max_time_s: float | None,
     still_current: Callable[[], None] | None = None,
+    max_bytes: int = MAX_MESSAGE_BYTES,
 ) -> Message:
     """The task's message, waiting at most `max_time_s` for its objects (None: Flower's
     default, two hours), and while they are unavailable, only as long as
@@ -111,14 +120,23 @@ def pull_task_message(
     node = Node(node_id=header.context.node_id)
     tree = pulled.message_object_trees[0]
     pull_object = make_pull_object_fn_protobuf(client.PullObject, node, run_id)
+    pulled_bytes = 0
 
     def pull_or_give_up(object_id: str) -> bytes:
+        nonlocal pulled_bytes
         try:
-            return pull_object(object_id)
+            data = pull_object(object_id)
         except ObjectUnavailableError:
             if still_current is not None:
                 still_current()  # raises when the run ended: the pull stops
             raise
+        pulled_bytes += len(data)
+        if pulled_bytes > max_bytes:
+            raise TaskRefusedError(
+                f"the task's message is over {max_bytes:,} bytes, more than the largest "
+                "model a job may name"
+            )
+        return data
 
     message = pull_and_inflate_object_from_tree(
         tree,

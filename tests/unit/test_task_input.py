@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import cast
 
+import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.proto.message_pb2 import (  # pylint: disable=E0611  # pylint: disable=E0611
     ConfirmMessageReceivedRequest,
     ConfirmMessageReceivedResponse,
@@ -26,13 +27,14 @@ from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
     PullAppMessagesResponse,
 )
 from flwr.supercore.fab import Fab
-from flwr.supercore.inflatable.inflatable_object import get_object_tree
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
 from flwr.supercore.inflatable.inflatable_utils import ObjectPullError
 from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.federated.task_input import RunStillApproved, TaskHeader, pull_task_message
+from consortium.errors import TaskRefusedError
 from consortium.run_approval import RefusalReason, RunRefusedError
 
 
@@ -129,3 +131,39 @@ def test_the_coordinator_is_asked_at_most_once_per_interval() -> None:
     still()  # within the interval: not asked again
 
     assert coordinator.asked == 1
+
+
+class Received:
+    """The Runtime API of a SuperNode that holds a whole message, objects and all."""
+
+    def __init__(self, message: Message) -> None:
+        self.tree = get_object_tree(message)
+        self.objects = {i: o.deflate() for i, o in get_all_nested_objects(message).items()}
+
+    def PullMessages(self, request: PullAppMessagesRequest) -> PullAppMessagesResponse:  # noqa: N802
+        return PullAppMessagesResponse(
+            messages_list=[MessageProto()], message_object_trees=[self.tree]
+        )
+
+    def PullObject(self, request: PullObjectRequest) -> PullObjectResponse:  # noqa: N802
+        content = self.objects[request.object_id]
+        return PullObjectResponse(object_found=True, object_available=True, object_content=content)
+
+    def ConfirmMessageReceived(  # noqa: N802
+        self, request: ConfirmMessageReceivedRequest
+    ) -> ConfirmMessageReceivedResponse:
+        return ConfirmMessageReceivedResponse()
+
+
+def test_a_message_larger_than_any_job_may_send_is_refused_as_it_arrives() -> None:
+    """Flower pulls every object of a message before anything reads it, with no cap: a
+    coordinator's message of any size was held whole in `client join` before its model
+    was checked against its options."""
+    weights = ArrayRecord({"w": Array(np.zeros(1 << 18, dtype=np.float32))})  # 1 MiB
+    message = Message(RecordDict({"arrays": weights}), dst_node_id=3, message_type="train")
+    client = cast(RuntimeHttpClient, Received(message))
+
+    with pytest.raises(TaskRefusedError, match="more than the largest model a job may name"):
+        pull_task_message(client, header(), max_time_s=30.0, max_bytes=512 * 1024)
+    arrived = pull_task_message(client, header(), max_time_s=30.0)  # the cap's default
+    assert arrived.content.array_records["arrays"]["w"].numpy().nbytes == 1 << 20

@@ -109,6 +109,7 @@ class NetworkTestbed:
         self.tag = tag or f"cons{os.getpid()}"
         self.hub = f"{self.tag}-hub"
         self._created: list[str] = []
+        self._made_etc_dirs: list[Path] = []  # /etc/netns/<ns>, made by this test bed
         self._made_etc = not NETNS_ETC.exists()
 
     def namespace(self, host: str) -> str:
@@ -138,6 +139,16 @@ class NetworkTestbed:
         self.remove()
 
     def _add_namespace(self, name: str) -> None:
+        if (
+            name
+            in subprocess.run(
+                [IP, "netns", "list"], capture_output=True, text=True, check=False
+            ).stdout.split()
+        ):
+            raise NetnsError(
+                f"network namespace {name} exists already (left by an earlier run?): "
+                f"`ip netns delete {name}` if nothing uses it, and start again"
+            )
         _run(IP, "netns", "add", name)
         self._created.append(name)
         _run(IP, "-n", name, "link", "set", "lo", "up")
@@ -158,9 +169,11 @@ class NetworkTestbed:
                 _run(IP, "-n", self.hub, "link", "set", port, "netns", ns)
                 _run(IP, "-n", ns, "link", "set", port, "name", "eth0")
             else:
-                _run(IP, "link", "add", "eth0", "netns", ns, "type", "veth", "peer", port)
-                # The peer is created where `ip` runs (this namespace): move it to the hub.
-                _run(IP, "link", "set", port, "netns", self.hub)
+                # Both ends made in their namespaces: a peer made here first, in the
+                # machine's own namespace, collided with an interface of that name
+                # (another test bed's, a NIC's) and failed with no hint.
+                _run(IP, "link", "add", "eth0", "netns", ns, "type", "veth",
+                     "peer", "name", port, "netns", self.hub)  # fmt: skip
                 _run(IP, "-n", self.hub, "link", "set", port, "master", "br0")
                 _run(IP, "-n", self.hub, "link", "set", port, "up")
             _run(IP, "-n", ns, "addr", "add", f"{host.address}/{PREFIX_LENGTH}", "dev", "eth0")
@@ -170,8 +183,19 @@ class NetworkTestbed:
             elif self.rate:
                 _run(IP, "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root",
                      "tbf", "rate", self.rate, "burst", "64kb", "latency", "400ms")  # fmt: skip
+            # Made here, never taken over: `ip netns exec` binds whatever files the dir
+            # holds (a resolv.conf of another's) over the namespace's /etc, and `remove`
+            # deletes it.
             etc = NETNS_ETC / ns
-            etc.mkdir(parents=True, exist_ok=True)
+            NETNS_ETC.mkdir(parents=True, exist_ok=True)
+            try:
+                etc.mkdir()
+            except FileExistsError:
+                raise NetnsError(
+                    f"{etc} exists already (left by an earlier run?): remove it, and the "
+                    f"namespace {ns} if it is listed by `ip netns list`"
+                ) from None
+            self._made_etc_dirs.append(etc)
             (etc / "hosts").write_text(self._hosts_file(host))
 
     def _start_switch(self, ports: Sequence[str]) -> None:
@@ -244,7 +268,9 @@ class NetworkTestbed:
         for name in reversed(self._created):
             self._kill_processes_in(name)
             subprocess.run([IP, "netns", "delete", name], capture_output=True, check=False)
-            shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
+        for etc in self._made_etc_dirs:
+            shutil.rmtree(etc, ignore_errors=True)
+        self._made_etc_dirs.clear()
         self._created.clear()
         if self._made_etc:
             with contextlib.suppress(OSError):  # another test bed may still use it

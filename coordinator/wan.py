@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 from collections.abc import Callable, Sequence
@@ -78,7 +79,7 @@ class WanLayout:
 def testbed_tag() -> str:
     """A short, unique name prefix (namespace names are at most 15 bytes with a host's
     interface name rules in mind; this keeps `<tag>-<host>` readable)."""
-    return f"wan{os.getpid() % 100_000}"
+    return f"wan{secrets.randbelow(100_000)}"  # not the pid: a crashed run's may recur
 
 
 LINKS_ENV = "CONSORTIUM_WAN_LINKS"  # how the links are shaped, for the command to report

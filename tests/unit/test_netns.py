@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import subprocess
 import sys
 import time
@@ -304,3 +305,28 @@ def test_an_interrupted_command_behind_the_wan_stops_its_own_and_leaves_nothing(
             outer.wait()
     assert stopped.read_text() == "stopped its consortium"
     assert not pid_alive(left)
+
+
+def test_an_etc_dir_or_namespace_an_earlier_run_left_is_refused_and_left_alone() -> None:
+    """`ip netns exec` binds what /etc/netns/<ns> holds over the namespace's /etc (a
+    resolv.conf of another's was used), and removing the test bed deleted that dir."""
+    left = Path("/etc/netns/tbleft-server")
+    left.mkdir(parents=True)
+    (left / "resolv.conf").write_text("nameserver 203.0.113.53\n")
+    try:
+        with pytest.raises(NetnsError, match="exists already"), NetworkTestbed(HOSTS, tag="tbleft"):
+            pass
+        assert (left / "resolv.conf").read_text() == "nameserver 203.0.113.53\n"
+        assert "tbleft-" not in _namespaces()  # what it had made, removed
+    finally:
+        shutil.rmtree(left)
+    subprocess.run(["ip", "netns", "add", "tbleft2-hub"], check=True)
+    try:
+        with (
+            pytest.raises(NetnsError, match="ip netns delete tbleft2-hub"),
+            NetworkTestbed(HOSTS, tag="tbleft2"),
+        ):
+            pass
+        assert "tbleft2-hub" in _namespaces()  # not another's to delete
+    finally:
+        subprocess.run(["ip", "netns", "delete", "tbleft2-hub"], check=False)
